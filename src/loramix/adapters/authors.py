@@ -1,0 +1,136 @@
+"""Import adapters in the format of the MixLoRA authors (``mixlora`` 0.2.x / ``moe-peft``).
+
+Their folder holds ``adapter_config.json`` (``peft_type: MIXLORA``) and a pickled
+``adapter_model.bin``. It is read with ``torch.load(weights_only=True)``, which refuses anything
+but tensors and plain containers, so a hostile file cannot run code.
+
+Key mapping (L = layer, e = expert, P = projection)::
+
+    mixlora.layers.L.self_attn.P.lora_A.weight      → <layers>.L.<attention>.P.lora_A
+    mixlora.layers.L.mlp.moe_gate.weight            → <layers>.L.<ffn>.router.weight
+    mixlora.layers.L.mlp.P.experts.e.lora_A.weight  → <layers>.L.<ffn>.experts.lora_A.P[e]
+
+Their DoRA magnitude is never saved (nor trained); like their loader, it is set to the row norm of
+``W + s B A`` of the loaded weights.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, MixLoraConfig
+from ..models.inject import adapter_parameters, inject, unload
+from ..models.registry import ModelFamily, family_of
+from ..modules import LoraLinear, MixLoraFFN, dora_weight_norm
+from .io import CONFIG_NAME, AdapterLoadError, copy_adapter_tensors
+
+AUTHORS_WEIGHTS = "adapter_model.bin"
+_KEY = re.compile(
+    r"^mixlora\.layers\.(?P<layer>\d+)\.(?:"
+    r"self_attn\.(?P<attn>\w+)\.lora_(?P<attn_ab>[AB])\.weight"
+    r"|mlp\.moe_gate\.weight"
+    r"|mlp\.(?P<ffn>\w+)\.experts\.(?P<expert>\d+)\.lora_(?P<ffn_ab>[AB])\.weight)$"
+)
+
+
+def authors_config(meta: dict[str, Any], family: ModelFamily, where: str) -> MixLoraConfig:
+    """Translate the authors' ``adapter_config.json`` into a ``MixLoraConfig``."""
+    if meta.get("routing_strategy", "mixlora") != "mixlora":
+        raise AdapterLoadError(f"{where}: routing_strategy '{meta.get('routing_strategy')}' is not MixLoRA's top-k")
+    for key in ("r", "lora_alpha", "num_experts", "target_modules"):
+        if key not in meta:
+            raise AdapterLoadError(f"{where}: missing key '{key}'")
+    targets = meta["target_modules"]
+    if isinstance(targets, dict):
+        targets = [name for name, on in targets.items() if on]
+    if not isinstance(targets, list):
+        raise AdapterLoadError(f"{where}: 'target_modules' must be a list or a mapping of name to true/false")
+    unknown = [t for t in targets if t not in (*family.attention_projections, *family.ffn_projections)]
+    if unknown:
+        raise AdapterLoadError(f"{where}: target_modules {unknown} are not projections of model family '{family.name}'")
+    expert = {**meta, **meta.get("expert_lora", {})}
+    init = {"original": "kaiming", "gaussian": "gaussian"}.get(meta.get("lora_init", "original"))
+    try:
+        return MixLoraConfig(
+            r=int(expert["r"]), alpha=float(expert["lora_alpha"]), dropout=float(expert.get("lora_dropout", 0.0)),
+            num_experts=int(meta["num_experts"]), top_k=int(meta.get("top_k", 2)), routing="top_k",
+            attention_targets=[t for t in targets if t in family.attention_projections],
+            ffn_targets=[t for t in targets if t in family.ffn_projections],
+            attention_r=int(meta["r"]), attention_alpha=float(meta["lora_alpha"]),
+            attention_dropout=float(meta.get("lora_dropout", 0.0)),
+            use_dora=bool(meta.get("use_dora", False)), use_rslora=bool(meta.get("use_rslora", False)),
+            init=init or "kaiming",
+            # Their code defaults this to 0.001 when the file is silent; keep what they trained with.
+            aux_loss_coef=float(meta.get("router_aux_loss_coef", 0.001)),
+            jitter=float(meta.get("jitter_noise", 0.0)), router_init_std=float(meta.get("router_init_range", 0.02)),
+        )
+    except ConfigError as err:
+        raise AdapterLoadError(f"{where}: {err}") from None
+
+
+def authors_tensors(raw: dict[str, torch.Tensor], family: ModelFamily, num_experts: int, where: str) -> dict[str, torch.Tensor]:
+    """Rename and stack the authors' weights into loramix state-dict keys."""
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, torch.Tensor]] = {}
+    for key, tensor in raw.items():
+        m = _KEY.match(key)
+        if m is None or not isinstance(tensor, torch.Tensor):
+            raise AdapterLoadError(f"{where}: unexpected entry '{key}' for a MixLoRA adapter")
+        prefix = f"{family.layers}.{m['layer']}"
+        if m["attn"]:
+            out[f"{prefix}.{family.attention}.{m['attn']}.lora_{m['attn_ab']}"] = tensor
+        elif m["ffn"]:
+            name = f"{prefix}.{family.ffn}.experts.lora_{m['ffn_ab']}.{m['ffn']}"
+            experts.setdefault(name, {})[int(m["expert"])] = tensor
+        else:
+            out[f"{prefix}.{family.ffn}.router.weight"] = tensor
+    for name, by_expert in experts.items():
+        if sorted(by_expert) != list(range(num_experts)):
+            raise AdapterLoadError(f"{where}: '{name}' has experts {sorted(by_expert)}, expected 0..{num_experts - 1}")
+        out[name] = torch.stack([by_expert[e] for e in range(num_experts)])
+    return out
+
+
+def _reset_dora_magnitudes(model: nn.Module) -> None:
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLinear) and module.use_dora:
+                module.lora_magnitude.copy_(module.weight_norm())
+            elif isinstance(module, MixLoraFFN) and module.use_dora:
+                for t in module.targets:
+                    norm = dora_weight_norm(module.weight_out_in(t), module.experts.lora_A[t], module.experts.lora_B[t], module.scale)
+                    module.experts.lora_magnitude[t].copy_(norm)
+
+
+def load_authors_adapter(model: nn.Module, folder: str | os.PathLike, meta: dict[str, Any]) -> nn.Module:
+    """Load an authors'-format MixLoRA adapter folder into a fresh base model."""
+    family = family_of(model)
+    config = authors_config(meta, family, str(Path(folder) / CONFIG_NAME))
+    path = Path(folder) / AUTHORS_WEIGHTS
+    if not path.is_file():
+        raise AdapterLoadError(f"{path}: missing (the authors' format keeps the weights in {AUTHORS_WEIGHTS})")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise AdapterLoadError(f"{path}: cannot be read as a weights-only state dict ({err})") from None
+    if not isinstance(raw, dict):
+        raise AdapterLoadError(f"{path}: expected a state dict, found {type(raw).__name__}")
+    tensors = authors_tensors(raw, family, config.num_experts, str(path))
+    inject(model, config)
+    try:
+        for key, param in adapter_parameters(model).items():
+            if "lora_magnitude" in key:  # never saved by the authors; recomputed below
+                tensors.setdefault(key, param.detach().clone())
+        copy_adapter_tensors(model, tensors, str(path))
+        _reset_dora_magnitudes(model)
+    except BaseException:
+        unload(model)
+        raise
+    return model

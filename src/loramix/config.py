@@ -1,0 +1,225 @@
+"""Adapter configurations: one dataclass per adapter kind, validated on construction.
+
+Every field has a help string (``field(metadata={"help": ...})``) so the CLI and the README can list
+them. ``from_dict`` rejects unknown keys with the closest valid name, so a typo in a YAML file never
+passes silently.
+
+Example:
+    >>> cfg = MixLoraConfig(r=16, alpha=32, num_experts=8, top_k=2)
+    >>> MixLoraConfig.from_dict(cfg.to_dict()) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+ROUTINGS = ("top_k", "top_p", "switch")
+INITS = ("kaiming", "gaussian")
+DISPATCHES = ("sorted", "naive")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names it and where it came from."""
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
+    """Build the error for a key that is not a field, suggesting the closest valid one."""
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{where}: unknown key '{key}'.{hint} Valid keys: {', '.join(sorted(valid))}")
+
+
+class _ConfigBase:
+    """Shared dict round-trip and validation helpers for the adapter configs."""
+
+    kind: ClassVar[str] = ""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config"):
+        """Build from a plain dict (YAML/JSON); unknown keys raise ``ConfigError`` naming them."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: expected a mapping of settings, got {type(values).__name__}")
+        names = cls.field_names()
+        for key in values:
+            if key not in names:
+                raise unknown_key_error(key, names, where)
+        try:
+            return cls(**values)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def _check(self, name: str, ok: bool, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"'{name}' must be {expected}, got {getattr(self, name)!r}")
+
+    def _check_lora_fields(self, prefix: str = "") -> None:
+        r, alpha, dropout = (getattr(self, prefix + n) for n in ("r", "alpha", "dropout"))
+        if r is not None:
+            self._check(prefix + "r", isinstance(r, int) and not isinstance(r, bool) and r > 0, "a positive integer")
+        if alpha is not None:
+            self._check(prefix + "alpha", isinstance(alpha, (int, float)) and alpha > 0, "a positive number")
+        if dropout is not None:
+            self._check(prefix + "dropout", isinstance(dropout, (int, float)) and 0 <= dropout < 1, "in [0, 1)")
+
+
+def _check_targets(cfg: _ConfigBase, name: str) -> None:
+    value = getattr(cfg, name)
+    ok = value is None or (isinstance(value, (list, tuple)) and all(isinstance(t, str) and t for t in value))
+    cfg._check(name, ok, "null (all of the family's projections) or a list of projection names")
+    if isinstance(value, tuple):
+        setattr(cfg, name, list(value))
+
+
+@dataclass
+class LoraConfig(_ConfigBase):
+    """Plain LoRA (and rsLoRA, DoRA) on the named linear projections.
+
+    ``y = W z + s · B A dropout(z)`` with ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``).
+    """
+
+    kind: ClassVar[str] = "lora"
+
+    r: int = _help("LoRA rank.", 8)
+    alpha: float = _help("LoRA alpha; the scale is alpha / r (alpha / sqrt(r) with use_rslora).", 16)
+    dropout: float = _help("Dropout on the LoRA input (0 allowed).", 0.05)
+    targets: list[str] | None = _help(
+        "Projection names to adapt, e.g. [q_proj, v_proj] or 'mlp.c_proj' to disambiguate; "
+        "null adapts every attention and FFN projection of the model family.",
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+    )
+    use_dora: bool = _help("DoRA: learned magnitude per output feature times the normalised weight.", False)
+    use_rslora: bool = _help("rsLoRA scaling alpha / sqrt(r).", False)
+    init: str = _help("Initialisation of A: 'kaiming' (uniform) or 'gaussian'. B starts at zero.", "kaiming")
+
+    def __post_init__(self) -> None:
+        self._check_lora_fields()
+        _check_targets(self, "targets")
+        self._check("use_dora", isinstance(self.use_dora, bool), "true or false")
+        self._check("use_rslora", isinstance(self.use_rslora, bool), "true or false")
+        self._check("init", self.init in INITS, f"one of {INITS}")
+
+
+@dataclass
+class MixLoraConfig(_ConfigBase):
+    """MixLoRA: sparse top-k mixture of LoRA experts in the FFN, independent LoRA in attention.
+
+    Attention settings (``attention_r`` ...) default to the expert ones when left null.
+    """
+
+    kind: ClassVar[str] = "mixlora"
+
+    r: int = _help("Rank of every expert LoRA.", 16)
+    alpha: float = _help("Expert LoRA alpha (scale alpha / r).", 32)
+    dropout: float = _help("Expert LoRA input dropout (0 allowed).", 0.05)
+    num_experts: int = _help("Experts per FFN block.", 8)
+    top_k: int = _help("Experts per token for routing 'top_k'.", 2)
+    routing: str = _help("'top_k' (default), 'top_p' (dynamic) or 'switch' (top-1 with capacity).", "top_k")
+    top_p: float = _help("routing top_p: keep the smallest prefix of experts reaching this probability.", 0.8)
+    temperature: float = _help("routing top_p: the router logits are divided by this.", 1.0)
+    max_experts: int | None = _help("routing top_p: cap on experts per token (null: no cap).", None)
+    capacity_factor: float = _help("routing switch: capacity = ceil(capacity_factor * tokens / experts).", 1.0)
+    attention_targets: list[str] | None = _help(
+        "Attention projections given a plain LoRA (null: all of the family's, [] : none).",
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+    )
+    ffn_targets: list[str] | None = _help(
+        "FFN projections given expert LoRAs (null: all of the family's); the others stay frozen.",
+        factory=lambda: ["gate_proj", "up_proj", "down_proj"],
+    )
+    attention_r: int | None = _help("Rank of the attention LoRA (null: r).", None)
+    attention_alpha: float | None = _help("Alpha of the attention LoRA (null: alpha).", None)
+    attention_dropout: float | None = _help("Dropout of the attention LoRA (null: dropout).", None)
+    use_dora: bool = _help("DoRA experts and attention LoRA.", False)
+    use_rslora: bool = _help("rsLoRA scaling for experts and attention LoRA.", False)
+    init: str = _help("Initialisation of A: 'kaiming' or 'gaussian'.", "kaiming")
+    aux_loss_coef: float = _help("Weight of the load-balance loss added to the LM loss.", 0.01)
+    z_loss_coef: float = _help("Weight of the router z-loss.", 0.0)
+    jitter: float = _help("Training only: router input multiplied by U(1-jitter, 1+jitter).", 0.0)
+    router_init_std: float = _help("Std of the normal init of the router weight.", 0.02)
+    dispatch: str = _help("'sorted' (fast path) or 'naive' (per-expert loop, for comparison).", "sorted")
+
+    def __post_init__(self) -> None:
+        self._check_lora_fields()
+        self._check_lora_fields("attention_")
+        _check_targets(self, "attention_targets")
+        _check_targets(self, "ffn_targets")
+        self._check("num_experts", isinstance(self.num_experts, int) and self.num_experts >= 1, "an integer >= 1")
+        self._check("routing", self.routing in ROUTINGS, f"one of {ROUTINGS}")
+        if self.routing == "top_k":
+            ok = isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts
+            self._check("top_k", ok, f"an integer in [1, num_experts={self.num_experts}]")
+        self._check("top_p", isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "in (0, 1]")
+        self._check("temperature", isinstance(self.temperature, (int, float)) and self.temperature > 0, "positive")
+        if self.max_experts is not None:
+            ok = isinstance(self.max_experts, int) and 1 <= self.max_experts <= self.num_experts
+            self._check("max_experts", ok, f"null or an integer in [1, {self.num_experts}]")
+        self._check("capacity_factor", isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0, "positive")
+        self._check("use_dora", isinstance(self.use_dora, bool), "true or false")
+        self._check("use_rslora", isinstance(self.use_rslora, bool), "true or false")
+        self._check("init", self.init in INITS, f"one of {INITS}")
+        for name in ("aux_loss_coef", "z_loss_coef", "jitter", "router_init_std"):
+            value = getattr(self, name)
+            self._check(name, isinstance(value, (int, float)) and value >= 0, "a number >= 0")
+        self._check("jitter", self.jitter < 1, "in [0, 1)")
+        self._check("dispatch", self.dispatch in DISPATCHES, f"one of {DISPATCHES}")
+
+    @property
+    def slots_per_token(self) -> int:
+        """How many (token, expert) slots the router fills per token (the k of the dispatch)."""
+        if self.routing == "top_k":
+            return self.top_k
+        if self.routing == "switch":
+            return 1
+        return self.max_experts or self.num_experts
+
+    def attention_lora(self) -> LoraConfig:
+        """The attention LoRA settings, with nulls filled from the expert settings."""
+        pick = lambda own, fallback: fallback if own is None else own  # noqa: E731
+        return LoraConfig(
+            r=pick(self.attention_r, self.r),
+            alpha=pick(self.attention_alpha, self.alpha),
+            dropout=pick(self.attention_dropout, self.dropout),
+            targets=self.attention_targets,
+            use_dora=self.use_dora,
+            use_rslora=self.use_rslora,
+            init=self.init,
+        )
+
+    def expert_lora(self) -> LoraConfig:
+        """The per-expert LoRA settings."""
+        return LoraConfig(
+            r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.ffn_targets,
+            use_dora=self.use_dora, use_rslora=self.use_rslora, init=self.init,
+        )
+
+
+ADAPTER_CONFIGS: dict[str, type] = {"lora": LoraConfig, "mixlora": MixLoraConfig}
+
+
+def adapter_config_from_dict(kind: str, values: dict[str, Any], where: str = "config"):
+    """Build the config of adapter ``kind`` ('lora', 'mixlora', ...) from a dict."""
+    if kind not in ADAPTER_CONFIGS:
+        raise ConfigError(f"{where}: unknown adapter kind '{kind}'; choose one of {sorted(ADAPTER_CONFIGS)}")
+    return ADAPTER_CONFIGS[kind].from_dict(values, where)
+
+
+def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
+    """LoRA output scale: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+    return alpha / (r**0.5) if use_rslora else alpha / r

@@ -1,0 +1,247 @@
+"""Turn a Hugging Face causal LM into an adapter model in place, and back.
+
+``inject(model, config)`` freezes every base parameter, swaps the targeted modules for loramix
+modules (``LoraLinear`` on projections, ``MixLoraFFN`` on FFN blocks) and installs two hooks on the
+model: a pre-hook that hands the attention mask (padding) and task ids to every adapted module, and
+a post-hook that adds the weighted router losses to ``output.loss``.
+
+Example:
+    >>> model = inject(AutoModelForCausalLM.from_pretrained(path), MixLoraConfig())
+    >>> out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    >>> out.loss, out.aux_loss   # aux_loss: mean load-balance loss over the MoE layers
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, LoraConfig, MixLoraConfig
+from ..modules import ForwardContext, LoraLinear, MixLoraFFN
+from .registry import ModelFamily, decoder_layers, family_of
+
+
+@dataclass
+class AdapterState:
+    """What loramix attaches to an injected model as ``model.loramix_adapter``."""
+
+    config: Any
+    family: ModelFamily
+    context: ForwardContext
+    hooks: list = field(default_factory=list)
+
+
+def adapter_state(model: nn.Module) -> AdapterState:
+    """The ``AdapterState`` of an injected model; a clear error if the model has none."""
+    state = getattr(model, "loramix_adapter", None)
+    if state is None:
+        raise ValueError("this model has no loramix adapter: call loramix.inject(model, config) or load_adapter first")
+    return state
+
+
+def _resolve(requested: list[str] | None, available: dict[str, tuple[str, ...]], key: str, family: ModelFamily) -> dict[str, set[str]]:
+    """Map requested projection names onto (block → projection names) of the family.
+
+    ``available`` maps a block attribute ('self_attn', 'mlp') to its projections. A name may be
+    qualified with its block ('mlp.c_proj') where two blocks share it.
+    """
+    chosen: dict[str, set[str]] = {block: set() for block in available}
+    names = requested if requested is not None else [f"{b}.{p}" for b, ps in available.items() for p in ps]
+    for name in names:
+        hit = False
+        for block, projections in available.items():
+            for p in projections:
+                if name in (p, f"{block}.{p}"):
+                    chosen[block].add(p)
+                    hit = True
+        if not hit:
+            valid = sorted({p for ps in available.values() for p in ps})
+            raise ConfigError(
+                f"'{key}' names '{name}', which is not a projection of model family '{family.name}'. "
+                f"Valid names: {', '.join(valid)}"
+            )
+    return chosen
+
+
+def _lora(module: nn.Module, cfg: LoraConfig, family: ModelFamily, context: ForwardContext) -> LoraLinear:
+    return LoraLinear(
+        module, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+        init=cfg.init, fan_in_fan_out=family.fan_in_fan_out, context=context,
+    )
+
+
+def _mixlora_ffn(ffn: nn.Module, cfg: MixLoraConfig, targets: set[str], family: ModelFamily, context: ForwardContext) -> MixLoraFFN:
+    return MixLoraFFN(
+        ffn=ffn, kind=family.ffn_kind, input_projections=family.ffn_inputs, output_projection=family.ffn_output,
+        activation=getattr(ffn, family.activation),
+        output_dropout=getattr(ffn, family.ffn_dropout) if family.ffn_dropout else None,
+        targets=sorted(targets), fan_in_fan_out=set(family.ffn_projections) if family.fan_in_fan_out else set(),
+        context=context, num_experts=cfg.num_experts, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+        use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init=cfg.init, routing=cfg.routing, top_k=cfg.top_k,
+        top_p=cfg.top_p, temperature=cfg.temperature, max_experts=cfg.max_experts,
+        capacity_factor=cfg.capacity_factor, jitter=cfg.jitter, router_init_std=cfg.router_init_std,
+        dispatch=cfg.dispatch,
+    )
+
+
+def inject(model: nn.Module, config: LoraConfig | MixLoraConfig) -> nn.Module:
+    """Add a loramix adapter to a transformers causal LM, in place; base weights are frozen.
+
+    Args:
+        model: e.g. a ``LlamaForCausalLM``; its family must be in the registry.
+        config: ``LoraConfig`` or ``MixLoraConfig``.
+
+    Returns:
+        The same model object. Its forward accepts the usual arguments (and ``task_ids`` for MoRE);
+        with ``labels`` its ``loss`` includes ``aux_loss_coef`` × the mean load-balance loss.
+    """
+    if getattr(model, "loramix_adapter", None) is not None:
+        raise ValueError("this model already has a loramix adapter; unload() it first or load into a fresh model")
+    family = family_of(model)
+    blocks = {family.attention: family.attention_projections, family.ffn: family.ffn_projections}
+    if isinstance(config, MixLoraConfig):
+        attention_targets = _resolve(config.attention_targets, {family.attention: family.attention_projections},
+                                     "attention_targets", family)
+        ffn_targets = _resolve(config.ffn_targets, {family.ffn: family.ffn_projections}, "ffn_targets", family)[family.ffn]
+        chosen = attention_targets
+        lora_cfg = config.attention_lora()
+    elif isinstance(config, LoraConfig):
+        chosen = _resolve(config.targets, blocks, "targets", family)
+        ffn_targets, lora_cfg = set(), config
+    else:
+        raise TypeError(f"inject() takes a LoraConfig or MixLoraConfig, got {type(config).__name__}")
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    context = ForwardContext()
+    for layer in decoder_layers(model, family):
+        for block_name, projections in chosen.items():
+            block = getattr(layer, block_name)
+            for p in sorted(projections):
+                setattr(block, p, _lora(getattr(block, p), lora_cfg, family, context))
+        if isinstance(config, MixLoraConfig) and ffn_targets is not None:
+            ffn = getattr(layer, family.ffn)
+            setattr(layer, family.ffn, _mixlora_ffn(ffn, config, ffn_targets, family, context))
+
+    state = AdapterState(config=config, family=family, context=context)
+    state.hooks.append(model.register_forward_pre_hook(_capture_inputs(context), with_kwargs=True))
+    state.hooks.append(model.register_forward_hook(_add_router_losses(model), with_kwargs=True))
+    model.loramix_adapter = state
+    return model
+
+
+def _capture_inputs(context: ForwardContext):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        context.token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        task_ids = kwargs.pop("task_ids", None)
+        context.task_ids = task_ids
+        return args, kwargs
+
+    return hook
+
+
+def moe_layers(model: nn.Module) -> list[MixLoraFFN]:
+    """The model's MixLoRA FFN blocks in layer order."""
+    return [m for m in model.modules() if isinstance(m, MixLoraFFN)]
+
+
+def auxiliary_losses(model: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Mean load-balance loss and mean router z-loss over the MoE layers of the last forward."""
+    layers = [m for m in moe_layers(model) if m.aux_loss is not None]
+    if not layers:
+        return None, None
+    aux = torch.stack([m.aux_loss for m in layers]).mean()
+    z = torch.stack([m.z_loss for m in layers]).mean()
+    return aux, z
+
+
+def _add_router_losses(model: nn.Module):
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        config = module.loramix_adapter.config
+        if not isinstance(config, MixLoraConfig) or module.loramix_adapter.context.disabled:
+            return output
+        aux, z = auxiliary_losses(module)
+        if aux is None:
+            return output
+        output.aux_loss = aux
+        output.z_loss = z
+        if getattr(output, "loss", None) is not None:
+            output.loss = output.loss + config.aux_loss_coef * aux.to(output.loss.dtype)
+            if config.z_loss_coef > 0:
+                output.loss = output.loss + config.z_loss_coef * z.to(output.loss.dtype)
+        return output
+
+    return hook
+
+
+def router_stats(model: nn.Module) -> list[dict[str, torch.Tensor]]:
+    """Per MoE layer, from the last forward: ``load`` (share of assignments per expert, (E,)) and
+    ``prob`` (mean router probability per expert, (E,)), over non-padding tokens."""
+    return [{"load": m.last_load, "prob": m.last_prob} for m in moe_layers(model) if m.last_load is not None]
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapter's trainable tensors by state-dict key (e.g. ``model.layers.0.mlp.router.weight``)."""
+    params: dict[str, nn.Parameter] = {}
+    for prefix, module in model.named_modules():
+        if hasattr(module, "adapter_parameter_names"):
+            for name in module.adapter_parameter_names():
+                params[f"{prefix}.{name}" if prefix else name] = module.get_parameter(name)
+    return params
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes exactly its base function.
+
+    Example:
+        >>> with disable_adapters(model):
+        ...     base_logits = model(input_ids=ids).logits
+    """
+    context = adapter_state(model).context
+    previous, context.disabled = context.disabled, True
+    try:
+        yield model
+    finally:
+        context.disabled = previous
+
+
+def _restore(model: nn.Module, merge: bool) -> nn.Module:
+    state = adapter_state(model)
+    if merge and isinstance(state.config, MixLoraConfig):
+        raise ValueError(
+            "a MixLoRA adapter routes each token to its own experts and cannot be merged into one dense FFN; "
+            "export it as a Mixture-of-Experts model (loramix export --format mixtral) or use unload()"
+        )
+    replacements = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            if merge:
+                with torch.no_grad():
+                    delta = module.delta_weight().to(module.weight.dtype)
+                    module.weight += delta.t() if module.fan_in_fan_out else delta
+            replacements.append((name, module._base_module[0]))
+        elif isinstance(module, MixLoraFFN):
+            replacements.append((name, module._original_ffn[0]))
+    for name, original in replacements:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, original)
+    for hook in state.hooks:
+        hook.remove()
+    del model.loramix_adapter
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold a LoRA/DoRA adapter into the base weights and return the plain transformers model."""
+    return _restore(model, merge=True)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove the adapter without merging; the base model is restored exactly."""
+    return _restore(model, merge=False)

@@ -1,0 +1,11 @@
+"""Pure-torch building blocks: LoRA linear, routers and losses, the MixLoRA FFN. No transformers here."""
+
+from .context import ForwardContext
+from .lora import LoraLinear, dora_weight_norm, frozen_linear
+from .mixlora import ExpertLoras, MixLoraFFN
+from .routing import Routing, load_balance_loss, route_switch, route_top_k, route_top_p, router_statistics, router_z_loss
+
+__all__ = [
+    "ForwardContext", "LoraLinear", "dora_weight_norm", "frozen_linear", "ExpertLoras", "MixLoraFFN", "Routing",
+    "load_balance_loss", "route_switch", "route_top_k", "route_top_p", "router_statistics", "router_z_loss",
+]

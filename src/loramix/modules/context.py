@@ -1,0 +1,32 @@
+"""State shared by all adapted modules of one model during one forward call."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ForwardContext:
+    """Per-forward state shared by every adapted module of one model.
+
+    The model-level pre-hook fills it from the call's keyword arguments before the decoder runs.
+
+    Attributes:
+        token_mask: (B, T_total) bool, False on padding; None when every token is real.
+        task_ids: (B,) long task index per sample (MoRE), or None.
+        disabled: when True every adapter computes the frozen base function.
+    """
+
+    def __init__(self) -> None:
+        self.token_mask: torch.Tensor | None = None
+        self.task_ids: torch.Tensor | None = None
+        self.disabled = False
+
+    def valid_tokens(self, batch: int, length: int) -> torch.Tensor | None:
+        """(batch * length,) bool for a hidden state (batch, length, d), or None if all are real.
+
+        During cached generation the mask covers past + new tokens; the new ones are the last.
+        """
+        mask = self.token_mask
+        if mask is None or mask.shape[0] != batch or mask.shape[-1] < length:
+            return None
+        return mask[:, -length:].reshape(-1)

@@ -1,0 +1,163 @@
+r"""LoRA on one frozen linear projection (LoRA, rsLoRA, DoRA).
+
+::
+
+        x ──────────────► W (frozen) ──────────────┐
+        │                                          (+) ──► y        y = W x + s · B A dropout(x)
+        └─► dropout ─► A (r×in) ─► B (out×r) ─► ×s ┘
+
+    DoRA:  y = m ⊙ (W x + s B A x) / ||W + s B A||_row  (+ bias)
+           m (out,) is learned; the norm is treated as a constant in backward (as in the DoRA paper).
+
+The wrapper owns the frozen ``weight``/``bias`` Parameters of the module it replaces, so the base
+model's state-dict keys do not change (``...q_proj.weight`` stays ``...q_proj.weight``) and the
+adapter tensors sit beside them as ``lora_A``, ``lora_B`` and ``lora_magnitude``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .context import ForwardContext
+
+
+def init_lora_A(A: torch.Tensor, init: str, rank: int) -> None:
+    """Initialise LoRA ``A`` tensors in place, shape (..., r, in): each (r, in) slice independently.
+
+    'kaiming' is PyTorch's Linear default (Kaiming-uniform, a=sqrt(5)); 'gaussian' is N(0, 1/r).
+    """
+    with torch.no_grad():
+        for block in A.reshape(-1, *A.shape[-2:]):
+            if init == "kaiming":
+                nn.init.kaiming_uniform_(block, a=math.sqrt(5))
+            elif init == "gaussian":
+                nn.init.normal_(block, std=1.0 / rank)
+            else:
+                raise ValueError(f"unknown LoRA init '{init}' (use 'kaiming' or 'gaussian')")
+
+
+def dora_weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """Row norms of ``W + s B A`` without materialising ``B A`` per expert.
+
+    Args:
+        weight: frozen weight, shape (out, in).
+        A: LoRA A, shape (r, in) or stacked (E, r, in).
+        B: LoRA B, shape (out, r) or stacked (E, out, r).
+        scale: the LoRA scale s.
+
+    Returns:
+        Detached norms, shape (out,) or (E, out). Uses
+        ``||W_o + s B_o A||² = ||W_o||² + 2 s B_o·(A W_oᵀ) + s² B_o (A Aᵀ) B_oᵀ``,
+        which costs O(out·in·r) instead of O(out·in) per expert materialised.
+    """
+    with torch.no_grad():
+        w = weight.float()
+        a, b = A.float(), B.float()
+        base_sq = (w * w).sum(-1)  # (out,)
+        wa = torch.matmul(w, a.transpose(-1, -2))  # (..., out, r)
+        cross = (b * wa).sum(-1)  # (..., out)
+        gram = torch.matmul(a, a.transpose(-1, -2))  # (..., r, r)
+        lora_sq = (torch.matmul(b, gram) * b).sum(-1)  # (..., out)
+        norm_sq = base_sq + 2 * scale * cross + scale * scale * lora_sq
+        return norm_sq.clamp_min(0).sqrt().to(weight.dtype)
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fan_in_fan_out: bool) -> torch.Tensor:
+    """``x Wᵀ + b`` for an nn.Linear weight (out, in), or ``x W + b`` for a Conv1D weight (in, out)."""
+    if fan_in_fan_out:
+        out = x @ weight
+        return out + bias if bias is not None else out
+    return F.linear(x, weight, bias)
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear projection plus a LoRA (or rsLoRA / DoRA) delta.
+
+    Args:
+        base: the ``nn.Linear`` (or GPT-2 ``Conv1D``) being adapted; its parameters are reused.
+        r: rank. alpha: LoRA alpha. dropout: input dropout probability (0 allowed).
+        use_rslora: scale ``alpha / sqrt(r)``. use_dora: learned magnitude (DoRA).
+        init: 'kaiming' or 'gaussian' init of ``A``.
+        fan_in_fan_out: the base weight is stored (in, out) as in GPT-2's Conv1D.
+        context: the model's shared ``ForwardContext`` (for disabling adapters), optional.
+
+    Shapes: input (..., in) → output (..., out).
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        init: str = "kaiming",
+        fan_in_fan_out: bool = False,
+        context: ForwardContext | None = None,
+    ) -> None:
+        super().__init__()
+        weight: nn.Parameter = base.weight
+        self.fan_in_fan_out = fan_in_fan_out
+        self.in_features, self.out_features = weight.shape if fan_in_fan_out else weight.shape[::-1]
+        self.weight = weight
+        self.bias = getattr(base, "bias", None)
+        self.r, self.alpha = r, alpha
+        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.use_dora = use_dora
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        factory = {"device": weight.device, "dtype": torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))
+        init_lora_A(self.lora_A, init, r)
+        if use_dora:
+            self.lora_magnitude = nn.Parameter(self.weight_norm().to(factory["dtype"]))
+        self.context = context if context is not None else ForwardContext()
+        # The replaced module, kept (not registered) so unload() can put it back.
+        self._base_module = [base]
+
+    def weight_out_in(self) -> torch.Tensor:
+        """The frozen weight as (out, in)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def weight_norm(self) -> torch.Tensor:
+        """Detached row norms of ``W + s B A``, shape (out,)."""
+        return dora_weight_norm(self.weight_out_in(), self.lora_A, self.lora_B, self.scale)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update ``s B A``, shape (out, in) (DoRA: the full merged weight minus W)."""
+        delta = self.scale * (self.lora_B @ self.lora_A)
+        if not self.use_dora:
+            return delta
+        merged = self.weight_out_in().float() + delta
+        return (self.lora_magnitude / self.weight_norm().float())[:, None] * merged - self.weight_out_in().float()
+
+    def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """Adapted output given the frozen output ``base_out = W x + b`` (both (..., in/out))."""
+        # Cast the small adapter matrices to the activation dtype, never the activations to fp32.
+        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        lora = (self.dropout(x) @ A.t()) @ B.t() * self.scale
+        if not self.use_dora:
+            return base_out + lora
+        bias = self.bias if self.bias is not None else 0
+        factor = (self.lora_magnitude / self.weight_norm()).to(base_out.dtype)
+        return factor * (base_out - bias + lora) + bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base_out = frozen_linear(x, self.weight, self.bias, self.fan_in_fan_out)
+        if self.context.disabled:
+            return base_out
+        return self.adapter_forward(x, base_out)
+
+    def adapter_parameter_names(self) -> list[str]:
+        """Names (relative to this module) of the trainable adapter tensors."""
+        return ["lora_A", "lora_B"] + (["lora_magnitude"] if self.use_dora else [])
+
+    def extra_repr(self) -> str:
+        kind = "dora" if self.use_dora else "lora"
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}, {kind}"

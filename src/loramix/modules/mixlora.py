@@ -1,0 +1,329 @@
+r"""The MixLoRA FFN block: a sparse mixture of LoRA experts over one frozen FFN.
+
+Expert e is the frozen FFN whose targeted projections P carry their own LoRA::
+
+    P_e(z) = W_P z + s · B_{P,e} A_{P,e} dropout(z)
+    gated:  E_e(x) = down_e( act(gate_e(x)) ⊙ up_e(x) )
+    fused:  g, u = chunk(gate_up_e(x));  E_e(x) = down_e( u ⊙ act(g) )
+    plain:  E_e(x) = fc2_e( act(fc1_e(x)) )
+    y(x)  = Σ_{e∈K(x)} g_e E_e(x)            (router: see routing.py)
+
+The fast path ("sorted" dispatch) never runs a frozen matmul more often than the math needs:
+
+1. ``W_gate x`` / ``W_up x`` (``W_fc1 x``) run once over all N tokens, then rows are gathered.
+2. The down projection is linear and shared, so with Σ g_e = 1
+   ``Σ_e g_e (W_down h_e + b + s B_e A_e h_e) = W_down (Σ_e g_e h_e) + b + Σ_e g_e s B_e A_e h_e``:
+   the frozen down projection runs on N rows, not k·N. (DoRA on the output projection is not
+   linear in h and takes the per-row path.)
+3. One stable argsort of the (token, slot) expert ids gives contiguous per-expert segments, taken
+   with ``torch.split``; the only host sync is reading the per-expert counts.
+4. Padding tokens get no expert (their slots sort last and are cut off) and see the frozen FFN.
+
+Expert tensors are stacked per projection: ``experts.lora_A[P]`` (E, r, in), ``experts.lora_B[P]``
+(E, out, r), ``experts.lora_magnitude[P]`` (E, out) for DoRA.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .context import ForwardContext
+from .lora import dora_weight_norm, init_lora_A
+from .routing import Routing, load_balance_loss, route_switch, route_top_k, route_top_p, router_statistics, router_z_loss, expert_counts
+
+FFN_KINDS = ("gated", "fused", "plain")
+
+
+class ExpertLoras(nn.Module):
+    """Stacked LoRA weights of all experts, one tensor per projection.
+
+    Args:
+        shapes: projection name → (in_features, out_features).
+        num_experts, r, init: as in ``MixLoraConfig``.
+        dtype, device: of the tensors (adapters stay fp32 when the base is half precision).
+    """
+
+    def __init__(self, *, shapes: dict[str, tuple[int, int]], num_experts: int, r: int, init: str,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for name, (fan_in, fan_out) in shapes.items():
+            A = torch.empty(num_experts, r, fan_in, device=device, dtype=dtype)
+            init_lora_A(A, init, r)
+            self.lora_A[name] = nn.Parameter(A)
+            self.lora_B[name] = nn.Parameter(torch.zeros(num_experts, fan_out, r, device=device, dtype=dtype))
+        self.lora_magnitude = nn.ParameterDict()
+
+
+class MixLoraFFN(nn.Module):
+    """A frozen FFN turned into a sparse mixture of LoRA experts behind a router.
+
+    The frozen projections stay registered under their original names, so the base model's
+    state-dict keys are unchanged; the adapter adds ``router.weight`` (E, d) and ``experts.*``.
+
+    Args:
+        ffn: the model's FFN module being replaced (kept for ``unload`` and disabled mode).
+        kind: 'gated', 'fused' or 'plain' (see the module docstring).
+        input_projections: names of the projections reading x, e.g. ('gate_proj', 'up_proj').
+        output_projection: name of the projection producing the output, e.g. 'down_proj'.
+        activation: the FFN's activation module.
+        output_dropout: dropout after the output projection (GPT-2), or None.
+        targets: the projections that get expert LoRAs.
+        fan_in_fan_out: projection names whose weight is stored (in, out) (GPT-2 Conv1D).
+        context: the model's shared ``ForwardContext``.
+        num_experts, r, alpha, dropout, use_rslora, use_dora, init, routing, top_k, top_p,
+        temperature, max_experts, capacity_factor, jitter, router_init_std, dispatch: as in
+        ``MixLoraConfig``.
+
+    Shapes: input (B, T, d) → output (B, T, d).
+    """
+
+    def __init__(
+        self,
+        *,
+        ffn: nn.Module,
+        kind: str,
+        input_projections: tuple[str, ...],
+        output_projection: str,
+        activation: Callable[[torch.Tensor], torch.Tensor],
+        output_dropout: nn.Module | None,
+        targets: list[str],
+        fan_in_fan_out: set[str],
+        context: ForwardContext,
+        num_experts: int,
+        r: int,
+        alpha: float,
+        dropout: float,
+        use_rslora: bool,
+        use_dora: bool,
+        init: str,
+        routing: str,
+        top_k: int,
+        top_p: float,
+        temperature: float,
+        max_experts: int | None,
+        capacity_factor: float,
+        jitter: float,
+        router_init_std: float,
+        dispatch: str,
+    ) -> None:
+        super().__init__()
+        if kind not in FFN_KINDS:
+            raise ValueError(f"unknown FFN kind '{kind}', expected one of {FFN_KINDS}")
+        self.kind = kind
+        self.input_projections = tuple(input_projections)
+        self.output_projection = output_projection
+        for name in (*self.input_projections, output_projection):
+            self.add_module(name, getattr(ffn, name))
+        self.act_fn = activation
+        self.output_dropout = output_dropout
+        self.targets = [t for t in (*self.input_projections, output_projection) if t in targets]
+        self.fan_in_fan_out = set(fan_in_fan_out)
+        self.context = context
+        self.num_experts, self.r = num_experts, r
+        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.use_dora = use_dora
+        self.routing, self.top_k, self.top_p = routing, top_k, top_p
+        self.temperature, self.max_experts, self.capacity_factor = temperature, max_experts, capacity_factor
+        self.jitter, self.dispatch = jitter, dispatch
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+        ref = getattr(self, output_projection).weight
+        adapter_dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
+        hidden_size = self.projection_shape(self.input_projections[0])[0]
+        self.router = nn.Linear(hidden_size, num_experts, bias=False, device=ref.device, dtype=adapter_dtype)
+        nn.init.normal_(self.router.weight, std=router_init_std)
+        self.experts = ExpertLoras(
+            shapes={t: self.projection_shape(t) for t in self.targets}, num_experts=num_experts,
+            r=r, init=init, device=ref.device, dtype=adapter_dtype,
+        )
+        if use_dora:
+            for t in self.targets:
+                norm = dora_weight_norm(self.weight_out_in(t), self.experts.lora_A[t], self.experts.lora_B[t], self.scale)
+                self.experts.lora_magnitude[t] = nn.Parameter(norm.to(adapter_dtype))
+        self._original_ffn = [ffn]  # not registered: unload() puts it back
+        self.aux_loss: torch.Tensor | None = None
+        self.z_loss: torch.Tensor | None = None
+        self.last_load: torch.Tensor | None = None
+        self.last_prob: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------------------------- helpers
+    def weight_out_in(self, name: str) -> torch.Tensor:
+        """Frozen weight of projection ``name`` as (out, in)."""
+        w = getattr(self, name).weight
+        return w.t() if name in self.fan_in_fan_out else w
+
+    def projection_shape(self, name: str) -> tuple[int, int]:
+        """(in_features, out_features) of projection ``name``."""
+        out_f, in_f = self.weight_out_in(name).shape
+        return in_f, out_f
+
+    def combine(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """FFN hidden activation from the input projections' outputs (rows, f)."""
+        if self.kind == "gated":
+            gate, up = outputs
+            return self.act_fn(gate) * up
+        if self.kind == "fused":
+            gate, up = outputs[0].chunk(2, dim=-1)
+            return up * self.act_fn(gate)
+        return self.act_fn(outputs[0])
+
+    def dora_factor(self, name: str) -> torch.Tensor:
+        """m / ||W + s B_e A_e||, shape (E, out)."""
+        norm = dora_weight_norm(self.weight_out_in(name), self.experts.lora_A[name], self.experts.lora_B[name], self.scale)
+        return self.experts.lora_magnitude[name] / norm
+
+    def expert_rows(self, name: str, base_rows: torch.Tensor, inputs: torch.Tensor, sizes: list[int],
+                    row_expert: torch.Tensor) -> torch.Tensor:
+        """Expert outputs of projection ``name`` for rows sorted by expert.
+
+        Args:
+            base_rows: frozen output W x + b of each row, (M, out).
+            inputs: the rows' inputs after LoRA dropout, (M, in), contiguous per expert.
+            sizes: rows per expert (length E, summing to M).
+            row_expert: (M,) expert id of each row (used by DoRA).
+        """
+        if name not in self.targets:
+            return base_rows
+        A = self.experts.lora_A[name].to(inputs.dtype)
+        B = self.experts.lora_B[name].to(inputs.dtype)
+        pieces = [(x_e @ A[e].t()) @ B[e].t() for e, x_e in enumerate(inputs.split(sizes))]
+        delta = torch.cat(pieces) * self.scale
+        if not self.use_dora:
+            return base_rows + delta
+        bias = getattr(getattr(self, name), "bias", None)
+        bias = 0 if bias is None else bias
+        factor = self.dora_factor(name).to(base_rows.dtype)[row_expert]
+        return factor * (base_rows - bias + delta) + bias
+
+    # ----------------------------------------------------------------------------------- routing
+    def route(self, x: torch.Tensor, valid: torch.Tensor | None) -> Routing:
+        """Route N tokens x (N, d); record losses and statistics over the valid ones."""
+        router_in = x
+        if self.training and self.jitter > 0:
+            # Noise on the router input only; the experts see the clean hidden state.
+            router_in = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        logits = nn.functional.linear(router_in.float(), self.router.weight.float())
+        if self.routing == "top_k":
+            routing = route_top_k(logits, self.top_k)
+        elif self.routing == "top_p":
+            routing = route_top_p(logits, self.top_p, self.temperature, self.max_experts)
+        else:
+            routing = route_switch(logits, self.capacity_factor, valid)
+        if valid is not None:
+            empty = torch.full_like(routing.expert_ids, self.num_experts)
+            routing.expert_ids = torch.where(valid[:, None], routing.expert_ids, empty)
+            routing.weights = routing.weights * valid[:, None]
+        self.aux_loss = load_balance_loss(routing.probs, routing.chosen, valid)
+        self.z_loss = router_z_loss(logits, valid)
+        load, prob = router_statistics(routing.probs, routing.chosen, valid)
+        self.last_load, self.last_prob = load.detach(), prob.detach()
+        return routing
+
+    # ----------------------------------------------------------------------------------- forward
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.context.disabled:
+            return self._original_ffn[0](hidden_states)
+        batch, length, dim = hidden_states.shape
+        x = hidden_states.reshape(-1, dim)
+        valid = self.context.valid_tokens(batch, length)
+        routing = self.route(x, valid)
+        if self.dispatch == "naive":
+            out = self.forward_naive(x, routing)
+        else:
+            out = self.forward_sorted(x, routing)
+        if self.output_dropout is not None:
+            out = self.output_dropout(out)
+        return out.reshape(batch, length, -1)
+
+    def unrouted(self, routing: Routing) -> torch.Tensor | None:
+        """(N,) bool of tokens with no expert at all (padding, switch overflow), or None if none can be."""
+        if self.routing == "switch" or self.context.token_mask is not None:
+            return (routing.expert_ids >= self.num_experts).all(dim=-1)
+        return None
+
+    def forward_sorted(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Fast path: frozen input projections once, one sorted dispatch, gated-sum down projection."""
+        num_tokens, slots = routing.expert_ids.shape
+        flat_ids = routing.expert_ids.reshape(-1)
+        order = flat_ids.argsort(stable=True)
+        counts = expert_counts(flat_ids, self.num_experts).tolist()  # the one host sync
+        sizes = counts[: self.num_experts]
+        order = order[: sum(sizes)]  # drop empty slots (padding, overflow, top-p tails)
+        token = order // slots
+        row_expert = flat_ids[order]
+        row_weight = routing.weights.reshape(-1)[order].to(x.dtype)[:, None]
+
+        frozen = [getattr(self, p)(x) for p in self.input_projections]  # each (N, out_p)
+        expert_inputs = self.lora_dropout(x[token])  # (M, d): one mask shared by gate and up
+        rows = [self.expert_rows(p, f[token], expert_inputs, sizes, row_expert)
+                for p, f in zip(self.input_projections, frozen)]
+        h = self.combine(rows)  # (M, f)
+
+        down = getattr(self, self.output_projection)
+        unrouted = self.unrouted(routing)
+        mixed = torch.zeros(num_tokens, h.shape[-1], dtype=h.dtype, device=h.device)
+        if unrouted is not None:
+            mixed = mixed + self.combine(frozen) * unrouted[:, None].to(h.dtype)
+
+        name = self.output_projection
+        if name in self.targets and self.use_dora:
+            # DoRA is not linear in h: run the frozen down projection per row, then mix.
+            out = down(mixed)  # unrouted tokens' frozen output (zero rows elsewhere get the bias)
+            if unrouted is None:
+                out = torch.zeros_like(out)
+            else:
+                out = out * unrouted[:, None].to(out.dtype)
+            expert_out = self.expert_rows(name, down(h), self.lora_dropout(h), sizes, row_expert)
+            return out.index_add(0, token, expert_out * row_weight)
+
+        mixed = mixed.index_add(0, token, h * row_weight)
+        out = down(mixed)  # frozen down projection on N rows
+        if name in self.targets:
+            A = self.experts.lora_A[name].to(h.dtype)
+            B = self.experts.lora_B[name].to(h.dtype)
+            h_in = self.lora_dropout(h)
+            pieces = [(h_e @ A[e].t()) @ B[e].t() for e, h_e in enumerate(h_in.split(sizes))]
+            out = out.index_add(0, token, torch.cat(pieces) * (self.scale * row_weight))
+        return out
+
+    def forward_naive(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Per-expert loop as in the authors' code: each expert runs the whole FFN on its tokens."""
+        num_tokens = x.shape[0]
+        out_features = self.projection_shape(self.output_projection)[1]
+        out = x.new_zeros(num_tokens, out_features)
+        for e in range(self.num_experts):
+            token, slot = torch.where(routing.expert_ids == e)
+            x_e = x[token]
+            sizes = [0] * self.num_experts
+            sizes[e] = x_e.shape[0]
+            row_expert = torch.full_like(token, e)
+            x_in = self.lora_dropout(x_e)
+            rows = [self.expert_rows(p, getattr(self, p)(x_e), x_in, sizes, row_expert) for p in self.input_projections]
+            h = self.combine(rows)
+            y = self.expert_rows(self.output_projection, getattr(self, self.output_projection)(h),
+                                 self.lora_dropout(h), sizes, row_expert)
+            out = out.index_add(0, token, y * routing.weights[token, slot].to(y.dtype)[:, None])
+        unrouted = self.unrouted(routing)
+        if unrouted is not None:
+            base = getattr(self, self.output_projection)(self.combine([getattr(self, p)(x) for p in self.input_projections]))
+            out = out + base * unrouted[:, None].to(base.dtype)
+        return out
+
+    def adapter_parameter_names(self) -> list[str]:
+        """Names (relative to this module) of the trainable adapter tensors."""
+        names = ["router.weight"]
+        for t in self.targets:
+            names += [f"experts.lora_A.{t}", f"experts.lora_B.{t}"]
+            if self.use_dora:
+                names.append(f"experts.lora_magnitude.{t}")
+        return names
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind}, experts={self.num_experts}, routing={self.routing}, r={self.r}, "
+                f"targets={self.targets}, dispatch={self.dispatch}")
