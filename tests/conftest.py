@@ -1,0 +1,48 @@
+"""Shared helpers for the core tests (tiny models come from ``tiny_models.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import loramix
+
+
+def perturb_adapter(model: nn.Module, seed: int = 0, b_std: float = 0.1, router_std: float | None = None) -> None:
+    """Make a fresh adapter non-trivial: random B (fresh B = 0 makes every comparison pass trivially),
+    DoRA magnitudes off their initial norms, and optionally a sharper router (so routing varies)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in loramix.adapter_parameters(model).items():
+            noise = torch.randn(p.shape, generator=g).to(p.dtype)
+            if "lora_B" in name:
+                p.copy_(noise * b_std)
+            elif "lora_magnitude" in name:
+                p.mul_(1 + 0.2 * noise)
+            elif "router" in name and router_std is not None:
+                p.copy_(noise * router_std)
+
+
+def mixlora_config(**overrides) -> loramix.MixLoraConfig:
+    """A small MixLoRA config (4 experts, r=4, no dropout) adapting every projection of the family."""
+    values = dict(r=4, alpha=8, dropout=0.0, num_experts=4, top_k=2, attention_targets=None, ffn_targets=None)
+    values.update(overrides)
+    return loramix.MixLoraConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    """Every test starts from the same global RNG state."""
+    torch.manual_seed(1234)
+    yield
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for tiny-model tests: their matmuls are microseconds, and with a second
+    thread the time goes to thread hand-offs (10x slower when the shared CPU is busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
