@@ -1,0 +1,88 @@
+"""``loramix generate``: generate text with a base model or an adapter.
+
+    loramix generate --prompt "Name three primary colours."
+    loramix generate --adapter runs/arc-e/adapter --prompt "..." --max-new-tokens 64 --temperature 0.7
+    echo "Why is the sky blue?" | loramix generate
+
+When the tokenizer has a chat template (SmolLM2-Instruct has one) the prompt is sent as a user
+message through it, unless ``--raw``; otherwise the prompt text is continued as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="base model: 'smollm2-135m' (embedded), a local folder or a Hub id; default: the "
+                             "adapter's recorded base model, else smollm2-135m")
+    parser.add_argument("--adapter", default=None, help="adapter folder to load on the base model (optional)")
+    parser.add_argument("--prompt", default=None, help="the prompt; read from standard input when omitted")
+    parser.add_argument("--system", default=None, help="system message (chat template only)")
+    parser.add_argument("--raw", action="store_true", help="don't apply the chat template; continue the prompt text")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="maximum number of tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature; 0 means greedy decoding (deterministic)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with temperature > 0)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, fp32 on CPU), float32, bfloat16, float16")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+
+
+def build_prompt_ids(tokenizer, prompt: str, *, system: str | None = None, raw: bool = False) -> list[int]:
+    """Token ids to generate from: through the chat template when the tokenizer has one (and not
+    ``raw``), else the plain prompt with the tokenizer's special prefix."""
+    if not raw and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # the template already holds any BOS it wants: no extra special tokens
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def generate_text(model, tokenizer, prompt: str, *, system: str | None = None, raw: bool = False,
+                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0) -> str:
+    """Generate a completion of ``prompt`` and return only the new text."""
+    ids = torch.tensor([build_prompt_ids(tokenizer, prompt, system=system, raw=raw)],
+                       device=next(model.parameters()).device)
+    sample = temperature > 0
+    kwargs = dict(do_sample=sample, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    if sample:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    else:  # greedy: unset the sampling defaults a generation_config may carry, to avoid warnings
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .hub import ModelLoadError, load_model
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        print("error: empty prompt (give --prompt or pipe text on standard input)", file=sys.stderr)
+        return 2
+    model_name = args.model
+    if args.adapter and not model_name:
+        from .adapters import read_adapter_config
+
+        model_name = read_adapter_config(args.adapter).get("base_model")
+    try:
+        model, tokenizer = load_model(model_name or "smollm2-135m", dtype=args.dtype, device=args.device)
+    except ModelLoadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.adapter:
+        from .adapters import load_adapter
+
+        model = load_adapter(model, args.adapter)
+    torch.manual_seed(args.seed)
+    print(generate_text(model, tokenizer, prompt, system=args.system, raw=args.raw,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p))
+    return 0
