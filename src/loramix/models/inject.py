@@ -127,6 +127,13 @@ def inject(model: nn.Module, config: LoraConfig | MixLoraConfig) -> nn.Module:
             ffn = getattr(layer, family.ffn)
             setattr(layer, family.ffn, _mixlora_ffn(ffn, config, ffn_targets, family, context))
 
+    # New modules are born in training mode. Give each the mode of the module it replaced, so that
+    # an eval-mode model stays deterministic (adapter dropout off) until the caller calls .train().
+    for module in model.modules():
+        replaced = getattr(module, "_base_module", None) or getattr(module, "_original_ffn", None)
+        if replaced is not None:
+            module.train(replaced[0].training)
+
     state = AdapterState(config=config, family=family, context=context)
     state.hooks.append(model.register_forward_pre_hook(_capture_inputs(context), with_kwargs=True))
     state.hooks.append(model.register_forward_hook(_add_router_losses(model), with_kwargs=True))
