@@ -10,6 +10,7 @@ Example:
 __version__ = "0.1.0"
 
 from .config import ConfigError, LoraConfig, MixLoraConfig  # noqa: E402
+from .config import MoreConfig  # noqa: E402
 from .models import (  # noqa: E402
     UnsupportedModelError, adapter_parameters, auxiliary_losses, disable_adapters, inject, merge_and_unload,
     router_stats, unload,
@@ -21,3 +22,4 @@ __all__ = [
     "auxiliary_losses", "disable_adapters", "inject", "merge_and_unload", "router_stats", "unload",
     "AdapterLoadError", "load_adapter", "save_adapter",
 ]
+__all__ += ["MoreConfig"]

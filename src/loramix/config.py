@@ -210,7 +210,95 @@ class MixLoraConfig(_ConfigBase):
         )
 
 
-ADAPTER_CONFIGS: dict[str, type] = {"lora": LoraConfig, "mixlora": MixLoraConfig}
+SELECTORS = ("ste", "frozen_random")
+
+
+@dataclass
+class MoreConfig(_ConfigBase):
+    """MoRE: nested low-rank experts with a per-task adaptive rank selector (arXiv 2505.22694).
+
+    Every targeted projection holds one LoRA of rank ``max_rank``; expert ``k`` is its first ``k``
+    components, and a selector fed with a learned task embedding picks one expert per task:
+    ``y = W z + w · s · B[:, :k_t] diag(c²) A[:k_t] dropout(z)``. Tasks are named in ``tasks`` and
+    numbered in that order (``task_ids`` passed to the model index this list).
+    """
+
+    kind: ClassVar[str] = "more"
+
+    max_rank: int = _help("R, the rank of the shared LoRA; expert k uses its first k components.", 8)
+    ranks: list[int] | None = _help("The rank set the selector chooses from (null: 1..max_rank), e.g. [2, 4, 8].", None)
+    alpha: float = _help("LoRA alpha; the scale is alpha / max_rank.", 32)
+    dropout: float = _help("Dropout on the LoRA input (0 allowed).", 0.1)
+    targets: list[str] | None = _help(
+        "Projection names to adapt (attention and/or FFN, e.g. [q_proj, v_proj, down_proj]); "
+        "null adapts every attention and FFN projection of the model family.", None,
+    )
+    tasks: list[str] | None = _help(
+        "Task names, numbered in this order (task_ids index them). Null: filled by the trainer from the "
+        "data, or task0..task{num_tasks-1} when num_tasks is set.", None,
+    )
+    num_tasks: int | None = _help("Number of tasks (null: len(tasks)).", None)
+    linear_scaling: bool = _help("Scale component i by c_i = i/max_rank on its A row and B column (c_i² overall).", True)
+    contrastive_coef: float = _help("λ, weight of the task contrastive loss added to the LM loss.", 0.1)
+    temperature: float = _help("τ of the task contrastive loss.", 0.05)
+    selector: str = _help(
+        "'ste' (selector trained through the straight-through estimator, the paper) or 'frozen_random' "
+        "(ranks drawn once from the random initial selector and frozen, the authors' released code).", "ste",
+    )
+    task_embedding_std: float = _help("Std of the normal init of the task embeddings.", 0.01)
+    init: str = _help("Initialisation of A: 'kaiming' (uniform) or 'gaussian'. B starts at zero.", "kaiming")
+    default_task: str | None = _help(
+        "Task used when the model is called without task_ids (null: a missing task_ids is an error).", None,
+    )
+
+    def __post_init__(self) -> None:
+        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        self._check("max_rank", is_int(self.max_rank) and self.max_rank > 0, "a positive integer")
+        if self.ranks is not None:
+            ok = isinstance(self.ranks, (list, tuple)) and len(self.ranks) > 0 and all(
+                is_int(k) and 1 <= k <= self.max_rank for k in self.ranks)
+            self._check("ranks", ok, f"null or a non-empty list of integers in [1, max_rank={self.max_rank}]")
+            self.ranks = sorted(set(self.ranks))
+        self._check("alpha", isinstance(self.alpha, (int, float)) and self.alpha > 0, "a positive number")
+        self._check("dropout", isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "in [0, 1)")
+        _check_targets(self, "targets")
+        if self.tasks is not None:
+            ok = isinstance(self.tasks, (list, tuple)) and len(self.tasks) > 0 and all(
+                isinstance(t, str) and t for t in self.tasks) and len(set(self.tasks)) == len(self.tasks)
+            self._check("tasks", ok, "null or a non-empty list of distinct task names")
+            self.tasks = list(self.tasks)
+        if self.num_tasks is not None:
+            self._check("num_tasks", is_int(self.num_tasks) and self.num_tasks > 0, "null or a positive integer")
+            if self.tasks is None:
+                self.tasks = [f"task{i}" for i in range(self.num_tasks)]
+            elif self.num_tasks != len(self.tasks):
+                raise ConfigError(f"'num_tasks' is {self.num_tasks} but 'tasks' names {len(self.tasks)} tasks")
+        elif self.tasks is not None:
+            self.num_tasks = len(self.tasks)
+        self._check("linear_scaling", isinstance(self.linear_scaling, bool), "true or false")
+        for name in ("contrastive_coef", "task_embedding_std"):
+            value = getattr(self, name)
+            self._check(name, isinstance(value, (int, float)) and value >= 0, "a number >= 0")
+        self._check("temperature", isinstance(self.temperature, (int, float)) and self.temperature > 0, "positive")
+        self._check("selector", self.selector in SELECTORS, f"one of {SELECTORS}")
+        self._check("init", self.init in INITS, f"one of {INITS}")
+        if self.default_task is not None:
+            ok = isinstance(self.default_task, str) and (self.tasks is None or self.default_task in self.tasks)
+            self._check("default_task", ok, f"null or one of the task names {self.tasks}")
+
+    @property
+    def rank_set(self) -> list[int]:
+        """The ranks the selector chooses from, ascending."""
+        return list(self.ranks) if self.ranks is not None else list(range(1, self.max_rank + 1))
+
+    def with_tasks(self, tasks: list[str]) -> "MoreConfig":
+        """A copy naming ``tasks`` (e.g. filled by the trainer from the data's task list)."""
+        values = self.to_dict()
+        values.update(tasks=list(tasks), num_tasks=None)
+        return MoreConfig(**values)
+
+
+ADAPTER_CONFIGS: dict[str, type] = {"lora": LoraConfig, "mixlora": MixLoraConfig, "more": MoreConfig}
 
 
 def adapter_config_from_dict(kind: str, values: dict[str, Any], where: str = "config"):

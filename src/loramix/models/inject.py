@@ -20,8 +20,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..config import ConfigError, LoraConfig, MixLoraConfig
+from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig
 from ..modules import ForwardContext, LoraLinear, MixLoraFFN
+from ..modules.more import MoreLinear
 from .registry import ModelFamily, decoder_layers, family_of
 
 
@@ -88,7 +89,18 @@ def _mixlora_ffn(ffn: nn.Module, cfg: MixLoraConfig, targets: set[str], family: 
     )
 
 
-def inject(model: nn.Module, config: LoraConfig | MixLoraConfig) -> nn.Module:
+def _more(module: nn.Module, cfg: MoreConfig, family: ModelFamily, context: ForwardContext) -> MoreLinear:
+    assert cfg.tasks is not None
+    return MoreLinear(
+        module, max_rank=cfg.max_rank, num_tasks=len(cfg.tasks), ranks=cfg.rank_set, alpha=cfg.alpha,
+        dropout=cfg.dropout, linear_scaling=cfg.linear_scaling, temperature=cfg.temperature, selector=cfg.selector,
+        task_embedding_std=cfg.task_embedding_std, init=cfg.init,
+        default_task=cfg.tasks.index(cfg.default_task) if cfg.default_task is not None else None,
+        fan_in_fan_out=family.fan_in_fan_out, context=context,
+    )
+
+
+def inject(model: nn.Module, config: LoraConfig | MixLoraConfig | MoreConfig) -> nn.Module:
     """Add a loramix adapter to a transformers causal LM, in place; base weights are frozen.
 
     Args:
@@ -112,8 +124,13 @@ def inject(model: nn.Module, config: LoraConfig | MixLoraConfig) -> nn.Module:
     elif isinstance(config, LoraConfig):
         chosen = _resolve(config.targets, blocks, "targets", family)
         ffn_targets, lora_cfg = set(), config
+    elif isinstance(config, MoreConfig):
+        if config.tasks is None:
+            raise ConfigError("MoRE config names no tasks: set 'tasks' (names, numbered in order) or 'num_tasks'")
+        chosen = _resolve(config.targets, blocks, "targets", family)
+        ffn_targets, lora_cfg = set(), config
     else:
-        raise TypeError(f"inject() takes a LoraConfig or MixLoraConfig, got {type(config).__name__}")
+        raise TypeError(f"inject() takes a LoraConfig, MixLoraConfig or MoreConfig, got {type(config).__name__}")
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -122,7 +139,8 @@ def inject(model: nn.Module, config: LoraConfig | MixLoraConfig) -> nn.Module:
         for block_name, projections in chosen.items():
             block = getattr(layer, block_name)
             for p in sorted(projections):
-                setattr(block, p, _lora(getattr(block, p), lora_cfg, family, context))
+                make = _more if isinstance(config, MoreConfig) else _lora
+                setattr(block, p, make(getattr(block, p), lora_cfg, family, context))
         if isinstance(config, MixLoraConfig) and ffn_targets is not None:
             ffn = getattr(layer, family.ffn)
             setattr(layer, family.ffn, _mixlora_ffn(ffn, config, ffn_targets, family, context))
@@ -137,6 +155,8 @@ def inject(model: nn.Module, config: LoraConfig | MixLoraConfig) -> nn.Module:
     state = AdapterState(config=config, family=family, context=context)
     state.hooks.append(model.register_forward_pre_hook(_capture_inputs(context), with_kwargs=True))
     state.hooks.append(model.register_forward_hook(_add_router_losses(model), with_kwargs=True))
+    if isinstance(config, MoreConfig):
+        state.hooks.append(model.register_forward_hook(_add_contrastive_loss, with_kwargs=True))
     model.loramix_adapter = state
     return model
 
@@ -186,6 +206,33 @@ def _add_router_losses(model: nn.Module):
     return hook
 
 
+def more_modules(model: nn.Module) -> dict[str, MoreLinear]:
+    """The model's MoRE projections by module path (e.g. ``model.layers.0.self_attn.q_proj``)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoreLinear)}
+
+
+def contrastive_loss(model: nn.Module) -> torch.Tensor | None:
+    """Mean task contrastive loss over the MoRE modules of the last forward, or None."""
+    losses = [m.contrastive_loss for m in more_modules(model).values() if m.contrastive_loss is not None]
+    return torch.stack(losses).mean() if losses else None
+
+
+def _add_contrastive_loss(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    """MoRE post-hook: ``out.contrastive_loss`` = mean over modules; with labels, ``loss += λ · L_cl``."""
+    state = module.loramix_adapter
+    if state.context.disabled:
+        return output
+    cl = contrastive_loss(module)
+    for m in more_modules(module).values():
+        m.contrastive_loss = None  # do not keep the graph alive past this call
+    if cl is None or not hasattr(output, "keys"):
+        return output
+    output.contrastive_loss = cl
+    if getattr(output, "loss", None) is not None and kwargs.get("labels") is not None:
+        output.loss = output.loss + state.config.contrastive_coef * cl.to(output.loss.dtype)
+    return output
+
+
 def router_stats(model: nn.Module) -> list[dict[str, torch.Tensor]]:
     """Per MoE layer, from the last forward: ``load`` (share of assignments per expert, (E,)) and
     ``prob`` (mean router probability per expert, (E,)), over non-padding tokens."""
@@ -220,6 +267,11 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 def _restore(model: nn.Module, merge: bool) -> nn.Module:
     state = adapter_state(model)
+    if merge and isinstance(state.config, MoreConfig):
+        raise ValueError(
+            "a MoRE adapter holds one update per task; merge one task with "
+            "loramix.adapters.more_tasks.merge_task(model, task) (CLI: loramix merge --task NAME)"
+        )
     if merge and isinstance(state.config, MixLoraConfig):
         raise ValueError(
             "a MixLoRA adapter routes each token to its own experts and cannot be merged into one dense FFN; "
@@ -235,6 +287,8 @@ def _restore(model: nn.Module, merge: bool) -> nn.Module:
             replacements.append((name, module._base_module[0]))
         elif isinstance(module, MixLoraFFN):
             replacements.append((name, module._original_ffn[0]))
+        elif isinstance(module, MoreLinear):  # merge per task happens in adapters/more_tasks.merge_task
+            replacements.append((name, module._base_module[0]))
     for name, original in replacements:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, original)

@@ -1,0 +1,297 @@
+r"""MoRE: nested low-rank experts on one frozen linear, with a per-task adaptive rank selector.
+
+One LoRA of maximum rank ``R`` holds ``R`` nested experts: expert ``k`` is its first ``k`` rank
+components. A selector reads a learned task embedding and picks, per task, which expert to use::
+
+        z ─────────────────────────────► W (frozen) ───────────────────────┐
+        │                                                                 (+) ──► y
+        └─► dropout ─► A (R×in) ─► h (…, R) ─► × mask_k,t · c² · w · s ─► B (out×R) ┘
+
+        ΔW_k   = s · B[:, :k] diag(c_1², …, c_k²) A[:k, :]          s = alpha / R,  c_i = i / R
+        q_t    = softmax(W_g T_emb[t] + b_g)   over the rank set     k_t = rank_set[argmax q_t]
+        w_t    = q_t[k_t] − stopgrad(q_t[k_t]) + 1                  (value 1, gradient to W_g, b_g, T_emb)
+        y      = W z + w_t · ΔW_{k_t} dropout(z)                     for a sample of task t
+
+A batch may mix tasks: ``z Aᵀ`` gives all ``R`` components of every token in one matmul; a per-sample
+mask keeps the first ``k_t`` (times ``c²``, ``w_t`` and ``s``); then one matmul with ``B``.
+
+The task contrastive loss, per module: ``u = normalize(mean of z over a sample's real tokens)``,
+``sim = u · normalize(T_emb)ᵀ / τ``, ``L_cl = cross_entropy(sim, t)``. It pulls the module input of a
+task's samples towards that task's embedding, so the embedding the selector reads carries the task.
+
+Because ``k_t`` depends on the task only, each task's update can be merged into ``W`` after training
+(``delta_weight(task)``): no inference cost. Pure torch; no transformers here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .context import ForwardContext
+from .lora import frozen_linear, init_lora_A
+
+
+def task_contrastive_loss(
+    x: torch.Tensor,
+    task_ids: torch.Tensor,
+    task_embedding: torch.Tensor,
+    temperature: float,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The MoRE task contrastive loss of one module.
+
+    Args:
+        x: the module input, shape (B, T, d) (any float dtype; computed in fp32).
+        task_ids: (B,) long, the task of each sample.
+        task_embedding: (n_tasks, d) task embeddings ``T_emb``.
+        temperature: τ.
+        valid: (B, T) bool, False on padding, or None when every token is real.
+
+    Returns:
+        Scalar ``cross_entropy(normalize(mean_valid(x)) · normalize(T_emb)ᵀ / τ, task_ids)``.
+
+    Example:
+        >>> task_contrastive_loss(torch.randn(2, 5, 8), torch.tensor([0, 1]), torch.randn(3, 8), 0.05)
+    """
+    x = x.float()
+    if x.dim() == 2:  # (B, d): one vector per sample already
+        pooled = x
+    else:
+        if valid is None:
+            pooled = x.mean(dim=1)
+        else:
+            m = valid.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
+            # A sample with no real token (never in practice) pools to 0 rather than NaN.
+            pooled = (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+    u = F.normalize(pooled, dim=-1)  # (B, d)
+    e = F.normalize(task_embedding.float(), dim=-1)  # (n_tasks, d)
+    sim = u @ e.t() / temperature  # (B, n_tasks)
+    return F.cross_entropy(sim, task_ids.to(sim.device))
+
+
+class RankSelector(nn.Module):
+    """Per-module task embeddings and the gate choosing one rank (expert) per task.
+
+    Args:
+        in_features: d_in of the module (the task embedding lives in the module's input space,
+            so the contrastive loss can compare it with the pooled input).
+        num_tasks: number of tasks.
+        ranks: the rank set, ascending, e.g. [1, ..., R] or [2, 4, 8].
+        embedding_std: std of the normal init of ``task_embedding``.
+        frozen: the authors' released behaviour: the choice is made once by the random initial
+            selector; embedding and gate never train and the STE weight is the constant 1.
+
+    Parameters:
+        task_embedding: (num_tasks, in_features).  gate: Linear(in_features → len(ranks)).
+    """
+
+    def __init__(self, in_features: int, num_tasks: int, ranks: list[int], *, embedding_std: float = 0.01,
+                 frozen: bool = False, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.task_embedding = nn.Parameter(torch.empty(num_tasks, in_features, device=device, dtype=dtype))
+        nn.init.normal_(self.task_embedding, std=embedding_std)
+        self.gate = nn.Linear(in_features, len(ranks), device=device, dtype=dtype)
+        self.register_buffer("ranks", torch.tensor(ranks, dtype=torch.long, device=device), persistent=False)
+        self.frozen = frozen
+        if frozen:
+            for p in self.parameters():
+                p.requires_grad_(False)
+
+    def probabilities(self) -> torch.Tensor:
+        """q, shape (num_tasks, len(ranks)): softmax of the gate over the rank set, per task."""
+        return torch.softmax(self.gate(self.task_embedding).float(), dim=-1)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose per task.
+
+        Returns:
+            ranks (num_tasks,) long: the chosen ``k_t``; weights (num_tasks,) float: the
+            straight-through weight ``q[k_t] − q[k_t].detach() + 1`` (value exactly 1).
+        """
+        if self.frozen:
+            with torch.no_grad():
+                idx = self.probabilities().argmax(dim=-1)
+            return self.ranks[idx], torch.ones(idx.shape, device=idx.device)
+        q = self.probabilities()
+        idx = q.argmax(dim=-1)
+        q_chosen = q.gather(-1, idx[:, None]).squeeze(-1)
+        return self.ranks[idx], q_chosen - q_chosen.detach() + 1.0
+
+
+class MoreLinear(nn.Module):
+    """A frozen linear projection plus MoRE's nested low-rank experts chosen per task.
+
+    Args:
+        base: the ``nn.Linear`` (or GPT-2 ``Conv1D``) being adapted; its parameters are reused.
+        max_rank: R. ranks: the rank set (ascending, within [1, R]); None = 1..R.
+        alpha: LoRA alpha (scale ``alpha / R``). dropout: input dropout of the LoRA branch.
+        num_tasks: number of tasks. linear_scaling: scale component i by ``c_i = i/R`` on A and B.
+        temperature: τ of the contrastive loss. selector: 'ste' or 'frozen_random'.
+        task_embedding_std: init std of the task embeddings. init: 'kaiming' or 'gaussian' for A.
+        default_task: task index used when the call carries no task ids (None: error).
+        fan_in_fan_out: the base weight is stored (in, out). context: the model's ``ForwardContext``
+            (task ids, padding mask, disabling).
+
+    Shapes: input (B, ..., in) → output (B, ..., out); the task ids (B,) come from ``context.task_ids``.
+    After a forward, ``contrastive_loss`` holds this module's scalar task contrastive loss.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        max_rank: int,
+        num_tasks: int,
+        ranks: list[int] | None = None,
+        alpha: float = 32.0,
+        dropout: float = 0.0,
+        linear_scaling: bool = True,
+        temperature: float = 0.05,
+        selector: str = "ste",
+        task_embedding_std: float = 0.01,
+        init: str = "kaiming",
+        default_task: int | None = None,
+        fan_in_fan_out: bool = False,
+        context: ForwardContext | None = None,
+    ) -> None:
+        super().__init__()
+        if selector not in ("ste", "frozen_random"):
+            raise ValueError(f"unknown MoRE selector '{selector}' (use 'ste' or 'frozen_random')")
+        ranks = list(range(1, max_rank + 1)) if ranks is None else sorted(set(ranks))
+        if not ranks or ranks[0] < 1 or ranks[-1] > max_rank:
+            raise ValueError(f"MoRE ranks {ranks} must lie in [1, max_rank={max_rank}]")
+        weight: nn.Parameter = base.weight
+        self.fan_in_fan_out = fan_in_fan_out
+        self.in_features, self.out_features = weight.shape if fan_in_fan_out else weight.shape[::-1]
+        self.weight = weight
+        self.bias = getattr(base, "bias", None)
+        self.max_rank, self.num_tasks, self.alpha = max_rank, num_tasks, alpha
+        self.scale = alpha / max_rank
+        self.temperature = temperature
+        self.selector_kind = selector
+        self.default_task = default_task
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Adapter tensors stay fp32 when the base is half precision (as LoraLinear does).
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(max_rank, self.in_features, device=weight.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, max_rank, device=weight.device, dtype=dtype))
+        init_lora_A(self.lora_A, init, max_rank)
+        self.selector = RankSelector(self.in_features, num_tasks, ranks, embedding_std=task_embedding_std,
+                                     frozen=selector == "frozen_random", device=weight.device, dtype=dtype)
+        i = torch.arange(1, max_rank + 1, device=weight.device, dtype=torch.float32)
+        # c_i² per component: c_i multiplies both the A row and the B column of component i.
+        c2 = (i / max_rank) ** 2 if linear_scaling else torch.ones_like(i)
+        self.register_buffer("component_scale", c2, persistent=False)
+        self.linear_scaling = linear_scaling
+        self.context = context if context is not None else ForwardContext()
+        self.contrastive_loss: torch.Tensor | None = None
+        self._fixed_ranks: torch.Tensor | None = None  # (num_tasks,) once fix_ranks() ran
+        self._base_module = [base]  # kept (not registered) so unload() can put it back
+
+    # ------------------------------------------------------------------------------ task choice
+    @property
+    def ranks(self) -> list[int]:
+        """The rank set."""
+        return self.selector.ranks.tolist()
+
+    def choose(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per task: chosen rank ``k_t`` (num_tasks,) long and STE weight (num_tasks,) (value 1).
+
+        With ranks fixed (``fix_ranks``, eval mode) the selector is skipped and the weight is 1.
+        """
+        if self._fixed_ranks is not None and not self.training:
+            return self._fixed_ranks, torch.ones(self.num_tasks, device=self._fixed_ranks.device)
+        return self.selector()
+
+    def chosen_ranks(self) -> list[int]:
+        """The rank each task uses now, e.g. [4, 8, 2] for three tasks."""
+        with torch.no_grad():
+            return self.choose()[0].tolist()
+
+    def fix_ranks(self) -> list[int]:
+        """Cache the current choice per task so evaluation skips the selector; cleared by ``train()``."""
+        with torch.no_grad():
+            self._fixed_ranks = self.selector()[0].clone()
+        return self._fixed_ranks.tolist()
+
+    def train(self, mode: bool = True) -> "MoreLinear":
+        if mode:
+            self._fixed_ranks = None  # the selector may move again
+        return super().train(mode)
+
+    def task_ids_for(self, batch: int, device: torch.device) -> torch.Tensor:
+        """The (batch,) task ids of this forward, from the context or the default task."""
+        ids = self.context.task_ids
+        if ids is None:
+            default = getattr(self.context, "default_task_id", None)
+            default = self.default_task if default is None else default
+            if default is None:
+                raise ValueError(
+                    "this MoRE model needs the task of every sample: call model(..., task_ids=LongTensor[batch]) "
+                    "with indices into the adapter's task list, use loramix.adapters.more_tasks.use_task(model, name), "
+                    "or set 'default_task' in the MoRE config"
+                )
+            return torch.full((batch,), int(default), dtype=torch.long, device=device)
+        ids = torch.as_tensor(ids, device=device).long().reshape(-1)
+        if ids.numel() == 1 and batch != 1:
+            ids = ids.expand(batch)  # one task for the whole batch (also after beam expansion)
+        if ids.numel() != batch:
+            raise ValueError(f"task_ids has {ids.numel()} entries but the batch has {batch} samples")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_tasks):
+            raise ValueError(f"task_ids must lie in [0, {self.num_tasks}), got {ids.tolist()}")
+        return ids
+
+    # ---------------------------------------------------------------------------------- math
+    def weight_out_in(self) -> torch.Tensor:
+        """The frozen weight as (out, in)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def delta_weight(self, task: int) -> torch.Tensor:
+        """``ΔW_{k_t} = s · B[:, :k] diag(c²_1..c²_k) A[:k]`` for task index ``task``, shape (out, in), fp32."""
+        k = self.chosen_ranks()[task]
+        A, B = self.task_factors(task, k)
+        return B @ A
+
+    def task_factors(self, task: int, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The task's update as a plain LoRA: A (k, in) and B (out, k) with ``s · c²`` folded into B."""
+        k = self.chosen_ranks()[task] if k is None else k
+        with torch.no_grad():
+            A = self.lora_A[:k].float()
+            B = self.lora_B[:, :k].float() * (self.scale * self.component_scale[:k])[None, :]
+        return A.clone(), B.clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base_out = frozen_linear(x, self.weight, self.bias, self.fan_in_fan_out)
+        if self.context.disabled:
+            return base_out
+        batch = x.shape[0]
+        task_ids = self.task_ids_for(batch, x.device)  # (B,)
+        rank_per_task, weight_per_task = self.choose()
+        k = rank_per_task.to(x.device)[task_ids]  # (B,)
+        w = weight_per_task.to(x.device)[task_ids]  # (B,)
+        positions = torch.arange(self.max_rank, device=x.device)
+        # (B, R): keep the first k_t components of each sample, times c², the STE weight and s.
+        coef = (positions[None, :] < k[:, None]) * self.component_scale[None, :] * (w[:, None] * self.scale)
+        coef = coef.reshape(batch, *([1] * (x.dim() - 2)), self.max_rank).to(x.dtype)
+        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        h = self.dropout(x) @ A.t()  # (B, ..., R): all components in one matmul
+        out = base_out + (h * coef) @ B.t()
+        valid = None
+        if x.dim() == 3 and self.context.token_mask is not None:
+            flat = self.context.valid_tokens(batch, x.shape[1])
+            valid = flat.reshape(batch, x.shape[1]) if flat is not None else None
+        self.contrastive_loss = task_contrastive_loss(x, task_ids, self.selector.task_embedding, self.temperature, valid)
+        return out
+
+    def adapter_parameter_names(self) -> list[str]:
+        """Names (relative to this module) of the adapter tensors (frozen_random: the selector is saved too)."""
+        return ["lora_A", "lora_B", "selector.task_embedding", "selector.gate.weight", "selector.gate.bias"]
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, max_rank={self.max_rank}, ranks={self.ranks}, "
+                f"tasks={self.num_tasks}, scale={self.scale:g}, selector={self.selector_kind}")
+
+
+__all__ = ["MoreLinear", "RankSelector", "task_contrastive_loss"]
