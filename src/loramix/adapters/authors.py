@@ -109,6 +109,28 @@ def _reset_dora_magnitudes(model: nn.Module) -> None:
                     module.experts.lora_magnitude[t].copy_(norm)
 
 
+def _check_activation(model: nn.Module, act_fn: Any, where: str) -> None:
+    """Refuse an ``act_fn`` that is not the FFN's own activation.
+
+    Their experts apply ``ACT2FN[act_fn]``; loramix experts use the FFN's activation. Names differ
+    between configs ('gelu_new' vs 'gelu_pytorch_tanh'), so the functions are compared on a probe.
+    """
+    if act_fn is None:
+        return
+    from transformers.activations import ACT2FN  # only this importer needs transformers' names
+
+    if not isinstance(act_fn, str) or act_fn not in ACT2FN:
+        raise AdapterLoadError(f"{where}: unknown act_fn {act_fn!r}")
+    probe = torch.linspace(-4, 4, 33)
+    for moe in (m for m in model.modules() if isinstance(m, MixLoraFFN)):
+        ours = moe.act_fn(probe.to(moe.router.weight.dtype)).float()
+        if not torch.allclose(ours, ACT2FN[act_fn](probe), atol=1e-3):
+            raise AdapterLoadError(
+                f"{where}: act_fn '{act_fn}' is not this model's FFN activation; loramix experts use the FFN's "
+                "own activation, so this adapter would compute something else than it was trained for"
+            )
+
+
 def load_authors_adapter(model: nn.Module, folder: str | os.PathLike, meta: dict[str, Any]) -> nn.Module:
     """Load an authors'-format MixLoRA adapter folder into a fresh base model."""
     family = family_of(model)
@@ -130,6 +152,7 @@ def load_authors_adapter(model: nn.Module, folder: str | os.PathLike, meta: dict
                 tensors.setdefault(key, param.detach().clone())
         copy_adapter_tensors(model, tensors, str(path))
         _reset_dora_magnitudes(model)
+        _check_activation(model, meta.get("act_fn"), str(Path(folder) / CONFIG_NAME))
     except BaseException:
         unload(model)
         raise
