@@ -1,0 +1,143 @@
+"""MoRE after training: the chosen rank per (module, task), one task merged or exported as a PEFT LoRA.
+
+A MoRE task uses one fixed expert (rank ``k_t``) in every module, so its update is a plain LoRA:
+``ΔW = s · B[:, :k] diag(c²) A[:k]``. ``merge_task`` folds it into the base weights (a plain Hugging
+Face model for that task, same speed as the base); ``export_task_peft`` writes it as a standard PEFT
+LoRA of rank ``k_t`` per module with ``s · c²`` folded into ``B``.
+
+Example:
+    >>> fix_ranks(model)                        # {"model.layers.0.self_attn.q_proj": {"arc-e": 4, ...}, ...}
+    >>> with use_task(model, "boolq"):          # generate() cannot pass task_ids; this sets the task
+    ...     model.generate(**inputs)
+    >>> export_task_peft(model, "boolq", "out/boolq-peft", base_model_name_or_path="smollm2-135m")
+    >>> plain = merge_task(model, "boolq")      # the adapter is gone; weights now hold boolq's update
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..config import MoreConfig
+from ..models.inject import adapter_state, more_modules, unload
+
+
+def more_config(model: nn.Module) -> MoreConfig:
+    """The ``MoreConfig`` of an injected model; a clear error for other adapters."""
+    config = adapter_state(model).config
+    if not isinstance(config, MoreConfig):
+        raise ValueError(f"this model has a '{config.kind}' adapter; per-task operations need a MoRE adapter")
+    return config
+
+
+def task_index(model: nn.Module, task: str | int) -> int:
+    """Index of ``task`` (a name from the config, or an index) in the adapter's task list."""
+    tasks = more_config(model).tasks or []
+    if isinstance(task, int) and not isinstance(task, bool):
+        if not 0 <= task < len(tasks):
+            raise ValueError(f"task index {task} out of range: this adapter has {len(tasks)} tasks {tasks}")
+        return task
+    if task not in tasks:
+        raise ValueError(f"unknown task '{task}': this MoRE adapter was trained on {tasks}")
+    return tasks.index(task)
+
+
+def task_ids_tensor(model: nn.Module, names: list[str], device: torch.device | str | None = None) -> torch.Tensor:
+    """(len(names),) long task ids for a list of task names, ready for ``model(..., task_ids=...)``."""
+    return torch.tensor([task_index(model, n) for n in names], dtype=torch.long, device=device)
+
+
+def chosen_ranks(model: nn.Module) -> dict[str, dict[str, int]]:
+    """The rank each task uses in each MoRE module: ``{module path: {task name: k_t}}``."""
+    tasks = more_config(model).tasks or []
+    return {name: dict(zip(tasks, m.chosen_ranks())) for name, m in more_modules(model).items()}
+
+
+def fix_ranks(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Cache the chosen rank per (module, task) so inference skips the selector; returns the choice.
+
+    The cache holds while the model is in eval mode; ``model.train()`` clears it (the selector may move).
+    """
+    tasks = more_config(model).tasks or []
+    return {name: dict(zip(tasks, m.fix_ranks())) for name, m in more_modules(model).items()}
+
+
+def rank_summary(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per task: mean chosen rank over modules and how many modules use each rank, e.g.
+    ``{"boolq": {"mean": 3.4, "1": 10, "4": 2, ...}}`` (for logs and reports)."""
+    table = chosen_ranks(model)
+    out: dict[str, dict[str, float]] = {}
+    for task in more_config(model).tasks or []:
+        ranks = [per_task[task] for per_task in table.values()]
+        summary: dict[str, float] = {"mean": sum(ranks) / max(len(ranks), 1)}
+        for k in sorted(set(ranks)):
+            summary[str(k)] = ranks.count(k)
+        out[task] = summary
+    return out
+
+
+@contextlib.contextmanager
+def use_task(model: nn.Module, task: str | int) -> Iterator[nn.Module]:
+    """Within the block, calls without ``task_ids`` (e.g. ``generate``) use ``task``.
+
+    Explicit ``task_ids`` in a call still win.
+    """
+    index = task_index(model, task)
+    context = adapter_state(model).context
+    previous = getattr(context, "default_task_id", None)
+    context.default_task_id = index
+    try:
+        yield model
+    finally:
+        context.default_task_id = previous
+
+
+def task_loras(model: nn.Module, task: str | int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The task's update as plain LoRA factors per module: path → (A (k_t, in), B (out, k_t)), fp32,
+    with ``s · c²`` folded into ``B`` so that ``ΔW = B @ A``."""
+    index = task_index(model, task)
+    return {name: m.task_factors(index) for name, m in more_modules(model).items()}
+
+
+def merge_task(model: nn.Module, task: str | int) -> nn.Module:
+    """Fold ``task``'s update into the base weights and remove the adapter: ``W ← W + ΔW_{k_t}``.
+
+    Returns:
+        The same model object, now a plain transformers model (no hooks, no adapter modules) whose
+        outputs equal the adapter model's outputs for that task.
+    """
+    index = task_index(model, task)
+    with torch.no_grad():
+        for m in more_modules(model).values():
+            A, B = m.task_factors(index)
+            delta = (B @ A).to(m.weight.dtype)  # (out, in)
+            m.weight += delta.t() if m.fan_in_fan_out else delta
+    return unload(model)
+
+
+def export_task_peft(model: nn.Module, task: str | int, out_dir: str | os.PathLike, *,
+                     base_model_name_or_path: str | None = None) -> Path:
+    """Write ``task``'s update as a standard PEFT LoRA (rank ``k_t`` per module) that ``peft`` loads.
+
+    Uses the export engineer's ``write_peft_adapter``; the model keeps its adapter.
+
+    Example:
+        >>> export_task_peft(model, "piqa", "out/piqa")
+        >>> PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "out/piqa")
+    """
+    from .export import write_peft_adapter
+
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model.config, "_name_or_path", None) or None
+    return write_peft_adapter(out_dir, task_loras(model, task), base_model_name_or_path=base_model_name_or_path)
+
+
+__all__ = [
+    "chosen_ranks", "export_task_peft", "fix_ranks", "merge_task", "more_config", "rank_summary", "task_ids_tensor",
+    "task_index", "task_loras", "use_task",
+]

@@ -1,0 +1,199 @@
+"""Task sampling for multi-task training (MoRE, and any adapter trained on a task mix).
+
+Three ways to weigh tasks of sizes ``|D_1|, ..., |D_n|``:
+
+- ``temperature`` (the MoRE authors'): ``p_t ∝ exp(|D_t| / Σ|D|)``, close to uniform, mildly
+  favouring large tasks (the largest gets at most e times the smallest's share);
+- ``proportional``: ``p_t ∝ |D_t|`` (what plain concatenation gives);
+- ``uniform``: ``p_t = 1/n``.
+
+Each training sample draws its task from ``p``, then takes the next example of that task from a
+per-task shuffled cycle (reshuffled when used up), so small tasks repeat and large ones are
+subsampled, without replacement inside a pass. Everything is a pure function of the seed (and
+epoch), so a resumed run sees the same order.
+
+Example:
+    >>> task_probabilities({"arc-e": 2000, "boolq": 9000}, "temperature")
+    {'arc-e': 0.4..., 'boolq': 0.5...}
+    >>> multitask_order({"arc-e": 3, "boolq": 5}, strategy="uniform", seed=0, num_samples=4)
+    [('boolq', 2), ('arc-e', 0), ...]
+    >>> sampler = TaskSampledBatches(["arc-e", "arc-e", "boolq", ...], batch_size=8, seed=0)
+    >>> for indices in sampler: ...        # indices into the flat (concatenated) feature list
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Iterator, Mapping, Sequence
+
+STRATEGIES = ("temperature", "proportional", "uniform")
+
+
+def task_probabilities(sizes: Mapping[str, int], strategy: str = "temperature") -> dict[str, float]:
+    """Sampling probability of each task.
+
+    Args:
+        sizes: task name → number of training examples (each > 0).
+        strategy: 'temperature' (p ∝ exp(|D_t|/Σ|D|)), 'proportional' (p ∝ |D_t|) or 'uniform'.
+
+    Returns:
+        task name → probability, in the order of ``sizes``; the values sum to 1.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown task sampling strategy '{strategy}'; choose one of {STRATEGIES}")
+    if not sizes:
+        raise ValueError("task sampling needs at least one task")
+    for name, n in sizes.items():
+        if not isinstance(n, int) or n <= 0:
+            raise ValueError(f"task '{name}' has {n!r} examples; every task needs at least one")
+    total = sum(sizes.values())
+    if strategy == "temperature":
+        weights = {t: math.exp(n / total) for t, n in sizes.items()}
+    elif strategy == "proportional":
+        weights = {t: float(n) for t, n in sizes.items()}
+    else:
+        weights = {t: 1.0 for t in sizes}
+    norm = sum(weights.values())
+    return {t: w / norm for t, w in weights.items()}
+
+
+class _TaskCycle:
+    """Endless per-task order: a seeded permutation of 0..n-1, reshuffled at every pass."""
+
+    def __init__(self, n: int, rng: random.Random) -> None:
+        self.n, self.rng, self.order, self.pos = n, rng, [], 0
+
+    def next(self) -> int:
+        if self.pos >= len(self.order):
+            self.order = list(range(self.n))
+            self.rng.shuffle(self.order)
+            self.pos = 0
+        self.pos += 1
+        return self.order[self.pos - 1]
+
+
+def multitask_order(sizes: Mapping[str, int], *, strategy: str = "temperature", seed: int = 0,
+                    num_samples: int | None = None, epoch: int = 0) -> list[tuple[str, int]]:
+    """The training order as (task, example index within the task) pairs.
+
+    Args:
+        sizes: task name → number of examples.
+        strategy: see ``task_probabilities``.
+        seed, epoch: the order is a pure function of (sizes, strategy, seed, epoch, num_samples).
+        num_samples: length of the order (default Σ|D|, one "epoch" worth of samples).
+
+    Returns:
+        ``num_samples`` pairs; each sample's task is drawn from ``p``, its example from that task's
+        shuffled cycle.
+    """
+    probs = task_probabilities(sizes, strategy)
+    names = list(probs)
+    cum = list(_cumulative([probs[t] for t in names]))
+    rng = random.Random(f"loramix-tasks-{seed}-{epoch}")
+    cycles = {t: _TaskCycle(sizes[t], random.Random(f"loramix-task-{seed}-{epoch}-{t}")) for t in names}
+    count = sum(sizes.values()) if num_samples is None else num_samples
+    out = []
+    for _ in range(count):
+        task = names[_draw(cum, rng)]
+        out.append((task, cycles[task].next()))
+    return out
+
+
+def _cumulative(p: list[float]) -> Iterator[float]:
+    acc = 0.0
+    for x in p:
+        acc += x
+        yield acc
+
+
+def _draw(cum: list[float], rng: random.Random) -> int:
+    u = rng.random() * cum[-1]
+    for i, c in enumerate(cum):
+        if u < c:
+            return i
+    return len(cum) - 1
+
+
+class TaskSampledBatches:
+    """Batches of indices into a flat multi-task feature list, tasks drawn by ``strategy``.
+
+    Same interface as ``LengthGroupedBatches`` (``set_epoch``, ``batches``, ``iter_from``, ``len``),
+    so a training loop can use either.
+
+    Args:
+        tasks: the task name of every example of the flat list (e.g. ``[f["task"] for f in feats]``).
+        batch_size: examples per batch.
+        strategy: 'temperature' | 'proportional' | 'uniform'.
+        seed: base seed; epoch e uses streams derived from (seed, e).
+        mixed: True: each sample draws its own task (mixed-task batches, one MoRE matmul for any
+            mix). False: the authors' scheme, one task drawn per batch.
+        lengths: token length of every example; when given (and mixed), samples are grouped by
+            length inside megabatches of ``megabatch_factor`` batches (less padding).
+        samples_per_epoch: samples per epoch (default: the number of examples).
+    """
+
+    def __init__(self, tasks: Sequence[str], batch_size: int, *, strategy: str = "temperature", seed: int = 0,
+                 mixed: bool = True, lengths: Sequence[int] | None = None, samples_per_epoch: int | None = None,
+                 megabatch_factor: int = 50) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if lengths is not None and len(lengths) != len(tasks):
+            raise ValueError(f"lengths has {len(lengths)} entries but tasks has {len(tasks)}")
+        self.by_task: dict[str, list[int]] = {}
+        for i, t in enumerate(tasks):
+            self.by_task.setdefault(t, []).append(i)
+        task_probabilities({t: len(v) for t, v in self.by_task.items()}, strategy)  # validates early
+        self.batch_size, self.strategy, self.seed, self.mixed = batch_size, strategy, seed, mixed
+        self.lengths = list(lengths) if lengths is not None else None
+        self.samples_per_epoch = len(tasks) if samples_per_epoch is None else samples_per_epoch
+        self.megabatch_factor = megabatch_factor
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def probabilities(self) -> dict[str, float]:
+        """Task name → sampling probability."""
+        return task_probabilities({t: len(v) for t, v in self.by_task.items()}, self.strategy)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Use epoch ``epoch``'s order for the next ``iter()``, starting at batch ``start_batch``."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches(self, epoch: int | None = None) -> list[list[int]]:
+        """Every batch of ``epoch`` (default: the current one), as lists of flat indices."""
+        epoch = self.epoch if epoch is None else epoch
+        sizes = {t: len(v) for t, v in self.by_task.items()}
+        n_batches = len(self)
+        if self.mixed:
+            order = multitask_order(sizes, strategy=self.strategy, seed=self.seed, epoch=epoch,
+                                    num_samples=n_batches * self.batch_size)
+            flat = [self.by_task[t][i] for t, i in order]
+            if self.lengths is None:
+                return [flat[b:b + self.batch_size] for b in range(0, len(flat), self.batch_size)]
+            lengths = self.lengths
+            size = self.batch_size * self.megabatch_factor
+            out: list[list[int]] = []
+            for start in range(0, len(flat), size):
+                mega = sorted(flat[start:start + size], key=lambda i: -lengths[i])
+                out.extend(mega[b:b + self.batch_size] for b in range(0, len(mega), self.batch_size))
+            random.Random(f"loramix-task-batches-{self.seed}-{epoch}").shuffle(out)
+            return out
+        # One task per batch: draw the batch's task, then batch_size examples of it.
+        per_batch = multitask_order(sizes, strategy=self.strategy, seed=self.seed, epoch=epoch, num_samples=n_batches)
+        cycles = {t: _TaskCycle(n, random.Random(f"loramix-task-{self.seed}-{epoch}-{t}")) for t, n in sizes.items()}
+        return [[self.by_task[t][cycles[t].next()] for _ in range(self.batch_size)] for t, _ in per_batch]
+
+    def iter_from(self, start_batch: int, epoch: int | None = None) -> Iterator[list[int]]:
+        """Batches of ``epoch`` from index ``start_batch`` on (resume)."""
+        yield from self.batches(epoch)[start_batch:]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self.iter_from(self.start_batch)
+
+    def __len__(self) -> int:
+        """Number of batches per epoch (the last partial batch is filled by sampling more)."""
+        return -(-self.samples_per_epoch // self.batch_size)
+
+
+__all__ = ["STRATEGIES", "TaskSampledBatches", "multitask_order", "task_probabilities"]

@@ -1,0 +1,389 @@
+"""MoRE: nested experts, rank selector (STE and frozen_random), contrastive loss, per-task merge and
+PEFT export, task sampling — against plain references kept here."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import loramix
+from loramix.adapters.more_tasks import (
+    chosen_ranks, export_task_peft, fix_ranks, merge_task, task_ids_tensor, task_loras, use_task,
+)
+from loramix.data.sampling import TaskSampledBatches, multitask_order, task_probabilities
+from loramix.models.inject import more_modules
+from loramix.modules import ForwardContext
+from loramix.modules.more import MoreLinear, task_contrastive_loss
+from tiny_models import batch, tiny_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TASKS = ["arc-e", "boolq", "piqa"]
+
+
+# ------------------------------------------------------------------------------------------ reference
+def reference_delta(A: torch.Tensor, B: torch.Tensor, k: int, scale: float, linear_scaling: bool = True) -> torch.Tensor:
+    """``ΔW_k = s Σ_{i<k} c_i² B[:, i] A[i]ᵀ`` (out, in), one rank-1 component at a time, float64."""
+    R = A.shape[0]
+    delta = torch.zeros(B.shape[0], A.shape[1], dtype=torch.float64)
+    for i in range(k):
+        c = (i + 1) / R if linear_scaling else 1.0
+        delta += scale * c * c * torch.outer(B[:, i].double(), A[i].double())
+    return delta
+
+
+def force_ranks(module: MoreLinear, per_task: list[int], margin: float = 8.0) -> None:
+    """Make the selector pick ``per_task[t]`` for task t: one-hot task embeddings and a gate whose
+    logit for the wanted rank is ``margin`` (softmax far from ties, gradients still flow)."""
+    ranks = module.ranks
+    with torch.no_grad():
+        emb = torch.zeros_like(module.selector.task_embedding)
+        gate = torch.zeros_like(module.selector.gate.weight)
+        for t, k in enumerate(per_task):
+            emb[t, t] = 1.0
+            gate[ranks.index(k), t] = margin
+        module.selector.task_embedding.copy_(emb)
+        module.selector.gate.weight.copy_(gate)
+        module.selector.gate.bias.zero_()
+
+
+def randomize_B(model_or_module: nn.Module, seed: int = 0, std: float = 0.2) -> None:
+    """Fresh B is zero (every comparison would pass trivially): give every MoRE B random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model_or_module.modules():
+            if isinstance(m, MoreLinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * std)
+
+
+def more_model(family: str = "llama", **overrides):
+    values = dict(tasks=TASKS, max_rank=4, alpha=8, dropout=0.0)
+    values.update(overrides)
+    return loramix.inject(tiny_model(family), loramix.MoreConfig(**values))
+
+
+def distinct_ranks(model: nn.Module, seed: int = 0) -> dict[str, list[int]]:
+    """Random (module, task) ranks, with tasks 0 and 1 differing in every module."""
+    rng = random.Random(seed)
+    chosen = {}
+    for name, m in more_modules(model).items():
+        ks = [rng.choice(m.ranks) for _ in TASKS]
+        if ks[0] == ks[1]:
+            ks[1] = m.ranks[(m.ranks.index(ks[0]) + 1) % len(m.ranks)]
+        force_ranks(m, ks)
+        chosen[name] = ks
+    return chosen
+
+
+def logits(model, ids, mask, task_ids):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_config_round_trip_and_errors():
+    cfg = loramix.MoreConfig(tasks=TASKS, ranks=[8, 2, 4], targets=["q_proj", "down_proj"])
+    assert cfg.num_tasks == 3 and cfg.rank_set == [2, 4, 8]
+    assert loramix.MoreConfig.from_dict(cfg.to_dict()) == cfg
+    assert loramix.MoreConfig(num_tasks=2).tasks == ["task0", "task1"]
+    with pytest.raises(loramix.ConfigError, match="max_rnk.*max_rank"):
+        loramix.MoreConfig.from_dict({"max_rnk": 4}, where="run.yaml 'adapter'")
+    with pytest.raises(loramix.ConfigError, match="ranks"):
+        loramix.MoreConfig(max_rank=4, ranks=[2, 8])
+    with pytest.raises(loramix.ConfigError, match="selector"):
+        loramix.MoreConfig(selector="learned")
+    with pytest.raises(loramix.ConfigError, match="num_tasks"):
+        loramix.MoreConfig(tasks=["a", "b"], num_tasks=3)
+    with pytest.raises(loramix.ConfigError, match="default_task"):
+        loramix.MoreConfig(tasks=["a"], default_task="b")
+    with pytest.raises(loramix.ConfigError, match="names no tasks"):
+        loramix.inject(tiny_model(), loramix.MoreConfig())
+
+
+# ------------------------------------------------------------------------------------------ the layer
+def test_fresh_more_model_equals_base():
+    for family in ("llama", "gpt2"):  # gpt2: Conv1D (in, out) weights
+        ids, mask, _ = batch()
+        base = tiny_model(family)(input_ids=ids, attention_mask=mask).logits
+        model = more_model(family)
+        assert len(more_modules(model)) > 0
+        torch.testing.assert_close(logits(model, ids, mask, torch.tensor([0, 1, 2])), base, rtol=0, atol=0)
+
+
+def test_chosen_rank_changes_the_module_output_as_the_reference():
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 10)
+    for scaling in (True, False):
+        ctx = ForwardContext()
+        m = MoreLinear(linear, max_rank=4, num_tasks=4, alpha=6.0, linear_scaling=scaling, context=ctx).eval()
+        randomize_B(m, seed=1)
+        force_ranks(m, [1, 2, 3, 4])
+        assert m.chosen_ranks() == [1, 2, 3, 4]
+        x = torch.randn(4, 5, 12)
+        ctx.task_ids = torch.arange(4)
+        y = m(x)
+        for t, k in enumerate([1, 2, 3, 4]):
+            delta = reference_delta(m.lora_A, m.lora_B, k, 6.0 / 4, scaling)
+            expected = linear(x[t]).double() + x[t].double() @ delta.t()
+            torch.testing.assert_close(y[t].double(), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(m.delta_weight(t).double(), delta, rtol=1e-5, atol=1e-6)
+        # the same input under the four ranks gives four different outputs
+        ctx.task_ids = torch.arange(4)
+        same = m(x[:1].expand(4, -1, -1))
+        for a in range(4):
+            for b in range(a + 1, 4):
+                assert (same[a] - same[b]).abs().max() > 1e-4
+
+
+def test_rank_set_restricts_the_choice():
+    m = MoreLinear(nn.Linear(8, 8), max_rank=8, ranks=[2, 4, 8], num_tasks=3)
+    force_ranks(m, [8, 2, 4])
+    assert m.chosen_ranks() == [8, 2, 4]
+    assert m.selector.gate.out_features == 3
+
+
+def test_ste_gives_selector_and_task_embedding_gradients_with_unit_forward_weight():
+    model = more_model(contrastive_coef=0.0)  # the STE alone, no contrastive gradient
+    randomize_B(model)
+    distinct_ranks(model)
+    ids, mask, labels = batch()
+    task_ids = torch.tensor([0, 1, 2])
+    model.train()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=task_ids)
+    out.loss.backward()
+    for name, m in more_modules(model).items():
+        assert m.selector.gate.weight.grad is not None and m.selector.gate.weight.grad.abs().sum() > 0, name
+        assert m.selector.task_embedding.grad is not None and m.selector.task_embedding.grad.abs().sum() > 0, name
+    # value of the STE weight is exactly 1: same logits as with the ranks cached (selector skipped)
+    model.eval()
+    fix_ranks(model)
+    torch.testing.assert_close(logits(model, ids, mask, task_ids), out.logits.detach(), rtol=0, atol=1e-6)
+
+
+def test_mixed_task_batch_equals_each_task_alone():
+    model = more_model()
+    randomize_B(model)
+    distinct_ranks(model, seed=3)
+    ids, mask, _ = batch(size=5, length=9)
+    task_ids = torch.tensor([0, 2, 1, 0, 2])
+    mixed = logits(model, ids, mask, task_ids)
+    for t in range(3):
+        rows = (task_ids == t).nonzero().flatten()
+        alone = logits(model, ids[rows], mask[rows], torch.full((len(rows),), t))
+        torch.testing.assert_close(mixed[rows], alone, rtol=1e-5, atol=1e-5)
+    # and the tasks really compute different things on the same input
+    other = logits(model, ids, mask, torch.ones(5, dtype=torch.long))
+    assert (other[0] - mixed[0]).abs().max() > 1e-3
+
+
+def test_missing_task_ids_is_an_error_or_the_default_task():
+    ids, mask, _ = batch()
+    model = more_model()
+    randomize_B(model)
+    distinct_ranks(model)
+    with pytest.raises(ValueError, match="task_ids"):
+        model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        model(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 1, 3]))
+    expected = logits(model, ids, mask, torch.tensor([1, 1, 1]))
+    with use_task(model, "boolq"):
+        torch.testing.assert_close(logits(model, ids, mask, None), expected)
+    with pytest.raises(ValueError, match="unknown task 'siqa'"):
+        with use_task(model, "siqa"):
+            pass
+    model2 = more_model(default_task="boolq")
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(loramix.adapter_parameters(model).items(), loramix.adapter_parameters(model2).items()):
+            b.copy_(a)
+    torch.testing.assert_close(logits(model2, ids, mask, None), expected)
+
+
+# ------------------------------------------------------------------------------------------ losses
+def test_contrastive_loss_equals_hand_computation():
+    x = torch.tensor([[[1.0, 0.0, 2.0], [3.0, 1.0, 0.0], [9.0, 9.0, 9.0]],
+                      [[0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [0.0, 2.0, 0.0]]])
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    emb = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    t = torch.tensor([0, 2])
+    tau = 0.05
+    # by hand: mean of the real tokens, cosine with every task embedding, softmax cross-entropy
+    total = 0.0
+    for b in range(2):
+        toks = [x[b, i].tolist() for i in range(3) if valid[b, i]]
+        mean = [sum(v[j] for v in toks) / len(toks) for j in range(3)]
+        cos = []
+        for e in emb.tolist():
+            dot = sum(m * ei for m, ei in zip(mean, e))
+            cos.append(dot / math.sqrt(sum(m * m for m in mean)) / math.sqrt(sum(ei * ei for ei in e)))
+        sims = [c / tau for c in cos]
+        total += -sims[int(t[b])] + math.log(sum(math.exp(s) for s in sims))
+    expected = total / 2
+    got = task_contrastive_loss(x, t, emb, tau, valid)
+    assert abs(got.item() - expected) < 1e-4
+
+
+def test_model_loss_adds_lambda_times_mean_contrastive_loss():
+    model = more_model(contrastive_coef=0.3)
+    randomize_B(model)
+    ids, mask, labels = batch()
+    task_ids = torch.tensor([2, 0, 1])
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=task_ids)
+    lm = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), labels[:, 1:].reshape(-1))
+    # reference: the contrastive loss of every module from its own input, averaged
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: inputs.__setitem__(n, a[0]))
+             for n, m in more_modules(model).items()]
+    model(input_ids=ids, attention_mask=mask, task_ids=task_ids)
+    for h in hooks:
+        h.remove()
+    per_module = [task_contrastive_loss(inputs[n], task_ids, m.selector.task_embedding, 0.05, mask.bool())
+                  for n, m in more_modules(model).items()]
+    cl = torch.stack(per_module).mean()
+    torch.testing.assert_close(out.contrastive_loss, cl, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, lm + 0.3 * cl, rtol=1e-5, atol=1e-6)
+    # without labels: the loss is not invented, the contrastive loss is still reported
+    plain = model(input_ids=ids, attention_mask=mask, task_ids=task_ids)
+    assert plain.loss is None and plain.contrastive_loss is not None
+
+
+def _train_steps(model, steps: int = 4):
+    ids, mask, labels = batch()
+    opt = torch.optim.AdamW([p for p in loramix.adapter_parameters(model).values() if p.requires_grad], lr=0.05)
+    model.train()
+    for step in range(steps):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=torch.tensor([0, 1, 2]))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def test_frozen_random_never_changes_the_chosen_ranks_but_ste_does_train_the_selector():
+    frozen = more_model(selector="frozen_random")
+    before = chosen_ranks(frozen)
+    gate_before = {n: m.selector.gate.weight.clone() for n, m in more_modules(frozen).items()}
+    _train_steps(frozen)
+    assert chosen_ranks(frozen) == before
+    for n, m in more_modules(frozen).items():
+        torch.testing.assert_close(m.selector.gate.weight, gate_before[n], rtol=0, atol=0)
+        assert m.lora_B.abs().sum() > 0  # the experts themselves did train
+    ste = more_model(selector="ste")
+    gate_before = {n: m.selector.gate.weight.clone() for n, m in more_modules(ste).items()}
+    _train_steps(ste)
+    moved = [n for n, m in more_modules(ste).items() if not torch.equal(m.selector.gate.weight, gate_before[n])]
+    assert len(moved) == len(gate_before)
+
+
+# ------------------------------------------------------------------------------------------ after training
+def test_merge_task_reproduces_the_adapter_logits():
+    ids, mask, _ = batch()
+    for family in ("llama", "gpt2"):
+        for task in (0, 2):
+            model = more_model(family)
+            randomize_B(model)
+            distinct_ranks(model, seed=task)
+            expected = logits(model, ids, mask, torch.full((3,), task))
+            plain = merge_task(model, TASKS[task])
+            assert not hasattr(plain, "loramix_adapter")
+            assert not any(isinstance(m, MoreLinear) for m in plain.modules())
+            got = plain(input_ids=ids, attention_mask=mask).logits
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+            assert (got - tiny_model(family)(input_ids=ids, attention_mask=mask).logits).abs().max() > 1e-3
+
+
+def test_merge_and_unload_points_to_merge_task():
+    with pytest.raises(ValueError, match="merge_task"):
+        loramix.merge_and_unload(more_model())
+
+
+def test_task_loras_have_the_chosen_rank_per_module():
+    model = more_model()
+    randomize_B(model)
+    chosen = distinct_ranks(model, seed=5)
+    loras = task_loras(model, "piqa")
+    for name, (A, B) in loras.items():
+        k = chosen[name][2]
+        assert A.shape[0] == k and B.shape[1] == k
+        m = model.get_submodule(name)
+        torch.testing.assert_close((B @ A).double(), reference_delta(m.lora_A, m.lora_B, k, m.scale), rtol=1e-5, atol=1e-6)
+
+
+def test_peft_export_loaded_by_peft_reproduces_the_task_logits(tmp_path):
+    peft = pytest.importorskip("peft")  # peft is a declared dependency; this only guards odd installs
+    ids, mask, _ = batch()
+    model = more_model()
+    randomize_B(model)
+    distinct_ranks(model, seed=7)
+    expected = logits(model, ids, mask, torch.full((3,), 1))
+    export_task_peft(model, "boolq", tmp_path / "boolq")
+    loaded = peft.PeftModel.from_pretrained(tiny_model(), str(tmp_path / "boolq")).eval()
+    with torch.no_grad():
+        got = loaded(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_save_load_round_trip_keeps_tasks_and_outputs(tmp_path):
+    ids, mask, _ = batch()
+    model = more_model(selector="frozen_random", ranks=[1, 2, 4])
+    randomize_B(model)
+    task_ids = torch.tensor([2, 1, 0])
+    expected = logits(model, ids, mask, task_ids)
+    ranks = chosen_ranks(model)
+    loramix.save_adapter(model, tmp_path / "a")
+    loaded = loramix.load_adapter(tiny_model(seed=0), tmp_path / "a").eval()
+    cfg = loaded.loramix_adapter.config
+    assert isinstance(cfg, loramix.MoreConfig) and cfg.tasks == TASKS and cfg.selector == "frozen_random"
+    assert chosen_ranks(loaded) == ranks
+    torch.testing.assert_close(logits(loaded, ids, mask, task_ids_tensor(loaded, ["piqa", "boolq", "arc-e"])), expected,
+                               rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def test_sampling_probabilities_match_the_formulas():
+    sizes = {"arc-e": 2251, "arc-c": 1119, "boolq": 9427}
+    total = sum(sizes.values())
+    temp = task_probabilities(sizes, "temperature")
+    z = sum(math.exp(n / total) for n in sizes.values())
+    for t, n in sizes.items():
+        assert abs(temp[t] - math.exp(n / total) / z) < 1e-12
+    prop = task_probabilities(sizes, "proportional")
+    assert all(abs(prop[t] - n / total) < 1e-12 for t, n in sizes.items())
+    assert all(abs(p - 1 / 3) < 1e-12 for p in task_probabilities(sizes, "uniform").values())
+    with pytest.raises(ValueError, match="strategy"):
+        task_probabilities(sizes, "sqrt")
+    with pytest.raises(ValueError, match="boolq"):
+        task_probabilities({"boolq": 0}, "uniform")
+
+
+def test_multitask_order_is_deterministic_and_follows_the_probabilities():
+    sizes = {"a": 30, "b": 200, "c": 70}
+    order = multitask_order(sizes, strategy="proportional", seed=3, num_samples=20000)
+    assert order == multitask_order(sizes, strategy="proportional", seed=3, num_samples=20000)
+    assert order != multitask_order(sizes, strategy="proportional", seed=4, num_samples=20000)
+    p = task_probabilities(sizes, "proportional")
+    for t in sizes:
+        share = sum(1 for task, _ in order if task == t) / len(order)
+        assert abs(share - p[t]) < 0.015, (t, share, p[t])
+        idx = [i for task, i in order if task == t]
+        assert all(0 <= i < sizes[t] for i in idx)
+        # without replacement within a pass: the first |D_t| draws of a task are a permutation
+        assert sorted(idx[: sizes[t]]) == list(range(sizes[t]))
+
+
+def test_task_sampled_batches_mixed_and_one_task_per_batch():
+    tasks = ["a"] * 10 + ["b"] * 40 + ["c"] * 6
+    lengths = [random.Random(i).randint(3, 50) for i in range(len(tasks))]
+    mixed = TaskSampledBatches(tasks, 4, strategy="uniform", seed=1, lengths=lengths)
+    batches = mixed.batches()
+    assert len(batches) == len(mixed) == 14 and all(len(b) == 4 for b in batches)
+    assert batches == TaskSampledBatches(tasks, 4, strategy="uniform", seed=1, lengths=lengths).batches()
+    assert list(mixed.iter_from(5)) == batches[5:]
+    assert any(len({tasks[i] for i in b}) > 1 for b in batches)
+    single = TaskSampledBatches(tasks, 4, strategy="temperature", seed=1, mixed=False)
+    for b in single.batches(epoch=2):
+        assert len({tasks[i] for i in b}) == 1
