@@ -32,8 +32,9 @@ def logits_of(model, ids, mask):
         return model(input_ids=ids, attention_mask=mask).logits
 
 
-def test_every_tiny_family_is_registered():
-    assert set(FAMILY_NAMES) <= set(FAMILIES)
+def test_every_registered_family_has_a_tiny_model():
+    """Every family in the registry runs through every property test here (none untested)."""
+    assert set(FAMILY_NAMES) == set(FAMILIES)
     for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "olmo2"):
         assert name in FAMILY_NAMES, f"issue 2 requires a tiny test config for {name}"
 

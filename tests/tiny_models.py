@@ -18,6 +18,7 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "gemma3_text": ("Gemma3TextConfig", {"head_dim": 8, "sliding_window": 16}),
     "olmo2": ("Olmo2Config", {}),
     "phi3": ("Phi3Config", {"pad_token_id": 0}),
+    "smollm3": ("SmolLM3Config", {"pad_token_id": 0}),
     "phi": ("PhiConfig", {}),
     "gpt2": ("GPT2Config", {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_inner": 48, "n_positions": 128,
                             "vocab_size": 97, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}),
