@@ -50,7 +50,8 @@ def dora_weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sca
         scale: the LoRA scale s.
 
     Returns:
-        Detached norms, shape (out,) or (E, out). Uses
+        Detached norms, shape (out,) or (E, out), in the dtype of the adapter tensors (fp32 next to a
+        bf16 base: a bf16 norm would round the DoRA factor to 3 significant digits). Uses
         ``||W_o + s B_o A||² = ||W_o||² + 2 s B_o·(A W_oᵀ) + s² B_o (A Aᵀ) B_oᵀ``,
         which costs O(out·in·r) instead of O(out·in) per expert materialised.
     """
@@ -63,7 +64,7 @@ def dora_weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sca
         gram = torch.matmul(a, a.transpose(-1, -2))  # (..., r, r)
         lora_sq = (torch.matmul(b, gram) * b).sum(-1)  # (..., out)
         norm_sq = base_sq + 2 * scale * cross + scale * scale * lora_sq
-        return norm_sq.clamp_min(0).sqrt().to(weight.dtype)
+        return norm_sq.clamp_min(0).sqrt().to(A.dtype)
 
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fan_in_fan_out: bool) -> torch.Tensor:
