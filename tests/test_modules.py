@@ -394,3 +394,15 @@ def test_gaussian_init_and_zero_dropout():
     lora.train()
     x = torch.randn(3, 64)
     torch.testing.assert_close(lora(x), lora(x))  # no dropout: deterministic in training
+
+
+def test_dora_norm_keeps_adapter_precision_next_to_bf16_base():
+    """With a bf16 base the DoRA factor m / ||W + sBA|| is computed in the fp32 adapter precision."""
+    torch.manual_seed(0)
+    lora = LoraLinear(nn.Linear(16, 8).to(torch.bfloat16), r=4, alpha=8, use_dora=True)
+    assert lora.lora_magnitude.dtype == torch.float32
+    with torch.no_grad():
+        lora.lora_B.normal_(std=1e-3)  # a small step: changes the norm by less than bf16 resolves
+    exact = torch.linalg.norm(lora.weight.float() + 2.0 * lora.lora_B @ lora.lora_A, dim=1)
+    assert lora.weight_norm().dtype == torch.float32
+    assert rel_err(lora.weight_norm(), exact) < 1e-6
