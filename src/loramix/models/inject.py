@@ -195,12 +195,19 @@ def _add_router_losses(model: nn.Module):
         aux, z = auxiliary_losses(module)
         if aux is None:
             return output
+
+        def with_router_losses(loss: torch.Tensor) -> torch.Tensor:
+            loss = loss + config.aux_loss_coef * aux.to(loss.dtype)
+            return loss + config.z_loss_coef * z.to(loss.dtype) if config.z_loss_coef > 0 else loss
+
+        if isinstance(output, tuple):  # return_dict=False: (loss, logits, ...) when labels were given
+            if kwargs.get("labels") is None or not isinstance(output[0], torch.Tensor) or output[0].dim() != 0:
+                return output
+            return (with_router_losses(output[0]), *output[1:])
         output.aux_loss = aux
         output.z_loss = z
         if getattr(output, "loss", None) is not None:
-            output.loss = output.loss + config.aux_loss_coef * aux.to(output.loss.dtype)
-            if config.z_loss_coef > 0:
-                output.loss = output.loss + config.z_loss_coef * z.to(output.loss.dtype)
+            output.loss = with_router_losses(output.loss)
         return output
 
     return hook
