@@ -389,3 +389,17 @@ def test_ddp_wraps_and_reduces_every_adapter_tensor(tmp_path):
             optimizer.step()
     finally:
         dist.destroy_process_group()
+
+
+def test_router_losses_with_return_dict_false():
+    """Tuple outputs (return_dict=False) get the same loss as the ModelOutput path."""
+    model = loramix.inject(tiny_model("llama"), mixlora_config(aux_loss_coef=0.5, z_loss_coef=0.1))
+    perturb_adapter(model, seed=12, router_std=1.0)
+    ids, mask, labels = batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    loss, logits = model(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)[:2]
+    torch.testing.assert_close(loss, out.loss)
+    torch.testing.assert_close(logits, out.logits)
+    assert (out.loss - F.cross_entropy(out.logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1))).abs() > 0.1
+    no_labels = model(input_ids=ids, attention_mask=mask, return_dict=False)
+    torch.testing.assert_close(no_labels[0], out.logits)
