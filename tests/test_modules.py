@@ -406,3 +406,19 @@ def test_dora_norm_keeps_adapter_precision_next_to_bf16_base():
     exact = torch.linalg.norm(lora.weight.float() + 2.0 * lora.lora_B @ lora.lora_A, dim=1)
     assert lora.weight_norm().dtype == torch.float32
     assert rel_err(lora.weight_norm(), exact) < 1e-6
+
+
+@pytest.mark.parametrize("init", ["kaiming", "gaussian"])
+def test_expert_init(init):
+    """Every expert's A is initialised on its own (not one draw shared by all); B starts at zero."""
+    cfg = mixlora_config(r=8, num_experts=4, init=init, attention_targets=[])
+    moe, _ = first_moe(loramix.inject(tiny_model("llama"), cfg))
+    A = moe.experts.lora_A["up_proj"]  # (E, r, in=32)
+    assert A.shape == (4, 8, 32)
+    if init == "gaussian":
+        assert abs(A.std().item() - 1 / 8) < 0.015
+    else:  # Kaiming-uniform with a=sqrt(5): U(-1/sqrt(in), 1/sqrt(in))
+        assert A.abs().max() <= 1 / math.sqrt(32) and A.abs().max() > 0.9 / math.sqrt(32)
+    assert not torch.equal(A[0], A[1])
+    assert all((b == 0).all() for b in moe.experts.lora_B.values())
+    assert moe.router.weight.std().item() == pytest.approx(0.02, rel=0.2)
