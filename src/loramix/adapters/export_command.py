@@ -1,0 +1,52 @@
+"""``loramix export``: write an adapter in a format other serving stacks load without loramix.
+
+    loramix export runs/arc-e/adapter --format mixtral --out out/arc-e-mixtral   # MixLoRA → MoE model
+    loramix export runs/lora/adapter --format peft --out out/lora-peft            # LoRA/DoRA → PEFT
+    loramix export runs/lora/adapter --format merged --out out/lora-merged        # base + LoRA merged
+    loramix export runs/more/adapter --format peft --task boolq --out out/boolq   # one MoRE task
+
+The base model is the one the adapter records (``base_model`` in adapter_config.json) unless
+``--model`` names another (a folder, a Hub id or ``smollm2-135m``). Folder bases are streamed layer
+by layer (see ``loramix.adapters.export``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .export import FORMATS
+
+    parser.add_argument("adapter", help="adapter folder (loramix format, or the authors' MixLoRA format)")
+    parser.add_argument("--format", required=True, choices=FORMATS,
+                        help="mixtral: MixLoRA as the family's Mixture-of-Experts model (Llama/Mistral → Mixtral, "
+                             "Qwen2 → Qwen2MoE, Qwen3 → Qwen3MoE); peft: LoRA/DoRA (or one MoRE task) as a PEFT "
+                             "adapter; merged: base model with the LoRA folded in")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--model", default=None,
+                        help="base model (folder, Hub id or smollm2-135m); default: the adapter's recorded base")
+    parser.add_argument("--task", default=None, help="MoRE adapters: the task to export (peft or merged)")
+    parser.add_argument("--dtype", default=None,
+                        help="output dtype for mixtral/merged: float32, bfloat16, float16 (default: the base's)")
+    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB or 500MB")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import ConfigError
+    from ..hub import ModelLoadError, resolve_dtype
+    from ..models.registry import UnsupportedModelError
+    from .export import ExportError, export_adapter
+    from .io import AdapterLoadError
+
+    try:
+        dtype = resolve_dtype(args.dtype) if args.dtype else None
+        out = export_adapter(args.adapter, args.out, format=args.format, base=args.model, task=args.task,
+                             dtype=dtype, max_shard_size=args.max_shard_size, progress=not args.no_progress)
+    except (ExportError, AdapterLoadError, ModelLoadError, ConfigError, UnsupportedModelError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.format} export to {out}")
+    return 0
