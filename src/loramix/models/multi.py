@@ -1,0 +1,236 @@
+"""Several adapters over one frozen base model, trained or served in one batch.
+
+Each adapter is built by the ordinary ``inject`` (so every adapter kind works), its new modules are
+kept and the base is restored; every module slot that at least one adapter adapts then becomes an
+``AdapterStack`` holding the base module and one member per adapter. A forward call names how many
+rows of the batch belong to each adapter::
+
+    batch rows:   [ a a a a | b b b b ]          adapter_rows=[("a", 4), ("b", 4)]
+    frozen parts: run once over all 8 rows (embeddings, norms, attention scores, lm_head, and the
+                  frozen matmul of every LoRA projection)
+    AdapterStack: rows of "a" go through a's member, rows of "b" through b's; an adapter without a
+                  member at this slot gets the base module.
+
+Attention never mixes samples, so adapter i's rows never reach adapter j's parameters: the joint
+step equals N separate steps.
+
+Example:
+    >>> model = inject_many(hf_model, {"a": LoraConfig(), "b": MixLoraConfig()})
+    >>> logits = model(input_ids=ids, attention_mask=mask, adapter_rows=[("a", 2), ("b", 2)]).logits
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .inject import AdapterState, adapter_state, inject, unload
+
+
+@dataclass
+class MultiAdapterState:
+    """What ``inject_many`` attaches to the model as ``model.loramix_multi``.
+
+    Attributes:
+        adapters: name → the adapter's own ``AdapterState`` (config, family, context).
+        members: name → {slot path → that adapter's module at the slot}.
+        plan: stack of row plans; the top is the list of (adapter name, rows) of the current input.
+    """
+
+    adapters: dict[str, AdapterState]
+    members: dict[str, dict[str, nn.Module]]
+    plan: list[list[tuple[str, int]]] = field(default_factory=list)
+    hooks: list = field(default_factory=list)
+
+
+class AdapterStack(nn.Module):
+    """One module slot shared by several adapters; rows are split by the current row plan.
+
+    Args:
+        base: the frozen module of the base model at this slot.
+        members: adapter name → the adapter's module at this slot.
+        state: the model's ``MultiAdapterState`` (for the row plan).
+
+    Shapes: input (rows, ...) → output (rows, ...); rows follow the plan's order.
+    """
+
+    def __init__(self, base: nn.Module, members: dict[str, nn.Module], state: MultiAdapterState) -> None:
+        super().__init__()
+        self.base = base
+        self.members = nn.ModuleDict(members)
+        self._state = state
+        # LoRA members take the frozen output computed once for every row (one big matmul).
+        self.shares_frozen_output = all(hasattr(m, "adapter_forward") for m in members.values())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self._state.plan[-1]
+        if self.shares_frozen_output:
+            base_out = self.base(x)  # the frozen projection, once for every row
+            outs = []
+            for (name, _), x_i, b_i in zip(plan, x.split([n for _, n in plan]), base_out.split([n for _, n in plan])):
+                member = self.members[name] if name in self.members else None
+                if member is None or member.context.disabled:
+                    outs.append(b_i)
+                else:
+                    outs.append(member.adapter_forward(x_i, b_i))
+            return torch.cat(outs)
+        outs = []
+        for (name, rows), x_i in zip(plan, x.split([n for _, n in plan])):
+            module = self.members[name] if name in self.members else self.base
+            self._state.plan.append([(name, rows)])  # nested stacks inside see only these rows
+            try:
+                outs.append(module(x_i))
+            finally:
+                self._state.plan.pop()
+        return torch.cat(outs)
+
+
+def inject_many(model: nn.Module, configs: dict[str, Any]) -> nn.Module:
+    """Add several named adapters to one frozen base model, in place.
+
+    Args:
+        model: a transformers causal LM of a registered family.
+        configs: adapter name → ``LoraConfig`` / ``MixLoraConfig`` / ``MoreConfig``.
+
+    Returns:
+        The model. Call it with ``adapter_rows=[(name, rows), ...]`` (in batch order); ``task_ids``
+        may be passed for MoRE adapters.
+    """
+    if not configs:
+        raise ValueError("inject_many needs at least one adapter")
+    if getattr(model, "loramix_adapter", None) is not None or getattr(model, "loramix_multi", None) is not None:
+        raise ValueError("this model already has loramix adapters; start from a fresh base model")
+    adapters: dict[str, AdapterState] = {}
+    members: dict[str, dict[str, nn.Module]] = {}
+    for name, config in configs.items():
+        inject(model, config)
+        adapters[name] = adapter_state(model)
+        members[name] = {path: m for path, m in model.named_modules() if hasattr(m, "adapter_parameter_names")}
+        unload(model)  # restores the base modules; the adapter's modules live on in `members`
+    state = MultiAdapterState(adapters=adapters, members=members)
+    slots = sorted({path for by_slot in members.values() for path in by_slot}, key=lambda p: -p.count("."))  # deepest first: a stack's base may hold stacks
+    for path in slots:
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        by_adapter = {name: members[name][path] for name in configs if path in members[name]}
+        setattr(parent, child, AdapterStack(getattr(parent, child), by_adapter, state))
+    state.hooks.append(model.register_forward_pre_hook(_capture_rows(state), with_kwargs=True))
+    model.loramix_multi = state
+    return model
+
+
+def _capture_rows(state: MultiAdapterState):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        rows = kwargs.pop("adapter_rows", None)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        batch = ids.shape[0] if isinstance(ids, torch.Tensor) else kwargs["inputs_embeds"].shape[0]
+        if rows is None:
+            if len(state.adapters) != 1:
+                raise ValueError(f"a model with adapters {list(state.adapters)} needs adapter_rows=[(name, rows), ...]")
+            rows = [(next(iter(state.adapters)), batch)]
+        rows = [(str(n), int(r)) for n, r in rows]
+        unknown = [n for n, _ in rows if n not in state.adapters]
+        if unknown:
+            raise ValueError(f"adapter_rows names unknown adapter(s) {unknown}; this model has {list(state.adapters)}")
+        if sum(r for _, r in rows) != batch:
+            raise ValueError(f"adapter_rows cover {sum(r for _, r in rows)} rows but the batch has {batch}")
+        state.plan[:] = [rows]
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        task_ids = kwargs.pop("task_ids", None)
+        for context in (a.context for a in state.adapters.values()):
+            context.token_mask, context.task_ids = None, None
+        start = 0
+        for name, count in rows:
+            context = state.adapters[name].context
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                context.token_mask = mask[start:start + count].bool()
+            if task_ids is not None:
+                context.task_ids = task_ids[start:start + count]
+            start += count
+        return args, kwargs
+
+    return hook
+
+
+def adapter_modules(model: nn.Module, name: str) -> dict[str, nn.Module]:
+    """Slot path → module of adapter ``name`` (its keys are those of the adapter alone)."""
+    return model.loramix_multi.members[name]
+
+
+def member_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """Adapter ``name``'s trainable tensors keyed exactly as ``adapter_parameters`` keys them alone."""
+    params = {}
+    for path, module in adapter_modules(model, name).items():
+        for pname in module.adapter_parameter_names():
+            params[f"{path}.{pname}"] = module.get_parameter(pname)
+    return params
+
+
+@contextlib.contextmanager
+def only_adapter(model: nn.Module, name: str) -> Iterator[nn.Module]:
+    """Within the block every row of a call goes to adapter ``name`` (no ``adapter_rows`` needed).
+
+    Example:
+        >>> with only_adapter(model, "a"):
+        ...     evaluate_multiple_choice(model, tokenizer, examples)
+    """
+    state: MultiAdapterState = model.loramix_multi
+    if name not in state.adapters:
+        raise KeyError(f"no adapter '{name}'; this model has {list(state.adapters)}")
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if "adapter_rows" not in kwargs:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            batch = ids.shape[0] if isinstance(ids, torch.Tensor) else kwargs["inputs_embeds"].shape[0]
+            kwargs["adapter_rows"] = [(name, batch)]
+        return args, kwargs
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+def adapter_losses(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
+                   rows: list[tuple[str, int]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each adapter's training loss from one joint forward.
+
+    Args:
+        logits: (B, T, V) from the joint forward. labels: (B, T), -100 where no loss.
+        rows: the ``adapter_rows`` of that forward.
+
+    Returns:
+        name → {"loss": lm + weighted auxiliary terms, "lm_loss": mean next-token cross-entropy over the
+        adapter's label tokens, "aux_loss" (MixLoRA, mean load balance over layers),
+        "contrastive_loss" (MoRE)}. Summing the "loss" values and calling backward gives each adapter
+        exactly the gradient it would get alone.
+    """
+    state: MultiAdapterState = model.loramix_multi
+    result: dict[str, dict[str, torch.Tensor]] = {}
+    start = 0
+    for name, count in rows:
+        lg = logits[start:start + count, :-1].float()
+        lb = labels[start:start + count, 1:].to(lg.device)
+        start += count
+        lm = nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100)
+        entry = {"lm_loss": lm, "loss": lm}
+        config = state.adapters[name].config
+        modules = list(state.members[name].values())
+        aux = [m.aux_loss for m in modules if getattr(m, "aux_loss", None) is not None]
+        if aux:
+            entry["aux_loss"] = torch.stack(aux).mean()
+            entry["loss"] = entry["loss"] + config.aux_loss_coef * entry["aux_loss"]
+            if getattr(config, "z_loss_coef", 0) > 0:
+                z = torch.stack([m.z_loss for m in modules if getattr(m, "z_loss", None) is not None]).mean()
+                entry["loss"] = entry["loss"] + config.z_loss_coef * z
+        cl = [m.contrastive_loss for m in modules if getattr(m, "contrastive_loss", None) is not None]
+        if cl:
+            entry["contrastive_loss"] = torch.stack(cl).mean()
+            entry["loss"] = entry["loss"] + config.contrastive_coef * entry["contrastive_loss"]
+        result[name] = entry
+    return result

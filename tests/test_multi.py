@@ -1,0 +1,133 @@
+"""Several adapters over one frozen base: each must behave exactly as if trained alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import loramix
+from loramix.models.multi import adapter_losses, inject_many, member_parameters, only_adapter
+from tiny_models import batch, tiny_model
+
+CONFIGS = {
+    "lora": loramix.LoraConfig(r=4, alpha=8, dropout=0.0, targets=None),
+    "dora": loramix.LoraConfig(r=2, alpha=4, dropout=0.0, targets=["q_proj", "down_proj"], use_dora=True),
+    "mix": loramix.MixLoraConfig(r=4, alpha=8, dropout=0.0, num_experts=4, top_k=2),
+    "mix2": loramix.MixLoraConfig(r=2, alpha=4, dropout=0.0, num_experts=3, top_k=1, attention_targets=["v_proj"]),
+}
+
+
+def _randomise_b(params: dict[str, torch.nn.Parameter], seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, p in params.items():
+            if "lora_B" in key:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _alone(name: str, joint: torch.nn.Module) -> torch.nn.Module:
+    """A fresh base with adapter ``name`` alone, holding the same adapter tensors as in ``joint``."""
+    single = loramix.inject(tiny_model("llama"), CONFIGS[name])
+    mine, theirs = loramix.adapter_parameters(single), member_parameters(joint, name)
+    assert set(mine) == set(theirs)
+    with torch.no_grad():
+        for key in mine:
+            mine[key].copy_(theirs[key])
+    return single
+
+
+def _rows(names: list[str], per: int) -> list[tuple[str, int]]:
+    return [(n, per) for n in names]
+
+
+def test_joint_forward_equals_each_adapter_alone() -> None:
+    names = list(CONFIGS)
+    model = inject_many(tiny_model("llama"), {n: CONFIGS[n] for n in names})
+    for i, n in enumerate(names):
+        _randomise_b(member_parameters(model, n), seed=i)
+    ids, mask, _ = batch(size=2 * len(names), length=9, pad_first=4)
+    mask[5, :2] = 0
+    joint = model(input_ids=ids, attention_mask=mask, adapter_rows=_rows(names, 2)).logits
+    for i, n in enumerate(names):
+        rows = slice(2 * i, 2 * i + 2)
+        alone = _alone(n, model)(input_ids=ids[rows], attention_mask=mask[rows]).logits
+        real = mask[rows].bool()
+        assert (alone - joint[rows])[real].abs().max() <= 1e-5, n
+
+
+def test_rows_of_one_adapter_never_reach_another() -> None:
+    model = inject_many(tiny_model("llama"), {"lora": CONFIGS["lora"], "mix": CONFIGS["mix"]})
+    for i, n in enumerate(("lora", "mix")):
+        _randomise_b(member_parameters(model, n), seed=i)
+    ids, mask, labels = batch(size=4, length=8)
+    out = model(input_ids=ids, attention_mask=mask, adapter_rows=[("lora", 2), ("mix", 2)])
+    losses = adapter_losses(model, out.logits, labels, [("lora", 2), ("mix", 2)])
+    losses["lora"]["loss"].backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in member_parameters(model, "mix").values())
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in member_parameters(model, "lora").values())
+
+
+def _train(model, param_sets: dict[str, dict], batches: list, rows: list[tuple[str, int]] | None, steps: int):
+    optimizers = {n: torch.optim.AdamW(list(ps.values()), lr=1e-2, weight_decay=0.01) for n, ps in param_sets.items()}
+    for step in range(steps):
+        ids, mask, labels = batches[step]
+        if rows is None:  # one adapter alone: its own loss through the normal forward
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        else:
+            out = model(input_ids=ids, attention_mask=mask, adapter_rows=rows)
+            loss = sum(v["loss"] for v in adapter_losses(model, out.logits, labels, rows).values())
+        loss.backward()
+        for opt in optimizers.values():
+            opt.step()
+            opt.zero_grad()
+
+
+def test_joint_training_reaches_the_weights_of_separate_training() -> None:
+    names = ["lora", "mix", "dora"]
+    steps = 4
+    data = {n: [batch(size=2, length=7 + (i % 2), seed=10 * k + i, pad_first=2) for k in range(steps)]
+            for i, n in enumerate(names)}
+
+    torch.manual_seed(3)
+    joint = inject_many(tiny_model("llama").train(), {n: CONFIGS[n] for n in names})
+    initial = {n: {k: v.detach().clone() for k, v in member_parameters(joint, n).items()} for n in names}
+    joint_batches = []
+    for k in range(steps):
+        parts = [data[n][k] for n in names]
+        width = max(p[0].shape[1] for p in parts)
+        pad = lambda t, v: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=v)  # noqa: E731
+        joint_batches.append(tuple(torch.cat([pad(p[j], v) for p in parts]) for j, v in ((0, 0), (1, 0), (2, -100))))
+    _train(joint, {n: member_parameters(joint, n) for n in names}, joint_batches, _rows(names, 2), steps)
+
+    for n in names:
+        alone = loramix.inject(tiny_model("llama").train(), CONFIGS[n])
+        params = loramix.adapter_parameters(alone)
+        with torch.no_grad():
+            for key, value in initial[n].items():
+                params[key].copy_(value)
+        _train(alone, {n: params}, data[n], None, steps)
+        for key, p in params.items():
+            moved = (p - initial[n][key]).abs().max()
+            assert moved > 0, f"{n}: {key} did not train"
+            assert (p - member_parameters(joint, n)[key]).abs().max() <= 1e-5, f"{n}: {key}"
+
+
+def test_only_adapter_serves_one_adapter_without_row_plan() -> None:
+    model = inject_many(tiny_model("llama"), {"lora": CONFIGS["lora"], "mix": CONFIGS["mix"]})
+    _randomise_b(member_parameters(model, "mix"), seed=5)
+    ids, mask, _ = batch(size=2)
+    with only_adapter(model, "mix"):
+        served = model(input_ids=ids, attention_mask=mask).logits
+    alone = _alone("mix", model)(input_ids=ids, attention_mask=mask).logits
+    assert (served - alone)[mask.bool()].abs().max() <= 1e-5
+
+
+def test_bad_row_plans_are_clear_errors() -> None:
+    model = inject_many(tiny_model("llama"), {"lora": CONFIGS["lora"], "mix": CONFIGS["mix"]})
+    ids, mask, _ = batch(size=2)
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model(input_ids=ids, attention_mask=mask, adapter_rows=[("nope", 2)])
+    with pytest.raises(ValueError, match="cover 3 rows but the batch has 2"):
+        model(input_ids=ids, attention_mask=mask, adapter_rows=[("lora", 1), ("mix", 2)])
+    with pytest.raises(ValueError, match="needs adapter_rows"):
+        model(input_ids=ids, attention_mask=mask)
