@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..config import MoreConfig
+from ..config import ConfigError, MoreConfig
 from ..models.inject import adapter_state, more_modules, unload
 
 
@@ -45,6 +45,23 @@ def task_index(model: nn.Module, task: str | int) -> int:
     if task not in tasks:
         raise ValueError(f"unknown task '{task}': this MoRE adapter was trained on {tasks}")
     return tasks.index(task)
+
+
+def adapter_task_index(model: nn.Module, data_tasks: set[str] | list[str]) -> dict[str, int] | None:
+    """For a MoRE model, the trainer's task name → id mapping: the adapter's task order (``config.tasks``).
+
+    Returns None for other adapters. Raises ``ConfigError`` if the data holds a task the adapter does
+    not name (its samples would have no task embedding).
+    """
+    config = adapter_state(model).config
+    if not isinstance(config, MoreConfig):
+        return None
+    tasks = list(config.tasks or [])
+    unknown = sorted(set(data_tasks) - set(tasks))
+    if unknown:
+        raise ConfigError(f"the training data holds task(s) {unknown} that the MoRE adapter does not name; "
+                          f"'adapter.tasks' is {tasks}: add them there (tasks are numbered in that order)")
+    return {t: i for i, t in enumerate(tasks)}
 
 
 def task_ids_tensor(model: nn.Module, names: list[str], device: torch.device | str | None = None) -> torch.Tensor:
@@ -138,6 +155,6 @@ def export_task_peft(model: nn.Module, task: str | int, out_dir: str | os.PathLi
 
 
 __all__ = [
-    "chosen_ranks", "export_task_peft", "fix_ranks", "merge_task", "more_config", "rank_summary", "task_ids_tensor",
+    "adapter_task_index", "chosen_ranks", "export_task_peft", "fix_ranks", "merge_task", "more_config", "rank_summary", "task_ids_tensor",
     "task_index", "task_loras", "use_task",
 ]

@@ -27,6 +27,8 @@ import math
 import random
 from typing import Iterator, Mapping, Sequence
 
+from ..config import ConfigError
+
 STRATEGIES = ("temperature", "proportional", "uniform")
 
 
@@ -115,6 +117,31 @@ def _draw(cum: list[float], rng: random.Random) -> int:
     return len(cum) - 1
 
 
+def mix(per_source: Mapping[str, list], *, strategy: str = "temperature", seed: int = 0,
+        num_samples: int | None = None) -> list:
+    """One training list drawn from several sources with task sampling (the trainer's ``data.sampling``).
+
+    Args:
+        per_source: source (task) name → its examples.
+        strategy: 'temperature' | 'proportional' | 'uniform' (see ``task_probabilities``).
+        seed: the draw is a pure function of (sizes, strategy, seed, num_samples).
+        num_samples: length of the list (default: the total number of examples).
+
+    Returns:
+        ``num_samples`` examples, each source appearing with probability ``p_t``: small sources repeat,
+        large ones are subsampled. A shuffling batch sampler then reorders them every epoch (the
+        multiset stays the one drawn here; ``TaskSampledBatches`` redraws per epoch instead).
+    """
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"'data.sampling' must be 'concat' or one of {STRATEGIES}, got {strategy!r}")
+    empty = [name for name, examples in per_source.items() if not examples]
+    if empty:
+        raise ConfigError(f"data.train: source '{empty[0]}' holds no examples, so it cannot be sampled")
+    sizes = {name: len(examples) for name, examples in per_source.items()}
+    return [per_source[name][i] for name, i in multitask_order(sizes, strategy=strategy, seed=seed,
+                                                               num_samples=num_samples)]
+
+
 class TaskSampledBatches:
     """Batches of indices into a flat multi-task feature list, tasks drawn by ``strategy``.
 
@@ -196,4 +223,4 @@ class TaskSampledBatches:
         return -(-self.samples_per_epoch // self.batch_size)
 
 
-__all__ = ["STRATEGIES", "TaskSampledBatches", "multitask_order", "task_probabilities"]
+__all__ = ["STRATEGIES", "TaskSampledBatches", "mix", "multitask_order", "task_probabilities"]

@@ -282,7 +282,12 @@ class MoreLinear(nn.Module):
         if x.dim() == 3 and self.context.token_mask is not None:
             flat = self.context.valid_tokens(batch, x.shape[1])
             valid = flat.reshape(batch, x.shape[1]) if flat is not None else None
-        self.contrastive_loss = task_contrastive_loss(x, task_ids, self.selector.task_embedding, self.temperature, valid)
+        emb = self.selector.task_embedding
+        if self.selector.frozen:
+            # frozen_random: nothing may move the embedding the frozen choice was read from, even if a
+            # trainer re-enables its gradient; the contrastive loss then only shapes the module inputs.
+            emb = emb.detach()
+        self.contrastive_loss = task_contrastive_loss(x, task_ids, emb, self.temperature, valid)
         return out
 
     def adapter_parameter_names(self) -> list[str]:
