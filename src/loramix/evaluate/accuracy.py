@@ -9,7 +9,8 @@ row; position ids are computed from the attention mask so padding does not shift
 ``protocol="loglik"``: the prompt is the bare question ("<question>\\nAnswer:"); each choice
 " <text>" is scored by the sum of its tokens' log-probabilities given the prompt, divided by the
 number of *characters* of the continuation (length normalisation in characters, like lm-eval's
-``acc_norm``, so it does not depend on the tokenizer); the prediction is the argmax.
+``acc_norm``, so it does not depend on the tokenizer); the prediction is the argmax. Requests are
+left-padded too, so all continuations end at the last position and only the tail needs logits.
 
 Example:
     >>> evaluate_multiple_choice(model, tokenizer, load_examples("arc-e", "validation"), protocol="label")
@@ -69,19 +70,24 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
 
 
 def _forward(model, batch: dict[str, torch.Tensor], device: torch.device, task_ids: torch.Tensor | None,
-             last_only: bool) -> torch.Tensor:
-    """Logits (B, T or 1, V) of a padded batch, with position ids that ignore padding."""
+             keep: int) -> torch.Tensor:
+    """Logits (B, keep, V) of the last ``keep`` positions of a left-padded batch.
+
+    Position ids are computed from the attention mask so left padding does not shift positions.
+    Models that accept ``logits_to_keep`` (Hugging Face causal LMs) project only those positions
+    through the output layer, which saves B*T*V memory on long prompts.
+    """
     mask = batch["attention_mask"].to(device)
     kwargs: dict[str, Any] = dict(input_ids=batch["input_ids"].to(device), attention_mask=mask)
     if _accepts(model, "position_ids"):
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     if task_ids is not None:
         kwargs["task_ids"] = task_ids.to(device)
-    if last_only and _accepts(model, "logits_to_keep"):
-        kwargs["logits_to_keep"] = 1  # only the last position's logits: saves B*T*V memory
+    if _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = keep
     out = model(**kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]
-    return logits[:, -1:, :] if last_only else logits
+    return logits[:, -keep:, :]
 
 
 def _task_tensor(examples: Sequence[MultipleChoiceExample], task_ids: dict[str, int] | None) -> torch.Tensor | None:
@@ -93,7 +99,7 @@ def _task_tensor(examples: Sequence[MultipleChoiceExample], task_ids: dict[str, 
     return torch.tensor([task_ids[ex.task] for ex in examples], dtype=torch.long)
 
 
-def _predict_label(model, tokenizer, examples, template, batch_size, cutoff_len, task_ids, device, bar) -> list[int]:
+def _predict_label(model, tokenizer, examples, template, batch_size, cutoff_len, task_ids, device, progress) -> list[list[float]]:
     prefix = special_prefix(tokenizer)
     letter_ids: dict[int, list[int]] = {}  # number of choices -> label token ids
     prompts = []
@@ -106,20 +112,21 @@ def _predict_label(model, tokenizer, examples, template, batch_size, cutoff_len,
             letter_ids[n] = label_token_ids(tokenizer, render_targets(
                 MultipleChoiceExample("", [""] * n, 0, "", ""), template))
     order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))  # similar lengths together
-    preds = [0] * len(examples)
+    scores: list[list[float]] = [[] for _ in examples]
+    bar = tqdm(total=len(order), desc="eval (label)", unit="ex", disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = collate([{"input_ids": prompts[i]} for i in idx], tokenizer.pad_token_id, padding_side="left")
         tids = _task_tensor([examples[i] for i in idx], task_ids)
-        last = _forward(model, batch, device, tids, last_only=True)[:, -1, :].float()  # (B, V)
+        last = _forward(model, batch, device, tids, keep=1)[:, -1, :].float()  # (B, V)
         for row, i in enumerate(idx):
-            scores = last[row, letter_ids[len(examples[i].choices)]]
-            preds[i] = int(scores.argmax())
+            scores[i] = last[row, letter_ids[len(examples[i].choices)]].tolist()
         bar.update(len(idx))
-    return preds
+    bar.close()
+    return scores
 
 
-def _predict_loglik(model, tokenizer, examples, template, batch_size, cutoff_len, task_ids, device, bar) -> list[int]:
+def _predict_loglik(model, tokenizer, examples, template, batch_size, cutoff_len, task_ids, device, progress) -> list[list[float]]:
     prefix = special_prefix(tokenizer)
     # one request per (example, choice): prompt ids + continuation ids
     requests = []  # (example index, choice index, input ids, number of continuation tokens, characters)
@@ -131,22 +138,23 @@ def _predict_loglik(model, tokenizer, examples, template, batch_size, cutoff_len
             requests.append((e, c, p + cont, len(cont), max(len(target), 1)))
     scores = [[float("-inf")] * len(ex.choices) for ex in examples]
     order = sorted(range(len(requests)), key=lambda r: -len(requests[r][2]))
-    per_example = len(requests) / max(len(examples), 1)
+    bar = tqdm(total=len(order), desc="eval (loglik)", unit="choice", disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
         chunk = [requests[r] for r in order[start:start + batch_size]]
-        # right padding: continuation tokens sit at known positions [len - n_cont, len)
-        batch = collate([{"input_ids": ids} for _, _, ids, _, _ in chunk], tokenizer.pad_token_id)
+        # left padding: every row ends with its continuation, so only the last K = max(n_cont) + 1
+        # positions need logits (position t predicts token t+1)
+        batch = collate([{"input_ids": ids} for _, _, ids, _, _ in chunk], tokenizer.pad_token_id, padding_side="left")
         tids = _task_tensor([examples[e] for e, *_ in chunk], task_ids)
-        logits = _forward(model, batch, device, tids, last_only=False)  # (B, T, V)
+        keep = max(n for _, _, _, n, _ in chunk) + 1
+        logits = _forward(model, batch, device, tids, keep=keep)  # (B, K, V)
         for row, (e, c, ids, n_cont, chars) in enumerate(chunk):
-            end = len(ids)
-            # logits at position t predict token t+1
-            pred_logits = logits[row, end - n_cont - 1:end - 1, :].float()
-            targets = torch.tensor(ids[end - n_cont:], device=pred_logits.device)
+            pred_logits = logits[row, keep - n_cont - 1:keep - 1, :].float()
+            targets = torch.tensor(ids[len(ids) - n_cont:], device=pred_logits.device)
             logp = torch.log_softmax(pred_logits, dim=-1).gather(-1, targets[:, None]).sum()
             scores[e][c] = float(logp) / chars
-        bar.update(len(chunk) / per_example)
-    return [max(range(len(s)), key=s.__getitem__) for s in scores]
+        bar.update(len(chunk))
+    bar.close()
+    return scores
 
 
 def evaluate_multiple_choice(model, tokenizer, examples: Sequence[MultipleChoiceExample], *, protocol: str = "label",
@@ -169,7 +177,8 @@ def evaluate_multiple_choice(model, tokenizer, examples: Sequence[MultipleChoice
 
     Returns:
         ``{"accuracy": float, "n": int, "per_task": {task: {"accuracy", "n"}}, "protocol": str,
-        "predictions": list[int]}``. The model's training mode is restored afterwards.
+        "predictions": list[int], "scores": list[list[float]]}`` (per example and choice: the label
+        logit, or the normalised log-likelihood). The model's training mode is restored afterwards.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol '{protocol}': use one of {', '.join(PROTOCOLS)}")
@@ -185,21 +194,21 @@ def evaluate_multiple_choice(model, tokenizer, examples: Sequence[MultipleChoice
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (load_model does)")
     if not examples:
-        return {"accuracy": float("nan"), "n": 0, "per_task": {}, "protocol": protocol, "predictions": []}
+        return {"accuracy": float("nan"), "n": 0, "per_task": {}, "protocol": protocol, "predictions": [], "scores": []}
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), tqdm(total=len(examples), desc=f"eval ({protocol})", unit="ex",
-                                   disable=not progress, leave=False) as bar:
+        with torch.no_grad():
             predict = _predict_label if protocol == "label" else _predict_loglik
-            preds = predict(model, tokenizer, examples, template, batch_size, cutoff_len, task_ids, device, bar)
+            scores = predict(model, tokenizer, examples, template, batch_size, cutoff_len, task_ids, device, progress)
     finally:
         model.train(was_training)
+    preds = [max(range(len(s)), key=s.__getitem__) for s in scores]  # first maximum on ties
     hits: dict[str, list[int]] = defaultdict(list)
     for ex, p in zip(examples, preds):
         hits[ex.task].append(int(p == ex.gold))
     per_task = {t: {"accuracy": sum(h) / len(h), "n": len(h)} for t, h in hits.items()}
     correct = sum(sum(h) for h in hits.values())
     return {"accuracy": correct / len(examples), "n": len(examples), "per_task": per_task, "protocol": protocol,
-            "predictions": preds}
+            "predictions": preds, "scores": scores}

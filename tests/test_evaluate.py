@@ -1,0 +1,174 @@
+"""Evaluation: fake models with controlled logits (accuracy 1.0 / 0.0), batched vs reference scores,
+the eval command end to end on a tiny local model, and one smoke test on the real SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from loramix.data import MultipleChoiceExample, encode_continuation, encode_prompt, load_examples, render_prompt, render_targets
+from loramix.evaluate import evaluate_multiple_choice, label_token_ids
+from tiny_models import COMMON
+from tiny_tokenizer import tiny_tokenizer
+
+EXAMPLES = [  # different lengths and numbers of choices, so batches get padded
+    MultipleChoiceExample("Which is a fruit?", ["apple", "stone", "cloud", "the cat"], 0, "t1", "a"),
+    MultipleChoiceExample("Is the cat on the mat? yes or no", ["yes", "no"], 1, "t1", "b"),
+    MultipleChoiceExample("a dog ran in the park. what ran?", ["red", "green", "a dog"], 2, "t2", "c"),
+    MultipleChoiceExample("Colour?", ["blue", "true", "false", "green", "mat"], 3, "t2", "d"),
+    MultipleChoiceExample("What sat on the mat in the park today?", ["the cat", "a dog"], 0, "t1", "e"),
+]
+
+
+class FakeLM(nn.Module):
+    """A causal LM whose logits follow fixed token sequences.
+
+    ``targets`` maps a prompt (token tuple) to the full sequence the model "believes"
+    (prompt + an answer). At each real position t whose prefix matches that sequence, the logit of
+    the believed next token is +20; everything else is 0 except ``decoy`` (+30 everywhere), a
+    non-answer token that a protocol restricted to the right tokens must ignore. Records task_ids.
+    """
+
+    def __init__(self, targets: dict[tuple[int, ...], list[int]], vocab: int, decoy: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.targets, self.vocab, self.decoy = targets, vocab, decoy
+        self.seen_task_ids: list[int] = []
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, task_ids=None, **kwargs):
+        assert not self.training and not torch.is_grad_enabled()
+        if task_ids is not None:
+            self.seen_task_ids += task_ids.tolist()
+        B, T = input_ids.shape
+        logits = torch.zeros(B, T, self.vocab)
+        logits[:, :, self.decoy] = 30.0
+        for b in range(B):
+            real = [t for t in range(T) if attention_mask is None or attention_mask[b, t]]
+            seq = input_ids[b, real].tolist()
+            believed = next((full for prompt, full in self.targets.items() if tuple(seq[:len(prompt)]) == prompt), None)
+            if believed is None:
+                continue
+            for k, t in enumerate(real):
+                if seq[:k + 1] == believed[:k + 1] and k + 1 < len(believed):
+                    logits[b, t, believed[k + 1]] = 20.0
+        return SimpleNamespace(logits=logits + self.weight)
+
+
+def fake_model(tokenizer, protocol: str, choose) -> FakeLM:
+    """A FakeLM that answers ``choose(example)`` for every example under ``protocol``."""
+    template = "mc_letters" if protocol == "label" else "mc_text"
+    targets = {}
+    for ex in EXAMPLES:
+        prompt = encode_prompt(tokenizer, render_prompt(ex, template))
+        answer = encode_continuation(tokenizer, render_targets(ex, template)[choose(ex)])
+        targets[tuple(prompt)] = prompt + answer
+    decoy = encode_continuation(tokenizer, " the")[0]
+    return FakeLM(targets, len(tokenizer), decoy)
+
+
+@pytest.mark.parametrize("protocol", ["label", "loglik"])
+def test_always_gold_is_1_and_never_gold_is_0(protocol):
+    tok = tiny_tokenizer()
+    always = fake_model(tok, protocol, lambda ex: ex.gold)
+    always.train()
+    out = evaluate_multiple_choice(always, tok, EXAMPLES, protocol=protocol, batch_size=3, progress=False,
+                                   task_ids={"t1": 0, "t2": 1})
+    assert out["accuracy"] == 1.0 and out["n"] == 5 and out["predictions"] == [ex.gold for ex in EXAMPLES]
+    assert out["per_task"] == {"t1": {"accuracy": 1.0, "n": 3}, "t2": {"accuracy": 1.0, "n": 2}}
+    assert always.training  # training mode restored
+    # task ids reach the model: one per prompt ("label") or per (example, choice) request ("loglik")
+    per_example = lambda ex: ex.choices if protocol == "loglik" else [None]
+    assert sorted(always.seen_task_ids) == sorted(0 if ex.task == "t1" else 1 for ex in EXAMPLES for _ in per_example(ex))
+    never = fake_model(tok, protocol, lambda ex: (ex.gold + 1) % len(ex.choices))
+    out = evaluate_multiple_choice(never, tok, EXAMPLES, protocol=protocol, batch_size=2, progress=False)
+    assert out["accuracy"] == 0.0 and never.seen_task_ids == []
+
+
+def reference_scores(model, tok, ex: MultipleChoiceExample, protocol: str) -> list[float]:
+    """One example at a time, no padding: the simplest possible implementation of each protocol."""
+    if protocol == "label":
+        ids = encode_prompt(tok, render_prompt(ex, "mc_letters"))
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        letters = [tok(" " + "ABCDE"[i], add_special_tokens=False)["input_ids"][0] for i in range(len(ex.choices))]
+        return [float(logits[i]) for i in letters]
+    scores = []
+    prompt = encode_prompt(tok, render_prompt(ex, "mc_text"))
+    for target in render_targets(ex, "mc_text"):
+        cont = encode_continuation(tok, target)
+        logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + cont])).logits[0], -1)
+        total = sum(float(logp[len(prompt) - 1 + k, c]) for k, c in enumerate(cont))
+        scores.append(total / len(target))
+    return scores
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # rotary and absolute positions
+@pytest.mark.parametrize("protocol", ["label", "loglik"])
+def test_batched_scores_match_reference(family, protocol):
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=len(tok),
+                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    else:
+        config = transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tok)})
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    out = evaluate_multiple_choice(model, tok, EXAMPLES, protocol=protocol, batch_size=3, progress=False)
+    with torch.no_grad():
+        ref = [reference_scores(model, tok, ex, protocol) for ex in EXAMPLES]
+    for got, want in zip(out["scores"], ref):
+        assert got == pytest.approx(want, abs=1e-4)
+    assert out["predictions"] == [max(range(len(s)), key=s.__getitem__) for s in ref]
+
+
+def test_errors():
+    tok = tiny_tokenizer()
+    model = fake_model(tok, "label", lambda ex: ex.gold)
+    with pytest.raises(ValueError, match="unknown protocol"):
+        evaluate_multiple_choice(model, tok, EXAMPLES, protocol="nope")
+    with pytest.raises(KeyError, match="no entry for task"):
+        evaluate_multiple_choice(model, tok, EXAMPLES, task_ids={"t1": 0}, progress=False)
+
+
+def test_eval_command_on_local_folder(tmp_path):
+    """`loramix eval` end to end: a tiny model folder + a multiple-choice JSONL file."""
+    from loramix.cli import main
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tok)}))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    data = tmp_path / "quiz.jsonl"
+    data.write_text("\n".join(json.dumps({"question": ex.question, "choices": ex.choices, "answer": ex.gold})
+                              for ex in EXAMPLES))
+    out = tmp_path / "out.json"
+    code = main(["eval", "--model", str(tmp_path / "model"), "--tasks", str(data), "--protocol", "both",
+                 "--batch-size", "2", "--json", str(out), "--no-progress"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    for protocol in ("label", "loglik"):
+        result = report["results"][str(data)][protocol]
+        assert result["n"] == 5 and 0.0 <= result["accuracy"] <= 1.0
+    assert main(["eval", "--model", str(tmp_path / "model"), "--tasks", "piqa", "--split", "test"]) == 2
+
+
+@pytest.mark.slow
+def test_smoke_real_smollm2_arc_e():
+    from loramix.hub import load_model
+
+    model, tok = load_model("smollm2-135m")
+    ids = label_token_ids(tok, [" A", " B", " C", " D", " E"])
+    assert len(set(ids)) == 5  # single, distinct tokens after "Answer:"
+    for letter, i in zip("ABCDE", ids):
+        assert tok.decode([i]) == " " + letter
+    examples = load_examples("arc-e", "validation", limit=20)
+    for protocol in ("label", "loglik"):
+        out = evaluate_multiple_choice(model, tok, examples, protocol=protocol, batch_size=8, progress=False)
+        assert out["n"] == 20 and 0.0 <= out["accuracy"] <= 1.0 and not math.isnan(out["accuracy"])
+        assert out["accuracy"] == sum(p == ex.gold for p, ex in zip(out["predictions"], examples)) / 20
