@@ -102,6 +102,17 @@ def run(args: argparse.Namespace) -> int:
         from ..adapters import load_adapter
 
         model = load_adapter(model, args.adapter)
+        try:  # a MoRE adapter numbers its tasks in its own order (config.tasks)
+            from ..adapters.more_tasks import adapter_task_index as more_task_index
+        except ImportError:
+            more_task_index = None
+        if more_task_index is not None:
+            tasks_in_data = {ex.task for examples in data.values() for ex in examples}
+            try:
+                task_index = more_task_index(model, tasks_in_data) or task_index
+            except ValueError as err:  # ConfigError: a task the MoRE adapter was not trained on
+                print(f"error: {err}", file=sys.stderr)
+                return 2
     protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
     results: dict[str, dict[str, dict[str, float]]] = {}
     seconds: dict[str, float] = {}
