@@ -65,15 +65,15 @@ def reference_gates(logits: torch.Tensor, valid: torch.Tensor, cfg: loramix.MixL
     return kept / kept.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
-def reference_projection(ffn_module: nn.Module, name: str, e: int, x: torch.Tensor, moe, cfg) -> torch.Tensor:
-    """Expert e's version of projection ``name`` on rows x (M, in): W x + b + s B_e A_e x (or DoRA)."""
+def reference_projection(ffn_module: nn.Module, name: str, e: int, x: torch.Tensor, moe, cfg, drop=None) -> torch.Tensor:
+    """Expert e's version of projection ``name`` on rows x (M, in): W x + b + s B_e A_e drop(x) (or DoRA)."""
     proj = getattr(ffn_module, name)
     base = proj(x)
     if name not in moe.targets:
         return base
     scale = cfg.alpha / math.sqrt(cfg.r) if cfg.use_rslora else cfg.alpha / cfg.r
     A, B = moe.experts.lora_A[name][e], moe.experts.lora_B[name][e]
-    delta = scale * (x @ A.t()) @ B.t()
+    delta = scale * ((x if drop is None else drop(x)) @ A.t()) @ B.t()
     if not cfg.use_dora:
         return base + delta
     weight = proj.weight if isinstance(proj, nn.Linear) else proj.weight.t()  # Conv1D stores (in, out)
@@ -82,7 +82,8 @@ def reference_projection(ffn_module: nn.Module, name: str, e: int, x: torch.Tens
     return moe.experts.lora_magnitude[name][e] / norm * (base - bias + delta) + bias
 
 
-def reference_ffn(moe, family, cfg, x: torch.Tensor, valid: torch.Tensor, router_input: torch.Tensor | None = None):
+def reference_ffn(moe, family, cfg, x: torch.Tensor, valid: torch.Tensor, router_input: torch.Tensor | None = None,
+                  drop=None):
     """y (N, d) for tokens x (N, d): Σ_e G[:, e] · Expert_e(x), frozen FFN where G's row is zero."""
     original = moe._original_ffn[0]
     act = getattr(original, family.activation)
@@ -90,7 +91,7 @@ def reference_ffn(moe, family, cfg, x: torch.Tensor, valid: torch.Tensor, router
     gates = reference_gates(router_in.float() @ moe.router.weight.float().t(), valid, cfg)
     out = 0.0
     for e in range(cfg.num_experts):
-        proj = [reference_projection(original, p, e, x, moe, cfg) for p in family.ffn_inputs]
+        proj = [reference_projection(original, p, e, x, moe, cfg, drop) for p in family.ffn_inputs]
         if family.ffn_kind == "gated":
             h = act(proj[0]) * proj[1]
         elif family.ffn_kind == "fused":
@@ -98,7 +99,7 @@ def reference_ffn(moe, family, cfg, x: torch.Tensor, valid: torch.Tensor, router
             h = up * act(gate)
         else:
             h = act(proj[0])
-        y_e = reference_projection(original, family.ffn_output, e, h, moe, cfg)
+        y_e = reference_projection(original, family.ffn_output, e, h, moe, cfg, drop)
         out = out + gates[:, e : e + 1] * y_e
     unrouted = (gates == 0).all(-1, keepdim=True).float()
     return out + unrouted * original(x)
@@ -432,3 +433,53 @@ def test_expert_init(init):
     assert not torch.equal(A[0], A[1])
     assert all((b == 0).all() for b in moe.experts.lora_B.values())
     assert moe.router.weight.std().item() == pytest.approx(0.02, rel=0.2)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_lora_and_expert_dropout_statistics(p):
+    """The LoRA input dropout (attention and experts) drops a share p of the entries, keeps the mean, is
+    off in eval mode, and draws a new mask every call."""
+    lora = LoraLinear(nn.Linear(8, 8), r=2, alpha=4, dropout=p)
+    moe, _ = first_moe(loramix.inject(tiny_model("llama"), mixlora_config(dropout=p, attention_targets=[])))
+    x = torch.ones(400, 500)
+    for drop in (lora.dropout, moe.lora_dropout):
+        drop.train()
+        y = drop(x)
+        dropped = (y == 0).float().mean().item()
+        assert abs(dropped - p) < 0.005, dropped
+        assert abs(y.mean().item() - 1.0) < 0.01
+        kept = y[y != 0]
+        assert torch.allclose(kept, torch.full_like(kept, kept[0].item())) and kept[0] > 1.0
+        assert not torch.equal(drop(x), y)
+        drop.eval()
+        assert torch.equal(drop(x), x)
+
+
+class _FeatureMask(nn.Module):
+    """A deterministic stand-in for dropout: zeroes fixed features (the same for every row), scales the rest."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = (torch.arange(x.shape[-1]) % 3 != 0).to(x.dtype)
+        return x * keep * 1.5
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+@pytest.mark.parametrize("family_name", ["llama", "gpt2"])
+def test_expert_dropout_only_on_the_lora_input(family_name, variant):
+    """y = W z + s B A dropout(z): the frozen path never sees the dropout, each LoRA input does (the down
+    projection's on the FFN hidden state)."""
+    cfg = mixlora_config(**VARIANTS[variant], dropout=0.1, attention_targets=[])
+    moe, family = first_moe(loramix.inject(tiny_model(family_name), cfg))
+    perturb_adapter(moe, seed=5, b_std=0.3, router_std=1.0)
+    moe.lora_dropout = _FeatureMask()
+    x = torch.randn(3, 10, moe.router.weight.shape[1])
+    valid = torch.ones(30, dtype=torch.bool)
+    for dispatch in ("sorted", "naive"):
+        moe.dispatch = dispatch
+        ref_out, ref_grads = run_with_grads(moe, x, lambda t: reference_ffn(moe, family, cfg, t.reshape(-1, t.shape[-1]), valid, drop=_FeatureMask()))
+        out, grads = run_with_grads(moe, x, lambda t: moe(t).reshape(-1, t.shape[-1]))
+        assert rel_err(out, ref_out) < 1e-5
+        for name, g in ref_grads.items():
+            assert rel_err(grads[name], g) < 1e-5, name
+    no_drop = reference_ffn(moe, family, cfg, x.reshape(-1, x.shape[-1]), valid)
+    assert rel_err(out, no_drop) > 1e-3  # the stand-in dropout did matter
