@@ -157,6 +157,27 @@ def test_eval_command_on_local_folder(tmp_path):
         assert result["n"] == 5 and 0.0 <= result["accuracy"] <= 1.0
     assert main(["eval", "--model", str(tmp_path / "model"), "--tasks", "piqa", "--split", "test"]) == 2
 
+    # with a MixLoRA adapter (non-zero weights, so it changes the scores): the CLI loads it on the base
+    from loramix import MixLoraConfig, inject, save_adapter
+
+    model.config._name_or_path = str(tmp_path / "model")
+    adapted = inject(model, MixLoraConfig(r=4, alpha=8, num_experts=4, top_k=2))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    save_adapter(adapted, tmp_path / "adapter")
+    examples = load_examples(str(data))
+    want = {p: evaluate_multiple_choice(adapted, tok, examples, protocol=p, progress=False)["accuracy"]
+            for p in ("label", "loglik")}
+    code = main(["eval", "--adapter", str(tmp_path / "adapter"), "--tasks", str(data), "--json", str(out),
+                 "--no-progress"])  # base model read from the adapter's config
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["model"] == str(tmp_path / "model")
+    assert {p: report["results"][str(data)][p]["accuracy"] for p in want} == want
+
 
 @pytest.mark.slow
 def test_smoke_real_smollm2_arc_e():
