@@ -17,6 +17,11 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 FFN = ["gate_proj", "up_proj", "down_proj"]
+# The families their package supports, beyond llama: fused (phi3) and plain with biases (phi).
+FAMILY_TARGETS = {
+    "phi3": (["qkv_proj", "o_proj"], ["gate_up_proj", "down_proj"], "silu"),
+    "phi": (["q_proj", "k_proj", "v_proj", "dense"], ["fc1", "fc2"], "gelu_new"),
+}
 
 
 def authors_weights(model, num_experts: int, r: int, targets: list[str], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -25,7 +30,7 @@ def authors_weights(model, num_experts: int, r: int, targets: list[str], seed: i
     weights = {}
     for layer_idx, layer in enumerate(model.model.layers):
         for name in targets:
-            block, prefix = ("self_attn", "") if name in ATTENTION else ("mlp", "")
+            block = "mlp" if hasattr(layer.mlp, name) else "self_attn"
             out_f, in_f = getattr(getattr(layer, block), name).weight.shape
             heads = [f"mixlora.layers.{layer_idx}.self_attn.{name}"] if block == "self_attn" else [
                 f"mixlora.layers.{layer_idx}.mlp.{name}.experts.{e}" for e in range(num_experts)]
@@ -50,9 +55,9 @@ def write_authors_folder(folder, weights, **config) -> None:
     torch.save(weights, folder / "adapter_model.bin")
 
 
-def authors_model(folder):
-    """A tiny llama with the authors' package's adapter loaded, put in eval mode by hand."""
-    model = tiny_model("llama")
+def authors_model(folder, family: str = "llama"):
+    """A tiny model with the authors' package's adapter loaded, put in eval mode by hand."""
+    model = tiny_model(family)
     config, weights = mixlora_pkg.load_adapter_weights(str(folder), adapter_name="default", device="cpu",
                                                        dtype=torch.float32)
     mixlora_pkg.inject_adapter_in_model(model, config, weights)
@@ -93,6 +98,24 @@ def test_authors_adapter_matches_their_package(tmp_path, variant):
     assert (cfg.num_experts, cfg.top_k, cfg.r, cfg.routing) == (4, 2, 4, "top_k")
     assert cfg.aux_loss_coef == 0.01
     assert sorted(cfg.attention_targets + cfg.ffn_targets) == sorted(targets)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_TARGETS))
+def test_authors_adapter_matches_their_package_on_phi_families(tmp_path, family):
+    attention, ffn, act_fn = FAMILY_TARGETS[family]
+    weights = authors_weights(tiny_model(family), num_experts=4, r=4, targets=attention + ffn)
+    folder = tmp_path / "authors"
+    write_authors_folder(folder, weights, target_modules=attention + ffn, act_fn=act_fn, top_k=3)
+    ids, mask, _ = batch(size=3, length=10)
+    real = mask.bool()
+    ours = loramix.load_adapter(tiny_model(family), folder)
+    theirs = authors_model(folder, family)
+    with torch.no_grad():
+        base = tiny_model(family)(input_ids=ids, attention_mask=mask).logits[real]
+        ours_logits = ours(input_ids=ids, attention_mask=mask).logits[real]
+        theirs_logits = theirs(input_ids=ids, attention_mask=mask).logits[real]
+    assert (ours_logits - base).abs().max() > 1e-2
+    assert (ours_logits - theirs_logits).abs().max() <= 1e-5
 
 
 def test_expert_lora_overrides_expert_settings(tmp_path):
