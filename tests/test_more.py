@@ -316,15 +316,17 @@ def test_task_loras_have_the_chosen_rank_per_module():
 def test_peft_export_loaded_by_peft_reproduces_the_task_logits(tmp_path):
     peft = pytest.importorskip("peft")  # peft is a declared dependency; this only guards odd installs
     ids, mask, _ = batch()
-    model = more_model()
-    randomize_B(model)
-    distinct_ranks(model, seed=7)
-    expected = logits(model, ids, mask, torch.full((3,), 1))
-    export_task_peft(model, "boolq", tmp_path / "boolq")
-    loaded = peft.PeftModel.from_pretrained(tiny_model(), str(tmp_path / "boolq")).eval()
-    with torch.no_grad():
-        got = loaded(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    for family in ("llama", "gpt2"):
+        model = more_model(family)
+        randomize_B(model)
+        distinct_ranks(model, seed=7)
+        expected = logits(model, ids, mask, torch.full((3,), 1))
+        export_task_peft(model, "boolq", tmp_path / family)
+        loaded = peft.PeftModel.from_pretrained(tiny_model(family), str(tmp_path / family)).eval()
+        with torch.no_grad():
+            got = loaded(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        assert (got - tiny_model(family)(input_ids=ids, attention_mask=mask).logits).abs().max() > 1e-3
 
 
 def test_save_load_round_trip_keeps_tasks_and_outputs(tmp_path):
@@ -387,3 +389,47 @@ def test_task_sampled_batches_mixed_and_one_task_per_batch():
     single = TaskSampledBatches(tasks, 4, strategy="temperature", seed=1, mixed=False)
     for b in single.batches(epoch=2):
         assert len({tasks[i] for i in b}) == 1
+
+
+def test_mix_draws_the_training_list_with_task_sampling():
+    from loramix.data.sampling import mix
+
+    per_source = {"a": list(range(10)), "b": list(range(100, 190))}
+    drawn = mix(per_source, strategy="uniform", seed=0, num_samples=4000)
+    assert drawn == mix(per_source, strategy="uniform", seed=0, num_samples=4000)
+    share_a = sum(1 for x in drawn if x < 100) / len(drawn)
+    assert abs(share_a - 0.5) < 0.03  # uniform: the 10-example task gets half the samples
+    assert len(mix(per_source, strategy="temperature", seed=0)) == 100
+    with pytest.raises(loramix.ConfigError, match="data.sampling"):
+        mix(per_source, strategy="balanced")
+
+
+def test_trainer_task_index_follows_the_adapter_task_order():
+    from loramix.adapters.more_tasks import adapter_task_index
+
+    model = more_model()
+    assert adapter_task_index(model, {"piqa", "arc-e"}) == {"arc-e": 0, "boolq": 1, "piqa": 2}
+    with pytest.raises(loramix.ConfigError, match="siqa"):
+        adapter_task_index(model, {"siqa"})
+    assert adapter_task_index(loramix.inject(tiny_model(), loramix.LoraConfig()), {"x"}) is None
+
+
+def test_task_ids_edited_in_place_are_read_again():
+    model = more_model()
+    randomize_B(model)
+    distinct_ranks(model)
+    ids, mask, _ = batch()
+    task_ids = torch.tensor([0, 0, 0])
+    first = logits(model, ids, mask, task_ids)
+    task_ids[0] = 1
+    second = logits(model, ids, mask, task_ids)
+    torch.testing.assert_close(second, logits(model, ids, mask, torch.tensor([1, 0, 0])))
+    assert (second[0] - first[0]).abs().max() > 1e-3
+
+
+def test_bf16_base_keeps_fp32_adapter_and_runs():
+    model = loramix.inject(tiny_model(dtype=torch.bfloat16), loramix.MoreConfig(tasks=TASKS, max_rank=4))
+    assert all(p.dtype == torch.float32 for p in loramix.adapter_parameters(model).values())
+    ids, mask, labels = batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=torch.tensor([0, 1, 2]))
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)

@@ -36,14 +36,18 @@ def more_config(model: nn.Module) -> MoreConfig:
 
 
 def task_index(model: nn.Module, task: str | int) -> int:
-    """Index of ``task`` (a name from the config, or an index) in the adapter's task list."""
+    """Index of ``task`` (a name from the config, or an index) in the adapter's task list.
+
+    Raises:
+        ConfigError (a ValueError) naming the adapter's tasks when ``task`` is not one of them.
+    """
     tasks = more_config(model).tasks or []
     if isinstance(task, int) and not isinstance(task, bool):
         if not 0 <= task < len(tasks):
-            raise ValueError(f"task index {task} out of range: this adapter has {len(tasks)} tasks {tasks}")
+            raise ConfigError(f"task index {task} out of range: this adapter has {len(tasks)} tasks {tasks}")
         return task
     if task not in tasks:
-        raise ValueError(f"unknown task '{task}': this MoRE adapter was trained on {tasks}")
+        raise ConfigError(f"unknown task '{task}': this MoRE adapter was trained on {tasks}")
     return tasks.index(task)
 
 
@@ -151,7 +155,8 @@ def export_task_peft(model: nn.Module, task: str | int, out_dir: str | os.PathLi
 
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model.config, "_name_or_path", None) or None
-    return write_peft_adapter(out_dir, task_loras(model, task), base_model_name_or_path=base_model_name_or_path)
+    return write_peft_adapter(out_dir, task_loras(model, task), base_model_name_or_path=base_model_name_or_path,
+                              fan_in_fan_out=adapter_state(model).family.fan_in_fan_out)
 
 
 __all__ = [

@@ -232,8 +232,12 @@ def _add_contrastive_loss(module: nn.Module, args: tuple, kwargs: dict, output: 
     cl = contrastive_loss(module)
     for m in more_modules(module).values():
         m.contrastive_loss = None  # do not keep the graph alive past this call
-    if cl is None or not hasattr(output, "keys"):
+    if cl is None:
         return output
+    if isinstance(output, tuple):  # return_dict=False: (loss, logits, ...) when labels were given
+        if kwargs.get("labels") is None or not isinstance(output[0], torch.Tensor) or output[0].dim() != 0:
+            return output
+        return (output[0] + state.config.contrastive_coef * cl.to(output[0].dtype), *output[1:])
     output.contrastive_loss = cl
     if getattr(output, "loss", None) is not None and kwargs.get("labels") is not None:
         output.loss = output.loss + state.config.contrastive_coef * cl.to(output.loss.dtype)

@@ -234,6 +234,13 @@ class MoreLinear(nn.Module):
                     "or set 'default_task' in the MoRE config"
                 )
             return torch.full((batch,), int(default), dtype=torch.long, device=device)
+        # Every MoRE module of the model sees the same task_ids object in one forward: convert and
+        # check it once (the range check is a host sync, which on a GPU should not happen per module).
+        cached = getattr(self.context, "_more_task_ids", None)
+        key = (batch, device, getattr(ids, "_version", None))  # _version: in-place edits invalidate
+        if cached is not None and cached[0] is ids and cached[1] == key:
+            return cached[2]
+        original = ids
         ids = torch.as_tensor(ids, device=device).long().reshape(-1)
         if ids.numel() == 1 and batch != 1:
             ids = ids.expand(batch)  # one task for the whole batch (also after beam expansion)
@@ -241,6 +248,7 @@ class MoreLinear(nn.Module):
             raise ValueError(f"task_ids has {ids.numel()} entries but the batch has {batch} samples")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_tasks):
             raise ValueError(f"task_ids must lie in [0, {self.num_tasks}), got {ids.tolist()}")
+        self.context._more_task_ids = (original, key, ids)
         return ids
 
     # ---------------------------------------------------------------------------------- math
