@@ -88,7 +88,7 @@ class BenchSettings:
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     multi: int = 1
     seed: int = 0
-    init_b_std: float = 0.0  # tests: nonzero B so that variants' outputs differ from the base
+    init_b_std: float = 0.0  # tests: B ~ N(0, std) and a sharp router, so that outputs differ from the base
     memory: bool = True
 
     def __post_init__(self) -> None:
@@ -184,6 +184,7 @@ class Variant:
     adapter: dict[str, torch.Tensor]  # loramix state-dict key → tensor, for sharing initial weights
     optimizer: torch.optim.Optimizer | None = None
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -224,6 +225,8 @@ def _loramix_variant(name: str, base: nn.Module, s: BenchSettings, config: Any,
             for key, tensor in adapter.items():
                 if ".lora_B" in key:
                     tensor.copy_(torch.randn(tensor.shape, generator=g) * s.init_b_std)
+                elif key.endswith("router.weight"):  # a sharp router: no near-ties in the top-k
+                    tensor.copy_(torch.randn(tensor.shape, generator=g))
     for p in adapter.values():
         p.requires_grad_(True)
     return Variant(name, model.train(), list(adapter.values()), adapter)
@@ -322,6 +325,7 @@ BUILDERS: dict[str, Callable[[nn.Module, BenchSettings, dict], Variant]] = {
     "loramix-mixlora": _build_mixlora("loramix-mixlora"),
     "loramix-mixlora-naive": _build_mixlora("loramix-mixlora-naive", dispatch="naive"),
     "authors-mixlora": build_authors_mixlora,
+    "loramix-mixlora-recompute": _build_mixlora("loramix-mixlora-recompute", recompute_experts=True),
 }
 # Variants that train several adapters at once on one frozen base (``--multi N``) add their names here.
 MULTI_VARIANTS: set[str] = set()
@@ -398,20 +402,23 @@ def run_bench(s: BenchSettings, progress: bool = True) -> dict[str, Any]:
     for i in range(rounds):
         for v in variants.values():
             _sync(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             loss = v.step(batch)
             _sync(device)
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             v.losses.append(loss)
             if i >= s.warmup:
                 v.times.append(elapsed)
+                v.cpu_times.append(cpu)
             bar.update(1)
     bar.close()
 
     results: dict[str, dict[str, Any]] = {}
     for name, v in variants.items():
         step_s = statistics.median(v.times)
+        # cpu_s (process CPU time, all threads) is less disturbed than wall time when others share the CPU.
         entry: dict[str, Any] = {"step_s": step_s, "tokens_per_s": tokens / step_s, "step_times_s": v.times,
+                                 "cpu_s": statistics.median(v.cpu_times),
                                  "losses": v.losses, "trainable_parameters": sum(p.numel() for p in v.params)}
         if s.memory:
             persistent = persistent_bytes(v)
@@ -423,6 +430,7 @@ def run_bench(s: BenchSettings, progress: bool = True) -> dict[str, Any]:
     for entry in results.values():
         if baseline is not None:
             entry["time_vs_baseline"] = entry["step_s"] / baseline["step_s"]
+            entry["cpu_vs_baseline"] = entry["cpu_s"] / baseline["cpu_s"]
             if "peak_memory_mb" in entry:
                 entry["memory_vs_baseline"] = entry["peak_memory_mb"] / baseline["peak_memory_mb"]
     settings = {k: v for k, v in vars(s).items()}
@@ -434,13 +442,14 @@ def run_bench(s: BenchSettings, progress: bool = True) -> dict[str, Any]:
 
 def format_table(result: dict[str, Any]) -> str:
     """The human-readable table of ``run_bench``'s result."""
-    rows = [("variant", "step ms", "tokens/s", "peak MB", "step MB", "time ×base", "mem ×base")]
+    rows = [("variant", "step ms", "tokens/s", "peak MB", "step MB", "time ×base", "cpu ×base", "mem ×base")]
     for name, e in result["variants"].items():
         rows.append((
             name, f"{1000 * e['step_s']:.0f}", f"{e['tokens_per_s']:.0f}",
             f"{e['peak_memory_mb']:.0f}" if "peak_memory_mb" in e else "-",
             f"{e['step_memory_mb']:.0f}" if "step_memory_mb" in e else "-",
             f"{e['time_vs_baseline']:.3f}" if "time_vs_baseline" in e else "-",
+            f"{e['cpu_vs_baseline']:.3f}" if "cpu_vs_baseline" in e else "-",
             f"{e['memory_vs_baseline']:.3f}" if "memory_vs_baseline" in e else "-",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -471,6 +480,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps per variant first")
     run.add_argument("--seed", type=int, default=d.seed, help="seed of the weights and the batch")
     run.add_argument("--no-memory", action="store_true", help="skip the (untimed) memory measurement step")
+    run.add_argument("--init-b-std", type=float, default=0.0,
+                     help="start LoRA B from N(0, std) (and a sharp router) instead of 0, so outputs differ from the base")
     adapter = parser.add_argument_group("adapter")
     adapter.add_argument("--experts", type=int, default=d.experts, help="MixLoRA experts per FFN")
     adapter.add_argument("--top-k", type=int, default=d.top_k, help="experts per token")
@@ -492,7 +503,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         dtype=args.dtype, device=args.device, threads=args.threads, experts=args.experts, top_k=args.top_k,
         rank=args.rank, alpha=args.alpha, dropout=args.dropout, aux_loss_coef=args.aux_loss_coef,
         steps=args.steps, warmup=args.warmup, variants=[v.strip() for v in args.variants.split(",") if v.strip()],
-        multi=args.multi, seed=args.seed, memory=not args.no_memory,
+        multi=args.multi, seed=args.seed, memory=not args.no_memory, init_b_std=args.init_b_std,
     )
 
 

@@ -154,6 +154,10 @@ class MixLoraConfig(_ConfigBase):
     jitter: float = _help("Training only: router input multiplied by U(1-jitter, 1+jitter).", 0.0)
     router_init_std: float = _help("Std of the normal init of the router weight.", 0.02)
     dispatch: str = _help("'sorted' (fast path) or 'naive' (per-expert loop, for comparison).", "sorted")
+    recompute_experts: bool = _help(
+        "Recompute the expert activations in backward instead of keeping them (less memory, ~1 more FFN forward).",
+        False,
+    )
 
     def __post_init__(self) -> None:
         self._check_lora_fields()
@@ -179,6 +183,7 @@ class MixLoraConfig(_ConfigBase):
             self._check(name, isinstance(value, (int, float)) and value >= 0, "a number >= 0")
         self._check("jitter", self.jitter < 1, "in [0, 1)")
         self._check("dispatch", self.dispatch in DISPATCHES, f"one of {DISPATCHES}")
+        self._check("recompute_experts", isinstance(self.recompute_experts, bool), "true or false")
 
     @property
     def slots_per_token(self) -> int:

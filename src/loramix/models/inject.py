@@ -85,7 +85,7 @@ def _mixlora_ffn(ffn: nn.Module, cfg: MixLoraConfig, targets: set[str], family: 
         use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init=cfg.init, routing=cfg.routing, top_k=cfg.top_k,
         top_p=cfg.top_p, temperature=cfg.temperature, max_experts=cfg.max_experts,
         capacity_factor=cfg.capacity_factor, jitter=cfg.jitter, router_init_std=cfg.router_init_std,
-        dispatch=cfg.dispatch,
+        dispatch=cfg.dispatch, recompute_experts=cfg.recompute_experts,
     )
 
 

@@ -26,16 +26,67 @@ Expert tensors are stacked per projection: ``experts.lora_A[P]`` (E, r, in), ``e
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .context import ForwardContext
-from .lora import dora_weight_norm, init_lora_A
+from .lora import LoraDropout, dora_weight_norm, init_lora_A
 from .routing import Routing, load_balance_loss, route_switch, route_top_k, route_top_p, router_statistics, router_z_loss, expert_counts
 
 FFN_KINDS = ("gated", "fused", "plain")
+
+
+@dataclass
+class Segments:
+    """How the M dispatched rows split by expert: ``sizes`` rows per expert (then ``frozen`` rows of
+    unrouted tokens, listed as one more entry when nonzero); ``offsets`` (groups,) int32 cumulative
+    row ends for ``grouped_mm``, or None to loop over the segments."""
+
+    sizes: list[int]
+    frozen: int
+    offsets: torch.Tensor | None
+
+
+_GROUPED_MM: dict[str, bool] = {}
+
+
+def grouped_mm_available(device: torch.device) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` runs forward and backward on this device type.
+
+    Tried once per device type on a tiny problem; any error means no (the segment loop is used).
+    """
+    key = device.type
+    if key not in _GROUPED_MM:
+        ok = hasattr(torch.nn.functional, "grouped_mm")
+        if ok:
+            try:
+                dtype = torch.float32 if key == "cpu" else torch.bfloat16
+                x = torch.randn(8, 8, device=device, dtype=dtype, requires_grad=True)
+                w = torch.randn(2, 8, 8, device=device, dtype=dtype, requires_grad=True)
+                offs = torch.tensor([3, 8], device=device, dtype=torch.int32)
+                y = torch.nn.functional.grouped_mm(x, w, offs=offs)
+                y.backward(torch.ones_like(y))
+                ref = torch.cat([x[:3] @ w[0], x[3:] @ w[1]])
+                ok = bool(torch.allclose(y, ref, atol=1e-2, rtol=1e-2))
+            except Exception:  # noqa: BLE001 - any failure means "not supported here"
+                ok = False
+        _GROUPED_MM[key] = ok
+    return _GROUPED_MM[key]
+
+
+def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """grouped_mm takes these operands: fp32/bf16/fp16, and every row stride a multiple of 16 bytes."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # torch.compile's fake-tensor kernel of grouped_mm accepts only bf16 (2.13)
+    size = x.element_size()
+    dims = [x.shape[-1], *(d for w in weights for d in w.shape[1:])]
+    return all((d * size) % 16 == 0 for d in dims) and x.is_contiguous()
 
 
 class ExpertLoras(nn.Module):
@@ -77,8 +128,8 @@ class MixLoraFFN(nn.Module):
         fan_in_fan_out: projection names whose weight is stored (in, out) (GPT-2 Conv1D).
         context: the model's shared ``ForwardContext``.
         num_experts, r, alpha, dropout, use_rslora, use_dora, init, routing, top_k, top_p,
-        temperature, max_experts, capacity_factor, jitter, router_init_std, dispatch: as in
-        ``MixLoraConfig``.
+        temperature, max_experts, capacity_factor, jitter, router_init_std, dispatch,
+        recompute_experts: as in ``MixLoraConfig``.
 
     Shapes: input (B, T, d) → output (B, T, d).
     """
@@ -111,6 +162,7 @@ class MixLoraFFN(nn.Module):
         jitter: float,
         router_init_std: float,
         dispatch: str,
+        recompute_experts: bool = False,
     ) -> None:
         super().__init__()
         if kind not in FFN_KINDS:
@@ -131,7 +183,8 @@ class MixLoraFFN(nn.Module):
         self.routing, self.top_k, self.top_p = routing, top_k, top_p
         self.temperature, self.max_experts, self.capacity_factor = temperature, max_experts, capacity_factor
         self.jitter, self.dispatch = jitter, dispatch
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.recompute_experts = recompute_experts
+        self.lora_dropout = LoraDropout(dropout) if dropout > 0 else nn.Identity()
 
         ref = getattr(self, output_projection).weight
         adapter_dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
@@ -178,27 +231,53 @@ class MixLoraFFN(nn.Module):
         norm = dora_weight_norm(self.weight_out_in(name), self.experts.lora_A[name], self.experts.lora_B[name], self.scale)
         return self.experts.lora_magnitude[name] / norm
 
-    def expert_rows(self, name: str, base_rows: torch.Tensor, inputs: torch.Tensor, sizes: list[int],
+    def lora_delta(self, name: str, inputs: torch.Tensor, seg: Segments) -> torch.Tensor:
+        """``s · B_e A_e x`` of projection ``name`` for rows sorted by expert, (M, out).
+
+        Args:
+            inputs: the rows' inputs after LoRA dropout, (M, in), contiguous per expert; the last
+                ``seg.frozen`` rows (unrouted tokens) get a zero delta.
+            seg: the per-expert row counts of the dispatch.
+
+        One grouped matmul per factor where the device supports it, else a loop over the experts'
+        row segments taken with ``split``/``unbind`` (a slice's backward would zero-fill a full-size
+        gradient per expert).
+        """
+        A = self.experts.lora_A[name].to(inputs.dtype)  # (E, r, in)
+        B = self.experts.lora_B[name].to(inputs.dtype) * self.scale  # (E, out, r), scale on the small factor
+        if seg.frozen:
+            # A zero expert for the unrouted rows keeps every row inside a group (no slicing).
+            A = torch.cat([A, A.new_zeros(1, *A.shape[1:])])
+            B = torch.cat([B, B.new_zeros(1, *B.shape[1:])])
+        if seg.offsets is not None and grouped_mm_supported(inputs, A, B):
+            low = torch.nn.functional.grouped_mm(inputs, A.transpose(1, 2), offs=seg.offsets)  # (M, r)
+            return torch.nn.functional.grouped_mm(low, B.transpose(1, 2), offs=seg.offsets)  # (M, out)
+        As, Bs = A.unbind(0), B.unbind(0)
+        pieces = [(x_e @ As[e].t()) @ Bs[e].t() for e, x_e in enumerate(inputs.split(seg.sizes)) if x_e.shape[0]]
+        if not pieces:
+            return inputs.new_zeros(0, B.shape[1])
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def expert_rows(self, name: str, base_rows: torch.Tensor, inputs: torch.Tensor, seg: Segments,
                     row_expert: torch.Tensor) -> torch.Tensor:
         """Expert outputs of projection ``name`` for rows sorted by expert.
 
         Args:
             base_rows: frozen output W x + b of each row, (M, out).
             inputs: the rows' inputs after LoRA dropout, (M, in), contiguous per expert.
-            sizes: rows per expert (length E, summing to M).
-            row_expert: (M,) expert id of each row (used by DoRA).
+            seg: rows per expert (and unrouted rows last, which keep the frozen output).
+            row_expert: (M,) expert id of each row, ``num_experts`` for unrouted rows (used by DoRA).
         """
         if name not in self.targets:
             return base_rows
-        A = self.experts.lora_A[name].to(inputs.dtype)
-        B = self.experts.lora_B[name].to(inputs.dtype)
-        pieces = [(x_e @ A[e].t()) @ B[e].t() for e, x_e in enumerate(inputs.split(sizes))]
-        delta = torch.cat(pieces) * self.scale
+        delta = self.lora_delta(name, inputs, seg)
         if not self.use_dora:
             return base_rows + delta
         bias = getattr(getattr(self, name), "bias", None)
         bias = 0 if bias is None else bias
-        factor = self.dora_factor(name).to(base_rows.dtype)[row_expert]
+        factor = self.dora_factor(name)
+        factor = torch.cat([factor, factor.new_ones(1, factor.shape[1])])  # unrouted rows: factor 1
+        factor = factor.to(base_rows.dtype).index_select(0, row_expert)
         return factor * (base_rows - bias + delta) + bias
 
     # ----------------------------------------------------------------------------------- routing
@@ -235,6 +314,10 @@ class MixLoraFFN(nn.Module):
         routing = self.route(x, valid)
         if self.dispatch == "naive":
             out = self.forward_naive(x, routing)
+        elif self.recompute_experts and self.training and torch.is_grad_enabled():
+            # Keep only x for backward; the expert activations (M rows each) are recomputed there,
+            # with the same dropout masks (the RNG state is restored).
+            out = checkpoint(self.forward_sorted, x, routing, use_reentrant=False)
         else:
             out = self.forward_sorted(x, routing)
         if self.output_dropout is not None:
@@ -247,49 +330,67 @@ class MixLoraFFN(nn.Module):
             return (routing.expert_ids >= self.num_experts).all(dim=-1)
         return None
 
+    def dispatch_plan(self, routing: Routing, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Segments]:
+        """Sort the (token, slot) pairs by expert: one argsort, one host sync (the counts).
+
+        Unrouted tokens (padding, switch overflow) become one row of a pseudo-expert ``E`` placed
+        after the real experts: weight 1, no LoRA, so they see the frozen FFN. Other empty slots
+        sort after it and are cut off.
+
+        Returns:
+            token (M,) the token of each row, row_expert (M,), row_weight (M,) fp32 mixing weight,
+            and the ``Segments``.
+        """
+        E = self.num_experts
+        ids, weights = routing.expert_ids, routing.weights  # (N, S)
+        slots = ids.shape[1]
+        ids = torch.where(ids >= E, E + 1, ids)
+        unrouted = self.unrouted(routing)
+        if unrouted is not None:
+            first = unrouted[:, None] & (torch.arange(slots, device=ids.device) == 0)
+            ids = torch.where(first, E, ids)
+            weights = torch.where(first, torch.ones_like(weights), weights)
+        flat = ids.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = expert_counts(flat, E + 1)  # (E + 2,): experts, unrouted, empty
+        sizes = counts.tolist()  # the one host sync
+        kept = sum(sizes[: E + 1])
+        order = order[:kept]
+        offsets = None
+        if grouped_mm_available(device):
+            groups = E + 1 if sizes[E] else E
+            offsets = counts[:groups].cumsum(0).to(torch.int32)
+        seg = Segments(sizes=sizes[:E] + ([sizes[E]] if sizes[E] else []), frozen=sizes[E], offsets=offsets)
+        token = torch.div(order, slots, rounding_mode="floor")
+        row_weight = weights.reshape(-1).index_select(0, order)
+        return token, flat.index_select(0, order), row_weight, seg
+
     def forward_sorted(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Fast path: frozen input projections once, one sorted dispatch, gated-sum down projection."""
-        num_tokens, slots = routing.expert_ids.shape
-        flat_ids = routing.expert_ids.reshape(-1)
-        order = flat_ids.argsort(stable=True)
-        counts = expert_counts(flat_ids, self.num_experts).tolist()  # the one host sync
-        sizes = counts[: self.num_experts]
-        order = order[: sum(sizes)]  # drop empty slots (padding, overflow, top-p tails)
-        token = order // slots
-        row_expert = flat_ids[order]
-        row_weight = routing.weights.reshape(-1)[order].to(x.dtype)[:, None]
+        num_tokens = x.shape[0]
+        token, row_expert, row_weight, seg = self.dispatch_plan(routing, x.device)
+        row_weight = row_weight.to(x.dtype)[:, None]
 
-        frozen = [getattr(self, p)(x) for p in self.input_projections]  # each (N, out_p)
-        expert_inputs = self.lora_dropout(x[token])  # (M, d): one mask shared by gate and up
-        rows = [self.expert_rows(p, f[token], expert_inputs, sizes, row_expert)
+        frozen = [getattr(self, p)(x) for p in self.input_projections]  # each (N, out_p), once
+        expert_inputs = self.lora_dropout(x.index_select(0, token))  # (M, d): one mask shared by gate and up
+        rows = [self.expert_rows(p, f.index_select(0, token), expert_inputs, seg, row_expert)
                 for p, f in zip(self.input_projections, frozen)]
         h = self.combine(rows)  # (M, f)
 
         down = getattr(self, self.output_projection)
-        unrouted = self.unrouted(routing)
-        mixed = torch.zeros(num_tokens, h.shape[-1], dtype=h.dtype, device=h.device)
-        if unrouted is not None:
-            mixed = mixed + self.combine(frozen) * unrouted[:, None].to(h.dtype)
-
         name = self.output_projection
         if name in self.targets and self.use_dora:
             # DoRA is not linear in h: run the frozen down projection per row, then mix.
-            out = down(mixed)  # unrouted tokens' frozen output (zero rows elsewhere get the bias)
-            if unrouted is None:
-                out = torch.zeros_like(out)
-            else:
-                out = out * unrouted[:, None].to(out.dtype)
-            expert_out = self.expert_rows(name, down(h), self.lora_dropout(h), sizes, row_expert)
+            expert_out = self.expert_rows(name, down(h), self.lora_dropout(h), seg, row_expert)
+            out = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
             return out.index_add(0, token, expert_out * row_weight)
 
-        mixed = mixed.index_add(0, token, h * row_weight)
-        out = down(mixed)  # frozen down projection on N rows
+        # Σ_e g_e W h_e = W Σ_e g_e h_e: the frozen down projection runs on N rows, not M.
+        mixed = h.new_zeros(num_tokens, h.shape[-1]).index_add(0, token, h * row_weight)
+        out = down(mixed)
         if name in self.targets:
-            A = self.experts.lora_A[name].to(h.dtype)
-            B = self.experts.lora_B[name].to(h.dtype)
-            h_in = self.lora_dropout(h)
-            pieces = [(h_e @ A[e].t()) @ B[e].t() for e, h_e in enumerate(h_in.split(sizes))]
-            out = out.index_add(0, token, torch.cat(pieces) * (self.scale * row_weight))
+            delta = self.lora_delta(name, self.lora_dropout(h), seg)
+            out = out.index_add(0, token, delta * row_weight)
         return out
 
     def forward_naive(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -302,12 +403,13 @@ class MixLoraFFN(nn.Module):
             x_e = x[token]
             sizes = [0] * self.num_experts
             sizes[e] = x_e.shape[0]
+            seg = Segments(sizes=sizes, frozen=0, offsets=None)
             row_expert = torch.full_like(token, e)
             x_in = self.lora_dropout(x_e)
-            rows = [self.expert_rows(p, getattr(self, p)(x_e), x_in, sizes, row_expert) for p in self.input_projections]
+            rows = [self.expert_rows(p, getattr(self, p)(x_e), x_in, seg, row_expert) for p in self.input_projections]
             h = self.combine(rows)
             y = self.expert_rows(self.output_projection, getattr(self, self.output_projection)(h),
-                                 self.lora_dropout(h), sizes, row_expert)
+                                 self.lora_dropout(h), seg, row_expert)
             out = out.index_add(0, token, y * routing.weights[token, slot].to(y.dtype)[:, None])
         unrouted = self.unrouted(routing)
         if unrouted is not None:

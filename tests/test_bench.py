@@ -1,0 +1,105 @@
+"""``loramix bench`` on a tiny shape: the JSON structure, and that the variants that should compute the
+same function really do (no timing is asserted anywhere).
+
+With dropout 0 and the same initial adapter weights, PEFT LoRA and loramix LoRA must give the same
+loss at every step, and so must loramix MixLoRA (fast path), the naive per-expert loop and the
+authors' ``mixlora`` package. Step 1 compares the forward; steps 2 and 3 come after optimizer steps,
+so they also compare the gradients each implementation produced.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loramix.bench import BUILDERS, BenchSettings, format_table, run_bench
+from loramix.cli import main
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TINY = ["--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "4", "--kv-heads", "2",
+        "--vocab", "128", "--batch", "2", "--seq-len", "16", "--experts", "4", "--top-k", "2", "--rank", "4"]
+LORA = ["peft-lora", "loramix-lora"]
+MIXLORA = ["loramix-mixlora", "loramix-mixlora-naive", "authors-mixlora"]
+
+
+@pytest.fixture(scope="module")
+def bench_json(tmp_path_factory) -> dict:
+    """One CLI run of every default variant on the tiny shape, dropout 0, non-zero initial B."""
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    code = main(["bench", *TINY, "--dropout", "0", "--aux-loss-coef", "0", "--init-b-std", "0.2",
+                 "--steps", "2", "--warmup", "1", "--threads", "1", "--json", str(path)])
+    assert code == 0
+    return json.loads(path.read_text())
+
+
+def test_json_structure(bench_json):
+    variants = bench_json["variants"]
+    assert list(variants) == [*LORA, *MIXLORA[:2], "authors-mixlora"]
+    tokens = bench_json["settings"]["tokens_per_step"]
+    assert tokens == 2 * 16
+    for name, entry in variants.items():
+        assert entry["step_s"] > 0 and len(entry["step_times_s"]) == 2
+        assert entry["step_s"] == pytest.approx(sorted(entry["step_times_s"])[1] / 2 + sorted(entry["step_times_s"])[0] / 2)
+        assert entry["tokens_per_s"] == pytest.approx(tokens / entry["step_s"])
+        assert entry["peak_memory_mb"] == pytest.approx(entry["persistent_memory_mb"] + entry["step_memory_mb"])
+        assert entry["step_memory_mb"] > 0, name  # a step allocates activations and gradients
+        assert len(entry["losses"]) == 3  # warm-up + timed steps
+    assert variants["peft-lora"]["time_vs_baseline"] == 1.0
+    # MixLoRA holds E expert LoRAs per FFN projection plus a router: more trainable tensors than LoRA.
+    assert variants["loramix-mixlora"]["trainable_parameters"] > variants["loramix-lora"]["trainable_parameters"]
+    for name in MIXLORA:
+        assert variants[name]["trainable_parameters"] == variants["loramix-mixlora"]["trainable_parameters"], name
+    assert variants["peft-lora"]["trainable_parameters"] == variants["loramix-lora"]["trainable_parameters"]
+    table = format_table(bench_json)
+    for name in variants:
+        assert name in table
+
+
+@pytest.mark.parametrize("group", [LORA, MIXLORA], ids=["lora", "mixlora"])
+def test_variants_compute_the_same_losses(bench_json, group):
+    variants = bench_json["variants"]
+    reference = variants[group[0]]["losses"]
+    assert reference[0] != reference[-1]  # training moved the adapter: later steps compare gradients too
+    for name in group[1:]:
+        assert variants[name]["losses"] == pytest.approx(reference, abs=1e-5, rel=0), name
+
+
+def test_lora_and_mixlora_really_differ(bench_json):
+    """The equality above means something: a different adapter gives a different loss."""
+    variants = bench_json["variants"]
+    assert abs(variants["loramix-lora"]["losses"][0] - variants["loramix-mixlora"]["losses"][0]) > 1e-3
+
+
+def test_recompute_variant_matches_fast_path():
+    """Recomputing the expert activations in backward changes memory, not the numbers."""
+    s = BenchSettings(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=128, batch=2, seq_len=16,
+                      experts=4, top_k=2, rank=4, dropout=0.0, aux_loss_coef=0.0, init_b_std=0.2, steps=2, warmup=0,
+                      variants=["loramix-mixlora", "loramix-mixlora-recompute"], memory=False)
+    result = run_bench(s, progress=False)["variants"]
+    assert result["loramix-mixlora-recompute"]["losses"] == pytest.approx(result["loramix-mixlora"]["losses"], abs=1e-6)
+
+
+def test_dropout_changes_losses_but_not_the_first_forward_shape():
+    """With dropout the variants' losses are close but not bitwise equal (different masks): the bench
+    runs training-mode forwards."""
+    s = BenchSettings(layers=1, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=128, batch=2, seq_len=16,
+                      experts=4, top_k=2, rank=4, dropout=0.3, init_b_std=0.2, steps=1, warmup=0,
+                      variants=["loramix-lora", "peft-lora"], memory=False)
+    result = run_bench(s, progress=False)["variants"]
+    a, b = result["loramix-lora"]["losses"][0], result["peft-lora"]["losses"][0]
+    assert a != b and abs(a - b) < 0.5
+
+
+def test_bad_settings_are_clear_errors(capsys):
+    with pytest.raises(ValueError, match="unknown variant"):
+        BenchSettings(variants=["lora-of-my-own"])
+    with pytest.raises(ValueError, match="--top-k 9 is larger than --experts 8"):
+        BenchSettings(top_k=9)
+    with pytest.raises(ValueError, match="--multi 2"):
+        BenchSettings(multi=2, variants=["peft-lora"])
+    assert main(["bench", "--variants", "nope"]) == 2
+    assert "unknown variant" in capsys.readouterr().err
+    assert set(BUILDERS) >= {"peft-lora", "loramix-lora", "loramix-mixlora", "loramix-mixlora-naive", "authors-mixlora"}
