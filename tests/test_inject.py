@@ -403,3 +403,27 @@ def test_router_losses_with_return_dict_false():
     assert (out.loss - F.cross_entropy(out.logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1))).abs() > 0.1
     no_labels = model(input_ids=ids, attention_mask=mask, return_dict=False)
     torch.testing.assert_close(no_labels[0], out.logits)
+
+
+@pytest.mark.parametrize("adapter", ["mixdora", "mixlora-switch", "dora"])
+def test_gradient_checkpointing_gives_the_same_gradients(adapter):
+    """Activation checkpointing recomputes each layer in backward: routing, dropout masks and jitter
+    must replay exactly, so the gradients equal those of a plain backward."""
+    ids, mask, labels = batch()
+    grads = []
+    for checkpointing in (True, False):  # checkpointed first: its first forward may be the very first one
+        model = loramix.inject(tiny_model("qwen2"), ADAPTERS[adapter]())
+        model.loramix_adapter.config.aux_loss_coef = 0.1
+        for moe in loramix.models.moe_layers(model):
+            moe.jitter = 0.1
+        perturb_adapter(model, seed=13, router_std=0.5)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        torch.manual_seed(0)  # the same dropout masks and jitter in both runs
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        grads.append({k: p.grad for k, p in loramix.adapter_parameters(model).items()})
+    checkpointed, plain = grads
+    for key, grad in plain.items():
+        assert checkpointed[key] is not None, key
+        torch.testing.assert_close(checkpointed[key], grad, atol=1e-6, rtol=1e-5, msg=lambda m: f"{key}: {m}")
