@@ -63,15 +63,22 @@ def grouped_mm_available(device: torch.device) -> bool:
     if key not in _GROUPED_MM:
         ok = hasattr(torch.nn.functional, "grouped_mm")
         if ok:
+            # The probe runs inside the first forward, so it must leave no trace there: fixed values
+            # (a global RNG draw would shift every later dropout mask and jitter: same seed, other
+            # result), its own saved-tensor hooks (an enclosing activation checkpoint would count its
+            # tensors, and the recomputation, which finds the cached answer, would fail), and grad
+            # enabled (a first forward under no_grad would otherwise record "unsupported" for good).
             try:
                 dtype = torch.float32 if key == "cpu" else torch.bfloat16
-                x = torch.randn(8, 8, device=device, dtype=dtype, requires_grad=True)
-                w = torch.randn(2, 8, 8, device=device, dtype=dtype, requires_grad=True)
-                offs = torch.tensor([3, 8], device=device, dtype=torch.int32)
-                y = torch.nn.functional.grouped_mm(x, w, offs=offs)
-                y.backward(torch.ones_like(y))
-                ref = torch.cat([x[:3] @ w[0], x[3:] @ w[1]])
-                ok = bool(torch.allclose(y, ref, atol=1e-2, rtol=1e-2))
+                with torch.inference_mode(False), torch.enable_grad(), \
+                        torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                    x = torch.linspace(-1, 1, 64, device=device, dtype=dtype).reshape(8, 8).requires_grad_()
+                    w = torch.linspace(1, -1, 128, device=device, dtype=dtype).reshape(2, 8, 8).requires_grad_()
+                    offs = torch.tensor([3, 8], device=device, dtype=torch.int32)
+                    y = torch.nn.functional.grouped_mm(x, w, offs=offs)
+                    y.backward(torch.ones_like(y))
+                    ref = torch.cat([x[:3] @ w[0], x[3:] @ w[1]])
+                    ok = bool(torch.allclose(y, ref, atol=1e-2, rtol=1e-2))
             except Exception:  # noqa: BLE001 - any failure means "not supported here"
                 ok = False
         _GROUPED_MM[key] = ok
