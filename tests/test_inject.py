@@ -427,3 +427,34 @@ def test_gradient_checkpointing_gives_the_same_gradients(adapter):
     for key, grad in plain.items():
         assert checkpointed[key] is not None, key
         torch.testing.assert_close(checkpointed[key], grad, atol=1e-6, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+FIRST_FORWARD_SCRIPT = r"""
+import torch, loramix
+from tiny_models import tiny_model, batch
+torch.set_num_threads(1)
+cfg = loramix.MixLoraConfig(r=4, alpha=8, dropout=0.1, num_experts=4, attention_targets=None, ffn_targets=None)
+model = loramix.inject(tiny_model("llama"), cfg)
+ids, mask, labels = batch()
+state = torch.get_rng_state()
+with torch.no_grad():
+    model(input_ids=ids, attention_mask=mask)  # eval mode: must draw no random numbers at all
+assert torch.equal(torch.get_rng_state(), state), "an eval forward consumed the global RNG"
+model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+model.train()
+model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+print("ok")
+"""
+
+
+def test_first_forward_in_a_fresh_process():
+    """Anything done once, lazily, in the first forward (capability probes, caches) must not touch the
+    global RNG or the autograd state: checked in a fresh interpreter, where nothing is cached yet."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    result = subprocess.run([sys.executable, "-c", FIRST_FORWARD_SCRIPT], cwd=tests, capture_output=True, text=True,
+                            timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(tests)})
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
