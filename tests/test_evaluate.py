@@ -107,9 +107,11 @@ def reference_scores(model, tok, ex: MultipleChoiceExample, protocol: str) -> li
     return scores
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])  # rotary and absolute positions
-@pytest.mark.parametrize("protocol", ["label", "loglik"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "llama+mixlora"])  # rotary and absolute positions
+@pytest.mark.parametrize("protocol", ["label", "loglik", "loglik-full"])
 def test_batched_scores_match_reference(family, protocol):
+    """Batched, padded scoring (and, for loglik, the shared-prompt KV-cache path) equals scoring
+    each sequence alone; also with a MixLoRA adapter whose router sees padded batches."""
     tok = tiny_tokenizer()
     torch.manual_seed(0)
     if family == "gpt2":
@@ -118,9 +120,18 @@ def test_batched_scores_match_reference(family, protocol):
     else:
         config = transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tok)})
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    out = evaluate_multiple_choice(model, tok, EXAMPLES, protocol=protocol, batch_size=3, progress=False)
+    if family.endswith("mixlora"):
+        from loramix import MixLoraConfig, inject
+
+        model = inject(model, MixLoraConfig(r=4, alpha=8, num_experts=4, top_k=2, dropout=0.0))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.3)
+    out = evaluate_multiple_choice(model, tok, EXAMPLES, protocol=protocol.removesuffix("-full"), batch_size=3,
+                                   progress=False, share_prompt=not protocol.endswith("-full"))
     with torch.no_grad():
-        ref = [reference_scores(model, tok, ex, protocol) for ex in EXAMPLES]
+        ref = [reference_scores(model, tok, ex, protocol.removesuffix("-full")) for ex in EXAMPLES]
     for got, want in zip(out["scores"], ref):
         assert got == pytest.approx(want, abs=1e-4)
     assert out["predictions"] == [max(range(len(s)), key=s.__getitem__) for s in ref]

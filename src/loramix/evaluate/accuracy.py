@@ -157,9 +157,86 @@ def _predict_loglik(model, tokenizer, examples, template, batch_size, cutoff_len
     return scores
 
 
+def _supports_shared_prompt(model) -> bool:
+    """Whether the model takes a KV cache (Hugging Face causal LMs do; bare test modules don't)."""
+    return all(_accepts(model, name) for name in ("past_key_values", "use_cache", "position_ids"))
+
+
+def _predict_loglik_shared(model, tokenizer, examples, template, batch_size, cutoff_len, task_ids, device,
+                           progress) -> list[list[float]]:
+    """Same scores as ``_predict_loglik``, computing each prompt once for all its choices.
+
+    Pass 1 runs the left-padded prompts with ``use_cache=True``: the last position's logits give the
+    first continuation token's log-prob. Pass 2 repeats each prompt's KV cache once per choice and
+    runs the right-padded continuations after it (attention mask = prompt mask + continuation mask,
+    positions continue from each prompt's real length), giving the remaining tokens' log-probs.
+    """
+    prefix = special_prefix(tokenizer)
+    items = []  # (example index, prompt ids, [continuation ids per choice], [characters per choice])
+    for e, ex in enumerate(examples):
+        prompt = encode_prompt(tokenizer, render_prompt(ex, template))
+        targets = render_targets(ex, template)
+        conts = [encode_continuation(tokenizer, t) for t in targets]
+        longest = max(conts, key=len)
+        prompt, _ = truncate_left(prompt, longest, cutoff_len, keep_first=len(prefix))
+        conts = [c[: max(cutoff_len - len(prompt), 1)] for c in conts]  # only if a choice alone overflows
+        items.append((e, prompt, conts, [max(len(t), 1) for t in targets]))
+    items.sort(key=lambda it: -len(it[1]))
+    scores = [[float("-inf")] * len(ex.choices) for ex in examples]
+    bar = tqdm(total=sum(len(ex.choices) for ex in examples), desc="eval (loglik)", unit="choice",
+               disable=not progress, leave=False)
+    for start in range(0, len(items), batch_size):
+        # batch_size prompts in pass 1; their (prompt, choice) rows (short continuations) in pass 2
+        chunk = items[start:start + batch_size]
+        rows = sum(len(cs) for _, _, cs, _ in chunk)
+        tids = _task_tensor([examples[e] for e, *_ in chunk], task_ids)
+        batch = collate([{"input_ids": p} for _, p, _, _ in chunk], tokenizer.pad_token_id, padding_side="left")
+        mask = batch["attention_mask"].to(device)
+        kwargs: dict[str, Any] = dict(input_ids=batch["input_ids"].to(device), attention_mask=mask,
+                                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+        if tids is not None:
+            kwargs["task_ids"] = tids.to(device)
+        if _accepts(model, "logits_to_keep"):
+            kwargs["logits_to_keep"] = 1
+        out = model(**kwargs)
+        first_logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (E, V)
+        # pass-2 rows: one per (example in chunk, choice)
+        owner = [k for k, (_, _, conts, _) in enumerate(chunk) for _ in conts]
+        conts = [c for _, _, cs, _ in chunk for c in cs]
+        longest = max(len(c) for c in conts)
+        rest_logp = None
+        if longest > 1:
+            cache = out.past_key_values
+            select = torch.tensor(owner, device=device)
+            cache.batch_select_indices(select)  # repeat each prompt's keys/values once per choice
+            cont_batch = collate([{"input_ids": c} for c in conts], tokenizer.pad_token_id)  # right padding
+            prompt_len = mask.sum(-1)[select]  # real prompt tokens per row
+            c_ids = cont_batch["input_ids"].to(device)
+            kwargs = dict(input_ids=c_ids, past_key_values=cache, use_cache=True,
+                          attention_mask=torch.cat([mask[select], cont_batch["attention_mask"].to(device)], dim=-1),
+                          position_ids=prompt_len[:, None] + torch.arange(c_ids.shape[1], device=device)[None, :])
+            if tids is not None:
+                kwargs["task_ids"] = tids.to(device)[select]
+            logits2 = model(**kwargs).logits  # (R, C, V): position k predicts continuation token k + 1
+            rest_logp = logits2
+        row = 0
+        for k, (e, _, cs, chars) in enumerate(chunk):
+            for c, (cont, n_chars) in enumerate(zip(cs, chars)):
+                total = first_logp[k, cont[0]]
+                if len(cont) > 1:
+                    lp = torch.log_softmax(rest_logp[row, : len(cont) - 1, :].float(), dim=-1)
+                    total = total + lp.gather(-1, torch.tensor(cont[1:], device=lp.device)[:, None]).sum()
+                scores[e][c] = float(total) / n_chars
+                row += 1
+        bar.update(rows)
+    bar.close()
+    return scores
+
+
 def evaluate_multiple_choice(model, tokenizer, examples: Sequence[MultipleChoiceExample], *, protocol: str = "label",
                              batch_size: int = 8, template: str | None = "mc_letters", progress: bool = True,
-                             task_ids: dict[str, int] | None = None, cutoff_len: int = 1024) -> dict[str, Any]:
+                             task_ids: dict[str, int] | None = None, cutoff_len: int = 1024,
+                             share_prompt: bool = True) -> dict[str, Any]:
     """Accuracy of ``model`` on multiple-choice ``examples``.
 
     Args:
@@ -168,12 +245,15 @@ def evaluate_multiple_choice(model, tokenizer, examples: Sequence[MultipleChoice
         examples: ``MultipleChoiceExample`` objects (e.g. ``load_examples("arc-e", "validation")``).
         protocol: "label" (logits of the option letters at the last prompt position) or "loglik"
             (character-length-normalised log-likelihood of each choice's text).
-        batch_size: sequences per forward pass (prompts for "label", prompt+choice pairs for "loglik").
+        batch_size: prompts per forward pass ("loglik" without ``share_prompt``: prompt+choice sequences).
         template: prompt template; the default "mc_letters" is replaced by "mc_text" for "loglik"
             (``None`` also picks the protocol's default).
         progress: show a tqdm bar.
         task_ids: task name -> id, passed to the model as ``task_ids`` (MoRE adapters).
         cutoff_len: longest sequence; prompts are cut from the left beyond it.
+        share_prompt: "loglik" only: run each prompt once and reuse its KV cache for all its
+            choices (same scores, ~number-of-choices times less prompt compute) when the model
+            accepts ``past_key_values``; False runs every (prompt + choice) sequence in full.
 
     Returns:
         ``{"accuracy": float, "n": int, "per_task": {task: {"accuracy", "n"}}, "protocol": str,
@@ -200,7 +280,12 @@ def evaluate_multiple_choice(model, tokenizer, examples: Sequence[MultipleChoice
     model.eval()
     try:
         with torch.no_grad():
-            predict = _predict_label if protocol == "label" else _predict_loglik
+            if protocol == "label":
+                predict = _predict_label
+            elif share_prompt and _supports_shared_prompt(model):
+                predict = _predict_loglik_shared
+            else:
+                predict = _predict_loglik
             scores = predict(model, tokenizer, examples, template, batch_size, cutoff_len, task_ids, device, progress)
     finally:
         model.train(was_training)

@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None,
                         help="adapter folder (loramix or the authors' MixLoRA format) to load on the base model")
     parser.add_argument("--tasks", default="arc-e",
-                        help="comma-separated tasks (arc-e, arc-c, boolq, obqa, piqa, siqa, hellaswag, winogrande) "
-                             "or multiple-choice .json/.jsonl files")
+                        help="comma-separated tasks (arc-e, arc-c, boolq, obqa, piqa, siqa, hellaswag, winogrande, "
+                             "or 'all' for these eight) or multiple-choice .json/.jsonl files")
     parser.add_argument("--split", default="validation", help="train, validation or test (test: arc-e, arc-c, obqa only)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each task")
     parser.add_argument("--protocol", choices=[*PROTOCOLS, "both"], default="both",
@@ -71,7 +71,7 @@ def format_table(results: dict[str, dict[str, dict[str, float]]], protocols: lis
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import DataError, MultipleChoiceExample, load_examples
+    from ..data import TASKS, DataError, MultipleChoiceExample, load_examples
     from ..hub import ModelLoadError, load_model
 
     task_index = None
@@ -84,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         model_name = model_name or meta.get("base_model") or meta.get("base_model_name_or_path")
     model_name = model_name or "smollm2-135m"
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if tasks == ["all"]:
+        tasks = list(TASKS)
     try:
         data = {task: load_examples(task, args.split, limit=args.limit) for task in tasks}
     except DataError as err:
@@ -127,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
             results[task][protocol] = {"accuracy": out["accuracy"], "n": out["n"]}
     print(f"model: {model_name}" + (f"  adapter: {args.adapter}" if args.adapter else "") + f"  split: {args.split}")
     print(format_table(results, protocols))
+    print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     if args.json_path:
         report = {"model": model_name, "adapter": args.adapter, "split": args.split, "limit": args.limit,
                   "results": results, "seconds": seconds}
