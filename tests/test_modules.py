@@ -178,8 +178,11 @@ def check_against_reference(family_name: str, overrides: dict, padded: bool) -> 
     assert rel_err(base_out, ref_out) > 1e-2
     if padded:  # masked tokens get the frozen FFN output
         torch.testing.assert_close(ref_out[~valid], base_out[~valid].detach())
-    for dispatch in ("sorted", "naive"):
-        moe.dispatch = dispatch
+    for dispatch in ("sorted", "naive", "sorted-recompute"):
+        # Dropout and jitter are 0, so training mode (where recompute_experts acts) is deterministic too.
+        moe.dispatch = dispatch.split("-")[0]
+        moe.recompute_experts = dispatch.endswith("recompute")
+        moe.train(moe.recompute_experts)
         out, grads = run_with_grads(moe, x, lambda t: moe(t).reshape(-1, dim))
         assert rel_err(out, ref_out) < 1e-5, dispatch
         if padded:
