@@ -458,3 +458,16 @@ def test_first_forward_in_a_fresh_process():
     result = subprocess.run([sys.executable, "-c", FIRST_FORWARD_SCRIPT], cwd=tests, capture_output=True, text=True,
                             timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(tests)})
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_qualified_target_names_pick_one_block():
+    """GPT-2 has c_proj in attention and FFN: 'mlp.c_proj' adapts only the FFN's, 'c_proj' both."""
+    def adapted(targets):
+        model = loramix.inject(tiny_model("gpt2"), loramix.LoraConfig(r=2, alpha=4, targets=targets))
+        return sorted(name for name, m in model.named_modules() if isinstance(m, LoraLinear))
+
+    assert adapted(["mlp.c_proj"]) == ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"]
+    assert adapted(["attn.c_proj"]) == ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]
+    assert len(adapted(["c_proj"])) == 4
+    with pytest.raises(loramix.ConfigError, match="'mlp.c_attn'"):
+        adapted(["mlp.c_attn"])
