@@ -11,6 +11,7 @@ message through it, unless ``--raw``; otherwise the prompt text is continued as 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import torch
@@ -21,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base model: 'smollm2-135m' (embedded), a local folder or a Hub id; default: the "
                              "adapter's recorded base model, else smollm2-135m")
     parser.add_argument("--adapter", default=None, help="adapter folder to load on the base model (optional)")
+    parser.add_argument("--task", default=None,
+                        help="MoRE adapters: the task (name from the adapter's task list) whose experts to use")
     parser.add_argument("--prompt", default=None, help="the prompt; read from standard input when omitted")
     parser.add_argument("--system", default=None, help="system message (chat template only)")
     parser.add_argument("--raw", action="store_true", help="don't apply the chat template; continue the prompt text")
@@ -68,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     if not prompt.strip():
         print("error: empty prompt (give --prompt or pipe text on standard input)", file=sys.stderr)
         return 2
+    if args.task is not None and not args.adapter:
+        print("error: --task needs a MoRE --adapter", file=sys.stderr)
+        return 2
     model_name = args.model
     if args.adapter and not model_name:
         from .adapters import read_adapter_config
@@ -82,7 +88,18 @@ def run(args: argparse.Namespace) -> int:
         from .adapters import load_adapter
 
         model = load_adapter(model, args.adapter)
+    context = contextlib.nullcontext()
+    if args.task is not None:
+        from .adapters.more_tasks import task_index, use_task
+
+        try:
+            task_index(model, args.task)  # validate now: use_task only runs when entered
+            context = use_task(model, args.task)  # generate() cannot pass task_ids itself
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     torch.manual_seed(args.seed)
-    print(generate_text(model, tokenizer, prompt, system=args.system, raw=args.raw,
-                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p))
+    with context:
+        print(generate_text(model, tokenizer, prompt, system=args.system, raw=args.raw,
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p))
     return 0
