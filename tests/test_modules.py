@@ -141,7 +141,7 @@ def run_with_grads(moe, x, fn, seed: int = 7):
 ROUTING_CASES = {
     "top_k": dict(routing="top_k", top_k=2),
     "top_p": dict(routing="top_p", top_p=0.7, temperature=0.7, max_experts=3),
-    "switch": dict(routing="switch", capacity_factor=1.0),
+    "switch": dict(routing="switch", capacity_factor=0.5),  # capacity 4 of 30 tokens: overflow for sure
 }
 VARIANTS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
 
@@ -172,6 +172,14 @@ def check_against_reference(family_name: str, overrides: dict, padded: bool) -> 
     moe.context.token_mask = mask if padded else None
     valid = mask.reshape(-1)
 
+    # The cases must exercise what they name: switch overflow, a varying number of top-p experts.
+    with torch.no_grad():
+        gates = reference_gates(x.reshape(-1, dim) @ moe.router.weight.t(), valid, cfg)
+    experts_per_token = (gates > 0).sum(-1)[valid]
+    if cfg.routing == "switch":
+        assert (experts_per_token == 0).any() and (experts_per_token == 1).any()
+    elif cfg.routing == "top_p":
+        assert len(set(experts_per_token.tolist())) > 1 and experts_per_token.max() <= cfg.max_experts
     ref_out, ref_grads = run_with_grads(moe, x, lambda t: reference_ffn(moe, family, cfg, t.reshape(-1, dim), valid))
     base_out = moe._original_ffn[0](x.reshape(-1, dim))
     # The comparison means something only if the experts change the output.
