@@ -433,3 +433,13 @@ def test_bf16_base_keeps_fp32_adapter_and_runs():
     ids, mask, labels = batch()
     out = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=torch.tensor([0, 1, 2]))
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+
+
+def test_contrastive_loss_added_with_return_dict_false():
+    model = more_model(contrastive_coef=0.5)
+    randomize_B(model)
+    ids, mask, labels = batch()
+    task_ids = torch.tensor([0, 2, 1])
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=task_ids)
+    as_tuple = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=task_ids, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], out.loss)

@@ -55,16 +55,16 @@ def task_contrastive_loss(
     Example:
         >>> task_contrastive_loss(torch.randn(2, 5, 8), torch.tensor([0, 1]), torch.randn(3, 8), 0.05)
     """
-    x = x.float()
     if x.dim() == 2:  # (B, d): one vector per sample already
-        pooled = x
+        pooled = x.float()
+    elif valid is None:
+        pooled = x.float().mean(dim=1)
     else:
-        if valid is None:
-            pooled = x.mean(dim=1)
-        else:
-            m = valid.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
-            # A sample with no real token (never in practice) pools to 0 rather than NaN.
-            pooled = (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+        m = valid.to(x.dtype)  # (B, T)
+        # (B, 1, T) @ (B, T, d): the masked sum without materialising x * mask; a sample with no real
+        # token (never in practice) pools to 0 rather than NaN.
+        summed = torch.bmm(m.unsqueeze(1), x).squeeze(1).float()  # (B, d)
+        pooled = summed / valid.sum(dim=1, keepdim=True).clamp_min(1).float()
     u = F.normalize(pooled, dim=-1)  # (B, d)
     e = F.normalize(task_embedding.float(), dim=-1)  # (n_tasks, d)
     sim = u @ e.t() / temperature  # (B, n_tasks)
