@@ -19,7 +19,7 @@ from loramix.data.sampling import TaskSampledBatches, multitask_order, task_prob
 from loramix.models.inject import more_modules
 from loramix.modules import ForwardContext
 from loramix.modules.more import MoreLinear, task_contrastive_loss
-from tiny_models import batch, tiny_model
+from tiny_models import FAMILY_NAMES, batch, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -107,7 +107,7 @@ def test_config_round_trip_and_errors():
 
 # ------------------------------------------------------------------------------------------ the layer
 def test_fresh_more_model_equals_base():
-    for family in ("llama", "gpt2"):  # gpt2: Conv1D (in, out) weights
+    for family in FAMILY_NAMES:  # gpt2: Conv1D (in, out) weights; phi3: fused projections
         ids, mask, _ = batch()
         base = tiny_model(family)(input_ids=ids, attention_mask=mask).logits
         model = more_model(family)
