@@ -701,8 +701,28 @@ def _resolve_base(name: str | None, *, need_folder_ok: bool = True, dtype=None):
     path = Path(name).expanduser()
     if path.is_dir() and ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
         return BaseWeights.from_folder(path)
-    model, tokenizer = hub.load_model(name, dtype=dtype or "float32", device="cpu")
+    model, tokenizer = _load_base_model(name)
     return BaseWeights.from_model(model, tokenizer)
+
+
+def _load_base_model(name: str):
+    """(model, tokenizer or None) in fp32 on CPU; a local folder needs no tokenizer (tiny test models)."""
+    from .. import hub
+
+    path = Path(name).expanduser()
+    if path.is_dir() and name.lower() not in hub.EMBEDDED_ALIASES:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not (path / "config.json").is_file():
+            raise ExportError(f"{path}: not a Hugging Face model folder (no config.json)")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model.config._name_or_path = str(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):  # a folder without tokenizer files: export the weights only
+            tokenizer = None
+        return model, tokenizer
+    return hub.load_model(name, dtype="float32", device="cpu")
 
 
 def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.PathLike, *, format: str,
@@ -735,12 +755,11 @@ def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.Pat
     base_name = base or meta.get("base_model") or meta.get("base_model_name_or_path")
     if meta.get("peft_type") == "MIXLORA" or kind == "more":
         # The authors' format (pickled weights, read safely) and MoRE (per-task factors) need the model.
-        from .. import hub
         from .io import load_adapter
 
         if not base_name:
             raise ExportError(f"{adapter}: the adapter records no base model: give --model")
-        model, tok = hub.load_model(base_name, dtype="float32", device="cpu")
+        model, tok = _load_base_model(base_name)
         load_adapter(model, adapter)
         return _export_model(model, out, format=format, task=task, tokenizer=tok, dtype=dtype,
                              max_shard_size=max_shard_size, progress=progress)
