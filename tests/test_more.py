@@ -3,6 +3,7 @@ PEFT export, task sampling — against plain references kept here."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -443,3 +444,35 @@ def test_contrastive_loss_added_with_return_dict_false():
     out = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=task_ids)
     as_tuple = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=task_ids, return_dict=False)
     torch.testing.assert_close(as_tuple[0], out.loss)
+
+
+def test_trainer_runs_more_with_adapter_task_order_and_frozen_ranks(tmp_path):
+    from loramix.train import Trainer
+    from loramix.train.config import train_config_from_dict
+    from test_train import mc_examples, word_tokenizer
+
+    train = mc_examples(16, seed=0, task="t0") + mc_examples(16, seed=1, task="t1")
+    evals = mc_examples(4, seed=2, task="t0") + mc_examples(4, seed=3, task="t1")
+    moved = {}
+    for selector in ("frozen_random", "ste"):
+        cfg = train_config_from_dict({
+            "adapter": {"kind": "more", "max_rank": 4, "alpha": 8, "dropout": 0.0, "tasks": ["t1", "t0"],
+                        "selector": selector, "targets": None},
+            "batch_size": 4, "max_steps": 3, "lr": 5e-2, "output_dir": str(tmp_path / selector),
+            "progress": False, "plots": False, "seed": 0, "data": {"sampling": "uniform"}}, where="test")
+        t = Trainer(cfg, model=tiny_model("llama", seed=0), tokenizer=word_tokenizer(), train_examples=train,
+                    eval_examples=evals)
+        t.setup()
+        assert t.task_index == {"t1": 0, "t0": 1}  # the adapter's order, not sorted
+        before = chosen_ranks(t.model)
+        gates = {n: m.selector.gate.weight.detach().clone() for n, m in more_modules(t.model).items()}
+        result = t.train()
+        assert set(result["eval"]["label"]["per_task"]) == {"t0", "t1"}
+        metrics = [json.loads(line) for line in (tmp_path / selector / "metrics.jsonl").read_text().splitlines()]
+        assert all("contrastive_loss" in m for m in metrics if m["type"] == "train")
+        if selector == "frozen_random":
+            assert chosen_ranks(t.model) == before
+        moved[selector] = sum(not torch.equal(m.selector.gate.weight, gates[n]) for n, m in more_modules(t.model).items())
+        saved = json.loads((result["adapter"] / "adapter_config.json").read_text())
+        assert saved["extra"]["task_index"] == {"t1": 0, "t0": 1} and saved["config"]["tasks"] == ["t1", "t0"]
+    assert moved["frozen_random"] == 0 and moved["ste"] > 0
