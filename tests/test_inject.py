@@ -418,7 +418,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(adapter):
             moe.jitter = 0.1
         perturb_adapter(model, seed=13, router_std=0.5)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            assert model.is_activation_checkpointing
         model.train()
         torch.manual_seed(0)  # the same dropout masks and jitter in both runs
         model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
@@ -440,7 +441,7 @@ state = torch.get_rng_state()
 with torch.no_grad():
     model(input_ids=ids, attention_mask=mask)  # eval mode: must draw no random numbers at all
 assert torch.equal(torch.get_rng_state(), state), "an eval forward consumed the global RNG"
-model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 model.train()
 model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
 print("ok")
