@@ -1,0 +1,145 @@
+"""Plots of a training run from its ``metrics.jsonl``; also ``loramix report RUN_DIR``.
+
+Writes into the run folder:
+
+- ``loss.png``: LM loss and router load-balance loss per logged step, and evaluation accuracy
+  (one line per protocol) when the run evaluated.
+- ``expert_load.png`` (MixLoRA runs): heatmap of the share of routing assignments per expert
+  (columns) in each MoE layer (rows), averaged over the run. A perfectly balanced router gives
+  1 / num_experts everywhere.
+
+``metrics.jsonl`` holds one JSON object per line: ``{"type": "train", "step", "loss", "lm_loss",
+"aux_loss", "lr", "tokens_per_s", "expert_load": [[...]]}`` and ``{"type": "eval", "step",
+"eval": {protocol: {"accuracy", "n", "per_task"}}}``.
+
+Example:
+    >>> write_plots("runs/demo")
+    [PosixPath('runs/demo/loss.png'), PosixPath('runs/demo/expert_load.png')]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class ReportError(ValueError):
+    """The metrics file is missing or malformed; the message names the file and line."""
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file (blank lines skipped); errors name the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReportError(f"{path}: no metrics file (is this a run folder written by loramix train?)")
+    records = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ReportError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise ReportError(f"{path}, line {lineno}: expected an object with a 'step'")
+        records.append(record)
+    return records
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(records: list[dict[str, Any]], out: Path) -> Path | None:
+    """``loss.png``: LM loss, aux loss (if any) and eval accuracy (if any) against the step."""
+    train = [r for r in records if r.get("type", "train") == "train" and "lm_loss" in r]
+    evals = [r for r in records if r.get("type") == "eval"]
+    if not train and not evals:
+        return None
+    has_aux = any(r.get("aux_loss") for r in train)
+    panels = ["lm"] + (["aux"] if has_aux else []) + (["eval"] if evals else [])
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "lm":
+            ax.plot([r["step"] for r in train], [r["lm_loss"] for r in train], lw=1, label="lm loss")
+            ax.set_title("LM loss (answer tokens)")
+            ax.set_ylabel("cross-entropy")
+        elif panel == "aux":
+            ax.plot([r["step"] for r in train], [r.get("aux_loss", 0.0) for r in train], lw=1, color="tab:orange")
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")  # the value of a perfectly balanced router
+            ax.set_title("load-balance loss (1 = balanced)")
+        else:
+            protocols = sorted({p for r in evals for p in r["eval"]})
+            for protocol in protocols:
+                pts = [(r["step"], r["eval"][protocol]["accuracy"]) for r in evals if protocol in r["eval"]]
+                ax.plot([s for s, _ in pts], [a for _, a in pts], marker="o", label=protocol)
+            ax.set_title("evaluation accuracy")
+            ax.legend()
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_expert_load(records: list[dict[str, Any]], out: Path) -> Path | None:
+    """``expert_load.png``: mean share of assignments per (layer, expert); None if no MoE layers."""
+    loads = [r["expert_load"] for r in records if r.get("expert_load")]
+    if not loads:
+        return None
+    layers, experts = len(loads[0]), len(loads[0][0])
+    loads = [x for x in loads if len(x) == layers and all(len(row) == experts for row in x)]
+    mean = [[sum(x[layer][e] for x in loads) / len(loads) for e in range(experts)] for layer in range(layers)]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * experts, 1.2 + 0.22 * layers))
+    image = ax.imshow(mean, aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="share of assignments")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(experts))
+    ax.set_title(f"expert load per layer (mean over {len(loads)} logged steps; balanced = {1 / experts:.3f})",
+                 fontsize=9)
+    fig.tight_layout()
+    path = out / "expert_load.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(run_dir: str | os.PathLike, metrics: str | os.PathLike | None = None) -> list[Path]:
+    """Write the PNG plots of ``run_dir`` (from ``run_dir/metrics.jsonl`` unless ``metrics`` is given)."""
+    run_dir = Path(run_dir)
+    records = read_metrics(metrics or run_dir / "metrics.jsonl")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return [p for p in (plot_losses(records, run_dir), plot_expert_load(records, run_dir)) if p is not None]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run folder holding metrics.jsonl (output_dir of a run)")
+    parser.add_argument("--metrics", default=None, help="read this metrics file instead of RUN_DIR/metrics.jsonl")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        paths = write_plots(args.run_dir, args.metrics)
+    except ReportError as err:
+        print(f"loramix report: {err}", file=sys.stderr)
+        return 2
+    if not paths:
+        print(f"loramix report: {args.run_dir}: the metrics file has no records to plot", file=sys.stderr)
+        return 1
+    for p in paths:
+        print(p)
+    return 0

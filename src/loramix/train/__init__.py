@@ -1,0 +1,15 @@
+"""Training: the config (``TrainConfig``), the loop (``Trainer``), checkpoints, and ``loramix train``.
+
+Example:
+    >>> from loramix.train import Trainer, load_train_config
+    >>> Trainer(load_train_config("examples/mixlora.yaml", ["max_steps=50"])).run()
+"""
+
+from .checkpoint import CheckpointError, latest_checkpoint
+from .config import DataConfig, TrainConfig, load_train_config, train_config_from_dict
+from .loop import Trainer, TrainingDiverged, lr_factor, mix_sources
+
+__all__ = [
+    "CheckpointError", "DataConfig", "TrainConfig", "Trainer", "TrainingDiverged", "latest_checkpoint",
+    "load_train_config", "lr_factor", "mix_sources", "train_config_from_dict",
+]

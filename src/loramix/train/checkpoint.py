@@ -1,0 +1,175 @@
+"""Checkpoints of a training run, written atomically and read without unpickling.
+
+Layout of ``output_dir/checkpoints/``::
+
+    step-200/
+        adapter/              adapter_config.json + adapter_model.safetensors (loramix.save_adapter)
+        optimizer.pt          AdamW state (tensors, numbers) - read with torch.load(weights_only=True)
+        scheduler.pt          learning-rate scheduler and gradient-scaler state
+        rng.pt                torch CPU / CUDA generator states
+        trainer_state.json    step, data position (epoch, batch), Python/NumPy RNG, last metrics
+    step-300/ ...
+    latest                    one line: the name of the newest complete checkpoint ("step-300")
+
+A checkpoint is first written into a hidden temporary folder and renamed into place when complete,
+and ``latest`` is replaced atomically after that, so a run killed at any moment leaves either the
+previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapters.io import copy_adapter_tensors, read_safetensors, save_adapter, WEIGHTS_NAME
+
+LATEST = "latest"
+STATE_NAME = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing or unreadable; the message names the folder or file."""
+
+
+def checkpoint_root(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def rng_states() -> tuple[dict[str, Any], dict[str, torch.Tensor | list[torch.Tensor]]]:
+    """(JSON-able Python/NumPy generator states, tensor states of torch CPU/CUDA generators)."""
+    version, internal, gauss = random.getstate()
+    plain: dict[str, Any] = {"python": [version, list(internal), gauss]}
+    if "numpy" in sys.modules:  # only if something in the process uses NumPy's global generator
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        plain["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    tensors: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["cuda"] = torch.cuda.get_rng_state_all()
+    return plain, tensors
+
+
+def set_rng_states(plain: dict[str, Any], tensors: dict[str, Any]) -> None:
+    """Restore what ``rng_states`` returned."""
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "numpy" in plain:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = plain["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(tensors["cuda"])
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, state: dict[str, Any],
+                    keep: int = 2) -> Path:
+    """Write ``checkpoints/step-{step}`` atomically, point ``latest`` at it, delete all but the newest ``keep``.
+
+    Args:
+        state: JSON-able trainer state (step, data position, metrics); RNG states are added here.
+
+    Returns:
+        The checkpoint folder.
+    """
+    root = checkpoint_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step}-"))
+    try:
+        save_adapter(model, tmp / "adapter")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}, tmp / "scheduler.pt")
+        plain_rng, tensor_rng = rng_states()
+        torch.save(tensor_rng, tmp / "rng.pt")
+        (tmp / STATE_NAME).write_text(json.dumps(dict(state, step=step, rng=plain_rng)) + "\n")
+        if final.exists():  # the same step saved twice (e.g. interrupt right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _atomic_text(root / LATEST, final.name + "\n")
+    _prune(root, keep, protect=final.name)
+    return final
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.removeprefix("step-"))
+    except ValueError:
+        return -1
+
+
+def _prune(root: Path, keep: int, protect: str) -> None:
+    done = sorted((p for p in root.glob("step-*") if p.is_dir() and _step_of(p) >= 0), key=_step_of)
+    for old in done[:-keep] if keep > 0 else done:
+        if old.name != protect:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):  # leftovers of a run killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The folder named by ``checkpoints/latest``, or None when the run has no checkpoint yet."""
+    root = checkpoint_root(output_dir)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    folder = root / pointer.read_text().strip()
+    if not (folder / STATE_NAME).is_file():
+        raise CheckpointError(f"{pointer} names '{folder.name}', which is not a complete checkpoint folder")
+    return folder
+
+
+def _load_tensors(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing from the checkpoint")
+    try:
+        # weights_only: only tensors and plain containers are accepted, never arbitrary objects
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - the unpickler raises many kinds
+        raise CheckpointError(f"{path}: not a readable checkpoint file ({err})") from None
+
+
+def load_checkpoint(folder: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, scaler: Any) -> dict[str, Any]:
+    """Load adapter weights, optimizer, scheduler and scaler state from ``folder``; return the trainer state.
+
+    RNG states are returned in the state (``"rng"`` and ``"rng_tensors"``) for the caller to restore last.
+    """
+    folder = Path(folder)
+    state_path = folder / STATE_NAME
+    if not state_path.is_file():
+        raise CheckpointError(f"{folder}: not a checkpoint folder (no {STATE_NAME})")
+    try:
+        state = json.loads(state_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{state_path}: not valid JSON ({err})") from None
+    copy_adapter_tensors(model, read_safetensors(folder / "adapter" / WEIGHTS_NAME), str(folder / "adapter"))
+    optimizer.load_state_dict(_load_tensors(folder / "optimizer.pt"))
+    sched = _load_tensors(folder / "scheduler.pt")
+    scheduler.load_state_dict(sched["scheduler"])
+    scaler.load_state_dict(sched["scaler"])
+    state["rng_tensors"] = _load_tensors(folder / "rng.pt")
+    return state

@@ -1,0 +1,383 @@
+"""The training configuration: a YAML file, overridable with ``key=value`` on the command line.
+
+Every field has a help string (``loramix train --list-keys`` prints them). Loading checks every key
+and every value's type, and an error names the key and the file, with the closest valid key for a
+typo:
+
+    examples/mixlora.yaml: unknown key 'learning_rate'. Did you mean 'lr'? ...
+
+Example YAML (see ``examples/``)::
+
+    model: smollm2-135m
+    adapter: {kind: mixlora, r: 8, num_experts: 8, top_k: 2}
+    data:
+      train: [arc-e]                    # or [{source: arc-e, limit: 500}, data/mine.jsonl]
+      eval: [arc-e]
+      eval_limit: 200
+    lr: 2.0e-4
+    max_steps: 200
+    output_dir: runs/mixlora
+
+Example (Python):
+    >>> cfg = load_train_config("examples/mixlora.yaml", ["adapter.r=8", "lr=1e-4"])
+    >>> cfg.adapter_config()          # a loramix.MixLoraConfig
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from ..config import ConfigError, _help, adapter_config_from_dict, unknown_key_error
+
+SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+@dataclass
+class DataConfig:
+    """Which examples to train and evaluate on, and how to turn them into tokens."""
+
+    train: list = _help(
+        "Training sources: task names (arc-e, arc-c, boolq, obqa, piqa, siqa, hellaswag, winogrande), "
+        ".json/.jsonl files or Hub dataset ids; an entry may be a mapping {source: NAME, limit: N}. "
+        "Several sources are mixed into one run.", factory=lambda: ["arc-e"])
+    train_limit: int | None = _help("Default cap on examples per training source (a random sample; null: all).", None)
+    train_split: str = _help("Split read from the training sources.", "train")
+    sampling: str = _help(
+        "How the per-source example lists become one training set: 'concat' (concatenate; the batch "
+        "order is shuffled anyway). Other strategies come from loramix.data.sampling.", "concat")
+    eval: list = _help("Evaluation sources (multiple-choice tasks or files); [] disables evaluation.",
+                       factory=lambda: ["arc-e"])
+    eval_split: str = _help("Split used for evaluation: validation or test.", "validation")
+    eval_limit: int | None = _help("Evaluate on the first N rows of each evaluation source (null: all).", None)
+    eval_protocols: list = _help(
+        "Accuracy protocols: 'label' (logits of the option letters, the MixLoRA paper's) and/or "
+        "'loglik' (length-normalised log-likelihood of each choice).", factory=lambda: ["label"])
+    eval_batch_size: int = _help("Sequences per forward pass during evaluation.", 16)
+    template: str = _help("Prompt template (a name from loramix/data/templates.yaml or a .yaml file).", "mc_letters")
+    cutoff_len: int = _help("Longest training sequence in tokens; longer prompts are cut from the left.", 256)
+    train_on_prompt: bool = _help("Also put loss on the prompt tokens (default: answer tokens only).", False)
+
+    def validate(self) -> None:
+        for name in ("train", "eval"):
+            for i, entry in enumerate(getattr(self, name)):
+                if isinstance(entry, str) and entry:
+                    continue
+                if isinstance(entry, dict) and isinstance(entry.get("source"), str):
+                    extra = set(entry) - {"source", "limit"}
+                    if extra:
+                        raise ConfigError(f"'data.{name}[{i}]' has unknown key(s) {sorted(extra)}; use source and limit")
+                    if entry.get("limit") is not None and not _is_int(entry["limit"], minimum=0):
+                        raise ConfigError(f"'data.{name}[{i}].limit' must be a non-negative integer or null")
+                    continue
+                raise ConfigError(f"'data.{name}[{i}]' must be a source name or {{source: NAME, limit: N}}, got {entry!r}")
+        if not self.train:
+            raise ConfigError("'data.train' needs at least one training source")
+        for p in self.eval_protocols:
+            if p not in ("label", "loglik"):
+                raise ConfigError(f"'data.eval_protocols' entries must be 'label' or 'loglik', got {p!r}")
+        _positive(self, "eval_batch_size", "data.")
+        if self.cutoff_len < 8:
+            raise ConfigError(f"'data.cutoff_len' must be at least 8, got {self.cutoff_len}")
+        if self.train_limit is not None and self.train_limit < 0:
+            raise ConfigError(f"'data.train_limit' must be >= 0 or null, got {self.train_limit}")
+        if self.eval_limit is not None and self.eval_limit < 0:
+            raise ConfigError(f"'data.eval_limit' must be >= 0 or null, got {self.eval_limit}")
+
+    def sources(self, which: str) -> list[tuple[str, int | None]]:
+        """(source, limit) pairs of ``which`` ("train" or "eval")."""
+        default = self.train_limit if which == "train" else self.eval_limit
+        out = []
+        for entry in getattr(self, which):
+            if isinstance(entry, str):
+                out.append((entry, default))
+            else:
+                out.append((entry["source"], entry.get("limit", default)))
+        return out
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs. Nested: ``adapter`` (a mapping with ``kind``) and ``data``."""
+
+    model: Any = _help("Base model: 'smollm2-135m' (embedded), a local Hugging Face folder or a Hub id.",
+                       "smollm2-135m")
+    dtype: str = _help("Weights dtype of the base model: auto (bf16 on capable GPUs, fp32 on CPU), fp32, bf16, fp16. "
+                       "Adapter weights stay fp32; on CUDA half dtypes also turn on autocast.", "auto")
+    device: str = _help("auto (CUDA when available), cpu, cuda, cuda:1, mps ...", "auto")
+    adapter: dict = _help("The adapter: {kind: lora | mixlora | ..., plus that kind's settings (r, alpha, "
+                          "num_experts, top_k, ...)}; see loramix.config.", factory=lambda: {"kind": "mixlora"})
+    data: DataConfig = _help("Training and evaluation data (see the data.* keys).", factory=DataConfig)
+    batch_size: int = _help("Examples per micro-batch (one forward/backward).", 4)
+    grad_accum: int = _help("Micro-batches per optimizer step; the loss is normalised by the number of answer "
+                            "tokens in the whole accumulation window.", 1)
+    lr: float = _help("Peak learning rate of AdamW.", 2e-4)
+    weight_decay: float = _help("AdamW weight decay (not applied to DoRA magnitude vectors).", 0.01)
+    betas: list = _help("AdamW betas.", factory=lambda: [0.9, 0.999])
+    warmup_steps: int = _help("Steps of linear warmup from 0 to lr (takes precedence over warmup_ratio).", 0)
+    warmup_ratio: float = _help("Warmup as a fraction of the total steps, used when warmup_steps is 0.", 0.0)
+    schedule: str = _help("Learning-rate schedule after warmup: constant, linear (to 0) or cosine (to 0).", "cosine")
+    max_steps: int | None = _help("Optimizer steps to run (overrides epochs when set).", None)
+    epochs: float = _help("Passes over the training data when max_steps is null (fractions allowed).", 1.0)
+    max_grad_norm: float | None = _help("Clip the global gradient norm to this (null: no clipping).", 1.0)
+    seed: int = _help("Seed of adapter init, dropout and data order.", 42)
+    gradient_checkpointing: bool = _help("Recompute activations in the backward pass (less memory, ~30% slower).",
+                                         False)
+    eval_every: int = _help("Evaluate every N optimizer steps (0: only at the end).", 0)
+    eval_at_start: bool = _help("Also evaluate before the first step.", False)
+    save_every: int = _help("Write a checkpoint every N optimizer steps (0: only on interrupt).", 0)
+    keep_checkpoints: int = _help("Keep the newest K checkpoints; older ones are deleted.", 2)
+    log_every: int = _help("Write a metrics line every N optimizer steps.", 1)
+    output_dir: str = _help("Run folder: metrics.jsonl, checkpoints/, adapter/, plots.", "runs/train")
+    resume: Any = _help("true: continue from output_dir/checkpoints/latest (start fresh if there is none); "
+                        "or the path of a checkpoint folder.", False)
+    threads: int | None = _help("torch CPU threads (null: torch's default).", None)
+    plots: bool = _help("Write PNG plots into output_dir at the end.", True)
+    progress: bool = _help("Show tqdm progress bars.", True)
+
+    def validate(self) -> None:
+        """Check values that the types alone do not catch; raises ``ConfigError`` naming the key."""
+        if not isinstance(self.adapter, dict) or "kind" not in self.adapter:
+            raise ConfigError("'adapter' must be a mapping with a 'kind' (lora, mixlora, ...)")
+        self.adapter_config()  # validates the adapter settings
+        self.data.validate()
+        for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            _positive(self, name)
+        for name in ("eval_every", "save_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"'{name}' must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"'lr' must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"'weight_decay' must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"'schedule' must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"'max_steps' must be >= 1 or null, got {self.max_steps}")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ConfigError(f"'epochs' must be positive when max_steps is null, got {self.epochs}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"'max_grad_norm' must be positive or null, got {self.max_grad_norm}")
+        if str(self.dtype).lower().removeprefix("torch.") not in DTYPES:
+            raise ConfigError(f"'dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"'betas' must be two numbers in [0, 1), got {self.betas!r}")
+        if not isinstance(self.resume, (bool, str)):
+            raise ConfigError(f"'resume' must be true, false or a checkpoint folder, got {self.resume!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"'threads' must be >= 1 or null, got {self.threads}")
+
+    def adapter_config(self):
+        """The adapter's config object (``LoraConfig``, ``MixLoraConfig``, ...) built from ``adapter``."""
+        values = dict(self.adapter)
+        kind = values.pop("kind")
+        return adapter_config_from_dict(kind, values, where="adapter")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML-able); a model passed in as an object is recorded by its class name."""
+        out = dataclasses.asdict(self)
+        if not isinstance(self.model, str):
+            out["model"] = f"<{type(self.model).__name__} given in Python>"
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --- building from YAML -------------------------------------------------------------------------------
+
+
+def _is_int(value: Any, minimum: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
+
+
+def _positive(cfg: Any, name: str, prefix: str = "") -> None:
+    if not _is_int(getattr(cfg, name), minimum=1):
+        raise ConfigError(f"'{prefix}{name}' must be a positive integer, got {getattr(cfg, name)!r}")
+
+
+def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """Whether ``value`` fits ``annotation`` (int/float/bool/str/list/dict/Optional/Any); ints pass as floats."""
+    if annotation is Any:
+        return True, value
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if arg is type(None):
+                if value is None:
+                    return True, value
+                continue
+            ok, converted = _type_ok(value, arg)
+            if ok:
+                return True, converted
+        return False, value
+    if origin is not None:  # list[...] / dict[...]
+        annotation = origin
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if annotation is int:
+        return _is_int(value), value
+    if annotation in (bool, str, list, dict):
+        return isinstance(value, annotation), value
+    return True, value
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+               dict: "a mapping"}
+
+
+def _describe(annotation: Any) -> str:
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    words = [("null" if a is type(None) else _TYPE_WORDS.get(typing.get_origin(a) or a, str(a))) for a in args]
+    return " or ".join(words)
+
+
+def _build(cls: type, values: Any, where: str, prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, checking keys and value types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'the file'}' must be a mapping of settings, "
+                          f"got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            err = unknown_key_error(str(key), list(fields), where)
+            if prefix:
+                err = ConfigError(str(err).replace(f"unknown key '{key}'", f"unknown key '{prefix}{key}'", 1))
+            raise err
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value, where, prefix=f"{prefix}{key}.")
+            continue
+        ok, converted = _type_ok(value, hints[key])
+        if not ok:
+            raise ConfigError(f"{where}: '{prefix}{key}' must be {_describe(hints[key])}, got {value!r}")
+        kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"adapter.r=8"`` → (["adapter", "r"], 8): the value is read as YAML (numbers, true, null, [a, b])."""
+    if "=" not in text:
+        raise ConfigError(f"command line: '{text}' is not a key=value override (e.g. lr=1e-4 or adapter.r=8)")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"command line: '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"command line: the value of '{key}' is not valid YAML ({err})") from None
+    if isinstance(value, str) and _looks_like_float(value):
+        value = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
+    return key.split("."), value
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.strip().lower() not in ("nan", "inf", "-inf", "infinity", "-infinity")
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of the raw YAML mapping with ``key=value`` overrides set (dotted keys nest)."""
+    out = _deep_copy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"command line: '{'.'.join(path[:i + 1])}' is not a mapping, so "
+                                  f"'{'.'.join(path)}' cannot be set")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def _fix_yaml_floats(value: Any) -> Any:
+    """YAML 1.1 reads ``2e-4`` (no dot) as a string: turn such strings back into floats."""
+    if isinstance(value, dict):
+        return {k: _fix_yaml_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fix_yaml_floats(v) for v in value]
+    if isinstance(value, str) and _looks_like_float(value) and any(c in value for c in "eE"):
+        return float(value)
+    return value
+
+
+def train_config_from_dict(values: dict, where: str = "config", overrides: list[str] | None = None) -> TrainConfig:
+    """Build and validate a ``TrainConfig`` from a mapping; errors name the key and ``where``."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: the file must hold a mapping of settings, got {type(values).__name__}")
+    values = _fix_yaml_floats(values)
+    if overrides:
+        values = apply_overrides(values, overrides)
+        where = f"{where} (with command-line overrides)"
+    cfg = _build(TrainConfig, values, where)
+    try:
+        cfg.validate()
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return cfg
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML training config, apply ``key=value`` overrides, and validate it.
+
+    Raises:
+        ConfigError: naming the file (and line for YAML syntax errors) and the offending key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{line}: {getattr(err, 'problem', err)}") from None
+    return train_config_from_dict(values, where=str(path), overrides=overrides)
+
+
+def describe_keys() -> str:
+    """Every key with its default and help, for ``loramix train --list-keys``."""
+    lines = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"{prefix}{f.name} (default: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()})")
+            lines.append(f"    {f.metadata.get('help', '')}")
+
+    walk(TrainConfig, "")
+    return "\n".join(lines)
