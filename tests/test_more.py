@@ -476,3 +476,15 @@ def test_trainer_runs_more_with_adapter_task_order_and_frozen_ranks(tmp_path):
         saved = json.loads((result["adapter"] / "adapter_config.json").read_text())
         assert saved["extra"]["task_index"] == {"t1": 0, "t0": 1} and saved["config"]["tasks"] == ["t1", "t0"]
     assert moved["frozen_random"] == 0 and moved["ste"] > 0
+
+
+def test_selector_runs_in_fp32_under_autocast():
+    m = MoreLinear(nn.Linear(16, 16), max_rank=4, num_tasks=2)
+    with torch.no_grad():
+        m.selector.gate.weight.normal_()
+        m.selector.task_embedding.normal_()
+    plain = m.selector.probabilities()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = m.selector.probabilities()
+    assert auto.dtype == torch.float32
+    torch.testing.assert_close(auto, plain, rtol=0, atol=0)

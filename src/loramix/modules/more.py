@@ -65,10 +65,11 @@ def task_contrastive_loss(
         # token (never in practice) pools to 0 rather than NaN.
         summed = torch.bmm(m.unsqueeze(1), x).squeeze(1).float()  # (B, d)
         pooled = summed / valid.sum(dim=1, keepdim=True).clamp_min(1).float()
-    u = F.normalize(pooled, dim=-1)  # (B, d)
-    e = F.normalize(task_embedding.float(), dim=-1)  # (n_tasks, d)
-    sim = u @ e.t() / temperature  # (B, n_tasks)
-    return F.cross_entropy(sim, task_ids.to(sim.device))
+    with torch.autocast(pooled.device.type, enabled=False):  # a small fp32 loss, also under autocast
+        u = F.normalize(pooled, dim=-1)  # (B, d)
+        e = F.normalize(task_embedding.float(), dim=-1)  # (n_tasks, d)
+        sim = u @ e.t() / temperature  # (B, n_tasks)
+        return F.cross_entropy(sim, task_ids.to(sim.device))
 
 
 class RankSelector(nn.Module):
@@ -101,7 +102,11 @@ class RankSelector(nn.Module):
 
     def probabilities(self) -> torch.Tensor:
         """q, shape (num_tasks, len(ranks)): softmax of the gate over the rank set, per task."""
-        return torch.softmax(self.gate(self.task_embedding).float(), dim=-1)
+        # fp32 and outside autocast: the argmax must not depend on the precision of the run, or a
+        # task merged/exported in fp32 could pick another rank than the one it was trained with.
+        with torch.autocast(self.task_embedding.device.type, enabled=False):
+            logits = F.linear(self.task_embedding.float(), self.gate.weight.float(), self.gate.bias.float())
+        return torch.softmax(logits, dim=-1)
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Choose per task.
