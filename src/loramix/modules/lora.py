@@ -78,19 +78,34 @@ class LoraDropout(nn.Dropout):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        masked, factor = self.masked(x)
+        return masked if factor == 1.0 else masked * factor
+
+    def masked(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The dropped-out input *before* the ``1 / (1 - p)`` rescale, and that factor.
+
+        A LoRA input only feeds ``A``, so callers fold the factor into the LoRA scale (a rank-r
+        multiply) instead of paying a pass over the full input.
+        """
         if not self.training or self.p == 0:
-            return x
+            return x, 1.0
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return F.dropout(x, self.p, True, self.inplace)
+            return F.dropout(x, self.p, True, self.inplace), 1.0
         threshold = round(self.p * 32768)
         if threshold == 0:  # p < 2⁻¹⁶: rounds to no dropout at all
-            return x
+            return x, 1.0
         n = x.numel()
         lanes = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
         # random_() fills [0, 2⁶³): the top lane has only 15 random bits, so keep 15 bits of each lane.
         bits = lanes.view(torch.int16)[:n].view(x.shape) & 0x7FFF
-        keep = bits >= threshold
-        return torch.where(keep, x, 0).mul_(32768 / (32768 - threshold))
+        return torch.where(bits >= threshold, x, 0.0), 32768 / (32768 - threshold)
+
+
+def lora_input(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(masked x, factor)`` with ``dropout(x) == masked * factor``; see ``LoraDropout.masked``."""
+    if isinstance(dropout, LoraDropout):
+        return dropout.masked(x)
+    return dropout(x), 1.0
 
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fan_in_fan_out: bool) -> torch.Tensor:
@@ -169,7 +184,8 @@ class LoraLinear(nn.Module):
         # Cast the small adapter matrices to the activation dtype, never the activations to fp32.
         A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         # The scale goes on the rank-r intermediate, not on the (..., out) product.
-        low = (self.dropout(x) @ A.t()) * self.scale
+        x_in, factor = lora_input(self.dropout, x)
+        low = (x_in @ A.t()) * (self.scale * factor)
         if not self.use_dora:
             # base_out + low Bᵀ as one fused matmul-add: no extra pass over the (..., out) output.
             out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), low.reshape(-1, low.shape[-1]), B.t())

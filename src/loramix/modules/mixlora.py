@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .context import ForwardContext
-from .lora import LoraDropout, dora_weight_norm, init_lora_A
+from .lora import LoraDropout, dora_weight_norm, init_lora_A, lora_input
 from .routing import Routing, load_balance_loss, route_switch, route_top_k, route_top_p, router_statistics, router_z_loss, expert_counts
 
 FFN_KINDS = ("gated", "fused", "plain")
@@ -238,20 +238,21 @@ class MixLoraFFN(nn.Module):
         norm = dora_weight_norm(self.weight_out_in(name), self.experts.lora_A[name], self.experts.lora_B[name], self.scale)
         return self.experts.lora_magnitude[name] / norm
 
-    def lora_delta(self, name: str, inputs: torch.Tensor, seg: Segments) -> torch.Tensor:
+    def lora_delta(self, name: str, inputs: torch.Tensor, seg: Segments, factor: float = 1.0) -> torch.Tensor:
         """``s · B_e A_e x`` of projection ``name`` for rows sorted by expert, (M, out).
 
         Args:
             inputs: the rows' inputs after LoRA dropout, (M, in), contiguous per expert; the last
                 ``seg.frozen`` rows (unrouted tokens) get a zero delta.
             seg: the per-expert row counts of the dispatch.
+            factor: extra scale folded into ``B`` (the dropout rescale of ``lora_input``).
 
         One grouped matmul per factor where the device supports it, else a loop over the experts'
         row segments taken with ``split``/``unbind`` (a slice's backward would zero-fill a full-size
         gradient per expert).
         """
         A = self.experts.lora_A[name].to(inputs.dtype)  # (E, r, in)
-        B = self.experts.lora_B[name].to(inputs.dtype) * self.scale  # (E, out, r), scale on the small factor
+        B = self.experts.lora_B[name].to(inputs.dtype) * (self.scale * factor)  # (E, out, r): scales on the small factor
         if seg.frozen:
             # A zero expert for the unrouted rows keeps every row inside a group (no slicing).
             A = torch.cat([A, A.new_zeros(1, *A.shape[1:])])
@@ -266,7 +267,7 @@ class MixLoraFFN(nn.Module):
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     def expert_rows(self, name: str, base_rows: torch.Tensor, inputs: torch.Tensor, seg: Segments,
-                    row_expert: torch.Tensor) -> torch.Tensor:
+                    row_expert: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
         """Expert outputs of projection ``name`` for rows sorted by expert.
 
         Args:
@@ -274,12 +275,14 @@ class MixLoraFFN(nn.Module):
             inputs: the rows' inputs after LoRA dropout, (M, in), contiguous per expert.
             seg: rows per expert (and unrouted rows last, which keep the frozen output).
             row_expert: (M,) expert id of each row, ``num_experts`` for unrouted rows (used by DoRA).
+            factor: dropout rescale to fold into the LoRA scale (see ``lora_input``).
         """
         if name not in self.targets:
             return base_rows
-        delta = self.lora_delta(name, inputs, seg)
+        delta = self.lora_delta(name, inputs, seg, factor)
         if not self.use_dora:
-            return base_rows + delta
+            # In place into the delta: a fresh (M, out) result would cost more (page faults) than the add.
+            return delta.add_(base_rows)
         bias = getattr(getattr(self, name), "bias", None)
         bias = 0 if bias is None else bias
         factor = self.dora_factor(name)
@@ -379,8 +382,9 @@ class MixLoraFFN(nn.Module):
         row_weight = row_weight.to(x.dtype)[:, None]
 
         frozen = [getattr(self, p)(x) for p in self.input_projections]  # each (N, out_p), once
-        expert_inputs = self.lora_dropout(x.index_select(0, token))  # (M, d): one mask shared by gate and up
-        rows = [self.expert_rows(p, f.index_select(0, token), expert_inputs, seg, row_expert)
+        # (M, d): one dropout mask shared by gate and up; its 1/(1-p) goes into B.
+        expert_inputs, factor = lora_input(self.lora_dropout, x.index_select(0, token))
+        rows = [self.expert_rows(p, f.index_select(0, token), expert_inputs, seg, row_expert, factor)
                 for p, f in zip(self.input_projections, frozen)]
         h = self.combine(rows)  # (M, f)
 
@@ -393,11 +397,13 @@ class MixLoraFFN(nn.Module):
             return out.index_add(0, token, expert_out * row_weight)
 
         # Σ_e g_e W h_e = W Σ_e g_e h_e: the frozen down projection runs on N rows, not M.
-        mixed = h.new_zeros(num_tokens, h.shape[-1]).index_add(0, token, h * row_weight)
-        out = down(mixed)
+        # The LoRA is linear too, and dropout is elementwise: Σ_e g_e B_e A_e drop(h_e) = Σ_e B_e A_e drop(g_e h_e),
+        # so the weighted rows feed both and no (M, out) product is weighted again.
+        weighted = h * row_weight
+        out = down(h.new_zeros(num_tokens, h.shape[-1]).index_add(0, token, weighted))
         if name in self.targets:
-            delta = self.lora_delta(name, self.lora_dropout(h), seg)
-            out = out.index_add(0, token, delta * row_weight)
+            inputs, factor = lora_input(self.lora_dropout, weighted)
+            out = out.index_add(0, token, self.lora_delta(name, inputs, seg, factor))
         return out
 
     def forward_naive(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
