@@ -488,3 +488,23 @@ def test_selector_runs_in_fp32_under_autocast():
         auto = m.selector.probabilities()
     assert auto.dtype == torch.float32
     torch.testing.assert_close(auto, plain, rtol=0, atol=0)
+
+
+def test_gradient_checkpointing_same_loss_and_grads_and_no_loss_kept_after_backward():
+    ids, mask, labels = batch()
+    task_ids = torch.tensor([0, 1, 2])
+    grads = []
+    for checkpointing in (False, True):
+        model = more_model()
+        randomize_B(model)
+        distinct_ranks(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=task_ids)
+        out.loss.backward()
+        assert all(m.contrastive_loss is None for m in more_modules(model).values())
+        grads.append((out.loss.detach(), {n: p.grad.clone() for n, p in loramix.adapter_parameters(model).items()}))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], g, rtol=1e-5, atol=1e-6)

@@ -72,6 +72,12 @@ def task_contrastive_loss(
         return F.cross_entropy(sim, task_ids.to(sim.device))
 
 
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward pass (e.g. a checkpointed forward's recompute)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
 class RankSelector(nn.Module):
     """Per-module task embeddings and the gate choosing one rank (expert) per task.
 
@@ -300,7 +306,12 @@ class MoreLinear(nn.Module):
             # frozen_random: nothing may move the embedding the frozen choice was read from, even if a
             # trainer re-enables its gradient; the contrastive loss then only shapes the module inputs.
             emb = emb.detach()
-        self.contrastive_loss = task_contrastive_loss(x, task_ids, emb, self.temperature, valid)
+        loss = task_contrastive_loss(x, task_ids, emb, self.temperature, valid)
+        if not _in_backward():
+            # Under activation checkpointing the forward runs again inside backward (it must compute
+            # the same ops, so the loss is computed); keeping that rerun's loss would hold its inputs
+            # alive until the next step, and nobody reads it.
+            self.contrastive_loss = loss
         return out
 
     def adapter_parameter_names(self) -> list[str]:
