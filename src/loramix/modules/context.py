@@ -9,6 +9,8 @@ class ForwardContext:
     """Per-forward state shared by every adapted module of one model.
 
     The model-level pre-hook fills it from the call's keyword arguments before the decoder runs.
+    It stays set after the call: with activation checkpointing the backward pass re-runs the layers
+    and reads it again, so run each backward before the next forward (as a training loop does).
 
     Attributes:
         token_mask: (B, T_total) bool, False on padding; None when every token is real.
