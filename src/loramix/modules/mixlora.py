@@ -96,6 +96,38 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return all((d * size) % 16 == 0 for d in dims) and x.is_contiguous()
 
 
+def is_silu(activation: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Whether an FFN activation module is SiLU (torch's or transformers' SiLUActivation)."""
+    return type(activation).__name__ in ("SiLU", "SiLUActivation")
+
+
+class WeightedSwiGLU(torch.autograd.Function):
+    """``w ⊙ silu(g) ⊙ u`` for expert rows g, u (M, f) and per-row gate weights w (M, 1).
+
+    The same as autograd over ``silu(g) * u * w``, but it keeps only g, u, w for backward (autograd
+    would also keep silu(g) and the product: two more (M, f) tensors per layer) and reuses its
+    buffers in place.
+    """
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(g, u, w)
+        return torch.nn.functional.silu(g).mul_(u).mul_(w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        g, u, w = ctx.saved_tensors
+        grad_g = grad_u = grad_w = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            s = grad * torch.nn.functional.silu(g)  # ∂out/∂(u w) · grad
+            if ctx.needs_input_grad[2]:  # row-wise Σ_f grad · silu(g) · u
+                grad_w = torch.bmm(s.unsqueeze(1), u.unsqueeze(2)).view_as(w)
+            grad_u = s.mul_(w) if ctx.needs_input_grad[1] else None
+        if ctx.needs_input_grad[0]:
+            grad_g = torch.ops.aten.silu_backward((grad * u).mul_(w), g)
+        return grad_g, grad_u, grad_w
+
+
 class ExpertLoras(nn.Module):
     """Stacked LoRA weights of all experts, one tensor per projection.
 
@@ -386,12 +418,12 @@ class MixLoraFFN(nn.Module):
         expert_inputs, factor = lora_input(self.lora_dropout, x.index_select(0, token))
         rows = [self.expert_rows(p, f.index_select(0, token), expert_inputs, seg, row_expert, factor)
                 for p, f in zip(self.input_projections, frozen)]
-        h = self.combine(rows)  # (M, f)
 
         down = getattr(self, self.output_projection)
         name = self.output_projection
         if name in self.targets and self.use_dora:
             # DoRA is not linear in h: run the frozen down projection per row, then mix.
+            h = self.combine(rows)  # (M, f)
             expert_out = self.expert_rows(name, down(h), self.lora_dropout(h), seg, row_expert)
             out = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
             return out.index_add(0, token, expert_out * row_weight)
@@ -399,8 +431,12 @@ class MixLoraFFN(nn.Module):
         # Σ_e g_e W h_e = W Σ_e g_e h_e: the frozen down projection runs on N rows, not M.
         # The LoRA is linear too, and dropout is elementwise: Σ_e g_e B_e A_e drop(h_e) = Σ_e B_e A_e drop(g_e h_e),
         # so the weighted rows feed both and no (M, out) product is weighted again.
-        weighted = h * row_weight
-        out = down(h.new_zeros(num_tokens, h.shape[-1]).index_add(0, token, weighted))
+        if self.kind in ("gated", "fused") and is_silu(self.act_fn):
+            gate, up = rows if self.kind == "gated" else rows[0].chunk(2, dim=-1)
+            weighted = WeightedSwiGLU.apply(gate, up, row_weight)  # (M, f)
+        else:
+            weighted = self.combine(rows) * row_weight
+        out = down(weighted.new_zeros(num_tokens, weighted.shape[-1]).index_add(0, token, weighted))
         if name in self.targets:
             inputs, factor = lora_input(self.lora_dropout, weighted)
             out = out.index_add(0, token, self.lora_delta(name, inputs, seg, factor))
