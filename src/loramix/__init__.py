@@ -22,4 +22,6 @@ __all__ = [
     "auxiliary_losses", "disable_adapters", "inject", "merge_and_unload", "router_stats", "unload",
     "AdapterLoadError", "load_adapter", "save_adapter",
 ]
-__all__ += ["MoreConfig"]
+from .adapters.more_tasks import export_task_peft, merge_task, use_task  # noqa: E402
+
+__all__ += ["MoreConfig", "export_task_peft", "merge_task", "use_task"]

@@ -3,9 +3,11 @@
 from .context import ForwardContext
 from .lora import LoraLinear, dora_weight_norm, frozen_linear
 from .mixlora import ExpertLoras, MixLoraFFN
+from .more import MoreLinear, RankSelector, task_contrastive_loss
 from .routing import Routing, load_balance_loss, route_switch, route_top_k, route_top_p, router_statistics, router_z_loss
 
 __all__ = [
     "ForwardContext", "LoraLinear", "dora_weight_norm", "frozen_linear", "ExpertLoras", "MixLoraFFN", "Routing",
     "load_balance_loss", "route_switch", "route_top_k", "route_top_p", "router_statistics", "router_z_loss",
 ]
+__all__ += ["MoreLinear", "RankSelector", "task_contrastive_loss"]
