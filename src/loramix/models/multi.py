@@ -171,22 +171,30 @@ def member_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
 
 
 @contextlib.contextmanager
-def only_adapter(model: nn.Module, name: str) -> Iterator[nn.Module]:
-    """Within the block every row of a call goes to adapter ``name`` (no ``adapter_rows`` needed).
+def adapter_rows(model: nn.Module, rows: list[tuple[str, int]] | None = None, *, only: str | None = None) -> Iterator[nn.Module]:
+    """Within the block, calls without ``adapter_rows`` use this row plan (e.g. inside ``generate``).
+
+    Args:
+        rows: the plan [(adapter name, rows), ...] in batch order, or None with ``only``.
+        only: give every row of each call to this one adapter, whatever the batch size.
 
     Example:
-        >>> with only_adapter(model, "a"):
+        >>> with adapter_rows(model, only="a"):
         ...     evaluate_multiple_choice(model, tokenizer, examples)
     """
     state: MultiAdapterState = model.loramix_multi
-    if name not in state.adapters:
-        raise KeyError(f"no adapter '{name}'; this model has {list(state.adapters)}")
+    for name in [only] if only is not None else [n for n, _ in rows or []]:
+        if name not in state.adapters:
+            raise KeyError(f"no adapter '{name}'; this model has {list(state.adapters)}")
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if "adapter_rows" not in kwargs:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            batch = ids.shape[0] if isinstance(ids, torch.Tensor) else kwargs["inputs_embeds"].shape[0]
-            kwargs["adapter_rows"] = [(name, batch)]
+            if only is not None:
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                batch = ids.shape[0] if isinstance(ids, torch.Tensor) else kwargs["inputs_embeds"].shape[0]
+                kwargs["adapter_rows"] = [(only, batch)]
+            else:
+                kwargs["adapter_rows"] = rows
         return args, kwargs
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
@@ -194,6 +202,11 @@ def only_adapter(model: nn.Module, name: str) -> Iterator[nn.Module]:
         yield model
     finally:
         handle.remove()
+
+
+def only_adapter(model: nn.Module, name: str):
+    """Every row of every call in the block goes to adapter ``name`` (see ``adapter_rows``)."""
+    return adapter_rows(model, only=name)
 
 
 def adapter_losses(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor,

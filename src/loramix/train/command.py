@@ -37,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.config:
         print("loramix train: give a CONFIG.yaml (examples/ has some) or --list-keys", file=sys.stderr)
         return 2
+    from .multi import is_multi_config
+
+    if is_multi_config(args.config):  # a list of adapters trained together over one base model
+        return _run_multi(args)
     try:
         config = load_train_config(args.config, args.overrides)
     except ConfigError as err:
@@ -70,3 +74,31 @@ def run(args: argparse.Namespace) -> int:
     for protocol, r in (result.get("eval") or {}).items():
         print(f"{protocol} accuracy: {r['accuracy']:.4f} (n={r['n']})")
     return 0
+
+
+def _run_multi(args: argparse.Namespace) -> int:
+    """``loramix train multi.yaml``: several adapters trained jointly (see ``train/multi.py``)."""
+    from ..config import ConfigError
+    from ..data import DataError
+    from .checkpoint import CheckpointError
+    from .multi import MultiTrainer, load_multi_config, summary
+
+    try:
+        _, configs = load_multi_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"loramix train: {err}", file=sys.stderr)
+        return 2
+    for cfg in configs.values():
+        cfg.resume = cfg.resume or args.resume
+    if args.print_config:
+        for name, cfg in configs.items():
+            print(f"# adapter {name}\n{cfg.to_yaml()}", end="")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        results = MultiTrainer(configs).run()
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"loramix train: {err}", file=sys.stderr)
+        return 2
+    print(summary(results))
+    return 0 if all(r["status"] == "completed" for r in results.values()) else 1

@@ -1,0 +1,93 @@
+"""Joint training of several adapters over one base equals training each alone; failures stay local."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import loramix
+from loramix.train import Trainer
+from loramix.train.multi import MultiTrainer, load_multi_config
+from loramix.models.multi import member_parameters
+from test_train import config, mc_examples, word_tokenizer
+from tiny_models import tiny_model
+
+
+def _configs(tmp_path: Path) -> dict:
+    return {
+        "mix": config(tmp_path / "mix", adapter={"kind": "mixlora", "r": 4, "alpha": 8, "num_experts": 4,
+                                                 "top_k": 2, "dropout": 0.0}, grad_accum=2, max_steps=3, seed=3),
+        "lora": config(tmp_path / "lora", adapter={"kind": "lora", "r": 2, "alpha": 4, "dropout": 0.0,
+                                                   "targets": ["q_proj", "v_proj", "down_proj"]},
+                       grad_accum=1, max_steps=5, seed=7, lr=5e-3, schedule="linear"),
+    }
+
+
+DATA = {"mix": mc_examples(24, seed=1, task="a"), "lora": mc_examples(30, seed=2, task="b")}
+
+
+def _joint(tmp_path: Path) -> MultiTrainer:
+    joint = MultiTrainer(_configs(tmp_path), model=tiny_model("llama", seed=0), tokenizer=word_tokenizer(),
+                         train_examples=DATA, eval_examples={})
+    joint.setup()
+    return joint
+
+
+def _alone(tmp_path: Path, name: str, initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    t = Trainer(_configs(tmp_path / "alone")[name], model=tiny_model("llama", seed=0), tokenizer=word_tokenizer(),
+                train_examples=DATA[name], eval_examples=[])
+    t.setup()
+    params = loramix.adapter_parameters(t.model)
+    with torch.no_grad():
+        for key, value in initial.items():
+            params[key].copy_(value)
+    t.train()
+    return {k: v.detach() for k, v in params.items()}
+
+
+def test_joint_training_equals_each_alone_with_different_schedules(tmp_path: Path) -> None:
+    joint = _joint(tmp_path)
+    initial = {n: {k: v.detach().clone() for k, v in member_parameters(joint.model, n).items()} for n in joint.jobs}
+    results = joint.train()
+    assert {n: r["status"] for n, r in results.items()} == {"mix": "completed", "lora": "completed"}
+    assert joint.jobs["mix"].step == 3 and joint.jobs["lora"].step == 5
+    for name in joint.jobs:
+        alone = _alone(tmp_path, name, initial[name])
+        trained = member_parameters(joint.model, name)
+        moved = max(float((trained[k] - initial[name][k]).abs().max()) for k in trained)
+        assert moved > 1e-4, name
+        assert max(float((trained[k] - alone[k]).abs().max()) for k in trained) <= 1e-5, name
+        saved = loramix.load_adapter(tiny_model("llama", seed=0), results[name]["adapter"])
+        reloaded = loramix.adapter_parameters(saved)
+        assert max(float((reloaded[k] - trained[k]).abs().max()) for k in trained) == 0
+
+
+def test_a_diverging_adapter_stops_alone(tmp_path: Path) -> None:
+    joint = _joint(tmp_path)
+    initial = {k: v.detach().clone() for k, v in member_parameters(joint.model, "mix").items()}
+    with torch.no_grad():
+        next(p for k, p in member_parameters(joint.model, "lora").items() if "lora_B" in k).fill_(float("nan"))
+    results = joint.train()
+    assert results["lora"]["status"] == "diverged" and "loss is nan" in results["lora"]["error"]
+    assert results["mix"]["status"] == "completed"
+    alone = _alone(tmp_path, "mix", initial)
+    trained = member_parameters(joint.model, "mix")
+    assert max(float((trained[k] - alone[k]).abs().max()) for k in trained) <= 1e-5
+
+
+def test_multi_yaml_names_adapter_entries_in_errors(tmp_path: Path) -> None:
+    good = tmp_path / "multi.yaml"
+    good.write_text("model: smollm2-135m\noutput_dir: runs/m\nadapters:\n"
+                    "  - name: a\n    adapter: {kind: lora, r: 4}\n    data: {train: [arc-e]}\n"
+                    "  - name: b\n    adapter: {kind: mixlora}\n    data: {train: [arc-c]}\n")
+    shared, configs = load_multi_config(good)
+    assert list(configs) == ["a", "b"] and configs["b"].output_dir == str(Path("runs/m/b"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("adapters:\n  - name: a\n    adapter: {kind: lora, rr: 4}\n")
+    try:
+        load_multi_config(bad)
+    except loramix.ConfigError as err:
+        assert "adapters[0]" in str(err) and "rr" in str(err)
+    else:
+        raise AssertionError("a typo inside an adapter entry must be an error")
