@@ -39,9 +39,9 @@ Example:
 from __future__ import annotations
 
 import collections
+import copy
 import inspect
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -53,7 +53,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig, adapter_config_from_dict, lora_scale
+from ..config import ConfigError, MixLoraConfig, MoreConfig, adapter_config_from_dict, lora_scale
 from ..models.registry import FAMILIES, ModelFamily
 from .io import CONFIG_NAME, FORMAT, WEIGHTS_NAME, AdapterLoadError, read_adapter_config
 
@@ -659,7 +659,7 @@ def export_merged_streaming(base: BaseWeights, adapter: AdapterWeights, out_dir:
     if orphans:
         raise ExportError(f"{adapter.source}: adapter module '{orphans[0]}' has no weight in the base model")
     writer.close()
-    config = base.config
+    config = copy.deepcopy(base.config)  # never touch the config of an in-memory model
     if dtype is not None:
         config.dtype = dtype
     config.save_pretrained(out)
@@ -687,7 +687,7 @@ def peft_factors(adapter: AdapterWeights) -> tuple[dict[str, tuple[torch.Tensor,
 
 
 # ====================================================================================== entry point
-def _resolve_base(name: str | None, *, need_folder_ok: bool = True, dtype=None):
+def _resolve_base(name: str | None):
     """A ``BaseWeights`` for a base model name: a folder is streamed; the embedded model is converted
     once to its cache folder; a Hub id is loaded into memory."""
     from .. import hub
@@ -770,7 +770,7 @@ def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.Pat
         loras, mags = peft_factors(weights)
         return write_peft_adapter(out, loras, base_model_name_or_path=base_name, magnitudes=mags,
                                   fan_in_fan_out=weights.family.fan_in_fan_out)
-    base_weights = _resolve_base(base_name, dtype=dtype)
+    base_weights = _resolve_base(base_name)
     if format == "mixtral":
         return export_moe(base_weights, weights, out, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
     return export_merged_streaming(base_weights, weights, out, dtype=dtype, max_shard_size=max_shard_size,
