@@ -107,12 +107,8 @@ class BenchSettings:
             raise ValueError(f"--hidden {self.hidden} must be divisible by --heads {self.heads}, "
                              f"and --heads by --kv-heads {self.kv_heads}")
         unknown = [v for v in self.variants if v not in BUILDERS]
-        if unknown:
+        if unknown and self.multi == 1:  # --multi N has its own rows (bench_multi.py)
             raise ValueError(f"unknown variant(s) {unknown}; choose from {', '.join(BUILDERS)}")
-        if self.multi > 1 and not set(self.variants) <= MULTI_VARIANTS:
-            bad = sorted(set(self.variants) - MULTI_VARIANTS)
-            raise ValueError(f"--multi {self.multi}: variant(s) {bad} train one adapter; "
-                             f"multi-adapter variants: {sorted(MULTI_VARIANTS) or 'none yet'}")
         if self.alpha is None:
             self.alpha = 2.0 * self.rank
 
@@ -327,8 +323,6 @@ BUILDERS: dict[str, Callable[[nn.Module, BenchSettings, dict], Variant]] = {
     "authors-mixlora": build_authors_mixlora,
     "loramix-mixlora-recompute": _build_mixlora("loramix-mixlora-recompute", recompute_experts=True),
 }
-# Variants that train several adapters at once on one frozen base (``--multi N``) add their names here.
-MULTI_VARIANTS: set[str] = set()
 
 
 # ---------------------------------------------------------------------------------------- memory
@@ -492,7 +486,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma-separated, from: {', '.join(BUILDERS)}; the baseline is {BASELINE}")
     parser.add_argument("--multi", type=int, default=1,
-                        help="adapters trained at once on one frozen base (variants that support it)")
+                        help="N > 1: N MixLoRA jobs trained jointly on one frozen base, against the same jobs run "
+                             "one after another and as N separate processes (see bench_multi.py); --variants is ignored")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as one JSON object")
 
 
@@ -514,8 +509,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"loramix bench: {err}", file=sys.stderr)
         return 2
-    result = run_bench(s)
-    print(format_table(result))
+    if s.multi > 1:
+        from .bench_multi import format_multi_table, run_multi_bench
+
+        result = run_multi_bench(s)
+        print(format_multi_table(result))
+    else:
+        result = run_bench(s)
+        print(format_table(result))
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

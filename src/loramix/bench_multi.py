@@ -1,0 +1,141 @@
+"""``loramix bench --multi N``: N MixLoRA jobs trained jointly over one frozen base, against the alternatives.
+
+Rows (same model shape, per-job batch and adapter settings as ``loramix bench``)::
+
+    single-job        one base + one adapter, one job's step                  (measured)
+    multi-joint       one base + N adapters, one forward/backward over N×batch rows (measured)
+    multi-sequential  one base + N adapters, the N jobs' steps one after another  (measured)
+    multi-processes   N separate processes, each a single job: N × single-job memory, and the N steps
+                      one after another on this machine's cores: N × single-job time   (derived)
+    ideal memory      one base + N × (single-job peak − bare base)                 (derived)
+
+Time per step is the time for every job to make one optimizer step; tokens/s counts all jobs' tokens.
+Memory follows ``loramix bench``: tensors that live across steps plus the per-step allocation peak.
+Runs are interleaved (single, joint, sequential, single, joint, ...) as in ``loramix bench``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from .bench import BenchSettings, Variant, _mixlora_config, _sync, build_base_model, make_batch, persistent_bytes, \
+    share_frozen_copy, step_peak_bytes, tensor_bytes
+from .models.inject import adapter_parameters, inject
+from .models.multi import adapter_losses, adapter_rows, inject_many, member_parameters
+
+
+class MultiVariant(Variant):
+    """N adapters on one base; ``joint`` runs them as one batch, otherwise one after another."""
+
+    names: list[str]
+    joint: bool
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        n, rows = len(self.names), batch["input_ids"].shape[0]
+        if self.joint:
+            big = {k: v.repeat(n, 1) for k, v in batch.items()}
+            plan = [(name, rows) for name in self.names]
+            out = self.model(input_ids=big["input_ids"], attention_mask=big["attention_mask"], adapter_rows=plan)
+            losses = adapter_losses(self.model, out.logits, big["labels"], plan)
+            torch.stack([v["loss"] for v in losses.values()]).sum().backward()
+            lm = float(losses[self.names[0]]["lm_loss"].detach())
+        else:
+            for name in self.names:
+                with adapter_rows(self.model, only=name):
+                    out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                loss = adapter_losses(self.model, out.logits, batch["labels"], [(name, rows)])[name]
+                loss["loss"].backward()
+                lm = float(loss["lm_loss"].detach())
+        self.optimizer.step()
+        return lm
+
+
+def _multi_variant(name: str, base: nn.Module, s: BenchSettings, joint: bool) -> MultiVariant:
+    names = [f"job{i}" for i in range(s.multi)]
+    model = inject_many(share_frozen_copy(base), {n: _mixlora_config(s) for n in names})
+    params = [p for n in names for p in member_parameters(model, n).values()]
+    for p in params:
+        p.requires_grad_(True)
+    v = MultiVariant(name, model.train(), params, {})
+    v.names, v.joint = names, joint
+    return v
+
+
+def run_multi_bench(s: BenchSettings, progress: bool = True) -> dict[str, Any]:
+    """Measure single-job, joint and sequential steps for ``s.multi`` MixLoRA jobs; derive the rest."""
+    if s.threads is not None:
+        torch.set_num_threads(s.threads)
+    device = s.torch_device
+    base = build_base_model(s)
+    batch = make_batch(s, base.config.vocab_size)
+    tokens = int(batch["attention_mask"].sum())
+    single_model = inject(share_frozen_copy(base), _mixlora_config(s))
+    single_params = list(adapter_parameters(single_model).values())
+    for p in single_params:
+        p.requires_grad_(True)
+    variants = {
+        "single-job": Variant("single-job", single_model.train(), single_params, {}),
+        "multi-joint": _multi_variant("multi-joint", base, s, joint=True),
+        "multi-sequential": _multi_variant("multi-sequential", base, s, joint=False),
+    }
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=(s.warmup + s.steps) * len(variants), desc=f"bench --multi {s.multi}", unit="step",
+               disable=not progress, file=sys.stderr)
+    for i in range(s.warmup + s.steps):
+        for v in variants.values():
+            _sync(device)
+            start = time.perf_counter()
+            v.step(batch)
+            _sync(device)
+            if i >= s.warmup:
+                v.times.append(time.perf_counter() - start)
+            bar.update(1)
+    bar.close()
+
+    n = s.multi
+    base_mb = tensor_bytes(list(base.parameters())) / 2**20
+    rows: dict[str, dict[str, Any]] = {}
+    for name, v in variants.items():
+        jobs = 1 if name == "single-job" else n
+        step_s = statistics.median(v.times)
+        rows[name] = {"step_s": step_s, "tokens_per_s": jobs * tokens / step_s, "jobs": jobs}
+        if s.memory:
+            rows[name]["peak_memory_mb"] = (persistent_bytes(v) + step_peak_bytes(v, batch, device)) / 2**20
+    single = rows["single-job"]
+    rows["multi-processes"] = {"step_s": n * single["step_s"], "tokens_per_s": single["tokens_per_s"], "jobs": n,
+                               "derived": True}
+    if s.memory:
+        rows["multi-processes"]["peak_memory_mb"] = n * single["peak_memory_mb"]
+        ideal = base_mb + n * (single["peak_memory_mb"] - base_mb)
+    for entry in rows.values():
+        entry["time_vs_sequential"] = entry["step_s"] / rows["multi-sequential"]["step_s"] * (entry["jobs"] / n)
+        if s.memory:
+            entry["memory_vs_ideal"] = entry["peak_memory_mb"] / ideal if entry["jobs"] == n else None
+    settings = dict(vars(s), torch=torch.__version__, threads_used=torch.get_num_threads(), tokens_per_job=tokens)
+    return {"variants": rows, "multi": n, "base_memory_mb": base_mb,
+            "ideal_memory_mb": ideal if s.memory else None, "settings": settings}
+
+
+def format_multi_table(result: dict[str, Any]) -> str:
+    """The human-readable table of ``run_multi_bench``'s result."""
+    head = ("row", "jobs", "step ms", "tokens/s", "peak MB", "time ×seq", "mem ×ideal")
+    rows = [head]
+    for name, e in result["variants"].items():
+        rows.append((name + (" (derived)" if e.get("derived") else ""), str(e["jobs"]), f"{1000 * e['step_s']:.0f}",
+                     f"{e['tokens_per_s']:.0f}", f"{e['peak_memory_mb']:.0f}" if "peak_memory_mb" in e else "-",
+                     f"{e['time_vs_sequential']:.3f}" if e["jobs"] == result["multi"] else "-",
+                     f"{e['memory_vs_ideal']:.3f}" if e.get("memory_vs_ideal") else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    ideal = result.get("ideal_memory_mb")
+    tail = f"\nbare base {result['base_memory_mb']:.0f} MB" + (f"; ideal for {result['multi']} jobs {ideal:.0f} MB" if ideal else "")
+    return "\n".join(lines) + tail
