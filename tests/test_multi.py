@@ -131,3 +131,22 @@ def test_bad_row_plans_are_clear_errors() -> None:
         model(input_ids=ids, attention_mask=mask, adapter_rows=[("lora", 1), ("mix", 2)])
     with pytest.raises(ValueError, match="needs adapter_rows"):
         model(input_ids=ids, attention_mask=mask)
+
+
+def test_generate_many_serves_each_request_with_its_adapter() -> None:
+    from loramix.serve_multi import generate_many
+    from test_train import word_tokenizer
+
+    tok = word_tokenizer()
+    model = inject_many(tiny_model("llama"), {"lora": CONFIGS["lora"], "mix": CONFIGS["mix"]})
+    for i, n in enumerate(("lora", "mix")):
+        _randomise_b(member_parameters(model, n), seed=20 + i)
+    requests = [("mix", "w1 w2 w3"), ("lora", "w4 w5"), ("mix", "w6"), ("lora", "w7 w8 w9 w10")]
+    answers = generate_many(model, tok, requests, max_new_tokens=5, raw=True)
+    alone = {n: _alone(n, model) for n in ("lora", "mix")}
+    for (name, prompt), answer in zip(requests, answers):
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        ref = alone[name].generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                   max_new_tokens=5, pad_token_id=tok.pad_token_id)
+        assert answer == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    assert answers[0] != answers[1] or answers[2] != answers[3]
