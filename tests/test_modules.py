@@ -149,7 +149,7 @@ VARIANTS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": Tru
 @pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
 @pytest.mark.parametrize("routing", sorted(ROUTING_CASES))
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("family_name", ["llama", "phi3", "gpt2", "phi"])
+@pytest.mark.parametrize("family_name", ["llama", "phi3", "gpt2", "phi", "gemma"])  # gemma: gated, not SiLU
 def test_mixlora_ffn_matches_dense_reference(family_name, variant, routing, padded):
     """Sorted fast path and naive loop == dense reference, outputs and gradients, to 1e-5 (fp32)."""
     check_against_reference(family_name, dict(**ROUTING_CASES[routing], **VARIANTS[variant]), padded)
