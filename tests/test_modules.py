@@ -20,6 +20,7 @@ from loramix.modules import (
     ForwardContext, LoraLinear, load_balance_loss, route_switch, route_top_k, route_top_p, router_statistics,
     router_z_loss,
 )
+from loramix.modules.lora import LoraDropout
 from conftest import mixlora_config, perturb_adapter
 from tiny_models import tiny_model
 
@@ -494,3 +495,54 @@ def test_expert_dropout_only_on_the_lora_input(family_name, variant):
             assert rel_err(grads[name], g) < 1e-5, name
     no_drop = reference_ffn(moe, family, cfg, x.reshape(-1, x.shape[-1]), valid)
     assert rel_err(out, no_drop) > 1e-3  # the stand-in dropout did matter
+
+
+class _FeatureMaskLoraDropout(LoraDropout):
+    """LoraDropout with the deterministic mask of ``_FeatureMask``: exercises how callers fold the
+    1/(1-p) factor returned by ``masked`` into the LoRA scale instead of the input."""
+
+    def masked(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        keep = (torch.arange(x.shape[-1]) % 3 != 0).to(x.dtype)
+        return x * keep, 1.5
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+@pytest.mark.parametrize("family_name", ["llama", "phi3", "gpt2", "gemma"])
+def test_dropout_factor_folding_is_exact(family_name, variant):
+    """Outputs and gradients with the dropout factor folded into B equal the plain formula with dropout(z)."""
+    cfg = mixlora_config(**VARIANTS[variant], dropout=0.1, attention_targets=[])
+    moe, family = first_moe(loramix.inject(tiny_model(family_name), cfg))
+    perturb_adapter(moe, seed=6, b_std=0.3, router_std=1.0)
+    moe.lora_dropout = _FeatureMaskLoraDropout(0.1)
+    x = torch.randn(3, 10, moe.router.weight.shape[1])
+    valid = torch.ones(30, dtype=torch.bool)
+    ref_out, ref_grads = run_with_grads(moe, x, lambda t: reference_ffn(moe, family, cfg, t.reshape(-1, t.shape[-1]), valid, drop=_FeatureMask()))
+    for dispatch in ("sorted", "naive"):
+        moe.dispatch = dispatch
+        out, grads = run_with_grads(moe, x, lambda t: moe(t).reshape(-1, t.shape[-1]))
+        assert rel_err(out, ref_out) < 1e-5, dispatch
+        for name, g in ref_grads.items():
+            assert rel_err(grads[name], g) < 1e-5, (dispatch, name)
+
+    lora = LoraLinear(nn.Linear(12, 6), r=3, alpha=6, dropout=0.1, use_dora=variant == "dora")
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    lora.dropout = _FeatureMaskLoraDropout(0.1)
+    z = torch.randn(4, 12)
+    W, b = lora.weight.detach(), lora.bias.detach()
+    delta = 2.0 * (_FeatureMask()(z) @ lora.lora_A.detach().t()) @ lora.lora_B.detach().t()
+    expected = z @ W.t() + delta
+    if lora.use_dora:
+        expected = expected * lora.lora_magnitude.detach() / torch.linalg.norm(W + 2.0 * lora.lora_B.detach() @ lora.lora_A.detach(), dim=1)
+    torch.testing.assert_close(lora(z), expected + b, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_dropout_forward_is_masked_times_factor():
+    drop = LoraDropout(0.2)
+    x = torch.randn(50, 40)
+    torch.manual_seed(3)
+    masked, factor = drop.masked(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(drop(x), masked * factor)
+    assert abs(factor - 1 / 0.8) < 1e-3
+    assert ((masked == 0) | (masked == x)).all()
