@@ -546,3 +546,22 @@ def test_lora_dropout_forward_is_masked_times_factor():
     torch.testing.assert_close(drop(x), masked * factor)
     assert abs(factor - 1 / 0.8) < 1e-3
     assert ((masked == 0) | (masked == x)).all()
+
+
+@pytest.mark.parametrize("family_name", ["llama", "gpt2"])
+def test_recompute_experts_replays_dropout_and_jitter(family_name):
+    """recompute_experts re-runs the experts in backward with the same dropout masks: same outputs and grads."""
+    cfg = mixlora_config(dropout=0.2, jitter=0.2, use_dora=family_name == "gpt2", attention_targets=[])
+    moe, _ = first_moe(loramix.inject(tiny_model(family_name), cfg))
+    perturb_adapter(moe, seed=8, b_std=0.3, router_std=1.0)
+    moe.train()
+    x = torch.randn(3, 10, moe.router.weight.shape[1])
+    results = []
+    for recompute in (False, True):
+        moe.recompute_experts = recompute
+        torch.manual_seed(21)
+        results.append(run_with_grads(moe, x, lambda t: moe(t).reshape(-1, t.shape[-1])))
+    (out, grads), (out_rc, grads_rc) = results
+    assert torch.equal(out, out_rc)
+    for name, g in grads.items():
+        assert rel_err(grads_rc[name], g) < 1e-6, name
