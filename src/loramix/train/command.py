@@ -54,11 +54,12 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data import DataError
     from .checkpoint import CheckpointError
-    from .loop import Trainer, TrainingDiverged
+    from .distributed import trainer_class
+    from .loop import TrainingDiverged
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        result = Trainer(config).run()
+        result = trainer_class()(config).run()  # DistributedTrainer under torchrun
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"loramix train: {err}", file=sys.stderr)
         return 2

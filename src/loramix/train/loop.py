@@ -309,7 +309,7 @@ class Trainer:
         load_sum: list[torch.Tensor] | None = None
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                     else contextlib.nullcontext())
-        for micro, batch in enumerate(window):
+        for micro, batch in enumerate(self._local_batches(window)):  # seam: one rank's share under torchrun
             batch = {k: v.to(self.device) for k, v in batch.items()}
             n_answer = _answer_tokens(batch["labels"])
             with autocast:
@@ -338,6 +338,7 @@ class Trainer:
                 loads = [s["load"].float().cpu() for s in stats]
                 load_sum = loads if load_sum is None else [a + b for a, b in zip(load_sum, loads)]
 
+        self._reduce_gradients()  # seam: sum over data-parallel ranks (train/distributed.py)
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.params.values() if p.grad is not None]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
@@ -358,6 +359,14 @@ class Trainer:
         return {"lm_loss": lm_loss, "loss": lm_loss + weighted, "lr": lr, **aux_sums,
                 "grad_norm": grad_norm, "tokens": tokens,
                 "expert_load": [(x / G).tolist() for x in load_sum] if load_sum is not None else None}
+
+    # Seams for data-parallel training (train/distributed.py overrides both; one process: no-ops).
+    def _local_batches(self, window: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches of ``window`` this process runs (all of them in one process)."""
+        return window
+
+    def _reduce_gradients(self) -> None:
+        """Combine the adapter gradients of all processes before clipping (nothing to do in one process)."""
 
     def _last_good(self) -> str:
         if self.last_checkpoint is not None:

@@ -1,0 +1,180 @@
+"""Data-parallel training under ``torchrun`` (gloo on CPU, NCCL on CUDA).
+
+    torchrun --nproc_per_node 2 -m loramix train examples/mixlora.yaml
+    # two nodes, 8 GPUs each (run on both, node_rank 0 and 1):
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_backend c10d \
+             --rdzv_endpoint host0:29500 -m loramix train examples/mixlora.yaml
+
+How one optimizer step works with W ranks::
+
+    global window = the next grad_accum × W micro-batches (every rank builds the same seeded order)
+    rank r runs micro-batches r, r + W, r + 2W, ...   (the data is sharded per rank)
+    N = answer tokens of the whole global window        (every rank can count them: same window)
+    each rank: backward of Σ_local (CE_b · n_b / N + router_b / (grad_accum × W))
+    one all-reduce (sum) of the flat adapter gradient  → exactly the one-process gradient
+    every rank clips and takes the same AdamW step     → the adapters stay identical
+
+This is DDP's arithmetic done by hand on the adapter gradients only, without wrapping the model:
+the adapter tensors are small (one flat all-reduce per step is cheap), the loop keeps calling the
+plain model (hooks, ``loramix_adapter``, ``router_stats`` work unchanged), and an expert that got
+no token on some rank simply contributes a zero gradient — there is no unused-parameter error to
+work around. Logging, checkpoints, plots and the final adapter are written by rank 0; the step
+statistics (loss, tokens, expert load) are summed over ranks first, so the log describes the
+global batch. A SIGINT/SIGTERM seen by any rank stops all ranks at the same step boundary.
+
+One process (no ``WORLD_SIZE`` in the environment) is plain ``Trainer``; ``trainer_class()`` picks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .loop import Trainer
+
+
+def is_distributed_launch() -> bool:
+    """True when started by torchrun (or any launcher that sets WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(backend: str | None = None) -> tuple[int, int]:
+    """Join the process group torchrun describes in the environment; returns ``(rank, world_size)``.
+
+    Backend: NCCL when CUDA is available (each rank takes GPU ``LOCAL_RANK``), else gloo.
+    """
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+class DistributedTrainer(Trainer):
+    """``Trainer`` for W data-parallel ranks (see the module docstring).
+
+    ``batch_size`` and ``grad_accum`` stay per rank: the global batch is batch_size × grad_accum × W,
+    and a one-process run with grad_accum × W reaches the same weights.
+    """
+
+    def __init__(self, config, **kwargs: Any) -> None:
+        self.rank, self.world_size = init_distributed()
+        self._local_stop: int | None = None
+        super().__init__(config, **kwargs)
+        if torch.cuda.is_available() and getattr(config, "device", "auto") in ("auto", "cuda") and kwargs.get("model") is None:
+            config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ------------------------------------------------------------------ data: global window, local share
+    def _setup_data(self) -> None:
+        super()._setup_data()
+        if not self.config.max_steps:  # one step now consumes grad_accum × W micro-batches
+            self.total_steps = max(1, math.ceil(self.config.epochs * len(self.sampler)
+                                                / (self.config.grad_accum * self.world_size)))
+
+    def setup(self) -> None:
+        super().setup()
+        dist.barrier()  # no rank logs before every rank has reset the run folder
+
+    def _next_window(self) -> list[dict[str, torch.Tensor]]:
+        """The global window: W consecutive per-rank windows (the same on every rank)."""
+        window: list[dict[str, torch.Tensor]] = []
+        for _ in range(self.world_size):
+            window += super()._next_window()
+        return window
+
+    def _local_batches(self, window: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        return window[self.rank::self.world_size]
+
+    # ------------------------------------------------------------------ gradients and statistics
+    def _reduce_gradients(self) -> None:
+        """Sum the adapter gradients over ranks (a missing gradient counts as zero)."""
+        params = list(self.params.values())
+        # One flat buffer: every gradient, then one "has a gradient" flag per tensor, so a tensor no rank
+        # touched keeps grad None (AdamW then leaves it alone, as in one process).
+        pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+        present = torch.tensor([float(p.grad is not None) for p in params], device=pieces[0].device)
+        flat = torch.cat(pieces + [present])
+        dist.all_reduce(flat)
+        offset = 0
+        for i, p in enumerate(params):
+            n = p.numel()
+            has_grad = bool(flat[flat.numel() - len(params) + i] > 0)
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype) if has_grad else None
+            offset += n
+
+    def _train_step(self, window: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        stats = super()._train_step(window)
+        # Each rank's lm_loss / aux / load is its share of the global mean: summing gives the global value.
+        keys = [k for k in ("lm_loss", "loss", "aux_loss", "z_loss", "contrastive_loss", "tokens") if k in stats]
+        values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(values)
+        for k, v in zip(keys, values.tolist()):
+            stats[k] = int(v) if k == "tokens" else v
+        if stats.get("expert_load") is not None:
+            load = torch.tensor(stats["expert_load"], dtype=torch.float64)
+            dist.all_reduce(load)
+            stats["expert_load"] = load.tolist()
+        return stats
+
+    # ------------------------------------------------------------------ rank 0 writes
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            super()._write_metrics(record)
+
+    def _plots(self) -> None:
+        if self.is_main:
+            super()._plots()
+
+    def save_checkpoint(self) -> Path:
+        path = super().save_checkpoint() if self.is_main else None
+        shared = [str(path) if path is not None else None]
+        dist.broadcast_object_list(shared, src=0)  # also a barrier: nobody resumes from a half-written one
+        self.last_checkpoint = Path(shared[0])
+        return self.last_checkpoint
+
+    # ------------------------------------------------------------------ stop signals, all ranks together
+    @property
+    def _stop_signal(self) -> int | None:
+        """The signal any rank received (checked by every rank at the same step boundary)."""
+        flag = torch.tensor([self._local_stop or 0], dtype=torch.long)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+    @_stop_signal.setter
+    def _stop_signal(self, value: int | None) -> None:
+        self._local_stop = value
+
+    def _install_signal_handlers(self) -> None:
+        """As ``Trainer``'s, but the handler touches only this rank's flag (no collective in a handler)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._local_stop is not None:  # second Ctrl-C: stop now, without a checkpoint
+                raise KeyboardInterrupt
+            self._local_stop = signum
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old_handlers[sig] = signal.signal(sig, handler)
+
+
+def trainer_class() -> type[Trainer]:
+    """``DistributedTrainer`` under torchrun (WORLD_SIZE > 1), else ``Trainer``."""
+    return DistributedTrainer if is_distributed_launch() else Trainer
+
+
+__all__ = ["DistributedTrainer", "init_distributed", "is_distributed_launch", "trainer_class"]

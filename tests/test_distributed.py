@@ -1,0 +1,133 @@
+"""Data-parallel training: two processes under torchrun (gloo, CPU) reach the same adapter as one
+process with the same global batch; a two-process run killed after a checkpoint and resumed ends at
+the same weights too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from loramix.data import MultipleChoiceExample
+from loramix.train.config import train_config_from_dict
+from loramix.train.loop import Trainer
+from tiny_models import tiny_model
+
+TESTS = Path(__file__).resolve().parent
+WORDS = [f"w{i}" for i in range(60)]
+
+# Runs on every rank under torchrun: the same tiny model, tokenizer and examples as the reference.
+WORKER = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from test_distributed import examples, word_tokenizer
+from tiny_models import tiny_model
+from loramix.train.config import train_config_from_dict
+from loramix.train.distributed import DistributedTrainer, trainer_class
+
+assert trainer_class() is DistributedTrainer
+values, kill_at = json.loads(sys.argv[2]), int(sys.argv[3])
+
+def kill(t):
+    if t.step == kill_at:
+        raise SystemExit(7)  # stands in for the job being killed right after a checkpoint
+
+t = DistributedTrainer(train_config_from_dict(values, where="test"), model=tiny_model("llama", seed=0),
+                       tokenizer=word_tokenizer(), train_examples=examples(24), eval_examples=[],
+                       callbacks=[kill] if kill_at else [])
+result = t.run()
+print("rank", t.rank, "of", t.world_size, result["status"], "step", result["step"], flush=True)
+"""
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = ["[PAD]", "[UNK]", "</s>", "Answer:", "(A)", "(B)", "(C)", "(D)", "A", "B", "C", "D"] + WORDS
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="</s>", unk_token="[UNK]")
+
+
+def examples(n: int, seed: int = 0) -> list[MultipleChoiceExample]:
+    rng = random.Random(seed)
+    return [MultipleChoiceExample(" ".join(rng.choice(WORDS) for _ in range(rng.randrange(3, 12))),
+                                  [rng.choice(WORDS) for _ in range(4)], i % 4, "syn", f"syn/{i}") for i in range(n)]
+
+
+def settings(out: Path, grad_accum: int, **extra) -> dict:
+    values = {"adapter": {"kind": "mixlora", "r": 4, "alpha": 8, "num_experts": 4, "top_k": 2, "dropout": 0.0},
+              "batch_size": 2, "grad_accum": grad_accum, "max_steps": 4, "lr": 1e-2, "warmup_steps": 1,
+              "schedule": "cosine", "output_dir": str(out), "progress": False, "plots": False, "seed": 3,
+              "threads": 1}
+    values.update(extra)
+    return values
+
+
+def torchrun(values: dict, tmp_path: Path, kill_at: int = 0) -> subprocess.CompletedProcess:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(TESTS), json.dumps(values), str(kill_at)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+
+
+def adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One process, grad_accum 2 × batch 2: the same global batch as 2 ranks × grad_accum 1 × batch 2."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    threads = torch.get_num_threads()
+    try:
+        trainer = Trainer(train_config_from_dict(settings(out, grad_accum=2), where="test"),
+                          model=tiny_model("llama", seed=0), tokenizer=word_tokenizer(),
+                          train_examples=examples(24), eval_examples=[])
+        trainer.setup()
+        start = {k: v.detach().clone() for k, v in trainer.params.items()}
+        trainer.run()
+    finally:
+        torch.set_num_threads(threads)
+    return adapter(out), start
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, reference):
+    single, start = reference
+    proc = torchrun(settings(tmp_path / "run", grad_accum=1), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "rank 0 of 2 completed step 4" in proc.stdout and "rank 1 of 2 completed step 4" in proc.stdout
+    two = adapter(tmp_path / "run")
+    assert max_diff(single, start) > 1e-3  # training moved the adapter, so the comparison means something
+    assert max_diff(two, single) <= 1e-5
+    # the log is written once (rank 0) and describes the global batch
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4]
+
+
+def test_two_processes_killed_and_resumed_reach_the_same_weights(tmp_path, reference):
+    single, _ = reference
+    values = settings(tmp_path / "run", grad_accum=1, save_every=2)
+    killed = torchrun(values, tmp_path, kill_at=2)
+    assert killed.returncode != 0 and (tmp_path / "run" / "checkpoints" / "step-2").is_dir()
+    assert not (tmp_path / "run" / "adapter").exists()
+    resumed = torchrun(dict(values, resume=True), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "rank 1 of 2 completed step 4" in resumed.stdout
+    assert max_diff(adapter(tmp_path / "run"), single) <= 1e-5
