@@ -312,3 +312,38 @@ def test_train_on_real_sources_by_name_is_rejected_cleanly(tmp_path):
     cfg = config(tmp_path, data={"train": ["no-such-task"], "eval": []})
     with pytest.raises(Exception, match="no-such-task"):
         Trainer(cfg, model=tiny_model("llama"), tokenizer=word_tokenizer()).setup()
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    """Recomputing activations (with dropout: the checkpoint restores the RNG) changes nothing."""
+    adapter = {"kind": "mixlora", "r": 4, "alpha": 8, "num_experts": 4, "top_k": 2, "dropout": 0.1}
+    plain = trainer(config(tmp_path / "a", adapter=adapter, max_steps=3))
+    plain.run()
+    checkpointed = trainer(config(tmp_path / "b", adapter=adapter, max_steps=3, gradient_checkpointing=True))
+    checkpointed.run()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in checkpointed.model.modules())
+    assert max_diff(adapter_tensors(plain), adapter_tensors(checkpointed)) <= 1e-6
+
+
+def test_train_command_end_to_end(tmp_path, capsys):
+    """`loramix train CONFIG.yaml key=value` on a model folder and a JSONL file of questions."""
+    from loramix.cli import main
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama", seed=0).save_pretrained(model_dir)
+    word_tokenizer().save_pretrained(model_dir)
+    rows = [{"question": ex.question, "choices": ex.choices, "answer": ex.gold} for ex in mc_examples(12)]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(f"model: {model_dir}\nadapter: {{kind: lora, r: 2}}\n"
+                   f"data: {{train: [{data}], eval: [{data}], eval_limit: 4}}\n"
+                   f"batch_size: 4\nmax_steps: 50\nprogress: false\nplots: false\noutput_dir: {tmp_path / 'run'}\n")
+    assert main(["train", str(cfg), "max_steps=2", "adapter.r=4"]) == 0
+    out = capsys.readouterr().out
+    assert "adapter saved to" in out and "label accuracy" in out
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["config"]["r"] == 4
+    assert [r["step"] for r in metric_records(tmp_path / "run") if r["type"] == "train"] == [1, 2]
+    assert main(["train", str(cfg), "max_step=2"]) == 2
+    assert "Did you mean 'max_steps'" in capsys.readouterr().err

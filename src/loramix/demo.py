@@ -114,12 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     after = result["eval"]
 
     total = round(time.perf_counter() - start, 1)
+    cpu = round(time.process_time(), 1)  # CPU seconds of this process (all threads): a load-independent measure
     summary = table(before, after)
     print(f"\nSmolLM2-135M-Instruct on ARC-Easy validation ({len(validation)} questions), "
           f"MixLoRA 8 experts top-2 r={args.r}, {args.steps} steps x {args.batch_size} questions:\n")
     print(summary)
-    print(f"\nwall time {total / 60:.1f} min; adapter in {result['adapter']}; plots in {args.output_dir}/")
-    results = {"before": before, "after": after, "timings_s": timings, "total_s": total, "args": vars(args),
+    print(f"\nwall time {total / 60:.1f} min (CPU time {cpu / 60:.1f} min); adapter in {result['adapter']}; plots in {args.output_dir}/")
+    results = {"before": before, "after": after, "timings_s": timings, "total_s": total, "cpu_s": cpu, "args": vars(args),
                "train_steps": result["step"], "torch_threads": torch.get_num_threads()}
     (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (Path(args.output_dir) / "results.md").write_text(summary + "\n")

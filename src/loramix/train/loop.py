@@ -169,7 +169,11 @@ class Trainer:
             inject(self.model, cfg.adapter_config())
         self.adapter_kind = adapter_state(self.model).config.kind
         if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # non-reentrant checkpointing: works with frozen inputs and keyword arguments, restores the RNG
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
             self.model.config.use_cache = False
 
