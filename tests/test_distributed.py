@@ -44,7 +44,7 @@ def kill(t):
         raise SystemExit(7)  # stands in for the job being killed right after a checkpoint
 
 t = DistributedTrainer(train_config_from_dict(values, where="test"), model=tiny_model("llama", seed=0),
-                       tokenizer=word_tokenizer(), train_examples=examples(24), eval_examples=[],
+                       tokenizer=word_tokenizer(), train_examples=examples(24), eval_examples=examples(9, seed=1),
                        callbacks=[kill] if kill_at else [])
 result = t.run()
 print("rank", t.rank, "of", t.world_size, result["status"], "step", result["step"], flush=True)
@@ -99,17 +99,22 @@ def reference(tmp_path_factory) -> tuple[dict[str, torch.Tensor], dict[str, torc
     try:
         trainer = Trainer(train_config_from_dict(settings(out, grad_accum=2), where="test"),
                           model=tiny_model("llama", seed=0), tokenizer=word_tokenizer(),
-                          train_examples=examples(24), eval_examples=[])
+                          train_examples=examples(24), eval_examples=examples(9, seed=1))
         trainer.setup()
         start = {k: v.detach().clone() for k, v in trainer.params.items()}
         trainer.run()
     finally:
         torch.set_num_threads(threads)
-    return adapter(out), start
+    return adapter(out), start, eval_records(out)[-1]
+
+
+def eval_records(run: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r["eval"] for r in records if r["type"] == "eval"]
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, reference):
-    single, start = reference
+    single, start, single_eval = reference
     proc = torchrun(settings(tmp_path / "run", grad_accum=1), tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "rank 0 of 2 completed step 4" in proc.stdout and "rank 1 of 2 completed step 4" in proc.stdout
@@ -119,10 +124,24 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, re
     # the log is written once (rank 0) and describes the global batch
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4]
+    # evaluation sharded over the ranks (5 + 4 examples), combined: the accuracy over all 9, logged once
+    evals = eval_records(tmp_path / "run")
+    assert len(evals) == 1 and evals[0]["label"]["n"] == 9
+    assert evals[0]["label"]["accuracy"] == pytest.approx(single_eval["label"]["accuracy"])
+
+
+def test_combine_accuracies_weights_by_count():
+    from loramix.train.distributed import combine_accuracies
+
+    parts = [{"label": {"accuracy": 0.5, "n": 4, "per_task": {"a": {"accuracy": 0.5, "n": 4}}}},
+             {"label": {"accuracy": 1.0, "n": 2, "per_task": {"b": {"accuracy": 1.0, "n": 2}}}}]
+    merged = combine_accuracies(parts)["label"]
+    assert merged["n"] == 6 and merged["accuracy"] == pytest.approx(4 / 6)
+    assert merged["per_task"] == {"a": {"accuracy": 0.5, "n": 4}, "b": {"accuracy": 1.0, "n": 2}}
 
 
 def test_two_processes_killed_and_resumed_reach_the_same_weights(tmp_path, reference):
-    single, _ = reference
+    single, _, _ = reference
     values = settings(tmp_path / "run", grad_accum=1, save_every=2)
     killed = torchrun(values, tmp_path, kill_at=2)
     assert killed.returncode != 0 and (tmp_path / "run" / "checkpoints" / "step-2").is_dir()

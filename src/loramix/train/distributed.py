@@ -127,9 +127,29 @@ class DistributedTrainer(Trainer):
             stats["expert_load"] = load.tolist()
         return stats
 
+    # ------------------------------------------------------------------ evaluation, sharded
+    def evaluate(self) -> dict[str, Any]:
+        """Each rank scores every W-th evaluation example; the counts are gathered and combined, so the
+        accuracy is the one over the whole set (logged once, by rank 0)."""
+        everything = self.eval_examples
+        local_examples = everything[self.rank::self.world_size]
+        local: dict[str, Any] = {}
+        if local_examples:
+            self.eval_examples, self._gathering = local_examples, True
+            try:
+                local = super().evaluate()
+            finally:
+                self.eval_examples, self._gathering = everything, False
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, local)
+        results = combine_accuracies([g for g in gathered if g])
+        self.last_metrics["eval"] = results
+        self._write_metrics({"type": "eval", "step": self.step, "eval": results})
+        return results
+
     # ------------------------------------------------------------------ rank 0 writes
     def _write_metrics(self, record: dict[str, Any]) -> None:
-        if self.is_main:
+        if self.is_main and not getattr(self, "_gathering", False):
             super()._write_metrics(record)
 
     def _plots(self) -> None:
@@ -172,9 +192,26 @@ class DistributedTrainer(Trainer):
             self._old_handlers[sig] = signal.signal(sig, handler)
 
 
+def combine_accuracies(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge per-rank ``{protocol: {"accuracy", "n", "per_task": {task: {"accuracy", "n"}}}}`` results
+    into the accuracy over the union of their examples (weighted by n)."""
+    def merge(items: list[dict[str, Any]]) -> dict[str, Any]:
+        n = sum(int(r["n"]) for r in items)
+        correct = sum(float(r["accuracy"]) * int(r["n"]) for r in items)
+        return {"accuracy": correct / n if n else float("nan"), "n": n}
+
+    out: dict[str, Any] = {}
+    for protocol in (parts[0] if parts else {}):
+        per_rank = [p[protocol] for p in parts]
+        tasks = sorted({t for r in per_rank for t in r.get("per_task", {})})
+        out[protocol] = dict(merge(per_rank), per_task={
+            t: merge([r["per_task"][t] for r in per_rank if t in r.get("per_task", {})]) for t in tasks})
+    return out
+
+
 def trainer_class() -> type[Trainer]:
     """``DistributedTrainer`` under torchrun (WORLD_SIZE > 1), else ``Trainer``."""
     return DistributedTrainer if is_distributed_launch() else Trainer
 
 
-__all__ = ["DistributedTrainer", "init_distributed", "is_distributed_launch", "trainer_class"]
+__all__ = ["DistributedTrainer", "combine_accuracies", "init_distributed", "is_distributed_launch", "trainer_class"]
