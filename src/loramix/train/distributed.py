@@ -27,15 +27,19 @@ One process (no ``WORLD_SIZE`` in the environment) is plain ``Trainer``; ``train
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
+import random
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .loop import Trainer
+from . import checkpoint as ckpt
+from .loop import Trainer, log
 
 
 def is_distributed_launch() -> bool:
@@ -68,6 +72,8 @@ class DistributedTrainer(Trainer):
         self.rank, self.world_size = init_distributed()
         self._local_stop: int | None = None
         super().__init__(config, **kwargs)
+        if self.rank != 0:
+            log.setLevel(logging.WARNING)  # one copy of the progress log (rank 0's); warnings still show
         if torch.cuda.is_available() and getattr(config, "device", "auto") in ("auto", "cuda") and kwargs.get("model") is None:
             config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
 
@@ -85,6 +91,24 @@ class DistributedTrainer(Trainer):
     def setup(self) -> None:
         super().setup()
         dist.barrier()  # no rank logs before every rank has reset the run folder
+
+    def _setup_optimizer(self) -> None:
+        super()._setup_optimizer()
+        # The adapter is initialised (identically on every rank, same seed); from here on each rank draws
+        # its own dropout masks / router jitter. (Resuming restores each rank's own generator states.)
+        if self.rank:
+            random.seed(self.config.seed + self.rank)
+            torch.manual_seed(self.config.seed + self.rank)
+
+    def _resume(self) -> None:
+        super()._resume()  # restores rank 0's generators on every rank ...
+        if self.rank and self.last_checkpoint is not None:  # ... then this rank's own, if they were saved
+            plain, tensors = self.last_checkpoint / f"rng-rank{self.rank}.json", self.last_checkpoint / f"rng-rank{self.rank}.pt"
+            if plain.is_file() and tensors.is_file():
+                ckpt.set_rng_states(json.loads(plain.read_text()), torch.load(tensors, weights_only=True))
+            else:
+                log.warning("rank %d: %s has no generator state of this rank; dropout masks will differ from "
+                            "an uninterrupted run", self.rank, self.last_checkpoint)
 
     def _next_window(self) -> list[dict[str, torch.Tensor]]:
         """The global window: W consecutive per-rank windows (the same on every rank)."""
@@ -136,13 +160,20 @@ class DistributedTrainer(Trainer):
         local: dict[str, Any] = {}
         if local_examples:
             self.eval_examples, self._gathering = local_examples, True
+            level = log.level
+            log.setLevel(logging.WARNING)  # a shard's accuracy is not the run's: log the combined one below
             try:
                 local = super().evaluate()
             finally:
                 self.eval_examples, self._gathering = everything, False
+                log.setLevel(level)
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, local)
         results = combine_accuracies([g for g in gathered if g])
+        if self.is_main:
+            for protocol, r in results.items():
+                log.info("step %d: %s accuracy %.4f (n=%d, %d ranks)", self.step, protocol, r["accuracy"], r["n"],
+                         self.world_size)
         self.last_metrics["eval"] = results
         self._write_metrics({"type": "eval", "step": self.step, "eval": results})
         return results
@@ -161,6 +192,11 @@ class DistributedTrainer(Trainer):
         shared = [str(path) if path is not None else None]
         dist.broadcast_object_list(shared, src=0)  # also a barrier: nobody resumes from a half-written one
         self.last_checkpoint = Path(shared[0])
+        if self.rank:  # each rank's own generator states, so a resumed run draws the same masks
+            plain, tensors = ckpt.rng_states()
+            torch.save(tensors, self.last_checkpoint / f"rng-rank{self.rank}.pt")
+            (self.last_checkpoint / f"rng-rank{self.rank}.json").write_text(json.dumps(plain))
+        dist.barrier()
         return self.last_checkpoint
 
     # ------------------------------------------------------------------ stop signals, all ranks together
