@@ -164,6 +164,17 @@ def _build_and_load(root: Path) -> dict:
     perturb_adapter(model, seed=2, router_std=1.0)
     add("mixtral_dora", model, export_adapter(model, root / "mixtral-dora", format="mixtral", progress=False))
 
+    # 2b. The authors' MixLoRA format (pickled weights, read safely) exported through the CLI.
+    from test_authors import ATTENTION, FFN, authors_weights, write_authors_folder
+
+    base = load_base(llama)
+    write_authors_folder(root / "adapter-authors", authors_weights(base, 4, 4, ATTENTION + FFN, seed=8),
+                         lora_dropout=0.0, base_model_name_or_path=str(llama))
+    model = loramix.load_adapter(base, root / "adapter-authors")
+    assert cli_main(["export", str(root / "adapter-authors"), "--format", "mixtral", "--out",
+                     str(root / "mixtral-authors"), "--no-progress"]) == 0
+    add("mixtral_authors", model, root / "mixtral-authors")
+
     # 3. The other families with an MoE sibling.
     for family in ("mistral", "qwen2", "qwen3"):
         model = loramix.inject(load_base(base_folder(root, family)), mixlora_config())
@@ -220,7 +231,7 @@ def assert_same_logits(case: dict, atol: float = 1e-4) -> None:
     assert diff <= atol, f"max |Δlogit| = {diff:.3g}"
 
 
-@pytest.mark.parametrize("name", ["mixtral_cli", "mixtral_dora"])
+@pytest.mark.parametrize("name", ["mixtral_cli", "mixtral_dora", "mixtral_authors"])
 def test_mixtral_export_reproduces_mixlora_logits(exported, name):
     case = exported[name]
     assert case["class"] == "MixtralForCausalLM"
