@@ -128,6 +128,25 @@ class WeightedSwiGLU(torch.autograd.Function):
         return grad_g, grad_u, grad_w
 
 
+class IndexAddRows(torch.autograd.Function):
+    """``base.index_add(0, index, rows)`` whose backward keeps only ``index``.
+
+    ``Tensor.index_add`` saves ``rows`` for its backward (to shape the gradient), an (M, f) tensor
+    per MoE layer that nothing needs. Shapes: base (N, f), index (M,) long, rows (M, f) → (N, f).
+    """
+
+    @staticmethod
+    def forward(ctx, base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(index)
+        return base.index_add(0, index, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        grad_rows = grad.index_select(0, index) if ctx.needs_input_grad[2] else None
+        return (grad if ctx.needs_input_grad[0] else None), None, grad_rows
+
+
 class ExpertLoras(nn.Module):
     """Stacked LoRA weights of all experts, one tensor per projection.
 
@@ -426,7 +445,7 @@ class MixLoraFFN(nn.Module):
             h = self.combine(rows)  # (M, f)
             expert_out = self.expert_rows(name, down(h), self.lora_dropout(h), seg, row_expert)
             out = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
-            return out.index_add(0, token, expert_out * row_weight)
+            return IndexAddRows.apply(out, token, expert_out * row_weight)
 
         # Σ_e g_e W h_e = W Σ_e g_e h_e: the frozen down projection runs on N rows, not M.
         # The LoRA is linear too, and dropout is elementwise: Σ_e g_e B_e A_e drop(h_e) = Σ_e B_e A_e drop(g_e h_e),
@@ -436,10 +455,10 @@ class MixLoraFFN(nn.Module):
             weighted = WeightedSwiGLU.apply(gate, up, row_weight)  # (M, f)
         else:
             weighted = self.combine(rows) * row_weight
-        out = down(weighted.new_zeros(num_tokens, weighted.shape[-1]).index_add(0, token, weighted))
+        out = down(IndexAddRows.apply(weighted.new_zeros(num_tokens, weighted.shape[-1]), token, weighted))
         if name in self.targets:
             inputs, factor = lora_input(self.lora_dropout, weighted)
-            out = out.index_add(0, token, self.lora_delta(name, inputs, seg, factor))
+            out = IndexAddRows.apply(out, token, self.lora_delta(name, inputs, seg, factor))
         return out
 
     def forward_naive(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
