@@ -705,6 +705,17 @@ def _resolve_base(name: str | None):
     return BaseWeights.from_model(model, tokenizer)
 
 
+def _peft_base_name(name: str | None) -> str | None:
+    """The base name PEFT should record: the embedded SmolLM2 is not a Hub model (it is the dequantised
+    GGUF, whose weights differ from the Hub checkpoint), so point at its converted local folder."""
+    from .. import hub
+
+    if name and name.lower() in hub.EMBEDDED_ALIASES:
+        folder = hub.cache_root() / hub.CACHE_SUBDIR
+        return str(folder) if (folder / hub.MARKER).is_file() else name
+    return name
+
+
 def _load_base_model(name: str):
     """(model, tokenizer or None) in fp32 on CPU; a local folder needs no tokenizer (tiny test models)."""
     from .. import hub
@@ -768,7 +779,7 @@ def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.Pat
         raise ExportError(f"--task applies to MoRE adapters; {adapter} is a '{kind}' adapter")
     if format == "peft":
         loras, mags = peft_factors(weights)
-        return write_peft_adapter(out, loras, base_model_name_or_path=base_name, magnitudes=mags,
+        return write_peft_adapter(out, loras, base_model_name_or_path=_peft_base_name(base_name), magnitudes=mags,
                                   fan_in_fan_out=weights.family.fan_in_fan_out)
     base_weights = _resolve_base(base_name)
     if format == "mixtral":
