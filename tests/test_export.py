@@ -176,8 +176,9 @@ def _build_and_load(root: Path) -> dict:
     add("mixtral_authors", model, root / "mixtral-authors")
 
     # 3. The other families with an MoE sibling.
+    partial = {"qwen2": dict(ffn_targets=["up_proj"], attention_targets=["q_proj"])}  # untargeted ones copied
     for family in ("mistral", "qwen2", "qwen3"):
-        model = loramix.inject(load_base(base_folder(root, family)), mixlora_config())
+        model = loramix.inject(load_base(base_folder(root, family)), mixlora_config(**partial.get(family, {})))
         perturb_adapter(model, seed=3, router_std=1.0)
         add(f"moe_{family}", model, export_adapter(model, root / f"moe-{family}", format="mixtral", progress=False))
 

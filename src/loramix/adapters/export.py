@@ -306,6 +306,8 @@ class ShardWriter:
         if key in self.buffer or any(key in keys for _, keys in self.shards):
             raise ExportError(f"internal error: tensor '{key}' written twice")
         tensor = tensor.detach().to("cpu").contiguous()
+        if any(t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for t in self.buffer.values()):
+            tensor = tensor.clone()  # e.g. an untargeted projection copied into every expert: one copy each
         self.buffer[key] = tensor
         size = tensor.numel() * tensor.element_size()
         self.buffer_bytes += size
