@@ -23,5 +23,6 @@ __all__ = [
     "AdapterLoadError", "load_adapter", "save_adapter",
 ]
 from .adapters.more_tasks import export_task_peft, merge_task, use_task  # noqa: E402
+from .models.multi import adapter_rows, inject_many, only_adapter  # noqa: E402
 
-__all__ += ["MoreConfig", "export_task_peft", "merge_task", "use_task"]
+__all__ += ["MoreConfig", "export_task_peft", "merge_task", "use_task", "adapter_rows", "inject_many", "only_adapter"]
