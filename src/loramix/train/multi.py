@@ -147,7 +147,8 @@ def load_multi_config(path: str | Path, overrides: list[str] | None = None) -> t
                 raise ConfigError(f"{where}: '{key}' differs from the shared '{key}'; all adapters share one base")
         values.update(entry)
         values.update(shared)
-        values.setdefault("output_dir", str(out_root / name))
+        if "output_dir" not in entry:  # an included single-adapter config's output_dir would collide
+            values["output_dir"] = str(out_root / name)
         if values["output_dir"] in {c.output_dir for c in configs.values()}:
             raise ConfigError(f"{where}: output_dir {values['output_dir']} is used by another adapter")
         configs[name] = train_config_from_dict(values, where=where, overrides=overrides)
