@@ -83,6 +83,12 @@ def test_multi_yaml_names_adapter_entries_in_errors(tmp_path: Path) -> None:
                     "  - name: b\n    adapter: {kind: mixlora}\n    data: {train: [arc-c]}\n")
     shared, configs = load_multi_config(good)
     assert list(configs) == ["a", "b"] and configs["b"].output_dir == str(Path("runs/m/b"))
+    (tmp_path / "single.yaml").write_text("adapter: {kind: lora}\noutput_dir: runs/single\nlr: 0.001\n")
+    included = tmp_path / "included.yaml"
+    included.write_text("adapters:\n  - {name: x, config: single.yaml, max_steps: 3}\n  - {name: y, config: single.yaml}\n")
+    _, configs = load_multi_config(included)
+    assert configs["x"].lr == 0.001 and configs["x"].max_steps == 3 and configs["y"].max_steps is None
+    assert configs["x"].output_dir != configs["y"].output_dir
     bad = tmp_path / "bad.yaml"
     bad.write_text("adapters:\n  - name: a\n    adapter: {kind: lora, rr: 4}\n")
     try:
