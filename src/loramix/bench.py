@@ -28,9 +28,14 @@ before it (activations, gradients, temporaries). On CUDA the step peak is
 PyTorch profiler records (``profile_memory=True``) in one extra, untimed step. Both count tensor
 memory only, not the Python process, so variants compare directly.
 
-The command used for the README table (SmolLM2-135M shape, fp32, 2 threads)::
+The command used for the README table (SmolLM2-135M shape, fp32; one thread because the shared
+2-core machine was oversubscribed, where two OpenMP threads made steps erratic)::
 
-    loramix bench --threads 2 --steps 8 --warmup 2 --json bench.json
+    loramix bench --threads 1 --steps 5 --warmup 1 \
+        --variants peft-lora,loramix-lora,loramix-mixlora,loramix-mixlora-recompute,loramix-mixlora-naive,authors-mixlora
+
+``step_s`` is wall time; ``cpu_s`` (process CPU time) is reported beside it because it is less
+disturbed when other jobs share the CPU.
 """
 
 from __future__ import annotations
