@@ -103,7 +103,7 @@ def reference_scores(model, tok, ex: MultipleChoiceExample, protocol: str) -> li
         cont = encode_continuation(tok, target)
         logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + cont])).logits[0], -1)
         total = sum(float(logp[len(prompt) - 1 + k, c]) for k, c in enumerate(cont))
-        scores.append(total / len(target))
+        scores.append(total / len(cont))  # token normalisation (the default)
     return scores
 
 
@@ -135,6 +135,12 @@ def test_batched_scores_match_reference(family, protocol):
     for got, want in zip(out["scores"], ref):
         assert got == pytest.approx(want, abs=1e-4)
     assert out["predictions"] == [max(range(len(s)), key=s.__getitem__) for s in ref]
+    if protocol == "loglik":  # other normalisations rescale the same sums
+        chars = evaluate_multiple_choice(model, tok, EXAMPLES, protocol="loglik", normalize="char", progress=False)
+        for ex, got, want in zip(EXAMPLES, chars["scores"], ref):
+            n_tok = [len(encode_continuation(tok, t)) for t in render_targets(ex, "mc_text")]
+            n_chr = [len(t) for t in render_targets(ex, "mc_text")]
+            assert got == pytest.approx([w * a / b for w, a, b in zip(want, n_tok, n_chr)], abs=1e-4)
 
 
 def test_errors():

@@ -7,9 +7,10 @@ position*, restricted to the letter tokens (" A", " B", ... as the tokenizer spl
 row; position ids are computed from the attention mask so padding does not shift positions.
 
 ``protocol="loglik"``: the prompt is the bare question ("<question>\\nAnswer:"); each choice
-" <text>" is scored by the sum of its tokens' log-probabilities given the prompt, divided by the
-number of *characters* of the continuation (length normalisation in characters, like lm-eval's
-``acc_norm``, so it does not depend on the tokenizer); the prediction is the argmax. Requests are
+" <text>" is scored by the sum of its tokens' log-probabilities given the prompt, divided by its
+number of *tokens* (``normalize="token"``, the default; "char" divides by its characters like
+lm-eval's ``acc_norm``, "none" keeps the sum); the prediction is the argmax. On the first 80
+ARC-e validation rows with SmolLM2-135M-Instruct: token 0.44, char 0.31, none 0.50. Requests are
 left-padded too, so all continuations end at the last position and only the tail needs logits.
 
 Example:
@@ -33,6 +34,7 @@ from ..data.tokenize import (
 )
 
 PROTOCOLS = ("label", "loglik")
+NORMALIZATIONS = ("token", "char", "none")
 # the template each protocol uses when the caller leaves the default
 DEFAULT_TEMPLATES = {"label": "mc_letters", "loglik": "mc_text"}
 
@@ -151,7 +153,7 @@ def _predict_loglik(model, tokenizer, examples, template, batch_size, cutoff_len
             pred_logits = logits[row, keep - n_cont - 1:keep - 1, :].float()
             targets = torch.tensor(ids[len(ids) - n_cont:], device=pred_logits.device)
             logp = torch.log_softmax(pred_logits, dim=-1).gather(-1, targets[:, None]).sum()
-            scores[e][c] = float(logp) / chars
+            scores[e][c] = float(logp)  # raw sum: normalised by the caller
         bar.update(len(chunk))
     bar.close()
     return scores
@@ -226,7 +228,7 @@ def _predict_loglik_shared(model, tokenizer, examples, template, batch_size, cut
                 if len(cont) > 1:
                     lp = torch.log_softmax(rest_logp[row, : len(cont) - 1, :].float(), dim=-1)
                     total = total + lp.gather(-1, torch.tensor(cont[1:], device=lp.device)[:, None]).sum()
-                scores[e][c] = float(total) / n_chars
+                scores[e][c] = float(total)  # raw sum: normalised by the caller
                 row += 1
         bar.update(rows)
     bar.close()
@@ -236,7 +238,7 @@ def _predict_loglik_shared(model, tokenizer, examples, template, batch_size, cut
 def evaluate_multiple_choice(model, tokenizer, examples: Sequence[MultipleChoiceExample], *, protocol: str = "label",
                              batch_size: int = 8, template: str | None = "mc_letters", progress: bool = True,
                              task_ids: dict[str, int] | None = None, cutoff_len: int = 1024,
-                             share_prompt: bool = True) -> dict[str, Any]:
+                             share_prompt: bool = True, normalize: str = "token") -> dict[str, Any]:
     """Accuracy of ``model`` on multiple-choice ``examples``.
 
     Args:
@@ -251,6 +253,8 @@ def evaluate_multiple_choice(model, tokenizer, examples: Sequence[MultipleChoice
         progress: show a tqdm bar.
         task_ids: task name -> id, passed to the model as ``task_ids`` (MoRE adapters).
         cutoff_len: longest sequence; prompts are cut from the left beyond it.
+        normalize: "loglik" only: divide each choice's log-likelihood by its number of "token"s
+            (default), "char"acters, or not at all ("none").
         share_prompt: "loglik" only: run each prompt once and reuse its KV cache for all its
             choices (same scores, ~number-of-choices times less prompt compute) when the model
             accepts ``past_key_values``; False runs every (prompt + choice) sequence in full.
@@ -262,6 +266,8 @@ def evaluate_multiple_choice(model, tokenizer, examples: Sequence[MultipleChoice
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol '{protocol}': use one of {', '.join(PROTOCOLS)}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalize '{normalize}': use one of {', '.join(NORMALIZATIONS)}")
     examples = list(examples)
     bad = [ex for ex in examples if not isinstance(ex, MultipleChoiceExample)]
     if bad:
@@ -289,6 +295,11 @@ def evaluate_multiple_choice(model, tokenizer, examples: Sequence[MultipleChoice
             scores = predict(model, tokenizer, examples, template, batch_size, cutoff_len, task_ids, device, progress)
     finally:
         model.train(was_training)
+    if protocol == "loglik" and normalize != "none":
+        for ex, row in zip(examples, scores):
+            targets = render_targets(ex, template)
+            lengths = [len(encode_continuation(tokenizer, t)) if normalize == "token" else len(t) for t in targets]
+            row[:] = [v / max(n, 1) for v, n in zip(row, lengths)]
     preds = [max(range(len(s)), key=s.__getitem__) for s in scores]  # first maximum on ties
     hits: dict[str, list[int]] = defaultdict(list)
     for ex, p in zip(examples, preds):

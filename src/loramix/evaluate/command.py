@@ -32,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=[*PROTOCOLS, "both"], default="both",
                         help="'label': logits of the option letters at the last prompt position (the MixLoRA "
                              "paper's); 'loglik': length-normalised log-likelihood of each choice's text")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    parser.add_argument("--normalize", choices=["token", "char", "none"], default="token",
+                        help="loglik: divide each choice's log-likelihood by its length in tokens, in characters, "
+                             "or not at all")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
     parser.add_argument("--cutoff-len", type=int, default=1024, help="longest prompt in tokens (cut from the left)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, fp32 on CPU), float32, bfloat16, float16")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
@@ -124,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
             start = time.perf_counter()
             out = evaluate_multiple_choice(model, tokenizer, examples, protocol=protocol, batch_size=args.batch_size,
                                            template=None, progress=not args.no_progress, task_ids=task_index,
-                                           cutoff_len=args.cutoff_len)
+                                           cutoff_len=args.cutoff_len, normalize=args.normalize)
             seconds[f"{task}/{protocol}"] = round(time.perf_counter() - start, 2)
             results[task][protocol] = {"accuracy": out["accuracy"], "n": out["n"]}
     print(f"model: {model_name}" + (f"  adapter: {args.adapter}" if args.adapter else "") + f"  split: {args.split}")
@@ -132,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     if args.json_path:
         report = {"model": model_name, "adapter": args.adapter, "split": args.split, "limit": args.limit,
+                  "normalize": args.normalize,
                   "results": results, "seconds": seconds}
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
