@@ -15,7 +15,7 @@ left-padded too, so all continuations end at the last position and only the tail
 
 Example:
     >>> evaluate_multiple_choice(model, tokenizer, load_examples("arc-e", "validation"), protocol="label")
-    {'accuracy': 0.42, 'n': 570, 'per_task': {'arc-e': {'accuracy': 0.42, 'n': 570}}, 'protocol': 'label'}
+    {'accuracy': ..., 'n': 570, 'per_task': {'arc-e': {'accuracy': ..., 'n': 570}}, 'protocol': 'label', ...}
 """
 
 from __future__ import annotations
