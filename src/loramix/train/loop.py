@@ -331,7 +331,7 @@ class Trainer:
             loss = sum(terms)
             if not math.isfinite(float(loss.detach())):
                 raise TrainingDiverged(
-                    f"step {self.step + 1}: the loss is {float(loss)} (micro-batch {micro + 1} of {G}); stopping "
+                    f"step {self.step + 1}: the loss is {float(loss.detach())} (micro-batch {micro + 1} of {G}); stopping "
                     f"before the update. {self._last_good()} Try a lower lr, max_grad_norm, or fp32.")
             self.scaler.scale(loss).backward()
             for name, value in raw.items():
