@@ -44,7 +44,6 @@ import argparse
 import copy
 import gc
 import json
-import math
 import statistics
 import sys
 import time

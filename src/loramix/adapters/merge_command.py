@@ -11,7 +11,6 @@ with ``loramix export --format mixtral`` instead. Same as ``loramix export --for
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -334,19 +333,8 @@ class MultiTrainer:
         finally:
             self.cleanup()
 
-    def _install_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def handler(signum: int, frame: Any) -> None:
-            if self._stop_signal is not None:
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-            log.warning("%s received: finishing the current accumulation windows, then saving checkpoints",
-                        signal.Signals(signum).name)
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old_handlers[sig] = signal.signal(sig, handler)
+    # The same stop protocol as one Trainer: the first signal sets _stop_signal, a second one aborts.
+    _install_signal_handlers = Trainer._install_signal_handlers
 
     def cleanup(self) -> None:
         for sig, old in self._old_handlers.items():
