@@ -429,6 +429,11 @@ class Trainer:
                         self.step)
             return {"status": "interrupted", "signal": name, "step": self.step, "checkpoint": path, "adapter": None,
                     "eval": self.last_metrics.get("eval")}
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        """After the last step: final evaluation, last checkpoint, the adapter folder, plots; the result dict."""
+        cfg = self.config
         if self.eval_examples:
             self.evaluate()
         if cfg.save_every and (self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step}"):

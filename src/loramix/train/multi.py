@@ -41,7 +41,6 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters.io import save_adapter
 from ..config import ConfigError
 from ..models.multi import adapter_losses, adapter_rows, inject_many
 from .config import TrainConfig, train_config_from_dict
@@ -313,18 +312,9 @@ class MultiTrainer:
             p.grad = None
 
     def _finish(self, name: str) -> dict[str, Any]:
-        job = self.jobs[name]
-        if job.eval_examples:
-            job.evaluate()
-            self.model.train()
-        if job.config.save_every and (job.last_checkpoint is None or job.last_checkpoint.name != f"step-{job.step}"):
-            job.save_checkpoint()
-        adapter_dir = save_adapter(job.model, job.output_dir / "adapter",
-                                   extra={"train_config": job.config.to_dict(), "task_index": job.task_index})
-        if job.config.plots:
-            job._plots()
-        return {"status": "completed", "step": job.step, "checkpoint": job.last_checkpoint, "adapter": adapter_dir,
-                "eval": job.last_metrics.get("eval")}
+        result = self.jobs[name].finish()
+        self.model.train()  # the job's evaluation left the shared model in eval mode
+        return result
 
     def run(self) -> dict[str, Any]:
         try:
