@@ -378,24 +378,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_bench(s: BenchSettings, progress: bool = True) -> dict[str, Any]:
-    """Build the variants, run them interleaved, return the results as the ``--json`` object."""
-    if s.threads is not None:
-        torch.set_num_threads(s.threads)
-    device = s.torch_device
-    base = build_base_model(s)
-    batch = make_batch(s, base.config.vocab_size)
-    tokens = int(batch["attention_mask"].sum())
-    shared: dict[str, dict] = {}
-    # loramix variants first: they draw the initial weights the others copy.
-    order = sorted(s.variants, key=lambda n: 0 if n.startswith("loramix") else 1)
-    variants = {name: BUILDERS[name](base, s, shared) for name in order}
-    variants = {name: variants[name] for name in s.variants}
-
+def run_interleaved(variants: dict[str, "Variant"], batch: dict[str, torch.Tensor], s: BenchSettings,
+                    device: torch.device, *, desc: str, progress: bool) -> None:
+    """Warm-up then timed rounds A B C A B C …; appends each variant's losses, wall and CPU times."""
     from tqdm.auto import tqdm
 
     rounds = s.warmup + s.steps
-    bar = tqdm(total=rounds * len(variants), desc="bench", unit="step", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=rounds * len(variants), desc=desc, unit="step", disable=not progress, file=sys.stderr)
     torch.manual_seed(s.seed + 3)
     for i in range(rounds):
         for v in variants.values():
@@ -410,6 +399,23 @@ def run_bench(s: BenchSettings, progress: bool = True) -> dict[str, Any]:
                 v.cpu_times.append(cpu)
             bar.update(1)
     bar.close()
+
+
+def run_bench(s: BenchSettings, progress: bool = True) -> dict[str, Any]:
+    """Build the variants, run them interleaved, return the results as the ``--json`` object."""
+    if s.threads is not None:
+        torch.set_num_threads(s.threads)
+    device = s.torch_device
+    base = build_base_model(s)
+    batch = make_batch(s, base.config.vocab_size)
+    tokens = int(batch["attention_mask"].sum())
+    shared: dict[str, dict] = {}
+    # loramix variants first: they draw the initial weights the others copy.
+    order = sorted(s.variants, key=lambda n: 0 if n.startswith("loramix") else 1)
+    variants = {name: BUILDERS[name](base, s, shared) for name in order}
+    variants = {name: variants[name] for name in s.variants}
+
+    run_interleaved(variants, batch, s, device, desc="bench", progress=progress)
 
     results: dict[str, dict[str, Any]] = {}
     for name, v in variants.items():

@@ -17,15 +17,13 @@ Runs are interleaved (single, joint, sequential, single, joint, ...) as in ``lor
 from __future__ import annotations
 
 import statistics
-import sys
-import time
 from typing import Any
 
 import torch
 from torch import nn
 
-from .bench import BenchSettings, Variant, _mixlora_config, _sync, build_base_model, make_batch, persistent_bytes, \
-    share_frozen_copy, step_peak_bytes, tensor_bytes
+from .bench import BenchSettings, Variant, _mixlora_config, build_base_model, make_batch, persistent_bytes, \
+    run_interleaved, share_frozen_copy, step_peak_bytes, tensor_bytes
 from .models.inject import adapter_parameters, inject
 from .models.multi import adapter_losses, adapter_rows, inject_many, member_parameters
 
@@ -85,20 +83,7 @@ def run_multi_bench(s: BenchSettings, progress: bool = True) -> dict[str, Any]:
         "multi-joint": _multi_variant("multi-joint", base, s, joint=True),
         "multi-sequential": _multi_variant("multi-sequential", base, s, joint=False),
     }
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=(s.warmup + s.steps) * len(variants), desc=f"bench --multi {s.multi}", unit="step",
-               disable=not progress, file=sys.stderr)
-    for i in range(s.warmup + s.steps):
-        for v in variants.values():
-            _sync(device)
-            start = time.perf_counter()
-            v.step(batch)
-            _sync(device)
-            if i >= s.warmup:
-                v.times.append(time.perf_counter() - start)
-            bar.update(1)
-    bar.close()
+    run_interleaved(variants, batch, s, device, desc=f"bench --multi {s.multi}", progress=progress)
 
     n = s.multi
     base_mb = tensor_bytes(list(base.parameters())) / 2**20
