@@ -47,7 +47,8 @@ t = DistributedTrainer(train_config_from_dict(values, where="test"), model=tiny_
                        tokenizer=word_tokenizer(), train_examples=examples(24), eval_examples=examples(9, seed=1),
                        callbacks=[kill] if kill_at else [])
 result = t.run()
-print("rank", t.rank, "of", t.world_size, result["status"], "step", result["step"], flush=True)
+# One string, one write: the worker runs unbuffered (-u), so print's separate pieces could interleave across ranks.
+print(f"rank {t.rank} of {t.world_size} {result['status']} step {result['step']}", flush=True)
 """
 
 
