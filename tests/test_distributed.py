@@ -34,19 +34,29 @@ import torch
 from test_distributed import examples, word_tokenizer
 from tiny_models import tiny_model
 from loramix.train.config import train_config_from_dict
+from loramix.models.inject import adapter_parameters
 from loramix.train.distributed import DistributedTrainer, trainer_class
+from loramix.train.loop import TrainingDiverged
 
 assert trainer_class() is DistributedTrainer
-values, kill_at = json.loads(sys.argv[2]), int(sys.argv[3])
+values, kill_at, nan_at = json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 
 def kill(t):
     if t.step == kill_at:
         raise SystemExit(7)  # stands in for the job being killed right after a checkpoint
 
+def poison(t):
+    if t.step == nan_at and t.rank == 1:  # only rank 1's next forward gives a NaN loss
+        with torch.no_grad():
+            next(p for n, p in adapter_parameters(t.model).items() if "lora_B" in n).fill_(float("nan"))
+
 t = DistributedTrainer(train_config_from_dict(values, where="test"), model=tiny_model("llama", seed=0),
                        tokenizer=word_tokenizer(), train_examples=examples(24), eval_examples=examples(9, seed=1),
-                       callbacks=[kill] if kill_at else [])
-result = t.run()
+                       callbacks=([kill] if kill_at else []) + ([poison] if nan_at else []))
+try:
+    result = t.run()
+except TrainingDiverged as err:
+    result = {"status": f"diverged ({err})", "step": t.step}
 # One string, one write: the worker runs unbuffered (-u), so print's separate pieces could interleave across ranks.
 print(f"rank {t.rank} of {t.world_size} {result['status']} step {result['step']}", flush=True)
 """
@@ -74,13 +84,14 @@ def settings(out: Path, grad_accum: int, **extra) -> dict:
     return values
 
 
-def torchrun(values: dict, tmp_path: Path, kill_at: int = 0) -> subprocess.CompletedProcess:
+def torchrun(values: dict, tmp_path: Path, kill_at: int = 0, nan_at: int = 0,
+             timeout: float = 600) -> subprocess.CompletedProcess:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(TESTS), json.dumps(values), str(kill_at)],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+                           str(script), str(TESTS), json.dumps(values), str(kill_at), str(nan_at)],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
 
 
 def adapter(folder: Path) -> dict[str, torch.Tensor]:
@@ -154,3 +165,23 @@ def test_two_processes_killed_and_resumed_reach_the_same_weights(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "rank 1 of 2 completed step 4" in resumed.stdout
     assert max_diff(adapter(tmp_path / "run"), adapter(tmp_path / "whole")) <= 1e-6
+
+
+def test_nan_on_one_rank_stops_every_rank_and_keeps_the_last_good_checkpoint(tmp_path):
+    """Only rank 1 sees a NaN loss at step 3: both ranks stop there (no hang in the next all-reduce), nothing
+    of step 3 is applied or saved, and the step-2 checkpoint resumes."""
+    values = settings(tmp_path / "run", grad_accum=1, save_every=2, max_steps=5)
+    proc = torchrun(values, tmp_path, nan_at=2, timeout=240)  # a hang would end in TimeoutExpired
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "rank 1 of 2 diverged (step 3: the loss is nan" in proc.stdout
+    assert "rank 0 of 2 diverged (step 3: the loss is not finite on another data-parallel rank" in proc.stdout
+    assert "step-2" in proc.stdout and "step 2" in proc.stdout  # both name the last good checkpoint, both at step 2
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step-2" and not (root / "step-3").exists()
+    saved = load_file(str(root / "step-2" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2]
+    resumed = torchrun(dict(values, resume=True, max_steps=3), tmp_path, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "rank 0 of 2 completed step 3" in resumed.stdout and "rank 1 of 2 completed step 3" in resumed.stdout

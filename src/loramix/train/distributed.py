@@ -20,7 +20,12 @@ plain model (hooks, ``loramix_adapter``, ``router_stats`` work unchanged), and a
 no token on some rank simply contributes a zero gradient — there is no unused-parameter error to
 work around. Logging, checkpoints, plots and the final adapter are written by rank 0; the step
 statistics (loss, tokens, expert load) are summed over ranks first, so the log describes the
-global batch. A SIGINT/SIGTERM seen by any rank stops all ranks at the same step boundary.
+global batch.
+
+Stop decisions are agreed: a SIGINT/SIGTERM seen by any rank, or a non-finite loss on any rank, stops all
+ranks at the same point (one small all-reduce of a flag), so no rank waits forever in a collective the
+others left; a diverged step is never applied or saved, so the last checkpoint stays the last good one.
+The run length (max_steps / epochs) is checked to be the same on every rank at setup.
 
 One process (no ``WORLD_SIZE`` in the environment) is plain ``Trainer``; ``trainer_class()`` picks.
 """
@@ -38,6 +43,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
 from . import checkpoint as ckpt
 from .loop import Trainer, log
 
@@ -70,6 +76,9 @@ class DistributedTrainer(Trainer):
 
     def __init__(self, config, **kwargs: Any) -> None:
         self.rank, self.world_size = init_distributed()
+        # NCCL collectives need CUDA tensors; gloo takes CPU ones.
+        self._collective_device = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend() == "nccl" else torch.device("cpu")
         self._local_stop: int | None = None
         super().__init__(config, **kwargs)
         if self.rank != 0:
@@ -90,6 +99,12 @@ class DistributedTrainer(Trainer):
 
     def setup(self) -> None:
         super().setup()
+        # Every rank must run the same number of steps (each step has collectives): check the plan agrees.
+        plan = [self.total_steps, self.step]
+        if [self._max_over_ranks(v) for v in plan] != plan or [-self._max_over_ranks(-v) for v in plan] != plan:
+            raise ConfigError(f"rank {self.rank}: the ranks disagree on the run length or the resumed step "
+                              f"(this rank: {self.total_steps} steps, at step {self.step}); give every rank the "
+                              f"same config, data and checkpoint folder")
         dist.barrier()  # no rank logs before every rank has reset the run folder
 
     def _setup_optimizer(self) -> None:
@@ -141,12 +156,12 @@ class DistributedTrainer(Trainer):
         stats = super()._train_step(window)
         # Each rank's lm_loss / aux / load is its share of the global mean: summing gives the global value.
         keys = [k for k in ("lm_loss", "loss", "aux_loss", "z_loss", "contrastive_loss", "tokens") if k in stats]
-        values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+        values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self._collective_device)
         dist.all_reduce(values)
         for k, v in zip(keys, values.tolist()):
             stats[k] = int(v) if k == "tokens" else v
         if stats.get("expert_load") is not None:
-            load = torch.tensor(stats["expert_load"], dtype=torch.float64)
+            load = torch.tensor(stats["expert_load"], dtype=torch.float64, device=self._collective_device)
             dist.all_reduce(load)
             stats["expert_load"] = load.tolist()
         return stats
@@ -200,12 +215,20 @@ class DistributedTrainer(Trainer):
         return self.last_checkpoint
 
     # ------------------------------------------------------------------ stop signals, all ranks together
+    def _max_over_ranks(self, value: int) -> int:
+        """The largest ``value`` of all ranks (one tiny all-reduce; every rank must call it at the same point)."""
+        flag = torch.tensor([value], dtype=torch.long, device=self._collective_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def _any_process(self, flag: bool) -> bool:
+        """A non-finite loss on any rank stops every rank at the same point (before the update)."""
+        return bool(self._max_over_ranks(int(flag)))
+
     @property
     def _stop_signal(self) -> int | None:
         """The signal any rank received (checked by every rank at the same step boundary)."""
-        flag = torch.tensor([self._local_stop or 0], dtype=torch.long)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item()) or None
+        return self._max_over_ranks(self._local_stop or 0) or None
 
     @_stop_signal.setter
     def _stop_signal(self, value: int | None) -> None:

@@ -313,6 +313,7 @@ class Trainer:
         load_sum: list[torch.Tensor] | None = None
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                     else contextlib.nullcontext())
+        diverged: str | None = None  # the non-finite loss message, if this process saw one
         for micro, batch in enumerate(self._local_batches(window)):  # seam: one rank's share under torchrun
             batch = {k: v.to(self.device) for k, v in batch.items()}
             n_answer = _answer_tokens(batch["labels"])
@@ -330,9 +331,9 @@ class Trainer:
                 continue
             loss = sum(terms)
             if not math.isfinite(float(loss.detach())):
-                raise TrainingDiverged(
-                    f"step {self.step + 1}: the loss is {float(loss.detach())} (micro-batch {micro + 1} of {G}); stopping "
-                    f"before the update. {self._last_good()} Try a lower lr, max_grad_norm, or fp32.")
+                diverged = (f"step {self.step + 1}: the loss is {float(loss.detach())} (micro-batch {micro + 1} of {G}); "
+                            f"stopping before the update. {self._last_good()} Try a lower lr, max_grad_norm, or fp32.")
+                break
             self.scaler.scale(loss).backward()
             for name, value in raw.items():
                 aux_sums[name] = aux_sums.get(name, 0.0) + value / G
@@ -342,6 +343,11 @@ class Trainer:
                 loads = [s["load"].float().cpu() for s in stats]
                 load_sum = loads if load_sum is None else [a + b for a, b in zip(load_sum, loads)]
 
+        # Every process decides together (seam: one all-reduce under torchrun), so no rank stops while the
+        # others wait in the next collective; the update and any save are skipped on all of them.
+        if self._any_process(diverged is not None):
+            raise TrainingDiverged(diverged or f"step {self.step + 1}: the loss is not finite on another data-parallel "
+                                               f"rank; stopping before the update. {self._last_good()}")
         self._reduce_gradients()  # seam: sum over data-parallel ranks (train/distributed.py)
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.params.values() if p.grad is not None]
@@ -371,6 +377,10 @@ class Trainer:
 
     def _reduce_gradients(self) -> None:
         """Combine the adapter gradients of all processes before clipping (nothing to do in one process)."""
+
+    def _any_process(self, flag: bool) -> bool:
+        """True if ``flag`` is true in any process (one process: ``flag`` itself)."""
+        return flag
 
     def _last_good(self) -> str:
         if self.last_checkpoint is not None:
