@@ -62,6 +62,52 @@ print(f"rank {t.rank} of {t.world_size} {result['status']} step {result['step']}
 """
 
 
+# Runs on every rank: the load-balance loss of each MixLoRA layer on this rank's own batch, with the
+# expert shares of the global batch (balance_group set) and of the local one, and the last router's gradient.
+BALANCE_WORKER = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch, torch.distributed as dist
+from safetensors.torch import save_file
+from test_distributed import balance_inputs, balance_model
+from loramix.models.inject import adapter_state, moe_layers
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = balance_model()
+ids, mask, _ = balance_inputs(rank)
+layers = moe_layers(model)
+adapter_state(model).context.balance_group = dist.group.WORLD
+model(input_ids=ids, attention_mask=mask)
+global_aux = torch.stack([m.aux_loss for m in layers])
+global_aux.sum().backward()
+adapter_state(model).context.balance_group = None
+with torch.no_grad():
+    model(input_ids=ids, attention_mask=mask)
+local_aux = torch.stack([m.aux_loss for m in layers])
+save_file({"global": global_aux.detach(), "local": local_aux, "grad": layers[-1].router.weight.grad},
+          f"{sys.argv[2]}/rank{rank}.safetensors")
+dist.destroy_process_group()
+"""
+
+
+def balance_model() -> torch.nn.Module:
+    from loramix.config import MixLoraConfig
+    from loramix.models.inject import inject
+
+    model = tiny_model("llama", seed=0)
+    torch.manual_seed(1)
+    inject(model, MixLoraConfig(r=4, alpha=8, num_experts=4, top_k=2, dropout=0.0, router_init_std=0.5))
+    return model
+
+
+def balance_inputs(rank: int):
+    """Different data, sizes and padding per rank."""
+    from tiny_models import batch
+
+    return batch(size=2 + rank, length=7 + 3 * rank, seed=10 + rank, pad_first=2 + 2 * rank)
+
+
 def word_tokenizer() -> PreTrainedTokenizerFast:
     vocab = ["[PAD]", "[UNK]", "</s>", "Answer:", "(A)", "(B)", "(C)", "(D)", "A", "B", "C", "D"] + WORDS
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
@@ -169,11 +215,12 @@ def test_two_processes_killed_and_resumed_reach_the_same_weights(tmp_path):
 
 def test_nan_on_one_rank_stops_every_rank_and_keeps_the_last_good_checkpoint(tmp_path):
     """Only rank 1 sees a NaN loss at step 3: both ranks stop there (no hang in the next all-reduce), nothing
-    of step 3 is applied or saved, and the step-2 checkpoint resumes."""
-    values = settings(tmp_path / "run", grad_accum=1, save_every=2, max_steps=5)
+    of step 3 is applied or saved, and the step-2 checkpoint resumes. With two micro-batches per rank and the
+    global load balance on (an all-reduce in every forward), so the poisoned rank must keep in step."""
+    values = settings(tmp_path / "run", grad_accum=2, save_every=2, max_steps=5, global_load_balance=True)
     proc = torchrun(values, tmp_path, nan_at=2, timeout=240)  # a hang would end in TimeoutExpired
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "rank 1 of 2 diverged (step 3: the loss is nan" in proc.stdout
+    assert "rank 1 of 2 diverged (step 3: the loss is nan (micro-batch 1 of 2)" in proc.stdout
     assert "rank 0 of 2 diverged (step 3: the loss is not finite on another data-parallel rank" in proc.stdout
     assert "step-2" in proc.stdout and "step 2" in proc.stdout  # both name the last good checkpoint, both at step 2
     root = tmp_path / "run" / "checkpoints"
@@ -185,3 +232,52 @@ def test_nan_on_one_rank_stops_every_rank_and_keeps_the_last_good_checkpoint(tmp
     resumed = torchrun(dict(values, resume=True, max_steps=3), tmp_path, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "rank 0 of 2 completed step 3" in resumed.stdout and "rank 1 of 2 completed step 3" in resumed.stdout
+
+
+def test_global_load_balance_uses_the_expert_shares_of_the_global_batch(tmp_path):
+    """Reference by hand: per layer, the router's top-2 assignment counts of both ranks' real tokens give the
+    shares f; each rank's loss is E · Σ f_i P_i with its own mean probabilities P (and their gradient)."""
+    from loramix.models.inject import moe_layers
+
+    script = tmp_path / "balance.py"
+    script.write_text(BALANCE_WORKER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(TESTS), str(tmp_path)], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+
+    model = balance_model()
+    layers = moe_layers(model)
+    inputs: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    hooks = [m.register_forward_pre_hook(lambda m, args: current.append(args[0].detach())) for m in layers]
+    for rank in range(2):
+        current = inputs[rank]
+        ids, mask, _ = balance_inputs(rank)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+
+    E = 4
+    for i, layer in enumerate(layers):
+        weight = layer.router.weight.detach().clone().requires_grad_(True)
+        counts, mean_probs = [], []
+        for rank in range(2):
+            x = inputs[rank][i].reshape(-1, inputs[rank][i].shape[-1])
+            real = balance_inputs(rank)[1].reshape(-1).bool()
+            probs = torch.softmax(x[real] @ weight.t(), dim=-1)  # (n_real, E)
+            chosen = probs.topk(2, dim=-1).indices
+            counts.append(torch.stack([(chosen == e).sum() for e in range(E)]).double())
+            mean_probs.append(probs.mean(dim=0))
+        shares = (counts[0] + counts[1]) / (counts[0] + counts[1]).sum()
+        for rank in range(2):
+            expected = E * (shares.float() * mean_probs[rank]).sum()
+            local = E * ((counts[rank] / counts[rank].sum()).float() * mean_probs[rank]).sum()
+            assert float(got[rank]["global"][i]) == pytest.approx(float(expected.detach()), abs=1e-6)
+            assert float(got[rank]["local"][i]) == pytest.approx(float(local.detach()), abs=1e-6)
+            assert abs(float(got[rank]["global"][i]) - float(got[rank]["local"][i])) > 1e-4  # the option matters
+            if i == len(layers) - 1:  # the last router's loss depends on its weight only through P
+                (grad,) = torch.autograd.grad(expected, weight, retain_graph=True)
+                assert torch.allclose(got[rank]["grad"], grad, atol=1e-6)
+                assert float(grad.abs().max()) > 1e-6

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -16,12 +18,16 @@ class ForwardContext:
         token_mask: (B, T_total) bool, False on padding; None when every token is real.
         task_ids: (B,) long task index per sample (MoRE), or None.
         disabled: when True every adapter computes the frozen base function.
+        balance_group: a ``torch.distributed`` process group, or None (the default). When set, MixLoRA's
+            load-balance loss measures the expert shares over all its ranks' tokens (the data-parallel
+            trainer sets it during training steps only: each forward then holds one all-reduce per layer).
     """
 
     def __init__(self) -> None:
         self.token_mask: torch.Tensor | None = None
         self.task_ids: torch.Tensor | None = None
         self.disabled = False
+        self.balance_group: Any = None
 
     def valid_tokens(self, batch: int, length: int) -> torch.Tensor | None:
         """(batch * length,) bool for a hidden state (batch, length, d), or None if all are real.

@@ -14,12 +14,14 @@ has id ``E`` (one past the last expert, so a sort puts it last) and weight 0.
 Losses (per layer, over the N non-padding tokens):
 ``load_balance_loss = E · Σ_i f_i P_i`` (f_i: share of the assignments that chose i, P_i: mean
 probability of i; equals 1 when perfectly balanced) and ``router_z_loss = mean(logsumexp(logits)²)``.
+Under data parallelism f can be measured over the global batch (``load_balance_loss(..., group=...)``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +101,13 @@ def router_statistics(probs: torch.Tensor, chosen: torch.Tensor, valid: torch.Te
     Returns:
         ``(f, P)``, each (E,) fp32.
     """
+    counts, mean_prob = _assignments_and_mean_prob(probs, chosen, valid)
+    return counts / counts.sum().clamp_min(1), mean_prob
+
+
+def _assignments_and_mean_prob(probs: torch.Tensor, chosen: torch.Tensor,
+                               valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E,) assignment counts (no gradient) and (E,) mean probability over the valid tokens."""
     num_experts = probs.shape[-1]
     if valid is not None:
         chosen = torch.where(valid[:, None], chosen, torch.full_like(chosen, num_experts))
@@ -106,17 +115,25 @@ def router_statistics(probs: torch.Tensor, chosen: torch.Tensor, valid: torch.Te
         mean_prob = (probs * weight).sum(dim=0) / weight.sum().clamp_min(1)
     else:
         mean_prob = probs.mean(dim=0)
-    counts = expert_counts(chosen, num_experts)[:num_experts].to(probs.dtype)
-    return counts / counts.sum().clamp_min(1), mean_prob
+    return expert_counts(chosen, num_experts)[:num_experts].to(probs.dtype), mean_prob
 
 
-def load_balance_loss(probs: torch.Tensor, chosen: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+def load_balance_loss(probs: torch.Tensor, chosen: torch.Tensor, valid: torch.Tensor | None = None,
+                      group: Any = None) -> torch.Tensor:
     """Switch/Mixtral load-balance loss ``E · Σ_i f_i P_i`` over the valid (non-padding) tokens.
 
-    Args: as ``router_statistics``. Returns a scalar; 1 when assignments and probabilities are uniform.
+    Args: as ``router_statistics``, plus ``group``: a ``torch.distributed`` process group (data-parallel
+    ranks). When given, the assignment counts behind f are summed over its ranks (one all-reduce of E
+    numbers), so f is the share over the global batch; P stays this rank's own, differentiable mean.
+    Every rank of the group must then make the same calls in the same order.
+    Returns a scalar; 1 when assignments and probabilities are uniform.
     """
-    f, mean_prob = router_statistics(probs, chosen, valid)
-    return probs.shape[-1] * (f * mean_prob).sum()
+    counts, mean_prob = _assignments_and_mean_prob(probs, chosen, valid)
+    if group is not None:
+        import torch.distributed as dist  # only here: the modules work without torch.distributed set up
+
+        dist.all_reduce(counts, group=group)
+    return probs.shape[-1] * (counts / counts.sum().clamp_min(1) * mean_prob).sum()
 
 
 def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:

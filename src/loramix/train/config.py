@@ -37,6 +37,7 @@ import yaml
 from ..config import ConfigError, _help, adapter_config_from_dict, unknown_key_error
 
 SCHEDULES = ("constant", "linear", "cosine")
+DISTRIBUTED = ("ddp", "fsdp")
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
@@ -139,6 +140,12 @@ class TrainConfig:
     resume: Any = _help("true: continue from output_dir/checkpoints/latest (start fresh if there is none); "
                         "or the path of a checkpoint folder.", False)
     threads: int | None = _help("torch CPU threads (null: torch's default).", None)
+    distributed: str = _help("Under torchrun: 'ddp' (replicated model, adapter gradients all-reduced) or 'fsdp' "
+                             "(FSDP2 fully_shard per decoder layer: the frozen base weights sharded over the ranks, "
+                             "adapters replicated in fp32). Ignored in one process.", "ddp")
+    global_load_balance: bool = _help("Under torchrun, MixLoRA's load-balance loss takes the expert shares over the "
+                                      "global batch (all ranks' tokens, one all-reduce per layer) instead of each "
+                                      "rank's own micro-batch. Same as false in one process.", False)
     plots: bool = _help("Write PNG plots into output_dir at the end.", True)
     progress: bool = _help("Show tqdm progress bars.", True)
 
@@ -173,6 +180,8 @@ class TrainConfig:
             raise ConfigError(f"'betas' must be two numbers in [0, 1), got {self.betas!r}")
         if not isinstance(self.resume, (bool, str)):
             raise ConfigError(f"'resume' must be true, false or a checkpoint folder, got {self.resume!r}")
+        if self.distributed not in DISTRIBUTED:
+            raise ConfigError(f"'distributed' must be one of {', '.join(DISTRIBUTED)}, got {self.distributed!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"'threads' must be >= 1 or null, got {self.threads}")
 

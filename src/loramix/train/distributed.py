@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from ..models.inject import adapter_state
 from . import checkpoint as ckpt
 from .loop import Trainer, log
 
@@ -153,7 +154,14 @@ class DistributedTrainer(Trainer):
             offset += n
 
     def _train_step(self, window: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        stats = super()._train_step(window)
+        context = adapter_state(self.model).context
+        # Global load balance: only inside the training step, where every rank runs the same number of forwards
+        # (evaluation shards may differ in length, and a collective there would wait forever).
+        context.balance_group = dist.group.WORLD if self.config.global_load_balance else None
+        try:
+            stats = super()._train_step(window)
+        finally:
+            context.balance_group = None
         # Each rank's lm_loss / aux / load is its share of the global mean: summing gives the global value.
         keys = [k for k in ("lm_loss", "loss", "aux_loss", "z_loss", "contrastive_loss", "tokens") if k in stats]
         values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self._collective_device)

@@ -314,7 +314,8 @@ class Trainer:
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                     else contextlib.nullcontext())
         diverged: str | None = None  # the non-finite loss message, if this process saw one
-        for micro, batch in enumerate(self._local_batches(window)):  # seam: one rank's share under torchrun
+        local = self._local_batches(window)  # seam: one rank's share under torchrun
+        for micro, batch in enumerate(local):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             n_answer = _answer_tokens(batch["labels"])
             with autocast:
@@ -330,10 +331,11 @@ class Trainer:
             if not terms:
                 continue
             loss = sum(terms)
-            if not math.isfinite(float(loss.detach())):
-                diverged = (f"step {self.step + 1}: the loss is {float(loss.detach())} (micro-batch {micro + 1} of {G}); "
+            if diverged is None and not math.isfinite(float(loss.detach())):
+                # No break: the window is finished (its gradient is thrown away below), so under torchrun every
+                # rank still makes the same collective calls (global load balance all-reduces in the forward).
+                diverged = (f"step {self.step + 1}: the loss is {float(loss.detach())} (micro-batch {micro + 1} of {len(local)}); "
                             f"stopping before the update. {self._last_good()} Try a lower lr, max_grad_norm, or fp32.")
-                break
             self.scaler.scale(loss).backward()
             for name, value in raw.items():
                 aux_sums[name] = aux_sums.get(name, 0.0) + value / G
