@@ -150,3 +150,29 @@ def test_generate_many_serves_each_request_with_its_adapter() -> None:
                                    max_new_tokens=5, pad_token_id=tok.pad_token_id)
         assert answer == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
     assert answers[0] != answers[1] or answers[2] != answers[3]
+
+
+def test_a_plan_may_list_an_adapter_twice() -> None:
+    """[more, mix, more, mix]: each run of rows gets its own padding mask (MixLoRA routing skips
+    padding) and task ids (MoRE), as if called alone; a training loss needs each adapter's rows together."""
+    more = loramix.MoreConfig(max_rank=4, dropout=0.0, tasks=["x", "y"])
+    model = inject_many(tiny_model("llama"), {"mix": CONFIGS["mix"], "more": more})
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    ids, mask, labels = batch(size=8, length=9, pad_first=4)
+    mask[3, :2] = 0  # the two "mix" runs (rows 2-3 and 6-7) have different padding
+    mask[6, :5] = 0
+    tasks = torch.tensor([0, 0, -1, -1, 1, 1, -1, -1])
+    plan = [("more", 2), ("mix", 2), ("more", 2), ("mix", 2)]
+    joint = model(input_ids=ids, attention_mask=mask, adapter_rows=plan, task_ids=tasks).logits
+    for start, (name, rows) in zip((0, 2, 4, 6), plan):
+        part = slice(start, start + rows)
+        kwargs = {"task_ids": tasks[part]} if name == "more" else {}
+        alone = model(input_ids=ids[part], attention_mask=mask[part], adapter_rows=[(name, rows)], **kwargs).logits
+        real = mask[part].bool()
+        assert (alone - joint[part])[real].abs().max() <= 1e-5, (name, start)
+    with pytest.raises(ValueError, match="rows together"):
+        adapter_losses(model, joint, labels, plan)

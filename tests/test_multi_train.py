@@ -97,3 +97,46 @@ def test_multi_yaml_names_adapter_entries_in_errors(tmp_path: Path) -> None:
         assert "adapters[0]" in str(err) and "rr" in str(err)
     else:
         raise AssertionError("a typo inside an adapter entry must be an error")
+
+
+def test_jobs_due_at_the_same_step_evaluate_in_one_pass(tmp_path: Path, monkeypatch) -> None:
+    """Periodic and final evaluations of jobs that step together run as one ``evaluate_many`` pass
+    per protocol, and record what each job's own evaluation gives (the same model state, alone)."""
+    import json
+
+    import loramix.train.multi as multi
+    from loramix.evaluate import evaluate_multiple_choice
+    from loramix.models.multi import only_adapter
+
+    calls = []
+    checks = []
+
+    def spy(model, tokenizer, examples, **kwargs):
+        out = real(model, tokenizer, examples, **kwargs)
+        calls.append((kwargs["protocol"], sorted(examples)))
+        for name, exs in examples.items():  # each adapter evaluated alone in the same state
+            with only_adapter(model, name):
+                alone = evaluate_multiple_choice(model, tokenizer, exs, **{**kwargs, "task_ids": kwargs["task_ids"][name]})
+            checks.append((out[name]["predictions"], alone["predictions"]))
+        return out
+
+    real = multi.evaluate_many
+    monkeypatch.setattr(multi, "evaluate_many", spy)
+    evals = {"mix": mc_examples(6, seed=5, task="a"), "lora": mc_examples(5, seed=6, task="b")}
+    configs = _configs(tmp_path)
+    for cfg in configs.values():
+        cfg.max_steps, cfg.grad_accum, cfg.eval_every = 2, 1, 1
+        cfg.data.eval_protocols = ["label", "loglik"]
+    joint = MultiTrainer(configs, model=tiny_model("llama", seed=0), tokenizer=word_tokenizer(),
+                         train_examples=DATA, eval_examples=evals)
+    results = joint.run()
+    assert {n: r["status"] for n, r in results.items()} == {"mix": "completed", "lora": "completed"}
+    # steps 1 and 2 (final), two protocols each: four passes, each over both adapters
+    assert calls == [(p, ["lora", "mix"]) for _ in (1, 2) for p in ("label", "loglik")]
+    assert checks and all(one == alone for one, alone in checks)
+    for name in ("mix", "lora"):
+        records = [json.loads(line) for line in (Path(configs[name].output_dir) / "metrics.jsonl").read_text().splitlines()]
+        evals_logged = [r for r in records if r["type"] == "eval"]
+        assert [r["step"] for r in evals_logged] == [1, 2]
+        assert all(r["eval"]["label"]["n"] == len(evals[name]) for r in evals_logged)
+        assert results[name]["eval"] == evals_logged[-1]["eval"]

@@ -71,7 +71,7 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
     return name in params
 
 
-def _forward(model, batch: dict[str, torch.Tensor], device: torch.device, task_ids: torch.Tensor | None,
+def _forward(model, batch: dict[str, torch.Tensor], device: torch.device, route: dict[str, Any],
              keep: int) -> torch.Tensor:
     """Logits (B, keep, V) of the last ``keep`` positions of a left-padded batch.
 
@@ -83,8 +83,7 @@ def _forward(model, batch: dict[str, torch.Tensor], device: torch.device, task_i
     kwargs: dict[str, Any] = dict(input_ids=batch["input_ids"].to(device), attention_mask=mask)
     if _accepts(model, "position_ids"):
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-    if task_ids is not None:
-        kwargs["task_ids"] = task_ids.to(device)
+    kwargs.update(route)
     if _accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = keep
     out = model(**kwargs)
@@ -92,16 +91,49 @@ def _forward(model, batch: dict[str, torch.Tensor], device: torch.device, task_i
     return logits[:, -keep:, :]
 
 
-def _task_tensor(examples: Sequence[MultipleChoiceExample], task_ids: dict[str, int] | None) -> torch.Tensor | None:
+class _Routing:
+    """Where each example's rows go: the adapter of a multi-adapter model and the task id (MoRE).
+
+    Args:
+        adapters: adapter name per example, or None for a model with one adapter (or none).
+        tasks: task id per example (-1: none for that example's adapter), or None for no task ids.
+    """
+
+    def __init__(self, adapters: list[str] | None, tasks: list[int] | None) -> None:
+        self.adapters, self.tasks = adapters, tasks
+        self.rank = {name: i for i, name in enumerate(dict.fromkeys(adapters))} if adapters else {}
+
+    def group(self, idx: list[int]) -> list[int]:
+        """``idx`` reordered so each adapter's examples are consecutive (stable: order kept inside)."""
+        return sorted(idx, key=lambda i: self.rank[self.adapters[i]]) if self.adapters else idx
+
+    def kwargs(self, idx: list[int], device: torch.device) -> dict[str, Any]:
+        """Model keyword arguments for a batch whose rows are examples ``idx`` (grouped), in order."""
+        out: dict[str, Any] = {}
+        if self.tasks is not None:
+            out["task_ids"] = torch.tensor([self.tasks[i] for i in idx], dtype=torch.long, device=device)
+        if self.adapters:
+            plan: list[tuple[str, int]] = []
+            for i in idx:
+                name = self.adapters[i]
+                if plan and plan[-1][0] == name:
+                    plan[-1] = (name, plan[-1][1] + 1)
+                else:
+                    plan.append((name, 1))
+            out["adapter_rows"] = plan
+        return out
+
+
+def _task_list(examples: Sequence[MultipleChoiceExample], task_ids: dict[str, int] | None) -> list[int] | None:
     if task_ids is None:
         return None
     missing = sorted({ex.task for ex in examples} - set(task_ids))
     if missing:
         raise KeyError(f"task_ids has no entry for task(s) {missing}; it maps {sorted(task_ids)}")
-    return torch.tensor([task_ids[ex.task] for ex in examples], dtype=torch.long)
+    return [task_ids[ex.task] for ex in examples]
 
 
-def _predict_label(model, tokenizer, examples, template, batch_size, cutoff_len, task_ids, device, progress) -> list[list[float]]:
+def _predict_label(model, tokenizer, examples, template, batch_size, cutoff_len, routing, device, progress) -> list[list[float]]:
     prefix = special_prefix(tokenizer)
     letter_ids: dict[int, list[int]] = {}  # number of choices -> label token ids
     prompts = []
@@ -117,10 +149,9 @@ def _predict_label(model, tokenizer, examples, template, batch_size, cutoff_len,
     scores: list[list[float]] = [[] for _ in examples]
     bar = tqdm(total=len(order), desc="eval (label)", unit="ex", disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = routing.group(order[start:start + batch_size])
         batch = collate([{"input_ids": prompts[i]} for i in idx], tokenizer.pad_token_id, padding_side="left")
-        tids = _task_tensor([examples[i] for i in idx], task_ids)
-        last = _forward(model, batch, device, tids, keep=1)[:, -1, :].float()  # (B, V)
+        last = _forward(model, batch, device, routing.kwargs(idx, device), keep=1)[:, -1, :].float()  # (B, V)
         for row, i in enumerate(idx):
             scores[i] = last[row, letter_ids[len(examples[i].choices)]].tolist()
         bar.update(len(idx))
@@ -128,7 +159,7 @@ def _predict_label(model, tokenizer, examples, template, batch_size, cutoff_len,
     return scores
 
 
-def _predict_loglik(model, tokenizer, examples, template, batch_size, cutoff_len, task_ids, device, progress) -> list[list[float]]:
+def _predict_loglik(model, tokenizer, examples, template, batch_size, cutoff_len, routing, device, progress) -> list[list[float]]:
     prefix = special_prefix(tokenizer)
     # one request per (example, choice): prompt ids + continuation ids
     requests = []  # (example index, choice index, input ids, number of continuation tokens, characters)
@@ -142,13 +173,14 @@ def _predict_loglik(model, tokenizer, examples, template, batch_size, cutoff_len
     order = sorted(range(len(requests)), key=lambda r: -len(requests[r][2]))
     bar = tqdm(total=len(order), desc="eval (loglik)", unit="choice", disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
-        chunk = [requests[r] for r in order[start:start + batch_size]]
+        # rows grouped by adapter; a request's adapter is its example's
+        chunk = sorted((requests[r] for r in order[start:start + batch_size]),
+                       key=lambda req: routing.rank[routing.adapters[req[0]]] if routing.adapters else 0)
         # left padding: every row ends with its continuation, so only the last K = max(n_cont) + 1
         # positions need logits (position t predicts token t+1)
         batch = collate([{"input_ids": ids} for _, _, ids, _, _ in chunk], tokenizer.pad_token_id, padding_side="left")
-        tids = _task_tensor([examples[e] for e, *_ in chunk], task_ids)
         keep = max(n for _, _, _, n, _ in chunk) + 1
-        logits = _forward(model, batch, device, tids, keep=keep)  # (B, K, V)
+        logits = _forward(model, batch, device, routing.kwargs([e for e, *_ in chunk], device), keep=keep)  # (B, K, V)
         for row, (e, c, ids, n_cont, chars) in enumerate(chunk):
             pred_logits = logits[row, keep - n_cont - 1:keep - 1, :].float()
             targets = torch.tensor(ids[len(ids) - n_cont:], device=pred_logits.device)
@@ -164,7 +196,7 @@ def _supports_shared_prompt(model) -> bool:
     return all(_accepts(model, name) for name in ("past_key_values", "use_cache", "position_ids"))
 
 
-def _predict_loglik_shared(model, tokenizer, examples, template, batch_size, cutoff_len, task_ids, device,
+def _predict_loglik_shared(model, tokenizer, examples, template, batch_size, cutoff_len, routing, device,
                            progress) -> list[list[float]]:
     """Same scores as ``_predict_loglik``, computing each prompt once for all its choices.
 
@@ -189,15 +221,14 @@ def _predict_loglik_shared(model, tokenizer, examples, template, batch_size, cut
                disable=not progress, leave=False)
     for start in range(0, len(items), batch_size):
         # batch_size prompts in pass 1; their (prompt, choice) rows (short continuations) in pass 2
-        chunk = items[start:start + batch_size]
+        chunk = sorted(items[start:start + batch_size],
+                       key=lambda it: routing.rank[routing.adapters[it[0]]] if routing.adapters else 0)
         rows = sum(len(cs) for _, _, cs, _ in chunk)
-        tids = _task_tensor([examples[e] for e, *_ in chunk], task_ids)
         batch = collate([{"input_ids": p} for _, p, _, _ in chunk], tokenizer.pad_token_id, padding_side="left")
         mask = batch["attention_mask"].to(device)
         kwargs: dict[str, Any] = dict(input_ids=batch["input_ids"].to(device), attention_mask=mask,
                                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
-        if tids is not None:
-            kwargs["task_ids"] = tids.to(device)
+        kwargs.update(routing.kwargs([e for e, *_ in chunk], device))
         if _accepts(model, "logits_to_keep"):
             kwargs["logits_to_keep"] = 1
         out = model(**kwargs)
@@ -217,8 +248,8 @@ def _predict_loglik_shared(model, tokenizer, examples, template, batch_size, cut
             kwargs = dict(input_ids=c_ids, past_key_values=cache, use_cache=True,
                           attention_mask=torch.cat([mask[select], cont_batch["attention_mask"].to(device)], dim=-1),
                           position_ids=prompt_len[:, None] + torch.arange(c_ids.shape[1], device=device)[None, :])
-            if tids is not None:
-                kwargs["task_ids"] = tids.to(device)[select]
+            # each prompt's rows repeated once per choice: still grouped by adapter
+            kwargs.update(routing.kwargs([chunk[k][0] for k in owner], device))
             logits2 = model(**kwargs).logits  # (R, C, V): position k predicts continuation token k + 1
             rest_logp = logits2
         row = 0
@@ -264,11 +295,83 @@ def evaluate_multiple_choice(model, tokenizer, examples: Sequence[MultipleChoice
         "predictions": list[int], "scores": list[list[float]]}`` (per example and choice: the label
         logit, or the normalised log-likelihood). The model's training mode is restored afterwards.
     """
+    examples = list(examples)
+    template = _check(examples, tokenizer, protocol, template, normalize)
+    if not examples:
+        return _summary(examples, [], protocol)
+    routing = _Routing(None, _task_list(examples, task_ids))
+    scores = _scores(model, tokenizer, examples, routing, protocol=protocol, batch_size=batch_size, template=template,
+                     progress=progress, cutoff_len=cutoff_len, share_prompt=share_prompt, normalize=normalize)
+    return _summary(examples, scores, protocol)
+
+
+def evaluate_many(model, tokenizer, examples: dict[str, Sequence[MultipleChoiceExample]], *, protocol: str = "label",
+                  batch_size: int = 8, template: str | None = "mc_letters", progress: bool = True,
+                  task_ids: dict[str, dict[str, int] | None] | None = None, cutoff_len: int = 1024,
+                  share_prompt: bool = True, normalize: str = "token") -> dict[str, dict[str, Any]]:
+    """Accuracy of several adapters of one multi-adapter model (``inject_many``), in one pass.
+
+    Every adapter's requests go into the same stream of batches (sorted by length, as for one
+    adapter); inside a batch the rows are grouped by adapter and the batch is called with the
+    matching ``adapter_rows`` plan, so each frozen matmul runs once for all adapters. The scores
+    equal ``evaluate_multiple_choice`` under ``only_adapter(model, name)`` for each adapter (up to
+    float rounding of differently padded batches).
+
+    Args:
+        model: a model from ``inject_many`` (``model.loramix_multi``).
+        examples: adapter name → its multiple-choice examples (an adapter may be listed with the same
+            examples as another: e.g. two adapters on one benchmark).
+        task_ids: adapter name → {task name → id} for task-routed (MoRE) adapters; adapters missing
+            here (or mapped to None) get no task ids.
+        protocol, batch_size, template, progress, cutoff_len, share_prompt, normalize: as for
+            ``evaluate_multiple_choice`` (one setting for all adapters).
+
+    Returns:
+        Adapter name → the dict ``evaluate_multiple_choice`` returns for that adapter.
+
+    Example:
+        >>> model = inject_many(base, {"a": cfg_a, "b": cfg_b})   # then load each adapter's weights
+        >>> out = evaluate_many(model, tokenizer, {"a": arc_e, "b": arc_e}, protocol="loglik")
+        >>> out["a"]["accuracy"], out["b"]["per_task"]
+    """
+    state = getattr(model, "loramix_multi", None)
+    if state is None:
+        raise ValueError("evaluate_many needs a model with several adapters (loramix.inject_many); "
+                         "use evaluate_multiple_choice for one model")
+    unknown = [name for name in examples if name not in state.adapters]
+    if unknown:
+        raise KeyError(f"no adapter(s) {unknown} in this model; it has {list(state.adapters)}")
+    task_ids = task_ids or {}
+    unknown = [name for name in task_ids if name not in examples]
+    if unknown:
+        raise KeyError(f"task_ids names adapter(s) {unknown} that have no examples here")
+    per_adapter = {name: list(exs) for name, exs in examples.items()}
+    checked = {_check(exs, tokenizer, protocol, template, normalize) for exs in per_adapter.values()}
+    template = checked.pop() if checked else template
+    flat = [ex for exs in per_adapter.values() for ex in exs]
+    owners = [name for name, exs in per_adapter.items() for _ in exs]
+    tasks = None
+    if any(task_ids.get(name) is not None for name in per_adapter):
+        tasks = []
+        for name, exs in per_adapter.items():
+            ids = _task_list(exs, task_ids.get(name))
+            tasks += ids if ids is not None else [-1] * len(exs)  # -1: this adapter takes no task ids
+    scores = _scores(model, tokenizer, flat, _Routing(owners, tasks), protocol=protocol, batch_size=batch_size,
+                     template=template, progress=progress, cutoff_len=cutoff_len, share_prompt=share_prompt,
+                     normalize=normalize) if flat else []
+    results, start = {}, 0
+    for name, exs in per_adapter.items():
+        results[name] = _summary(exs, scores[start:start + len(exs)], protocol)
+        start += len(exs)
+    return results
+
+
+def _check(examples: list, tokenizer, protocol: str, template: str | None, normalize: str) -> str:
+    """Validate the arguments; returns the template to use."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol '{protocol}': use one of {', '.join(PROTOCOLS)}")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"unknown normalize '{normalize}': use one of {', '.join(NORMALIZATIONS)}")
-    examples = list(examples)
     bad = [ex for ex in examples if not isinstance(ex, MultipleChoiceExample)]
     if bad:
         raise TypeError(f"evaluate_multiple_choice needs multiple-choice examples; got {type(bad[0]).__name__} "
@@ -279,8 +382,13 @@ def evaluate_multiple_choice(model, tokenizer, examples: Sequence[MultipleChoice
         template = DEFAULT_TEMPLATES[protocol]
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (load_model does)")
-    if not examples:
-        return {"accuracy": float("nan"), "n": 0, "per_task": {}, "protocol": protocol, "predictions": [], "scores": []}
+    return template
+
+
+def _scores(model, tokenizer, examples: list[MultipleChoiceExample], routing: _Routing, *, protocol: str,
+            batch_size: int, template: str, progress: bool, cutoff_len: int, share_prompt: bool,
+            normalize: str) -> list[list[float]]:
+    """Score of every choice of every example (normalised for "loglik"); training mode restored after."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -292,7 +400,7 @@ def evaluate_multiple_choice(model, tokenizer, examples: Sequence[MultipleChoice
                 predict = _predict_loglik_shared
             else:
                 predict = _predict_loglik
-            scores = predict(model, tokenizer, examples, template, batch_size, cutoff_len, task_ids, device, progress)
+            scores = predict(model, tokenizer, examples, template, batch_size, cutoff_len, routing, device, progress)
     finally:
         model.train(was_training)
     if protocol == "loglik" and normalize != "none":
@@ -300,6 +408,13 @@ def evaluate_multiple_choice(model, tokenizer, examples: Sequence[MultipleChoice
             targets = render_targets(ex, template)
             lengths = [len(encode_continuation(tokenizer, t)) if normalize == "token" else len(t) for t in targets]
             row[:] = [v / max(n, 1) for v, n in zip(row, lengths)]
+    return scores
+
+
+def _summary(examples: list[MultipleChoiceExample], scores: list[list[float]], protocol: str) -> dict[str, Any]:
+    """Accuracy overall and per task from the scores (first maximum wins ties)."""
+    if not examples:
+        return {"accuracy": float("nan"), "n": 0, "per_task": {}, "protocol": protocol, "predictions": [], "scores": []}
     preds = [max(range(len(s)), key=s.__getitem__) for s in scores]  # first maximum on ties
     hits: dict[str, list[int]] = defaultdict(list)
     for ex, p in zip(examples, preds):

@@ -2,8 +2,11 @@
 
     loramix eval --model smollm2-135m --tasks arc-e --split validation --protocol both
     loramix eval --adapter runs/arc-e/adapter --tasks arc-e,piqa --limit 200 --json out.json
+    loramix eval --adapter mix=runs/mix/adapter --adapter lora=runs/lora/adapter --tasks arc-e
 
-Prints a table (task, n, accuracy per protocol) and optionally writes the numbers as JSON.
+Prints a table (task, n, accuracy per protocol) and optionally writes the numbers as JSON. With
+several adapters they are evaluated in one pass over one copy of the base model (each batch mixes
+the adapters' requests; ``evaluate_many``), with one table per adapter.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="base model: 'smollm2-135m' (embedded, no download), a local Hugging Face folder or a "
                              "Hub id; default: the adapter's recorded base model, else smollm2-135m")
-    parser.add_argument("--adapter", default=None,
-                        help="adapter folder (loramix or the authors' MixLoRA format) to load on the base model")
+    parser.add_argument("--adapter", action="append", default=None, metavar="[NAME=]FOLDER",
+                        help="adapter folder (loramix or the authors' MixLoRA format) to load on the base model; "
+                             "repeat it to evaluate several adapters in one pass over one base model, named "
+                             "NAME=FOLDER (default name: the folder, or its parent if it is called 'adapter')")
     parser.add_argument("--tasks", default="arc-e",
                         help="comma-separated tasks (arc-e, arc-c, boolq, obqa, piqa, siqa, hellaswag, winogrande, "
                              "or 'all' for these eight) or multiple-choice .json/.jsonl files")
@@ -73,51 +78,80 @@ def format_table(results: dict[str, dict[str, dict[str, float]]], protocols: lis
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
 
 
+def parse_adapters(values: list[str] | None) -> dict[str, str]:
+    """``--adapter`` values → {name: folder}; "NAME=FOLDER" or a bare folder (named after it).
+
+    Raises:
+        ValueError: two adapters with the same name.
+    """
+    adapters: dict[str, str] = {}
+    for value in values or []:
+        name, sep, folder = value.partition("=")
+        if not sep or not name or "/" in name or "\\" in name or Path(value).exists():
+            folder = value
+            path = Path(value.rstrip("/\\"))
+            name = path.parent.name if path.name == "adapter" and path.parent.name else path.name
+        if name in adapters:
+            raise ValueError(f"--adapter: two adapters are named '{name}' ({adapters[name]}, {folder}); "
+                             "name them: --adapter NAME=FOLDER")
+        adapters[name] = folder
+    return adapters
+
+
+def _adapter_tasks(meta: dict[str, Any], tasks_in_data: set[str]) -> dict[str, int] | None:
+    """The task name → id map a saved adapter needs: a MoRE adapter numbers its tasks in its
+    ``config.tasks`` order (else the recorded ``task_index``); other adapters take no task ids.
+
+    Raises:
+        ValueError: the data holds a task a MoRE adapter does not name.
+    """
+    if meta.get("kind") != "more":
+        return None
+    tasks = list((meta.get("config") or {}).get("tasks") or [])
+    index = {t: i for i, t in enumerate(tasks)} if tasks else adapter_task_index(meta)
+    unknown = sorted(tasks_in_data - set(index or {}))
+    if index is not None and unknown:
+        raise ValueError(f"the data holds task(s) {unknown} that the MoRE adapter does not name; its tasks are "
+                         f"{list(index)}: evaluate it on those tasks (tasks are numbered in that order)")
+    return index
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..data import TASKS, DataError, MultipleChoiceExample, load_examples
     from ..hub import ModelLoadError, load_model
 
-    task_index = None
-    model_name = args.model
-    if args.adapter:
-        from ..adapters import read_adapter_config
-
-        meta = read_adapter_config(args.adapter)
-        task_index = adapter_task_index(meta)
-        model_name = model_name or meta.get("base_model") or meta.get("base_model_name_or_path")
-    model_name = model_name or "smollm2-135m"
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if tasks == ["all"]:
-        tasks = list(TASKS)
     try:
-        data = {task: load_examples(task, args.split, limit=args.limit) for task in tasks}
-    except DataError as err:
+        adapters = parse_adapters(args.adapter)
+    except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for task, examples in data.items():
-        if not all(isinstance(ex, MultipleChoiceExample) for ex in examples):
-            print(f"error: {task} holds instruction rows; eval needs multiple-choice rows", file=sys.stderr)
+    if len(adapters) > 1:
+        return _run_many(args, adapters)
+    adapter = next(iter(adapters.values()), None)
+    task_index = None
+    model_name = args.model
+    data = _load_data(args)
+    if data is None:
+        return 2
+    if adapter:
+        from ..adapters import read_adapter_config
+
+        meta = read_adapter_config(adapter)
+        try:
+            task_index = _adapter_tasks(meta, {ex.task for examples in data.values() for ex in examples})
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
             return 2
+        model_name = model_name or meta.get("base_model") or meta.get("base_model_name_or_path")
+    model_name = model_name or "smollm2-135m"
     try:
         model, tokenizer = load_model(model_name, dtype=args.dtype, device=args.device)
     except ModelLoadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.adapter:
+    if adapter:
         from ..adapters import load_adapter
 
-        model = load_adapter(model, args.adapter)
-        try:  # a MoRE adapter numbers its tasks in its own order (config.tasks)
-            from ..adapters.more_tasks import adapter_task_index as more_task_index
-        except ImportError:
-            more_task_index = None
-        if more_task_index is not None:
-            tasks_in_data = {ex.task for examples in data.values() for ex in examples}
-            try:
-                task_index = more_task_index(model, tasks_in_data) or task_index
-            except ValueError as err:  # ConfigError: a task the MoRE adapter was not trained on
-                print(f"error: {err}", file=sys.stderr)
-                return 2
+        model = load_adapter(model, adapter)
     protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
     results: dict[str, dict[str, dict[str, float]]] = {}
     seconds: dict[str, float] = {}
@@ -130,14 +164,102 @@ def run(args: argparse.Namespace) -> int:
                                            cutoff_len=args.cutoff_len, normalize=args.normalize)
             seconds[f"{task}/{protocol}"] = round(time.perf_counter() - start, 2)
             results[task][protocol] = {"accuracy": out["accuracy"], "n": out["n"]}
-    print(f"model: {model_name}" + (f"  adapter: {args.adapter}" if args.adapter else "") + f"  split: {args.split}")
+    print(f"model: {model_name}" + (f"  adapter: {adapter}" if adapter else "") + f"  split: {args.split}")
     print(format_table(results, protocols))
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     if args.json_path:
-        report = {"model": model_name, "adapter": args.adapter, "split": args.split, "limit": args.limit,
-                  "normalize": args.normalize,
-                  "results": results, "seconds": seconds}
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json_path}")
+        _write_json(args, {"model": model_name, "adapter": adapter, "split": args.split, "limit": args.limit,
+                           "normalize": args.normalize, "results": results, "seconds": seconds})
+    return 0
+
+
+def _load_data(args: argparse.Namespace) -> dict[str, list] | None:
+    """Task → its multiple-choice examples, or None after printing the error."""
+    from ..data import TASKS, DataError, MultipleChoiceExample, load_examples
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if tasks == ["all"]:
+        tasks = list(TASKS)
+    try:
+        data = {task: load_examples(task, args.split, limit=args.limit) for task in tasks}
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+    for task, examples in data.items():
+        if not all(isinstance(ex, MultipleChoiceExample) for ex in examples):
+            print(f"error: {task} holds instruction rows; eval needs multiple-choice rows", file=sys.stderr)
+            return None
+    return data
+
+
+def _write_json(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.json_path}")
+
+
+def _run_many(args: argparse.Namespace, adapters: dict[str, str]) -> int:
+    """Several adapters on one base model, every task and adapter in one pass per protocol."""
+    from ..adapters import read_adapter_config
+    from ..adapters.io import AdapterLoadError
+    from ..hub import ModelLoadError, load_model
+    from ..models.multi import load_many
+    from .accuracy import evaluate_many
+
+    metas = {}
+    for name, folder in adapters.items():
+        try:
+            metas[name] = read_adapter_config(folder)
+        except (OSError, ValueError) as err:
+            print(f"error: adapter '{name}': {err}", file=sys.stderr)
+            return 2
+    model_name = args.model
+    if model_name is None:
+        bases = {name: meta.get("base_model") or meta.get("base_model_name_or_path") for name, meta in metas.items()}
+        recorded = {b for b in bases.values() if b}
+        if len(recorded) > 1:
+            print(f"error: the adapters record different base models ({bases}); they must share one: pass --model",
+                  file=sys.stderr)
+            return 2
+        model_name = recorded.pop() if recorded else "smollm2-135m"
+    data = _load_data(args)
+    if data is None:
+        return 2
+    examples = [ex for task_examples in data.values() for ex in task_examples]
+    try:
+        task_ids = {name: _adapter_tasks(meta, {ex.task for ex in examples}) for name, meta in metas.items()}
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        model, tokenizer = load_model(model_name, dtype=args.dtype, device=args.device)
+        model = load_many(model, adapters)
+    except (ModelLoadError, AdapterLoadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
+    results: dict[str, dict[str, dict[str, dict[str, float]]]] = {name: {task: {} for task in data} for name in adapters}
+    seconds: dict[str, float] = {}
+    for protocol in protocols:
+        start = time.perf_counter()
+        out = evaluate_many(model, tokenizer, {name: examples for name in adapters}, protocol=protocol,
+                            batch_size=args.batch_size, template=None, progress=not args.no_progress,
+                            task_ids=task_ids, cutoff_len=args.cutoff_len, normalize=args.normalize)
+        seconds[protocol] = round(time.perf_counter() - start, 2)
+        for name, r in out.items():
+            start = 0  # the examples of all tasks were scored together, in the order of `data`
+            for task, task_examples in data.items():
+                preds = r["predictions"][start:start + len(task_examples)]
+                start += len(task_examples)
+                hits = sum(p == ex.gold for p, ex in zip(preds, task_examples))
+                results[name][task][protocol] = {"accuracy": hits / len(task_examples) if task_examples else float("nan"),
+                                                 "n": len(task_examples)}
+    print(f"model: {model_name}  split: {args.split}  adapters: {len(adapters)} in one pass")
+    for name, folder in adapters.items():
+        print(f"\nadapter {name}: {folder}")
+        print(format_table(results[name], protocols))
+    print("\nseconds (all adapters): " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    if args.json_path:
+        _write_json(args, {"model": model_name, "adapters": adapters, "split": args.split, "limit": args.limit,
+                           "normalize": args.normalize, "results": results, "seconds": seconds})
     return 0

@@ -23,12 +23,27 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch import nn
 
 from .inject import AdapterState, adapter_state, inject, unload
+
+
+class Segment(NamedTuple):
+    """A run of consecutive batch rows that belong to one adapter.
+
+    Attributes:
+        name: the adapter. rows: how many rows. start: index of its first row in the batch.
+        token_mask: (rows, T_total) bool of these rows, or None. task_ids: (rows,) of these rows, or None.
+    """
+
+    name: str
+    rows: int
+    start: int
+    token_mask: torch.Tensor | None = None
+    task_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -38,12 +53,12 @@ class MultiAdapterState:
     Attributes:
         adapters: name → the adapter's own ``AdapterState`` (config, family, context).
         members: name → {slot path → that adapter's module at the slot}.
-        plan: stack of row plans; the top is the list of (adapter name, rows) of the current input.
+        plan: stack of row plans; the top is the list of ``Segment`` of the current input.
     """
 
     adapters: dict[str, AdapterState]
     members: dict[str, dict[str, nn.Module]]
-    plan: list[list[tuple[str, int]]] = field(default_factory=list)
+    plan: list[list[Segment]] = field(default_factory=list)
     hooks: list = field(default_factory=list)
 
 
@@ -71,17 +86,21 @@ class AdapterStack(nn.Module):
         if self.shares_frozen_output:
             base_out = self.base(x)  # the frozen projection, once for every row
             outs = []
-            for (name, _), x_i, b_i in zip(plan, x.split([n for _, n in plan]), base_out.split([n for _, n in plan])):
-                member = self.members[name] if name in self.members else None
+            for seg, x_i, b_i in zip(plan, x.split([s.rows for s in plan]), base_out.split([s.rows for s in plan])):
+                member = self.members[seg.name] if seg.name in self.members else None
                 if member is None or member.context.disabled:
                     outs.append(b_i)
                 else:
                     outs.append(member.adapter_forward(x_i, b_i))
             return torch.cat(outs)
         outs = []
-        for (name, rows), x_i in zip(plan, x.split([n for _, n in plan])):
-            module = self.members[name] if name in self.members else self.base
-            self._state.plan.append([(name, rows)])  # nested stacks inside see only these rows
+        for seg, x_i in zip(plan, x.split([s.rows for s in plan])):
+            module = self.members[seg.name] if seg.name in self.members else self.base
+            # The adapter's context holds the padding mask and task ids of *these* rows (a plan may
+            # list an adapter twice; same objects every call, so per-forward caches keyed on them hold).
+            context = self._state.adapters[seg.name].context
+            context.token_mask, context.task_ids = seg.token_mask, seg.task_ids
+            self._state.plan.append([seg])  # nested stacks inside see only these rows
             try:
                 outs.append(module(x_i))
             finally:
@@ -97,26 +116,57 @@ def inject_many(model: nn.Module, configs: dict[str, Any]) -> nn.Module:
         configs: adapter name → ``LoraConfig`` / ``MixLoraConfig`` / ``MoreConfig``.
 
     Returns:
-        The model. Call it with ``adapter_rows=[(name, rows), ...]`` (in batch order); ``task_ids``
-        may be passed for MoRE adapters.
+        The model. Call it with ``adapter_rows=[(name, rows), ...]`` (in batch order; an adapter may
+        appear more than once); ``task_ids`` (B,) may be passed for MoRE adapters, -1 on the rows of
+        adapters that take none (a run of rows whose ids are all -1 gets no task ids, so a MoRE
+        adapter there uses its default task).
     """
-    if not configs:
+    return _stack(model, {name: (lambda m, c=config: inject(m, c)) for name, config in configs.items()})
+
+
+def load_many(model: nn.Module, folders: dict[str, Any]) -> nn.Module:
+    """Load several saved adapters (loramix or the authors' MixLoRA folders) onto one base model, in place.
+
+    Args:
+        model: a fresh transformers causal LM of the family the adapters were saved for.
+        folders: adapter name → adapter folder.
+
+    Returns:
+        The model, as from ``inject_many``, holding each adapter's saved weights.
+
+    Example:
+        >>> model = load_many(base, {"a": "runs/a/adapter", "b": "runs/b/adapter"})
+    """
+    from ..adapters.io import load_adapter
+
+    return _stack(model, {name: (lambda m, f=folder: load_adapter(m, f)) for name, folder in folders.items()})
+
+
+def _stack(model: nn.Module, attach: dict[str, Any]) -> nn.Module:
+    """Attach each adapter alone (``attach[name](model)`` injects it), keep its modules, restore the
+    base, then put an ``AdapterStack`` at every adapted slot."""
+    if not attach:
         raise ValueError("inject_many needs at least one adapter")
     if getattr(model, "loramix_adapter", None) is not None or getattr(model, "loramix_multi", None) is not None:
         raise ValueError("this model already has loramix adapters; start from a fresh base model")
     adapters: dict[str, AdapterState] = {}
     members: dict[str, dict[str, nn.Module]] = {}
-    for name, config in configs.items():
-        inject(model, config)
-        adapters[name] = adapter_state(model)
-        members[name] = {path: m for path, m in model.named_modules() if hasattr(m, "adapter_parameter_names")}
-        unload(model)  # restores the base modules; the adapter's modules live on in `members`
+    try:
+        for name, add in attach.items():
+            add(model)
+            adapters[name] = adapter_state(model)
+            members[name] = {path: m for path, m in model.named_modules() if hasattr(m, "adapter_parameter_names")}
+            unload(model)  # restores the base modules; the adapter's modules live on in `members`
+    except BaseException:
+        if getattr(model, "loramix_adapter", None) is not None:
+            unload(model)
+        raise
     state = MultiAdapterState(adapters=adapters, members=members)
     slots = sorted({path for by_slot in members.values() for path in by_slot}, key=lambda p: -p.count("."))  # deepest first: a stack's base may hold stacks
     for path in slots:
         parent_name, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        by_adapter = {name: members[name][path] for name in configs if path in members[name]}
+        by_adapter = {name: members[name][path] for name in attach if path in members[name]}
         setattr(parent, child, AdapterStack(getattr(parent, child), by_adapter, state))
     state.hooks.append(model.register_forward_pre_hook(_capture_rows(state), with_kwargs=True))
     model.loramix_multi = state
@@ -138,19 +188,23 @@ def _capture_rows(state: MultiAdapterState):
             raise ValueError(f"adapter_rows names unknown adapter(s) {unknown}; this model has {list(state.adapters)}")
         if sum(r for _, r in rows) != batch:
             raise ValueError(f"adapter_rows cover {sum(r for _, r in rows)} rows but the batch has {batch}")
-        state.plan[:] = [rows]
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         task_ids = kwargs.pop("task_ids", None)
+        segments, start = [], 0
+        for name, count in rows:
+            seg_tasks = task_ids[start:start + count] if task_ids is not None else None
+            if isinstance(seg_tasks, torch.Tensor) and seg_tasks.numel() and bool((seg_tasks < 0).all()):
+                seg_tasks = None  # -1 rows: no task id for this adapter (its default task applies)
+            segments.append(Segment(name, count, start, None if mask is None else mask[start:start + count].bool(),
+                                    seg_tasks))
+            start += count
+        state.plan[:] = [segments]
         for context in (a.context for a in state.adapters.values()):
             context.token_mask, context.task_ids = None, None
-        start = 0
-        for name, count in rows:
-            context = state.adapters[name].context
-            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                context.token_mask = mask[start:start + count].bool()
-            if task_ids is not None:
-                context.task_ids = task_ids[start:start + count]
-            start += count
+        for seg in segments:  # AdapterStack sets them per segment again (an adapter may own two segments)
+            context = state.adapters[seg.name].context
+            context.token_mask, context.task_ids = seg.token_mask, seg.task_ids
         return args, kwargs
 
     return hook
@@ -224,6 +278,11 @@ def adapter_losses(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
         exactly the gradient it would get alone.
     """
     state: MultiAdapterState = model.loramix_multi
+    names = [name for name, _ in rows]
+    if len(set(names)) != len(names):
+        # A module keeps one auxiliary loss per forward (its last segment's), so a training plan must
+        # give each adapter one run of rows.
+        raise ValueError(f"adapter_losses needs each adapter's rows together; the plan lists {names}")
     result: dict[str, dict[str, torch.Tensor]] = {}
     start = 0
     for name, count in rows:

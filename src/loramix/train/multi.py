@@ -42,6 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import ConfigError
+from ..evaluate import evaluate_many
 from ..models.multi import adapter_losses, adapter_rows, inject_many
 from .config import TrainConfig, train_config_from_dict
 from .loop import Trainer, TrainingDiverged, _answer_tokens
@@ -252,6 +253,7 @@ class MultiTrainer:
                         st["aux"][key] = st["aux"].get(key, 0.0) + float(entry[key].detach()) / len(windows[name])
             if terms:
                 torch.stack([t.float() for t in terms]).sum().backward()
+            stepped = []
             for name in [n for n, _ in parts if n in windows]:
                 position[name] += 1
                 if position[name] < len(windows[name]):
@@ -263,10 +265,18 @@ class MultiTrainer:
                     active.remove(name)
                     continue
                 bar.update(1)
+                stepped.append(name)
+            # Jobs that evaluate after this micro-step (periodic or final) do it in one pass together;
+            # then checkpoints (they record the evaluation) and the end of finished jobs.
+            due = [n for n in stepped if self.jobs[n].eval_examples and self._eval_due(self.jobs[n])]
+            evaluated = self._evaluate_jobs(due) if due else {}
+            for name in stepped:
                 job = self.jobs[name]
                 if job.step >= job.total_steps:
                     active.remove(name)
-                    results[name] = self._finish(name)
+                    results[name] = self._finish(name, evaluated.get(name))
+                elif job.config.save_every and job.step % job.config.save_every == 0:
+                    job.save_checkpoint()
         bar.close()
         for name in active:  # interrupted
             path = self.jobs[name].save_checkpoint()
@@ -298,12 +308,53 @@ class MultiTrainer:
         record = {"lm_loss": lm_loss, "loss": lm_loss + weighted, "lr": lr, "grad_norm": grad_norm,
                   "tokens": st["tokens"], "expert_load": None, **st["aux"]}
         job._log_train([record], seconds)
-        if job.config.eval_every and job.step % job.config.eval_every == 0 and job.step < job.total_steps \
-                and job.eval_examples:
-            job.evaluate()
-            self.model.train()
-        if job.config.save_every and job.step % job.config.save_every == 0:
-            job.save_checkpoint()
+
+    @staticmethod
+    def _eval_due(job: Trainer) -> bool:
+        """Whether ``job`` evaluates after the optimizer step it just took (every eval_every, and at the end)."""
+        every = job.config.eval_every
+        return job.step >= job.total_steps or bool(every and job.step % every == 0)
+
+    def _evaluate_jobs(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        """Evaluate jobs ``names`` in one pass per protocol (``evaluate_many``: mixed batches over one base).
+
+        Jobs whose evaluation settings differ (template, batch size, cutoff) share no pass. Each job
+        records its results as ``Trainer.evaluate`` does (``last_metrics``, metrics.jsonl, log).
+
+        Returns:
+            name → {protocol: {"accuracy", "n", "per_task"}}.
+        """
+        groups: dict[tuple, list[str]] = {}
+        for name in names:
+            data = self.jobs[name].config.data
+            for protocol in data.eval_protocols:
+                key = (protocol, data.template if protocol == "label" else None, data.eval_batch_size,
+                       max(data.cutoff_len, 64))
+                groups.setdefault(key, []).append(name)
+        found: dict[tuple[str, str], dict[str, Any]] = {}
+        for (protocol, template, batch_size, cutoff_len), members in groups.items():
+            task_ids = {}
+            for name in members:  # as Trainer.evaluate: the job's task ids when they cover its eval tasks
+                job = self.jobs[name]
+                tasks = {ex.task for ex in job.eval_examples}
+                task_ids[name] = job.task_index if tasks <= set(job.task_index) else None
+            out = evaluate_many(self.model, self.tokenizer, {n: self.jobs[n].eval_examples for n in members},
+                                protocol=protocol, batch_size=batch_size, template=template, task_ids=task_ids,
+                                progress=any(self.jobs[n].config.progress for n in members), cutoff_len=cutoff_len)
+            for name in members:
+                r = out[name]
+                found[name, protocol] = {"accuracy": r["accuracy"], "n": r["n"], "per_task": r["per_task"]}
+        self.model.train()  # evaluation put the shared model in eval mode
+        evaluated = {}
+        for name in names:
+            job = self.jobs[name]
+            results = {p: found[name, p] for p in job.config.data.eval_protocols}
+            for protocol, r in results.items():
+                log.info("%s step %d: %s accuracy %.4f (n=%d)", name, job.step, protocol, r["accuracy"], r["n"])
+            job.last_metrics["eval"] = results
+            job._write_metrics({"type": "eval", "step": job.step, "eval": results})
+            evaluated[name] = results
+        return evaluated
 
     def _fail(self, name: str, why: str) -> None:
         log.error("adapter '%s' stopped: %s (the other adapters go on)", name, why)
@@ -311,9 +362,17 @@ class MultiTrainer:
         for p in self.jobs[name].params.values():
             p.grad = None
 
-    def _finish(self, name: str) -> dict[str, Any]:
-        result = self.jobs[name].finish()
-        self.model.train()  # the job's evaluation left the shared model in eval mode
+    def _finish(self, name: str, evaluated: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``Trainer.finish`` for job ``name``; ``evaluated``: its final evaluation, already done jointly."""
+        job = self.jobs[name]
+        if evaluated is not None:
+            # finish() evaluates first; the one-pass evaluation of this step already did (and recorded) it
+            job.evaluate = lambda: evaluated
+        try:
+            result = job.finish()
+        finally:
+            job.__dict__.pop("evaluate", None)
+        self.model.train()  # an evaluation inside finish() leaves the shared model in eval mode
         return result
 
     def run(self) -> dict[str, Any]:
