@@ -109,6 +109,8 @@ class DistributedTrainer(Trainer):
         dist.barrier()  # no rank logs before every rank has reset the run folder
 
     def _setup_optimizer(self) -> None:
+        if self.config.distributed == "fsdp":
+            shard_base_model(self.model)  # before the optimizer: it keeps the (unchanged) adapter tensors
         super()._setup_optimizer()
         # The adapter is initialised (identically on every rank, same seed); from here on each rank draws
         # its own dropout masks / router jitter. (Resuming restores each rank's own generator states.)
@@ -177,7 +179,13 @@ class DistributedTrainer(Trainer):
     # ------------------------------------------------------------------ evaluation, sharded
     def evaluate(self) -> dict[str, Any]:
         """Each rank scores every W-th evaluation example; the counts are gathered and combined, so the
-        accuracy is the one over the whole set (logged once, by rank 0)."""
+        accuracy is the one over the whole set (logged once, by rank 0).
+
+        Under FSDP every forward all-gathers the layers' shards, so all ranks must make the same forward
+        calls: each rank scores the whole set (the same result everywhere; rank 0 logs and writes it).
+        """
+        if self.config.distributed == "fsdp":
+            return super().evaluate()
         everything = self.eval_examples
         local_examples = everything[self.rank::self.world_size]
         local: dict[str, Any] = {}
@@ -259,6 +267,31 @@ class DistributedTrainer(Trainer):
             self._old_handlers[sig] = signal.signal(sig, handler)
 
 
+def shard_base_model(model: torch.nn.Module) -> None:
+    """FSDP2: ``fully_shard`` every decoder layer, then the root; the frozen base weights become DTensor
+    shards (1/W of them per rank, all-gathered layer by layer in forward and backward).
+
+    The adapter tensors are passed as ``ignored_params``: they stay ordinary full fp32 tensors on every rank
+    (no mixed-dtype FSDP groups next to a bf16 base), their gradients are summed by the same flat all-reduce
+    as under DDP (so an expert without tokens on a rank just adds zeros: no reduce-scatter to mismatch), and
+    saving, checkpoints and resume read and write the same full tensors as a one-process run. The base has
+    no gradients, so FSDP never reduce-scatters anything. Costs: each rank keeps the whole adapter and its
+    AdamW state (small next to the base), and every forward is a collective (see ``evaluate``).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from ..models.inject import adapter_parameters
+    from ..models.registry import decoder_layers
+
+    adapter = set(adapter_parameters(model).values())
+    base_dtype = next(p.dtype for p in model.parameters() if p not in adapter)
+    # The base computes in the run's dtype (it is loaded in it); the ignored adapters are not cast.
+    policy = MixedPrecisionPolicy(param_dtype=base_dtype, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model, adapter_state(model).family):
+        fully_shard(layer, mp_policy=policy, ignored_params=adapter)
+    fully_shard(model, mp_policy=policy, ignored_params=adapter)
+
+
 def combine_accuracies(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Merge per-rank ``{protocol: {"accuracy", "n", "per_task": {task: {"accuracy", "n"}}}}`` results
     into the accuracy over the union of their examples (weighted by n)."""
@@ -281,4 +314,5 @@ def trainer_class() -> type[Trainer]:
     return DistributedTrainer if is_distributed_launch() else Trainer
 
 
-__all__ = ["DistributedTrainer", "combine_accuracies", "init_distributed", "is_distributed_launch", "trainer_class"]
+__all__ = ["DistributedTrainer", "combine_accuracies", "init_distributed", "is_distributed_launch", "shard_base_model",
+           "trainer_class"]
