@@ -59,8 +59,10 @@ for values in runs if isinstance(runs, list) else [runs]:  # several runs: one p
     except TrainingDiverged as err:
         result = {"status": f"diverged ({err})", "step": t.step}
     sharded = sum(type(p).__name__ == "DTensor" for p in t.model.parameters())  # FSDP's base weight shards
-    # One string, one write: the worker runs unbuffered (-u), so print's pieces could interleave across ranks.
-    print(f"rank {t.rank} of {t.world_size} {result['status']} step {result['step']} sharded {sharded}", flush=True)
+    # One write of the whole line: print() writes the text and its newline separately, and unbuffered (-u) the
+    # two ranks' pieces could interleave.
+    sys.stdout.write(f"rank {t.rank} of {t.world_size} {result['status']} step {result['step']} sharded {sharded}\n")
+    sys.stdout.flush()
 """
 
 

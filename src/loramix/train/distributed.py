@@ -1,8 +1,9 @@
-"""Data-parallel training under ``torchrun`` (gloo on CPU, NCCL on CUDA).
+"""Data-parallel training under ``torchrun`` (gloo on CPU, NCCL on CUDA): DDP by default, FSDP2 on request.
 
     torchrun --nproc_per_node 2 -m loramix train examples/mixlora.yaml
-    # two nodes, 8 GPUs each (run on both, node_rank 0 and 1):
-    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_backend c10d \
+    torchrun --nproc_per_node 2 -m loramix train examples/mixlora.yaml distributed=fsdp global_load_balance=true
+    # two nodes, 8 GPUs each (the same command on both; the rendezvous numbers the nodes):
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_id myrun --rdzv_backend c10d \
              --rdzv_endpoint host0:29500 -m loramix train examples/mixlora.yaml
 
 How one optimizer step works with W ranks::
@@ -26,6 +27,11 @@ Stop decisions are agreed: a SIGINT/SIGTERM seen by any rank, or a non-finite lo
 ranks at the same point (one small all-reduce of a flag), so no rank waits forever in a collective the
 others left; a diverged step is never applied or saved, so the last checkpoint stays the last good one.
 The run length (max_steps / epochs) is checked to be the same on every rank at setup.
+
+Options (training config): ``distributed: fsdp`` shards the frozen base with FSDP2 (``shard_base_model``;
+the adapters and the step arithmetic above stay as they are); ``global_load_balance: true`` makes
+MixLoRA's load-balance loss use the expert shares of the global batch (``ForwardContext.balance_group``,
+set during training steps only).
 
 One process (no ``WORLD_SIZE`` in the environment) is plain ``Trainer``; ``trainer_class()`` picks.
 """
