@@ -89,8 +89,19 @@ adapter_state(model).context.balance_group = None
 with torch.no_grad():
     model(input_ids=ids, attention_mask=mask)
 local_aux = torch.stack([m.aux_loss for m in layers])
-save_file({"global": global_aux.detach(), "local": local_aux, "grad": layers[-1].router.weight.grad},
-          f"{sys.argv[2]}/rank{rank}.safetensors")
+
+# The adapter gradient sum when a tensor got no gradient on some rank (an adapter part no token of this rank
+# reached): a missing gradient counts as zero, and a tensor no rank touched keeps grad None.
+from types import SimpleNamespace
+from loramix.train.distributed import DistributedTrainer
+params = {n: torch.nn.Parameter(torch.zeros(2, 3)) for n in ("both", "rank0", "none")}
+params["both"].grad = torch.full((2, 3), 1.0 + rank)
+if rank == 0:
+    params["rank0"].grad = torch.full((2, 3), 5.0)
+DistributedTrainer._reduce_gradients(SimpleNamespace(params=params))
+assert params["none"].grad is None
+save_file({"global": global_aux.detach(), "local": local_aux, "grad": layers[-1].router.weight.grad,
+           "both": params["both"].grad, "rank0": params["rank0"].grad}, f"{sys.argv[2]}/rank{rank}.safetensors")
 dist.destroy_process_group()
 """
 
@@ -241,7 +252,8 @@ def test_nan_on_one_rank_stops_every_rank_and_keeps_the_last_good_checkpoint(tmp
 
 def test_global_load_balance_uses_the_expert_shares_of_the_global_batch(tmp_path):
     """Reference by hand: per layer, the router's top-2 assignment counts of both ranks' real tokens give the
-    shares f; each rank's loss is E · Σ f_i P_i with its own mean probabilities P (and their gradient)."""
+    shares f; each rank's loss is E · Σ f_i P_i with its own mean probabilities P (and their gradient).
+    The same launch checks the adapter gradient sum when a tensor has no gradient on one rank."""
     from loramix.models.inject import moe_layers
 
     script = tmp_path / "balance.py"
@@ -251,6 +263,8 @@ def test_global_load_balance_uses_the_expert_shares_of_the_global_batch(tmp_path
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+    for r in range(2):  # the worker's gradient-sum check: 1 + 2 where both ranks had one, 5 + (none = 0)
+        assert torch.equal(got[r]["both"], torch.full((2, 3), 3.0)) and torch.equal(got[r]["rank0"], torch.full((2, 3), 5.0))
 
     model = balance_model()
     layers = moe_layers(model)
