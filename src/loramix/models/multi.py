@@ -83,6 +83,13 @@ class AdapterStack(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self._state.plan[-1]
+        if len(plan) == 1:  # one adapter owns every row (only_adapter, nested calls): no split, no cat
+            seg = plan[0]
+            module = self.members[seg.name] if seg.name in self.members else self.base
+            if module is not self.base and not self.shares_frozen_output:
+                context = self._state.adapters[seg.name].context
+                context.token_mask, context.task_ids = seg.token_mask, seg.task_ids
+            return module(x)
         if self.shares_frozen_output:
             base_out = self.base(x)  # the frozen projection, once for every row
             outs = []
@@ -284,9 +291,13 @@ def adapter_losses(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
         # give each adapter one run of rows.
         raise ValueError(f"adapter_losses needs each adapter's rows together; the plan lists {names}")
     result: dict[str, dict[str, torch.Tensor]] = {}
+    # split, not one slice per adapter: a slice's backward writes its gradient into a zero-filled
+    # tensor of the *whole* logits shape (N adapters: N × (B, T, V) zeros, quadratic in N), while
+    # split's backward concatenates the N pieces once.
+    pieces = logits.split([count for _, count in rows])
     start = 0
-    for name, count in rows:
-        lg = logits[start:start + count, :-1].float()
+    for (name, count), piece in zip(rows, pieces):
+        lg = piece[:, :-1].float()
         lb = labels[start:start + count, 1:].to(lg.device)
         start += count
         lm = nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100)
