@@ -5,9 +5,11 @@ the same weights too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +30,7 @@ WORDS = [f"w{i}" for i in range(60)]
 
 # Runs on every rank under torchrun: the same tiny model, tokenizer and examples as the reference.
 WORKER = r"""
-import json, sys
+import json, os, signal, sys
 sys.path.insert(0, sys.argv[1])
 import torch
 from test_distributed import examples, word_tokenizer
@@ -39,21 +41,25 @@ from loramix.train.distributed import DistributedTrainer, trainer_class
 from loramix.train.loop import TrainingDiverged
 
 assert trainer_class() is DistributedTrainer
-runs, kill_at, nan_at = json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+runs = json.loads(sys.argv[2])
 
-def kill(t):
-    if t.step == kill_at:
-        raise SystemExit(7)  # stands in for the job being killed right after a checkpoint
-
-def poison(t):
-    if t.step == nan_at and t.rank == 1:  # only rank 1's next forward gives a NaN loss
-        with torch.no_grad():
-            next(p for n, p in adapter_parameters(t.model).items() if "lora_B" in n).fill_(float("nan"))
+def hooks(kill_at=0, nan_at=0, term_at=0):
+    # after optimizer step N: kill (all ranks), NaN adapter weights or SIGTERM (rank 1 only)
+    def callback(t):
+        if t.step == kill_at:
+            raise SystemExit(7)  # stands in for the job being killed right after a checkpoint
+        if t.step == nan_at and t.rank == 1:  # only rank 1's next forward gives a NaN loss
+            with torch.no_grad():
+                next(p for n, p in adapter_parameters(t.model).items() if "lora_B" in n).fill_(float("nan"))
+        if t.step == term_at and t.rank == 1:  # only rank 1 is told to stop
+            os.kill(os.getpid(), signal.SIGTERM)
+    return callback
 
 for values in runs if isinstance(runs, list) else [runs]:  # several runs: one process start-up for all
+    callback = hooks(**values.pop("test_hooks", {}))
     t = DistributedTrainer(train_config_from_dict(values, where="test"), model=tiny_model("llama", seed=0),
                            tokenizer=word_tokenizer(), train_examples=examples(24), eval_examples=examples(9, seed=1),
-                           callbacks=([kill] if kill_at else []) + ([poison] if nan_at else []))
+                           callbacks=[callback])
     try:
         result = t.run()
     except TrainingDiverged as err:
@@ -145,14 +151,53 @@ def settings(out: Path, grad_accum: int, **extra) -> dict:
     return values
 
 
-def torchrun(values: dict | list[dict], tmp_path: Path, kill_at: int = 0, nan_at: int = 0,
-             timeout: float = 600) -> subprocess.CompletedProcess:
+def launch(script: Path, args: list[str], cwd: Path, timeout: float = 150) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 script args`` in its own session, killed whole on timeout.
+
+    A launch that times out is tried once more: on this shared machine torchrun's workers have been seen,
+    rarely, waiting forever to reach the agent's rendezvous store (before any training code ran). A real hang
+    of the code under test repeats, so the second attempt fails the test.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for attempt in (1, 2):
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            return subprocess.CompletedProcess(command, proc.returncode, out, err)
+        except subprocess.TimeoutExpired:
+            # The workers run in sessions of their own (and ignore SIGTERM while stuck): kill them by pid first,
+            # so no orphan keeps waiting in a collective and our pipes close.
+            for pid in descendants(proc.pid) + [proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.communicate()
+            if attempt == 2:
+                raise
+
+
+def descendants(pid: int) -> list[int]:
+    """The process ids below ``pid`` (children first found, then theirs), read from /proc."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def torchrun(values: dict | list[dict], tmp_path: Path, timeout: float = 150) -> subprocess.CompletedProcess:
+    """Run WORKER on 2 gloo ranks with one config (or a list, run one after the other); a config may carry
+    ``test_hooks: {kill_at | nan_at | term_at: step}``."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(TESTS), json.dumps(values), str(kill_at), str(nan_at)],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+    return launch(script, [str(TESTS), json.dumps(values)], tmp_path, timeout)
 
 
 def adapter(folder: Path) -> dict[str, torch.Tensor]:
@@ -223,7 +268,7 @@ def test_two_processes_killed_and_resumed_reach_the_same_weights(tmp_path):
     whole = torchrun(settings(tmp_path / "whole", grad_accum=1, adapter=dropout), tmp_path)
     assert whole.returncode == 0, whole.stderr[-4000:]
     values = settings(tmp_path / "run", grad_accum=1, save_every=2, adapter=dropout)
-    killed = torchrun(values, tmp_path, kill_at=2)
+    killed = torchrun(dict(values, test_hooks={"kill_at": 2}), tmp_path)
     assert killed.returncode != 0 and (tmp_path / "run" / "checkpoints" / "step-2" / "rng-rank1.pt").is_file()
     assert not (tmp_path / "run" / "adapter").exists()
     resumed = torchrun(dict(values, resume=True), tmp_path)
@@ -232,22 +277,29 @@ def test_two_processes_killed_and_resumed_reach_the_same_weights(tmp_path):
     assert max_diff(adapter(tmp_path / "run"), adapter(tmp_path / "whole")) <= 1e-6
 
 
-def test_nan_on_one_rank_stops_every_rank_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_or_sigterm_on_one_rank_stops_every_rank_and_keeps_the_last_good_checkpoint(tmp_path):
     """Only rank 1 sees a NaN loss at step 3: both ranks stop there (no hang in the next all-reduce), nothing
-    of step 3 is applied or saved, and the step-2 checkpoint is the latest. With two micro-batches per rank and the
-    global load balance on (an all-reduce in every forward), so the poisoned rank must keep in step."""
+    of step 3 is applied or saved, and the step-2 checkpoint is the latest. With two micro-batches per rank and
+    the global load balance on (an all-reduce in every forward), so the poisoned rank must keep in step.
+    Then (same launch) only rank 1 gets a SIGTERM after step 2: both ranks save step 2 and stop."""
     values = settings(tmp_path / "run", grad_accum=2, save_every=2, max_steps=5, global_load_balance=True)
-    proc = torchrun(values, tmp_path, nan_at=2, timeout=240)  # a hang would end in TimeoutExpired
+    term = settings(tmp_path / "term", grad_accum=1, max_steps=5)
+    # a hang would end in TimeoutExpired
+    proc = torchrun([dict(values, test_hooks={"nan_at": 2}), dict(term, test_hooks={"term_at": 2})], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "rank 1 of 2 diverged (step 3: the loss is nan (micro-batch 1 of 2)" in proc.stdout
     assert "rank 0 of 2 diverged (step 3: the loss is not finite on another data-parallel rank" in proc.stdout
-    assert "step-2" in proc.stdout and "step 2" in proc.stdout  # both name the last good checkpoint, both at step 2
+    assert "step-2 (resume: true" in proc.stdout  # the message names the last good checkpoint
     root = tmp_path / "run" / "checkpoints"
     assert (root / "latest").read_text().strip() == "step-2" and not (root / "step-3").exists()
     saved = load_file(str(root / "step-2" / "adapter" / "adapter_model.safetensors"))
     assert all(torch.isfinite(v).all() for v in saved.values())
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2]
+
+    assert "rank 0 of 2 interrupted step 2" in proc.stdout and "rank 1 of 2 interrupted step 2" in proc.stdout
+    assert (tmp_path / "term" / "checkpoints" / "latest").read_text().strip() == "step-2"
+    assert not (tmp_path / "term" / "adapter").exists()
 
 
 def test_global_load_balance_uses_the_expert_shares_of_the_global_batch(tmp_path):
@@ -258,9 +310,7 @@ def test_global_load_balance_uses_the_expert_shares_of_the_global_batch(tmp_path
 
     script = tmp_path / "balance.py"
     script.write_text(BALANCE_WORKER)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(TESTS), str(tmp_path)], capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    proc = launch(script, [str(TESTS), str(tmp_path)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
     for r in range(2):  # the worker's gradient-sum check: 1 + 2 where both ranks had one, 5 + (none = 0)
