@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
               f" Continue with: loramix train {args.config} {' '.join(args.overrides)} --resume".rstrip(),
               file=sys.stderr)
         return 1
+    if result["adapter"] is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     print(f"adapter saved to {result['adapter']}")
     for protocol, r in (result.get("eval") or {}).items():
         print(f"{protocol} accuracy: {r['accuracy']:.4f} (n={r['n']})")

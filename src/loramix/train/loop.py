@@ -443,15 +443,23 @@ class Trainer:
                     "eval": self.last_metrics.get("eval")}
         return self.finish()
 
+    @property
+    def is_main(self) -> bool:
+        """True in the process that writes files (always, in one process; rank 0 under torchrun)."""
+        return True
+
     def finish(self) -> dict[str, Any]:
-        """After the last step: final evaluation, last checkpoint, the adapter folder, plots; the result dict."""
+        """After the last step: final evaluation, last checkpoint, the adapter folder, plots; the result dict
+        (``"adapter"`` is None in the processes that do not write)."""
         cfg = self.config
         if self.eval_examples:
             self.evaluate()
         if cfg.save_every and (self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step}"):
             self.save_checkpoint()
-        adapter_dir = save_adapter(self.model, self.output_dir / "adapter",
-                                   extra={"train_config": cfg.to_dict(), "task_index": self.task_index})
+        adapter_dir = None
+        if self.is_main:  # under torchrun one rank writes the (replicated) adapter
+            adapter_dir = save_adapter(self.model, self.output_dir / "adapter",
+                                       extra={"train_config": cfg.to_dict(), "task_index": self.task_index})
         if cfg.plots:
             self._plots()
         return {"status": "completed", "step": self.step, "checkpoint": self.last_checkpoint, "adapter": adapter_dir,
