@@ -29,7 +29,8 @@ def test_report_has_every_row_and_ratio() -> None:
     result = run_multi_bench(BenchSettings(**TINY, multi=2, steps=1, warmup=0), progress=False)
     rows = result["variants"]
     assert set(rows) == {"single-job", "multi-joint", "multi-sequential", "multi-processes"}
-    assert rows["multi-sequential"]["time_vs_sequential"] == 1.0
+    assert rows["multi-sequential"]["time_vs_sequential"] == rows["multi-sequential"]["cpu_vs_sequential"] == 1.0
+    assert rows["multi-processes"]["cpu_step_s"] == 2 * rows["single-job"]["cpu_step_s"] > 0
     assert rows["multi-processes"]["peak_memory_mb"] == 2 * rows["single-job"]["peak_memory_mb"]
     assert result["ideal_memory_mb"] > result["base_memory_mb"] > 0
     assert all(r["memory_vs_ideal"] > 0 for n, r in rows.items() if n != "single-job")
