@@ -297,8 +297,10 @@ def adapter_losses(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
     pieces = logits.split([count for _, count in rows])
     start = 0
     for (name, count), piece in zip(rows, pieces):
-        lg = piece[:, :-1].float()
-        lb = labels[start:start + count, 1:].to(lg.device)
+        lg = piece.float()  # (rows, T, V), contiguous: no copy in fp32
+        # position t predicts token t+1: shift the labels, not the logits (a logits[:, :-1] slice
+        # would be copied by the reshape); the last position predicts nothing (-100)
+        lb = nn.functional.pad(labels[start:start + count, 1:], (0, 1), value=-100).to(lg.device)
         start += count
         lm = nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100)
         entry = {"lm_loss": lm, "loss": lm}
