@@ -297,10 +297,9 @@ def test_eval_command_several_adapters_in_one_pass(tmp_path):
     data = tmp_path / "quiz.jsonl"
     data.write_text("\n".join(json.dumps({"question": ex.question, "choices": ex.choices, "answer": ex.gold,
                                           "task": ex.task}) for ex in EXAMPLES))
-    from loramix.models.multi import adapter_modules  # noqa: F401  (the adapters' weights, saved one by one)
     import loramix
 
-    for name, config in joint.loramix_multi.adapters.items():
+    for name, config in joint.loramix_multi.adapters.items():  # each adapter's weights, saved alone
         single = loramix.inject(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "model"), config.config)
         with torch.no_grad():
             mine = loramix.adapter_parameters(single)
