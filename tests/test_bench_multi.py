@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 import torch
 
 from loramix.bench import BenchSettings, build_base_model, make_batch
 from loramix.bench_multi import _multi_variant, format_multi_table, run_multi_bench
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: thread hand-offs cost more than they give
 
 TINY = dict(layers=2, hidden=32, intermediate=48, heads=4, kv_heads=2, vocab=97, batch=2, seq_len=12,
             experts=4, top_k=2, rank=4, dropout=0.0, threads=1)

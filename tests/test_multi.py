@@ -9,6 +9,8 @@ import loramix
 from loramix.models.multi import adapter_losses, inject_many, member_parameters, only_adapter
 from tiny_models import batch, tiny_model
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: thread hand-offs cost more than they give
+
 CONFIGS = {
     "lora": loramix.LoraConfig(r=4, alpha=8, dropout=0.0, targets=None),
     "dora": loramix.LoraConfig(r=2, alpha=4, dropout=0.0, targets=["q_proj", "down_proj"], use_dora=True),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 import loramix
@@ -12,6 +13,8 @@ from loramix.train.multi import MultiTrainer, load_multi_config
 from loramix.models.multi import member_parameters
 from test_train import config, mc_examples, word_tokenizer
 from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: thread hand-offs cost more than they give
 
 
 def _configs(tmp_path: Path) -> dict:
