@@ -448,11 +448,12 @@ class Trainer:
         """True in the process that writes files (always, in one process; rank 0 under torchrun)."""
         return True
 
-    def finish(self) -> dict[str, Any]:
-        """After the last step: final evaluation, last checkpoint, the adapter folder, plots; the result dict
-        (``"adapter"`` is None in the processes that do not write)."""
+    def finish(self, evaluate: bool = True) -> dict[str, Any]:
+        """After the last step: final evaluation (unless ``evaluate`` is False: the caller already ran and
+        recorded it), last checkpoint, the adapter folder, plots; the result dict (``"adapter"`` is None in
+        the processes that do not write)."""
         cfg = self.config
-        if self.eval_examples:
+        if evaluate and self.eval_examples:
             self.evaluate()
         if cfg.save_every and (self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step}"):
             self.save_checkpoint()

@@ -364,14 +364,8 @@ class MultiTrainer:
 
     def _finish(self, name: str, evaluated: dict[str, Any] | None = None) -> dict[str, Any]:
         """``Trainer.finish`` for job ``name``; ``evaluated``: its final evaluation, already done jointly."""
-        job = self.jobs[name]
-        if evaluated is not None:
-            # finish() evaluates first; the one-pass evaluation of this step already did (and recorded) it
-            job.evaluate = lambda: evaluated
-        try:
-            result = job.finish()
-        finally:
-            job.__dict__.pop("evaluate", None)
+        # The one-pass evaluation of this step already evaluated (and recorded) the job's final accuracy.
+        result = self.jobs[name].finish(evaluate=evaluated is None)
         self.model.train()  # an evaluation inside finish() leaves the shared model in eval mode
         return result
 
