@@ -201,25 +201,17 @@ def test_config_typo_names_key_and_file(tmp_path):
         load_train_config(path)
     assert str(path) in str(err.value) and "'lrr'" in str(err.value) and "Did you mean 'lr'" in str(err.value)
 
-    path = write(tmp_path, "data:\n  cutof_len: 128\n")
-    with pytest.raises(ConfigError, match=r"cfg\.yaml.*'data\.cutof_len'.*Did you mean 'cutoff_len'"):
-        load_train_config(path)
 
-    path = write(tmp_path, "adapter: {kind: mixlora, num_expert: 4}\n")
-    with pytest.raises(ConfigError, match=r"cfg\.yaml.*'num_expert'.*Did you mean 'num_experts'"):
-        load_train_config(path)
-
-    path = write(tmp_path, "batch_size: four\n")
-    with pytest.raises(ConfigError, match=r"cfg\.yaml.*'batch_size' must be an integer"):
-        load_train_config(path)
-
-    path = write(tmp_path, "schedule: cosin\n")
-    with pytest.raises(ConfigError, match=r"cfg\.yaml.*'schedule' must be one of"):
-        load_train_config(path)
-
-    path = write(tmp_path, "lr: [1\n")
-    with pytest.raises(ConfigError, match=r"cfg\.yaml: not valid YAML \(line"):
-        load_train_config(path)
+@pytest.mark.parametrize("text, message", [
+    ("data:\n  cutof_len: 128\n", r"cfg\.yaml.*'data\.cutof_len'.*Did you mean 'cutoff_len'"),
+    ("adapter: {kind: mixlora, num_expert: 4}\n", r"cfg\.yaml.*'num_expert'.*Did you mean 'num_experts'"),
+    ("batch_size: four\n", r"cfg\.yaml.*'batch_size' must be an integer"),
+    ("schedule: cosin\n", r"cfg\.yaml.*'schedule' must be one of"),
+    ("lr: [1\n", r"cfg\.yaml: not valid YAML \(line"),
+])
+def test_config_error_names_key_and_file(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(write(tmp_path, text))
 
 
 def test_overrides_are_yaml_typed_and_dotted(tmp_path):
