@@ -401,14 +401,18 @@ def run_interleaved(variants: dict[str, "Variant"], batch: dict[str, torch.Tenso
     bar.close()
 
 
-def run_bench(s: BenchSettings, progress: bool = True) -> dict[str, Any]:
-    """Build the variants, run them interleaved, return the results as the ``--json`` object."""
+def prepare_run(s: BenchSettings) -> tuple[torch.device, nn.Module, dict[str, torch.Tensor], int]:
+    """What every bench run starts from: threads set, then (device, frozen base model, the batch, its real tokens)."""
     if s.threads is not None:
         torch.set_num_threads(s.threads)
-    device = s.torch_device
     base = build_base_model(s)
     batch = make_batch(s, base.config.vocab_size)
-    tokens = int(batch["attention_mask"].sum())
+    return s.torch_device, base, batch, int(batch["attention_mask"].sum())
+
+
+def run_bench(s: BenchSettings, progress: bool = True) -> dict[str, Any]:
+    """Build the variants, run them interleaved, return the results as the ``--json`` object."""
+    device, base, batch, tokens = prepare_run(s)
     shared: dict[str, dict] = {}
     # loramix variants first: they draw the initial weights the others copy.
     order = sorted(s.variants, key=lambda n: 0 if n.startswith("loramix") else 1)

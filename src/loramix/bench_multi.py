@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bench import BenchSettings, Variant, _mixlora_config, build_base_model, make_batch, persistent_bytes, \
+from .bench import BenchSettings, Variant, _mixlora_config, persistent_bytes, prepare_run, \
     run_interleaved, share_frozen_copy, step_peak_bytes, tensor_bytes
 from .models.inject import adapter_parameters, inject
 from .models.multi import adapter_losses, adapter_rows, inject_many, member_parameters
@@ -68,12 +68,7 @@ def _multi_variant(name: str, base: nn.Module, s: BenchSettings, joint: bool) ->
 
 def run_multi_bench(s: BenchSettings, progress: bool = True) -> dict[str, Any]:
     """Measure single-job, joint and sequential steps for ``s.multi`` MixLoRA jobs; derive the rest."""
-    if s.threads is not None:
-        torch.set_num_threads(s.threads)
-    device = s.torch_device
-    base = build_base_model(s)
-    batch = make_batch(s, base.config.vocab_size)
-    tokens = int(batch["attention_mask"].sum())
+    device, base, batch, tokens = prepare_run(s)
     single_model = inject(share_frozen_copy(base), _mixlora_config(s))
     single_params = list(adapter_parameters(single_model).values())
     for p in single_params:
