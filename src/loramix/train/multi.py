@@ -369,14 +369,9 @@ class MultiTrainer:
         self.model.train()  # an evaluation inside finish() leaves the shared model in eval mode
         return result
 
-    def run(self) -> dict[str, Any]:
-        try:
-            self.setup()
-            return self.train()
-        finally:
-            self.cleanup()
-
-    # The same stop protocol as one Trainer: the first signal sets _stop_signal, a second one aborts.
+    # The same run protocol (setup + train + cleanup, always) and stop protocol as one Trainer: the first
+    # signal sets _stop_signal, a second one aborts.
+    run = Trainer.run
     _install_signal_handlers = Trainer._install_signal_handlers
 
     def cleanup(self) -> None:
