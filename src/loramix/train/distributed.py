@@ -220,10 +220,6 @@ class DistributedTrainer(Trainer):
         if self.is_main and not getattr(self, "_gathering", False):
             super()._write_metrics(record)
 
-    def _plots(self) -> None:
-        if self.is_main:
-            super()._plots()
-
     def save_checkpoint(self) -> Path:
         path = super().save_checkpoint() if self.is_main else None
         shared = [str(path) if path is not None else None]

@@ -458,11 +458,11 @@ class Trainer:
         if cfg.save_every and (self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step}"):
             self.save_checkpoint()
         adapter_dir = None
-        if self.is_main:  # under torchrun one rank writes the (replicated) adapter
+        if self.is_main:  # under torchrun one rank writes the (replicated) adapter and the plots
             adapter_dir = save_adapter(self.model, self.output_dir / "adapter",
                                        extra={"train_config": cfg.to_dict(), "task_index": self.task_index})
-        if cfg.plots:
-            self._plots()
+            if cfg.plots:
+                self._plots()
         return {"status": "completed", "step": self.step, "checkpoint": self.last_checkpoint, "adapter": adapter_dir,
                 "eval": self.last_metrics.get("eval")}
 
