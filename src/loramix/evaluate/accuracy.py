@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import inspect
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -103,9 +103,10 @@ class _Routing:
         self.adapters, self.tasks = adapters, tasks
         self.rank = {name: i for i, name in enumerate(dict.fromkeys(adapters))} if adapters else {}
 
-    def group(self, idx: list[int]) -> list[int]:
-        """``idx`` reordered so each adapter's examples are consecutive (stable: order kept inside)."""
-        return sorted(idx, key=lambda i: self.rank[self.adapters[i]]) if self.adapters else idx
+    def group(self, items: list, example: Callable[[Any], int] = lambda i: i) -> list:
+        """``items`` reordered so each adapter's are consecutive (stable: order kept inside);
+        ``example(item)`` is the item's example index (the item itself by default)."""
+        return sorted(items, key=lambda it: self.rank[self.adapters[example(it)]]) if self.adapters else items
 
     def kwargs(self, idx: list[int], device: torch.device) -> dict[str, Any]:
         """Model keyword arguments for a batch whose rows are examples ``idx`` (grouped), in order."""
@@ -174,8 +175,7 @@ def _predict_loglik(model, tokenizer, examples, template, batch_size, cutoff_len
     bar = tqdm(total=len(order), desc="eval (loglik)", unit="choice", disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
         # rows grouped by adapter; a request's adapter is its example's
-        chunk = sorted((requests[r] for r in order[start:start + batch_size]),
-                       key=lambda req: routing.rank[routing.adapters[req[0]]] if routing.adapters else 0)
+        chunk = routing.group([requests[r] for r in order[start:start + batch_size]], example=lambda req: req[0])
         # left padding: every row ends with its continuation, so only the last K = max(n_cont) + 1
         # positions need logits (position t predicts token t+1)
         batch = collate([{"input_ids": ids} for _, _, ids, _, _ in chunk], tokenizer.pad_token_id, padding_side="left")
@@ -221,8 +221,7 @@ def _predict_loglik_shared(model, tokenizer, examples, template, batch_size, cut
                disable=not progress, leave=False)
     for start in range(0, len(items), batch_size):
         # batch_size prompts in pass 1; their (prompt, choice) rows (short continuations) in pass 2
-        chunk = sorted(items[start:start + batch_size],
-                       key=lambda it: routing.rank[routing.adapters[it[0]]] if routing.adapters else 0)
+        chunk = routing.group(items[start:start + batch_size], example=lambda it: it[0])
         rows = sum(len(cs) for _, _, cs, _ in chunk)
         batch = collate([{"input_ids": p} for _, p, _, _ in chunk], tokenizer.pad_token_id, padding_side="left")
         mask = batch["attention_mask"].to(device)
