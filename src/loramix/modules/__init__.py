@@ -4,6 +4,7 @@ from .context import ForwardContext
 from .lora import LoraLinear, dora_weight_norm, frozen_linear
 from .mixlora import ExpertLoras, MixLoraFFN
 from .more import MoreLinear, RankSelector, task_contrastive_loss
+from .quantized import frozen_weight, is_quantized, logical_shape, quantization_kind
 from .routing import Routing, load_balance_loss, route_switch, route_top_k, route_top_p, router_statistics, router_z_loss
 
 __all__ = [
@@ -11,3 +12,4 @@ __all__ = [
     "load_balance_loss", "route_switch", "route_top_k", "route_top_p", "router_statistics", "router_z_loss",
 ]
 __all__ += ["MoreLinear", "RankSelector", "task_contrastive_loss"]
+__all__ += ["frozen_weight", "is_quantized", "logical_shape", "quantization_kind"]
