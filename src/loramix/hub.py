@@ -10,6 +10,7 @@ renamed when complete, so a conversion killed half-way never leaves a broken cac
 Example:
     >>> model, tokenizer = load_model("smollm2-135m")            # CPU, fp32
     >>> model, tokenizer = load_model("runs/merged", dtype="bf16", device="cuda")
+    >>> model, tokenizer = load_model("smollm2-135m", quantization="nf4")   # 4-bit frozen base (QLoRA)
     >>> model.config._name_or_path                                # recorded in saved adapters
     'smollm2-135m'
 """
@@ -181,6 +182,7 @@ def load_model(
     *,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    quantization: str | None = None,
 ):
     """Load ``(model, tokenizer)`` ready for loramix.
 
@@ -189,6 +191,10 @@ def load_model(
             a local Hugging Face folder, or a Hub id (needs network, or the Hub cache).
         dtype: ``"auto"``/``None`` (bf16 on capable CUDA, fp32 otherwise), or a dtype / its name.
         device: ``"auto"``/``None`` (CUDA if available, else CPU), or any torch device.
+        quantization: ``None`` (full precision), or a scheme of ``loramix.models.quantize.QUANTIZATIONS``
+            (nf4, nf4-double, int8, torchao-int8, torchao-int4): the projections are quantized while
+            loading, ``dtype`` becomes their compute dtype (and that of the unquantized parameters), and
+            the model is prepared for adapter training (``quantize.prepare_kbit_training``).
 
     Returns:
         ``(model, tokenizer)``. The model is in eval mode on ``device``; ``model.config._name_or_path``
@@ -199,8 +205,11 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .models.quantize import check_quantization, load_quantized
+
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    quantization = check_quantization(quantization, where="--quantization")
     if name_or_path.lower() in EMBEDDED_ALIASES:
         folder = cache_root() / CACHE_SUBDIR
         if not _is_complete(folder):
@@ -215,7 +224,10 @@ def load_model(
         source, record_name = name_or_path, name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        if quantization is None:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        else:  # quantized while loading, on the target device (a quantized model is not moved with .to)
+            model = load_quantized(source, quantization, dtype=torch_dtype, device=dev)
     except OSError as err:
         raise ModelLoadError(
             f"could not load model '{name_or_path}': it is not '{EMBEDDED_NAME}', not a local folder, and the "
@@ -227,7 +239,8 @@ def load_model(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.config._name_or_path = record_name
-    model.to(dev)
+    if quantization is None:
+        model.to(dev)
     model.eval()
     return model, tokenizer
 

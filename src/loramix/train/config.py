@@ -113,6 +113,10 @@ class TrainConfig:
     dtype: str = _help("Weights dtype of the base model: auto (bf16 on capable GPUs, fp32 on CPU), fp32, bf16, fp16. "
                        "Adapter weights stay fp32; on CUDA half dtypes also turn on autocast.", "auto")
     device: str = _help("auto (CUDA when available), cpu, cuda, cuda:1, mps ...", "auto")
+    quantization: str | None = _help(
+        "Quantize the frozen base while loading it (QLoRA): nf4, nf4-double (bitsandbytes 4-bit, double-quantized "
+        "scales), int8 (bitsandbytes LLM.int8), torchao-int8, torchao-int4, or null (no quantization). 'dtype' is "
+        "then the compute dtype; adapter weights stay fp32.", None)
     adapter: dict = _help("The adapter: {kind: lora | mixlora | ..., plus that kind's settings (r, alpha, "
                           "num_experts, top_k, ...)}; see loramix.config.", factory=lambda: {"kind": "mixlora"})
     data: DataConfig = _help("Training and evaluation data (see the data.* keys).", factory=DataConfig)
@@ -133,7 +137,8 @@ class TrainConfig:
                                          False)
     eval_every: int = _help("Evaluate every N optimizer steps (0: only at the end).", 0)
     eval_at_start: bool = _help("Also evaluate before the first step.", False)
-    save_every: int = _help("Write a checkpoint every N optimizer steps (0: only on interrupt).", 0)
+    save_every: int = _help("Write a checkpoint every N optimizer steps (0: only on interrupt); the end of "
+                             "the run is always checkpointed before the adapter is written.", 0)
     keep_checkpoints: int = _help("Keep the newest K checkpoints; older ones are deleted.", 2)
     log_every: int = _help("Write a metrics line every N optimizer steps.", 1)
     output_dir: str = _help("Run folder: metrics.jsonl, checkpoints/, adapter/, plots.", "runs/train")
@@ -184,6 +189,9 @@ class TrainConfig:
             raise ConfigError(f"'distributed' must be one of {', '.join(DISTRIBUTED)}, got {self.distributed!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"'threads' must be >= 1 or null, got {self.threads}")
+        from ..models.quantize import check_quantization
+
+        self.quantization = check_quantization(self.quantization)
 
     def adapter_config(self):
         """The adapter's config object (``LoraConfig``, ``MixLoraConfig``, ...) built from ``adapter``."""

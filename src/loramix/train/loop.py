@@ -49,7 +49,6 @@ from ..config import ConfigError
 from ..data import LengthGroupedBatches, MultipleChoiceExample, collate, encode_example, load_examples
 from ..evaluate import evaluate_multiple_choice
 from ..models.inject import adapter_parameters, adapter_state, inject, router_stats
-from ..adapters.io import save_adapter
 from . import checkpoint as ckpt
 from .config import TrainConfig
 
@@ -100,6 +99,14 @@ def lr_factor(step: int, *, schedule: str, warmup: int, total: int) -> float:
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"unknown schedule '{schedule}'")
+
+
+def _json_or_none(line: str) -> Any:
+    """The JSON value of a metrics line, or None for a torn line (a run killed while logging)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def _answer_tokens(labels: torch.Tensor) -> int:
@@ -156,7 +163,7 @@ class Trainer:
 
             self.model, self.tokenizer = load_model(
                 cfg.model, dtype=None if cfg.dtype == "auto" else cfg.dtype,
-                device=None if cfg.device == "auto" else cfg.device)
+                device=None if cfg.device == "auto" else cfg.device, quantization=cfg.quantization)
         if self.tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (load_model does)")
         self.device = next(self.model.parameters()).device
@@ -261,7 +268,7 @@ class Trainer:
         # The killed run may have logged steps after its last checkpoint: those will be redone.
         if self.metrics_path.exists():
             kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
+                    if line.strip() and (_json_or_none(line) or {"step": math.inf}).get("step", 0) <= self.step]
             self.metrics_path.write_text("".join(line + "\n" for line in kept))
         ckpt.set_rng_states(state["rng"], state["rng_tensors"])  # last: nothing after this draws numbers
         log.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.step, self.epoch, self.batch_in_epoch)
@@ -455,12 +462,19 @@ class Trainer:
         cfg = self.config
         if evaluate and self.eval_examples:
             self.evaluate()
-        if cfg.save_every and (self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step}"):
+        # Whatever save_every is (0 included), the end of the run is checkpointed before the adapter is
+        # written: if writing the adapter fails (a full disk), --resume finishes from this checkpoint
+        # instead of losing every step of the run.
+        if self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step}":
             self.save_checkpoint()
         adapter_dir = None
         if self.is_main:  # under torchrun one rank writes the (replicated) adapter and the plots
-            adapter_dir = save_adapter(self.model, self.output_dir / "adapter",
-                                       extra={"train_config": cfg.to_dict(), "task_index": self.task_index})
+            try:  # the folder as a whole is replaced atomically: never a new weights file beside an old config
+                adapter_dir = ckpt.save_final_adapter(self.model, self.output_dir,
+                                                      extra={"train_config": cfg.to_dict(), "task_index": self.task_index})
+            except OSError as err:
+                raise ckpt.SaveError(ckpt.describe_save_failure(err, f"the adapter {self.output_dir / 'adapter'}",
+                                                                self.last_checkpoint)) from err
             if cfg.plots:
                 self._plots()
         return {"status": "completed", "step": self.step, "checkpoint": self.last_checkpoint, "adapter": adapter_dir,
@@ -531,9 +545,14 @@ class Trainer:
         """Write ``output_dir/checkpoints/step-{step}`` atomically (see ``checkpoint.py``)."""
         state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "total_steps": self.total_steps,
                  "metrics": self.last_metrics, "adapter_kind": self.adapter_kind}
-        self.last_checkpoint = ckpt.save_checkpoint(
-            self.output_dir, self.step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-            scaler=self.scaler, state=state, keep=self.config.keep_checkpoints)
+        try:
+            self.last_checkpoint = ckpt.save_checkpoint(
+                self.output_dir, self.step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                scaler=self.scaler, state=state, keep=self.config.keep_checkpoints)
+        except OSError as err:  # a full disk, permissions: say so, and which checkpoint is still good
+            raise ckpt.SaveError(ckpt.describe_save_failure(
+                err, f"checkpoint step-{self.step} in {ckpt.checkpoint_root(self.output_dir)}",
+                self.last_checkpoint)) from err
         return self.last_checkpoint
 
     def _install_signal_handlers(self) -> None:

@@ -1,0 +1,328 @@
+r"""Quantized frozen bases (QLoRA): load a base model in 4 or 8 bits, prepare it for adapter training,
+dequantize it again for merging and export.
+
+One name per scheme, used by the training config (``quantization: nf4``), ``loramix bench
+--quantization`` and ``loramix eval/generate --quantization``, all through ``hub.load_model``::
+
+    nf4          bitsandbytes 4-bit NormalFloat, blocks of 64 weights, one fp32 absmax per block (QLoRA)
+    nf4-double   nf4 with the absmax values quantized again to 8 bits ("double quantization")
+    int8         bitsandbytes LLM.int8 (per-row int8 weights; outlier features kept in 16 bits)
+    torchao-int8 torchao int8 weight-only (per-row scale)
+    torchao-int4 torchao int4 weight-only, groups of 32 input features: on CUDA the tinygemm layout
+                 (needs bf16), elsewhere int4 values stored one per byte (IntxWeightOnlyConfig: the
+                 int8 memory of torchao-int8, with int4 precision; no packed int4 CPU kernel on x86)
+
+Bytes per weight (persistent): fp32 4, bf16 2, int8 ≈ 1 (+ one fp32 scale per row), nf4 ≈ 0.5 + 4/64
+(absmax per block of 64), nf4-double ≈ 0.5 + 1/64 + 4/(64·256).
+
+The projections stay quantized modules; loramix's adapter modules call them as modules and keep
+their own tensors in the compute dtype (``loramix.modules.quantized``). Embeddings, norms and
+``lm_head`` are not quantized (transformers keeps them out of every scheme).
+
+``prepare_kbit_training`` is what PEFT's ``prepare_model_for_kbit_training`` does that applies here:
+freeze every base tensor; cast the normalisation weights that are in fp16/bf16 to fp32 (their
+outputs feed every quantized matmul; PEFT casts *every* non-quantized parameter, loramix leaves the
+embeddings and ``lm_head`` in the load dtype: they are frozen, the loss already upcasts the logits
+to fp32, and a fp32 embedding would silently turn off bf16 autocast in the training loop); with
+gradient checkpointing, make the embedding output require grad. One CPU-specific step: bitsandbytes
+repacks a 4-bit weight into an AVX512-BF16 layout on the first eval-mode forward, with bf16 block
+scales (≈2e-3 logit change on a tiny Llama), and the repack fails for layers narrower than the
+block size; loramix turns that repack off so that training, evaluation and the dequantized merge
+all see the same weights.
+
+Example:
+    >>> model, tok = hub.load_model("smollm2-135m", quantization="nf4")   # quantized + prepared
+    >>> quantization_of(model)
+    'nf4'
+    >>> plain = dequantize_model(model)        # nn.Linear everywhere, fp32 (the compute dtype)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+
+QUANTIZATIONS = ("nf4", "nf4-double", "int8", "torchao-int8", "torchao-int4")
+# Input features per int4 group (torchao-int4); every quantized projection's in_features must be a multiple.
+INT4_GROUP_SIZE = 32
+
+
+def check_quantization(name: str | None, where: str = "quantization") -> str | None:
+    """``name`` normalised (lower case; '', 'none', 'null' → None), or a ``ConfigError`` listing the choices."""
+    if name is None:
+        return None
+    key = str(name).strip().lower()
+    if key in ("", "none", "null", "no", "false"):
+        return None
+    if key not in QUANTIZATIONS:
+        raise ConfigError(f"'{where}' must be one of {', '.join(QUANTIZATIONS)} or null, got {name!r}")
+    return key
+
+
+def quantization_config(name: str, *, compute_dtype: torch.dtype, device: torch.device | str) -> Any:
+    """The transformers quantization config for a loramix scheme name.
+
+    Args:
+        name: one of ``QUANTIZATIONS``.
+        compute_dtype: dtype the quantized matmuls compute in (fp32 on CPU; bf16 or fp32 on GPU).
+        device: where the model will live (torchao-int4 picks its layout from it).
+
+    Returns:
+        A ``BitsAndBytesConfig`` or ``TorchAoConfig`` for ``from_pretrained(quantization_config=...)``.
+    """
+    name = check_quantization(name)
+    device = torch.device(device)
+    if name in ("nf4", "nf4-double"):
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=name == "nf4-double",
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if name == "int8":
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_8bit=True)
+    from transformers import TorchAoConfig
+
+    if name == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    if device.type == "cuda":
+        from torchao.quantization import Int4WeightOnlyConfig
+
+        if compute_dtype != torch.bfloat16:
+            raise ConfigError("quantization 'torchao-int4' on CUDA uses torchao's tinygemm kernel, which needs "
+                              "bf16: set dtype: bf16 (or use nf4 / torchao-int8)")
+        return TorchAoConfig(Int4WeightOnlyConfig(group_size=INT4_GROUP_SIZE, int4_packing_format="tile_packed_to_4d"))
+    from torchao.quantization import IntxWeightOnlyConfig, PerGroup
+
+    return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(INT4_GROUP_SIZE)))
+
+
+def _check_int4_shapes(source: str) -> None:
+    """torchao-int4 needs every quantized projection's input width to be a multiple of the group size;
+    checked on a meta-device copy of the model (no memory) so the error names the layer, not a
+    conversion traceback."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    head = model.get_output_embeddings()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not head and module.in_features % INT4_GROUP_SIZE:
+            raise ConfigError(
+                f"quantization 'torchao-int4' quantizes groups of {INT4_GROUP_SIZE} input features, but {name} of "
+                f"{source} has {module.in_features}: use torchao-int8 or nf4 for this model")
+
+
+class _Once(logging.Filter):
+    """Let a log record with a given message through once (bitsandbytes' int8 matmul warns on every call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+_ONCE = _Once()
+
+
+def load_quantized(source: str, name: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """``from_pretrained(source)`` with the scheme ``name`` applied while loading, then prepared.
+
+    Args:
+        source: a local Hugging Face folder or a Hub id (``hub.load_model`` resolves loramix's names).
+        name: one of ``QUANTIZATIONS``.
+        dtype: compute dtype, also the dtype of the parameters left unquantized.
+        device: where the model is loaded (quantization happens there).
+
+    Returns:
+        The model, quantized, on ``device``, base tensors frozen (``prepare_kbit_training``).
+    """
+    from transformers import AutoModelForCausalLM
+
+    name = check_quantization(name)
+    if name in ("nf4", "nf4-double", "int8"):
+        import bitsandbytes  # noqa: F401  (a clear ImportError here rather than inside from_pretrained)
+
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_ONCE)
+    else:
+        import torchao  # noqa: F401
+    if name == "torchao-int4":
+        _check_int4_shapes(source)
+    config = quantization_config(name, compute_dtype=dtype, device=device)
+    device_map = {"": device.index if device.type == "cuda" and device.index is not None else str(device)}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, quantization_config=config,
+                                                 device_map=device_map)
+    return prepare_kbit_training(model)
+
+
+def quantization_of(model: nn.Module) -> str | None:
+    """The loramix scheme name of a quantized transformers model, ``"other"`` for a quantization loramix did
+    not name (e.g. GPTQ), or None for a plain model."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is None:
+        return None
+    get = qc.get if isinstance(qc, dict) else (lambda k, d=None: getattr(qc, k, d))
+    method = get("quant_method", "")
+    method = str(getattr(method, "value", method)).lower()  # a QuantizationMethod enum or its string
+    if "bitsandbytes" in method:
+        if get("load_in_8bit", False):
+            return "int8"
+        return "nf4-double" if get("bnb_4bit_use_double_quant", False) else "nf4"
+    if "torchao" in method:
+        quant_type = get("quant_type", None)
+        text = type(quant_type).__name__ if not isinstance(quant_type, dict) else str(quant_type)
+        return "torchao-int8" if "Int8" in text else "torchao-int4"
+    return "other"
+
+
+def _is_subclass_tensor(t: torch.Tensor) -> bool:
+    """A torchao-style tensor subclass (its data lives in inner tensors named by ``__tensor_flatten__``)."""
+    return type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__")
+
+
+def storage_tensors(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The plain tensors that hold a (possibly quantized) parameter: itself for a plain tensor; the packed
+    data plus the block scales (and the nested scales of double quantization) for a bitsandbytes 4-bit
+    weight; data plus per-row scales for 8-bit; the inner tensors of a torchao subclass. Used to count
+    memory (``loramix bench``) and to check that training leaves the frozen weights byte-identical."""
+    if _is_subclass_tensor(t):
+        names, _ = t.__tensor_flatten__()
+        for n in names:
+            yield from storage_tensors(getattr(t, n))
+        return
+    yield t.data if isinstance(t, nn.Parameter) else t
+    state = getattr(t, "quant_state", None)
+    if state is not None:  # bitsandbytes Params4bit
+        for attr in ("absmax", "code", "offset"):
+            inner = getattr(state, attr, None)
+            if isinstance(inner, torch.Tensor):
+                yield inner
+        nested = getattr(state, "state2", None)
+        if nested is not None:
+            for attr in ("absmax", "code"):
+                inner = getattr(nested, attr, None)
+                if isinstance(inner, torch.Tensor):
+                    yield inner
+    scb = getattr(t, "SCB", None)  # bitsandbytes Int8Params: one fp32 scale per row
+    if isinstance(scb, torch.Tensor):
+        yield scb
+
+
+def _is_norm(module: nn.Module) -> bool:
+    name = type(module).__name__.lower()
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or name.endswith("norm") or "rmsnorm" in name
+
+
+def prepare_kbit_training(model: nn.Module, *, gradient_checkpointing: bool = False) -> nn.Module:
+    """Get a quantized base ready for adapter training (in place; also harmless on a plain model).
+
+    - every base parameter frozen;
+    - normalisation weights in fp16/bf16 cast to fp32 (see the module docstring for why only those);
+    - bitsandbytes' CPU eval-mode repack of 4-bit weights turned off (exactness and small layers);
+    - with ``gradient_checkpointing``: non-reentrant activation checkpointing on, and the embedding
+      output made to require grad (what PEFT does for reentrant checkpointing; harmless otherwise).
+
+    Returns:
+        The same model.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in model.modules():
+        if _is_norm(module):
+            for p in module.parameters(recurse=False):
+                if p.dtype in (torch.float16, torch.bfloat16):
+                    p.data = p.data.float()
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes Linear4bit
+            module.support_avx512bf16_for_cpu = False
+    if gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        model.config.use_cache = False
+    return model
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a quantized model computes in (the dtype it was loaded with), else its first float parameter's."""
+    dtype = getattr(model.config, "dtype", None) if hasattr(model, "config") else None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    for p in model.parameters():
+        if p.is_floating_point() and not _is_subclass_tensor(p):
+            return p.dtype
+    return torch.float32
+
+
+def dense_linear(module: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """A plain ``nn.Linear`` with ``weight`` (out, in) and ``module``'s bias, on the weight's device."""
+    bias = getattr(module, "bias", None)
+    with torch.device("meta"):
+        dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    dense.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        dense.bias = nn.Parameter(bias.detach().to(device=weight.device, dtype=weight.dtype), requires_grad=False)
+    dense.train(module.training)
+    return dense
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every quantized projection by an ``nn.Linear`` holding its dequantized weight, in place,
+    and drop the quantization markers, so the result is a plain transformers model (``save_pretrained``
+    writes a dense checkpoint that loads without bitsandbytes or torchao).
+
+    Args:
+        model: a quantized model without a loramix adapter (``unload``/``merge_and_unload`` first).
+        dtype: dtype of the dense weights (default: the compute dtype, ``compute_dtype(model)``).
+
+    Returns:
+        The same model object.
+    """
+    from ..modules.quantized import frozen_weight, is_quantized
+
+    if getattr(model, "loramix_adapter", None) is not None:
+        raise ValueError("dequantize_model: this model has a loramix adapter; call loramix.merge_and_unload(model) "
+                         "(which dequantizes) or loramix.unload(model) first")
+    dtype = dtype or compute_dtype(model)
+    targets = [(name, m) for name, m in model.named_modules() if is_quantized(m)]
+    with torch.no_grad():
+        for name, module in targets:
+            model.set_submodule(name, dense_linear(module, frozen_weight(module).to(dtype)))
+    forget_quantization(model)
+    return model
+
+
+def forget_quantization(model: nn.Module) -> None:
+    """Remove what marks ``model`` as quantized (its quantizer and ``config.quantization_config``), as
+    transformers' own ``dequantize`` does, so ``save_pretrained`` writes a plain config."""
+    for attr in ("hf_quantizer", "quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if hasattr(model, attr):
+            try:
+                delattr(model, attr)
+            except AttributeError:
+                pass
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+__all__ = ["INT4_GROUP_SIZE", "QUANTIZATIONS", "check_quantization", "compute_dtype", "dense_linear",
+           "dequantize_model", "forget_quantization", "load_quantized",
+           "prepare_kbit_training", "quantization_config", "quantization_of", "storage_tensors"]
