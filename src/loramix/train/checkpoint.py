@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from ..adapters.io import copy_adapter_tensors, read_safetensors, save_adapter, WEIGHTS_NAME
+from ..adapters.folder import read_adapter_folder
+from ..adapters.io import copy_adapter_tensors, save_adapter
 
 LATEST = "latest"
 STATE_NAME = "trainer_state.json"
@@ -37,6 +38,110 @@ STATE_NAME = "trainer_state.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing or unreadable; the message names the folder or file."""
+
+
+class RunFolderError(CheckpointError):
+    """A fresh run was pointed at a folder that holds another run (or at a file)."""
+
+
+class SaveError(RuntimeError):
+    """Writing a checkpoint or the final adapter failed (a full disk, permissions); the message says
+    why and names the last good checkpoint to resume from."""
+
+
+# What makes a folder a run folder (written by Trainer.setup / train / finish).
+RUN_FILES = ("metrics.jsonl", "train_config.yaml", "checkpoints", "adapter")
+
+
+def run_files(output_dir: str | os.PathLike) -> list[str]:
+    """The entries of ``output_dir`` that a training run writes (empty: not a run folder)."""
+    out = Path(output_dir)
+    return [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
+
+
+def move_aside(output_dir: str | os.PathLike) -> Path:
+    """Rename ``output_dir`` to ``<output_dir>.old-<UTC time>`` (``-2``, ``-3`` ... if taken); never deletes."""
+    import time
+
+    out = Path(output_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = out.with_name(f"{out.name}.old-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = out.with_name(f"{out.name}.old-{stamp}-{n}")
+    os.rename(out, target)
+    return target
+
+
+def claim_run_folder(output_dir: str | os.PathLike, *, resume: bool | str, overwrite: bool = False,
+                     key: str = "output_dir") -> Path | None:
+    """Make sure a run may write into ``output_dir``; returns where an old run was moved, if one was.
+
+    A fresh run (``resume`` false) into a folder that holds a run refuses unless ``overwrite``, which
+    moves the old run aside (``move_aside``) so none of its files (metrics, adapter, checkpoints that a
+    later resume would pick up) mixes with the new run's. ``resume`` into a folder with a finished
+    adapter but no checkpoint refuses too: resuming would start again from step 0 over it.
+
+    Raises:
+        RunFolderError: naming the folder, what it holds, and the options (--resume, --overwrite).
+    """
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{key} {out} is a file, not a folder: choose another {key}=")
+    held = run_files(out)
+    if not held:
+        return None
+    if resume and overwrite:
+        raise RunFolderError(f"--resume continues the run in {out}, --overwrite moves it aside: give one of them")
+    if resume:
+        if isinstance(resume, str) or latest_checkpoint(out) is not None or "adapter" not in held:
+            return None
+        if not overwrite:
+            raise RunFolderError(f"{out} holds a finished run (adapter/) without checkpoints: there is nothing to "
+                                 f"resume from. Use --overwrite to move it aside and start again, or another {key}=")
+    if not overwrite:
+        raise RunFolderError(f"{out} already holds a run ({', '.join(held)}): add --resume to continue it, or "
+                             f"--overwrite to move it aside to {out}.old-<time> and start fresh (or choose another "
+                             f"{key}=)")
+    return move_aside(out)
+
+
+def save_final_adapter(model: torch.nn.Module, output_dir: str | os.PathLike, extra: dict[str, Any]) -> Path:
+    """Write ``output_dir/adapter`` atomically as a whole folder: into a hidden temporary folder first,
+    renamed into place when complete (an older adapter folder is swapped out, then removed). A
+    failure leaves the previous folder (or none), never a folder whose two files disagree."""
+    out = Path(output_dir)
+    final = out / "adapter"
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".adapter.tmp-"))
+    try:
+        save_adapter(model, tmp, extra=extra)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the adapter is an ordinary folder
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(dir=out, prefix=".adapter.old-"))
+            os.replace(final, old / "adapter")
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def describe_save_failure(err: OSError, what: str, last_good: Path | None) -> str:
+    """The message of a ``SaveError``: what could not be written, why (disk full said as such), and
+    the last good checkpoint to resume from."""
+    import errno
+
+    reason = "out of disk space" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    where = f" ({err.filename})" if err.filename else ""
+    if last_good is not None:
+        tail = f"the last good checkpoint is {last_good}: free space and continue with --resume (resume: true)"
+    else:
+        tail = "no checkpoint was written before this point"
+    return f"could not write {what}: {reason}{where}; {tail}"
 
 
 def checkpoint_root(output_dir: str | os.PathLike) -> Path:
@@ -166,7 +271,8 @@ def load_checkpoint(folder: str | os.PathLike, *, model: torch.nn.Module, optimi
         state = json.loads(state_path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{state_path}: not valid JSON ({err})") from None
-    copy_adapter_tensors(model, read_safetensors(folder / "adapter" / WEIGHTS_NAME), str(folder / "adapter"))
+    # through the one adapter-folder reader: a LoRA adapter is a PEFT folder (PEFT key names)
+    copy_adapter_tensors(model, read_adapter_folder(folder / "adapter").tensors, str(folder / "adapter"))
     optimizer.load_state_dict(_load_tensors(folder / "optimizer.pt"))
     sched = _load_tensors(folder / "scheduler.pt")
     scheduler.load_state_dict(sched["scheduler"])
