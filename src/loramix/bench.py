@@ -94,6 +94,7 @@ class BenchSettings:
     seed: int = 0
     init_b_std: float = 0.0  # tests: B ~ N(0, std) and a sharp router, so that outputs differ from the base
     memory: bool = True
+    quantization: str | None = None  # the frozen base quantized (nf4, nf4-double, int8, torchao-int8, torchao-int4)
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "batch", "seq_len",
@@ -115,6 +116,15 @@ class BenchSettings:
             raise ValueError(f"unknown variant(s) {unknown}; choose from {', '.join(BUILDERS)}")
         if self.alpha is None:
             self.alpha = 2.0 * self.rank
+        from .models.quantize import check_quantization
+
+        try:
+            self.quantization = check_quantization(self.quantization, where="--quantization")
+        except ValueError as err:
+            raise ValueError(str(err)) from None
+        if self.quantization and "authors-mixlora" in self.variants:
+            raise ValueError("variant 'authors-mixlora' reads dense weights and cannot run on a quantized base: "
+                             "leave it out of --variants with --quantization")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -133,16 +143,14 @@ class BenchSettings:
 
 # ---------------------------------------------------------------------------------------- model
 def build_base_model(s: BenchSettings) -> nn.Module:
-    """The frozen base: a random SmolLM2-135M-shaped Llama (or ``s.model``, a real model folder)."""
+    """The frozen base: a random SmolLM2-135M-shaped Llama (or ``s.model``, a real model folder), quantized
+    while loading with ``s.quantization`` (the random model goes through a temporary folder, so it is loaded
+    exactly as ``loramix train`` loads a quantized base)."""
     dtype, device = s.torch_dtype, s.torch_device
     if s.model is not None:
-        try:
-            from .hub import load_model
-        except ImportError:  # hub.py not there: a plain transformers folder still works
-            from transformers import AutoModelForCausalLM
-            model = AutoModelForCausalLM.from_pretrained(s.model, dtype=dtype).to(device)
-        else:
-            model, _ = load_model(s.model, dtype=dtype, device=device)
+        from .hub import load_model
+
+        model, _ = load_model(s.model, dtype=dtype, device=device, quantization=s.quantization)
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -154,6 +162,15 @@ def build_base_model(s: BenchSettings) -> nn.Module:
         )
         torch.manual_seed(s.seed)
         model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+        if s.quantization:
+            import tempfile
+
+            from .models.quantize import load_quantized
+
+            with tempfile.TemporaryDirectory(prefix="loramix-bench-") as folder:
+                model.save_pretrained(folder)
+                del model
+                model = load_quantized(folder, s.quantization, dtype=dtype, device=device)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.train()
@@ -168,8 +185,15 @@ def make_batch(s: BenchSettings, vocab: int) -> dict[str, torch.Tensor]:
 
 
 def share_frozen_copy(base: nn.Module) -> nn.Module:
-    """A deep copy of ``base`` whose parameters are the *same* tensors as base's (frozen, shared)."""
-    memo = {id(p): p for p in base.parameters()}
+    """A deep copy of ``base`` whose parameters are the *same* tensors as base's (frozen, shared).
+
+    bitsandbytes' 8-bit modules keep their weight codes and scales in a ``state`` object too: shared
+    as well, so a quantized base is not copied per variant."""
+    memo: dict[int, Any] = {id(p): p for p in base.parameters()}
+    for module in base.modules():
+        state = getattr(module, "state", None)
+        if type(state).__name__ == "MatmulLtState":
+            memo[id(state)] = state
     return copy.deepcopy(base, memo)
 
 
@@ -331,13 +355,17 @@ BUILDERS: dict[str, Callable[[nn.Module, BenchSettings, dict], Variant]] = {
 
 # ---------------------------------------------------------------------------------------- memory
 def tensor_bytes(tensors: list[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors``."""
+    """Bytes of the distinct storages behind ``tensors``; a quantized weight counts its packed data and its
+    scales (``quantize.storage_tensors``)."""
+    from .models.quantize import storage_tensors
+
     seen: dict[int, int] = {}
     for t in tensors:
         if t is None:
             continue
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        for inner in storage_tensors(t):
+            storage = inner.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
 
 
@@ -464,6 +492,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     base = f" (base = {result['baseline']})" if result.get("baseline") else ""
+    if result["settings"].get("quantization"):
+        base += f"; frozen base quantized: {result['settings']['quantization']}"
     return "\n".join(lines) + f"\nmedian of {result['settings']['steps']} interleaved steps{base}; memory: {result['memory_method']}"
 
 
@@ -488,6 +518,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps per variant first")
     run.add_argument("--seed", type=int, default=d.seed, help="seed of the weights and the batch")
     run.add_argument("--no-memory", action="store_true", help="skip the (untimed) memory measurement step")
+    run.add_argument("--quantization", default=None,
+                     help="quantize the frozen base: nf4, nf4-double, int8 (bitsandbytes), torchao-int8, torchao-int4; "
+                          "--dtype is then the compute dtype")
     run.add_argument("--init-b-std", type=float, default=0.0,
                      help="start LoRA B from N(0, std) (and a sharp router) instead of 0, so outputs differ from the base")
     adapter = parser.add_argument_group("adapter")
@@ -513,6 +546,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         rank=args.rank, alpha=args.alpha, dropout=args.dropout, aux_loss_coef=args.aux_loss_coef,
         steps=args.steps, warmup=args.warmup, variants=[v.strip() for v in args.variants.split(",") if v.strip()],
         multi=args.multi, seed=args.seed, memory=not args.no_memory, init_b_std=args.init_b_std,
+        quantization=getattr(args, "quantization", None),
     )
 
 

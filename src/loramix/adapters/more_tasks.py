@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, MoreConfig
-from ..models.inject import adapter_state, more_modules, unload
+from ..models.inject import _restore, adapter_state, more_modules
 
 
 def more_config(model: nn.Module) -> MoreConfig:
@@ -130,15 +130,16 @@ def merge_task(model: nn.Module, task: str | int) -> nn.Module:
 
     Returns:
         The same model object, now a plain transformers model (no hooks, no adapter modules) whose
-        outputs equal the adapter model's outputs for that task.
+        outputs equal the adapter model's outputs for that task. On a quantized base it is a dense
+        model in the compute dtype (see ``models.inject._restore``).
     """
     index = task_index(model, task)
-    with torch.no_grad():
-        for m in more_modules(model).values():
-            A, B = m.task_factors(index)
-            delta = (B @ A).to(m.weight.dtype)  # (out, in)
-            m.weight += delta.t() if m.fan_in_fan_out else delta
-    return unload(model)
+
+    def task_delta(m: nn.Module) -> torch.Tensor:
+        A, B = m.task_factors(index)
+        return B @ A  # (out, in)
+
+    return _restore(model, merge=True, delta_of=task_delta)
 
 
 def export_task_peft(model: nn.Module, task: str | int, out_dir: str | os.PathLike, *,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -276,9 +276,42 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         context.disabled = previous
 
 
-def _restore(model: nn.Module, merge: bool) -> nn.Module:
+def _lora_delta(module: nn.Module) -> torch.Tensor | None:
+    """What ``merge_and_unload`` folds into a module's base weight: a LoRA/DoRA update (out, in), else None."""
+    return module.delta_weight() if isinstance(module, LoraLinear) else None
+
+
+def _fold(base: nn.Module, delta: torch.Tensor, fan_in_fan_out: bool, dense_dtype: torch.dtype) -> nn.Module:
+    """``base`` with ``delta`` (out, in) added to its weight; the module to put back into the model.
+
+    A plain projection is updated in place. A quantized one (bitsandbytes, torchao) cannot hold
+    ``W + ΔW`` without re-quantizing, which would round most of a small update away and fails on
+    torchao's tensors (no in-place add): it is dequantized and comes back as a dense ``nn.Linear`` in
+    ``dense_dtype`` (the model's compute dtype).
+    """
+    from ..modules.quantized import frozen_weight, is_quantized
+    from .quantize import dense_linear
+
+    if is_quantized(base):
+        return dense_linear(base, (frozen_weight(base).float() + delta.float()).to(dense_dtype))
+    weight = base.weight
+    weight += (delta.t() if fan_in_fan_out else delta).to(weight.dtype)
+    return base
+
+
+def _restore(model: nn.Module, merge: bool,
+             delta_of: Callable[[nn.Module], torch.Tensor | None] = _lora_delta) -> nn.Module:
+    """Put the replaced modules back and remove the adapter; with ``merge``, first fold ``delta_of(module)``
+    (out, in) into each adapted projection's weight (``merge_task`` passes one MoRE task's update).
+
+    On a quantized base a merge returns a dense model: every quantized projection is dequantized into
+    an ``nn.Linear`` in the compute dtype (the adapted ones with their update added), and the
+    quantization config is dropped, so ``save_pretrained`` writes a plain checkpoint.
+    """
+    from .quantize import compute_dtype, dequantize_model, quantization_of
+
     state = adapter_state(model)
-    if merge and isinstance(state.config, MoreConfig):
+    if merge and delta_of is _lora_delta and isinstance(state.config, MoreConfig):
         raise ValueError(
             "a MoRE adapter holds one update per task; merge one task with "
             "loramix.adapters.more_tasks.merge_task(model, task) (CLI: loramix merge --task NAME)"
@@ -288,24 +321,28 @@ def _restore(model: nn.Module, merge: bool) -> nn.Module:
             "a MixLoRA adapter routes each token to its own experts and cannot be merged into one dense FFN; "
             "export it as a Mixture-of-Experts model (loramix export --format mixtral) or use unload()"
         )
+    quantized = merge and quantization_of(model) is not None
+    dense_dtype = compute_dtype(model)
     replacements = []
     for name, module in model.named_modules():
-        if isinstance(module, LoraLinear):
+        if isinstance(module, (LoraLinear, MoreLinear)):
+            original = module._base_module[0]
             if merge:
                 with torch.no_grad():
-                    delta = module.delta_weight().to(module.weight.dtype)
-                    module.weight += delta.t() if module.fan_in_fan_out else delta
-            replacements.append((name, module._base_module[0]))
+                    delta = delta_of(module)
+                    if delta is not None:
+                        original = _fold(original, delta, module.fan_in_fan_out, dense_dtype)
+            replacements.append((name, original))
         elif isinstance(module, MixLoraFFN):
             replacements.append((name, module._original_ffn[0]))
-        elif isinstance(module, MoreLinear):  # merge per task happens in adapters/more_tasks.merge_task
-            replacements.append((name, module._base_module[0]))
     for name, original in replacements:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, original)
     for hook in state.hooks:
         hook.remove()
     del model.loramix_adapter
+    if quantized:  # the projections without an adapter too: one plain model, not a half-quantized one
+        dequantize_model(model, dense_dtype)
     return model
 
 
