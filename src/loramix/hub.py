@@ -172,6 +172,22 @@ def convert_embedded(force: bool = False) -> Path:
     return final
 
 
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face Hub accepts a TCP connection within ``timeout`` seconds (False when
+    ``HF_HUB_OFFLINE`` is set, DNS fails or the connection is refused or times out)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _local_folder(name_or_path: str) -> Path | None:
     path = Path(name_or_path).expanduser()
     return path if path.is_dir() else None
@@ -222,13 +238,22 @@ def load_model(
         source, record_name = str(folder), str(folder)
     else:
         source, record_name = name_or_path, name_or_path
+    # Offline, from_pretrained retries the Hub for ~50 s before failing: for a Hub id, probe the Hub first
+    # (DNS + connect, 2 s at most) and, when it is unreachable, look only in the local Hugging Face cache.
+    offline = record_name == name_or_path and not Path(source).is_dir() and not _hub_reachable()
+    hub_kwargs = {"local_files_only": True} if offline else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
         if quantization is None:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **hub_kwargs)
         else:  # quantized while loading, on the target device (a quantized model is not moved with .to)
             model = load_quantized(source, quantization, dtype=torch_dtype, device=dev)
     except OSError as err:
+        if offline:
+            raise ModelLoadError(
+                f"model '{name_or_path}': no such local folder, and not a Hub id in the local Hugging Face cache "
+                f"(the Hub is unreachable: offline). Give a model folder, '{EMBEDDED_NAME}', or a cached Hub id"
+            ) from err
         raise ModelLoadError(
             f"could not load model '{name_or_path}': it is not '{EMBEDDED_NAME}', not a local folder, and the "
             f"Hub id could not be fetched (offline and not in the Hugging Face cache?). Original error: {err}"
