@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import loramix
+from loramix.adapters.folder import read_adapter_folder
 from loramix.modules import LoraLinear, MixLoraFFN
 from conftest import mixlora_config, perturb_adapter
 from tiny_models import batch, tiny_config, tiny_model
@@ -62,16 +63,18 @@ def test_save_reseed_load_reproduces_logits(tmp_path, case):
     params = loramix.adapter_parameters(loaded)
     assert all(p.requires_grad for p in params.values())
 
-    # The file holds exactly the adapter tensors, equal to the trained ones, and no base tensor.
+    # The file holds exactly the adapter tensors, equal to the trained ones, and no base tensor
+    # (plain LoRA/DoRA under PEFT's key names: the reader gives them back in loramix's).
+    tensors = read_adapter_folder(folder).tensors
+    for key, tensor in tensors.items():
+        assert torch.equal(tensor, loramix.adapter_parameters(model)[key].detach())
+    assert set(tensors) == set(loramix.adapter_parameters(model))
     with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
-        keys = set(f.keys())
-        for key in keys:
-            assert torch.equal(f.get_tensor(key), loramix.adapter_parameters(model)[key].detach())
-    assert keys == set(loramix.adapter_parameters(model))
-    assert not keys & base_keys
-    meta = json.loads((folder / "adapter_config.json").read_text())
+        assert len(set(f.keys())) == len(tensors) and not set(f.keys()) & base_keys
+    meta = loramix.adapters.read_adapter_config(folder)
     assert meta["model_family"] == family and meta["extra"] == {"tasks": ["arc-e"]}
-    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    sidecar = ["loramix_config.json"] if meta["kind"] == "lora" else []
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", *sidecar]
 
 
 def test_adapter_for_other_shapes_names_key_and_shapes(tmp_path):
@@ -82,9 +85,9 @@ def test_adapter_for_other_shapes_names_key_and_shapes(tmp_path):
     other = transformers.AutoModelForCausalLM.from_config(config).eval()
     with pytest.raises(loramix.AdapterLoadError) as err:
         loramix.load_adapter(other, folder)
-    message = str(err.value)
-    assert "adapter_model.safetensors" in message
-    assert "mlp.experts.lora_" in message and "(4, 48, 4)" in message and "(4, 64, 4)" in message
+    message = str(err.value)  # one message naming both bases and the first shape that differs
+    assert "trained on base model" in message and "other shapes" in message
+    assert "mlp.down_proj" in message and "(32, 64)" in message and "(32, 48)" in message
     assert_no_adapter(other)  # a failed load leaves the model as it was
 
 
@@ -142,7 +145,7 @@ def test_missing_config_and_bad_json_name_the_file(tmp_path):
         loramix.load_adapter(tiny_model("llama"), folder)
     with pytest.raises(loramix.AdapterLoadError, match="no such adapter folder"):
         loramix.load_adapter(tiny_model("llama"), tmp_path / "nowhere")
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (folder / "adapter_config.json").write_text(json.dumps({"model_type": "llama"}))  # a model's config.json
     with pytest.raises(loramix.AdapterLoadError, match="not a loramix adapter"):
         loramix.load_adapter(tiny_model("llama"), folder)
 

@@ -16,7 +16,6 @@ Their DoRA magnitude is never saved (nor trained); like their loader, it is set 
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 from pathlib import Path
@@ -26,10 +25,11 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, MixLoraConfig
-from ..models.inject import adapter_parameters, inject, unload
+from ..models.inject import adapter_parameters
 from ..models.registry import ModelFamily, family_of
 from ..modules import LoraLinear, MixLoraFFN, dora_weight_norm
-from .io import CONFIG_NAME, AdapterLoadError, copy_adapter_tensors
+from .folder import CONFIG_NAME, AdapterFolder, AdapterLoadError
+from .io import copy_adapter_tensors
 
 AUTHORS_WEIGHTS = "adapter_model.bin"
 _KEY = re.compile(
@@ -131,11 +131,11 @@ def _check_activation(model: nn.Module, act_fn: Any, where: str) -> None:
             )
 
 
-def load_authors_adapter(model: nn.Module, folder: str | os.PathLike, meta: dict[str, Any]) -> nn.Module:
-    """Load an authors'-format MixLoRA adapter folder into a fresh base model."""
-    family = family_of(model)
-    config = authors_config(meta, family, str(Path(folder) / CONFIG_NAME))
-    path = Path(folder) / AUTHORS_WEIGHTS
+def read_authors_folder(folder: Path, meta: dict[str, Any], family: ModelFamily) -> tuple[MixLoraConfig, dict[str, torch.Tensor], Path]:
+    """The config, tensors (loramix keys, no DoRA magnitudes) and weights path of an authors'-format
+    folder; called by ``folder.read_adapter_folder``, which then checks every shape."""
+    config = authors_config(meta, family, str(folder / CONFIG_NAME))
+    path = folder / AUTHORS_WEIGHTS
     if not path.is_file():
         raise AdapterLoadError(f"{path}: missing (the authors' format keeps the weights in {AUTHORS_WEIGHTS})")
     try:
@@ -144,16 +144,16 @@ def load_authors_adapter(model: nn.Module, folder: str | os.PathLike, meta: dict
         raise AdapterLoadError(f"{path}: cannot be read as a weights-only state dict ({err})") from None
     if not isinstance(raw, dict):
         raise AdapterLoadError(f"{path}: expected a state dict, found {type(raw).__name__}")
-    tensors = authors_tensors(raw, family, config.num_experts, str(path))
-    inject(model, config)
-    try:
-        for key, param in adapter_parameters(model).items():
-            if "lora_magnitude" in key:  # never saved by the authors; recomputed below
-                tensors.setdefault(key, param.detach().clone())
-        copy_adapter_tensors(model, tensors, str(path))
-        _reset_dora_magnitudes(model)
-        _check_activation(model, meta.get("act_fn"), str(Path(folder) / CONFIG_NAME))
-    except BaseException:
-        unload(model)
-        raise
-    return model
+    return config, authors_tensors(raw, family, config.num_experts, str(path)), path
+
+
+def finish_authors_load(model: nn.Module, adapter: AdapterFolder) -> None:
+    """Copy an authors'-format adapter into the model just injected with its config: their DoRA
+    magnitudes (never saved) are recomputed from the loaded weights, and their ``act_fn`` checked."""
+    tensors = dict(adapter.tensors)
+    for key, param in adapter_parameters(model).items():
+        if "lora_magnitude" in key:  # never saved by the authors; recomputed below
+            tensors.setdefault(key, param.detach().clone())
+    copy_adapter_tensors(model, tensors, str(adapter.weights))
+    _reset_dora_magnitudes(model)
+    _check_activation(model, adapter.meta.get("act_fn"), str(adapter.path / CONFIG_NAME))

@@ -54,9 +54,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..config import ConfigError, MixLoraConfig, MoreConfig, adapter_config_from_dict, lora_scale
+from ..config import MixLoraConfig, MoreConfig, lora_scale
 from ..models.registry import FAMILIES, ModelFamily
-from .io import CONFIG_NAME, FORMAT, WEIGHTS_NAME, AdapterLoadError, read_adapter_config
+from .io import AdapterLoadError, read_adapter_config
 
 FORMATS = ("mixtral", "peft", "merged")
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3  # bytes; a 7B bf16 layer's 8 experts (~2.1 GB) make one shard
@@ -82,6 +82,9 @@ def write_peft_adapter(
 ) -> Path:
     """Write LoRA factors as a standard PEFT LoRA (or DoRA) folder that ``peft`` loads.
 
+    The files' contents come from ``peft_adapter_files`` (see its arguments); ``loramix.save_adapter``
+    writes plain LoRA/DoRA adapters through it too.
+
     Args:
         out_dir: destination folder (created); holds ``adapter_config.json`` + ``adapter_model.safetensors``.
         loras: module path in the base model (e.g. ``"model.layers.0.self_attn.q_proj"``) →
@@ -101,6 +104,33 @@ def write_peft_adapter(
     Example:
         >>> write_peft_adapter("out/peft", {"model.layers.0.self_attn.q_proj": (A, B)}, base_model_name_or_path="x")
         >>> PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("x"), "out/peft")
+    """
+    tensors, config = peft_adapter_files(loras, base_model_name_or_path=base_model_name_or_path, task_type=task_type,
+                                         magnitudes=magnitudes, fan_in_fan_out=fan_in_fan_out)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def peft_adapter_files(
+    loras: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    base_model_name_or_path: str | None,
+    task_type: str | None = "CAUSAL_LM",
+    magnitudes: dict[str, torch.Tensor] | None = None,
+    fan_in_fan_out: bool = False,
+    lora_alpha: float | None = None,
+    use_rslora: bool = False,
+    lora_dropout: float = 0.0,
+    init_lora_weights: bool | str = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and ``adapter_config.json`` object of a PEFT LoRA folder (``write_peft_adapter``).
+
+    ``lora_alpha=None`` (exports): the LoRA scale is folded into ``B`` and PEFT's scale is made 1.
+    A number: ``B`` is the raw factor and PEFT scales it by ``lora_alpha / r`` (``/ sqrt(r)`` with
+    ``use_rslora``); every module must then have the same rank.
     """
     if not loras:
         raise ExportError("write_peft_adapter: no LoRA modules to write")
@@ -129,31 +159,29 @@ def write_peft_adapter(
     counts = collections.Counter(ranks.values())
     r = min(counts, key=lambda k: (-counts[k], k))
     pattern = {name: k for name, k in ranks.items() if k != r}
+    if lora_alpha is not None and pattern:
+        raise ExportError(f"peft_adapter_files: with lora_alpha every module needs the same rank, got {sorted(counts)}")
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": r,
-        "lora_alpha": r,
+        "lora_alpha": r if lora_alpha is None else lora_alpha,
         "rank_pattern": pattern,
         "alpha_pattern": dict(pattern),
         "target_modules": sorted(loras),
-        "lora_dropout": 0.0,
+        "lora_dropout": lora_dropout,
         "bias": "none",
         "use_dora": magnitudes is not None,
-        "use_rslora": False,
+        "use_rslora": use_rslora,
         "fan_in_fan_out": fan_in_fan_out,
-        "init_lora_weights": True,
+        "init_lora_weights": init_lora_weights,
         "inference_mode": True,
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out
+    return tensors, config
 
 
 # ====================================================================================== sources
@@ -210,12 +238,18 @@ class BaseWeights:
 
     @classmethod
     def from_model(cls, model: nn.Module, tokenizer=None) -> "BaseWeights":
-        """The frozen tensors of an in-memory model (adapter tensors of an injected model excluded)."""
+        """The frozen tensors of an in-memory model (adapter tensors of an injected model excluded).
+
+        A quantized model (bitsandbytes, torchao) reads as the dense model it computes: each quantized
+        projection's weight is dequantized to the compute dtype when the export asks for it (one at a
+        time), its quantization statistics are left out, and the config has no ``quantization_config``.
+        """
         from ..models.inject import adapter_parameters
+        from ..models.quantize import dense_state, plain_config
 
         adapter_keys = set(adapter_parameters(model)) if getattr(model, "loramix_adapter", None) else set()
-        state = {k: v for k, v in model.state_dict().items() if k not in adapter_keys}
-        return cls(model.config, list(state), lambda k: state[k].detach(), tokenizer=tokenizer,
+        state = {k: get for k, get in dense_state(model).items() if k not in adapter_keys}
+        return cls(plain_config(model.config), list(state), lambda k: state[k](), tokenizer=tokenizer,
                    generation_config=getattr(model, "generation_config", None))
 
 
@@ -240,23 +274,13 @@ class AdapterWeights:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> "AdapterWeights":
-        meta = read_adapter_config(folder)
-        path = Path(folder) / CONFIG_NAME
-        if meta.get("format") != FORMAT:
-            raise AdapterLoadError(f"{path}: not a loramix adapter (no \"format\": \"{FORMAT}\")")
-        family_name = meta.get("model_family")
-        if family_name not in FAMILIES:
-            raise AdapterLoadError(f"{path}: unknown model_family '{family_name}'")
-        try:
-            config = adapter_config_from_dict(meta.get("kind", ""), meta.get("config", {}), where=f"{path} 'config'")
-        except ConfigError as err:
-            raise AdapterLoadError(str(err)) from None
-        weights = Path(folder) / WEIGHTS_NAME
-        if not weights.is_file():
-            raise AdapterLoadError(f"{weights}: missing adapter weights")
-        handle = safe_open(str(weights), framework="pt")
-        return cls(config, FAMILIES[family_name], list(handle.keys()), handle.get_tensor,
-                   base_model=meta.get("base_model"), source=str(weights))
+        """Through the one adapter-folder reader (``folder.read_adapter_folder``): the same checks
+        (config vs tensor shapes, damaged files, ...) as ``load_adapter``, keys in loramix's names."""
+        from .folder import read_adapter_folder
+
+        adapter = read_adapter_folder(folder)
+        return cls(adapter.config, adapter.family, list(adapter.tensors), adapter.tensors.__getitem__,
+                   base_model=adapter.base_model, source=str(adapter.weights))
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "AdapterWeights":
@@ -690,13 +714,16 @@ def peft_factors(adapter: AdapterWeights) -> tuple[dict[str, tuple[torch.Tensor,
 
 
 # ====================================================================================== entry point
-def _resolve_base(name: str | None):
+def _resolve_base(name: str | None, quantization: str | None = None):
     """A ``BaseWeights`` for a base model name: a folder is streamed; the embedded model is converted
-    once to its cache folder; a Hub id is loaded into memory."""
+    once to its cache folder; a Hub id is loaded into memory. With ``quantization`` the base is loaded
+    quantized and read dequantized (the weights the adapter saw when it was trained on that base)."""
     from .. import hub
 
     if not name:
         raise ExportError("the adapter records no base model: give --model (a folder, a Hub id or smollm2-135m)")
+    if quantization is not None:
+        return BaseWeights.from_model(*_load_base_model(name, quantization))
     if name.lower() in hub.EMBEDDED_ALIASES:
         folder = hub.convert_embedded() if not (hub.cache_root() / hub.CACHE_SUBDIR / hub.MARKER).is_file() \
             else hub.cache_root() / hub.CACHE_SUBDIR
@@ -719,9 +746,11 @@ def _peft_base_name(name: str | None) -> str | None:
     return name
 
 
-def _load_base_model(name: str):
-    """(model, tokenizer or None) in fp32 on CPU; a local folder needs no tokenizer (tiny test models)."""
+def _load_base_model(name: str, quantization: str | None = None):
+    """(model, tokenizer or None) in fp32 on CPU (quantized with ``quantization``, computing in fp32); a local
+    folder needs no tokenizer (tiny test models)."""
     from .. import hub
+    from ..models.quantize import load_quantized
 
     path = Path(name).expanduser()
     if path.is_dir() and name.lower() not in hub.EMBEDDED_ALIASES:
@@ -729,20 +758,23 @@ def _load_base_model(name: str):
 
         if not (path / "config.json").is_file():
             raise ExportError(f"{path}: not a Hugging Face model folder (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        if quantization is not None:
+            model = load_quantized(str(path), quantization, dtype=torch.float32, device=torch.device("cpu")).eval()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         model.config._name_or_path = str(path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError):  # a folder without tokenizer files: export the weights only
             tokenizer = None
         return model, tokenizer
-    return hub.load_model(name, dtype="float32", device="cpu")
+    return hub.load_model(name, dtype="float32", device="cpu", quantization=quantization)
 
 
 def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.PathLike, *, format: str,
                    base: str | None = None, task: str | None = None, tokenizer=None,
                    dtype: torch.dtype | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, quantization: str | None = None) -> Path:
     """Export an adapter folder (or an injected in-memory model) in ``format``.
 
     Args:
@@ -754,6 +786,10 @@ def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.Pat
         task: MoRE adapters: the task to export (peft/merged).
         tokenizer: written beside an in-memory model's export (folder bases copy their own).
         dtype: output dtype for mixtral/merged (default: the base's).
+        quantization: the adapter was trained on a base quantized this way (nf4, int8, ...): load the base
+            so and merge into its dequantized weights, which reproduces the trained model to float
+            rounding (default: the full-precision base, which differs by the base's quantization
+            error). A quantized in-memory model is always read dequantized.
 
     Returns:
         The output folder.
@@ -773,7 +809,7 @@ def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.Pat
 
         if not base_name:
             raise ExportError(f"{adapter}: the adapter records no base model: give --model")
-        model, tok = _load_base_model(base_name)
+        model, tok = _load_base_model(base_name, quantization)
         load_adapter(model, adapter)
         return _export_model(model, out, format=format, task=task, tokenizer=tok, dtype=dtype,
                              max_shard_size=max_shard_size, progress=progress)
@@ -784,7 +820,7 @@ def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.Pat
         loras, mags = peft_factors(weights)
         return write_peft_adapter(out, loras, base_model_name_or_path=_peft_base_name(base_name), magnitudes=mags,
                                   fan_in_fan_out=weights.family.fan_in_fan_out)
-    base_weights = _resolve_base(base_name)
+    base_weights = _resolve_base(base_name, quantization)
     if format == "mixtral":
         return export_moe(base_weights, weights, out, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
     return export_merged_streaming(base_weights, weights, out, dtype=dtype, max_shard_size=max_shard_size,
@@ -837,5 +873,5 @@ def save_plain(model: nn.Module, out: Path, *, tokenizer=None, dtype: torch.dtyp
 __all__ = [
     "DEFAULT_MAX_SHARD_SIZE", "FORMATS", "SIBLINGS", "AdapterWeights", "BaseWeights", "ExportError", "MoeSibling",
     "ShardWriter", "export_adapter", "export_merged_streaming", "export_moe", "merged_weight", "moe_config",
-    "peft_factors", "supported_moe_families", "write_peft_adapter",
+    "peft_adapter_files", "peft_factors", "supported_moe_families", "write_peft_adapter",
 ]

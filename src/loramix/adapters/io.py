@@ -1,9 +1,19 @@
-"""Save and load loramix adapters: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""Save and load loramix adapters.
 
-The safetensors file holds only adapter tensors, keyed by their state-dict path in the base model
-(``model.layers.3.mlp.experts.lora_A.gate_proj``). The JSON holds everything needed to rebuild the
-modules. Loading never unpickles; the authors' MixLoRA format (pickled ``adapter_model.bin``) is
-read by ``authors.py`` with ``torch.load(weights_only=True)``.
+``save_adapter`` writes what ``folder.py`` reads (its docstring has the layouts):
+
+- plain LoRA / rsLoRA / DoRA: a standard PEFT LoRA folder (``adapter_config.json`` in PEFT's schema,
+  ``adapter_model.safetensors`` with PEFT's key names, raw ``B`` and ``lora_alpha``/``use_rslora``
+  so PEFT computes the same scale) that ``peft.PeftModel.from_pretrained`` and lm-eval's ``peft=``
+  load as is, plus ``loramix_config.json`` with loramix's own settings (kind, config, extra). The
+  settings live in their own file because PEFT warns about every key of ``adapter_config.json`` it
+  does not know ("upgrade PEFT"), which would be wrong advice.
+- MixLoRA / MoRE: loramix's settings in ``adapter_config.json`` with a ``peft_type`` that makes
+  PEFT-aware tools stop with a message saying what the folder is and how to convert it; tensors
+  keyed by their state-dict path in the base model (``model.layers.3.mlp.experts.lora_A.gate_proj``).
+
+Loading never unpickles; the authors' MixLoRA format (pickled ``adapter_model.bin``) is read by
+``authors.py`` with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -15,23 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from .. import __version__
-from ..config import ConfigError, adapter_config_from_dict
+from ..config import LoraConfig
 from ..models.inject import adapter_parameters, adapter_state, inject, unload
-from ..models.registry import family_of
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT = "loramix-adapter"
-FORMAT_VERSION = 1
-
-
-class AdapterLoadError(ValueError):
-    """An adapter folder cannot be loaded into this model; the message names the file and key."""
+from .folder import (
+    CONFIG_NAME, FORMAT, FORMAT_VERSION, NOT_PEFT, SIDECAR_NAME, WEIGHTS_NAME, AdapterLoadError, read_adapter_config,
+    read_adapter_folder, read_safetensors,
+)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -52,52 +55,55 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, A
 
     Args:
         model: an injected model.
-        folder: destination; ``adapter_config.json`` and ``adapter_model.safetensors`` are replaced atomically.
+        folder: destination; every file is replaced atomically, the weights first, the config last.
         extra: optional JSON-able metadata stored under ``"extra"`` (e.g. task names).
+
+    Example:
+        >>> save_adapter(lora_model, "out/adapter")       # a PEFT folder: PeftModel.from_pretrained(base, "out/adapter")
     """
     state = adapter_state(model)
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_parameters(model).items()}
+    base_model = getattr(model.config, "_name_or_path", None) or None
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "loramix_version": __version__,
         "kind": state.config.kind,
         "config": state.config.to_dict(),
-        "base_model": getattr(model.config, "_name_or_path", None) or None,
+        "base_model": base_model,
         "model_family": state.family.name,
         "hidden_size": getattr(model.config, "hidden_size", None),
         "num_layers": getattr(model.config, "num_hidden_layers", None),
         "extra": extra or {},
     }
+    if isinstance(state.config, LoraConfig):
+        peft_tensors, peft_config = _peft_files(tensors, state.config, state.family.fan_in_fan_out, base_model)
+        _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(peft_tensors, p, metadata={"format": "pt"}))
+        _atomic_write(out / SIDECAR_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+        _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(peft_config, indent=2) + "\n"))
+        return out
+    meta = {"peft_type": NOT_PEFT[state.config.kind], "base_model_name_or_path": base_model, **meta}
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    (out / SIDECAR_NAME).unlink(missing_ok=True)  # left by a LoRA adapter saved here before
     return out
 
 
-def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """Parse ``folder/adapter_config.json`` with errors that name the file."""
-    path = Path(folder) / CONFIG_NAME
-    if not Path(folder).is_dir():
-        raise AdapterLoadError(f"{folder}: no such adapter folder")
-    if not path.is_file():
-        raise AdapterLoadError(f"{path}: missing (an adapter folder holds {CONFIG_NAME} and the weights)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise AdapterLoadError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+def _peft_files(tensors: dict[str, torch.Tensor], config: LoraConfig, fan_in_fan_out: bool,
+                base_model: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A plain LoRA/DoRA adapter's tensors (loramix keys) as PEFT's files, through the PEFT writer of
+    ``export.py``: raw ``B`` with PEFT's ``lora_alpha``/``use_rslora``, so PEFT's scale is loramix's."""
+    from .export import peft_adapter_files
 
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Load every tensor of a safetensors file; a damaged file raises ``AdapterLoadError`` naming it."""
-    if not path.is_file():
-        raise AdapterLoadError(f"{path}: missing adapter weights")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise AdapterLoadError(f"{path}: not a readable safetensors file ({err})") from None
+    modules = sorted(k[: -len(".lora_A")] for k in tensors if k.endswith(".lora_A"))
+    loras = {m: (tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"]) for m in modules}
+    magnitudes = {m: tensors[f"{m}.lora_magnitude"] for m in modules} if config.use_dora else None
+    return peft_adapter_files(loras, base_model_name_or_path=base_model, magnitudes=magnitudes,
+                              fan_in_fan_out=fan_in_fan_out, lora_alpha=config.alpha, use_rslora=config.use_rslora,
+                              lora_dropout=config.dropout,
+                              init_lora_weights="gaussian" if config.init == "gaussian" else True)
 
 
 def copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -126,40 +132,29 @@ def copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sou
 def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     """Inject the adapter saved in ``folder`` into a fresh base model and load its weights.
 
-    Reads loramix folders and the authors' MixLoRA folders (``peft_type: MIXLORA``).
+    Reads every layout of ``folder.py``: loramix folders (this version's and format 1), PEFT LoRA/DoRA
+    folders and the authors' MixLoRA folders (``peft_type: MIXLORA``), with all of its checks. A base
+    model of the same shapes but another name than the adapter records loads with a warning.
     On any error the model is left without an adapter.
 
     Returns:
         The model (same object), adapter parameters trainable.
     """
-    meta = read_adapter_config(folder)
-    config_path = Path(folder) / CONFIG_NAME
-    if meta.get("peft_type") == "MIXLORA":
-        from .authors import load_authors_adapter
+    adapter = read_adapter_folder(folder, model)
+    inject(model, adapter.config)
+    try:
+        tensors = adapter.tensors
+        if adapter.layout == "authors":
+            from .authors import finish_authors_load
 
-        return load_authors_adapter(model, folder, meta)
-    if meta.get("format") != FORMAT:
-        raise AdapterLoadError(f"{config_path}: not a loramix adapter (no \"format\": \"{FORMAT}\")")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise AdapterLoadError(f"{config_path}: format_version {meta['format_version']} is newer than this loramix reads")
-    family = family_of(model)
-    if meta.get("model_family") != family.name:
-        raise AdapterLoadError(
-            f"{config_path}: adapter was saved for model family '{meta.get('model_family')}', "
-            f"but this model is '{family.name}'"
-        )
-    for key in ("kind", "config"):
-        if key not in meta:
-            raise AdapterLoadError(f"{config_path}: missing key '{key}'")
-    try:
-        config = adapter_config_from_dict(meta["kind"], meta["config"], where=f"{config_path} 'config'")
-    except ConfigError as err:
-        raise AdapterLoadError(str(err)) from None
-    tensors = read_safetensors(Path(folder) / WEIGHTS_NAME)
-    inject(model, config)
-    try:
-        copy_adapter_tensors(model, tensors, str(Path(folder) / WEIGHTS_NAME))
+            finish_authors_load(model, adapter)
+        else:
+            copy_adapter_tensors(model, tensors, str(adapter.weights))
     except BaseException:
         unload(model)
         raise
     return model
+
+
+__all__ = ["AdapterLoadError", "copy_adapter_tensors", "load_adapter", "read_adapter_config", "read_safetensors",
+           "save_adapter"]

@@ -1,0 +1,484 @@
+"""The one reader of an adapter folder: config + tensors, with every check, for every caller.
+
+``load_adapter``, ``load_many`` (through it), the training checkpoints and the exports all read an
+adapter folder here, so a folder that one of them refuses is refused by all of them with the same
+message. Four layouts are read::
+
+    loramix LoRA/DoRA/rsLoRA   adapter_config.json          PEFT's LoraConfig ("peft_type": "LORA")
+    (format_version 2)         adapter_model.safetensors    PEFT keys: base_model.model.<path>.lora_A.weight
+                               loramix_config.json          loramix's own settings (kind, config, extra, ...)
+    loramix MixLoRA / MoRE     adapter_config.json          loramix's settings + a "peft_type" that makes
+    (format_version 2)                                      PEFT-aware tools stop with a message (see below)
+                               adapter_model.safetensors    loramix keys: <path>.experts.lora_A.gate_proj ...
+    loramix, format_version 1  adapter_config.json          loramix's settings (no peft_type)
+                               adapter_model.safetensors    loramix keys
+    the MixLoRA authors'       adapter_config.json          "peft_type": "MIXLORA"  (see authors.py)
+                               adapter_model.bin            read with torch.load(weights_only=True)
+
+A PEFT LoRA folder written by another tool (no ``loramix_config.json``) is read too when loramix's
+``LoraConfig`` can express it (one rank and alpha for all modules).
+
+Checks, each failing with ``AdapterLoadError`` naming the folder, file and key and saying what to do:
+a run folder given instead of its ``adapter/``; a missing, non-UTF-8 or invalid JSON config; a
+missing, truncated or damaged weights file; config values that do not fit the tensors (every
+tensor's rank, expert and task dimension against the config; in/out features consistent between
+the tensors of one module); and, given a model, its shapes against the adapter's (a base of another
+shape fails with one message naming both bases). A base of the same shape but another name than the
+one recorded loads with a warning naming both.
+
+Why the MixLoRA/MoRE ``peft_type`` values read like sentences: PEFT (0.21) and lm-eval's ``peft=``
+look the value up in PEFT's table of adapter types, and an unknown one ends in
+``KeyError: '<the value>'``; the value is the message the user sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig, adapter_config_from_dict
+from ..models.registry import FAMILIES, ModelFamily, family_of
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+SIDECAR_NAME = "loramix_config.json"
+FORMAT = "loramix-adapter"
+FORMAT_VERSION = 2
+PEFT_PREFIX = "base_model.model."
+# What PEFT-aware tools print for a loramix adapter that is not a PEFT adapter (see the module docstring).
+NOT_PEFT = {
+    "mixlora": "LORAMIX_MIXLORA (a loramix MixLoRA adapter, not a PEFT one: load it with loramix.load_adapter, "
+               "or convert it with `loramix export ADAPTER --format mixtral --out DIR` and load DIR as a model)",
+    "more": "LORAMIX_MORE (a loramix MoRE adapter, not a PEFT one: load it with loramix.load_adapter, or write "
+            "one task as a PEFT LoRA with `loramix export ADAPTER --format peft --task NAME --out DIR`)",
+}
+
+
+class AdapterLoadError(ValueError):
+    """An adapter folder cannot be loaded into this model; the message names the file and key."""
+
+
+@dataclass
+class AdapterFolder:
+    """A checked adapter folder.
+
+    Attributes:
+        path: the folder.
+        layout: 'loramix' (format 2), 'loramix-v1', 'peft' (a PEFT LoRA without loramix settings) or 'authors'.
+        config: the ``LoraConfig`` / ``MixLoraConfig`` / ``MoreConfig`` that rebuilds the modules.
+        family: the model family the adapter is for.
+        tensors: loramix state-dict key (``model.layers.0.self_attn.q_proj.lora_A``) → tensor, on CPU.
+            The authors' format never saved DoRA magnitudes: they are absent here (see ``authors.py``).
+        meta: the settings as ``read_adapter_config`` returns them (``kind``, ``base_model``, ``extra``, ...).
+        weights: the weights file.
+        module_shapes: base module path → (out, in) features, as the tensors say.
+    """
+
+    path: Path
+    layout: str
+    config: LoraConfig | MixLoraConfig | MoreConfig
+    family: ModelFamily
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    weights: Path
+    module_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def base_model(self) -> str | None:
+        return self.meta.get("base_model") or self.meta.get("base_model_name_or_path") or None
+
+
+# ====================================================================================== config files
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; non-UTF-8 bytes, bad JSON or a non-object name the file."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise AdapterLoadError(f"{path}: not UTF-8 text (byte {err.start}); an adapter config is a UTF-8 JSON file: "
+                               "rewrite it or save the adapter again") from None
+    except OSError as err:
+        raise AdapterLoadError(f"{path}: cannot be read ({err.strerror})") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise AdapterLoadError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    if not isinstance(value, dict):
+        raise AdapterLoadError(f"{path}: expected a JSON object of settings, found {type(value).__name__}")
+    return value
+
+
+def _run_folder_hint(folder: Path) -> str | None:
+    """Where the adapter is, when ``folder`` is a training run or checkpoint folder, else None."""
+    if (folder / "adapter" / CONFIG_NAME).is_file():
+        return f"it looks like a training run or checkpoint folder: its adapter is {folder / 'adapter'}"
+    if (folder / "checkpoints").is_dir():
+        latest = sorted((p for p in (folder / "checkpoints").glob("step-*/adapter") if (p / CONFIG_NAME).is_file()),
+                        key=lambda p: int(p.parent.name.removeprefix("step-") or -1)
+                        if p.parent.name.removeprefix("step-").isdigit() else -1)
+        where = f"; the newest checkpoint's adapter is {latest[-1]}" if latest else ""
+        return f"it looks like a training run folder without a final adapter/ (the run did not finish?){where}"
+    return None
+
+
+def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The adapter's settings in loramix's terms, whatever the layout of ``folder``.
+
+    Returns:
+        The ``adapter_config.json`` object merged with ``loramix_config.json`` when present, so that
+        ``kind``, ``config``, ``base_model``, ``model_family`` and ``extra`` are there for loramix
+        folders of every format version; PEFT folders keep PEFT's keys (``kind`` is "lora").
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        if folder.is_file():
+            raise AdapterLoadError(f"{folder}: a file, not an adapter folder (give the folder that holds {CONFIG_NAME})")
+        raise AdapterLoadError(f"{folder}: no such adapter folder")
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        hint = _run_folder_hint(folder)
+        if hint:
+            raise AdapterLoadError(f"{folder}: not an adapter folder; {hint}")
+        raise AdapterLoadError(f"{path}: missing (an adapter folder holds {CONFIG_NAME} and the weights)")
+    meta = read_json(path)
+    if meta.get("peft_type") == "LORA" and meta.get("format") != FORMAT:
+        sidecar = folder / SIDECAR_NAME
+        if sidecar.is_file():
+            meta = {**meta, **read_json(sidecar)}
+        else:
+            meta = {**meta, "kind": "lora", "base_model": meta.get("base_model_name_or_path")}
+    elif meta.get("peft_type") == "MIXLORA" and meta.get("format") != FORMAT:
+        meta = {**meta, "kind": "mixlora", "base_model": meta.get("base_model_name_or_path")}
+    return meta
+
+
+# ====================================================================================== tensors
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load every tensor of a safetensors file; a damaged file raises ``AdapterLoadError`` naming it."""
+    if not path.is_file():
+        raise AdapterLoadError(f"{path}: missing adapter weights")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise AdapterLoadError(f"{path}: not a readable safetensors file ({err}); the file is damaged or was cut "
+                               "short (a full disk?): save the adapter again or use a checkpoint's adapter/") from None
+
+
+_PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?:lora_(?P<ab>[AB])\.weight|(?P<m>lora_magnitude_vector))$")
+
+
+def peft_to_loramix_keys(tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """PEFT LoRA keys (``base_model.model.<path>.lora_A.weight``, ``...lora_magnitude_vector``) →
+    loramix keys (``<path>.lora_A``, ``<path>.lora_magnitude``); anything else is named and refused."""
+    out = {}
+    for key, tensor in tensors.items():
+        m = _PEFT_KEY.match(key)
+        if m is None:
+            raise AdapterLoadError(
+                f"{where}: '{key}' is not a LoRA tensor loramix can load (loramix reads lora_A, lora_B and DoRA's "
+                "lora_magnitude_vector; biases, embeddings and modules_to_save are not supported): load it with peft")
+        out[f"{m['module']}.lora_{m['ab']}" if m["ab"] else f"{m['module']}.lora_magnitude"] = tensor
+    return out
+
+
+# ====================================================================================== shape checks
+# key pattern → (module group, role). Shapes by role, with R/E/T/K from the config and out/in from the base:
+#   A (R, in)  B (out, R)  M (out,)  eA (E, r, in)  eB (E, out, r)  eM (E, out)  router (E, hidden)
+#   task_embedding (T, in)  gate_w (K, in)  gate_b (K,)
+_ROLES = [
+    (re.compile(r"^(?P<m>.+)\.experts\.lora_A\.(?P<p>\w+)$"), "eA"),
+    (re.compile(r"^(?P<m>.+)\.experts\.lora_B\.(?P<p>\w+)$"), "eB"),
+    (re.compile(r"^(?P<m>.+)\.experts\.lora_magnitude\.(?P<p>\w+)$"), "eM"),
+    (re.compile(r"^(?P<m>.+)\.router\.weight$"), "router"),
+    (re.compile(r"^(?P<m>.+)\.selector\.task_embedding$"), "task_embedding"),
+    (re.compile(r"^(?P<m>.+)\.selector\.gate\.weight$"), "gate_w"),
+    (re.compile(r"^(?P<m>.+)\.selector\.gate\.bias$"), "gate_b"),
+    (re.compile(r"^(?P<m>.+)\.lora_A$"), "A"),
+    (re.compile(r"^(?P<m>.+)\.lora_B$"), "B"),
+    (re.compile(r"^(?P<m>.+)\.lora_magnitude$"), "M"),
+]
+
+
+def _config_dims(config, family: ModelFamily, module: str) -> dict[str, tuple[str, int]]:
+    """The config's sizes that a tensor of ``module`` must show: symbol → (config key, value)."""
+    if isinstance(config, MoreConfig):
+        return {"R": ("max_rank", config.max_rank), "T": ("tasks", len(config.tasks or [])),
+                "K": ("ranks", len(config.rank_set))}
+    if isinstance(config, MixLoraConfig):
+        attention = module.rsplit(".", 1)[0].endswith(f".{family.attention}")
+        r_key = "attention_r" if attention and config.attention_r is not None else "r"
+        return {"R": (r_key, config.attention_lora().r), "r": ("r", config.r), "E": ("num_experts", config.num_experts)}
+    return {"R": ("r", config.r)}
+
+
+def _expected(role: str, dims: dict[str, tuple[str, int]]) -> tuple[list[str | None], list[str]]:
+    """Per dimension of a tensor of ``role``: the config symbol it must equal (None: a base feature
+    size), and the base feature each other dimension measures ('out', 'in', 'hidden')."""
+    return {
+        "A": (["R", None], ["", "in"]), "B": ([None, "R"], ["out", ""]), "M": ([None], ["out"]),
+        "eA": (["E", "r", None], ["", "", "in"]), "eB": (["E", None, "r"], ["", "out", ""]),
+        "eM": (["E", None], ["", "out"]), "router": (["E", None], ["", "hidden"]),
+        "task_embedding": (["T", None], ["", "in"]), "gate_w": (["K", None], ["", "in"]), "gate_b": (["K"], [""]),
+    }[role]
+
+
+def check_tensor_shapes(config, family: ModelFamily, tensors: dict[str, torch.Tensor], *, weights: Path,
+                        config_file: Path) -> dict[str, tuple[int, int]]:
+    """Every tensor's config-given dimensions (rank, experts, tasks) against ``config``, and the base
+    feature sizes (out, in) of each module consistent across its tensors.
+
+    Returns:
+        Base module path (e.g. ``model.layers.0.mlp.gate_proj``) → (out, in) features, plus
+        ``"<ffn path>"`` → (0, hidden) for MixLoRA routers.
+
+    Raises:
+        AdapterLoadError: naming the tensor, its shape, the config key and value it contradicts.
+    """
+    seen: dict[tuple[str, str], tuple[int, str]] = {}  # (base module, 'out'/'in') → (size, key that set it)
+    for key, tensor in tensors.items():
+        for pattern, role in _ROLES:
+            m = pattern.match(key)
+            if m:
+                break
+        else:
+            raise AdapterLoadError(f"{weights}: '{key}' is not a tensor of a loramix adapter (unexpected key)")
+        module = m["m"]
+        dims = _config_dims(config, family, module)
+        symbols, features = _expected(role, dims)
+        if tensor.dim() != len(symbols):
+            raise AdapterLoadError(f"{weights}: '{key}' has shape {tuple(tensor.shape)}, but a {role.lstrip('e')} "
+                                   f"tensor of this adapter has {len(symbols)} dimension(s)")
+        for axis, (symbol, feature) in enumerate(zip(symbols, features)):
+            size = int(tensor.shape[axis])
+            if symbol is not None:
+                name, value = dims.get(symbol, (symbol, -1))
+                if size != value:
+                    raise AdapterLoadError(
+                        f"{weights}: '{key}' has shape {tuple(tensor.shape)}, but {config_file.name} says "
+                        f"{name} = {value if name != 'tasks' else config.tasks} (dimension {axis} should be {value}): "
+                        "the settings and the weights do not belong together; fix the config or save the adapter again")
+                continue
+            base = f"{module}.{m['p']}" if role in ("eA", "eB", "eM") else module
+            slot = (base, "in") if feature == "hidden" else (base, feature)
+            if slot in seen and seen[slot][0] != size:
+                raise AdapterLoadError(
+                    f"{weights}: '{key}' has shape {tuple(tensor.shape)}, but '{seen[slot][1]}' says {base} has "
+                    f"{seen[slot][0]} {feature} features: the tensors of one module disagree (a damaged adapter)")
+            seen.setdefault(slot, (size, key))
+    shapes: dict[str, tuple[int, int]] = {}
+    for (base, feature), (size, _) in seen.items():
+        out, inp = shapes.get(base, (0, 0))
+        shapes[base] = (size, inp) if feature == "out" else (out, size)
+    return shapes
+
+
+def _layer_count(shapes: dict[str, tuple[int, int]], family: ModelFamily) -> int:
+    """1 + the highest decoder-layer index among the adapted modules (0 if none)."""
+    prefix = family.layers + "."
+    indices = [int(p[len(prefix):].split(".", 1)[0]) for p in shapes
+               if p.startswith(prefix) and p[len(prefix):].split(".", 1)[0].isdigit()]
+    return max(indices) + 1 if indices else 0
+
+
+# ====================================================================================== the model given
+def _canonical_base(name: str | None) -> str | None:
+    """A base model name as comparable text: the embedded model's aliases and cache folder → its name,
+    a path → its resolved path."""
+    if not name:
+        return None
+    from .. import hub
+
+    if name.lower() in hub.EMBEDDED_ALIASES:
+        return hub.EMBEDDED_NAME
+    path = Path(name).expanduser()
+    if path.exists():
+        resolved = path.resolve()
+        embedded = (hub.cache_root() / hub.CACHE_SUBDIR).resolve()
+        return hub.EMBEDDED_NAME if resolved == embedded else str(resolved)
+    return name
+
+
+def _describe(hidden: int | None, layers: int | None) -> str:
+    parts = ([f"hidden size {hidden}"] if hidden else []) + ([f"{layers} layers"] if layers else [])
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def check_base(model: nn.Module, adapter: AdapterFolder) -> None:
+    """The model's shapes against the adapter's: another shape fails once, naming both bases; the same
+    shape under another name than the recorded base warns, naming both."""
+    recorded = adapter.base_model
+    given = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    hidden = adapter.meta.get("hidden_size")
+    layers = adapter.meta.get("num_layers") or _layer_count(adapter.module_shapes, adapter.family)
+    problem = None
+    model_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if adapter.layout != "peft" and model_layers is not None and layers and model_layers != layers:
+        problem = f"the adapter has {layers} layers, the model {model_layers}"
+    model_hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if problem is None and hidden and model_hidden and hidden != model_hidden:
+        problem = f"the adapter's hidden size is {hidden}, the model's {model_hidden}"
+    # Another base differs in the same projection of every layer; a damaged file in a few modules,
+    # which the key-by-key check after injection names instead.
+    layer_prefix = re.compile(rf"^{re.escape(adapter.family.layers)}\.(\d+)\.")
+    checked: dict[str, set[str]] = {}  # projection without layer index → layers checked
+    differs: dict[str, tuple[set[str], str]] = {}  # ... → (layers that differ, first description)
+    for path, (out, inp) in adapter.module_shapes.items() if problem is None else ():
+        if out == 0:  # a MixLoRA router's entry: (0, hidden) of the FFN block
+            continue
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue  # a key the model has no place for: named by the key check after injection
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.dim() != 2:
+            continue
+        m = layer_prefix.match(path)
+        name, layer = (path[m.end():], m[1]) if m else (path, "")
+        checked.setdefault(name, set()).add(layer)
+        have = tuple(weight.shape[::-1]) if adapter.family.fan_in_fan_out else tuple(weight.shape)
+        if have != (out, inp):
+            text = f"'{path}' is (out, in) = {have} in the model, {(out, inp)} in the adapter"
+            differs.setdefault(name, (set(), text))[0].add(layer)
+    for name, (layers_differ, text) in differs.items():
+        if layers_differ == checked[name]:
+            problem = text
+            break
+    if problem is not None:
+        raise AdapterLoadError(
+            f"{adapter.path}: this adapter was trained on base model '{recorded or 'not recorded'}'"
+            f"{_describe(hidden, layers)}, but the model given ('{given or 'unnamed'}'{_describe(model_hidden, model_layers)}) "
+            f"has other shapes: {problem}. Load the adapter onto '{recorded or 'its base model'}'.")
+    if _canonical_base(recorded) and _canonical_base(given) and _canonical_base(recorded) != _canonical_base(given):
+        warnings.warn(
+            f"{adapter.path}: adapter trained on base model '{recorded}' is being loaded onto '{given}'; the shapes "
+            "match, so it loads, but unless these are the same weights its outputs are not what was trained",
+            UserWarning, stacklevel=3)
+
+
+# ====================================================================================== the reader
+def _lora_config_from_peft(meta: dict[str, Any], family: ModelFamily, shapes_keys: list[str], where: Path) -> LoraConfig:
+    """A ``LoraConfig`` for a PEFT LoRA folder without loramix settings (written by another tool)."""
+    if meta.get("rank_pattern") or meta.get("alpha_pattern"):
+        raise AdapterLoadError(f"{where}: per-module ranks (rank_pattern/alpha_pattern) are not a loramix LoRA; "
+                               "load this adapter with peft (PeftModel.from_pretrained)")
+    for key, ok in (("bias", meta.get("bias", "none") == "none"), ("modules_to_save", not meta.get("modules_to_save")),
+                    ("fan_in_fan_out", bool(meta.get("fan_in_fan_out", False)) == family.fan_in_fan_out)):
+        if not ok:
+            raise AdapterLoadError(f"{where}: '{key}' = {meta.get(key)!r} is not supported by loramix's LoRA; "
+                                   "load this adapter with peft")
+    # Targets: the (block, projection) pairs that hold tensors, written block-qualified when ambiguous.
+    pairs = sorted({tuple(k.rsplit(".", 3)[1:3]) for k in shapes_keys})
+    names = [p for _, p in pairs]
+    targets = sorted({p if names.count(p) == 1 else f"{b}.{p}" for b, p in pairs})
+    init = meta.get("init_lora_weights", True)
+    try:
+        return LoraConfig(r=int(meta["r"]), alpha=meta["lora_alpha"], dropout=float(meta.get("lora_dropout", 0.0)),
+                          targets=targets, use_rslora=bool(meta.get("use_rslora", False)),
+                          use_dora=bool(meta.get("use_dora", False)), init="gaussian" if init == "gaussian" else "kaiming")
+    except ConfigError as err:
+        raise AdapterLoadError(f"{where}: {err}") from None
+
+
+def read_adapter_folder(folder: str | os.PathLike, model: nn.Module | None = None) -> AdapterFolder:
+    """Read and check an adapter folder (any layout of the module docstring).
+
+    Args:
+        folder: the adapter folder.
+        model: the base model it is for, if known: its family is used where the folder records none
+            (PEFT and the authors' folders), and its shapes are checked (``check_base``).
+
+    Returns:
+        An ``AdapterFolder`` whose tensors carry loramix keys.
+
+    Raises:
+        AdapterLoadError: the message names the folder, file and key and says what to do.
+    """
+    folder = Path(folder)
+    meta = read_adapter_config(folder)
+    config_file = folder / CONFIG_NAME
+    family = family_of(model) if model is not None else None
+    if meta.get("peft_type") == "MIXLORA" and meta.get("format") != FORMAT:
+        from .authors import read_authors_folder
+
+        if family is None:
+            raise AdapterLoadError(f"{config_file}: the MixLoRA authors' format names no model family; "
+                                   "give the base model (loramix.load_adapter(model, folder))")
+        layout, config, tensors, weights = "authors", *read_authors_folder(folder, meta, family)
+    elif meta.get("format") == FORMAT:  # loramix's settings (in adapter_config.json, or beside a PEFT config)
+        version = meta.get("format_version", 1)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise AdapterLoadError(f"{config_file}: format_version {version!r} is newer than this loramix reads "
+                                   "(upgrade loramix)")
+        for key in ("kind", "config") if meta.get("format") == FORMAT else ():
+            if key not in meta:
+                raise AdapterLoadError(f"{config_file}: missing key '{key}'")
+        where = folder / SIDECAR_NAME if meta.get("peft_type") == "LORA" else config_file
+        recorded_family = meta.get("model_family")
+        if recorded_family not in FAMILIES:
+            raise AdapterLoadError(f"{where}: unknown model_family {recorded_family!r} "
+                                   f"(known: {', '.join(sorted(FAMILIES))})")
+        if family is not None and family.name != recorded_family:
+            raise AdapterLoadError(f"{where}: adapter was saved for model family '{recorded_family}', "
+                                   f"but this model is '{family.name}'")
+        family = FAMILIES[recorded_family]
+        try:
+            config = adapter_config_from_dict(meta["kind"], meta["config"], where=f"{where} 'config'")
+        except ConfigError as err:
+            raise AdapterLoadError(str(err)) from None
+        weights = folder / WEIGHTS_NAME
+        tensors = read_safetensors(weights)
+        if meta.get("peft_type") == "LORA":
+            _check_peft_agrees(meta, config, config_file, where)
+            tensors = peft_to_loramix_keys(tensors, str(weights))
+            layout = "loramix"
+        else:
+            layout = "loramix" if version >= 2 else "loramix-v1"
+    elif meta.get("peft_type") == "LORA":
+        if family is None:
+            raise AdapterLoadError(f"{config_file}: a PEFT LoRA folder without {SIDECAR_NAME} records no model family; "
+                                   "give the base model (loramix.load_adapter(model, folder))")
+        for key in ("r", "lora_alpha"):
+            if not isinstance(meta.get(key), (int, float)) or isinstance(meta.get(key), bool):
+                raise AdapterLoadError(f"{config_file}: '{key}' is missing or not a number")
+        weights = folder / WEIGHTS_NAME
+        tensors = peft_to_loramix_keys(read_safetensors(weights), str(weights))
+        config = _lora_config_from_peft(meta, family, list(tensors), config_file)
+        layout = "peft"
+    elif "peft_type" in meta:
+        raise AdapterLoadError(f"{config_file}: a PEFT '{meta['peft_type']}' adapter; loramix reads LoRA/DoRA PEFT "
+                               "adapters only: load it with peft (PeftModel.from_pretrained)")
+    else:
+        raise AdapterLoadError(f"{config_file}: not a loramix adapter (no \"format\": \"{FORMAT}\" and no \"peft_type\")")
+    shapes = check_tensor_shapes(config, family, tensors, weights=weights, config_file=config_file)
+    adapter = AdapterFolder(path=folder, layout=layout, config=config, family=family, tensors=tensors, meta=meta,
+                            weights=weights, module_shapes=shapes)
+    if model is not None:
+        check_base(model, adapter)
+    return adapter
+
+
+def _check_peft_agrees(meta: dict[str, Any], config: LoraConfig, config_file: Path, sidecar: Path) -> None:
+    """PEFT's fields of a loramix LoRA folder must say what loramix's settings say (both are read:
+    PEFT by other tools, loramix's by loramix)."""
+    pairs = (("r", "r"), ("lora_alpha", "alpha"), ("use_dora", "use_dora"), ("use_rslora", "use_rslora"))
+    for peft_key, ours in pairs:
+        if meta.get(peft_key) != getattr(config, ours):
+            raise AdapterLoadError(
+                f"{config_file}: '{peft_key}' is {meta.get(peft_key)!r} but {sidecar.name} says {ours} = "
+                f"{getattr(config, ours)!r}: the two settings files disagree; save the adapter again")
+
+
+__all__ = [
+    "CONFIG_NAME", "FORMAT", "FORMAT_VERSION", "NOT_PEFT", "SIDECAR_NAME", "WEIGHTS_NAME", "AdapterFolder",
+    "AdapterLoadError", "check_base", "check_tensor_shapes", "peft_to_loramix_keys",
+    "read_adapter_config", "read_adapter_folder", "read_json", "read_safetensors",
+]
