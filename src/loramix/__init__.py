@@ -26,3 +26,18 @@ from .adapters.more_tasks import export_task_peft, merge_task, use_task  # noqa:
 from .models.multi import adapter_rows, inject_many, only_adapter  # noqa: E402
 
 __all__ += ["MoreConfig", "export_task_peft", "merge_task", "use_task", "adapter_rows", "inject_many", "only_adapter"]
+
+# Submodules reachable as attributes after a plain ``import loramix`` (``loramix.hub.load_model(...)``),
+# imported on first use so that ``import loramix`` stays light.
+_LAZY_SUBMODULES = (
+    "adapters", "bench", "cli", "config", "data", "evaluate", "generate", "hub", "integrations", "models",
+    "modules", "report", "serve_multi", "train",
+)
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,6 +12,13 @@ r"""LoRA on one frozen linear projection (LoRA, rsLoRA, DoRA).
 The wrapper owns the frozen ``weight``/``bias`` Parameters of the module it replaces, so the base
 model's state-dict keys do not change (``...q_proj.weight`` stays ``...q_proj.weight``) and the
 adapter tensors sit beside them as ``lora_A``, ``lora_B`` and ``lora_magnitude``.
+
+Precision: the adapter tensors are fp32 next to a half-precision base (``quantized.adapter_dtype``).
+In the forward the LoRA branch runs in the dtype of the frozen output ``W x + b``: under
+``torch.autocast`` that is the autocast dtype (``F.linear`` is on autocast's lower-precision list), on a
+bf16 base without autocast bf16, else fp32. ``A`` and ``B`` are cast to it (their gradients arrive in
+fp32 through the cast), and the output has that dtype, as the replaced ``nn.Linear`` would return. The
+DoRA norm ``||W + s B A||`` is computed in fp32 and cast.
 """
 
 from __future__ import annotations
@@ -109,10 +116,15 @@ def lora_input(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float
 
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fan_in_fan_out: bool) -> torch.Tensor:
-    """``x Wᵀ + b`` for an nn.Linear weight (out, in), or ``x W + b`` for a Conv1D weight (in, out)."""
+    """``x Wᵀ + b`` for an nn.Linear weight (out, in), or ``x W + b`` for a Conv1D weight (in, out).
+
+    The Conv1D case is ``addmm`` as in transformers' ``Conv1D``: the same numbers, and under autocast
+    the same output dtype (``x @ W + b`` would promote the bf16 product to fp32 with an fp32 bias).
+    """
     if fan_in_fan_out:
-        out = x @ weight
-        return out + bias if bias is not None else out
+        if bias is None:
+            return x @ weight
+        return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[-1])
     return F.linear(x, weight, bias)
 
 
@@ -181,18 +193,21 @@ class LoraLinear(nn.Module):
 
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """Adapted output given the frozen output ``base_out = W x + b`` (both (..., in/out))."""
-        # Cast the small adapter matrices to the activation dtype, never the activations to fp32.
-        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        # Everything runs in the dtype of the frozen output (see "Precision" above): the small adapter
+        # matrices are cast to it, never the activations to fp32. Under autocast x may be fp32 while
+        # base_out is bf16; the matmul would cast x anyway, so casting once first changes nothing.
+        compute = base_out.dtype
+        A, B = self.lora_A.to(compute), self.lora_B.to(compute)
         # The scale goes on the rank-r intermediate, not on the (..., out) product.
-        x_in, factor = lora_input(self.dropout, x)
+        x_in, factor = lora_input(self.dropout, x.to(compute))
         low = (x_in @ A.t()) * (self.scale * factor)
         if not self.use_dora:
             # base_out + low Bᵀ as one fused matmul-add: no extra pass over the (..., out) output.
             out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), low.reshape(-1, low.shape[-1]), B.t())
             return out.view(base_out.shape)
-        lora = low @ B.t()
-        bias = self.bias if self.bias is not None else 0
-        factor = (self.lora_magnitude / self.weight_norm()).to(base_out.dtype)
+        lora = (low @ B.t()).to(compute)
+        bias = self.bias.to(compute) if self.bias is not None else 0  # an fp32 bias would promote a bf16 output
+        factor = (self.lora_magnitude / self.weight_norm()).to(compute)
         return factor * (base_out - bias + lora) + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,23 @@ The fast path ("sorted" dispatch) never runs a frozen matmul more often than the
 
 Expert tensors are stacked per projection: ``experts.lora_A[P]`` (E, r, in), ``experts.lora_B[P]``
 (E, out, r), ``experts.lora_magnitude[P]`` (E, out) for DoRA.
+
+Precision (the same rules for the fast and the naive path; ``x`` is the block input, often fp32 under
+autocast because the residual stream is):
+
+- Parameters: router and expert tensors are fp32 next to a half-precision or quantized base
+  (``quantized.adapter_dtype``), else the base's dtype. Their gradients are fp32.
+- Router: ``x Wᵣᵀ``, softmax, top-k/top-p/switch weights and the load-balance and z-losses in fp32
+  with autocast switched off, so routing does not depend on the precision of the run.
+- Compute dtype ``c``: the dtype of the frozen input projections' output ``W_gate x``. Under
+  ``torch.autocast`` that is the autocast dtype (bf16/fp16; ``F.linear`` is on autocast's list),
+  on a bf16 base bf16, else fp32. Gathered rows, the routing weights, ``A_e`` and ``B_e`` are cast to
+  ``c``, so every expert matmul runs in ``c`` whichever way it runs: ``grouped_mm`` is *not* on
+  autocast's list and would otherwise run (and return) fp32, the segment loop's ``@`` is.
+- Mixing (``index_add`` of weighted rows) and the output are in ``c``: the dtype the replaced FFN
+  returns under the same autocast. DoRA norms are fp32, the factor cast to ``c``.
+- ``grouped_mm`` support is probed per (device type, GPU capability, dtype) in that dtype with
+  autocast off; an out-of-memory during the probe is not remembered.
 """
 
 from __future__ import annotations
@@ -51,38 +68,55 @@ class Segments:
     offsets: torch.Tensor | None
 
 
-_GROUPED_MM: dict[str, bool] = {}
+_GROUPED_MM: dict[tuple, bool] = {}
 
 
-def grouped_mm_available(device: torch.device) -> bool:
-    """Whether ``torch.nn.functional.grouped_mm`` runs forward and backward on this device type.
+def _capability_key(device: torch.device, dtype: torch.dtype) -> tuple:
+    """What grouped_mm support depends on: device type, the GPU's compute capability, and dtype."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return device.type, torch.cuda.get_device_capability(device), dtype
+    return device.type, None, dtype
 
-    Tried once per device type on a tiny problem; any error means no (the segment loop is used).
+
+def _is_transient(error: BaseException) -> bool:
+    """An error that says nothing about support (memory pressure): retried at the next call."""
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` runs forward and backward for ``dtype`` on ``device``.
+
+    Tried once per (device type, GPU capability, dtype) on a tiny problem, in that dtype, with autocast
+    off; an error means no (the segment loop is used), except an out-of-memory error, which is not
+    remembered (the next call probes again).
     """
-    key = device.type
-    if key not in _GROUPED_MM:
-        ok = hasattr(torch.nn.functional, "grouped_mm")
-        if ok:
-            # The probe runs inside the first forward, so it must leave no trace there: fixed values
-            # (a global RNG draw would shift every later dropout mask and jitter: same seed, other
-            # result), its own saved-tensor hooks (an enclosing activation checkpoint would count its
-            # tensors, and the recomputation, which finds the cached answer, would fail), and grad
-            # enabled (a first forward under no_grad would otherwise record "unsupported" for good).
-            try:
-                dtype = torch.float32 if key == "cpu" else torch.bfloat16
-                with torch.inference_mode(False), torch.enable_grad(), \
-                        torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-                    x = torch.linspace(-1, 1, 64, device=device, dtype=dtype).reshape(8, 8).requires_grad_()
-                    w = torch.linspace(1, -1, 128, device=device, dtype=dtype).reshape(2, 8, 8).requires_grad_()
-                    offs = torch.tensor([3, 8], device=device, dtype=torch.int32)
-                    y = torch.nn.functional.grouped_mm(x, w, offs=offs)
-                    y.backward(torch.ones_like(y))
-                    ref = torch.cat([x[:3] @ w[0], x[3:] @ w[1]])
-                    ok = bool(torch.allclose(y, ref, atol=1e-2, rtol=1e-2))
-            except Exception:  # noqa: BLE001 - any failure means "not supported here"
-                ok = False
-        _GROUPED_MM[key] = ok
-    return _GROUPED_MM[key]
+    key = _capability_key(device, dtype)
+    if key in _GROUPED_MM:
+        return _GROUPED_MM[key]
+    if not hasattr(torch.nn.functional, "grouped_mm") or torch.compiler.is_compiling():
+        return False  # not cached while compiling: the probe's own ops would be traced
+    # The probe runs inside the first forward, so it must leave no trace there: fixed values
+    # (a global RNG draw would shift every later dropout mask and jitter: same seed, other
+    # result), its own saved-tensor hooks (an enclosing activation checkpoint would count its
+    # tensors, and the recomputation, which finds the cached answer, would fail), grad enabled
+    # (a first forward under no_grad would otherwise record "unsupported" for good) and autocast
+    # off (under autocast the reference matmul would run in another dtype than the probe).
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            x = torch.linspace(-1, 1, 64, device=device, dtype=dtype).reshape(8, 8).requires_grad_()
+            w = torch.linspace(1, -1, 128, device=device, dtype=dtype).reshape(2, 8, 8).requires_grad_()
+            offs = torch.tensor([3, 8], device=device, dtype=torch.int32)
+            y = torch.nn.functional.grouped_mm(x, w, offs=offs)
+            y.backward(torch.ones_like(y))
+            ref = torch.cat([x[:3] @ w[0], x[3:] @ w[1]])
+            ok = bool(torch.allclose(y, ref, atol=1e-2, rtol=1e-2)) and y.dtype == dtype
+    except Exception as error:  # noqa: BLE001 - any other failure means "not supported here"
+        if _is_transient(error):
+            return False
+        ok = False
+    _GROUPED_MM[key] = ok
+    return ok
 
 
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -330,12 +364,13 @@ class MixLoraFFN(nn.Module):
         """
         if name not in self.targets:
             return base_rows
-        delta = self.lora_delta(name, inputs, seg, factor)
+        compute = base_rows.dtype  # the LoRA rows follow the frozen rows' dtype (no-op outside autocast)
+        delta = self.lora_delta(name, inputs.to(compute), seg, factor)
         if not self.use_dora:
             # In place into the delta: a fresh (M, out) result would cost more (page faults) than the add.
             return delta.add_(base_rows)
         bias = getattr(getattr(self, name), "bias", None)
-        bias = 0 if bias is None else bias
+        bias = 0 if bias is None else bias.to(compute)  # an fp32 bias would promote bf16 rows to fp32
         factor = self.dora_factor(name)
         factor = torch.cat([factor, factor.new_ones(1, factor.shape[1])])  # unrouted rows: factor 1
         factor = factor.to(base_rows.dtype).index_select(0, row_expert)
@@ -348,7 +383,10 @@ class MixLoraFFN(nn.Module):
         if self.training and self.jitter > 0:
             # Noise on the router input only; the experts see the clean hidden state.
             router_in = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = nn.functional.linear(router_in.float(), self.router.weight.float())
+        # fp32 and outside autocast (where F.linear would run in bf16): the routing decisions, weights
+        # and losses must not depend on the precision of the run.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = nn.functional.linear(router_in.float(), self.router.weight.float())
         if self.routing == "top_k":
             routing = route_top_k(logits, self.top_k)
         elif self.routing == "top_p":
@@ -391,12 +429,17 @@ class MixLoraFFN(nn.Module):
             return (routing.expert_ids >= self.num_experts).all(dim=-1)
         return None
 
-    def dispatch_plan(self, routing: Routing, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Segments]:
+    def dispatch_plan(self, routing: Routing, device: torch.device,
+                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Segments]:
         """Sort the (token, slot) pairs by expert: one argsort, one host sync (the counts).
 
         Unrouted tokens (padding, switch overflow) become one row of a pseudo-expert ``E`` placed
         after the real experts: weight 1, no LoRA, so they see the frozen FFN. Other empty slots
         sort after it and are cut off.
+
+        Args:
+            routing: the router's decision for the N tokens.
+            device, dtype: where and in which dtype the expert LoRAs will run (grouped_mm or not).
 
         Returns:
             token (M,) the token of each row, row_expert (M,), row_weight (M,) fp32 mixing weight,
@@ -418,7 +461,7 @@ class MixLoraFFN(nn.Module):
         kept = sum(sizes[: E + 1])
         order = order[:kept]
         offsets = None
-        if grouped_mm_available(device):
+        if grouped_mm_available(device, dtype):
             groups = E + 1 if sizes[E] else E
             offsets = counts[:groups].cumsum(0).to(torch.int32)
         seg = Segments(sizes=sizes[:E] + ([sizes[E]] if sizes[E] else []), frozen=sizes[E], offsets=offsets)
@@ -429,13 +472,14 @@ class MixLoraFFN(nn.Module):
     def forward_sorted(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Fast path: frozen input projections once, one sorted dispatch, gated-sum down projection."""
         num_tokens = x.shape[0]
-        token, row_expert, row_weight, seg = self.dispatch_plan(routing, x.device)
-        row_weight = row_weight.to(x.dtype)[:, None]
-
         frozen = [getattr(self, p)(x) for p in self.input_projections]  # each (N, out_p), once
+        compute = frozen[0].dtype  # the dtype every expert row is computed in (module docstring)
+        token, row_expert, row_weight, seg = self.dispatch_plan(routing, x.device, compute)
+        row_weight = row_weight.to(compute)[:, None]
+
         # (M, d): one dropout mask shared by gate and up; its 1/(1-p) goes into B.
-        expert_inputs, factor = lora_input(self.lora_dropout, x.index_select(0, token))
-        rows = [self.expert_rows(p, f.index_select(0, token), expert_inputs, seg, row_expert, factor)
+        expert_inputs, factor = lora_input(self.lora_dropout, x.index_select(0, token).to(compute))
+        rows = [self.expert_rows(p, f.index_select(0, token).to(compute), expert_inputs, seg, row_expert, factor)
                 for p, f in zip(self.input_projections, frozen)]
 
         down = getattr(self, self.output_projection)
@@ -443,7 +487,7 @@ class MixLoraFFN(nn.Module):
         if name in self.targets and self.use_dora:
             # DoRA is not linear in h: run the frozen down projection per row, then mix.
             h = self.combine(rows)  # (M, f)
-            expert_out = self.expert_rows(name, down(h), self.lora_dropout(h), seg, row_expert)
+            expert_out = self.expert_rows(name, down(h).to(compute), self.lora_dropout(h), seg, row_expert)
             out = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
             return IndexAddRows.apply(out, token, expert_out * row_weight)
 
@@ -458,14 +502,14 @@ class MixLoraFFN(nn.Module):
         out = down(IndexAddRows.apply(weighted.new_zeros(num_tokens, weighted.shape[-1]), token, weighted))
         if name in self.targets:
             inputs, factor = lora_input(self.lora_dropout, weighted)
-            out = IndexAddRows.apply(out, token, self.lora_delta(name, inputs, seg, factor))
+            out = IndexAddRows.apply(out.to(compute), token, self.lora_delta(name, inputs, seg, factor))
         return out
 
     def forward_naive(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Per-expert loop as in the authors' code: each expert runs the whole FFN on its tokens."""
         num_tokens = x.shape[0]
         out_features = self.projection_shape(self.output_projection)[1]
-        out = x.new_zeros(num_tokens, out_features)
+        out: torch.Tensor | None = None  # created in the dtype of the first expert output
         for e in range(self.num_experts):
             token, slot = torch.where(routing.expert_ids == e)
             x_e = x[token]
@@ -478,11 +522,16 @@ class MixLoraFFN(nn.Module):
             h = self.combine(rows)
             y = self.expert_rows(self.output_projection, getattr(self, self.output_projection)(h),
                                  self.lora_dropout(h), seg, row_expert)
-            out = out.index_add(0, token, y * routing.weights[token, slot].to(y.dtype)[:, None])
+            if out is None:
+                out = y.new_zeros(num_tokens, out_features)
+            out = out.index_add(0, token, (y * routing.weights[token, slot].to(y.dtype)[:, None]).to(out.dtype))
         unrouted = self.unrouted(routing)
-        if unrouted is not None:
+        if unrouted is not None or out is None:
             base = getattr(self, self.output_projection)(self.combine([getattr(self, p)(x) for p in self.input_projections]))
-            out = out + base * unrouted[:, None].to(base.dtype)
+            if out is None:  # no token reached any expert
+                out = torch.zeros_like(base)
+            if unrouted is not None:
+                out = out + (base * unrouted[:, None].to(base.dtype)).to(out.dtype)
         return out
 
     def adapter_parameter_names(self) -> list[str]:

@@ -293,9 +293,12 @@ class MoreLinear(nn.Module):
         positions = torch.arange(self.max_rank, device=x.device)
         # (B, R): keep the first k_t components of each sample, times c², the STE weight and s.
         coef = (positions[None, :] < k[:, None]) * self.component_scale[None, :] * (w[:, None] * self.scale)
-        coef = coef.reshape(batch, *([1] * (x.dim() - 2)), self.max_rank).to(x.dtype)
-        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        h = self.dropout(x) @ A.t()  # (B, ..., R): all components in one matmul
+        # The LoRA branch runs in the frozen output's dtype (the autocast dtype under autocast), as in
+        # LoraLinear: the small factors are cast to it, the output keeps it.
+        compute = base_out.dtype
+        coef = coef.reshape(batch, *([1] * (x.dim() - 2)), self.max_rank).to(compute)
+        A, B = self.lora_A.to(compute), self.lora_B.to(compute)
+        h = self.dropout(x.to(compute)) @ A.t()  # (B, ..., R): all components in one matmul
         out = base_out + (h * coef) @ B.t()
         valid = None
         if x.dim() == 3 and self.context.token_mask is not None:
