@@ -57,9 +57,9 @@ def test_expert_load_heatmap_shape_follows_layers_and_experts(tmp_path):
 
 def test_bad_metrics_file_names_the_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text(json.dumps({"step": 1, "lm_loss": 2.0}) + "\n\n{not json\n")
+    path.write_text(json.dumps({"step": 1, "lm_loss": 2.0}) + "\n\n{not json\n" + json.dumps({"step": 2}) + "\n")
     with pytest.raises(ReportError, match=r"metrics\.jsonl, line 3: not valid JSON"):
-        read_metrics(path)
+        read_metrics(path)  # a bad line before the last one is an error; a torn last line: test_cli_errors.py
     with pytest.raises(ReportError, match="no metrics file"):
         read_metrics(tmp_path / "missing.jsonl")
 
@@ -68,5 +68,7 @@ def test_report_command(tmp_path, capsys):
     write_metrics(tmp_path / "metrics.jsonl")
     assert run(argparse.Namespace(run_dir=str(tmp_path), metrics=None)) == 0
     assert "loss.png" in capsys.readouterr().out
-    assert run(argparse.Namespace(run_dir=str(tmp_path / "nowhere"), metrics=None)) == 2
+    from loramix.cli import main
+
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "no metrics file" in capsys.readouterr().err

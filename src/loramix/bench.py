@@ -41,11 +41,14 @@ disturbed when other jobs share the CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +57,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .cli import add_threads_argument, default_threads
 from .config import LoraConfig, MixLoraConfig
 from .models.inject import adapter_parameters, inject
 
@@ -377,6 +381,34 @@ def persistent_bytes(v: Variant) -> int:
     return tensor_bytes(tensors)
 
 
+# Lines the C++ profiler (kineto) writes straight to file descriptor 2 on every start/stop: noise in a
+# benchmark's output, with no Python-level switch.
+PROFILER_CHATTER = ("profiler_start", "profiler_stop", "Memory block of unknown size was allocated before the profiling")
+
+
+@contextlib.contextmanager
+def _without_profiler_chatter():
+    """Capture what native code writes to stderr (fd 2) meanwhile; pass on every line but the profiler's."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no real stderr (embedded interpreters): nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines():
+                if line.strip() and not any(noise in line for noise in PROFILER_CHATTER):
+                    print(line, file=sys.stderr)
+
+
 def step_peak_bytes(v: Variant, batch: dict[str, torch.Tensor], device: torch.device) -> int:
     """Peak of the memory allocated during one step, over what was allocated when it started."""
     gc.collect()
@@ -389,7 +421,7 @@ def step_peak_bytes(v: Variant, batch: dict[str, torch.Tensor], device: torch.de
         return torch.cuda.max_memory_allocated(device) - start
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_chatter(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         v.step(batch)
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
@@ -431,8 +463,7 @@ def run_interleaved(variants: dict[str, "Variant"], batch: dict[str, torch.Tenso
 
 def prepare_run(s: BenchSettings) -> tuple[torch.device, nn.Module, dict[str, torch.Tensor], int]:
     """What every bench run starts from: threads set, then (device, frozen base model, the batch, its real tokens)."""
-    if s.threads is not None:
-        torch.set_num_threads(s.threads)
+    torch.set_num_threads(s.threads or default_threads())
     base = build_base_model(s)
     batch = make_batch(s, base.config.vocab_size)
     return s.torch_device, base, batch, int(batch["attention_mask"].sum())
@@ -513,7 +544,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
     run.add_argument("--dtype", default=d.dtype, help="float32, bfloat16 or float16 (base weights and activations)")
     run.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto")
-    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(run)
     run.add_argument("--steps", type=int, default=d.steps, help="timed steps per variant")
     run.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps per variant first")
     run.add_argument("--seed", type=int, default=d.seed, help="seed of the weights and the batch")

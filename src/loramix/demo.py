@@ -35,22 +35,27 @@ TEMPLATES = {"loglik": "mc_text", "label": "mc_letters"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from .cli import HelpFormatter, add_threads_argument
+
     p = argparse.ArgumentParser(prog="python -m loramix.demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="base model (name, folder or Hub id)")
-    p.add_argument("--output-dir", default="runs/demo", help="run folder")
+    p.add_argument("--output-dir", default="runs/demo",
+                   help="run folder (default: runs/demo); a previous demo run there is moved aside to "
+                        "<folder>.old-<UTC time>, never deleted")
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="questions per step")
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate (cosine decay)")
     p.add_argument("--r", type=int, default=DEFAULTS["r"], help="LoRA rank of the experts and attention")
     p.add_argument("--cutoff-len", type=int, default=DEFAULTS["cutoff_len"], help="longest training sequence")
     p.add_argument("--eval-limit", type=int, default=DEFAULTS["eval_limit"],
-                   help="evaluate on the first N validation questions (0: all 570)")
+                   help="evaluate on the first N validation questions (default 0: all 570; loramix eval --limit "
+                        "reads 0 the same way)")
     p.add_argument("--protocol", choices=sorted(TEMPLATES), default="loglik",
                    help="accuracy protocol: loglik (length-normalised log-likelihood of each answer text; training "
                         "on the answer text) or label (the MixLoRA paper's option letters; training on the letter)")
     p.add_argument("--both", action="store_true", help="also report the other protocol (slower)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    add_threads_argument(p)
     p.add_argument("--seed", type=int, default=0, help="seed")
     return p.parse_args(argv)
 
@@ -65,9 +70,18 @@ def table(before: dict, after: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.eval_limit = args.eval_limit or None
+    if args.eval_limit < 0:
+        print(f"python -m loramix.demo: error: --eval-limit must be >= 0 (0: all), got {args.eval_limit}", file=sys.stderr)
+        return 2
+    args.eval_limit = args.eval_limit or None  # 0: all, as loramix eval --limit
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(args.threads)
+    from .cli import apply_threads
+    from .train.checkpoint import claim_run_folder
+
+    args.threads = apply_threads(args.threads)
+    moved = claim_run_folder(args.output_dir, resume=False, overwrite=True, key="--output-dir")
+    if moved is not None:
+        print(f"[demo] moved the previous run in {args.output_dir} to {moved}", flush=True)
     from .data import load_examples
     from .evaluate import evaluate_multiple_choice
     from .hub import load_model

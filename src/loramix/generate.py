@@ -1,11 +1,13 @@
 """``loramix generate``: generate text with a base model or an adapter.
 
-    loramix generate --prompt "Name three primary colours."
-    loramix generate --adapter runs/arc-e/adapter --prompt "..." --max-new-tokens 64 --temperature 0.7
+    loramix generate "Name three primary colours."
+    loramix generate --adapter runs/arc-e/adapter "..." --max-new-tokens 64 --temperature 0.7
+    loramix generate --adapter runs/more/adapter --task boolq "Is the sky green?"   # MoRE: one task's experts
     echo "Why is the sky blue?" | loramix generate
 
-When the tokenizer has a chat template (SmolLM2-Instruct has one) the prompt is sent as a user
-message through it, unless ``--raw``; otherwise the prompt text is continued as is.
+The text is printed as it is generated (``transformers.TextStreamer``). When the tokenizer has a
+chat template (SmolLM2-Instruct has one) the prompt is sent as a user message through it, unless
+``--raw``; otherwise the prompt text is continued as is.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import sys
 
 import torch
 
+from .cli import UsageError, add_threads_argument, apply_threads, check_device, check_dtype, check_model, resolve_model
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
@@ -23,8 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "adapter's recorded base model, else smollm2-135m")
     parser.add_argument("--adapter", default=None, help="adapter folder to load on the base model (optional)")
     parser.add_argument("--task", default=None,
-                        help="MoRE adapters: the task (name from the adapter's task list) whose experts to use")
-    parser.add_argument("--prompt", default=None, help="the prompt; read from standard input when omitted")
+                        help="MoRE adapters (required for them): the task (a name from the adapter's task list) "
+                             "whose experts to use")
+    parser.add_argument("prompt_text", nargs="?", default=None, metavar="PROMPT",
+                        help="the prompt; or --prompt TEXT; read from standard input when neither is given")
+    parser.add_argument("--prompt", default=None, help="the prompt (same as the positional PROMPT)")
     parser.add_argument("--system", default=None, help="system message (chat template only)")
     parser.add_argument("--raw", action="store_true", help="don't apply the chat template; continue the prompt text")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="maximum number of tokens to generate")
@@ -34,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, fp32 on CPU), float32, bfloat16, float16")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+    parser.add_argument("--no-stream", action="store_true",
+                        help="print the completion once it is finished instead of token by token")
+    add_threads_argument(parser)
 
 
 def build_prompt_ids(tokenizer, prompt: str, *, system: str | None = None, raw: bool = False) -> list[int]:
@@ -48,8 +58,12 @@ def build_prompt_ids(tokenizer, prompt: str, *, system: str | None = None, raw: 
 
 
 def generate_text(model, tokenizer, prompt: str, *, system: str | None = None, raw: bool = False,
-                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0) -> str:
-    """Generate a completion of ``prompt`` and return only the new text."""
+                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                  stream: bool = False) -> str:
+    """Generate a completion of ``prompt`` and return only the new text.
+
+    ``stream``: also print the new text to standard output as it is generated (``TextStreamer``).
+    """
     ids = torch.tensor([build_prompt_ids(tokenizer, prompt, system=system, raw=raw)],
                        device=next(model.parameters()).device)
     sample = temperature > 0
@@ -58,32 +72,60 @@ def generate_text(model, tokenizer, prompt: str, *, system: str | None = None, r
         kwargs.update(temperature=temperature, top_p=top_p)
     else:  # greedy: unset the sampling defaults a generation_config may carry, to avoid warnings
         kwargs.update(temperature=None, top_p=None, top_k=None)
+    if stream:
+        from transformers import TextStreamer
+
+        kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     model.eval()
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def run(args: argparse.Namespace) -> int:
-    from .hub import ModelLoadError, load_model
+def _more_tasks(adapter: str) -> list[str] | None:
+    """The task list of a MoRE adapter folder (None for other kinds)."""
+    from .adapters import read_adapter_config
 
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    if not prompt.strip():
-        print("error: empty prompt (give --prompt or pipe text on standard input)", file=sys.stderr)
-        return 2
+    meta = read_adapter_config(adapter)
+    if meta.get("kind") != "more":
+        return None
+    from .evaluate.command import adapter_task_index
+
+    return list(adapter_task_index(meta) or {})
+
+
+def run(args: argparse.Namespace) -> int:
+    from .hub import load_model
+
+    if args.prompt is not None and args.prompt_text is not None:
+        raise UsageError("give the prompt once: as PROMPT or as --prompt, not both")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.task is not None and not args.adapter:
-        print("error: --task needs a MoRE --adapter", file=sys.stderr)
-        return 2
+        raise UsageError("--task needs a MoRE --adapter")
+    if args.adapter:
+        tasks = _more_tasks(args.adapter)
+        if tasks is not None and args.task is None:
+            raise UsageError(f"{args.adapter} is a MoRE adapter: each task has its own experts; choose one with "
+                             f"--task NAME ({', '.join(tasks)})")
+    check_device(args.device)
+    check_dtype(args.dtype)
+    check_model(resolve_model(args.model))
+    prompt = args.prompt if args.prompt is not None else args.prompt_text
+    if prompt is None:
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise UsageError("empty prompt: give it as an argument (loramix generate \"Why is the sky blue?\"), "
+                         "with --prompt, or on standard input")
+    apply_threads(args.threads)
     model_name = args.model
     if args.adapter and not model_name:
         from .adapters import read_adapter_config
 
         model_name = read_adapter_config(args.adapter).get("base_model")
-    try:
-        model, tokenizer = load_model(model_name or "smollm2-135m", dtype=args.dtype, device=args.device)
-    except ModelLoadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model, tokenizer = load_model(resolve_model(model_name or "smollm2-135m"), dtype=args.dtype, device=args.device)
     if args.adapter:
         from .adapters import load_adapter
 
@@ -94,12 +136,15 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             task_index(model, args.task)  # validate now: use_task only runs when entered
-            context = use_task(model, args.task)  # generate() cannot pass task_ids itself
         except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--task: {err}") from None
+        context = use_task(model, args.task)  # generate() cannot pass task_ids itself
     torch.manual_seed(args.seed)
+    stream = not args.no_stream
     with context:
-        print(generate_text(model, tokenizer, prompt, system=args.system, raw=args.raw,
-                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p))
+        text = generate_text(model, tokenizer, prompt, system=args.system, raw=args.raw,
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                             stream=stream)
+    if not stream:
+        print(text)
     return 0

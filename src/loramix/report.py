@@ -32,17 +32,28 @@ class ReportError(ValueError):
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file (blank lines skipped); errors name the line."""
+    """The records of a ``metrics.jsonl`` file (blank lines skipped); errors name the line.
+
+    A last line that is not valid JSON is a record torn by a run killed while logging: it is skipped
+    with a warning on standard error. A bad line before the last one is an error.
+    """
     path = Path(path)
     if not path.is_file():
         raise ReportError(f"{path}: no metrics file (is this a run folder written by loramix train?)")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ReportError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
+    numbered = [(lineno, line) for lineno, line in enumerate(lines, start=1) if line.strip()]
     records = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for i, (lineno, line) in enumerate(numbered):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
+            if i == len(numbered) - 1:
+                print(f"warning: {path}, line {lineno}: skipped an incomplete last record (a run stopped while "
+                      f"writing it): {err.msg}", file=sys.stderr)
+                break
             raise ReportError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from None
         if not isinstance(record, dict) or "step" not in record:
             raise ReportError(f"{path}, line {lineno}: expected an object with a 'step'")
@@ -132,11 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        paths = write_plots(args.run_dir, args.metrics)
-    except ReportError as err:
-        print(f"loramix report: {err}", file=sys.stderr)
-        return 2
+    paths = write_plots(args.run_dir, args.metrics)  # a ReportError becomes a message, exit code 2 (loramix.cli)
     if not paths:
         print(f"loramix report: {args.run_dir}: the metrics file has no records to plot", file=sys.stderr)
         return 1

@@ -13,7 +13,8 @@ by layer (see ``loramix.adapters.export``).
 from __future__ import annotations
 
 import argparse
-import sys
+
+from ..cli import add_threads_argument, apply_threads, check_dtype, check_model, model_aliases, resolve_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,21 +33,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output dtype for mixtral/merged: float32, bfloat16, float16 (default: the base's)")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB or 500MB")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import ConfigError
-    from ..hub import ModelLoadError, resolve_dtype
-    from ..models.registry import UnsupportedModelError
-    from .export import ExportError, export_adapter
-    from .io import AdapterLoadError
+    from ..hub import resolve_dtype
+    from .export import export_adapter
 
-    try:
-        dtype = resolve_dtype(args.dtype) if args.dtype else None
-        out = export_adapter(args.adapter, args.out, format=args.format, base=args.model, task=args.task,
-                             dtype=dtype, max_shard_size=args.max_shard_size, progress=not args.no_progress)
-    except (ExportError, AdapterLoadError, ModelLoadError, ConfigError, UnsupportedModelError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    # Errors (a damaged or mismatched adapter folder, an unknown base, a format the adapter cannot take)
+    # become a message naming the file and exit code 2 in loramix.cli.
+    check_dtype(args.dtype)
+    check_model(resolve_model(args.model))
+    dtype = resolve_dtype(args.dtype) if args.dtype else None
+    apply_threads(args.threads)
+    base = args.model
+    if base is None and model_aliases():  # the recorded base may have an alias (LORAMIX_MODEL_ALIASES)
+        from .io import read_adapter_config
+
+        base = read_adapter_config(args.adapter).get("base_model")
+    out = export_adapter(args.adapter, args.out, format=args.format, base=resolve_model(base), task=args.task,
+                         dtype=dtype, max_shard_size=args.max_shard_size, progress=not args.no_progress)
     print(f"wrote {args.format} export to {out}")
     return 0

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli import add_threads_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter", help="adapter folder (LoRA/DoRA, or MoRE with --task)")
@@ -22,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="output dtype: float32, bfloat16, float16 (default: the base's)")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB or 500MB")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

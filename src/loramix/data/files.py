@@ -127,13 +127,25 @@ def _json_list_items(text: str, path: Path) -> Iterator[tuple[int, Any]]:
             raise DataError(f"{path}:{line_of(i)}: invalid JSON: expected ',' or ']' after a row")
 
 
+def _read_utf8(path: Path) -> str:
+    """The text of ``path``; a file that is not UTF-8 raises ``DataError`` naming the file, line and byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the text
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at column {column}): save the "
+                        "file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def read_file(path: str | Path) -> list[Example]:
     """All rows of a ``.json`` / ``.jsonl`` file as examples (see the module docstring for the shapes)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     task = path.stem
-    text = path.read_text(encoding="utf-8")
+    text = _read_utf8(path)
     examples: list[Example] = []
     if path.suffix.lower() == ".jsonl":
         for lineno, line in enumerate(text.splitlines(), start=1):

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from ..cli import UsageError, add_threads_argument, apply_threads, check_device, check_dtype, check_model, resolve_model
 from .accuracy import PROTOCOLS, evaluate_multiple_choice
 
 
@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated tasks (arc-e, arc-c, boolq, obqa, piqa, siqa, hellaswag, winogrande, "
                              "or 'all' for these eight) or multiple-choice .json/.jsonl files")
     parser.add_argument("--split", default="validation", help="train, validation or test (test: arc-e, arc-c, obqa only)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each task")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate only the first N examples of each task (default, or 0: all of them; "
+                             "the demo's --eval-limit reads 0 the same way)")
     parser.add_argument("--protocol", choices=[*PROTOCOLS, "both"], default="both",
                         help="'label': logits of the option letters at the last prompt position (the MixLoRA "
                              "paper's); 'loglik': length-normalised log-likelihood of each choice's text")
@@ -46,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the results to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_threads_argument(parser)
 
 
 def adapter_task_index(meta: dict[str, Any]) -> dict[str, int] | None:
@@ -116,22 +119,36 @@ def _adapter_tasks(meta: dict[str, Any], tasks_in_data: set[str]) -> dict[str, i
     return index
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse bad option values before anything is loaded (exit code 2 via ``loramix.cli``)."""
+    if args.limit is not None and args.limit < 0:
+        raise UsageError(f"--limit must be >= 0 (0: all examples), got {args.limit}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.cutoff_len < 8:
+        raise UsageError(f"--cutoff-len must be at least 8, got {args.cutoff_len}")
+    args.limit = args.limit or None  # 0 means all, as in the demo
+    check_device(args.device)
+    check_dtype(args.dtype)
+    args.model = resolve_model(args.model)
+    check_model(args.model)
+    apply_threads(args.threads)
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..hub import ModelLoadError, load_model
+    from ..hub import load_model
 
     try:
         adapters = parse_adapters(args.adapter)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(str(err)) from None
+    _check_args(args)
     if len(adapters) > 1:
         return _run_many(args, adapters)
     adapter = next(iter(adapters.values()), None)
     task_index = None
     model_name = args.model
     data = _load_data(args)
-    if data is None:
-        return 2
     if adapter:
         from ..adapters import read_adapter_config
 
@@ -139,15 +156,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             task_index = _adapter_tasks(meta, {ex.task for examples in data.values() for ex in examples})
         except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+            raise UsageError(str(err)) from None
         model_name = model_name or meta.get("base_model") or meta.get("base_model_name_or_path")
     model_name = model_name or "smollm2-135m"
-    try:
-        model, tokenizer = load_model(model_name, dtype=args.dtype, device=args.device)
-    except ModelLoadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model, tokenizer = load_model(resolve_model(model_name), dtype=args.dtype, device=args.device)
     if adapter:
         from ..adapters import load_adapter
 
@@ -173,22 +185,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_data(args: argparse.Namespace) -> dict[str, list] | None:
-    """Task → its multiple-choice examples, or None after printing the error."""
+def _load_data(args: argparse.Namespace) -> dict[str, list]:
+    """Task → its multiple-choice examples (a ``DataError`` names the task or file)."""
     from ..data import TASKS, DataError, MultipleChoiceExample, load_examples
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if tasks == ["all"]:
         tasks = list(TASKS)
-    try:
-        data = {task: load_examples(task, args.split, limit=args.limit) for task in tasks}
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return None
+    if not tasks:
+        raise UsageError("--tasks is empty: name tasks (arc-e,piqa), 'all', or .json/.jsonl files")
+    data = {task: load_examples(task, args.split, limit=args.limit) for task in tasks}
     for task, examples in data.items():
         if not all(isinstance(ex, MultipleChoiceExample) for ex in examples):
-            print(f"error: {task} holds instruction rows; eval needs multiple-choice rows", file=sys.stderr)
-            return None
+            raise DataError(f"{task} holds instruction rows; eval needs multiple-choice rows "
+                            "(question, choices, answer)")
+        if not examples:
+            raise DataError(f"{task}: no examples to evaluate")
     return data
 
 
@@ -202,7 +214,7 @@ def _run_many(args: argparse.Namespace, adapters: dict[str, str]) -> int:
     """Several adapters on one base model, every task and adapter in one pass per protocol."""
     from ..adapters import read_adapter_config
     from ..adapters.io import AdapterLoadError
-    from ..hub import ModelLoadError, load_model
+    from ..hub import load_model
     from ..models.multi import load_many
     from .accuracy import evaluate_many
 
@@ -211,32 +223,22 @@ def _run_many(args: argparse.Namespace, adapters: dict[str, str]) -> int:
         try:
             metas[name] = read_adapter_config(folder)
         except (OSError, ValueError) as err:
-            print(f"error: adapter '{name}': {err}", file=sys.stderr)
-            return 2
+            raise AdapterLoadError(f"adapter '{name}': {err}") from None
     model_name = args.model
     if model_name is None:
         bases = {name: meta.get("base_model") or meta.get("base_model_name_or_path") for name, meta in metas.items()}
         recorded = {b for b in bases.values() if b}
         if len(recorded) > 1:
-            print(f"error: the adapters record different base models ({bases}); they must share one: pass --model",
-                  file=sys.stderr)
-            return 2
+            raise UsageError(f"the adapters record different base models ({bases}); they must share one: pass --model")
         model_name = recorded.pop() if recorded else "smollm2-135m"
     data = _load_data(args)
-    if data is None:
-        return 2
     examples = [ex for task_examples in data.values() for ex in task_examples]
     try:
         task_ids = {name: _adapter_tasks(meta, {ex.task for ex in examples}) for name, meta in metas.items()}
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        model, tokenizer = load_model(model_name, dtype=args.dtype, device=args.device)
-        model = load_many(model, adapters)
-    except (ModelLoadError, AdapterLoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(str(err)) from None
+    model, tokenizer = load_model(resolve_model(model_name), dtype=args.dtype, device=args.device)
+    model = load_many(model, adapters)
     protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
     results: dict[str, dict[str, dict[str, dict[str, float]]]] = {name: {task: {} for task in data} for name in adapters}
     seconds: dict[str, float] = {}

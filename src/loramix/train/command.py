@@ -3,17 +3,32 @@
     loramix train examples/mixlora.yaml
     loramix train examples/mixlora.yaml adapter.r=8 lr=1e-4 max_steps=100 output_dir=runs/try
     loramix train examples/mixlora.yaml --resume        # continue a killed or interrupted run
+    loramix train examples/mixlora.yaml --overwrite     # move the old run aside, start again
     loramix train --list-keys                           # every config key with its default and help
 
-Exit codes: 0 done, 1 training stopped (diverged, or interrupted by SIGINT/SIGTERM after saving a
-checkpoint), 2 bad config or data.
+Options and ``key=value`` overrides may come in any order. A fresh run never writes into a folder
+that holds another run: it refuses, and says ``--resume`` (continue it) or ``--overwrite`` (move it
+to ``<output_dir>.old-<time>``, nothing is deleted).
+
+Data files named in the YAML (``data.train``, ``data.eval``, a ``data.template`` .yaml file) are
+looked up in the working directory first and then next to the YAML file, as ``config:`` entries
+of a multi-adapter YAML are.
+
+Exit codes: 0 done, 1 training stopped (diverged, out of disk space, or interrupted by
+SIGINT/SIGTERM after saving a checkpoint), 2 bad config, data, model or run folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shlex
 import sys
+from pathlib import Path
+from typing import Any
+
+from ..cli import UsageError, add_threads_argument, apply_threads, check_device, check_model, resolve_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,53 +38,131 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "resume=true); dotted keys reach nested settings (adapter.r=8, data.cutoff_len=128)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from output_dir/checkpoints/latest (same as resume=true)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="when output_dir holds a previous run, move it aside to <output_dir>.old-<UTC time> "
+                             "and start fresh (nothing is deleted)")
+    add_threads_argument(parser)
     parser.add_argument("--list-keys", action="store_true", help="print every config key with its default and help")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
-def run(args: argparse.Namespace) -> int:
+def env_overrides() -> list[str]:
+    """``key=value`` overrides from ``$LORAMIX_OVERRIDES`` (shell-quoted, applied after the command line's)."""
+    text = os.environ.get("LORAMIX_OVERRIDES", "")
+    try:
+        return shlex.split(text)
+    except ValueError as err:
+        raise UsageError(f"LORAMIX_OVERRIDES: {err} in {text!r}") from None
+
+
+def _is_builtin_task(name: str) -> bool:
+    from ..data.tasks import canonical_task
+
+    return canonical_task(name) is not None
+
+
+def resolve_path(source: str, yaml_dir: Path, where: str) -> str:
+    """A file named in a YAML: as given if it exists from the working directory, else next to the YAML.
+
+    ``source`` may list several sources separated by commas (``load_examples`` reads each). Built-in
+    task names and Hub ids are returned unchanged; a ``.json``/``.jsonl``/``.yaml`` name found in
+    neither place raises ``ConfigError`` naming both places.
+    """
     from ..config import ConfigError
+
+    parts = []
+    for part in (p.strip() for p in source.split(",")):
+        path = Path(part).expanduser()
+        if not part or _is_builtin_task(part) or path.is_absolute() or path.exists():
+            parts.append(part)
+        elif (yaml_dir / path).exists():
+            parts.append(str(yaml_dir / path))
+        elif path.suffix.lower() in (".json", ".jsonl", ".yaml", ".yml"):
+            raise ConfigError(f"{where}: {part}: no such file (looked in the working directory {Path.cwd()} and next "
+                              f"to the config, in {yaml_dir})")
+        else:
+            parts.append(part)  # a Hub dataset id (or a mistake that load_examples explains)
+    return ",".join(parts)
+
+
+def resolve_data_paths(config: Any, yaml_path: str | Path) -> None:
+    """Resolve the data files of a ``TrainConfig`` read from ``yaml_path`` (see ``resolve_path``), in place."""
+    yaml_dir = Path(yaml_path).parent
+    data = config.data
+    for which in ("train", "eval"):
+        entries = getattr(data, which)
+        for i, entry in enumerate(entries):
+            where = f"{yaml_path}: data.{which}[{i}]"
+            if isinstance(entry, str):
+                entries[i] = resolve_path(entry, yaml_dir, where)
+            else:
+                entry["source"] = resolve_path(entry["source"], yaml_dir, where)
+    if isinstance(data.template, str) and data.template.lower().endswith((".yaml", ".yml")):
+        data.template = resolve_path(data.template, yaml_dir, f"{yaml_path}: data.template")
+
+
+def _prepare(config: Any, args: argparse.Namespace) -> None:
+    """What every config of this command gets: data paths, model alias, resume flag, device check."""
+    resolve_data_paths(config, args.config)
+    config.model = resolve_model(config.model)
+    check_model(config.model, option=f"{args.config}: model")
+    config.resume = config.resume or args.resume
+    if args.threads is not None:
+        config.threads = args.threads
+    check_device(None if config.device == "auto" else config.device, option=f"{args.config}: device")
+
+
+def _is_rank_zero() -> bool:
+    """True outside torchrun and on its rank 0 (the process that moves an old run aside)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _claim(configs: list[Any], overwrite: bool) -> None:
+    """Check every run folder first (a refusal leaves them all as they were), then move old runs aside."""
+    from .checkpoint import claim_run_folder, run_files
+
+    if not _is_rank_zero():
+        return
+    if not overwrite:
+        for cfg in configs:
+            claim_run_folder(cfg.output_dir, resume=cfg.resume, overwrite=False)
+        return
+    for cfg in configs:
+        if run_files(cfg.output_dir) or Path(cfg.output_dir).is_file():
+            moved = claim_run_folder(cfg.output_dir, resume=cfg.resume, overwrite=True)
+            if moved is not None:
+                print(f"moved the previous run in {cfg.output_dir} to {moved}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
     from .config import describe_keys, load_train_config
 
     if args.list_keys:
         print(describe_keys())
         return 0
     if not args.config:
-        print("loramix train: give a CONFIG.yaml (examples/ has some) or --list-keys", file=sys.stderr)
-        return 2
+        raise UsageError("give a CONFIG.yaml (examples/ has some) or --list-keys")
+    overrides = list(args.overrides) + env_overrides()
     from .multi import is_multi_config
 
     if is_multi_config(args.config):  # a list of adapters trained together over one base model
-        return _run_multi(args)
-    try:
-        config = load_train_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"loramix train: {err}", file=sys.stderr)
-        return 2
-    if args.resume:
-        config.resume = True
+        return _run_multi(args, overrides)
+    config = load_train_config(args.config, overrides)
+    _prepare(config, args)
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
+    _claim([config], args.overwrite)
+    apply_threads(config.threads)  # null: default_threads(); the YAML keeps what the user wrote
 
-    from ..data import DataError
-    from .checkpoint import CheckpointError
     from .distributed import trainer_class
-    from .loop import TrainingDiverged
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        result = trainer_class()(config).run()  # DistributedTrainer under torchrun
-    except (ConfigError, DataError, CheckpointError) as err:
-        print(f"loramix train: {err}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as err:
-        print(f"loramix train: {err}", file=sys.stderr)
-        return 1
+    result = trainer_class()(config).run()  # DistributedTrainer under torchrun
     if result["status"] == "interrupted":
+        again = " ".join(shlex.quote(a) for a in [args.config, *args.overrides])
         print(f"loramix train: stopped by {result['signal']} at step {result['step']}; checkpoint {result['checkpoint']}."
-              f" Continue with: loramix train {args.config} {' '.join(args.overrides)} --resume".rstrip(),
-              file=sys.stderr)
+              f" Continue with: loramix train {again} --resume", file=sys.stderr)
         return 1
     if result["adapter"] is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
@@ -79,29 +172,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_multi(args: argparse.Namespace) -> int:
+def _run_multi(args: argparse.Namespace, overrides: list[str]) -> int:
     """``loramix train multi.yaml``: several adapters trained jointly (see ``train/multi.py``)."""
-    from ..config import ConfigError
-    from ..data import DataError
-    from .checkpoint import CheckpointError
     from .multi import MultiTrainer, load_multi_config, summary
 
-    try:
-        _, configs = load_multi_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"loramix train: {err}", file=sys.stderr)
-        return 2
+    _, configs = load_multi_config(args.config, overrides)
     for cfg in configs.values():
-        cfg.resume = cfg.resume or args.resume
+        _prepare(cfg, args)
     if args.print_config:
         for name, cfg in configs.items():
             print(f"# adapter {name}\n{cfg.to_yaml()}", end="")
         return 0
+    _claim(list(configs.values()), args.overwrite)
+    apply_threads(next(iter(configs.values())).threads)  # shared by every adapter (SHARED_KEYS)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        results = MultiTrainer(configs).run()
-    except (ConfigError, DataError, CheckpointError) as err:
-        print(f"loramix train: {err}", file=sys.stderr)
-        return 2
+    results = MultiTrainer(configs).run()
     print(summary(results))
     return 0 if all(r["status"] == "completed" for r in results.values()) else 1
