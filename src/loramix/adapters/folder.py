@@ -252,6 +252,12 @@ def check_tensor_shapes(config, family: ModelFamily, tensors: dict[str, torch.Te
         else:
             raise AdapterLoadError(f"{weights}: '{key}' is not a tensor of a loramix adapter (unexpected key)")
         module = m["m"]
+        owner = {"eA": "mixlora", "eB": "mixlora", "eM": "mixlora", "router": "mixlora", "task_embedding": "more",
+                 "gate_w": "more", "gate_b": "more"}.get(role)
+        if owner is not None and owner != config.kind:
+            raise AdapterLoadError(f"{weights}: '{key}' is a tensor of a '{owner}' adapter, but {config_file.name} "
+                                   f"says the adapter is '{config.kind}': the settings and the weights do not belong "
+                                   "together; use the adapter's own adapter_config.json")
         dims = _config_dims(config, family, module)
         symbols, features = _expected(role, dims)
         if tensor.dim() != len(symbols):
