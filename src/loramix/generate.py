@@ -127,9 +127,9 @@ def run(args: argparse.Namespace) -> int:
         model_name = read_adapter_config(args.adapter).get("base_model")
     model, tokenizer = load_model(resolve_model(model_name or "smollm2-135m"), dtype=args.dtype, device=args.device)
     if args.adapter:
-        from .adapters import load_adapter
+        from .evaluate.command import load_adapter_onto
 
-        model = load_adapter(model, args.adapter)
+        model = load_adapter_onto(model, args.adapter, model_name or "smollm2-135m")
     context = contextlib.nullcontext()
     if args.task is not None:
         from .adapters.more_tasks import task_index, use_task

@@ -119,6 +119,18 @@ def _adapter_tasks(meta: dict[str, Any], tasks_in_data: set[str]) -> dict[str, i
     return index
 
 
+def load_adapter_onto(model: Any, folder: str, base_name: str) -> Any:
+    """``load_adapter`` whose errors also name the base model it was loaded onto (a shape mismatch is
+    often the wrong base: the fix is ``--model``)."""
+    from ..adapters import AdapterLoadError, load_adapter
+
+    try:
+        return load_adapter(model, folder)
+    except AdapterLoadError as err:
+        raise AdapterLoadError(f"{err} (base model: {base_name}; pass the base the adapter was trained on with "
+                               "--model)") from err
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """Refuse bad option values before anything is loaded (exit code 2 via ``loramix.cli``)."""
     if args.limit is not None and args.limit < 0:
@@ -161,9 +173,7 @@ def run(args: argparse.Namespace) -> int:
     model_name = model_name or "smollm2-135m"
     model, tokenizer = load_model(resolve_model(model_name), dtype=args.dtype, device=args.device)
     if adapter:
-        from ..adapters import load_adapter
-
-        model = load_adapter(model, adapter)
+        model = load_adapter_onto(model, adapter, model_name)
     protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
     results: dict[str, dict[str, dict[str, float]]] = {}
     seconds: dict[str, float] = {}
@@ -238,7 +248,11 @@ def _run_many(args: argparse.Namespace, adapters: dict[str, str]) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     model, tokenizer = load_model(resolve_model(model_name), dtype=args.dtype, device=args.device)
-    model = load_many(model, adapters)
+    try:
+        model = load_many(model, adapters)
+    except AdapterLoadError as err:
+        raise AdapterLoadError(f"{err} (base model: {model_name}; pass the base the adapters were trained on with "
+                               "--model)") from err
     protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
     results: dict[str, dict[str, dict[str, dict[str, float]]]] = {name: {task: {} for task in data} for name in adapters}
     seconds: dict[str, float] = {}
