@@ -3,7 +3,9 @@
 ``inject(model, config)`` freezes every base parameter, swaps the targeted modules for loramix
 modules (``LoraLinear`` on projections, ``MixLoraFFN`` on FFN blocks) and installs two hooks on the
 model: a pre-hook that hands the attention mask (padding) and task ids to every adapted module, and
-a post-hook that adds the weighted router losses to ``output.loss``.
+a post-hook that adds the weighted auxiliary losses (MixLoRA's load balance and z-loss, MoRE's
+contrastive loss) to the loss the trainer differentiates (see ``_add_auxiliary_losses``).
+``model.save_pretrained(folder)`` of an injected model writes the adapter folder, not the base.
 
 Example:
     >>> model = inject(AutoModelForCausalLM.from_pretrained(path), MixLoraConfig())
@@ -34,6 +36,12 @@ class AdapterState:
     family: ModelFamily
     context: ForwardContext
     hooks: list = field(default_factory=list)
+    # Weight of this forward's auxiliary losses: the call's share n_b / N of the optimizer step's label
+    # tokens when the caller passes ``num_items_in_batch=N`` (transformers Trainer does), else None (= 1).
+    loss_weight: torch.Tensor | float | None = None
+    # name → [sum, count] of the raw auxiliary losses of the training forwards since the last log
+    # (detached, on the model's device: no host sync per step); read and reset by ``pop_logged_losses``.
+    logged: dict = field(default_factory=dict)
 
 
 def adapter_state(model: nn.Module) -> AdapterState:
@@ -153,20 +161,40 @@ def inject(model: nn.Module, config: LoraConfig | MixLoraConfig | MoreConfig) ->
             module.train(replaced[0].training)
 
     state = AdapterState(config=config, family=family, context=context)
-    state.hooks.append(model.register_forward_pre_hook(_capture_inputs(context), with_kwargs=True))
-    state.hooks.append(model.register_forward_hook(_add_router_losses(model), with_kwargs=True))
-    if isinstance(config, MoreConfig):
-        state.hooks.append(model.register_forward_hook(_add_contrastive_loss, with_kwargs=True))
+    state.hooks.append(model.register_forward_pre_hook(_capture_inputs(state), with_kwargs=True))
+    state.hooks.append(model.register_forward_hook(_add_auxiliary_losses, with_kwargs=True))
     model.loramix_adapter = state
+    from ..integrations.hf import attach  # transformers-facing parts: save_pretrained, Trainer callback
+
+    attach(model)
     return model
 
 
-def _capture_inputs(context: ForwardContext):
+def _label_count(kwargs: dict) -> torch.Tensor | None:
+    """Label tokens of this call that a causal LM loss counts (after the one-token shift), or None."""
+    shifted = kwargs.get("shift_labels")
+    if isinstance(shifted, torch.Tensor):
+        return (shifted != -100).sum()
+    labels = kwargs.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.dim() >= 2:
+        return (labels[..., 1:] != -100).sum()
+    return None
+
+
+def _capture_inputs(state: AdapterState):
+    context = state.context
+
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         context.token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         task_ids = kwargs.pop("task_ids", None)
         context.task_ids = task_ids
+        # transformers Trainer passes N = num_items_in_batch (label tokens of the whole optimizer step) and
+        # sums the micro-batch losses; the LM loss is then sum(CE) / N. The auxiliary losses get the same
+        # share n_b / N, so one optimizer step weighs them the same whatever the accumulation.
+        items = kwargs.get("num_items_in_batch")
+        count = _label_count(kwargs) if items is not None else None
+        state.loss_weight = None if count is None else count / torch.as_tensor(items, device=count.device).clamp(min=1)
         return args, kwargs
 
     return hook
@@ -187,32 +215,6 @@ def auxiliary_losses(model: nn.Module) -> tuple[torch.Tensor | None, torch.Tenso
     return aux, z
 
 
-def _add_router_losses(model: nn.Module):
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        config = module.loramix_adapter.config
-        if not isinstance(config, MixLoraConfig) or module.loramix_adapter.context.disabled:
-            return output
-        aux, z = auxiliary_losses(module)
-        if aux is None:
-            return output
-
-        def with_router_losses(loss: torch.Tensor) -> torch.Tensor:
-            loss = loss + config.aux_loss_coef * aux.to(loss.dtype)
-            return loss + config.z_loss_coef * z.to(loss.dtype) if config.z_loss_coef > 0 else loss
-
-        if isinstance(output, tuple):  # return_dict=False: (loss, logits, ...) when labels were given
-            if kwargs.get("labels") is None or not isinstance(output[0], torch.Tensor) or output[0].dim() != 0:
-                return output
-            return (with_router_losses(output[0]), *output[1:])
-        output.aux_loss = aux
-        output.z_loss = z
-        if getattr(output, "loss", None) is not None:
-            output.loss = with_router_losses(output.loss)
-        return output
-
-    return hook
-
-
 def more_modules(model: nn.Module) -> dict[str, MoreLinear]:
     """The model's MoRE projections by module path (e.g. ``model.layers.0.self_attn.q_proj``)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, MoreLinear)}
@@ -224,24 +226,86 @@ def contrastive_loss(model: nn.Module) -> torch.Tensor | None:
     return torch.stack(losses).mean() if losses else None
 
 
-def _add_contrastive_loss(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-    """MoRE post-hook: ``out.contrastive_loss`` = mean over modules; with labels, ``loss += λ · L_cl``."""
+# (output attribute, config field of its weight): the auxiliary losses an adapter adds to the loss
+AUXILIARY_LOSSES = (("aux_loss", "aux_loss_coef"), ("z_loss", "z_loss_coef"), ("contrastive_loss", "contrastive_coef"))
+
+
+def _raw_auxiliary_losses(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
+    """This forward's auxiliary losses by output attribute: MixLoRA ``aux_loss`` (mean load balance over
+    the MoE layers) and ``z_loss``; MoRE ``contrastive_loss`` (mean over modules). Scalars with graph."""
+    if isinstance(config, MixLoraConfig):
+        aux, z = auxiliary_losses(model)
+        return {} if aux is None else {"aux_loss": aux, "z_loss": z}
+    if isinstance(config, MoreConfig):
+        cl = contrastive_loss(model)
+        for m in more_modules(model).values():
+            m.contrastive_loss = None  # do not keep the graph alive past this call
+        return {} if cl is None else {"contrastive_loss": cl}
+    return {}
+
+
+def _add_auxiliary_losses(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    """Post-hook: put ``coef · L_aux`` into the loss whichever way the trainer computes it.
+
+    The weighted sum ``A = Σ coef · L_aux`` (load balance, z, contrastive) joins:
+
+    - ``output.loss`` (and ``output[0]`` with ``return_dict=False``) when the call has labels, as
+      ``loss + w · A`` with ``w = n_b / num_items_in_batch`` when the caller passes
+      ``num_items_in_batch`` (transformers ``Trainer``: it sums the micro-batch losses), else ``w = 1``
+      (one batch, or a trainer that averages micro-batches itself). Whatever the trainer then does to
+      this scalar (÷ accumulation steps, × world size, fp16 loss scaling) applies to ``A`` as well.
+    - ``output.log_probs`` of TRL's fused LM head (``model(..., fused_lm_head=True)``, SFTTrainer's
+      default): TRL never reads ``output.loss`` but differentiates ``-Σ log_probs / N``. Every label
+      position gets ``-(A - A.detach())``: the values are unchanged, and the gradient is that of
+      ``(n_b / N) · A``, the same share as above, again under whatever scaling TRL applies.
+
+    The raw values are set as ``output.aux_loss`` / ``z_loss`` / ``contrastive_loss`` and, for a
+    training forward, accumulated for the trainer's logs (``pop_logged_losses``).
+    """
     state = module.loramix_adapter
     if state.context.disabled:
         return output
-    cl = contrastive_loss(module)
-    for m in more_modules(module).values():
-        m.contrastive_loss = None  # do not keep the graph alive past this call
-    if cl is None:
+    raw = _raw_auxiliary_losses(module, state.config)
+    if not raw:
         return output
+    weighted = None
+    for name, coef_name in AUXILIARY_LOSSES:
+        coef = getattr(state.config, coef_name, 0.0)
+        if name in raw and coef:
+            term = coef * raw[name]
+            weighted = term if weighted is None else weighted + term
+    if module.training and torch.is_grad_enabled():
+        for name, value in raw.items():
+            entry = state.logged.setdefault(name, [0.0, 0])
+            entry[0], entry[1] = entry[0] + value.detach().float(), entry[1] + 1
+    has_labels = kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None
+    w = 1.0 if state.loss_weight is None else state.loss_weight
+
     if isinstance(output, tuple):  # return_dict=False: (loss, logits, ...) when labels were given
-        if kwargs.get("labels") is None or not isinstance(output[0], torch.Tensor) or output[0].dim() != 0:
+        if weighted is None or not has_labels or not isinstance(output[0], torch.Tensor) or output[0].dim() != 0:
             return output
-        return (output[0] + state.config.contrastive_coef * cl.to(output[0].dtype), *output[1:])
-    output.contrastive_loss = cl
-    if getattr(output, "loss", None) is not None and kwargs.get("labels") is not None:
-        output.loss = output.loss + state.config.contrastive_coef * cl.to(output.loss.dtype)
+        return (output[0] + (w * weighted).to(output[0].dtype), *output[1:])
+    for name, value in raw.items():
+        setattr(output, name, value)
+    if weighted is None:
+        return output
+    if has_labels and getattr(output, "loss", None) is not None:
+        output.loss = output.loss + (w * weighted).to(output.loss.dtype)
+    log_probs, label_mask = getattr(output, "log_probs", None), getattr(output, "label_mask", None)
+    if isinstance(log_probs, torch.Tensor) and isinstance(label_mask, torch.Tensor) and log_probs.requires_grad:
+        zero_valued = (weighted - weighted.detach()).to(log_probs.dtype)
+        output.log_probs = log_probs - zero_valued * label_mask.to(log_probs.dtype)
     return output
+
+
+def pop_logged_losses(model: nn.Module) -> dict[str, float]:
+    """Mean raw auxiliary losses of the training forwards since the last call (then reset); ``{}`` if none."""
+    state = getattr(model, "loramix_adapter", None)
+    if state is None or not state.logged:
+        return {}
+    means = {name: float(total) / count for name, (total, count) in state.logged.items() if count}
+    state.logged.clear()
+    return means
 
 
 def router_stats(model: nn.Module) -> list[dict[str, torch.Tensor]]:
@@ -340,6 +404,9 @@ def _restore(model: nn.Module, merge: bool,
         setattr(model.get_submodule(parent_name) if parent_name else model, child, original)
     for hook in state.hooks:
         hook.remove()
+    from ..integrations.hf import detach
+
+    detach(model)
     del model.loramix_adapter
     if quantized:  # the projections without an adapter too: one plain model, not a half-quantized one
         dequantize_model(model, dense_dtype)

@@ -242,7 +242,9 @@ class MoreLinear(nn.Module):
                 raise ValueError(
                     "this MoRE model needs the task of every sample: call model(..., task_ids=LongTensor[batch]) "
                     "with indices into the adapter's task list, use loramix.adapters.more_tasks.use_task(model, name), "
-                    "or set 'default_task' in the MoRE config"
+                    "or set 'default_task' in the MoRE config. Under transformers Trainer or TRL SFTTrainer: give the "
+                    "dataset a 'task' (name) or 'task_ids' column, set remove_unused_columns=False and pass "
+                    "data_collator=loramix.integrations.hf.TaskCollator(<your collator>, tasks=model)"
                 )
             return torch.full((batch,), int(default), dtype=torch.long, device=device)
         # Every MoRE module of the model sees the same task_ids object in one forward: convert and

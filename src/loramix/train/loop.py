@@ -6,15 +6,17 @@ What one optimizer step does::
     N      = answer tokens in the whole window (labels != -100 after the causal shift)
     for each micro-batch b (n_b answer tokens):
         out  = model(input_ids, attention_mask, labels, task_ids)   # out.loss = mean CE + router terms
-        loss = (out.loss - router_b) * n_b / N  +  router_b / grad_accum
+        loss = (out.loss - router_b) * n_b / N  +  router_b * n_b / N
         loss.backward()
     clip the global grad norm; AdamW step (adapter parameters only); scheduler step
 
 The LM part is therefore the mean cross-entropy over *all answer tokens of the window*: one
 micro-batch of 4 and two accumulated micro-batches of 2 give the same gradient, however the
 answer lengths are spread. The router terms (``aux_loss_coef * load balance + z_loss_coef * z``,
-which the adapter's hook adds to ``out.loss``) are per-batch averages already, so they are
-averaged over the micro-batches.
+MoRE's ``contrastive_coef * contrastive``, which the adapter's hook adds to ``out.loss``) are
+per-batch averages; each micro-batch's weighs its share n_b / N of the window's answer tokens, the
+weight the hook gives them under transformers ``Trainer`` and TRL (which pass N as
+``num_items_in_batch``), so the three trainers take the same step on the same rows.
 
 Everything needed to continue a killed run exactly is checkpointed (see ``checkpoint.py``): the
 adapter, AdamW and scheduler state, the RNG states (dropout masks, router jitter) and the data
@@ -48,15 +50,13 @@ from tqdm.auto import tqdm
 from ..config import ConfigError
 from ..data import LengthGroupedBatches, MultipleChoiceExample, collate, encode_example, load_examples
 from ..evaluate import evaluate_multiple_choice
-from ..models.inject import adapter_parameters, adapter_state, inject, router_stats
+from ..models.inject import AUXILIARY_LOSSES, adapter_parameters, adapter_state, inject, router_stats
 from . import checkpoint as ckpt
 from .config import TrainConfig
 
 log = logging.getLogger("loramix.train")
 
 
-# (output attribute set by the adapter's hooks, config field of its weight in out.loss)
-AUXILIARY_LOSSES = (("aux_loss", "aux_loss_coef"), ("z_loss", "z_loss_coef"), ("contrastive_loss", "contrastive_coef"))
 
 
 class TrainingDiverged(RuntimeError):
@@ -333,8 +333,8 @@ class Trainer:
                 lm = out.loss - router
                 terms.append(lm.float() * (n_answer / total_answer))
                 lm_sum += float(lm.detach()) * n_answer
-            if torch.is_tensor(router):
-                terms.append(router.float() / G)
+                if torch.is_tensor(router):  # the share of Trainer/TRL (n_b / N; models/inject.py)
+                    terms.append(router.float() * (n_answer / total_answer))
             if not terms:
                 continue
             loss = sum(terms)

@@ -7,7 +7,7 @@ active job along the batch dimension, runs one forward/backward over one frozen 
 each job the loss of its own rows::
 
     joint batch = [ job a micro-batch | job b micro-batch | ... ]   (right-padded to one length)
-    loss        = Σ_job  lm_job · n_b / N_window  +  router_job / grad_accum_job
+    loss        = Σ_job  (lm_job + router_job) · n_b / N_window
     job j steps its optimizer when its accumulation window is complete
 
 A job whose loss turns NaN/inf is stopped alone (its last checkpoint stays the last good one);
@@ -235,18 +235,17 @@ class MultiTrainer:
             for name, part in parts:
                 entry, st = losses[name], stats[name]
                 n_answer = _answer_tokens(part["labels"])
-                router = entry["loss"] - entry["lm_loss"]
-                term = router / len(windows[name])
-                if n_answer > 0:
-                    term = term + entry["lm_loss"] * (n_answer / st["N"])
+                # LM and router terms weigh the micro-batch's share of the window's answer tokens (as in loop.py)
+                if n_answer > 0:  # rows without answer tokens have no LM loss and a zero share
+                    term = entry["loss"] * (n_answer / st["N"])
                     st["lm"] += float(entry["lm_loss"].detach()) * n_answer
-                if not math.isfinite(float(term.detach())):
-                    self._fail(name, f"step {self.jobs[name].step + 1}: the loss is {float(term)}; "
-                                     f"{self.jobs[name]._last_good()}")
-                    active.remove(name)
-                    windows.pop(name)
-                    continue
-                terms.append(term)
+                    if not math.isfinite(float(term.detach())):
+                        self._fail(name, f"step {self.jobs[name].step + 1}: the loss is {float(term)}; "
+                                         f"{self.jobs[name]._last_good()}")
+                        active.remove(name)
+                        windows.pop(name)
+                        continue
+                    terms.append(term)
                 st["tokens"] += int(part["attention_mask"].sum())
                 for key in ("aux_loss", "contrastive_loss"):
                     if key in entry:

@@ -1,0 +1,1 @@
+"""loramix inside other tools: transformers Trainer and TRL (``hf``), lm-evaluation-harness (``lm_eval``)."""
