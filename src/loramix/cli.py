@@ -45,7 +45,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # an exception can only be an instance of a class whose module was imported.
 USER_ERRORS = (
     ("loramix.cli", "UsageError"), ("loramix.config", "ConfigError"), ("loramix.data.tasks", "DataError"),
-    ("loramix.adapters.io", "AdapterLoadError"), ("loramix.hub", "ModelLoadError"),
+    ("loramix.adapters.io", "AdapterLoadError"), ("loramix.adapters.folder", "AdapterLoadError"),
+    ("loramix.hub", "ModelLoadError"),
     ("loramix.models.registry", "UnsupportedModelError"), ("loramix.adapters.export", "ExportError"),
     ("loramix.report", "ReportError"), ("loramix.train.checkpoint", "CheckpointError"),
 )

@@ -127,6 +127,8 @@ def load_adapter_onto(model: Any, folder: str, base_name: str) -> Any:
     try:
         return load_adapter(model, folder)
     except AdapterLoadError as err:
+        if str(base_name) in str(err):  # the reader named the base already
+            raise
         raise AdapterLoadError(f"{err} (base model: {base_name}; pass the base the adapter was trained on with "
                                "--model)") from err
 
@@ -251,6 +253,8 @@ def _run_many(args: argparse.Namespace, adapters: dict[str, str]) -> int:
     try:
         model = load_many(model, adapters)
     except AdapterLoadError as err:
+        if str(model_name) in str(err):  # the reader named the base already
+            raise
         raise AdapterLoadError(f"{err} (base model: {model_name}; pass the base the adapters were trained on with "
                                "--model)") from err
     protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
