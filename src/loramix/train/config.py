@@ -144,7 +144,8 @@ class TrainConfig:
     output_dir: str = _help("Run folder: metrics.jsonl, checkpoints/, adapter/, plots.", "runs/train")
     resume: Any = _help("true: continue from output_dir/checkpoints/latest (start fresh if there is none); "
                         "or the path of a checkpoint folder.", False)
-    threads: int | None = _help("torch CPU threads (null: torch's default).", None)
+    threads: int | None = _help("torch CPU threads (null, under loramix train: $OMP_NUM_THREADS if set, else the "
+                                "cores not already busy: cores minus the 1-minute load average, at least 1).", None)
     distributed: str = _help("Under torchrun: 'ddp' (replicated model, adapter gradients all-reduced) or 'fsdp' "
                              "(FSDP2 fully_shard per decoder layer: the frozen base weights sharded over the ranks, "
                              "adapters replicated in fp32). Ignored in one process.", "ddp")
