@@ -28,7 +28,7 @@ import errno
 import importlib
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 # name → (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -276,27 +276,35 @@ def describe_error(err: BaseException) -> tuple[int, str]:
     return 1, f"unexpected {type(err).__name__}{': ' + first if first else ''}\n  ({DEBUG_HINT}; please report it)"
 
 
+def report_errors(prog: str, func: Callable[[], int | None], debug: bool = False) -> int:
+    """Run ``func`` and return its exit code; an exception becomes ``PROG: error: MESSAGE`` on standard
+    error and exit code 2 (bad input) or 1 (run failure), unless ``debug`` or ``$LORAMIX_DEBUG`` asks
+    for the traceback."""
+    debug = debug or os.environ.get("LORAMIX_DEBUG", "").lower() not in ("", "0", "false", "no")
+    try:
+        return int(func() or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure becomes a message and an exit code
+        if debug:
+            raise
+        code, message = describe_error(err)
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``loramix`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug_env = os.environ.get("LORAMIX_DEBUG", "").lower() not in ("", "0", "false", "no")
     command, args = parse_args(argv)
     if command is None:
         build_parser().print_help()
         return 2
-    try:
-        return int(importlib.import_module(COMMANDS[command][0]).run(args) or 0)
-    except KeyboardInterrupt:
-        if args.debug or debug_env:
-            raise
-        print(f"loramix {command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - every failure becomes a message and an exit code
-        if args.debug or debug_env:
-            raise
-        code, message = describe_error(err)
-        print(f"loramix {command}: error: {message}", file=sys.stderr)
-        return code
+    module = importlib.import_module(COMMANDS[command][0])
+    return report_errors(f"loramix {command}", lambda: module.run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -151,4 +151,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import report_errors
+
+    sys.exit(report_errors("python -m loramix.demo", main))
