@@ -251,8 +251,9 @@ def load_model(
     except OSError as err:
         if offline:
             raise ModelLoadError(
-                f"model '{name_or_path}': no such local folder, and not a Hub id in the local Hugging Face cache "
-                f"(the Hub is unreachable: offline). Give a model folder, '{EMBEDDED_NAME}', or a cached Hub id"
+                f"could not load model '{name_or_path}': no such local folder, and the Hub is unreachable (offline) "
+                f"and it is not in the local Hugging Face cache. Give a model folder, '{EMBEDDED_NAME}', or a cached "
+                "Hub id"
             ) from err
         raise ModelLoadError(
             f"could not load model '{name_or_path}': it is not '{EMBEDDED_NAME}', not a local folder, and the "
