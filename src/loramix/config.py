@@ -20,6 +20,11 @@ from typing import Any, ClassVar
 ROUTINGS = ("top_k", "top_p", "switch")
 INITS = ("kaiming", "gaussian")
 DISPATCHES = ("sorted", "naive")
+ADAPTER_DTYPES = (None, "float32", "bfloat16", "float16")
+ADAPTER_DTYPE_HELP = (
+    "dtype of the adapter tensors: null (default) = float32 next to a half-precision or quantized (4/8-bit) "
+    "base, else the base's dtype; or float32 | bfloat16 | float16."
+)
 
 
 class ConfigError(ValueError):
@@ -107,10 +112,12 @@ class LoraConfig(_ConfigBase):
     use_dora: bool = _help("DoRA: learned magnitude per output feature times the normalised weight.", False)
     use_rslora: bool = _help("rsLoRA scaling alpha / sqrt(r).", False)
     init: str = _help("Initialisation of A: 'kaiming' (uniform) or 'gaussian'. B starts at zero.", "kaiming")
+    adapter_dtype: str | None = _help(ADAPTER_DTYPE_HELP, None)
 
     def __post_init__(self) -> None:
         self._check_lora_fields()
         _check_targets(self, "targets")
+        self._check("adapter_dtype", self.adapter_dtype in ADAPTER_DTYPES, "null, float32, bfloat16 or float16")
         self._check("use_dora", isinstance(self.use_dora, bool), "true or false")
         self._check("use_rslora", isinstance(self.use_rslora, bool), "true or false")
         self._check("init", self.init in INITS, f"one of {INITS}")
@@ -158,6 +165,7 @@ class MixLoraConfig(_ConfigBase):
         "Recompute the expert activations in backward instead of keeping them (less memory, ~1 more FFN forward).",
         False,
     )
+    adapter_dtype: str | None = _help(ADAPTER_DTYPE_HELP, None)
 
     def __post_init__(self) -> None:
         self._check_lora_fields()
@@ -184,6 +192,7 @@ class MixLoraConfig(_ConfigBase):
         self._check("jitter", self.jitter < 1, "in [0, 1)")
         self._check("dispatch", self.dispatch in DISPATCHES, f"one of {DISPATCHES}")
         self._check("recompute_experts", isinstance(self.recompute_experts, bool), "true or false")
+        self._check("adapter_dtype", self.adapter_dtype in ADAPTER_DTYPES, "null, float32, bfloat16 or float16")
 
     @property
     def slots_per_token(self) -> int:
@@ -205,13 +214,14 @@ class MixLoraConfig(_ConfigBase):
             use_dora=self.use_dora,
             use_rslora=self.use_rslora,
             init=self.init,
+            adapter_dtype=self.adapter_dtype,
         )
 
     def expert_lora(self) -> LoraConfig:
         """The per-expert LoRA settings."""
         return LoraConfig(
             r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.ffn_targets,
-            use_dora=self.use_dora, use_rslora=self.use_rslora, init=self.init,
+            use_dora=self.use_dora, use_rslora=self.use_rslora, init=self.init, adapter_dtype=self.adapter_dtype,
         )
 
 
@@ -255,9 +265,11 @@ class MoreConfig(_ConfigBase):
     default_task: str | None = _help(
         "Task used when the model is called without task_ids (null: a missing task_ids is an error).", None,
     )
+    adapter_dtype: str | None = _help(ADAPTER_DTYPE_HELP, None)
 
     def __post_init__(self) -> None:
         is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        self._check("adapter_dtype", self.adapter_dtype in ADAPTER_DTYPES, "null, float32, bfloat16 or float16")
         self._check("max_rank", is_int(self.max_rank) and self.max_rank > 0, "a positive integer")
         if self.ranks is not None:
             ok = isinstance(self.ranks, (list, tuple)) and len(self.ranks) > 0 and all(

@@ -76,10 +76,16 @@ def _resolve(requested: list[str] | None, available: dict[str, tuple[str, ...]],
     return chosen
 
 
+def _adapter_dtype(cfg: LoraConfig | MixLoraConfig | MoreConfig) -> torch.dtype | None:
+    """The config's ``adapter_dtype`` as a torch dtype (None: the modules' default, see ``quantized.adapter_dtype_for``)."""
+    name = getattr(cfg, "adapter_dtype", None)
+    return None if name is None else getattr(torch, name)
+
+
 def _lora(module: nn.Module, cfg: LoraConfig, family: ModelFamily, context: ForwardContext) -> LoraLinear:
     return LoraLinear(
         module, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
-        init=cfg.init, fan_in_fan_out=family.fan_in_fan_out, context=context,
+        init=cfg.init, fan_in_fan_out=family.fan_in_fan_out, context=context, adapter_dtype=_adapter_dtype(cfg),
     )
 
 
@@ -93,7 +99,7 @@ def _mixlora_ffn(ffn: nn.Module, cfg: MixLoraConfig, targets: set[str], family: 
         use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init=cfg.init, routing=cfg.routing, top_k=cfg.top_k,
         top_p=cfg.top_p, temperature=cfg.temperature, max_experts=cfg.max_experts,
         capacity_factor=cfg.capacity_factor, jitter=cfg.jitter, router_init_std=cfg.router_init_std,
-        dispatch=cfg.dispatch, recompute_experts=cfg.recompute_experts,
+        dispatch=cfg.dispatch, recompute_experts=cfg.recompute_experts, adapter_dtype=_adapter_dtype(cfg),
     )
 
 
@@ -104,7 +110,7 @@ def _more(module: nn.Module, cfg: MoreConfig, family: ModelFamily, context: Forw
         dropout=cfg.dropout, linear_scaling=cfg.linear_scaling, temperature=cfg.temperature, selector=cfg.selector,
         task_embedding_std=cfg.task_embedding_std, init=cfg.init,
         default_task=cfg.tasks.index(cfg.default_task) if cfg.default_task is not None else None,
-        fan_in_fan_out=family.fan_in_fan_out, context=context,
+        fan_in_fan_out=family.fan_in_fan_out, context=context, adapter_dtype=_adapter_dtype(cfg),
     )
 
 

@@ -13,7 +13,7 @@ The wrapper owns the frozen ``weight``/``bias`` Parameters of the module it repl
 model's state-dict keys do not change (``...q_proj.weight`` stays ``...q_proj.weight``) and the
 adapter tensors sit beside them as ``lora_A``, ``lora_B`` and ``lora_magnitude``.
 
-Precision: the adapter tensors are fp32 next to a half-precision base (``quantized.adapter_dtype``).
+Precision: the adapter tensors are fp32 next to a half-precision base (``quantized.adapter_dtype_for``).
 In the forward the LoRA branch runs in the dtype of the frozen output ``W x + b``: under
 ``torch.autocast`` that is the autocast dtype (``F.linear`` is on autocast's lower-precision list), on a
 bf16 base without autocast bf16, else fp32. ``A`` and ``B`` are cast to it (their gradients arrive in
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .context import ForwardContext
+from .quantized import adapter_dtype_for, frozen_weight, is_quantized, logical_shape
 
 
 def init_lora_A(A: torch.Tensor, init: str, rank: int) -> None:
@@ -128,7 +129,51 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.linear(x, weight, bias)
 
 
-class LoraLinear(nn.Module):
+class FrozenProjection(nn.Module):
+    """The frozen projection that ``LoraLinear`` and ``MoreLinear`` wrap: its weight, bias and how to call it.
+
+    Registers the base module's own ``weight``/``bias`` Parameters (quantized: the packed codes or the
+    torchao tensor), so the base's parameter names and state-dict keys do not change; keeps the base
+    module itself unregistered in ``_base_module`` (for ``unload``, and to call a quantized base).
+
+    Args:
+        base: ``nn.Linear``, GPT-2 ``Conv1D``, or a quantized linear (see ``quantized.py``).
+        fan_in_fan_out: the (unquantized) weight is stored (in, out), as in ``Conv1D``.
+    """
+
+    def __init__(self, base: nn.Module, fan_in_fan_out: bool) -> None:
+        super().__init__()
+        self.fan_in_fan_out = fan_in_fan_out
+        self.quantized = is_quantized(base)
+        self.in_features, self.out_features = logical_shape(base, fan_in_fan_out)
+        self.weight = base.weight
+        self.bias = getattr(base, "bias", None)
+        self._base_module = [base]  # not registered: unload() puts it back
+
+    def weight_out_in(self) -> torch.Tensor:
+        """The frozen weight as (out, in); dequantized afresh for a quantized base (``frozen_weight``)."""
+        if self.quantized:
+            return frozen_weight(self._base_module[0], fan_in_fan_out=self.fan_in_fan_out)
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def frozen(self, x: torch.Tensor) -> torch.Tensor:
+        """``W x + b``, (..., in) → (..., out); a quantized base is called as a module."""
+        if self.quantized:
+            return self._base_module[0](x)
+        return frozen_linear(x, self.weight, self.bias, self.fan_in_fan_out)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        """A quantized base saves itself (bitsandbytes adds its quantization statistics under
+        ``weight.*`` / ``SCB``), so the frozen keys are exactly those of the model before ``inject``."""
+        if not self.quantized:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        self._base_module[0]._save_to_state_dict(destination, prefix, keep_vars)
+        for name, param in self._parameters.items():
+            if name not in ("weight", "bias") and param is not None:
+                destination[prefix + name] = param if keep_vars else param.detach()
+
+
+class LoraLinear(FrozenProjection):
     """A frozen linear projection plus a LoRA (or rsLoRA / DoRA) delta.
 
     Args:
@@ -138,6 +183,12 @@ class LoraLinear(nn.Module):
         init: 'kaiming' or 'gaussian' init of ``A``.
         fan_in_fan_out: the base weight is stored (in, out) as in GPT-2's Conv1D.
         context: the model's shared ``ForwardContext`` (for disabling adapters), optional.
+        adapter_dtype: dtype of ``lora_A``/``lora_B``/``lora_magnitude``; None: fp32 next to a
+            half-precision or quantized weight, else the weight's dtype (``quantized.adapter_dtype_for``).
+
+    ``base`` may be quantized (bitsandbytes ``Linear4bit``/``Linear8bitLt``, a torchao weight; see
+    ``quantized.py``): it is then called as a module, the adapter is shaped from its logical
+    (in, out) and DoRA dequantizes its weight for the norm on each use.
 
     Shapes: input (..., in) → output (..., out).
     """
@@ -154,30 +205,21 @@ class LoraLinear(nn.Module):
         init: str = "kaiming",
         fan_in_fan_out: bool = False,
         context: ForwardContext | None = None,
+        adapter_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        weight: nn.Parameter = base.weight
-        self.fan_in_fan_out = fan_in_fan_out
-        self.in_features, self.out_features = weight.shape if fan_in_fan_out else weight.shape[::-1]
-        self.weight = weight
-        self.bias = getattr(base, "bias", None)
+        super().__init__(base, fan_in_fan_out)
+        weight = self.weight
         self.r, self.alpha = r, alpha
         self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.use_dora = use_dora
         self.dropout = LoraDropout(dropout) if dropout > 0 else nn.Identity()
-        factory = {"device": weight.device, "dtype": torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype}
+        factory = {"device": weight.device, "dtype": adapter_dtype_for(base, adapter_dtype)}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))
         init_lora_A(self.lora_A, init, r)
         if use_dora:
             self.lora_magnitude = nn.Parameter(self.weight_norm().to(factory["dtype"]))
         self.context = context if context is not None else ForwardContext()
-        # The replaced module, kept (not registered) so unload() can put it back.
-        self._base_module = [base]
-
-    def weight_out_in(self) -> torch.Tensor:
-        """The frozen weight as (out, in)."""
-        return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def weight_norm(self) -> torch.Tensor:
         """Detached row norms of ``W + s B A``, shape (out,)."""
@@ -188,8 +230,9 @@ class LoraLinear(nn.Module):
         delta = self.scale * (self.lora_B @ self.lora_A)
         if not self.use_dora:
             return delta
-        merged = self.weight_out_in().float() + delta
-        return (self.lora_magnitude / self.weight_norm().float())[:, None] * merged - self.weight_out_in().float()
+        weight = self.weight_out_in().float()  # dequantized once for a quantized base
+        norm = dora_weight_norm(weight, self.lora_A, self.lora_B, self.scale).float()
+        return (self.lora_magnitude / norm)[:, None] * (weight + delta) - weight
 
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """Adapted output given the frozen output ``base_out = W x + b`` (both (..., in/out))."""
@@ -211,7 +254,7 @@ class LoraLinear(nn.Module):
         return factor * (base_out - bias + lora) + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base_out = frozen_linear(x, self.weight, self.bias, self.fan_in_fan_out)
+        base_out = self.frozen(x)
         if self.context.disabled:
             return base_out
         return self.adapter_forward(x, base_out)

@@ -26,7 +26,7 @@ Precision (the same rules for the fast and the naive path; ``x`` is the block in
 autocast because the residual stream is):
 
 - Parameters: router and expert tensors are fp32 next to a half-precision or quantized base
-  (``quantized.adapter_dtype``), else the base's dtype. Their gradients are fp32.
+  (``quantized.adapter_dtype_for``), else the base's dtype. Their gradients are fp32.
 - Router: ``x Wᵣᵀ``, softmax, top-k/top-p/switch weights and the load-balance and z-losses in fp32
   with autocast switched off, so routing does not depend on the precision of the run.
 - Compute dtype ``c``: the dtype of the frozen input projections' output ``W_gate x``. Under
@@ -52,6 +52,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .context import ForwardContext
 from .lora import LoraDropout, dora_weight_norm, init_lora_A, lora_input
+from .quantized import adapter_dtype_for, frozen_weight, logical_shape
 from .routing import Routing, load_balance_loss, route_switch, route_top_k, route_top_p, router_statistics, router_z_loss, expert_counts
 
 FFN_KINDS = ("gated", "fused", "plain")
@@ -222,6 +223,13 @@ class MixLoraFFN(nn.Module):
         num_experts, r, alpha, dropout, use_rslora, use_dora, init, routing, top_k, top_p,
         temperature, max_experts, capacity_factor, jitter, router_init_std, dispatch,
         recompute_experts: as in ``MixLoraConfig``.
+        adapter_dtype: dtype of the router and expert tensors; None: fp32 next to a half-precision or
+            quantized base, else the base's dtype (``quantized.adapter_dtype_for``).
+
+    The projections may be quantized (bitsandbytes 4/8-bit, torchao; see ``quantized.py``): they are
+    always called as modules (the fast path's property holds: each frozen projection runs once per
+    token, the down projection on N rows), shapes come from their logical (in, out) and DoRA
+    dequantizes their weights for the norms on each use.
 
     Shapes: input (B, T, d) → output (B, T, d).
     """
@@ -255,6 +263,7 @@ class MixLoraFFN(nn.Module):
         router_init_std: float,
         dispatch: str,
         recompute_experts: bool = False,
+        adapter_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if kind not in FFN_KINDS:
@@ -279,7 +288,7 @@ class MixLoraFFN(nn.Module):
         self.lora_dropout = LoraDropout(dropout) if dropout > 0 else nn.Identity()
 
         ref = getattr(self, output_projection).weight
-        adapter_dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
+        adapter_dtype = adapter_dtype_for(getattr(self, output_projection), adapter_dtype)
         hidden_size = self.projection_shape(self.input_projections[0])[0]
         self.router = nn.Linear(hidden_size, num_experts, bias=False, device=ref.device, dtype=adapter_dtype)
         nn.init.normal_(self.router.weight, std=router_init_std)
@@ -299,14 +308,12 @@ class MixLoraFFN(nn.Module):
 
     # ----------------------------------------------------------------------------------- helpers
     def weight_out_in(self, name: str) -> torch.Tensor:
-        """Frozen weight of projection ``name`` as (out, in)."""
-        w = getattr(self, name).weight
-        return w.t() if name in self.fan_in_fan_out else w
+        """Frozen weight of projection ``name`` as (out, in) (dequantized afresh when quantized)."""
+        return frozen_weight(getattr(self, name), fan_in_fan_out=name in self.fan_in_fan_out)
 
     def projection_shape(self, name: str) -> tuple[int, int]:
         """(in_features, out_features) of projection ``name``."""
-        out_f, in_f = self.weight_out_in(name).shape
-        return in_f, out_f
+        return logical_shape(getattr(self, name), name in self.fan_in_fan_out)
 
     def combine(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         """FFN hidden activation from the input projections' outputs (rows, f)."""

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .context import ForwardContext
-from .lora import frozen_linear, init_lora_A
+from .lora import FrozenProjection, init_lora_A
+from .quantized import adapter_dtype_for
 
 
 def task_contrastive_loss(
@@ -131,7 +132,7 @@ class RankSelector(nn.Module):
         return self.ranks[idx], q_chosen - q_chosen.detach() + 1.0
 
 
-class MoreLinear(nn.Module):
+class MoreLinear(FrozenProjection):
     """A frozen linear projection plus MoRE's nested low-rank experts chosen per task.
 
     Args:
@@ -144,6 +145,8 @@ class MoreLinear(nn.Module):
         default_task: task index used when the call carries no task ids (None: error).
         fan_in_fan_out: the base weight is stored (in, out). context: the model's ``ForwardContext``
             (task ids, padding mask, disabling).
+        adapter_dtype: dtype of the adapter tensors; None: fp32 next to a half-precision or quantized
+            weight, else the weight's dtype. A quantized ``base`` is called as a module (``quantized.py``).
 
     Shapes: input (B, ..., in) → output (B, ..., out); the task ids (B,) come from ``context.task_ids``.
     After a forward, ``contrastive_loss`` holds this module's scalar task contrastive loss.
@@ -166,26 +169,23 @@ class MoreLinear(nn.Module):
         default_task: int | None = None,
         fan_in_fan_out: bool = False,
         context: ForwardContext | None = None,
+        adapter_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(base, fan_in_fan_out)
         if selector not in ("ste", "frozen_random"):
             raise ValueError(f"unknown MoRE selector '{selector}' (use 'ste' or 'frozen_random')")
         ranks = list(range(1, max_rank + 1)) if ranks is None else sorted(set(ranks))
         if not ranks or ranks[0] < 1 or ranks[-1] > max_rank:
             raise ValueError(f"MoRE ranks {ranks} must lie in [1, max_rank={max_rank}]")
-        weight: nn.Parameter = base.weight
-        self.fan_in_fan_out = fan_in_fan_out
-        self.in_features, self.out_features = weight.shape if fan_in_fan_out else weight.shape[::-1]
-        self.weight = weight
-        self.bias = getattr(base, "bias", None)
+        weight = self.weight  # the base's own Parameter (quantized: packed codes / a torchao tensor)
         self.max_rank, self.num_tasks, self.alpha = max_rank, num_tasks, alpha
         self.scale = alpha / max_rank
         self.temperature = temperature
         self.selector_kind = selector
         self.default_task = default_task
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Adapter tensors stay fp32 when the base is half precision (as LoraLinear does).
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        # Adapter tensors stay fp32 when the base is half precision or quantized (as LoraLinear does).
+        dtype = adapter_dtype_for(base, adapter_dtype)
         self.lora_A = nn.Parameter(torch.empty(max_rank, self.in_features, device=weight.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, max_rank, device=weight.device, dtype=dtype))
         init_lora_A(self.lora_A, init, max_rank)
@@ -199,7 +199,6 @@ class MoreLinear(nn.Module):
         self.context = context if context is not None else ForwardContext()
         self.contrastive_loss: torch.Tensor | None = None
         self._fixed_ranks: torch.Tensor | None = None  # (num_tasks,) once fix_ranks() ran
-        self._base_module = [base]  # kept (not registered) so unload() can put it back
 
     # ------------------------------------------------------------------------------ task choice
     @property
@@ -265,10 +264,6 @@ class MoreLinear(nn.Module):
         return ids
 
     # ---------------------------------------------------------------------------------- math
-    def weight_out_in(self) -> torch.Tensor:
-        """The frozen weight as (out, in)."""
-        return self.weight.t() if self.fan_in_fan_out else self.weight
-
     def delta_weight(self, task: int) -> torch.Tensor:
         """``ΔW_{k_t} = s · B[:, :k] diag(c²_1..c²_k) A[:k]`` for task index ``task``, shape (out, in), fp32."""
         k = self.chosen_ranks()[task]
@@ -284,7 +279,7 @@ class MoreLinear(nn.Module):
         return A.clone(), B.clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base_out = frozen_linear(x, self.weight, self.bias, self.fan_in_fan_out)
+        base_out = self.frozen(x)
         if self.context.disabled:
             return base_out
         batch = x.shape[0]

@@ -21,7 +21,7 @@ The rules the adapters follow on such a base (``LoraLinear``, ``MoreLinear``, ``
   of its weight is kept. Its output dtype is whatever the module returns (bitsandbytes returns the
   input's dtype; under ``torch.autocast`` the adapters follow that dtype, see ``mixlora.py``).
 - Adapter tensors are created from the layer's *logical* shape (``logical_shape``) in a floating
-  compute dtype (``adapter_dtype``): fp32 by default, whatever the storage dtype.
+  compute dtype (``adapter_dtype_for``): fp32 by default, whatever the storage dtype.
 - Whoever needs the dense weight (DoRA's weight norm, merging, export) calls ``frozen_weight``,
   which dequantizes on every call and keeps nothing.
 
@@ -77,7 +77,7 @@ def logical_shape(module: nn.Module, fan_in_fan_out: bool = False) -> tuple[int,
     return int(weight.shape[1]), int(weight.shape[0])
 
 
-def adapter_dtype(module: nn.Module, requested: torch.dtype | None = None) -> torch.dtype:
+def adapter_dtype_for(module: nn.Module, requested: torch.dtype | None = None) -> torch.dtype:
     """The dtype of the adapter tensors placed on ``module``.
 
     ``requested`` (a floating dtype) wins when given. Otherwise: fp32 next to a half-precision or a
@@ -162,4 +162,4 @@ def _unpack_cpu_4bit(data: torch.Tensor, state) -> tuple[torch.Tensor, object]:
     return codes, work
 
 
-__all__ = ["HALF_DTYPES", "adapter_dtype", "frozen_weight", "is_quantized", "logical_shape", "quantization_kind"]
+__all__ = ["HALF_DTYPES", "adapter_dtype_for", "frozen_weight", "is_quantized", "logical_shape", "quantization_kind"]
