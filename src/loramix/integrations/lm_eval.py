@@ -1,0 +1,96 @@
+"""lm-evaluation-harness on loramix adapters: an lm-eval model type ``loramix``, from Python or its CLI.
+
+Three routes, each tested in ``tests/test_lm_eval.py`` against ``loramix.evaluate`` (same per-choice
+log-likelihoods to 1e-4):
+
+1. A plain LoRA / rsLoRA / DoRA adapter folder *is* a PEFT adapter, so lm-eval's own CLI loads it::
+
+       lm_eval --model hf --model_args pretrained=BASE,peft=runs/lora/adapter --tasks arc_easy
+
+2. Any loramix adapter (MixLoRA with every routing, MoRE with a task, the authors' MixLoRA format)
+   through this module, which registers the model type ``loramix`` and then runs lm-eval's CLI::
+
+       python -m loramix.integrations.lm_eval --model loramix \\
+           --model_args pretrained=smollm2-135m,adapter=runs/mixlora/adapter --tasks arc_easy
+       # MoRE: ...,adapter=runs/more/adapter,task=boolq
+
+   lm-eval finds model types only among its own modules (there is no plug-in discovery in 0.4.13),
+   hence the ``python -m`` wrapper; everything after it is lm-eval's own command line.
+
+3. From Python, an adapter model already in memory::
+
+       from loramix.integrations.lm_eval import LoramixLM
+       lm = LoramixLM(pretrained=model, tokenizer=tokenizer, task="boolq", batch_size=8)
+       lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"])
+
+   (``lm_eval.models.huggingface.HFLM(pretrained=model, tokenizer=tokenizer)`` works as well for
+   LoRA and MixLoRA; MoRE needs ``task=``, since lm-eval cannot pass ``task_ids``.)
+
+A MixLoRA adapter with top-k routing can also leave loramix entirely:
+``loramix export ADAPTER --format mixtral --out DIR`` writes a Mixtral-family model that
+``lm_eval --model hf --model_args pretrained=DIR`` evaluates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from torch import nn
+
+
+@register_model("loramix")
+class LoramixLM(HFLM):
+    """lm-eval's Hugging Face causal-LM wrapper over a base model with a loramix adapter.
+
+    Args:
+        pretrained: the base model (a folder, a Hub id or ``smollm2-135m``), or a model in memory
+            (with its adapter already injected or loaded).
+        adapter: a loramix adapter folder to load onto a base given by name (any kind or layout
+            ``loramix.load_adapter`` reads).
+        task: MoRE adapters: the task whose rank every request uses (lm-eval cannot pass ``task_ids``).
+        tokenizer: the tokenizer (default: the base model's).
+        dtype: ``auto`` (bf16 on capable GPUs, fp32 otherwise), ``float32``, ``bfloat16``, ...
+        device: ``cuda``, ``cpu``, ... (default: CUDA when available).
+        **kwargs: lm-eval's ``HFLM`` options (``batch_size``, ``max_length``, ...).
+    """
+
+    def __init__(self, pretrained: str | nn.Module, adapter: str | None = None, task: str | None = None,
+                 tokenizer: Any = None, dtype: str = "auto", device: str | None = None, **kwargs: Any) -> None:
+        if isinstance(pretrained, str):
+            from ..adapters import load_adapter
+            from ..hub import load_model
+
+            model, base_tokenizer = load_model(pretrained, dtype=dtype, device=device)
+            if adapter:
+                load_adapter(model, adapter)
+            tokenizer = tokenizer or base_tokenizer
+        else:
+            if adapter:
+                raise ValueError("LoramixLM: 'adapter' loads onto a base model given by name; a model in memory "
+                                 "already holds its adapter (loramix.load_adapter(model, folder) first)")
+            model = pretrained
+        if task is not None:
+            from ..adapters.more_tasks import use_task
+
+            # lm-eval calls the model without task_ids: every call for this LM uses the task's rank.
+            self._task = use_task(model, task)
+            self._task.__enter__()
+        if tokenizer is None:
+            raise ValueError("LoramixLM: give the tokenizer of a model passed in memory (tokenizer=...)")
+        super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
+
+
+def main() -> None:
+    """lm-eval's command line with the ``loramix`` model type registered (``python -m loramix.integrations.lm_eval``)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["LoramixLM", "main"]

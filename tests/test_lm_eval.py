@@ -1,0 +1,170 @@
+"""lm-evaluation-harness on loramix adapters, for real (lm-eval 0.4.13): its CLI with ``peft=`` on a
+loramix LoRA folder, its CLI through ``python -m loramix.integrations.lm_eval --model loramix`` on a
+MixLoRA folder, and from Python on models in memory. Every route must give the same per-choice
+log-likelihoods as ``loramix.evaluate`` (loglik protocol, unnormalised) to 1e-4, on a local
+multiple-choice task (YAML + JSONL, ``--include_path``) over a tiny model saved with a tiny tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import loramix
+from loramix.data.examples import MultipleChoiceExample
+from loramix.evaluate import evaluate_multiple_choice
+from conftest import mixlora_config, perturb_adapter
+from tiny_models import tiny_config
+from tiny_tokenizer import tiny_tokenizer
+
+TASK = "loramix_tiny_mc"
+ROWS = [
+    {"question": "Which is a fruit?", "choices": ["apple", "the cat", "a dog"], "answer": 0},
+    {"question": "the cat sat on the", "choices": ["mat", "park", "red green"], "answer": 0},
+    {"question": "Which is a colour?", "choices": ["blue", "no", "the park", "true"], "answer": 0},
+    {"question": "a dog ran in the", "choices": ["park", "mat"], "answer": 0},
+]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "OMP_NUM_THREADS": "1"}
+
+
+def base_model():
+    config = tiny_config("llama")
+    config.vocab_size = len(tiny_tokenizer())
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def adapted(config, seed=7):
+    model = loramix.inject(base_model(), config)
+    perturb_adapter(model, seed=seed, b_std=0.3, router_std=0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A base model folder (weights + tokenizer), a task folder, a LoRA folder and a MixLoRA folder."""
+    root = tmp_path_factory.mktemp("lm_eval")
+    base_model().save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    (root / "tasks").mkdir()
+    (root / "tasks" / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (root / "tasks" / f"{TASK}.yaml").write_text(
+        f"task: {TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root / 'tasks' / 'data.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{question}}\\nAnswer:\"\n"
+        "doc_to_choice: choices\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n")
+    lora = adapted(loramix.LoraConfig(r=4, alpha=8, targets=None, use_dora=True, use_rslora=True))
+    mix = adapted(mixlora_config(routing="top_p", top_p=0.7))  # no Mixtral export exists for top_p routing
+    for model, name in ((lora, "lora"), (mix, "mixlora")):
+        model.config._name_or_path = str(root / "base")
+        loramix.save_adapter(model, root / name)
+    return root, {"lora": lora, "mixlora": mix}
+
+
+def loramix_scores(model) -> list[list[float]]:
+    """Per-choice log-likelihood sums from loramix's own evaluation (the reference)."""
+    examples = [MultipleChoiceExample(question=r["question"], choices=r["choices"], gold=r["answer"], task="t",
+                                      id=str(i)) for i, r in enumerate(ROWS)]
+    out = evaluate_multiple_choice(model, tiny_tokenizer(), examples, protocol="loglik", template=None,
+                                   normalize="none", progress=False, batch_size=4)
+    return out["scores"]
+
+
+def samples_scores(samples: list[dict]) -> list[list[float]]:
+    """Per-choice log-likelihoods from lm-eval's logged samples, in document order."""
+    by_doc = sorted(samples, key=lambda s: s["doc_id"])
+    return [[float(resp[0]) for resp in s["filtered_resps"]] for s in by_doc]
+
+
+def start_cli(root: Path, out: Path, module: str, model: str, model_args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", module, "--model", model, "--model_args", model_args, "--tasks", TASK,
+           "--include_path", str(root / "tasks"), "--device", "cpu", "--batch_size", "2", "--log_samples",
+           "--output_path", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def cli_scores(proc: subprocess.Popen, out: Path) -> list[list[float]]:
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    files = list(out.rglob(f"samples_{TASK}_*.jsonl"))
+    assert len(files) == 1, f"no samples file under {out}: {stderr[-2000:]}"
+    return samples_scores([json.loads(line) for line in files[0].read_text().splitlines() if line.strip()])
+
+
+@pytest.fixture(scope="module")
+def cli_runs(setup):
+    """Both CLI runs, started together (each spends most of its time indexing lm-eval's own tasks)."""
+    root, _ = setup
+    runs = {
+        "peft": (start_cli(root, root / "out-peft", "lm_eval", "hf",
+                           f"pretrained={root / 'base'},peft={root / 'lora'},dtype=float32"), root / "out-peft"),
+        "loramix": (start_cli(root, root / "out-loramix", "loramix.integrations.lm_eval", "loramix",
+                              f"pretrained={root / 'base'},adapter={root / 'mixlora'},dtype=float32"),
+                    root / "out-loramix"),
+    }
+    yield runs
+    for proc, _ in runs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def assert_same(theirs, ours, base):
+    assert [len(r) for r in theirs] == [len(r) for r in ours]
+    diff = max(abs(a - b) for ra, rb in zip(theirs, ours) for a, b in zip(ra, rb))
+    assert diff <= 1e-4, (theirs, ours)
+    # the adapter changes the scores, so the comparison can fail
+    assert max(abs(a - b) for ra, rb in zip(ours, base) for a, b in zip(ra, rb)) > 1e-3
+
+
+def test_lm_eval_cli_loads_a_loramix_lora_folder_with_peft(setup, cli_runs):
+    _, models = setup
+    theirs = cli_scores(*cli_runs["peft"])  # lm_eval --model hf --model_args pretrained=BASE,peft=FOLDER
+    assert_same(theirs, loramix_scores(models["lora"]), loramix_scores(base_model()))
+
+
+def test_lm_eval_cli_through_the_loramix_model_type_on_a_mixlora_folder(setup, cli_runs):
+    _, models = setup
+    theirs = cli_scores(*cli_runs["loramix"])  # python -m loramix.integrations.lm_eval --model loramix ...
+    assert_same(theirs, loramix_scores(models["mixlora"]), loramix_scores(base_model()))
+
+
+def _simple_evaluate(lm, root: Path) -> list[list[float]]:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tasks = TaskManager(include_path=str(root / "tasks"), include_defaults=False)  # skip indexing lm-eval's own
+    out = lm_eval.simple_evaluate(model=lm, tasks=[TASK], task_manager=tasks, log_samples=True)
+    return samples_scores(out["samples"][TASK])
+
+
+def test_lm_eval_from_python_on_models_in_memory(setup):
+    from lm_eval.models.huggingface import HFLM
+
+    from loramix.integrations.lm_eval import LoramixLM
+
+    root, models = setup
+    base = loramix_scores(base_model())
+    lm = HFLM(pretrained=models["mixlora"], tokenizer=tiny_tokenizer(), batch_size=2)
+    assert_same(_simple_evaluate(lm, root), loramix_scores(models["mixlora"]), base)
+
+    more = adapted(loramix.MoreConfig(max_rank=4, alpha=8, dropout=0.0, tasks=["t0", "t1"]))
+    lm = LoramixLM(pretrained=more, tokenizer=tiny_tokenizer(), task="t1", batch_size=2)
+    with loramix.use_task(more, "t1"):
+        ours = loramix_scores(more)
+    assert_same(_simple_evaluate(lm, root), ours, base)
+
+
+def test_lm_eval_peft_on_a_mixlora_folder_says_what_it_is(setup):
+    from lm_eval.models.huggingface import HFLM
+
+    root, _ = setup
+    with pytest.raises(KeyError, match=r"loramix MixLoRA adapter, not a PEFT one.*loramix export .*--format mixtral"):
+        HFLM(pretrained=str(root / "base"), peft=str(root / "mixlora"), device="cpu")
