@@ -141,6 +141,9 @@ class TrainConfig:
                              "the run is always checkpointed before the adapter is written.", 0)
     keep_checkpoints: int = _help("Keep the newest K checkpoints; older ones are deleted.", 2)
     log_every: int = _help("Write a metrics line every N optimizer steps.", 1)
+    report_to: Any = _help("Also send every metrics.jsonl record to these trackers: tensorboard (event files in "
+                           "output_dir/tensorboard), wandb, trackio, mlflow (each when installed); [] for none.",
+                           factory=list)
     output_dir: str = _help("Run folder: metrics.jsonl, checkpoints/, adapter/, plots.", "runs/train")
     resume: Any = _help("true: continue from output_dir/checkpoints/latest (start fresh if there is none); "
                         "or the path of a checkpoint folder.", False)
@@ -188,6 +191,9 @@ class TrainConfig:
             raise ConfigError(f"'resume' must be true, false or a checkpoint folder, got {self.resume!r}")
         if self.distributed not in DISTRIBUTED:
             raise ConfigError(f"'distributed' must be one of {', '.join(DISTRIBUTED)}, got {self.distributed!r}")
+        from .tracking import check_report_to
+
+        self.report_to = check_report_to(self.report_to)
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"'threads' must be >= 1 or null, got {self.threads}")
         from ..models.quantize import check_quantization

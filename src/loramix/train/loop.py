@@ -53,6 +53,7 @@ from ..evaluate import evaluate_multiple_choice
 from ..models.inject import AUXILIARY_LOSSES, adapter_parameters, adapter_state, inject, router_stats
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .tracking import flatten, open_trackers
 
 log = logging.getLogger("loramix.train")
 
@@ -147,6 +148,7 @@ class Trainer:
         self._old_handlers: dict[int, Any] = {}
         self._epoch_batches: tuple[int, list[list[int]]] | None = None
         self._is_setup = False
+        self._trackers: list | None = None  # report_to: opened by the first metrics record this process writes
 
     # ------------------------------------------------------------------ setup
 
@@ -192,6 +194,7 @@ class Trainer:
             self._resume()
         elif self.metrics_path.exists():
             self.metrics_path.unlink()  # a fresh run in an old folder starts a fresh log
+        self._start_step = self.step  # trackers drop what a killed run logged after this step
         self._is_setup = True
 
     @staticmethod
@@ -529,6 +532,12 @@ class Trainer:
     def _write_metrics(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self._trackers is None:
+            self._trackers = open_trackers(self.config.report_to, self.output_dir, config=self.config.to_dict(),
+                                           start_step=getattr(self, "_start_step", self.step))
+        step, scalars = flatten(record)
+        for tracker in self._trackers:
+            tracker.log(scalars, step)
 
     def _plots(self) -> None:
         try:
@@ -570,7 +579,10 @@ class Trainer:
             self._old_handlers[sig] = signal.signal(sig, handler)
 
     def cleanup(self) -> None:
-        """Restore the signal handlers the run replaced."""
+        """Restore the signal handlers the run replaced; close the trackers (report_to)."""
         for sig, old in self._old_handlers.items():
             signal.signal(sig, old)
         self._old_handlers.clear()
+        for tracker in self._trackers or []:
+            tracker.close()
+        self._trackers = None
