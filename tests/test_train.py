@@ -334,7 +334,7 @@ def test_train_command_end_to_end(tmp_path, capsys):
     assert main(["train", str(cfg), "max_steps=2", "adapter.r=4"]) == 0
     out = capsys.readouterr().out
     assert "adapter saved to" in out and "label accuracy" in out
-    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    saved = loramix.adapters.read_adapter_config(tmp_path / "run" / "adapter")  # PEFT folder + loramix sidecar
     assert saved["config"]["r"] == 4
     assert [r["step"] for r in metric_records(tmp_path / "run") if r["type"] == "train"] == [1, 2]
     assert main(["train", str(cfg), "max_step=2"]) == 2
