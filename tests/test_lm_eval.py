@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import lm_eval
 import pytest
 import torch
 import transformers
@@ -83,11 +86,30 @@ def samples_scores(samples: list[dict]) -> list[list[float]]:
     return [[float(resp[0]) for resp in s["filtered_resps"]] for s in by_doc]
 
 
-def start_cli(root: Path, out: Path, module: str, model: str, model_args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", module, "--model", model, "--model_args", model_args, "--tasks", TASK,
-           "--include_path", str(root / "tasks"), "--device", "cpu", "--batch_size", "2", "--log_samples",
-           "--output_path", str(out)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_lm_eval() -> tuple[list[str], list[str]]:
+    """The bash command lines and the Python snippets of the README's '### lm-eval' subsection."""
+    body = README.read_text().split("### lm-eval", 1)[1].split("\n## ", 1)[0]
+    bash = [line for block in re.findall(r"```bash\n(.*?)```", body, flags=re.S) for line in block.splitlines()
+            if line.strip()]
+    return bash, re.findall(r"```python\n(.*?)```", body, flags=re.S)
+
+
+def start_cli(line: str, root: Path, out: Path) -> subprocess.Popen:
+    """Run a README command line on the test's files: base model, adapters and task swapped for the
+    tiny ones; the local task folder, CPU and the logged samples added."""
+    for old, new in (("pretrained=BASE", f"pretrained={root / 'base'}"),
+                     ("pretrained=smollm2-135m", f"pretrained={root / 'base'}"),
+                     ("runs/lora/adapter", str(root / "lora")), ("runs/mixlora/adapter", str(root / "mixlora")),
+                     ("arc_easy", TASK)):
+        line = line.replace(old, new)
+    args = shlex.split(line)
+    args = [sys.executable, "-m", "lm_eval", *args[1:]] if args[0] == "lm_eval" else [sys.executable, *args[1:]]
+    args += ["--include_path", str(root / "tasks"), "--device", "cpu", "--batch_size", "2", "--log_samples",
+             "--output_path", str(out)]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 
 
 def cli_scores(proc: subprocess.Popen, out: Path) -> list[list[float]]:
@@ -100,15 +122,15 @@ def cli_scores(proc: subprocess.Popen, out: Path) -> list[list[float]]:
 
 @pytest.fixture(scope="module")
 def cli_runs(setup):
-    """Both CLI runs, started together (each spends most of its time indexing lm-eval's own tasks)."""
+    """The README's two command lines, started together (each spends most of its time indexing
+    lm-eval's own tasks)."""
     root, _ = setup
-    runs = {
-        "peft": (start_cli(root, root / "out-peft", "lm_eval", "hf",
-                           f"pretrained={root / 'base'},peft={root / 'lora'},dtype=float32"), root / "out-peft"),
-        "loramix": (start_cli(root, root / "out-loramix", "loramix.integrations.lm_eval", "loramix",
-                              f"pretrained={root / 'base'},adapter={root / 'mixlora'},dtype=float32"),
-                    root / "out-loramix"),
-    }
+    bash, _ = readme_lm_eval()
+    lines = {"peft": [b for b in bash if b.startswith("lm_eval ") and ",peft=" in b],
+             "loramix": [b for b in bash if b.startswith("python -m loramix.integrations.lm_eval --model loramix")]}
+    assert all(len(found) == 1 for found in lines.values()), bash
+    runs = {name: (start_cli(found[0], root, root / f"out-{name}"), root / f"out-{name}")
+            for name, found in lines.items()}
     yield runs
     for proc, _ in runs.values():
         if proc.poll() is None:
@@ -119,6 +141,7 @@ def cli_runs(setup):
 def assert_same(theirs, ours, base):
     assert [len(r) for r in theirs] == [len(r) for r in ours]
     diff = max(abs(a - b) for ra, rb in zip(theirs, ours) for a, b in zip(ra, rb))
+    print(f"largest |lm-eval - loramix| per-choice log-likelihood difference: {diff:.2e}")
     assert diff <= 1e-4, (theirs, ours)
     # the adapter changes the scores, so the comparison can fail
     assert max(abs(a - b) for ra, rb in zip(ours, base) for a, b in zip(ra, rb)) > 1e-3
@@ -136,30 +159,28 @@ def test_lm_eval_cli_through_the_loramix_model_type_on_a_mixlora_folder(setup, c
     assert_same(theirs, loramix_scores(models["mixlora"]), loramix_scores(base_model()))
 
 
-def _simple_evaluate(lm, root: Path) -> list[list[float]]:
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    tasks = TaskManager(include_path=str(root / "tasks"), include_defaults=False)  # skip indexing lm-eval's own
-    out = lm_eval.simple_evaluate(model=lm, tasks=[TASK], task_manager=tasks, log_samples=True)
-    return samples_scores(out["samples"][TASK])
-
-
 def test_lm_eval_from_python_on_models_in_memory(setup):
-    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     from loramix.integrations.lm_eval import LoramixLM
 
     root, models = setup
     base = loramix_scores(base_model())
-    lm = HFLM(pretrained=models["mixlora"], tokenizer=tiny_tokenizer(), batch_size=2)
-    assert_same(_simple_evaluate(lm, root), loramix_scores(models["mixlora"]), base)
+    _, python = readme_lm_eval()
+    assert len(python) == 1
+    snippet = python[0].replace('tasks=["arc_easy"]', "tasks=[TASK], task_manager=TASKS")
+    assert snippet != python[0]
+    tasks = TaskManager(include_path=str(root / "tasks"), include_defaults=False)  # skip indexing lm-eval's own
+    scope = {"model": models["mixlora"], "tokenizer": tiny_tokenizer(), "TASK": TASK, "TASKS": tasks}
+    exec(snippet, scope)  # the README's snippet, on the MixLoRA model
+    assert_same(samples_scores(scope["results"]["samples"][TASK]), loramix_scores(models["mixlora"]), base)
 
     more = adapted(loramix.MoreConfig(max_rank=4, alpha=8, dropout=0.0, tasks=["t0", "t1"]))
     lm = LoramixLM(pretrained=more, tokenizer=tiny_tokenizer(), task="t1", batch_size=2)
+    out = lm_eval.simple_evaluate(model=lm, tasks=[TASK], task_manager=tasks, log_samples=True)
     with loramix.use_task(more, "t1"):
         ours = loramix_scores(more)
-    assert_same(_simple_evaluate(lm, root), ours, base)
+    assert_same(samples_scores(out["samples"][TASK]), ours, base)
 
 
 def test_lm_eval_peft_on_a_mixlora_folder_says_what_it_is(setup):

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import ConfigError, MixLoraConfig
 from ..models.inject import adapter_parameters
-from ..models.registry import ModelFamily, family_of
+from ..models.registry import ModelFamily
 from ..modules import LoraLinear, MixLoraFFN, dora_weight_norm
 from .folder import CONFIG_NAME, AdapterFolder, AdapterLoadError
 from .io import copy_adapter_tensors

@@ -95,12 +95,13 @@ def _peft_files(tensors: dict[str, torch.Tensor], config: LoraConfig, fan_in_fan
                 base_model: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A plain LoRA/DoRA adapter's tensors (loramix keys) as PEFT's files, through the PEFT writer of
     ``export.py``: raw ``B`` with PEFT's ``lora_alpha``/``use_rslora``, so PEFT's scale is loramix's."""
-    from .export import peft_adapter_files
+    from .export import _peft_base_name, peft_adapter_files
 
     modules = sorted(k[: -len(".lora_A")] for k in tensors if k.endswith(".lora_A"))
     loras = {m: (tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"]) for m in modules}
     magnitudes = {m: tensors[f"{m}.lora_magnitude"] for m in modules} if config.use_dora else None
-    return peft_adapter_files(loras, base_model_name_or_path=base_model, magnitudes=magnitudes,
+    # PEFT's base name must be loadable by transformers: the embedded model's converted folder, not its alias
+    return peft_adapter_files(loras, base_model_name_or_path=_peft_base_name(base_model), magnitudes=magnitudes,
                               fan_in_fan_out=fan_in_fan_out, lora_alpha=config.alpha, use_rslora=config.use_rslora,
                               lora_dropout=config.dropout,
                               init_lora_weights="gaussian" if config.init == "gaussian" else True)
