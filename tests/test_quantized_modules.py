@@ -106,6 +106,13 @@ def test_frozen_weight_is_what_the_module_computes_with(scheme, folders):
     assert (module(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
     plain = torch.nn.Linear(4, 2)
     assert frozen_weight(plain) is plain.weight and quantization_kind(plain) is None
+    # Through an adapter wrapper, after a forward (bitsandbytes 8-bit then moves its row scales to module.state).
+    model = load(folders["llama"], scheme)
+    loramix.inject(model, loramix.LoraConfig(r=2, alpha=4, targets=["up_proj"]))
+    call(model.train(), "lora")
+    wrapper = model.model.layers[0].mlp.up_proj
+    assert isinstance(wrapper, LoraLinear) and torch.equal(frozen_weight(wrapper), weight)
+    assert torch.equal(wrapper.weight_out_in(), weight)
 
 
 def test_frozen_weight_after_bitsandbytes_cpu_repack(folders):
@@ -277,3 +284,29 @@ def test_adapter_dtype_setting(folders):
                for p in params.values())
     with pytest.raises(loramix.ConfigError, match="adapter_dtype"):
         loramix.LoraConfig(adapter_dtype="int8")
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "mixlora-top_k", "mixdora", "more"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_bf16_autocast_on_quantized_base(scheme, kind, folders):
+    """QLoRA's usual setting: a quantized base under bf16 autocast. Forward + backward run, every adapter
+    tensor gets a finite fp32 gradient, and each adapted module returns the dtype the quantized module it
+    replaced returns under the same autocast."""
+    model = load(folders["llama"], scheme)
+    loramix.inject(model, KINDS[kind]())
+    perturb_adapter(model, seed=2, b_std=0.2, router_std=1.0)
+    model.train()
+    calls = []
+    for module in model.modules():
+        if isinstance(module, (LoraLinear, MixLoraFFN, MoreLinear)):
+            module.register_forward_hook(lambda m, args, out: calls.append((m, args[0].detach(), out.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call(model, kind, labels=batch()[2])
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    for name, p in loramix.adapter_parameters(model).items():
+        assert p.dtype == p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for module, x, out_dtype in calls:
+            original = module._original_ffn[0] if isinstance(module, MixLoraFFN) else module._base_module[0]
+            assert out_dtype == original(x).dtype, type(module).__name__

@@ -16,9 +16,11 @@ adapter tensors sit beside them as ``lora_A``, ``lora_B`` and ``lora_magnitude``
 Precision: the adapter tensors are fp32 next to a half-precision base (``quantized.adapter_dtype_for``).
 In the forward the LoRA branch runs in the dtype of the frozen output ``W x + b``: under
 ``torch.autocast`` that is the autocast dtype (``F.linear`` is on autocast's lower-precision list), on a
-bf16 base without autocast bf16, else fp32. ``A`` and ``B`` are cast to it (their gradients arrive in
-fp32 through the cast), and the output has that dtype, as the replaced ``nn.Linear`` would return. The
-DoRA norm ``||W + s B A||`` is computed in fp32 and cast.
+bf16 base without autocast bf16, else fp32; a quantized base returns what it returns (bitsandbytes:
+the input's dtype, fp32 also under autocast). ``A`` and ``B`` are cast to it (their gradients arrive in
+fp32 through the cast; under autocast the matmuls themselves run in the autocast dtype), and the
+output has that dtype, as the replaced module would return. The DoRA norm ``||W + s B A||`` is computed
+in fp32 and cast.
 """
 
 from __future__ import annotations
@@ -107,6 +109,12 @@ class LoraDropout(nn.Dropout):
         # random_() fills [0, 2⁶³): the top lane has only 15 random bits, so keep 15 bits of each lane.
         bits = lanes.view(torch.int16)[:n].view(x.shape) & 0x7FFF
         return torch.where(bits >= threshold, x, 0.0), 32768 / (32768 - threshold)
+
+
+def autocast_changes(t: torch.Tensor) -> bool:
+    """Whether autocast is on for ``t``'s device with a dtype other than ``t``'s (a matmul-add would cast it)."""
+    device = t.device.type
+    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != t.dtype
 
 
 def lora_input(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -245,6 +253,10 @@ class LoraLinear(FrozenProjection):
         x_in, factor = lora_input(self.dropout, x.to(compute))
         low = (x_in @ A.t()) * (self.scale * factor)
         if not self.use_dora:
+            if autocast_changes(base_out):
+                # A quantized base under autocast may return fp32 (bitsandbytes returns the input's dtype):
+                # a fused addmm would round that output to the autocast dtype; add the LoRA term instead.
+                return base_out + low @ B.t()
             # base_out + low Bᵀ as one fused matmul-add: no extra pass over the (..., out) output.
             out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), low.reshape(-1, low.shape[-1]), B.t())
             return out.view(base_out.shape)

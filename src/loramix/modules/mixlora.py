@@ -32,8 +32,10 @@ autocast because the residual stream is):
 - Compute dtype ``c``: the dtype of the frozen input projections' output ``W_gate x``. Under
   ``torch.autocast`` that is the autocast dtype (bf16/fp16; ``F.linear`` is on autocast's list),
   on a bf16 base bf16, else fp32. Gathered rows, the routing weights, ``A_e`` and ``B_e`` are cast to
-  ``c``, so every expert matmul runs in ``c`` whichever way it runs: ``grouped_mm`` is *not* on
-  autocast's list and would otherwise run (and return) fp32, the segment loop's ``@`` is.
+  ``c``, so the expert matmuls run in ``c`` whichever way they run: ``grouped_mm`` is *not* on
+  autocast's list and would otherwise run (and return) fp32, the segment loop's ``@`` is (its result
+  is cast to ``c``). A quantized base may return fp32 under autocast (bitsandbytes returns the
+  input's dtype): then ``c`` is fp32 and so is the block's output, as the replaced FFN's would be.
 - Mixing (``index_add`` of weighted rows) and the output are in ``c``: the dtype the replaced FFN
   returns under the same autocast. DoRA norms are fp32, the factor cast to ``c``.
 - ``grouped_mm`` support is probed per (device type, GPU capability, dtype) in that dtype with
@@ -356,7 +358,8 @@ class MixLoraFFN(nn.Module):
         pieces = [(x_e @ As[e].t()) @ Bs[e].t() for e, x_e in enumerate(inputs.split(seg.sizes)) if x_e.shape[0]]
         if not pieces:
             return inputs.new_zeros(0, B.shape[1])
-        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        # Under autocast ``@`` runs in the autocast dtype; the rows go on in the inputs' dtype (no-op otherwise).
+        return (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).to(inputs.dtype)
 
     def expert_rows(self, name: str, base_rows: torch.Tensor, inputs: torch.Tensor, seg: Segments,
                     row_expert: torch.Tensor, factor: float = 1.0) -> torch.Tensor:

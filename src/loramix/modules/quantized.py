@@ -100,7 +100,8 @@ def frozen_weight(module: nn.Module, *, fan_in_fan_out: bool = False) -> torch.T
     Args:
         module: an ``nn.Linear``, GPT-2 ``Conv1D``, ``bnb.nn.Linear4bit`` (nf4/fp4, with or without
             double quantization, also after bitsandbytes repacked it for its CPU kernel),
-            ``bnb.nn.Linear8bitLt``, or an ``nn.Linear`` whose weight is a torchao tensor subclass.
+            ``bnb.nn.Linear8bitLt``, an ``nn.Linear`` whose weight is a torchao tensor subclass, or a
+            loramix ``LoraLinear``/``MoreLinear`` (its frozen projection is read).
         fan_in_fan_out: the (unquantized) weight is stored (in, out) as in ``Conv1D``.
 
     Returns:
@@ -115,6 +116,9 @@ def frozen_weight(module: nn.Module, *, fan_in_fan_out: bool = False) -> torch.T
         >>> frozen_weight(lin) is lin.weight
         True
     """
+    base = getattr(module, "_base_module", None)
+    if base is not None:  # a loramix LoraLinear / MoreLinear: its frozen projection (8-bit keeps scales there)
+        module = base[0]
     kind = quantization_kind(module)
     weight = module.weight
     if kind is None:
