@@ -115,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
     check_model(resolve_model(args.model))
     prompt = args.prompt if args.prompt is not None else args.prompt_text
     if prompt is None:
+        if sys.stdin.isatty():
+            print("reading the prompt from standard input (end it with Ctrl-D; or give it as an argument)",
+                  file=sys.stderr)
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise UsageError("empty prompt: give it as an argument (loramix generate \"Why is the sky blue?\"), "
