@@ -1,10 +1,10 @@
 """Pure-torch building blocks: LoRA linear, routers and losses, the MixLoRA FFN. No transformers here."""
 
 from .context import ForwardContext
-from .lora import LoraLinear, dora_weight_norm, frozen_linear
+from .lora import FrozenProjection, LoraLinear, dora_weight_norm, frozen_linear
 from .mixlora import ExpertLoras, MixLoraFFN
 from .more import MoreLinear, RankSelector, task_contrastive_loss
-from .quantized import frozen_weight, is_quantized, logical_shape, quantization_kind
+from .quantized import adapter_dtype_for, frozen_weight, is_quantized, logical_shape, quantization_kind
 from .routing import Routing, load_balance_loss, route_switch, route_top_k, route_top_p, router_statistics, router_z_loss
 
 __all__ = [
@@ -12,4 +12,4 @@ __all__ = [
     "load_balance_loss", "route_switch", "route_top_k", "route_top_p", "router_statistics", "router_z_loss",
 ]
 __all__ += ["MoreLinear", "RankSelector", "task_contrastive_loss"]
-__all__ += ["frozen_weight", "is_quantized", "logical_shape", "quantization_kind"]
+__all__ += ["FrozenProjection", "adapter_dtype_for", "frozen_weight", "is_quantized", "logical_shape", "quantization_kind"]
