@@ -169,7 +169,7 @@ def _kill_after(step: int):
 
 
 @pytest.mark.parametrize("kind", ["mixlora", "lora"])
-def test_checkpoint_is_the_adapter_and_resume_equals_the_uninterrupted_run(kind, tmp_path, single_thread):
+def test_checkpoint_is_the_adapter_and_resume_equals_the_uninterrupted_run(kind, tmp_path, capfd, single_thread):
     adapter = adapter_dict(kind, dropout=0.1)  # dropout: resume must restore the RNG too
     data = rows(16, identical=False)
     args = dict(max_steps=4, save_strategy="steps", save_steps=2, learning_rate=5e-2)
@@ -184,8 +184,10 @@ def test_checkpoint_is_the_adapter_and_resume_equals_the_uninterrupted_run(kind,
                 data_collator=padding_collator(), callbacks=[_kill_after(3)]).train()
     checkpoint = tmp_path / "run" / "checkpoint-2"
     resumed = injected(adapter, seed=99)  # other initial values: everything must come from the checkpoint
+    capfd.readouterr()
     Trainer(model=resumed, args=hf_args(tmp_path / "run", 2, 2, **args), train_dataset=data,
             data_collator=padding_collator()).train(resume_from_checkpoint=str(checkpoint))
+    assert "missing keys" not in capfd.readouterr().err  # the frozen base is not "missing" from a checkpoint
 
     want, got = loramix.adapter_parameters(full), loramix.adapter_parameters(resumed)
     assert max(float((want[k] - got[k]).abs().max()) for k in want) <= 1e-6
@@ -204,9 +206,14 @@ def test_checkpoint_is_the_adapter_and_resume_equals_the_uninterrupted_run(kind,
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(input_ids=ids).logits, resumed.eval()(input_ids=ids).logits)
         assert not torch.equal(loaded.eval()(input_ids=ids).logits, again(input_ids=ids).logits)
-    # loading the folder as a plain model does not silently give the base
-    with pytest.raises(Exception):
-        AutoModelForCausalLM.from_pretrained(checkpoint)
+
+
+def test_adapter_folder_loaded_as_a_plain_model_says_what_it_is(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "base")  # a base with a path, as adapters record it
+    model = loramix.inject(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), loramix.MixLoraConfig(r=2, num_experts=2))
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(KeyError, match="loramix.load_adapter"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "adapter")
 
 
 def test_save_pretrained_is_transformers_own_again_after_unload(tmp_path):
@@ -281,3 +288,32 @@ def readme_snippets(section: str = "## With Trainer, TRL and lm-eval", stop: str
     body = text[text.index(section):]
     body = body[:body.index(stop)]
     return re.findall(r"```python\n(.*?)```", body, flags=re.S)
+
+
+def test_readme_section_snippets_run(tmp_path, monkeypatch, single_thread):
+    """The Python snippets of the README's 'With Trainer, TRL and lm-eval' section, as written, in order,
+    on a tiny Llama saved to disk (``model_path``): Trainer + checkpoint load, SFTTrainer with packing,
+    MoRE through SFTTrainer with TaskCollator."""
+    snippets = readme_snippets()
+    assert len(snippets) == 3
+    model_path = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_path)
+    word_tokenizer().save_pretrained(model_path)
+    monkeypatch.chdir(tmp_path)
+    # TRL's default bf16 needs use_cpu=True on a machine without a GPU (it refuses otherwise); nothing else changes
+    import functools
+
+    import trl
+
+    monkeypatch.setattr(trl, "SFTConfig", functools.partial(trl.SFTConfig, use_cpu=True))
+    namespace = {"model_path": str(model_path)}
+    for code in snippets:
+        exec(compile(code, "README.md", "exec"), namespace)
+    # the last checkpoint and save_pretrained after training hold the same adapter
+    saved = loramix.load_adapter(AutoModelForCausalLM.from_pretrained(model_path), tmp_path / "out/mixlora/adapter")
+    final = loramix.adapter_parameters(saved)
+    for key, value in loramix.adapter_parameters(namespace["adapter"]).items():
+        assert torch.equal(value, final[key])
+    assert (tmp_path / "out" / "mixlora" / "checkpoint-5" / "adapter_config.json").is_file()
+    assert (tmp_path / "out" / "more" / "checkpoint-10" / "adapter_config.json").is_file()
+    assert any("contrastive_loss" in h for h in namespace["trainer"].state.log_history)
