@@ -238,12 +238,18 @@ class BaseWeights:
 
     @classmethod
     def from_model(cls, model: nn.Module, tokenizer=None) -> "BaseWeights":
-        """The frozen tensors of an in-memory model (adapter tensors of an injected model excluded)."""
+        """The frozen tensors of an in-memory model (adapter tensors of an injected model excluded).
+
+        A quantized model (bitsandbytes, torchao) reads as the dense model it computes: each quantized
+        projection's weight is dequantized to the compute dtype when the export asks for it (one at a
+        time), its quantization statistics are left out, and the config has no ``quantization_config``.
+        """
         from ..models.inject import adapter_parameters
+        from ..models.quantize import dense_state, plain_config
 
         adapter_keys = set(adapter_parameters(model)) if getattr(model, "loramix_adapter", None) else set()
-        state = {k: v for k, v in model.state_dict().items() if k not in adapter_keys}
-        return cls(model.config, list(state), lambda k: state[k].detach(), tokenizer=tokenizer,
+        state = {k: get for k, get in dense_state(model).items() if k not in adapter_keys}
+        return cls(plain_config(model.config), list(state), lambda k: state[k](), tokenizer=tokenizer,
                    generation_config=getattr(model, "generation_config", None))
 
 
@@ -708,13 +714,16 @@ def peft_factors(adapter: AdapterWeights) -> tuple[dict[str, tuple[torch.Tensor,
 
 
 # ====================================================================================== entry point
-def _resolve_base(name: str | None):
+def _resolve_base(name: str | None, quantization: str | None = None):
     """A ``BaseWeights`` for a base model name: a folder is streamed; the embedded model is converted
-    once to its cache folder; a Hub id is loaded into memory."""
+    once to its cache folder; a Hub id is loaded into memory. With ``quantization`` the base is loaded
+    quantized and read dequantized (the weights the adapter saw when it was trained on that base)."""
     from .. import hub
 
     if not name:
         raise ExportError("the adapter records no base model: give --model (a folder, a Hub id or smollm2-135m)")
+    if quantization is not None:
+        return BaseWeights.from_model(*_load_base_model(name, quantization))
     if name.lower() in hub.EMBEDDED_ALIASES:
         folder = hub.convert_embedded() if not (hub.cache_root() / hub.CACHE_SUBDIR / hub.MARKER).is_file() \
             else hub.cache_root() / hub.CACHE_SUBDIR
@@ -737,9 +746,11 @@ def _peft_base_name(name: str | None) -> str | None:
     return name
 
 
-def _load_base_model(name: str):
-    """(model, tokenizer or None) in fp32 on CPU; a local folder needs no tokenizer (tiny test models)."""
+def _load_base_model(name: str, quantization: str | None = None):
+    """(model, tokenizer or None) in fp32 on CPU (quantized with ``quantization``, computing in fp32); a local
+    folder needs no tokenizer (tiny test models)."""
     from .. import hub
+    from ..models.quantize import load_quantized
 
     path = Path(name).expanduser()
     if path.is_dir() and name.lower() not in hub.EMBEDDED_ALIASES:
@@ -747,20 +758,23 @@ def _load_base_model(name: str):
 
         if not (path / "config.json").is_file():
             raise ExportError(f"{path}: not a Hugging Face model folder (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        if quantization is not None:
+            model = load_quantized(str(path), quantization, dtype=torch.float32, device=torch.device("cpu")).eval()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         model.config._name_or_path = str(path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError):  # a folder without tokenizer files: export the weights only
             tokenizer = None
         return model, tokenizer
-    return hub.load_model(name, dtype="float32", device="cpu")
+    return hub.load_model(name, dtype="float32", device="cpu", quantization=quantization)
 
 
 def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.PathLike, *, format: str,
                    base: str | None = None, task: str | None = None, tokenizer=None,
                    dtype: torch.dtype | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, quantization: str | None = None) -> Path:
     """Export an adapter folder (or an injected in-memory model) in ``format``.
 
     Args:
@@ -772,6 +786,10 @@ def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.Pat
         task: MoRE adapters: the task to export (peft/merged).
         tokenizer: written beside an in-memory model's export (folder bases copy their own).
         dtype: output dtype for mixtral/merged (default: the base's).
+        quantization: the adapter was trained on a base quantized this way (nf4, int8, ...): load the base
+            so and merge into its dequantized weights, which reproduces the trained model to float
+            rounding (default: the full-precision base, which differs by the base's quantization
+            error). A quantized in-memory model is always read dequantized.
 
     Returns:
         The output folder.
@@ -791,7 +809,7 @@ def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.Pat
 
         if not base_name:
             raise ExportError(f"{adapter}: the adapter records no base model: give --model")
-        model, tok = _load_base_model(base_name)
+        model, tok = _load_base_model(base_name, quantization)
         load_adapter(model, adapter)
         return _export_model(model, out, format=format, task=task, tokenizer=tok, dtype=dtype,
                              max_shard_size=max_shard_size, progress=progress)
@@ -802,7 +820,7 @@ def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.Pat
         loras, mags = peft_factors(weights)
         return write_peft_adapter(out, loras, base_model_name_or_path=_peft_base_name(base_name), magnitudes=mags,
                                   fan_in_fan_out=weights.family.fan_in_fan_out)
-    base_weights = _resolve_base(base_name)
+    base_weights = _resolve_base(base_name, quantization)
     if format == "mixtral":
         return export_moe(base_weights, weights, out, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
     return export_merged_streaming(base_weights, weights, out, dtype=dtype, max_shard_size=max_shard_size,

@@ -47,6 +47,7 @@ from torch import nn
 
 from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig, adapter_config_from_dict
 from ..models.registry import FAMILIES, ModelFamily, family_of
+from ..modules.quantized import logical_shape
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -350,7 +351,8 @@ def check_base(model: nn.Module, adapter: AdapterFolder) -> None:
         m = layer_prefix.match(path)
         name, layer = (path[m.end():], m[1]) if m else (path, "")
         checked.setdefault(name, set()).add(layer)
-        have = tuple(weight.shape[::-1]) if adapter.family.fan_in_fan_out else tuple(weight.shape)
+        # logical_shape: a quantized weight is stored packed ((n, 1) codes for bitsandbytes 4-bit)
+        have = tuple(logical_shape(module, adapter.family.fan_in_fan_out)[::-1])
         if have != (out, inp):
             text = f"'{path}' is (out, in) = {have} in the model, {(out, inp)} in the adapter"
             differs.setdefault(name, (set(), text))[0].add(layer)

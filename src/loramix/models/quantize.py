@@ -39,8 +39,9 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import logging
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -309,6 +310,53 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     return model
 
 
+def dense_state(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, Callable[[], torch.Tensor]]:
+    """The model's state dict as a dense model would have it: key → a function giving the tensor.
+
+    A quantized projection's ``weight`` entry gives its dequantized (out, in) weight in ``dtype``
+    (default: the compute dtype), made when asked for (an export holds one at a time); the entries
+    that only describe its quantization (bitsandbytes' ``weight.absmax``, ``weight.quant_map``, ...,
+    ``SCB``, ``weight_format``) are left out. Works on an injected model too: the adapter modules
+    share the frozen weight of the projection they replaced, which is dequantized through that
+    original module.
+    """
+    from ..modules.quantized import frozen_weight, is_quantized
+
+    dtype = dtype or compute_dtype(model)
+    owners: dict[int, nn.Module] = {}
+    for module in model.modules():  # the replaced originals first: they hold bitsandbytes' 8-bit scales
+        for original in getattr(module, "_base_module", ()):
+            if is_quantized(original):
+                owners.setdefault(id(original.weight), original)
+    for module in model.modules():
+        if is_quantized(module):
+            owners.setdefault(id(module.weight), module)
+    state = model.state_dict(keep_vars=True)
+    quantized_prefixes = {key[: -len("weight")] for key, value in state.items()
+                          if key.endswith("weight") and id(value) in owners}
+    out: dict[str, Callable[[], torch.Tensor]] = {}
+    for key, value in state.items():
+        prefix, _, leaf = key.rpartition(".")
+        prefix = f"{prefix}." if prefix else ""
+        if key.endswith("weight") and id(value) in owners:
+            owner = owners[id(value)]
+            out[key] = lambda owner=owner: frozen_weight(owner).to(dtype)
+        elif any(key.startswith(f"{q}weight.") for q in quantized_prefixes) or (
+                prefix in quantized_prefixes and leaf in ("SCB", "weight_format")):
+            continue  # bitsandbytes' quantization statistics of a weight dequantized above
+        else:
+            out[key] = lambda value=value: value.detach()
+    return out
+
+
+def plain_config(config: Any) -> Any:
+    """A copy of a model config without ``quantization_config`` (for a dense export of a quantized model)."""
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
 def forget_quantization(model: nn.Module) -> None:
     """Remove what marks ``model`` as quantized (its quantizer and ``config.quantization_config``), as
     transformers' own ``dequantize`` does, so ``save_pretrained`` writes a plain config."""
@@ -324,5 +372,5 @@ def forget_quantization(model: nn.Module) -> None:
 
 
 __all__ = ["INT4_GROUP_SIZE", "QUANTIZATIONS", "check_quantization", "compute_dtype", "dense_linear",
-           "dequantize_model", "forget_quantization", "load_quantized",
+           "dense_state", "dequantize_model", "forget_quantization", "plain_config", "load_quantized",
            "prepare_kbit_training", "quantization_config", "quantization_of", "storage_tensors"]
