@@ -200,3 +200,18 @@ def test_bench_prints_no_profiler_lines(capfd):
     captured = capfd.readouterr()
     assert "loramix-lora" in captured.out
     assert "profiler_start" not in captured.err and "Memory block of unknown size" not in captured.err
+
+
+def test_a_fresh_process_prints_no_import_noise(files):
+    """The console script in a new process (where transformers first imports torchao and bitsandbytes):
+    no kernel-loading or deprecation lines from those packages, and --debug lets them through again."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "loramix", "generate", "--model", str(files["model"]), "the cat", "--max-new-tokens",
+            "2", "--threads", "1"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    noise = [line for line in proc.stderr.splitlines()
+             if any(s in line for s in ("Failed to load", "Enum subclass", "kernels-community"))]
+    assert not noise, noise

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import logging
 import os
 import sys
 from typing import Any, Callable
@@ -278,11 +279,27 @@ def describe_error(err: BaseException) -> tuple[int, str]:
     return 1, f"unexpected {type(err).__name__}{': ' + first if first else ''}\n  ({DEBUG_HINT}; please report it)"
 
 
+# Loggers of optional packages that transformers imports whenever they are installed (its quantizer
+# table imports torchao, which imports bitsandbytes) and that then warn at import time about kernels
+# loramix never uses on this machine (torchao's CUDA extensions, bitsandbytes' optional CPU kernels,
+# torch's deprecation note on torchao's enums). Each command would start with five such lines; a
+# real problem in these packages still raises, and --debug shows the lines again.
+IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops")
+
+
+def quiet_import_noise() -> None:
+    """Raise the import-time warnings of optional packages to errors-only (see IMPORT_NOISE_LOGGERS)."""
+    for name in IMPORT_NOISE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def report_errors(prog: str, func: Callable[[], int | None], debug: bool = False) -> int:
     """Run ``func`` and return its exit code; an exception becomes ``PROG: error: MESSAGE`` on standard
     error and exit code 2 (bad input) or 1 (run failure), unless ``debug`` or ``$LORAMIX_DEBUG`` asks
     for the traceback."""
     debug = debug or os.environ.get("LORAMIX_DEBUG", "").lower() not in ("", "0", "false", "no")
+    if not debug:
+        quiet_import_noise()
     try:
         return int(func() or 0)
     except KeyboardInterrupt:
