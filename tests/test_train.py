@@ -230,6 +230,14 @@ def test_overrides_are_yaml_typed_and_dotted(tmp_path):
         load_train_config(path, ["adapter.r=0"])
 
 
+def test_data_limit_zero_means_all_as_in_eval_and_demo(tmp_path):
+    path = write(tmp_path, "data: {train: [arc-e, {source: piqa, limit: 0}, {source: boolq, limit: 5}], "
+                           "train_limit: 0, eval: [arc-e], eval_limit: 0}\n")
+    data = load_train_config(path).data
+    assert data.sources("train") == [("arc-e", None), ("piqa", None), ("boolq", 5)]
+    assert data.sources("eval") == [("arc-e", None)]
+
+
 # ---------------------------------------------------------------------------------------------- schedules
 
 

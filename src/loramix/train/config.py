@@ -49,7 +49,7 @@ class DataConfig:
         "Training sources: task names (arc-e, arc-c, boolq, obqa, piqa, siqa, hellaswag, winogrande), "
         ".json/.jsonl files or Hub dataset ids; an entry may be a mapping {source: NAME, limit: N}. "
         "Several sources are mixed into one run.", factory=lambda: ["arc-e"])
-    train_limit: int | None = _help("Default cap on examples per training source (a random sample; null: all).", None)
+    train_limit: int | None = _help("Default cap on examples per training source (a random sample; null or 0: all).", None)
     train_split: str = _help("Split read from the training sources.", "train")
     sampling: str = _help(
         "How the per-source example lists become one training set: 'concat' (concatenate; the batch "
@@ -57,7 +57,7 @@ class DataConfig:
     eval: list = _help("Evaluation sources (multiple-choice tasks or files); [] disables evaluation.",
                        factory=lambda: ["arc-e"])
     eval_split: str = _help("Split used for evaluation: validation or test.", "validation")
-    eval_limit: int | None = _help("Evaluate on the first N rows of each evaluation source (null: all).", None)
+    eval_limit: int | None = _help("Evaluate on the first N rows of each evaluation source (null or 0: all).", None)
     eval_protocols: list = _help(
         "Accuracy protocols: 'label' (logits of the option letters, the MixLoRA paper's) and/or "
         "'loglik' (length-normalised log-likelihood of each choice).", factory=lambda: ["label"])
@@ -93,14 +93,15 @@ class DataConfig:
             raise ConfigError(f"'data.eval_limit' must be >= 0 or null, got {self.eval_limit}")
 
     def sources(self, which: str) -> list[tuple[str, int | None]]:
-        """(source, limit) pairs of ``which`` ("train" or "eval")."""
+        """(source, limit) pairs of ``which`` ("train" or "eval"); limit None means all rows.
+
+        A limit of 0 means all as well, the meaning ``loramix eval --limit 0`` and the demo's
+        ``--eval-limit 0`` give it (a run on zero examples is never what was meant)."""
         default = self.train_limit if which == "train" else self.eval_limit
         out = []
         for entry in getattr(self, which):
-            if isinstance(entry, str):
-                out.append((entry, default))
-            else:
-                out.append((entry["source"], entry.get("limit", default)))
+            source, limit = (entry, default) if isinstance(entry, str) else (entry["source"], entry.get("limit", default))
+            out.append((source, limit or None))
         return out
 
 
