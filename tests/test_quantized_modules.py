@@ -310,3 +310,29 @@ def test_bf16_autocast_on_quantized_base(scheme, kind, folders):
         for module, x, out_dtype in calls:
             original = module._original_ffn[0] if isinstance(module, MixLoraFFN) else module._base_module[0]
             assert out_dtype == original(x).dtype, type(module).__name__
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "mixlora-top_k", "mixdora", "more"])
+def test_nf4_with_bf16_compute_dtype(kind, folders):
+    """The GPU QLoRA setting, on CPU: bf16 model, nf4 projections computing in bf16, no autocast. The
+    adapter stays fp32 and runs in bf16; a fresh adapter equals the base to bf16 rounding (MixLoRA
+    mixes its top-2 rows in bf16); every adapter tensor gets a finite fp32 gradient."""
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(folders["llama"], dtype=torch.bfloat16, quantization_config=config)
+    for module in model.modules():  # bitsandbytes' CPU eval repack (prepare_kbit_training turns it off too)
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    model.eval()
+    with torch.no_grad():
+        reference = call(model, kind).logits
+    loramix.inject(model, KINDS[kind]())
+    with torch.no_grad():
+        logits = call(model, kind).logits
+    assert logits.dtype == torch.bfloat16
+    assert (logits.float() - reference.float()).abs().max() <= 0.01 * reference.float().abs().max()
+    perturb_adapter(model, seed=2, b_std=0.2, router_std=1.0)
+    model.train()
+    out = call(model, kind, labels=batch()[2])
+    out.loss.backward()
+    for name, p in loramix.adapter_parameters(model).items():
+        assert p.dtype == p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name
