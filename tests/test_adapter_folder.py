@@ -13,7 +13,6 @@ import transformers
 
 import loramix
 from loramix.adapters.export import AdapterWeights, export_adapter
-from loramix.adapters.folder import read_adapter_folder
 from loramix.models.multi import load_many
 from conftest import mixlora_config, perturb_adapter
 from tiny_models import batch, tiny_config, tiny_model
@@ -185,6 +184,19 @@ def test_missing_key_of_a_peft_layout_folder_is_named(tmp_path):
     gone = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
     del tensors[gone]
     save_file(tensors, str(path))
-    with pytest.raises(loramix.AdapterLoadError, match=r"missing 1 key\(s\).*model\.layers\.1\.self_attn\.v_proj\.lora_B"):
-        loramix.load_adapter(tiny_model("llama"), folder)
-    assert read_adapter_folder(folder).layout == "loramix"  # reading alone does not need every key
+    for read in (lambda: loramix.load_adapter(tiny_model("llama"), folder), lambda: AdapterWeights.from_folder(folder)):
+        with pytest.raises(loramix.AdapterLoadError, match=r"adapter_model\.safetensors: the tensors are not those its "
+                           r"settings.*missing 1 key\(s\).*model\.layers\.1\.self_attn\.v_proj\.lora_B"):
+            read()
+
+
+def test_a_module_missing_from_the_file_is_not_exported_unmerged(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, folder = saved(tmp_path, lora_config())
+    path = folder / "adapter_model.safetensors"
+    tensors = {k: v for k, v in load_file(str(path)).items() if ".layers.0.mlp.down_proj." not in k}
+    save_file(tensors, str(path))
+    with pytest.raises(loramix.AdapterLoadError, match=r"missing 2 key\(s\).*model\.layers\.0\.mlp\.down_proj\.lora_A"):
+        export_adapter(folder, tmp_path / "merged", format="merged", base=None)
+    assert files_of(tmp_path / "merged") == []

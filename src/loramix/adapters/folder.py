@@ -288,6 +288,50 @@ def check_tensor_shapes(config, family: ModelFamily, tensors: dict[str, torch.Te
     return shapes
 
 
+def expected_keys(config, family: ModelFamily, num_layers: int) -> set[str]:
+    """The loramix keys a loramix adapter of ``config`` over ``num_layers`` decoder layers holds
+    (DoRA magnitudes included): what ``inject`` creates, named as the modules name their tensors."""
+    from ..models.inject import _resolve  # the one place that turns target names into (block, projection)
+
+    blocks = {family.attention: family.attention_projections, family.ffn: family.ffn_projections}
+    dora = getattr(config, "use_dora", False)
+    lora = ["lora_A", "lora_B"] + (["lora_magnitude"] if dora else [])
+    if isinstance(config, MixLoraConfig):
+        plain = _resolve(config.attention_targets, {family.attention: family.attention_projections},
+                         "attention_targets", family)
+        experts = _resolve(config.ffn_targets, {family.ffn: family.ffn_projections}, "ffn_targets", family)[family.ffn]
+    else:
+        plain, experts = _resolve(config.targets, blocks, "targets", family), None
+    if isinstance(config, MoreConfig):
+        lora = ["lora_A", "lora_B", "selector.task_embedding", "selector.gate.weight", "selector.gate.bias"]
+    keys = set()
+    for layer in range(num_layers):
+        prefix = f"{family.layers}.{layer}"
+        keys |= {f"{prefix}.{block}.{p}.{t}" for block, ps in plain.items() for p in ps for t in lora}
+        if experts is not None:
+            keys.add(f"{prefix}.{family.ffn}.router.weight")
+            names = ["lora_A", "lora_B"] + (["lora_magnitude"] if dora else [])
+            keys |= {f"{prefix}.{family.ffn}.experts.{t}.{p}" for p in experts for t in names}
+    return keys
+
+
+def check_key_set(adapter: AdapterFolder, config_file: Path) -> None:
+    """A loramix folder holds exactly the tensors its settings call for (no model needed, so the
+    exports check it too: a module missing from the file would otherwise be exported unmerged)."""
+    layers = adapter.meta.get("num_layers") or _layer_count(adapter.module_shapes, adapter.family)
+    try:
+        expected = expected_keys(adapter.config, adapter.family, int(layers))
+    except ConfigError as err:
+        raise AdapterLoadError(f"{config_file}: {err}") from None
+    missing, unexpected = sorted(expected - set(adapter.tensors)), sorted(set(adapter.tensors) - expected)
+    if missing or unexpected:
+        parts = ([f"missing {len(missing)} key(s), e.g. {missing[:3]}"] if missing else []) + \
+                ([f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}"] if unexpected else [])
+        raise AdapterLoadError(f"{adapter.weights}: the tensors are not those its settings ({config_file.name}, "
+                               f"{layers} layers) call for: {'; '.join(parts)}; the file is incomplete or belongs to "
+                               "other settings: save the adapter again")
+
+
 def _layer_count(shapes: dict[str, tuple[int, int]], family: ModelFamily) -> int:
     """1 + the highest decoder-layer index among the adapted modules (0 if none)."""
     prefix = family.layers + "."
@@ -469,6 +513,8 @@ def read_adapter_folder(folder: str | os.PathLike, model: nn.Module | None = Non
     shapes = check_tensor_shapes(config, family, tensors, weights=weights, config_file=config_file)
     adapter = AdapterFolder(path=folder, layout=layout, config=config, family=family, tensors=tensors, meta=meta,
                             weights=weights, module_shapes=shapes)
+    if layout in ("loramix", "loramix-v1"):  # PEFT folders may skip layers; the authors' lack DoRA magnitudes
+        check_key_set(adapter, config_file)
     if model is not None:
         check_base(model, adapter)
     return adapter
@@ -487,6 +533,6 @@ def _check_peft_agrees(meta: dict[str, Any], config: LoraConfig, config_file: Pa
 
 __all__ = [
     "CONFIG_NAME", "FORMAT", "FORMAT_VERSION", "NOT_PEFT", "SIDECAR_NAME", "WEIGHTS_NAME", "AdapterFolder",
-    "AdapterLoadError", "check_base", "check_tensor_shapes", "peft_to_loramix_keys",
+    "AdapterLoadError", "check_base", "check_key_set", "check_tensor_shapes", "expected_keys", "peft_to_loramix_keys",
     "read_adapter_config", "read_adapter_folder", "read_json", "read_safetensors",
 ]
