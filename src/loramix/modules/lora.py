@@ -11,9 +11,11 @@ r"""LoRA on one frozen linear projection (LoRA, rsLoRA, DoRA).
 
 The wrapper owns the frozen ``weight``/``bias`` Parameters of the module it replaces, so the base
 model's state-dict keys do not change (``...q_proj.weight`` stays ``...q_proj.weight``) and the
-adapter tensors sit beside them as ``lora_A``, ``lora_B`` and ``lora_magnitude``.
+adapter tensors sit beside them as ``lora_A``, ``lora_B`` and ``lora_magnitude``. A quantized
+projection (bitsandbytes, torchao; ``quantized.py``) is called as the module it is.
 
-Precision: the adapter tensors are fp32 next to a half-precision base (``quantized.adapter_dtype_for``).
+Precision: the adapter tensors are fp32 next to a half-precision or quantized base
+(``quantized.adapter_dtype_for``).
 In the forward the LoRA branch runs in the dtype of the frozen output ``W x + b``: under
 ``torch.autocast`` that is the autocast dtype (``F.linear`` is on autocast's lower-precision list), on a
 bf16 base without autocast bf16, else fp32; a quantized base returns what it returns (bitsandbytes:

@@ -24,6 +24,9 @@ The rules the adapters follow on such a base (``LoraLinear``, ``MoreLinear``, ``
   compute dtype (``adapter_dtype_for``): fp32 by default, whatever the storage dtype.
 - Whoever needs the dense weight (DoRA's weight norm, merging, export) calls ``frozen_weight``,
   which dequantizes on every call and keeps nothing.
+- Place a quantized model on its device before ``inject``: the wrapped bitsandbytes module is no
+  longer a registered child, so a later ``model.to(device)`` moves its weight (shared) but not the
+  8-bit scales bitsandbytes keeps in ``module.state``.
 
 Pure torch; bitsandbytes and torchao are only touched when a weight is one of theirs (detected by
 its class, so neither needs to be installed for plain models).
