@@ -39,7 +39,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -77,8 +77,9 @@ class AdapterFolder:
         layout: 'loramix' (format 2), 'loramix-v1', 'peft' (a PEFT LoRA without loramix settings) or 'authors'.
         config: the ``LoraConfig`` / ``MixLoraConfig`` / ``MoreConfig`` that rebuilds the modules.
         family: the model family the adapter is for.
-        tensors: loramix state-dict key (``model.layers.0.self_attn.q_proj.lora_A``) → tensor, on CPU.
-            The authors' format never saved DoRA magnitudes: they are absent here (see ``authors.py``).
+        tensors: loramix state-dict key (``model.layers.0.self_attn.q_proj.lora_A``) → tensor, on CPU,
+            read from the file on access (``AdapterTensors``). The authors' format never saved DoRA
+            magnitudes: they are absent here (see ``authors.py``).
         meta: the settings as ``read_adapter_config`` returns them (``kind``, ``base_model``, ``extra``, ...).
         weights: the weights file.
         module_shapes: base module path → (out, in) features, as the tensors say.
@@ -88,7 +89,7 @@ class AdapterFolder:
     layout: str
     config: LoraConfig | MixLoraConfig | MoreConfig
     family: ModelFamily
-    tensors: dict[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor]
     meta: dict[str, Any]
     weights: Path
     module_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -162,33 +163,66 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 # ====================================================================================== tensors
+class AdapterTensors(Mapping[str, torch.Tensor]):
+    """The tensors of a safetensors file, read one at a time on access (exports stream them).
+
+    Opening checks the header against the file size, so a truncated or damaged file fails here,
+    naming its path. Shapes come from the header without reading any tensor.
+
+    Args:
+        path: the safetensors file.
+        rename: file key → the key this mapping shows (e.g. PEFT's names → loramix's), or None.
+    """
+
+    def __init__(self, path: Path, rename: Callable[[str], str] | None = None) -> None:
+        self.path = path
+        if not path.is_file():
+            raise AdapterLoadError(f"{path}: missing adapter weights")
+        try:
+            self._file = safe_open(str(path), framework="pt")
+            file_keys = list(self._file.keys())
+            shapes = {k: tuple(self._file.get_slice(k).get_shape()) for k in file_keys}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise _damaged(path, err) from None
+        self._names = {(rename(k) if rename else k): k for k in file_keys}
+        self.shapes = {name: shapes[k] for name, k in self._names.items()}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        name = self._names[key]
+        try:
+            return self._file.get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise _damaged(self.path, err) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _damaged(path: Path, err: Exception) -> AdapterLoadError:
+    return AdapterLoadError(f"{path}: not a readable safetensors file ({err}); the file is damaged or was cut short "
+                            "(a full disk?): save the adapter again or use a checkpoint's adapter/")
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Load every tensor of a safetensors file; a damaged file raises ``AdapterLoadError`` naming it."""
-    if not path.is_file():
-        raise AdapterLoadError(f"{path}: missing adapter weights")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise AdapterLoadError(f"{path}: not a readable safetensors file ({err}); the file is damaged or was cut "
-                               "short (a full disk?): save the adapter again or use a checkpoint's adapter/") from None
+    """Every tensor of a safetensors file, in memory; a damaged file raises ``AdapterLoadError`` naming it."""
+    return dict(AdapterTensors(path))
 
 
 _PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?:lora_(?P<ab>[AB])\.weight|(?P<m>lora_magnitude_vector))$")
 
 
-def peft_to_loramix_keys(tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    """PEFT LoRA keys (``base_model.model.<path>.lora_A.weight``, ``...lora_magnitude_vector``) →
-    loramix keys (``<path>.lora_A``, ``<path>.lora_magnitude``); anything else is named and refused."""
-    out = {}
-    for key, tensor in tensors.items():
-        m = _PEFT_KEY.match(key)
-        if m is None:
-            raise AdapterLoadError(
-                f"{where}: '{key}' is not a LoRA tensor loramix can load (loramix reads lora_A, lora_B and DoRA's "
-                "lora_magnitude_vector; biases, embeddings and modules_to_save are not supported): load it with peft")
-        out[f"{m['module']}.lora_{m['ab']}" if m["ab"] else f"{m['module']}.lora_magnitude"] = tensor
-    return out
+def peft_to_loramix_key(key: str, where: str) -> str:
+    """A PEFT LoRA key (``base_model.model.<path>.lora_A.weight``, ``...lora_magnitude_vector``) →
+    loramix's (``<path>.lora_A``, ``<path>.lora_magnitude``); anything else is named and refused."""
+    m = _PEFT_KEY.match(key)
+    if m is None:
+        raise AdapterLoadError(
+            f"{where}: '{key}' is not a LoRA tensor loramix can load (loramix reads lora_A, lora_B and DoRA's "
+            "lora_magnitude_vector; biases, embeddings and modules_to_save are not supported): load it with peft")
+    return f"{m['module']}.lora_{m['ab']}" if m["ab"] else f"{m['module']}.lora_magnitude"
 
 
 # ====================================================================================== shape checks
@@ -232,7 +266,7 @@ def _expected(role: str, dims: dict[str, tuple[str, int]]) -> tuple[list[str | N
     }[role]
 
 
-def check_tensor_shapes(config, family: ModelFamily, tensors: dict[str, torch.Tensor], *, weights: Path,
+def check_tensor_shapes(config, family: ModelFamily, shapes: Mapping[str, tuple[int, ...]], *, weights: Path,
                         config_file: Path) -> dict[str, tuple[int, int]]:
     """Every tensor's config-given dimensions (rank, experts, tasks) against ``config``, and the base
     feature sizes (out, in) of each module consistent across its tensors.
@@ -245,7 +279,7 @@ def check_tensor_shapes(config, family: ModelFamily, tensors: dict[str, torch.Te
         AdapterLoadError: naming the tensor, its shape, the config key and value it contradicts.
     """
     seen: dict[tuple[str, str], tuple[int, str]] = {}  # (base module, 'out'/'in') → (size, key that set it)
-    for key, tensor in tensors.items():
+    for key, shape in shapes.items():
         for pattern, role in _ROLES:
             m = pattern.match(key)
             if m:
@@ -261,16 +295,16 @@ def check_tensor_shapes(config, family: ModelFamily, tensors: dict[str, torch.Te
                                    "together; use the adapter's own adapter_config.json")
         dims = _config_dims(config, family, module)
         symbols, features = _expected(role, dims)
-        if tensor.dim() != len(symbols):
-            raise AdapterLoadError(f"{weights}: '{key}' has shape {tuple(tensor.shape)}, but a {role.lstrip('e')} "
+        if len(shape) != len(symbols):
+            raise AdapterLoadError(f"{weights}: '{key}' has shape {shape}, but a {role.lstrip('e')} "
                                    f"tensor of this adapter has {len(symbols)} dimension(s)")
         for axis, (symbol, feature) in enumerate(zip(symbols, features)):
-            size = int(tensor.shape[axis])
+            size = int(shape[axis])
             if symbol is not None:
                 name, value = dims.get(symbol, (symbol, -1))
                 if size != value:
                     raise AdapterLoadError(
-                        f"{weights}: '{key}' has shape {tuple(tensor.shape)}, but {config_file.name} says "
+                        f"{weights}: '{key}' has shape {shape}, but {config_file.name} says "
                         f"{name} = {value if name != 'tasks' else config.tasks} (dimension {axis} should be {value}): "
                         "the settings and the weights do not belong together; fix the config or save the adapter again")
                 continue
@@ -278,7 +312,7 @@ def check_tensor_shapes(config, family: ModelFamily, tensors: dict[str, torch.Te
             slot = (base, "in") if feature == "hidden" else (base, feature)
             if slot in seen and seen[slot][0] != size:
                 raise AdapterLoadError(
-                    f"{weights}: '{key}' has shape {tuple(tensor.shape)}, but '{seen[slot][1]}' says {base} has "
+                    f"{weights}: '{key}' has shape {shape}, but '{seen[slot][1]}' says {base} has "
                     f"{seen[slot][0]} {feature} features: the tensors of one module disagree (a damaged adapter)")
             seen.setdefault(slot, (size, key))
     shapes: dict[str, tuple[int, int]] = {}
@@ -487,12 +521,12 @@ def read_adapter_folder(folder: str | os.PathLike, model: nn.Module | None = Non
         except ConfigError as err:
             raise AdapterLoadError(str(err)) from None
         weights = folder / WEIGHTS_NAME
-        tensors = read_safetensors(weights)
         if meta.get("peft_type") == "LORA":
             _check_peft_agrees(meta, config, config_file, where)
-            tensors = peft_to_loramix_keys(tensors, str(weights))
+            tensors = AdapterTensors(weights, rename=lambda k: peft_to_loramix_key(k, str(weights)))
             layout = "loramix"
         else:
+            tensors = AdapterTensors(weights)
             layout = "loramix" if version >= 2 else "loramix-v1"
     elif meta.get("peft_type") == "LORA":
         if family is None:
@@ -502,7 +536,7 @@ def read_adapter_folder(folder: str | os.PathLike, model: nn.Module | None = Non
             if not isinstance(meta.get(key), (int, float)) or isinstance(meta.get(key), bool):
                 raise AdapterLoadError(f"{config_file}: '{key}' is missing or not a number")
         weights = folder / WEIGHTS_NAME
-        tensors = peft_to_loramix_keys(read_safetensors(weights), str(weights))
+        tensors = AdapterTensors(weights, rename=lambda k: peft_to_loramix_key(k, str(weights)))
         config = _lora_config_from_peft(meta, family, list(tensors), config_file)
         layout = "peft"
     elif "peft_type" in meta:
@@ -510,7 +544,8 @@ def read_adapter_folder(folder: str | os.PathLike, model: nn.Module | None = Non
                                "adapters only: load it with peft (PeftModel.from_pretrained)")
     else:
         raise AdapterLoadError(f"{config_file}: not a loramix adapter (no \"format\": \"{FORMAT}\" and no \"peft_type\")")
-    shapes = check_tensor_shapes(config, family, tensors, weights=weights, config_file=config_file)
+    shapes = tensors.shapes if isinstance(tensors, AdapterTensors) else {k: tuple(v.shape) for k, v in tensors.items()}
+    shapes = check_tensor_shapes(config, family, shapes, weights=weights, config_file=config_file)
     adapter = AdapterFolder(path=folder, layout=layout, config=config, family=family, tensors=tensors, meta=meta,
                             weights=weights, module_shapes=shapes)
     if layout in ("loramix", "loramix-v1"):  # PEFT folders may skip layers; the authors' lack DoRA magnitudes
@@ -533,6 +568,6 @@ def _check_peft_agrees(meta: dict[str, Any], config: LoraConfig, config_file: Pa
 
 __all__ = [
     "CONFIG_NAME", "FORMAT", "FORMAT_VERSION", "NOT_PEFT", "SIDECAR_NAME", "WEIGHTS_NAME", "AdapterFolder",
-    "AdapterLoadError", "check_base", "check_key_set", "check_tensor_shapes", "expected_keys", "peft_to_loramix_keys",
+    "AdapterLoadError", "AdapterTensors", "check_base", "check_key_set", "check_tensor_shapes", "expected_keys", "peft_to_loramix_key",
     "read_adapter_config", "read_adapter_folder", "read_json", "read_safetensors",
 ]

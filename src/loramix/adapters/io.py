@@ -22,7 +22,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -107,7 +107,7 @@ def _peft_files(tensors: dict[str, torch.Tensor], config: LoraConfig, fan_in_fan
                               init_lora_weights="gaussian" if config.init == "gaussian" else True)
 
 
-def copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+def copy_adapter_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
     """Copy ``tensors`` into the model's adapter parameters, checking the key set and every shape."""
     params = adapter_parameters(model)
     missing = sorted(set(params) - set(tensors))
