@@ -132,6 +132,11 @@ def test_a_run_folder_points_to_its_adapter(tmp_path):
     with pytest.raises(loramix.AdapterLoadError, match=rf"its adapter is {newest}"):
         loramix.load_adapter(tiny_model("llama"), newest.parent)  # a checkpoint folder
     assert loramix.load_adapter(tiny_model("llama"), newest)
+    trainer_run = tmp_path / "hf-run"  # a transformers Trainer's output_dir: checkpoint-N are adapter folders
+    for step in (5, 20):
+        saved(trainer_run, lora_config(), name=f"checkpoint-{step}")
+    with pytest.raises(loramix.AdapterLoadError, match=rf"newest checkpoint's adapter is {trainer_run / 'checkpoint-20'}"):
+        loramix.load_adapter(tiny_model("llama"), trainer_run)
 
 
 def test_a_different_base_of_the_same_shape_warns_with_both_names(tmp_path):

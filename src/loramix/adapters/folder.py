@@ -122,13 +122,19 @@ def _run_folder_hint(folder: Path) -> str | None:
     """Where the adapter is, when ``folder`` is a training run or checkpoint folder, else None."""
     if (folder / "adapter" / CONFIG_NAME).is_file():
         return f"it looks like a training run or checkpoint folder: its adapter is {folder / 'adapter'}"
-    if (folder / "checkpoints").is_dir():
-        latest = sorted((p for p in (folder / "checkpoints").glob("step-*/adapter") if (p / CONFIG_NAME).is_file()),
-                        key=lambda p: int(p.parent.name.removeprefix("step-") or -1)
-                        if p.parent.name.removeprefix("step-").isdigit() else -1)
-        where = f"; the newest checkpoint's adapter is {latest[-1]}" if latest else ""
-        return f"it looks like a training run folder without a final adapter/ (the run did not finish?){where}"
-    return None
+    # loramix's checkpoints/step-N/adapter, or a transformers Trainer's checkpoint-N (itself an adapter folder)
+    saved = [p for p in (*folder.glob("checkpoints/step-*/adapter"), *folder.glob("checkpoint-*"))
+             if (p / CONFIG_NAME).is_file()]
+    if not saved and not (folder / "checkpoints").is_dir():
+        return None
+    where = f"; the newest checkpoint's adapter is {max(saved, key=_checkpoint_step)}" if saved else ""
+    return f"it looks like a training run folder without a final adapter/ (the run did not finish?){where}"
+
+
+def _checkpoint_step(path: Path) -> int:
+    """N of ``step-N/adapter`` or ``checkpoint-N`` (-1 if not a number)."""
+    number = (path.parent if path.name == "adapter" else path).name.rpartition("-")[2]
+    return int(number) if number.isdigit() else -1
 
 
 def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
