@@ -90,6 +90,13 @@ def test_loramix_reads_a_lora_folder_written_by_peft(tmp_path):
     assert (config.r, config.alpha, config.use_dora, config.targets) == (4, 12, True, ["down_proj", "q_proj"])
     torch.testing.assert_close(logits_of(ours, ids, mask), expected, atol=1e-5, rtol=0)
 
+    # A PEFT variant loramix's LoRA does not compute is refused by name, not loaded wrong.
+    path = tmp_path / "peft" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "layers_to_transform": [0]}))
+    with pytest.raises(loramix.AdapterLoadError, match=r"adapter_config\.json: 'layers_to_transform' = \[0\] is not "
+                       r"supported by loramix's LoRA; load this adapter with peft"):
+        loramix.load_adapter(tiny_model("llama"), tmp_path / "peft")
+
 
 @pytest.mark.parametrize("kind", ["mixlora", "more"])
 def test_peft_on_a_mixlora_or_more_folder_says_what_it_is(tmp_path, kind):

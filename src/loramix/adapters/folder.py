@@ -453,7 +453,7 @@ def check_base(model: nn.Module, adapter: AdapterFolder) -> None:
         warnings.warn(
             f"{adapter.path}: adapter trained on base model '{recorded}' is being loaded onto '{given}'; the shapes "
             "match, so it loads, but unless these are the same weights its outputs are not what was trained",
-            UserWarning, stacklevel=3)
+            UserWarning, stacklevel=4)  # check_base ← read_adapter_folder ← load_adapter ← the caller
 
 
 # ====================================================================================== the reader
@@ -462,8 +462,14 @@ def _lora_config_from_peft(meta: dict[str, Any], family: ModelFamily, shapes_key
     if meta.get("rank_pattern") or meta.get("alpha_pattern"):
         raise AdapterLoadError(f"{where}: per-module ranks (rank_pattern/alpha_pattern) are not a loramix LoRA; "
                                "load this adapter with peft (PeftModel.from_pretrained)")
-    for key, ok in (("bias", meta.get("bias", "none") == "none"), ("modules_to_save", not meta.get("modules_to_save")),
-                    ("fan_in_fan_out", bool(meta.get("fan_in_fan_out", False)) == family.fan_in_fan_out)):
+    # PEFT LoRA variants that compute something else than W x + s B A x on every layer's projections
+    variants = ("modules_to_save", "layers_to_transform", "layer_replication", "trainable_token_indices",
+                "target_parameters", "lora_bias", "use_qalora", "alora_invocation_tokens", "use_bdlora", "arrow_config",
+                "kasa_config")
+    checks = [("bias", meta.get("bias", "none") == "none"),
+              ("fan_in_fan_out", bool(meta.get("fan_in_fan_out", False)) == family.fan_in_fan_out),
+              *((key, not meta.get(key)) for key in variants)]
+    for key, ok in checks:
         if not ok:
             raise AdapterLoadError(f"{where}: '{key}' = {meta.get(key)!r} is not supported by loramix's LoRA; "
                                    "load this adapter with peft")
