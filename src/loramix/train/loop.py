@@ -6,7 +6,7 @@ What one optimizer step does::
     N      = answer tokens in the whole window (labels != -100 after the causal shift)
     for each micro-batch b (n_b answer tokens):
         out  = model(input_ids, attention_mask, labels, task_ids)   # out.loss = mean CE + router terms
-        loss = (out.loss - router_b) * n_b / N  +  router_b * n_b / N
+        loss = out.loss * n_b / N        # LM and router terms alike (zero when n_b = 0)
         loss.backward()
     clip the global grad norm; AdamW step (adapter parameters only); scheduler step
 
@@ -331,16 +331,16 @@ class Trainer:
             with autocast:
                 out = self.model(**batch)
             router, raw = self._auxiliary_terms(out)
-            terms = []
-            if n_answer > 0:  # a micro-batch without answer tokens has a NaN mean CE: skip its LM part
-                lm = out.loss - router
-                terms.append(lm.float() * (n_answer / total_answer))
-                lm_sum += float(lm.detach()) * n_answer
-                if torch.is_tensor(router):  # the share of Trainer/TRL (n_b / N; models/inject.py)
-                    terms.append(router.float() * (n_answer / total_answer))
-            if not terms:
+            if n_answer > 0:
+                # LM and router terms weigh the same share n_b / N (the router's as under Trainer/TRL; models/inject.py)
+                loss = out.loss.float() * (n_answer / total_answer)
+                lm_sum += float((out.loss - router).detach()) * n_answer
+            elif torch.is_tensor(router):
+                # no answer tokens: a NaN mean CE and a zero share; the backward still runs, as it did when the
+                # router terms had a share of their own (under torchrun the ranks' backward passes stay paired)
+                loss = router.float() * 0.0
+            else:
                 continue
-            loss = sum(terms)
             if diverged is None and not math.isfinite(float(loss.detach())):
                 # No break: the window is finished (its gradient is thrown away below), so under torchrun every
                 # rank still makes the same collective calls (global load balance all-reduces in the forward).
