@@ -200,7 +200,9 @@ def _capture_inputs(state: AdapterState):
         # share n_b / N, so one optimizer step weighs them the same whatever the accumulation.
         items = kwargs.get("num_items_in_batch")
         count = _label_count(kwargs) if items is not None else None
-        state.loss_weight = None if count is None else count / torch.as_tensor(items, device=count.device).clamp(min=1)
+        if count is not None:  # (Trainer's DataParallel path hands each replica N as a (1, 1) tensor: take the number)
+            items = torch.as_tensor(items, device=count.device).reshape(-1)[0].clamp(min=1)
+        state.loss_weight = None if count is None else count / items
         return args, kwargs
 
     return hook
