@@ -290,3 +290,33 @@ def test_training_config_with_quantization_trains(tmp_path):
     for name, tensors in frozen.items():  # no quantized byte (nor any other frozen tensor) changed
         now = list(Q.storage_tensors(trainer.model.get_parameter(name)))
         assert all(torch.equal(a, b) for a, b in zip(tensors, now)), name
+
+
+# ------------------------------------------------------------------------------- the real model
+@pytest.mark.slow
+def test_smollm2_nf4_mixlora_trains_and_starts_at_the_base(tmp_path):
+    """SmolLM2-135M in nf4: decoder layers at 0.14x their fp32 bytes (the tied fp32 embedding stays), a fresh
+    MixLoRA equals the quantized base, every adapter tensor gets a gradient, and the adapter saved from it
+    reloads onto a fresh nf4 SmolLM2 with the same logits."""
+    model, tok = hub.load_model("smollm2-135m", quantization="nf4", device="cpu")
+    layers = sum(p.numel() for p in model.model.layers.parameters() if p.dtype != torch.uint8)  # norms
+    packed = layer_bytes(model)
+    dense_bytes = 4 * sum(m.in_features * m.out_features for m in model.model.layers.modules()
+                          if is_quantized(m)) + 4 * layers
+    assert packed / dense_bytes < 0.15, packed / dense_bytes
+    ids = tok(["Question: Which is a fruit?\nAnswer: apple", "The sky is"], return_tensors="pt", padding=True)
+    base = logits(model, ids.input_ids, ids.attention_mask)
+    loramix.inject(model, mixlora_config(r=4, num_experts=4, attention_targets=["q_proj", "v_proj"],
+                                          ffn_targets=["gate_proj", "up_proj", "down_proj"]))
+    torch.testing.assert_close(logits(model, ids.input_ids, ids.attention_mask), base, atol=1e-4, rtol=0)
+    perturb_adapter(model, b_std=0.02)
+    model.train()
+    labels = ids.input_ids.masked_fill(ids.attention_mask == 0, -100)
+    model(input_ids=ids.input_ids, attention_mask=ids.attention_mask, labels=labels).loss.backward()
+    params = loramix.adapter_parameters(model)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+    expected = logits(model.eval(), ids.input_ids, ids.attention_mask)
+    loramix.save_adapter(model, tmp_path / "a")
+    fresh, _ = hub.load_model("smollm2-135m", quantization="nf4", device="cpu")
+    loramix.load_adapter(fresh, tmp_path / "a")
+    torch.testing.assert_close(logits(fresh.eval(), ids.input_ids, ids.attention_mask), expected, atol=1e-4, rtol=0)

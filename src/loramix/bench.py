@@ -59,6 +59,7 @@ from torch import nn
 
 from .cli import add_threads_argument, default_threads
 from .config import LoraConfig, MixLoraConfig
+from .models.quantize import add_quantization_argument
 from .models.inject import adapter_parameters, inject
 
 BASELINE = "peft-lora"
@@ -502,7 +503,10 @@ def run_bench(s: BenchSettings, progress: bool = True) -> dict[str, Any]:
                 entry["memory_vs_baseline"] = entry["peak_memory_mb"] / baseline["peak_memory_mb"]
     settings = {k: v for k, v in vars(s).items()}
     settings.update(torch=torch.__version__, threads_used=torch.get_num_threads(), tokens_per_step=tokens)
+    # The frozen base alone (quantized: packed weights + their scales), the number to compare across --quantization.
+    base_mb = tensor_bytes(list(base.parameters()) + list(base.buffers())) / 2**20
     return {"variants": results, "baseline": BASELINE if baseline is not None else None, "settings": settings,
+            "base_memory_mb": base_mb,
             "memory_method": "persistent tensors + per-step allocation peak "
                              + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda" else "(torch.profiler memory events)")}
 
@@ -525,6 +529,8 @@ def format_table(result: dict[str, Any]) -> str:
     base = f" (base = {result['baseline']})" if result.get("baseline") else ""
     if result["settings"].get("quantization"):
         base += f"; frozen base quantized: {result['settings']['quantization']}"
+    if "base_memory_mb" in result:
+        base += f"; frozen base {result['base_memory_mb']:.0f} MB"
     return "\n".join(lines) + f"\nmedian of {result['settings']['steps']} interleaved steps{base}; memory: {result['memory_method']}"
 
 
@@ -549,9 +555,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps per variant first")
     run.add_argument("--seed", type=int, default=d.seed, help="seed of the weights and the batch")
     run.add_argument("--no-memory", action="store_true", help="skip the (untimed) memory measurement step")
-    run.add_argument("--quantization", default=None,
-                     help="quantize the frozen base: nf4, nf4-double, int8 (bitsandbytes), torchao-int8, torchao-int4; "
-                          "--dtype is then the compute dtype")
+    add_quantization_argument(run)
     run.add_argument("--init-b-std", type=float, default=0.0,
                      help="start LoRA B from N(0, std) (and a sharp router) instead of 0, so outputs differ from the base")
     adapter = parser.add_argument_group("adapter")

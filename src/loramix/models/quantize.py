@@ -65,6 +65,15 @@ def check_quantization(name: str | None, where: str = "quantization") -> str | N
     return key
 
 
+def add_quantization_argument(parser: Any) -> None:
+    """``--quantization SCHEME`` on an argparse parser (or group): ``loramix bench/eval/generate`` load their
+    base through ``hub.load_model(..., quantization=args.quantization)``, as ``loramix train`` does with
+    the config key. Bad names are reported by ``check_quantization`` when the model loads."""
+    parser.add_argument("--quantization", default=None, metavar="SCHEME",
+                        help=f"quantize the frozen base while loading it: {', '.join(QUANTIZATIONS)} (default: none); "
+                             "--dtype is then the compute dtype")
+
+
 def quantization_config(name: str, *, compute_dtype: torch.dtype, device: torch.device | str) -> Any:
     """The transformers quantization config for a loramix scheme name.
 
@@ -371,6 +380,6 @@ def forget_quantization(model: nn.Module) -> None:
     model.is_quantized = False
 
 
-__all__ = ["INT4_GROUP_SIZE", "QUANTIZATIONS", "check_quantization", "compute_dtype", "dense_linear",
+__all__ = ["INT4_GROUP_SIZE", "QUANTIZATIONS", "add_quantization_argument", "check_quantization", "compute_dtype", "dense_linear",
            "dense_state", "dequantize_model", "forget_quantization", "plain_config", "load_quantized",
            "prepare_kbit_training", "quantization_config", "quantization_of", "storage_tensors"]
