@@ -13,7 +13,7 @@ import transformers
 
 import loramix
 from loramix.adapters.export import AdapterWeights, export_adapter
-from loramix.models.multi import load_many
+from loramix.adapters.io import load_many
 from conftest import mixlora_config, perturb_adapter
 from tiny_models import batch, tiny_config, tiny_model
 

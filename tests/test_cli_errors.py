@@ -169,7 +169,7 @@ def test_eval_limit_zero_means_all(files, capsys, tmp_path):
 
 
 def test_generate_positional_prompt_streams_the_greedy_text(files, capsys):
-    from loramix.generate import generate_text
+    from loramix.serve import generate_text
     from loramix.hub import load_model
 
     assert main(["generate", "--model", str(files["model"]), "the cat sat", "--max-new-tokens", "8", "--raw"]) == 0

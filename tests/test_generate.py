@@ -7,7 +7,7 @@ import copy
 import torch
 import transformers
 
-from loramix.generate import build_prompt_ids, generate_text
+from loramix.serve import build_prompt_ids, generate_text
 from tiny_models import COMMON
 from tiny_tokenizer import tiny_tokenizer
 

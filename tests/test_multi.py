@@ -136,7 +136,7 @@ def test_bad_row_plans_are_clear_errors() -> None:
 
 
 def test_generate_many_serves_each_request_with_its_adapter() -> None:
-    from loramix.serve_multi import generate_many
+    from loramix.serve import generate_many
     from test_train import word_tokenizer
 
     tok = word_tokenizer()

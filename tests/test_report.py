@@ -8,7 +8,8 @@ import json
 import matplotlib.image
 import pytest
 
-from loramix.report import ReportError, plot_expert_load, read_metrics, run, write_plots
+from loramix.report import ReportError, plot_expert_load, read_metrics, write_plots
+from loramix.report.command import run
 
 
 def write_metrics(path, *, experts: int = 4, layers: int = 3, with_eval: bool = True, with_load: bool = True):

@@ -7,31 +7,28 @@ Example:
     >>> loramix.save_adapter(model, "out/adapter")
 """
 
-__version__ = "0.1.0"
-
-from .config import ConfigError, LoraConfig, MixLoraConfig  # noqa: E402
-from .config import MoreConfig  # noqa: E402
-from .models import (  # noqa: E402
+from .adapters import AdapterLoadError, load_adapter, load_many, save_adapter
+from .adapters.more_tasks import export_task_peft, merge_task, use_task
+from .config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig
+from .models import (
     UnsupportedModelError, adapter_parameters, auxiliary_losses, disable_adapters, inject, merge_and_unload,
     router_stats, unload,
 )
-from .adapters import AdapterLoadError, load_adapter, save_adapter  # noqa: E402
+from .models.multi import adapter_rows, inject_many, only_adapter
+from .version import __version__
 
 __all__ = [
-    "__version__", "ConfigError", "LoraConfig", "MixLoraConfig", "UnsupportedModelError", "adapter_parameters",
-    "auxiliary_losses", "disable_adapters", "inject", "merge_and_unload", "router_stats", "unload",
-    "AdapterLoadError", "load_adapter", "save_adapter",
+    "__version__", "ConfigError", "LoraConfig", "MixLoraConfig", "MoreConfig", "UnsupportedModelError",
+    "adapter_parameters", "auxiliary_losses", "disable_adapters", "inject", "merge_and_unload", "router_stats",
+    "unload", "AdapterLoadError", "load_adapter", "load_many", "save_adapter", "export_task_peft", "merge_task",
+    "use_task", "adapter_rows", "inject_many", "only_adapter",
 ]
-from .adapters.more_tasks import export_task_peft, merge_task, use_task  # noqa: E402
-from .models.multi import adapter_rows, inject_many, only_adapter  # noqa: E402
-
-__all__ += ["MoreConfig", "export_task_peft", "merge_task", "use_task", "adapter_rows", "inject_many", "only_adapter"]
 
 # Submodules reachable as attributes after a plain ``import loramix`` (``loramix.hub.load_model(...)``),
 # imported on first use so that ``import loramix`` stays light.
 _LAZY_SUBMODULES = (
-    "adapters", "bench", "cli", "config", "data", "evaluate", "generate", "hub", "integrations", "models",
-    "modules", "report", "serve_multi", "train",
+    "adapters", "bench", "cli", "config", "data", "evaluate", "hub", "integrations", "models", "modules", "report",
+    "serve", "train",
 )
 
 

@@ -35,21 +35,21 @@ from typing import Any, Callable
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("loramix.train.command", "fine-tune an adapter from a YAML config"),
     "eval": ("loramix.evaluate.command", "multiple-choice accuracy of a base model or adapter"),
-    "generate": ("loramix.generate", "generate text with a base model or adapter"),
-    "merge": ("loramix.adapters.merge_command", "write a plain Hugging Face model with an adapter merged in"),
-    "export": ("loramix.adapters.export_command", "export an adapter for other serving stacks (mixtral, peft, merged)"),
+    "generate": ("loramix.serve.command", "generate text with a base model or adapter"),
+    "merge": ("loramix.adapters.export.command", "write a plain Hugging Face model with an adapter merged in"),
+    "export": ("loramix.adapters.export.command", "export an adapter for other serving stacks (mixtral, peft, merged)"),
     "bench": ("loramix.bench", "time training steps of LoRA / MixLoRA variants against baselines"),
-    "report": ("loramix.report", "plot the metrics of a run folder"),
+    "report": ("loramix.report.command", "plot the metrics of a run folder"),
 }
 
 # Exceptions that mean "the input was wrong" (exit code 2): (module, class). Looked up in sys.modules only:
 # an exception can only be an instance of a class whose module was imported.
 USER_ERRORS = (
     ("loramix.cli", "UsageError"), ("loramix.config", "ConfigError"), ("loramix.data.tasks", "DataError"),
-    ("loramix.adapters.io", "AdapterLoadError"), ("loramix.adapters.folder", "AdapterLoadError"),
+    ("loramix.adapters.common", "AdapterLoadError"), ("loramix.adapters.common", "ExportError"),
     ("loramix.hub", "ModelLoadError"),
-    ("loramix.models.registry", "UnsupportedModelError"), ("loramix.adapters.export", "ExportError"),
-    ("loramix.report", "ReportError"), ("loramix.train.checkpoint", "CheckpointError"),
+    ("loramix.models.registry", "UnsupportedModelError"),
+    ("loramix.report.plots", "ReportError"), ("loramix.train.checkpoint", "CheckpointError"),
 )
 # Exceptions that mean "the run failed" (exit code 1) and carry a complete message.
 RUN_FAILURES = (("loramix.train.loop", "TrainingDiverged"), ("loramix.train.checkpoint", "SaveError"))
@@ -195,7 +195,7 @@ def resolve_model(name: Any) -> Any:
 
 
 def _version() -> str:
-    from . import __version__
+    from .version import __version__
 
     return f"loramix {__version__}"
 

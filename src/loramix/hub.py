@@ -37,7 +37,8 @@ CACHE_SUBDIR = "smollm2-135m-instruct"
 # Written last into a converted folder; a folder without it is not trusted.
 MARKER = "loramix_conversion.json"
 
-_DTYPES = {
+# The one table of dtype names every option and config key accepts (--dtype, dtype:, bench --dtype).
+DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -79,9 +80,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | 
             return torch.bfloat16
         return torch.float32
     key = str(dtype).lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise ValueError(f"unknown dtype '{dtype}': use one of auto, {', '.join(sorted(_DTYPES))}")
-    return _DTYPES[key]
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}': use one of auto, {', '.join(sorted(DTYPES))}")
+    return DTYPES[key]
 
 
 def gguf_path() -> Path:
@@ -172,6 +173,48 @@ def convert_embedded(force: bool = False) -> Path:
     return final
 
 
+def is_embedded(name: str | None) -> bool:
+    """Whether ``name`` is a spelling of the embedded model's name (``smollm2-135m``, ``smollm2``, ...)."""
+    return bool(name) and name.lower() in EMBEDDED_ALIASES
+
+
+def embedded_folder(*, convert: bool = False) -> Path | None:
+    """The embedded model's converted Hugging Face folder in the cache; when it is not converted yet:
+    converted now with ``convert=True``, else None."""
+    folder = cache_root() / CACHE_SUBDIR
+    if _is_complete(folder):
+        return folder
+    return convert_embedded() if convert else None
+
+
+def canonical_name(name: str | None) -> str | None:
+    """A base model name as comparable text: the embedded model's aliases and its cache folder →
+    ``EMBEDDED_NAME``, an existing path → its resolved path, anything else unchanged.
+
+    Example:
+        >>> canonical_name("SmolLM2") == canonical_name(str(embedded_folder())) == "smollm2-135m"
+    """
+    if not name:
+        return None
+    if is_embedded(name):
+        return EMBEDDED_NAME
+    path = Path(name).expanduser()
+    if path.exists():
+        resolved = path.resolve()
+        return EMBEDDED_NAME if resolved == (cache_root() / CACHE_SUBDIR).resolve() else str(resolved)
+    return name
+
+
+def transformers_name(name: str | None) -> str | None:
+    """The name another tool (transformers, PEFT) should record for a base model: the embedded SmolLM2
+    is not a Hub model (it is the dequantised GGUF, whose weights differ from the Hub checkpoint), so
+    its converted local folder when there is one; any other name unchanged."""
+    if is_embedded(name):
+        folder = embedded_folder()
+        return str(folder) if folder is not None else name
+    return name
+
+
 def _hub_reachable(timeout: float = 2.0) -> bool:
     """Whether the Hugging Face Hub accepts a TCP connection within ``timeout`` seconds (False when
     ``HF_HUB_OFFLINE`` is set, DNS fails or the connection is refused or times out)."""
@@ -226,11 +269,8 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     quantization = check_quantization(quantization, where="--quantization")
-    if name_or_path.lower() in EMBEDDED_ALIASES:
-        folder = cache_root() / CACHE_SUBDIR
-        if not _is_complete(folder):
-            folder = convert_embedded()
-        source, record_name = str(folder), EMBEDDED_NAME
+    if is_embedded(name_or_path):
+        source, record_name = str(embedded_folder(convert=True)), EMBEDDED_NAME
     elif _local_folder(name_or_path) is not None:
         folder = _local_folder(name_or_path)
         if not (folder / "config.json").is_file():
@@ -271,5 +311,6 @@ def load_model(
     return model, tokenizer
 
 
-__all__ = ["EMBEDDED_NAME", "ModelLoadError", "cache_root", "convert_embedded", "gguf_path", "load_model",
-           "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "EMBEDDED_NAME", "ModelLoadError", "cache_root", "canonical_name", "convert_embedded",
+           "embedded_folder", "gguf_path", "is_embedded", "load_model", "resolve_device", "resolve_dtype",
+           "transformers_name"]

@@ -1,5 +1,10 @@
-"""Adapter files: loramix's own format, the authors' MixLoRA format, exports."""
+"""Adapter files: loramix's own format, the authors' MixLoRA format, exports.
 
-from .io import AdapterLoadError, load_adapter, read_adapter_config, save_adapter
+Import order inside the package (each module imports only those before it): ``common`` (file names,
+errors) → ``authors`` (their format) → ``folder`` (the one reader) → ``peft`` (PEFT's files) →
+``io`` (save/load) → ``more_tasks`` (one MoRE task) → ``export/`` (one module per format).
+"""
 
-__all__ = ["AdapterLoadError", "load_adapter", "read_adapter_config", "save_adapter"]
+from .io import AdapterLoadError, load_adapter, load_many, read_adapter_config, save_adapter
+
+__all__ = ["AdapterLoadError", "load_adapter", "load_many", "read_adapter_config", "save_adapter"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,8 +28,10 @@ from ..config import ConfigError, MixLoraConfig
 from ..models.inject import adapter_parameters
 from ..models.registry import ModelFamily
 from ..modules import LoraLinear, MixLoraFFN, dora_weight_norm
-from .folder import CONFIG_NAME, AdapterFolder, AdapterLoadError
-from .io import copy_adapter_tensors
+from .common import CONFIG_NAME, AdapterLoadError, copy_adapter_tensors
+
+if TYPE_CHECKING:  # folder.py reads this format through read_authors_folder: a type name only, no cycle
+    from .folder import AdapterFolder
 
 AUTHORS_WEIGHTS = "adapter_model.bin"
 _KEY = re.compile(

@@ -48,25 +48,8 @@ from torch import nn
 from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig, adapter_config_from_dict
 from ..models.registry import FAMILIES, ModelFamily, family_of
 from ..modules.quantized import logical_shape
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-SIDECAR_NAME = "loramix_config.json"
-FORMAT = "loramix-adapter"
-FORMAT_VERSION = 2
-PEFT_PREFIX = "base_model.model."
-# What PEFT-aware tools print for a loramix adapter that is not a PEFT adapter (see the module docstring).
-NOT_PEFT = {
-    "mixlora": "LORAMIX_MIXLORA (a loramix MixLoRA adapter, not a PEFT one: load it with loramix.load_adapter, "
-               "or convert it with `loramix export ADAPTER --format mixtral --out DIR` and load DIR as a model)",
-    "more": "LORAMIX_MORE (a loramix MoRE adapter, not a PEFT one: load it with loramix.load_adapter, or write "
-            "one task as a PEFT LoRA with `loramix export ADAPTER --format peft --task NAME --out DIR`)",
-}
-
-
-class AdapterLoadError(ValueError):
-    """An adapter folder cannot be loaded into this model; the message names the file and key."""
-
+from .authors import read_authors_folder
+from .common import CONFIG_NAME, FORMAT, FORMAT_VERSION, NOT_PEFT, PEFT_PREFIX, SIDECAR_NAME, WEIGHTS_NAME, AdapterLoadError
 
 @dataclass
 class AdapterFolder:
@@ -382,20 +365,10 @@ def _layer_count(shapes: dict[str, tuple[int, int]], family: ModelFamily) -> int
 
 # ====================================================================================== the model given
 def _canonical_base(name: str | None) -> str | None:
-    """A base model name as comparable text: the embedded model's aliases and cache folder → its name,
-    a path → its resolved path."""
-    if not name:
-        return None
+    """A base model name as comparable text (``hub.canonical_name``)."""
     from .. import hub
 
-    if name.lower() in hub.EMBEDDED_ALIASES:
-        return hub.EMBEDDED_NAME
-    path = Path(name).expanduser()
-    if path.exists():
-        resolved = path.resolve()
-        embedded = (hub.cache_root() / hub.CACHE_SUBDIR).resolve()
-        return hub.EMBEDDED_NAME if resolved == embedded else str(resolved)
-    return name
+    return hub.canonical_name(name)
 
 
 def _describe(hidden: int | None, layers: int | None) -> str:
@@ -505,8 +478,6 @@ def read_adapter_folder(folder: str | os.PathLike, model: nn.Module | None = Non
     config_file = folder / CONFIG_NAME
     family = family_of(model) if model is not None else None
     if meta.get("peft_type") == "MIXLORA" and meta.get("format") != FORMAT:
-        from .authors import read_authors_folder
-
         if family is None:
             raise AdapterLoadError(f"{config_file}: the MixLoRA authors' format names no model family; "
                                    "give the base model (loramix.load_adapter(model, folder))")

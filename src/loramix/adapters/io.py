@@ -20,34 +20,24 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .. import __version__
 from ..config import LoraConfig
 from ..models.inject import adapter_parameters, adapter_state, inject, unload
-from .folder import (
-    CONFIG_NAME, FORMAT, FORMAT_VERSION, NOT_PEFT, SIDECAR_NAME, WEIGHTS_NAME, AdapterLoadError, read_adapter_config,
-    read_adapter_folder, read_safetensors,
+from ..models.multi import stack_adapters
+from ..version import __version__
+from .authors import finish_authors_load
+from .common import (
+    CONFIG_NAME, FORMAT, FORMAT_VERSION, NOT_PEFT, SIDECAR_NAME, WEIGHTS_NAME, AdapterLoadError, atomic_write,
+    copy_adapter_tensors,
 )
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from .folder import read_adapter_config, read_adapter_folder, read_safetensors
+from .peft import peft_adapter_files
 
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
@@ -80,13 +70,13 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, A
     }
     if isinstance(state.config, LoraConfig):
         peft_tensors, peft_config = _peft_files(tensors, state.config, state.family.fan_in_fan_out, base_model)
-        _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(peft_tensors, p, metadata={"format": "pt"}))
-        _atomic_write(out / SIDECAR_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
-        _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(peft_config, indent=2) + "\n"))
+        atomic_write(out / WEIGHTS_NAME, lambda p: save_file(peft_tensors, p, metadata={"format": "pt"}))
+        atomic_write(out / SIDECAR_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+        atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(peft_config, indent=2) + "\n"))
         return out
     meta = {"peft_type": NOT_PEFT[state.config.kind], "base_model_name_or_path": base_model, **meta}
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
     (out / SIDECAR_NAME).unlink(missing_ok=True)  # left by a LoRA adapter saved here before
     return out
 
@@ -94,40 +84,16 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, A
 def _peft_files(tensors: dict[str, torch.Tensor], config: LoraConfig, fan_in_fan_out: bool,
                 base_model: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A plain LoRA/DoRA adapter's tensors (loramix keys) as PEFT's files, through the PEFT writer of
-    ``export.py``: raw ``B`` with PEFT's ``lora_alpha``/``use_rslora``, so PEFT's scale is loramix's."""
-    from .export import _peft_base_name, peft_adapter_files
-
+    ``peft.py``: raw ``B`` with PEFT's ``lora_alpha``/``use_rslora``, so PEFT's scale is loramix's."""
+    from .. import hub  # here, not at the top: ``import loramix`` stays without hub (and transformers)
     modules = sorted(k[: -len(".lora_A")] for k in tensors if k.endswith(".lora_A"))
     loras = {m: (tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"]) for m in modules}
     magnitudes = {m: tensors[f"{m}.lora_magnitude"] for m in modules} if config.use_dora else None
     # PEFT's base name must be loadable by transformers: the embedded model's converted folder, not its alias
-    return peft_adapter_files(loras, base_model_name_or_path=_peft_base_name(base_model), magnitudes=magnitudes,
+    return peft_adapter_files(loras, base_model_name_or_path=hub.transformers_name(base_model), magnitudes=magnitudes,
                               fan_in_fan_out=fan_in_fan_out, lora_alpha=config.alpha, use_rslora=config.use_rslora,
                               lora_dropout=config.dropout,
                               init_lora_weights="gaussian" if config.init == "gaussian" else True)
-
-
-def copy_adapter_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
-    """Copy ``tensors`` into the model's adapter parameters, checking the key set and every shape."""
-    params = adapter_parameters(model)
-    missing = sorted(set(params) - set(tensors))
-    unexpected = sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s), e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}")
-        raise AdapterLoadError(f"{source}: adapter keys do not match this model: {'; '.join(parts)}")
-    for key, param in params.items():
-        if tuple(tensors[key].shape) != tuple(param.shape):
-            raise AdapterLoadError(
-                f"{source}: '{key}' has shape {tuple(tensors[key].shape)} but this model needs {tuple(param.shape)}: "
-                "the adapter was saved for a model with other dimensions"
-            )
-    with torch.no_grad():
-        for key, param in params.items():
-            param.copy_(tensors[key].to(param.dtype))
 
 
 def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
@@ -146,8 +112,6 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     try:
         tensors = adapter.tensors
         if adapter.layout == "authors":
-            from .authors import finish_authors_load
-
             finish_authors_load(model, adapter)
         else:
             copy_adapter_tensors(model, tensors, str(adapter.weights))
@@ -157,5 +121,23 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     return model
 
 
-__all__ = ["AdapterLoadError", "copy_adapter_tensors", "load_adapter", "read_adapter_config", "read_safetensors",
+def load_many(model: nn.Module, folders: dict[str, Any]) -> nn.Module:
+    """Load several saved adapters (loramix or the authors' MixLoRA folders) onto one base model, in place.
+
+    Args:
+        model: a fresh transformers causal LM of the family the adapters were saved for.
+        folders: adapter name → adapter folder.
+
+    Returns:
+        The model, as from ``inject_many``, holding each adapter's saved weights.
+
+    Example:
+        >>> model = load_many(base, {"a": "runs/a/adapter", "b": "runs/b/adapter"})
+    """
+    from ..adapters.io import load_adapter
+
+    return stack_adapters(model, {name: (lambda m, f=folder: load_adapter(m, f)) for name, folder in folders.items()})
+
+
+__all__ = ["AdapterLoadError", "copy_adapter_tensors", "load_adapter", "load_many", "read_adapter_config", "read_safetensors",
            "save_adapter"]

@@ -18,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from ..config import ConfigError, MoreConfig
 from ..models.inject import _restore, adapter_state, more_modules
+from .peft import write_peft_adapter
 
 
 def more_config(model: nn.Module) -> MoreConfig:
@@ -66,6 +67,22 @@ def adapter_task_index(model: nn.Module, data_tasks: set[str] | list[str]) -> di
         raise ConfigError(f"the training data holds task(s) {unknown} that the MoRE adapter does not name; "
                           f"'adapter.tasks' is {tasks}: add them there (tasks are numbered in that order)")
     return {t: i for i, t in enumerate(tasks)}
+
+
+def recorded_task_index(meta: dict[str, Any]) -> dict[str, int] | None:
+    """Task name -> id recorded in a saved task-routed (MoRE) adapter's settings (``read_adapter_config``),
+    if any; no model needed (``adapter_task_index`` maps a model's tasks for training).
+
+    Looked up in the adapter's ``extra`` metadata as ``task_index`` (dict) or ``tasks`` (list), then in
+    its config as ``tasks`` (list).
+    """
+    extra = meta.get("extra") or {}
+    if isinstance(extra.get("task_index"), dict):
+        return {str(k): int(v) for k, v in extra["task_index"].items()}
+    for tasks in (extra.get("tasks"), (meta.get("config") or {}).get("tasks")):
+        if isinstance(tasks, list) and tasks:
+            return {str(t): i for i, t in enumerate(tasks)}
+    return None
 
 
 def task_ids_tensor(model: nn.Module, names: list[str], device: torch.device | str | None = None) -> torch.Tensor:
@@ -146,14 +163,12 @@ def export_task_peft(model: nn.Module, task: str | int, out_dir: str | os.PathLi
                      base_model_name_or_path: str | None = None) -> Path:
     """Write ``task``'s update as a standard PEFT LoRA (rank ``k_t`` per module) that ``peft`` loads.
 
-    Uses the export engineer's ``write_peft_adapter``; the model keeps its adapter.
+    Written by ``peft.write_peft_adapter``; the model keeps its adapter.
 
     Example:
         >>> export_task_peft(model, "piqa", "out/piqa")
         >>> PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "out/piqa")
     """
-    from .export import write_peft_adapter
-
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(model.config, "_name_or_path", None) or None
     return write_peft_adapter(out_dir, task_loras(model, task), base_model_name_or_path=base_model_name_or_path,
@@ -161,6 +176,6 @@ def export_task_peft(model: nn.Module, task: str | int, out_dir: str | os.PathLi
 
 
 __all__ = [
-    "adapter_task_index", "chosen_ranks", "export_task_peft", "fix_ranks", "merge_task", "more_config", "rank_summary", "task_ids_tensor",
+    "adapter_task_index", "chosen_ranks", "export_task_peft", "fix_ranks", "merge_task", "more_config", "rank_summary", "recorded_task_index", "task_ids_tensor",
     "task_index", "task_loras", "use_task",
 ]

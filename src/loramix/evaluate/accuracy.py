@@ -91,8 +91,9 @@ def _forward(model, batch: dict[str, torch.Tensor], device: torch.device, route:
     return logits[:, -keep:, :]
 
 
-class _Routing:
-    """Where each example's rows go: the adapter of a multi-adapter model and the task id (MoRE).
+class _RowOwners:
+    """Whose each example's rows are: the adapter of a multi-adapter model and the task id (MoRE).
+    (Not a router's decision, ``modules.routing.Routing``: a plan fixed before the forward.)
 
     Args:
         adapters: adapter name per example, or None for a model with one adapter (or none).
@@ -298,7 +299,7 @@ def evaluate_multiple_choice(model, tokenizer, examples: Sequence[MultipleChoice
     template = _check(examples, tokenizer, protocol, template, normalize)
     if not examples:
         return _summary(examples, [], protocol)
-    routing = _Routing(None, _task_list(examples, task_ids))
+    routing = _RowOwners(None, _task_list(examples, task_ids))
     scores = _scores(model, tokenizer, examples, routing, protocol=protocol, batch_size=batch_size, template=template,
                      progress=progress, cutoff_len=cutoff_len, share_prompt=share_prompt, normalize=normalize)
     return _summary(examples, scores, protocol)
@@ -355,7 +356,7 @@ def evaluate_many(model, tokenizer, examples: dict[str, Sequence[MultipleChoiceE
         for name, exs in per_adapter.items():
             ids = _task_list(exs, task_ids.get(name))
             tasks += ids if ids is not None else [-1] * len(exs)  # -1: this adapter takes no task ids
-    scores = _scores(model, tokenizer, flat, _Routing(owners, tasks), protocol=protocol, batch_size=batch_size,
+    scores = _scores(model, tokenizer, flat, _RowOwners(owners, tasks), protocol=protocol, batch_size=batch_size,
                      template=template, progress=progress, cutoff_len=cutoff_len, share_prompt=share_prompt,
                      normalize=normalize) if flat else []
     results, start = {}, 0
@@ -384,7 +385,7 @@ def _check(examples: list, tokenizer, protocol: str, template: str | None, norma
     return template
 
 
-def _scores(model, tokenizer, examples: list[MultipleChoiceExample], routing: _Routing, *, protocol: str,
+def _scores(model, tokenizer, examples: list[MultipleChoiceExample], routing: _RowOwners, *, protocol: str,
             batch_size: int, template: str, progress: bool, cutoff_len: int, share_prompt: bool,
             normalize: str) -> list[list[float]]:
     """Score of every choice of every example (normalised for "loglik"); training mode restored after."""

@@ -51,21 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads_argument(parser)
 
 
-def adapter_task_index(meta: dict[str, Any]) -> dict[str, int] | None:
-    """Task name -> id recorded by a task-routed (MoRE) adapter, if any.
-
-    Looked up in the adapter's ``extra`` metadata as ``task_index`` (dict) or ``tasks`` (list), then in
-    its config as ``tasks`` (list).
-    """
-    extra = meta.get("extra") or {}
-    if isinstance(extra.get("task_index"), dict):
-        return {str(k): int(v) for k, v in extra["task_index"].items()}
-    for tasks in (extra.get("tasks"), (meta.get("config") or {}).get("tasks")):
-        if isinstance(tasks, list) and tasks:
-            return {str(t): i for i, t in enumerate(tasks)}
-    return None
-
-
 def format_table(results: dict[str, dict[str, dict[str, float]]], protocols: list[str]) -> str:
     """A plain-text table: one row per task (+ mean), one accuracy column per protocol."""
     header = ["task", "n"] + [f"acc ({p})" for p in protocols]
@@ -108,10 +93,12 @@ def _adapter_tasks(meta: dict[str, Any], tasks_in_data: set[str]) -> dict[str, i
     Raises:
         ValueError: the data holds a task a MoRE adapter does not name.
     """
+    from ..adapters.more_tasks import recorded_task_index
+
     if meta.get("kind") != "more":
         return None
     tasks = list((meta.get("config") or {}).get("tasks") or [])
-    index = {t: i for i, t in enumerate(tasks)} if tasks else adapter_task_index(meta)
+    index = {t: i for i, t in enumerate(tasks)} if tasks else recorded_task_index(meta)
     unknown = sorted(tasks_in_data - set(index or {}))
     if index is not None and unknown:
         raise ValueError(f"the data holds task(s) {unknown} that the MoRE adapter does not name; its tasks are "
@@ -227,7 +214,7 @@ def _run_many(args: argparse.Namespace, adapters: dict[str, str]) -> int:
     from ..adapters import read_adapter_config
     from ..adapters.io import AdapterLoadError
     from ..hub import load_model
-    from ..models.multi import load_many
+    from ..adapters.io import load_many
     from .accuracy import evaluate_many
 
     metas = {}

@@ -61,7 +61,8 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, is_main
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from ..adapters.io import _atomic_write, save_adapter
+    from ..adapters.common import atomic_write
+    from ..adapters.io import save_adapter
     from ..models.inject import adapter_parameters
 
     folder = save_adapter(model, save_directory)
@@ -72,7 +73,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, is_main
     if not same_keys:
         weights = STATE_NAME
         tensors = {k: v.detach().contiguous().cpu() for k, v in params.items()}
-        _atomic_write(folder / weights, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        atomic_write(folder / weights, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     elif (folder / STATE_NAME).exists():
         (folder / STATE_NAME).unlink()
     index = {
@@ -83,7 +84,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, is_main
         },
         "weight_map": {key: weights for key in sorted(params)},
     }
-    _atomic_write(folder / INDEX_NAME, lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))
+    atomic_write(folder / INDEX_NAME, lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))
 
 
 def attach(model: nn.Module) -> None:

@@ -128,29 +128,14 @@ def inject_many(model: nn.Module, configs: dict[str, Any]) -> nn.Module:
         adapters that take none (a run of rows whose ids are all -1 gets no task ids, so a MoRE
         adapter there uses its default task).
     """
-    return _stack(model, {name: (lambda m, c=config: inject(m, c)) for name, config in configs.items()})
+    return stack_adapters(model, {name: (lambda m, c=config: inject(m, c)) for name, config in configs.items()})
 
 
-def load_many(model: nn.Module, folders: dict[str, Any]) -> nn.Module:
-    """Load several saved adapters (loramix or the authors' MixLoRA folders) onto one base model, in place.
+def stack_adapters(model: nn.Module, attach: dict[str, Any]) -> nn.Module:
+    """Several adapters on one base, each put there by its own function: ``inject_many`` injects
+    configs, ``adapters.io.load_many`` loads folders.
 
-    Args:
-        model: a fresh transformers causal LM of the family the adapters were saved for.
-        folders: adapter name → adapter folder.
-
-    Returns:
-        The model, as from ``inject_many``, holding each adapter's saved weights.
-
-    Example:
-        >>> model = load_many(base, {"a": "runs/a/adapter", "b": "runs/b/adapter"})
-    """
-    from ..adapters.io import load_adapter
-
-    return _stack(model, {name: (lambda m, f=folder: load_adapter(m, f)) for name, folder in folders.items()})
-
-
-def _stack(model: nn.Module, attach: dict[str, Any]) -> nn.Module:
-    """Attach each adapter alone (``attach[name](model)`` injects it), keep its modules, restore the
+    Attach each adapter alone (``attach[name](model)`` injects it), keep its modules, restore the
     base, then put an ``AdapterStack`` at every adapted slot."""
     if not attach:
         raise ValueError("inject_many needs at least one adapter")

@@ -1,4 +1,4 @@
-"""Plots of a training run from its ``metrics.jsonl``; also ``loramix report RUN_DIR``.
+"""Plots of a training run from its ``metrics.jsonl`` (``loramix report RUN_DIR`` runs ``write_plots``).
 
 Writes into the run folder:
 
@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -137,16 +136,4 @@ def write_plots(run_dir: str | os.PathLike, metrics: str | os.PathLike | None = 
     return [p for p in (plot_losses(records, run_dir), plot_expert_load(records, run_dir)) if p is not None]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run folder holding metrics.jsonl (output_dir of a run)")
-    parser.add_argument("--metrics", default=None, help="read this metrics file instead of RUN_DIR/metrics.jsonl")
-
-
-def run(args: argparse.Namespace) -> int:
-    paths = write_plots(args.run_dir, args.metrics)  # a ReportError becomes a message, exit code 2 (loramix.cli)
-    if not paths:
-        print(f"loramix report: {args.run_dir}: the metrics file has no records to plot", file=sys.stderr)
-        return 1
-    for p in paths:
-        print(p)
-    return 0
+__all__ = ["ReportError", "plot_expert_load", "plot_losses", "read_metrics", "write_plots"]

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from .cli import UsageError, add_threads_argument, apply_threads, check_device, check_dtype, check_model, resolve_model
+from ..cli import UsageError, add_threads_argument, apply_threads, check_device, check_dtype, check_model, resolve_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,56 +46,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads_argument(parser)
 
 
-def build_prompt_ids(tokenizer, prompt: str, *, system: str | None = None, raw: bool = False) -> list[int]:
-    """Token ids to generate from: through the chat template when the tokenizer has one (and not
-    ``raw``), else the plain prompt with the tokenizer's special prefix."""
-    if not raw and getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # the template already holds any BOS it wants: no extra special tokens
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(prompt)["input_ids"])
-
-
-def generate_text(model, tokenizer, prompt: str, *, system: str | None = None, raw: bool = False,
-                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                  stream: bool = False) -> str:
-    """Generate a completion of ``prompt`` and return only the new text.
-
-    ``stream``: also print the new text to standard output as it is generated (``TextStreamer``).
-    """
-    ids = torch.tensor([build_prompt_ids(tokenizer, prompt, system=system, raw=raw)],
-                       device=next(model.parameters()).device)
-    sample = temperature > 0
-    kwargs = dict(do_sample=sample, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-    if sample:
-        kwargs.update(temperature=temperature, top_p=top_p)
-    else:  # greedy: unset the sampling defaults a generation_config may carry, to avoid warnings
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    if stream:
-        from transformers import TextStreamer
-
-        kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
 def _more_tasks(adapter: str) -> list[str] | None:
     """The task list of a MoRE adapter folder (None for other kinds)."""
-    from .adapters import read_adapter_config
+    from ..adapters import read_adapter_config
+    from ..adapters.more_tasks import recorded_task_index
 
     meta = read_adapter_config(adapter)
     if meta.get("kind") != "more":
         return None
-    from .evaluate.command import adapter_task_index
-
-    return list(adapter_task_index(meta) or {})
+    return list(recorded_task_index(meta) or {})
 
 
 def run(args: argparse.Namespace) -> int:
-    from .hub import load_model
+    from ..hub import load_model
+    from .generate import generate_text
 
     if args.prompt is not None and args.prompt_text is not None:
         raise UsageError("give the prompt once: as PROMPT or as --prompt, not both")
@@ -125,17 +89,17 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     model_name = args.model
     if args.adapter and not model_name:
-        from .adapters import read_adapter_config
+        from ..adapters import read_adapter_config
 
         model_name = read_adapter_config(args.adapter).get("base_model")
     model, tokenizer = load_model(resolve_model(model_name or "smollm2-135m"), dtype=args.dtype, device=args.device)
     if args.adapter:
-        from .evaluate.command import load_adapter_onto
+        from ..evaluate.command import load_adapter_onto
 
         model = load_adapter_onto(model, args.adapter, model_name or "smollm2-135m")
     context = contextlib.nullcontext()
     if args.task is not None:
-        from .adapters.more_tasks import task_index, use_task
+        from ..adapters.more_tasks import task_index, use_task
 
         try:
             task_index(model, args.task)  # validate now: use_task only runs when entered

@@ -1,4 +1,5 @@
-"""``loramix export``: write an adapter in a format other serving stacks load without loramix.
+"""``loramix export`` and ``loramix merge``: write an adapter in a format other serving stacks load
+without loramix.
 
     loramix export runs/arc-e/adapter --format mixtral --out out/arc-e-mixtral   # MixLoRA → MoE model
     loramix export runs/lora/adapter --format peft --out out/lora-peft            # LoRA/DoRA → PEFT
@@ -8,23 +9,37 @@
 The base model is the one the adapter records (``base_model`` in adapter_config.json) unless
 ``--model`` names another (a folder, a Hub id or ``smollm2-135m``). Folder bases are streamed layer
 by layer (see ``loramix.adapters.export``).
+
+``loramix merge`` is ``loramix export --format merged``: a plain Hugging Face model folder with the
+adapter folded into its weights, loaded with ``AutoModelForCausalLM.from_pretrained(out)`` and run at
+the base model's speed (LoRA/DoRA, or one task of a MoRE adapter with ``--task``). A MixLoRA adapter
+routes tokens to different experts and has no single merged FFN: export it with ``--format mixtral``.
+
+    loramix merge runs/lora/adapter --out out/merged                 # LoRA / DoRA
+    loramix merge runs/more/adapter --task boolq --out out/boolq     # one task of a MoRE adapter
 """
 
 from __future__ import annotations
 
 import argparse
 
-from ..cli import add_threads_argument, apply_threads, check_dtype, check_model, model_aliases, resolve_model
+from ...cli import add_threads_argument, apply_threads, check_dtype, check_model, model_aliases, resolve_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .export import FORMATS
+    """The options of ``loramix export`` (``loramix merge``: the same without ``--format``)."""
+    from . import FORMATS
 
-    parser.add_argument("adapter", help="adapter folder (loramix format, or the authors' MixLoRA format)")
-    parser.add_argument("--format", required=True, choices=FORMATS,
-                        help="mixtral: MixLoRA as the family's Mixture-of-Experts model (Llama/Mistral → Mixtral, "
-                             "Qwen2 → Qwen2MoE, Qwen3 → Qwen3MoE); peft: LoRA/DoRA (or one MoRE task) as a PEFT "
-                             "adapter; merged: base model with the LoRA folded in")
+    # One module for both commands (cli.COMMANDS names it twice); the parser's name says which one this is.
+    if parser.prog.split()[-1] == "merge":
+        parser.add_argument("adapter", help="adapter folder (LoRA/DoRA, or MoRE with --task)")
+        parser.set_defaults(format="merged")
+    else:
+        parser.add_argument("adapter", help="adapter folder (loramix format, or the authors' MixLoRA format)")
+        parser.add_argument("--format", required=True, choices=FORMATS,
+                            help="mixtral: MixLoRA as the family's Mixture-of-Experts model (Llama/Mistral → "
+                                 "Mixtral, Qwen2 → Qwen2MoE, Qwen3 → Qwen3MoE); peft: LoRA/DoRA (or one MoRE task) "
+                                 "as a PEFT adapter; merged: base model with the LoRA folded in")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--model", default=None,
                         help="base model (folder, Hub id or smollm2-135m); default: the adapter's recorded base")
@@ -37,8 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..hub import resolve_dtype
-    from .export import export_adapter
+    """Run ``loramix export`` / ``loramix merge``; returns the exit code."""
+    from ...hub import resolve_dtype
+    from . import export_adapter
 
     # Errors (a damaged or mismatched adapter folder, an unknown base, a format the adapter cannot take)
     # become a message naming the file and exit code 2 in loramix.cli.
@@ -48,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     base = args.model
     if base is None and model_aliases():  # the recorded base may have an alias (LORAMIX_MODEL_ALIASES)
-        from .io import read_adapter_config
+        from ..folder import read_adapter_config
 
         base = read_adapter_config(args.adapter).get("base_model")
     out = export_adapter(args.adapter, args.out, format=args.format, base=resolve_model(base), task=args.task,

@@ -1,0 +1,86 @@
+"""What every adapter reader and writer shares: the file names, the format marker, the two errors,
+the atomic file write and the checked copy of tensors into a model.
+
+The lowest module of ``adapters/``: the readers (``authors.py``, ``folder.py``), the writers
+(``peft.py``, ``io.py``) and the exports (``export/``) import from here, never the other way round,
+so the package has no import cycle.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..models.inject import adapter_parameters
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+SIDECAR_NAME = "loramix_config.json"
+FORMAT = "loramix-adapter"
+FORMAT_VERSION = 2
+PEFT_PREFIX = "base_model.model."
+# What PEFT-aware tools print for a loramix adapter that is not a PEFT adapter (see folder.py's docstring).
+NOT_PEFT = {
+    "mixlora": "LORAMIX_MIXLORA (a loramix MixLoRA adapter, not a PEFT one: load it with loramix.load_adapter, "
+               "or convert it with `loramix export ADAPTER --format mixtral --out DIR` and load DIR as a model)",
+    "more": "LORAMIX_MORE (a loramix MoRE adapter, not a PEFT one: load it with loramix.load_adapter, or write "
+            "one task as a PEFT LoRA with `loramix export ADAPTER --format peft --task NAME --out DIR`)",
+}
+
+
+class AdapterLoadError(ValueError):
+    """An adapter folder cannot be loaded into this model; the message names the file and key."""
+
+
+class ExportError(ValueError):
+    """The adapter cannot be exported in the requested format; the message says why and what to do."""
+
+
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """Call ``write(tmp)`` on a temporary file in ``path``'s folder, then rename it to ``path``: a crash
+    never leaves half a file.
+
+    Example:
+        >>> atomic_write(folder / "adapter_config.json", lambda p: Path(p).write_text(text))
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def copy_adapter_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy ``tensors`` into the model's adapter parameters, checking the key set and every shape."""
+    params = adapter_parameters(model)
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s), e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}")
+        raise AdapterLoadError(f"{source}: adapter keys do not match this model: {'; '.join(parts)}")
+    for key, param in params.items():
+        if tuple(tensors[key].shape) != tuple(param.shape):
+            raise AdapterLoadError(
+                f"{source}: '{key}' has shape {tuple(tensors[key].shape)} but this model needs {tuple(param.shape)}: "
+                "the adapter was saved for a model with other dimensions"
+            )
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(tensors[key].to(param.dtype))
+
+
+__all__ = ["CONFIG_NAME", "FORMAT", "FORMAT_VERSION", "NOT_PEFT", "PEFT_PREFIX", "SIDECAR_NAME", "WEIGHTS_NAME",
+           "AdapterLoadError", "ExportError", "atomic_write", "copy_adapter_tensors"]

@@ -1,0 +1,182 @@
+r"""Exports: turn a loramix adapter into folders that other serving stacks load without loramix.
+
+Three formats (CLI: ``loramix export ADAPTER --format mixtral|peft|merged --out DIR``):
+
+``mixtral``
+    A MixLoRA adapter + base as the family's Mixture-of-Experts model (Llama/Mistral → Mixtral,
+    Qwen2 → Qwen2MoE, Qwen3 → Qwen3MoE), one dense expert FFN per LoRA expert: ``mixtral.py``
+    (the formulas are there).
+
+``peft``
+    A plain LoRA/DoRA adapter as a standard PEFT folder (``adapter_config.json`` +
+    ``adapter_model.safetensors``): ``peft.py`` (the files: ``adapters/peft.py``).
+
+``merged``
+    The base model with the LoRA folded into its weights, a plain Hugging Face folder: ``merged.py``.
+
+Exports stream: the base weights are read tensor by tensor from the base folder's safetensors
+files, the adapter tensors with ``safe_open``, and the output is written in shards as it is built,
+flushed between layers once it reaches ``max_shard_size`` (default 2 GB): memory holds the shard
+being filled and the layer being built, never the whole model, so exporting a 7B model does not need
+two copies of it. (A base given as a Hub id, or an in-memory model, is read from memory.)
+
+Example:
+    >>> export_adapter("runs/arc-e/adapter", "out/arc-e-mixtral", format="mixtral")
+    >>> AutoModelForCausalLM.from_pretrained("out/arc-e-mixtral")      # no loramix needed
+
+What the formats share (weight sources, merge math, shard writer) is in ``weights.py``; this file
+picks the base and the format.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ... import hub
+from ...config import MoreConfig
+from ...models.inject import adapter_state
+from .. import more_tasks
+from ..common import ExportError
+from ..folder import read_adapter_config
+from ..io import load_adapter
+from ..peft import peft_adapter_files, write_peft_adapter
+from .merged import export_merged_streaming, save_plain
+from .mixtral import SIBLINGS, MoeSibling, export_moe, moe_config, supported_moe_families
+from .peft import peft_factors
+from .weights import DEFAULT_MAX_SHARD_SIZE, AdapterWeights, BaseWeights, ShardWriter, merged_weight
+
+FORMATS = ("mixtral", "peft", "merged")
+
+
+def _resolve_base(name: str | None, quantization: str | None = None):
+    """A ``BaseWeights`` for a base model name: a folder is streamed; the embedded model is converted
+    once to its cache folder; a Hub id is loaded into memory. With ``quantization`` the base is loaded
+    quantized and read dequantized (the weights the adapter saw when it was trained on that base)."""
+    if not name:
+        raise ExportError("the adapter records no base model: give --model (a folder, a Hub id or smollm2-135m)")
+    if quantization is not None:
+        return BaseWeights.from_model(*_load_base_model(name, quantization))
+    if hub.is_embedded(name):
+        return BaseWeights.from_folder(hub.embedded_folder(convert=True))
+    path = Path(name).expanduser()
+    if path.is_dir() and ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        return BaseWeights.from_folder(path)
+    model, tokenizer = _load_base_model(name)
+    return BaseWeights.from_model(model, tokenizer)
+
+
+def _load_base_model(name: str, quantization: str | None = None):
+    """(model, tokenizer or None) in fp32 on CPU (quantized with ``quantization``, computing in fp32); a local
+    folder needs no tokenizer (tiny test models)."""
+    from ...models.quantize import load_quantized
+
+    path = Path(name).expanduser()
+    if path.is_dir() and not hub.is_embedded(name):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not (path / "config.json").is_file():
+            raise ExportError(f"{path}: not a Hugging Face model folder (no config.json)")
+        if quantization is not None:
+            model = load_quantized(str(path), quantization, dtype=torch.float32, device=torch.device("cpu")).eval()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model.config._name_or_path = str(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):  # a folder without tokenizer files: export the weights only
+            tokenizer = None
+        return model, tokenizer
+    return hub.load_model(name, dtype="float32", device="cpu", quantization=quantization)
+
+
+def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.PathLike, *, format: str,
+                   base: str | None = None, task: str | None = None, tokenizer=None,
+                   dtype: torch.dtype | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                   progress: bool = True, quantization: str | None = None) -> Path:
+    """Export an adapter folder (or an injected in-memory model) in ``format``.
+
+    Args:
+        adapter: a loramix adapter folder (or the authors' MixLoRA folder), or an injected model.
+        out_dir: destination folder.
+        format: 'mixtral' (MixLoRA → MoE model), 'peft' (LoRA/DoRA, or one MoRE task) or 'merged'.
+        base: the base model (folder, Hub id or 'smollm2-135m'); default: the one the adapter records.
+            Ignored when ``adapter`` is a model (its own weights are the base).
+        task: MoRE adapters: the task to export (peft/merged).
+        tokenizer: written beside an in-memory model's export (folder bases copy their own).
+        dtype: output dtype for mixtral/merged (default: the base's).
+        quantization: the adapter was trained on a base quantized this way (nf4, int8, ...): load the base
+            so and merge into its dequantized weights, which reproduces the trained model to float
+            rounding (default: the full-precision base, which differs by the base's quantization
+            error). A quantized in-memory model is always read dequantized.
+
+    Returns:
+        The output folder.
+    """
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format '{format}': choose one of {', '.join(FORMATS)}")
+    out = Path(out_dir)
+    if isinstance(adapter, nn.Module):
+        return _export_model(adapter, out, format=format, task=task, tokenizer=tokenizer, dtype=dtype,
+                             max_shard_size=max_shard_size, progress=progress)
+    meta = read_adapter_config(adapter)
+    kind = meta.get("kind")
+    base_name = base or meta.get("base_model") or meta.get("base_model_name_or_path")
+    if meta.get("peft_type") == "MIXLORA" or kind == "more":
+        # The authors' format (pickled weights, read safely) and MoRE (per-task factors) need the model.
+        if not base_name:
+            raise ExportError(f"{adapter}: the adapter records no base model: give --model")
+        model, tok = _load_base_model(base_name, quantization)
+        load_adapter(model, adapter)
+        return _export_model(model, out, format=format, task=task, tokenizer=tok, dtype=dtype,
+                             max_shard_size=max_shard_size, progress=progress)
+    weights = AdapterWeights.from_folder(adapter)
+    if task is not None:
+        raise ExportError(f"--task applies to MoRE adapters; {adapter} is a '{kind}' adapter")
+    if format == "peft":
+        loras, mags = peft_factors(weights)
+        return write_peft_adapter(out, loras, base_model_name_or_path=hub.transformers_name(base_name), magnitudes=mags,
+                                  fan_in_fan_out=weights.family.fan_in_fan_out)
+    base_weights = _resolve_base(base_name, quantization)
+    if format == "mixtral":
+        return export_moe(base_weights, weights, out, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
+    return export_merged_streaming(base_weights, weights, out, dtype=dtype, max_shard_size=max_shard_size,
+                                   progress=progress)
+
+
+def _export_model(model: nn.Module, out: Path, *, format: str, task: str | None, tokenizer, dtype,
+                  max_shard_size, progress: bool) -> Path:
+    """Export from an injected in-memory model (the model keeps its adapter, except MoRE merged)."""
+    config = adapter_state(model).config
+    base_name = getattr(model.config, "_name_or_path", None) or None
+    if isinstance(config, MoreConfig):
+        if task is None:
+            raise ExportError(f"a MoRE adapter holds one update per task: give --task (one of {config.tasks})")
+        if format == "peft":
+            return more_tasks.export_task_peft(model, task, out, base_model_name_or_path=base_name)
+        if format == "merged":
+            plain = more_tasks.merge_task(model, task)
+            return save_plain(plain, out, tokenizer=tokenizer, dtype=dtype)
+        raise ExportError("format 'mixtral' exports MixLoRA adapters; this is a MoRE adapter "
+                          "(use --format peft or --format merged with --task)")
+    if task is not None:
+        raise ExportError(f"--task applies to MoRE adapters; this is a '{config.kind}' adapter")
+    adapter = AdapterWeights.from_model(model)
+    if format == "peft":
+        loras, mags = peft_factors(adapter)
+        return write_peft_adapter(out, loras, base_model_name_or_path=base_name, magnitudes=mags,
+                                  fan_in_fan_out=adapter.family.fan_in_fan_out)
+    base = BaseWeights.from_model(model, tokenizer)
+    if format == "mixtral":
+        return export_moe(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
+    return export_merged_streaming(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
+
+
+__all__ = [
+    "DEFAULT_MAX_SHARD_SIZE", "FORMATS", "SIBLINGS", "AdapterWeights", "BaseWeights", "ExportError", "MoeSibling",
+    "ShardWriter", "export_adapter", "export_merged_streaming", "export_moe", "merged_weight", "moe_config",
+    "peft_adapter_files", "peft_factors", "save_plain", "supported_moe_families", "write_peft_adapter",
+]
