@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from loramix.bench import BenchSettings, build_base_model, make_batch
-from loramix.bench_multi import _multi_variant, format_multi_table, run_multi_bench
+from loramix.bench.many import _multi_variant, format_multi_table, run_multi_bench
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: thread hand-offs cost more than they give
 

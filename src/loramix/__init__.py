@@ -10,6 +10,7 @@ Example:
 from .adapters import AdapterLoadError, load_adapter, load_many, save_adapter
 from .adapters.more_tasks import export_task_peft, merge_task, use_task
 from .config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig
+from .integrations import hf as _hf  # noqa: F401  (registers inject's save_pretrained / Trainer hooks)
 from .models import (
     UnsupportedModelError, adapter_parameters, auxiliary_losses, disable_adapters, inject, merge_and_unload,
     router_stats, unload,

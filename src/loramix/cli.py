@@ -38,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("loramix.serve.command", "generate text with a base model or adapter"),
     "merge": ("loramix.adapters.export.command", "write a plain Hugging Face model with an adapter merged in"),
     "export": ("loramix.adapters.export.command", "export an adapter for other serving stacks (mixtral, peft, merged)"),
-    "bench": ("loramix.bench", "time training steps of LoRA / MixLoRA variants against baselines"),
+    "bench": ("loramix.bench.command", "time training steps of LoRA / MixLoRA variants against baselines"),
     "report": ("loramix.report.command", "plot the metrics of a run folder"),
 }
 

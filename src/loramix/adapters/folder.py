@@ -49,7 +49,7 @@ from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig, adapter
 from ..models.registry import FAMILIES, ModelFamily, family_of
 from ..modules.quantized import logical_shape
 from .authors import read_authors_folder
-from .common import CONFIG_NAME, FORMAT, FORMAT_VERSION, NOT_PEFT, PEFT_PREFIX, SIDECAR_NAME, WEIGHTS_NAME, AdapterLoadError
+from .common import CONFIG_NAME, FORMAT, FORMAT_VERSION, NOT_PEFT, SIDECAR_NAME, WEIGHTS_NAME, AdapterLoadError
 
 @dataclass
 class AdapterFolder:

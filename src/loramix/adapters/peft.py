@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .common import CONFIG_NAME, WEIGHTS_NAME, ExportError
+from .common import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, ExportError
 
 
 def write_peft_adapter(
@@ -95,7 +95,7 @@ def peft_adapter_files(
             raise ExportError(f"write_peft_adapter: '{name}' needs A (r, in) and B (out, r), "
                               f"got A {tuple(A.shape)} and B {tuple(B.shape)}")
         ranks[name] = int(A.shape[0])
-        prefix = f"base_model.model.{name}"
+        prefix = f"{PEFT_PREFIX}{name}"
         tensors[f"{prefix}.lora_A.weight"] = A.detach().cpu().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = B.detach().cpu().contiguous()
         if magnitudes is not None:

@@ -1,6 +1,7 @@
 """A loramix model inside transformers ``Trainer`` and TRL ``SFTTrainer``: saves, resumes, logs, task ids.
 
-What ``inject`` sets up here (``attach``), so that a plain ``Trainer(model=inject(base, cfg), ...)``
+What ``inject`` sets up here (``attach``, registered in ``models.inject.ON_INJECT`` when this module is
+imported, which ``import loramix`` does), so that a plain ``Trainer(model=inject(base, cfg), ...)``
 trains, checkpoints and resumes the adapter and nothing else:
 
 - ``model.save_pretrained(folder)`` writes the adapter folder (``loramix.save_adapter``:
@@ -42,6 +43,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+
+from ..models.inject import ON_INJECT, ON_UNLOAD
 
 INDEX_NAME = "model.safetensors.index.json"  # transformers' SAFE_WEIGHTS_INDEX_NAME
 STATE_NAME = "adapter_state.safetensors"      # state-dict-keyed copy, when the adapter file uses other keys
@@ -225,5 +228,10 @@ class TaskCollator:
         batch["task_ids"] = torch.tensor(ids, dtype=torch.long)
         return batch
 
+
+# inject/unload call these (models/ cannot import this layer; see models.inject.ON_INJECT)
+if attach not in ON_INJECT:
+    ON_INJECT.append(attach)
+    ON_UNLOAD.append(detach)
 
 __all__ = ["INDEX_NAME", "STATE_NAME", "TaskCollator", "attach", "detach", "install_callback", "save_pretrained"]

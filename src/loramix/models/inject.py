@@ -27,6 +27,13 @@ from ..modules import ForwardContext, LoraLinear, MixLoraFFN
 from ..modules.more import MoreLinear
 from .registry import ModelFamily, decoder_layers, family_of
 
+# Called with the model at the end of ``inject`` and at the start of ``unload``. The transformers-facing
+# parts (``model.save_pretrained`` writing the adapter folder, the Trainer log callback) need the adapter
+# writer, a layer above this one: ``integrations/hf.py`` registers them here when ``loramix`` is imported
+# (the package root imports it), so this module never imports upward.
+ON_INJECT: list[Callable[[nn.Module], None]] = []
+ON_UNLOAD: list[Callable[[nn.Module], None]] = []
+
 
 @dataclass
 class AdapterState:
@@ -170,9 +177,8 @@ def inject(model: nn.Module, config: LoraConfig | MixLoraConfig | MoreConfig) ->
     state.hooks.append(model.register_forward_pre_hook(_capture_inputs(state), with_kwargs=True))
     state.hooks.append(model.register_forward_hook(_add_auxiliary_losses, with_kwargs=True))
     model.loramix_adapter = state
-    from ..integrations.hf import attach  # transformers-facing parts: save_pretrained, Trainer callback
-
-    attach(model)
+    for hook in ON_INJECT:
+        hook(model)
     return model
 
 
@@ -412,9 +418,8 @@ def _restore(model: nn.Module, merge: bool,
         setattr(model.get_submodule(parent_name) if parent_name else model, child, original)
     for hook in state.hooks:
         hook.remove()
-    from ..integrations.hf import detach
-
-    detach(model)
+    for hook in ON_UNLOAD:
+        hook(model)
     del model.loramix_adapter
     if quantized:  # the projections without an adapter too: one plain model, not a half-quantized one
         dequantize_model(model, dense_dtype)

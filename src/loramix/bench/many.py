@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bench import BenchSettings, Variant, _mixlora_config, persistent_bytes, prepare_run, \
-    run_interleaved, share_frozen_copy, step_peak_bytes, tensor_bytes
-from .models.inject import adapter_parameters, inject
-from .models.multi import adapter_losses, adapter_rows, inject_many, member_parameters
+from ..models.inject import adapter_parameters, inject
+from ..models.multi import adapter_losses, adapter_rows, inject_many, member_parameters
+from .measure import persistent_bytes, prepare_run, run_interleaved, step_peak_bytes, tensor_bytes
+from .variants import BenchSettings, Variant, mixlora_config, share_frozen_copy
 
 
 class MultiVariant(Variant):
@@ -57,7 +57,7 @@ class MultiVariant(Variant):
 
 def _multi_variant(name: str, base: nn.Module, s: BenchSettings, joint: bool) -> MultiVariant:
     names = [f"job{i}" for i in range(s.multi)]
-    model = inject_many(share_frozen_copy(base), {n: _mixlora_config(s) for n in names})
+    model = inject_many(share_frozen_copy(base), {n: mixlora_config(s) for n in names})
     params = [p for n in names for p in member_parameters(model, n).values()]
     for p in params:
         p.requires_grad_(True)
@@ -69,7 +69,7 @@ def _multi_variant(name: str, base: nn.Module, s: BenchSettings, joint: bool) ->
 def run_multi_bench(s: BenchSettings, progress: bool = True) -> dict[str, Any]:
     """Measure single-job, joint and sequential steps for ``s.multi`` MixLoRA jobs; derive the rest."""
     device, base, batch, tokens = prepare_run(s)
-    single_model = inject(share_frozen_copy(base), _mixlora_config(s))
+    single_model = inject(share_frozen_copy(base), mixlora_config(s))
     single_params = list(adapter_parameters(single_model).values())
     for p in single_params:
         p.requires_grad_(True)

@@ -1,0 +1,94 @@
+"""``loramix bench``: the command (options → ``BenchSettings`` → ``run_bench`` / ``run_multi_bench``).
+
+    loramix bench --threads 1 --steps 5 --warmup 1 --json bench.json
+    loramix bench --multi 4            # N MixLoRA jobs jointly on one base (many.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..cli import add_threads_argument, apply_threads
+from ..models.quantize import add_quantization_argument
+from .measure import format_table, run_bench
+from .variants import BASELINE, BUILDERS, DEFAULT_VARIANTS, BenchSettings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``loramix bench``."""
+    d = BenchSettings()
+    shape = parser.add_argument_group("model shape (default: SmolLM2-135M)")
+    shape.add_argument("--model", default=None, help="a real model (folder, Hub id or 'smollm2-135m') instead of a random shape")
+    shape.add_argument("--layers", type=int, default=d.layers, help="decoder layers")
+    shape.add_argument("--hidden", type=int, default=d.hidden, help="hidden size")
+    shape.add_argument("--intermediate", type=int, default=d.intermediate, help="FFN intermediate size")
+    shape.add_argument("--heads", type=int, default=d.heads, help="attention heads")
+    shape.add_argument("--kv-heads", type=int, default=d.kv_heads, help="key/value heads")
+    shape.add_argument("--vocab", type=int, default=d.vocab, help="vocabulary size")
+    run = parser.add_argument_group("run")
+    run.add_argument("--batch", type=int, default=d.batch, help="sequences per step")
+    run.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
+    run.add_argument("--dtype", default=d.dtype, help="float32, bfloat16 or float16 (base weights and activations)")
+    run.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto")
+    add_threads_argument(run)
+    run.add_argument("--steps", type=int, default=d.steps, help="timed steps per variant")
+    run.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps per variant first")
+    run.add_argument("--seed", type=int, default=d.seed, help="seed of the weights and the batch")
+    run.add_argument("--no-memory", action="store_true", help="skip the (untimed) memory measurement step")
+    add_quantization_argument(run)
+    run.add_argument("--init-b-std", type=float, default=0.0,
+                     help="start LoRA B from N(0, std) (and a sharp router) instead of 0, so outputs differ from the base")
+    adapter = parser.add_argument_group("adapter")
+    adapter.add_argument("--experts", type=int, default=d.experts, help="MixLoRA experts per FFN")
+    adapter.add_argument("--top-k", type=int, default=d.top_k, help="experts per token")
+    adapter.add_argument("--rank", type=int, default=d.rank, help="LoRA rank (attention and experts)")
+    adapter.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 × rank)")
+    adapter.add_argument("--dropout", type=float, default=d.dropout, help="LoRA dropout")
+    adapter.add_argument("--aux-loss-coef", type=float, default=d.aux_loss_coef, help="MixLoRA load-balance loss weight")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated, from: {', '.join(BUILDERS)}; the baseline is {BASELINE}")
+    parser.add_argument("--multi", type=int, default=1,
+                        help="N > 1: N MixLoRA jobs trained jointly on one frozen base, against the same jobs run "
+                             "one after another and as N separate processes (see bench/many.py); --variants is ignored")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as one JSON object")
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    """The validated settings of the parsed options."""
+    return BenchSettings(
+        layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads,
+        kv_heads=args.kv_heads, vocab=args.vocab, model=args.model, batch=args.batch, seq_len=args.seq_len,
+        dtype=args.dtype, device=args.device, threads=args.threads, experts=args.experts, top_k=args.top_k,
+        rank=args.rank, alpha=args.alpha, dropout=args.dropout, aux_loss_coef=args.aux_loss_coef,
+        steps=args.steps, warmup=args.warmup, variants=[v.strip() for v in args.variants.split(",") if v.strip()],
+        multi=args.multi, seed=args.seed, memory=not args.no_memory, init_b_std=args.init_b_std,
+        quantization=getattr(args, "quantization", None),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark and print its table; exit code 2 for a bad option."""
+    try:
+        s = settings_from_args(args)
+        s.torch_dtype  # validate early
+    except ValueError as err:
+        print(f"loramix bench: {err}", file=sys.stderr)
+        return 2
+    s.threads = apply_threads(s.threads)  # the default: the cores not already busy (cli.default_threads)
+    if s.multi > 1:
+        from .many import format_multi_table, run_multi_bench
+
+        result = run_multi_bench(s)
+        print(format_multi_table(result))
+    else:
+        result = run_bench(s)
+        print(format_table(result))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"wrote {path}")
+    return 0
