@@ -97,16 +97,13 @@ def _lora(module: nn.Module, cfg: LoraConfig, family: ModelFamily, context: Forw
 
 
 def _mixlora_ffn(ffn: nn.Module, cfg: MixLoraConfig, targets: set[str], family: ModelFamily, context: ForwardContext) -> MixLoraFFN:
+    """The family says where the FFN's parts are; the config is passed whole (its settings are the module's)."""
     return MixLoraFFN(
-        ffn=ffn, kind=family.ffn_kind, input_projections=family.ffn_inputs, output_projection=family.ffn_output,
+        ffn, cfg, kind=family.ffn_kind, input_projections=family.ffn_inputs, output_projection=family.ffn_output,
         activation=getattr(ffn, family.activation),
         output_dropout=getattr(ffn, family.ffn_dropout) if family.ffn_dropout else None,
         targets=sorted(targets), fan_in_fan_out=set(family.ffn_projections) if family.fan_in_fan_out else set(),
-        context=context, num_experts=cfg.num_experts, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
-        use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init=cfg.init, routing=cfg.routing, top_k=cfg.top_k,
-        top_p=cfg.top_p, temperature=cfg.temperature, max_experts=cfg.max_experts,
-        capacity_factor=cfg.capacity_factor, jitter=cfg.jitter, router_init_std=cfg.router_init_std,
-        dispatch=cfg.dispatch, recompute_experts=cfg.recompute_experts, adapter_dtype=_adapter_dtype(cfg),
+        context=context,
     )
 
 

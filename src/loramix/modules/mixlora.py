@@ -52,6 +52,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..config import MixLoraConfig
 from .context import ForwardContext
 from .lora import LoraDropout, dora_weight_norm, init_lora_A, lora_input
 from .quantized import adapter_dtype_for, frozen_weight, logical_shape
@@ -221,12 +222,11 @@ class MixLoraFFN(nn.Module):
         output_dropout: dropout after the output projection (GPT-2), or None.
         targets: the projections that get expert LoRAs.
         fan_in_fan_out: projection names whose weight is stored (in, out) (GPT-2 Conv1D).
+        config: the ``MixLoraConfig`` (experts, rank, scale, routing, dispatch, ...; ``attention_*``
+            fields are for the attention LoRAs, not this module). Its ``adapter_dtype`` is the dtype
+            of the router and expert tensors; None: fp32 next to a half-precision or quantized base,
+            else the base's dtype (``quantized.adapter_dtype_for``).
         context: the model's shared ``ForwardContext``.
-        num_experts, r, alpha, dropout, use_rslora, use_dora, init, routing, top_k, top_p,
-        temperature, max_experts, capacity_factor, jitter, router_init_std, dispatch,
-        recompute_experts: as in ``MixLoraConfig``.
-        adapter_dtype: dtype of the router and expert tensors; None: fp32 next to a half-precision or
-            quantized base, else the base's dtype (``quantized.adapter_dtype_for``).
 
     The projections may be quantized (bitsandbytes 4/8-bit, torchao; see ``quantized.py``): they are
     always called as modules (the fast path's property holds: each frozen projection runs once per
@@ -238,8 +238,9 @@ class MixLoraFFN(nn.Module):
 
     def __init__(
         self,
-        *,
         ffn: nn.Module,
+        config: MixLoraConfig,
+        *,
         kind: str,
         input_projections: tuple[str, ...],
         output_projection: str,
@@ -248,24 +249,6 @@ class MixLoraFFN(nn.Module):
         targets: list[str],
         fan_in_fan_out: set[str],
         context: ForwardContext,
-        num_experts: int,
-        r: int,
-        alpha: float,
-        dropout: float,
-        use_rslora: bool,
-        use_dora: bool,
-        init: str,
-        routing: str,
-        top_k: int,
-        top_p: float,
-        temperature: float,
-        max_experts: int | None,
-        capacity_factor: float,
-        jitter: float,
-        router_init_std: float,
-        dispatch: str,
-        recompute_experts: bool = False,
-        adapter_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if kind not in FFN_KINDS:
@@ -280,25 +263,30 @@ class MixLoraFFN(nn.Module):
         self.targets = [t for t in (*self.input_projections, output_projection) if t in targets]
         self.fan_in_fan_out = set(fan_in_fan_out)
         self.context = context
+        self.config = config
+        num_experts, r = config.num_experts, config.r
         self.num_experts, self.r = num_experts, r
-        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.use_dora = use_dora
-        self.routing, self.top_k, self.top_p = routing, top_k, top_p
-        self.temperature, self.max_experts, self.capacity_factor = temperature, max_experts, capacity_factor
-        self.jitter, self.dispatch = jitter, dispatch
-        self.recompute_experts = recompute_experts
-        self.lora_dropout = LoraDropout(dropout) if dropout > 0 else nn.Identity()
+        self.scale = config.alpha / math.sqrt(r) if config.use_rslora else config.alpha / r
+        self.use_dora = config.use_dora
+        # Copied from the config because they may be switched per module at run time (tests compare
+        # dispatch paths on one module; jitter is only for training).
+        self.routing, self.top_k, self.top_p = config.routing, config.top_k, config.top_p
+        self.temperature, self.max_experts = config.temperature, config.max_experts
+        self.capacity_factor, self.jitter = config.capacity_factor, config.jitter
+        self.dispatch, self.recompute_experts = config.dispatch, config.recompute_experts
+        self.lora_dropout = LoraDropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
         ref = getattr(self, output_projection).weight
-        adapter_dtype = adapter_dtype_for(getattr(self, output_projection), adapter_dtype)
+        wanted = None if config.adapter_dtype is None else getattr(torch, config.adapter_dtype)
+        adapter_dtype = adapter_dtype_for(getattr(self, output_projection), wanted)
         hidden_size = self.projection_shape(self.input_projections[0])[0]
         self.router = nn.Linear(hidden_size, num_experts, bias=False, device=ref.device, dtype=adapter_dtype)
-        nn.init.normal_(self.router.weight, std=router_init_std)
+        nn.init.normal_(self.router.weight, std=config.router_init_std)
         self.experts = ExpertLoras(
             shapes={t: self.projection_shape(t) for t in self.targets}, num_experts=num_experts,
-            r=r, init=init, device=ref.device, dtype=adapter_dtype,
+            r=r, init=config.init, device=ref.device, dtype=adapter_dtype,
         )
-        if use_dora:
+        if self.use_dora:
             for t in self.targets:
                 norm = dora_weight_norm(self.weight_out_in(t), self.experts.lora_A[t], self.experts.lora_B[t], self.scale)
                 self.experts.lora_magnitude[t] = nn.Parameter(norm.to(adapter_dtype))
