@@ -1,4 +1,4 @@
-"""report.py: PNG plots from a metrics.jsonl file, and clear errors for bad files."""
+"""report/ (plots.py, command.py): PNG plots from a metrics.jsonl file, and clear errors for bad files."""
 
 from __future__ import annotations
 

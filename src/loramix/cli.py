@@ -191,6 +191,23 @@ def resolve_model(name: Any) -> Any:
     return model_aliases().get(name.lower(), name)
 
 
+def load_adapters_onto(model: Any, adapters: dict[str, str], base_name: Any) -> Any:
+    """Load the adapter folders ``adapters`` (name → folder: none, one with ``load_adapter``, several with
+    ``load_many``) onto ``model``; an ``AdapterLoadError`` also names the base model (a shape mismatch
+    is often the wrong base: the fix is ``--model``)."""
+    from .adapters import AdapterLoadError, load_adapter, load_many
+
+    try:
+        if len(adapters) == 1:
+            return load_adapter(model, next(iter(adapters.values())))
+        return load_many(model, adapters) if adapters else model
+    except AdapterLoadError as err:
+        if str(base_name) in str(err):  # the reader named the base already
+            raise
+        raise AdapterLoadError(f"{err} (base model: {base_name}; pass the base the adapter"
+                               f"{'s were' if len(adapters) > 1 else ' was'} trained on with --model)") from err
+
+
 # ------------------------------------------------------------------ parsing
 
 

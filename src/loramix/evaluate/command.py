@@ -17,8 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..cli import UsageError, add_threads_argument, apply_threads, check_device, check_dtype, check_model, resolve_model
-from .accuracy import PROTOCOLS, evaluate_multiple_choice
+from ..cli import (
+    UsageError, add_threads_argument, apply_threads, check_device, check_dtype, check_model, load_adapters_onto,
+    resolve_model,
+)
+from .accuracy import PROTOCOLS, evaluate_many, evaluate_multiple_choice
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,20 +109,6 @@ def _adapter_tasks(meta: dict[str, Any], tasks_in_data: set[str]) -> dict[str, i
     return index
 
 
-def load_adapter_onto(model: Any, folder: str, base_name: str) -> Any:
-    """``load_adapter`` whose errors also name the base model it was loaded onto (a shape mismatch is
-    often the wrong base: the fix is ``--model``)."""
-    from ..adapters import AdapterLoadError, load_adapter
-
-    try:
-        return load_adapter(model, folder)
-    except AdapterLoadError as err:
-        if str(base_name) in str(err):  # the reader named the base already
-            raise
-        raise AdapterLoadError(f"{err} (base model: {base_name}; pass the base the adapter was trained on with "
-                               "--model)") from err
-
-
 def _check_args(args: argparse.Namespace) -> None:
     """Refuse bad option values before anything is loaded (exit code 2 via ``loramix.cli``)."""
     if args.limit is not None and args.limit < 0:
@@ -137,6 +126,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Evaluate the base model with 0, 1 or N adapters: one path (N ≥ 2 share one pass per task and
+    protocol, ``evaluate_many``); the JSON nests the results by adapter name when N ≥ 2."""
     from ..hub import load_model
 
     try:
@@ -144,44 +135,78 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     _check_args(args)
-    if len(adapters) > 1:
-        return _run_many(args, adapters)
-    adapter = next(iter(adapters.values()), None)
-    task_index = None
-    model_name = args.model
+    metas = _read_settings(adapters)
+    model_name = args.model or _recorded_base(metas) or "smollm2-135m"
     data = _load_data(args)
-    if adapter:
-        from ..adapters import read_adapter_config
-
-        meta = read_adapter_config(adapter)
-        try:
-            task_index = _adapter_tasks(meta, {ex.task for examples in data.values() for ex in examples})
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-        model_name = model_name or meta.get("base_model") or meta.get("base_model_name_or_path")
-    model_name = model_name or "smollm2-135m"
+    try:
+        tasks_in_data = {ex.task for examples in data.values() for ex in examples}
+        task_ids = {name: _adapter_tasks(meta, tasks_in_data) for name, meta in metas.items()}
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     model, tokenizer = load_model(resolve_model(model_name), dtype=args.dtype, device=args.device)
-    if adapter:
-        model = load_adapter_onto(model, adapter, model_name)
+    model = load_adapters_onto(model, adapters, model_name)
     protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    names = list(adapters) or [None]  # None: the base model alone
+    results: dict[Any, dict[str, dict[str, dict[str, float]]]] = {name: {task: {} for task in data} for name in names}
     seconds: dict[str, float] = {}
     for task, examples in data.items():
-        results[task] = {}
         for protocol in protocols:
             start = time.perf_counter()
-            out = evaluate_multiple_choice(model, tokenizer, examples, protocol=protocol, batch_size=args.batch_size,
-                                           template=None, progress=not args.no_progress, task_ids=task_index,
-                                           cutoff_len=args.cutoff_len, normalize=args.normalize)
+            scored = _score(model, tokenizer, examples, names, task_ids, protocol, args)
             seconds[f"{task}/{protocol}"] = round(time.perf_counter() - start, 2)
-            results[task][protocol] = {"accuracy": out["accuracy"], "n": out["n"]}
-    print(f"model: {model_name}" + (f"  adapter: {adapter}" if adapter else "") + f"  split: {args.split}")
-    print(format_table(results, protocols))
-    print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+            for name, out in scored.items():
+                results[name][task][protocol] = {"accuracy": out["accuracy"], "n": out["n"]}
+    report = {"model": model_name, "split": args.split, "limit": args.limit, "normalize": args.normalize}
+    if len(adapters) <= 1:
+        adapter = next(iter(adapters.values()), None)
+        print(f"model: {model_name}" + (f"  adapter: {adapter}" if adapter else "") + f"  split: {args.split}")
+        print(format_table(results[names[0]], protocols))
+        print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+        report.update(adapter=adapter, results=results[names[0]])
+    else:
+        print(f"model: {model_name}  split: {args.split}  adapters: {len(adapters)} in one pass")
+        for name, folder in adapters.items():
+            print(f"\nadapter {name}: {folder}")
+            print(format_table(results[name], protocols))
+        print("\nseconds (all adapters): " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+        report.update(adapters=adapters, results=results)
     if args.json_path:
-        _write_json(args, {"model": model_name, "adapter": adapter, "split": args.split, "limit": args.limit,
-                           "normalize": args.normalize, "results": results, "seconds": seconds})
+        _write_json(args, {**report, "seconds": seconds})
     return 0
+
+
+def _read_settings(adapters: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Adapter name → its saved settings (``read_adapter_config``); with several adapters an error names one."""
+    from ..adapters import AdapterLoadError, read_adapter_config
+
+    if len(adapters) == 1:
+        return {name: read_adapter_config(folder) for name, folder in adapters.items()}
+    metas = {}
+    for name, folder in adapters.items():
+        try:
+            metas[name] = read_adapter_config(folder)
+        except (OSError, ValueError) as err:
+            raise AdapterLoadError(f"adapter '{name}': {err}") from None
+    return metas
+
+
+def _recorded_base(metas: dict[str, dict[str, Any]]) -> str | None:
+    """The base model the adapters record (they must agree), or None when none records one."""
+    bases = {name: meta.get("base_model") or meta.get("base_model_name_or_path") for name, meta in metas.items()}
+    recorded = {b for b in bases.values() if b}
+    if len(recorded) > 1:
+        raise UsageError(f"the adapters record different base models ({bases}); they must share one: pass --model")
+    return recorded.pop() if recorded else None
+
+
+def _score(model, tokenizer, examples: list, names: list, task_ids: dict, protocol: str,
+           args: argparse.Namespace) -> dict[Any, dict[str, Any]]:
+    """Adapter name (None: the model as it is) → ``evaluate_multiple_choice``'s result on ``examples``."""
+    settings = dict(protocol=protocol, batch_size=args.batch_size, template=None, progress=not args.no_progress,
+                    cutoff_len=args.cutoff_len, normalize=args.normalize)
+    if len(names) > 1:
+        return evaluate_many(model, tokenizer, {name: examples for name in names}, task_ids=task_ids, **settings)
+    return {names[0]: evaluate_multiple_choice(model, tokenizer, examples, task_ids=task_ids.get(names[0]), **settings)}
 
 
 def _load_data(args: argparse.Namespace) -> dict[str, list]:
@@ -207,66 +232,3 @@ def _write_json(args: argparse.Namespace, report: dict[str, Any]) -> None:
     Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json_path}")
-
-
-def _run_many(args: argparse.Namespace, adapters: dict[str, str]) -> int:
-    """Several adapters on one base model, every task and adapter in one pass per protocol."""
-    from ..adapters import read_adapter_config
-    from ..adapters.io import AdapterLoadError
-    from ..hub import load_model
-    from ..adapters.io import load_many
-    from .accuracy import evaluate_many
-
-    metas = {}
-    for name, folder in adapters.items():
-        try:
-            metas[name] = read_adapter_config(folder)
-        except (OSError, ValueError) as err:
-            raise AdapterLoadError(f"adapter '{name}': {err}") from None
-    model_name = args.model
-    if model_name is None:
-        bases = {name: meta.get("base_model") or meta.get("base_model_name_or_path") for name, meta in metas.items()}
-        recorded = {b for b in bases.values() if b}
-        if len(recorded) > 1:
-            raise UsageError(f"the adapters record different base models ({bases}); they must share one: pass --model")
-        model_name = recorded.pop() if recorded else "smollm2-135m"
-    data = _load_data(args)
-    examples = [ex for task_examples in data.values() for ex in task_examples]
-    try:
-        task_ids = {name: _adapter_tasks(meta, {ex.task for ex in examples}) for name, meta in metas.items()}
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    model, tokenizer = load_model(resolve_model(model_name), dtype=args.dtype, device=args.device)
-    try:
-        model = load_many(model, adapters)
-    except AdapterLoadError as err:
-        if str(model_name) in str(err):  # the reader named the base already
-            raise
-        raise AdapterLoadError(f"{err} (base model: {model_name}; pass the base the adapters were trained on with "
-                               "--model)") from err
-    protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
-    results: dict[str, dict[str, dict[str, dict[str, float]]]] = {name: {task: {} for task in data} for name in adapters}
-    seconds: dict[str, float] = {}
-    for protocol in protocols:
-        start = time.perf_counter()
-        out = evaluate_many(model, tokenizer, {name: examples for name in adapters}, protocol=protocol,
-                            batch_size=args.batch_size, template=None, progress=not args.no_progress,
-                            task_ids=task_ids, cutoff_len=args.cutoff_len, normalize=args.normalize)
-        seconds[protocol] = round(time.perf_counter() - start, 2)
-        for name, r in out.items():
-            start = 0  # the examples of all tasks were scored together, in the order of `data`
-            for task, task_examples in data.items():
-                preds = r["predictions"][start:start + len(task_examples)]
-                start += len(task_examples)
-                hits = sum(p == ex.gold for p, ex in zip(preds, task_examples))
-                results[name][task][protocol] = {"accuracy": hits / len(task_examples) if task_examples else float("nan"),
-                                                 "n": len(task_examples)}
-    print(f"model: {model_name}  split: {args.split}  adapters: {len(adapters)} in one pass")
-    for name, folder in adapters.items():
-        print(f"\nadapter {name}: {folder}")
-        print(format_table(results[name], protocols))
-    print("\nseconds (all adapters): " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
-    if args.json_path:
-        _write_json(args, {"model": model_name, "adapters": adapters, "split": args.split, "limit": args.limit,
-                           "normalize": args.normalize, "results": results, "seconds": seconds})
-    return 0

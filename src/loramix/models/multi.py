@@ -31,8 +31,9 @@ from torch import nn
 from .inject import AdapterState, adapter_state, inject, unload
 
 
-class Segment(NamedTuple):
-    """A run of consecutive batch rows that belong to one adapter.
+class RowSpan(NamedTuple):
+    """A run of consecutive batch rows that belong to one adapter (not ``modules.mixlora.Segments``,
+    the rows dispatched to each expert inside one MixLoRA FFN).
 
     Attributes:
         name: the adapter. rows: how many rows. start: index of its first row in the batch.
@@ -53,12 +54,12 @@ class MultiAdapterState:
     Attributes:
         adapters: name → the adapter's own ``AdapterState`` (config, family, context).
         members: name → {slot path → that adapter's module at the slot}.
-        plan: stack of row plans; the top is the list of ``Segment`` of the current input.
+        plan: stack of row plans; the top is the list of ``RowSpan`` of the current input.
     """
 
     adapters: dict[str, AdapterState]
     members: dict[str, dict[str, nn.Module]]
-    plan: list[list[Segment]] = field(default_factory=list)
+    plan: list[list[RowSpan]] = field(default_factory=list)
     hooks: list = field(default_factory=list)
 
 
@@ -188,7 +189,7 @@ def _capture_rows(state: MultiAdapterState):
             seg_tasks = task_ids[start:start + count] if task_ids is not None else None
             if isinstance(seg_tasks, torch.Tensor) and seg_tasks.numel() and bool((seg_tasks < 0).all()):
                 seg_tasks = None  # -1 rows: no task id for this adapter (its default task applies)
-            segments.append(Segment(name, count, start, None if mask is None else mask[start:start + count].bool(),
+            segments.append(RowSpan(name, count, start, None if mask is None else mask[start:start + count].bool(),
                                     seg_tasks))
             start += count
         state.plan[:] = [segments]

@@ -18,7 +18,10 @@ import sys
 
 import torch
 
-from ..cli import UsageError, add_threads_argument, apply_threads, check_device, check_dtype, check_model, resolve_model
+from ..cli import (
+    UsageError, add_threads_argument, apply_threads, check_device, check_dtype, check_model, load_adapters_onto,
+    resolve_model,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,9 +97,7 @@ def run(args: argparse.Namespace) -> int:
         model_name = read_adapter_config(args.adapter).get("base_model")
     model, tokenizer = load_model(resolve_model(model_name or "smollm2-135m"), dtype=args.dtype, device=args.device)
     if args.adapter:
-        from ..evaluate.command import load_adapter_onto
-
-        model = load_adapter_onto(model, args.adapter, model_name or "smollm2-135m")
+        model = load_adapters_onto(model, {"adapter": args.adapter}, model_name or "smollm2-135m")
     context = contextlib.nullcontext()
     if args.task is not None:
         from ..adapters.more_tasks import task_index, use_task

@@ -35,10 +35,11 @@ from typing import Any, Union
 import yaml
 
 from ..config import ConfigError, _help, adapter_config_from_dict, unknown_key_error
+from ..hub import DTYPES as DTYPE_NAMES
 
 SCHEDULES = ("constant", "linear", "cosine")
 DISTRIBUTED = ("ddp", "fsdp")
-DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+DTYPES = ("auto", *DTYPE_NAMES)  # the one table of dtype names is hub.DTYPES
 
 
 @dataclass
