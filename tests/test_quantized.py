@@ -320,3 +320,27 @@ def test_smollm2_nf4_mixlora_trains_and_starts_at_the_base(tmp_path):
     fresh, _ = hub.load_model("smollm2-135m", quantization="nf4", device="cpu")
     loramix.load_adapter(fresh, tmp_path / "a")
     torch.testing.assert_close(logits(fresh.eval(), ids.input_ids, ids.attention_mask), expected, atol=1e-4, rtol=0)
+
+
+def test_eval_command_loads_the_base_quantized(tmp_path):
+    """`loramix eval --quantization nf4` scores what the nf4 model loaded in-process scores."""
+    from test_train import mc_examples, word_tokenizer
+
+    from loramix.cli import main
+    from loramix.evaluate import evaluate_multiple_choice
+
+    folder = tmp_path / "model"
+    wide_model("llama").save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    examples = mc_examples(6)
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": e.question, "choices": e.choices, "answer": e.gold}) + "\n"
+                            for e in examples))
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(folder), "--quantization", "nf4", "--tasks", str(data), "--protocol", "loglik",
+                 "--no-progress", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())["results"]
+    model, tok = hub.load_model(str(folder), quantization="nf4", device="cpu")
+    expected = evaluate_multiple_choice(model, tok, examples, protocol="loglik", progress=False)
+    assert [r["loglik"]["accuracy"] for r in got.values()] == [expected["accuracy"]]
+    assert main(["eval", "--model", str(folder), "--quantization", "nf3", "--tasks", str(data), "--no-progress"]) == 2

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..models.quantize import add_quantization_argument
 from ..cli import (
     UsageError, add_threads_argument, apply_threads, check_device, check_dtype, check_model, load_adapters_onto,
     resolve_model,
@@ -48,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
     parser.add_argument("--cutoff-len", type=int, default=1024, help="longest prompt in tokens (cut from the left)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, fp32 on CPU), float32, bfloat16, float16")
+    add_quantization_argument(parser)
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the results to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -143,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
         task_ids = {name: _adapter_tasks(meta, tasks_in_data) for name, meta in metas.items()}
     except ValueError as err:
         raise UsageError(str(err)) from None
-    model, tokenizer = load_model(resolve_model(model_name), dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(resolve_model(model_name), dtype=args.dtype, device=args.device,
+                                  quantization=args.quantization)
     model = load_adapters_onto(model, adapters, model_name)
     protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
     names = list(adapters) or [None]  # None: the base model alone

@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from ..models.quantize import add_quantization_argument
 from ..cli import (
     UsageError, add_threads_argument, apply_threads, check_device, check_dtype, check_model, load_adapters_onto,
     resolve_model,
@@ -43,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with temperature > 0)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, fp32 on CPU), float32, bfloat16, float16")
+    add_quantization_argument(parser)
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     parser.add_argument("--no-stream", action="store_true",
                         help="print the completion once it is finished instead of token by token")
@@ -95,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         from ..adapters import read_adapter_config
 
         model_name = read_adapter_config(args.adapter).get("base_model")
-    model, tokenizer = load_model(resolve_model(model_name or "smollm2-135m"), dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(resolve_model(model_name or "smollm2-135m"), dtype=args.dtype, device=args.device,
+                                  quantization=args.quantization)
     if args.adapter:
         model = load_adapters_onto(model, {"adapter": args.adapter}, model_name or "smollm2-135m")
     context = contextlib.nullcontext()
