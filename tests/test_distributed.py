@@ -98,13 +98,12 @@ local_aux = torch.stack([m.aux_loss for m in layers])
 
 # The adapter gradient sum when a tensor got no gradient on some rank (an adapter part no token of this rank
 # reached): a missing gradient counts as zero, and a tensor no rank touched keeps grad None.
-from types import SimpleNamespace
-from loramix.train.distributed import DistributedTrainer
+from loramix.train.distributed import reduce_gradients
 params = {n: torch.nn.Parameter(torch.zeros(2, 3)) for n in ("both", "rank0", "none")}
 params["both"].grad = torch.full((2, 3), 1.0 + rank)
 if rank == 0:
     params["rank0"].grad = torch.full((2, 3), 5.0)
-DistributedTrainer._reduce_gradients(SimpleNamespace(params=params))
+reduce_gradients(list(params.values()))
 assert params["none"].grad is None
 save_file({"global": global_aux.detach(), "local": local_aux, "grad": layers[-1].router.weight.grad,
            "both": params["both"].grad, "rank0": params["rank0"].grad}, f"{sys.argv[2]}/rank{rank}.safetensors")
@@ -218,7 +217,10 @@ def one_process(out: Path, **extra) -> tuple[dict[str, torch.Tensor], dict[str, 
                           model=tiny_model("llama", seed=0), tokenizer=word_tokenizer(),
                           train_examples=examples(24), eval_examples=examples(9, seed=1))
         trainer.setup()
-        start = {k: v.detach().clone() for k, v in trainer.params.items()}
+        from loramix.adapters.io import save_adapter
+
+        save_adapter(trainer.model, out.parent / f"{out.name}-start" / "adapter")  # the file's key names (PEFT for LoRA)
+        start = adapter(out.parent / f"{out.name}-start")
         trainer.run()
     finally:
         torch.set_num_threads(threads)

@@ -9,7 +9,7 @@ import torch
 
 import loramix
 from loramix.train import Trainer
-from loramix.train.multi import MultiTrainer, load_multi_config
+from loramix.train.multi import load_multi_config
 from loramix.models.multi import member_parameters
 from test_train import config, mc_examples, word_tokenizer
 from tiny_models import tiny_model
@@ -30,8 +30,8 @@ def _configs(tmp_path: Path) -> dict:
 DATA = {"mix": mc_examples(24, seed=1, task="a"), "lora": mc_examples(30, seed=2, task="b")}
 
 
-def _joint(tmp_path: Path) -> MultiTrainer:
-    joint = MultiTrainer(_configs(tmp_path), model=tiny_model("llama", seed=0), tokenizer=word_tokenizer(),
+def _joint(tmp_path: Path) -> Trainer:
+    joint = Trainer(_configs(tmp_path), model=tiny_model("llama", seed=0), tokenizer=word_tokenizer(),
                          train_examples=DATA, eval_examples={})
     joint.setup()
     return joint
@@ -107,7 +107,7 @@ def test_jobs_due_at_the_same_step_evaluate_in_one_pass(tmp_path: Path, monkeypa
     per protocol, and record what each job's own evaluation gives (the same model state, alone)."""
     import json
 
-    import loramix.train.multi as multi
+    import loramix.train.loop as loop
     from loramix.evaluate import evaluate_multiple_choice
     from loramix.models.multi import only_adapter
 
@@ -123,14 +123,14 @@ def test_jobs_due_at_the_same_step_evaluate_in_one_pass(tmp_path: Path, monkeypa
             checks.append((out[name]["predictions"], alone["predictions"]))
         return out
 
-    real = multi.evaluate_many
-    monkeypatch.setattr(multi, "evaluate_many", spy)
+    real = loop.evaluate_many
+    monkeypatch.setattr(loop, "evaluate_many", spy)
     evals = {"mix": mc_examples(6, seed=5, task="a"), "lora": mc_examples(5, seed=6, task="b")}
     configs = _configs(tmp_path)
     for cfg in configs.values():
         cfg.max_steps, cfg.grad_accum, cfg.eval_every = 2, 1, 1
         cfg.data.eval_protocols = ["label", "loglik"]
-    joint = MultiTrainer(configs, model=tiny_model("llama", seed=0), tokenizer=word_tokenizer(),
+    joint = Trainer(configs, model=tiny_model("llama", seed=0), tokenizer=word_tokenizer(),
                          train_examples=DATA, eval_examples=evals)
     results = joint.run()
     assert {n: r["status"] for n, r in results.items()} == {"mix": "completed", "lora": "completed"}

@@ -274,8 +274,8 @@ def one_sgd_step(tmp_path: Path, batch_size: int, grad_accum: int, adapter: dict
     from conftest import perturb_adapter
 
     perturb_adapter(t.model, seed=5)  # B = 0 would give A no gradient
-    t.optimizer = torch.optim.SGD(t.params.values(), lr=1.0)
-    t.scheduler = torch.optim.lr_scheduler.LambdaLR(t.optimizer, lambda s: 1.0)
+    t.job.optimizer = torch.optim.SGD(t.params.values(), lr=1.0)
+    t.job.scheduler = torch.optim.lr_scheduler.LambdaLR(t.job.optimizer, lambda s: 1.0)
     start = adapter_tensors(t)
     t.train()
     return {k: start[k] - v for k, v in adapter_tensors(t).items()}
@@ -302,7 +302,7 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, adapter):
 
     perturb_adapter(t.model, seed=5)
     t.model.train()
-    for batch in t._next_window() + t._next_window():
+    for batch in t.job.next_window(2):
         (t.model(**batch).loss / 2).backward()
     naive = {k: p.grad.detach().clone() for k, p in t.params.items()}
     assert max_diff(naive, big) > 1e-4

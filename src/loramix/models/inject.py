@@ -25,6 +25,7 @@ from torch import nn
 from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig
 from ..modules import ForwardContext, LoraLinear, MixLoraFFN
 from ..modules.more import MoreLinear
+from .losses import auxiliary_losses as auxiliary_losses_of, compose_loss
 from .registry import ModelFamily, decoder_layers, family_of
 
 # Called with the model at the end of ``inject`` and at the start of ``unload``. The transformers-facing
@@ -237,24 +238,6 @@ def contrastive_loss(model: nn.Module) -> torch.Tensor | None:
     return torch.stack(losses).mean() if losses else None
 
 
-# (output attribute, config field of its weight): the auxiliary losses an adapter adds to the loss
-AUXILIARY_LOSSES = (("aux_loss", "aux_loss_coef"), ("z_loss", "z_loss_coef"), ("contrastive_loss", "contrastive_coef"))
-
-
-def _raw_auxiliary_losses(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
-    """This forward's auxiliary losses by output attribute: MixLoRA ``aux_loss`` (mean load balance over
-    the MoE layers) and ``z_loss``; MoRE ``contrastive_loss`` (mean over modules). Scalars with graph."""
-    if isinstance(config, MixLoraConfig):
-        aux, z = auxiliary_losses(model)
-        return {} if aux is None else {"aux_loss": aux, "z_loss": z}
-    if isinstance(config, MoreConfig):
-        cl = contrastive_loss(model)
-        for m in more_modules(model).values():
-            m.contrastive_loss = None  # do not keep the graph alive past this call
-        return {} if cl is None else {"contrastive_loss": cl}
-    return {}
-
-
 def _add_auxiliary_losses(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     """Post-hook: put ``coef · L_aux`` into the loss whichever way the trainer computes it.
 
@@ -276,15 +259,10 @@ def _add_auxiliary_losses(module: nn.Module, args: tuple, kwargs: dict, output: 
     state = module.loramix_adapter
     if state.context.disabled:
         return output
-    raw = _raw_auxiliary_losses(module, state.config)
+    raw = auxiliary_losses_of(module.modules(), consume=True)
     if not raw:
         return output
-    weighted = None
-    for name, coef_name in AUXILIARY_LOSSES:
-        coef = getattr(state.config, coef_name, 0.0)
-        if name in raw and coef:
-            term = coef * raw[name]
-            weighted = term if weighted is None else weighted + term
+    weighted = compose_loss(None, raw, state.config)  # A = Σ coef · L_aux (None: every weight is 0)
     if module.training and torch.is_grad_enabled():
         for name, value in raw.items():
             entry = state.logged.setdefault(name, [0.0, 0])
@@ -295,13 +273,13 @@ def _add_auxiliary_losses(module: nn.Module, args: tuple, kwargs: dict, output: 
     if isinstance(output, tuple):  # return_dict=False: (loss, logits, ...) when labels were given
         if weighted is None or not has_labels or not isinstance(output[0], torch.Tensor) or output[0].dim() != 0:
             return output
-        return (output[0] + (w * weighted).to(output[0].dtype), *output[1:])
+        return (compose_loss(output[0], raw, state.config, share=w), *output[1:])
     for name, value in raw.items():
         setattr(output, name, value)
     if weighted is None:
         return output
-    if has_labels and getattr(output, "loss", None) is not None:
-        output.loss = output.loss + (w * weighted).to(output.loss.dtype)
+    if has_labels and getattr(output, "loss", None) is not None:  # Trainer: Σ CE / N + (n_b / N) · A
+        output.loss = compose_loss(output.loss, raw, state.config, share=w)
     log_probs, label_mask = getattr(output, "log_probs", None), getattr(output, "label_mask", None)
     if isinstance(log_probs, torch.Tensor) and isinstance(label_mask, torch.Tensor) and log_probs.requires_grad:
         zero_valued = (weighted - weighted.detach()).to(log_probs.dtype)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .inject import AdapterState, adapter_state, inject, unload
+from .losses import auxiliary_losses, compose_loss, label_losses
 
 
 class RowSpan(NamedTuple):
@@ -265,9 +266,9 @@ def adapter_losses(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
         rows: the ``adapter_rows`` of that forward.
 
     Returns:
-        name → {"loss": lm + weighted auxiliary terms, "lm_loss": mean next-token cross-entropy over the
-        adapter's label tokens, "aux_loss" (MixLoRA, mean load balance over layers),
-        "contrastive_loss" (MoRE)}. Summing the "loss" values and calling backward gives each adapter
+        name → {"loss": lm + weighted auxiliary terms (``losses.compose_loss``), "lm_loss": mean next-token
+        cross-entropy over the adapter's label tokens, "aux_loss" and "z_loss" (MixLoRA, means over
+        layers), "contrastive_loss" (MoRE)}. Summing the "loss" values and calling backward gives each adapter
         exactly the gradient it would get alone.
     """
     state: MultiAdapterState = model.loramix_multi
@@ -277,31 +278,8 @@ def adapter_losses(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
         # give each adapter one run of rows.
         raise ValueError(f"adapter_losses needs each adapter's rows together; the plan lists {names}")
     result: dict[str, dict[str, torch.Tensor]] = {}
-    # split, not one slice per adapter: a slice's backward writes its gradient into a zero-filled
-    # tensor of the *whole* logits shape (N adapters: N × (B, T, V) zeros, quadratic in N), while
-    # split's backward concatenates the N pieces once.
-    pieces = logits.split([count for _, count in rows])
-    start = 0
-    for (name, count), piece in zip(rows, pieces):
-        lg = piece.float()  # (rows, T, V), contiguous: no copy in fp32
-        # position t predicts token t+1: shift the labels, not the logits (a logits[:, :-1] slice
-        # would be copied by the reshape); the last position predicts nothing (-100)
-        lb = nn.functional.pad(labels[start:start + count, 1:], (0, 1), value=-100).to(lg.device)
-        start += count
-        lm = nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100)
-        entry = {"lm_loss": lm, "loss": lm}
-        config = state.adapters[name].config
-        modules = list(state.members[name].values())
-        aux = [m.aux_loss for m in modules if getattr(m, "aux_loss", None) is not None]
-        if aux:
-            entry["aux_loss"] = torch.stack(aux).mean()
-            entry["loss"] = entry["loss"] + config.aux_loss_coef * entry["aux_loss"]
-            if getattr(config, "z_loss_coef", 0) > 0:
-                z = torch.stack([m.z_loss for m in modules if getattr(m, "z_loss", None) is not None]).mean()
-                entry["loss"] = entry["loss"] + config.z_loss_coef * z
-        cl = [m.contrastive_loss for m in modules if getattr(m, "contrastive_loss", None) is not None]
-        if cl:
-            entry["contrastive_loss"] = torch.stack(cl).mean()
-            entry["loss"] = entry["loss"] + config.contrastive_coef * entry["contrastive_loss"]
-        result[name] = entry
+    for (name, _), (ce_sum, count) in zip(rows, label_losses(logits, labels, [count for _, count in rows])):
+        lm = ce_sum / count if count else ce_sum * float("nan")  # the mean over no token is NaN, as F.cross_entropy's
+        raw = auxiliary_losses(state.members[name].values(), consume=True)
+        result[name] = {"lm_loss": lm, "loss": compose_loss(lm, raw, state.adapters[name].config), **raw}
     return result

@@ -1,4 +1,5 @@
-"""Training: the config (``TrainConfig``), the loop (``Trainer``), checkpoints, and ``loramix train``.
+"""Training: the config (``TrainConfig``), the loop (``Trainer``: one adapter or several, one rank or many),
+checkpoints, and ``loramix train``.
 
 Example:
     >>> from loramix.train import Trainer, load_train_config
@@ -7,9 +8,10 @@ Example:
 
 from .checkpoint import CheckpointError, latest_checkpoint
 from .config import DataConfig, TrainConfig, load_train_config, train_config_from_dict
-from .loop import Trainer, TrainingDiverged, lr_factor, mix_sources
+from .job import Job, lr_factor, mix_sources
+from .loop import Trainer, TrainingDiverged
 
 __all__ = [
-    "CheckpointError", "DataConfig", "TrainConfig", "Trainer", "TrainingDiverged", "latest_checkpoint",
+    "CheckpointError", "DataConfig", "Job", "TrainConfig", "Trainer", "TrainingDiverged", "latest_checkpoint",
     "load_train_config", "lr_factor", "mix_sources", "train_config_from_dict",
 ]

@@ -173,8 +173,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_multi(args: argparse.Namespace, overrides: list[str]) -> int:
-    """``loramix train multi.yaml``: several adapters trained jointly (see ``train/multi.py``)."""
-    from .multi import MultiTrainer, load_multi_config, summary
+    """``loramix train multi.yaml``: several adapters trained jointly (see ``train/multi.py``), under torchrun too."""
+    from .distributed import trainer_class
+    from .multi import load_multi_config, summary
 
     _, configs = load_multi_config(args.config, overrides)
     for cfg in configs.values():
@@ -186,6 +187,8 @@ def _run_multi(args: argparse.Namespace, overrides: list[str]) -> int:
     _claim(list(configs.values()), args.overwrite)
     apply_threads(next(iter(configs.values())).threads)  # shared by every adapter (SHARED_KEYS)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    results = MultiTrainer(configs).run()
+    results = trainer_class()(configs).run()  # DistributedTrainer under torchrun
+    if os.environ.get("RANK", "0") != "0":  # rank 0 reports
+        return 0 if all(r["status"] == "completed" for r in results.values()) else 1
     print(summary(results))
     return 0 if all(r["status"] == "completed" for r in results.values()) else 1

@@ -2,18 +2,23 @@
 
     torchrun --nproc_per_node 2 -m loramix train examples/mixlora.yaml
     torchrun --nproc_per_node 2 -m loramix train examples/mixlora.yaml distributed=fsdp global_load_balance=true
+    torchrun --nproc_per_node 2 -m loramix train examples/multi.yaml     # several adapters, one base, jointly
     # two nodes, 8 GPUs each (the same command on both; the rendezvous numbers the nodes):
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_id myrun --rdzv_backend c10d \
              --rdzv_endpoint host0:29500 -m loramix train examples/mixlora.yaml
 
-How one optimizer step works with W ranks::
+How one optimizer step of a job works with W ranks (``loop.py`` runs it; this file fills its seams)::
 
-    global window = the next grad_accum × W micro-batches (every rank builds the same seeded order)
+    global window = the job's next grad_accum × W micro-batches (every rank builds the same seeded order)
     rank r runs micro-batches r, r + W, r + 2W, ...   (the data is sharded per rank)
     N = answer tokens of the whole global window        (every rank can count them: same window)
-    each rank: backward of Σ_local (CE_b · n_b / N + router_b / (grad_accum × W))
+    each rank: backward of Σ_local (Σ CE_b / N + (n_b / N) · Σ coef · L_aux,b)
     one all-reduce (sum) of the flat adapter gradient  → exactly the one-process gradient
     every rank clips and takes the same AdamW step     → the adapters stay identical
+
+Several adapters (``loramix train multi.yaml``) work the same way: every rank runs each job's local
+micro-batches in the same joint micro-steps, so the jobs' windows close at the same micro-step on
+every rank, and the gradients of all jobs that step then go into one all-reduce.
 
 This is DDP's arithmetic done by hand on the adapter gradients only, without wrapping the model:
 the adapter tensors are small (one flat all-reduce per step is cheap), the loop keeps calling the
@@ -23,9 +28,10 @@ work around. Logging, checkpoints, plots and the final adapter are written by ra
 statistics (loss, tokens, expert load) are summed over ranks first, so the log describes the
 global batch.
 
-Stop decisions are agreed: a SIGINT/SIGTERM seen by any rank, or a non-finite loss on any rank, stops all
-ranks at the same point (one small all-reduce of a flag), so no rank waits forever in a collective the
-others left; a diverged step is never applied or saved, so the last checkpoint stays the last good one.
+Stop decisions are agreed: a SIGINT/SIGTERM seen by any rank stops all ranks at the same point, and a
+non-finite loss of a job on any rank stops that job on every rank (one small all-reduce of flags), so no
+rank waits forever in a collective the others left; a diverged step is never applied or saved, so the
+last checkpoint stays the last good one.
 The run length (max_steps / epochs) is checked to be the same on every rank at setup.
 
 Options (training config): ``distributed: fsdp`` shards the frozen base with FSDP2 (``shard_base_model``;
@@ -40,9 +46,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import random
 from pathlib import Path
 from typing import Any
 
@@ -75,198 +79,121 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
 
 
 class DistributedTrainer(Trainer):
-    """``Trainer`` for W data-parallel ranks (see the module docstring).
+    """``Trainer`` for W data-parallel ranks: the loop of ``loop.py`` with its seams filled in (see the
+    module docstring). Takes what ``Trainer`` takes: one config or several (adapter name → config).
 
     ``batch_size`` and ``grad_accum`` stay per rank: the global batch is batch_size × grad_accum × W,
     and a one-process run with grad_accum × W reaches the same weights.
     """
 
-    def __init__(self, config, **kwargs: Any) -> None:
+    def __init__(self, config: Any, **kwargs: Any) -> None:
         self.rank, self.world_size = init_distributed()
         # NCCL collectives need CUDA tensors; gloo takes CPU ones.
         self._collective_device = torch.device("cuda", torch.cuda.current_device()) \
             if dist.get_backend() == "nccl" else torch.device("cpu")
-        self._local_stop: int | None = None
         super().__init__(config, **kwargs)
         if self.rank != 0:
             log.setLevel(logging.WARNING)  # one copy of the progress log (rank 0's); warnings still show
-        if torch.cuda.is_available() and getattr(config, "device", "auto") in ("auto", "cuda") and kwargs.get("model") is None:
-            config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    # ------------------------------------------------------------------ data: global window, local share
-    def _setup_data(self) -> None:
-        super()._setup_data()
-        if not self.config.max_steps:  # one step now consumes grad_accum × W micro-batches
-            self.total_steps = max(1, math.ceil(self.config.epochs * len(self.sampler)
-                                                / (self.config.grad_accum * self.world_size)))
+        if torch.cuda.is_available() and kwargs.get("model") is None:
+            for cfg in self.configs.values():
+                if cfg.device in ("auto", "cuda"):
+                    cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
 
     def setup(self) -> None:
         super().setup()
-        # Every rank must run the same number of steps (each step has collectives): check the plan agrees.
-        plan = [self.total_steps, self.step]
-        if [self._max_over_ranks(v) for v in plan] != plan or [-self._max_over_ranks(-v) for v in plan] != plan:
+        # Every rank must run the same steps (each has collectives): check that the plans agree.
+        plan = [v for job in self.jobs.values() for v in (job.total_steps, job.step)]
+        if self._max_over_ranks(plan) != plan or [-v for v in self._max_over_ranks([-v for v in plan])] != plan:
             raise ConfigError(f"rank {self.rank}: the ranks disagree on the run length or the resumed step "
-                              f"(this rank: {self.total_steps} steps, at step {self.step}); give every rank the "
+                              f"(this rank: steps and resumed step per adapter {plan}); give every rank the "
                               f"same config, data and checkpoint folder")
         dist.barrier()  # no rank logs before every rank has reset the run folder
 
-    def _setup_optimizer(self) -> None:
+    def _prepare_model(self) -> None:
         if self.config.distributed == "fsdp":
-            shard_base_model(self.model)  # before the optimizer: it keeps the (unchanged) adapter tensors
-        super()._setup_optimizer()
-        # The adapter is initialised (identically on every rank, same seed); from here on each rank draws
-        # its own dropout masks / router jitter. (Resuming restores each rank's own generator states.)
-        if self.rank:
-            random.seed(self.config.seed + self.rank)
-            torch.manual_seed(self.config.seed + self.rank)
+            shard_base_model(self.model)
 
-    def _resume(self) -> None:
-        super()._resume()  # restores rank 0's generators on every rank ...
-        if self.rank and self.last_checkpoint is not None:  # ... then this rank's own, if they were saved
-            plain, tensors = self.last_checkpoint / f"rng-rank{self.rank}.json", self.last_checkpoint / f"rng-rank{self.rank}.pt"
+    def _local_batches(self, window: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        return window[self.rank::self.world_size]  # rank r runs micro-batches r, r + W, r + 2W, ...
+
+    def _reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        reduce_gradients(params)
+
+    def _max_over_ranks(self, values: list[int]) -> list[int]:
+        flags = torch.tensor(values, dtype=torch.long, device=self._collective_device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return flags.tolist()
+
+    def _reduce_stats(self, stats: list[dict[str, Any]]) -> None:
+        """Each rank's lm_loss / aux / tokens / load is its share of the global mean: the sum is the global value."""
+        keys = [[k for k in s if k not in ("lr", "grad_norm", "expert_load")] for s in stats]
+        flat = [float(s[k]) for s, ks in zip(stats, keys) for k in ks]
+        flat += [v for s in stats for layer in s["expert_load"] or [] for v in layer]
+        if not flat:
+            return
+        values = torch.tensor(flat, dtype=torch.float64, device=self._collective_device)
+        dist.all_reduce(values)
+        it = iter(values.tolist())
+        for s, ks in zip(stats, keys):
+            for k in ks:
+                s[k] = int(next(it)) if k == "tokens" else next(it)
+        for s in stats:
+            if s["expert_load"] is not None:
+                s["expert_load"] = [[next(it) for _ in layer] for layer in s["expert_load"]]
+
+    def _balance_group(self, job: Any) -> Any:
+        return dist.group.WORLD if job.config.global_load_balance else None
+
+    def _eval_shard(self, examples: list) -> list:
+        """Each rank scores every W-th example; under FSDP every forward all-gathers the layers' shards, so
+        all ranks must make the same calls: each scores the whole set (the same result everywhere)."""
+        return examples if self.config.distributed == "fsdp" else examples[self.rank::self.world_size]
+
+    def _combine_evaluations(self, local: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if self.config.distributed == "fsdp":
+            return local
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, local)
+        return {name: combine_accuracies([g[name] for g in gathered if g[name]]) for name in local}
+
+    def _save_checkpoint(self, job: Any) -> Path:
+        """Rank 0 writes the checkpoint; every other rank adds its own generator states to it."""
+        path = job.save_checkpoint() if self.is_main else None
+        shared = [str(path) if path is not None else None]
+        dist.broadcast_object_list(shared, src=0)  # also a barrier: nobody resumes from a half-written one
+        job.last_checkpoint = Path(shared[0])
+        if self.rank:  # so a resumed run draws the same dropout masks on every rank
+            plain, tensors = ckpt.rng_states()
+            torch.save(tensors, job.last_checkpoint / f"rng-rank{self.rank}.pt")
+            (job.last_checkpoint / f"rng-rank{self.rank}.json").write_text(json.dumps(plain))
+        dist.barrier()
+        return job.last_checkpoint
+
+    def _restore_rank_rng(self, job: Any) -> None:
+        if self.rank:
+            plain, tensors = job.last_checkpoint / f"rng-rank{self.rank}.json", job.last_checkpoint / f"rng-rank{self.rank}.pt"
             if plain.is_file() and tensors.is_file():
                 ckpt.set_rng_states(json.loads(plain.read_text()), torch.load(tensors, weights_only=True))
             else:
                 log.warning("rank %d: %s has no generator state of this rank; dropout masks will differ from "
-                            "an uninterrupted run", self.rank, self.last_checkpoint)
+                            "an uninterrupted run", self.rank, job.last_checkpoint)
 
-    def _next_window(self) -> list[dict[str, torch.Tensor]]:
-        """The global window: W consecutive per-rank windows (the same on every rank)."""
-        window: list[dict[str, torch.Tensor]] = []
-        for _ in range(self.world_size):
-            window += super()._next_window()
-        return window
 
-    def _local_batches(self, window: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        return window[self.rank::self.world_size]
-
-    # ------------------------------------------------------------------ gradients and statistics
-    def _reduce_gradients(self) -> None:
-        """Sum the adapter gradients over ranks (a missing gradient counts as zero)."""
-        params = list(self.params.values())
-        # One flat buffer: every gradient, then one "has a gradient" flag per tensor, so a tensor no rank
-        # touched keeps grad None (AdamW then leaves it alone, as in one process).
-        pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
-        present = torch.tensor([float(p.grad is not None) for p in params], device=pieces[0].device)
-        flat = torch.cat(pieces + [present])
-        dist.all_reduce(flat)
-        offset = 0
-        for i, p in enumerate(params):
-            n = p.numel()
-            has_grad = bool(flat[flat.numel() - len(params) + i] > 0)
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype) if has_grad else None
-            offset += n
-
-    def _train_step(self, window: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        context = adapter_state(self.model).context
-        # Global load balance: only inside the training step, where every rank runs the same number of forwards
-        # (evaluation shards may differ in length, and a collective there would wait forever).
-        context.balance_group = dist.group.WORLD if self.config.global_load_balance else None
-        try:
-            stats = super()._train_step(window)
-        finally:
-            context.balance_group = None
-        # Each rank's lm_loss / aux / load is its share of the global mean: summing gives the global value.
-        keys = [k for k in ("lm_loss", "loss", "aux_loss", "z_loss", "contrastive_loss", "tokens") if k in stats]
-        values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self._collective_device)
-        dist.all_reduce(values)
-        for k, v in zip(keys, values.tolist()):
-            stats[k] = int(v) if k == "tokens" else v
-        if stats.get("expert_load") is not None:
-            load = torch.tensor(stats["expert_load"], dtype=torch.float64, device=self._collective_device)
-            dist.all_reduce(load)
-            stats["expert_load"] = load.tolist()
-        return stats
-
-    # ------------------------------------------------------------------ evaluation, sharded
-    def evaluate(self) -> dict[str, Any]:
-        """Each rank scores every W-th evaluation example; the counts are gathered and combined, so the
-        accuracy is the one over the whole set (logged once, by rank 0).
-
-        Under FSDP every forward all-gathers the layers' shards, so all ranks must make the same forward
-        calls: each rank scores the whole set (the same result everywhere; rank 0 logs and writes it).
-        """
-        if self.config.distributed == "fsdp":
-            return super().evaluate()
-        everything = self.eval_examples
-        local_examples = everything[self.rank::self.world_size]
-        local: dict[str, Any] = {}
-        if local_examples:
-            self.eval_examples, self._gathering = local_examples, True
-            level = log.level
-            log.setLevel(logging.WARNING)  # a shard's accuracy is not the run's: log the combined one below
-            try:
-                local = super().evaluate()
-            finally:
-                self.eval_examples, self._gathering = everything, False
-                log.setLevel(level)
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, local)
-        results = combine_accuracies([g for g in gathered if g])
-        if self.is_main:
-            for protocol, r in results.items():
-                log.info("step %d: %s accuracy %.4f (n=%d, %d ranks)", self.step, protocol, r["accuracy"], r["n"],
-                         self.world_size)
-        self.last_metrics["eval"] = results
-        self._write_metrics({"type": "eval", "step": self.step, "eval": results})
-        return results
-
-    # ------------------------------------------------------------------ rank 0 writes
-    def _write_metrics(self, record: dict[str, Any]) -> None:
-        if self.is_main and not getattr(self, "_gathering", False):
-            super()._write_metrics(record)
-
-    def save_checkpoint(self) -> Path:
-        path = super().save_checkpoint() if self.is_main else None
-        shared = [str(path) if path is not None else None]
-        dist.broadcast_object_list(shared, src=0)  # also a barrier: nobody resumes from a half-written one
-        self.last_checkpoint = Path(shared[0])
-        if self.rank:  # each rank's own generator states, so a resumed run draws the same masks
-            plain, tensors = ckpt.rng_states()
-            torch.save(tensors, self.last_checkpoint / f"rng-rank{self.rank}.pt")
-            (self.last_checkpoint / f"rng-rank{self.rank}.json").write_text(json.dumps(plain))
-        dist.barrier()
-        return self.last_checkpoint
-
-    # ------------------------------------------------------------------ stop signals, all ranks together
-    def _max_over_ranks(self, value: int) -> int:
-        """The largest ``value`` of all ranks (one tiny all-reduce; every rank must call it at the same point)."""
-        flag = torch.tensor([value], dtype=torch.long, device=self._collective_device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
-
-    def _any_process(self, flag: bool) -> bool:
-        """A non-finite loss on any rank stops every rank at the same point (before the update)."""
-        return bool(self._max_over_ranks(int(flag)))
-
-    @property
-    def _stop_signal(self) -> int | None:
-        """The signal any rank received (checked by every rank at the same step boundary)."""
-        return self._max_over_ranks(self._local_stop or 0) or None
-
-    @_stop_signal.setter
-    def _stop_signal(self, value: int | None) -> None:
-        self._local_stop = value
-
-    def _install_signal_handlers(self) -> None:
-        """As ``Trainer``'s, but the handler touches only this rank's flag (no collective in a handler)."""
-        import signal
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def handler(signum: int, frame: Any) -> None:
-            if self._local_stop is not None:  # second Ctrl-C: stop now, without a checkpoint
-                raise KeyboardInterrupt
-            self._local_stop = signum
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old_handlers[sig] = signal.signal(sig, handler)
+def reduce_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum the gradients of ``params`` over the ranks in one flat all-reduce (a missing gradient counts as
+    zero; a tensor no rank touched keeps grad None, so AdamW leaves it alone, as in one process)."""
+    if not params:
+        return
+    pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+    present = torch.tensor([float(p.grad is not None) for p in params], device=pieces[0].device)
+    flat = torch.cat(pieces + [present])
+    dist.all_reduce(flat)
+    offset = 0
+    for i, p in enumerate(params):
+        n = p.numel()
+        has_grad = bool(flat[flat.numel() - len(params) + i] > 0)
+        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype) if has_grad else None
+        offset += n
 
 
 def shard_base_model(model: torch.nn.Module) -> None:
@@ -286,10 +213,12 @@ def shard_base_model(model: torch.nn.Module) -> None:
     from ..models.registry import decoder_layers
 
     adapter = set(adapter_parameters(model).values())
+    multi = getattr(model, "loramix_multi", None)  # several adapters: their families agree (one base)
+    family = next(iter(multi.adapters.values())).family if multi is not None else adapter_state(model).family
     base_dtype = next(p.dtype for p in model.parameters() if p not in adapter)
     # The base computes in the run's dtype (it is loaded in it); the ignored adapters are not cast.
     policy = MixedPrecisionPolicy(param_dtype=base_dtype, reduce_dtype=torch.float32)
-    for layer in decoder_layers(model, adapter_state(model).family):
+    for layer in decoder_layers(model, family):
         fully_shard(layer, mp_policy=policy, ignored_params=adapter)
     fully_shard(model, mp_policy=policy, ignored_params=adapter)
 
@@ -316,5 +245,5 @@ def trainer_class() -> type[Trainer]:
     return DistributedTrainer if is_distributed_launch() else Trainer
 
 
-__all__ = ["DistributedTrainer", "combine_accuracies", "init_distributed", "is_distributed_launch", "shard_base_model",
-           "trainer_class"]
+__all__ = ["DistributedTrainer", "combine_accuracies", "init_distributed", "is_distributed_launch", "reduce_gradients",
+           "shard_base_model", "trainer_class"]

@@ -1,32 +1,37 @@
-"""The training loop, in one file: a plain class with ``setup / train / save_checkpoint / cleanup``.
+"""The training loop, in one file: N ≥ 1 adapter jobs over one frozen base, on one rank or many.
 
-What one optimizer step does::
+A job is one adapter's run (``Job``, ``job.py``: its config, data order, AdamW, schedule, gradient scaler,
+accumulation window, evaluation, checkpoints and output folder). ``Trainer`` runs a set of them:
+one job is the plain case (``Trainer(config)``: the model gets the adapter with ``inject``);
+several (``Trainer({name: config, ...})``, ``loramix train multi.yaml``) share the base through
+``inject_many`` and every micro-step is one forward/backward over all of them::
 
-    window = the next grad_accum micro-batches (length-grouped, seeded order; crosses epoch ends)
-    N      = answer tokens in the whole window (labels != -100 after the causal shift)
-    for each micro-batch b (n_b answer tokens):
-        out  = model(input_ids, attention_mask, labels, task_ids)   # out.loss = mean CE + router terms
-        loss = out.loss * n_b / N        # LM and router terms alike (zero when n_b = 0)
-        loss.backward()
-    clip the global grad norm; AdamW step (adapter parameters only); scheduler step
+    joint batch = [ next micro-batch of job a | of job b | ... ]      (right-padded to one length)
+    for each job j in the batch (n_j answer tokens; N_j in j's whole window):
+        loss_j = Σ CE_j / N_j + (n_j / N_j) · Σ coef · L_aux,j      (models/losses.compose_loss)
+    backward of Σ_j scaler_j · loss_j          (rows never mix: each job gets its own gradient)
+    a job whose window (grad_accum micro-batches) is complete: agree on a non-finite loss, sum the
+        gradients over ranks, unscale, clip, AdamW step, schedule step, log, evaluate, checkpoint
 
-The LM part is therefore the mean cross-entropy over *all answer tokens of the window*: one
-micro-batch of 4 and two accumulated micro-batches of 2 give the same gradient, however the
-answer lengths are spread. The router terms (``aux_loss_coef * load balance + z_loss_coef * z``,
-MoRE's ``contrastive_coef * contrastive``, which the adapter's hook adds to ``out.loss``) are
-per-batch averages; each micro-batch's weighs its share n_b / N of the window's answer tokens, the
-weight the hook gives them under transformers ``Trainer`` and TRL (which pass N as
-``num_items_in_batch``), so the three trainers take the same step on the same rows.
+The LM part is the mean cross-entropy over all answer tokens of a window, and each micro-batch's
+auxiliary terms weigh its share n_b / N (the weight the forward hook gives them under transformers
+``Trainer`` and TRL), so one batch of 4 and two accumulated batches of 2 take the same step. A
+job whose loss turns NaN/inf stops before its update (the last checkpoint stays the last good
+one); with one job that is a ``TrainingDiverged`` error, with several the others go on. Joint
+training equals training each job alone (dropout masks aside: one RNG stream serves every job).
 
-Everything needed to continue a killed run exactly is checkpointed (see ``checkpoint.py``): the
-adapter, AdamW and scheduler state, the RNG states (dropout masks, router jitter) and the data
-position (epoch, next micro-batch). A non-finite loss stops the run before any update and before
-any save, so the last checkpoint stays the last good one. SIGINT/SIGTERM set a flag; the loop
-saves a checkpoint at the next step boundary and returns.
+Data parallelism (``train/distributed.py``) is this loop with its seams filled in: every rank
+builds the same global window of grad_accum × W micro-batches and runs its share
+(``_local_batches``), the gradients are summed once per step (``_reduce_gradients``), stop
+decisions and divergence are agreed over the ranks (``_max_over_ranks``), statistics and
+evaluations are combined, rank 0 writes.
+
+Everything needed to continue a killed run exactly is checkpointed per job (``checkpoint.py``):
+adapter, AdamW, scheduler and scaler state, RNG states, data position. SIGINT/SIGTERM set a flag:
+open windows are finished, every job is checkpointed, and ``train`` returns "interrupted".
 
 Example:
-    >>> trainer = Trainer(load_train_config("examples/mixlora.yaml"))
-    >>> result = trainer.run()          # setup + train + cleanup
+    >>> result = Trainer(load_train_config("examples/mixlora.yaml")).run()   # setup + train + cleanup
     >>> result["status"], result["adapter"]
     ('completed', PosixPath('runs/mixlora/adapter'))
 """
@@ -34,7 +39,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
@@ -42,72 +46,23 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ConfigError
-from ..data import LengthGroupedBatches, MultipleChoiceExample, collate, encode_example, load_examples
-from ..evaluate import evaluate_multiple_choice
-from ..models.inject import AUXILIARY_LOSSES, adapter_parameters, adapter_state, inject, router_stats
+from ..evaluate import evaluate_many, evaluate_multiple_choice
+from ..models.inject import adapter_state, inject, router_stats
+from ..models.losses import AUXILIARY_LOSSES, auxiliary_losses, compose_loss, label_losses
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .tracking import flatten, open_trackers
+from .job import Job, lr_factor, mix_sources  # noqa: F401 - lr_factor, mix_sources: loramix.train's names
 
 log = logging.getLogger("loramix.train")
 
 
-
-
 class TrainingDiverged(RuntimeError):
     """The loss (or the gradient norm) became NaN or infinite; the message names the step."""
-
-
-def mix_sources(per_source: dict[str, list], *, strategy: str = "concat", seed: int = 0) -> list:
-    """Turn the per-source example lists into the one list the batch sampler draws from.
-
-    This is the seam for task-sampling strategies: "concat" concatenates (the length-grouped
-    sampler shuffles the order every epoch); any other name is looked up in
-    ``loramix.data.sampling`` as ``mix(per_source, strategy=..., seed=...) -> list``.
-
-    Args:
-        per_source: source name → its examples (each example carries its ``task``).
-    """
-    if strategy == "concat":
-        return [ex for examples in per_source.values() for ex in examples]
-    try:
-        from ..data import sampling  # type: ignore[attr-defined]
-    except ImportError:
-        raise ConfigError(f"'data.sampling' is '{strategy}', but only 'concat' is available in this install") from None
-    return sampling.mix(per_source, strategy=strategy, seed=seed)
-
-
-def lr_factor(step: int, *, schedule: str, warmup: int, total: int) -> float:
-    """Multiplier of the peak learning rate used for optimizer step ``step`` (0-based).
-
-    Warmup rises linearly: (step + 1) / warmup, reaching 1 at step warmup - 1. After it,
-    "constant" stays at 1, "linear" falls as 1 - p and "cosine" as (1 + cos(pi p)) / 2, where
-    p = (step - warmup) / (total - warmup) goes from 0 at the first step after warmup towards 1.
-    """
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "linear":
-        return 1.0 - progress
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown schedule '{schedule}'")
-
-
-def _json_or_none(line: str) -> Any:
-    """The JSON value of a metrics line, or None for a torn line (a run killed while logging)."""
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return None
 
 
 def _answer_tokens(labels: torch.Tensor) -> int:
@@ -116,50 +71,68 @@ def _answer_tokens(labels: torch.Tensor) -> int:
 
 
 class Trainer:
-    """One training run of a loramix adapter.
+    """Train one adapter (``config``: a ``TrainConfig``) or several at once over one base model
+    (``config``: adapter name → ``TrainConfig``; their model/dtype/device/threads agree).
 
     Args:
-        config: the run's ``TrainConfig``.
-        model: optional base model (a transformers causal LM without adapter) used instead of
-            loading ``config.model`` - for tests and notebooks.
-        tokenizer: the model's tokenizer (needs a pad and an eos token); required with ``model``.
-        train_examples / eval_examples: optional example lists used instead of ``config.data``'s sources.
-        callbacks: functions called with the trainer after every optimizer step.
+        model: optional base model (a transformers causal LM without adapter; one job: it may
+            already carry the adapter) used instead of loading ``config.model``.
+        tokenizer: the model's tokenizer (needs a pad token); required with ``model``.
+        train_examples / eval_examples: example lists used instead of the configs' sources (one
+            job: a list; several: name → list).
+        callbacks: functions called with the trainer after every micro-step in which a job stepped.
+
+    With one job, its state reads as the trainer's (``trainer.step``, ``.params``, ``.task_index``);
+    ``trainer.jobs`` holds every job by name.
     """
 
-    def __init__(self, config: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer: Any = None,
-                 train_examples: list | None = None, eval_examples: list | None = None,
+    rank, world_size = 0, 1  # train/distributed.py: this process's place among the data-parallel ranks
+
+    def __init__(self, config: TrainConfig | Mapping[str, TrainConfig], *, model: torch.nn.Module | None = None,
+                 tokenizer: Any = None, train_examples: list | Mapping[str, list] | None = None,
+                 eval_examples: list | Mapping[str, list] | None = None,
                  callbacks: list[Callable[["Trainer"], None]] | None = None) -> None:
         if model is not None and tokenizer is None:
             raise ValueError("Trainer(model=...) also needs tokenizer=...")
-        self.config = config
-        self.model = model
-        self.tokenizer = tokenizer
-        self._given_train = train_examples
-        self._given_eval = eval_examples
+        self.single = isinstance(config, TrainConfig)
+        self.configs = {"": config} if self.single else dict(config)
+        if not self.configs:
+            raise ValueError("Trainer needs at least one adapter config")
+        wrap = (lambda v: {"": v}) if self.single else (lambda v: dict(v or {}))
+        self._given_train, self._given_eval = wrap(train_examples), wrap(eval_examples)
+        self.config = next(iter(self.configs.values()))  # the settings every job shares (model, dtype, ...)
+        self.model, self.tokenizer = model, tokenizer
         self.callbacks = list(callbacks or [])
-        self.output_dir = Path(config.output_dir)
-        self.step = 0            # optimizer steps done
-        self.epoch = 0           # data position: epoch of the next micro-batch ...
-        self.batch_in_epoch = 0  # ... and its index in that epoch's batch order
-        self.last_metrics: dict[str, Any] = {}
-        self.last_checkpoint: Path | None = None
-        self._stop_signal: int | None = None
+        self.jobs: dict[str, Job] = {}
+        self.failed: dict[str, str] = {}
+        self._local_stop: int | None = None
         self._old_handlers: dict[int, Any] = {}
-        self._epoch_batches: tuple[int, list[list[int]]] | None = None
         self._is_setup = False
-        self._trackers: list | None = None  # report_to: opened by the first metrics record this process writes
+
+    def __getattr__(self, name: str) -> Any:
+        # one job: its state reads as the trainer's (trainer.step, .params, .task_index, .last_metrics)
+        jobs = self.__dict__.get("jobs")
+        if jobs and len(jobs) == 1 and self.__dict__.get("single") and not name.startswith("__"):
+            return getattr(next(iter(jobs.values())), name)
+        raise AttributeError(f"{type(self).__name__} has no attribute '{name}'")
+
+    @property
+    def job(self) -> Job:
+        """The one job of a single-adapter trainer."""
+        return self.jobs[""]
+
+    @property
+    def is_main(self) -> bool:
+        """True in the process that writes files (always, in one process; rank 0 under torchrun)."""
+        return self.rank == 0
 
     # ------------------------------------------------------------------ setup
-
     def setup(self) -> None:
-        """Seed, load model and data, inject the adapter, build optimizer and schedule; resume if asked."""
+        """Seed, load the model, add the adapters, load the data, build optimizers; resume if asked."""
         cfg = self.config
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self._seed(cfg.seed)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-
         if self.model is None:
             from ..hub import load_model
 
@@ -168,16 +141,23 @@ class Trainer:
                 device=None if cfg.device == "auto" else cfg.device, quantization=cfg.quantization)
         if self.tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (load_model does)")
+        if self.single:
+            if getattr(self.model, "loramix_adapter", None) is None:
+                inject(self.model, cfg.adapter_config())
+            views = {"": self.model}
+            self.contexts = {"": adapter_state(self.model).context}
+        else:
+            from ..models.multi import inject_many
+            from .multi import AdapterView
+
+            inject_many(self.model, {name: c.adapter_config() for name, c in self.configs.items()})
+            views = {name: AdapterView(self.model, name) for name in self.configs}
+            self.contexts = {name: state.context for name, state in self.model.loramix_multi.adapters.items()}
         self.device = next(self.model.parameters()).device
         base_dtype = next(self.model.parameters()).dtype
         # Autocast only on CUDA and only for half-precision runs; CPU trains in the weights' dtype.
         self.amp_dtype = base_dtype if self.device.type == "cuda" and base_dtype in (torch.float16, torch.bfloat16) else None
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-
-        if getattr(self.model, "loramix_adapter", None) is None:
-            inject(self.model, cfg.adapter_config())
-        self.adapter_kind = adapter_state(self.model).config.kind
-        if cfg.gradient_checkpointing:
+        if any(c.gradient_checkpointing for c in self.configs.values()):
             # non-reentrant checkpointing: works with frozen inputs and keyword arguments, restores the RNG
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x name
                 self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -185,16 +165,21 @@ class Trainer:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
             self.model.config.use_cache = False
-
-        self._setup_data()
-        self._setup_optimizer()
-        self.metrics_path = self.output_dir / "metrics.jsonl"
-        (self.output_dir / "train_config.yaml").write_text(cfg.to_yaml())
-        if cfg.resume:
-            self._resume()
-        elif self.metrics_path.exists():
-            self.metrics_path.unlink()  # a fresh run in an old folder starts a fresh log
-        self._start_step = self.step  # trackers drop what a killed run logged after this step
+        for name, config in self.configs.items():
+            job = Job(name, config, views[name], self.tokenizer, self._given_train.get(name), self._given_eval.get(name))
+            job.writes = self.is_main
+            job.setup_data(self.world_size)
+            self.jobs[name] = job
+        self._prepare_model()  # seam: FSDP shards the base here, before the optimizers see the adapters
+        for job in self.jobs.values():
+            job.setup_optimizer(torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16))
+        if self.rank:  # the adapters are initialised alike on every rank; from here each draws its own masks
+            self._seed(self.config.seed + self.rank)
+        for job in self.jobs.values():
+            state = job.start_log()
+            if state is not None:  # last: nothing after this draws numbers
+                ckpt.set_rng_states(state["rng"], state["rng_tensors"])
+                self._restore_rank_rng(job)
         self._is_setup = True
 
     @staticmethod
@@ -202,286 +187,188 @@ class Trainer:
         random.seed(seed)
         torch.manual_seed(seed)  # also seeds every CUDA device
 
-    def _setup_data(self) -> None:
-        cfg, data = self.config, self.config.data
-        if self._given_train is not None:
-            per_source = {"given": list(self._given_train)}
-        else:
-            per_source = {f"{i}:{src}": load_examples(src, data.train_split, limit, seed=cfg.seed)
-                          for i, (src, limit) in enumerate(data.sources("train"))}
-        examples = mix_sources(per_source, strategy=data.sampling, seed=cfg.seed)
-        if not examples:
-            raise ConfigError("data.train: the training sources hold no examples")
-        # task name → id for MoRE adapters (row task_ids); sorted so the mapping does not depend on order
-        self.task_index = {t: i for i, t in enumerate(sorted({ex.task for ex in examples}))}
-        # MoRE numbers its tasks in the order of the adapter's 'tasks' list (added by the MoRE owner).
-        from ..adapters.more_tasks import adapter_task_index
-        self.task_index = adapter_task_index(self.model, self.task_index) or self.task_index
-        self.features = [encode_example(ex, self.tokenizer, template=data.template, cutoff_len=data.cutoff_len,
-                                        train_on_prompt=data.train_on_prompt)
-                         for ex in tqdm(examples, desc="tokenize", unit="ex", disable=not cfg.progress, leave=False)]
-        self.sampler = LengthGroupedBatches([len(f["input_ids"]) for f in self.features], cfg.batch_size,
-                                            seed=cfg.seed, shuffle=True)
-        batches_per_epoch = len(self.sampler)
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
-
-        if self._given_eval is not None:
-            self.eval_examples = list(self._given_eval)
-        else:
-            self.eval_examples = [ex for src, limit in data.sources("eval")
-                                  for ex in load_examples(src, data.eval_split, limit, seed=cfg.seed)]
-        bad = [ex for ex in self.eval_examples if not isinstance(ex, MultipleChoiceExample)]
-        if bad:
-            raise ConfigError(f"data.eval: evaluation needs multiple-choice examples, but '{bad[0].id}' is an "
-                              f"{type(bad[0]).__name__}; remove that source from data.eval")
-        log.info("%d training examples (%d batches/epoch), %d optimizer steps, %d evaluation examples",
-                 len(self.features), batches_per_epoch, self.total_steps, len(self.eval_examples))
-
-    def _setup_optimizer(self) -> None:
-        cfg = self.config
-        self.params = adapter_parameters(self.model)
-        for p in self.params.values():
-            p.requires_grad_(True)
-        # No weight decay on vectors (DoRA magnitudes): decaying them shrinks the weight norm itself.
-        decay = [p for p in self.params.values() if p.dim() >= 2]
-        no_decay = [p for p in self.params.values() if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
-        self.warmup = warmup
-        schedule = lambda s: lr_factor(s, schedule=cfg.schedule, warmup=warmup, total=self.total_steps)  # noqa: E731
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-
-    def _resume(self) -> None:
-        cfg = self.config
-        folder = Path(cfg.resume) if isinstance(cfg.resume, str) else ckpt.latest_checkpoint(self.output_dir)
-        if folder is None:
-            log.warning("resume: no checkpoint in %s yet, starting from step 0", ckpt.checkpoint_root(self.output_dir))
-            if self.metrics_path.exists():
-                self.metrics_path.unlink()
-            return
-        state = ckpt.load_checkpoint(folder, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                     scaler=self.scaler)
-        self.step = state["step"]
-        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
-        self.last_metrics = state.get("metrics", {})
-        self.last_checkpoint = folder
-        # The killed run may have logged steps after its last checkpoint: those will be redone.
-        if self.metrics_path.exists():
-            kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and (_json_or_none(line) or {"step": math.inf}).get("step", 0) <= self.step]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept))
-        ckpt.set_rng_states(state["rng"], state["rng_tensors"])  # last: nothing after this draws numbers
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.step, self.epoch, self.batch_in_epoch)
-
-    # ------------------------------------------------------------------ data
-
-    def _next_window(self) -> list[dict[str, torch.Tensor]]:
-        """The next ``grad_accum`` collated micro-batches; advances the data position (crossing epochs)."""
-        window = []
-        while len(window) < self.config.grad_accum:
-            if self._epoch_batches is None or self._epoch_batches[0] != self.epoch:
-                self._epoch_batches = (self.epoch, self.sampler.batches(self.epoch))
-            batches = self._epoch_batches[1]
-            if self.batch_in_epoch >= len(batches):
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                continue
-            indices = batches[self.batch_in_epoch]
-            self.batch_in_epoch += 1
-            window.append(collate([self.features[i] for i in indices], self.tokenizer.pad_token_id, self.task_index))
-        return window
-
-    # ------------------------------------------------------------------ training
-
-    def _auxiliary_terms(self, out: Any) -> tuple[torch.Tensor | float, dict[str, float]]:
-        """The weighted auxiliary losses the adapter's hooks added to ``out.loss``, and their raw values.
-
-        MixLoRA: ``aux_loss_coef * aux_loss`` (load balance) and ``z_loss_coef * z_loss``; MoRE:
-        ``contrastive_coef * contrastive_loss``. Plain LoRA: 0.
-        """
-        adapter_cfg = adapter_state(self.model).config
-        total: torch.Tensor | float = 0.0
-        raw: dict[str, float] = {}
-        for name, coef_name in AUXILIARY_LOSSES:
-            value = getattr(out, name, None)
-            if value is None:
-                continue
-            raw[name] = float(value.detach())
-            coef = getattr(adapter_cfg, coef_name, 0.0)
-            if coef:
-                total = total + coef * value
-        return total, raw
-
-    def _train_step(self, window: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        """Forward/backward every micro-batch of the window, then clip and step. Returns step statistics."""
-        G = len(window)
-        total_answer = sum(_answer_tokens(b["labels"]) for b in window)
-        lm_sum, tokens = 0.0, 0
-        aux_sums: dict[str, float] = {}  # raw auxiliary losses averaged over the micro-batches
-        load_sum: list[torch.Tensor] | None = None
-        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
-                    else contextlib.nullcontext())
-        diverged: str | None = None  # the non-finite loss message, if this process saw one
-        local = self._local_batches(window)  # seam: one rank's share under torchrun
-        for micro, batch in enumerate(local):
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            n_answer = _answer_tokens(batch["labels"])
-            with autocast:
-                out = self.model(**batch)
-            router, raw = self._auxiliary_terms(out)
-            if n_answer > 0:
-                # LM and router terms weigh the same share n_b / N (the router's as under Trainer/TRL; models/inject.py)
-                loss = out.loss.float() * (n_answer / total_answer)
-                lm_sum += float((out.loss - router).detach()) * n_answer
-            elif torch.is_tensor(router):
-                # no answer tokens: a NaN mean CE and a zero share; the backward still runs, as it did when the
-                # router terms had a share of their own (under torchrun the ranks' backward passes stay paired)
-                loss = router.float() * 0.0
-            else:
-                continue
-            if diverged is None and not math.isfinite(float(loss.detach())):
-                # No break: the window is finished (its gradient is thrown away below), so under torchrun every
-                # rank still makes the same collective calls (global load balance all-reduces in the forward).
-                diverged = (f"step {self.step + 1}: the loss is {float(loss.detach())} (micro-batch {micro + 1} of {len(local)}); "
-                            f"stopping before the update. {self._last_good()} Try a lower lr, max_grad_norm, or fp32.")
-            self.scaler.scale(loss).backward()
-            for name, value in raw.items():
-                aux_sums[name] = aux_sums.get(name, 0.0) + value / G
-            tokens += int(batch["attention_mask"].sum())
-            stats = router_stats(self.model)
-            if stats:
-                loads = [s["load"].float().cpu() for s in stats]
-                load_sum = loads if load_sum is None else [a + b for a, b in zip(load_sum, loads)]
-
-        # Every process decides together (seam: one all-reduce under torchrun), so no rank stops while the
-        # others wait in the next collective; the update and any save are skipped on all of them.
-        if self._any_process(diverged is not None):
-            raise TrainingDiverged(diverged or f"step {self.step + 1}: the loss is not finite on another data-parallel "
-                                               f"rank; stopping before the update. {self._last_good()}")
-        self._reduce_gradients()  # seam: sum over data-parallel ranks (train/distributed.py)
-        self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.params.values() if p.grad is not None]
-        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
-        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
-            raise TrainingDiverged(f"step {self.step + 1}: the gradient norm is {grad_norm}; stopping before the "
-                                   f"update. {self._last_good()}")
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.step += 1
-        lm_loss = lm_sum / total_answer if total_answer else float("nan")
-        adapter_cfg = adapter_state(self.model).config
-        weighted = sum(getattr(adapter_cfg, coef, 0.0) * aux_sums[name] for name, coef in AUXILIARY_LOSSES
-                       if name in aux_sums)
-        return {"lm_loss": lm_loss, "loss": lm_loss + weighted, "lr": lr, **aux_sums,
-                "grad_norm": grad_norm, "tokens": tokens,
-                "expert_load": [(x / G).tolist() for x in load_sum] if load_sum is not None else None}
-
-    # Seams for data-parallel training (train/distributed.py overrides both; one process: no-ops).
-    def _local_batches(self, window: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        """The micro-batches of ``window`` this process runs (all of them in one process)."""
-        return window
-
-    def _reduce_gradients(self) -> None:
-        """Combine the adapter gradients of all processes before clipping (nothing to do in one process)."""
-
-    def _any_process(self, flag: bool) -> bool:
-        """True if ``flag`` is true in any process (one process: ``flag`` itself)."""
-        return flag
-
-    def _last_good(self) -> str:
-        if self.last_checkpoint is not None:
-            return f"The last good checkpoint is {self.last_checkpoint} (resume: true continues from it)."
-        return "No checkpoint was written before this step."
-
+    # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
-        """Run optimizer steps until ``total_steps`` or a stop signal.
+        """Run until every job has its steps (or diverged, or a stop signal).
 
         Returns:
-            ``{"status": "completed" | "interrupted", "step": int, "adapter": Path | None,
-            "checkpoint": Path | None, "eval": {...last evaluation...}}``
+            One job: ``{"status": "completed" | "interrupted", "step", "adapter", "checkpoint", "eval"}``
+            (a diverged job raises ``TrainingDiverged``). Several: name → such a dict, whose status
+            may also be "diverged" (with its "error").
         """
         if not self._is_setup:
             self.setup()
-        cfg = self.config
         self._install_signal_handlers()
         self.model.train()
-        if cfg.eval_at_start and self.step == 0 and self.eval_examples:
-            self.evaluate()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not cfg.progress,
-                   dynamic_ncols=True)
-        window_stats: list[dict[str, Any]] = []
-        window_time = 0.0
-        status = "completed"
+        results: dict[str, dict[str, Any]] = {}
+        jobs = self.jobs.values()
+        start = [j for j in jobs if j.eval_examples and (j.step >= j.total_steps or j.config.eval_at_start and j.step == 0)]
+        if start:
+            self._evaluate(start)
+        for job in [j for j in jobs if j.step >= j.total_steps]:  # resumed after their last step
+            results[job.name] = self._finish(job)
+        active = [j for j in jobs if j.step < j.total_steps]
+        windows: dict[str, dict[str, Any]] = {}  # job name → its open window: local micro-batches, position, sums
+        bar = tqdm(total=sum(j.total_steps for j in jobs), initial=sum(j.step for j in jobs), desc="train",
+                   unit="step", disable=not any(j.config.progress for j in jobs), dynamic_ncols=True)
+        stopping, stopped_by = False, None
         try:
-            while self.step < self.total_steps:
-                if self._stop_signal is not None:
-                    status = "interrupted"
+            while active:
+                opening = [j for j in active if j.name not in windows]
+                if opening and not stopping:
+                    stopped_by = self._stop_signal()  # agreed: every rank stops at the same micro-step
+                    stopping = stopped_by is not None
+                    if not stopping:
+                        for job in opening:
+                            windows[job.name] = self._open_window(job)
+                running = [j for j in active if j.name in windows]
+                if not running:  # stopping: every job is at a window boundary
                     break
-                start = time.perf_counter()
-                stats = self._train_step(self._next_window())
-                window_time += time.perf_counter() - start
-                window_stats.append(stats)
-                bar.update(1)
-                bar.set_postfix(loss=f"{stats['lm_loss']:.4f}", aux=f"{stats.get('aux_loss', 0.0):.3f}",
-                                tok_s=f"{stats['tokens'] / max(time.perf_counter() - start, 1e-9):.0f}")
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    self._log_train(window_stats, window_time)
-                    window_stats, window_time = [], 0.0
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps \
-                        and self.eval_examples:
-                    self.evaluate()
-                if cfg.save_every and self.step % cfg.save_every == 0:
-                    self.save_checkpoint()
+                self._micro_step([(j, windows[j.name]) for j in running])
+                done = [j for j in running if windows[j.name]["position"] == len(windows[j.name]["local"])]
+                if not done:
+                    continue
+                stepped = self._optimizer_steps([(j, windows.pop(j.name)) for j in done])
+                for job in [j for j in done if j.name in self.failed]:
+                    active.remove(job)
+                    results[job.name] = job.result("diverged", error=self.failed[job.name])
+                bar.update(len(stepped))
+                for job in stepped:
+                    if job.step % job.config.log_every == 0 or job.step == job.total_steps:
+                        job.log_train()
+                due = [j for j in stepped if j.eval_examples and (j.step == j.total_steps or (
+                    j.config.eval_every and j.step % j.config.eval_every == 0))]
+                if due:  # jobs due at the same micro-step evaluate in one pass
+                    self._evaluate(due)
+                for job in stepped:
+                    if job.config.save_every and job.step % job.config.save_every == 0:
+                        self._save_checkpoint(job)
                 for callback in self.callbacks:
                     callback(self)
+                for job in [j for j in stepped if j.step >= j.total_steps]:
+                    active.remove(job)
+                    results[job.name] = self._finish(job)
         finally:
             bar.close()
-        if window_stats:
-            self._log_train(window_stats, window_time)
-        if status == "interrupted":
-            name = signal.Signals(self._stop_signal).name
-            path = self.save_checkpoint()
-            log.warning("%s: checkpoint saved to %s at step %d; continue with resume: true (--resume)", name, path,
-                        self.step)
-            return {"status": "interrupted", "signal": name, "step": self.step, "checkpoint": path, "adapter": None,
-                    "eval": self.last_metrics.get("eval")}
-        return self.finish()
+        for job in active:  # interrupted
+            if job.pending:
+                job.log_train()
+            path = self._save_checkpoint(job)
+            name = signal.Signals(stopped_by).name
+            log.warning("%s%s: checkpoint saved to %s at step %d; continue with resume: true (--resume)",
+                        job.where(), name, path, job.step)
+            results[job.name] = job.result("interrupted", signal=name)
+        results = {name: results[name] for name in self.jobs}
+        return results[""] if self.single else results
 
-    @property
-    def is_main(self) -> bool:
-        """True in the process that writes files (always, in one process; rank 0 under torchrun)."""
-        return True
+    def _open_window(self, job: Job) -> dict[str, Any]:
+        window = job.next_window(job.config.grad_accum * self.world_size)  # the global window, same on every rank
+        return {"local": self._local_batches(window), "position": 0, "started": time.perf_counter(),
+                "answer": max(1, sum(_answer_tokens(b["labels"]) for b in window)), "count": len(window),
+                "lm": 0.0, "aux": {}, "tokens": 0, "load": None, "diverged": None}
 
-    def finish(self, evaluate: bool = True) -> dict[str, Any]:
-        """After the last step: final evaluation (unless ``evaluate`` is False: the caller already ran and
-        recorded it), last checkpoint, the adapter folder, plots; the result dict (``"adapter"`` is None in
-        the processes that do not write)."""
-        cfg = self.config
-        if evaluate and self.eval_examples:
-            self.evaluate()
-        # Whatever save_every is (0 included), the end of the run is checkpointed before the adapter is
-        # written: if writing the adapter fails (a full disk), --resume finishes from this checkpoint
-        # instead of losing every step of the run.
-        if self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step}":
-            self.save_checkpoint()
-        adapter_dir = None
-        if self.is_main:  # under torchrun one rank writes the (replicated) adapter and the plots
-            try:  # the folder as a whole is replaced atomically: never a new weights file beside an old config
-                adapter_dir = ckpt.save_final_adapter(self.model, self.output_dir,
-                                                      extra={"train_config": cfg.to_dict(), "task_index": self.task_index})
-            except OSError as err:
-                raise ckpt.SaveError(ckpt.describe_save_failure(err, f"the adapter {self.output_dir / 'adapter'}",
-                                                                self.last_checkpoint)) from err
-            if cfg.plots:
-                self._plots()
-        return {"status": "completed", "step": self.step, "checkpoint": self.last_checkpoint, "adapter": adapter_dir,
-                "eval": self.last_metrics.get("eval")}
+    def _micro_step(self, parts: list[tuple[Job, dict[str, Any]]]) -> None:
+        """One forward/backward over the next local micro-batch of every running job (one joint batch)."""
+        batches = [w["local"][w["position"]] for _, w in parts]
+        width = max(b["input_ids"].shape[1] for b in batches)
+        pad = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "labels": -100}
+        batch = {k: torch.cat([torch.nn.functional.pad(b[k], (0, width - b[k].shape[1]), value=v) for b in batches])
+                 for k, v in pad.items()}
+        batch["task_ids"] = torch.cat([b["task_ids"] for b in batches])
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        rows = [(job.name, b["input_ids"].shape[0]) for (job, _), b in zip(parts, batches)]
+        kwargs = {} if self.single else {"adapter_rows": rows}
+        for job, _ in parts:  # global load balance: only in training steps (every rank runs the same forwards)
+            self.contexts[job.name].balance_group = self._balance_group(job)
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+                    else contextlib.nullcontext())
+        try:
+            with autocast:
+                out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 task_ids=batch["task_ids"], **kwargs)
+        finally:
+            for job, _ in parts:
+                self.contexts[job.name].balance_group = None
+        terms = []
+        for (job, w), b, (ce_sum, n_b) in zip(parts, batches, label_losses(out.logits, batch["labels"],
+                                                                             [r for _, r in rows])):
+            # the raw auxiliary losses of this job's rows: its own modules (the one adapter's hook put them on out)
+            raw = ({k: getattr(out, k) for k, _ in AUXILIARY_LOSSES if getattr(out, k, None) is not None} if self.single
+                   else auxiliary_losses(self.model.loramix_multi.members[job.name].values(), consume=True))
+            term = compose_loss(ce_sum / w["answer"], raw, job.adapter, share=n_b / w["answer"])
+            if w["diverged"] is None and not math.isfinite(float(term.detach())):
+                # No break: the window is finished (its gradient is thrown away), so under torchrun every rank
+                # still makes the same collective calls (global load balance all-reduces in the forward).
+                w["diverged"] = (f"step {job.step + 1}: the loss is {float(term.detach())} (micro-batch "
+                                 f"{w['position'] + 1} of {len(w['local'])}); stopping before the update. "
+                                 f"{job.last_good()} Try a lower lr, max_grad_norm, or fp32.")
+            terms.append(job.scaler.scale(term))
+            w["lm"] += float(ce_sum.detach())
+            for name, value in raw.items():
+                w["aux"][name] = w["aux"].get(name, 0.0) + float(value.detach()) / w["count"]
+            w["tokens"] += int(b["attention_mask"].sum())
+            loads = [s["load"].float().cpu() for s in router_stats(job.model)]
+            if loads:
+                w["load"] = loads if w["load"] is None else [a + l for a, l in zip(w["load"], loads)]
+            w["position"] += 1
+        torch.stack(terms).sum().backward()
+
+    def _optimizer_steps(self, done: list[tuple[Job, dict[str, Any]]]) -> list[Job]:
+        """Jobs whose window is complete: agree on divergence, sum gradients over ranks, clip and step.
+        Returns the jobs that stepped."""
+        flags = self._max_over_ranks([int(w["diverged"] is not None) for _, w in done])
+        ok = []
+        for (job, w), flag in zip(done, flags):
+            if flag:
+                self._fail(job, w["diverged"] or f"step {job.step + 1}: the loss is not finite on another "
+                                                  f"data-parallel rank; stopping before the update. {job.last_good()}")
+            else:
+                ok.append((job, w))
+        self._reduce_gradients([p for job, _ in ok for p in job.params.values()])
+        stats = []
+        for job, w in ok:
+            job.scaler.unscale_(job.optimizer)
+            params = [p for p in job.params.values() if p.grad is not None]
+            max_norm = job.config.max_grad_norm if job.config.max_grad_norm is not None else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+            if not math.isfinite(grad_norm) and not job.scaler.is_enabled():
+                self._fail(job, f"step {job.step + 1}: the gradient norm is {grad_norm}; stopping before the "
+                                f"update. {job.last_good()}")
+                continue
+            lr = job.optimizer.param_groups[0]["lr"]
+            job.scaler.step(job.optimizer)
+            job.scaler.update()
+            job.optimizer.zero_grad(set_to_none=True)
+            job.scheduler.step()
+            job.step += 1
+            stats.append((job, w, {"lm_loss": w["lm"] / w["answer"], **w["aux"], "lr": lr, "grad_norm": grad_norm,
+                                   "tokens": w["tokens"],
+                                   "expert_load": [(x / w["count"]).tolist() for x in w["load"]] if w["load"] else None}))
+        self._reduce_stats([s for _, _, s in stats])  # seam: each rank's share → the global batch's values
+        for job, w, s in stats:
+            s["loss"] = float(compose_loss(torch.tensor(s["lm_loss"]), {k: torch.tensor(v) for k, v in s.items()
+                                                                         if k in w["aux"]}, job.adapter))
+            job.pending.append(s)
+            job.pending_time += time.perf_counter() - w["started"]
+        return [job for job, _, _ in stats]
+
+    def _fail(self, job: Job, why: str) -> None:
+        """Stop ``job`` before its update: one job raises, several go on without it."""
+        for p in job.params.values():
+            p.grad = None
+        if self.single:
+            raise TrainingDiverged(why)
+        log.error("adapter '%s' stopped: %s (the other adapters go on)", job.name, why)
+        self.failed[job.name] = why
+
+    def _finish(self, job: Job) -> dict[str, Any]:
+        """After a job's last step (its final evaluation is done): last checkpoint, then the adapter folder.
+        Whatever save_every is, the end is checkpointed first: if writing the adapter fails (a full disk),
+        --resume finishes from there instead of losing every step of the run."""
+        if job.last_checkpoint is None or job.last_checkpoint.name != f"step-{job.step}":
+            self._save_checkpoint(job)
+        folder = job.save_adapter() if self.is_main else None  # rank 0 writes the (replicated) adapter
+        return job.result("completed", adapter=folder)
 
     def run(self) -> dict[str, Any]:
         """``setup`` + ``train`` + ``cleanup`` (always)."""
@@ -491,87 +378,99 @@ class Trainer:
         finally:
             self.cleanup()
 
-    # ------------------------------------------------------------------ evaluation, logging
-
+    # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, Any]:
-        """Accuracy on the evaluation examples with every configured protocol; logged to metrics.jsonl."""
-        data = self.config.data
-        tasks = {ex.task for ex in self.eval_examples}
-        task_ids = self.task_index if tasks <= set(self.task_index) else None
-        results = {}
-        for protocol in data.eval_protocols:
-            r = evaluate_multiple_choice(
-                self.model, self.tokenizer, self.eval_examples, protocol=protocol, batch_size=data.eval_batch_size,
-                template=data.template if protocol == "label" else None, progress=self.config.progress,
-                task_ids=task_ids, cutoff_len=max(data.cutoff_len, 64))
-            results[protocol] = {"accuracy": r["accuracy"], "n": r["n"], "per_task": r["per_task"]}
-            log.info("step %d: %s accuracy %.4f (n=%d)", self.step, protocol, r["accuracy"], r["n"])
-        self.last_metrics["eval"] = results
-        self._write_metrics({"type": "eval", "step": self.step, "eval": results})
+        """Evaluate every job with evaluation examples now; one job: its results (else name → results)."""
+        results = self._evaluate([j for j in self.jobs.values() if j.eval_examples])
+        return results.get("", {}) if self.single else results
+
+    def _evaluate(self, jobs: list[Job]) -> dict[str, dict[str, Any]]:
+        """Accuracy of ``jobs`` with each one's protocols, in one pass per protocol and settings
+        (``evaluate_many``); recorded in each job's metrics. Returns name → {protocol: results}."""
+        groups: dict[tuple, list[Job]] = {}
+        for job in jobs:
+            data = job.config.data
+            for protocol in data.eval_protocols:
+                key = (protocol, data.template if protocol == "label" else None, data.eval_batch_size,
+                       max(data.cutoff_len, 64))
+                groups.setdefault(key, []).append(job)
+        local: dict[str, dict[str, Any]] = {job.name: {} for job in jobs}
+        for (protocol, template, batch_size, cutoff_len), members in groups.items():
+            shards = {j.name: self._eval_shard(j.eval_examples) for j in members}
+            task_ids = {j.name: j.task_index if {ex.task for ex in j.eval_examples} <= set(j.task_index) else None
+                        for j in members}
+            settings = dict(protocol=protocol, batch_size=batch_size, template=template, cutoff_len=cutoff_len,
+                            progress=any(j.config.progress for j in members))
+            shards = {n: s for n, s in shards.items() if s}  # a rank may get no example of a small set
+            if self.single and shards:
+                found = {"": evaluate_multiple_choice(self.model, self.tokenizer, shards[""], task_ids=task_ids[""],
+                                                      **settings)}
+            else:
+                found = evaluate_many(self.model, self.tokenizer, shards, task_ids=task_ids, **settings) if shards else {}
+            for name, r in found.items():
+                local[name][protocol] = {"accuracy": r["accuracy"], "n": r["n"], "per_task": r["per_task"]}
+        self.model.train()  # evaluation put the shared model in eval mode
+        results = self._combine_evaluations(local)  # seam: the ranks' shards → the whole set
+        for job in jobs:
+            for protocol, r in results[job.name].items():
+                log.info("%sstep %d: %s accuracy %.4f (n=%d)", job.where(), job.step, protocol, r["accuracy"], r["n"])
+            job.last_metrics["eval"] = results[job.name]
+            job.write_metrics({"type": "eval", "step": job.step, "eval": results[job.name]})
         return results
 
-    def _log_train(self, window: list[dict[str, Any]], seconds: float) -> None:
-        n = len(window)
-        record = {"type": "train", "step": self.step,
-                  "epoch": round(self.epoch + self.batch_in_epoch / max(1, len(self.sampler)), 4)}
-        for key in ("loss", "lm_loss", "grad_norm") + tuple(name for name, _ in AUXILIARY_LOSSES):
-            if key in window[-1]:
-                record[key] = sum(s.get(key, 0.0) for s in window) / n
-        record["lr"] = window[-1]["lr"]
-        record["tokens_per_s"] = sum(s["tokens"] for s in window) / max(seconds, 1e-9)
-        loads = [s["expert_load"] for s in window if s["expert_load"] is not None]
-        if loads:  # mean share of assignments per (layer, expert) over the logged steps
-            record["expert_load"] = [[sum(vals) / len(loads) for vals in zip(*layer)] for layer in zip(*loads)]
-        self.last_metrics["train"] = {k: v for k, v in record.items() if k != "expert_load"}
-        self._write_metrics(record)
-
     def log_metrics(self, record: dict[str, Any]) -> None:
-        """Append one JSON record (must have a ``step``) to ``output_dir/metrics.jsonl``."""
-        self._write_metrics(record)
+        """Append one JSON record (must have a ``step``) to the (one) job's ``metrics.jsonl``."""
+        self.job.write_metrics(record)
 
-    def _write_metrics(self, record: dict[str, Any]) -> None:
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._trackers is None:
-            self._trackers = open_trackers(self.config.report_to, self.output_dir, config=self.config.to_dict(),
-                                           start_step=getattr(self, "_start_step", self.step))
-        step, scalars = flatten(record)
-        for tracker in self._trackers:
-            tracker.log(scalars, step)
+    # ------------------------------------------------------------------ seams (train/distributed.py fills them)
+    def _prepare_model(self) -> None:
+        """After the adapters are added, before the optimizers are built (FSDP shards the base here)."""
 
-    def _plots(self) -> None:
-        try:
-            from ..report import write_plots
+    def _local_batches(self, window: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches of a global ``window`` this process runs (all of them in one process)."""
+        return window
 
-            for path in write_plots(self.output_dir):
-                log.info("wrote %s", path)
-        except Exception as err:  # noqa: BLE001 - plots are a convenience; the run itself succeeded
-            log.warning("could not write plots: %s", err)
+    def _reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum the gradients of ``params`` over the processes before clipping (one process: nothing)."""
 
-    # ------------------------------------------------------------------ checkpoints, signals
+    def _max_over_ranks(self, values: list[int]) -> list[int]:
+        """Each value's maximum over the processes (every process calls this at the same point)."""
+        return values
 
-    def save_checkpoint(self) -> Path:
-        """Write ``output_dir/checkpoints/step-{step}`` atomically (see ``checkpoint.py``)."""
-        state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "total_steps": self.total_steps,
-                 "metrics": self.last_metrics, "adapter_kind": self.adapter_kind}
-        try:
-            self.last_checkpoint = ckpt.save_checkpoint(
-                self.output_dir, self.step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                scaler=self.scaler, state=state, keep=self.config.keep_checkpoints)
-        except OSError as err:  # a full disk, permissions: say so, and which checkpoint is still good
-            raise ckpt.SaveError(ckpt.describe_save_failure(
-                err, f"checkpoint step-{self.step} in {ckpt.checkpoint_root(self.output_dir)}",
-                self.last_checkpoint)) from err
-        return self.last_checkpoint
+    def _reduce_stats(self, stats: list[dict[str, Any]]) -> None:
+        """Turn each process's share of the step statistics into the global batch's, in place."""
+
+    def _balance_group(self, job: Job) -> Any:
+        """The process group of ``global_load_balance`` for ``job``'s training forwards (None: local)."""
+        return None
+
+    def _eval_shard(self, examples: list) -> list:
+        """The evaluation examples this process scores."""
+        return examples
+
+    def _combine_evaluations(self, local: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Combine the processes' evaluation results (one process: as they are)."""
+        return local
+
+    def _save_checkpoint(self, job: Job) -> Path:
+        return job.save_checkpoint()
+
+    def _restore_rank_rng(self, job: Job) -> None:
+        """After a resume restored rank 0's generators: this process's own (other ranks)."""
+
+    # ------------------------------------------------------------------ signals
+    def _stop_signal(self) -> int | None:
+        """The signal any process received (checked by every process at the same micro-step)."""
+        return self._max_over_ranks([self._local_stop or 0])[0] or None
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
 
-        def handler(signum: int, frame: Any) -> None:
-            if self._stop_signal is not None:  # second Ctrl-C: stop now, without a checkpoint
+        def handler(signum: int, frame: Any) -> None:  # only a flag: no collective inside a handler
+            if self._local_stop is not None:  # second Ctrl-C: stop now, without a checkpoint
                 raise KeyboardInterrupt
-            self._stop_signal = signum
+            self._local_stop = signum
             log.warning("%s received: saving a checkpoint after the current step (again to abort)",
                         signal.Signals(signum).name)
 
@@ -583,6 +482,5 @@ class Trainer:
         for sig, old in self._old_handlers.items():
             signal.signal(sig, old)
         self._old_handlers.clear()
-        for tracker in self._trackers or []:
-            tracker.close()
-        self._trackers = None
+        for job in self.jobs.values():
+            job.close()

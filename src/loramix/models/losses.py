@@ -1,0 +1,115 @@
+"""The training loss of an adapter model, composed in one place.
+
+One micro-batch b of an optimizer step whose window holds N answer (label) tokens, n_b of them in b::
+
+    loss_b = CE_sum_b / N  +  (n_b / N) · A_b          A_b = Σ_k coef_k · L_k
+             └ LM term ┘      └ auxiliary term ┘
+
+with the auxiliary losses L_k of the adapter's last forward and their weights in its config:
+
+    aux_loss          MixLoRA load balance (mean over the MoE layers)   × aux_loss_coef
+    z_loss            MixLoRA router z-loss (mean over the MoE layers)  × z_loss_coef
+    contrastive_loss  MoRE task contrastive loss (mean over modules)    × contrastive_coef
+
+Summed over the window, the LM terms give the mean cross-entropy over all N answer tokens and the
+auxiliary shares n_b / N add up to 1, so one batch of 8 and four accumulated batches of 2 take the
+same step. ``compose_loss`` is the one function that writes this sum; its callers:
+
+- ``models/inject.py``'s forward hook (transformers ``Trainer`` passes N as ``num_items_in_batch``
+  and has already divided the LM part; TRL reads the auxiliary term alone),
+- ``models/multi.py``'s ``adapter_losses`` (several adapters in one batch),
+- the training loop (``train/loop.py``) and ``bench.py``.
+
+Example:
+    >>> raw = auxiliary_losses(model.modules())          # after a forward
+    >>> loss = compose_loss(ce_sum / N, raw, config, share=n_b / N)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+# (name of the raw loss on the model output, config field of its weight)
+AUXILIARY_LOSSES = (("aux_loss", "aux_loss_coef"), ("z_loss", "z_loss_coef"), ("contrastive_loss", "contrastive_coef"))
+
+
+def auxiliary_losses(modules: Iterable[nn.Module], *, consume: bool = False) -> dict[str, torch.Tensor]:
+    """The raw auxiliary losses that adapter ``modules`` hold after a forward, by output name.
+
+    Args:
+        modules: the adapter's modules (``model.modules()``, or one adapter's members of a
+            multi-adapter model). MixLoRA FFN blocks hold ``aux_loss`` and ``z_loss``, MoRE
+            projections ``contrastive_loss``; modules that hold none are skipped.
+        consume: forget the MoRE losses once read (they keep the forward's graph alive otherwise).
+
+    Returns:
+        {"aux_loss", "z_loss"} (MixLoRA) and/or {"contrastive_loss"} (MoRE): scalar means over the
+        modules that hold one, with their graph; ``{}`` for plain LoRA.
+    """
+    found: dict[str, list[torch.Tensor]] = {}
+    for module in modules:
+        for name, _ in AUXILIARY_LOSSES:
+            value = getattr(module, name, None)
+            if isinstance(value, torch.Tensor):
+                found.setdefault(name, []).append(value)
+        if consume and getattr(module, "contrastive_loss", None) is not None:
+            module.contrastive_loss = None
+    return {name: torch.stack(values).mean() for name, values in found.items()}
+
+
+def compose_loss(lm_loss: torch.Tensor | None, raw: Mapping[str, torch.Tensor], config: Any, *,
+                 share: float | torch.Tensor = 1.0) -> torch.Tensor | None:
+    """``lm_loss + share · Σ_k coef_k · raw[k]`` (see the module docstring).
+
+    Args:
+        lm_loss: the LM term, already carrying its weight (Σ CE / N of a window, or a plain mean
+            with share 1); None for the auxiliary term alone.
+        raw: the raw auxiliary losses (``auxiliary_losses``); names without a weight in ``config``
+            or with weight 0 add nothing.
+        config: the adapter's config (``MixLoraConfig`` / ``MoreConfig`` / ``LoraConfig``).
+        share: the micro-batch's share n_b / N of the window's answer tokens (a number or a 0-dim tensor).
+
+    Returns:
+        A scalar tensor, or None when ``lm_loss`` is None and no auxiliary term has a weight.
+    """
+    weighted = None
+    for name, coef_name in AUXILIARY_LOSSES:
+        coef = getattr(config, coef_name, 0.0)
+        if name in raw and coef:
+            term = coef * raw[name].float()
+            weighted = term if weighted is None else weighted + term
+    if weighted is None:
+        return lm_loss
+    weighted = share * weighted
+    return weighted if lm_loss is None else lm_loss + weighted.to(lm_loss.dtype)
+
+
+def label_losses(logits: torch.Tensor, labels: torch.Tensor, rows: list[int]) -> list[tuple[torch.Tensor, int]]:
+    """Summed next-token cross-entropy and its token count for each run of rows.
+
+    Args:
+        logits: (B, T, V). labels: (B, T), -100 where no loss. rows: the row counts of the runs (sum B).
+
+    Returns:
+        One (CE sum in fp32 (scalar), counted tokens) per run; (0., 0) for a run without labels.
+    """
+    out = []
+    # split, not one slice per run: a slice's backward writes its gradient into a zero-filled tensor of
+    # the *whole* logits' shape (N runs: N × (B, T, V) zeros), while split's backward concatenates once.
+    start = 0
+    for count, piece in zip(rows, logits.split(rows)):
+        lg = piece.float()  # (rows, T, V)
+        # position t predicts token t+1: shift the labels, not the logits (a logits[:, :-1] slice would be
+        # copied by the reshape); the last position predicts nothing (-100)
+        lb = nn.functional.pad(labels[start:start + count, 1:], (0, 1), value=-100).to(lg.device)
+        start += count
+        ce = nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100,
+                                         reduction="sum")
+        out.append((ce, int((lb != -100).sum())))
+    return out
+
+
+__all__ = ["AUXILIARY_LOSSES", "auxiliary_losses", "compose_loss", "label_losses"]
