@@ -245,6 +245,12 @@ def test_export_merged_peft_and_mixtral_from_quantized_base(scheme, folders, tmp
                    quantization=scheme, progress=False)
     out2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged2")
     torch.testing.assert_close(logits(out2), expected, atol=2e-5, rtol=0)
+    from loramix.cli import main  # the same through `loramix merge --quantization`
+
+    assert main(["merge", str(tmp_path / "lora"), "--model", folders["llama"], "--quantization", scheme,
+                 "--out", str(tmp_path / "merged3"), "--no-progress"]) == 0
+    out3 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged3")
+    torch.testing.assert_close(logits(out3), expected, atol=2e-5, rtol=0)
     # peft: PEFT loads the folder onto its own quantized base and computes what loramix computed.
     export_adapter(lora, tmp_path / "peft", format="peft", progress=False)
     base, _ = hub.load_model(folders["llama"], quantization=scheme, device="cpu")

@@ -47,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None,
                         help="output dtype for mixtral/merged: float32, bfloat16, float16 (default: the base's)")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB or 500MB")
+    parser.add_argument("--quantization", default=None, metavar="SCHEME",
+                        help="the adapter was trained on a base quantized this way (nf4, nf4-double, int8, torchao-int8, "
+                             "torchao-int4): merge into that base's dequantized weights, which reproduces the trained "
+                             "model (default: the full-precision base)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_threads_argument(parser)
 
@@ -68,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
         base = read_adapter_config(args.adapter).get("base_model")
     out = export_adapter(args.adapter, args.out, format=args.format, base=resolve_model(base), task=args.task,
-                         dtype=dtype, max_shard_size=args.max_shard_size, progress=not args.no_progress)
+                         dtype=dtype, max_shard_size=args.max_shard_size, progress=not args.no_progress,
+                         quantization=args.quantization)
     print(f"wrote {args.format} export to {out}")
     return 0
