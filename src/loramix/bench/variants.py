@@ -25,6 +25,7 @@ from torch import nn
 from ..config import LoraConfig, MixLoraConfig
 from ..hub import DTYPES
 from ..models.inject import adapter_parameters, inject
+from ..models.losses import AUXILIARY_LOSSES, compose_loss
 
 BASELINE = "peft-lora"
 DEFAULT_VARIANTS = ("peft-lora", "loramix-lora", "loramix-mixlora", "loramix-mixlora-naive", "authors-mixlora")
@@ -188,9 +189,11 @@ class Variant:
         out.loss.backward()
         self.optimizer.step()
         lm = out.loss.detach()
-        coef = getattr(getattr(self.model, "loramix_adapter", None), "config", None)
-        if getattr(out, "aux_loss", None) is not None and isinstance(coef, MixLoraConfig):
-            lm = lm - coef.aux_loss_coef * out.aux_loss.detach()
+        state = getattr(self.model, "loramix_adapter", None)
+        if state is not None:  # loramix's hook added Σ coef · L_aux (models/losses.py): report the LM part alone
+            raw = {k: getattr(out, k).detach() for k, _ in AUXILIARY_LOSSES if getattr(out, k, None) is not None}
+            aux = compose_loss(None, raw, state.config)
+            lm = lm if aux is None else lm - aux
         return float(lm)
 
 
