@@ -315,7 +315,8 @@ def test_merged_weight_matches_lora_linear_forward():
             base = torch.nn.Linear(12, 8, bias=True)
             if fan_in_fan_out:  # GPT-2 Conv1D stores (in, out)
                 base.weight = torch.nn.Parameter(base.weight.detach().t().contiguous())
-            layer = LoraLinear(base, r=3, alpha=5, use_dora=use_dora, fan_in_fan_out=fan_in_fan_out)
+            layer = LoraLinear(base, loramix.LoraConfig(r=3, alpha=5, dropout=0.0, use_dora=use_dora),
+                               fan_in_fan_out=fan_in_fan_out)
             with torch.no_grad():
                 layer.lora_B.normal_()
                 if use_dora:

@@ -385,8 +385,9 @@ def test_lora_linear_matches_formula(variant, fan_in_fan_out):
     else:
         module_in = base
     opts = VARIANTS[variant]
-    lora = LoraLinear(module_in, r=3, alpha=6, dropout=0.0, fan_in_fan_out=fan_in_fan_out,
-                      use_rslora=opts.get("use_rslora", False), use_dora=opts.get("use_dora", False))
+    lora = LoraLinear(module_in, loramix.LoraConfig(r=3, alpha=6, dropout=0.0, use_rslora=opts.get("use_rslora", False),
+                                                    use_dora=opts.get("use_dora", False)),
+                      fan_in_fan_out=fan_in_fan_out)
     x = torch.randn(4, 6)
     torch.testing.assert_close(lora(x), base(x))  # B = 0
     with torch.no_grad():
@@ -411,7 +412,7 @@ def test_lora_linear_matches_formula(variant, fan_in_fan_out):
 
 def test_gaussian_init_and_zero_dropout():
     torch.manual_seed(0)
-    lora = LoraLinear(nn.Linear(64, 8), r=16, alpha=16, dropout=0.0, init="gaussian")
+    lora = LoraLinear(nn.Linear(64, 8), loramix.LoraConfig(r=16, alpha=16, dropout=0.0, init="gaussian"))
     assert isinstance(lora.dropout, nn.Identity)
     assert abs(lora.lora_A.std().item() - 1 / 16) < 0.01
     lora.train()
@@ -422,7 +423,7 @@ def test_gaussian_init_and_zero_dropout():
 def test_dora_norm_keeps_adapter_precision_next_to_bf16_base():
     """With a bf16 base the DoRA factor m / ||W + sBA|| is computed in the fp32 adapter precision."""
     torch.manual_seed(0)
-    lora = LoraLinear(nn.Linear(16, 8).to(torch.bfloat16), r=4, alpha=8, use_dora=True)
+    lora = LoraLinear(nn.Linear(16, 8).to(torch.bfloat16), loramix.LoraConfig(r=4, alpha=8, dropout=0.0, use_dora=True))
     assert lora.lora_magnitude.dtype == torch.float32
     with torch.no_grad():
         lora.lora_B.normal_(std=1e-3)  # a small step: changes the norm by less than bf16 resolves
@@ -451,7 +452,7 @@ def test_expert_init(init):
 def test_lora_and_expert_dropout_statistics(p):
     """The LoRA input dropout (attention and experts) drops a share p of the entries, keeps the mean, is
     off in eval mode, and draws a new mask every call."""
-    lora = LoraLinear(nn.Linear(8, 8), r=2, alpha=4, dropout=p)
+    lora = LoraLinear(nn.Linear(8, 8), loramix.LoraConfig(r=2, alpha=4, dropout=p))
     moe, _ = first_moe(loramix.inject(tiny_model("llama"), mixlora_config(dropout=p, attention_targets=[])))
     x = torch.ones(400, 500)
     for drop in (lora.dropout, moe.lora_dropout):
@@ -524,7 +525,7 @@ def test_dropout_factor_folding_is_exact(family_name, variant):
         for name, g in ref_grads.items():
             assert rel_err(grads[name], g) < 1e-5, (dispatch, name)
 
-    lora = LoraLinear(nn.Linear(12, 6), r=3, alpha=6, dropout=0.1, use_dora=variant == "dora")
+    lora = LoraLinear(nn.Linear(12, 6), loramix.LoraConfig(r=3, alpha=6, dropout=0.1, use_dora=variant == "dora"))
     with torch.no_grad():
         lora.lora_B.normal_()
     lora.dropout = _FeatureMaskLoraDropout(0.1)

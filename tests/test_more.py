@@ -121,7 +121,8 @@ def test_chosen_rank_changes_the_module_output_as_the_reference():
     linear = nn.Linear(12, 10)
     for scaling in (True, False):
         ctx = ForwardContext()
-        m = MoreLinear(linear, max_rank=4, num_tasks=4, alpha=6.0, linear_scaling=scaling, context=ctx).eval()
+        m = MoreLinear(linear, loramix.MoreConfig(max_rank=4, num_tasks=4, alpha=6.0, dropout=0.0, linear_scaling=scaling),
+                       context=ctx).eval()
         randomize_B(m, seed=1)
         force_ranks(m, [1, 2, 3, 4])
         assert m.chosen_ranks() == [1, 2, 3, 4]
@@ -142,7 +143,7 @@ def test_chosen_rank_changes_the_module_output_as_the_reference():
 
 
 def test_rank_set_restricts_the_choice():
-    m = MoreLinear(nn.Linear(8, 8), max_rank=8, ranks=[2, 4, 8], num_tasks=3)
+    m = MoreLinear(nn.Linear(8, 8), loramix.MoreConfig(max_rank=8, ranks=[2, 4, 8], num_tasks=3, dropout=0.0))
     force_ranks(m, [8, 2, 4])
     assert m.chosen_ranks() == [8, 2, 4]
     assert m.selector.gate.out_features == 3
@@ -479,7 +480,7 @@ def test_trainer_runs_more_with_adapter_task_order_and_frozen_ranks(tmp_path):
 
 
 def test_selector_runs_in_fp32_under_autocast():
-    m = MoreLinear(nn.Linear(16, 16), max_rank=4, num_tasks=2)
+    m = MoreLinear(nn.Linear(16, 16), loramix.MoreConfig(max_rank=4, num_tasks=2, dropout=0.0))
     with torch.no_grad():
         m.selector.gate.weight.normal_()
         m.selector.task_embedding.normal_()

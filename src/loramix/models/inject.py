@@ -84,17 +84,9 @@ def _resolve(requested: list[str] | None, available: dict[str, tuple[str, ...]],
     return chosen
 
 
-def _adapter_dtype(cfg: LoraConfig | MixLoraConfig | MoreConfig) -> torch.dtype | None:
-    """The config's ``adapter_dtype`` as a torch dtype (None: the modules' default, see ``quantized.adapter_dtype_for``)."""
-    name = getattr(cfg, "adapter_dtype", None)
-    return None if name is None else getattr(torch, name)
-
-
+# The modules take their config whole; the family says how the base stores its weights.
 def _lora(module: nn.Module, cfg: LoraConfig, family: ModelFamily, context: ForwardContext) -> LoraLinear:
-    return LoraLinear(
-        module, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
-        init=cfg.init, fan_in_fan_out=family.fan_in_fan_out, context=context, adapter_dtype=_adapter_dtype(cfg),
-    )
+    return LoraLinear(module, cfg, fan_in_fan_out=family.fan_in_fan_out, context=context)
 
 
 def _mixlora_ffn(ffn: nn.Module, cfg: MixLoraConfig, targets: set[str], family: ModelFamily, context: ForwardContext) -> MixLoraFFN:
@@ -109,14 +101,7 @@ def _mixlora_ffn(ffn: nn.Module, cfg: MixLoraConfig, targets: set[str], family: 
 
 
 def _more(module: nn.Module, cfg: MoreConfig, family: ModelFamily, context: ForwardContext) -> MoreLinear:
-    assert cfg.tasks is not None
-    return MoreLinear(
-        module, max_rank=cfg.max_rank, num_tasks=len(cfg.tasks), ranks=cfg.rank_set, alpha=cfg.alpha,
-        dropout=cfg.dropout, linear_scaling=cfg.linear_scaling, temperature=cfg.temperature, selector=cfg.selector,
-        task_embedding_std=cfg.task_embedding_std, init=cfg.init,
-        default_task=cfg.tasks.index(cfg.default_task) if cfg.default_task is not None else None,
-        fan_in_fan_out=family.fan_in_fan_out, context=context, adapter_dtype=_adapter_dtype(cfg),
-    )
+    return MoreLinear(module, cfg, fan_in_fan_out=family.fan_in_fan_out, context=context)
 
 
 def inject(model: nn.Module, config: LoraConfig | MixLoraConfig | MoreConfig) -> nn.Module:

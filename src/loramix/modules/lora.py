@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import LoraConfig
 from .context import ForwardContext
 from .quantized import adapter_dtype_for, frozen_weight, is_quantized, logical_shape
 
@@ -188,13 +189,16 @@ class LoraLinear(FrozenProjection):
 
     Args:
         base: the ``nn.Linear`` (or GPT-2 ``Conv1D``) being adapted; its parameters are reused.
-        r: rank. alpha: LoRA alpha. dropout: input dropout probability (0 allowed).
-        use_rslora: scale ``alpha / sqrt(r)``. use_dora: learned magnitude (DoRA).
-        init: 'kaiming' or 'gaussian' init of ``A``.
+        config: the ``LoraConfig``: rank ``r``, ``alpha``, input ``dropout`` (0 allowed), ``use_rslora``
+            (scale ``alpha / sqrt(r)``), ``use_dora`` (learned magnitude), ``init`` of ``A`` ('kaiming'
+            or 'gaussian'), ``adapter_dtype`` of ``lora_A``/``lora_B``/``lora_magnitude`` (None: fp32
+            next to a half-precision or quantized weight, else the weight's dtype). ``targets`` is for
+            ``inject``, not this module.
         fan_in_fan_out: the base weight is stored (in, out) as in GPT-2's Conv1D.
         context: the model's shared ``ForwardContext`` (for disabling adapters), optional.
-        adapter_dtype: dtype of ``lora_A``/``lora_B``/``lora_magnitude``; None: fp32 next to a
-            half-precision or quantized weight, else the weight's dtype (``quantized.adapter_dtype_for``).
+
+    Example:
+        >>> layer = LoraLinear(nn.Linear(64, 32), LoraConfig(r=8, alpha=16, dropout=0.0))
 
     ``base`` may be quantized (bitsandbytes ``Linear4bit``/``Linear8bitLt``, a torchao weight; see
     ``quantized.py``): it is then called as a module, the adapter is shaped from its logical
@@ -203,31 +207,20 @@ class LoraLinear(FrozenProjection):
     Shapes: input (..., in) → output (..., out).
     """
 
-    def __init__(
-        self,
-        base: nn.Module,
-        *,
-        r: int,
-        alpha: float,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-        init: str = "kaiming",
-        fan_in_fan_out: bool = False,
-        context: ForwardContext | None = None,
-        adapter_dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, base: nn.Module, config: LoraConfig, *, fan_in_fan_out: bool = False,
+                 context: ForwardContext | None = None) -> None:
         super().__init__(base, fan_in_fan_out)
         weight = self.weight
+        r, alpha = config.r, config.alpha
         self.r, self.alpha = r, alpha
-        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.use_dora = use_dora
-        self.dropout = LoraDropout(dropout) if dropout > 0 else nn.Identity()
-        factory = {"device": weight.device, "dtype": adapter_dtype_for(base, adapter_dtype)}
+        self.scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        self.use_dora = config.use_dora
+        self.dropout = LoraDropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        factory = {"device": weight.device, "dtype": adapter_dtype_for(base, config.adapter_dtype)}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))
-        init_lora_A(self.lora_A, init, r)
-        if use_dora:
+        init_lora_A(self.lora_A, config.init, r)
+        if self.use_dora:
             self.lora_magnitude = nn.Parameter(self.weight_norm().to(factory["dtype"]))
         self.context = context if context is not None else ForwardContext()
 

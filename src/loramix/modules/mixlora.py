@@ -277,8 +277,7 @@ class MixLoraFFN(nn.Module):
         self.lora_dropout = LoraDropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
         ref = getattr(self, output_projection).weight
-        wanted = None if config.adapter_dtype is None else getattr(torch, config.adapter_dtype)
-        adapter_dtype = adapter_dtype_for(getattr(self, output_projection), wanted)
+        adapter_dtype = adapter_dtype_for(getattr(self, output_projection), config.adapter_dtype)
         hidden_size = self.projection_shape(self.input_projections[0])[0]
         self.router = nn.Linear(hidden_size, num_experts, bias=False, device=ref.device, dtype=adapter_dtype)
         nn.init.normal_(self.router.weight, std=config.router_init_std)

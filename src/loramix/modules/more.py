@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import MoreConfig
 from .context import ForwardContext
 from .lora import FrozenProjection, init_lora_A
 from .quantized import adapter_dtype_for
@@ -137,60 +138,41 @@ class MoreLinear(FrozenProjection):
 
     Args:
         base: the ``nn.Linear`` (or GPT-2 ``Conv1D``) being adapted; its parameters are reused.
-        max_rank: R. ranks: the rank set (ascending, within [1, R]); None = 1..R.
-        alpha: LoRA alpha (scale ``alpha / R``). dropout: input dropout of the LoRA branch.
-        num_tasks: number of tasks. linear_scaling: scale component i by ``c_i = i/R`` on A and B.
-        temperature: τ of the contrastive loss. selector: 'ste' or 'frozen_random'.
-        task_embedding_std: init std of the task embeddings. init: 'kaiming' or 'gaussian' for A.
-        default_task: task index used when the call carries no task ids (None: error).
+        config: the ``MoreConfig`` with its tasks named: R = ``max_rank``, the rank set (``rank_set``),
+            ``alpha`` (scale ``alpha / R``), ``dropout`` of the LoRA input, ``linear_scaling`` (component
+            i scaled by ``c_i = i/R`` on A and B), τ = ``temperature`` of the contrastive loss,
+            ``selector``, ``task_embedding_std``, ``init`` of A, ``default_task`` (used when a call
+            carries no task ids), ``adapter_dtype`` (None: fp32 next to a half-precision or quantized
+            weight, else the weight's dtype; a quantized ``base`` is called as a module, ``quantized.py``).
         fan_in_fan_out: the base weight is stored (in, out). context: the model's ``ForwardContext``
             (task ids, padding mask, disabling).
-        adapter_dtype: dtype of the adapter tensors; None: fp32 next to a half-precision or quantized
-            weight, else the weight's dtype. A quantized ``base`` is called as a module (``quantized.py``).
 
     Shapes: input (B, ..., in) → output (B, ..., out); the task ids (B,) come from ``context.task_ids``.
     After a forward, ``contrastive_loss`` holds this module's scalar task contrastive loss.
     """
 
-    def __init__(
-        self,
-        base: nn.Module,
-        *,
-        max_rank: int,
-        num_tasks: int,
-        ranks: list[int] | None = None,
-        alpha: float = 32.0,
-        dropout: float = 0.0,
-        linear_scaling: bool = True,
-        temperature: float = 0.05,
-        selector: str = "ste",
-        task_embedding_std: float = 0.01,
-        init: str = "kaiming",
-        default_task: int | None = None,
-        fan_in_fan_out: bool = False,
-        context: ForwardContext | None = None,
-        adapter_dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, base: nn.Module, config: MoreConfig, *, fan_in_fan_out: bool = False,
+                 context: ForwardContext | None = None) -> None:
         super().__init__(base, fan_in_fan_out)
-        if selector not in ("ste", "frozen_random"):
-            raise ValueError(f"unknown MoRE selector '{selector}' (use 'ste' or 'frozen_random')")
-        ranks = list(range(1, max_rank + 1)) if ranks is None else sorted(set(ranks))
-        if not ranks or ranks[0] < 1 or ranks[-1] > max_rank:
-            raise ValueError(f"MoRE ranks {ranks} must lie in [1, max_rank={max_rank}]")
+        if not config.tasks:
+            raise ValueError("MoreLinear needs a MoreConfig that names its tasks (config.with_tasks([...]))")
+        # The config has checked the selector and the rank set (within [1, max_rank]).
+        max_rank, num_tasks, ranks, alpha = config.max_rank, len(config.tasks), sorted(set(config.rank_set)), config.alpha
+        linear_scaling = config.linear_scaling
         weight = self.weight  # the base's own Parameter (quantized: packed codes / a torchao tensor)
         self.max_rank, self.num_tasks, self.alpha = max_rank, num_tasks, alpha
         self.scale = alpha / max_rank
-        self.temperature = temperature
-        self.selector_kind = selector
-        self.default_task = default_task
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.temperature = config.temperature
+        self.selector_kind = config.selector
+        self.default_task = config.tasks.index(config.default_task) if config.default_task is not None else None
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         # Adapter tensors stay fp32 when the base is half precision or quantized (as LoraLinear does).
-        dtype = adapter_dtype_for(base, adapter_dtype)
+        dtype = adapter_dtype_for(base, config.adapter_dtype)
         self.lora_A = nn.Parameter(torch.empty(max_rank, self.in_features, device=weight.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, max_rank, device=weight.device, dtype=dtype))
-        init_lora_A(self.lora_A, init, max_rank)
-        self.selector = RankSelector(self.in_features, num_tasks, ranks, embedding_std=task_embedding_std,
-                                     frozen=selector == "frozen_random", device=weight.device, dtype=dtype)
+        init_lora_A(self.lora_A, config.init, max_rank)
+        self.selector = RankSelector(self.in_features, num_tasks, ranks, embedding_std=config.task_embedding_std,
+                                     frozen=config.selector == "frozen_random", device=weight.device, dtype=dtype)
         i = torch.arange(1, max_rank + 1, device=weight.device, dtype=torch.float32)
         # c_i² per component: c_i multiplies both the A row and the B column of component i.
         c2 = (i / max_rank) ** 2 if linear_scaling else torch.ones_like(i)

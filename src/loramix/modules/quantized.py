@@ -80,13 +80,16 @@ def logical_shape(module: nn.Module, fan_in_fan_out: bool = False) -> tuple[int,
     return int(weight.shape[1]), int(weight.shape[0])
 
 
-def adapter_dtype_for(module: nn.Module, requested: torch.dtype | None = None) -> torch.dtype:
+def adapter_dtype_for(module: nn.Module, requested: torch.dtype | str | None = None) -> torch.dtype:
     """The dtype of the adapter tensors placed on ``module``.
 
-    ``requested`` (a floating dtype) wins when given. Otherwise: fp32 next to a half-precision or a
+    ``requested`` (a floating dtype, or its name as a config's ``adapter_dtype`` holds it: "bfloat16")
+    wins when given. Otherwise: fp32 next to a half-precision or a
     quantized weight (a bf16 LoRA update loses the small steps of training; an integer one cannot
     train at all), else the weight's own dtype (fp32, or fp64 in the precision tests).
     """
+    if isinstance(requested, str):
+        requested = getattr(torch, requested)
     if requested is not None:
         if not requested.is_floating_point:
             raise ValueError(f"adapter_dtype must be a floating dtype (float32, bfloat16, float16), got {requested}")
