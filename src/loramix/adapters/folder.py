@@ -364,13 +364,6 @@ def _layer_count(shapes: dict[str, tuple[int, int]], family: ModelFamily) -> int
 
 
 # ====================================================================================== the model given
-def _canonical_base(name: str | None) -> str | None:
-    """A base model name as comparable text (``hub.canonical_name``)."""
-    from .. import hub
-
-    return hub.canonical_name(name)
-
-
 def _describe(hidden: int | None, layers: int | None) -> str:
     parts = ([f"hidden size {hidden}"] if hidden else []) + ([f"{layers} layers"] if layers else [])
     return f" ({', '.join(parts)})" if parts else ""
@@ -422,7 +415,9 @@ def check_base(model: nn.Module, adapter: AdapterFolder) -> None:
             f"{adapter.path}: this adapter was trained on base model '{recorded or 'not recorded'}'"
             f"{_describe(hidden, layers)}, but the model given ('{given or 'unnamed'}'{_describe(model_hidden, model_layers)}) "
             f"has other shapes: {problem}. Load the adapter onto '{recorded or 'its base model'}'.")
-    if _canonical_base(recorded) and _canonical_base(given) and _canonical_base(recorded) != _canonical_base(given):
+    from .. import hub  # here, not at the top: `import loramix` leaves hub unimported (see io._peft_files)
+
+    if hub.canonical_name(recorded) and hub.canonical_name(given) and hub.canonical_name(recorded) != hub.canonical_name(given):
         warnings.warn(
             f"{adapter.path}: adapter trained on base model '{recorded}' is being loaded onto '{given}'; the shapes "
             "match, so it loads, but unless these are the same weights its outputs are not what was trained",
