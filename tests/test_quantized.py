@@ -350,3 +350,18 @@ def test_eval_command_loads_the_base_quantized(tmp_path):
     expected = evaluate_multiple_choice(model, tok, examples, protocol="loglik", progress=False)
     assert [r["loglik"]["accuracy"] for r in got.values()] == [expected["accuracy"]]
     assert main(["eval", "--model", str(folder), "--quantization", "nf3", "--tasks", str(data), "--no-progress"]) == 2
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "torchao-int8"])
+def test_more_merge_task_from_quantized_base(scheme, folders):
+    """MoRE: merge_task folds one task's update into the dequantized base (a dense model, same logits)."""
+    from loramix.adapters.more_tasks import merge_task, use_task
+
+    model, _ = hub.load_model(folders["llama"], quantization=scheme, device="cpu")
+    loramix.inject(model, loramix.MoreConfig(tasks=["a", "b"], max_rank=4, alpha=8, dropout=0.0))
+    perturb_adapter(model, b_std=0.2)
+    with use_task(model.eval(), "b"):
+        expected = logits(model)
+    plain = merge_task(model, "b")
+    assert Q.quantization_of(plain) is None and not any(is_quantized(m) for m in plain.modules())
+    torch.testing.assert_close(logits(plain), expected, atol=2e-5, rtol=0)
