@@ -19,7 +19,7 @@ import torch
 
 import loramix
 from loramix.bench import step_peak_bytes
-from loramix.models.multi import adapter_losses
+from loramix.models.many import adapter_losses
 from loramix.modules import mixlora as mixlora_module
 from tiny_models import batch, tiny_model
 

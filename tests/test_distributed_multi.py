@@ -25,7 +25,7 @@ import torch
 from test_distributed import examples, word_tokenizer
 from test_distributed_multi import DATA_SEEDS
 from tiny_models import tiny_model
-from loramix.models.multi import member_parameters
+from loramix.models.many import member_parameters
 from loramix.train.config import train_config_from_dict
 from loramix.train.distributed import DistributedTrainer, trainer_class
 

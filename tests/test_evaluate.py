@@ -288,7 +288,7 @@ def test_eval_command_several_adapters_in_one_pass(tmp_path):
     accuracy equal to evaluating each saved adapter alone with the single-adapter command."""
     from loramix import only_adapter, save_adapter
     from loramix.cli import main
-    from loramix.models.multi import member_parameters
+    from loramix.models.many import member_parameters
 
     tok = tiny_tokenizer()
     joint = _multi_model(tok, seed=3)

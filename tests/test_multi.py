@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import loramix
-from loramix.models.multi import adapter_losses, inject_many, member_parameters, only_adapter
+from loramix.models.many import adapter_losses, inject_many, member_parameters, only_adapter
 from tiny_models import batch, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: thread hand-offs cost more than they give

@@ -10,7 +10,7 @@ import torch
 import loramix
 from loramix.train import Trainer
 from loramix.train.multi import load_multi_config
-from loramix.models.multi import member_parameters
+from loramix.models.many import member_parameters
 from test_train import config, mc_examples, word_tokenizer
 from tiny_models import tiny_model
 
@@ -109,7 +109,7 @@ def test_jobs_due_at_the_same_step_evaluate_in_one_pass(tmp_path: Path, monkeypa
 
     import loramix.train.loop as loop
     from loramix.evaluate import evaluate_multiple_choice
-    from loramix.models.multi import only_adapter
+    from loramix.models.many import only_adapter
 
     calls = []
     checks = []

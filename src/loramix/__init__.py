@@ -15,7 +15,7 @@ from .models import (
     UnsupportedModelError, adapter_parameters, auxiliary_losses, disable_adapters, inject, merge_and_unload,
     router_stats, unload,
 )
-from .models.multi import adapter_rows, inject_many, only_adapter
+from .models.many import adapter_rows, inject_many, only_adapter
 from .version import __version__
 
 __all__ = [

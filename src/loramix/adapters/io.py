@@ -29,7 +29,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..models.inject import adapter_parameters, adapter_state, inject, unload
-from ..models.multi import stack_adapters
+from ..models.many import stack_adapters
 from ..version import __version__
 from .authors import finish_authors_load
 from .common import (

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..models.inject import adapter_parameters, inject
-from ..models.multi import adapter_losses, adapter_rows, inject_many, member_parameters
+from ..models.many import adapter_losses, adapter_rows, inject_many, member_parameters
 from .measure import persistent_bytes, prepare_run, run_interleaved, step_peak_bytes, tensor_bytes
 from .variants import BenchSettings, Variant, mixlora_config, share_frozen_copy
 

@@ -17,7 +17,7 @@ same step. ``compose_loss`` is the one function that writes this sum; its caller
 
 - ``models/inject.py``'s forward hook (transformers ``Trainer`` passes N as ``num_items_in_batch``
   and has already divided the LM part; TRL reads the auxiliary term alone),
-- ``models/multi.py``'s ``adapter_losses`` (several adapters in one batch),
+- ``models/many.py``'s ``adapter_losses`` (several adapters in one batch),
 - the training loop (``train/loop.py``) and ``bench.py``.
 
 Example:

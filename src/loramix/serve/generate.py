@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.multi import adapter_rows
+from ..models.many import adapter_rows
 
 
 def build_prompt_ids(tokenizer, prompt: str, *, system: str | None = None, raw: bool = False) -> list[int]:

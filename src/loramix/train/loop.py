@@ -147,7 +147,7 @@ class Trainer:
             views = {"": self.model}
             self.contexts = {"": adapter_state(self.model).context}
         else:
-            from ..models.multi import inject_many
+            from ..models.many import inject_many
             from .multi import AdapterView
 
             inject_many(self.model, {name: c.adapter_config() for name, c in self.configs.items()})

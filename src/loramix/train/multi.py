@@ -30,7 +30,7 @@ import yaml
 from torch import nn
 
 from ..config import ConfigError
-from ..models.multi import adapter_losses, adapter_rows
+from ..models.many import adapter_losses, adapter_rows
 from .config import TrainConfig, train_config_from_dict
 
 SHARED_KEYS = ("model", "dtype", "device", "threads")
