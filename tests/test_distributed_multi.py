@@ -1,7 +1,8 @@
 """Several adapters trained jointly under torchrun: a LoRA + MixLoRA + MoRE set on 2 gloo ranks reaches
 the one-process weights, with DDP and with FSDP2; a run killed after a checkpoint and resumed ends at the
 weights of the uninterrupted run; a NaN in one job on one rank stops that job on every rank while the
-others finish as if it had never been there. All runs share one torchrun launch (start-up dominates).
+others finish as if it had never been there; ``loramix train multi.yaml`` runs under torchrun. All runs
+share one torchrun launch (start-up dominates).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from cli_setup import question_rows, tiny_model_folder, write_jsonl
 from loramix.train import Trainer
 from loramix.train.config import train_config_from_dict
 from test_distributed import TESTS, adapter, examples, launch, max_diff, word_tokenizer
@@ -46,6 +48,13 @@ def hooks(kill_at=0, nan_at=0, nan_job=""):
     return callback
 
 for i, run in enumerate(json.loads(sys.argv[2])):
+    if "cli" in run:  # the command line, as `torchrun -m loramix train multi.yaml` runs it
+        from loramix.cli import main
+        import torch.distributed as dist
+        rc = main(run["cli"])
+        sys.stdout.write("RESULT " + json.dumps({"run": i, "rank": dist.get_rank(), "rc": rc}) + "\n")
+        sys.stdout.flush()
+        continue
     configs = {name: train_config_from_dict(values, where=name) for name, values in run["configs"].items()}
     t = DistributedTrainer(configs, model=tiny_model("llama", seed=0), tokenizer=word_tokenizer(),
                            train_examples={n: examples(24, seed=s) for n, s in DATA_SEEDS.items()},
@@ -100,6 +109,21 @@ def one_process(out: Path, **kwargs) -> dict[str, dict[str, torch.Tensor]]:
     return {name: adapter(out / name) for name in DATA_SEEDS}
 
 
+def multi_yaml(tmp_path: Path) -> Path:
+    """A two-adapter YAML on a tiny model folder and a question file, as a user writes one."""
+    model = tiny_model_folder(tmp_path / "model")
+    data = write_jsonl(tmp_path / "qa.jsonl", question_rows(16))
+    path = tmp_path / "multi.yaml"
+    path.write_text(json.dumps({  # JSON is YAML
+        "model": str(model), "threads": 1, "output_dir": str(tmp_path / "cli"),
+        "adapters": [{"name": "a", "adapter": {"kind": "lora", "r": 2}, "data": {"train": [str(data)], "eval": []},
+                      "batch_size": 2, "progress": False, "plots": False},
+                     {"name": "b", "adapter": {"kind": "mixlora", "r": 2, "num_experts": 2, "top_k": 1},
+                      "data": {"train": [str(data)], "eval": [str(data)], "eval_limit": 4}, "batch_size": 2,
+                      "progress": False, "plots": False}]}))
+    return path
+
+
 def results(stdout: str) -> dict[tuple[int, int], dict]:
     lines = [json.loads(ln.removeprefix("RESULT ")) for ln in stdout.splitlines() if ln.startswith("RESULT ")]
     return {(r["run"], r["rank"]): r for r in lines}
@@ -113,13 +137,19 @@ def test_lora_mixlora_more_jointly_on_two_ranks(tmp_path):
         {"configs": job_settings(tmp_path / "whole", 2, dropout=0.1)},                      # 3: uninterrupted
         {"configs": job_settings(tmp_path / "cut", 2, dropout=0.1), "hooks": {"kill_at": 2}},  # 4: killed ...
         {"configs": job_settings(tmp_path / "cut", 2, dropout=0.1, resume=True)},            # 5: ... resumed
+        {"cli": ["train", str(multi_yaml(tmp_path)), "max_steps=2"]},                        # 6: loramix train
     ]
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     proc = launch(script, [str(TESTS), json.dumps(runs)], tmp_path, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = results(proc.stdout)
-    assert len(got) == 12, proc.stdout
+    assert len(got) == 14, proc.stdout
+    assert got[6, 0]["rc"] == 0 and got[6, 1]["rc"] == 0
+    for name in ("a", "b"):  # rank 0 wrote each adapter's folder and log, once per step
+        assert (tmp_path / "cli" / name / "adapter" / "adapter_config.json").is_file()
+        records = [json.loads(ln) for ln in (tmp_path / "cli" / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if r["type"] == "train"] == [1, 2]
     done = {"lora": "completed", "mix": "completed", "more": "completed"}
     for rank in (0, 1):
         for run in (0, 1, 3, 5):

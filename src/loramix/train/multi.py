@@ -33,7 +33,7 @@ from ..config import ConfigError
 from ..models.many import adapter_losses, adapter_rows
 from .config import TrainConfig, train_config_from_dict
 
-SHARED_KEYS = ("model", "dtype", "device", "threads")
+SHARED_KEYS = ("model", "dtype", "device", "threads", "quantization", "distributed")  # one base, one way to shard it
 
 
 class AdapterView(nn.Module):
