@@ -194,15 +194,6 @@ class MixLoraConfig(_ConfigBase):
         self._check("recompute_experts", isinstance(self.recompute_experts, bool), "true or false")
         self._check("adapter_dtype", self.adapter_dtype in ADAPTER_DTYPES, "null, float32, bfloat16 or float16")
 
-    @property
-    def slots_per_token(self) -> int:
-        """How many (token, expert) slots the router fills per token (the k of the dispatch)."""
-        if self.routing == "top_k":
-            return self.top_k
-        if self.routing == "switch":
-            return 1
-        return self.max_experts or self.num_experts
-
     def attention_lora(self) -> LoraConfig:
         """The attention LoRA settings, with nulls filled from the expert settings."""
         pick = lambda own, fallback: fallback if own is None else own  # noqa: E731
