@@ -4,7 +4,8 @@
 modules (``LoraLinear`` on projections, ``MixLoraFFN`` on FFN blocks) and installs two hooks on the
 model: a pre-hook that hands the attention mask (padding) and task ids to every adapted module, and
 a post-hook that adds the weighted auxiliary losses (MixLoRA's load balance and z-loss, MoRE's
-contrastive loss) to the loss the trainer differentiates (see ``_add_auxiliary_losses``).
+contrastive loss) to the loss the trainer differentiates (see ``_add_auxiliary_losses``; the sum
+itself is written once, in ``models/losses.py``).
 ``model.save_pretrained(folder)`` of an injected model writes the adapter folder, not the base.
 
 Example:
@@ -25,7 +26,8 @@ from torch import nn
 from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig
 from ..modules import ForwardContext, LoraLinear, MixLoraFFN
 from ..modules.more import MoreLinear
-from .losses import auxiliary_losses as auxiliary_losses_of, compose_loss
+from . import losses
+from .losses import compose_loss
 from .registry import ModelFamily, decoder_layers, family_of
 
 # Called with the model at the end of ``inject`` and at the start of ``unload``. The transformers-facing
@@ -204,12 +206,8 @@ def moe_layers(model: nn.Module) -> list[MixLoraFFN]:
 
 def auxiliary_losses(model: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Mean load-balance loss and mean router z-loss over the MoE layers of the last forward."""
-    layers = [m for m in moe_layers(model) if m.aux_loss is not None]
-    if not layers:
-        return None, None
-    aux = torch.stack([m.aux_loss for m in layers]).mean()
-    z = torch.stack([m.z_loss for m in layers]).mean()
-    return aux, z
+    raw = losses.auxiliary_losses(moe_layers(model))
+    return raw.get("aux_loss"), raw.get("z_loss")
 
 
 def more_modules(model: nn.Module) -> dict[str, MoreLinear]:
@@ -217,16 +215,10 @@ def more_modules(model: nn.Module) -> dict[str, MoreLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, MoreLinear)}
 
 
-def contrastive_loss(model: nn.Module) -> torch.Tensor | None:
-    """Mean task contrastive loss over the MoRE modules of the last forward, or None."""
-    losses = [m.contrastive_loss for m in more_modules(model).values() if m.contrastive_loss is not None]
-    return torch.stack(losses).mean() if losses else None
-
-
 def _add_auxiliary_losses(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     """Post-hook: put ``coef · L_aux`` into the loss whichever way the trainer computes it.
 
-    The weighted sum ``A = Σ coef · L_aux`` (load balance, z, contrastive) joins:
+    The weighted sum ``A = Σ coef · L_aux`` (load balance, z, contrastive; ``losses.compose_loss``) joins:
 
     - ``output.loss`` (and ``output[0]`` with ``return_dict=False``) when the call has labels, as
       ``loss + w · A`` with ``w = n_b / num_items_in_batch`` when the caller passes
@@ -244,7 +236,7 @@ def _add_auxiliary_losses(module: nn.Module, args: tuple, kwargs: dict, output: 
     state = module.loramix_adapter
     if state.context.disabled:
         return output
-    raw = auxiliary_losses_of(module.modules(), consume=True)
+    raw = losses.auxiliary_losses(module.modules(), consume=True)
     if not raw:
         return output
     weighted = compose_loss(None, raw, state.config)  # A = Σ coef · L_aux (None: every weight is 0)
