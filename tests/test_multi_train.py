@@ -143,3 +143,37 @@ def test_jobs_due_at_the_same_step_evaluate_in_one_pass(tmp_path: Path, monkeypa
         assert [r["step"] for r in evals_logged] == [1, 2]
         assert all(r["eval"]["label"]["n"] == len(evals[name]) for r in evals_logged)
         assert results[name]["eval"] == evals_logged[-1]["eval"]
+
+
+def test_sigterm_checkpoints_every_job_and_the_joint_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    """SIGTERM after the LoRA job's first step, while the MixLoRA job (2 micro-batches per step) is half-way
+    through its window: that window is finished, both jobs are checkpointed at step 1, and the resumed joint
+    run ends at the uninterrupted run's weights."""
+    import signal
+
+    whole = _joint(tmp_path / "whole")
+    assert {n: r["status"] for n, r in whole.train().items()} == {"mix": "completed", "lora": "completed"}
+
+    def send(t: Trainer) -> None:
+        if t.jobs["lora"].step == 1 and not t.__dict__.get("_sent"):
+            t.__dict__["_sent"] = True
+            signal.raise_signal(signal.SIGTERM)
+
+    cut = Trainer(_configs(tmp_path / "cut"), model=tiny_model("llama", seed=0), tokenizer=word_tokenizer(),
+                  train_examples=DATA, eval_examples={}, callbacks=[send])
+    results = cut.run()
+    assert {n: (r["status"], r["step"], r["signal"]) for n, r in results.items()} == {
+        "mix": ("interrupted", 1, "SIGTERM"), "lora": ("interrupted", 1, "SIGTERM")}
+    configs = _configs(tmp_path / "cut")
+    for cfg in configs.values():
+        cfg.resume = True
+    resumed = Trainer(configs, model=tiny_model("llama", seed=0), tokenizer=word_tokenizer(), train_examples=DATA,
+                      eval_examples={})
+    assert {n: r["step"] for n, r in resumed.run().items()} == {"mix": 3, "lora": 5}
+    for name in ("mix", "lora"):
+        got, want = member_parameters(resumed.model, name), member_parameters(whole.model, name)
+        assert max(float((got[k] - want[k]).abs().max()) for k in got) <= 1e-5, name
+    import json
+
+    records = [json.loads(line) for line in (tmp_path / "cut" / "lora" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4, 5]  # each step once, across the cut
