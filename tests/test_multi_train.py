@@ -177,3 +177,26 @@ def test_sigterm_checkpoints_every_job_and_the_joint_run_resumes_to_the_same_wei
 
     records = [json.loads(line) for line in (tmp_path / "cut" / "lora" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4, 5]  # each step once, across the cut
+
+
+def test_each_job_scales_its_loss_and_unscales_its_gradients(tmp_path: Path) -> None:
+    """A gradient scaler per job (the fp16 path; forced on here, in fp32) leaves the training unchanged: each
+    job's term is scaled in the shared backward and its gradients unscaled before clipping and the step.
+    Plain SGD, so a missing scale or unscale would show as a factor 4096 (AdamW would hide it)."""
+    def run(folder: Path, scale: float | None) -> tuple[Trainer, dict]:
+        joint = _joint(folder)
+        for job in joint.jobs.values():
+            job.optimizer = torch.optim.SGD(job.params.values(), lr=0.05)
+            job.scheduler = torch.optim.lr_scheduler.LambdaLR(job.optimizer, lambda s: 1.0)
+            if scale is not None:
+                job.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        results = joint.train()
+        assert all(r["status"] == "completed" for r in results.values())
+        return joint, {n: {k: v.detach().clone() for k, v in member_parameters(joint.model, n).items()}
+                       for n in joint.jobs}
+
+    _, plain = run(tmp_path / "plain", None)
+    scaled_run, scaled = run(tmp_path / "scaled", 2.0 ** 12)
+    assert all(job.scaler.is_enabled() and job.scaler.get_scale() == 2.0 ** 12 for job in scaled_run.jobs.values())
+    for name in plain:
+        assert max(float((plain[name][k] - scaled[name][k]).abs().max()) for k in plain[name]) <= 1e-6, name
