@@ -134,9 +134,10 @@ def test_lora_mixlora_more_jointly_on_two_ranks(tmp_path):
         {"configs": job_settings(tmp_path / "ddp", 2)},                                     # 0: DDP
         {"configs": job_settings(tmp_path / "fsdp", 2, distributed="fsdp")},                # 1: FSDP2
         {"configs": job_settings(tmp_path / "nan", 2), "hooks": {"nan_at": 2, "nan_job": "lora"}},   # 2
-        {"configs": job_settings(tmp_path / "whole", 2, dropout=0.1)},                      # 3: uninterrupted
-        {"configs": job_settings(tmp_path / "cut", 2, dropout=0.1), "hooks": {"kill_at": 2}},  # 4: killed ...
-        {"configs": job_settings(tmp_path / "cut", 2, dropout=0.1, resume=True)},            # 5: ... resumed
+        # 3: uninterrupted, 4: killed after step 2, 5: resumed; with dropout and MixLoRA's global load balance
+        {"configs": job_settings(tmp_path / "whole", 2, dropout=0.1, global_load_balance=True)},
+        {"configs": job_settings(tmp_path / "cut", 2, dropout=0.1, global_load_balance=True), "hooks": {"kill_at": 2}},
+        {"configs": job_settings(tmp_path / "cut", 2, dropout=0.1, global_load_balance=True, resume=True)},
         {"cli": ["train", str(multi_yaml(tmp_path)), "max_steps=2"]},                        # 6: loramix train
     ]
     script = tmp_path / "worker.py"
