@@ -56,7 +56,7 @@ from ..models.inject import adapter_state, inject, router_stats
 from ..models.losses import AUXILIARY_LOSSES, auxiliary_losses, compose_loss, label_losses
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .job import Job, lr_factor, mix_sources  # noqa: F401 - lr_factor, mix_sources: loramix.train's names
+from .job import Job
 
 log = logging.getLogger("loramix.train")
 
