@@ -69,3 +69,23 @@ def test_report_to_a_tracker_that_is_not_installed(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ConfigError, match="'report_to' names 'wandb', which is not installed: pip install wandb"):
         config(tmp_path, report_to=["wandb"])
+
+
+def test_several_adapters_each_report_to_their_own_tensorboard(tmp_path, single_thread):
+    """A joint run: each adapter's records reach the event files of its own folder (with MixLoRA's z-loss)."""
+    from loramix.train import Trainer
+    from test_train import word_tokenizer
+    from tiny_models import tiny_model
+
+    configs = {"mix": config(tmp_path / "mix", max_steps=2, report_to=["tensorboard"],
+                             adapter={"kind": "mixlora", "r": 4, "num_experts": 4, "top_k": 2, "z_loss_coef": 0.01}),
+               "lora": config(tmp_path / "lora", max_steps=3, grad_accum=1, report_to=["tensorboard"],
+                              adapter={"kind": "lora", "r": 2})}
+    Trainer(configs, model=tiny_model("llama", seed=0), tokenizer=word_tokenizer(),
+            train_examples={"mix": mc_examples(16), "lora": mc_examples(16, seed=1)},
+            eval_examples={"mix": mc_examples(4, seed=9), "lora": []}).run()
+    for name, steps in (("mix", [1, 2]), ("lora", [1, 2, 3])):
+        got = scalars(tmp_path / name / "run")
+        assert [s for s, _ in got["train/loss"]] == steps, name
+        assert_same(got, expected(tmp_path / name / "run"))
+    assert {"train/aux_loss", "train/z_loss", "eval/label/accuracy"} <= set(scalars(tmp_path / "mix" / "run"))
