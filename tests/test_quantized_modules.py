@@ -336,3 +336,18 @@ def test_nf4_with_bf16_compute_dtype(kind, folders):
     out.loss.backward()
     for name, p in loramix.adapter_parameters(model).items():
         assert p.dtype == p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name
+
+
+@pytest.mark.parametrize("kind", ["lora", "mixlora-top_k", "more"])
+def test_quantized_base_follows_train_and_eval(kind, folders):
+    """model.train()/eval() reach the wrapped quantized layers (bitsandbytes' 8-bit layer takes another
+    path per mode), as they reach PEFT's wrapped base layers."""
+    import bitsandbytes as bnb
+
+    model = loramix.inject(load(folders["llama"], "int8"), KINDS[kind]())
+    bases = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    hidden = [m._base_module[0] for m in model.modules() if hasattr(m, "_base_module")]
+    assert hidden and all(isinstance(m, bnb.nn.Linear8bitLt) for m in hidden)
+    for mode in (True, False, True):
+        model.train(mode)
+        assert all(m.training is mode for m in bases + hidden)

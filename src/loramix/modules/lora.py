@@ -161,6 +161,13 @@ class FrozenProjection(nn.Module):
         self.bias = getattr(base, "bias", None)
         self._base_module = [base]  # not registered: unload() puts it back
 
+    def train(self, mode: bool = True) -> "FrozenProjection":
+        """Also sets the mode of the unregistered base module, which ``model.train()`` cannot reach: a
+        quantized layer computes differently per mode (bitsandbytes' 8-bit layer quantizes activations
+        only in eval mode), and it must train as it would under PEFT."""
+        self._base_module[0].train(mode)
+        return super().train(mode)
+
     def weight_out_in(self) -> torch.Tensor:
         """The frozen weight as (out, in); dequantized afresh for a quantized base (``frozen_weight``)."""
         if self.quantized:

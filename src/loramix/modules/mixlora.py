@@ -295,6 +295,11 @@ class MixLoraFFN(nn.Module):
         self.last_load: torch.Tensor | None = None
         self.last_prob: torch.Tensor | None = None
 
+    def train(self, mode: bool = True) -> "MixLoraFFN":
+        """Also the unregistered original FFN block (its projections are registered here already)."""
+        self._original_ffn[0].train(mode)
+        return super().train(mode)
+
     # ----------------------------------------------------------------------------------- helpers
     def weight_out_in(self, name: str) -> torch.Tensor:
         """Frozen weight of projection ``name`` as (out, in) (dequantized afresh when quantized)."""
