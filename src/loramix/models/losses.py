@@ -18,7 +18,7 @@ same step. ``compose_loss`` is the one function that writes this sum; its caller
 - ``models/inject.py``'s forward hook (transformers ``Trainer`` passes N as ``num_items_in_batch``
   and has already divided the LM part; TRL reads the auxiliary term alone),
 - ``models/many.py``'s ``adapter_losses`` (several adapters in one batch),
-- the training loop (``train/loop.py``) and ``bench.py``.
+- the training loop (``train/loop.py``) and ``bench/variants.py``.
 
 Example:
     >>> raw = auxiliary_losses(model.modules())          # after a forward
