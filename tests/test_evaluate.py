@@ -302,7 +302,7 @@ def test_eval_command_several_adapters_in_one_pass(tmp_path):
                                           "task": ex.task}) for ex in EXAMPLES))
     import loramix
 
-    for name, config in joint.loramix_multi.adapters.items():  # each adapter's weights, saved alone
+    for name, config in joint.loramix_many.adapters.items():  # each adapter's weights, saved alone
         single = loramix.inject(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "model"), config.config)
         with torch.no_grad():
             mine = loramix.adapter_parameters(single)

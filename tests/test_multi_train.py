@@ -9,7 +9,7 @@ import torch
 
 import loramix
 from loramix.train import Trainer
-from loramix.train.multi import load_multi_config
+from loramix.train.jobs_config import load_jobs_config
 from loramix.models.many import member_parameters
 from test_train import config, mc_examples, word_tokenizer
 from tiny_models import tiny_model
@@ -84,18 +84,18 @@ def test_multi_yaml_names_adapter_entries_in_errors(tmp_path: Path) -> None:
     good.write_text("model: smollm2-135m\noutput_dir: runs/m\nadapters:\n"
                     "  - name: a\n    adapter: {kind: lora, r: 4}\n    data: {train: [arc-e]}\n"
                     "  - name: b\n    adapter: {kind: mixlora}\n    data: {train: [arc-c]}\n")
-    shared, configs = load_multi_config(good)
+    configs = load_jobs_config(good)
     assert list(configs) == ["a", "b"] and configs["b"].output_dir == str(Path("runs/m/b"))
     (tmp_path / "single.yaml").write_text("adapter: {kind: lora}\noutput_dir: runs/single\nlr: 0.001\n")
     included = tmp_path / "included.yaml"
     included.write_text("adapters:\n  - {name: x, config: single.yaml, max_steps: 3}\n  - {name: y, config: single.yaml}\n")
-    _, configs = load_multi_config(included)
+    configs = load_jobs_config(included)
     assert configs["x"].lr == 0.001 and configs["x"].max_steps == 3 and configs["y"].max_steps is None
     assert configs["x"].output_dir != configs["y"].output_dir
     bad = tmp_path / "bad.yaml"
     bad.write_text("adapters:\n  - name: a\n    adapter: {kind: lora, rr: 4}\n")
     try:
-        load_multi_config(bad)
+        load_jobs_config(bad)
     except loramix.ConfigError as err:
         assert "adapters[0]" in str(err) and "rr" in str(err)
     else:

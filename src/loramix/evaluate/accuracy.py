@@ -318,7 +318,7 @@ def evaluate_many(model, tokenizer, examples: dict[str, Sequence[MultipleChoiceE
     float rounding of differently padded batches).
 
     Args:
-        model: a model from ``inject_many`` (``model.loramix_multi``).
+        model: a model from ``inject_many`` (``model.loramix_many``).
         examples: adapter name → its multiple-choice examples (an adapter may be listed with the same
             examples as another: e.g. two adapters on one benchmark).
         task_ids: adapter name → {task name → id} for task-routed (MoRE) adapters; adapters missing
@@ -334,7 +334,7 @@ def evaluate_many(model, tokenizer, examples: dict[str, Sequence[MultipleChoiceE
         >>> out = evaluate_many(model, tokenizer, {"a": arc_e, "b": arc_e}, protocol="loglik")
         >>> out["a"]["accuracy"], out["b"]["per_task"]
     """
-    state = getattr(model, "loramix_multi", None)
+    state = getattr(model, "loramix_many", None)
     if state is None:
         raise ValueError("evaluate_many needs a model with several adapters (loramix.inject_many); "
                          "use evaluate_multiple_choice for one model")

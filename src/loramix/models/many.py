@@ -12,7 +12,8 @@ rows of the batch belong to each adapter::
                   member at this slot gets the base module.
 
 Attention never mixes samples, so adapter i's rows never reach adapter j's parameters: the joint
-step equals N separate steps.
+step equals N separate steps. ``AdapterView`` shows one adapter of the shared model as a model of
+its own (the training loop's view of each job).
 
 Example:
     >>> model = inject_many(hf_model, {"a": LoraConfig(), "b": MixLoraConfig()})
@@ -49,8 +50,8 @@ class RowSpan(NamedTuple):
 
 
 @dataclass
-class MultiAdapterState:
-    """What ``inject_many`` attaches to the model as ``model.loramix_multi``.
+class ManyAdapterState:
+    """What ``inject_many`` attaches to the model as ``model.loramix_many``.
 
     Attributes:
         adapters: name → the adapter's own ``AdapterState`` (config, family, context).
@@ -70,12 +71,12 @@ class AdapterStack(nn.Module):
     Args:
         base: the frozen module of the base model at this slot.
         members: adapter name → the adapter's module at this slot.
-        state: the model's ``MultiAdapterState`` (for the row plan).
+        state: the model's ``ManyAdapterState`` (for the row plan).
 
     Shapes: input (rows, ...) → output (rows, ...); rows follow the plan's order.
     """
 
-    def __init__(self, base: nn.Module, members: dict[str, nn.Module], state: MultiAdapterState) -> None:
+    def __init__(self, base: nn.Module, members: dict[str, nn.Module], state: ManyAdapterState) -> None:
         super().__init__()
         self.base = base
         self.members = nn.ModuleDict(members)
@@ -141,7 +142,7 @@ def stack_adapters(model: nn.Module, attach: dict[str, Any]) -> nn.Module:
     base, then put an ``AdapterStack`` at every adapted slot."""
     if not attach:
         raise ValueError("inject_many needs at least one adapter")
-    if getattr(model, "loramix_adapter", None) is not None or getattr(model, "loramix_multi", None) is not None:
+    if getattr(model, "loramix_adapter", None) is not None or getattr(model, "loramix_many", None) is not None:
         raise ValueError("this model already has loramix adapters; start from a fresh base model")
     adapters: dict[str, AdapterState] = {}
     members: dict[str, dict[str, nn.Module]] = {}
@@ -155,7 +156,7 @@ def stack_adapters(model: nn.Module, attach: dict[str, Any]) -> nn.Module:
         if getattr(model, "loramix_adapter", None) is not None:
             unload(model)
         raise
-    state = MultiAdapterState(adapters=adapters, members=members)
+    state = ManyAdapterState(adapters=adapters, members=members)
     slots = sorted({path for by_slot in members.values() for path in by_slot}, key=lambda p: -p.count("."))  # deepest first: a stack's base may hold stacks
     for path in slots:
         parent_name, _, child = path.rpartition(".")
@@ -163,11 +164,11 @@ def stack_adapters(model: nn.Module, attach: dict[str, Any]) -> nn.Module:
         by_adapter = {name: members[name][path] for name in attach if path in members[name]}
         setattr(parent, child, AdapterStack(getattr(parent, child), by_adapter, state))
     state.hooks.append(model.register_forward_pre_hook(_capture_rows(state), with_kwargs=True))
-    model.loramix_multi = state
+    model.loramix_many = state
     return model
 
 
-def _capture_rows(state: MultiAdapterState):
+def _capture_rows(state: ManyAdapterState):
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         rows = kwargs.pop("adapter_rows", None)
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -206,7 +207,7 @@ def _capture_rows(state: MultiAdapterState):
 
 def adapter_modules(model: nn.Module, name: str) -> dict[str, nn.Module]:
     """Slot path → module of adapter ``name`` (its keys are those of the adapter alone)."""
-    return model.loramix_multi.members[name]
+    return model.loramix_many.members[name]
 
 
 def member_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
@@ -230,7 +231,7 @@ def adapter_rows(model: nn.Module, rows: list[tuple[str, int]] | None = None, *,
         >>> with adapter_rows(model, only="a"):
         ...     evaluate_multiple_choice(model, tokenizer, examples)
     """
-    state: MultiAdapterState = model.loramix_multi
+    state: ManyAdapterState = model.loramix_many
     for name in [only] if only is not None else [n for n, _ in rows or []]:
         if name not in state.adapters:
             raise KeyError(f"no adapter '{name}'; this model has {list(state.adapters)}")
@@ -271,7 +272,7 @@ def adapter_losses(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
         layers), "contrastive_loss" (MoRE)}. Summing the "loss" values and calling backward gives each adapter
         exactly the gradient it would get alone.
     """
-    state: MultiAdapterState = model.loramix_multi
+    state: ManyAdapterState = model.loramix_many
     names = [name for name, _ in rows]
     if len(set(names)) != len(names):
         # A module keeps one auxiliary loss per forward (its last segment's), so a training plan must
@@ -283,3 +284,57 @@ def adapter_losses(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
         raw = auxiliary_losses(state.members[name].values(), consume=True)
         result[name] = {"lm_loss": lm, "loss": compose_loss(lm, raw, state.adapters[name].config), **raw}
     return result
+
+
+class AdapterView(nn.Module):
+    """One adapter of a multi-adapter model, seen as if it were the model's only adapter.
+
+    ``adapter_parameters``, ``save_adapter``, ``router_stats``, the evaluation and the ``Trainer``
+    work on it unchanged: its modules are that adapter's modules (keyed by their paths in the base
+    model), its forward sends every row to that adapter and its ``loss`` is that adapter's loss.
+    """
+
+    def __init__(self, model: nn.Module, name: str) -> None:
+        super().__init__()
+        self.__dict__["_joint"] = model  # not registered: the view owns nothing
+        self.adapter_name = name
+
+    @property
+    def loramix_adapter(self):
+        return self._joint.loramix_many.adapters[self.adapter_name]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_joint"], name)
+
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
+        yield prefix, self
+        for path, module in self._joint.loramix_many.members[self.adapter_name].items():
+            yield (f"{prefix}.{path}" if prefix else path), module
+
+    def parameters(self, recurse: bool = True):
+        return self._joint.parameters(recurse)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        return self._joint.named_parameters(prefix, recurse, remove_duplicate)
+
+    def train(self, mode: bool = True) -> "AdapterView":
+        self.training = mode
+        self._joint.train(mode)
+        return self
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, logits_to_keep: int = 0, **kwargs: Any) -> Any:
+        with adapter_rows(self._joint, only=self.adapter_name):
+            out = self._joint(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
+                              **kwargs)
+        if labels is not None:
+            rows = [(self.adapter_name, labels.shape[0])]
+            entry = adapter_losses(self._joint, out.logits, labels, rows)[self.adapter_name]
+            out.loss = entry["loss"]
+            for key in ("aux_loss", "contrastive_loss"):
+                if key in entry:
+                    setattr(out, key, entry[key])
+        return out

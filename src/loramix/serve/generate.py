@@ -69,8 +69,8 @@ def generate_many(model: nn.Module, tokenizer: Any, requests: list[tuple[str, st
     """
     if not requests:
         return []
-    order = sorted(range(len(requests)), key=lambda i: list(model.loramix_multi.adapters).index(requests[i][0])
-                   if requests[i][0] in model.loramix_multi.adapters else -1)
+    order = sorted(range(len(requests)), key=lambda i: list(model.loramix_many.adapters).index(requests[i][0])
+                   if requests[i][0] in model.loramix_many.adapters else -1)
     prompts = [build_prompt_ids(tokenizer, requests[i][1], system=system, raw=raw) for i in order]
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id

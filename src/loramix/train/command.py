@@ -143,9 +143,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.config:
         raise UsageError("give a CONFIG.yaml (examples/ has some) or --list-keys")
     overrides = list(args.overrides) + env_overrides()
-    from .multi import is_multi_config
+    from .jobs_config import is_jobs_config
 
-    if is_multi_config(args.config):  # a list of adapters trained together over one base model
+    if is_jobs_config(args.config):  # a list of adapters trained together over one base model
         return _run_multi(args, overrides)
     config = load_train_config(args.config, overrides)
     _prepare(config, args)
@@ -173,11 +173,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_multi(args: argparse.Namespace, overrides: list[str]) -> int:
-    """``loramix train multi.yaml``: several adapters trained jointly (see ``train/multi.py``), under torchrun too."""
+    """``loramix train multi.yaml``: several adapters trained jointly (see ``train/jobs_config.py``), under torchrun too."""
     from .distributed import trainer_class
-    from .multi import load_multi_config, summary
+    from .jobs_config import load_jobs_config
 
-    _, configs = load_multi_config(args.config, overrides)
+    configs = load_jobs_config(args.config, overrides)
     for cfg in configs.values():
         _prepare(cfg, args)
     if args.print_config:
@@ -190,5 +190,15 @@ def _run_multi(args: argparse.Namespace, overrides: list[str]) -> int:
     results = trainer_class()(configs).run()  # DistributedTrainer under torchrun
     if os.environ.get("RANK", "0") != "0":  # rank 0 reports
         return 0 if all(r["status"] == "completed" for r in results.values()) else 1
-    print(summary(results))
+    print(_summary(results))
     return 0 if all(r["status"] == "completed" for r in results.values()) else 1
+
+
+def _summary(results: dict[str, Any]) -> str:
+    """One line per adapter: status, step, adapter folder, accuracies."""
+    lines = []
+    for name, r in results.items():
+        acc = ", ".join(f"{p} {v['accuracy']:.4f}" for p, v in (r.get("eval") or {}).items())
+        lines.append(f"{name}: {r['status']} at step {r['step']}" + (f", adapter {r['adapter']}" if r.get("adapter") else "")
+                     + (f", {acc}" if acc else "") + (f" ({r['error']})" if r.get("error") else ""))
+    return "\n".join(lines)

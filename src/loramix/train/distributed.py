@@ -213,8 +213,8 @@ def shard_base_model(model: torch.nn.Module) -> None:
     from ..models.registry import decoder_layers
 
     adapter = set(adapter_parameters(model).values())
-    multi = getattr(model, "loramix_multi", None)  # several adapters: their families agree (one base)
-    family = next(iter(multi.adapters.values())).family if multi is not None else adapter_state(model).family
+    many = getattr(model, "loramix_many", None)  # several adapters: their families agree (one base)
+    family = next(iter(many.adapters.values())).family if many is not None else adapter_state(model).family
     base_dtype = next(p.dtype for p in model.parameters() if p not in adapter)
     # The base computes in the run's dtype (it is loaded in it); the ignored adapters are not cast.
     policy = MixedPrecisionPolicy(param_dtype=base_dtype, reduce_dtype=torch.float32)

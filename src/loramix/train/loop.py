@@ -147,12 +147,11 @@ class Trainer:
             views = {"": self.model}
             self.contexts = {"": adapter_state(self.model).context}
         else:
-            from ..models.many import inject_many
-            from .multi import AdapterView
+            from ..models.many import AdapterView, inject_many
 
             inject_many(self.model, {name: c.adapter_config() for name, c in self.configs.items()})
             views = {name: AdapterView(self.model, name) for name in self.configs}
-            self.contexts = {name: state.context for name, state in self.model.loramix_multi.adapters.items()}
+            self.contexts = {name: state.context for name, state in self.model.loramix_many.adapters.items()}
         self.device = next(self.model.parameters()).device
         base_dtype = next(self.model.parameters()).dtype
         # Autocast only on CUDA and only for half-precision runs; CPU trains in the weights' dtype.
@@ -294,7 +293,7 @@ class Trainer:
                                                                              [r for _, r in rows])):
             # the raw auxiliary losses of this job's rows: its own modules (the one adapter's hook put them on out)
             raw = ({k: getattr(out, k) for k, _ in AUXILIARY_LOSSES if getattr(out, k, None) is not None} if self.single
-                   else auxiliary_losses(self.model.loramix_multi.members[job.name].values(), consume=True))
+                   else auxiliary_losses(self.model.loramix_many.members[job.name].values(), consume=True))
             term = compose_loss(ce_sum / w["answer"], raw, job.adapter, share=n_b / w["answer"])
             if w["diverged"] is None and not math.isfinite(float(term.detach())):
                 # No break: the window is finished (its gradient is thrown away), so under torchrun every rank
