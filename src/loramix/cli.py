@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("loramix.train.command", "fine-tune an adapter from a YAML config"),
     "eval": ("loramix.evaluate.command", "multiple-choice accuracy of a base model or adapter"),
     "generate": ("loramix.serve.command", "generate text with a base model or adapter"),
+    "serve": ("loramix.serve.server.command", "OpenAI-compatible server: one base, many adapters, one batch"),
     "merge": ("loramix.adapters.export.command", "write a plain Hugging Face model with an adapter merged in"),
     "export": ("loramix.adapters.export.command", "export an adapter for other serving stacks (mixtral, peft, merged)"),
     "bench": ("loramix.bench.command", "time training steps of LoRA / MixLoRA variants against baselines"),

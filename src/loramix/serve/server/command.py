@@ -1,0 +1,78 @@
+"""``loramix serve``: an OpenAI-compatible server for one base model and many adapters.
+
+    loramix serve --model smollm2-135m --adapter mix=runs/mix/adapter --adapter more=runs/more/adapter
+    curl http://127.0.0.1:8000/v1/models
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "mix", "prompt": "The sky is", "max_tokens": 8, "temperature": 0}'
+
+Any OpenAI client works (``OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")``); the
+``model`` field picks the base (the --model value), an adapter (its NAME) or a MoRE task (NAME:TASK).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ...cli import UsageError, add_threads_argument, apply_threads, check_device, check_dtype, check_model, resolve_model
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="base model: 'smollm2-135m' (embedded), a local folder or a Hub id; clients call it by "
+                             "this name")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=FOLDER",
+                        help="an adapter folder to serve under NAME (repeat for several; LoRA, DoRA, MixLoRA, MoRE)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default: loopback only; 0.0.0.0 exposes the server to the network)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port")
+    parser.add_argument("--max-batch-size", type=int, default=8,
+                        help="most requests decoded together in one step (across all adapters)")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, fp32 on CPU), float32, bfloat16, float16")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+    add_threads_argument(parser)
+
+
+def parse_adapters(values: list[str]) -> dict[str, str]:
+    """``["a=runs/a/adapter", ...]`` → {"a": "runs/a/adapter"}; UsageError on a malformed or repeated NAME."""
+    adapters: dict[str, str] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or not name or not folder:
+            raise UsageError(f"--adapter {value}: give NAME=FOLDER (e.g. --adapter mix=runs/mix/adapter)")
+        if name in adapters:
+            raise UsageError(f"--adapter {name}: the name is given twice")
+        adapters[name] = folder
+    return adapters
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ...hub import load_model
+    from .app import build_app
+    from .engine import Engine, load_served
+
+    adapters = parse_adapters(args.adapter)
+    if args.max_batch_size < 1:
+        raise UsageError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    check_device(args.device)
+    check_dtype(args.dtype)
+    check_model(resolve_model(args.model))
+    apply_threads(args.threads)
+    model, tokenizer = load_model(resolve_model(args.model), dtype=args.dtype, device=args.device)
+    try:
+        served = load_served(model, tokenizer, adapters, base_name=args.model)
+    except ValueError as err:
+        if type(err) is not ValueError:  # AdapterLoadError and the like keep their own class and message
+            raise
+        raise UsageError(f"--adapter: {err}") from None
+    engine = Engine(served, max_batch_size=args.max_batch_size)
+    engine.start()
+    print(f"loramix serve: {', '.join(served.targets)} on http://{args.host}:{args.port}/v1", flush=True)
+    try:
+        uvicorn.run(build_app(served, engine), host=args.host, port=args.port, log_level="info")
+    finally:
+        engine.stop()
+    return 0

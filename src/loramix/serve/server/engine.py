@@ -1,0 +1,293 @@
+"""The decode engine of ``loramix serve``: one thread owns the model and decodes every waiting request
+together, each row through its own adapter.
+
+    requests  →  queue  →  engine thread, per decode step:
+                             admit waiting requests (up to max_batch_size rows)
+                             rows sorted by adapter, left-padded:  [ a a | b | base base | more:x ]
+                             one forward with adapter_rows=[("a", 2), ("b", 1), (BASE, 2), ("more", 1)]
+                             and task_ids (MoRE rows: their task; others -1)
+                             per row: next token (greedy, or temperature / top-p with the row's own
+                             torch.Generator), stop strings, EOS, max_tokens → events to its client
+
+New requests join between decode steps, finished or cancelled rows leave. There is **no KV cache
+yet**: every step recomputes each row's whole sequence (prompt + tokens so far). That is what makes
+joining and leaving trivially correct (no cache to splice); it costs O(length) work per token.
+
+The base model is served as one more adapter (``BASE``): a plain LoRA of rank 1 on one projection
+kind whose B is zero, so its rows get exactly the base model's outputs (``x W + 0``) inside the same
+forward as the adapters' rows.
+
+Example:
+    >>> served = load_served(base, tokenizer, {"mix": "runs/mix/adapter"}, base_name="smollm2-135m")
+    >>> engine = Engine(served, max_batch_size=8); engine.start()
+    >>> req = engine.submit(served.prompt_ids("Hi"), served.targets["mix"], SamplingParams(max_tokens=8), print)
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ...adapters.folder import read_adapter_config
+from ...adapters.io import load_adapter
+from ...adapters.more_tasks import recorded_task_index
+from ...config import LoraConfig
+from ...models.inject import inject
+from ...models.many import stack_adapters
+from ...models.registry import family_of
+
+BASE = "_base"  # the internal adapter name of the base model's rows (user adapter names cannot start with "_")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request's ``model`` field names: an adapter (``BASE`` for the base) and a MoRE task id (-1: none)."""
+
+    adapter: str
+    task_id: int = -1
+
+
+@dataclass
+class SamplingParams:
+    """How one request decodes. ``temperature`` 0 is greedy; ``seed`` None draws from the global RNG."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Served:
+    """A base model with its adapters stacked (``stack_adapters``) and the names clients may ask for.
+
+    Attributes:
+        targets: model name (the base's name, each adapter, ``NAME:TASK`` for MoRE tasks) → ``Target``.
+        order: adapter → position in a batch (rows are grouped by adapter in this order).
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    base_name: str
+    targets: dict[str, Target]
+    order: dict[str, int]
+    eos_ids: set[int]
+    max_length: int | None
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """A completion prompt: the text with the tokenizer's special prefix (``build_prompt_ids(raw=True)``)."""
+        return list(self.tokenizer(text)["input_ids"])
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """A chat prompt through the base tokenizer's chat template (ValueError when it has none)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"the tokenizer of {self.base_name} has no chat template; use /v1/completions")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])  # the template holds its BOS
+
+
+def _base_lora(model: nn.Module) -> nn.Module:
+    """Attach the base model's stand-in: rank-1 LoRA, B = 0, on the first projection kind of the family."""
+    first = family_of(model).attention_projections[0]
+    return inject(model, LoraConfig(r=1, alpha=1, dropout=0.0, targets=[first]))
+
+
+def load_served(model: nn.Module, tokenizer: Any, folders: dict[str, str | os.PathLike], *,
+                base_name: str) -> Served:
+    """Stack the adapter folders and the base's stand-in on ``model`` (in place) and name the targets.
+
+    Args:
+        folders: adapter name → folder. Names are letters, digits, ``-``, ``_``, ``.``; not starting with ``_``.
+        base_name: what clients call the base model (the ``--model`` value).
+
+    Raises:
+        ValueError: a bad adapter name; ``AdapterLoadError`` from the folder reader.
+    """
+    targets: dict[str, Target] = {base_name: Target(BASE)}
+    for name, folder in folders.items():
+        if not name or name.startswith("_") or not all(c.isalnum() or c in "-_." for c in name) or name == base_name:
+            raise ValueError(f"adapter name '{name}': use letters, digits, '-', '_', '.', not starting with '_' "
+                             f"and not the base model's name")
+        targets[name] = Target(name)
+        meta = read_adapter_config(folder)
+        if meta.get("kind") == "more":
+            tasks = recorded_task_index(meta) or {}
+            default = (meta.get("config") or {}).get("default_task")
+            targets[name] = Target(name, tasks[default] if default in tasks else (0 if len(tasks) == 1 else -2))
+            for task, index in tasks.items():
+                targets[f"{name}:{task}"] = Target(name, index)
+    attach = {BASE: _base_lora}
+    attach.update({name: (lambda m, f=folder: load_adapter(m, f)) for name, folder in folders.items()})
+    model = stack_adapters(model, attach)
+    model.eval()
+    eos = model.generation_config.eos_token_id
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return Served(model=model, tokenizer=tokenizer, base_name=base_name, targets=targets,
+                  order={name: i for i, name in enumerate(attach)}, eos_ids=eos_ids,
+                  max_length=getattr(model.config, "max_position_embeddings", None))
+
+
+class Request:
+    """One generation in the engine. ``emit(event)`` is called from the engine thread with
+    ``("text", delta)`` events, then one ``("done", finish_reason, usage)`` or ``("error", message)``."""
+
+    def __init__(self, prompt: list[int], target: Target, params: SamplingParams, emit: Callable[[tuple], None]):
+        self.prompt, self.target, self.params, self.emit = prompt, target, params, emit
+        self.generated: list[int] = []
+        self.sent = 0  # characters of the text already emitted
+        self.cancelled = False
+        self.generator: torch.Generator | None = None
+        if params.temperature > 0:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, ())))
+
+    def cancel(self) -> None:
+        """Free the row at the next step (a client that went away)."""
+        self.cancelled = True
+
+
+class Engine:
+    """The thread that owns the model and decodes all requests in batches of at most ``max_batch_size`` rows."""
+
+    def __init__(self, served: Served, *, max_batch_size: int = 8) -> None:
+        self.served = served
+        self.max_batch_size = max_batch_size
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._active: list[Request] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._paused = False
+        self._thread = threading.Thread(target=self._loop, name="loramix-engine", daemon=True)
+        self.steps = 0
+        self.max_rows_seen = 0  # the largest batch decoded so far (tests check that requests shared steps)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def pause(self) -> None:
+        """Finish the current step, then decode nothing (requests still queue) until ``resume``."""
+        with self._wake:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._wake:
+            self._paused = False
+            self._wake.notify()
+
+    def waiting(self) -> int:
+        """How many requests wait to join the batch."""
+        with self._wake:
+            return len(self._waiting)
+
+    def submit(self, prompt: list[int], target: Target, params: SamplingParams, emit: Callable[[tuple], None]) -> Request:
+        request = Request(prompt, target, params, emit)
+        with self._wake:
+            self._waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and (self._paused or not (self._waiting or self._active)):
+                    self._wake.wait()
+                if self._stopping:
+                    for request in list(self._waiting) + self._active:
+                        request.emit(("error", "the server is shutting down"))
+                    return
+                while self._waiting and len(self._active) < self.max_batch_size:
+                    self._active.append(self._waiting.popleft())
+            self._active = [r for r in self._active if not r.cancelled]
+            if not self._active:
+                continue
+            try:
+                self._step(self._active)
+            except Exception as err:  # one failed step fails its rows, never the engine
+                for request in self._active:
+                    request.emit(("error", f"generation failed: {type(err).__name__}: {err}"))
+                self._active = []
+
+    def _step(self, rows: list[Request]) -> None:
+        """One decode step for ``rows``: one forward, one new token per row, events, finished rows out."""
+        served = self.served
+        rows.sort(key=lambda r: served.order[r.target.adapter])  # stable: arrival order within an adapter
+        seqs = [r.prompt + r.generated for r in rows]
+        width = max(len(s) for s in seqs)
+        pad = served.tokenizer.pad_token_id if served.tokenizer.pad_token_id is not None else 0
+        device = next(served.model.parameters()).device
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() computes them for left padding
+        plan: list[tuple[str, int]] = []
+        for r in rows:
+            if plan and plan[-1][0] == r.target.adapter:
+                plan[-1] = (r.target.adapter, plan[-1][1] + 1)
+            else:
+                plan.append((r.target.adapter, 1))
+        task_ids = torch.tensor([r.target.task_id for r in rows], device=device)
+        with torch.no_grad():
+            logits = served.model(input_ids=ids, attention_mask=mask, position_ids=positions, adapter_rows=plan,
+                                  task_ids=task_ids, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+        self.steps += 1
+        self.max_rows_seen = max(self.max_rows_seen, len(rows))
+        for r, row_logits in zip(rows, logits):
+            token = _next_token(row_logits, r)
+            r.generated.append(token)
+            self._advance(r, token)
+        self._active = [r for r in rows if not getattr(r, "finished", False) and not r.cancelled]
+
+    def _advance(self, r: Request, token: int) -> None:
+        """Emit the new text of ``r`` that can no longer change, and finish it on EOS, a stop string or max_tokens."""
+        tokenizer, stop = self.served.tokenizer, r.params.stop
+        text = tokenizer.decode(r.generated, skip_special_tokens=True)
+        finish = None
+        hits = [text.find(s) for s in stop if s and s in text]
+        if hits:
+            text, finish = text[:min(hits)], "stop"
+        elif token in self.served.eos_ids:
+            finish = "stop"
+        elif len(r.generated) >= r.params.max_tokens or (
+                self.served.max_length and len(r.prompt) + len(r.generated) >= self.served.max_length):
+            finish = "length"
+        if finish is None:
+            hold = 1 if text.endswith("\ufffd") else 0  # an incomplete UTF-8 character
+            for s in stop:  # a suffix that may become a stop string stays back
+                hold = max(hold, max((k for k in range(1, len(s)) if text.endswith(s[:k])), default=0))
+            text = text[:len(text) - hold]
+        if len(text) > r.sent:
+            r.emit(("text", text[r.sent:]))
+            r.sent = len(text)
+        if finish is not None:
+            r.finished = True
+            usage = {"prompt_tokens": len(r.prompt), "completion_tokens": len(r.generated),
+                     "total_tokens": len(r.prompt) + len(r.generated)}
+            r.emit(("done", finish, usage))
+
+
+def _next_token(logits: torch.Tensor, r: Request) -> int:
+    """Greedy (temperature 0) or nucleus sampling with the request's own generator. logits: (V,) fp32."""
+    if r.params.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / r.params.temperature, dim=-1).cpu()
+    if r.params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < r.params.top_p  # the smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=r.generator))

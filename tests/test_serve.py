@@ -1,0 +1,262 @@
+"""``loramix serve`` over HTTP with the official ``openai`` client (no mocks).
+
+One server per module, on 127.0.0.1 and a free port (uvicorn in a thread), over a tiny Llama with
+three adapters of three kinds saved to folders: LoRA, MixLoRA and MoRE with two tasks. The
+reference for every greedy answer is the adapter's model alone (a fresh base + ``load_adapter``)
+and its own ``generate``; LoRA and MixLoRA also against ``generate_many``.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx2 as httpx  # the HTTP client the openai package uses (installed with it)
+import openai
+import pytest
+import torch
+import uvicorn
+
+import loramix
+from cli_setup import tiny_model_folder
+from loramix.adapters import load_adapter, load_many
+from loramix.adapters.more_tasks import use_task
+from loramix.hub import load_model
+from loramix.serve import generate_many
+from loramix.serve.server.app import build_app
+from loramix.serve.server.engine import Engine, load_served
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+CONFIGS = {
+    "lora": loramix.LoraConfig(r=4, alpha=8, dropout=0.0, targets=None),
+    "mix": loramix.MixLoraConfig(r=4, alpha=8, dropout=0.0, num_experts=4, top_k=2),
+    "more": loramix.MoreConfig(max_rank=4, alpha=8, dropout=0.0, tasks=["x", "y"]),
+}
+PROMPTS = {"base": "the cat sat", "lora": "a dog ran in", "mix": "red green", "more:x": "yes no true",
+           "more:y": "yes no true"}
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """The base model folder (tiny tokenizer with a chat template) and one saved adapter per kind."""
+    root = tmp_path_factory.mktemp("serve")
+    base = tiny_model_folder(root / "base")
+    _, tok = load_model(str(base))
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(base)
+    adapters = {}
+    for i, (name, config) in enumerate(CONFIGS.items()):
+        model = loramix.inject(load_model(str(base))[0], config)
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():  # trained-looking weights: every adapter (and each MoRE task) answers differently
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        adapters[name] = loramix.save_adapter(model, root / name)
+    return base, adapters
+
+
+@pytest.fixture(scope="module")
+def server(folders):
+    """(openai client, base URL, engine) of a server running in this process."""
+    base, adapters = folders
+    model, tok = load_model(str(base))
+    served = load_served(model, tok, adapters, base_name="base")
+    engine = Engine(served, max_batch_size=4)
+    engine.start()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(build_app(served, engine), log_level="warning"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(200):  # up to 10 s
+        if uv.started:
+            break
+        time.sleep(0.05)
+    assert uv.started, "the server did not start"
+    url = f"http://127.0.0.1:{port}"
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    yield client, url, engine
+    uv.should_exit = True
+    thread.join(timeout=10)
+    engine.stop()
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def reference(folders):
+    """model name → (model alone, task or None): the base, each adapter on its own fresh base, MoRE tasks."""
+    base, adapters = folders
+    fresh = lambda: load_model(str(base))[0].eval()  # noqa: E731
+    more = load_adapter(fresh(), adapters["more"]).eval()
+    tok = load_model(str(base))[1]
+    models = {"base": (fresh(), None), "lora": (load_adapter(fresh(), adapters["lora"]).eval(), None),
+              "mix": (load_adapter(fresh(), adapters["mix"]).eval(), None), "more:x": (more, "x"), "more:y": (more, "y")}
+    return models, tok
+
+
+def alone(reference, name: str, ids: list[int], max_tokens: int = MAX_TOKENS) -> str:
+    """The greedy text of ``name``'s own model for prompt ids ``ids``."""
+    models, tok = reference
+    model, task = models[name]
+    x = torch.tensor([ids])
+    with torch.no_grad(), (use_task(model, task) if task else torch.no_grad()):
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_tokens,
+                             pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
+    return tok.decode(out[0, x.shape[1]:], skip_special_tokens=True)
+
+
+def test_models_lists_the_base_each_adapter_and_each_more_task(server):
+    client, _, _ = server
+    assert [m.id for m in client.models.list().data] == ["base", "lora", "mix", "more", "more:x", "more:y"]
+
+
+def test_greedy_completions_equal_each_models_own_generate(server, reference):
+    client, _, _ = server
+    tok = reference[1]
+    answers = {}
+    for name, prompt in PROMPTS.items():
+        got = client.completions.create(model=name, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+        expected = alone(reference, name, tok(prompt)["input_ids"])
+        assert got.choices[0].text == expected, name
+        assert got.model == name and got.usage.prompt_tokens == len(tok(prompt)["input_ids"])
+        assert 1 <= got.usage.completion_tokens <= MAX_TOKENS
+        answers[name] = expected
+    assert len(set(answers.values())) >= 4, f"the adapters should answer differently: {answers}"
+    same = client.completions.create(model="more:y", prompt=PROMPTS["more:x"], max_tokens=MAX_TOKENS, temperature=0)
+    assert answers["more:x"] != same.choices[0].text, "the two MoRE tasks should differ on one prompt"
+
+
+def test_completions_equal_generate_many(server, folders):
+    client, _, _ = server
+    base, adapters = folders
+    model, tok = load_model(str(base))
+    many = load_many(model, {"lora": adapters["lora"], "mix": adapters["mix"]})
+    requests = [("lora", "a dog ran in"), ("mix", "red green"), ("lora", "the park")]
+    expected = generate_many(many, tok, requests, max_new_tokens=MAX_TOKENS, raw=True)
+    got = [client.completions.create(model=n, prompt=p, max_tokens=MAX_TOKENS, temperature=0).choices[0].text
+           for n, p in requests]
+    assert got == expected
+
+
+def test_chat_completion_uses_the_chat_template(server, reference):
+    client, _, _ = server
+    tok = reference[1]
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat"}]
+    got = client.chat.completions.create(model="mix", messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("assistant:")
+    expected = alone(reference, "mix", tok(text, add_special_tokens=False)["input_ids"])
+    assert got.choices[0].message.content == expected and got.choices[0].message.role == "assistant"
+    assert got.object == "chat.completion" and got.usage.total_tokens > got.usage.completion_tokens
+
+
+def test_streaming_gives_the_non_streaming_text(server):
+    client, _, _ = server
+    for name in ("lora", "more:y"):
+        whole = client.completions.create(model=name, prompt=PROMPTS[name], max_tokens=MAX_TOKENS, temperature=0)
+        pieces = list(client.completions.create(model=name, prompt=PROMPTS[name], max_tokens=MAX_TOKENS,
+                                                temperature=0, stream=True))
+        assert "".join(c.choices[0].text for c in pieces) == whole.choices[0].text
+        assert pieces[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    chat = dict(model="mix", messages=[{"role": "user", "content": "red"}], max_tokens=MAX_TOKENS, temperature=0)
+    whole = client.chat.completions.create(**chat)
+    chunks = list(client.chat.completions.create(**chat, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_the_wire_format_is_server_sent_events_ending_with_done(server):
+    _, url, _ = server
+    body = {"model": "base", "prompt": "the", "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    assert json.loads(lines[0][6:])["object"] == "text_completion"
+
+
+def test_concurrent_streams_to_different_adapters_share_batches_and_match_alone(server, reference):
+    client, _, engine = server
+    tok = reference[1]
+    names = ["mix", "more:x", "lora", "base"]
+    results: dict[str, str] = {}
+
+    def stream(name: str) -> None:
+        pieces = client.completions.create(model=name, prompt=PROMPTS[name], max_tokens=12, temperature=0, stream=True)
+        results[name] = "".join(c.choices[0].text for c in pieces)
+
+    threads = [threading.Thread(target=stream, args=(n,)) for n in names]
+    # Pause the engine until every request waits: they must then be decoded together (the test cannot
+    # pass by running them one after another).
+    engine.pause()
+    try:
+        for t in threads:
+            t.start()
+        for _ in range(400):  # up to 20 s
+            if engine.waiting() == len(names):
+                break
+            time.sleep(0.05)
+        assert engine.waiting() == len(names)
+        engine.max_rows_seen = 0
+    finally:
+        engine.resume()
+    for t in threads:
+        t.join(timeout=60)
+    assert engine.max_rows_seen == len(names)
+    for name in names:
+        assert results[name] == alone(reference, name, tok(PROMPTS[name])["input_ids"], max_tokens=12), name
+
+
+def test_sampling_is_reproducible_with_a_seed_and_stop_cuts_the_text(server):
+    client, _, _ = server
+    sample = lambda seed: client.completions.create(model="mix", prompt="the", max_tokens=10, temperature=1.5,  # noqa: E731
+                                                    top_p=0.9, seed=seed).choices[0].text
+    assert sample(3) == sample(3)
+    assert len({sample(s) for s in range(4)}) > 1
+    whole = client.completions.create(model="lora", prompt="a dog", max_tokens=MAX_TOKENS, temperature=0).choices[0]
+    stop = whole.text[len(whole.text) // 2:][:2]
+    assert stop.strip(), whole.text
+    cut = client.completions.create(model="lora", prompt="a dog", max_tokens=MAX_TOKENS, temperature=0, stop=[stop])
+    assert cut.choices[0].text == whole.text[:whole.text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="lora", prompt="a dog", max_tokens=MAX_TOKENS, temperature=0,
+                                         stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+
+
+def test_errors_have_status_codes_and_openai_bodies_and_the_server_stays_healthy(server):
+    client, url, _ = server
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(model="nope", prompt="hi", max_tokens=2)
+    assert err.value.status_code == 404 and "nope" in err.value.body["message"]
+    bad = [dict(temperature=-1), dict(max_tokens=0), dict(n=2), dict(top_p=0), dict(max_tokens=10_000)]
+    for fields in bad:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="lora", prompt="hi", **{"max_tokens": 2, **fields})
+        assert err.value.status_code == 400 and err.value.body["type"] == "invalid_request_error", fields
+    with pytest.raises(openai.BadRequestError, match="more:x"):  # a MoRE adapter needs its task (no default_task)
+        client.completions.create(model="more", prompt="hi", max_tokens=2)
+    raw = httpx.post(url + "/v1/completions", content=b'{"model": "lora", "prompt": ', timeout=10,
+                     headers={"Content-Type": "application/json"})
+    assert raw.status_code == 400 and "malformed JSON" in raw.json()["error"]["message"]
+    missing = httpx.post(url + "/v1/chat/completions", json={"model": "lora"}, timeout=10)
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"
+    assert httpx.get(url + "/health", timeout=10).json() == {"status": "ok"}
+    assert client.completions.create(model="lora", prompt="a dog", max_tokens=2, temperature=0).choices[0].text
+
+
+def test_cli_checks_its_options(capsys):
+    from loramix.cli import main
+
+    assert main(["serve", "--adapter", "no-equals-sign"]) == 2
+    assert "NAME=FOLDER" in capsys.readouterr().err
+    assert main(["serve", "--adapter", "a=x", "--adapter", "a=y"]) == 2
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "--max-batch-size" in capsys.readouterr().out
