@@ -26,7 +26,7 @@ from loramix.adapters.more_tasks import use_task
 from loramix.hub import load_model
 from loramix.serve import generate_many
 from loramix.serve.server.app import build_app
-from loramix.serve.server.engine import Engine, load_served
+from loramix.serve.server.engine import Engine, SamplingParams, load_served
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -260,3 +260,36 @@ def test_cli_checks_its_options(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     assert "--max-batch-size" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_requests_join_the_running_batch_and_each_gets_its_own_answer(folders, reference, kv_cache):
+    """Engine level: 6 requests, at most 2 rows at a time, different lengths: each request joins when a
+    row frees up (prefilled while the other row decodes over its KV cache) and still gets what its model
+    alone gives; the recompute path (no cache: families with sliding-window caches) gives the same."""
+    base, adapters = folders
+    model, tok = load_model(str(base))
+    engine = Engine(load_served(model, tok, adapters, base_name="base"), max_batch_size=2, kv_cache=kv_cache)
+    assert engine.kv_cache is kv_cache
+    jobs = [("mix", "red green blue sat on the mat", 9), ("more:y", "yes", 3), ("base", "the cat sat", 6), ("lora", "a dog", 4),
+            ("more:x", "the mat", 7), ("mix", "blue", 2)]
+    texts, done = [""] * len(jobs), [threading.Event() for _ in jobs]
+
+    def emit(event: tuple, i: int) -> None:
+        if event[0] == "text":
+            texts[i] += event[1]
+        else:
+            assert event[0] == "done", event
+            done[i].set()
+
+    engine.start()
+    try:
+        for i, (name, prompt, max_tokens) in enumerate(jobs):
+            engine.submit(tok(prompt)["input_ids"], engine.served.targets[name],
+                          SamplingParams(max_tokens=max_tokens, temperature=0), lambda e, i=i: emit(e, i))
+        assert all(d.wait(30) for d in done)
+    finally:
+        engine.stop()
+    for (name, prompt, max_tokens), text in zip(jobs, texts):
+        assert text == alone(reference, name, tok(prompt)["input_ids"], max_tokens=max_tokens), name
+    assert engine.max_rows_seen == 2 and engine.steps < sum(n for _, _, n in jobs)

@@ -3,15 +3,21 @@ together, each row through its own adapter.
 
     requests  →  queue  →  engine thread, per decode step:
                              admit waiting requests (up to max_batch_size rows)
-                             rows sorted by adapter, left-padded:  [ a a | b | base base | more:x ]
-                             one forward with adapter_rows=[("a", 2), ("b", 1), (BASE, 2), ("more", 1)]
-                             and task_ids (MoRE rows: their task; others -1)
+                             rows sorted by adapter:  [ a a | b | base base | more:x ]
+                             prefill: the rows that just joined, whole prompts left-padded, one forward
+                             decode:  the other rows, last token over each row's own KV cache, one forward
+                             both with adapter_rows=[("a", 2), ("b", 1), (BASE, 2), ("more", 1)] and
+                             task_ids (MoRE rows: their task; others -1)
                              per row: next token (greedy, or temperature / top-p with the row's own
                              torch.Generator), stop strings, EOS, max_tokens → events to its client
 
-New requests join between decode steps, finished or cancelled rows leave. There is **no KV cache
-yet**: every step recomputes each row's whole sequence (prompt + tokens so far). That is what makes
-joining and leaving trivially correct (no cache to splice); it costs O(length) work per token.
+New requests join between decode steps (continuous batching); finished or cancelled rows leave and
+free their cache. Each row keeps its own KV cache (per layer (1, heads, L, d), no padding); a decode
+step left-pads the caches to one width and masks the padding, as ``generate`` does for a left-padded
+batch, then splits the grown cache back into rows. That copy costs memory traffic per step, but no
+row ever recomputes its prefix. Families whose cache is not a plain ``DynamicLayer`` per layer
+(sliding-window: gemma2/3, ...) recompute each row's whole sequence every step instead (``kv_cache``
+False): slower, and on Llama (forced) the same tokens; other families are not yet tested here.
 
 The base model is served as one more adapter (``BASE``): a plain LoRA of rank 1 on one projection
 kind whose B is zero, so its rows get exactly the base model's outputs (``x W + 0``) inside the same
@@ -32,7 +38,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from ...adapters.folder import read_adapter_config
 from ...adapters.io import load_adapter
@@ -144,6 +153,8 @@ class Request:
         self.generated: list[int] = []
         self.sent = 0  # characters of the text already emitted
         self.cancelled = False
+        self.finished = False
+        self.cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (1, heads, L, d): all but the last token
         self.generator: torch.Generator | None = None
         if params.temperature > 0:
             self.generator = torch.Generator()
@@ -157,7 +168,7 @@ class Request:
 class Engine:
     """The thread that owns the model and decodes all requests in batches of at most ``max_batch_size`` rows."""
 
-    def __init__(self, served: Served, *, max_batch_size: int = 8) -> None:
+    def __init__(self, served: Served, *, max_batch_size: int = 8, kv_cache: bool = True) -> None:
         self.served = served
         self.max_batch_size = max_batch_size
         self._waiting: collections.deque[Request] = collections.deque()
@@ -168,6 +179,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="loramix-engine", daemon=True)
         self.steps = 0
         self.max_rows_seen = 0  # the largest batch decoded so far (tests check that requests shared steps)
+        self.kv_cache = kv_cache and _plain_cache(served.model)
 
     def start(self) -> None:
         self._thread.start()
@@ -225,33 +237,82 @@ class Engine:
                 self._active = []
 
     def _step(self, rows: list[Request]) -> None:
-        """One decode step for ``rows``: one forward, one new token per row, events, finished rows out."""
+        """One decode step for ``rows``: one new token per row, events, finished rows out.
+
+        Rows that just joined are prefilled (their whole prompt, one forward for all of them); the
+        others feed their last token over their own KV cache (one forward for all of them).
+        """
         served = self.served
         rows.sort(key=lambda r: served.order[r.target.adapter])  # stable: arrival order within an adapter
-        seqs = [r.prompt + r.generated for r in rows]
-        width = max(len(s) for s in seqs)
-        pad = served.tokenizer.pad_token_id if served.tokenizer.pad_token_id is not None else 0
-        device = next(served.model.parameters()).device
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() computes them for left padding
+        fresh = [r for r in rows if r.cache is None]
+        going = [r for r in rows if r.cache is not None]
+        stepped = (list(zip(fresh, self._prefill(fresh))) if fresh else []) + \
+                  (list(zip(going, self._decode(going))) if going else [])
+        self.steps += 1
+        self.max_rows_seen = max(self.max_rows_seen, len(rows))
+        for r, row_logits in stepped:
+            token = _next_token(row_logits, r)
+            r.generated.append(token)
+            self._advance(r, token)
+        self._active = [r for r in rows if not r.finished and not r.cancelled]
+        for r in rows:
+            if r.finished or r.cancelled:
+                r.cache = None
+
+    def _forward(self, rows: list[Request], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache: Any) -> tuple[torch.Tensor, Any]:
+        """One forward of ``rows`` (grouped by adapter) → (last-position logits (B, V) fp32, the cache)."""
         plan: list[tuple[str, int]] = []
         for r in rows:
             if plan and plan[-1][0] == r.target.adapter:
                 plan[-1] = (r.target.adapter, plan[-1][1] + 1)
             else:
                 plan.append((r.target.adapter, 1))
-        task_ids = torch.tensor([r.target.task_id for r in rows], device=device)
+        task_ids = torch.tensor([r.target.task_id for r in rows], device=ids.device)
         with torch.no_grad():
-            logits = served.model(input_ids=ids, attention_mask=mask, position_ids=positions, adapter_rows=plan,
-                                  task_ids=task_ids, use_cache=False, logits_to_keep=1).logits[:, -1].float()
-        self.steps += 1
-        self.max_rows_seen = max(self.max_rows_seen, len(rows))
-        for r, row_logits in zip(rows, logits):
-            token = _next_token(row_logits, r)
-            r.generated.append(token)
-            self._advance(r, token)
-        self._active = [r for r in rows if not getattr(r, "finished", False) and not r.cancelled]
+            out = self.served.model(input_ids=ids, attention_mask=mask, position_ids=positions, adapter_rows=plan,
+                                    task_ids=task_ids, past_key_values=cache, use_cache=cache is not None,
+                                    logits_to_keep=1)
+        return out.logits[:, -1].float(), out.past_key_values if cache is not None else None
+
+    def _prefill(self, rows: list[Request]) -> torch.Tensor:
+        """Whole sequences, left-padded; keeps each row's KV cache (without its padding) when caching."""
+        seqs = [r.prompt + r.generated for r in rows]
+        width = max(len(s) for s in seqs)
+        pad = self.served.tokenizer.pad_token_id if self.served.tokenizer.pad_token_id is not None else 0
+        device = next(self.served.model.parameters()).device
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() computes them for left padding
+        cache = DynamicCache(config=self.served.model.config) if self.kv_cache else None
+        logits, cache = self._forward(rows, ids, mask, positions, cache)
+        if cache is not None:
+            for i, (r, s) in enumerate(zip(rows, seqs)):
+                r.cache = [(layer.keys[i:i + 1, :, width - len(s):], layer.values[i:i + 1, :, width - len(s):])
+                           for layer in cache.layers]
+        return logits
+
+    def _decode(self, rows: list[Request]) -> torch.Tensor:
+        """Each row's last token over its own cache: the caches left-padded to one width, one forward.
+
+        A row whose cache holds L tokens gets attention mask [0]*(width-L) + [1]*(L+1) and position L:
+        what ``generate`` does for a left-padded batch."""
+        lengths = [r.cache[0][0].shape[-2] for r in rows]
+        width = max(lengths)
+        device = next(self.served.model.parameters()).device
+        cache = DynamicCache(config=self.served.model.config)
+        for layer_idx in range(len(rows[0].cache)):
+            keys = torch.cat([F.pad(r.cache[layer_idx][0], (0, 0, width - n, 0)) for r, n in zip(rows, lengths)])
+            values = torch.cat([F.pad(r.cache[layer_idx][1], (0, 0, width - n, 0)) for r, n in zip(rows, lengths)])
+            cache.update(keys, values, layer_idx)
+        ids = torch.tensor([[r.generated[-1]] for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - n) + [1] * (n + 1) for n in lengths], device=device)
+        positions = torch.tensor([[n] for n in lengths], device=device)
+        logits, cache = self._forward(rows, ids, mask, positions, cache)
+        for i, (r, n) in enumerate(zip(rows, lengths)):
+            r.cache = [(layer.keys[i:i + 1, :, width - n:], layer.values[i:i + 1, :, width - n:])
+                       for layer in cache.layers]
+        return logits
 
     def _advance(self, r: Request, token: int) -> None:
         """Emit the new text of ``r`` that can no longer change, and finish it on EOS, a stop string or max_tokens."""
@@ -291,3 +352,12 @@ def _next_token(logits: torch.Tensor, r: Request) -> int:
         keep = sorted_probs.cumsum(0) - sorted_probs < r.params.top_p  # the smallest set reaching top_p
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=r.generator))
+
+
+def _plain_cache(model: nn.Module) -> bool:
+    """Whether every layer of the model's cache is a plain ``DynamicLayer`` (keys/values (B, heads, L, d)
+    that can be split into rows and padded); sliding-window and other caches recompute instead."""
+    try:
+        return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+    except Exception:  # a family whose config the cache cannot read
+        return False
