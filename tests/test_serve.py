@@ -12,6 +12,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx2 as httpx  # the HTTP client the openai package uses (installed with it)
 import openai
@@ -214,6 +215,25 @@ def test_concurrent_streams_to_different_adapters_share_batches_and_match_alone(
         assert results[name] == alone(reference, name, tok(PROMPTS[name])["input_ids"], max_tokens=12), name
 
 
+def test_a_client_that_closes_its_stream_frees_its_row(server):
+    _, url, engine = server
+    body = {"model": "mix", "prompt": "the", "max_tokens": 100, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as response:
+        next(line for line in response.iter_lines() if line.startswith("data: "))  # the first token arrived
+        engine.pause()  # no step until the server has seen the client leave
+    try:
+        for _ in range(200):  # up to 10 s
+            if engine.stats()["running"] == 0:
+                break
+            time.sleep(0.05)
+        steps = engine.stats()["steps"]
+        assert engine.stats()["running"] == 0, "the closed stream's row is still decoding"
+    finally:
+        engine.resume()
+    time.sleep(0.2)
+    assert engine.stats() == {"waiting": 0, "running": 0, "steps": steps}
+
+
 def test_sampling_is_reproducible_with_a_seed_and_stop_cuts_the_text(server):
     client, _, _ = server
     sample = lambda seed: client.completions.create(model="mix", prompt="the", max_tokens=10, temperature=1.5,  # noqa: E731
@@ -247,8 +267,20 @@ def test_errors_have_status_codes_and_openai_bodies_and_the_server_stays_healthy
     assert raw.status_code == 400 and "malformed JSON" in raw.json()["error"]["message"]
     missing = httpx.post(url + "/v1/chat/completions", json={"model": "lora"}, timeout=10)
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"
-    assert httpx.get(url + "/health", timeout=10).json() == {"status": "ok"}
+    health = httpx.get(url + "/health", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
     assert client.completions.create(model="lora", prompt="a dog", max_tokens=2, temperature=0).choices[0].text
+
+
+def test_the_readme_snippet_runs_against_the_server(server, capsys):
+    """The Python snippet of the README's serve section, as written but for the URL and model names."""
+    _, url, _ = server
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Serving many adapters (`loramix serve`)", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace("http://127.0.0.1:8000", url).replace("more:arc-e", "more:x")
+    exec(compile(code, "README.md", "exec"), {})  # an unknown model or a wrong argument raises here
+    capsys.readouterr()
 
 
 def test_cli_checks_its_options(capsys):
@@ -257,6 +289,9 @@ def test_cli_checks_its_options(capsys):
     assert main(["serve", "--adapter", "no-equals-sign"]) == 2
     assert "NAME=FOLDER" in capsys.readouterr().err
     assert main(["serve", "--adapter", "a=x", "--adapter", "a=y"]) == 2
+    from loramix.cli import parse_args
+
+    assert parse_args(["serve"])[1].host == "127.0.0.1"  # loopback unless told otherwise
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     assert "--max-batch-size" in capsys.readouterr().out

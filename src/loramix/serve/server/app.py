@@ -1,6 +1,6 @@
 """The HTTP layer of ``loramix serve``: the OpenAI endpoints over the ``Engine``.
 
-    GET  /health                 {"status": "ok"} while the engine thread runs (503 otherwise)
+    GET  /health                 {"status": "ok", "waiting", "running", "steps"} while the engine runs (else 503)
     GET  /v1/models              the base, each adapter, NAME:TASK for each MoRE task
     POST /v1/completions         prompt (a string or a list of strings), non-streaming or SSE
     POST /v1/chat/completions    messages through the base tokenizer's chat template
@@ -100,7 +100,8 @@ def build_app(served: Served, engine: Engine) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         ok = engine.alive()
-        return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
+        return JSONResponse({"status": "ok" if ok else "engine stopped", **engine.stats()},
+                            status_code=200 if ok else 503)
 
     @app.get("/v1/models")
     async def models() -> dict:

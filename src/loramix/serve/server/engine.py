@@ -208,6 +208,12 @@ class Engine:
         with self._wake:
             return len(self._waiting)
 
+    def stats(self) -> dict[str, int]:
+        """{"waiting": requests queued, "running": rows being decoded (not cancelled), "steps": steps so far}."""
+        with self._wake:
+            waiting = len(self._waiting)
+        return {"waiting": waiting, "running": sum(not r.cancelled for r in list(self._active)), "steps": self.steps}
+
     def submit(self, prompt: list[int], target: Target, params: SamplingParams, emit: Callable[[tuple], None]) -> Request:
         request = Request(prompt, target, params, emit)
         with self._wake:
