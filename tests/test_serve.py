@@ -133,6 +133,16 @@ def test_greedy_completions_equal_each_models_own_generate(server, reference):
     assert answers["more:x"] != same.choices[0].text, "the two MoRE tasks should differ on one prompt"
 
 
+def test_a_list_of_prompts_gives_one_choice_each(server):
+    client, _, _ = server
+    prompts = ["a dog ran in", "the cat sat", "red"]
+    got = client.completions.create(model="mix", prompt=prompts, max_tokens=MAX_TOKENS, temperature=0)
+    single = [client.completions.create(model="mix", prompt=p, max_tokens=MAX_TOKENS, temperature=0) for p in prompts]
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    assert [c.text for c in got.choices] == [s.choices[0].text for s in single]
+    assert got.usage.total_tokens == sum(s.usage.total_tokens for s in single)
+
+
 def test_completions_equal_generate_many(server, folders):
     client, _, _ = server
     base, adapters = folders

@@ -161,6 +161,8 @@ def _parse(body: _Sampling, served: Served, default_max: int) -> tuple[Target, S
 
 
 def _checked(served: Served, ids: list[int], params: SamplingParams) -> list[int]:
+    if not ids:
+        raise ApiError(400, "the prompt is empty (no tokens): give some text", param="prompt")
     if served.max_length and len(ids) + params.max_tokens > served.max_length:
         raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
                             f"model's context of {served.max_length} tokens", param="max_tokens")
