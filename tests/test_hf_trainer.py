@@ -48,7 +48,7 @@ def injected(adapter: dict, seed: int = 3) -> torch.nn.Module:
     """A tiny Llama with the adapter, initialised as loramix's Trainer(seed=3) does, then perturbed (random B)."""
     model = tiny_model("llama", seed=0)
     torch.manual_seed(seed)
-    loramix.inject(model, train_config(Path("."), adapter=adapter).adapter_config())
+    loramix.inject(model, train_config(Path("."), adapter=adapter).adapter)
     perturb_adapter(model, seed=5)
     return model
 

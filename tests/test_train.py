@@ -204,7 +204,7 @@ def test_config_typo_names_key_and_file(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("data:\n  cutof_len: 128\n", r"cfg\.yaml.*'data\.cutof_len'.*Did you mean 'cutoff_len'"),
-    ("adapter: {kind: mixlora, num_expert: 4}\n", r"cfg\.yaml.*'num_expert'.*Did you mean 'num_experts'"),
+    ("adapter: {kind: mixlora, num_expert: 4}\n", r"cfg\.yaml.*'adapter\.num_expert'.*Did you mean 'num_experts'"),
     ("batch_size: four\n", r"cfg\.yaml.*'batch_size' must be an integer"),
     ("schedule: cosin\n", r"cfg\.yaml.*'schedule' must be one of"),
     ("lr: [1\n", r"cfg\.yaml: not valid YAML \(line"),
@@ -219,7 +219,7 @@ def test_overrides_are_yaml_typed_and_dotted(tmp_path):
     cfg = load_train_config(path, ["adapter.r=8", "lr=1e-3", "max_steps=7", "data.train=[arc-c, piqa]",
                                    "resume=true", "data.cutoff_len=128", "max_grad_norm=null"])
     assert cfg.lr == 1e-3 and isinstance(cfg.lr, float)
-    assert cfg.adapter_config().r == 8 and cfg.max_steps == 7 and cfg.resume is True
+    assert cfg.adapter.r == 8 and cfg.max_steps == 7 and cfg.resume is True
     assert cfg.data.train == ["arc-c", "piqa"] and cfg.data.cutoff_len == 128 and cfg.max_grad_norm is None
     assert load_train_config(path).lr == 2e-4  # "2e-4" (YAML 1.1 string) is read as a number
     with pytest.raises(ConfigError, match=r"overrides.*'lrx'.*Did you mean 'lr'"):

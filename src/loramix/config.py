@@ -1,8 +1,8 @@
 """Adapter configurations: one dataclass per adapter kind, validated on construction.
 
 Every field has a help string (``field(metadata={"help": ...})``) so the CLI and the README can list
-them. ``from_dict`` rejects unknown keys with the closest valid name, so a typo in a YAML file never
-passes silently.
+them. ``from_dict`` (``Settings``, shared with the training config) rejects unknown keys with the
+closest valid name and values of the wrong type, so a typo in a YAML file never passes silently.
 
 Example:
     >>> cfg = MixLoraConfig(r=16, alpha=32, num_experts=8, top_k=2)
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union
 
 ROUTINGS = ("top_k", "top_p", "switch")
 INITS = ("kaiming", "gaussian")
@@ -28,7 +30,19 @@ ADAPTER_DTYPE_HELP = (
 
 
 class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message names it and where it came from."""
+    """A configuration value or key is wrong; the message names it and where it came from.
+
+    ``key`` is the setting a message is about (``ConfigError("must be positive, got 0", "lr")`` reads
+    "'lr' must be positive, got 0"); a nested reader prefixes it (``r`` → ``adapter.r``).
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(f"'{key}' {message}" if key else message)
+        self.key, self.detail = key, message
+
+    def nested(self, prefix: str) -> "ConfigError":
+        """The same error about ``prefix + key`` (unchanged when it names no key)."""
+        return ConfigError(self.detail, prefix + self.key) if prefix and self.key else self
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -37,15 +51,15 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclas
     return field(default=default, metadata={"help": text})
 
 
-def unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
-    """Build the error for a key that is not a field, suggesting the closest valid one."""
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"{where}: unknown key '{key}'.{hint} Valid keys: {', '.join(sorted(valid))}")
+class Settings:
+    """Base of every config dataclass (the adapter configs here, ``train.config.TrainConfig``): one reader
+    and one set of checks.
 
-
-class _ConfigBase:
-    """Shared dict round-trip and validation helpers for the adapter configs."""
+    ``from_dict`` checks the keys (a typo gets the closest valid name), each value against the field's
+    annotation (int, float, bool, str, list, dict, optional, a nested ``Settings``, or one of several
+    ``Settings`` picked by a ``kind`` key), then ``__post_init__`` checks ranges with ``_check``. An error
+    names ``where`` (a file) and the dotted key (``adapter.r``).
+    """
 
     kind: ClassVar[str] = ""
 
@@ -55,24 +69,20 @@ class _ConfigBase:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "config"):
-        """Build from a plain dict (YAML/JSON); unknown keys raise ``ConfigError`` naming them."""
-        if not isinstance(values, dict):
-            raise ConfigError(f"{where}: expected a mapping of settings, got {type(values).__name__}")
-        names = cls.field_names()
-        for key in values:
-            if key not in names:
-                raise unknown_key_error(key, names, where)
+        """Build from a plain dict (YAML/JSON); a wrong key or value raises ``ConfigError`` naming it and ``where``."""
         try:
-            return cls(**values)
+            return _build(cls, values, "")
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
-    def _check(self, name: str, ok: bool, expected: str) -> None:
+    def _check(self, name: str, ok: bool, expected: str, value: Any = dataclasses.MISSING) -> None:
+        """Raise "'name' must be EXPECTED, got VALUE" unless ``ok`` (value: the field's, unless given)."""
         if not ok:
-            raise ConfigError(f"'{name}' must be {expected}, got {getattr(self, name)!r}")
+            value = getattr(self, name) if value is dataclasses.MISSING else value
+            raise ConfigError(f"must be {expected}, got {value!r}", name)
 
     def _check_lora_fields(self, prefix: str = "") -> None:
         r, alpha, dropout = (getattr(self, prefix + n) for n in ("r", "alpha", "dropout"))
@@ -84,7 +94,78 @@ class _ConfigBase:
             self._check(prefix + "dropout", isinstance(dropout, (int, float)) and 0 <= dropout < 1, "in [0, 1)")
 
 
-def _check_targets(cfg: _ConfigBase, name: str) -> None:
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    """``cls(**values)`` after checking keys and value types; errors name ``prefix + key``."""
+    if not isinstance(values, dict):
+        where = f"'{prefix.rstrip('.')}' must be" if prefix else "expected"
+        raise ConfigError(f"{where} a mapping of settings, got {type(values).__name__}")
+    names = cls.field_names()
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown key '{prefix}{key}'.{hint} Valid keys: {', '.join(sorted(names))}")
+        kwargs[key] = _read_value(hints[key], value, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise err.nested(prefix) from None
+
+
+def _read_value(annotation: Any, value: Any, key: str) -> Any:
+    """``value`` checked against ``annotation``; a mapping for a ``Settings`` field is built into one."""
+    union = typing.get_origin(annotation) in (Union, types.UnionType)
+    options = typing.get_args(annotation) if union else (annotation,)
+    settings = tuple(o for o in options if isinstance(o, type) and issubclass(o, Settings))
+    if settings and isinstance(value, settings):
+        return value  # already built (Python callers)
+    if len(settings) == 1 and not union:
+        return _build(settings[0], value, key + ".")
+    if settings:  # one of several kinds, named by the mapping's 'kind'
+        kinds = {o.kind: o for o in settings}
+        if not isinstance(value, dict) or "kind" not in value:
+            raise ConfigError(f"must be a mapping with a 'kind' ({', '.join(kinds)}), got {value!r}", key)
+        if value["kind"] not in kinds:
+            raise ConfigError(f"must be one of {', '.join(kinds)}, got {value['kind']!r}", f"{key}.kind")
+        return _build(kinds[value["kind"]], {k: v for k, v in value.items() if k != "kind"}, key + ".")
+    if not _type_ok(value, annotation):
+        raise ConfigError(f"must be {_describe(annotation)}, got {value!r}", key)
+    return value
+
+
+def is_int(value: Any, minimum: int | None = None) -> bool:
+    """An int that is not a bool, at least ``minimum`` when given."""
+    return isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` fits ``annotation`` (int/float/bool/str/list/dict/optional/Any); ints pass as floats."""
+    if annotation is Any:
+        return True
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return any(value is None if a is type(None) else _type_ok(value, a) for a in typing.get_args(annotation))
+    annotation = typing.get_origin(annotation) or annotation  # list[...] / dict[...]
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return is_int(value)
+    if annotation in (bool, str, list, dict):
+        return isinstance(value, annotation)
+    return True
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+               dict: "a mapping"}
+
+
+def _describe(annotation: Any) -> str:
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    return " or ".join("null" if a is type(None) else _TYPE_WORDS.get(typing.get_origin(a) or a, str(a)) for a in args)
+
+
+def _check_targets(cfg: Settings, name: str) -> None:
     value = getattr(cfg, name)
     ok = value is None or (isinstance(value, (list, tuple)) and all(isinstance(t, str) and t for t in value))
     cfg._check(name, ok, "null (all of the family's projections) or a list of projection names")
@@ -93,7 +174,7 @@ def _check_targets(cfg: _ConfigBase, name: str) -> None:
 
 
 @dataclass
-class LoraConfig(_ConfigBase):
+class LoraConfig(Settings):
     """Plain LoRA (and rsLoRA, DoRA) on the named linear projections.
 
     ``y = W z + s · B A dropout(z)`` with ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``).
@@ -124,7 +205,7 @@ class LoraConfig(_ConfigBase):
 
 
 @dataclass
-class MixLoraConfig(_ConfigBase):
+class MixLoraConfig(Settings):
     """MixLoRA: sparse top-k mixture of LoRA experts in the FFN, independent LoRA in attention.
 
     Attention settings (``attention_r`` ...) default to the expert ones when left null.
@@ -220,7 +301,7 @@ SELECTORS = ("ste", "frozen_random")
 
 
 @dataclass
-class MoreConfig(_ConfigBase):
+class MoreConfig(Settings):
     """MoRE: nested low-rank experts with a per-task adaptive rank selector (arXiv 2505.22694).
 
     Every targeted projection holds one LoRA of rank ``max_rank``; expert ``k`` is its first ``k``
@@ -259,7 +340,6 @@ class MoreConfig(_ConfigBase):
     adapter_dtype: str | None = _help(ADAPTER_DTYPE_HELP, None)
 
     def __post_init__(self) -> None:
-        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
         self._check("adapter_dtype", self.adapter_dtype in ADAPTER_DTYPES, "null, float32, bfloat16 or float16")
         self._check("max_rank", is_int(self.max_rank) and self.max_rank > 0, "a positive integer")
         if self.ranks is not None:
@@ -280,7 +360,7 @@ class MoreConfig(_ConfigBase):
             if self.tasks is None:
                 self.tasks = [f"task{i}" for i in range(self.num_tasks)]
             elif self.num_tasks != len(self.tasks):
-                raise ConfigError(f"'num_tasks' is {self.num_tasks} but 'tasks' names {len(self.tasks)} tasks")
+                raise ConfigError(f"is {self.num_tasks} but 'tasks' names {len(self.tasks)} tasks", "num_tasks")
         elif self.tasks is not None:
             self.num_tasks = len(self.tasks)
         self._check("linear_scaling", isinstance(self.linear_scaling, bool), "true or false")
@@ -307,6 +387,7 @@ class MoreConfig(_ConfigBase):
 
 
 ADAPTER_CONFIGS: dict[str, type] = {"lora": LoraConfig, "mixlora": MixLoraConfig, "more": MoreConfig}
+AdapterConfig = LoraConfig | MixLoraConfig | MoreConfig  # a training config's ``adapter``, picked by ``kind``
 
 
 def adapter_config_from_dict(kind: str, values: dict[str, Any], where: str = "config"):

@@ -20,21 +20,20 @@ Example YAML (see ``examples/``)::
 
 Example (Python):
     >>> cfg = load_train_config("examples/mixlora.yaml", ["adapter.r=8", "lr=1e-4"])
-    >>> cfg.adapter_config()          # a loramix.MixLoraConfig
+    >>> cfg.adapter                   # a loramix.MixLoraConfig, built and checked once, at load
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
-from ..config import ConfigError, _help, adapter_config_from_dict, unknown_key_error
+from ..config import AdapterConfig, ConfigError, MixLoraConfig, Settings, _help, is_int
 from ..hub import DTYPES as DTYPE_NAMES
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -43,7 +42,7 @@ DTYPES = ("auto", *DTYPE_NAMES)  # the one table of dtype names is hub.DTYPES
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Settings):
     """Which examples to train and evaluate on, and how to turn them into tokens."""
 
     train: list = _help(
@@ -67,31 +66,25 @@ class DataConfig:
     cutoff_len: int = _help("Longest training sequence in tokens; longer prompts are cut from the left.", 256)
     train_on_prompt: bool = _help("Also put loss on the prompt tokens (default: answer tokens only).", False)
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         for name in ("train", "eval"):
             for i, entry in enumerate(getattr(self, name)):
-                if isinstance(entry, str) and entry:
-                    continue
+                key = f"{name}[{i}]"
                 if isinstance(entry, dict) and isinstance(entry.get("source"), str):
                     extra = set(entry) - {"source", "limit"}
-                    if extra:
-                        raise ConfigError(f"'data.{name}[{i}]' has unknown key(s) {sorted(extra)}; use source and limit")
-                    if entry.get("limit") is not None and not _is_int(entry["limit"], minimum=0):
-                        raise ConfigError(f"'data.{name}[{i}].limit' must be a non-negative integer or null")
+                    self._check(key, not extra, f"{{source: NAME, limit: N}} (unknown key(s) {sorted(extra)})", entry)
+                    limit = entry.get("limit")
+                    self._check(f"{key}.limit", limit is None or is_int(limit, minimum=0),
+                                "a non-negative integer or null", limit)
                     continue
-                raise ConfigError(f"'data.{name}[{i}]' must be a source name or {{source: NAME, limit: N}}, got {entry!r}")
-        if not self.train:
-            raise ConfigError("'data.train' needs at least one training source")
+                self._check(key, isinstance(entry, str) and entry, "a source name or {source: NAME, limit: N}", entry)
+        self._check("train", len(self.train) > 0, "a non-empty list of sources")
         for p in self.eval_protocols:
-            if p not in ("label", "loglik"):
-                raise ConfigError(f"'data.eval_protocols' entries must be 'label' or 'loglik', got {p!r}")
-        _positive(self, "eval_batch_size", "data.")
-        if self.cutoff_len < 8:
-            raise ConfigError(f"'data.cutoff_len' must be at least 8, got {self.cutoff_len}")
-        if self.train_limit is not None and self.train_limit < 0:
-            raise ConfigError(f"'data.train_limit' must be >= 0 or null, got {self.train_limit}")
-        if self.eval_limit is not None and self.eval_limit < 0:
-            raise ConfigError(f"'data.eval_limit' must be >= 0 or null, got {self.eval_limit}")
+            self._check("eval_protocols", p in ("label", "loglik"), "a list of 'label' and/or 'loglik'")
+        self._check("eval_batch_size", is_int(self.eval_batch_size, minimum=1), "a positive integer")
+        self._check("cutoff_len", self.cutoff_len >= 8, "at least 8")
+        for name in ("train_limit", "eval_limit"):
+            self._check(name, getattr(self, name) is None or getattr(self, name) >= 0, ">= 0 or null")
 
     def sources(self, which: str) -> list[tuple[str, int | None]]:
         """(source, limit) pairs of ``which`` ("train" or "eval"); limit None means all rows.
@@ -107,8 +100,8 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Everything one training run needs. Nested: ``adapter`` (a mapping with ``kind``) and ``data``."""
+class TrainConfig(Settings):
+    """Everything one training run needs. Nested: ``adapter`` (read from a mapping with ``kind``) and ``data``."""
 
     model: Any = _help("Base model: 'smollm2-135m' (embedded), a local Hugging Face folder or a Hub id.",
                        "smollm2-135m")
@@ -119,8 +112,8 @@ class TrainConfig:
         "Quantize the frozen base while loading it (QLoRA): nf4, nf4-double (bitsandbytes 4-bit, double-quantized "
         "scales), int8 (bitsandbytes LLM.int8), torchao-int8, torchao-int4, or null (no quantization). 'dtype' is "
         "then the compute dtype; adapter weights stay fp32.", None)
-    adapter: dict = _help("The adapter: {kind: lora | mixlora | ..., plus that kind's settings (r, alpha, "
-                          "num_experts, top_k, ...)}; see loramix.config.", factory=lambda: {"kind": "mixlora"})
+    adapter: AdapterConfig = _help("The adapter: {kind: lora | mixlora | more, plus that kind's settings (r, alpha, "
+                                   "num_experts, top_k, ...)}; see loramix.config.", factory=MixLoraConfig)
     data: DataConfig = _help("Training and evaluation data (see the data.* keys).", factory=DataConfig)
     batch_size: int = _help("Examples per micro-batch (one forward/backward).", 4)
     grad_accum: int = _help("Micro-batches per optimizer step; the loss is normalised by the number of answer "
@@ -160,57 +153,35 @@ class TrainConfig:
     plots: bool = _help("Write PNG plots into output_dir at the end.", True)
     progress: bool = _help("Show tqdm progress bars.", True)
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         """Check values that the types alone do not catch; raises ``ConfigError`` naming the key."""
-        if not isinstance(self.adapter, dict) or "kind" not in self.adapter:
-            raise ConfigError("'adapter' must be a mapping with a 'kind' (lora, mixlora, ...)")
-        self.adapter_config()  # validates the adapter settings
-        self.data.validate()
         for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-            _positive(self, name)
+            self._check(name, is_int(getattr(self, name), minimum=1), "a positive integer")
         for name in ("eval_every", "save_every", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"'{name}' must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"'lr' must be positive, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"'weight_decay' must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"'schedule' must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"'max_steps' must be >= 1 or null, got {self.max_steps}")
-        if self.max_steps is None and self.epochs <= 0:
-            raise ConfigError(f"'epochs' must be positive when max_steps is null, got {self.epochs}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ConfigError(f"'max_grad_norm' must be positive or null, got {self.max_grad_norm}")
-        if str(self.dtype).lower().removeprefix("torch.") not in DTYPES:
-            raise ConfigError(f"'dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"'betas' must be two numbers in [0, 1), got {self.betas!r}")
-        if not isinstance(self.resume, (bool, str)):
-            raise ConfigError(f"'resume' must be true, false or a checkpoint folder, got {self.resume!r}")
-        if self.distributed not in DISTRIBUTED:
-            raise ConfigError(f"'distributed' must be one of {', '.join(DISTRIBUTED)}, got {self.distributed!r}")
+            self._check(name, getattr(self, name) >= 0, ">= 0")
+        self._check("lr", self.lr > 0, "positive")
+        self._check("weight_decay", self.weight_decay >= 0, ">= 0")
+        self._check("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)")
+        self._check("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}")
+        self._check("max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1 or null")
+        self._check("epochs", self.max_steps is not None or self.epochs > 0, "positive when max_steps is null")
+        self._check("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0, "positive or null")
+        self._check("dtype", str(self.dtype).lower().removeprefix("torch.") in DTYPES, f"one of {', '.join(DTYPES)}")
+        ok = len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)
+        self._check("betas", ok, "two numbers in [0, 1)")
+        self._check("resume", isinstance(self.resume, (bool, str)), "true, false or a checkpoint folder")
+        self._check("distributed", self.distributed in DISTRIBUTED, f"one of {', '.join(DISTRIBUTED)}")
+        self._check("threads", self.threads is None or self.threads >= 1, ">= 1 or null")
+        from ..models.quantize import check_quantization
         from .tracking import check_report_to
 
         self.report_to = check_report_to(self.report_to)
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"'threads' must be >= 1 or null, got {self.threads}")
-        from ..models.quantize import check_quantization
-
         self.quantization = check_quantization(self.quantization)
-
-    def adapter_config(self):
-        """The adapter's config object (``LoraConfig``, ``MixLoraConfig``, ...) built from ``adapter``."""
-        values = dict(self.adapter)
-        kind = values.pop("kind")
-        return adapter_config_from_dict(kind, values, where="adapter")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (YAML-able); a model passed in as an object is recorded by its class name."""
         out = dataclasses.asdict(self)
+        out["adapter"] = {"kind": self.adapter.kind, **out["adapter"]}
         if not isinstance(self.model, str):
             out["model"] = f"<{type(self.model).__name__} given in Python>"
         return out
@@ -219,78 +190,7 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# --- building from YAML -------------------------------------------------------------------------------
-
-
-def _is_int(value: Any, minimum: int | None = None) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
-
-
-def _positive(cfg: Any, name: str, prefix: str = "") -> None:
-    if not _is_int(getattr(cfg, name), minimum=1):
-        raise ConfigError(f"'{prefix}{name}' must be a positive integer, got {getattr(cfg, name)!r}")
-
-
-def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
-    """Whether ``value`` fits ``annotation`` (int/float/bool/str/list/dict/Optional/Any); ints pass as floats."""
-    if annotation is Any:
-        return True, value
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            if arg is type(None):
-                if value is None:
-                    return True, value
-                continue
-            ok, converted = _type_ok(value, arg)
-            if ok:
-                return True, converted
-        return False, value
-    if origin is not None:  # list[...] / dict[...]
-        annotation = origin
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        return False, value
-    if annotation is int:
-        return _is_int(value), value
-    if annotation in (bool, str, list, dict):
-        return isinstance(value, annotation), value
-    return True, value
-
-
-_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
-               dict: "a mapping"}
-
-
-def _describe(annotation: Any) -> str:
-    args = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else (annotation,)
-    words = [("null" if a is type(None) else _TYPE_WORDS.get(typing.get_origin(a) or a, str(a))) for a in args]
-    return " or ".join(words)
-
-
-def _build(cls: type, values: Any, where: str, prefix: str = "") -> Any:
-    """Instantiate dataclass ``cls`` from a mapping, checking keys and value types."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'the file'}' must be a mapping of settings, "
-                          f"got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in values.items():
-        if key not in fields:
-            err = unknown_key_error(str(key), list(fields), where)
-            if prefix:
-                err = ConfigError(str(err).replace(f"unknown key '{key}'", f"unknown key '{prefix}{key}'", 1))
-            raise err
-        if dataclasses.is_dataclass(hints[key]):
-            kwargs[key] = _build(hints[key], value, where, prefix=f"{prefix}{key}.")
-            continue
-        ok, converted = _type_ok(value, hints[key])
-        if not ok:
-            raise ConfigError(f"{where}: '{prefix}{key}' must be {_describe(hints[key])}, got {value!r}")
-        kwargs[key] = converted
-    return cls(**kwargs)
+# --- reading YAML and overrides ---------------------------------------------------------------------
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -365,12 +265,7 @@ def train_config_from_dict(values: dict, where: str = "config", overrides: list[
     if overrides:
         values = apply_overrides(values, overrides)
         where = f"{where} (with command-line overrides)"
-    cfg = _build(TrainConfig, values, where)
-    try:
-        cfg.validate()
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
-    return cfg
+    return TrainConfig.from_dict(values, where)
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
@@ -398,10 +293,12 @@ def describe_keys() -> str:
     def walk(cls: type, prefix: str) -> None:
         for f in dataclasses.fields(cls):
             hint = typing.get_type_hints(cls)[f.name]
-            if dataclasses.is_dataclass(hint):
+            if hint is DataConfig:
                 walk(hint, f"{prefix}{f.name}.")
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if isinstance(default, Settings):  # the adapter: its kind (its keys: loramix.config, README)
+                default = {"kind": default.kind}
             lines.append(f"{prefix}{f.name} (default: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()})")
             lines.append(f"    {f.metadata.get('help', '')}")
 

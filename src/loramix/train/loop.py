@@ -143,13 +143,13 @@ class Trainer:
             raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (load_model does)")
         if self.single:
             if getattr(self.model, "loramix_adapter", None) is None:
-                inject(self.model, cfg.adapter_config())
+                inject(self.model, cfg.adapter)
             views = {"": self.model}
             self.contexts = {"": adapter_state(self.model).context}
         else:
             from ..models.many import AdapterView, inject_many
 
-            inject_many(self.model, {name: c.adapter_config() for name, c in self.configs.items()})
+            inject_many(self.model, {name: c.adapter for name, c in self.configs.items()})
             views = {name: AdapterView(self.model, name) for name in self.configs}
             self.contexts = {name: state.context for name, state in self.model.loramix_many.adapters.items()}
         self.device = next(self.model.parameters()).device
