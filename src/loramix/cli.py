@@ -110,6 +110,16 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
 
 
+def add_base_model_argument(parser: argparse.ArgumentParser, fallback: str | None = "smollm2-135m") -> None:
+    """``--model`` of the commands that load an adapter onto a base (eval, generate, export, merge):
+    unset, the base recorded in the adapter folder is used, else ``fallback`` (None: the command
+    requires one; ``resolve_model`` applies aliases)."""
+    default = "the adapter's recorded base model" + (f", else {fallback}" if fallback else "")
+    parser.add_argument("--model", default=None,
+                        help="base model: 'smollm2-135m' (embedded, no download), a local Hugging Face folder or a "
+                             f"Hub id; default: {default}")
+
+
 def apply_threads(threads: int | None) -> int:
     """Set torch's CPU threads to ``threads`` (or ``default_threads()``); returns the number set."""
     import torch

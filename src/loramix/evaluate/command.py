@@ -19,16 +19,14 @@ from typing import Any
 
 from ..models.quantize import add_quantization_argument
 from ..cli import (
-    UsageError, add_threads_argument, apply_threads, check_device, check_dtype, check_model, load_adapters_onto,
-    resolve_model,
+    UsageError, add_base_model_argument, add_threads_argument, apply_threads, check_device, check_dtype, check_model,
+    load_adapters_onto, resolve_model,
 )
 from .accuracy import PROTOCOLS, evaluate_many, evaluate_multiple_choice
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="base model: 'smollm2-135m' (embedded, no download), a local Hugging Face folder or a "
-                             "Hub id; default: the adapter's recorded base model, else smollm2-135m")
+    add_base_model_argument(parser)
     parser.add_argument("--adapter", action="append", default=None, metavar="[NAME=]FOLDER",
                         help="adapter folder (loramix or the authors' MixLoRA format) to load on the base model; "
                              "repeat it to evaluate several adapters in one pass over one base model, named "

@@ -20,15 +20,13 @@ import torch
 
 from ..models.quantize import add_quantization_argument
 from ..cli import (
-    UsageError, add_threads_argument, apply_threads, check_device, check_dtype, check_model, load_adapters_onto,
-    resolve_model,
+    UsageError, add_base_model_argument, add_threads_argument, apply_threads, check_device, check_dtype, check_model,
+    load_adapters_onto, resolve_model,
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="base model: 'smollm2-135m' (embedded), a local folder or a Hub id; default: the "
-                             "adapter's recorded base model, else smollm2-135m")
+    add_base_model_argument(parser)
     parser.add_argument("--adapter", default=None, help="adapter folder to load on the base model (optional)")
     parser.add_argument("--task", default=None,
                         help="MoRE adapters (required for them): the task (a name from the adapter's task list) "

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import argparse
 
-from ...cli import add_threads_argument, apply_threads, check_dtype, check_model, model_aliases, resolve_model
+from ...cli import (
+    add_base_model_argument, add_threads_argument, apply_threads, check_dtype, check_model, model_aliases,
+    resolve_model,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "Mixtral, Qwen2 → Qwen2MoE, Qwen3 → Qwen3MoE); peft: LoRA/DoRA (or one MoRE task) "
                                  "as a PEFT adapter; merged: base model with the LoRA folded in")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--model", default=None,
-                        help="base model (folder, Hub id or smollm2-135m); default: the adapter's recorded base")
+    add_base_model_argument(parser, fallback=None)  # export needs the base the adapter was trained on
     parser.add_argument("--task", default=None, help="MoRE adapters: the task to export (peft or merged)")
     parser.add_argument("--dtype", default=None,
                         help="output dtype for mixtral/merged: float32, bfloat16, float16 (default: the base's)")
