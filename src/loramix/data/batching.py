@@ -65,7 +65,38 @@ def collate(features: list[dict], pad_token_id: int, task_index: dict[str, int] 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "task_ids": task_ids}
 
 
-class LengthGroupedBatches:
+def group_by_length(order: list[int], lengths: Sequence[int], batch_size: int, megabatch: int) -> list[list[int]]:
+    """Cut ``order`` into megabatches of ``megabatch`` indices, sort each by length (longest first; stable),
+    and cut it into batches of ``batch_size``: similar lengths share a batch (less padding)."""
+    out: list[list[int]] = []
+    for start in range(0, len(order), megabatch):
+        mega = sorted(order[start:start + megabatch], key=lambda i: -lengths[i])
+        out.extend(mega[b:b + batch_size] for b in range(0, len(mega), batch_size))
+    return out
+
+
+class EpochBatches:
+    """A batch order that depends only on the epoch (``batches(epoch)``), read from any batch on (resume)."""
+
+    epoch = 0
+    start_batch = 0
+
+    def batches(self, epoch: int | None = None) -> list[list[int]]:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Use epoch ``epoch``'s order for the next ``iter()``, starting at batch ``start_batch``."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def iter_from(self, start_batch: int, epoch: int | None = None) -> Iterator[list[int]]:
+        """Batches of ``epoch`` (default: the current one) from index ``start_batch`` on (resume)."""
+        yield from self.batches(epoch)[start_batch:]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self.iter_from(self.start_batch)
+
+
+class LengthGroupedBatches(EpochBatches):
     """Batches of example indices with similar lengths (less padding), in a reproducible order.
 
     Per epoch: shuffle all indices (seeded by ``(seed, epoch)``), cut them into megabatches of
@@ -78,7 +109,6 @@ class LengthGroupedBatches:
 
     Args:
         lengths: length in tokens of each example.
-        batch_size: examples per batch.
         seed: base seed; epoch e uses an independent stream derived from (seed, e).
         shuffle: shuffle examples and batch order (training); False for a fixed order.
         drop_last: drop the (single) incomplete batch.
@@ -90,18 +120,8 @@ class LengthGroupedBatches:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.lengths = [int(n) for n in lengths]
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.drop_last = drop_last
+        self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self.megabatch_factor = megabatch_factor
-        self.epoch = 0
-        self.start_batch = 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Use epoch ``epoch``'s order for the next ``iter()``, starting at batch ``start_batch``."""
-        self.epoch = epoch
-        self.start_batch = start_batch
 
     def batches(self, epoch: int | None = None) -> list[list[int]]:
         """Every batch of ``epoch`` (default: the current one), in order."""
@@ -110,23 +130,12 @@ class LengthGroupedBatches:
         order = list(range(len(self.lengths)))
         if self.shuffle:
             rng.shuffle(order)
-        size = self.batch_size * self.megabatch_factor
-        out: list[list[int]] = []
-        for start in range(0, len(order), size):
-            mega = sorted(order[start:start + size], key=lambda i: -self.lengths[i])  # stable: ties keep order
-            out.extend(mega[b:b + self.batch_size] for b in range(0, len(mega), self.batch_size))
+        out = group_by_length(order, self.lengths, self.batch_size, self.batch_size * self.megabatch_factor)
         if self.drop_last:
             out = [b for b in out if len(b) == self.batch_size]
         if self.shuffle:
             rng.shuffle(out)
         return out
-
-    def iter_from(self, start_batch: int, epoch: int | None = None) -> Iterator[list[int]]:
-        """Batches of ``epoch`` from index ``start_batch`` on (resume)."""
-        yield from self.batches(epoch)[start_batch:]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return self.iter_from(self.start_batch)
 
     def __len__(self) -> int:
         """Number of batches per epoch."""

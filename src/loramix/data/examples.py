@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # option labels: at most 26 choices per question
+
 
 @dataclass
 class MultipleChoiceExample:

@@ -22,10 +22,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from .examples import Example, InstructionExample, MultipleChoiceExample
+from .examples import LETTERS, Example, InstructionExample, MultipleChoiceExample
 from .tasks import DataError
-
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def _answer_index(answer: Any, choices: list[str], where: str) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .examples import Example
 from .files import read_file, read_hub_dataset
-from .tasks import DataError, canonical_split, canonical_task, iter_task
+from .tasks import DataError, canonical_split, canonical_task, iter_task, read_task
 
 
 def load_examples(source: str, split: str = "train", limit: int | None = None, seed: int = 0) -> list[Example]:
@@ -44,13 +44,8 @@ def load_examples(source: str, split: str = "train", limit: int | None = None, s
     task = canonical_task(source)
     if task is not None:
         if first_rows:
-            examples: list[Example] = []
-            for ex in iter_task(task, split):  # stop reading the file early
-                if len(examples) >= limit:
-                    break
-                examples.append(ex)
-            return examples
-        examples = list(iter_task(task, split))
+            return read_task(task, split, limit)  # stops reading the file early
+        examples: list[Example] = list(iter_task(task, split))
     elif Path(source).suffix.lower() in (".json", ".jsonl") or Path(source).exists():
         examples = read_file(source)
     elif "/" in source and not source.startswith((".", "/")):

