@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 from collections import defaultdict
+from itertools import groupby
 from typing import Any, Callable, Sequence
 
 import torch
@@ -114,15 +115,8 @@ class _RowOwners:
         out: dict[str, Any] = {}
         if self.tasks is not None:
             out["task_ids"] = torch.tensor([self.tasks[i] for i in idx], dtype=torch.long, device=device)
-        if self.adapters:
-            plan: list[tuple[str, int]] = []
-            for i in idx:
-                name = self.adapters[i]
-                if plan and plan[-1][0] == name:
-                    plan[-1] = (name, plan[-1][1] + 1)
-                else:
-                    plan.append((name, 1))
-            out["adapter_rows"] = plan
+        if self.adapters:  # (name, number of consecutive rows) per run of one adapter's rows
+            out["adapter_rows"] = [(name, len(list(rows))) for name, rows in groupby(self.adapters[i] for i in idx)]
         return out
 
 
@@ -164,13 +158,13 @@ def _predict_label(model, tokenizer, examples, template, batch_size, cutoff_len,
 def _predict_loglik(model, tokenizer, examples, template, batch_size, cutoff_len, routing, device, progress) -> list[list[float]]:
     prefix = special_prefix(tokenizer)
     # one request per (example, choice): prompt ids + continuation ids
-    requests = []  # (example index, choice index, input ids, number of continuation tokens, characters)
+    requests = []  # (example index, choice index, input ids, number of continuation tokens)
     for e, ex in enumerate(examples):
         prompt = encode_prompt(tokenizer, render_prompt(ex, template))
         for c, target in enumerate(render_targets(ex, template)):
             cont = encode_continuation(tokenizer, target)
             p, cont = truncate_left(prompt, cont, cutoff_len, keep_first=len(prefix))
-            requests.append((e, c, p + cont, len(cont), max(len(target), 1)))
+            requests.append((e, c, p + cont, len(cont)))
     scores = [[float("-inf")] * len(ex.choices) for ex in examples]
     order = sorted(range(len(requests)), key=lambda r: -len(requests[r][2]))
     bar = tqdm(total=len(order), desc="eval (loglik)", unit="choice", disable=not progress, leave=False)
@@ -179,10 +173,10 @@ def _predict_loglik(model, tokenizer, examples, template, batch_size, cutoff_len
         chunk = routing.group([requests[r] for r in order[start:start + batch_size]], example=lambda req: req[0])
         # left padding: every row ends with its continuation, so only the last K = max(n_cont) + 1
         # positions need logits (position t predicts token t+1)
-        batch = collate([{"input_ids": ids} for _, _, ids, _, _ in chunk], tokenizer.pad_token_id, padding_side="left")
-        keep = max(n for _, _, _, n, _ in chunk) + 1
+        batch = collate([{"input_ids": ids} for _, _, ids, _ in chunk], tokenizer.pad_token_id, padding_side="left")
+        keep = max(n for *_, n in chunk) + 1
         logits = _forward(model, batch, device, routing.kwargs([e for e, *_ in chunk], device), keep=keep)  # (B, K, V)
-        for row, (e, c, ids, n_cont, chars) in enumerate(chunk):
+        for row, (e, c, ids, n_cont) in enumerate(chunk):
             pred_logits = logits[row, keep - n_cont - 1:keep - 1, :].float()
             targets = torch.tensor(ids[len(ids) - n_cont:], device=pred_logits.device)
             logp = torch.log_softmax(pred_logits, dim=-1).gather(-1, targets[:, None]).sum()
@@ -207,15 +201,13 @@ def _predict_loglik_shared(model, tokenizer, examples, template, batch_size, cut
     positions continue from each prompt's real length), giving the remaining tokens' log-probs.
     """
     prefix = special_prefix(tokenizer)
-    items = []  # (example index, prompt ids, [continuation ids per choice], [characters per choice])
+    items = []  # (example index, prompt ids, [continuation ids per choice])
     for e, ex in enumerate(examples):
         prompt = encode_prompt(tokenizer, render_prompt(ex, template))
-        targets = render_targets(ex, template)
-        conts = [encode_continuation(tokenizer, t) for t in targets]
-        longest = max(conts, key=len)
-        prompt, _ = truncate_left(prompt, longest, cutoff_len, keep_first=len(prefix))
+        conts = [encode_continuation(tokenizer, t) for t in render_targets(ex, template)]
+        prompt, _ = truncate_left(prompt, max(conts, key=len), cutoff_len, keep_first=len(prefix))
         conts = [c[: max(cutoff_len - len(prompt), 1)] for c in conts]  # only if a choice alone overflows
-        items.append((e, prompt, conts, [max(len(t), 1) for t in targets]))
+        items.append((e, prompt, conts))
     items.sort(key=lambda it: -len(it[1]))
     scores = [[float("-inf")] * len(ex.choices) for ex in examples]
     bar = tqdm(total=sum(len(ex.choices) for ex in examples), desc="eval (loglik)", unit="choice",
@@ -223,8 +215,7 @@ def _predict_loglik_shared(model, tokenizer, examples, template, batch_size, cut
     for start in range(0, len(items), batch_size):
         # batch_size prompts in pass 1; their (prompt, choice) rows (short continuations) in pass 2
         chunk = routing.group(items[start:start + batch_size], example=lambda it: it[0])
-        rows = sum(len(cs) for _, _, cs, _ in chunk)
-        batch = collate([{"input_ids": p} for _, p, _, _ in chunk], tokenizer.pad_token_id, padding_side="left")
+        batch = collate([{"input_ids": p} for _, p, _ in chunk], tokenizer.pad_token_id, padding_side="left")
         mask = batch["attention_mask"].to(device)
         kwargs: dict[str, Any] = dict(input_ids=batch["input_ids"].to(device), attention_mask=mask,
                                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
@@ -233,35 +224,28 @@ def _predict_loglik_shared(model, tokenizer, examples, template, batch_size, cut
             kwargs["logits_to_keep"] = 1
         out = model(**kwargs)
         first_logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (E, V)
-        # pass-2 rows: one per (example in chunk, choice)
-        owner = [k for k, (_, _, conts, _) in enumerate(chunk) for _ in conts]
-        conts = [c for _, _, cs, _ in chunk for c in cs]
-        longest = max(len(c) for c in conts)
-        rest_logp = None
-        if longest > 1:
+        # pass-2 rows: (prompt k of the chunk, choice c, its continuation ids)
+        rows = [(k, c, cont) for k, (_, _, conts) in enumerate(chunk) for c, cont in enumerate(conts)]
+        if max(len(cont) for *_, cont in rows) > 1:
             cache = out.past_key_values
-            select = torch.tensor(owner, device=device)
+            select = torch.tensor([k for k, _, _ in rows], device=device)
             cache.batch_select_indices(select)  # repeat each prompt's keys/values once per choice
-            cont_batch = collate([{"input_ids": c} for c in conts], tokenizer.pad_token_id)  # right padding
+            cont_batch = collate([{"input_ids": cont} for *_, cont in rows], tokenizer.pad_token_id)  # right padding
             prompt_len = mask.sum(-1)[select]  # real prompt tokens per row
             c_ids = cont_batch["input_ids"].to(device)
             kwargs = dict(input_ids=c_ids, past_key_values=cache, use_cache=True,
                           attention_mask=torch.cat([mask[select], cont_batch["attention_mask"].to(device)], dim=-1),
                           position_ids=prompt_len[:, None] + torch.arange(c_ids.shape[1], device=device)[None, :])
             # each prompt's rows repeated once per choice: still grouped by adapter
-            kwargs.update(routing.kwargs([chunk[k][0] for k in owner], device))
-            logits2 = model(**kwargs).logits  # (R, C, V): position k predicts continuation token k + 1
-            rest_logp = logits2
-        row = 0
-        for k, (e, _, cs, chars) in enumerate(chunk):
-            for c, (cont, n_chars) in enumerate(zip(cs, chars)):
-                total = first_logp[k, cont[0]]
-                if len(cont) > 1:
-                    lp = torch.log_softmax(rest_logp[row, : len(cont) - 1, :].float(), dim=-1)
-                    total = total + lp.gather(-1, torch.tensor(cont[1:], device=lp.device)[:, None]).sum()
-                scores[e][c] = float(total)  # raw sum: normalised by the caller
-                row += 1
-        bar.update(rows)
+            kwargs.update(routing.kwargs([chunk[k][0] for k, _, _ in rows], device))
+            rest_logits = model(**kwargs).logits  # (R, C, V): position k predicts continuation token k + 1
+        for row, (k, c, cont) in enumerate(rows):
+            total = first_logp[k, cont[0]]
+            if len(cont) > 1:
+                lp = torch.log_softmax(rest_logits[row, : len(cont) - 1, :].float(), dim=-1)
+                total = total + lp.gather(-1, torch.tensor(cont[1:], device=lp.device)[:, None]).sum()
+            scores[chunk[k][0]][c] = float(total)  # raw sum: normalised by the caller
+        bar.update(len(rows))
     bar.close()
     return scores
 
@@ -297,11 +281,9 @@ def evaluate_multiple_choice(model, tokenizer, examples: Sequence[MultipleChoice
     """
     examples = list(examples)
     template = _check(examples, tokenizer, protocol, template, normalize)
-    if not examples:
-        return _summary(examples, [], protocol)
-    routing = _RowOwners(None, _task_list(examples, task_ids))
-    scores = _scores(model, tokenizer, examples, routing, protocol=protocol, batch_size=batch_size, template=template,
-                     progress=progress, cutoff_len=cutoff_len, share_prompt=share_prompt, normalize=normalize)
+    scores = _scores(model, tokenizer, examples, _RowOwners(None, _task_list(examples, task_ids)), protocol=protocol,
+                     batch_size=batch_size, template=template, progress=progress, cutoff_len=cutoff_len,
+                     share_prompt=share_prompt, normalize=normalize) if examples else []
     return _summary(examples, scores, protocol)
 
 
@@ -346,16 +328,12 @@ def evaluate_many(model, tokenizer, examples: dict[str, Sequence[MultipleChoiceE
     if unknown:
         raise KeyError(f"task_ids names adapter(s) {unknown} that have no examples here")
     per_adapter = {name: list(exs) for name, exs in examples.items()}
-    checked = {_check(exs, tokenizer, protocol, template, normalize) for exs in per_adapter.values()}
-    template = checked.pop() if checked else template
     flat = [ex for exs in per_adapter.values() for ex in exs]
+    template = _check(flat, tokenizer, protocol, template, normalize)
     owners = [name for name, exs in per_adapter.items() for _ in exs]
     tasks = None
-    if any(task_ids.get(name) is not None for name in per_adapter):
-        tasks = []
-        for name, exs in per_adapter.items():
-            ids = _task_list(exs, task_ids.get(name))
-            tasks += ids if ids is not None else [-1] * len(exs)  # -1: this adapter takes no task ids
+    if any(task_ids.get(name) is not None for name in per_adapter):  # -1: an adapter that takes no task ids
+        tasks = [t for name, exs in per_adapter.items() for t in _task_list(exs, task_ids.get(name)) or [-1] * len(exs)]
     scores = _scores(model, tokenizer, flat, _RowOwners(owners, tasks), protocol=protocol, batch_size=batch_size,
                      template=template, progress=progress, cutoff_len=cutoff_len, share_prompt=share_prompt,
                      normalize=normalize) if flat else []
@@ -394,12 +372,8 @@ def _scores(model, tokenizer, examples: list[MultipleChoiceExample], routing: _R
     model.eval()
     try:
         with torch.no_grad():
-            if protocol == "label":
-                predict = _predict_label
-            elif share_prompt and _supports_shared_prompt(model):
-                predict = _predict_loglik_shared
-            else:
-                predict = _predict_loglik
+            predict = (_predict_label if protocol == "label" else _predict_loglik_shared
+                       if share_prompt and _supports_shared_prompt(model) else _predict_loglik)
             scores = predict(model, tokenizer, examples, template, batch_size, cutoff_len, routing, device, progress)
     finally:
         model.train(was_training)

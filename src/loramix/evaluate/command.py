@@ -172,7 +172,9 @@ def run(args: argparse.Namespace) -> int:
         print("\nseconds (all adapters): " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
         report.update(adapters=adapters, results=results)
     if args.json_path:
-        _write_json(args, {**report, "seconds": seconds})
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps({**report, "seconds": seconds}, indent=2) + "\n")
+        print(f"wrote {args.json_path}")
     return 0
 
 
@@ -227,9 +229,3 @@ def _load_data(args: argparse.Namespace) -> dict[str, list]:
         if not examples:
             raise DataError(f"{task}: no examples to evaluate")
     return data
-
-
-def _write_json(args: argparse.Namespace, report: dict[str, Any]) -> None:
-    Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json_path).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.json_path}")
