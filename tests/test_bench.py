@@ -101,3 +101,40 @@ def test_bad_settings_are_clear_errors(capsys):
     assert main(["bench", "--variants", "nope"]) == 2
     assert "unknown variant" in capsys.readouterr().err
     assert set(BUILDERS) >= {"peft-lora", "loramix-lora", "loramix-mixlora", "loramix-mixlora-naive", "authors-mixlora"}
+
+
+def test_serve_bench_runs_both_modes_and_writes_its_rows(tmp_path, capsys):
+    """``loramix bench --serve`` on a tiny model: every client count in both modes, the same requests
+    answered in each (greedy: the same tokens), the JSON fields; numbers only checked to be positive."""
+    from cli_setup import tiny_model_folder
+
+    base = tiny_model_folder(tmp_path / "base")
+    path = tmp_path / "serve.json"
+    code = main(["bench", "--serve", "--model", str(base), "--clients", "1,3", "--requests", "6", "--max-tokens", "4",
+                 "--stream", "--threads", "1", "--json", str(path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    result = json.loads(path.read_text())
+    assert result["models"] == ["lora", "dora", "mix", "more:a", "more:b"]
+    rows = result["rows"]
+    assert [(r["clients"], r["mode"]) for r in rows] == [(1, "batched"), (1, "one-at-a-time"), (3, "batched"),
+                                                         (3, "one-at-a-time")]
+    for r in rows:
+        assert r["requests"] == 6 and r["errors"] == 0 and r["max_batch_size"] == (3 if r["mode"] == "batched" else 1)
+        assert 0 < r["generated_tokens"] <= 6 * 4
+        assert r["wall_s"] > 0 and r["tokens_per_s"] == pytest.approx(r["generated_tokens"] / r["wall_s"])
+        assert 0 < r["latency_p50_s"] <= r["latency_p95_s"] and 0 < r["first_token_p50_s"] <= r["first_token_p95_s"]
+        assert f"{r['tokens_per_s']:.1f}" in out
+    for batched, single in (rows[0:2], rows[2:4]):
+        assert batched["generated_tokens"] == single["generated_tokens"] and batched["same_answers"] == 6
+        ratio = result["speedup_batched_vs_one_at_a_time"][str(batched["clients"])]
+        assert ratio == pytest.approx(batched["tokens_per_s"] / single["tokens_per_s"])
+    assert result["max_rows_seen"]["one-at-a-time"] == 1
+    assert result["settings"]["adapters"] == {"lora": "random", "dora": "random", "mix": "random", "more": "random"}
+
+
+def test_serve_bench_checks_its_options(capsys):
+    for options, message in ((["--clients", "0"], "--clients"), (["--clients", "1,x"], "--clients 1,x"),
+                             (["--requests", "0"], "--requests"), (["--adapter", "no-equals"], "NAME=FOLDER")):
+        assert main(["bench", "--serve", *options]) == 2, options
+        assert message in capsys.readouterr().err, options

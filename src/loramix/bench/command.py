@@ -2,6 +2,7 @@
 
     loramix bench --threads 1 --steps 5 --warmup 1 --json bench.json
     loramix bench --multi 4            # N MixLoRA jobs jointly on one base (many.py)
+    loramix bench --serve --clients 1,4,16 --requests 32   # loramix serve under concurrent clients (serve.py)
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import add_threads_argument, apply_threads
+from ..cli import add_threads_argument, apply_threads, check_device, check_dtype, check_model, resolve_model
 from ..models.quantize import add_quantization_argument
 from .measure import format_table, run_bench
 from .variants import BASELINE, BUILDERS, DEFAULT_VARIANTS, BenchSettings
@@ -53,6 +54,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--multi", type=int, default=1,
                         help="N > 1: N MixLoRA jobs trained jointly on one frozen base, against the same jobs run "
                              "one after another and as N separate processes (see bench/many.py); --variants is ignored")
+    serve = parser.add_argument_group("--serve: loramix serve under concurrent clients (see bench/serve.py)")
+    serve.add_argument("--serve", action="store_true",
+                       help="time the server of 'loramix serve' (real HTTP on 127.0.0.1, openai clients), batched "
+                            "across adapters and one request at a time; --model defaults to smollm2-135m")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=FOLDER",
+                       help="an adapter to serve (repeat); default: LoRA, DoRA, MixLoRA and MoRE with random weights")
+    serve.add_argument("--clients", default="1,4,16", help="concurrent client counts, comma-separated")
+    serve.add_argument("--requests", type=int, default=32, help="requests per run (the same in every run)")
+    serve.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every (greedy) request")
+    serve.add_argument("--stream", action="store_true", help="stream the answers (also reports time to first token)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as one JSON object")
 
 
@@ -69,8 +80,24 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     )
 
 
+def serve_settings_from_args(args: argparse.Namespace):
+    """The validated settings of ``--serve`` (ValueError naming the option)."""
+    from ..serve.server.command import parse_adapters
+    from .serve import ServeBenchSettings
+
+    try:
+        clients = [int(c) for c in args.clients.split(",") if c.strip()]
+    except ValueError:
+        raise ValueError(f"--clients {args.clients}: give client counts separated by commas, e.g. 1,4,16") from None
+    return ServeBenchSettings(model=resolve_model(args.model or "smollm2-135m"), adapters=parse_adapters(args.adapter),
+                              clients=clients, requests=args.requests, max_tokens=args.max_tokens, stream=args.stream,
+                              dtype=args.dtype, device=args.device, threads=args.threads, seed=args.seed)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print its table; exit code 2 for a bad option."""
+    if args.serve:
+        return _run_serve(args)
     try:
         s = settings_from_args(args)
         s.torch_dtype  # validate early
@@ -86,9 +113,32 @@ def run(args: argparse.Namespace) -> int:
     else:
         result = run_bench(s)
         print(format_table(result))
-    if args.json:
-        path = Path(args.json)
+    _write_json(args.json, result)
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    """``--serve``: the settings, checked before the model loads; then the runs and their table."""
+    from .serve import format_serve_table, run_serve_bench
+
+    try:
+        s = serve_settings_from_args(args)
+    except ValueError as err:
+        print(f"loramix bench: {err}", file=sys.stderr)
+        return 2
+    check_device(s.device)
+    check_dtype(s.dtype)
+    check_model(s.model)
+    s.threads = apply_threads(s.threads)
+    result = run_serve_bench(s)
+    print(format_serve_table(result))
+    _write_json(args.json, result)
+    return 0
+
+
+def _write_json(name: str | None, result: dict) -> None:
+    if name:
+        path = Path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {path}")
-    return 0

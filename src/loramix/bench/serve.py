@@ -1,0 +1,334 @@
+"""``loramix bench --serve``: throughput and latency of ``loramix serve`` under many concurrent clients.
+
+One process, real HTTP on loopback: the server of ``loramix serve`` (FastAPI app + uvicorn in a
+thread) over one base model and its adapters, and C client threads with the official ``openai``
+client. For each client count C and each mode, the same R requests (request i: target i mod T of
+the adapters' targets, prompt i mod P of a fixed prompt list, greedy, ``--max-tokens`` tokens at
+most) are sent by C clients, each taking the next request when its previous one is answered::
+
+    batched          Engine(max_batch_size = max(--clients)): the rows of every adapter decode together
+    one-at-a-time    Engine(max_batch_size = 1) over the same served model: one request after another
+
+Both engines serve the same ``Served`` model (its adapters stacked once) on two ports; only one of
+them has requests at a time, and the runs alternate (C=1 batched, C=1 one-at-a-time, C=4 batched,
+...) so that a slow spell of a shared machine hits both modes alike.
+
+Per run: generated tokens (the ``usage`` of the answers), wall seconds from the first request sent
+to the last answer, tokens/s, p50 / p95 request latency, process CPU seconds (server and clients
+share the process), and with ``--stream`` p50 / p95 time to the first token. Per client count:
+batched tokens/s over one-at-a-time tokens/s, and how many batched answers equal the one-at-a-time
+answer of the same request (greedy: they should all).
+
+Without ``--adapter``, four adapters with random weights are made in a temporary folder (LoRA,
+DoRA, MixLoRA, MoRE with tasks a and b; targets lora, dora, mix, more:a, more:b): random, not
+trained, so that they answer differently from the base and from each other; the decoding cost is
+that of trained adapters of the same shapes.
+
+    loramix bench --serve --threads 2 --clients 1,4,16 --requests 32 --max-tokens 32 --json serve.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..adapters.io import save_adapter
+from ..config import LoraConfig, MixLoraConfig, MoreConfig
+from ..models.inject import adapter_parameters, inject
+from ..serve.server.engine import BASE, Engine, Served
+
+# The adapters made when none is given: one of each kind, small ranks as trained ones would have.
+RANDOM_ADAPTERS: dict[str, LoraConfig | MixLoraConfig | MoreConfig] = {
+    "lora": LoraConfig(r=8, alpha=16, dropout=0.0, targets=None),
+    "dora": LoraConfig(r=8, alpha=16, dropout=0.0, targets=None, use_dora=True),
+    "mix": MixLoraConfig(r=8, alpha=16, dropout=0.0, num_experts=4, top_k=2),
+    "more": MoreConfig(max_rank=8, alpha=16, dropout=0.0, tasks=["a", "b"]),
+}
+# Distinct prompts (a request's answer depends on its own prompt, so a swap between rows would show).
+PROMPTS = [
+    "The capital of France is", "Once upon a time, in a small village,", "The three primary colors are",
+    "To make a cup of tea, first", "Water boils at", "The largest planet in the solar system is",
+    "A good way to learn a new language is", "In 1969, astronauts", "The recipe for bread needs flour,",
+    "My favourite season is autumn because", "Photosynthesis is the process by which",
+    "The quick brown fox", "Dear customer, thank you for", "def fibonacci(n):", "The train left the station at",
+    "Three reasons to exercise every day:",
+]
+MODES = ("batched", "one-at-a-time")
+
+
+@dataclass
+class ServeBenchSettings:
+    """What ``loramix bench --serve`` measures (the CLI options, validated).
+
+    Attributes:
+        adapters: name → adapter folder; empty: ``RANDOM_ADAPTERS`` with random weights.
+        clients: the concurrent client counts, one run per count and mode.
+        requests: requests per run (all runs send the same ones).
+        init_std: std of the noise added to every adapter tensor of the random adapters.
+    """
+
+    model: str = "smollm2-135m"
+    adapters: dict[str, str] = field(default_factory=dict)
+    clients: list[int] = field(default_factory=lambda: [1, 4, 16])
+    requests: int = 32
+    max_tokens: int = 32
+    stream: bool = False
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int | None = None
+    seed: int = 0
+    init_std: float = 0.02
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not self.clients or any(not isinstance(c, int) or c < 1 for c in self.clients):
+            raise ValueError(f"--clients must be positive integers separated by commas (e.g. 1,4,16), got {self.clients}")
+        for option, value in (("--requests", self.requests), ("--max-tokens", self.max_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{option} must be a positive integer, got {value!r}")
+        if self.init_std < 0 or self.timeout_s <= 0:
+            raise ValueError(f"init_std must be >= 0 and timeout_s > 0, got {self.init_std} and {self.timeout_s}")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request of a load: ``model`` (an adapter or ``NAME:TASK``), its prompt, streamed or not."""
+
+    model: str
+    prompt: str
+    stream: bool = False
+
+
+@dataclass
+class Outcome:
+    """What one request gave: its text and ``usage.completion_tokens``, or the error; times in seconds
+    from sending it (``first_token_s``: streamed requests only)."""
+
+    job: Job
+    text: str = ""
+    tokens: int = 0
+    latency_s: float = 0.0
+    first_token_s: float | None = None
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------------------- the server
+def random_adapters(base: nn.Module, folder: Path, *, std: float, seed: int = 0,
+                    configs: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Save one adapter per config (default ``RANDOM_ADAPTERS``) made on a copy of ``base`` and moved off
+    its initialisation by N(0, std) noise on every adapter tensor (B starts at zero: a fresh adapter
+    would answer exactly like the base). Returns name → folder (under ``folder``); ``base`` is untouched."""
+    folders = {}
+    for i, (name, config) in enumerate((configs or RANDOM_ADAPTERS).items()):
+        model = inject(copy.deepcopy(base), config)
+        g = torch.Generator().manual_seed(seed * 1000 + i)
+        with torch.no_grad():
+            for p in adapter_parameters(model).values():
+                p.add_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
+        folders[name] = save_adapter(model, folder / name)
+        del model
+    return folders
+
+
+def client_models(served: Served) -> list[str]:
+    """The ``model`` names the load goes round: every adapter, a MoRE adapter as each of its tasks; not the base."""
+    tasks = {name.split(":", 1)[0] for name in served.targets if ":" in name}
+    return [name for name, target in served.targets.items()
+            if target.adapter != BASE and name not in tasks]
+
+
+@contextlib.contextmanager
+def serving(served: Served, engine: Engine, *, start_timeout_s: float = 30.0) -> Iterator[str]:
+    """Run ``engine`` and the app of ``loramix serve`` over it on 127.0.0.1 (a free port, uvicorn in a daemon
+    thread); yields the base URL (``http://127.0.0.1:PORT``); stops both on leaving."""
+    import uvicorn
+
+    from ..serve.server.app import build_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(served, engine), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="loramix-bench-http", daemon=True)
+    engine.start()
+    thread.start()
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server on 127.0.0.1:{port} did not start within {start_timeout_s:.0f} s")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.stop()
+        sock.close()
+
+
+# ---------------------------------------------------------------------------------------- the clients
+def _one_request(client: Any, job: Job, max_tokens: int) -> Outcome:
+    """Send ``job`` (greedy) and wait for the whole answer."""
+    import openai
+
+    out = Outcome(job)
+    start = time.perf_counter()
+    try:
+        if job.stream:
+            pieces = client.completions.create(model=job.model, prompt=job.prompt, max_tokens=max_tokens,
+                                               temperature=0, stream=True, stream_options={"include_usage": True})
+            for chunk in pieces:
+                if chunk.choices and chunk.choices[0].text:
+                    if out.first_token_s is None:
+                        out.first_token_s = time.perf_counter() - start
+                    out.text += chunk.choices[0].text
+                if chunk.usage is not None:
+                    out.tokens = chunk.usage.completion_tokens
+        else:
+            answer = client.completions.create(model=job.model, prompt=job.prompt, max_tokens=max_tokens,
+                                               temperature=0)
+            out.text, out.tokens = answer.choices[0].text, answer.usage.completion_tokens
+    except openai.OpenAIError as err:  # recorded, not raised: a load run reports its failures
+        out.error = f"{type(err).__name__}: {err}"
+    out.latency_s = time.perf_counter() - start
+    return out
+
+
+def run_load(url: str, jobs: list[Job], *, clients: int, max_tokens: int,
+             timeout_s: float = 600.0) -> tuple[list[Outcome], float, float]:
+    """Send ``jobs`` from ``clients`` concurrent client threads (each takes the next job when its last is
+    answered) with one ``openai.OpenAI`` client per thread.
+
+    Returns:
+        (one ``Outcome`` per job, in job order; wall seconds from the first send to the last answer;
+        process CPU seconds meanwhile).
+    """
+    import openai
+
+    outcomes: list[Outcome | None] = [None] * len(jobs)
+    order = itertools.count()  # next() of a count is atomic under the GIL: each job is taken once
+
+    def client_loop() -> None:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=timeout_s)
+        with client:
+            while (i := next(order)) < len(jobs):
+                outcomes[i] = _one_request(client, jobs[i], max_tokens)
+
+    threads = [threading.Thread(target=client_loop, name=f"loramix-bench-client-{c}", daemon=True)
+               for c in range(clients)]
+    start, cpu = time.perf_counter(), time.process_time()
+    for t in threads:
+        t.start()
+    for t in threads:  # each request has its own timeout; this bounds a client that hangs between requests
+        t.join(timeout=timeout_s * len(jobs))
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return [o or Outcome(job, error="no answer: the client thread did not finish") for o, job in zip(outcomes, jobs)], wall, cpu
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def summarize(outcomes: list[Outcome], wall_s: float, cpu_s: float) -> dict[str, Any]:
+    """One row of the table: counts, tokens/s and latency percentiles of a load run (answered requests only)."""
+    ok = [o for o in outcomes if o.error is None]
+    tokens = sum(o.tokens for o in ok)
+    latencies = [o.latency_s for o in ok]
+    firsts = [o.first_token_s for o in ok if o.first_token_s is not None]
+    return {"requests": len(outcomes), "errors": len(outcomes) - len(ok), "generated_tokens": tokens,
+            "wall_s": wall_s, "cpu_s": cpu_s, "tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
+            "latency_p50_s": _percentile(latencies, 50), "latency_p95_s": _percentile(latencies, 95),
+            "first_token_p50_s": _percentile(firsts, 50), "first_token_p95_s": _percentile(firsts, 95),
+            "first_errors": sorted({o.error for o in outcomes if o.error})[:3]}
+
+
+# ---------------------------------------------------------------------------------------- the benchmark
+def bench_jobs(models: list[str], requests: int, *, stream: bool) -> list[Job]:
+    """The requests of every run: request i is model i mod len(models) and prompt i mod len(PROMPTS)."""
+    return [Job(models[i % len(models)], PROMPTS[i % len(PROMPTS)], stream) for i in range(requests)]
+
+
+def load_bench_model(s: ServeBenchSettings, workdir: Path) -> Served:
+    """The base model with the given adapters, or with ``RANDOM_ADAPTERS`` saved under ``workdir``."""
+    from ..hub import load_model
+    from ..serve.server.engine import load_served
+
+    model, tokenizer = load_model(s.model, dtype=s.dtype, device=s.device)
+    folders = s.adapters or random_adapters(model, workdir, std=s.init_std, seed=s.seed)
+    return load_served(model, tokenizer, dict(folders), base_name=s.model)
+
+
+def run_serve_bench(s: ServeBenchSettings, progress: bool = True) -> dict[str, Any]:
+    """Load the model and adapters, start a batched and a one-at-a-time server, run every client count in
+    both modes (alternating), and return the rows, the speed-ups and the settings (JSON-ready)."""
+    torch.manual_seed(s.seed)
+    with tempfile.TemporaryDirectory(prefix="loramix-bench-serve-") as workdir:
+        served = load_bench_model(s, Path(workdir))
+    models = client_models(served)
+    if not models:
+        raise ValueError("--serve: no adapter to send requests to; give --adapter NAME=FOLDER or none (random adapters)")
+    jobs = bench_jobs(models, s.requests, stream=s.stream)
+    engines = {"batched": Engine(served, max_batch_size=max(s.clients)), "one-at-a-time": Engine(served, max_batch_size=1)}
+    rows: list[dict[str, Any]] = []
+    speedups: dict[str, float | None] = {}
+    with serving(served, engines["batched"]) as batched_url, serving(served, engines["one-at-a-time"]) as single_url:
+        urls = {"batched": batched_url, "one-at-a-time": single_url}
+        # Warm-up (untimed): every model once through each server (first calls allocate and compile kernels).
+        for mode in MODES:
+            run_load(urls[mode], [Job(m, PROMPTS[0]) for m in models], clients=len(models), max_tokens=2,
+                     timeout_s=s.timeout_s)
+        for clients in s.clients:
+            texts: dict[str, list[str]] = {}
+            for mode in MODES:
+                outcomes, wall, cpu = run_load(urls[mode], jobs, clients=clients, max_tokens=s.max_tokens,
+                                               timeout_s=s.timeout_s)
+                texts[mode] = [o.text if o.error is None else None for o in outcomes]
+                row = {"clients": clients, "mode": mode,
+                       "max_batch_size": engines[mode].max_batch_size, **summarize(outcomes, wall, cpu)}
+                rows.append(row)
+                if progress:
+                    print(f"bench --serve: {clients} clients, {mode}: {row['generated_tokens']} tokens in "
+                          f"{wall:.1f} s ({row['errors']} errors)", file=sys.stderr, flush=True)
+            batched, single = rows[-2], rows[-1]
+            batched["same_answers"] = sum(a is not None and a == b for a, b in zip(texts["batched"], texts["one-at-a-time"]))
+            speedups[str(clients)] = (batched["tokens_per_s"] / single["tokens_per_s"]) if single["tokens_per_s"] else None
+        steps = {mode: engines[mode].steps for mode in MODES}
+        max_rows = {mode: engines[mode].max_rows_seen for mode in MODES}
+    settings = dict(vars(s), adapters=dict(s.adapters) or {n: "random" for n in RANDOM_ADAPTERS},
+                    torch=torch.__version__, threads_used=torch.get_num_threads())
+    return {"rows": rows, "speedup_batched_vs_one_at_a_time": speedups, "models": models,
+            "engine_steps": steps, "max_rows_seen": max_rows, "settings": settings}
+
+
+def format_serve_table(result: dict[str, Any]) -> str:
+    """The human-readable table of ``run_serve_bench``'s result."""
+    ms = lambda v: "-" if v is None else f"{1000 * v:.0f}"  # noqa: E731
+    head = ("clients", "mode", "requests", "errors", "tokens", "wall s", "tokens/s", "p50 ms", "p95 ms",
+            "TTFT p50 ms", "×one-at-a-time")
+    table = [head]
+    speedups = result["speedup_batched_vs_one_at_a_time"]
+    for r in result["rows"]:
+        ratio = speedups.get(str(r["clients"])) if r["mode"] == "batched" else None
+        table.append((str(r["clients"]), r["mode"], str(r["requests"]), str(r["errors"]), str(r["generated_tokens"]),
+                      f"{r['wall_s']:.1f}", f"{r['tokens_per_s']:.1f}", ms(r["latency_p50_s"]), ms(r["latency_p95_s"]),
+                      ms(r["first_token_p50_s"]), "-" if ratio is None else f"{ratio:.2f}"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    s = result["settings"]
+    return "\n".join(lines) + (f"\n{s['model']}, models {', '.join(result['models'])}; greedy, max_tokens "
+                               f"{s['max_tokens']}, {'streamed' if s['stream'] else 'not streamed'}; "
+                               f"{s['threads_used']} torch threads")
