@@ -84,15 +84,6 @@ class Settings:
             value = getattr(self, name) if value is dataclasses.MISSING else value
             raise ConfigError(f"must be {expected}, got {value!r}", name)
 
-    def _check_lora_fields(self, prefix: str = "") -> None:
-        r, alpha, dropout = (getattr(self, prefix + n) for n in ("r", "alpha", "dropout"))
-        if r is not None:
-            self._check(prefix + "r", isinstance(r, int) and not isinstance(r, bool) and r > 0, "a positive integer")
-        if alpha is not None:
-            self._check(prefix + "alpha", isinstance(alpha, (int, float)) and alpha > 0, "a positive number")
-        if dropout is not None:
-            self._check(prefix + "dropout", isinstance(dropout, (int, float)) and 0 <= dropout < 1, "in [0, 1)")
-
 
 def _build(cls: type, values: Any, prefix: str) -> Any:
     """``cls(**values)`` after checking keys and value types; errors name ``prefix + key``."""
@@ -140,6 +131,11 @@ def is_int(value: Any, minimum: int | None = None) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
 
 
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _type_ok(value: Any, annotation: Any) -> bool:
     """Whether ``value`` fits ``annotation`` (int/float/bool/str/list/dict/optional/Any); ints pass as floats."""
     if annotation is Any:
@@ -148,7 +144,7 @@ def _type_ok(value: Any, annotation: Any) -> bool:
         return any(value is None if a is type(None) else _type_ok(value, a) for a in typing.get_args(annotation))
     annotation = typing.get_origin(annotation) or annotation  # list[...] / dict[...]
     if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return is_number(value)
     if annotation is int:
         return is_int(value)
     if annotation in (bool, str, list, dict):
@@ -165,16 +161,42 @@ def _describe(annotation: Any) -> str:
     return " or ".join("null" if a is type(None) else _TYPE_WORDS.get(typing.get_origin(a) or a, str(a)) for a in args)
 
 
-def _check_targets(cfg: Settings, name: str) -> None:
-    value = getattr(cfg, name)
-    ok = value is None or (isinstance(value, (list, tuple)) and all(isinstance(t, str) and t for t in value))
-    cfg._check(name, ok, "null (all of the family's projections) or a list of projection names")
-    if isinstance(value, tuple):
-        setattr(cfg, name, list(value))
+class _AdapterSettings(Settings):
+    """The checks the adapter configs share."""
+
+    def _check_lora(self, prefix: str = "", rank: str = "r") -> None:
+        """Rank, alpha and dropout of a LoRA (``prefix`` 'attention_': MixLoRA's attention LoRA, where null
+        means "as the experts")."""
+        r, alpha, dropout = (getattr(self, prefix + n) for n in (rank, "alpha", "dropout"))
+        if r is not None:
+            self._check(prefix + rank, is_int(r, minimum=1), "a positive integer")
+        if alpha is not None:
+            self._check(prefix + "alpha", is_number(alpha) and alpha > 0, "a positive number")
+        if dropout is not None:
+            self._check(prefix + "dropout", is_number(dropout) and 0 <= dropout < 1, "in [0, 1)")
+
+    def _check_common(self, *flags: str) -> None:
+        """The true/false ``flags``, ``init`` and ``adapter_dtype``."""
+        for name in flags:
+            self._check(name, isinstance(getattr(self, name), bool), "true or false")
+        self._check("init", self.init in INITS, f"one of {INITS}")
+        self._check("adapter_dtype", self.adapter_dtype in ADAPTER_DTYPES, "null, float32, bfloat16 or float16")
+
+    def _check_targets(self, name: str) -> None:
+        value = getattr(self, name)
+        ok = value is None or (isinstance(value, (list, tuple)) and all(isinstance(t, str) and t for t in value))
+        self._check(name, ok, "null (all of the family's projections) or a list of projection names")
+        if isinstance(value, tuple):
+            setattr(self, name, list(value))
+
+    def _check_non_negative(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            self._check(name, is_number(value) and value >= 0, "a number >= 0")
 
 
 @dataclass
-class LoraConfig(Settings):
+class LoraConfig(_AdapterSettings):
     """Plain LoRA (and rsLoRA, DoRA) on the named linear projections.
 
     ``y = W z + s · B A dropout(z)`` with ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``).
@@ -196,16 +218,13 @@ class LoraConfig(Settings):
     adapter_dtype: str | None = _help(ADAPTER_DTYPE_HELP, None)
 
     def __post_init__(self) -> None:
-        self._check_lora_fields()
-        _check_targets(self, "targets")
-        self._check("adapter_dtype", self.adapter_dtype in ADAPTER_DTYPES, "null, float32, bfloat16 or float16")
-        self._check("use_dora", isinstance(self.use_dora, bool), "true or false")
-        self._check("use_rslora", isinstance(self.use_rslora, bool), "true or false")
-        self._check("init", self.init in INITS, f"one of {INITS}")
+        self._check_lora()
+        self._check_targets("targets")
+        self._check_common("use_dora", "use_rslora")
 
 
 @dataclass
-class MixLoraConfig(Settings):
+class MixLoraConfig(_AdapterSettings):
     """MixLoRA: sparse top-k mixture of LoRA experts in the FFN, independent LoRA in attention.
 
     Attention settings (``attention_r`` ...) default to the expert ones when left null.
@@ -249,45 +268,31 @@ class MixLoraConfig(Settings):
     adapter_dtype: str | None = _help(ADAPTER_DTYPE_HELP, None)
 
     def __post_init__(self) -> None:
-        self._check_lora_fields()
-        self._check_lora_fields("attention_")
-        _check_targets(self, "attention_targets")
-        _check_targets(self, "ffn_targets")
-        self._check("num_experts", isinstance(self.num_experts, int) and self.num_experts >= 1, "an integer >= 1")
+        self._check_lora()
+        self._check_lora("attention_")
+        self._check_targets("attention_targets")
+        self._check_targets("ffn_targets")
+        self._check_common("use_dora", "use_rslora", "recompute_experts")
+        self._check("num_experts", is_int(self.num_experts, minimum=1), "an integer >= 1")
         self._check("routing", self.routing in ROUTINGS, f"one of {ROUTINGS}")
         if self.routing == "top_k":
-            ok = isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts
+            ok = is_int(self.top_k, minimum=1) and self.top_k <= self.num_experts
             self._check("top_k", ok, f"an integer in [1, num_experts={self.num_experts}]")
-        self._check("top_p", isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "in (0, 1]")
-        self._check("temperature", isinstance(self.temperature, (int, float)) and self.temperature > 0, "positive")
+        self._check("top_p", is_number(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]")
         if self.max_experts is not None:
-            ok = isinstance(self.max_experts, int) and 1 <= self.max_experts <= self.num_experts
+            ok = is_int(self.max_experts, minimum=1) and self.max_experts <= self.num_experts
             self._check("max_experts", ok, f"null or an integer in [1, {self.num_experts}]")
-        self._check("capacity_factor", isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0, "positive")
-        self._check("use_dora", isinstance(self.use_dora, bool), "true or false")
-        self._check("use_rslora", isinstance(self.use_rslora, bool), "true or false")
-        self._check("init", self.init in INITS, f"one of {INITS}")
-        for name in ("aux_loss_coef", "z_loss_coef", "jitter", "router_init_std"):
-            value = getattr(self, name)
-            self._check(name, isinstance(value, (int, float)) and value >= 0, "a number >= 0")
+        for name in ("temperature", "capacity_factor"):
+            self._check(name, is_number(getattr(self, name)) and getattr(self, name) > 0, "positive")
+        self._check_non_negative("aux_loss_coef", "z_loss_coef", "jitter", "router_init_std")
         self._check("jitter", self.jitter < 1, "in [0, 1)")
         self._check("dispatch", self.dispatch in DISPATCHES, f"one of {DISPATCHES}")
-        self._check("recompute_experts", isinstance(self.recompute_experts, bool), "true or false")
-        self._check("adapter_dtype", self.adapter_dtype in ADAPTER_DTYPES, "null, float32, bfloat16 or float16")
 
     def attention_lora(self) -> LoraConfig:
         """The attention LoRA settings, with nulls filled from the expert settings."""
-        pick = lambda own, fallback: fallback if own is None else own  # noqa: E731
-        return LoraConfig(
-            r=pick(self.attention_r, self.r),
-            alpha=pick(self.attention_alpha, self.alpha),
-            dropout=pick(self.attention_dropout, self.dropout),
-            targets=self.attention_targets,
-            use_dora=self.use_dora,
-            use_rslora=self.use_rslora,
-            init=self.init,
-            adapter_dtype=self.adapter_dtype,
-        )
+        own = {"r": self.attention_r, "alpha": self.attention_alpha, "dropout": self.attention_dropout}
+        return dataclasses.replace(self.expert_lora(), targets=self.attention_targets,
+                                   **{k: v for k, v in own.items() if v is not None})
 
     def expert_lora(self) -> LoraConfig:
         """The per-expert LoRA settings."""
@@ -301,7 +306,7 @@ SELECTORS = ("ste", "frozen_random")
 
 
 @dataclass
-class MoreConfig(Settings):
+class MoreConfig(_AdapterSettings):
     """MoRE: nested low-rank experts with a per-task adaptive rank selector (arXiv 2505.22694).
 
     Every targeted projection holds one LoRA of rank ``max_rank``; expert ``k`` is its first ``k``
@@ -340,16 +345,14 @@ class MoreConfig(Settings):
     adapter_dtype: str | None = _help(ADAPTER_DTYPE_HELP, None)
 
     def __post_init__(self) -> None:
-        self._check("adapter_dtype", self.adapter_dtype in ADAPTER_DTYPES, "null, float32, bfloat16 or float16")
-        self._check("max_rank", is_int(self.max_rank) and self.max_rank > 0, "a positive integer")
+        self._check_lora(rank="max_rank")
+        self._check_common("linear_scaling")
+        self._check_targets("targets")
         if self.ranks is not None:
             ok = isinstance(self.ranks, (list, tuple)) and len(self.ranks) > 0 and all(
                 is_int(k) and 1 <= k <= self.max_rank for k in self.ranks)
             self._check("ranks", ok, f"null or a non-empty list of integers in [1, max_rank={self.max_rank}]")
             self.ranks = sorted(set(self.ranks))
-        self._check("alpha", isinstance(self.alpha, (int, float)) and self.alpha > 0, "a positive number")
-        self._check("dropout", isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "in [0, 1)")
-        _check_targets(self, "targets")
         if self.tasks is not None:
             ok = isinstance(self.tasks, (list, tuple)) and len(self.tasks) > 0 and all(
                 isinstance(t, str) and t for t in self.tasks) and len(set(self.tasks)) == len(self.tasks)
@@ -363,13 +366,9 @@ class MoreConfig(Settings):
                 raise ConfigError(f"is {self.num_tasks} but 'tasks' names {len(self.tasks)} tasks", "num_tasks")
         elif self.tasks is not None:
             self.num_tasks = len(self.tasks)
-        self._check("linear_scaling", isinstance(self.linear_scaling, bool), "true or false")
-        for name in ("contrastive_coef", "task_embedding_std"):
-            value = getattr(self, name)
-            self._check(name, isinstance(value, (int, float)) and value >= 0, "a number >= 0")
-        self._check("temperature", isinstance(self.temperature, (int, float)) and self.temperature > 0, "positive")
+        self._check_non_negative("contrastive_coef", "task_embedding_std")
+        self._check("temperature", is_number(self.temperature) and self.temperature > 0, "positive")
         self._check("selector", self.selector in SELECTORS, f"one of {SELECTORS}")
-        self._check("init", self.init in INITS, f"one of {INITS}")
         if self.default_task is not None:
             ok = isinstance(self.default_task, str) and (self.tasks is None or self.default_task in self.tasks)
             self._check("default_task", ok, f"null or one of the task names {self.tasks}")
@@ -378,12 +377,6 @@ class MoreConfig(Settings):
     def rank_set(self) -> list[int]:
         """The ranks the selector chooses from, ascending."""
         return list(self.ranks) if self.ranks is not None else list(range(1, self.max_rank + 1))
-
-    def with_tasks(self, tasks: list[str]) -> "MoreConfig":
-        """A copy naming ``tasks`` (e.g. filled by the trainer from the data's task list)."""
-        values = self.to_dict()
-        values.update(tasks=list(tasks), num_tasks=None)
-        return MoreConfig(**values)
 
 
 ADAPTER_CONFIGS: dict[str, type] = {"lora": LoraConfig, "mixlora": MixLoraConfig, "more": MoreConfig}

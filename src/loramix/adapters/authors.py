@@ -27,7 +27,7 @@ from torch import nn
 from ..config import ConfigError, MixLoraConfig
 from ..models.inject import adapter_parameters
 from ..models.registry import ModelFamily
-from ..modules import LoraLinear, MixLoraFFN, dora_weight_norm
+from ..modules import LoraLinear, MixLoraFFN
 from .common import CONFIG_NAME, AdapterLoadError, copy_adapter_tensors
 
 if TYPE_CHECKING:  # folder.py reads this format through read_authors_folder: a type name only, no cycle
@@ -107,8 +107,7 @@ def _reset_dora_magnitudes(model: nn.Module) -> None:
                 module.lora_magnitude.copy_(module.weight_norm())
             elif isinstance(module, MixLoraFFN) and module.use_dora:
                 for t in module.targets:
-                    norm = dora_weight_norm(module.weight_out_in(t), module.experts.lora_A[t], module.experts.lora_B[t], module.scale)
-                    module.experts.lora_magnitude[t].copy_(norm)
+                    module.experts.lora_magnitude[t].copy_(module.weight_norm(t))
 
 
 def _check_activation(model: nn.Module, act_fn: Any, where: str) -> None:

@@ -151,12 +151,7 @@ def merge_task(model: nn.Module, task: str | int) -> nn.Module:
         model in the compute dtype (see ``models.inject._restore``).
     """
     index = task_index(model, task)
-
-    def task_delta(m: nn.Module) -> torch.Tensor:
-        A, B = m.task_factors(index)
-        return B @ A  # (out, in)
-
-    return _restore(model, merge=True, delta_of=task_delta)
+    return _restore(model, merge=True, delta_of=lambda m: m.delta_weight(index))
 
 
 def export_task_peft(model: nn.Module, task: str | int, out_dir: str | os.PathLike, *,

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LoraConfig
+from ..config import LoraConfig, lora_scale
 from .context import ForwardContext
 from .quantized import adapter_dtype_for, frozen_weight, is_quantized, logical_shape
 
@@ -56,15 +56,9 @@ def init_lora_A(A: torch.Tensor, init: str, rank: int) -> None:
 def dora_weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """Row norms of ``W + s B A`` without materialising ``B A`` per expert.
 
-    Args:
-        weight: frozen weight, shape (out, in).
-        A: LoRA A, shape (r, in) or stacked (E, r, in).
-        B: LoRA B, shape (out, r) or stacked (E, out, r).
-        scale: the LoRA scale s.
-
-    Returns:
-        Detached norms, shape (out,) or (E, out), in the dtype of the adapter tensors (fp32 next to a
-        bf16 base: a bf16 norm would round the DoRA factor to 3 significant digits). Uses
+    Shapes: weight (out, in), A (r, in) or stacked (E, r, in), B (out, r) or (E, out, r) → detached
+    norms (out,) or (E, out), in the dtype of the adapter tensors (fp32 next to a bf16 base: a bf16
+    norm would round the DoRA factor to 3 significant digits). Uses
         ``||W_o + s B_o A||² = ||W_o||² + 2 s B_o·(A W_oᵀ) + s² B_o (A Aᵀ) B_oᵀ``,
         which costs O(out·in·r) instead of O(out·in) per expert materialised.
     """
@@ -112,12 +106,6 @@ class LoraDropout(nn.Dropout):
         # random_() fills [0, 2⁶³): the top lane has only 15 random bits, so keep 15 bits of each lane.
         bits = lanes.view(torch.int16)[:n].view(x.shape) & 0x7FFF
         return torch.where(bits >= threshold, x, 0.0), 32768 / (32768 - threshold)
-
-
-def autocast_changes(t: torch.Tensor) -> bool:
-    """Whether autocast is on for ``t``'s device with a dtype other than ``t``'s (a matmul-add would cast it)."""
-    device = t.device.type
-    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != t.dtype
 
 
 def lora_input(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -196,11 +184,7 @@ class LoraLinear(FrozenProjection):
 
     Args:
         base: the ``nn.Linear`` (or GPT-2 ``Conv1D``) being adapted; its parameters are reused.
-        config: the ``LoraConfig``: rank ``r``, ``alpha``, input ``dropout`` (0 allowed), ``use_rslora``
-            (scale ``alpha / sqrt(r)``), ``use_dora`` (learned magnitude), ``init`` of ``A`` ('kaiming'
-            or 'gaussian'), ``adapter_dtype`` of ``lora_A``/``lora_B``/``lora_magnitude`` (None: fp32
-            next to a half-precision or quantized weight, else the weight's dtype). ``targets`` is for
-            ``inject``, not this module.
+        config: the ``LoraConfig`` (its ``targets`` are for ``inject``, not this module).
         fan_in_fan_out: the base weight is stored (in, out) as in GPT-2's Conv1D.
         context: the model's shared ``ForwardContext`` (for disabling adapters), optional.
 
@@ -220,7 +204,7 @@ class LoraLinear(FrozenProjection):
         weight = self.weight
         r, alpha = config.r, config.alpha
         self.r, self.alpha = r, alpha
-        self.scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        self.scale = lora_scale(r, alpha, config.use_rslora)
         self.use_dora = config.use_dora
         self.dropout = LoraDropout(config.dropout) if config.dropout > 0 else nn.Identity()
         factory = {"device": weight.device, "dtype": adapter_dtype_for(base, config.adapter_dtype)}
@@ -255,7 +239,8 @@ class LoraLinear(FrozenProjection):
         x_in, factor = lora_input(self.dropout, x.to(compute))
         low = (x_in @ A.t()) * (self.scale * factor)
         if not self.use_dora:
-            if autocast_changes(base_out):
+            device = base_out.device.type
+            if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != compute:
                 # A quantized base under autocast may return fp32 (bitsandbytes returns the input's dtype):
                 # a fused addmm would round that output to the autocast dtype; add the LoRA term instead.
                 return base_out + low @ B.t()

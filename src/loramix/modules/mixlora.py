@@ -44,7 +44,6 @@ autocast because the residual stream is):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,7 +51,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import MixLoraConfig
+from ..config import MixLoraConfig, lora_scale
 from .context import ForwardContext
 from .lora import LoraDropout, dora_weight_norm, init_lora_A, lora_input
 from .quantized import adapter_dtype_for, frozen_weight, logical_shape
@@ -75,18 +74,6 @@ class Segments:
 _GROUPED_MM: dict[tuple, bool] = {}
 
 
-def _capability_key(device: torch.device, dtype: torch.dtype) -> tuple:
-    """What grouped_mm support depends on: device type, the GPU's compute capability, and dtype."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        return device.type, torch.cuda.get_device_capability(device), dtype
-    return device.type, None, dtype
-
-
-def _is_transient(error: BaseException) -> bool:
-    """An error that says nothing about support (memory pressure): retried at the next call."""
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
 def grouped_mm_available(device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
     """Whether ``torch.nn.functional.grouped_mm`` runs forward and backward for ``dtype`` on ``device``.
 
@@ -94,7 +81,8 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype = torch.float3
     off; an error means no (the segment loop is used), except an out-of-memory error, which is not
     remembered (the next call probes again).
     """
-    key = _capability_key(device, dtype)
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    key = (device.type, torch.cuda.get_device_capability(device) if cuda else None, dtype)
     if key in _GROUPED_MM:
         return _GROUPED_MM[key]
     if not hasattr(torch.nn.functional, "grouped_mm") or torch.compiler.is_compiling():
@@ -116,8 +104,8 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype = torch.float3
             ref = torch.cat([x[:3] @ w[0], x[3:] @ w[1]])
             ok = bool(torch.allclose(y, ref, atol=1e-2, rtol=1e-2)) and y.dtype == dtype
     except Exception as error:  # noqa: BLE001 - any other failure means "not supported here"
-        if _is_transient(error):
-            return False
+        if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower():
+            return False  # memory pressure says nothing about support: probe again at the next call
         ok = False
     _GROUPED_MM[key] = ok
     return ok
@@ -132,11 +120,6 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     size = x.element_size()
     dims = [x.shape[-1], *(d for w in weights for d in w.shape[1:])]
     return all((d * size) % 16 == 0 for d in dims) and x.is_contiguous()
-
-
-def is_silu(activation: Callable[[torch.Tensor], torch.Tensor]) -> bool:
-    """Whether an FFN activation module is SiLU (torch's or transformers' SiLUActivation)."""
-    return type(activation).__name__ in ("SiLU", "SiLUActivation")
 
 
 class WeightedSwiGLU(torch.autograd.Function):
@@ -266,7 +249,7 @@ class MixLoraFFN(nn.Module):
         self.config = config
         num_experts, r = config.num_experts, config.r
         self.num_experts, self.r = num_experts, r
-        self.scale = config.alpha / math.sqrt(r) if config.use_rslora else config.alpha / r
+        self.scale = lora_scale(r, config.alpha, config.use_rslora)
         self.use_dora = config.use_dora
         # Copied from the config because they may be switched per module at run time (tests compare
         # dispatch paths on one module; jitter is only for training).
@@ -287,8 +270,7 @@ class MixLoraFFN(nn.Module):
         )
         if self.use_dora:
             for t in self.targets:
-                norm = dora_weight_norm(self.weight_out_in(t), self.experts.lora_A[t], self.experts.lora_B[t], self.scale)
-                self.experts.lora_magnitude[t] = nn.Parameter(norm.to(adapter_dtype))
+                self.experts.lora_magnitude[t] = nn.Parameter(self.weight_norm(t).to(adapter_dtype))
         self._original_ffn = [ffn]  # not registered: unload() puts it back
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
@@ -319,10 +301,9 @@ class MixLoraFFN(nn.Module):
             return up * self.act_fn(gate)
         return self.act_fn(outputs[0])
 
-    def dora_factor(self, name: str) -> torch.Tensor:
-        """m / ||W + s B_e A_e||, shape (E, out)."""
-        norm = dora_weight_norm(self.weight_out_in(name), self.experts.lora_A[name], self.experts.lora_B[name], self.scale)
-        return self.experts.lora_magnitude[name] / norm
+    def weight_norm(self, name: str) -> torch.Tensor:
+        """Detached row norms ||W + s B_e A_e|| of projection ``name``, shape (E, out)."""
+        return dora_weight_norm(self.weight_out_in(name), self.experts.lora_A[name], self.experts.lora_B[name], self.scale)
 
     def lora_delta(self, name: str, inputs: torch.Tensor, seg: Segments, factor: float = 1.0) -> torch.Tensor:
         """``s · B_e A_e x`` of projection ``name`` for rows sorted by expert, (M, out).
@@ -373,7 +354,7 @@ class MixLoraFFN(nn.Module):
             return delta.add_(base_rows)
         bias = getattr(getattr(self, name), "bias", None)
         bias = 0 if bias is None else bias.to(compute)  # an fp32 bias would promote bf16 rows to fp32
-        factor = self.dora_factor(name)
+        factor = self.experts.lora_magnitude[name] / self.weight_norm(name)  # (E, out)
         factor = torch.cat([factor, factor.new_ones(1, factor.shape[1])])  # unrouted rows: factor 1
         factor = factor.to(base_rows.dtype).index_select(0, row_expert)
         return factor * (base_rows - bias + delta) + bias
@@ -496,7 +477,7 @@ class MixLoraFFN(nn.Module):
         # Σ_e g_e W h_e = W Σ_e g_e h_e: the frozen down projection runs on N rows, not M.
         # The LoRA is linear too, and dropout is elementwise: Σ_e g_e B_e A_e drop(h_e) = Σ_e B_e A_e drop(g_e h_e),
         # so the weighted rows feed both and no (M, out) product is weighted again.
-        if self.kind in ("gated", "fused") and is_silu(self.act_fn):
+        if self.kind in ("gated", "fused") and type(self.act_fn).__name__ in ("SiLU", "SiLUActivation"):
             gate, up = rows if self.kind == "gated" else rows[0].chunk(2, dim=-1)
             weighted = WeightedSwiGLU.apply(gate, up, row_weight)  # (M, f)
         else:

@@ -123,12 +123,10 @@ class RankSelector(nn.Module):
             ranks (num_tasks,) long: the chosen ``k_t``; weights (num_tasks,) float: the
             straight-through weight ``q[k_t] − q[k_t].detach() + 1`` (value exactly 1).
         """
-        if self.frozen:
-            with torch.no_grad():
-                idx = self.probabilities().argmax(dim=-1)
-            return self.ranks[idx], torch.ones(idx.shape, device=idx.device)
         q = self.probabilities()
         idx = q.argmax(dim=-1)
+        if self.frozen:
+            return self.ranks[idx], torch.ones(idx.shape, device=idx.device)
         q_chosen = q.gather(-1, idx[:, None]).squeeze(-1)
         return self.ranks[idx], q_chosen - q_chosen.detach() + 1.0
 
@@ -138,12 +136,8 @@ class MoreLinear(FrozenProjection):
 
     Args:
         base: the ``nn.Linear`` (or GPT-2 ``Conv1D``) being adapted; its parameters are reused.
-        config: the ``MoreConfig`` with its tasks named: R = ``max_rank``, the rank set (``rank_set``),
-            ``alpha`` (scale ``alpha / R``), ``dropout`` of the LoRA input, ``linear_scaling`` (component
-            i scaled by ``c_i = i/R`` on A and B), τ = ``temperature`` of the contrastive loss,
-            ``selector``, ``task_embedding_std``, ``init`` of A, ``default_task`` (used when a call
-            carries no task ids), ``adapter_dtype`` (None: fp32 next to a half-precision or quantized
-            weight, else the weight's dtype; a quantized ``base`` is called as a module, ``quantized.py``).
+        config: the ``MoreConfig``, with its tasks named (a quantized ``base`` is called as a module,
+            ``quantized.py``).
         fan_in_fan_out: the base weight is stored (in, out). context: the model's ``ForwardContext``
             (task ids, padding mask, disabling).
 
@@ -155,29 +149,25 @@ class MoreLinear(FrozenProjection):
                  context: ForwardContext | None = None) -> None:
         super().__init__(base, fan_in_fan_out)
         if not config.tasks:
-            raise ValueError("MoreLinear needs a MoreConfig that names its tasks (config.with_tasks([...]))")
-        # The config has checked the selector and the rank set (within [1, max_rank]).
-        max_rank, num_tasks, ranks, alpha = config.max_rank, len(config.tasks), sorted(set(config.rank_set)), config.alpha
-        linear_scaling = config.linear_scaling
-        weight = self.weight  # the base's own Parameter (quantized: packed codes / a torchao tensor)
-        self.max_rank, self.num_tasks, self.alpha = max_rank, num_tasks, alpha
-        self.scale = alpha / max_rank
+            raise ValueError("MoreLinear needs a MoreConfig that names its tasks (MoreConfig(tasks=[...]))")
+        max_rank = self.max_rank = config.max_rank
+        self.num_tasks = len(config.tasks)
+        self.scale = config.alpha / max_rank
         self.temperature = config.temperature
         self.selector_kind = config.selector
         self.default_task = config.tasks.index(config.default_task) if config.default_task is not None else None
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         # Adapter tensors stay fp32 when the base is half precision or quantized (as LoraLinear does).
-        dtype = adapter_dtype_for(base, config.adapter_dtype)
-        self.lora_A = nn.Parameter(torch.empty(max_rank, self.in_features, device=weight.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, max_rank, device=weight.device, dtype=dtype))
+        factory = {"device": self.weight.device, "dtype": adapter_dtype_for(base, config.adapter_dtype)}
+        self.lora_A = nn.Parameter(torch.empty(max_rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, max_rank, **factory))
         init_lora_A(self.lora_A, config.init, max_rank)
-        self.selector = RankSelector(self.in_features, num_tasks, ranks, embedding_std=config.task_embedding_std,
-                                     frozen=config.selector == "frozen_random", device=weight.device, dtype=dtype)
-        i = torch.arange(1, max_rank + 1, device=weight.device, dtype=torch.float32)
+        self.selector = RankSelector(self.in_features, self.num_tasks, config.rank_set, **factory,
+                                     embedding_std=config.task_embedding_std, frozen=config.selector == "frozen_random")
+        i = torch.arange(1, max_rank + 1, device=self.weight.device, dtype=torch.float32)
         # c_i² per component: c_i multiplies both the A row and the B column of component i.
-        c2 = (i / max_rank) ** 2 if linear_scaling else torch.ones_like(i)
+        c2 = (i / max_rank) ** 2 if config.linear_scaling else torch.ones_like(i)
         self.register_buffer("component_scale", c2, persistent=False)
-        self.linear_scaling = linear_scaling
         self.context = context if context is not None else ForwardContext()
         self.contrastive_loss: torch.Tensor | None = None
         self._fixed_ranks: torch.Tensor | None = None  # (num_tasks,) once fix_ranks() ran
@@ -248,13 +238,12 @@ class MoreLinear(FrozenProjection):
     # ---------------------------------------------------------------------------------- math
     def delta_weight(self, task: int) -> torch.Tensor:
         """``ΔW_{k_t} = s · B[:, :k] diag(c²_1..c²_k) A[:k]`` for task index ``task``, shape (out, in), fp32."""
-        k = self.chosen_ranks()[task]
-        A, B = self.task_factors(task, k)
+        A, B = self.task_factors(task)
         return B @ A
 
-    def task_factors(self, task: int, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def task_factors(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The task's update as a plain LoRA: A (k, in) and B (out, k) with ``s · c²`` folded into B."""
-        k = self.chosen_ranks()[task] if k is None else k
+        k = self.chosen_ranks()[task]
         with torch.no_grad():
             A = self.lora_A[:k].float()
             B = self.lora_B[:, :k].float() * (self.scale * self.component_scale[:k])[None, :]
