@@ -59,18 +59,20 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         raise
 
 
+def key_mismatch(expected: set[str], found: set[str]) -> str | None:
+    """"missing N key(s), e.g. [...]; unexpected M key(s), e.g. [...]", or None when the two sets agree."""
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    parts = ([f"missing {len(missing)} key(s), e.g. {missing[:3]}"] if missing else []) + \
+            ([f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}"] if unexpected else [])
+    return "; ".join(parts) or None
+
+
 def copy_adapter_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
     """Copy ``tensors`` into the model's adapter parameters, checking the key set and every shape."""
     params = adapter_parameters(model)
-    missing = sorted(set(params) - set(tensors))
-    unexpected = sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s), e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}")
-        raise AdapterLoadError(f"{source}: adapter keys do not match this model: {'; '.join(parts)}")
+    mismatch = key_mismatch(set(params), set(tensors))
+    if mismatch:
+        raise AdapterLoadError(f"{source}: adapter keys do not match this model: {mismatch}")
     for key, param in params.items():
         if tuple(tensors[key].shape) != tuple(param.shape):
             raise AdapterLoadError(
@@ -83,4 +85,4 @@ def copy_adapter_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], 
 
 
 __all__ = ["CONFIG_NAME", "FORMAT", "FORMAT_VERSION", "NOT_PEFT", "PEFT_PREFIX", "SIDECAR_NAME", "WEIGHTS_NAME",
-           "AdapterLoadError", "ExportError", "atomic_write", "copy_adapter_tensors"]
+           "AdapterLoadError", "ExportError", "atomic_write", "copy_adapter_tensors", "key_mismatch"]

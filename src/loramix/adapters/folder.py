@@ -46,10 +46,11 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig, adapter_config_from_dict
+from ..models.inject import adapter_targets
 from ..models.registry import FAMILIES, ModelFamily, family_of
 from ..modules.quantized import logical_shape
 from .authors import read_authors_folder
-from .common import CONFIG_NAME, FORMAT, FORMAT_VERSION, NOT_PEFT, SIDECAR_NAME, WEIGHTS_NAME, AdapterLoadError
+from .common import CONFIG_NAME, FORMAT, FORMAT_VERSION, SIDECAR_NAME, WEIGHTS_NAME, AdapterLoadError, key_mismatch
 
 @dataclass
 class AdapterFolder:
@@ -215,21 +216,24 @@ def peft_to_loramix_key(key: str, where: str) -> str:
 
 
 # ====================================================================================== shape checks
-# key pattern → (module group, role). Shapes by role, with R/E/T/K from the config and out/in from the base:
+# key pattern → role. Shapes by role, with R/E/T/K from the config and out/in from the base:
 #   A (R, in)  B (out, R)  M (out,)  eA (E, r, in)  eB (E, out, r)  eM (E, out)  router (E, hidden)
 #   task_embedding (T, in)  gate_w (K, in)  gate_b (K,)
-_ROLES = [
-    (re.compile(r"^(?P<m>.+)\.experts\.lora_A\.(?P<p>\w+)$"), "eA"),
-    (re.compile(r"^(?P<m>.+)\.experts\.lora_B\.(?P<p>\w+)$"), "eB"),
-    (re.compile(r"^(?P<m>.+)\.experts\.lora_magnitude\.(?P<p>\w+)$"), "eM"),
-    (re.compile(r"^(?P<m>.+)\.router\.weight$"), "router"),
-    (re.compile(r"^(?P<m>.+)\.selector\.task_embedding$"), "task_embedding"),
-    (re.compile(r"^(?P<m>.+)\.selector\.gate\.weight$"), "gate_w"),
-    (re.compile(r"^(?P<m>.+)\.selector\.gate\.bias$"), "gate_b"),
-    (re.compile(r"^(?P<m>.+)\.lora_A$"), "A"),
-    (re.compile(r"^(?P<m>.+)\.lora_B$"), "B"),
-    (re.compile(r"^(?P<m>.+)\.lora_magnitude$"), "M"),
-]
+_ROLES = [(re.compile(rf"^(?P<m>.+)\.{pattern}$"), role) for pattern, role in (
+    (r"experts\.lora_A\.(?P<p>\w+)", "eA"), (r"experts\.lora_B\.(?P<p>\w+)", "eB"),
+    (r"experts\.lora_magnitude\.(?P<p>\w+)", "eM"), (r"router\.weight", "router"),
+    (r"selector\.task_embedding", "task_embedding"), (r"selector\.gate\.weight", "gate_w"),
+    (r"selector\.gate\.bias", "gate_b"), ("lora_A", "A"), ("lora_B", "B"), ("lora_magnitude", "M"),
+)]
+# role → (per dimension: the config symbol it must equal, None for a base feature size; per dimension:
+# the base feature it measures ('out', 'in', 'hidden'); the adapter kind that alone has it, if one)
+_SHAPES = {
+    "A": (["R", None], ["", "in"], None), "B": ([None, "R"], ["out", ""], None), "M": ([None], ["out"], None),
+    "eA": (["E", "r", None], ["", "", "in"], "mixlora"), "eB": (["E", None, "r"], ["", "out", ""], "mixlora"),
+    "eM": (["E", None], ["", "out"], "mixlora"), "router": (["E", None], ["", "hidden"], "mixlora"),
+    "task_embedding": (["T", None], ["", "in"], "more"), "gate_w": (["K", None], ["", "in"], "more"),
+    "gate_b": (["K"], [""], "more"),
+}
 
 
 def _config_dims(config, family: ModelFamily, module: str) -> dict[str, tuple[str, int]]:
@@ -242,17 +246,6 @@ def _config_dims(config, family: ModelFamily, module: str) -> dict[str, tuple[st
         r_key = "attention_r" if attention and config.attention_r is not None else "r"
         return {"R": (r_key, config.attention_lora().r), "r": ("r", config.r), "E": ("num_experts", config.num_experts)}
     return {"R": ("r", config.r)}
-
-
-def _expected(role: str, dims: dict[str, tuple[str, int]]) -> tuple[list[str | None], list[str]]:
-    """Per dimension of a tensor of ``role``: the config symbol it must equal (None: a base feature
-    size), and the base feature each other dimension measures ('out', 'in', 'hidden')."""
-    return {
-        "A": (["R", None], ["", "in"]), "B": ([None, "R"], ["out", ""]), "M": ([None], ["out"]),
-        "eA": (["E", "r", None], ["", "", "in"]), "eB": (["E", None, "r"], ["", "out", ""]),
-        "eM": (["E", None], ["", "out"]), "router": (["E", None], ["", "hidden"]),
-        "task_embedding": (["T", None], ["", "in"]), "gate_w": (["K", None], ["", "in"]), "gate_b": (["K"], [""]),
-    }[role]
 
 
 def check_tensor_shapes(config, family: ModelFamily, shapes: Mapping[str, tuple[int, ...]], *, weights: Path,
@@ -276,14 +269,12 @@ def check_tensor_shapes(config, family: ModelFamily, shapes: Mapping[str, tuple[
         else:
             raise AdapterLoadError(f"{weights}: '{key}' is not a tensor of a loramix adapter (unexpected key)")
         module = m["m"]
-        owner = {"eA": "mixlora", "eB": "mixlora", "eM": "mixlora", "router": "mixlora", "task_embedding": "more",
-                 "gate_w": "more", "gate_b": "more"}.get(role)
+        symbols, features, owner = _SHAPES[role]
         if owner is not None and owner != config.kind:
             raise AdapterLoadError(f"{weights}: '{key}' is a tensor of a '{owner}' adapter, but {config_file.name} "
                                    f"says the adapter is '{config.kind}': the settings and the weights do not belong "
                                    "together; use the adapter's own adapter_config.json")
         dims = _config_dims(config, family, module)
-        symbols, features = _expected(role, dims)
         if len(shape) != len(symbols):
             raise AdapterLoadError(f"{weights}: '{key}' has shape {shape}, but a {role.lstrip('e')} "
                                    f"tensor of this adapter has {len(symbols)} dimension(s)")
@@ -314,27 +305,17 @@ def check_tensor_shapes(config, family: ModelFamily, shapes: Mapping[str, tuple[
 def expected_keys(config, family: ModelFamily, num_layers: int) -> set[str]:
     """The loramix keys a loramix adapter of ``config`` over ``num_layers`` decoder layers holds
     (DoRA magnitudes included): what ``inject`` creates, named as the modules name their tensors."""
-    from ..models.inject import _resolve  # the one place that turns target names into (block, projection)
-
-    blocks = {family.attention: family.attention_projections, family.ffn: family.ffn_projections}
-    dora = getattr(config, "use_dora", False)
-    lora = ["lora_A", "lora_B"] + (["lora_magnitude"] if dora else [])
-    if isinstance(config, MixLoraConfig):
-        plain = _resolve(config.attention_targets, {family.attention: family.attention_projections},
-                         "attention_targets", family)
-        experts = _resolve(config.ffn_targets, {family.ffn: family.ffn_projections}, "ffn_targets", family)[family.ffn]
-    else:
-        plain, experts = _resolve(config.targets, blocks, "targets", family), None
-    if isinstance(config, MoreConfig):
-        lora = ["lora_A", "lora_B", "selector.task_embedding", "selector.gate.weight", "selector.gate.bias"]
+    plain, experts = adapter_targets(config, family)
+    lora = ["lora_A", "lora_B"] + (["lora_magnitude"] if getattr(config, "use_dora", False) else [])
+    selector = ["selector.task_embedding", "selector.gate.weight", "selector.gate.bias"]
+    own = lora + selector if isinstance(config, MoreConfig) else lora  # the tensors of one adapted projection
     keys = set()
     for layer in range(num_layers):
         prefix = f"{family.layers}.{layer}"
-        keys |= {f"{prefix}.{block}.{p}.{t}" for block, ps in plain.items() for p in ps for t in lora}
-        if experts is not None:
+        keys |= {f"{prefix}.{block}.{p}.{t}" for block, ps in plain.items() for p in ps for t in own}
+        if isinstance(config, MixLoraConfig):
             keys.add(f"{prefix}.{family.ffn}.router.weight")
-            names = ["lora_A", "lora_B"] + (["lora_magnitude"] if dora else [])
-            keys |= {f"{prefix}.{family.ffn}.experts.{t}.{p}" for p in experts for t in names}
+            keys |= {f"{prefix}.{family.ffn}.experts.{t}.{p}" for p in experts for t in lora}
     return keys
 
 
@@ -346,12 +327,10 @@ def check_key_set(adapter: AdapterFolder, config_file: Path) -> None:
         expected = expected_keys(adapter.config, adapter.family, int(layers))
     except ConfigError as err:
         raise AdapterLoadError(f"{config_file}: {err}") from None
-    missing, unexpected = sorted(expected - set(adapter.tensors)), sorted(set(adapter.tensors) - expected)
-    if missing or unexpected:
-        parts = ([f"missing {len(missing)} key(s), e.g. {missing[:3]}"] if missing else []) + \
-                ([f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}"] if unexpected else [])
+    mismatch = key_mismatch(expected, set(adapter.tensors))
+    if mismatch:
         raise AdapterLoadError(f"{adapter.weights}: the tensors are not those its settings ({config_file.name}, "
-                               f"{layers} layers) call for: {'; '.join(parts)}; the file is incomplete or belongs to "
+                               f"{layers} layers) call for: {mismatch}; the file is incomplete or belongs to "
                                "other settings: save the adapter again")
 
 
@@ -482,7 +461,7 @@ def read_adapter_folder(folder: str | os.PathLike, model: nn.Module | None = Non
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise AdapterLoadError(f"{config_file}: format_version {version!r} is newer than this loramix reads "
                                    "(upgrade loramix)")
-        for key in ("kind", "config") if meta.get("format") == FORMAT else ():
+        for key in ("kind", "config"):
             if key not in meta:
                 raise AdapterLoadError(f"{config_file}: missing key '{key}'")
         where = folder / SIDECAR_NAME if meta.get("peft_type") == "LORA" else config_file
@@ -545,7 +524,6 @@ def _check_peft_agrees(meta: dict[str, Any], config: LoraConfig, config_file: Pa
 
 
 __all__ = [
-    "CONFIG_NAME", "FORMAT", "FORMAT_VERSION", "NOT_PEFT", "SIDECAR_NAME", "WEIGHTS_NAME", "AdapterFolder",
-    "AdapterLoadError", "AdapterTensors", "check_base", "check_key_set", "check_tensor_shapes", "expected_keys", "peft_to_loramix_key",
-    "read_adapter_config", "read_adapter_folder", "read_json", "read_safetensors",
+    "AdapterFolder", "AdapterTensors", "check_base", "check_key_set", "check_tensor_shapes", "expected_keys",
+    "peft_to_loramix_key", "read_adapter_config", "read_adapter_folder", "read_json", "read_safetensors",
 ]

@@ -110,11 +110,10 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     adapter = read_adapter_folder(folder, model)
     inject(model, adapter.config)
     try:
-        tensors = adapter.tensors
         if adapter.layout == "authors":
             finish_authors_load(model, adapter)
         else:
-            copy_adapter_tensors(model, tensors, str(adapter.weights))
+            copy_adapter_tensors(model, adapter.tensors, str(adapter.weights))
     except BaseException:
         unload(model)
         raise
@@ -134,8 +133,6 @@ def load_many(model: nn.Module, folders: dict[str, Any]) -> nn.Module:
     Example:
         >>> model = load_many(base, {"a": "runs/a/adapter", "b": "runs/b/adapter"})
     """
-    from ..adapters.io import load_adapter
-
     return stack_adapters(model, {name: (lambda m, f=folder: load_adapter(m, f)) for name, folder in folders.items()})
 
 

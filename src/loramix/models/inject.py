@@ -86,9 +86,16 @@ def _resolve(requested: list[str] | None, available: dict[str, tuple[str, ...]],
     return chosen
 
 
-# The modules take their config whole; the family says how the base stores its weights.
-def _lora(module: nn.Module, cfg: LoraConfig, family: ModelFamily, context: ForwardContext) -> LoraLinear:
-    return LoraLinear(module, cfg, fan_in_fan_out=family.fan_in_fan_out, context=context)
+def adapter_targets(config: LoraConfig | MixLoraConfig | MoreConfig,
+                    family: ModelFamily) -> tuple[dict[str, set[str]], set[str]]:
+    """The projections an adapter of ``config`` replaces: block → projections given their own LoRA (MoRE)
+    module, and the FFN projections given expert LoRAs (MixLoRA; empty for the others)."""
+    if isinstance(config, MixLoraConfig):
+        attention = _resolve(config.attention_targets, {family.attention: family.attention_projections},
+                             "attention_targets", family)
+        return attention, _resolve(config.ffn_targets, {family.ffn: family.ffn_projections}, "ffn_targets", family)[family.ffn]
+    blocks = {family.attention: family.attention_projections, family.ffn: family.ffn_projections}
+    return _resolve(config.targets, blocks, "targets", family), set()
 
 
 def _mixlora_ffn(ffn: nn.Module, cfg: MixLoraConfig, targets: set[str], family: ModelFamily, context: ForwardContext) -> MixLoraFFN:
@@ -102,16 +109,12 @@ def _mixlora_ffn(ffn: nn.Module, cfg: MixLoraConfig, targets: set[str], family: 
     )
 
 
-def _more(module: nn.Module, cfg: MoreConfig, family: ModelFamily, context: ForwardContext) -> MoreLinear:
-    return MoreLinear(module, cfg, fan_in_fan_out=family.fan_in_fan_out, context=context)
-
-
 def inject(model: nn.Module, config: LoraConfig | MixLoraConfig | MoreConfig) -> nn.Module:
     """Add a loramix adapter to a transformers causal LM, in place; base weights are frozen.
 
     Args:
         model: e.g. a ``LlamaForCausalLM``; its family must be in the registry.
-        config: ``LoraConfig`` or ``MixLoraConfig``.
+        config: ``LoraConfig``, ``MixLoraConfig`` or ``MoreConfig``.
 
     Returns:
         The same model object. Its forward accepts the usual arguments (and ``task_ids`` for MoRE);
@@ -119,24 +122,15 @@ def inject(model: nn.Module, config: LoraConfig | MixLoraConfig | MoreConfig) ->
     """
     if getattr(model, "loramix_adapter", None) is not None:
         raise ValueError("this model already has a loramix adapter; unload() it first or load into a fresh model")
-    family = family_of(model)
-    blocks = {family.attention: family.attention_projections, family.ffn: family.ffn_projections}
-    if isinstance(config, MixLoraConfig):
-        attention_targets = _resolve(config.attention_targets, {family.attention: family.attention_projections},
-                                     "attention_targets", family)
-        ffn_targets = _resolve(config.ffn_targets, {family.ffn: family.ffn_projections}, "ffn_targets", family)[family.ffn]
-        chosen = attention_targets
-        lora_cfg = config.attention_lora()
-    elif isinstance(config, LoraConfig):
-        chosen = _resolve(config.targets, blocks, "targets", family)
-        ffn_targets, lora_cfg = set(), config
-    elif isinstance(config, MoreConfig):
-        if config.tasks is None:
-            raise ConfigError("MoRE config names no tasks: set 'tasks' (names, numbered in order) or 'num_tasks'")
-        chosen = _resolve(config.targets, blocks, "targets", family)
-        ffn_targets, lora_cfg = set(), config
-    else:
+    if not isinstance(config, (LoraConfig, MixLoraConfig, MoreConfig)):
         raise TypeError(f"inject() takes a LoraConfig, MixLoraConfig or MoreConfig, got {type(config).__name__}")
+    if isinstance(config, MoreConfig) and config.tasks is None:
+        raise ConfigError("MoRE config names no tasks: set 'tasks' (names, numbered in order) or 'num_tasks'")
+    family = family_of(model)
+    chosen, ffn_targets = adapter_targets(config, family)
+    # The modules take their config whole; the family says how the base stores its weights.
+    projection_cls = MoreLinear if isinstance(config, MoreConfig) else LoraLinear
+    projection_cfg = config.attention_lora() if isinstance(config, MixLoraConfig) else config
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -145,9 +139,9 @@ def inject(model: nn.Module, config: LoraConfig | MixLoraConfig | MoreConfig) ->
         for block_name, projections in chosen.items():
             block = getattr(layer, block_name)
             for p in sorted(projections):
-                make = _more if isinstance(config, MoreConfig) else _lora
-                setattr(block, p, make(getattr(block, p), lora_cfg, family, context))
-        if isinstance(config, MixLoraConfig) and ffn_targets is not None:
+                setattr(block, p, projection_cls(getattr(block, p), projection_cfg, fan_in_fan_out=family.fan_in_fan_out,
+                                                 context=context))
+        if isinstance(config, MixLoraConfig):
             ffn = getattr(layer, family.ffn)
             setattr(layer, family.ffn, _mixlora_ffn(ffn, config, ffn_targets, family, context))
 
@@ -184,8 +178,7 @@ def _capture_inputs(state: AdapterState):
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         context.token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        task_ids = kwargs.pop("task_ids", None)
-        context.task_ids = task_ids
+        context.task_ids = kwargs.pop("task_ids", None)
         # transformers Trainer passes N = num_items_in_batch (label tokens of the whole optimizer step) and
         # sums the micro-batch losses; the LM loss is then sum(CE) / N. The auxiliary losses get the same
         # share n_b / N, so one optimizer step weighs them the same whatever the accumulation.

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -119,36 +120,23 @@ def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.Pat
     if format not in FORMATS:
         raise ExportError(f"unknown export format '{format}': choose one of {', '.join(FORMATS)}")
     out = Path(out_dir)
+    options = {"task": task, "dtype": dtype, "max_shard_size": max_shard_size, "progress": progress}
     if isinstance(adapter, nn.Module):
-        return _export_model(adapter, out, format=format, task=task, tokenizer=tokenizer, dtype=dtype,
-                             max_shard_size=max_shard_size, progress=progress)
+        return _export_model(adapter, out, format=format, tokenizer=tokenizer, **options)
     meta = read_adapter_config(adapter)
-    kind = meta.get("kind")
     base_name = base or meta.get("base_model") or meta.get("base_model_name_or_path")
-    if meta.get("peft_type") == "MIXLORA" or kind == "more":
+    if meta.get("peft_type") == "MIXLORA" or meta.get("kind") == "more":
         # The authors' format (pickled weights, read safely) and MoRE (per-task factors) need the model.
         if not base_name:
             raise ExportError(f"{adapter}: the adapter records no base model: give --model")
         model, tok = _load_base_model(base_name, quantization)
         load_adapter(model, adapter)
-        return _export_model(model, out, format=format, task=task, tokenizer=tok, dtype=dtype,
-                             max_shard_size=max_shard_size, progress=progress)
-    weights = AdapterWeights.from_folder(adapter)
-    if task is not None:
-        raise ExportError(f"--task applies to MoRE adapters; {adapter} is a '{kind}' adapter")
-    if format == "peft":
-        loras, mags = peft_factors(weights)
-        return write_peft_adapter(out, loras, base_model_name_or_path=hub.transformers_name(base_name), magnitudes=mags,
-                                  fan_in_fan_out=weights.family.fan_in_fan_out)
-    base_weights = _resolve_base(base_name, quantization)
-    if format == "mixtral":
-        return export_moe(base_weights, weights, out, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
-    return export_merged_streaming(base_weights, weights, out, dtype=dtype, max_shard_size=max_shard_size,
-                                   progress=progress)
+        return _export_model(model, out, format=format, tokenizer=tok, **options)
+    return _export_tensors(AdapterWeights.from_folder(adapter), lambda: _resolve_base(base_name, quantization), out,
+                           format=format, base_name=hub.transformers_name(base_name), **options)
 
 
-def _export_model(model: nn.Module, out: Path, *, format: str, task: str | None, tokenizer, dtype,
-                  max_shard_size, progress: bool) -> Path:
+def _export_model(model: nn.Module, out: Path, *, format: str, task: str | None, tokenizer, **options) -> Path:
     """Export from an injected in-memory model (the model keeps its adapter, except MoRE merged)."""
     config = adapter_state(model).config
     base_name = getattr(model.config, "_name_or_path", None) or None
@@ -159,20 +147,24 @@ def _export_model(model: nn.Module, out: Path, *, format: str, task: str | None,
             return more_tasks.export_task_peft(model, task, out, base_model_name_or_path=base_name)
         if format == "merged":
             plain = more_tasks.merge_task(model, task)
-            return save_plain(plain, out, tokenizer=tokenizer, dtype=dtype)
+            return save_plain(plain, out, tokenizer=tokenizer, dtype=options["dtype"])
         raise ExportError("format 'mixtral' exports MixLoRA adapters; this is a MoRE adapter "
                           "(use --format peft or --format merged with --task)")
+    return _export_tensors(AdapterWeights.from_model(model), lambda: BaseWeights.from_model(model, tokenizer), out,
+                           format=format, task=task, base_name=base_name, **options)
+
+
+def _export_tensors(adapter: AdapterWeights, base: Callable[[], BaseWeights], out: Path, *, format: str,
+                    task: str | None, base_name: str | None, dtype, max_shard_size, progress: bool) -> Path:
+    """Export a LoRA/DoRA or MixLoRA adapter's tensors; ``base()`` gives the base weights (not read for peft)."""
     if task is not None:
-        raise ExportError(f"--task applies to MoRE adapters; this is a '{config.kind}' adapter")
-    adapter = AdapterWeights.from_model(model)
+        raise ExportError(f"--task applies to MoRE adapters; {adapter.source} is a '{adapter.config.kind}' adapter")
     if format == "peft":
         loras, mags = peft_factors(adapter)
         return write_peft_adapter(out, loras, base_model_name_or_path=base_name, magnitudes=mags,
                                   fan_in_fan_out=adapter.family.fan_in_fan_out)
-    base = BaseWeights.from_model(model, tokenizer)
-    if format == "mixtral":
-        return export_moe(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
-    return export_merged_streaming(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
+    export = export_moe if format == "mixtral" else export_merged_streaming
+    return export(base(), adapter, out, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
 
 
 __all__ = [
