@@ -265,7 +265,7 @@ def test_errors_have_status_codes_and_openai_bodies_and_the_server_stays_healthy
     with pytest.raises(openai.NotFoundError) as err:
         client.completions.create(model="nope", prompt="hi", max_tokens=2)
     assert err.value.status_code == 404 and "nope" in err.value.body["message"]
-    bad = [dict(temperature=-1), dict(max_tokens=0), dict(n=2), dict(top_p=0), dict(max_tokens=10_000)]
+    bad = [dict(temperature=-1), dict(max_tokens=0), dict(n=9), dict(top_p=0), dict(max_tokens=10_000)]
     for fields in bad:
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(model="lora", prompt="hi", **{"max_tokens": 2, **fields})

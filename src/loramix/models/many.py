@@ -338,3 +338,82 @@ class AdapterView(nn.Module):
                 if key in entry:
                     setattr(out, key, entry[key])
         return out
+
+
+def add_adapter(model: nn.Module, name: str, attach: Any) -> nn.Module:
+    """Add one adapter to a model built by ``stack_adapters``, in place (e.g. while serving).
+
+    The stacks are taken apart (each slot gets its base module back), ``attach(model)`` injects the
+    new adapter alone on the bare base, its modules are kept, and every slot is stacked again. The
+    other adapters' modules are the same objects before and after: their parameters are untouched.
+
+    Example:
+        >>> add_adapter(model, "new", lambda m: load_adapter(m, "runs/new/adapter"))
+
+    Raises:
+        ValueError: ``name`` is taken. Whatever ``attach`` raises (the model then has its old adapters).
+    """
+    state: ManyAdapterState = model.loramix_many
+    if name in state.adapters:
+        raise ValueError(f"adapter '{name}' is already on this model; remove it first")
+    _unstack(model)
+    try:
+        attach(model)
+        state.adapters[name] = adapter_state(model)
+        state.members[name] = {path: m for path, m in model.named_modules() if hasattr(m, "adapter_parameter_names")}
+        unload(model)
+    except BaseException:
+        if getattr(model, "loramix_adapter", None) is not None:
+            unload(model)
+        state.adapters.pop(name, None)
+        state.members.pop(name, None)
+        raise
+    finally:
+        _restack(model, state)
+    return model
+
+
+def remove_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Take adapter ``name`` off a model built by ``stack_adapters``, in place; the others stay as they are.
+
+    Raises:
+        KeyError: no adapter ``name``. ValueError: it is the model's last adapter.
+    """
+    state: ManyAdapterState = model.loramix_many
+    if name not in state.adapters:
+        raise KeyError(f"no adapter '{name}'; this model has {list(state.adapters)}")
+    if len(state.adapters) == 1:
+        raise ValueError(f"'{name}' is the model's only adapter; a stacked model keeps at least one")
+    _unstack(model)
+    del state.adapters[name], state.members[name]
+    _restack(model, state)
+    return model
+
+
+def _unstack(model: nn.Module) -> None:
+    """Put each ``AdapterStack``'s base module back at its slot and detach the row-plan hook."""
+    state: ManyAdapterState = model.loramix_many
+    slots = sorted({path for by_slot in state.members.values() for path in by_slot}, key=lambda p: p.count("."))
+    for path in slots:  # shallowest first: a deeper slot is reached through the base of the one above
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        stack = getattr(parent, child)
+        if isinstance(stack, AdapterStack):
+            setattr(parent, child, stack.base)
+    for hook in state.hooks:
+        hook.remove()
+    state.hooks.clear()
+    state.plan.clear()
+    del model.loramix_many
+
+
+def _restack(model: nn.Module, state: ManyAdapterState) -> None:
+    """``stack_adapters``'s last steps again for the adapters in ``state`` (after ``_unstack``)."""
+    slots = sorted({path for by_slot in state.members.values() for path in by_slot}, key=lambda p: -p.count("."))
+    for path in slots:
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        by_adapter = {name: by_slot[path] for name, by_slot in state.members.items() if path in by_slot}
+        setattr(parent, child, AdapterStack(getattr(parent, child), by_adapter, state))
+    state.hooks.append(model.register_forward_pre_hook(_capture_rows(state), with_kwargs=True))
+    model.loramix_many = state

@@ -5,12 +5,17 @@
     POST /v1/completions         prompt (a string or a list of strings), non-streaming or SSE
     POST /v1/chat/completions    messages through the base tokenizer's chat template
 
+    GET/POST/DELETE /v1/adapters adding and removing adapters while serving (``admin.py``)
+
 Request fields: ``model`` (which of /v1/models), ``max_tokens``, ``temperature`` (0 = greedy; the
-default is OpenAI's 1), ``top_p``, ``stop`` (a string or up to 4), ``seed``, ``stream``,
-``stream_options.include_usage``; ``n`` must be 1. Responses carry ``usage``. Errors are OpenAI-style
-bodies ``{"error": {"message", "type", "param", "code"}}``: 404 for an unknown model, 400 for
-malformed JSON or a bad field. FastAPI (Starlette) does the HTTP, JSON and server-sent events;
-the endpoints only translate between OpenAI's shapes and ``Engine.submit``.
+default is OpenAI's 1), ``top_p``, ``stop`` (a string or up to 4), ``seed``, ``n`` (choices per
+prompt, each its own engine row; with a seed, choice i samples with seed + i; greedy choices are
+equal), ``stream``, ``stream_options.include_usage``. Responses carry ``usage`` (the prompt counted
+once, the completions of every choice). Errors are OpenAI-style bodies
+``{"error": {"message", "type", "param", "code"}}`` (``limits.py``): 404 for an unknown model, 400
+for malformed JSON, a bad field or a limit of ``Limits``, 401 without the API key, 429 when the
+engine's queue is full. FastAPI (Starlette) does the HTTP, JSON and server-sent events; the
+endpoints only translate between OpenAI's shapes and ``Engine.submit_all``.
 """
 
 from __future__ import annotations
@@ -27,23 +32,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, SamplingParams, Served, Target
+from .admin import add_admin
+from .engine import Engine, QueueFull, SamplingParams, Served, Target
+from .limits import ApiError, Guard, Limits, error_body
+from .page import add_page
 
 MAX_TOKENS_DEFAULT = 16  # OpenAI's default for completions; chat gets the rest of the context, capped below
 MAX_TOKENS_CHAT = 512
-
-
-class ApiError(Exception):
-    """An error answered as ``{"error": {...}}`` with ``status``."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-def _error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = {400: "invalid_request_error", 404: "not_found_error", 503: "service_unavailable"}.get(status, "api_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 class _Sampling(BaseModel):
@@ -74,14 +69,21 @@ class ChatBody(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
-def build_app(served: Served, engine: Engine) -> FastAPI:
-    """The FastAPI app serving ``served`` through ``engine`` (started and stopped by the caller)."""
+def build_app(served: Served, engine: Engine, *, limits: Limits | None = None, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving ``served`` through ``engine`` (started and stopped by the caller).
+
+    Args:
+        limits: what a request may ask for (``Limits()`` if None).
+        api_key: when set, every ``/v1`` endpoint needs ``Authorization: Bearer <api_key>``.
+    """
+    limits = limits or Limits()
     app = FastAPI(title="loramix serve", docs_url=None, redoc_url=None)
+    app.add_middleware(Guard, max_request_bytes=limits.max_request_bytes, api_key=api_key)
     created = int(time.time())
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
-        return JSONResponse(_error_body(err.status, err.message, err.param, err.code), status_code=err.status)
+        return JSONResponse(error_body(err.status, err.message, err.param, err.code), status_code=err.status)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -91,11 +93,11 @@ def build_app(served: Served, engine: Engine) -> FastAPI:
             message, where = f"malformed JSON body: {first.get('ctx', {}).get('error', 'not JSON')}", None
         else:
             message = f"{where or 'body'}: {first.get('msg', 'invalid value')}"
-        return JSONResponse(_error_body(400, message, where or None), status_code=400)
+        return JSONResponse(error_body(400, message, where or None), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(_error_body(err.status_code, str(err.detail)), status_code=err.status_code)
+        return JSONResponse(error_body(err.status_code, str(err.detail)), status_code=err.status_code)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -110,24 +112,34 @@ def build_app(served: Served, engine: Engine) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
-        target, params = _parse(body, served, MAX_TOKENS_DEFAULT)
+        target, params = _parse(body, served, MAX_TOKENS_DEFAULT, limits)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise ApiError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
-        ids = [_checked(served, served.prompt_ids(p), params) for p in prompts]
+        if len(prompts) > limits.max_prompts:
+            raise ApiError(400, f"prompt: {len(prompts)} prompts in one request; at most {limits.max_prompts} "
+                                f"(--max-prompts)", param="prompt")
+        ids = [_checked(served, served.prompt_ids(p), params, limits, "prompt") for p in prompts]
         return await _respond(engine, body, ids, target, params, chat=False, request=request)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
-        target, params = _parse(body, served, MAX_TOKENS_CHAT)
+        target, params = _parse(body, served, MAX_TOKENS_CHAT, limits)
+        if len(body.messages) > limits.max_messages:
+            raise ApiError(400, f"messages: {len(body.messages)} messages in one request; at most "
+                                f"{limits.max_messages} (--max-messages)", param="messages")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
                     for m in body.messages]
         try:
             ids = served.chat_ids(messages)
         except ValueError as err:
             raise ApiError(400, str(err), param="messages") from None
-        return await _respond(engine, body, [_checked(served, ids, params)], target, params, chat=True, request=request)
+        return await _respond(engine, body, [_checked(served, ids, params, limits, "messages")], target, params,
+                              chat=True, request=request)
 
+    add_admin(app, served, engine)
+
+    add_page(app)  # GET /: the chat page
     return app
 
 
@@ -140,7 +152,7 @@ def _text(content: str | list[dict[str, Any]]) -> str:
     return "".join(str(part.get("text", "")) for part in content)
 
 
-def _parse(body: _Sampling, served: Served, default_max: int) -> tuple[Target, SamplingParams]:
+def _parse(body: _Sampling, served: Served, default_max: int, limits: Limits) -> tuple[Target, SamplingParams]:
     """The request's target and sampling settings; ApiError 404 / 400 for what does not fit."""
     target = served.targets.get(body.model)
     if target is None:
@@ -150,19 +162,28 @@ def _parse(body: _Sampling, served: Served, default_max: int) -> tuple[Target, S
         tasks = [name for name in served.targets if name.startswith(body.model + ":")]
         raise ApiError(400, f"'{body.model}' is a MoRE adapter without a default task: ask for one of {tasks}",
                        param="model")
-    if body.n != 1:
-        raise ApiError(400, "n: only n=1 is supported (send several requests; they are batched)", param="n")
+    if not 1 <= body.n <= limits.max_n:
+        raise ApiError(400, f"n: give 1 to {limits.max_n} choices (got {body.n})", param="n")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4:
         raise ApiError(400, "stop: at most 4 sequences", param="stop")
-    max_tokens = body.max_completion_tokens or body.max_tokens or default_max
+    cap = limits.max_tokens or served.max_length
+    max_tokens = body.max_completion_tokens or body.max_tokens or min(default_max, cap or default_max)
+    if cap and max_tokens > cap:
+        field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        raise ApiError(400, f"{field}: {max_tokens} is more than this server allows ({cap}; --max-tokens)",
+                       param=field)
     return target, SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                   stop=stop, seed=body.seed)
 
 
-def _checked(served: Served, ids: list[int], params: SamplingParams) -> list[int]:
+def _checked(served: Served, ids: list[int], params: SamplingParams, limits: Limits, field: str) -> list[int]:
+    """``ids`` if the prompt (from request field ``field``) fits the limits, else ApiError 400."""
     if not ids:
-        raise ApiError(400, "the prompt is empty (no tokens): give some text", param="prompt")
+        raise ApiError(400, "the prompt is empty (no tokens): give some text", param=field)
+    if limits.max_prompt_tokens and len(ids) > limits.max_prompt_tokens:
+        raise ApiError(400, f"{field}: the prompt has {len(ids)} tokens; this server takes at most "
+                            f"{limits.max_prompt_tokens} (--max-prompt-tokens)", param=field)
     if served.max_length and len(ids) + params.max_tokens > served.max_length:
         raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
                             f"model's context of {served.max_length} tokens", param="max_tokens")
@@ -171,20 +192,36 @@ def _checked(served: Served, ids: list[int], params: SamplingParams) -> list[int
 
 async def _respond(engine: Engine, body: _Sampling, prompts: list[list[int]], target: Target,
                    params: SamplingParams, *, chat: bool, request: Request):
-    """Submit one engine request per prompt; answer with one JSON object or a server-sent event stream."""
+    """Submit ``body.n`` engine rows per prompt (choice index = prompt index × n + i, seed + choice index);
+    answer with one JSON object or a server-sent event stream."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    handles = []
-    for index, ids in enumerate(prompts):
+    rows = [ids for ids in prompts for _ in range(body.n)]
+    if len(rows) > engine.max_queue:  # could never wait in the queue together: not a 'retry later'
+        raise ApiError(400, f"n: {len(prompts)} prompt(s) × n={body.n} is {len(rows)} generations; this server "
+                            f"queues at most {engine.max_queue} (--max-queue)", param="n")
+    jobs = []
+    for index, ids in enumerate(rows):
         def emit(event: tuple, index: int = index) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (index, event))
         seeded = SamplingParams(**{**vars(params), "seed": None if params.seed is None else params.seed + index})
-        handles.append(engine.submit(ids, target, seeded, emit))
+        jobs.append((ids, target, seeded, emit))
+    try:
+        handles = engine.submit_all(jobs)
+    except QueueFull as err:
+        raise ApiError(429, f"the server is busy: {err}", code="rate_limit_exceeded") from None
+    except ValueError as err:  # one row alone is over the batch token budget
+        raise ApiError(400, f"max_tokens: {err}", param="max_tokens") from None
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
+    prompt_tokens = sum(len(ids) for ids in prompts)  # once per prompt, however many choices (as OpenAI counts)
+
+    def usage_of(completion_tokens: int) -> dict[str, int]:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
 
     async def results():
-        """(index, event) until every prompt is done; cancels the engine rows if the consumer goes away."""
+        """(index, event) until every row is done; cancels the engine rows if the consumer goes away."""
         remaining = len(handles)
         try:
             while remaining:
@@ -197,25 +234,25 @@ async def _respond(engine: Engine, body: _Sampling, prompts: list[list[int]], ta
                 handle.cancel()
 
     if not body.stream:
-        texts = [""] * len(prompts)
-        finish: list[str | None] = [None] * len(prompts)
-        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        texts = [""] * len(rows)
+        finish: list[str | None] = [None] * len(rows)
+        generated = 0
         async for index, event in results():
             if event[0] == "text":
                 texts[index] += event[1]
             elif event[0] == "done":
                 finish[index] = event[1]
-                usage = {k: usage[k] + event[2][k] for k in usage}
+                generated += event[2]["completion_tokens"]
             else:
                 raise ApiError(500, event[1])
         if chat:
-            choices = [{"index": 0, "message": {"role": "assistant", "content": texts[0]}, "logprobs": None,
-                        "finish_reason": finish[0]}]
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                        "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finish))]
         else:
             choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
                        for i, (t, f) in enumerate(zip(texts, finish))]
         return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": body.model, "choices": choices, "usage": usage}
+                "model": body.model, "choices": choices, "usage": usage_of(generated)}
 
     include_usage = bool((body.stream_options or {}).get("include_usage"))
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -232,21 +269,22 @@ async def _respond(engine: Engine, body: _Sampling, prompts: list[list[int]], ta
         return f"data: {json.dumps(data)}\n\n"
 
     async def stream():
-        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        generated = 0
         if chat:
-            yield chunk(0, None, None, first=True)
+            for index in range(len(rows)):
+                yield chunk(index, None, None, first=True)
         async for index, event in results():
             if event[0] == "text":
                 yield chunk(index, event[1], None)
             elif event[0] == "done":
-                usage = {k: usage[k] + event[2][k] for k in usage}
+                generated += event[2]["completion_tokens"]
                 yield chunk(index, None, event[1])
             else:
-                yield f"data: {json.dumps(_error_body(500, event[1]))}\n\n"
+                yield f"data: {json.dumps(error_body(500, event[1]))}\n\n"
                 break
         if include_usage:
             data = {"id": ident, "object": kind, "created": created, "model": body.model, "choices": [],
-                    "usage": usage}
+                    "usage": usage_of(generated)}
             yield f"data: {json.dumps(data)}\n\n"
         yield "data: [DONE]\n\n"
 

@@ -7,11 +7,17 @@
 
 Any OpenAI client works (``OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")``); the
 ``model`` field picks the base (the --model value), an adapter (its NAME) or a MoRE task (NAME:TASK).
+
+SIGTERM (or Ctrl+C) shuts down gracefully: the port closes at once, requests in flight (streams
+included) finish, then the engine stops and the command exits 0 (after --graceful-timeout seconds,
+unfinished requests are cut off).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 
 from ...cli import UsageError, add_threads_argument, apply_threads, check_device, check_dtype, check_model, resolve_model
 
@@ -27,6 +33,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
     parser.add_argument("--max-batch-size", type=int, default=8,
                         help="most requests decoded together in one step (across all adapters)")
+    parser.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
+                        help="token budget of the running batch: each request reserves its prompt plus max_tokens, "
+                             "and waits to join until its reservation fits; a request larger than N alone is a 400 "
+                             "(default: no budget, only --max-batch-size)")
+    parser.add_argument("--max-queue", type=int, default=64, metavar="N",
+                        help="most requests waiting to join the batch; beyond it requests get 429 (retry later)")
+    parser.add_argument("--max-request-bytes", type=int, default=1 << 20, metavar="N",
+                        help="largest request body in bytes (400 beyond)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
+                        help="longest prompt in tokens (400 beyond; default: the model's context)")
+    parser.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                        help="largest max_tokens a request may ask for (400 beyond; default: the model's context)")
+    parser.add_argument("--max-prompts", type=int, default=16, metavar="N",
+                        help="most prompts in one /v1/completions request")
+    parser.add_argument("--max-messages", type=int, default=256, metavar="N",
+                        help="most messages in one /v1/chat/completions request")
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help="require 'Authorization: Bearer KEY' on every /v1 endpoint (/health and the page stay "
+                             "open); default: the environment variable LORAMIX_API_KEY, else no key")
+    parser.add_argument("--graceful-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM, how long requests in flight may take to finish before they are cut off")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, fp32 on CPU), float32, bfloat16, float16")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     add_threads_argument(parser)
@@ -52,9 +79,17 @@ def run(args: argparse.Namespace) -> int:
     from .app import build_app
     from .engine import Engine, load_served
 
+    from .limits import Limits
+
     adapters = parse_adapters(args.adapter)
-    if args.max_batch_size < 1:
-        raise UsageError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
+    for option in ("max_batch_size", "max_queue", "max_request_bytes", "max_prompts", "max_messages",
+                   "max_batch_tokens", "max_prompt_tokens", "max_tokens"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise UsageError(f"--{option.replace('_', '-')} must be at least 1, got {value}")
+    if args.graceful_timeout < 0:
+        raise UsageError(f"--graceful-timeout must be 0 or more seconds, got {args.graceful_timeout}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LORAMIX_API_KEY") or None
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
     check_device(args.device)
@@ -68,11 +103,22 @@ def run(args: argparse.Namespace) -> int:
         if type(err) is not ValueError:  # AdapterLoadError and the like keep their own class and message
             raise
         raise UsageError(f"--adapter: {err}") from None
-    engine = Engine(served, max_batch_size=args.max_batch_size)
+    engine = Engine(served, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                    max_batch_tokens=args.max_batch_tokens)
+    limits = Limits(max_request_bytes=args.max_request_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                    max_tokens=args.max_tokens, max_prompts=args.max_prompts, max_messages=args.max_messages)
+    app = build_app(served, engine, limits=limits, api_key=api_key)
     engine.start()
-    print(f"loramix serve: {', '.join(served.targets)} on http://{args.host}:{args.port}/v1", flush=True)
+    print(f"loramix serve: {', '.join(served.targets)} on http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if api_key else ''}", flush=True)
+    # uvicorn drains on SIGTERM/SIGINT, then raises the signal again for the previous handler: a
+    # handler that does nothing lets the drained server stop the engine and exit 0, not die by the signal.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        uvicorn.run(build_app(served, engine), host=args.host, port=args.port, log_level="info")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info",
+                    timeout_graceful_shutdown=args.graceful_timeout)
     finally:
-        engine.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        engine.stop()  # after uvicorn has drained: no request is still waiting for tokens
     return 0

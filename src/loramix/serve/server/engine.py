@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -121,17 +122,7 @@ def load_served(model: nn.Module, tokenizer: Any, folders: dict[str, str | os.Pa
     """
     targets: dict[str, Target] = {base_name: Target(BASE)}
     for name, folder in folders.items():
-        if not name or name.startswith("_") or not all(c.isalnum() or c in "-_." for c in name) or name == base_name:
-            raise ValueError(f"adapter name '{name}': use letters, digits, '-', '_', '.', not starting with '_' "
-                             f"and not the base model's name")
-        targets[name] = Target(name)
-        meta = read_adapter_config(folder)
-        if meta.get("kind") == "more":
-            tasks = recorded_task_index(meta) or {}
-            default = (meta.get("config") or {}).get("default_task")
-            targets[name] = Target(name, tasks[default] if default in tasks else (0 if len(tasks) == 1 else -2))
-            for task, index in tasks.items():
-                targets[f"{name}:{task}"] = Target(name, index)
+        targets.update(adapter_targets(name, folder, base_name=base_name))
     attach = {BASE: _base_lora}
     attach.update({name: (lambda m, f=folder: load_adapter(m, f)) for name, folder in folders.items()})
     model = stack_adapters(model, attach)
@@ -142,6 +133,29 @@ def load_served(model: nn.Module, tokenizer: Any, folders: dict[str, str | os.Pa
     return Served(model=model, tokenizer=tokenizer, base_name=base_name, targets=targets,
                   order={name: i for i, name in enumerate(attach)}, eos_ids=eos_ids,
                   max_length=getattr(model.config, "max_position_embeddings", None))
+
+
+def adapter_targets(name: str, folder: str | os.PathLike, *, base_name: str) -> dict[str, Target]:
+    """The model names adapter folder ``folder`` serves under ``name``: ``name``, and ``NAME:TASK`` per MoRE task.
+
+    Raises:
+        ValueError: a bad adapter name; ``AdapterLoadError`` from the folder's config reader.
+    """
+    if not name or name.startswith("_") or not all(c.isalnum() or c in "-_." for c in name) or name == base_name:
+        raise ValueError(f"adapter name '{name}': use letters, digits, '-', '_', '.', not starting with '_' "
+                         f"and not the base model's name")
+    meta = read_adapter_config(folder)
+    if meta.get("kind") != "more":
+        return {name: Target(name)}
+    tasks = recorded_task_index(meta) or {}
+    default = (meta.get("config") or {}).get("default_task")
+    targets = {name: Target(name, tasks[default] if default in tasks else (0 if len(tasks) == 1 else -2))}
+    targets.update({f"{name}:{task}": Target(name, index) for task, index in tasks.items()})
+    return targets
+
+
+class QueueFull(Exception):
+    """``Engine.submit`` found the waiting queue full (the server answers 429)."""
 
 
 class Request:
@@ -166,19 +180,34 @@ class Request:
 
 
 class Engine:
-    """The thread that owns the model and decodes all requests in batches of at most ``max_batch_size`` rows."""
+    """The thread that owns the model and decodes all requests in batches of at most ``max_batch_size`` rows.
 
-    def __init__(self, served: Served, *, max_batch_size: int = 8, kv_cache: bool = True) -> None:
+    Args:
+        max_queue: most requests waiting to join the batch; ``submit`` raises ``QueueFull`` beyond it.
+        max_batch_tokens: token budget of the running batch, or None: the rows decoded together reserve
+            at most this many tokens, each row ``len(prompt) + max_tokens`` (what it may reach, so a
+            running row never outgrows the budget and nothing has to be evicted). A waiting request
+            joins between steps only when its reservation fits (first come, first served: a large one
+            at the head waits for room rather than being overtaken); one larger than the whole budget
+            is refused by ``submit`` (ValueError).
+    """
+
+    def __init__(self, served: Served, *, max_batch_size: int = 8, kv_cache: bool = True, max_queue: int = 64,
+                 max_batch_tokens: int | None = None) -> None:
         self.served = served
         self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.max_batch_tokens = max_batch_tokens
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: list[Request] = []
-        self._wake = threading.Condition()
+        self._jobs: list[tuple[Callable[[], Any], Callable[[], bool] | None, Future]] = []  # call_between_steps
+        self._wake = threading.Condition()  # an RLock inside: ``when`` predicates may call in_use()
         self._stopping = False
         self._paused = False
         self._thread = threading.Thread(target=self._loop, name="loramix-engine", daemon=True)
         self.steps = 0
         self.max_rows_seen = 0  # the largest batch decoded so far (tests check that requests shared steps)
+        self.max_batch_tokens_seen = 0  # the largest reservation of a batch so far (tests check the budget)
         self.kv_cache = kv_cache and _plain_cache(served.model)
 
     def start(self) -> None:
@@ -215,23 +244,85 @@ class Engine:
         return {"waiting": waiting, "running": sum(not r.cancelled for r in list(self._active)), "steps": self.steps}
 
     def submit(self, prompt: list[int], target: Target, params: SamplingParams, emit: Callable[[tuple], None]) -> Request:
-        request = Request(prompt, target, params, emit)
+        """Queue one generation; ``emit`` gets its events on the engine thread (see ``Request``).
+
+        Raises:
+            QueueFull: ``max_queue`` requests wait already. ValueError: it alone exceeds ``max_batch_tokens``.
+        """
+        return self.submit_all([(prompt, target, params, emit)])[0]
+
+    def submit_all(self, jobs: list[tuple[list[int], Target, SamplingParams, Callable[[tuple], None]]]) -> list[Request]:
+        """Queue several generations (one HTTP request's choices) all or none: ``QueueFull`` if they do not all fit."""
+        requests = [Request(*job) for job in jobs]
+        too_big = [self.reserved_tokens(r) for r in requests
+                   if self.max_batch_tokens is not None and self.reserved_tokens(r) > self.max_batch_tokens]
+        if too_big:
+            raise ValueError(f"the prompt plus max_tokens ({too_big[0]} tokens) exceeds the batch token budget "
+                             f"of {self.max_batch_tokens} (--max-batch-tokens)")
         with self._wake:
-            self._waiting.append(request)
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) + len(requests) > self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (at most {self.max_queue}); retry later")
+            self._waiting.extend(requests)
             self._wake.notify()
-        return request
+        return requests
+
+    @staticmethod
+    def reserved_tokens(request: Request) -> int:
+        """What a row counts against ``max_batch_tokens``: its prompt plus its ``max_tokens``."""
+        return len(request.prompt) + request.params.max_tokens
+
+    def in_use(self, adapter: str) -> bool:
+        """Whether a waiting or running request (not cancelled) decodes through ``adapter``."""
+        with self._wake:
+            return any(r.target.adapter == adapter and not r.cancelled and not r.finished
+                       for r in list(self._waiting) + self._active)
+
+    def call_between_steps(self, fn: Callable[[], Any], *, when: Callable[[], bool] | None = None) -> Future:
+        """Run ``fn()`` on the engine thread between two decode steps (also while paused), once ``when()``
+        (checked between steps) is true; the returned Future gets its result or exception.
+
+        Example:
+            >>> engine.call_between_steps(lambda: remove_adapter(model, "a"), when=lambda: not engine.in_use("a"))
+        """
+        future: Future = Future()
+        with self._wake:
+            if self._stopping:
+                future.set_exception(RuntimeError("the server is shutting down"))
+                return future
+            self._jobs.append((fn, when, future))
+            self._wake.notify()
+        return future
+
+    def _ready_jobs(self) -> list[tuple[Callable[[], Any], Callable[[], bool] | None, Future]]:
+        """Take the jobs whose condition holds off the list (call with the lock held)."""
+        ready = [job for job in self._jobs if job[1] is None or job[1]()]
+        self._jobs = [job for job in self._jobs if job not in ready]
+        return ready
 
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stopping and (self._paused or not (self._waiting or self._active)):
+                jobs = self._ready_jobs()
+                while not jobs and not self._stopping and (self._paused or not (self._waiting or self._active)):
                     self._wake.wait()
+                    jobs = self._ready_jobs()
                 if self._stopping:
                     for request in list(self._waiting) + self._active:
                         request.emit(("error", "the server is shutting down"))
+                    for _, _, future in self._jobs + jobs:
+                        future.set_exception(RuntimeError("the server is shutting down"))
                     return
-                while self._waiting and len(self._active) < self.max_batch_size:
-                    self._active.append(self._waiting.popleft())
+                if not jobs:
+                    self._admit()
+            if jobs:  # outside the lock: loading an adapter must not hold up submit()
+                for fn, _, future in jobs:
+                    try:
+                        future.set_result(fn())
+                    except Exception as err:  # the caller gets the error; the engine goes on
+                        future.set_exception(err)
+                continue
             self._active = [r for r in self._active if not r.cancelled]
             if not self._active:
                 continue
@@ -241,6 +332,20 @@ class Engine:
                 for request in self._active:
                     request.emit(("error", f"generation failed: {type(err).__name__}: {err}"))
                 self._active = []
+
+    def _admit(self) -> None:
+        """Move waiting requests into the batch while rows and the token budget allow (lock held)."""
+        reserved = sum(self.reserved_tokens(r) for r in self._active if not r.cancelled)
+        while self._waiting and len(self._active) < self.max_batch_size:
+            head = self._waiting[0]
+            if head.cancelled:  # its client left while it waited
+                self._waiting.popleft()
+                continue
+            if self.max_batch_tokens is not None and self._active and reserved + self.reserved_tokens(head) > self.max_batch_tokens:
+                break
+            self._active.append(self._waiting.popleft())
+            reserved += self.reserved_tokens(head)
+        self.max_batch_tokens_seen = max(self.max_batch_tokens_seen, reserved)
 
     def _step(self, rows: list[Request]) -> None:
         """One decode step for ``rows``: one new token per row, events, finished rows out.
