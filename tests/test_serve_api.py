@@ -23,9 +23,11 @@ from typing import Iterator
 import httpx2 as httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
 from loramix.hub import load_model
+from loramix.models.many import member_parameters
 from loramix.serve.server.app import build_app
 from loramix.serve.server.engine import Engine, load_served
 from loramix.serve.server.limits import Limits
@@ -60,6 +62,27 @@ def running(app) -> Iterator[str]:
         uv.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def serve_process(folders):  # noqa: F811
+    """``loramix serve`` as a subprocess (for the SIGTERM test), started before everything else in this
+    module so that its start-up (imports, model load: 10-40 s on a busy 2-core machine) overlaps the
+    in-process tests instead of adding to them. Yields (process, base URL)."""
+    base, adapters = folders
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "LORAMIX_API_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "loramix", "serve", "--model", str(base), "--adapter",
+                             f"lora={adapters['lora']}", "--port", str(port), "--threads", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        yield proc, f"http://127.0.0.1:{port}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +273,8 @@ def test_adapters_are_added_and_removed_while_serving(api, reference):  # noqa: 
         model=name, prompt=prompt, max_tokens=n, temperature=0).choices[0].text
     post = lambda body: httpx.post(url + "/v1/adapters", json=body, headers=auth(), timeout=60)  # noqa: E731
     before = {name: ask(name, "a dog ran in") for name in ("lora", "mix", "base")}
+    lora_params = member_parameters(engine.served.model, "lora")
+    lora_values = {k: v.detach().clone() for k, v in lora_params.items()}
     listed = httpx.get(url + "/v1/adapters", headers=auth()).json()["data"]
     assert [(a["id"], a["models"]) for a in listed] == [("lora", ["lora"]), ("mix", ["mix"])]
 
@@ -290,40 +315,31 @@ def test_adapters_are_added_and_removed_while_serving(api, reference):  # noqa: 
     assert httpx.delete(url + "/v1/adapters/more", headers=auth()).status_code == 404
     assert httpx.delete(url + "/v1/adapters/base", headers=auth()).status_code == 400
     assert {name: ask(name, "a dog ran in") for name in before} == before, "the others are untouched"
+    after = member_parameters(engine.served.model, "lora")
+    assert all(after[k] is p and torch.equal(p, lora_values[k]) for k, p in lora_params.items())
 
 
-def test_sigterm_finishes_the_running_stream_refuses_new_connections_and_exits_0(folders, tmp_path):  # noqa: F811
-    base, adapters = folders
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
-    env = {**os.environ, "LORAMIX_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "loramix", "serve", "--model", str(base), "--adapter",
-                             f"lora={adapters['lora']}", "--port", str(port), "--threads", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def up() -> bool:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                return httpx.get(url + "/health", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-        wait_until(up, "the server to start", seconds=120)
-        body = {"model": "lora", "prompt": "the", "max_tokens": 100, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}}
-        lines = []
-        with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth(), timeout=60) as response:
-            events = (line for line in response.iter_lines() if line)
-            lines.append(next(events))  # the first token arrived: the request is in flight
-            proc.send_signal(signal.SIGTERM)
-            wait_until(lambda: not _connects(port), "the port to close", seconds=20)
-            lines.extend(events)
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+def test_sigterm_finishes_the_running_stream_refuses_new_connections_and_exits_0(serve_process):
+    proc, url = serve_process
+    port = int(url.rsplit(":", 1)[1])
+
+    def up() -> bool:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            return httpx.get(url + "/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+    wait_until(up, "the server to start", seconds=120)
+    body = {"model": "lora", "prompt": "the", "max_tokens": 100, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    lines = []
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth(), timeout=60) as response:
+        events = (line for line in response.iter_lines() if line)
+        lines.append(next(events))  # the first token arrived: the request is in flight
+        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: not _connects(port), "the port to close", seconds=20)
+        lines.extend(events)
+    assert proc.wait(timeout=60) == 0
     assert lines[-1] == "data: [DONE]"
     usage = json.loads(lines[-2][6:])["usage"]
     finish = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in lines[:-2]]
