@@ -61,7 +61,7 @@ def adapter_task_index(model: nn.Module, data_tasks: set[str] | list[str]) -> di
     config = adapter_state(model).config
     if not isinstance(config, MoreConfig):
         return None
-    tasks = list(config.tasks or [])
+    tasks = config.tasks or []
     unknown = sorted(set(data_tasks) - set(tasks))
     if unknown:
         raise ConfigError(f"the training data holds task(s) {unknown} that the MoRE adapter does not name; "
@@ -112,10 +112,7 @@ def rank_summary(model: nn.Module) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for task in more_config(model).tasks or []:
         ranks = [per_task[task] for per_task in table.values()]
-        summary: dict[str, float] = {"mean": sum(ranks) / max(len(ranks), 1)}
-        for k in sorted(set(ranks)):
-            summary[str(k)] = ranks.count(k)
-        out[task] = summary
+        out[task] = {"mean": sum(ranks) / max(len(ranks), 1), **{str(k): ranks.count(k) for k in sorted(set(ranks))}}
     return out
 
 
@@ -164,13 +161,12 @@ def export_task_peft(model: nn.Module, task: str | int, out_dir: str | os.PathLi
         >>> export_task_peft(model, "piqa", "out/piqa")
         >>> PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "out/piqa")
     """
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(model.config, "_name_or_path", None) or None
-    return write_peft_adapter(out_dir, task_loras(model, task), base_model_name_or_path=base_model_name_or_path,
+    base = base_model_name_or_path or getattr(model.config, "_name_or_path", None) or None
+    return write_peft_adapter(out_dir, task_loras(model, task), base_model_name_or_path=base,
                               fan_in_fan_out=adapter_state(model).family.fan_in_fan_out)
 
 
 __all__ = [
-    "adapter_task_index", "chosen_ranks", "export_task_peft", "fix_ranks", "merge_task", "more_config", "rank_summary", "recorded_task_index", "task_ids_tensor",
-    "task_index", "task_loras", "use_task",
+    "adapter_task_index", "chosen_ranks", "export_task_peft", "fix_ranks", "merge_task", "more_config", "rank_summary",
+    "recorded_task_index", "task_ids_tensor", "task_index", "task_loras", "use_task",
 ]

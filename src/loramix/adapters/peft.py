@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .common import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, ExportError
+from .common import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, ExportError, key_mismatch
 
 
 def write_peft_adapter(
@@ -83,11 +83,9 @@ def peft_adapter_files(
     """
     if not loras:
         raise ExportError("write_peft_adapter: no LoRA modules to write")
-    if magnitudes is not None and set(magnitudes) != set(loras):
-        missing = sorted(set(loras) - set(magnitudes))[:3]
-        extra = sorted(set(magnitudes) - set(loras))[:3]
-        raise ExportError(f"write_peft_adapter: DoRA magnitudes must cover exactly the LoRA modules "
-                          f"(missing e.g. {missing}, extra e.g. {extra})")
+    mismatch = key_mismatch(set(loras), set(magnitudes)) if magnitudes is not None else None
+    if mismatch:
+        raise ExportError(f"write_peft_adapter: DoRA magnitudes must cover exactly the LoRA modules ({mismatch})")
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for name, (A, B) in loras.items():

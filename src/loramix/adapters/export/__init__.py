@@ -24,8 +24,8 @@ Example:
     >>> export_adapter("runs/arc-e/adapter", "out/arc-e-mixtral", format="mixtral")
     >>> AutoModelForCausalLM.from_pretrained("out/arc-e-mixtral")      # no loramix needed
 
-What the formats share (weight sources, merge math, shard writer) is in ``weights.py``; this file
-picks the base and the format.
+What the formats share (weight sources, merge math, shard writer, the streaming frame) is in
+``weights.py``; this file picks the base and the format.
 """
 
 from __future__ import annotations

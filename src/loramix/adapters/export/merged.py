@@ -15,8 +15,8 @@ from torch import nn
 from ...config import MixLoraConfig, MoreConfig
 from ..common import ExportError
 from .weights import (
-    DEFAULT_MAX_SHARD_SIZE, AdapterWeights, BaseWeights, ShardWriter, check_adapter_matches, layer_keys,
-    merge_or_copy, parse_size, progress_bar, tied_embeddings, write_extras,
+    DEFAULT_MAX_SHARD_SIZE, AdapterWeights, BaseWeights, ShardWriter, check_adapter_matches, merge_or_copy,
+    stream_export,
 )
 
 
@@ -30,40 +30,19 @@ def export_merged_streaming(base: BaseWeights, adapter: AdapterWeights, out_dir:
     if isinstance(adapter.config, MoreConfig):
         raise ExportError("a MoRE adapter holds one update per task: merge one task with --task NAME")
     check_adapter_matches(adapter, base)
-    family = adapter.family
-    num_layers = base.config.num_hidden_layers
-    per_layer, before, after = layer_keys(base.keys(), family, num_layers)
-    tied = tied_embeddings(base.config)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(out, parse_size(max_shard_size))
-    used = set()
-
-    def write(key: str) -> None:
-        if tied and key == "lm_head.weight":
-            return
-        used.add(key.rpartition(".")[0])
-        writer.add(key, merge_or_copy(key, base, adapter, dtype))
-
-    for key in before:
-        write(key)
-    for layer in progress_bar(range(num_layers), num_layers, "export merged", progress):
-        for key in per_layer[layer]:
-            write(key)
-        writer.flush_if_full()
-    for key in after:
-        write(key)
-    # Every adapter module must have found its base weight, else the export silently drops it.
-    orphans = sorted({k.rpartition(".")[0] for k in adapter.keys()} - used)
+    # Every adapter module must have its base weight, else the export would silently leave it out.
+    orphans = sorted({k.rpartition(".")[0] for k in adapter.keys()} - {k.rpartition(".")[0] for k in base.keys()})
     if orphans:
         raise ExportError(f"{adapter.source}: adapter module '{orphans[0]}' has no weight in the base model")
-    writer.close()
     config = copy.deepcopy(base.config)  # never touch the config of an in-memory model
     if dtype is not None:
         config.dtype = dtype
-    config.save_pretrained(out)
-    write_extras(out, base)
-    return out
+
+    def write(writer: ShardWriter, key: str) -> None:
+        writer.add(key, merge_or_copy(key, base, adapter, dtype))
+
+    return stream_export(base, adapter.family, out_dir, config, copy=write, desc="export merged",
+                         max_shard_size=max_shard_size, progress=progress)
 
 
 def save_plain(model: nn.Module, out: Path, *, tokenizer=None, dtype: torch.dtype | None = None) -> Path:

@@ -35,8 +35,8 @@ from ...config import MixLoraConfig, lora_scale
 from ...models.registry import FAMILIES
 from ..common import ExportError
 from .weights import (
-    DEFAULT_MAX_SHARD_SIZE, AdapterWeights, BaseWeights, ShardWriter, check_adapter_matches, layer_keys,
-    merge_or_copy, merged_weight, parse_size, progress_bar, tied_embeddings, write_extras,
+    DEFAULT_MAX_SHARD_SIZE, AdapterWeights, BaseWeights, ShardWriter, check_adapter_matches, merge_or_copy,
+    merged_weight, stream_export,
 )
 
 
@@ -159,36 +159,25 @@ def export_moe(base: BaseWeights, adapter: AdapterWeights, out_dir: str | os.Pat
     check_adapter_matches(adapter, base)
     config: MixLoraConfig = adapter.config
     family = adapter.family
-    num_layers = base.config.num_hidden_layers
-    per_layer, before, after = layer_keys(base.keys(), family, num_layers)
     ref_key = f"{family.layers}.0.{family.ffn}.{family.ffn_output}.weight"
     out_dtype = dtype or base.get(ref_key).dtype
     moe_cfg = moe_config(base.config, sibling, config.num_experts, config.top_k, out_dtype)
     expected = _expected_keys(moe_cfg)
     expert_scale = lora_scale(config.r, config.alpha, config.use_rslora)
-    tied = tied_embeddings(base.config)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(out, parse_size(max_shard_size))
-
-    def copy(key: str) -> None:
-        if tied and key == "lm_head.weight":
-            return  # tied to the embeddings; the MoE model ties them too
+    def copy(writer: ShardWriter, key: str) -> None:
         if key not in expected:
             raise ExportError(
                 f"base tensor '{key}' has no place in a {sibling.architecture} model (e.g. an attention bias the "
                 f"MoE family does not have), so the export would not compute the same function")
         writer.add(key, merge_or_copy(key, base, adapter, out_dtype))
 
-    for key in before:
-        copy(key)
-    for layer in progress_bar(range(num_layers), num_layers, f"export {sibling.model_type}", progress):
+    def write_layer(writer: ShardWriter, layer: int, keys: list[str]) -> None:
         ffn_prefix = f"{family.layers}.{layer}.{family.ffn}."
-        ffn_keys = [k for k in per_layer[layer] if k.startswith(ffn_prefix)]
-        for key in per_layer[layer]:
+        ffn_keys = [k for k in keys if k.startswith(ffn_prefix)]
+        for key in keys:
             if key not in ffn_keys:
-                copy(key)
+                copy(writer, key)
         allowed = {f"{ffn_prefix}{p}.weight" for p in family.ffn_projections}
         extra = sorted(set(ffn_keys) - allowed)
         if extra:
@@ -215,13 +204,9 @@ def export_moe(base: BaseWeights, adapter: AdapterWeights, out_dir: str | os.Pat
             writer.add(f"{moe_prefix}shared_expert.up_proj.weight", zeros(1, hidden))
             writer.add(f"{moe_prefix}shared_expert.down_proj.weight", zeros(hidden, 1))
             writer.add(f"{moe_prefix}shared_expert_gate.weight", zeros(1, hidden))
-        writer.flush_if_full()
-    for key in after:
-        copy(key)
-    writer.close()
-    moe_cfg.save_pretrained(out)
-    write_extras(out, base)
-    return out
+
+    return stream_export(base, family, out_dir, moe_cfg, copy=copy, write_layer=write_layer,
+                         desc=f"export {sibling.model_type}", max_shard_size=max_shard_size, progress=progress)
 
 
 __all__ = ["SIBLINGS", "MoeSibling", "export_moe", "moe_config", "supported_moe_families"]

@@ -1,5 +1,6 @@
 """What every export reads and writes: the base weights and the adapter tensors, one at a time
-(``BaseWeights``, ``AdapterWeights``), the merge math (``merged_weight``) and the shard writer.
+(``BaseWeights``, ``AdapterWeights``), the merge math (``merged_weight``), the shard writer and the
+frame of a streaming export (``stream_export``).
 
 The merge of one LoRA module into its frozen weight, in fp32::
 
@@ -14,9 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -223,31 +225,14 @@ def parse_size(value: str | int) -> int:
     """'2GB', '500MB', '1.5GiB' or a byte count → bytes."""
     if isinstance(value, int):
         return value
-    text = str(value).strip().upper()
-    units = {"GIB": 1024**3, "MIB": 1024**2, "KIB": 1024, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
-    for unit, factor in units.items():
-        if text.endswith(unit):
-            try:
-                return int(float(text[: -len(unit)]) * factor)
-            except ValueError:
-                break
-    try:
-        return int(text)
-    except ValueError:
-        raise ExportError(f"cannot read shard size '{value}' (use e.g. 2GB, 500MB or a byte count)") from None
+    units = {"GIB": 1024**3, "MIB": 1024**2, "KIB": 1024, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1, "": 1}
+    m = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([A-Z]*)", str(value).strip().upper())
+    if m is None or m[2] not in units:
+        raise ExportError(f"cannot read shard size '{value}' (use e.g. 2GB, 500MB or a byte count)")
+    return int(float(m[1]) * units[m[2]])
 
 
-# ====================================================================================== helpers
-def progress_bar(items: Iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is a dependency, but an export must not fail for a progress bar
-        return items
-    return tqdm(items, total=total, desc=desc, unit="layer")
-
-
+# ====================================================================================== the frame of an export
 def layer_keys(keys: list[str], family: ModelFamily, num_layers: int) -> tuple[list[list[str]], list[str], list[str]]:
     """Split base keys into (per-layer keys, keys before the layers, keys after) in file order."""
     per_layer: list[list[str]] = [[] for _ in range(num_layers)]
@@ -286,10 +271,6 @@ def merge_or_copy(key: str, base: BaseWeights, adapter: AdapterWeights, dtype: t
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
-def tied_embeddings(config) -> bool:
-    return bool(getattr(config, "tie_word_embeddings", False))
-
-
 def write_extras(out: Path, base: BaseWeights) -> None:
     """Copy the tokenizer and generation config of the base (from its folder, or save them)."""
     if base.folder is not None:
@@ -303,11 +284,52 @@ def write_extras(out: Path, base: BaseWeights) -> None:
         base.generation_config.save_pretrained(out)
 
 
+def stream_export(base: BaseWeights, family: ModelFamily, out_dir: str | os.PathLike, config, *,
+                  copy: Callable[[ShardWriter, str], None],
+                  write_layer: Callable[[ShardWriter, int, list[str]], None] | None = None, desc: str,
+                  max_shard_size: int | str, progress: bool) -> Path:
+    """The frame of a streaming export: ``copy`` each base tensor before the decoder layers, ``write_layer``
+    each layer's tensors (default: ``copy`` each; a full shard is flushed between layers), ``copy`` those
+    after, then write ``config``, the tokenizer and the generation config. A tied ``lm_head.weight`` is
+    not written (the config ties it again)."""
+    num_layers = base.config.num_hidden_layers
+    per_layer, before, after = layer_keys(base.keys(), family, num_layers)
+    tied = {"lm_head.weight"} if getattr(base.config, "tie_word_embeddings", False) else set()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(out, parse_size(max_shard_size))
+    layers = range(num_layers)
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            layers = tqdm(layers, desc=desc, unit="layer")
+        except ImportError:  # tqdm is a dependency, but an export must not fail for a progress bar
+            pass
+    for key in before:
+        copy(writer, key)
+    for layer in layers:
+        if write_layer is not None:
+            write_layer(writer, layer, per_layer[layer])
+        else:
+            for key in per_layer[layer]:
+                copy(writer, key)
+        writer.flush_if_full()
+    for key in after:
+        if key not in tied:
+            copy(writer, key)
+    writer.close()
+    config.save_pretrained(out)
+    write_extras(out, base)
+    return out
+
+
 def check_adapter_matches(adapter: AdapterWeights, base: BaseWeights) -> None:
     model_type = getattr(base.config, "model_type", None)
     if model_type != adapter.family.name:
         raise ExportError(f"{adapter.source}: the adapter is for model family '{adapter.family.name}' "
                           f"but the base model is '{model_type}'")
+
 
 
 __all__ = ["DEFAULT_MAX_SHARD_SIZE", "AdapterWeights", "BaseWeights", "ShardWriter", "merged_weight", "parse_size"]
