@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -266,12 +267,16 @@ def test_n_choices_per_prompt_streaming_or_not(api, reference):  # noqa: F811
     assert [texts[0], texts[1]] == [c.message.content for c in whole.choices]
 
 
-def test_adapters_are_added_and_removed_while_serving(api, reference):  # noqa: F811
+def test_adapters_are_added_and_removed_while_serving(api, reference, tmp_path):  # noqa: F811
     client, url, engine, adapters = api
     tok = reference[1]
     ask = lambda name, prompt="yes no true", n=8: client.completions.create(  # noqa: E731
         model=name, prompt=prompt, max_tokens=n, temperature=0).choices[0].text
     post = lambda body: httpx.post(url + "/v1/adapters", json=body, headers=auth(), timeout=60)  # noqa: E731
+    # A folder whose config reads fine but whose weights do not: it fails on the engine thread, mid-restack.
+    broken = shutil.copytree(adapters["lora"], tmp_path / "broken")
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
     before = {name: ask(name, "a dog ran in") for name in ("lora", "mix", "base")}
     lora_params = member_parameters(engine.served.model, "lora")
     lora_values = {k: v.detach().clone() for k, v in lora_params.items()}
@@ -289,7 +294,8 @@ def test_adapters_are_added_and_removed_while_serving(api, reference):  # noqa: 
                                ({"name": "lora", "folder": str(adapters["more"])}, 409, "taken"),
                                ({"name": "other", "folder": str(adapters["more"]) + "-missing"}, 400, "-missing"),
                                ({"name": "_x", "folder": str(adapters["more"])}, 400, "adapter name"),
-                               ({"name": "other"}, 400, "folder")]:
+                               ({"name": "other"}, 400, "folder"),
+                               ({"name": "broken", "folder": str(broken)}, 400, "broken")]:
         answer = post(body)
         assert answer.status_code == status and says in answer.json()["error"]["message"], body
         assert_healthy(client, url)
@@ -312,6 +318,7 @@ def test_adapters_are_added_and_removed_while_serving(api, reference):  # noqa: 
     assert removed[0].status_code == 200 and removed[0].json()["deleted"] is True
     assert "more" not in engine.served.model.loramix_many.adapters
     assert [a["id"] for a in httpx.get(url + "/v1/adapters", headers=auth()).json()["data"]] == ["lora", "mix"]
+    assert list(engine.served.model.loramix_many.adapters) == ["_base", "lora", "mix"]
     assert httpx.delete(url + "/v1/adapters/more", headers=auth()).status_code == 404
     assert httpx.delete(url + "/v1/adapters/base", headers=auth()).status_code == 400
     assert {name: ask(name, "a dog ran in") for name in before} == before, "the others are untouched"
@@ -356,7 +363,7 @@ def _connects(port: int) -> bool:
 def test_cli_checks_the_new_options(capsys):
     from loramix.cli import main, parse_args
 
-    for option in ("--max-queue", "--max-batch-tokens", "--max-request-bytes", "--max-tokens"):
+    for option in ("--max-queue", "--max-batch-tokens", "--max-request-bytes", "--max-tokens", "--max-n"):
         assert main(["serve", option, "0"]) == 2
         assert f"{option} must be at least 1" in capsys.readouterr().err
     args = parse_args(["serve"])[1]

@@ -87,8 +87,9 @@ def add_admin(app: FastAPI, served: Served, engine: Engine) -> None:
         busy.add(body.name)
         try:
             await asyncio.wrap_future(load_while_serving(engine, body.name, body.folder))
-        except (ValueError, OSError, RuntimeError) as err:  # the weights reader's checks; a stopping engine
-            raise ApiError(400, f"adapter '{body.name}' from {body.folder}: {err}", param="folder") from None
+        except Exception as err:  # the weights reader's checks, a stopping engine: the model keeps its old adapters
+            raise ApiError(400, f"adapter '{body.name}' from {body.folder}: {type(err).__name__}: {err}",
+                           param="folder") from None
         finally:
             busy.discard(body.name)
         served.targets.update(targets)

@@ -212,6 +212,8 @@ async def _respond(engine: Engine, body: _Sampling, prompts: list[list[int]], ta
         raise ApiError(429, f"the server is busy: {err}", code="rate_limit_exceeded") from None
     except ValueError as err:  # one row alone is over the batch token budget
         raise ApiError(400, f"max_tokens: {err}", param="max_tokens") from None
+    except RuntimeError as err:  # the engine is stopping
+        raise ApiError(503, str(err)) from None
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     prompt_tokens = sum(len(ids) for ids in prompts)  # once per prompt, however many choices (as OpenAI counts)

@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most prompts in one /v1/completions request")
     parser.add_argument("--max-messages", type=int, default=256, metavar="N",
                         help="most messages in one /v1/chat/completions request")
+    parser.add_argument("--max-n", type=int, default=8, metavar="N",
+                        help="largest n (choices per prompt; each is one more row in the batch)")
     parser.add_argument("--api-key", default=None, metavar="KEY",
                         help="require 'Authorization: Bearer KEY' on every /v1 endpoint (/health and the page stay "
                              "open); default: the environment variable LORAMIX_API_KEY, else no key")
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from .limits import Limits
 
     adapters = parse_adapters(args.adapter)
-    for option in ("max_batch_size", "max_queue", "max_request_bytes", "max_prompts", "max_messages",
+    for option in ("max_batch_size", "max_queue", "max_request_bytes", "max_prompts", "max_messages", "max_n",
                    "max_batch_tokens", "max_prompt_tokens", "max_tokens"):
         value = getattr(args, option)
         if value is not None and value < 1:
@@ -106,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(served, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                     max_batch_tokens=args.max_batch_tokens)
     limits = Limits(max_request_bytes=args.max_request_bytes, max_prompt_tokens=args.max_prompt_tokens,
-                    max_tokens=args.max_tokens, max_prompts=args.max_prompts, max_messages=args.max_messages)
+                    max_tokens=args.max_tokens, max_prompts=args.max_prompts, max_messages=args.max_messages,
+                    max_n=args.max_n)
     app = build_app(served, engine, limits=limits, api_key=api_key)
     engine.start()
     print(f"loramix serve: {', '.join(served.targets)} on http://{args.host}:{args.port}/v1"

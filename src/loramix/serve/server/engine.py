@@ -248,6 +248,7 @@ class Engine:
 
         Raises:
             QueueFull: ``max_queue`` requests wait already. ValueError: it alone exceeds ``max_batch_tokens``.
+            RuntimeError: the engine is stopping.
         """
         return self.submit_all([(prompt, target, params, emit)])[0]
 
@@ -261,7 +262,7 @@ class Engine:
                              f"of {self.max_batch_tokens} (--max-batch-tokens)")
         with self._wake:
             if self._stopping:
-                raise QueueFull("the server is shutting down")
+                raise RuntimeError("the server is shutting down")
             if len(self._waiting) + len(requests) > self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (at most {self.max_queue}); retry later")
             self._waiting.extend(requests)
