@@ -167,6 +167,13 @@ def test_chat_completion_uses_the_chat_template(server, reference):
     assert got.object == "chat.completion" and got.usage.total_tokens > got.usage.completion_tokens
 
 
+def test_chat_without_max_tokens_gets_the_rest_of_the_context(server):
+    client, _, _ = server
+    got = client.chat.completions.create(model="mix", messages=[{"role": "user", "content": "red"}], temperature=0)
+    assert got.usage.total_tokens <= 128  # the tiny model's context; 512 (the chat default) would not fit
+    assert got.choices[0].finish_reason == "length" or got.usage.completion_tokens < 128 - got.usage.prompt_tokens
+
+
 def test_streaming_gives_the_non_streaming_text(server):
     client, _, _ = server
     for name in ("lora", "more:y"):

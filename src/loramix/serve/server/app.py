@@ -134,6 +134,8 @@ def build_app(served: Served, engine: Engine, *, limits: Limits | None = None, a
             ids = served.chat_ids(messages)
         except ValueError as err:
             raise ApiError(400, str(err), param="messages") from None
+        if not (body.max_tokens or body.max_completion_tokens) and served.max_length and len(ids) < served.max_length:
+            params.max_tokens = min(params.max_tokens, served.max_length - len(ids))  # the rest of the context
         return await _respond(engine, body, [_checked(served, ids, params, limits, "messages")], target, params,
                               chat=True, request=request)
 
