@@ -75,10 +75,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | 
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
-        dev = resolve_device(device)
-        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        cuda = resolve_device(device).type == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     key = str(dtype).lower().removeprefix("torch.")
     if key not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}': use one of auto, {', '.join(sorted(DTYPES))}")
@@ -231,11 +229,6 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
-def _local_folder(name_or_path: str) -> Path | None:
-    path = Path(name_or_path).expanduser()
-    return path if path.is_dir() else None
-
-
 def load_model(
     name_or_path: str = EMBEDDED_NAME,
     *,
@@ -269,10 +262,10 @@ def load_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     quantization = check_quantization(quantization, where="--quantization")
+    folder = Path(name_or_path).expanduser()
     if is_embedded(name_or_path):
         source, record_name = str(embedded_folder(convert=True)), EMBEDDED_NAME
-    elif _local_folder(name_or_path) is not None:
-        folder = _local_folder(name_or_path)
+    elif folder.is_dir():
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"{folder} is a folder but has no config.json: not a Hugging Face model folder")
         source, record_name = str(folder), str(folder)

@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from typing import Any, Callable, Iterator
@@ -75,16 +76,9 @@ def add_quantization_argument(parser: Any) -> None:
 
 
 def quantization_config(name: str, *, compute_dtype: torch.dtype, device: torch.device | str) -> Any:
-    """The transformers quantization config for a loramix scheme name.
-
-    Args:
-        name: one of ``QUANTIZATIONS``.
-        compute_dtype: dtype the quantized matmuls compute in (fp32 on CPU; bf16 or fp32 on GPU).
-        device: where the model will live (torchao-int4 picks its layout from it).
-
-    Returns:
-        A ``BitsAndBytesConfig`` or ``TorchAoConfig`` for ``from_pretrained(quantization_config=...)``.
-    """
+    """The ``BitsAndBytesConfig`` or ``TorchAoConfig`` (for ``from_pretrained(quantization_config=...)``) of
+    scheme ``name``; ``compute_dtype`` is what the quantized matmuls compute in, ``device`` where the model
+    will live (torchao-int4 picks its layout from it)."""
     name = check_quantization(name)
     device = torch.device(device)
     if name in ("nf4", "nf4-double"):
@@ -131,43 +125,27 @@ def _check_int4_shapes(source: str) -> None:
                 f"{source} has {module.in_features}: use torchao-int8 or nf4 for this model")
 
 
-class _Once(logging.Filter):
-    """Let a log record with a given message through once (bitsandbytes' int8 matmul warns on every call)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = str(record.msg)
-        if key in self.seen:
-            return False
-        self.seen.add(key)
-        return True
+_LOGGED: set[str] = set()
 
 
-_ONCE = _Once()
+def _once(record: logging.LogRecord) -> bool:
+    """A log filter that lets each message through once (bitsandbytes' int8 matmul warns on every call)."""
+    seen = str(record.msg) in _LOGGED
+    _LOGGED.add(str(record.msg))
+    return not seen
 
 
 def load_quantized(source: str, name: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """``from_pretrained(source)`` with the scheme ``name`` applied while loading, then prepared.
-
-    Args:
-        source: a local Hugging Face folder or a Hub id (``hub.load_model`` resolves loramix's names).
-        name: one of ``QUANTIZATIONS``.
-        dtype: compute dtype, also the dtype of the parameters left unquantized.
-        device: where the model is loaded (quantization happens there).
-
-    Returns:
-        The model, quantized, on ``device``, base tensors frozen (``prepare_kbit_training``).
-    """
+    """``from_pretrained(source)`` (a folder or a Hub id; ``hub.load_model`` resolves loramix's names) with
+    the scheme ``name`` applied while loading on ``device``, in compute dtype ``dtype`` (also that of the
+    unquantized parameters), then prepared (``prepare_kbit_training``: base tensors frozen)."""
     from transformers import AutoModelForCausalLM
 
     name = check_quantization(name)
     if name in ("nf4", "nf4-double", "int8"):
         import bitsandbytes  # noqa: F401  (a clear ImportError here rather than inside from_pretrained)
 
-        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_ONCE)
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_once)
     else:
         import torchao  # noqa: F401
     if name == "torchao-int4":
@@ -216,17 +194,13 @@ def storage_tensors(t: torch.Tensor) -> Iterator[torch.Tensor]:
         return
     yield t.data if isinstance(t, nn.Parameter) else t
     state = getattr(t, "quant_state", None)
-    if state is not None:  # bitsandbytes Params4bit
-        for attr in ("absmax", "code", "offset"):
-            inner = getattr(state, attr, None)
+    if state is not None:  # bitsandbytes Params4bit: block scales (and the nested ones of double quantization)
+        nested = getattr(state, "state2", None)
+        for holder, attr in ((state, "absmax"), (state, "code"), (state, "offset"), (nested, "absmax"),
+                             (nested, "code")):
+            inner = getattr(holder, attr, None)
             if isinstance(inner, torch.Tensor):
                 yield inner
-        nested = getattr(state, "state2", None)
-        if nested is not None:
-            for attr in ("absmax", "code"):
-                inner = getattr(nested, attr, None)
-                if isinstance(inner, torch.Tensor):
-                    yield inner
     scb = getattr(t, "SCB", None)  # bitsandbytes Int8Params: one fp32 scale per row
     if isinstance(scb, torch.Tensor):
         yield scb
@@ -238,16 +212,13 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def prepare_kbit_training(model: nn.Module, *, gradient_checkpointing: bool = False) -> nn.Module:
-    """Get a quantized base ready for adapter training (in place; also harmless on a plain model).
+    """Get a quantized base ready for adapter training, in place (also harmless on a plain model); returns it.
 
     - every base parameter frozen;
     - normalisation weights in fp16/bf16 cast to fp32 (see the module docstring for why only those);
     - bitsandbytes' CPU eval-mode repack of 4-bit weights turned off (exactness and small layers);
     - with ``gradient_checkpointing``: non-reentrant activation checkpointing on, and the embedding
       output made to require grad (what PEFT does for reentrant checkpointing; harmless otherwise).
-
-    Returns:
-        The same model.
     """
     for p in model.parameters():
         p.requires_grad_(False)
@@ -294,16 +265,10 @@ def dense_linear(module: nn.Module, weight: torch.Tensor) -> nn.Linear:
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every quantized projection by an ``nn.Linear`` holding its dequantized weight, in place,
-    and drop the quantization markers, so the result is a plain transformers model (``save_pretrained``
-    writes a dense checkpoint that loads without bitsandbytes or torchao).
-
-    Args:
-        model: a quantized model without a loramix adapter (``unload``/``merge_and_unload`` first).
-        dtype: dtype of the dense weights (default: the compute dtype, ``compute_dtype(model)``).
-
-    Returns:
-        The same model object.
+    """Replace every quantized projection by an ``nn.Linear`` holding its dequantized weight in ``dtype``
+    (default: ``compute_dtype(model)``), in place, and drop the quantization markers, so the result is a
+    plain transformers model (``save_pretrained`` writes a dense checkpoint that loads without
+    bitsandbytes or torchao). The model must have no loramix adapter (``unload``/``merge_and_unload`` first).
     """
     from ..modules.quantized import frozen_weight, is_quantized
 
@@ -370,11 +335,8 @@ def forget_quantization(model: nn.Module) -> None:
     """Remove what marks ``model`` as quantized (its quantizer and ``config.quantization_config``), as
     transformers' own ``dequantize`` does, so ``save_pretrained`` writes a plain config."""
     for attr in ("hf_quantizer", "quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
-        if hasattr(model, attr):
-            try:
-                delattr(model, attr)
-            except AttributeError:
-                pass
+        with contextlib.suppress(AttributeError):
+            delattr(model, attr)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.is_quantized = False
