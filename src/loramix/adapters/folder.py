@@ -45,7 +45,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig, adapter_config_from_dict
+from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig, adapter_config_from_dict, is_number
 from ..models.inject import adapter_targets
 from ..models.registry import FAMILIES, ModelFamily, family_of
 from ..modules.quantized import logical_shape
@@ -434,18 +434,11 @@ def _lora_config_from_peft(meta: dict[str, Any], family: ModelFamily, shapes_key
 
 
 def read_adapter_folder(folder: str | os.PathLike, model: nn.Module | None = None) -> AdapterFolder:
-    """Read and check an adapter folder (any layout of the module docstring).
+    """Read and check an adapter folder (any layout of the module docstring) into an ``AdapterFolder`` whose
+    tensors carry loramix keys; ``AdapterLoadError`` names the folder, file and key and says what to do.
 
-    Args:
-        folder: the adapter folder.
-        model: the base model it is for, if known: its family is used where the folder records none
-            (PEFT and the authors' folders), and its shapes are checked (``check_base``).
-
-    Returns:
-        An ``AdapterFolder`` whose tensors carry loramix keys.
-
-    Raises:
-        AdapterLoadError: the message names the folder, file and key and says what to do.
+    ``model`` is the base model it is for, if known: its family is used where the folder records none
+    (PEFT and the authors' folders), and its shapes are checked (``check_base``).
     """
     folder = Path(folder)
     meta = read_adapter_config(folder)
@@ -490,7 +483,7 @@ def read_adapter_folder(folder: str | os.PathLike, model: nn.Module | None = Non
             raise AdapterLoadError(f"{config_file}: a PEFT LoRA folder without {SIDECAR_NAME} records no model family; "
                                    "give the base model (loramix.load_adapter(model, folder))")
         for key in ("r", "lora_alpha"):
-            if not isinstance(meta.get(key), (int, float)) or isinstance(meta.get(key), bool):
+            if not is_number(meta.get(key)):
                 raise AdapterLoadError(f"{config_file}: '{key}' is missing or not a number")
         weights = folder / WEIGHTS_NAME
         tensors = AdapterTensors(weights, rename=lambda k: peft_to_loramix_key(k, str(weights)))

@@ -66,12 +66,8 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def logical_shape(module: nn.Module, fan_in_fan_out: bool = False) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a projection, also when its weight is packed.
-
-    Args:
-        module: an ``nn.Linear`` (or a bitsandbytes / torchao one), or a GPT-2 ``Conv1D``.
-        fan_in_fan_out: the weight is stored (in, out) (``Conv1D``).
-    """
+    """``(in_features, out_features)`` of an ``nn.Linear`` (also a bitsandbytes / torchao one, whose weight
+    is packed) or of a GPT-2 ``Conv1D`` (``fan_in_fan_out``: its weight is stored (in, out))."""
     if is_quantized(module) and hasattr(module, "in_features") and hasattr(module, "out_features"):
         return int(module.in_features), int(module.out_features)
     weight = module.weight

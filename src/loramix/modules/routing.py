@@ -91,15 +91,10 @@ def route_switch(logits: torch.Tensor, capacity_factor: float, valid: torch.Tens
 
 
 def router_statistics(probs: torch.Tensor, chosen: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expert load f (share of assignments) and mean probability P over the valid tokens.
+    """Expert load f (share of assignments) and mean probability P over the valid tokens, each (E,) fp32.
 
-    Args:
-        probs: (N, E) router probabilities.
-        chosen: (N, S) expert ids the router chose; ids >= E (empty slots) are not counted.
-        valid: optional (N,) bool, False for padding tokens (their slots are not counted).
-
-    Returns:
-        ``(f, P)``, each (E,) fp32.
+    Shapes: probs (N, E); chosen (N, S) expert ids, ids >= E (empty slots) not counted; valid (N,) bool,
+    False for padding tokens (their slots are not counted), or None.
     """
     counts, mean_prob = _assignments_and_mean_prob(probs, chosen, valid)
     return counts / counts.sum().clamp_min(1), mean_prob

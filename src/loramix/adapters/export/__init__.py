@@ -98,11 +98,10 @@ def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.Pat
                    base: str | None = None, task: str | None = None, tokenizer=None,
                    dtype: torch.dtype | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
                    progress: bool = True, quantization: str | None = None) -> Path:
-    """Export an adapter folder (or an injected in-memory model) in ``format``.
+    """Export an adapter folder (or an injected in-memory model) in ``format`` into ``out_dir``; returns it.
 
     Args:
         adapter: a loramix adapter folder (or the authors' MixLoRA folder), or an injected model.
-        out_dir: destination folder.
         format: 'mixtral' (MixLoRA → MoE model), 'peft' (LoRA/DoRA, or one MoRE task) or 'merged'.
         base: the base model (folder, Hub id or 'smollm2-135m'); default: the one the adapter records.
             Ignored when ``adapter`` is a model (its own weights are the base).
@@ -113,9 +112,6 @@ def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.Pat
             so and merge into its dequantized weights, which reproduces the trained model to float
             rounding (default: the full-precision base, which differs by the base's quantization
             error). A quantized in-memory model is always read dequantized.
-
-    Returns:
-        The output folder.
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format '{format}': choose one of {', '.join(FORMATS)}")

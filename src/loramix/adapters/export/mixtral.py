@@ -143,17 +143,11 @@ def _expected_keys(config) -> set[str]:
 def export_moe(base: BaseWeights, adapter: AdapterWeights, out_dir: str | os.PathLike, *,
                dtype: torch.dtype | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
                progress: bool = True) -> Path:
-    """Write a MixLoRA adapter + base as the family's MoE model (Mixtral for Llama/Mistral).
+    """Write a MixLoRA adapter + base as the family's MoE model (Mixtral for Llama/Mistral) into ``out_dir``:
+    config.json, weights in shards of ``max_shard_size`` (bytes or '2GB'), tokenizer, generation config.
 
-    Streams layer by layer: one layer's expert weights (E dense FFN copies) are built, written to the
-    current shard, and released before the next layer.
-
-    Args:
-        base: the base weights (``BaseWeights.from_folder`` streams from disk).
-        adapter: the MixLoRA adapter tensors.
-        out_dir: output folder (created); gets config.json, weights, tokenizer, generation config.
-        dtype: output dtype (default: the base weights' dtype). Merging runs in fp32.
-        max_shard_size: bytes (or '2GB') per safetensors shard.
+    Streams layer by layer: one layer's expert weights (E dense FFN copies) are built in fp32, written
+    in ``dtype`` (default: the base weights') to the current shard, and released before the next layer.
     """
     sibling = _sibling_for(adapter)
     check_adapter_matches(adapter, base)

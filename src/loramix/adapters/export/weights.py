@@ -146,15 +146,9 @@ class AdapterWeights:
 # ====================================================================================== merge math
 def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
                   magnitude: torch.Tensor | None = None, fan_in_fan_out: bool = False) -> torch.Tensor:
-    """``W + s B A`` (DoRA: ``m / ||W + s B A||_row ⊙ (W + s B A)``), computed in fp32.
-
-    Args:
-        weight: frozen weight (out, in) ((in, out) with ``fan_in_fan_out``).
-        A: (r, in). B: (out, r). magnitude: (out,) for DoRA.
-
-    Returns:
-        The merged weight, same shape and dtype as ``weight``.
-    """
+    """``W + s B A`` (DoRA: ``m / ||W + s B A||_row ⊙ (W + s B A)``), computed in fp32, returned in the shape
+    and dtype of ``weight``. Shapes: weight (out, in) ((in, out) with ``fan_in_fan_out``), A (r, in),
+    B (out, r), magnitude (out,) for DoRA."""
     w = weight.float().t() if fan_in_fan_out else weight.float()
     merged = w + scale * (B.float() @ A.float())
     if magnitude is not None:
