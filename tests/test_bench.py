@@ -123,12 +123,15 @@ def test_serve_bench_runs_both_modes_and_writes_its_rows(tmp_path, capsys):
         assert r["requests"] == 6 and r["errors"] == 0 and r["max_batch_size"] == (3 if r["mode"] == "batched" else 1)
         assert 0 < r["generated_tokens"] <= 6 * 4
         assert r["wall_s"] > 0 and r["tokens_per_s"] == pytest.approx(r["generated_tokens"] / r["wall_s"])
+        assert r["cpu_s"] > 0 and r["tokens_per_cpu_s"] == pytest.approx(r["generated_tokens"] / r["cpu_s"])
         assert 0 < r["latency_p50_s"] <= r["latency_p95_s"] and 0 < r["first_token_p50_s"] <= r["first_token_p95_s"]
         assert f"{r['tokens_per_s']:.1f}" in out
     for batched, single in (rows[0:2], rows[2:4]):
         assert batched["generated_tokens"] == single["generated_tokens"] and batched["same_answers"] == 6
         ratio = result["speedup_batched_vs_one_at_a_time"][str(batched["clients"])]
         assert ratio == pytest.approx(batched["tokens_per_s"] / single["tokens_per_s"])
+        cpu_ratio = result["cpu_speedup_batched_vs_one_at_a_time"][str(batched["clients"])]
+        assert cpu_ratio == pytest.approx(batched["tokens_per_cpu_s"] / single["tokens_per_cpu_s"]) and cpu_ratio > 0
     assert result["max_rows_seen"]["one-at-a-time"] == 1
     assert result["settings"]["adapters"] == {"lora": "random", "dora": "random", "mix": "random", "more": "random"}
 

@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="an adapter to serve (repeat); default: LoRA, DoRA, MixLoRA and MoRE with random weights")
     serve.add_argument("--clients", default="1,4,16", help="concurrent client counts, comma-separated")
     serve.add_argument("--requests", type=int, default=32, help="requests per run (the same in every run)")
-    serve.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every (greedy) request")
+    serve.add_argument("--max-tokens", type=int, default=16, help="max_tokens of every (greedy) request")
     serve.add_argument("--stream", action="store_true", help="stream the answers (also reports time to first token)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as one JSON object")
 

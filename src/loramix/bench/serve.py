@@ -16,15 +16,16 @@ them has requests at a time, and the runs alternate (C=1 batched, C=1 one-at-a-t
 Per run: generated tokens (the ``usage`` of the answers), wall seconds from the first request sent
 to the last answer, tokens/s, p50 / p95 request latency, process CPU seconds (server and clients
 share the process), and with ``--stream`` p50 / p95 time to the first token. Per client count:
-batched tokens/s over one-at-a-time tokens/s, and how many batched answers equal the one-at-a-time
-answer of the same request (greedy: they should all).
+batched tokens/s over one-at-a-time tokens/s (by wall time, and by CPU time: less disturbed when
+other jobs share the machine), and how many batched answers equal the one-at-a-time answer of the
+same request (greedy: they should all).
 
 Without ``--adapter``, four adapters with random weights are made in a temporary folder (LoRA,
 DoRA, MixLoRA, MoRE with tasks a and b; targets lora, dora, mix, more:a, more:b): random, not
 trained, so that they answer differently from the base and from each other; the decoding cost is
 that of trained adapters of the same shapes.
 
-    loramix bench --serve --threads 2 --clients 1,4,16 --requests 32 --max-tokens 32 --json serve.json
+    loramix bench --serve --threads 2 --clients 1,4,16 --requests 32 --max-tokens 16 --json serve.json
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class ServeBenchSettings:
     adapters: dict[str, str] = field(default_factory=dict)
     clients: list[int] = field(default_factory=lambda: [1, 4, 16])
     requests: int = 32
-    max_tokens: int = 32
+    max_tokens: int = 16
     stream: bool = False
     dtype: str = "float32"
     device: str = "cpu"
@@ -235,7 +236,8 @@ def run_load(url: str, jobs: list[Job], *, clients: int, max_tokens: int,
     for t in threads:  # each request has its own timeout; this bounds a client that hangs between requests
         t.join(timeout=timeout_s * len(jobs))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return [o or Outcome(job, error="no answer: the client thread did not finish") for o, job in zip(outcomes, jobs)], wall, cpu
+    lost = "no answer: the client thread did not finish"
+    return [o or Outcome(job, error=lost) for o, job in zip(outcomes, jobs)], wall, cpu
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -250,6 +252,7 @@ def summarize(outcomes: list[Outcome], wall_s: float, cpu_s: float) -> dict[str,
     firsts = [o.first_token_s for o in ok if o.first_token_s is not None]
     return {"requests": len(outcomes), "errors": len(outcomes) - len(ok), "generated_tokens": tokens,
             "wall_s": wall_s, "cpu_s": cpu_s, "tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
+            "tokens_per_cpu_s": tokens / cpu_s if cpu_s > 0 else 0.0,
             "latency_p50_s": _percentile(latencies, 50), "latency_p95_s": _percentile(latencies, 95),
             "first_token_p50_s": _percentile(firsts, 50), "first_token_p95_s": _percentile(firsts, 95),
             "first_errors": sorted({o.error for o in outcomes if o.error})[:3]}
@@ -281,9 +284,11 @@ def run_serve_bench(s: ServeBenchSettings, progress: bool = True) -> dict[str, A
     if not models:
         raise ValueError("--serve: no adapter to send requests to; give --adapter NAME=FOLDER or none (random adapters)")
     jobs = bench_jobs(models, s.requests, stream=s.stream)
-    engines = {"batched": Engine(served, max_batch_size=max(s.clients)), "one-at-a-time": Engine(served, max_batch_size=1)}
+    engines = {"batched": Engine(served, max_batch_size=max(s.clients)),
+               "one-at-a-time": Engine(served, max_batch_size=1)}
     rows: list[dict[str, Any]] = []
     speedups: dict[str, float | None] = {}
+    cpu_speedups: dict[str, float | None] = {}
     with serving(served, engines["batched"]) as batched_url, serving(served, engines["one-at-a-time"]) as single_url:
         urls = {"batched": batched_url, "one-at-a-time": single_url}
         # Warm-up (untimed): every model once through each server (first calls allocate and compile kernels).
@@ -303,28 +308,37 @@ def run_serve_bench(s: ServeBenchSettings, progress: bool = True) -> dict[str, A
                     print(f"bench --serve: {clients} clients, {mode}: {row['generated_tokens']} tokens in "
                           f"{wall:.1f} s ({row['errors']} errors)", file=sys.stderr, flush=True)
             batched, single = rows[-2], rows[-1]
-            batched["same_answers"] = sum(a is not None and a == b for a, b in zip(texts["batched"], texts["one-at-a-time"]))
-            speedups[str(clients)] = (batched["tokens_per_s"] / single["tokens_per_s"]) if single["tokens_per_s"] else None
+            batched["same_answers"] = sum(a is not None and a == b
+                                          for a, b in zip(texts["batched"], texts["one-at-a-time"]))
+            speedups[str(clients)] = _ratio(batched["tokens_per_s"], single["tokens_per_s"])
+            cpu_speedups[str(clients)] = _ratio(batched["tokens_per_cpu_s"], single["tokens_per_cpu_s"])
         steps = {mode: engines[mode].steps for mode in MODES}
         max_rows = {mode: engines[mode].max_rows_seen for mode in MODES}
     settings = dict(vars(s), adapters=dict(s.adapters) or {n: "random" for n in RANDOM_ADAPTERS},
                     torch=torch.__version__, threads_used=torch.get_num_threads())
-    return {"rows": rows, "speedup_batched_vs_one_at_a_time": speedups, "models": models,
+    return {"rows": rows, "speedup_batched_vs_one_at_a_time": speedups,
+            "cpu_speedup_batched_vs_one_at_a_time": cpu_speedups, "models": models,
             "engine_steps": steps, "max_rows_seen": max_rows, "settings": settings}
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
 
 
 def format_serve_table(result: dict[str, Any]) -> str:
     """The human-readable table of ``run_serve_bench``'s result."""
     ms = lambda v: "-" if v is None else f"{1000 * v:.0f}"  # noqa: E731
-    head = ("clients", "mode", "requests", "errors", "tokens", "wall s", "tokens/s", "p50 ms", "p95 ms",
-            "TTFT p50 ms", "×one-at-a-time")
+    ratio = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    head = ("clients", "mode", "requests", "errors", "tokens", "wall s", "CPU s", "tokens/s", "p50 ms", "p95 ms",
+            "TTFT p50 ms", "×one-at-a-time", "CPU ×one-at-a-time")
     table = [head]
-    speedups = result["speedup_batched_vs_one_at_a_time"]
     for r in result["rows"]:
-        ratio = speedups.get(str(r["clients"])) if r["mode"] == "batched" else None
-        table.append((str(r["clients"]), r["mode"], str(r["requests"]), str(r["errors"]), str(r["generated_tokens"]),
-                      f"{r['wall_s']:.1f}", f"{r['tokens_per_s']:.1f}", ms(r["latency_p50_s"]), ms(r["latency_p95_s"]),
-                      ms(r["first_token_p50_s"]), "-" if ratio is None else f"{ratio:.2f}"))
+        batched, key = r["mode"] == "batched", str(r["clients"])
+        table.append((key, r["mode"], str(r["requests"]), str(r["errors"]), str(r["generated_tokens"]),
+                      f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{r['tokens_per_s']:.1f}", ms(r["latency_p50_s"]),
+                      ms(r["latency_p95_s"]), ms(r["first_token_p50_s"]),
+                      ratio(result["speedup_batched_vs_one_at_a_time"][key]) if batched else "-",
+                      ratio(result["cpu_speedup_batched_vs_one_at_a_time"][key]) if batched else "-"))
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
