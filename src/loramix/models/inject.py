@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -93,7 +94,8 @@ def adapter_targets(config: LoraConfig | MixLoraConfig | MoreConfig,
     if isinstance(config, MixLoraConfig):
         attention = _resolve(config.attention_targets, {family.attention: family.attention_projections},
                              "attention_targets", family)
-        return attention, _resolve(config.ffn_targets, {family.ffn: family.ffn_projections}, "ffn_targets", family)[family.ffn]
+        ffn = _resolve(config.ffn_targets, {family.ffn: family.ffn_projections}, "ffn_targets", family)
+        return attention, ffn[family.ffn]
     blocks = {family.attention: family.attention_projections, family.ffn: family.ffn_projections}
     return _resolve(config.targets, blocks, "targets", family), set()
 
@@ -128,19 +130,19 @@ def inject(model: nn.Module, config: LoraConfig | MixLoraConfig | MoreConfig) ->
         raise ConfigError("MoRE config names no tasks: set 'tasks' (names, numbered in order) or 'num_tasks'")
     family = family_of(model)
     chosen, ffn_targets = adapter_targets(config, family)
+    context = ForwardContext()
     # The modules take their config whole; the family says how the base stores its weights.
-    projection_cls = MoreLinear if isinstance(config, MoreConfig) else LoraLinear
-    projection_cfg = config.attention_lora() if isinstance(config, MixLoraConfig) else config
+    projection = functools.partial(MoreLinear if isinstance(config, MoreConfig) else LoraLinear,
+                                   config=config.attention_lora() if isinstance(config, MixLoraConfig) else config,
+                                   fan_in_fan_out=family.fan_in_fan_out, context=context)
 
     for p in model.parameters():
         p.requires_grad_(False)
-    context = ForwardContext()
     for layer in decoder_layers(model, family):
         for block_name, projections in chosen.items():
             block = getattr(layer, block_name)
             for p in sorted(projections):
-                setattr(block, p, projection_cls(getattr(block, p), projection_cfg, fan_in_fan_out=family.fan_in_fan_out,
-                                                 context=context))
+                setattr(block, p, projection(getattr(block, p)))
         if isinstance(config, MixLoraConfig):
             ffn = getattr(layer, family.ffn)
             setattr(layer, family.ffn, _mixlora_ffn(ffn, config, ffn_targets, family, context))
