@@ -302,8 +302,3 @@ def load_model(
         model.to(dev)
     model.eval()
     return model, tokenizer
-
-
-__all__ = ["DTYPES", "EMBEDDED_NAME", "ModelLoadError", "cache_root", "canonical_name", "convert_embedded",
-           "embedded_folder", "gguf_path", "is_embedded", "load_model", "resolve_device", "resolve_dtype",
-           "transformers_name"]

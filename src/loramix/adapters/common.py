@@ -82,7 +82,3 @@ def copy_adapter_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], 
     with torch.no_grad():
         for key, param in params.items():
             param.copy_(tensors[key].to(param.dtype))
-
-
-__all__ = ["CONFIG_NAME", "FORMAT", "FORMAT_VERSION", "NOT_PEFT", "PEFT_PREFIX", "SIDECAR_NAME", "WEIGHTS_NAME",
-           "AdapterLoadError", "ExportError", "atomic_write", "copy_adapter_tensors", "key_mismatch"]

@@ -351,15 +351,14 @@ def _describe(hidden: int | None, layers: int | None) -> str:
 def check_base(model: nn.Module, adapter: AdapterFolder) -> None:
     """The model's shapes against the adapter's: another shape fails once, naming both bases; the same
     shape under another name than the recorded base warns, naming both."""
-    recorded = adapter.base_model
-    given = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    recorded, config = adapter.base_model, getattr(model, "config", None)
+    given = getattr(config, "_name_or_path", None) or None
     hidden = adapter.meta.get("hidden_size")
     layers = adapter.meta.get("num_layers") or _layer_count(adapter.module_shapes, adapter.family)
+    model_layers, model_hidden = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)
     problem = None
-    model_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     if adapter.layout != "peft" and model_layers is not None and layers and model_layers != layers:
         problem = f"the adapter has {layers} layers, the model {model_layers}"
-    model_hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     if problem is None and hidden and model_hidden and hidden != model_hidden:
         problem = f"the adapter's hidden size is {hidden}, the model's {model_hidden}"
     # Another base differs in the same projection of every layer; a damaged file in a few modules,
@@ -396,7 +395,8 @@ def check_base(model: nn.Module, adapter: AdapterFolder) -> None:
             f"has other shapes: {problem}. Load the adapter onto '{recorded or 'its base model'}'.")
     from .. import hub  # here, not at the top: `import loramix` leaves hub unimported (see io._peft_files)
 
-    if hub.canonical_name(recorded) and hub.canonical_name(given) and hub.canonical_name(recorded) != hub.canonical_name(given):
+    ours, theirs = hub.canonical_name(recorded), hub.canonical_name(given)
+    if ours and theirs and ours != theirs:
         warnings.warn(
             f"{adapter.path}: adapter trained on base model '{recorded}' is being loaded onto '{given}'; the shapes "
             "match, so it loads, but unless these are the same weights its outputs are not what was trained",
@@ -514,9 +514,3 @@ def _check_peft_agrees(meta: dict[str, Any], config: LoraConfig, config_file: Pa
             raise AdapterLoadError(
                 f"{config_file}: '{peft_key}' is {meta.get(peft_key)!r} but {sidecar.name} says {ours} = "
                 f"{getattr(config, ours)!r}: the two settings files disagree; save the adapter again")
-
-
-__all__ = [
-    "AdapterFolder", "AdapterTensors", "check_base", "check_key_set", "check_tensor_shapes", "expected_keys",
-    "peft_to_loramix_key", "read_adapter_config", "read_adapter_folder", "read_json", "read_safetensors",
-]

@@ -164,9 +164,3 @@ def export_task_peft(model: nn.Module, task: str | int, out_dir: str | os.PathLi
     base = base_model_name_or_path or getattr(model.config, "_name_or_path", None) or None
     return write_peft_adapter(out_dir, task_loras(model, task), base_model_name_or_path=base,
                               fan_in_fan_out=adapter_state(model).family.fan_in_fan_out)
-
-
-__all__ = [
-    "adapter_task_index", "chosen_ranks", "export_task_peft", "fix_ranks", "merge_task", "more_config", "rank_summary",
-    "recorded_task_index", "task_ids_tensor", "task_index", "task_loras", "use_task",
-]

@@ -129,6 +129,3 @@ def peft_adapter_files(
         "layers_pattern": None,
     }
     return tensors, config
-
-
-__all__ = ["peft_adapter_files", "write_peft_adapter"]

@@ -110,6 +110,3 @@ def label_losses(logits: torch.Tensor, labels: torch.Tensor, rows: list[int]) ->
                                          reduction="sum")
         out.append((ce, int((lb != -100).sum())))
     return out
-
-
-__all__ = ["AUXILIARY_LOSSES", "auxiliary_losses", "compose_loss", "label_losses"]

@@ -340,8 +340,3 @@ def forget_quantization(model: nn.Module) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.is_quantized = False
-
-
-__all__ = ["INT4_GROUP_SIZE", "QUANTIZATIONS", "add_quantization_argument", "check_quantization", "compute_dtype", "dense_linear",
-           "dense_state", "dequantize_model", "forget_quantization", "plain_config", "load_quantized",
-           "prepare_kbit_training", "quantization_config", "quantization_of", "storage_tensors"]

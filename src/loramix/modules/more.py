@@ -292,6 +292,3 @@ class MoreLinear(FrozenProjection):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, max_rank={self.max_rank}, ranks={self.ranks}, "
                 f"tasks={self.num_tasks}, scale={self.scale:g}, selector={self.selector_kind}")
-
-
-__all__ = ["MoreLinear", "RankSelector", "task_contrastive_loss"]

@@ -166,6 +166,3 @@ def _unpack_cpu_4bit(data: torch.Tensor, state) -> tuple[torch.Tensor, object]:
     work.absmax = state.absmax.t().reshape(-1).float()  # (in/blocksize, out) bf16 → per block, row-major
     work.nested = False
     return codes, work
-
-
-__all__ = ["HALF_DTYPES", "adapter_dtype_for", "frozen_weight", "is_quantized", "logical_shape", "quantization_kind"]

@@ -54,6 +54,3 @@ def save_plain(model: nn.Module, out: Path, *, tokenizer=None, dtype: torch.dtyp
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
-
-
-__all__ = ["export_merged_streaming", "save_plain"]

@@ -201,6 +201,3 @@ def export_moe(base: BaseWeights, adapter: AdapterWeights, out_dir: str | os.Pat
 
     return stream_export(base, family, out_dir, moe_cfg, copy=copy, write_layer=write_layer,
                          desc=f"export {sibling.model_type}", max_shard_size=max_shard_size, progress=progress)
-
-
-__all__ = ["SIBLINGS", "MoeSibling", "export_moe", "moe_config", "supported_moe_families"]

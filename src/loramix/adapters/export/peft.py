@@ -27,6 +27,3 @@ def peft_factors(adapter: AdapterWeights) -> tuple[dict[str, tuple[torch.Tensor,
             if config.use_dora:
                 mags[module] = adapter.get(f"{module}.lora_magnitude").float()
     return loras, (mags if config.use_dora else None)
-
-
-__all__ = ["peft_factors"]

@@ -323,7 +323,3 @@ def check_adapter_matches(adapter: AdapterWeights, base: BaseWeights) -> None:
     if model_type != adapter.family.name:
         raise ExportError(f"{adapter.source}: the adapter is for model family '{adapter.family.name}' "
                           f"but the base model is '{model_type}'")
-
-
-
-__all__ = ["DEFAULT_MAX_SHARD_SIZE", "AdapterWeights", "BaseWeights", "ShardWriter", "merged_weight", "parse_size"]
