@@ -79,13 +79,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def default_threads() -> int:
-    """torch CPU threads for a command that computes: the cores not already busy.
-
-    ``$OMP_NUM_THREADS`` when set (torchrun sets it per process); else the usable cores minus the
-    1-minute load average, at least 1. On a busy machine extra threads only wait on each other:
-    measured on a 2-core machine shared with other jobs, a SmolLM2 training step took 30-34 s with
-    torch's default of 2 threads and ~11 s with 1.
-    """
+    """torch CPU threads for a command that computes: ``$OMP_NUM_THREADS`` when set (torchrun sets it per
+    process), else the cores not already busy (why, and what it saves: ``THREADS_HELP``)."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return int(os.environ["OMP_NUM_THREADS"])
     try:
@@ -222,12 +217,6 @@ def load_adapters_onto(model: Any, adapters: dict[str, str], base_name: Any) -> 
 # ------------------------------------------------------------------ parsing
 
 
-def _version() -> str:
-    from .version import __version__
-
-    return f"loramix {__version__}"
-
-
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of ``loramix COMMAND`` (only that command's module is imported), or the top-level one."""
     if command is None:
@@ -237,7 +226,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             description=f"LoRA mixtures of experts: MixLoRA and MoRE.\n\ncommands:\n{commands}",
             epilog="loramix COMMAND --help explains each command's options.\n"
                    "Exit codes: 0 done, 1 the run failed, 2 bad input.")
-        parser.add_argument("--version", action="version", version=_version())
+        from .version import __version__
+
+        parser.add_argument("--version", action="version", version=f"loramix {__version__}")
         parser.add_argument("--debug", action="store_true", help="show Python tracebacks (also LORAMIX_DEBUG=1)")
         parser.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="COMMAND", help="see above")
         return parser
@@ -315,19 +306,14 @@ def describe_error(err: BaseException) -> tuple[int, str]:
 IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops")
 
 
-def quiet_import_noise() -> None:
-    """Raise the import-time warnings of optional packages to errors-only (see IMPORT_NOISE_LOGGERS)."""
-    for name in IMPORT_NOISE_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def report_errors(prog: str, func: Callable[[], int | None], debug: bool = False) -> int:
     """Run ``func`` and return its exit code; an exception becomes ``PROG: error: MESSAGE`` on standard
     error and exit code 2 (bad input) or 1 (run failure), unless ``debug`` or ``$LORAMIX_DEBUG`` asks
     for the traceback."""
     debug = debug or os.environ.get("LORAMIX_DEBUG", "").lower() not in ("", "0", "false", "no")
-    if not debug:
-        quiet_import_noise()
+    if not debug:  # optional packages' import-time warnings: errors only (see IMPORT_NOISE_LOGGERS)
+        for name in IMPORT_NOISE_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return int(func() or 0)
     except KeyboardInterrupt:

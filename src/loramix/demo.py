@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     }, where="loramix.demo")
     trainer = Trainer(config, model=model, tokenizer=tokenizer)
     trainer.setup()
-    trainer.log_metrics({"type": "eval", "step": 0, "eval": before, "model": "base"})  # the plot's first point
+    trainer.job.write_metrics({"type": "eval", "step": 0, "eval": before, "model": "base"})  # the plot's first point
     try:
         result = trainer.train()
     finally:

@@ -100,11 +100,13 @@ def multitask_order(sizes: Mapping[str, int], *, strategy: str = "temperature", 
 
 def mix(per_source: Mapping[str, list], *, strategy: str = "temperature", seed: int = 0,
         num_samples: int | None = None) -> list:
-    """One training list drawn from several sources with task sampling (the trainer's ``data.sampling``).
+    """One training list from several sources (the trainer's ``data.sampling``): concatenated, or drawn
+    with task sampling.
 
     Args:
         per_source: source (task) name → its examples.
-        strategy: 'temperature' | 'proportional' | 'uniform' (see ``task_probabilities``).
+        strategy: 'concat' (concatenate: the length-grouped sampler shuffles the order every epoch), or
+            'temperature' | 'proportional' | 'uniform' (see ``task_probabilities``).
         seed: the draw is a pure function of (sizes, strategy, seed, num_samples).
         num_samples: length of the list (default: the total number of examples).
 
@@ -113,6 +115,8 @@ def mix(per_source: Mapping[str, list], *, strategy: str = "temperature", seed: 
         large ones are subsampled. A shuffling batch sampler then reorders them every epoch (the
         multiset stays the one drawn here; ``TaskSampledBatches`` redraws per epoch instead).
     """
+    if strategy == "concat":
+        return [ex for examples in per_source.values() for ex in examples]
     if strategy not in STRATEGIES:
         raise ConfigError(f"'data.sampling' must be 'concat' or one of {STRATEGIES}, got {strategy!r}")
     empty = [name for name, examples in per_source.items() if not examples]

@@ -8,10 +8,10 @@ Example:
 
 from .checkpoint import CheckpointError, latest_checkpoint
 from .config import DataConfig, TrainConfig, load_train_config, train_config_from_dict
-from .job import Job, lr_factor, mix_sources
+from .job import Job, lr_factor
 from .loop import Trainer, TrainingDiverged
 
 __all__ = [
     "CheckpointError", "DataConfig", "Job", "TrainConfig", "Trainer", "TrainingDiverged", "latest_checkpoint",
-    "load_train_config", "lr_factor", "mix_sources", "train_config_from_dict",
+    "load_train_config", "lr_factor", "train_config_from_dict",
 ]

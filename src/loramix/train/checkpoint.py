@@ -25,7 +25,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -107,20 +107,17 @@ def claim_run_folder(output_dir: str | os.PathLike, *, resume: bool | str, overw
     return move_aside(out)
 
 
-def save_final_adapter(model: torch.nn.Module, output_dir: str | os.PathLike, extra: dict[str, Any]) -> Path:
-    """Write ``output_dir/adapter`` atomically as a whole folder: into a hidden temporary folder first,
-    renamed into place when complete (an older adapter folder is swapped out, then removed). A
-    failure leaves the previous folder (or none), never a folder whose two files disagree."""
-    out = Path(output_dir)
-    final = out / "adapter"
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".adapter.tmp-"))
+def _write_folder(final: Path, write: Callable[[Path], None], prefix: str) -> Path:
+    """Call ``write(tmp)`` on a hidden temporary folder ``<prefix>...`` beside ``final``, then rename it to
+    ``final`` (an older ``final`` is swapped out first, then removed). A failure leaves the previous
+    folder (or none), never a folder whose files disagree."""
+    tmp, old = Path(tempfile.mkdtemp(dir=final.parent, prefix=prefix)), None
     try:
-        save_adapter(model, tmp, extra=extra)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the adapter is an ordinary folder
-        old = None
-        if final.exists():
-            old = Path(tempfile.mkdtemp(dir=out, prefix=".adapter.old-"))
-            os.replace(final, old / "adapter")
+        write(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+        if final.exists():  # e.g. the same step saved twice (an interrupt right after a periodic save)
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{prefix}old-"))
+            os.replace(final, old / final.name)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -128,6 +125,12 @@ def save_final_adapter(model: torch.nn.Module, output_dir: str | os.PathLike, ex
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_final_adapter(model: torch.nn.Module, output_dir: str | os.PathLike, extra: dict[str, Any]) -> Path:
+    """Write ``output_dir/adapter`` atomically as a whole folder (``_write_folder``)."""
+    return _write_folder(Path(output_dir) / "adapter", lambda tmp: save_adapter(model, tmp, extra=extra),
+                         ".adapter.tmp-")
 
 
 def describe_save_failure(err: OSError, what: str, last_good: Path | None) -> str:
@@ -199,21 +202,16 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
     """
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step}-"))
-    try:
+
+    def write(tmp: Path) -> None:
         save_adapter(model, tmp / "adapter")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}, tmp / "scheduler.pt")
         plain_rng, tensor_rng = rng_states()
         torch.save(tensor_rng, tmp / "rng.pt")
         (tmp / STATE_NAME).write_text(json.dumps(dict(state, step=step, rng=plain_rng)) + "\n")
-        if final.exists():  # the same step saved twice (e.g. interrupt right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    final = _write_folder(root / f"step-{step}", write, f".tmp-step-{step}-")
     _atomic_text(root / LATEST, final.name + "\n")
     _prune(root, keep, protect=final.name)
     return final

@@ -55,12 +55,6 @@ def env_overrides() -> list[str]:
         raise UsageError(f"LORAMIX_OVERRIDES: {err} in {text!r}") from None
 
 
-def _is_builtin_task(name: str) -> bool:
-    from ..data.tasks import canonical_task
-
-    return canonical_task(name) is not None
-
-
 def resolve_path(source: str, yaml_dir: Path, where: str) -> str:
     """A file named in a YAML: as given if it exists from the working directory, else next to the YAML.
 
@@ -69,11 +63,12 @@ def resolve_path(source: str, yaml_dir: Path, where: str) -> str:
     neither place raises ``ConfigError`` naming both places.
     """
     from ..config import ConfigError
+    from ..data.tasks import canonical_task
 
     parts = []
     for part in (p.strip() for p in source.split(",")):
         path = Path(part).expanduser()
-        if not part or _is_builtin_task(part) or path.is_absolute() or path.exists():
+        if not part or canonical_task(part) is not None or path.is_absolute() or path.exists():
             parts.append(part)
         elif (yaml_dir / path).exists():
             parts.append(str(yaml_dir / path))
@@ -136,6 +131,7 @@ def _claim(configs: list[Any], overwrite: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .config import describe_keys, load_train_config
+    from .jobs_config import is_jobs_config, load_jobs_config
 
     if args.list_keys:
         print(describe_keys())
@@ -143,55 +139,35 @@ def run(args: argparse.Namespace) -> int:
     if not args.config:
         raise UsageError("give a CONFIG.yaml (examples/ has some) or --list-keys")
     overrides = list(args.overrides) + env_overrides()
-    from .jobs_config import is_jobs_config
-
-    if is_jobs_config(args.config):  # a list of adapters trained together over one base model
-        return _run_multi(args, overrides)
-    config = load_train_config(args.config, overrides)
-    _prepare(config, args)
-    if args.print_config:
-        print(config.to_yaml(), end="")
-        return 0
-    _claim([config], args.overwrite)
-    apply_threads(config.threads)  # null: default_threads(); the YAML keeps what the user wrote
-
-    from .distributed import trainer_class
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = trainer_class()(config).run()  # DistributedTrainer under torchrun
-    if result["status"] == "interrupted":
-        again = " ".join(shlex.quote(a) for a in [args.config, *args.overrides])
-        print(f"loramix train: stopped by {result['signal']} at step {result['step']}; checkpoint {result['checkpoint']}."
-              f" Continue with: loramix train {again} --resume", file=sys.stderr)
-        return 1
-    if result["adapter"] is None:  # a torchrun rank other than 0: rank 0 reports
-        return 0
-    print(f"adapter saved to {result['adapter']}")
-    for protocol, r in (result.get("eval") or {}).items():
-        print(f"{protocol} accuracy: {r['accuracy']:.4f} (n={r['n']})")
-    return 0
-
-
-def _run_multi(args: argparse.Namespace, overrides: list[str]) -> int:
-    """``loramix train multi.yaml``: several adapters trained jointly (see ``train/jobs_config.py``), under torchrun too."""
-    from .distributed import trainer_class
-    from .jobs_config import load_jobs_config
-
-    configs = load_jobs_config(args.config, overrides)
+    multi = is_jobs_config(args.config)  # a list of adapters trained together over one base model (jobs_config.py)
+    configs = load_jobs_config(args.config, overrides) if multi else {"": load_train_config(args.config, overrides)}
     for cfg in configs.values():
         _prepare(cfg, args)
     if args.print_config:
         for name, cfg in configs.items():
-            print(f"# adapter {name}\n{cfg.to_yaml()}", end="")
+            print((f"# adapter {name}\n" if multi else "") + cfg.to_yaml(), end="")
         return 0
     _claim(list(configs.values()), args.overwrite)
-    apply_threads(next(iter(configs.values())).threads)  # shared by every adapter (SHARED_KEYS)
+    apply_threads(next(iter(configs.values())).threads)  # shared by every adapter; null: default_threads()
+    from .distributed import trainer_class
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    results = trainer_class()(configs).run()  # DistributedTrainer under torchrun
-    if os.environ.get("RANK", "0") != "0":  # rank 0 reports
+    results = trainer_class()(configs if multi else configs[""]).run()  # DistributedTrainer under torchrun
+    if multi:
+        if _is_rank_zero():  # rank 0 reports
+            print(_summary(results))
         return 0 if all(r["status"] == "completed" for r in results.values()) else 1
-    print(_summary(results))
-    return 0 if all(r["status"] == "completed" for r in results.values()) else 1
+    if results["status"] == "interrupted":
+        again = " ".join(shlex.quote(a) for a in [args.config, *args.overrides])
+        print(f"loramix train: stopped by {results['signal']} at step {results['step']}; checkpoint "
+              f"{results['checkpoint']}. Continue with: loramix train {again} --resume", file=sys.stderr)
+        return 1
+    if results["adapter"] is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
+    print(f"adapter saved to {results['adapter']}")
+    for protocol, r in (results.get("eval") or {}).items():
+        print(f"{protocol} accuracy: {r['accuracy']:.4f} (n={r['n']})")
+    return 0
 
 
 def _summary(results: dict[str, Any]) -> str:

@@ -25,6 +25,8 @@ Example (Python):
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass
@@ -205,22 +207,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"command line: the value of '{key}' is not valid YAML ({err})") from None
-    if isinstance(value, str) and _looks_like_float(value):
-        value = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
     return key.split("."), value
-
-
-def _looks_like_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return text.strip().lower() not in ("nan", "inf", "-inf", "infinity", "-infinity")
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Return a copy of the raw YAML mapping with ``key=value`` overrides set (dotted keys nest)."""
-    out = _deep_copy(raw)
+    out = copy.deepcopy(raw)
     for text in overrides:
         path, value = parse_override(text)
         node = out
@@ -236,22 +228,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
-def _deep_copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
-    return value
-
-
 def _fix_yaml_floats(value: Any) -> Any:
     """YAML 1.1 reads ``2e-4`` (no dot) as a string: turn such strings back into floats."""
     if isinstance(value, dict):
         return {k: _fix_yaml_floats(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_fix_yaml_floats(v) for v in value]
-    if isinstance(value, str) and _looks_like_float(value) and any(c in value for c in "eE"):
-        return float(value)
+    if isinstance(value, str) and any(c in value for c in "eE"):
+        with contextlib.suppress(ValueError):  # "none", "eval": not numbers, stay strings
+            return float(value)
     return value
 
 
@@ -261,11 +246,10 @@ def train_config_from_dict(values: dict, where: str = "config", overrides: list[
         values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: the file must hold a mapping of settings, got {type(values).__name__}")
-    values = _fix_yaml_floats(values)
     if overrides:
         values = apply_overrides(values, overrides)
         where = f"{where} (with command-line overrides)"
-    return TrainConfig.from_dict(values, where)
+    return TrainConfig.from_dict(_fix_yaml_floats(values), where)
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

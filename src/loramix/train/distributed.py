@@ -78,6 +78,20 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def reduce_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum the gradients of ``params`` over the ranks in one flat all-reduce (a missing gradient counts as
+    zero; a tensor no rank touched keeps grad None, so AdamW leaves it alone, as in one process)."""
+    if not params:
+        return
+    pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+    present = torch.tensor([float(p.grad is not None) for p in params], device=pieces[0].device)
+    flat = torch.cat(pieces + [present])
+    dist.all_reduce(flat)
+    grads = flat[:-len(params)].split([p.numel() for p in params])
+    for p, grad, ranks_with_grad in zip(params, grads, flat[-len(params):].tolist()):
+        p.grad = grad.view_as(p).to(p.dtype) if ranks_with_grad > 0 else None
+
+
 class DistributedTrainer(Trainer):
     """``Trainer`` for W data-parallel ranks: the loop of ``loop.py`` with its seams filled in (see the
     module docstring). Takes what ``Trainer`` takes: one config or several (adapter name → config).
@@ -116,8 +130,7 @@ class DistributedTrainer(Trainer):
     def _local_batches(self, window: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         return window[self.rank::self.world_size]  # rank r runs micro-batches r, r + W, r + 2W, ...
 
-    def _reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        reduce_gradients(params)
+    _reduce_gradients = staticmethod(reduce_gradients)
 
     def _max_over_ranks(self, values: list[int]) -> list[int]:
         flags = torch.tensor(values, dtype=torch.long, device=self._collective_device)
@@ -177,23 +190,6 @@ class DistributedTrainer(Trainer):
             else:
                 log.warning("rank %d: %s has no generator state of this rank; dropout masks will differ from "
                             "an uninterrupted run", self.rank, job.last_checkpoint)
-
-
-def reduce_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Sum the gradients of ``params`` over the ranks in one flat all-reduce (a missing gradient counts as
-    zero; a tensor no rank touched keeps grad None, so AdamW leaves it alone, as in one process)."""
-    if not params:
-        return
-    pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
-    present = torch.tensor([float(p.grad is not None) for p in params], device=pieces[0].device)
-    flat = torch.cat(pieces + [present])
-    dist.all_reduce(flat)
-    offset = 0
-    for i, p in enumerate(params):
-        n = p.numel()
-        has_grad = bool(flat[flat.numel() - len(params) + i] > 0)
-        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype) if has_grad else None
-        offset += n
 
 
 def shard_base_model(model: torch.nn.Module) -> None:

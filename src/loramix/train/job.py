@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError
 from ..data import LengthGroupedBatches, MultipleChoiceExample, collate, encode_example, load_examples
+from ..data.sampling import mix
 from ..models.inject import adapter_parameters, adapter_state
 from ..models.losses import AUXILIARY_LOSSES
 from . import checkpoint as ckpt
@@ -30,22 +31,6 @@ from .config import TrainConfig
 from .tracking import flatten, open_trackers
 
 log = logging.getLogger("loramix.train")
-
-
-def mix_sources(per_source: dict[str, list], *, strategy: str = "concat", seed: int = 0) -> list:
-    """Turn the per-source example lists into the one list the batch sampler draws from.
-
-    "concat" concatenates (the length-grouped sampler shuffles the order every epoch); any other
-    name is a task-sampling strategy of ``loramix.data.sampling`` (``mix(per_source, strategy, seed)``).
-
-    Args:
-        per_source: source name → its examples (each example carries its ``task``).
-    """
-    if strategy == "concat":
-        return [ex for examples in per_source.values() for ex in examples]
-    from ..data import sampling
-
-    return sampling.mix(per_source, strategy=strategy, seed=seed)
 
 
 def lr_factor(step: int, *, schedule: str, warmup: int, total: int) -> float:
@@ -115,7 +100,7 @@ class Job:
         else:
             per_source = {f"{i}:{src}": load_examples(src, data.train_split, limit, seed=cfg.seed)
                           for i, (src, limit) in enumerate(data.sources("train"))}
-        examples = mix_sources(per_source, strategy=data.sampling, seed=cfg.seed)
+        examples = mix(per_source, strategy=data.sampling, seed=cfg.seed)
         if not examples:
             raise ConfigError("data.train: the training sources hold no examples")
         # task name → id for MoRE rows (task_ids): the adapter's task order, else sorted names

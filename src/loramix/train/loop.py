@@ -65,11 +65,6 @@ class TrainingDiverged(RuntimeError):
     """The loss (or the gradient norm) became NaN or infinite; the message names the step."""
 
 
-def _answer_tokens(labels: torch.Tensor) -> int:
-    """Tokens the causal LM loss counts: labels shifted by one, minus the ignored ones."""
-    return int((labels[:, 1:] != -100).sum())
-
-
 class Trainer:
     """Train one adapter (``config``: a ``TrainConfig``) or several at once over one base model
     (``config``: adapter name → ``TrainConfig``; their model/dtype/device/threads agree).
@@ -263,7 +258,8 @@ class Trainer:
     def _open_window(self, job: Job) -> dict[str, Any]:
         window = job.next_window(job.config.grad_accum * self.world_size)  # the global window, same on every rank
         return {"local": self._local_batches(window), "position": 0, "started": time.perf_counter(),
-                "answer": max(1, sum(_answer_tokens(b["labels"]) for b in window)), "count": len(window),
+                # N: the tokens the causal LM loss counts in the whole window (labels shifted by one, not ignored)
+                "answer": max(1, sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)), "count": len(window),
                 "lm": 0.0, "aux": {}, "tokens": 0, "load": None, "diverged": None}
 
     def _micro_step(self, parts: list[tuple[Job, dict[str, Any]]]) -> None:
@@ -378,11 +374,6 @@ class Trainer:
             self.cleanup()
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> dict[str, Any]:
-        """Evaluate every job with evaluation examples now; one job: its results (else name → results)."""
-        results = self._evaluate([j for j in self.jobs.values() if j.eval_examples])
-        return results.get("", {}) if self.single else results
-
     def _evaluate(self, jobs: list[Job]) -> dict[str, dict[str, Any]]:
         """Accuracy of ``jobs`` with each one's protocols, in one pass per protocol and settings
         (``evaluate_many``); recorded in each job's metrics. Returns name → {protocol: results}."""
@@ -416,10 +407,6 @@ class Trainer:
             job.last_metrics["eval"] = results[job.name]
             job.write_metrics({"type": "eval", "step": job.step, "eval": results[job.name]})
         return results
-
-    def log_metrics(self, record: dict[str, Any]) -> None:
-        """Append one JSON record (must have a ``step``) to the (one) job's ``metrics.jsonl``."""
-        self.job.write_metrics(record)
 
     # ------------------------------------------------------------------ seams (train/distributed.py fills them)
     def _prepare_model(self) -> None:
