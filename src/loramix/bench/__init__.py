@@ -37,7 +37,9 @@ The command used for the README table (SmolLM2-135M shape, fp32; one thread beca
 ``step_s`` is wall time; ``cpu_s`` (process CPU time) is reported beside it because it is less
 disturbed when other jobs share the CPU.
 Modules: ``variants.py`` (settings, base model, the variants), ``measure.py`` (interleaved timing,
-memory), ``many.py`` (``--multi N``: several adapters on one base), ``command.py`` (the options).
+memory), ``many.py`` (``--multi N``: several adapters on one base), ``serve.py`` (``--serve``: ``loramix
+serve`` under concurrent clients, batched across adapters versus one request at a time), ``command.py``
+(the options).
 """
 
 from .measure import format_table, persistent_bytes, prepare_run, run_bench, run_interleaved, step_peak_bytes, tensor_bytes
