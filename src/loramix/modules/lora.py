@@ -158,9 +158,7 @@ class FrozenProjection(nn.Module):
 
     def weight_out_in(self) -> torch.Tensor:
         """The frozen weight as (out, in); dequantized afresh for a quantized base (``frozen_weight``)."""
-        if self.quantized:
-            return frozen_weight(self._base_module[0], fan_in_fan_out=self.fan_in_fan_out)
-        return self.weight.t() if self.fan_in_fan_out else self.weight
+        return frozen_weight(self._base_module[0], fan_in_fan_out=self.fan_in_fan_out)
 
     def frozen(self, x: torch.Tensor) -> torch.Tensor:
         """``W x + b``, (..., in) → (..., out); a quantized base is called as a module."""
