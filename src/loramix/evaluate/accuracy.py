@@ -261,7 +261,7 @@ def evaluate_multiple_choice(model, tokenizer, examples: Sequence[MultipleChoice
         tokenizer: its tokenizer (needs a pad token; ``load_model`` sets one).
         examples: ``MultipleChoiceExample`` objects (e.g. ``load_examples("arc-e", "validation")``).
         protocol: "label" (logits of the option letters at the last prompt position) or "loglik"
-            (character-length-normalised log-likelihood of each choice's text).
+            (length-normalised log-likelihood of each choice's text, see ``normalize``).
         batch_size: prompts per forward pass ("loglik" without ``share_prompt``: prompt+choice sequences).
         template: prompt template; the default "mc_letters" is replaced by "mc_text" for "loglik"
             (``None`` also picks the protocol's default).

@@ -182,13 +182,13 @@ def _read_settings(adapters: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Adapter name → its saved settings (``read_adapter_config``); with several adapters an error names one."""
     from ..adapters import AdapterLoadError, read_adapter_config
 
-    if len(adapters) == 1:
-        return {name: read_adapter_config(folder) for name, folder in adapters.items()}
     metas = {}
     for name, folder in adapters.items():
         try:
             metas[name] = read_adapter_config(folder)
         except (OSError, ValueError) as err:
+            if len(adapters) == 1:
+                raise  # its message names the one folder
             raise AdapterLoadError(f"adapter '{name}': {err}") from None
     return metas
 

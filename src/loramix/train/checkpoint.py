@@ -97,9 +97,8 @@ def claim_run_folder(output_dir: str | os.PathLike, *, resume: bool | str, overw
     if resume:
         if isinstance(resume, str) or latest_checkpoint(out) is not None or "adapter" not in held:
             return None
-        if not overwrite:
-            raise RunFolderError(f"{out} holds a finished run (adapter/) without checkpoints: there is nothing to "
-                                 f"resume from. Use --overwrite to move it aside and start again, or another {key}=")
+        raise RunFolderError(f"{out} holds a finished run (adapter/) without checkpoints: there is nothing to "
+                             f"resume from. Use --overwrite to move it aside and start again, or another {key}=")
     if not overwrite:
         raise RunFolderError(f"{out} already holds a run ({', '.join(held)}): add --resume to continue it, or "
                              f"--overwrite to move it aside to {out}.old-<time> and start fresh (or choose another "

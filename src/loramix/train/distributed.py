@@ -64,14 +64,13 @@ def is_distributed_launch() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_distributed(backend: str | None = None) -> tuple[int, int]:
+def init_distributed() -> tuple[int, int]:
     """Join the process group torchrun describes in the environment; returns ``(rank, world_size)``.
 
     Backend: NCCL when CUDA is available (each rank takes GPU ``LOCAL_RANK``), else gloo.
     """
     if not dist.is_initialized():
-        if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
