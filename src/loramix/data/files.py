@@ -28,9 +28,7 @@ from .tasks import DataError
 
 def _answer_index(answer: Any, choices: list[str], where: str) -> int:
     """Index of ``answer`` in ``choices``: an int index, a choice's text, a letter, or a digit string."""
-    if isinstance(answer, bool):  # bool is an int subclass: refuse it explicitly
-        raise DataError(f"{where}: 'answer' must be an index, a choice text or a letter, got {answer!r}")
-    if isinstance(answer, int):
+    if isinstance(answer, int) and not isinstance(answer, bool):  # bool is an int subclass: not an index
         index = answer
     elif isinstance(answer, str):
         text = answer.strip()
@@ -44,7 +42,8 @@ def _answer_index(answer: Any, choices: list[str], where: str) -> int:
             raise DataError(f"{where}: 'answer' {answer!r} is neither a choice text, a letter nor an index "
                             f"(choices: {choices})")
     else:
-        raise DataError(f"{where}: 'answer' must be an index, a choice text or a letter, got {type(answer).__name__}")
+        raise DataError(f"{where}: 'answer' must be an index, a choice text or a letter, got {answer!r} "
+                        f"({type(answer).__name__})")
     if not 0 <= index < len(choices):
         raise DataError(f"{where}: 'answer' {answer!r} is out of range for {len(choices)} choices")
     return index
