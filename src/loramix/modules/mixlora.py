@@ -168,28 +168,6 @@ class IndexAddRows(torch.autograd.Function):
         return (grad if ctx.needs_input_grad[0] else None), None, grad_rows
 
 
-class ExpertLoras(nn.Module):
-    """Stacked LoRA weights of all experts, one tensor per projection.
-
-    Args:
-        shapes: projection name → (in_features, out_features).
-        num_experts, r, init: as in ``MixLoraConfig``.
-        dtype, device: of the tensors (adapters stay fp32 when the base is half precision).
-    """
-
-    def __init__(self, *, shapes: dict[str, tuple[int, int]], num_experts: int, r: int, init: str,
-                 device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
-        for name, (fan_in, fan_out) in shapes.items():
-            A = torch.empty(num_experts, r, fan_in, device=device, dtype=dtype)
-            init_lora_A(A, init, r)
-            self.lora_A[name] = nn.Parameter(A)
-            self.lora_B[name] = nn.Parameter(torch.zeros(num_experts, fan_out, r, device=device, dtype=dtype))
-        self.lora_magnitude = nn.ParameterDict()
-
-
 class MixLoraFFN(nn.Module):
     """A frozen FFN turned into a sparse mixture of LoRA experts behind a router.
 
@@ -259,18 +237,23 @@ class MixLoraFFN(nn.Module):
         self.dispatch, self.recompute_experts = config.dispatch, config.recompute_experts
         self.lora_dropout = LoraDropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
-        ref = getattr(self, output_projection).weight
-        adapter_dtype = adapter_dtype_for(getattr(self, output_projection), config.adapter_dtype)
+        output = getattr(self, output_projection)
+        factory = {"device": output.weight.device, "dtype": adapter_dtype_for(output, config.adapter_dtype)}
         hidden_size = self.projection_shape(self.input_projections[0])[0]
-        self.router = nn.Linear(hidden_size, num_experts, bias=False, device=ref.device, dtype=adapter_dtype)
+        self.router = nn.Linear(hidden_size, num_experts, bias=False, **factory)
         nn.init.normal_(self.router.weight, std=config.router_init_std)
-        self.experts = ExpertLoras(
-            shapes={t: self.projection_shape(t) for t in self.targets}, num_experts=num_experts,
-            r=r, init=config.init, device=ref.device, dtype=adapter_dtype,
-        )
-        if self.use_dora:
-            for t in self.targets:
-                self.experts.lora_magnitude[t] = nn.Parameter(self.weight_norm(t).to(adapter_dtype))
+        # The experts' LoRAs stacked per targeted projection P (see the module docstring for the shapes).
+        self.experts = nn.Module()
+        self.experts.lora_A, self.experts.lora_B = nn.ParameterDict(), nn.ParameterDict()
+        self.experts.lora_magnitude = nn.ParameterDict()
+        for t in self.targets:
+            fan_in, fan_out = self.projection_shape(t)
+            A = torch.empty(num_experts, r, fan_in, **factory)
+            init_lora_A(A, config.init, r)
+            self.experts.lora_A[t] = nn.Parameter(A)
+            self.experts.lora_B[t] = nn.Parameter(torch.zeros(num_experts, fan_out, r, **factory))
+            if self.use_dora:
+                self.experts.lora_magnitude[t] = nn.Parameter(self.weight_norm(t).to(factory["dtype"]))
         self._original_ffn = [ffn]  # not registered: unload() puts it back
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
