@@ -157,11 +157,8 @@ class AdapterTensors(Mapping[str, torch.Tensor]):
     """The tensors of a safetensors file, read one at a time on access (exports stream them).
 
     Opening checks the header against the file size, so a truncated or damaged file fails here,
-    naming its path. Shapes come from the header without reading any tensor.
-
-    Args:
-        path: the safetensors file.
-        rename: file key → the key this mapping shows (e.g. PEFT's names → loramix's), or None.
+    naming its path. Shapes come from the header without reading any tensor. ``rename``: file key → the
+    key this mapping shows (e.g. PEFT's names → loramix's), or None.
     """
 
     def __init__(self, path: Path, rename: Callable[[str], str] | None = None) -> None:
@@ -251,14 +248,11 @@ def _config_dims(config, family: ModelFamily, module: str) -> dict[str, tuple[st
 def check_tensor_shapes(config, family: ModelFamily, shapes: Mapping[str, tuple[int, ...]], *, weights: Path,
                         config_file: Path) -> dict[str, tuple[int, int]]:
     """Every tensor's config-given dimensions (rank, experts, tasks) against ``config``, and the base
-    feature sizes (out, in) of each module consistent across its tensors.
+    feature sizes (out, in) of each module consistent across its tensors; an ``AdapterLoadError`` names
+    the tensor, its shape, and the config key and value it contradicts.
 
-    Returns:
-        Base module path (e.g. ``model.layers.0.mlp.gate_proj``) → (out, in) features, plus
-        ``"<ffn path>"`` → (0, hidden) for MixLoRA routers.
-
-    Raises:
-        AdapterLoadError: naming the tensor, its shape, the config key and value it contradicts.
+    Returns base module path (e.g. ``model.layers.0.mlp.gate_proj``) → (out, in) features, plus
+    ``"<ffn path>"`` → (0, hidden) for MixLoRA routers.
     """
     seen: dict[tuple[str, str], tuple[int, str]] = {}  # (base module, 'out'/'in') → (size, key that set it)
     for key, shape in shapes.items():

@@ -41,12 +41,9 @@ from .peft import peft_adapter_files
 
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write the model's adapter to ``folder`` (created if needed) and return the folder path.
-
-    Args:
-        model: an injected model.
-        folder: destination; every file is replaced atomically, the weights first, the config last.
-        extra: optional JSON-able metadata stored under ``"extra"`` (e.g. task names).
+    """Write the model's adapter to ``folder`` (created if needed; every file replaced atomically, the weights
+    first, the config last) and return the folder path. ``extra``: JSON-able metadata stored under
+    ``"extra"`` (e.g. task names).
 
     Example:
         >>> save_adapter(lora_model, "out/adapter")       # a PEFT folder: PeftModel.from_pretrained(base, "out/adapter")
@@ -121,14 +118,8 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
 
 
 def load_many(model: nn.Module, folders: dict[str, Any]) -> nn.Module:
-    """Load several saved adapters (loramix or the authors' MixLoRA folders) onto one base model, in place.
-
-    Args:
-        model: a fresh transformers causal LM of the family the adapters were saved for.
-        folders: adapter name → adapter folder.
-
-    Returns:
-        The model, as from ``inject_many``, holding each adapter's saved weights.
+    """Load several saved adapters (``folders``: name → loramix or the authors' MixLoRA folder) onto one fresh
+    base model of their family, in place; returns the model, as from ``inject_many``, with their weights.
 
     Example:
         >>> model = load_many(base, {"a": "runs/a/adapter", "b": "runs/b/adapter"})

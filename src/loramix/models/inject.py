@@ -112,15 +112,11 @@ def _mixlora_ffn(ffn: nn.Module, cfg: MixLoraConfig, targets: set[str], family: 
 
 
 def inject(model: nn.Module, config: LoraConfig | MixLoraConfig | MoreConfig) -> nn.Module:
-    """Add a loramix adapter to a transformers causal LM, in place; base weights are frozen.
+    """Add a loramix adapter (``LoraConfig``, ``MixLoraConfig`` or ``MoreConfig``) to a transformers causal LM
+    of a registered family (e.g. a ``LlamaForCausalLM``), in place; base weights are frozen.
 
-    Args:
-        model: e.g. a ``LlamaForCausalLM``; its family must be in the registry.
-        config: ``LoraConfig``, ``MixLoraConfig`` or ``MoreConfig``.
-
-    Returns:
-        The same model object. Its forward accepts the usual arguments (and ``task_ids`` for MoRE);
-        with ``labels`` its ``loss`` includes ``aux_loss_coef`` × the mean load-balance loss.
+    Returns the same model object. Its forward accepts the usual arguments (and ``task_ids`` for MoRE);
+    with ``labels`` its ``loss`` includes the weighted auxiliary losses (``losses.compose_loss``).
     """
     if getattr(model, "loramix_adapter", None) is not None:
         raise ValueError("this model already has a loramix adapter; unload() it first or load into a fresh model")

@@ -83,17 +83,12 @@ def _in_backward() -> bool:
 class RankSelector(nn.Module):
     """Per-module task embeddings and the gate choosing one rank (expert) per task.
 
-    Args:
-        in_features: d_in of the module (the task embedding lives in the module's input space,
-            so the contrastive loss can compare it with the pooled input).
-        num_tasks: number of tasks.
-        ranks: the rank set, ascending, e.g. [1, ..., R] or [2, 4, 8].
-        embedding_std: std of the normal init of ``task_embedding``.
-        frozen: the authors' released behaviour: the choice is made once by the random initial
-            selector; embedding and gate never train and the STE weight is the constant 1.
+    Parameters: ``task_embedding`` (num_tasks, in_features), in the module's input space so that the
+    contrastive loss can compare it with the pooled input, with a normal init of std ``embedding_std``;
+    ``gate``: Linear(in_features → len(ranks)) over the rank set (ascending, e.g. [1, ..., R] or [2, 4, 8]).
 
-    Parameters:
-        task_embedding: (num_tasks, in_features).  gate: Linear(in_features → len(ranks)).
+    ``frozen``: the authors' released behaviour: the choice is made once by the random initial
+    selector; embedding and gate never train and the STE weight is the constant 1.
     """
 
     def __init__(self, in_features: int, num_tasks: int, ranks: list[int], *, embedding_std: float = 0.01,
