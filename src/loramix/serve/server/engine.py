@@ -5,19 +5,20 @@ together, each row through its own adapter.
                              admit waiting requests (up to max_batch_size rows)
                              rows sorted by adapter:  [ a a | b | base base | more:x ]
                              prefill: the rows that just joined, whole prompts left-padded, one forward
-                             decode:  the other rows, last token over each row's own KV cache, one forward
+                             decode:  the other rows, last token over the batch KV cache, one forward
                              both with adapter_rows=[("a", 2), ("b", 1), (BASE, 2), ("more", 1)] and
                              task_ids (MoRE rows: their task; others -1)
                              per row: next token (greedy, or temperature / top-p with the row's own
                              torch.Generator), stop strings, EOS, max_tokens → events to its client
 
 New requests join between decode steps (continuous batching); finished or cancelled rows leave and
-free their cache. Each row keeps its own KV cache (per layer (1, heads, L, d), no padding); a decode
-step left-pads the caches to one width and masks the padding, as ``generate`` does for a left-padded
-batch, then splits the grown cache back into rows. That copy costs memory traffic per step, but no
-row ever recomputes its prefix. Families whose cache is not a plain ``DynamicLayer`` per layer
-(sliding-window: gemma2/3, ...) recompute each row's whole sequence every step instead (``kv_cache``
-False): slower, and on Llama (forced) the same tokens; other families are not yet tested here.
+free their cache. The running rows share one KV cache (``batch_cache.BatchCache``): left-padded to
+one width, with spare columns, so a decode step writes each row's new keys/values in place and no
+row ever recomputes its prefix; it is re-laid only when rows join (prefilled apart, then copied in at
+their place in adapter order) or leave. Families whose cache is not a plain ``DynamicLayer`` per
+layer (sliding-window: gemma2/3, ...) recompute each row's whole sequence every step instead
+(``kv_cache`` False): slower, and on Llama (forced) the same tokens; other families are not yet
+tested here.
 
 The base model is served as one more adapter (``BASE``): a plain LoRA of rank 1 on one projection
 kind whose B is zero, so its rows get exactly the base model's outputs (``x W + 0``) inside the same
@@ -39,7 +40,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -51,6 +51,7 @@ from ...config import LoraConfig
 from ...models.inject import inject
 from ...models.many import stack_adapters
 from ...models.registry import family_of
+from .batch_cache import BatchCache
 
 BASE = "_base"  # the internal adapter name of the base model's rows (user adapter names cannot start with "_")
 
@@ -168,7 +169,6 @@ class Request:
         self.sent = 0  # characters of the text already emitted
         self.cancelled = False
         self.finished = False
-        self.cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (1, heads, L, d): all but the last token
         self.generator: torch.Generator | None = None
         if params.temperature > 0:
             self.generator = torch.Generator()
@@ -209,6 +209,7 @@ class Engine:
         self.max_rows_seen = 0  # the largest batch decoded so far (tests check that requests shared steps)
         self.max_batch_tokens_seen = 0  # the largest reservation of a batch so far (tests check the budget)
         self.kv_cache = kv_cache and _plain_cache(served.model)
+        self._batch = BatchCache(served.model.config) if self.kv_cache else None  # the running rows' KV cache
 
     def start(self) -> None:
         self._thread.start()
@@ -351,15 +352,17 @@ class Engine:
     def _step(self, rows: list[Request]) -> None:
         """One decode step for ``rows``: one new token per row, events, finished rows out.
 
-        Rows that just joined are prefilled (their whole prompt, one forward for all of them); the
-        others feed their last token over their own KV cache (one forward for all of them).
+        With the KV cache: the rows already in the batch cache feed their last token (one forward),
+        then the rows that just joined are prefilled (their whole prompt, one forward for all of them)
+        and copied into the batch cache. Without it every row recomputes its whole sequence.
         """
-        served = self.served
-        rows.sort(key=lambda r: served.order[r.target.adapter])  # stable: arrival order within an adapter
-        fresh = [r for r in rows if r.cache is None]
-        going = [r for r in rows if r.cache is not None]
-        stepped = (list(zip(fresh, self._prefill(fresh))) if fresh else []) + \
-                  (list(zip(going, self._decode(going))) if going else [])
+        rows.sort(key=self._order_key)  # stable: arrival order within an adapter
+        try:
+            stepped = self._cached_step(rows) if self._batch is not None else list(zip(rows, self._prefill(rows)[0]))
+        except BaseException:
+            if self._batch is not None:  # a forward that failed halfway leaves the buffers half-written
+                self._batch = BatchCache(self.served.model.config)
+            raise
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(rows))
         for r, row_logits in stepped:
@@ -367,13 +370,28 @@ class Engine:
             r.generated.append(token)
             self._advance(r, token)
         self._active = [r for r in rows if not r.finished and not r.cancelled]
-        for r in rows:
-            if r.finished or r.cancelled:
-                r.cache = None
+
+    def _order_key(self, r: Request) -> int:
+        """Batch order: rows grouped by adapter (each adapter's rows one span of the forward's row plan)."""
+        return self.served.order.get(r.target.adapter, len(self.served.order))
+
+    def _cached_step(self, rows: list[Request]) -> list[tuple[Request, torch.Tensor]]:
+        """Decode the cached rows, prefill the new ones → (row, logits (V,)) pairs; the batch cache follows."""
+        batch = self._batch
+        here = {id(r) for r in rows}
+        batch.keep(lambda r: id(r) in here)  # finished, cancelled or failed rows leave
+        cached = {id(r) for r in batch.rows}
+        fresh = sorted((r for r in rows if id(r) not in cached), key=self._order_key)
+        stepped = list(zip(batch.rows, self._decode())) if len(batch) else []
+        if fresh:
+            logits, cache = self._prefill(fresh)
+            stepped += zip(fresh, logits)
+            batch.add(fresh, cache, [len(r.prompt) + len(r.generated) for r in fresh], self._order_key)
+        return stepped
 
     def _forward(self, rows: list[Request], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 cache: Any) -> tuple[torch.Tensor, Any]:
-        """One forward of ``rows`` (grouped by adapter) → (last-position logits (B, V) fp32, the cache)."""
+                 cache: Any) -> torch.Tensor:
+        """One forward of ``rows`` (grouped by adapter) → last-position logits (B, V) fp32; ``cache`` grows."""
         plan: list[tuple[str, int]] = []
         for r in rows:
             if plan and plan[-1][0] == r.target.adapter:
@@ -385,46 +403,34 @@ class Engine:
             out = self.served.model(input_ids=ids, attention_mask=mask, position_ids=positions, adapter_rows=plan,
                                     task_ids=task_ids, past_key_values=cache, use_cache=cache is not None,
                                     logits_to_keep=1)
-        return out.logits[:, -1].float(), out.past_key_values if cache is not None else None
+        return out.logits[:, -1].float()
 
-    def _prefill(self, rows: list[Request]) -> torch.Tensor:
-        """Whole sequences, left-padded; keeps each row's KV cache (without its padding) when caching."""
+    def _prefill(self, rows: list[Request]) -> tuple[torch.Tensor, DynamicCache | None]:
+        """Whole sequences, left-padded, one forward → (logits (B, V), their cache (B, heads, W, d) per
+        layer, or None without the KV cache)."""
         seqs = [r.prompt + r.generated for r in rows]
         width = max(len(s) for s in seqs)
         pad = self.served.tokenizer.pad_token_id if self.served.tokenizer.pad_token_id is not None else 0
-        device = next(self.served.model.parameters()).device
+        device = self._device()
         ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() computes them for left padding
         cache = DynamicCache(config=self.served.model.config) if self.kv_cache else None
-        logits, cache = self._forward(rows, ids, mask, positions, cache)
-        if cache is not None:
-            for i, (r, s) in enumerate(zip(rows, seqs)):
-                r.cache = [(layer.keys[i:i + 1, :, width - len(s):], layer.values[i:i + 1, :, width - len(s):])
-                           for layer in cache.layers]
+        return self._forward(rows, ids, mask, positions, cache), cache
+
+    def _decode(self) -> torch.Tensor:
+        """The batch cache's rows feed their last token, one forward → logits (B, V).
+
+        A row with L cached tokens gets attention mask [0]*(width-L) + [1]*(L+1) and position L: what
+        ``generate`` does for a left-padded batch."""
+        batch, device = self._batch, self._device()
+        ids = torch.tensor([[r.generated[-1]] for r in batch.rows], device=device)
+        logits = self._forward(batch.rows, ids, batch.mask(device), batch.positions(device), batch.cache)
+        batch.stepped()
         return logits
 
-    def _decode(self, rows: list[Request]) -> torch.Tensor:
-        """Each row's last token over its own cache: the caches left-padded to one width, one forward.
-
-        A row whose cache holds L tokens gets attention mask [0]*(width-L) + [1]*(L+1) and position L:
-        what ``generate`` does for a left-padded batch."""
-        lengths = [r.cache[0][0].shape[-2] for r in rows]
-        width = max(lengths)
-        device = next(self.served.model.parameters()).device
-        cache = DynamicCache(config=self.served.model.config)
-        for layer_idx in range(len(rows[0].cache)):
-            keys = torch.cat([F.pad(r.cache[layer_idx][0], (0, 0, width - n, 0)) for r, n in zip(rows, lengths)])
-            values = torch.cat([F.pad(r.cache[layer_idx][1], (0, 0, width - n, 0)) for r, n in zip(rows, lengths)])
-            cache.update(keys, values, layer_idx)
-        ids = torch.tensor([[r.generated[-1]] for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - n) + [1] * (n + 1) for n in lengths], device=device)
-        positions = torch.tensor([[n] for n in lengths], device=device)
-        logits, cache = self._forward(rows, ids, mask, positions, cache)
-        for i, (r, n) in enumerate(zip(rows, lengths)):
-            r.cache = [(layer.keys[i:i + 1, :, width - n:], layer.values[i:i + 1, :, width - n:])
-                       for layer in cache.layers]
-        return logits
+    def _device(self) -> torch.device:
+        return next(self.served.model.parameters()).device
 
     def _advance(self, r: Request, token: int) -> None:
         """Emit the new text of ``r`` that can no longer change, and finish it on EOS, a stop string or max_tokens."""
