@@ -157,8 +157,7 @@ def _predict_label(model, tokenizer, examples, template, batch_size, cutoff_len,
 
 def _predict_loglik(model, tokenizer, examples, template, batch_size, cutoff_len, routing, device, progress) -> list[list[float]]:
     prefix = special_prefix(tokenizer)
-    # one request per (example, choice): prompt ids + continuation ids
-    requests = []  # (example index, choice index, input ids, number of continuation tokens)
+    requests = []  # one per (example, choice): (example index, choice index, prompt + continuation ids, len(cont))
     for e, ex in enumerate(examples):
         prompt = encode_prompt(tokenizer, render_prompt(ex, template))
         for c, target in enumerate(render_targets(ex, template)):
