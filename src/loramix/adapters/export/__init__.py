@@ -44,11 +44,11 @@ from .. import more_tasks
 from ..common import ExportError
 from ..folder import read_adapter_config
 from ..io import load_adapter
-from ..peft import peft_adapter_files, write_peft_adapter
+from ..peft import write_peft_adapter
 from .merged import export_merged_streaming, save_plain
-from .mixtral import SIBLINGS, MoeSibling, export_moe, moe_config, supported_moe_families
+from .mixtral import export_moe
 from .peft import peft_factors
-from .weights import DEFAULT_MAX_SHARD_SIZE, AdapterWeights, BaseWeights, ShardWriter, merged_weight
+from .weights import DEFAULT_MAX_SHARD_SIZE, AdapterWeights, BaseWeights, merged_weight
 
 FORMATS = ("mixtral", "peft", "merged")
 
@@ -163,8 +163,5 @@ def _export_tensors(adapter: AdapterWeights, base: Callable[[], BaseWeights], ou
     return export(base(), adapter, out, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
 
 
-__all__ = [
-    "DEFAULT_MAX_SHARD_SIZE", "FORMATS", "SIBLINGS", "AdapterWeights", "BaseWeights", "ExportError", "MoeSibling",
-    "ShardWriter", "export_adapter", "export_merged_streaming", "export_moe", "merged_weight", "moe_config",
-    "peft_adapter_files", "peft_factors", "save_plain", "supported_moe_families", "write_peft_adapter",
-]
+# The public names of the exports (the format modules' own helpers are imported from them).
+__all__ = ["FORMATS", "AdapterWeights", "ExportError", "export_adapter", "merged_weight", "write_peft_adapter"]
