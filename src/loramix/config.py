@@ -64,10 +64,6 @@ class Settings:
     kind: ClassVar[str] = ""
 
     @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-
-    @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "config"):
         """Build from a plain dict (YAML/JSON); a wrong key or value raises ``ConfigError`` naming it and ``where``."""
         try:
@@ -90,7 +86,7 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     if not isinstance(values, dict):
         where = f"'{prefix.rstrip('.')}' must be" if prefix else "expected"
         raise ConfigError(f"{where} a mapping of settings, got {type(values).__name__}")
-    names = cls.field_names()
+    names = [f.name for f in dataclasses.fields(cls)]
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
