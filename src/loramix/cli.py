@@ -192,9 +192,7 @@ def model_aliases() -> dict[str, str]:
 
 def resolve_model(name: Any) -> Any:
     """``name`` through ``$LORAMIX_MODEL_ALIASES`` (unchanged when it has no alias or is not a string)."""
-    if not isinstance(name, str):
-        return name
-    return model_aliases().get(name.lower(), name)
+    return model_aliases().get(name.lower(), name) if isinstance(name, str) else name
 
 
 def load_adapters_onto(model: Any, adapters: dict[str, str], base_name: Any) -> Any:
