@@ -248,6 +248,12 @@ class MoreLinear(FrozenProjection):
         base_out = self.frozen(x)
         if self.context.disabled:
             return base_out
+        return self.adapter_forward(x, base_out)
+
+    def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """Adapted output given the frozen output ``base_out = W x + b`` (both (B, ..., in/out)); the
+        context's task ids and token mask are those of these B rows (``AdapterStack`` computes the
+        frozen output once for the rows of several adapters)."""
         batch = x.shape[0]
         task_ids = self.task_ids_for(batch, x.device)  # (B,)
         rank_per_task, weight_per_task = self.choose()
@@ -263,10 +269,8 @@ class MoreLinear(FrozenProjection):
         A, B = self.lora_A.to(compute), self.lora_B.to(compute)
         h = self.dropout(x.to(compute)) @ A.t()  # (B, ..., R): all components in one matmul
         out = base_out + (h * coef) @ B.t()
-        valid = None
-        if x.dim() == 3 and self.context.token_mask is not None:
-            flat = self.context.valid_tokens(batch, x.shape[1])
-            valid = flat.reshape(batch, x.shape[1]) if flat is not None else None
+        flat = self.context.valid_tokens(batch, x.shape[1]) if x.dim() == 3 else None
+        valid = None if flat is None else flat.reshape(batch, x.shape[1])
         emb = self.selector.task_embedding
         if self.selector.frozen:
             # frozen_random: nothing may move the embedding the frozen choice was read from, even if a
