@@ -46,7 +46,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig, adapter_config_from_dict, is_number
-from ..models.inject import adapter_targets
+from ..models.inject import targeted_projections
 from ..models.registry import FAMILIES, ModelFamily, family_of
 from ..modules.quantized import logical_shape
 from .authors import read_authors_folder
@@ -299,7 +299,7 @@ def check_tensor_shapes(config, family: ModelFamily, shapes: Mapping[str, tuple[
 def expected_keys(config, family: ModelFamily, num_layers: int) -> set[str]:
     """The loramix keys a loramix adapter of ``config`` over ``num_layers`` decoder layers holds
     (DoRA magnitudes included): what ``inject`` creates, named as the modules name their tensors."""
-    plain, experts = adapter_targets(config, family)
+    plain, experts = targeted_projections(config, family)
     lora = ["lora_A", "lora_B"] + (["lora_magnitude"] if getattr(config, "use_dora", False) else [])
     selector = ["selector.task_embedding", "selector.gate.weight", "selector.gate.bias"]
     own = lora + selector if isinstance(config, MoreConfig) else lora  # the tensors of one adapted projection

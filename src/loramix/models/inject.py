@@ -87,8 +87,8 @@ def _resolve(requested: list[str] | None, available: dict[str, tuple[str, ...]],
     return chosen
 
 
-def adapter_targets(config: LoraConfig | MixLoraConfig | MoreConfig,
-                    family: ModelFamily) -> tuple[dict[str, set[str]], set[str]]:
+def targeted_projections(config: LoraConfig | MixLoraConfig | MoreConfig,
+                         family: ModelFamily) -> tuple[dict[str, set[str]], set[str]]:
     """The projections an adapter of ``config`` replaces: block → projections given their own LoRA (MoRE)
     module, and the FFN projections given expert LoRAs (MixLoRA; empty for the others)."""
     if isinstance(config, MixLoraConfig):
@@ -125,7 +125,7 @@ def inject(model: nn.Module, config: LoraConfig | MixLoraConfig | MoreConfig) ->
     if isinstance(config, MoreConfig) and config.tasks is None:
         raise ConfigError("MoRE config names no tasks: set 'tasks' (names, numbered in order) or 'num_tasks'")
     family = family_of(model)
-    chosen, ffn_targets = adapter_targets(config, family)
+    chosen, ffn_targets = targeted_projections(config, family)
     context = ForwardContext()
     # The modules take their config whole; the family says how the base stores its weights.
     projection = functools.partial(MoreLinear if isinstance(config, MoreConfig) else LoraLinear,
