@@ -81,41 +81,62 @@ class AdapterStack(nn.Module):
         self.base = base
         self.members = nn.ModuleDict(members)
         self._state = state
-        # LoRA members take the frozen output computed once for every row (one big matmul).
+        # Members with ``adapter_forward`` (LoRA, DoRA, MoRE) take the frozen output computed once for
+        # every row (one big matmul); others (a MixLoRA FFN) are called on their rows.
         self.shares_frozen_output = all(hasattr(m, "adapter_forward") for m in members.values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self._state.plan[-1]
         if len(plan) == 1:  # one adapter owns every row (only_adapter, nested calls): no split, no cat
             seg = plan[0]
-            module = self.members[seg.name] if seg.name in self.members else self.base
-            if module is not self.base and not self.shares_frozen_output:
-                context = self._state.adapters[seg.name].context
-                context.token_mask, context.task_ids = seg.token_mask, seg.task_ids
-            return module(x)
+            if seg.name not in self.members:
+                return self.base(x)
+            self._use_rows(seg)
+            return self.members[seg.name](x)
+        sizes = [s.rows for s in plan]
         if self.shares_frozen_output:
-            base_out = self.base(x)  # the frozen projection, once for every row
+            # The frozen projection once for every row: in a decode step (a few rows) the weight read,
+            # not the arithmetic, is the cost, and per-adapter calls would read it once per adapter.
             outs = []
-            for seg, x_i, b_i in zip(plan, x.split([s.rows for s in plan]), base_out.split([s.rows for s in plan])):
+            for seg, x_i, b_i in zip(plan, x.split(sizes), self.base(x).split(sizes)):
                 member = self.members[seg.name] if seg.name in self.members else None
                 if member is None or member.context.disabled:
                     outs.append(b_i)
                 else:
+                    self._use_rows(seg)
                     outs.append(member.adapter_forward(x_i, b_i))
             return torch.cat(outs)
-        outs = []
-        for seg, x_i in zip(plan, x.split([s.rows for s in plan])):
-            module = self.members[seg.name] if seg.name in self.members else self.base
-            # The adapter's context holds the padding mask and task ids of *these* rows (a plan may
-            # list an adapter twice; same objects every call, so per-forward caches keyed on them hold).
-            context = self._state.adapters[seg.name].context
-            context.token_mask, context.task_ids = seg.token_mask, seg.task_ids
+        parts = x.split(sizes)
+        outs: list[torch.Tensor | None] = [None] * len(plan)
+        on_base = [i for i, seg in enumerate(plan) if seg.name not in self.members]
+        if on_base:  # every adapter without a member here: one call of the base module for all their rows
+            spans, start = [], 0
+            for i in on_base:
+                spans.append(plan[i]._replace(start=start))
+                start += plan[i].rows
+            self._state.plan.append(spans)  # nested stacks inside split these rows again
+            try:
+                together = self.base(torch.cat([parts[i] for i in on_base]) if len(on_base) > 1 else parts[on_base[0]])
+            finally:
+                self._state.plan.pop()
+            for i, out in zip(on_base, together.split([plan[i].rows for i in on_base])):
+                outs[i] = out
+        for i, (seg, x_i) in enumerate(zip(plan, parts)):
+            if outs[i] is not None:
+                continue
+            self._use_rows(seg)
             self._state.plan.append([seg])  # nested stacks inside see only these rows
             try:
-                outs.append(module(x_i))
+                outs[i] = self.members[seg.name](x_i)
             finally:
                 self._state.plan.pop()
         return torch.cat(outs)
+
+    def _use_rows(self, seg: RowSpan) -> None:
+        """Point the adapter's context at the padding mask and task ids of *these* rows (a plan may list
+        an adapter twice; same objects every call, so per-forward caches keyed on them hold)."""
+        context = self._state.adapters[seg.name].context
+        context.token_mask, context.task_ids = seg.token_mask, seg.task_ids
 
 
 def inject_many(model: nn.Module, configs: dict[str, Any]) -> nn.Module:
