@@ -185,12 +185,13 @@ def test_a_failed_step_resets_the_cache_and_later_requests_are_right(kinds, refe
         ("done", alone(reference, "more:x", tok("yes no true")["input_ids"], max_tokens=4))]
 
 
-def test_decode_forwards_use_decode_threads_and_prefill_keeps_torchs(kinds):
-    """``decode_threads``: decode forwards (one token per row) run with that many intra-op threads; a
-    prefill between them (a row joining) still runs with torch's own setting, which is restored."""
+@pytest.mark.parametrize("threads", [1, None])
+def test_the_engines_forwards_use_its_thread_count(kinds, threads):
+    """``threads``: every forward of the engine (prefills and decode steps, a row joining between them)
+    runs with that many intra-op threads; None leaves torch's setting (2 here)."""
     base, adapters = kinds
     model, tok = load_model(str(base))
-    engine = Engine(load_served(model, tok, adapters, base_name="base"), max_batch_size=2, decode_threads=1)
+    engine = Engine(load_served(model, tok, adapters, base_name="base"), max_batch_size=2, threads=threads)
     seen: list[tuple[int, int]] = []  # (tokens per row, threads) of every forward
     engine.served.model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append((kwargs["input_ids"].shape[1], torch.get_num_threads())),
@@ -203,9 +204,8 @@ def test_decode_forwards_use_decode_threads_and_prefill_keeps_torchs(kinds):
             run(engine, tok, [("lora", "a dog ran in", 6), ("mix", "red green blue", 4)], gap=2)
         finally:
             engine.stop()
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-    prefills = [threads for width, threads in seen if width > 1]
-    decodes = [threads for width, threads in seen if width == 1]
-    assert len(prefills) == 2 and len(decodes) >= 5, seen
-    assert set(prefills) == {2} and set(decodes) == {1}, seen
+    assert len([w for w, _ in seen if w > 1]) == 2 and len([w for w, _ in seen if w == 1]) >= 5, seen
+    assert {t for _, t in seen} == {threads or 2}, seen

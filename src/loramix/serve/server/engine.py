@@ -191,16 +191,17 @@ class Engine:
             joins between steps only when its reservation fits (first come, first served: a large one
             at the head waits for room rather than being overtaken); one larger than the whole budget
             is refused by ``submit`` (ValueError).
-        decode_threads: torch intra-op threads for decode forwards (None: leave torch's setting). 1 by
-            default: on this engine's own thread every parallel region of a small decode op costs far
-            more than the op (measured on 2 CPU cores: a (16, 576) x (576, 8) matmul 118 us on a second
-            thread vs 8 us on the main one; a SmolLM2 step of 16 rows 840 vs 370 ms). Prefill keeps
-            torch's setting: its large matmuls do use the threads.
+        threads: torch intra-op threads of the engine's forwards (None: leave torch's setting). 1 by
+            default: on the engine's own thread, with OpenMP threads already started by the main
+            thread, every parallel region costs far more than a small op (2 CPU cores: a (16, 576) x
+            (576, 8) matmul 118 us vs 8 us on the main thread; a SmolLM2 decode step of 16 rows over 4
+            adapters 840 vs 370 ms with 1 thread, a 16-row prefill 4.4 vs 3.0 s). On many cores with
+            long prompts, more threads may pay for the prefill.
     """
 
     def __init__(self, served: Served, *, max_batch_size: int = 8, kv_cache: bool = True, max_queue: int = 64,
-                 max_batch_tokens: int | None = None, decode_threads: int | None = 1) -> None:
-        self.decode_threads = decode_threads  # intra-op threads of decode forwards (None: torch's)
+                 max_batch_tokens: int | None = None, threads: int | None = 1) -> None:
+        self.threads = threads  # torch intra-op threads of the engine's forwards (None: torch's setting)
         self.served = served
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -365,7 +366,8 @@ class Engine:
         """
         rows.sort(key=self._order_key)  # stable: arrival order within an adapter
         try:
-            stepped = self._cached_step(rows) if self._batch is not None else list(zip(rows, self._prefill(rows)[0]))
+            with _intra_op_threads(self.threads):
+                stepped = self._cached_step(rows) if self._batch is not None else list(zip(rows, self._prefill(rows)[0]))
         except BaseException:
             if self._batch is not None:  # a forward that failed halfway leaves the buffers half-written
                 self._batch = BatchCache(self.served.model.config)
@@ -432,8 +434,7 @@ class Engine:
         ``generate`` does for a left-padded batch."""
         batch, device = self._batch, self._device()
         ids = torch.tensor([[r.generated[-1]] for r in batch.rows], device=device)
-        with _intra_op_threads(self.decode_threads):
-            logits = self._forward(batch.rows, ids, batch.mask(device), batch.positions(device), batch.cache)
+        logits = self._forward(batch.rows, ids, batch.mask(device), batch.positions(device), batch.cache)
         batch.stepped()
         return logits
 
