@@ -209,3 +209,33 @@ def test_the_engines_forwards_use_its_thread_count(kinds, threads):
         torch.set_num_threads(before)
     assert len([w for w, _ in seen if w > 1]) == 2 and len([w for w, _ in seen if w == 1]) >= 5, seen
     assert {t for _, t in seen} == {threads or 2}, seen
+
+
+def test_served_adapters_skip_the_training_losses_and_give_the_same_logits(kinds):
+    """``load_served`` marks every adapter inference-only: MixLoRA computes no load-balance / z loss and
+    no load statistics, MoRE no contrastive loss, and the logits equal those of the same stacked model
+    computing them (the flag only drops what nobody reads while serving)."""
+    base, adapters = kinds
+    model, tok = load_model(str(base))
+    served = load_served(model, tok, adapters, base_name="base")
+    ids = torch.tensor([tok("red green blue")["input_ids"]] * 5)
+    plan = [("lora", 1), ("mix", 1), ("dora", 1), ("more", 2)]
+    task_ids = torch.tensor([-1, -1, -1, 0, 1])
+    with torch.no_grad():
+        fast = served.model(input_ids=ids, adapter_rows=plan, task_ids=task_ids).logits
+    kinds_seen = set()
+    for module in served.model.modules():
+        if hasattr(module, "aux_loss"):
+            kinds_seen.add("mix")
+            assert module.aux_loss is None and module.z_loss is None and getattr(module, "last_load", None) is None
+        if hasattr(module, "contrastive_loss"):
+            kinds_seen.add("more")
+            assert module.contrastive_loss is None
+    assert kinds_seen == {"mix", "more"}
+    for state in served.model.loramix_many.adapters.values():
+        state.context.inference_only = False
+    with torch.no_grad():
+        full = served.model(input_ids=ids, adapter_rows=plan, task_ids=task_ids).logits
+    assert any(getattr(m, "contrastive_loss", None) is not None for m in served.model.modules())
+    assert any(getattr(m, "aux_loss", None) is not None for m in served.model.modules())
+    torch.testing.assert_close(fast, full, rtol=0, atol=0)

@@ -94,6 +94,14 @@ def default_threads() -> int:
     return max(1, min(cores, round(cores - load)))
 
 
+def engine_threads(threads: int | None) -> int:
+    """torch threads of a ``loramix serve`` engine: ``--threads`` when given, else ``default_threads() - 1``
+    (at least 1): the HTTP loop and the tokenizer run beside the engine thread, and two OpenMP teams
+    that outnumber the cores wait on each other (2 cores: a 16-row SmolLM2 decode step 840 ms with 2
+    engine threads, 370 ms with 1)."""
+    return threads or max(1, default_threads() - 1)
+
+
 THREADS_HELP = ("torch CPU threads; default: $OMP_NUM_THREADS if set, else the cores not already busy (cores minus "
                 "the 1-minute load average, at least 1), because on a busy machine extra threads wait on each "
                 "other (measured: 30-34 s per SmolLM2 training step with 2 threads on a shared 2-core machine, "

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import add_threads_argument, apply_threads, check_device, check_dtype, check_model, resolve_model
+from ..cli import add_threads_argument, apply_threads, check_device, check_dtype, check_model, engine_threads, resolve_model
 from ..models.quantize import add_quantization_argument
 from .measure import format_table, run_bench
 from .variants import BASELINE, BUILDERS, DEFAULT_VARIANTS, BenchSettings
@@ -129,6 +129,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     check_device(s.device)
     check_dtype(s.dtype)
     check_model(s.model)
+    s.engine_threads = engine_threads(s.threads)
     s.threads = apply_threads(s.threads)
     result = run_serve_bench(s)
     print(format_serve_table(result))

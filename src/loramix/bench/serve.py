@@ -79,6 +79,7 @@ class ServeBenchSettings:
         clients: the concurrent client counts, one run per count and mode.
         requests: requests per run (all runs send the same ones).
         init_std: std of the noise added to every adapter tensor of the random adapters.
+        threads / engine_threads: torch threads of the process (clients, loading) / of the engines' forwards.
     """
 
     model: str = "smollm2-135m"
@@ -90,6 +91,7 @@ class ServeBenchSettings:
     dtype: str = "float32"
     device: str = "cpu"
     threads: int | None = None
+    engine_threads: int | None = 1
     seed: int = 0
     init_std: float = 0.02
     timeout_s: float = 600.0
@@ -284,8 +286,8 @@ def run_serve_bench(s: ServeBenchSettings, progress: bool = True) -> dict[str, A
     if not models:
         raise ValueError("--serve: no adapter to send requests to; give --adapter NAME=FOLDER or none (random adapters)")
     jobs = bench_jobs(models, s.requests, stream=s.stream)
-    engines = {"batched": Engine(served, max_batch_size=max(s.clients)),
-               "one-at-a-time": Engine(served, max_batch_size=1)}
+    engines = {"batched": Engine(served, max_batch_size=max(s.clients), threads=s.engine_threads),
+               "one-at-a-time": Engine(served, max_batch_size=1, threads=s.engine_threads)}
     rows: list[dict[str, Any]] = []
     speedups: dict[str, float | None] = {}
     cpu_speedups: dict[str, float | None] = {}
@@ -315,7 +317,7 @@ def run_serve_bench(s: ServeBenchSettings, progress: bool = True) -> dict[str, A
         steps = {mode: engines[mode].steps for mode in MODES}
         max_rows = {mode: engines[mode].max_rows_seen for mode in MODES}
     settings = dict(vars(s), adapters=dict(s.adapters) or {n: "random" for n in RANDOM_ADAPTERS},
-                    torch=torch.__version__, threads_used=torch.get_num_threads())
+                    torch=torch.__version__)
     return {"rows": rows, "speedup_batched_vs_one_at_a_time": speedups,
             "cpu_speedup_batched_vs_one_at_a_time": cpu_speedups, "models": models,
             "engine_steps": steps, "max_rows_seen": max_rows, "settings": settings}
@@ -345,4 +347,4 @@ def format_serve_table(result: dict[str, Any]) -> str:
     s = result["settings"]
     return "\n".join(lines) + (f"\n{s['model']}, models {', '.join(result['models'])}; greedy, max_tokens "
                                f"{s['max_tokens']}, {'streamed' if s['stream'] else 'not streamed'}; "
-                               f"{s['threads_used']} torch threads")
+                               f"{s['threads']} torch threads, {s['engine_threads']} in the engine")

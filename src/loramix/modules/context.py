@@ -21,6 +21,8 @@ class ForwardContext:
         balance_group: a ``torch.distributed`` process group, or None (the default). When set, MixLoRA's
             load-balance loss measures the expert shares over all its ranks' tokens (the data-parallel
             trainer sets it during training steps only: each forward then holds one all-reduce per layer).
+        inference_only: when True the adapters skip what only training reads (the load-balance, z and
+            contrastive losses, the router's load statistics): ``loramix serve`` sets it.
     """
 
     def __init__(self) -> None:
@@ -28,6 +30,7 @@ class ForwardContext:
         self.task_ids: torch.Tensor | None = None
         self.disabled = False
         self.balance_group: Any = None
+        self.inference_only = False
 
     def valid_tokens(self, batch: int, length: int) -> torch.Tensor | None:
         """(batch * length,) bool for a hidden state (batch, length, d), or None if all are real.

@@ -363,6 +363,8 @@ class MixLoraFFN(nn.Module):
             empty = torch.full_like(routing.expert_ids, self.num_experts)
             routing.expert_ids = torch.where(valid[:, None], routing.expert_ids, empty)
             routing.weights = routing.weights * valid[:, None]
+        if self.context.inference_only:
+            return routing
         self.aux_loss = load_balance_loss(routing.probs, routing.chosen, valid, group=self.context.balance_group)
         self.z_loss = router_z_loss(logits, valid)
         load, prob = router_statistics(routing.probs, routing.chosen, valid)

@@ -269,6 +269,8 @@ class MoreLinear(FrozenProjection):
         A, B = self.lora_A.to(compute), self.lora_B.to(compute)
         h = self.dropout(x.to(compute)) @ A.t()  # (B, ..., R): all components in one matmul
         out = base_out + (h * coef) @ B.t()
+        if self.context.inference_only:
+            return out
         flat = self.context.valid_tokens(batch, x.shape[1]) if x.dim() == 3 else None
         valid = None if flat is None else flat.reshape(batch, x.shape[1])
         emb = self.selector.task_embedding

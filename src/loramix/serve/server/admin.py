@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ...adapters.io import load_adapter
 from ...models.many import add_adapter, remove_adapter
-from .engine import BASE, Engine, Served, adapter_targets
+from .engine import BASE, Engine, Served, adapter_targets, inference_only
 from .limits import ApiError
 
 
@@ -43,7 +43,7 @@ def load_while_serving(engine: Engine, name: str, folder: str | os.PathLike) -> 
 
     def add() -> None:
         add_adapter(served.model, name, lambda m: load_adapter(m, folder))
-        served.model.eval()  # the new modules come in training mode (dropout)
+        inference_only(served.model)  # the new modules come in training mode (dropout), computing losses
         served.order[name] = max(served.order.values(), default=-1) + 1
     return engine.call_between_steps(add)
 

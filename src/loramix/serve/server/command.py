@@ -19,7 +19,8 @@ import argparse
 import os
 import signal
 
-from ...cli import UsageError, add_threads_argument, apply_threads, check_device, check_dtype, check_model, resolve_model
+from ...cli import (UsageError, add_threads_argument, apply_threads, check_device, check_dtype, check_model, engine_threads,
+                    resolve_model)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             raise
         raise UsageError(f"--adapter: {err}") from None
     engine = Engine(served, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                    max_batch_tokens=args.max_batch_tokens)
+                    max_batch_tokens=args.max_batch_tokens, threads=engine_threads(args.threads))
     limits = Limits(max_request_bytes=args.max_request_bytes, max_prompt_tokens=args.max_prompt_tokens,
                     max_tokens=args.max_tokens, max_prompts=args.max_prompts, max_messages=args.max_messages,
                     max_n=args.max_n)

@@ -111,6 +111,13 @@ def _base_lora(model: nn.Module) -> nn.Module:
     return inject(model, LoraConfig(r=1, alpha=1, dropout=0.0, targets=[first]))
 
 
+def inference_only(model: nn.Module) -> None:
+    """Eval mode (no dropout), and every adapter skips the losses and statistics only training reads."""
+    model.eval()
+    for state in model.loramix_many.adapters.values():
+        state.context.inference_only = True
+
+
 def load_served(model: nn.Module, tokenizer: Any, folders: dict[str, str | os.PathLike], *,
                 base_name: str) -> Served:
     """Stack the adapter folders and the base's stand-in on ``model`` (in place) and name the targets.
@@ -128,7 +135,7 @@ def load_served(model: nn.Module, tokenizer: Any, folders: dict[str, str | os.Pa
     attach = {BASE: _base_lora}
     attach.update({name: (lambda m, f=folder: load_adapter(m, f)) for name, folder in folders.items()})
     model = stack_adapters(model, attach)
-    model.eval()
+    inference_only(model)
     eos = model.generation_config.eos_token_id
     eos = eos if eos is not None else tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -209,7 +216,10 @@ class Engine:
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: list[Request] = []
         self._jobs: list[tuple[Callable[[], Any], Callable[[], bool] | None, Future]] = []  # call_between_steps
-        self._wake = threading.Condition()  # an RLock inside: ``when`` predicates may call in_use()
+        lock = threading.RLock()  # re-entrant: ``when`` predicates may call in_use()
+        self._wake = threading.Condition(lock)  # wakes the engine thread
+        self._step_done = threading.Condition(lock)  # wakes pause() (never the engine thread: a notify goes to one waiter)
+        self._stepping = False
         self._stopping = False
         self._paused = False
         self._thread = threading.Thread(target=self._loop, name="loramix-engine", daemon=True)
@@ -232,9 +242,11 @@ class Engine:
         return self._thread.is_alive()
 
     def pause(self) -> None:
-        """Finish the current step, then decode nothing (requests still queue) until ``resume``."""
+        """Decode nothing (requests still queue) until ``resume``; returns once a step in flight is done."""
         with self._wake:
             self._paused = True
+            while self._stepping:
+                self._step_done.wait()
 
     def resume(self) -> None:
         with self._wake:
@@ -326,6 +338,7 @@ class Engine:
                     return
                 if not jobs:
                     self._admit()
+                    self._stepping = True
             if jobs:  # outside the lock: loading an adapter must not hold up submit()
                 for fn, _, future in jobs:
                     try:
@@ -333,15 +346,18 @@ class Engine:
                     except Exception as err:  # the caller gets the error; the engine goes on
                         future.set_exception(err)
                 continue
-            self._active = [r for r in self._active if not r.cancelled]
-            if not self._active:
-                continue
             try:
-                self._step(self._active)
+                self._active = [r for r in self._active if not r.cancelled]
+                if self._active:
+                    self._step(self._active)
             except Exception as err:  # one failed step fails its rows, never the engine
                 for request in self._active:
                     request.emit(("error", f"generation failed: {type(err).__name__}: {err}"))
                 self._active = []
+            finally:
+                with self._wake:
+                    self._stepping = False
+                    self._step_done.notify_all()
 
     def _admit(self) -> None:
         """Move waiting requests into the batch while rows and the token budget allow (lock held)."""
