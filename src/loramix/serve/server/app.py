@@ -6,6 +6,7 @@
     POST /v1/chat/completions    messages through the base tokenizer's chat template
 
     GET/POST/DELETE /v1/adapters adding and removing adapters while serving (``admin.py``)
+    GET  /                       the chat page (``page.py``, ``page.html``)
 
 Request fields: ``model`` (which of /v1/models), ``max_tokens``, ``temperature`` (0 = greedy; the
 default is OpenAI's 1), ``top_p``, ``stop`` (a string or up to 4), ``seed``, ``n`` (choices per
