@@ -198,11 +198,11 @@ def test_stop_aborts_the_stream_and_frees_the_servers_row(page, server):  # noqa
 
 
 def test_server_errors_are_shown_in_the_pane(page, server):  # noqa: F811
-    choose(page, 0, "more")  # a MoRE adapter without a default task: the server answers 400 naming its tasks
+    settings(page, "0", 10**6)  # more than the model's context: the server answers 400 naming max_tokens
     page.find_element(By.ID, "message").send_keys("hi", Keys.ENTER)
     wait(page, lambda d: state(d, 0) == "error")
     error = page.find_element(By.CSS_SELECTOR, ".pane .msg.error").text
-    assert "400" in error and "more:x" in error, error
+    assert "400" in error and "max_tokens" in error, error
     assert console_errors(page, allowed="status of 400") == []
 
 

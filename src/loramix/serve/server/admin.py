@@ -64,7 +64,7 @@ def add_admin(app: FastAPI, served: Served, engine: Engine) -> None:
     busy: set[str] = set()  # names being added or removed right now
 
     def entry(name: str) -> dict:
-        models = [model for model, target in served.targets.items() if target.adapter == name]
+        models = [model for model, target in served.targets.items() if target.adapter == name and target.answerable]
         return {"id": name, "object": "adapter", "models": models}
 
     def adapters() -> list[str]:

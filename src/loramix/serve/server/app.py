@@ -1,7 +1,8 @@
 """The HTTP layer of ``loramix serve``: the OpenAI endpoints over the ``Engine``.
 
     GET  /health                 {"status": "ok", "waiting", "running", "steps"} while the engine runs (else 503)
-    GET  /v1/models              the base, each adapter, NAME:TASK for each MoRE task
+    GET  /v1/models              the base, each adapter, NAME:TASK for each MoRE task (a MoRE adapter's bare
+                                 name only when it picks a task: a default task, or one task)
     POST /v1/completions         prompt (a string or a list of strings), non-streaming or SSE
     POST /v1/chat/completions    messages through the base tokenizer's chat template
 
@@ -109,7 +110,7 @@ def build_app(served: Served, engine: Engine, *, limits: Limits | None = None, a
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "loramix"}
-                                           for name in served.targets]}
+                                           for name, target in served.targets.items() if target.answerable]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
@@ -161,7 +162,7 @@ def _parse(body: _Sampling, served: Served, default_max: int, limits: Limits) ->
     if target is None:
         raise ApiError(404, f"The model '{body.model}' does not exist; this server has {list(served.targets)}",
                        param="model", code="model_not_found")
-    if target.task_id == -2:
+    if not target.answerable:
         tasks = [name for name in served.targets if name.startswith(body.model + ":")]
         raise ApiError(400, f"'{body.model}' is a MoRE adapter without a default task: ask for one of {tasks}",
                        param="model")

@@ -54,15 +54,22 @@ from ...models.many import stack_adapters
 from ...models.registry import family_of
 from .batch_cache import BatchCache
 
+NO_DEFAULT_TASK = -2  # Target.task_id of a MoRE adapter's bare name that picks no task
 BASE = "_base"  # the internal adapter name of the base model's rows (user adapter names cannot start with "_")
 
 
 @dataclass(frozen=True)
 class Target:
-    """What a request's ``model`` field names: an adapter (``BASE`` for the base) and a MoRE task id (-1: none)."""
+    """What a request's ``model`` field names: an adapter (``BASE`` for the base) and a MoRE task id (-1: none;
+    ``NO_DEFAULT_TASK``: a MoRE adapter's bare name when it has several tasks and no default task)."""
 
     adapter: str
     task_id: int = -1
+
+    @property
+    def answerable(self) -> bool:
+        """Whether requests may name it (and /v1/models lists it); else they must name ``NAME:TASK``."""
+        return self.task_id != NO_DEFAULT_TASK
 
 
 @dataclass
@@ -158,7 +165,7 @@ def adapter_targets(name: str, folder: str | os.PathLike, *, base_name: str) -> 
         return {name: Target(name)}
     tasks = recorded_task_index(meta) or {}
     default = (meta.get("config") or {}).get("default_task")
-    targets = {name: Target(name, tasks[default] if default in tasks else (0 if len(tasks) == 1 else -2))}
+    targets = {name: Target(name, tasks[default] if default in tasks else (0 if len(tasks) == 1 else NO_DEFAULT_TASK))}
     targets.update({f"{name}:{task}": Target(name, index) for task, index in tasks.items()})
     return targets
 
