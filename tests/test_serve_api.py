@@ -343,6 +343,7 @@ def test_sigterm_finishes_the_running_stream_refuses_new_connections_and_exits_0
     with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth(), timeout=60) as response:
         events = (line for line in response.iter_lines() if line)
         lines.append(next(events))  # the first token arrived: the request is in flight
+        assert httpx.get(url + "/health", timeout=5).json()["running"] == 1  # ~99 tokens still to go
         proc.send_signal(signal.SIGTERM)
         wait_until(lambda: not _connects(port), "the port to close", seconds=20)
         lines.extend(events)
@@ -350,7 +351,8 @@ def test_sigterm_finishes_the_running_stream_refuses_new_connections_and_exits_0
     assert lines[-1] == "data: [DONE]"
     usage = json.loads(lines[-2][6:])["usage"]
     finish = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in lines[:-2]]
-    assert finish[-1] in ("length", "stop") and usage["completion_tokens"] >= 1
+    # the request ran to its end after the signal, not cut short (the tiny model never emits EOS here)
+    assert finish[-1] == "length" and usage["completion_tokens"] == 100
     assert "Shutting down" in proc.stdout.read()
 
 
