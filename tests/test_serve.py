@@ -9,7 +9,6 @@ and its own ``generate``; LoRA and MixLoRA also against ``generate_many``.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,6 @@ import httpx2 as httpx  # the HTTP client the openai package uses (installed wit
 import openai
 import pytest
 import torch
-import uvicorn
 
 import loramix
 from cli_setup import tiny_model_folder
@@ -26,7 +24,7 @@ from loramix.adapters import load_adapter, load_many
 from loramix.adapters.more_tasks import use_task
 from loramix.hub import load_model
 from loramix.serve import generate_many
-from loramix.serve.server.app import build_app
+from loramix.serve.server.app import build_app, serve_in_thread
 from loramix.serve.server.engine import Engine, SamplingParams, load_served
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -69,24 +67,11 @@ def server(folders):
     served = load_served(model, tok, adapters, base_name="base")
     engine = Engine(served, max_batch_size=4)
     engine.start()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(build_app(served, engine), log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):  # up to 10 s
-        if uv.started:
-            break
-        time.sleep(0.05)
-    assert uv.started, "the server did not start"
-    url = f"http://127.0.0.1:{port}"
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    yield client, url, engine
-    uv.should_exit = True
-    thread.join(timeout=10)
-    engine.stop()
-    sock.close()
+    try:
+        with serve_in_thread(build_app(served, engine)) as url:
+            yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60), url, engine
+    finally:
+        engine.stop()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ deterministic with ``Engine.pause``: nothing is decoded until the test has seen 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -19,17 +18,15 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Iterator
 
 import httpx2 as httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from loramix.hub import load_model
 from loramix.models.many import member_parameters
-from loramix.serve.server.app import build_app
+from loramix.serve.server.app import build_app, serve_in_thread
 from loramix.serve.server.engine import Engine, load_served
 from loramix.serve.server.limits import Limits
 from test_serve import alone, folders, reference  # noqa: F401  (module-scoped fixtures of this module too)
@@ -43,26 +40,6 @@ def free_socket() -> socket.socket:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     return sock
-
-
-@contextlib.contextmanager
-def running(app) -> Iterator[str]:
-    """uvicorn serving ``app`` in a thread on 127.0.0.1; yields the base URL."""
-    sock = free_socket()
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        for _ in range(200):  # up to 10 s
-            if uv.started:
-                break
-            time.sleep(0.05)
-        assert uv.started, "the server did not start"
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -96,7 +73,7 @@ def api(folders):  # noqa: F811
     engine = Engine(served, max_batch_size=4, max_queue=4, max_batch_tokens=BUDGET)
     engine.start()
     try:
-        with running(build_app(served, engine, limits=LIMITS, api_key=KEY)) as url:
+        with serve_in_thread(build_app(served, engine, limits=LIMITS, api_key=KEY)) as url:
             client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
             yield client, url, engine, adapters
     finally:

@@ -22,10 +22,9 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from loramix.hub import load_model
-from loramix.serve.server.app import build_app
+from loramix.serve.server.app import build_app, serve_in_thread
 from loramix.serve.server.engine import Engine, load_served
 from test_serve import folders, server  # noqa: F401  (the same adapters and running server)
-from test_serve_api import running
 
 MAX_TOKENS = 10
 # Records, per pane, every text node added to its answers (one per streamed piece) and whether both
@@ -213,7 +212,7 @@ def test_with_an_api_key_the_page_asks_for_it_keeps_it_and_streams_with_it(drive
     engine = Engine(served, max_batch_size=2)
     engine.start()
     try:
-        with running(build_app(served, engine, api_key="sk-page-test")) as url:
+        with serve_in_thread(build_app(served, engine, api_key="sk-page-test")) as url:
             driver.get(url + "/")  # the page itself needs no key
             driver.execute_script("localStorage.clear()")
             driver.refresh()

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import socket
 import sys
 import tempfile
 import threading
@@ -154,32 +153,17 @@ def client_models(served: Served) -> list[str]:
 
 
 @contextlib.contextmanager
-def serving(served: Served, engine: Engine, *, start_timeout_s: float = 30.0) -> Iterator[str]:
-    """Run ``engine`` and the app of ``loramix serve`` over it on 127.0.0.1 (a free port, uvicorn in a daemon
-    thread); yields the base URL (``http://127.0.0.1:PORT``); stops both on leaving."""
-    import uvicorn
+def serving(served: Served, engine: Engine) -> Iterator[str]:
+    """Run ``engine`` and the app of ``loramix serve`` over it on 127.0.0.1 (``serve_in_thread``); yields the
+    base URL; stops both on leaving."""
+    from ..serve.server.app import build_app, serve_in_thread
 
-    from ..serve.server.app import build_app
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(served, engine), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="loramix-bench-http", daemon=True)
     engine.start()
-    thread.start()
     try:
-        deadline = time.monotonic() + start_timeout_s
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the server on 127.0.0.1:{port} did not start within {start_timeout_s:.0f} s")
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
+        with serve_in_thread(build_app(served, engine)) as url:
+            yield url
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         engine.stop()
-        sock.close()
 
 
 # ---------------------------------------------------------------------------------------- the clients

@@ -23,10 +23,13 @@ endpoints only translate between OpenAI's shapes and ``Engine.submit_all``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
+import threading
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -145,6 +148,32 @@ def build_app(served: Served, engine: Engine, *, limits: Limits | None = None, a
 
     add_page(app)  # GET /: the chat page
     return app
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: FastAPI, *, start_timeout_s: float = 30.0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a daemon thread on 127.0.0.1 and a free port (``loramix bench --serve``,
+    the tests); yields the base URL ``http://127.0.0.1:PORT`` once it accepts requests, stops on leaving.
+    The engine behind the app is started and stopped by the caller."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="loramix-serve-http", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server on 127.0.0.1:{port} did not start within {start_timeout_s:.0f} s")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
 
 
 def _text(content: str | list[dict[str, Any]]) -> str:
