@@ -283,8 +283,8 @@ class Engine:
     def submit_all(self, jobs: list[tuple[list[int], Target, SamplingParams, Callable[[tuple], None]]]) -> list[Request]:
         """Queue several generations (one HTTP request's choices) all or none: ``QueueFull`` if they do not all fit."""
         requests = [Request(*job) for job in jobs]
-        too_big = [self.reserved_tokens(r) for r in requests
-                   if self.max_batch_tokens is not None and self.reserved_tokens(r) > self.max_batch_tokens]
+        too_big = [n for n in map(self.reserved_tokens, requests)
+                   if self.max_batch_tokens is not None and n > self.max_batch_tokens]
         if too_big:
             raise ValueError(f"the prompt plus max_tokens ({too_big[0]} tokens) exceeds the batch token budget "
                              f"of {self.max_batch_tokens} (--max-batch-tokens)")
