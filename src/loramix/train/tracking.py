@@ -22,11 +22,9 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, NamedTuple
 
 from ..config import ConfigError
-
-TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
 
 
 def check_report_to(value: Any) -> list[str]:
@@ -63,83 +61,64 @@ def flatten(record: dict[str, Any]) -> tuple[int, dict[str, float]]:
     return int(record.get("step", 0)), scalars
 
 
-class Tracker(Protocol):
-    def log(self, scalars: dict[str, float], step: int) -> None: ...
-    def close(self) -> None: ...
+class Tracker(NamedTuple):
+    """One open run of a tracker: its library's own calls to log one record's scalars at a step and to finish."""
+
+    log: Callable[[dict[str, float], int], None]
+    close: Callable[[], None]
 
 
-class TensorBoardTracker:
+def _tensorboard(output_dir: Path, config: dict, start_step: int) -> Tracker:
     """Event files in ``output_dir/tensorboard``; on resume, events after the resumed step are purged."""
+    from torch.utils.tensorboard import SummaryWriter
 
-    def __init__(self, output_dir: Path, config: dict, start_step: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
-        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"),
-                                    purge_step=start_step + 1 if start_step else None)
-
-    def log(self, scalars: dict[str, float], step: int) -> None:
+    def log(scalars: dict[str, float], step: int) -> None:
         for key, value in scalars.items():
-            self.writer.add_scalar(key, value, global_step=step)
-        self.writer.flush()  # a killed run keeps what it logged
+            writer.add_scalar(key, value, global_step=step)
+        writer.flush()  # a killed run keeps what it logged
 
-    def close(self) -> None:
-        self.writer.close()
-
-
-class WandbTracker:
-    def __init__(self, output_dir: Path, config: dict, start_step: int) -> None:
-        import wandb
-
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "loramix"), name=output_dir.name,
-                              dir=str(output_dir), config=config)
-
-    def log(self, scalars: dict[str, float], step: int) -> None:
-        self.run.log(scalars, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
+    return Tracker(log, writer.close)
 
 
-class TrackioTracker:
-    def __init__(self, output_dir: Path, config: dict, start_step: int) -> None:
-        import trackio
+def _wandb(output_dir: Path, config: dict, start_step: int) -> Tracker:
+    import wandb
 
-        self.trackio = trackio
-        self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", "loramix"), name=output_dir.name,
-                                config=config)
-
-    def log(self, scalars: dict[str, float], step: int) -> None:
-        self.trackio.log(scalars, step=step)
-
-    def close(self) -> None:
-        self.trackio.finish()
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "loramix"), name=output_dir.name, dir=str(output_dir),
+                     config=config)
+    return Tracker(lambda scalars, step: run.log(scalars, step=step), run.finish)
 
 
-class MlflowTracker:
-    def __init__(self, output_dir: Path, config: dict, start_step: int) -> None:
-        import mlflow
+def _trackio(output_dir: Path, config: dict, start_step: int) -> Tracker:
+    import trackio
 
-        self.mlflow = mlflow
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "loramix"))
-        self.run = mlflow.start_run(run_name=output_dir.name)
+    trackio.init(project=os.environ.get("TRACKIO_PROJECT", "loramix"), name=output_dir.name, config=config)
+    return Tracker(lambda scalars, step: trackio.log(scalars, step=step), trackio.finish)
 
-    def log(self, scalars: dict[str, float], step: int) -> None:
+
+def _mlflow(output_dir: Path, config: dict, start_step: int) -> Tracker:
+    import mlflow
+
+    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "loramix"))
+    mlflow.start_run(run_name=output_dir.name)
+
+    def log(scalars: dict[str, float], step: int) -> None:
         # MLflow metric names may not hold every character a task name can: keep the safe ones
         safe = {"".join(c if c.isalnum() or c in "_-./ " else "_" for c in k): v for k, v in scalars.items()}
-        self.mlflow.log_metrics(safe, step=step)
+        mlflow.log_metrics(safe, step=step)
 
-    def close(self) -> None:
-        self.mlflow.end_run()
+    return Tracker(log, mlflow.end_run)
 
 
-_CLASSES = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "trackio": TrackioTracker,
-            "mlflow": MlflowTracker}
+_OPENERS = {"tensorboard": _tensorboard, "wandb": _wandb, "trackio": _trackio, "mlflow": _mlflow}
+TRACKERS = tuple(_OPENERS)
 
 
 def open_trackers(names: list[str], output_dir: Path, *, config: dict, start_step: int) -> list[Tracker]:
     """One tracker per name (``check_report_to`` names), writing for a run in ``output_dir`` that
     continues after ``start_step`` (0: a fresh run)."""
-    return [_CLASSES[name](Path(output_dir), config, start_step) for name in names]
+    return [_OPENERS[name](Path(output_dir), config, start_step) for name in names]
 
 
 __all__ = ["TRACKERS", "Tracker", "check_report_to", "flatten", "open_trackers"]
