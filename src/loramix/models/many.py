@@ -165,35 +165,17 @@ def stack_adapters(model: nn.Module, attach: dict[str, Any]) -> nn.Module:
         raise ValueError("inject_many needs at least one adapter")
     if getattr(model, "loramix_adapter", None) is not None or getattr(model, "loramix_many", None) is not None:
         raise ValueError("this model already has loramix adapters; start from a fresh base model")
-    adapters: dict[str, AdapterState] = {}
-    members: dict[str, dict[str, nn.Module]] = {}
-    try:
-        for name, add in attach.items():
-            add(model)
-            adapters[name] = adapter_state(model)
-            members[name] = {path: m for path, m in model.named_modules() if hasattr(m, "adapter_parameter_names")}
-            unload(model)  # restores the base modules; the adapter's modules live on in `members`
-    except BaseException:
-        if getattr(model, "loramix_adapter", None) is not None:
-            unload(model)
-        raise
-    state = ManyAdapterState(adapters=adapters, members=members)
-    slots = sorted({path for by_slot in members.values() for path in by_slot}, key=lambda p: -p.count("."))  # deepest first: a stack's base may hold stacks
-    for path in slots:
-        parent_name, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        by_adapter = {name: members[name][path] for name in attach if path in members[name]}
-        setattr(parent, child, AdapterStack(getattr(parent, child), by_adapter, state))
-    state.hooks.append(model.register_forward_pre_hook(_capture_rows(state), with_kwargs=True))
-    model.loramix_many = state
+    state = ManyAdapterState(adapters={}, members={})
+    for name, add in attach.items():
+        _attach_alone(model, state, name, add)
+    _restack(model, state)
     return model
 
 
 def _capture_rows(state: ManyAdapterState):
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         rows = kwargs.pop("adapter_rows", None)
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        batch = ids.shape[0] if isinstance(ids, torch.Tensor) else kwargs["inputs_embeds"].shape[0]
+        batch = _batch_size(args, kwargs)
         if rows is None:
             if len(state.adapters) != 1:
                 raise ValueError(f"a model with adapters {list(state.adapters)} needs adapter_rows=[(name, rows), ...]")
@@ -226,22 +208,24 @@ def _capture_rows(state: ManyAdapterState):
     return hook
 
 
-def adapter_modules(model: nn.Module, name: str) -> dict[str, nn.Module]:
-    """Slot path → module of adapter ``name`` (its keys are those of the adapter alone)."""
-    return model.loramix_many.members[name]
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    """Rows of a forward call: of ``input_ids`` (first positional argument or keyword), else of ``inputs_embeds``."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    return ids.shape[0] if isinstance(ids, torch.Tensor) else kwargs["inputs_embeds"].shape[0]
 
 
 def member_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     """Adapter ``name``'s trainable tensors keyed exactly as ``adapter_parameters`` keys them alone."""
     params = {}
-    for path, module in adapter_modules(model, name).items():
+    for path, module in model.loramix_many.members[name].items():  # slot paths are those of the adapter alone
         for pname in module.adapter_parameter_names():
             params[f"{path}.{pname}"] = module.get_parameter(pname)
     return params
 
 
 @contextlib.contextmanager
-def adapter_rows(model: nn.Module, rows: list[tuple[str, int]] | None = None, *, only: str | None = None) -> Iterator[nn.Module]:
+def adapter_rows(model: nn.Module, rows: list[tuple[str, int]] | None = None, *,
+                 only: str | None = None) -> Iterator[nn.Module]:
     """Within the block, calls without ``adapter_rows`` use this row plan (e.g. inside ``generate``).
 
     Args:
@@ -259,12 +243,7 @@ def adapter_rows(model: nn.Module, rows: list[tuple[str, int]] | None = None, *,
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if "adapter_rows" not in kwargs:
-            if only is not None:
-                ids = kwargs.get("input_ids", args[0] if args else None)
-                batch = ids.shape[0] if isinstance(ids, torch.Tensor) else kwargs["inputs_embeds"].shape[0]
-                kwargs["adapter_rows"] = [(only, batch)]
-            else:
-                kwargs["adapter_rows"] = rows
+            kwargs["adapter_rows"] = rows if only is None else [(only, _batch_size(args, kwargs))]
         return args, kwargs
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
@@ -379,16 +358,7 @@ def add_adapter(model: nn.Module, name: str, attach: Any) -> nn.Module:
         raise ValueError(f"adapter '{name}' is already on this model; remove it first")
     _unstack(model)
     try:
-        attach(model)
-        state.adapters[name] = adapter_state(model)
-        state.members[name] = {path: m for path, m in model.named_modules() if hasattr(m, "adapter_parameter_names")}
-        unload(model)
-    except BaseException:
-        if getattr(model, "loramix_adapter", None) is not None:
-            unload(model)
-        state.adapters.pop(name, None)
-        state.members.pop(name, None)
-        raise
+        _attach_alone(model, state, name, attach)
     finally:
         _restack(model, state)
     return model
@@ -411,6 +381,20 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
+def _attach_alone(model: nn.Module, state: ManyAdapterState, name: str, attach: Any) -> None:
+    """Inject adapter ``name`` alone on the bare base (``attach(model)``), record its state and modules in
+    ``state``, and restore the base modules; on an error the base is restored and ``state`` unchanged."""
+    try:
+        attach(model)
+        adapter = adapter_state(model)
+        modules = {path: m for path, m in model.named_modules() if hasattr(m, "adapter_parameter_names")}
+    finally:
+        if getattr(model, "loramix_adapter", None) is not None:
+            unload(model)  # the adapter's modules live on in ``state.members``
+    state.adapters[name] = adapter
+    state.members[name] = modules
+
+
 def _unstack(model: nn.Module) -> None:
     """Put each ``AdapterStack``'s base module back at its slot and detach the row-plan hook."""
     state: ManyAdapterState = model.loramix_many
@@ -429,9 +413,9 @@ def _unstack(model: nn.Module) -> None:
 
 
 def _restack(model: nn.Module, state: ManyAdapterState) -> None:
-    """``stack_adapters``'s last steps again for the adapters in ``state`` (after ``_unstack``)."""
+    """Put an ``AdapterStack`` at every slot an adapter of ``state`` adapts, and the row-plan hook on ``model``."""
     slots = sorted({path for by_slot in state.members.values() for path in by_slot}, key=lambda p: -p.count("."))
-    for path in slots:
+    for path in slots:  # deepest first: a stack's base may hold stacks
         parent_name, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         by_adapter = {name: by_slot[path] for name, by_slot in state.members.items() if path in by_slot}
