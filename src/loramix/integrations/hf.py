@@ -115,14 +115,10 @@ def detach(model: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------------------------- logging
 
-def _unwrap(model: Any) -> Any:
-    """The injected model inside DDP/accelerate wrappers (``.module``), or ``model``."""
-    while getattr(model, "loramix_adapter", None) is None and hasattr(model, "module"):
-        model = model.module
-    return model
-
-
-def _callback_class() -> type:
+def __getattr__(name: str) -> Any:
+    # LoramixCallback subclasses transformers' TrainerCallback: built on first use, not at import.
+    if name != "LoramixCallback":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from transformers import TrainerCallback
 
     from ..models.inject import pop_logged_losses
@@ -135,7 +131,9 @@ def _callback_class() -> type:
                    **kwargs: Any) -> None:
             if logs is None or "loss" not in logs or model is None:
                 return  # evaluation logs (eval_*) and final summaries carry no training loss
-            means = pop_logged_losses(_unwrap(model))
+            while getattr(model, "loramix_adapter", None) is None and hasattr(model, "module"):
+                model = model.module  # the injected model inside DDP/accelerate wrappers
+            means = pop_logged_losses(model)
             if not means:
                 return
             logs.update(means)
@@ -143,16 +141,8 @@ def _callback_class() -> type:
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
                 state.log_history[-1].update(means)
 
+    globals()["LoramixCallback"] = LoramixCallback
     return LoramixCallback
-
-
-def __getattr__(name: str) -> Any:
-    # LoramixCallback subclasses transformers' TrainerCallback: built on first use, not at import.
-    if name == "LoramixCallback":
-        cls = _callback_class()
-        globals()["LoramixCallback"] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def install_callback() -> None:
