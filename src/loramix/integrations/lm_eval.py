@@ -82,15 +82,10 @@ class LoramixLM(HFLM):
         super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
 
 
-def main() -> None:
-    """lm-eval's command line with the ``loramix`` model type registered (``python -m loramix.integrations.lm_eval``)."""
+__all__ = ["LoramixLM"]
+
+
+if __name__ == "__main__":  # python -m loramix.integrations.lm_eval: lm-eval's CLI, with the model type registered
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()
-
-
-if __name__ == "__main__":
-    main()
-
-
-__all__ = ["LoramixLM", "main"]
