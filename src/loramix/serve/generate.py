@@ -16,6 +16,7 @@ unless ``raw``; otherwise the prompt text is continued as is.
 
 from __future__ import annotations
 
+from itertools import groupby
 from typing import Any
 
 import torch
@@ -23,19 +24,37 @@ from torch import nn
 
 from ..models.many import adapter_rows
 
+# Greedy decoding for ``generate``, with the sampling defaults a generation_config may carry unset (else warnings).
+GREEDY = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
 
-def build_prompt_ids(tokenizer, prompt: str, *, system: str | None = None, raw: bool = False) -> list[int]:
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of ``messages`` ([{"role", "content"}, ...]) through the tokenizer's chat template, ending
+    where the assistant's answer starts."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # the template already holds any BOS it wants: no extra special tokens
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_prompt_ids(tokenizer: Any, prompt: str, *, system: str | None = None, raw: bool = False) -> list[int]:
     """Token ids to generate from: through the chat template when the tokenizer has one (and not
     ``raw``), else the plain prompt with the tokenizer's special prefix."""
     if not raw and getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # the template already holds any BOS it wants: no extra special tokens
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        system_message = [{"role": "system", "content": system}] if system else []
+        return chat_prompt_ids(tokenizer, system_message + [{"role": "user", "content": prompt}])
     return list(tokenizer(prompt)["input_ids"])
 
 
-def generate_text(model, tokenizer, prompt: str, *, system: str | None = None, raw: bool = False,
+def left_pad(seqs: list[list[int]], pad: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both (B, W): each sequence left-padded with ``pad`` to W, the longest length (how
+    ``generate`` keeps a batch: every row's last token in the last column)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+    return ids, mask
+
+
+def generate_text(model: nn.Module, tokenizer: Any, prompt: str, *, system: str | None = None, raw: bool = False,
                   max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                   stream: bool = False) -> str:
     """Generate a completion of ``prompt`` and return only the new text.
@@ -44,12 +63,8 @@ def generate_text(model, tokenizer, prompt: str, *, system: str | None = None, r
     """
     ids = torch.tensor([build_prompt_ids(tokenizer, prompt, system=system, raw=raw)],
                        device=next(model.parameters()).device)
-    sample = temperature > 0
-    kwargs = dict(do_sample=sample, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-    if sample:
-        kwargs.update(temperature=temperature, top_p=top_p)
-    else:  # greedy: unset the sampling defaults a generation_config may carry, to avoid warnings
-        kwargs.update(temperature=None, top_p=None, top_k=None)
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    kwargs.update(dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else GREEDY)
     if stream:
         from transformers import TextStreamer
 
@@ -69,27 +84,14 @@ def generate_many(model: nn.Module, tokenizer: Any, requests: list[tuple[str, st
     """
     if not requests:
         return []
-    order = sorted(range(len(requests)), key=lambda i: list(model.loramix_many.adapters).index(requests[i][0])
-                   if requests[i][0] in model.loramix_many.adapters else -1)
-    prompts = [build_prompt_ids(tokenizer, requests[i][1], system=system, raw=raw) for i in order]
-    width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    plan: list[tuple[str, int]] = []
-    for i in order:
-        name = requests[i][0]
-        if plan and plan[-1][0] == name:
-            plan[-1] = (name, plan[-1][1] + 1)
-        else:
-            plan.append((name, 1))
-    device = next(model.parameters()).device
+    position = {name: k for k, name in enumerate(model.loramix_many.adapters)}
+    order = sorted(range(len(requests)), key=lambda i: position.get(requests[i][0], -1))
+    ids, mask = left_pad([build_prompt_ids(tokenizer, requests[i][1], system=system, raw=raw) for i in order],
+                         tokenizer.pad_token_id, next(model.parameters()).device)
+    plan = [(name, len(list(rows))) for name, rows in groupby(requests[i][0] for i in order)]
     model.eval()
     with torch.no_grad(), adapter_rows(model, plan):
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
-    texts = [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
-    answers = [""] * len(requests)
-    for slot, i in enumerate(order):
-        answers[i] = texts[slot]
-    return answers
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id, **GREEDY)
+    texts = dict(zip(order, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)))
+    return [texts[i] for i in range(len(requests))]

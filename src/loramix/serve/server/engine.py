@@ -38,6 +38,7 @@ import os
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from itertools import groupby
 from typing import Any, Callable, Iterator
 
 import torch
@@ -52,10 +53,13 @@ from ...config import LoraConfig
 from ...models.inject import inject
 from ...models.many import stack_adapters
 from ...models.registry import family_of
+from ..generate import build_prompt_ids, chat_prompt_ids, left_pad
 from .batch_cache import BatchCache
 
 NO_DEFAULT_TASK = -2  # Target.task_id of a MoRE adapter's bare name that picks no task
 BASE = "_base"  # the internal adapter name of the base model's rows (user adapter names cannot start with "_")
+Emit = Callable[[tuple], None]  # receives one request's events on the engine thread (see ``Request``)
+Job = tuple[Callable[[], Any], Callable[[], bool] | None, Future]  # (fn, when, its Future): ``call_between_steps``
 
 
 @dataclass(frozen=True)
@@ -101,15 +105,14 @@ class Served:
     max_length: int | None
 
     def prompt_ids(self, text: str) -> list[int]:
-        """A completion prompt: the text with the tokenizer's special prefix (``build_prompt_ids(raw=True)``)."""
-        return list(self.tokenizer(text)["input_ids"])
+        """A completion prompt: the text with the tokenizer's special prefix."""
+        return build_prompt_ids(self.tokenizer, text, raw=True)
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """A chat prompt through the base tokenizer's chat template (ValueError when it has none)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"the tokenizer of {self.base_name} has no chat template; use /v1/completions")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])  # the template holds its BOS
+        return chat_prompt_ids(self.tokenizer, messages)
 
 
 def _base_lora(model: nn.Module) -> nn.Module:
@@ -178,7 +181,7 @@ class Request:
     """One generation in the engine. ``emit(event)`` is called from the engine thread with
     ``("text", delta)`` events, then one ``("done", finish_reason, usage)`` or ``("error", message)``."""
 
-    def __init__(self, prompt: list[int], target: Target, params: SamplingParams, emit: Callable[[tuple], None]):
+    def __init__(self, prompt: list[int], target: Target, params: SamplingParams, emit: Emit) -> None:
         self.prompt, self.target, self.params, self.emit = prompt, target, params, emit
         self.generated: list[int] = []
         self.sent = 0  # characters of the text already emitted
@@ -215,17 +218,17 @@ class Engine:
 
     def __init__(self, served: Served, *, max_batch_size: int = 8, kv_cache: bool = True, max_queue: int = 64,
                  max_batch_tokens: int | None = None, threads: int | None = 1) -> None:
-        self.threads = threads  # torch intra-op threads of the engine's forwards (None: torch's setting)
+        self.threads = threads
         self.served = served
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_batch_tokens = max_batch_tokens
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: list[Request] = []
-        self._jobs: list[tuple[Callable[[], Any], Callable[[], bool] | None, Future]] = []  # call_between_steps
+        self._jobs: list[Job] = []
         lock = threading.RLock()  # re-entrant: ``when`` predicates may call in_use()
         self._wake = threading.Condition(lock)  # wakes the engine thread
-        self._step_done = threading.Condition(lock)  # wakes pause() (never the engine thread: a notify goes to one waiter)
+        self._step_done = threading.Condition(lock)  # wakes pause(), never the engine thread (notify wakes one waiter)
         self._stepping = False
         self._stopping = False
         self._paused = False
@@ -267,11 +270,10 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         """{"waiting": requests queued, "running": rows being decoded (not cancelled), "steps": steps so far}."""
-        with self._wake:
-            waiting = len(self._waiting)
-        return {"waiting": waiting, "running": sum(not r.cancelled for r in list(self._active)), "steps": self.steps}
+        running = sum(not r.cancelled for r in list(self._active))
+        return {"waiting": self.waiting(), "running": running, "steps": self.steps}
 
-    def submit(self, prompt: list[int], target: Target, params: SamplingParams, emit: Callable[[tuple], None]) -> Request:
+    def submit(self, prompt: list[int], target: Target, params: SamplingParams, emit: Emit) -> Request:
         """Queue one generation; ``emit`` gets its events on the engine thread (see ``Request``).
 
         Raises:
@@ -280,7 +282,7 @@ class Engine:
         """
         return self.submit_all([(prompt, target, params, emit)])[0]
 
-    def submit_all(self, jobs: list[tuple[list[int], Target, SamplingParams, Callable[[tuple], None]]]) -> list[Request]:
+    def submit_all(self, jobs: list[tuple[list[int], Target, SamplingParams, Emit]]) -> list[Request]:
         """Queue several generations (one HTTP request's choices) all or none: ``QueueFull`` if they do not all fit."""
         requests = [Request(*job) for job in jobs]
         too_big = [n for n in map(self.reserved_tokens, requests)
@@ -324,7 +326,7 @@ class Engine:
             self._wake.notify()
         return future
 
-    def _ready_jobs(self) -> list[tuple[Callable[[], Any], Callable[[], bool] | None, Future]]:
+    def _ready_jobs(self) -> list[Job]:
         """Take the jobs whose condition holds off the list (call with the lock held)."""
         ready = [job for job in self._jobs if job[1] is None or job[1]()]
         self._jobs = [job for job in self._jobs if job not in ready]
@@ -369,12 +371,13 @@ class Engine:
     def _admit(self) -> None:
         """Move waiting requests into the batch while rows and the token budget allow (lock held)."""
         reserved = sum(self.reserved_tokens(r) for r in self._active if not r.cancelled)
+        budget = self.max_batch_tokens
         while self._waiting and len(self._active) < self.max_batch_size:
             head = self._waiting[0]
             if head.cancelled:  # its client left while it waited
                 self._waiting.popleft()
                 continue
-            if self.max_batch_tokens is not None and self._active and reserved + self.reserved_tokens(head) > self.max_batch_tokens:
+            if budget is not None and self._active and reserved + self.reserved_tokens(head) > budget:
                 break
             self._active.append(self._waiting.popleft())
             reserved += self.reserved_tokens(head)
@@ -390,7 +393,8 @@ class Engine:
         rows.sort(key=self._order_key)  # stable: arrival order within an adapter
         try:
             with _intra_op_threads(self.threads):
-                stepped = self._cached_step(rows) if self._batch is not None else list(zip(rows, self._prefill(rows)[0]))
+                stepped = (self._cached_step(rows) if self._batch is not None
+                           else list(zip(rows, self._prefill(rows)[0])))
         except BaseException:
             if self._batch is not None:  # a forward that failed halfway leaves the buffers half-written
                 self._batch = BatchCache(self.served.model.config)
@@ -424,12 +428,7 @@ class Engine:
     def _forward(self, rows: list[Request], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: Any) -> torch.Tensor:
         """One forward of ``rows`` (grouped by adapter) → last-position logits (B, V) fp32; ``cache`` grows."""
-        plan: list[tuple[str, int]] = []
-        for r in rows:
-            if plan and plan[-1][0] == r.target.adapter:
-                plan[-1] = (r.target.adapter, plan[-1][1] + 1)
-            else:
-                plan.append((r.target.adapter, 1))
+        plan = [(adapter, len(list(run))) for adapter, run in groupby(r.target.adapter for r in rows)]
         task_ids = torch.tensor([r.target.task_id for r in rows], device=ids.device)
         with torch.no_grad():
             out = self.served.model(input_ids=ids, attention_mask=mask, position_ids=positions, adapter_rows=plan,
@@ -440,12 +439,8 @@ class Engine:
     def _prefill(self, rows: list[Request]) -> tuple[torch.Tensor, DynamicCache | None]:
         """Whole sequences, left-padded, one forward → (logits (B, V), their cache (B, heads, W, d) per
         layer, or None without the KV cache)."""
-        seqs = [r.prompt + r.generated for r in rows]
-        width = max(len(s) for s in seqs)
-        pad = self.served.tokenizer.pad_token_id if self.served.tokenizer.pad_token_id is not None else 0
-        device = self._device()
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+        pad = self.served.tokenizer.pad_token_id
+        ids, mask = left_pad([r.prompt + r.generated for r in rows], 0 if pad is None else pad, self._device())
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() computes them for left padding
         cache = DynamicCache(config=self.served.model.config) if self.kv_cache else None
         return self._forward(rows, ids, mask, positions, cache), cache
