@@ -18,9 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+from dataclasses import fields
 
-from ...cli import (UsageError, add_threads_argument, apply_threads, check_device, check_dtype, check_model, engine_threads,
-                    resolve_model)
+from ...cli import (
+    UsageError, add_threads_argument, apply_threads, check_device, check_dtype, check_model, engine_threads,
+    resolve_model,
+)
+from .limits import Limits
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,24 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: no budget, only --max-batch-size)")
     parser.add_argument("--max-queue", type=int, default=64, metavar="N",
                         help="most requests waiting to join the batch; beyond it requests get 429 (retry later)")
-    parser.add_argument("--max-request-bytes", type=int, default=1 << 20, metavar="N",
-                        help="largest request body in bytes (400 beyond)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
-                        help="longest prompt in tokens (400 beyond; default: the model's context)")
-    parser.add_argument("--max-tokens", type=int, default=None, metavar="N",
-                        help="largest max_tokens a request may ask for (400 beyond; default: the model's context)")
-    parser.add_argument("--max-prompts", type=int, default=16, metavar="N",
-                        help="most prompts in one /v1/completions request")
-    parser.add_argument("--max-messages", type=int, default=256, metavar="N",
-                        help="most messages in one /v1/chat/completions request")
-    parser.add_argument("--max-n", type=int, default=8, metavar="N",
-                        help="largest n (choices per prompt; each is one more row in the batch)")
+    for limit in fields(Limits):
+        parser.add_argument("--" + limit.name.replace("_", "-"), type=int, default=limit.default, metavar="N",
+                            help=limit.metadata["help"])
     parser.add_argument("--api-key", default=None, metavar="KEY",
                         help="require 'Authorization: Bearer KEY' on every /v1 endpoint (/health and the page stay "
                              "open); default: the environment variable LORAMIX_API_KEY, else no key")
     parser.add_argument("--graceful-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="on SIGTERM, how long requests in flight may take to finish before they are cut off")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, fp32 on CPU), float32, bfloat16, float16")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bf16 on capable GPUs, fp32 on CPU), float32, bfloat16, float16")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     add_threads_argument(parser)
 
@@ -82,11 +78,9 @@ def run(args: argparse.Namespace) -> int:
     from .app import build_app
     from .engine import Engine, load_served
 
-    from .limits import Limits
-
     adapters = parse_adapters(args.adapter)
-    for option in ("max_batch_size", "max_queue", "max_request_bytes", "max_prompts", "max_messages", "max_n",
-                   "max_batch_tokens", "max_prompt_tokens", "max_tokens"):
+    limits = Limits(**{limit.name: getattr(args, limit.name) for limit in fields(Limits)})
+    for option in ("max_batch_size", "max_queue", "max_batch_tokens", *(limit.name for limit in fields(Limits))):
         value = getattr(args, option)
         if value is not None and value < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1, got {value}")
@@ -108,9 +102,6 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--adapter: {err}") from None
     engine = Engine(served, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                     max_batch_tokens=args.max_batch_tokens, threads=engine_threads(args.threads))
-    limits = Limits(max_request_bytes=args.max_request_bytes, max_prompt_tokens=args.max_prompt_tokens,
-                    max_tokens=args.max_tokens, max_prompts=args.max_prompts, max_messages=args.max_messages,
-                    max_n=args.max_n)
     app = build_app(served, engine, limits=limits, api_key=api_key)
     engine.start()
     print(f"loramix serve: {', '.join(served.targets)} on http://{args.host}:{args.port}/v1"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 Scope = dict[str, Any]
@@ -25,25 +25,22 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: 
                409: "conflict_error", 429: "rate_limit_error", 503: "service_unavailable"}
 
 
+def _limit(default: int | None, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Per-request limits of the HTTP layer (each breach is a 400 naming the field).
+    """Per-request limits of the HTTP layer (each breach is a 400 naming the field). Each field is also an
+    option of ``loramix serve`` (``max_n`` → ``--max-n``) whose help is the field's ``help``."""
 
-    Attributes:
-        max_request_bytes: largest request body.
-        max_prompt_tokens: longest prompt in tokens (None: the model's context).
-        max_tokens: largest ``max_tokens`` a request may ask for (None: the model's context); also caps the default.
-        max_prompts: most prompts in one completions request (a list of strings).
-        max_messages: most messages in one chat request.
-        max_n: largest ``n`` (choices per prompt).
-    """
-
-    max_request_bytes: int = 1 << 20
-    max_prompt_tokens: int | None = None
-    max_tokens: int | None = None
-    max_prompts: int = 16
-    max_messages: int = 256
-    max_n: int = 8
+    max_request_bytes: int = _limit(1 << 20, "largest request body in bytes (400 beyond)")
+    max_prompt_tokens: int | None = _limit(None, "longest prompt in tokens (400 beyond; default: the model's context)")
+    max_tokens: int | None = _limit(None, "largest max_tokens a request may ask for, and the cap of its default "
+                                          "(400 beyond; default: the model's context)")
+    max_prompts: int = _limit(16, "most prompts in one /v1/completions request")
+    max_messages: int = _limit(256, "most messages in one /v1/chat/completions request")
+    max_n: int = _limit(8, "largest n (choices per prompt; each is one more row in the batch)")
 
 
 class ApiError(Exception):
