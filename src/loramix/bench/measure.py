@@ -1,15 +1,19 @@
 """How ``loramix bench`` measures: interleaved timed steps and the memory of each variant.
 
 Memory: ``peak_memory_mb`` = bytes of the tensors that live across steps (base weights, adapter
-weights, optimizer state) + the peak of the memory allocated during one step over what was allocated
-before it (``torch.cuda.max_memory_allocated`` on CUDA; on CPU the running sum of the allocations and
-frees the PyTorch profiler records in one extra, untimed step). See the package docstring.
+weights, optimizer state; counted once per variant even though the variants share the frozen base
+weights in this process) + the peak of the memory allocated during one step over what was allocated
+before it (activations, gradients, temporaries). On CUDA the step peak is
+``torch.cuda.max_memory_allocated``; on CPU it is the running sum of the allocations and frees the
+PyTorch profiler records (``profile_memory=True``) in one extra, untimed step. Both count tensor
+memory only, not the Python process, so variants compare directly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import os
 import statistics
 import sys
@@ -31,8 +35,6 @@ def tensor_bytes(tensors: list[torch.Tensor]) -> int:
 
     seen: dict[int, int] = {}
     for t in tensors:
-        if t is None:
-            continue
         for inner in storage_tensors(t):
             storage = inner.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
@@ -49,7 +51,8 @@ def persistent_bytes(v: Variant) -> int:
 
 # Lines the C++ profiler (kineto) writes straight to file descriptor 2 on every start/stop: noise in a
 # benchmark's output, with no Python-level switch.
-PROFILER_CHATTER = ("profiler_start", "profiler_stop", "Memory block of unknown size was allocated before the profiling")
+PROFILER_CHATTER = ("profiler_start", "profiler_stop",
+                    "Memory block of unknown size was allocated before the profiling")
 
 
 @contextlib.contextmanager
@@ -89,13 +92,9 @@ def step_peak_bytes(v: Variant, batch: dict[str, torch.Tensor], device: torch.de
 
     with _without_profiler_chatter(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         v.step(batch)
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    return max([0, *itertools.accumulate(e.nbytes() for e in events)])  # the highest running sum of +alloc / -free
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -116,13 +115,11 @@ def run_interleaved(variants: dict[str, "Variant"], batch: dict[str, torch.Tenso
         for v in variants.values():
             _sync(device)
             start, cpu_start = time.perf_counter(), time.process_time()
-            loss = v.step(batch)
+            v.losses.append(v.step(batch))
             _sync(device)
-            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-            v.losses.append(loss)
             if i >= s.warmup:
-                v.times.append(elapsed)
-                v.cpu_times.append(cpu)
+                v.times.append(time.perf_counter() - start)
+                v.cpu_times.append(time.process_time() - cpu_start)
             bar.update(1)
     bar.close()
 
@@ -143,8 +140,8 @@ def run_bench(s: BenchSettings, progress: bool = True) -> dict[str, Any]:
     shared: dict[str, dict] = {}
     # loramix variants first: they draw the initial weights the others copy.
     order = sorted(s.variants, key=lambda n: 0 if n.startswith("loramix") else 1)
-    variants = {name: BUILDERS[name](base, s, shared) for name in order}
-    variants = {name: variants[name] for name in s.variants}
+    built = {name: BUILDERS[name](base, s, shared) for name in order}
+    variants = {name: built[name] for name in s.variants}
 
     run_interleaved(variants, batch, s, device, desc="bench", progress=progress)
 
@@ -162,40 +159,41 @@ def run_bench(s: BenchSettings, progress: bool = True) -> dict[str, Any]:
                          persistent_memory_mb=persistent / 2**20)
         results[name] = entry
     baseline = results.get(BASELINE)
-    for entry in results.values():
-        if baseline is not None:
+    if baseline is not None:
+        for entry in results.values():
             entry["time_vs_baseline"] = entry["step_s"] / baseline["step_s"]
             entry["cpu_vs_baseline"] = entry["cpu_s"] / baseline["cpu_s"]
             if "peak_memory_mb" in entry:
                 entry["memory_vs_baseline"] = entry["peak_memory_mb"] / baseline["peak_memory_mb"]
-    settings = {k: v for k, v in vars(s).items()}
-    settings.update(torch=torch.__version__, threads_used=torch.get_num_threads(), tokens_per_step=tokens)
+    settings = dict(vars(s), torch=torch.__version__, threads_used=torch.get_num_threads(), tokens_per_step=tokens)
     # The frozen base alone (quantized: packed weights + their scales), the number to compare across --quantization.
     base_mb = tensor_bytes(list(base.parameters()) + list(base.buffers())) / 2**20
+    peak_from = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "torch.profiler memory events"
     return {"variants": results, "baseline": BASELINE if baseline is not None else None, "settings": settings,
-            "base_memory_mb": base_mb,
-            "memory_method": "persistent tensors + per-step allocation peak "
-                             + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda" else "(torch.profiler memory events)")}
+            "base_memory_mb": base_mb, "memory_method": f"persistent tensors + per-step allocation peak ({peak_from})"}
+
+
+def text_table(rows: list[tuple[str, ...]], left: int = 1) -> str:
+    """``rows`` (the header first) as aligned columns, a rule of dashes under the header; the first ``left``
+    columns flush left, the numbers flush right. The tables of ``loramix bench``, ``--multi`` and ``--serve``."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The human-readable table of ``run_bench``'s result."""
+    """The human-readable table of ``run_bench``'s result ("-" where a number was not measured)."""
     rows = [("variant", "step ms", "tokens/s", "peak MB", "step MB", "time ×base", "cpu ×base", "mem ×base")]
+    optional = (("peak_memory_mb", ".0f"), ("step_memory_mb", ".0f"), ("time_vs_baseline", ".3f"),
+                ("cpu_vs_baseline", ".3f"), ("memory_vs_baseline", ".3f"))
     for name, e in result["variants"].items():
-        rows.append((
-            name, f"{1000 * e['step_s']:.0f}", f"{e['tokens_per_s']:.0f}",
-            f"{e['peak_memory_mb']:.0f}" if "peak_memory_mb" in e else "-",
-            f"{e['step_memory_mb']:.0f}" if "step_memory_mb" in e else "-",
-            f"{e['time_vs_baseline']:.3f}" if "time_vs_baseline" in e else "-",
-            f"{e['cpu_vs_baseline']:.3f}" if "cpu_vs_baseline" in e else "-",
-            f"{e['memory_vs_baseline']:.3f}" if "memory_vs_baseline" in e else "-",
-        ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+        rows.append((name, f"{1000 * e['step_s']:.0f}", f"{e['tokens_per_s']:.0f}",
+                     *(format(e[key], spec) if key in e else "-" for key, spec in optional)))
     base = f" (base = {result['baseline']})" if result.get("baseline") else ""
     if result["settings"].get("quantization"):
         base += f"; frozen base quantized: {result['settings']['quantization']}"
     if "base_memory_mb" in result:
         base += f"; frozen base {result['base_memory_mb']:.0f} MB"
-    return "\n".join(lines) + f"\nmedian of {result['settings']['steps']} interleaved steps{base}; memory: {result['memory_method']}"
+    return (text_table(rows) + f"\nmedian of {result['settings']['steps']} interleaved steps{base}; "
+            f"memory: {result['memory_method']}")
