@@ -17,6 +17,7 @@ Runs are interleaved (single, joint, sequential, single, joint, ...) as in ``lor
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,15 +25,16 @@ from torch import nn
 
 from ..models.inject import adapter_parameters, inject
 from ..models.many import adapter_losses, adapter_rows, inject_many, member_parameters
-from .measure import persistent_bytes, prepare_run, run_interleaved, step_peak_bytes, tensor_bytes
+from .measure import persistent_bytes, prepare_run, run_interleaved, step_peak_bytes, tensor_bytes, text_table
 from .variants import BenchSettings, Variant, mixlora_config, share_frozen_copy
 
 
+@dataclass
 class MultiVariant(Variant):
     """N adapters on one base; ``joint`` runs them as one batch, otherwise one after another."""
 
-    names: list[str]
-    joint: bool
+    names: list[str] = field(default_factory=list)
+    joint: bool = True
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         self.optimizer.zero_grad(set_to_none=True)
@@ -59,22 +61,15 @@ def _multi_variant(name: str, base: nn.Module, s: BenchSettings, joint: bool) ->
     names = [f"job{i}" for i in range(s.multi)]
     model = inject_many(share_frozen_copy(base), {n: mixlora_config(s) for n in names})
     params = [p for n in names for p in member_parameters(model, n).values()]
-    for p in params:
-        p.requires_grad_(True)
-    v = MultiVariant(name, model.train(), params, {})
-    v.names, v.joint = names, joint
-    return v
+    return MultiVariant(name, model.train(), params, names=names, joint=joint)
 
 
 def run_multi_bench(s: BenchSettings, progress: bool = True) -> dict[str, Any]:
     """Measure single-job, joint and sequential steps for ``s.multi`` MixLoRA jobs; derive the rest."""
     device, base, batch, tokens = prepare_run(s)
     single_model = inject(share_frozen_copy(base), mixlora_config(s))
-    single_params = list(adapter_parameters(single_model).values())
-    for p in single_params:
-        p.requires_grad_(True)
     variants = {
-        "single-job": Variant("single-job", single_model.train(), single_params, {}),
+        "single-job": Variant("single-job", single_model.train(), list(adapter_parameters(single_model).values())),
         "multi-joint": _multi_variant("multi-joint", base, s, joint=True),
         "multi-sequential": _multi_variant("multi-sequential", base, s, joint=False),
     }
@@ -97,9 +92,10 @@ def run_multi_bench(s: BenchSettings, progress: bool = True) -> dict[str, Any]:
     if s.memory:
         rows["multi-processes"]["peak_memory_mb"] = n * single["peak_memory_mb"]
         ideal = base_mb + n * (single["peak_memory_mb"] - base_mb)
+    sequential = rows["multi-sequential"]
     for entry in rows.values():
-        entry["time_vs_sequential"] = entry["step_s"] / rows["multi-sequential"]["step_s"] * (entry["jobs"] / n)
-        entry["cpu_vs_sequential"] = entry["cpu_step_s"] / rows["multi-sequential"]["cpu_step_s"] * (entry["jobs"] / n)
+        entry["time_vs_sequential"] = entry["step_s"] / sequential["step_s"] * (entry["jobs"] / n)
+        entry["cpu_vs_sequential"] = entry["cpu_step_s"] / sequential["cpu_step_s"] * (entry["jobs"] / n)
         if s.memory:
             entry["memory_vs_ideal"] = entry["peak_memory_mb"] / ideal if entry["jobs"] == n else None
     settings = dict(vars(s), torch=torch.__version__, threads_used=torch.get_num_threads(), tokens_per_job=tokens)
@@ -109,17 +105,14 @@ def run_multi_bench(s: BenchSettings, progress: bool = True) -> dict[str, Any]:
 
 def format_multi_table(result: dict[str, Any]) -> str:
     """The human-readable table of ``run_multi_bench``'s result."""
-    head = ("row", "jobs", "step ms", "tokens/s", "peak MB", "time ×seq", "CPU time ×seq", "mem ×ideal")
-    rows = [head]
+    rows = [("row", "jobs", "step ms", "tokens/s", "peak MB", "time ×seq", "CPU time ×seq", "mem ×ideal")]
     for name, e in result["variants"].items():
         full = e["jobs"] == result["multi"]
         rows.append((name + (" (derived)" if e.get("derived") else ""), str(e["jobs"]), f"{1000 * e['step_s']:.0f}",
                      f"{e['tokens_per_s']:.0f}", f"{e['peak_memory_mb']:.0f}" if "peak_memory_mb" in e else "-",
-                     f"{e['time_vs_sequential']:.3f}" if full else "-", f"{e['cpu_vs_sequential']:.3f}" if full else "-",
+                     f"{e['time_vs_sequential']:.3f}" if full else "-",
+                     f"{e['cpu_vs_sequential']:.3f}" if full else "-",
                      f"{e['memory_vs_ideal']:.3f}" if e.get("memory_vs_ideal") else "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
     ideal = result.get("ideal_memory_mb")
-    tail = f"\nbare base {result['base_memory_mb']:.0f} MB" + (f"; ideal for {result['multi']} jobs {ideal:.0f} MB" if ideal else "")
-    return "\n".join(lines) + tail
+    ideal_text = f"; ideal for {result['multi']} jobs {ideal:.0f} MB" if ideal else ""
+    return text_table(rows) + f"\nbare base {result['base_memory_mb']:.0f} MB" + ideal_text

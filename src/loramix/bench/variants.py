@@ -6,11 +6,13 @@ Variants (each a ``Variant``: a model, its trainable parameters and one training
     loramix-lora           loramix LoraConfig on the same projections
     loramix-mixlora        loramix MixLoRA, sorted dispatch (the fast path)
     loramix-mixlora-naive  loramix MixLoRA, dispatch="naive" (per-expert loop, the authors' algorithm)
-    loramix-mixlora-recompute  the fast path with recompute_experts=True
+    loramix-mixlora-recompute  the fast path with recompute_experts=True (expert activations recomputed
+                           in backward), listed when asked for with --variants
     authors-mixlora        the MixLoRA authors' ``mixlora`` 0.2.3 package, made trainable
 
 The variants of one family start from the same adapter weights (PEFT and the authors' code get
-copies of loramix's tensors), so with dropout 0 they compute the same losses.
+copies of loramix's tensors), so with dropout 0 they compute the same losses; ``tests/test_bench.py``
+checks that.
 """
 
 from __future__ import annotations
@@ -86,12 +88,10 @@ class BenchSettings:
             raise ValueError(f"unknown variant(s) {unknown}; choose from {', '.join(BUILDERS)}")
         if self.alpha is None:
             self.alpha = 2.0 * self.rank
+        self.torch_dtype  # an unknown --dtype fails here, before any model is built
         from ..models.quantize import check_quantization
 
-        try:
-            self.quantization = check_quantization(self.quantization, where="--quantization")
-        except ValueError as err:
-            raise ValueError(str(err)) from None
+        self.quantization = check_quantization(self.quantization, where="--quantization")  # a ConfigError (ValueError)
         if self.quantization and "authors-mixlora" in self.variants:
             raise ValueError("variant 'authors-mixlora' reads dense weights and cannot run on a quantized base: "
                              "leave it out of --variants with --quantization")
@@ -168,18 +168,19 @@ def share_frozen_copy(base: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------- variants
 @dataclass
 class Variant:
-    """One trainable setup: a model, its trainable tensors, its optimizer."""
+    """One trainable setup: a model, its trainable tensors (``params``, made trainable here), its optimizer."""
 
     name: str
     model: nn.Module
     params: list[torch.Tensor]
-    adapter: dict[str, torch.Tensor]  # loramix state-dict key → tensor, for sharing initial weights
     optimizer: torch.optim.Optimizer | None = None
     times: list[float] = field(default_factory=list)
     cpu_times: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for p in self.params:
+            p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
@@ -197,48 +198,42 @@ class Variant:
         return float(lm)
 
 
-def lora_config(s: BenchSettings) -> LoraConfig:
-    return LoraConfig(r=s.rank, alpha=s.alpha, dropout=s.dropout, targets=ATTENTION + FFN)
-
-
 def mixlora_config(s: BenchSettings, **overrides: Any) -> MixLoraConfig:
     return MixLoraConfig(r=s.rank, alpha=s.alpha, dropout=s.dropout, num_experts=s.experts, top_k=s.top_k,
                          attention_targets=ATTENTION, ffn_targets=FFN, aux_loss_coef=s.aux_loss_coef, **overrides)
 
 
-def _loramix_variant(name: str, base: nn.Module, s: BenchSettings, config: Any,
-                     init_from: dict[str, torch.Tensor] | None) -> Variant:
-    model = inject(share_frozen_copy(base), config)
-    adapter = adapter_parameters(model)
-    with torch.no_grad():
-        if init_from is not None:
-            for key, tensor in adapter.items():
-                tensor.copy_(init_from[key])
-        elif s.init_b_std > 0:
-            g = torch.Generator().manual_seed(s.seed + 2)
-            for key, tensor in adapter.items():
-                if ".lora_B" in key:
-                    tensor.copy_(torch.randn(tensor.shape, generator=g) * s.init_b_std)
-                elif key.endswith("router.weight"):  # a sharp router: no near-ties in the top-k
-                    tensor.copy_(torch.randn(tensor.shape, generator=g))
-    for p in adapter.values():
-        p.requires_grad_(True)
-    return Variant(name, model.train(), list(adapter.values()), adapter)
+def _loramix_builder(name: str, family: str, **overrides: Any) -> Callable[[nn.Module, BenchSettings, dict], Variant]:
+    """The builder of a loramix variant of ``family`` ("lora" or "mixlora"; ``overrides``: MixLoraConfig fields).
 
-
-def build_loramix_lora(base: nn.Module, s: BenchSettings, shared: dict[str, dict]) -> Variant:
-    v = _loramix_variant("loramix-lora", base, s, lora_config(s), shared.get("lora"))
-    shared.setdefault("lora", {k: t.detach().clone() for k, t in v.adapter.items()})
-    return v
-
-
-def _build_mixlora(name: str, **overrides: Any) -> Callable[[nn.Module, BenchSettings, dict], Variant]:
+    The first variant of a family built draws its initial adapter weights (``--init-b-std``: B ~ N(0, std) and a
+    sharp router) and keeps a copy in ``shared[family]``; the family's later variants, PEFT's and the authors'
+    included, start from that copy."""
     def build(base: nn.Module, s: BenchSettings, shared: dict[str, dict]) -> Variant:
-        v = _loramix_variant(name, base, s, mixlora_config(s, **overrides), shared.get("mixlora"))
-        shared.setdefault("mixlora", {k: t.detach().clone() for k, t in v.adapter.items()})
-        return v
+        if family == "lora":
+            config = LoraConfig(r=s.rank, alpha=s.alpha, dropout=s.dropout, targets=ATTENTION + FFN)
+        else:
+            config = mixlora_config(s, **overrides)
+        model = inject(share_frozen_copy(base), config)
+        adapter = adapter_parameters(model)
+        with torch.no_grad():
+            if family in shared:
+                for key, tensor in adapter.items():
+                    tensor.copy_(shared[family][key])
+            elif s.init_b_std > 0:
+                g = torch.Generator().manual_seed(s.seed + 2)
+                for key, tensor in adapter.items():
+                    if ".lora_B" in key:
+                        tensor.copy_(torch.randn(tensor.shape, generator=g) * s.init_b_std)
+                    elif key.endswith("router.weight"):  # a sharp router: no near-ties in the top-k
+                        tensor.copy_(torch.randn(tensor.shape, generator=g))
+        shared.setdefault(family, {k: t.detach().clone() for k, t in adapter.items()})
+        return Variant(name, model.train(), list(adapter.values()))
 
     return build
+
+
+build_loramix_lora = _loramix_builder("loramix-lora", "lora")
 
 
 def build_peft_lora(base: nn.Module, s: BenchSettings, shared: dict[str, dict]) -> Variant:
@@ -258,7 +253,7 @@ def build_peft_lora(base: nn.Module, s: BenchSettings, shared: dict[str, dict]) 
     params = [p for p in model.parameters() if p.requires_grad]
     if len(params) != len(shared["lora"]):
         raise RuntimeError(f"PEFT made {len(params)} trainable tensors, expected {len(shared['lora'])}")
-    return Variant("peft-lora", model.train(), params, {})
+    return Variant("peft-lora", model.train(), params)
 
 
 def build_authors_mixlora(base: nn.Module, s: BenchSettings, shared: dict[str, dict]) -> Variant:
@@ -271,9 +266,10 @@ def build_authors_mixlora(base: nn.Module, s: BenchSettings, shared: dict[str, d
     try:
         import mixlora as authors
     except ImportError as err:
-        raise RuntimeError("variant 'authors-mixlora' needs the authors' package: pip install --no-deps mixlora==0.2.3") from err
+        raise RuntimeError("variant 'authors-mixlora' needs the authors' package: "
+                           "pip install --no-deps mixlora==0.2.3") from err
     if "mixlora" not in shared:
-        _build_mixlora("loramix-mixlora")(base, s, shared)
+        BUILDERS["loramix-mixlora"](base, s, shared)  # only to draw the shared initial weights
     model = share_frozen_copy(base)
     if not hasattr(model, "model") or not hasattr(model.model, "layers"):
         raise RuntimeError("authors-mixlora supports Llama-like models (model.model.layers) only")
@@ -303,21 +299,21 @@ def build_authors_mixlora(base: nn.Module, s: BenchSettings, shared: dict[str, d
     for layer in model.model.layers:
         lora_modules += [getattr(layer.self_attn, p) for p in ATTENTION]
         moe = layer.mlp.mixlora_moes["default"]
-        moe.gate_ = moe.gate_.detach().clone().requires_grad_(True)
+        moe.gate_ = moe.gate_.detach().clone()  # their router: a plain tensor, made a leaf the optimizer can own
         params.append(moe.gate_)
         lora_modules += list(moe.experts_.values())
     for m in lora_modules:
         if s.dropout == 0:
             m.dropout_ = nn.Identity()
-        params += [m.lora_A.weight.requires_grad_(True), m.lora_B.weight.requires_grad_(True)]
-    return Variant("authors-mixlora", model.train(), params, {})
+        params += [m.lora_A.weight, m.lora_B.weight]
+    return Variant("authors-mixlora", model.train(), params)
 
 
 BUILDERS: dict[str, Callable[[nn.Module, BenchSettings, dict], Variant]] = {
     "peft-lora": build_peft_lora,
     "loramix-lora": build_loramix_lora,
-    "loramix-mixlora": _build_mixlora("loramix-mixlora"),
-    "loramix-mixlora-naive": _build_mixlora("loramix-mixlora-naive", dispatch="naive"),
+    "loramix-mixlora": _loramix_builder("loramix-mixlora", "mixlora"),
+    "loramix-mixlora-naive": _loramix_builder("loramix-mixlora-naive", "mixlora", dispatch="naive"),
     "authors-mixlora": build_authors_mixlora,
-    "loramix-mixlora-recompute": _build_mixlora("loramix-mixlora-recompute", recompute_experts=True),
+    "loramix-mixlora-recompute": _loramix_builder("loramix-mixlora-recompute", "mixlora", recompute_experts=True),
 }
