@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
-from ..cli import add_threads_argument, apply_threads, check_device, check_dtype, check_model, engine_threads, resolve_model
+from ..cli import (
+    add_threads_argument, apply_threads, check_device, check_dtype, check_model, engine_threads, resolve_model,
+)
 from ..models.quantize import add_quantization_argument
 from .measure import format_table, run_bench
 from .variants import BASELINE, BUILDERS, DEFAULT_VARIANTS, BenchSettings
@@ -22,13 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``loramix bench``."""
     d = BenchSettings()
     shape = parser.add_argument_group("model shape (default: SmolLM2-135M)")
-    shape.add_argument("--model", default=None, help="a real model (folder, Hub id or 'smollm2-135m') instead of a random shape")
-    shape.add_argument("--layers", type=int, default=d.layers, help="decoder layers")
-    shape.add_argument("--hidden", type=int, default=d.hidden, help="hidden size")
-    shape.add_argument("--intermediate", type=int, default=d.intermediate, help="FFN intermediate size")
-    shape.add_argument("--heads", type=int, default=d.heads, help="attention heads")
-    shape.add_argument("--kv-heads", type=int, default=d.kv_heads, help="key/value heads")
-    shape.add_argument("--vocab", type=int, default=d.vocab, help="vocabulary size")
+    shape.add_argument("--model", default=None,
+                       help="a real model (folder, Hub id or 'smollm2-135m') instead of a random shape")
+    for name, text in (("layers", "decoder layers"), ("hidden", "hidden size"),
+                       ("intermediate", "FFN intermediate size"), ("heads", "attention heads"),
+                       ("kv_heads", "key/value heads"), ("vocab", "vocabulary size")):
+        shape.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name), help=text)
     run = parser.add_argument_group("run")
     run.add_argument("--batch", type=int, default=d.batch, help="sequences per step")
     run.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
@@ -40,15 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--seed", type=int, default=d.seed, help="seed of the weights and the batch")
     run.add_argument("--no-memory", action="store_true", help="skip the (untimed) memory measurement step")
     add_quantization_argument(run)
-    run.add_argument("--init-b-std", type=float, default=0.0,
-                     help="start LoRA B from N(0, std) (and a sharp router) instead of 0, so outputs differ from the base")
+    run.add_argument("--init-b-std", type=float, default=0.0, help="start LoRA B from N(0, std) (and a sharp "
+                     "router) instead of 0, so outputs differ from the base")
     adapter = parser.add_argument_group("adapter")
     adapter.add_argument("--experts", type=int, default=d.experts, help="MixLoRA experts per FFN")
     adapter.add_argument("--top-k", type=int, default=d.top_k, help="experts per token")
     adapter.add_argument("--rank", type=int, default=d.rank, help="LoRA rank (attention and experts)")
     adapter.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 × rank)")
     adapter.add_argument("--dropout", type=float, default=d.dropout, help="LoRA dropout")
-    adapter.add_argument("--aux-loss-coef", type=float, default=d.aux_loss_coef, help="MixLoRA load-balance loss weight")
+    adapter.add_argument("--aux-loss-coef", type=float, default=d.aux_loss_coef,
+                         help="MixLoRA load-balance loss weight")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma-separated, from: {', '.join(BUILDERS)}; the baseline is {BASELINE}")
     parser.add_argument("--multi", type=int, default=1,
@@ -68,16 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
-    """The validated settings of the parsed options."""
-    return BenchSettings(
-        layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads,
-        kv_heads=args.kv_heads, vocab=args.vocab, model=args.model, batch=args.batch, seq_len=args.seq_len,
-        dtype=args.dtype, device=args.device, threads=args.threads, experts=args.experts, top_k=args.top_k,
-        rank=args.rank, alpha=args.alpha, dropout=args.dropout, aux_loss_coef=args.aux_loss_coef,
-        steps=args.steps, warmup=args.warmup, variants=[v.strip() for v in args.variants.split(",") if v.strip()],
-        multi=args.multi, seed=args.seed, memory=not args.no_memory, init_b_std=args.init_b_std,
-        quantization=getattr(args, "quantization", None),
-    )
+    """The validated settings of the parsed options: each option sets the field of its name (``--seq-len``:
+    ``seq_len``); ``--variants`` is split at commas, ``--no-memory`` sets ``memory``."""
+    same_name = {f.name: getattr(args, f.name) for f in fields(BenchSettings)
+                 if f.name not in ("variants", "memory") and hasattr(args, f.name)}
+    return BenchSettings(**same_name, variants=[v.strip() for v in args.variants.split(",") if v.strip()],
+                         memory=not args.no_memory)
 
 
 def serve_settings_from_args(args: argparse.Namespace):
@@ -96,16 +95,23 @@ def serve_settings_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print its table; exit code 2 for a bad option."""
-    if args.serve:
-        return _run_serve(args)
     try:
-        s = settings_from_args(args)
-        s.torch_dtype  # validate early
+        s = serve_settings_from_args(args) if args.serve else settings_from_args(args)
     except ValueError as err:
         print(f"loramix bench: {err}", file=sys.stderr)
         return 2
+    if args.serve:  # checked before the model loads
+        check_device(s.device)
+        check_dtype(s.dtype)
+        check_model(s.model)
+        s.engine_threads = engine_threads(s.threads)  # from --threads as given, before it gets its default
     s.threads = apply_threads(s.threads)  # the default: the cores not already busy (cli.default_threads)
-    if s.multi > 1:
+    if args.serve:
+        from .serve import format_serve_table, run_serve_bench
+
+        result = run_serve_bench(s)
+        print(format_serve_table(result))
+    elif s.multi > 1:
         from .many import format_multi_table, run_multi_bench
 
         result = run_multi_bench(s)
@@ -113,33 +119,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         result = run_bench(s)
         print(format_table(result))
-    _write_json(args.json, result)
-    return 0
-
-
-def _run_serve(args: argparse.Namespace) -> int:
-    """``--serve``: the settings, checked before the model loads; then the runs and their table."""
-    from .serve import format_serve_table, run_serve_bench
-
-    try:
-        s = serve_settings_from_args(args)
-    except ValueError as err:
-        print(f"loramix bench: {err}", file=sys.stderr)
-        return 2
-    check_device(s.device)
-    check_dtype(s.dtype)
-    check_model(s.model)
-    s.engine_threads = engine_threads(s.threads)
-    s.threads = apply_threads(s.threads)
-    result = run_serve_bench(s)
-    print(format_serve_table(result))
-    _write_json(args.json, result)
-    return 0
-
-
-def _write_json(name: str | None, result: dict) -> None:
-    if name:
-        path = Path(name)
+    if args.json:
+        path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {path}")
+    return 0
