@@ -49,6 +49,7 @@ from ..adapters.io import save_adapter
 from ..config import LoraConfig, MixLoraConfig, MoreConfig
 from ..models.inject import adapter_parameters, inject
 from ..serve.server.engine import BASE, Engine, Served
+from .measure import text_table
 
 # The adapters made when none is given: one of each kind, small ranks as trained ones would have.
 RANDOM_ADAPTERS: dict[str, LoraConfig | MixLoraConfig | MoreConfig] = {
@@ -97,7 +98,8 @@ class ServeBenchSettings:
 
     def __post_init__(self) -> None:
         if not self.clients or any(not isinstance(c, int) or c < 1 for c in self.clients):
-            raise ValueError(f"--clients must be positive integers separated by commas (e.g. 1,4,16), got {self.clients}")
+            raise ValueError(f"--clients must be positive integers separated by commas (e.g. 1,4,16), "
+                             f"got {self.clients}")
         for option, value in (("--requests", self.requests), ("--max-tokens", self.max_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{option} must be a positive integer, got {value!r}")
@@ -172,12 +174,11 @@ def _one_request(client: Any, job: Job, max_tokens: int) -> Outcome:
     import openai
 
     out = Outcome(job)
+    request = dict(model=job.model, prompt=job.prompt, max_tokens=max_tokens, temperature=0)
     start = time.perf_counter()
     try:
         if job.stream:
-            pieces = client.completions.create(model=job.model, prompt=job.prompt, max_tokens=max_tokens,
-                                               temperature=0, stream=True, stream_options={"include_usage": True})
-            for chunk in pieces:
+            for chunk in client.completions.create(**request, stream=True, stream_options={"include_usage": True}):
                 if chunk.choices and chunk.choices[0].text:
                     if out.first_token_s is None:
                         out.first_token_s = time.perf_counter() - start
@@ -185,8 +186,7 @@ def _one_request(client: Any, job: Job, max_tokens: int) -> Outcome:
                 if chunk.usage is not None:
                     out.tokens = chunk.usage.completion_tokens
         else:
-            answer = client.completions.create(model=job.model, prompt=job.prompt, max_tokens=max_tokens,
-                                               temperature=0)
+            answer = client.completions.create(**request)
             out.text, out.tokens = answer.choices[0].text, answer.usage.completion_tokens
     except openai.OpenAIError as err:  # recorded, not raised: a load run reports its failures
         out.error = f"{type(err).__name__}: {err}"
@@ -245,31 +245,23 @@ def summarize(outcomes: list[Outcome], wall_s: float, cpu_s: float) -> dict[str,
 
 
 # ---------------------------------------------------------------------------------------- the benchmark
-def bench_jobs(models: list[str], requests: int, *, stream: bool) -> list[Job]:
-    """The requests of every run: request i is model i mod len(models) and prompt i mod len(PROMPTS)."""
-    return [Job(models[i % len(models)], PROMPTS[i % len(PROMPTS)], stream) for i in range(requests)]
-
-
-def load_bench_model(s: ServeBenchSettings, workdir: Path) -> Served:
-    """The base model with the given adapters, or with ``RANDOM_ADAPTERS`` saved under ``workdir``."""
-    from ..hub import load_model
-    from ..serve.server.engine import load_served
-
-    model, tokenizer = load_model(s.model, dtype=s.dtype, device=s.device)
-    folders = s.adapters or random_adapters(model, workdir, std=s.init_std, seed=s.seed)
-    return load_served(model, tokenizer, dict(folders), base_name=s.model)
-
-
 def run_serve_bench(s: ServeBenchSettings, progress: bool = True) -> dict[str, Any]:
     """Load the model and adapters, start a batched and a one-at-a-time server, run every client count in
     both modes (alternating), and return the rows, the speed-ups and the settings (JSON-ready)."""
+    from ..hub import load_model
+    from ..serve.server.engine import load_served
+
     torch.manual_seed(s.seed)
-    with tempfile.TemporaryDirectory(prefix="loramix-bench-serve-") as workdir:
-        served = load_bench_model(s, Path(workdir))
+    model, tokenizer = load_model(s.model, dtype=s.dtype, device=s.device)
+    with tempfile.TemporaryDirectory(prefix="loramix-bench-serve-") as workdir:  # random adapters: kept until loaded
+        folders = s.adapters or random_adapters(model, Path(workdir), std=s.init_std, seed=s.seed)
+        served = load_served(model, tokenizer, dict(folders), base_name=s.model)
     models = client_models(served)
     if not models:
-        raise ValueError("--serve: no adapter to send requests to; give --adapter NAME=FOLDER or none (random adapters)")
-    jobs = bench_jobs(models, s.requests, stream=s.stream)
+        raise ValueError("--serve: no adapter to send requests to; give --adapter NAME=FOLDER or none "
+                         "(random adapters)")
+    # request i: model i mod len(models), prompt i mod len(PROMPTS)
+    jobs = [Job(models[i % len(models)], PROMPTS[i % len(PROMPTS)], s.stream) for i in range(s.requests)]
     engines = {"batched": Engine(served, max_batch_size=max(s.clients), threads=s.engine_threads),
                "one-at-a-time": Engine(served, max_batch_size=1, threads=s.engine_threads)}
     rows: list[dict[str, Any]] = []
@@ -298,13 +290,12 @@ def run_serve_bench(s: ServeBenchSettings, progress: bool = True) -> dict[str, A
                                           for a, b in zip(texts["batched"], texts["one-at-a-time"]))
             speedups[str(clients)] = _ratio(batched["tokens_per_s"], single["tokens_per_s"])
             cpu_speedups[str(clients)] = _ratio(batched["tokens_per_cpu_s"], single["tokens_per_cpu_s"])
-        steps = {mode: engines[mode].steps for mode in MODES}
-        max_rows = {mode: engines[mode].max_rows_seen for mode in MODES}
     settings = dict(vars(s), adapters=dict(s.adapters) or {n: "random" for n in RANDOM_ADAPTERS},
                     torch=torch.__version__)
     return {"rows": rows, "speedup_batched_vs_one_at_a_time": speedups,
             "cpu_speedup_batched_vs_one_at_a_time": cpu_speedups, "models": models,
-            "engine_steps": steps, "max_rows_seen": max_rows, "settings": settings}
+            "engine_steps": {mode: engines[mode].steps for mode in MODES},
+            "max_rows_seen": {mode: engines[mode].max_rows_seen for mode in MODES}, "settings": settings}
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -315,9 +306,8 @@ def format_serve_table(result: dict[str, Any]) -> str:
     """The human-readable table of ``run_serve_bench``'s result."""
     ms = lambda v: "-" if v is None else f"{1000 * v:.0f}"  # noqa: E731
     ratio = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    head = ("clients", "mode", "requests", "errors", "tokens", "wall s", "CPU s", "tokens/s", "p50 ms", "p95 ms",
-            "TTFT p50 ms", "×one-at-a-time", "CPU ×one-at-a-time")
-    table = [head]
+    table = [("clients", "mode", "requests", "errors", "tokens", "wall s", "CPU s", "tokens/s", "p50 ms", "p95 ms",
+              "TTFT p50 ms", "×one-at-a-time", "CPU ×one-at-a-time")]
     for r in result["rows"]:
         batched, key = r["mode"] == "batched", str(r["clients"])
         table.append((key, r["mode"], str(r["requests"]), str(r["errors"]), str(r["generated_tokens"]),
@@ -325,10 +315,8 @@ def format_serve_table(result: dict[str, Any]) -> str:
                       ms(r["latency_p95_s"]), ms(r["first_token_p50_s"]),
                       ratio(result["speedup_batched_vs_one_at_a_time"][key]) if batched else "-",
                       ratio(result["cpu_speedup_batched_vs_one_at_a_time"][key]) if batched else "-"))
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
     s = result["settings"]
-    return "\n".join(lines) + (f"\n{s['model']}, models {', '.join(result['models'])}; greedy, max_tokens "
-                               f"{s['max_tokens']}, {'streamed' if s['stream'] else 'not streamed'}; "
-                               f"{s['threads']} torch threads, {s['engine_threads']} in the engine")
+    return text_table(table, left=2) + (
+        f"\n{s['model']}, models {', '.join(result['models'])}; greedy, max_tokens {s['max_tokens']}, "
+        f"{'streamed' if s['stream'] else 'not streamed'}; {s['threads']} torch threads, "
+        f"{s['engine_threads']} in the engine")
