@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sampling temperature; 0 means greedy decoding (deterministic)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with temperature > 0)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, fp32 on CPU), float32, bfloat16, float16")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bf16 on capable GPUs, fp32 on CPU), float32, bfloat16, float16")
     add_quantization_argument(parser)
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     parser.add_argument("--no-stream", action="store_true",
@@ -49,18 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads_argument(parser)
 
 
-def _more_tasks(adapter: str) -> list[str] | None:
-    """The task list of a MoRE adapter folder (None for other kinds)."""
-    from ..adapters import read_adapter_config
-    from ..adapters.more_tasks import recorded_task_index
-
-    meta = read_adapter_config(adapter)
-    if meta.get("kind") != "more":
-        return None
-    return list(recorded_task_index(meta) or {})
-
-
 def run(args: argparse.Namespace) -> int:
+    from ..adapters import read_adapter_config
+    from ..adapters.more_tasks import recorded_task_index, task_index, use_task
     from ..hub import load_model
     from .generate import generate_text
 
@@ -72,11 +64,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.task is not None and not args.adapter:
         raise UsageError("--task needs a MoRE --adapter")
-    if args.adapter:
-        tasks = _more_tasks(args.adapter)
-        if tasks is not None and args.task is None:
-            raise UsageError(f"{args.adapter} is a MoRE adapter: each task has its own experts; choose one with "
-                             f"--task NAME ({', '.join(tasks)})")
+    meta = read_adapter_config(args.adapter) if args.adapter else {}
+    if meta.get("kind") == "more" and args.task is None:
+        raise UsageError(f"{args.adapter} is a MoRE adapter: each task has its own experts; choose one with "
+                         f"--task NAME ({', '.join(recorded_task_index(meta) or {})})")
     check_device(args.device)
     check_dtype(args.dtype)
     check_model(resolve_model(args.model))
@@ -90,19 +81,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("empty prompt: give it as an argument (loramix generate \"Why is the sky blue?\"), "
                          "with --prompt, or on standard input")
     apply_threads(args.threads)
-    model_name = args.model
-    if args.adapter and not model_name:
-        from ..adapters import read_adapter_config
-
-        model_name = read_adapter_config(args.adapter).get("base_model")
-    model, tokenizer = load_model(resolve_model(model_name or "smollm2-135m"), dtype=args.dtype, device=args.device,
+    model_name = args.model or meta.get("base_model") or "smollm2-135m"
+    model, tokenizer = load_model(resolve_model(model_name), dtype=args.dtype, device=args.device,
                                   quantization=args.quantization)
     if args.adapter:
-        model = load_adapters_onto(model, {"adapter": args.adapter}, model_name or "smollm2-135m")
+        model = load_adapters_onto(model, {"adapter": args.adapter}, model_name)
     context = contextlib.nullcontext()
     if args.task is not None:
-        from ..adapters.more_tasks import task_index, use_task
-
         try:
             task_index(model, args.task)  # validate now: use_task only runs when entered
         except ValueError as err:
