@@ -69,16 +69,21 @@ def _pyplot():
     return plt
 
 
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_losses(records: list[dict[str, Any]], out: Path) -> Path | None:
     """``loss.png``: LM loss, aux loss (if any) and eval accuracy (if any) against the step."""
     train = [r for r in records if r.get("type", "train") == "train" and "lm_loss" in r]
     evals = [r for r in records if r.get("type") == "eval"]
     if not train and not evals:
         return None
-    has_aux = any(r.get("aux_loss") for r in train)
-    panels = ["lm"] + (["aux"] if has_aux else []) + (["eval"] if evals else [])
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    panels = ["lm"] + (["aux"] if any(r.get("aux_loss") for r in train) else []) + (["eval"] if evals else [])
+    fig, axes = _pyplot().subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         if panel == "lm":
             ax.plot([r["step"] for r in train], [r["lm_loss"] for r in train], lw=1, label="lm loss")
@@ -97,11 +102,7 @@ def plot_losses(records: list[dict[str, Any]], out: Path) -> Path | None:
             ax.legend()
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / "loss.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "loss.png")
 
 
 def plot_expert_load(records: list[dict[str, Any]], out: Path) -> Path | None:
@@ -112,8 +113,7 @@ def plot_expert_load(records: list[dict[str, Any]], out: Path) -> Path | None:
     layers, experts = len(loads[0]), len(loads[0][0])
     loads = [x for x in loads if len(x) == layers and all(len(row) == experts for row in x)]
     mean = [[sum(x[layer][e] for x in loads) / len(loads) for e in range(experts)] for layer in range(layers)]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * experts, 1.2 + 0.22 * layers))
+    fig, ax = _pyplot().subplots(figsize=(1.2 + 0.55 * experts, 1.2 + 0.22 * layers))
     image = ax.imshow(mean, aspect="auto", cmap="viridis", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="share of assignments")
     ax.set_xlabel("expert")
@@ -121,11 +121,7 @@ def plot_expert_load(records: list[dict[str, Any]], out: Path) -> Path | None:
     ax.set_xticks(range(experts))
     ax.set_title(f"expert load per layer (mean over {len(loads)} logged steps; balanced = {1 / experts:.3f})",
                  fontsize=9)
-    fig.tight_layout()
-    path = out / "expert_load.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "expert_load.png")
 
 
 def write_plots(run_dir: str | os.PathLike, metrics: str | os.PathLike | None = None) -> list[Path]:
@@ -134,6 +130,3 @@ def write_plots(run_dir: str | os.PathLike, metrics: str | os.PathLike | None = 
     records = read_metrics(metrics or run_dir / "metrics.jsonl")
     run_dir.mkdir(parents=True, exist_ok=True)
     return [p for p in (plot_losses(records, run_dir), plot_expert_load(records, run_dir)) if p is not None]
-
-
-__all__ = ["ReportError", "plot_expert_load", "plot_losses", "read_metrics", "write_plots"]
