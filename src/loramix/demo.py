@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def table(before: dict, after: dict) -> str:
+    """Markdown, a row per protocol: ``| loglik | 0.4500 | 0.5100 | +0.0600 |`` (accuracy before, after, change)."""
     lines = ["| protocol | before (base) | after (MixLoRA) | change |", "|---|---|---|---|"]
     for protocol in before:
         b, a = before[protocol]["accuracy"], after[protocol]["accuracy"]
@@ -71,7 +72,8 @@ def table(before: dict, after: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.eval_limit < 0:
-        print(f"python -m loramix.demo: error: --eval-limit must be >= 0 (0: all), got {args.eval_limit}", file=sys.stderr)
+        print(f"python -m loramix.demo: error: --eval-limit must be >= 0 (0: all), got {args.eval_limit}",
+              file=sys.stderr)
         return 2
     args.eval_limit = args.eval_limit or None  # 0: all, as loramix eval --limit
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -142,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nSmolLM2-135M-Instruct on ARC-Easy validation ({len(validation)} questions), "
           f"MixLoRA 8 experts top-2 r={args.r}, {args.steps} steps x {args.batch_size} questions:\n")
     print(summary)
-    print(f"\nwall time {total / 60:.1f} min (CPU time {cpu / 60:.1f} min); adapter in {result['adapter']}; plots in {args.output_dir}/")
-    results = {"before": before, "after": after, "timings_s": timings, "total_s": total, "cpu_s": cpu, "args": vars(args),
-               "train_steps": result["step"], "torch_threads": torch.get_num_threads()}
+    print(f"\nwall time {total / 60:.1f} min (CPU time {cpu / 60:.1f} min); adapter in {result['adapter']}; "
+          f"plots in {args.output_dir}/")
+    results = {"before": before, "after": after, "timings_s": timings, "total_s": total, "cpu_s": cpu,
+               "args": vars(args), "train_steps": result["step"], "torch_threads": torch.get_num_threads()}
     (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (Path(args.output_dir) / "results.md").write_text(summary + "\n")
     return 0
