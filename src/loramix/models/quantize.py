@@ -56,9 +56,7 @@ INT4_GROUP_SIZE = 32
 
 def check_quantization(name: str | None, where: str = "quantization") -> str | None:
     """``name`` normalised (lower case; '', 'none', 'null' → None), or a ``ConfigError`` listing the choices."""
-    if name is None:
-        return None
-    key = str(name).strip().lower()
+    key = "" if name is None else str(name).strip().lower()
     if key in ("", "none", "null", "no", "false"):
         return None
     if key not in QUANTIZATIONS:
@@ -80,24 +78,21 @@ def quantization_config(name: str, *, compute_dtype: torch.dtype, device: torch.
     scheme ``name``; ``compute_dtype`` is what the quantized matmuls compute in, ``device`` where the model
     will live (torchao-int4 picks its layout from it)."""
     name = check_quantization(name)
-    device = torch.device(device)
-    if name in ("nf4", "nf4-double"):
+    if name in ("nf4", "nf4-double", "int8"):
         from transformers import BitsAndBytesConfig
 
+        if name == "int8":
+            return BitsAndBytesConfig(load_in_8bit=True)
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_use_double_quant=name == "nf4-double",
                                   bnb_4bit_compute_dtype=compute_dtype)
-    if name == "int8":
-        from transformers import BitsAndBytesConfig
-
-        return BitsAndBytesConfig(load_in_8bit=True)
     from transformers import TorchAoConfig
 
     if name == "torchao-int8":
         from torchao.quantization import Int8WeightOnlyConfig
 
         return TorchAoConfig(Int8WeightOnlyConfig())
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         from torchao.quantization import Int4WeightOnlyConfig
 
         if compute_dtype != torch.bfloat16:
@@ -193,17 +188,13 @@ def storage_tensors(t: torch.Tensor) -> Iterator[torch.Tensor]:
             yield from storage_tensors(getattr(t, n))
         return
     yield t.data if isinstance(t, nn.Parameter) else t
-    state = getattr(t, "quant_state", None)
-    if state is not None:  # bitsandbytes Params4bit: block scales (and the nested ones of double quantization)
-        nested = getattr(state, "state2", None)
-        for holder, attr in ((state, "absmax"), (state, "code"), (state, "offset"), (nested, "absmax"),
-                             (nested, "code")):
-            inner = getattr(holder, attr, None)
-            if isinstance(inner, torch.Tensor):
-                yield inner
-    scb = getattr(t, "SCB", None)  # bitsandbytes Int8Params: one fp32 scale per row
-    if isinstance(scb, torch.Tensor):
-        yield scb
+    state = getattr(t, "quant_state", None)  # bitsandbytes Params4bit: block scales (+ nested, double quantization)
+    nested = getattr(state, "state2", None)
+    for holder, attr in ((state, "absmax"), (state, "code"), (state, "offset"), (nested, "absmax"), (nested, "code"),
+                         (t, "SCB")):  # SCB: bitsandbytes Int8Params, one fp32 scale per row
+        inner = getattr(holder, attr, None)
+        if isinstance(inner, torch.Tensor):
+            yield inner
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -280,7 +271,14 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     with torch.no_grad():
         for name, module in targets:
             model.set_submodule(name, dense_linear(module, frozen_weight(module).to(dtype)))
-    forget_quantization(model)
+    # What marks the model as quantized goes too, as in transformers' own dequantize, so that
+    # save_pretrained writes a plain config.
+    for attr in ("hf_quantizer", "quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        with contextlib.suppress(AttributeError):
+            delattr(model, attr)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
     return model
 
 
@@ -298,27 +296,20 @@ def dense_state(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str,
 
     dtype = dtype or compute_dtype(model)
     owners: dict[int, nn.Module] = {}
-    for module in model.modules():  # the replaced originals first: they hold bitsandbytes' 8-bit scales
-        for original in getattr(module, "_base_module", ()):
-            if is_quantized(original):
-                owners.setdefault(id(original.weight), original)
-    for module in model.modules():
+    originals = [original for module in model.modules() for original in getattr(module, "_base_module", ())]
+    for module in originals + list(model.modules()):  # the replaced originals first: they hold the 8-bit scales
         if is_quantized(module):
             owners.setdefault(id(module.weight), module)
     state = model.state_dict(keep_vars=True)
-    quantized_prefixes = {key[: -len("weight")] for key, value in state.items()
-                          if key.endswith("weight") and id(value) in owners}
+    prefixes = [key[: -len("weight")] for key, value in state.items() if key.endswith("weight") and id(value) in owners]
+    # bitsandbytes' quantization statistics of those weights: <prefix>weight.absmax, ..., <prefix>SCB, ...
+    statistics_prefixes = tuple(f"{prefix}weight." for prefix in prefixes)
+    statistics_keys = {f"{prefix}{leaf}" for prefix in prefixes for leaf in ("SCB", "weight_format")}
     out: dict[str, Callable[[], torch.Tensor]] = {}
     for key, value in state.items():
-        prefix, _, leaf = key.rpartition(".")
-        prefix = f"{prefix}." if prefix else ""
         if key.endswith("weight") and id(value) in owners:
-            owner = owners[id(value)]
-            out[key] = lambda owner=owner: frozen_weight(owner).to(dtype)
-        elif any(key.startswith(f"{q}weight.") for q in quantized_prefixes) or (
-                prefix in quantized_prefixes and leaf in ("SCB", "weight_format")):
-            continue  # bitsandbytes' quantization statistics of a weight dequantized above
-        else:
+            out[key] = lambda owner=owners[id(value)]: frozen_weight(owner).to(dtype)
+        elif not (key.startswith(statistics_prefixes) or key in statistics_keys):
             out[key] = lambda value=value: value.detach()
     return out
 
@@ -329,14 +320,3 @@ def plain_config(config: Any) -> Any:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return config
-
-
-def forget_quantization(model: nn.Module) -> None:
-    """Remove what marks ``model`` as quantized (its quantizer and ``config.quantization_config``), as
-    transformers' own ``dequantize`` does, so ``save_pretrained`` writes a plain config."""
-    for attr in ("hf_quantizer", "quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
-        with contextlib.suppress(AttributeError):
-            delattr(model, attr)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.is_quantized = False
