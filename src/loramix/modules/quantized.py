@@ -39,9 +39,6 @@ import copy
 import torch
 from torch import nn
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
 def quantization_kind(module: nn.Module) -> str | None:
     """``"bnb-4bit"``, ``"bnb-8bit"``, ``"torchao"`` or None (a plain float weight).
 
@@ -80,9 +77,9 @@ def adapter_dtype_for(module: nn.Module, requested: torch.dtype | str | None = N
     """The dtype of the adapter tensors placed on ``module``.
 
     ``requested`` (a floating dtype, or its name as a config's ``adapter_dtype`` holds it: "bfloat16")
-    wins when given. Otherwise: fp32 next to a half-precision or a
-    quantized weight (a bf16 LoRA update loses the small steps of training; an integer one cannot
-    train at all), else the weight's own dtype (fp32, or fp64 in the precision tests).
+    wins when given. Otherwise: fp32 next to a half-precision or a quantized weight (a bf16 LoRA update
+    loses the small steps of training; an integer one cannot train at all), else the weight's own dtype
+    (fp32, or fp64 in the precision tests).
     """
     if isinstance(requested, str):
         requested = getattr(torch, requested)
@@ -91,7 +88,7 @@ def adapter_dtype_for(module: nn.Module, requested: torch.dtype | str | None = N
             raise ValueError(f"adapter_dtype must be a floating dtype (float32, bfloat16, float16), got {requested}")
         return requested
     weight_dtype = module.weight.dtype
-    if is_quantized(module) or weight_dtype in HALF_DTYPES or not weight_dtype.is_floating_point:
+    if is_quantized(module) or weight_dtype in (torch.float16, torch.bfloat16) or not weight_dtype.is_floating_point:
         return torch.float32
     return weight_dtype
 
