@@ -29,6 +29,7 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, Iterator, Literal
 
 from fastapi import FastAPI, Request
@@ -145,7 +146,6 @@ def build_app(served: Served, engine: Engine, *, limits: Limits | None = None, a
                               chat=True, request=request)
 
     add_admin(app, served, engine)
-
     add_page(app)  # GET /: the chat page
     return app
 
@@ -237,7 +237,7 @@ async def _respond(engine: Engine, body: _Sampling, prompts: list[list[int]], ta
     for index, ids in enumerate(rows):
         def emit(event: tuple, index: int = index) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (index, event))
-        seeded = SamplingParams(**{**vars(params), "seed": None if params.seed is None else params.seed + index})
+        seeded = replace(params, seed=None if params.seed is None else params.seed + index)
         jobs.append((ids, target, seeded, emit))
     try:
         handles = engine.submit_all(jobs)
@@ -250,6 +250,10 @@ async def _respond(engine: Engine, body: _Sampling, prompts: list[list[int]], ta
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     prompt_tokens = sum(len(ids) for ids in prompts)  # once per prompt, however many choices (as OpenAI counts)
+
+    def response(kind: str, **fields: Any) -> dict:
+        """An OpenAI response object (or stream chunk) of type ``kind``: this response's id, time and model first."""
+        return {"id": ident, "object": kind, "created": created, "model": body.model, **fields}
 
     def usage_of(completion_tokens: int) -> dict[str, int]:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -280,25 +284,21 @@ async def _respond(engine: Engine, body: _Sampling, prompts: list[list[int]], ta
                 generated += event[2]["completion_tokens"]
             else:
                 raise ApiError(500, event[1])
-        if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                        "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finish))]
-        else:
-            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
-                       for i, (t, f) in enumerate(zip(texts, finish))]
-        return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": body.model, "choices": choices, "usage": usage_of(generated)}
+        contents = [{"message": {"role": "assistant", "content": t}} if chat else {"text": t} for t in texts]
+        choices = [{"index": i, **content, "logprobs": None, "finish_reason": f}
+                   for i, (content, f) in enumerate(zip(contents, finish))]
+        return response("chat.completion" if chat else "text_completion", choices=choices, usage=usage_of(generated))
 
     include_usage = bool((body.stream_options or {}).get("include_usage"))
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(index: int, text: str | None, finish_reason: str | None, first: bool = False) -> str:
         if chat:
-            delta = ({"role": "assistant", "content": ""} if first else {} if text is None else {"content": text})
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
+            content = {"delta": delta}
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        data = {"id": ident, "object": kind, "created": created, "model": body.model, "choices": [choice]}
+            content = {"text": text or ""}
+        data = response(kind, choices=[{"index": index, **content, "logprobs": None, "finish_reason": finish_reason}])
         if include_usage:
             data["usage"] = None
         return f"data: {json.dumps(data)}\n\n"
@@ -318,9 +318,7 @@ async def _respond(engine: Engine, body: _Sampling, prompts: list[list[int]], ta
                 yield f"data: {json.dumps(error_body(500, event[1]))}\n\n"
                 break
         if include_usage:
-            data = {"id": ident, "object": kind, "created": created, "model": body.model, "choices": [],
-                    "usage": usage_of(generated)}
-            yield f"data: {json.dumps(data)}\n\n"
+            yield f"data: {json.dumps(response(kind, choices=[], usage=usage_of(generated)))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream",
