@@ -64,21 +64,19 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, is_main
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from ..adapters.common import atomic_write
+    from ..adapters.common import WEIGHTS_NAME, atomic_write
     from ..adapters.io import save_adapter
     from ..models.inject import adapter_parameters
 
     folder = save_adapter(model, save_directory)
     params = adapter_parameters(model)
-    weights = "adapter_model.safetensors"
-    with safe_open(str(folder / weights), framework="pt") as f:
-        same_keys = set(f.keys()) == set(params)
-    if not same_keys:
-        weights = STATE_NAME
+    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
+        weights = WEIGHTS_NAME if set(f.keys()) == set(params) else STATE_NAME
+    if weights == STATE_NAME:
         tensors = {k: v.detach().contiguous().cpu() for k, v in params.items()}
-        atomic_write(folder / weights, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    elif (folder / STATE_NAME).exists():
-        (folder / STATE_NAME).unlink()
+        atomic_write(folder / STATE_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    else:
+        (folder / STATE_NAME).unlink(missing_ok=True)  # left by an earlier save whose keys differed
     index = {
         "metadata": {
             "total_size": sum(p.numel() * p.element_size() for p in params.values()),
