@@ -11,7 +11,8 @@ Requests are grouped by adapter (the row plan needs each adapter's rows together
 and generated greedily in one ``generate`` call; the answers come back in request order.
 
 A prompt goes through the tokenizer's chat template when it has one (SmolLM2-Instruct has one),
-unless ``raw``; otherwise the prompt text is continued as is.
+unless ``raw``; otherwise the prompt text is continued as is. ``loramix serve`` builds its prompts
+and left-padded batches with the same functions.
 """
 
 from __future__ import annotations

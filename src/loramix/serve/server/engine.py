@@ -417,7 +417,7 @@ class Engine:
         here = {id(r) for r in rows}
         batch.keep(lambda r: id(r) in here)  # finished, cancelled or failed rows leave
         cached = {id(r) for r in batch.rows}
-        fresh = sorted((r for r in rows if id(r) not in cached), key=self._order_key)
+        fresh = [r for r in rows if id(r) not in cached]  # in batch order already: ``_step`` sorted ``rows``
         stepped = list(zip(batch.rows, self._decode())) if len(batch) else []
         if fresh:
             logits, cache = self._prefill(fresh)
