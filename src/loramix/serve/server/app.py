@@ -117,7 +117,7 @@ def build_app(served: Served, engine: Engine, *, limits: Limits | None = None, a
                                            for name, target in served.targets.items() if target.answerable]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody, request: Request):
+    async def completions(body: CompletionBody):
         target, params = _parse(body, served, MAX_TOKENS_DEFAULT, limits)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
@@ -126,10 +126,10 @@ def build_app(served: Served, engine: Engine, *, limits: Limits | None = None, a
             raise ApiError(400, f"prompt: {len(prompts)} prompts in one request; at most {limits.max_prompts} "
                                 f"(--max-prompts)", param="prompt")
         ids = [_checked(served, served.prompt_ids(p), params, limits, "prompt") for p in prompts]
-        return await _respond(engine, body, ids, target, params, chat=False, request=request)
+        return await _respond(engine, body, ids, target, params, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody, request: Request):
+    async def chat(body: ChatBody):
         target, params = _parse(body, served, MAX_TOKENS_CHAT, limits)
         if len(body.messages) > limits.max_messages:
             raise ApiError(400, f"messages: {len(body.messages)} messages in one request; at most "
@@ -143,7 +143,7 @@ def build_app(served: Served, engine: Engine, *, limits: Limits | None = None, a
         if not (body.max_tokens or body.max_completion_tokens) and served.max_length and len(ids) < served.max_length:
             params.max_tokens = min(params.max_tokens, served.max_length - len(ids))  # the rest of the context
         return await _respond(engine, body, [_checked(served, ids, params, limits, "messages")], target, params,
-                              chat=True, request=request)
+                              chat=True)
 
     add_admin(app, served, engine)
     add_page(app)  # GET /: the chat page
@@ -224,7 +224,7 @@ def _checked(served: Served, ids: list[int], params: SamplingParams, limits: Lim
 
 
 async def _respond(engine: Engine, body: _Sampling, prompts: list[list[int]], target: Target,
-                   params: SamplingParams, *, chat: bool, request: Request):
+                   params: SamplingParams, *, chat: bool):
     """Submit ``body.n`` engine rows per prompt (choice index = prompt index × n + i, seed + choice index);
     answer with one JSON object or a server-sent event stream."""
     loop = asyncio.get_running_loop()
