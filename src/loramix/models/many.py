@@ -57,6 +57,7 @@ class ManyAdapterState:
         adapters: name → the adapter's own ``AdapterState`` (config, family, context).
         members: name → {slot path → that adapter's module at the slot}.
         plan: stack of row plans; the top is the list of ``RowSpan`` of the current input.
+        hooks: the handle of the model's forward pre-hook that reads ``adapter_rows`` (``_capture_rows``).
     """
 
     adapters: dict[str, AdapterState]
@@ -173,6 +174,7 @@ def stack_adapters(model: nn.Module, attach: dict[str, Any]) -> nn.Module:
 
 
 def _capture_rows(state: ManyAdapterState):
+    """The forward pre-hook that turns a call's ``adapter_rows`` and ``task_ids`` into the row plan of ``state``."""
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         rows = kwargs.pop("adapter_rows", None)
         batch = _batch_size(args, kwargs)
