@@ -239,3 +239,24 @@ def test_served_adapters_skip_the_training_losses_and_give_the_same_logits(kinds
     assert any(getattr(m, "contrastive_loss", None) is not None for m in served.model.modules())
     assert any(getattr(m, "aux_loss", None) is not None for m in served.model.modules())
     torch.testing.assert_close(fast, full, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_a_quantized_base_serves_each_kind_as_its_own_model_on_that_base(kinds, scheme):
+    """``loramix serve --quantization``: over a bitsandbytes base every row (DoRA, MixLoRA and MoRE rows
+    batched together) gets the greedy tokens of its own adapter loaded alone on the same quantized base."""
+    base, adapters = kinds
+    model, tok = load_model(str(base), quantization=scheme, device="cpu")
+    assert any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+    engine = Engine(load_served(model, tok, adapters, base_name="base"), max_batch_size=4)
+    jobs = [("dora", "a dog ran in", 6), ("mix", "red green", 6), ("more:y", "yes", 6), ("lora", "the cat", 6)]
+    engine.start()
+    try:
+        got = run(engine, tok, jobs)
+    finally:
+        engine.stop()
+    for (name, prompt, max_tokens), (end, text, _) in zip(jobs, got):
+        adapter, _, task = name.partition(":")
+        own = load_adapter(load_model(str(base), quantization=scheme, device="cpu")[0], adapters[adapter]).eval()
+        assert end == "done", name
+        assert text == alone(({name: (own, task or None)}, tok), name, tok(prompt)["input_ids"], max_tokens), name

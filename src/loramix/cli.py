@@ -123,6 +123,23 @@ def add_base_model_argument(parser: argparse.ArgumentParser, fallback: str | Non
                              f"Hub id; default: {default}")
 
 
+def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--dtype``, ``--quantization`` and ``--device`` of the commands that load a base model to run it (eval,
+    generate, serve); ``check_loading_arguments`` checks them before the model loads."""
+    from .models.quantize import add_quantization_argument
+
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, fp32 on CPU), float32, bfloat16, "
+                                                        "float16")
+    add_quantization_argument(parser)
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+
+
+def check_loading_arguments(args: argparse.Namespace) -> None:
+    """Refuse ``args.device`` and ``args.dtype`` (of ``add_loading_arguments``) that cannot load a model."""
+    check_device(args.device)
+    check_dtype(args.dtype)
+
+
 def apply_threads(threads: int | None) -> int:
     """Set torch's CPU threads to ``threads`` (or ``default_threads()``); returns the number set."""
     import torch

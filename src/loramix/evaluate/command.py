@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..models.quantize import add_quantization_argument
 from ..cli import (
-    UsageError, add_base_model_argument, add_threads_argument, apply_threads, check_device, check_dtype, check_model,
-    load_adapters_onto, resolve_model,
+    UsageError, add_base_model_argument, add_loading_arguments, add_threads_argument, apply_threads,
+    check_loading_arguments, check_model, load_adapters_onto, resolve_model,
 )
 from .accuracy import PROTOCOLS, evaluate_many, evaluate_multiple_choice
 
@@ -46,9 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or not at all")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
     parser.add_argument("--cutoff-len", type=int, default=1024, help="longest prompt in tokens (cut from the left)")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, fp32 on CPU), float32, bfloat16, float16")
-    add_quantization_argument(parser)
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    add_loading_arguments(parser)
     parser.add_argument("--json", dest="json_path", default=None, help="also write the results to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     add_threads_argument(parser)
@@ -118,8 +115,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.cutoff_len < 8:
         raise UsageError(f"--cutoff-len must be at least 8, got {args.cutoff_len}")
     args.limit = args.limit or None  # 0 means all, as in the demo
-    check_device(args.device)
-    check_dtype(args.dtype)
+    check_loading_arguments(args)
     args.model = resolve_model(args.model)
     check_model(args.model)
     apply_threads(args.threads)

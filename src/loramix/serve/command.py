@@ -18,10 +18,9 @@ import sys
 
 import torch
 
-from ..models.quantize import add_quantization_argument
 from ..cli import (
-    UsageError, add_base_model_argument, add_threads_argument, apply_threads, check_device, check_dtype, check_model,
-    load_adapters_onto, resolve_model,
+    UsageError, add_base_model_argument, add_loading_arguments, add_threads_argument, apply_threads,
+    check_loading_arguments, check_model, load_adapters_onto, resolve_model,
 )
 
 
@@ -29,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_base_model_argument(parser)
     parser.add_argument("--adapter", default=None, help="adapter folder to load on the base model (optional)")
     parser.add_argument("--task", default=None,
-                        help="MoRE adapters (required for them): the task (a name from the adapter's task list) "
-                             "whose experts to use")
+                        help="MoRE adapters: the task (a name from the adapter's task list) whose experts to use; "
+                             "required unless the adapter has one task or a default_task")
     parser.add_argument("prompt_text", nargs="?", default=None, metavar="PROMPT",
                         help="the prompt; or --prompt TEXT; read from standard input when neither is given")
     parser.add_argument("--prompt", default=None, help="the prompt (same as the positional PROMPT)")
@@ -41,10 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sampling temperature; 0 means greedy decoding (deterministic)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with temperature > 0)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
-    parser.add_argument("--dtype", default="auto",
-                        help="auto (bf16 on capable GPUs, fp32 on CPU), float32, bfloat16, float16")
-    add_quantization_argument(parser)
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+    add_loading_arguments(parser)
     parser.add_argument("--no-stream", action="store_true",
                         help="print the completion once it is finished instead of token by token")
     add_threads_argument(parser)
@@ -52,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..adapters import read_adapter_config
-    from ..adapters.more_tasks import recorded_task_index, task_index, use_task
+    from ..adapters.more_tasks import bare_name_task, recorded_task_index, task_index, use_task
     from ..hub import load_model
     from .generate import generate_text
 
@@ -66,10 +62,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--task needs a MoRE --adapter")
     meta = read_adapter_config(args.adapter) if args.adapter else {}
     if meta.get("kind") == "more" and args.task is None:
-        raise UsageError(f"{args.adapter} is a MoRE adapter: each task has its own experts; choose one with "
-                         f"--task NAME ({', '.join(recorded_task_index(meta) or {})})")
-    check_device(args.device)
-    check_dtype(args.dtype)
+        args.task = bare_name_task(meta)
+        if args.task is None:
+            raise UsageError(f"{args.adapter} is a MoRE adapter with several tasks and no default_task: each task "
+                             f"has its own experts; choose one with --task NAME "
+                             f"({', '.join(recorded_task_index(meta) or {})})")
+    check_loading_arguments(args)
     check_model(resolve_model(args.model))
     prompt = args.prompt if args.prompt is not None else args.prompt_text
     if prompt is None:

@@ -21,8 +21,8 @@ import signal
 from dataclasses import fields
 
 from ...cli import (
-    UsageError, add_threads_argument, apply_threads, check_device, check_dtype, check_model, engine_threads,
-    resolve_model,
+    UsageError, add_loading_arguments, add_threads_argument, apply_threads, check_loading_arguments, check_model,
+    engine_threads, resolve_model,
 )
 from .limits import Limits
 
@@ -52,9 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "open); default: the environment variable LORAMIX_API_KEY, else no key")
     parser.add_argument("--graceful-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="on SIGTERM, how long requests in flight may take to finish before they are cut off")
-    parser.add_argument("--dtype", default="auto",
-                        help="auto (bf16 on capable GPUs, fp32 on CPU), float32, bfloat16, float16")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+    add_loading_arguments(parser)
     add_threads_argument(parser)
 
 
@@ -89,11 +87,11 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("LORAMIX_API_KEY") or None
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
-    check_device(args.device)
-    check_dtype(args.dtype)
+    check_loading_arguments(args)
     check_model(resolve_model(args.model))
     apply_threads(args.threads)
-    model, tokenizer = load_model(resolve_model(args.model), dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(resolve_model(args.model), dtype=args.dtype, device=args.device,
+                                  quantization=args.quantization)
     try:
         served = load_served(model, tokenizer, adapters, base_name=args.model)
     except ValueError as err:
