@@ -116,6 +116,26 @@ def test_more_generate_needs_task(files, capsys):
     assert "unknown task 'piqa'" in fails(capsys, ["generate", "--adapter", str(files["more"]), "--task", "piqa", "x"])
 
 
+def test_more_generate_without_task_uses_the_default_task(files, tmp_path, capsys):
+    """A MoRE adapter with a default_task answers without --task exactly as with that task."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(files["model"])
+    model.config._name_or_path = str(files["model"])
+    model = loramix.inject(model, loramix.MoreConfig(max_rank=2, alpha=4, tasks=["arc-e", "boolq"],
+                                                     default_task="boolq"))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # trained-looking weights: the two tasks answer differently
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    adapter = loramix.save_adapter(model, tmp_path / "more")
+    argv = ["generate", "--adapter", str(adapter), "--no-stream", "--max-new-tokens", "8", "Is the sky green?"]
+    answers = {}
+    for task in (None, "boolq", "arc-e"):
+        assert main(argv + (["--task", task] if task else [])) == 0
+        answers[task] = capsys.readouterr().out
+    assert answers[None] == answers["boolq"] != answers["arc-e"]
+
+
 def test_bad_generate_options(capsys):
     assert "--max-new-tokens must be at least 1, got 0" in fails(capsys, ["generate", "--max-new-tokens", "0", "hi"])
     assert "--threads must be at least 1" in fails(capsys, ["generate", "--threads", "0", "hi"])

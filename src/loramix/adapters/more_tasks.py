@@ -85,6 +85,15 @@ def recorded_task_index(meta: dict[str, Any]) -> dict[str, int] | None:
     return None
 
 
+def bare_name_task(meta: dict[str, Any]) -> str | None:
+    """The task a saved MoRE adapter answers when no task is named (``loramix generate`` without ``--task``,
+    the server's bare adapter name): its config's ``default_task``, else its only task; None when it has
+    several tasks and no default, so the caller must ask for one."""
+    tasks = recorded_task_index(meta) or {}
+    default = (meta.get("config") or {}).get("default_task")
+    return default if default in tasks else (next(iter(tasks)) if len(tasks) == 1 else None)
+
+
 def task_ids_tensor(model: nn.Module, names: list[str], device: torch.device | str | None = None) -> torch.Tensor:
     """(len(names),) long task ids for a list of task names, ready for ``model(..., task_ids=...)``."""
     return torch.tensor([task_index(model, n) for n in names], dtype=torch.long, device=device)

@@ -48,7 +48,7 @@ from transformers.cache_utils import DynamicLayer
 
 from ...adapters.folder import read_adapter_config
 from ...adapters.io import load_adapter
-from ...adapters.more_tasks import recorded_task_index
+from ...adapters.more_tasks import bare_name_task, recorded_task_index
 from ...config import LoraConfig
 from ...models.inject import inject
 from ...models.many import stack_adapters
@@ -167,8 +167,8 @@ def adapter_targets(name: str, folder: str | os.PathLike, *, base_name: str) -> 
     if meta.get("kind") != "more":
         return {name: Target(name)}
     tasks = recorded_task_index(meta) or {}
-    default = (meta.get("config") or {}).get("default_task")
-    targets = {name: Target(name, tasks[default] if default in tasks else (0 if len(tasks) == 1 else NO_DEFAULT_TASK))}
+    bare_task = bare_name_task(meta)
+    targets = {name: Target(name, NO_DEFAULT_TASK if bare_task is None else tasks[bare_task])}
     targets.update({f"{name}:{task}": Target(name, index) for task, index in tasks.items()})
     return targets
 
