@@ -58,7 +58,6 @@ class BenchSettings:
     alpha: float | None = None  # None: 2 * rank
     dropout: float = 0.05
     aux_loss_coef: float = 0.01
-    lr: float = 1e-4
     steps: int = 8
     warmup: int = 2
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
@@ -181,7 +180,7 @@ class Variant:
     def __post_init__(self) -> None:
         for p in self.params:
             p.requires_grad_(True)
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)  # a step costs the same at any learning rate
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         """One forward + backward + optimizer step; returns the language-model loss (no aux loss)."""
