@@ -509,3 +509,15 @@ def test_gradient_checkpointing_same_loss_and_grads_and_no_loss_kept_after_backw
     torch.testing.assert_close(grads[1][0], grads[0][0])
     for name, g in grads[0][1].items():
         torch.testing.assert_close(grads[1][1][name], g, rtol=1e-5, atol=1e-6)
+
+
+def test_recorded_task_index_follows_the_order_of_the_config_tasks():
+    """The modules index their task tables in ``config.tasks`` order, so a saved folder's task ids come from
+    there first; ``extra`` metadata only fills in when the config has no task list."""
+    from loramix.adapters.more_tasks import recorded_task_index
+
+    assert recorded_task_index({"config": {"tasks": ["b", "a"]}, "extra": {"task_index": {"a": 0, "b": 1}}}) \
+        == {"b": 0, "a": 1}
+    assert recorded_task_index({"config": {}, "extra": {"task_index": {"a": 1, "b": 0}}}) == {"a": 1, "b": 0}
+    assert recorded_task_index({"extra": {"tasks": ["x"]}}) == {"x": 0}
+    assert recorded_task_index({}) is None

@@ -73,13 +73,14 @@ def recorded_task_index(meta: dict[str, Any]) -> dict[str, int] | None:
     """Task name -> id recorded in a saved task-routed (MoRE) adapter's settings (``read_adapter_config``),
     if any; no model needed (``adapter_task_index`` maps a model's tasks for training).
 
-    Looked up in the adapter's ``extra`` metadata as ``task_index`` (dict) or ``tasks`` (list), then in
-    its config as ``tasks`` (list).
+    Looked up in its config as ``tasks`` (list; the order the modules' task tables use), then in the
+    adapter's ``extra`` metadata as ``task_index`` (dict) or ``tasks`` (list).
     """
     extra = meta.get("extra") or {}
-    if isinstance(extra.get("task_index"), dict):
+    config_tasks = (meta.get("config") or {}).get("tasks")
+    if not config_tasks and isinstance(extra.get("task_index"), dict):
         return {str(k): int(v) for k, v in extra["task_index"].items()}
-    for tasks in (extra.get("tasks"), (meta.get("config") or {}).get("tasks")):
+    for tasks in (config_tasks, extra.get("tasks")):
         if isinstance(tasks, list) and tasks:
             return {str(t): i for i, t in enumerate(tasks)}
     return None

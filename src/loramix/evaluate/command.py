@@ -87,8 +87,8 @@ def parse_adapters(values: list[str] | None) -> dict[str, str]:
 
 
 def _adapter_tasks(meta: dict[str, Any], tasks_in_data: set[str]) -> dict[str, int] | None:
-    """The task name → id map a saved adapter needs: a MoRE adapter numbers its tasks in its
-    ``config.tasks`` order (else the recorded ``task_index``); other adapters take no task ids.
+    """The task name → id map a saved adapter needs (``recorded_task_index`` for a MoRE adapter); other
+    adapters take no task ids.
 
     Raises:
         ValueError: the data holds a task a MoRE adapter does not name.
@@ -97,8 +97,7 @@ def _adapter_tasks(meta: dict[str, Any], tasks_in_data: set[str]) -> dict[str, i
 
     if meta.get("kind") != "more":
         return None
-    tasks = list((meta.get("config") or {}).get("tasks") or [])
-    index = {t: i for i, t in enumerate(tasks)} if tasks else recorded_task_index(meta)
+    index = recorded_task_index(meta)
     unknown = sorted(tasks_in_data - set(index or {}))
     if index is not None and unknown:
         raise ValueError(f"the data holds task(s) {unknown} that the MoRE adapter does not name; its tasks are "
