@@ -1,5 +1,5 @@
 """What every adapter reader and writer shares: the file names, the format marker, the two errors,
-the atomic file write and the checked copy of tensors into a model.
+the atomic file writes, the name of a model's base and the checked copy of tensors into a model.
 
 The lowest module of ``adapters/``: the readers (``authors.py``, ``folder.py``), the writers
 (``peft.py``, ``io.py``) and the exports (``export/``) import from here, never the other way round,
@@ -8,12 +8,14 @@ so the package has no import cycle.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from ..models.inject import adapter_parameters
@@ -57,6 +59,23 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as indented JSON with a final newline, written atomically (``atomic_write``)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2) + "\n"))
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """``tensors`` (contiguous, on CPU) as a safetensors file, written atomically; the ``format: pt`` metadata
+    is what ``transformers`` and ``peft`` expect of a PyTorch file."""
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
+def base_model_name(model: nn.Module) -> str | None:
+    """The name an in-memory model was loaded under (``config._name_or_path``: a folder, a Hub id or
+    ``"smollm2-135m"``), which adapters record as their base; None when it has none."""
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
 
 def key_mismatch(expected: set[str], found: set[str]) -> str | None:

@@ -50,7 +50,10 @@ from ..models.inject import targeted_projections
 from ..models.registry import FAMILIES, ModelFamily, family_of
 from ..modules.quantized import logical_shape
 from .authors import read_authors_folder
-from .common import CONFIG_NAME, FORMAT, FORMAT_VERSION, SIDECAR_NAME, WEIGHTS_NAME, AdapterLoadError, key_mismatch
+from .common import (
+    CONFIG_NAME, FORMAT, FORMAT_VERSION, SIDECAR_NAME, WEIGHTS_NAME, AdapterLoadError, base_model_name, key_mismatch,
+)
+
 
 @dataclass
 class AdapterFolder:
@@ -345,8 +348,7 @@ def _describe(hidden: int | None, layers: int | None) -> str:
 def check_base(model: nn.Module, adapter: AdapterFolder) -> None:
     """The model's shapes against the adapter's: another shape fails once, naming both bases; the same
     shape under another name than the recorded base warns, naming both."""
-    recorded, config = adapter.base_model, getattr(model, "config", None)
-    given = getattr(config, "_name_or_path", None) or None
+    recorded, config, given = adapter.base_model, getattr(model, "config", None), base_model_name(model)
     hidden = adapter.meta.get("hidden_size")
     layers = adapter.meta.get("num_layers") or _layer_count(adapter.module_shapes, adapter.family)
     model_layers, model_hidden = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)

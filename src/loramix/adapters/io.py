@@ -18,13 +18,11 @@ Loading never unpickles; the authors' MixLoRA format (pickled ``adapter_model.bi
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..config import LoraConfig
@@ -33,8 +31,8 @@ from ..models.many import stack_adapters
 from ..version import __version__
 from .authors import finish_authors_load
 from .common import (
-    CONFIG_NAME, FORMAT, FORMAT_VERSION, NOT_PEFT, SIDECAR_NAME, WEIGHTS_NAME, AdapterLoadError, atomic_write,
-    copy_adapter_tensors,
+    CONFIG_NAME, FORMAT, FORMAT_VERSION, NOT_PEFT, SIDECAR_NAME, WEIGHTS_NAME, AdapterLoadError, base_model_name,
+    copy_adapter_tensors, write_json, write_safetensors,
 )
 from .folder import read_adapter_config, read_adapter_folder, read_safetensors
 from .peft import peft_adapter_files
@@ -52,7 +50,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, A
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_parameters(model).items()}
-    base_model = getattr(model.config, "_name_or_path", None) or None
+    base_model = base_model_name(model)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -67,13 +65,13 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, A
     }
     if isinstance(state.config, LoraConfig):
         peft_tensors, peft_config = _peft_files(tensors, state.config, state.family.fan_in_fan_out, base_model)
-        atomic_write(out / WEIGHTS_NAME, lambda p: save_file(peft_tensors, p, metadata={"format": "pt"}))
-        atomic_write(out / SIDECAR_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
-        atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(peft_config, indent=2) + "\n"))
+        write_safetensors(out / WEIGHTS_NAME, peft_tensors)
+        write_json(out / SIDECAR_NAME, meta)
+        write_json(out / CONFIG_NAME, peft_config)
         return out
     meta = {"peft_type": NOT_PEFT[state.config.kind], "base_model_name_or_path": base_model, **meta}
-    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    write_safetensors(out / WEIGHTS_NAME, tensors)
+    write_json(out / CONFIG_NAME, meta)
     (out / SIDECAR_NAME).unlink(missing_ok=True)  # left by a LoRA adapter saved here before
     return out
 

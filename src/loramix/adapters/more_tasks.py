@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import ConfigError, MoreConfig
 from ..models.inject import _restore, adapter_state, more_modules
+from .common import base_model_name
 from .peft import write_peft_adapter
 
 
@@ -171,6 +172,6 @@ def export_task_peft(model: nn.Module, task: str | int, out_dir: str | os.PathLi
         >>> export_task_peft(model, "piqa", "out/piqa")
         >>> PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "out/piqa")
     """
-    base = base_model_name_or_path or getattr(model.config, "_name_or_path", None) or None
+    base = base_model_name_or_path or base_model_name(model)
     return write_peft_adapter(out_dir, task_loras(model, task), base_model_name_or_path=base,
                               fan_in_fan_out=adapter_state(model).family.fan_in_fan_out)

@@ -9,15 +9,13 @@ into ``B``, PEFT's scale made 1; ranks may differ per module). ``folder.py`` rea
 from __future__ import annotations
 
 import collections
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from .common import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, ExportError, key_mismatch
+from .common import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, ExportError, key_mismatch, write_json, write_safetensors
 
 
 def write_peft_adapter(
@@ -58,8 +56,8 @@ def write_peft_adapter(
                                          magnitudes=magnitudes, fan_in_fan_out=fan_in_fan_out)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    write_safetensors(out / WEIGHTS_NAME, tensors)
+    write_json(out / CONFIG_NAME, config)
     return out
 
 

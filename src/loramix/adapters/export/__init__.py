@@ -41,7 +41,7 @@ from ... import hub
 from ...config import MoreConfig
 from ...models.inject import adapter_state
 from .. import more_tasks
-from ..common import ExportError
+from ..common import ExportError, base_model_name
 from ..folder import read_adapter_config
 from ..io import load_adapter
 from ..peft import write_peft_adapter
@@ -135,7 +135,7 @@ def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.Pat
 def _export_model(model: nn.Module, out: Path, *, format: str, task: str | None, tokenizer, **options) -> Path:
     """Export from an injected in-memory model (the model keeps its adapter, except MoRE merged)."""
     config = adapter_state(model).config
-    base_name = getattr(model.config, "_name_or_path", None) or None
+    base_name = base_model_name(model)
     if isinstance(config, MoreConfig):
         if task is None:
             raise ExportError(f"a MoRE adapter holds one update per task: give --task (one of {config.tasks})")

@@ -27,7 +27,7 @@ from torch import nn
 
 from ...config import MixLoraConfig, lora_scale
 from ...models.registry import ModelFamily
-from ..common import AdapterLoadError, ExportError
+from ..common import AdapterLoadError, ExportError, base_model_name, write_json
 from ..folder import read_adapter_folder
 
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3  # bytes; a 7B bf16 layer's 8 experts (~2.1 GB) make one shard
@@ -140,7 +140,7 @@ class AdapterWeights:
         state = adapter_state(model)
         params = {k: v.detach() for k, v in adapter_parameters(model).items()}
         return cls(state.config, state.family, list(params), params.__getitem__,
-                   base_model=getattr(model.config, "_name_or_path", None) or None, source="in-memory adapter")
+                   base_model=base_model_name(model), source="in-memory adapter")
 
 
 # ====================================================================================== merge math
@@ -211,7 +211,7 @@ class ShardWriter:
             weight_map.update({k: final for k in keys})
             names.append(final)
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_json(self.out_dir / "model.safetensors.index.json", index)
         return names
 
 
