@@ -53,17 +53,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def format_table(results: dict[str, dict[str, dict[str, float]]], protocols: list[str]) -> str:
     """A plain-text table: one row per task (+ mean), one accuracy column per protocol."""
-    header = ["task", "n"] + [f"acc ({p})" for p in protocols]
-    rows = []
+    from ..bench.measure import text_table  # the one column aligner of loramix's tables
+
+    rows = [["task", "n"] + [f"acc ({p})" for p in protocols]]
     for task, by_protocol in results.items():
         n = next(iter(by_protocol.values()))["n"]
         rows.append([task, str(n)] + [f"{by_protocol[p]['accuracy']:.4f}" for p in protocols])
     if len(results) > 1:
         rows.append(["mean", ""] + [f"{sum(r[p]['accuracy'] for r in results.values()) / len(results):.4f}"
                                     for p in protocols])
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+    return text_table(rows)
 
 
 def parse_adapters(values: list[str] | None) -> dict[str, str]:
