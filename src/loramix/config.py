@@ -185,6 +185,12 @@ class _AdapterSettings(Settings):
         if isinstance(value, tuple):
             setattr(self, name, list(value))
 
+    @property
+    def scale(self) -> float:
+        """The LoRA output scale ``s``: alpha / r, or alpha / sqrt(r) with rsLoRA (MixLoRA: the experts';
+        ``attention_lora().scale`` is the attention LoRA's)."""
+        return lora_scale(self.r, self.alpha, self.use_rslora)
+
     def _check_non_negative(self, *names: str) -> None:
         for name in names:
             value = getattr(self, name)
@@ -368,6 +374,11 @@ class MoreConfig(_AdapterSettings):
         if self.default_task is not None:
             ok = isinstance(self.default_task, str) and (self.tasks is None or self.default_task in self.tasks)
             self._check("default_task", ok, f"null or one of the task names {self.tasks}")
+
+    @property
+    def scale(self) -> float:
+        """``s = alpha / max_rank``, the scale of every nested expert (before its ``c²``)."""
+        return self.alpha / self.max_rank
 
     @property
     def rank_set(self) -> list[int]:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LoraConfig, lora_scale
+from ..config import LoraConfig
 from .context import ForwardContext
 from .quantized import adapter_dtype_for, frozen_weight, is_quantized, logical_shape
 
@@ -200,9 +200,8 @@ class LoraLinear(FrozenProjection):
                  context: ForwardContext | None = None) -> None:
         super().__init__(base, fan_in_fan_out)
         weight = self.weight
-        r, alpha = config.r, config.alpha
-        self.r, self.alpha = r, alpha
-        self.scale = lora_scale(r, alpha, config.use_rslora)
+        r = self.r = config.r
+        self.scale = config.scale
         self.use_dora = config.use_dora
         self.dropout = LoraDropout(config.dropout) if config.dropout > 0 else nn.Identity()
         factory = {"device": weight.device, "dtype": adapter_dtype_for(base, config.adapter_dtype)}

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import MixLoraConfig, lora_scale
+from ..config import MixLoraConfig
 from .context import ForwardContext
 from .lora import LoraDropout, dora_weight_norm, init_lora_A, lora_input
 from .quantized import adapter_dtype_for, frozen_weight, logical_shape
@@ -227,7 +227,7 @@ class MixLoraFFN(nn.Module):
         self.config = config
         num_experts, r = config.num_experts, config.r
         self.num_experts, self.r = num_experts, r
-        self.scale = lora_scale(r, config.alpha, config.use_rslora)
+        self.scale = config.scale
         self.use_dora = config.use_dora
         # Copied from the config because they may be switched per module at run time (tests compare
         # dispatch paths on one module; jitter is only for training).

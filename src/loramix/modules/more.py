@@ -147,7 +147,7 @@ class MoreLinear(FrozenProjection):
             raise ValueError("MoreLinear needs a MoreConfig that names its tasks (MoreConfig(tasks=[...]))")
         max_rank = self.max_rank = config.max_rank
         self.num_tasks = len(config.tasks)
-        self.scale = config.alpha / max_rank
+        self.scale = config.scale
         self.temperature = config.temperature
         self.selector_kind = config.selector
         self.default_task = config.tasks.index(config.default_task) if config.default_task is not None else None
