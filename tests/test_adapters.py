@@ -77,6 +77,23 @@ def test_save_reseed_load_reproduces_logits(tmp_path, case):
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", *sidecar]
 
 
+def test_recorded_base_model_is_read_from_whichever_file_records_it(tmp_path):
+    # read_adapter_config's base_model (what the exports, loramix serve and loramix export read): loramix's
+    # own name first, else PEFT's base_model_name_or_path, else None.
+    model = loramix.inject(tiny_model("llama"), loramix.LoraConfig(r=4, alpha=8, targets=["q_proj"]))
+    model.config._name_or_path = "org/tiny-llama"
+    folder = loramix.save_adapter(model, tmp_path / "adapter")
+    assert loramix.adapters.read_adapter_config(folder)["base_model"] == "org/tiny-llama"
+    sidecar = folder / "loramix_config.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "base_model": None}))
+    assert loramix.adapters.read_adapter_config(folder)["base_model"] == "org/tiny-llama"  # PEFT's file says it
+    assert read_adapter_folder(folder).base_model == "org/tiny-llama"
+    _, mixlora = saved_mixlora(tmp_path / "mix")
+    config = mixlora / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model": None, "base_model_name_or_path": None}))
+    assert loramix.adapters.read_adapter_config(mixlora)["base_model"] is None
+
+
 def test_adapter_for_other_shapes_names_key_and_shapes(tmp_path):
     _, folder = saved_mixlora(tmp_path)
     config = tiny_config("llama")

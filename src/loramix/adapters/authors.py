@@ -28,7 +28,7 @@ from ..config import ConfigError, MixLoraConfig
 from ..models.inject import adapter_parameters
 from ..models.registry import ModelFamily
 from ..modules import LoraLinear, MixLoraFFN
-from .common import CONFIG_NAME, AdapterLoadError, copy_adapter_tensors
+from .common import CONFIG_NAME, FORMAT, AdapterLoadError, copy_adapter_tensors
 
 if TYPE_CHECKING:  # folder.py reads this format through read_authors_folder: a type name only, no cycle
     from .folder import AdapterFolder
@@ -40,6 +40,11 @@ _KEY = re.compile(
     r"|mlp\.moe_gate\.weight"
     r"|mlp\.(?P<ffn>\w+)\.experts\.(?P<expert>\d+)\.lora_(?P<ffn_ab>[AB])\.weight)$"
 )
+
+
+def is_authors_format(meta: dict[str, Any]) -> bool:
+    """Whether an ``adapter_config.json`` object is the authors' (``peft_type: MIXLORA``, no loramix ``format``)."""
+    return meta.get("peft_type") == "MIXLORA" and meta.get("format") != FORMAT
 
 
 def authors_config(meta: dict[str, Any], family: ModelFamily, where: str) -> MixLoraConfig:

@@ -49,7 +49,7 @@ from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig, adapter
 from ..models.inject import targeted_projections
 from ..models.registry import FAMILIES, ModelFamily, family_of
 from ..modules.quantized import logical_shape
-from .authors import read_authors_folder
+from .authors import is_authors_format, read_authors_folder
 from .common import (
     CONFIG_NAME, FORMAT, FORMAT_VERSION, SIDECAR_NAME, WEIGHTS_NAME, AdapterLoadError, base_model_name, key_mismatch,
 )
@@ -83,7 +83,7 @@ class AdapterFolder:
 
     @property
     def base_model(self) -> str | None:
-        return self.meta.get("base_model") or self.meta.get("base_model_name_or_path") or None
+        return self.meta.get("base_model")  # whichever file records it (read_adapter_config)
 
 
 # ====================================================================================== config files
@@ -129,8 +129,10 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
 
     Returns:
         The ``adapter_config.json`` object merged with ``loramix_config.json`` when present, so that
-        ``kind``, ``config``, ``base_model``, ``model_family`` and ``extra`` are there for loramix
-        folders of every format version; PEFT folders keep PEFT's keys (``kind`` is "lora").
+        ``kind``, ``config``, ``model_family`` and ``extra`` are there for loramix folders of every format
+        version; PEFT folders keep PEFT's keys (``kind`` is "lora"). ``base_model`` is there for every
+        layout: the recorded base model, loramix's ``base_model`` first (it may be an alias), else PEFT's
+        ``base_model_name_or_path``, else None.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -146,13 +148,10 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
     meta = read_json(path)
     if meta.get("peft_type") == "LORA" and meta.get("format") != FORMAT:
         sidecar = folder / SIDECAR_NAME
-        if sidecar.is_file():
-            meta = {**meta, **read_json(sidecar)}
-        else:
-            meta = {**meta, "kind": "lora", "base_model": meta.get("base_model_name_or_path")}
-    elif meta.get("peft_type") == "MIXLORA" and meta.get("format") != FORMAT:
-        meta = {**meta, "kind": "mixlora", "base_model": meta.get("base_model_name_or_path")}
-    return meta
+        meta = {**meta, **read_json(sidecar)} if sidecar.is_file() else {**meta, "kind": "lora"}
+    elif is_authors_format(meta):
+        meta = {**meta, "kind": "mixlora"}
+    return {**meta, "base_model": meta.get("base_model") or meta.get("base_model_name_or_path") or None}
 
 
 # ====================================================================================== tensors
@@ -440,7 +439,7 @@ def read_adapter_folder(folder: str | os.PathLike, model: nn.Module | None = Non
     meta = read_adapter_config(folder)
     config_file = folder / CONFIG_NAME
     family = family_of(model) if model is not None else None
-    if meta.get("peft_type") == "MIXLORA" and meta.get("format") != FORMAT:
+    if is_authors_format(meta):
         if family is None:
             raise AdapterLoadError(f"{config_file}: the MixLoRA authors' format names no model family; "
                                    "give the base model (loramix.load_adapter(model, folder))")

@@ -41,6 +41,7 @@ from ... import hub
 from ...config import MoreConfig
 from ...models.inject import adapter_state
 from .. import more_tasks
+from ..authors import is_authors_format
 from ..common import ExportError, base_model_name
 from ..folder import read_adapter_config
 from ..io import load_adapter
@@ -120,8 +121,8 @@ def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.Pat
     if isinstance(adapter, nn.Module):
         return _export_model(adapter, out, format=format, tokenizer=tokenizer, **options)
     meta = read_adapter_config(adapter)
-    base_name = base or meta.get("base_model") or meta.get("base_model_name_or_path")
-    if meta.get("peft_type") == "MIXLORA" or meta.get("kind") == "more":
+    base_name = base or meta["base_model"]
+    if is_authors_format(meta) or meta.get("kind") == "more":
         # The authors' format (pickled weights, read safely) and MoRE (per-task factors) need the model.
         if not base_name:
             raise ExportError(f"{adapter}: the adapter records no base model: give --model")
