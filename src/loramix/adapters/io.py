@@ -35,7 +35,7 @@ from .common import (
     copy_adapter_tensors, write_json, write_safetensors,
 )
 from .folder import read_adapter_config, read_adapter_folder, read_safetensors
-from .peft import peft_adapter_files
+from .peft import lora_factors, peft_adapter_files
 
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
@@ -81,9 +81,7 @@ def _peft_files(tensors: dict[str, torch.Tensor], config: LoraConfig, fan_in_fan
     """A plain LoRA/DoRA adapter's tensors (loramix keys) as PEFT's files, through the PEFT writer of
     ``peft.py``: raw ``B`` with PEFT's ``lora_alpha``/``use_rslora``, so PEFT's scale is loramix's."""
     from .. import hub  # here, not at the top: ``import loramix`` stays without hub (and transformers)
-    modules = sorted(k[: -len(".lora_A")] for k in tensors if k.endswith(".lora_A"))
-    loras = {m: (tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"]) for m in modules}
-    magnitudes = {m: tensors[f"{m}.lora_magnitude"] for m in modules} if config.use_dora else None
+    loras, magnitudes = lora_factors(tensors, use_dora=config.use_dora)
     # PEFT's base name must be loadable by transformers: the embedded model's converted folder, not its alias
     return peft_adapter_files(loras, base_model_name_or_path=hub.transformers_name(base_model), magnitudes=magnitudes,
                               fan_in_fan_out=fan_in_fan_out, lora_alpha=config.alpha, use_rslora=config.use_rslora,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -59,6 +59,16 @@ def write_peft_adapter(
     write_safetensors(out / WEIGHTS_NAME, tensors)
     write_json(out / CONFIG_NAME, config)
     return out
+
+
+def lora_factors(tensors: Mapping[str, torch.Tensor], *, use_dora: bool, scale: float = 1.0,
+                 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor] | None]:
+    """A plain LoRA/DoRA adapter's tensors in loramix's keys (``<path>.lora_A``, ``.lora_B``, ``.lora_magnitude``)
+    as the ``loras`` and ``magnitudes`` of ``peft_adapter_files``: path → (A (r, in), scale · B (out, r)),
+    and with DoRA path → m (out,), else None."""
+    modules = sorted(k[: -len(".lora_A")] for k in tensors if k.endswith(".lora_A"))
+    loras = {m: (tensors[f"{m}.lora_A"], scale * tensors[f"{m}.lora_B"]) for m in modules}
+    return loras, ({m: tensors[f"{m}.lora_magnitude"] for m in modules} if use_dora else None)
 
 
 def peft_adapter_files(

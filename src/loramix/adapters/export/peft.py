@@ -7,23 +7,17 @@ import torch
 
 from ...config import MixLoraConfig, MoreConfig, lora_scale
 from ..common import ExportError
+from ..peft import lora_factors
 from .weights import AdapterWeights
 
 
 def peft_factors(adapter: AdapterWeights) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor] | None]:
-    """A plain LoRA/DoRA adapter's factors for ``write_peft_adapter``: path → (A, s·B), and magnitudes."""
+    """A plain LoRA/DoRA adapter's factors for ``write_peft_adapter``, in fp32: path → (A, s·B), and magnitudes."""
     config = adapter.config
     if isinstance(config, MixLoraConfig):
         raise ExportError("a MixLoRA adapter has token-routed experts, which a PEFT LoRA cannot represent; "
                           "use --format mixtral")
     if isinstance(config, MoreConfig):
         raise ExportError("a MoRE adapter exports one task at a time: give --task NAME")
-    scale = lora_scale(config.r, config.alpha, config.use_rslora)
-    loras, mags = {}, {}
-    for key in adapter.keys():
-        if key.endswith(".lora_A"):
-            module = key[: -len(".lora_A")]
-            loras[module] = (adapter.get(key).float(), scale * adapter.get(f"{module}.lora_B").float())
-            if config.use_dora:
-                mags[module] = adapter.get(f"{module}.lora_magnitude").float()
-    return loras, (mags if config.use_dora else None)
+    tensors = {key: adapter.get(key).float() for key in adapter.keys()}
+    return lora_factors(tensors, use_dora=config.use_dora, scale=lora_scale(config.r, config.alpha, config.use_rslora))
