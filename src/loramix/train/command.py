@@ -104,7 +104,7 @@ def _prepare(config: Any, args: argparse.Namespace) -> None:
     config.resume = config.resume or args.resume
     if args.threads is not None:
         config.threads = args.threads
-    check_device(None if config.device == "auto" else config.device, option=f"{args.config}: device")
+    check_device(config.device, option=f"{args.config}: device")
 
 
 def _is_rank_zero() -> bool:

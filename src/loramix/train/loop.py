@@ -131,9 +131,8 @@ class Trainer:
         if self.model is None:
             from ..hub import load_model
 
-            self.model, self.tokenizer = load_model(
-                cfg.model, dtype=None if cfg.dtype == "auto" else cfg.dtype,
-                device=None if cfg.device == "auto" else cfg.device, quantization=cfg.quantization)
+            self.model, self.tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                                                    quantization=cfg.quantization)
         if self.tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (load_model does)")
         if self.single:
