@@ -18,17 +18,20 @@ previous checkpoint or the new one, never half of one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from ..adapters.common import atomic_write
 from ..adapters.folder import read_adapter_folder
 from ..adapters.io import copy_adapter_tensors, save_adapter
 
@@ -61,8 +64,6 @@ def run_files(output_dir: str | os.PathLike) -> list[str]:
 
 def move_aside(output_dir: str | os.PathLike) -> Path:
     """Rename ``output_dir`` to ``<output_dir>.old-<UTC time>`` (``-2``, ``-3`` ... if taken); never deletes."""
-    import time
-
     out = Path(output_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     target = out.with_name(f"{out.name}.old-{stamp}")
@@ -135,8 +136,6 @@ def save_final_adapter(model: torch.nn.Module, output_dir: str | os.PathLike, ex
 def describe_save_failure(err: OSError, what: str, last_good: Path | None) -> str:
     """The message of a ``SaveError``: what could not be written, why (disk full said as such), and
     the last good checkpoint to resume from."""
-    import errno
-
     reason = "out of disk space" if err.errno == errno.ENOSPC else (err.strerror or str(err))
     where = f" ({err.filename})" if err.filename else ""
     if last_good is not None:
@@ -179,26 +178,12 @@ def set_rng_states(plain: dict[str, Any], tensors: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(tensors["cuda"])
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, state: dict[str, Any],
                     keep: int = 2) -> Path:
-    """Write ``checkpoints/step-{step}`` atomically, point ``latest`` at it, delete all but the newest ``keep``.
-
-    Args:
-        state: JSON-able trainer state (step, data position, metrics); RNG states are added here.
-
-    Returns:
-        The checkpoint folder.
-    """
+    """Write ``checkpoints/step-{step}`` atomically, point ``latest`` at it, delete all but the newest ``keep``;
+    returns the checkpoint folder. ``state``: JSON-able trainer state (data position, metrics); the step and
+    the RNG states are added here."""
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
 
@@ -211,7 +196,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
         (tmp / STATE_NAME).write_text(json.dumps(dict(state, step=step, rng=plain_rng)) + "\n")
 
     final = _write_folder(root / f"step-{step}", write, f".tmp-step-{step}-")
-    _atomic_text(root / LATEST, final.name + "\n")
+    atomic_write(root / LATEST, lambda tmp: Path(tmp).write_text(final.name + "\n"))
     _prune(root, keep, protect=final.name)
     return final
 
