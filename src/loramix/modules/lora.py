@@ -38,19 +38,24 @@ from .context import ForwardContext
 from .quantized import adapter_dtype_for, frozen_weight, is_quantized, logical_shape
 
 
-def init_lora_A(A: torch.Tensor, init: str, rank: int) -> None:
-    """Initialise LoRA ``A`` tensors in place, shape (..., r, in): each (r, in) slice independently.
+def lora_factors(*shape: int, init: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.Parameter, nn.Parameter]:
+    """Fresh LoRA factors for ``shape = (*stack, r, in, out)``: A (*stack, r, in) and B (*stack, out, r).
 
-    'kaiming' is PyTorch's Linear default (Kaiming-uniform, a=sqrt(5)); 'gaussian' is N(0, 1/r).
+    B starts at zero, so ``B A = 0`` and the adapter starts as the base. Each (r, in) slice of A is
+    initialised on its own: 'kaiming' is PyTorch's Linear default (Kaiming-uniform, a=sqrt(5)),
+    'gaussian' is N(0, 1/r). E.g. ``lora_factors(8, 4, 64, 32, ...)``: eight experts' (4, 64) and (32, 4).
     """
+    *stack, rank, fan_in, fan_out = shape
+    A = torch.empty(*stack, rank, fan_in, device=device, dtype=dtype)
     with torch.no_grad():
-        for block in A.reshape(-1, *A.shape[-2:]):
+        for block in A.reshape(-1, rank, fan_in):
             if init == "kaiming":
                 nn.init.kaiming_uniform_(block, a=math.sqrt(5))
             elif init == "gaussian":
                 nn.init.normal_(block, std=1.0 / rank)
             else:
                 raise ValueError(f"unknown LoRA init '{init}' (use 'kaiming' or 'gaussian')")
+    return nn.Parameter(A), nn.Parameter(torch.zeros(*stack, fan_out, rank, device=device, dtype=dtype))
 
 
 def dora_weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
@@ -138,9 +143,12 @@ class FrozenProjection(nn.Module):
     Args:
         base: ``nn.Linear``, GPT-2 ``Conv1D``, or a quantized linear (see ``quantized.py``).
         fan_in_fan_out: the (unquantized) weight is stored (in, out), as in ``Conv1D``.
+        context: the model's shared ``ForwardContext`` (task ids, padding mask, disabling); a fresh one if None.
+
+    A subclass defines ``adapter_forward(x, base_out)``; ``forward`` calls it with the frozen output.
     """
 
-    def __init__(self, base: nn.Module, fan_in_fan_out: bool) -> None:
+    def __init__(self, base: nn.Module, fan_in_fan_out: bool, context: ForwardContext | None = None) -> None:
         super().__init__()
         self.fan_in_fan_out = fan_in_fan_out
         self.quantized = is_quantized(base)
@@ -148,6 +156,7 @@ class FrozenProjection(nn.Module):
         self.weight = base.weight
         self.bias = getattr(base, "bias", None)
         self._base_module = [base]  # not registered: unload() puts it back
+        self.context = context if context is not None else ForwardContext()
 
     def train(self, mode: bool = True) -> "FrozenProjection":
         """Also sets the mode of the unregistered base module, which ``model.train()`` cannot reach: a
@@ -165,6 +174,13 @@ class FrozenProjection(nn.Module):
         if self.quantized:
             return self._base_module[0](x)
         return frozen_linear(x, self.weight, self.bias, self.fan_in_fan_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``adapter_forward(x, W x + b)``; ``W x + b`` alone while the context disables the adapters."""
+        base_out = self.frozen(x)
+        if self.context.disabled:
+            return base_out
+        return self.adapter_forward(x, base_out)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         """A quantized base saves itself (bitsandbytes adds its quantization statistics under
@@ -198,19 +214,16 @@ class LoraLinear(FrozenProjection):
 
     def __init__(self, base: nn.Module, config: LoraConfig, *, fan_in_fan_out: bool = False,
                  context: ForwardContext | None = None) -> None:
-        super().__init__(base, fan_in_fan_out)
-        weight = self.weight
-        r = self.r = config.r
+        super().__init__(base, fan_in_fan_out, context)
+        self.r = config.r
         self.scale = config.scale
         self.use_dora = config.use_dora
         self.dropout = LoraDropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        factory = {"device": weight.device, "dtype": adapter_dtype_for(base, config.adapter_dtype)}
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))
-        init_lora_A(self.lora_A, config.init, r)
+        dtype = adapter_dtype_for(base, config.adapter_dtype)
+        self.lora_A, self.lora_B = lora_factors(self.r, self.in_features, self.out_features, init=config.init,
+                                                device=self.weight.device, dtype=dtype)
         if self.use_dora:
-            self.lora_magnitude = nn.Parameter(self.weight_norm().to(factory["dtype"]))
-        self.context = context if context is not None else ForwardContext()
+            self.lora_magnitude = nn.Parameter(self.weight_norm().to(dtype))
 
     def weight_norm(self) -> torch.Tensor:
         """Detached row norms of ``W + s B A``, shape (out,)."""
@@ -248,12 +261,6 @@ class LoraLinear(FrozenProjection):
         bias = self.bias.to(compute) if self.bias is not None else 0  # an fp32 bias would promote a bf16 output
         factor = (self.lora_magnitude / self.weight_norm()).to(compute)
         return factor * (base_out - bias + lora) + bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base_out = self.frozen(x)
-        if self.context.disabled:
-            return base_out
-        return self.adapter_forward(x, base_out)
 
     def adapter_parameter_names(self) -> list[str]:
         """Names (relative to this module) of the trainable adapter tensors."""

@@ -53,7 +53,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import MixLoraConfig
 from .context import ForwardContext
-from .lora import LoraDropout, dora_weight_norm, init_lora_A, lora_input
+from .lora import LoraDropout, dora_weight_norm, lora_factors, lora_input
 from .quantized import adapter_dtype_for, frozen_weight, logical_shape
 from .routing import Routing, load_balance_loss, route_switch, route_top_k, route_top_p, router_statistics, router_z_loss, expert_counts
 
@@ -247,11 +247,8 @@ class MixLoraFFN(nn.Module):
         self.experts.lora_A, self.experts.lora_B = nn.ParameterDict(), nn.ParameterDict()
         self.experts.lora_magnitude = nn.ParameterDict()
         for t in self.targets:
-            fan_in, fan_out = self.projection_shape(t)
-            A = torch.empty(num_experts, r, fan_in, **factory)
-            init_lora_A(A, config.init, r)
-            self.experts.lora_A[t] = nn.Parameter(A)
-            self.experts.lora_B[t] = nn.Parameter(torch.zeros(num_experts, fan_out, r, **factory))
+            A, B = lora_factors(num_experts, r, *self.projection_shape(t), init=config.init, **factory)
+            self.experts.lora_A[t], self.experts.lora_B[t] = A, B
             if self.use_dora:
                 self.experts.lora_magnitude[t] = nn.Parameter(self.weight_norm(t).to(factory["dtype"]))
         self._original_ffn = [ffn]  # not registered: unload() puts it back

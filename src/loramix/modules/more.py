@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import MoreConfig
 from .context import ForwardContext
-from .lora import FrozenProjection, init_lora_A
+from .lora import FrozenProjection, lora_factors
 from .quantized import adapter_dtype_for
 
 
@@ -142,7 +142,7 @@ class MoreLinear(FrozenProjection):
 
     def __init__(self, base: nn.Module, config: MoreConfig, *, fan_in_fan_out: bool = False,
                  context: ForwardContext | None = None) -> None:
-        super().__init__(base, fan_in_fan_out)
+        super().__init__(base, fan_in_fan_out, context)
         if not config.tasks:
             raise ValueError("MoreLinear needs a MoreConfig that names its tasks (MoreConfig(tasks=[...]))")
         max_rank = self.max_rank = config.max_rank
@@ -154,16 +154,14 @@ class MoreLinear(FrozenProjection):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         # Adapter tensors stay fp32 when the base is half precision or quantized (as LoraLinear does).
         factory = {"device": self.weight.device, "dtype": adapter_dtype_for(base, config.adapter_dtype)}
-        self.lora_A = nn.Parameter(torch.empty(max_rank, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, max_rank, **factory))
-        init_lora_A(self.lora_A, config.init, max_rank)
+        self.lora_A, self.lora_B = lora_factors(max_rank, self.in_features, self.out_features, init=config.init,
+                                                **factory)
         self.selector = RankSelector(self.in_features, self.num_tasks, config.rank_set, **factory,
                                      embedding_std=config.task_embedding_std, frozen=config.selector == "frozen_random")
         i = torch.arange(1, max_rank + 1, device=self.weight.device, dtype=torch.float32)
         # c_i² per component: c_i multiplies both the A row and the B column of component i.
         c2 = (i / max_rank) ** 2 if config.linear_scaling else torch.ones_like(i)
         self.register_buffer("component_scale", c2, persistent=False)
-        self.context = context if context is not None else ForwardContext()
         self.contrastive_loss: torch.Tensor | None = None
         self._fixed_ranks: torch.Tensor | None = None  # (num_tasks,) once fix_ranks() ran
 
@@ -243,12 +241,6 @@ class MoreLinear(FrozenProjection):
             A = self.lora_A[:k].float()
             B = self.lora_B[:, :k].float() * (self.scale * self.component_scale[:k])[None, :]
         return A.clone(), B.clone()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base_out = self.frozen(x)
-        if self.context.disabled:
-            return base_out
-        return self.adapter_forward(x, base_out)
 
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """Adapted output given the frozen output ``base_out = W x + b`` (both (B, ..., in/out)); the
