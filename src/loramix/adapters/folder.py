@@ -85,6 +85,19 @@ class AdapterFolder:
     def base_model(self) -> str | None:
         return self.meta.get("base_model")  # whichever file records it (read_adapter_config)
 
+    @property
+    def num_layers(self) -> int:
+        """The decoder layers of its base: as recorded, else 1 + the highest layer index of its modules."""
+        layers = [where[0] for where in (split_layer(p, self.family) for p in self.module_shapes) if where]
+        return self.meta.get("num_layers") or (max(layers) + 1 if layers else 0)
+
+
+def split_layer(path: str, family: ModelFamily) -> tuple[int, str] | None:
+    """``(3, "self_attn.q_proj")`` for ``model.layers.3.self_attn.q_proj``; None for a path outside the layers."""
+    prefix = family.layers + "."
+    index, _, rest = path[len(prefix):].partition(".")
+    return (int(index), rest) if path.startswith(prefix) and index.isdigit() else None
+
 
 # ====================================================================================== config files
 def read_json(path: Path) -> dict[str, Any]:
@@ -318,24 +331,15 @@ def expected_keys(config, family: ModelFamily, num_layers: int) -> set[str]:
 def check_key_set(adapter: AdapterFolder, config_file: Path) -> None:
     """A loramix folder holds exactly the tensors its settings call for (no model needed, so the
     exports check it too: a module missing from the file would otherwise be exported unmerged)."""
-    layers = adapter.meta.get("num_layers") or _layer_count(adapter.module_shapes, adapter.family)
     try:
-        expected = expected_keys(adapter.config, adapter.family, int(layers))
+        expected = expected_keys(adapter.config, adapter.family, int(adapter.num_layers))
     except ConfigError as err:
         raise AdapterLoadError(f"{config_file}: {err}") from None
     mismatch = key_mismatch(expected, set(adapter.tensors))
     if mismatch:
         raise AdapterLoadError(f"{adapter.weights}: the tensors are not those its settings ({config_file.name}, "
-                               f"{layers} layers) call for: {mismatch}; the file is incomplete or belongs to "
-                               "other settings: save the adapter again")
-
-
-def _layer_count(shapes: dict[str, tuple[int, int]], family: ModelFamily) -> int:
-    """1 + the highest decoder-layer index among the adapted modules (0 if none)."""
-    prefix = family.layers + "."
-    indices = [int(p[len(prefix):].split(".", 1)[0]) for p in shapes
-               if p.startswith(prefix) and p[len(prefix):].split(".", 1)[0].isdigit()]
-    return max(indices) + 1 if indices else 0
+                               f"{adapter.num_layers} layers) call for: {mismatch}; the file is incomplete or "
+                               "belongs to other settings: save the adapter again")
 
 
 # ====================================================================================== the model given
@@ -348,8 +352,7 @@ def check_base(model: nn.Module, adapter: AdapterFolder) -> None:
     """The model's shapes against the adapter's: another shape fails once, naming both bases; the same
     shape under another name than the recorded base warns, naming both."""
     recorded, config, given = adapter.base_model, getattr(model, "config", None), base_model_name(model)
-    hidden = adapter.meta.get("hidden_size")
-    layers = adapter.meta.get("num_layers") or _layer_count(adapter.module_shapes, adapter.family)
+    hidden, layers = adapter.meta.get("hidden_size"), adapter.num_layers
     model_layers, model_hidden = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)
     problem = None
     if adapter.layout != "peft" and model_layers is not None and layers and model_layers != layers:
@@ -358,9 +361,8 @@ def check_base(model: nn.Module, adapter: AdapterFolder) -> None:
         problem = f"the adapter's hidden size is {hidden}, the model's {model_hidden}"
     # Another base differs in the same projection of every layer; a damaged file in a few modules,
     # which the key-by-key check after injection names instead.
-    layer_prefix = re.compile(rf"^{re.escape(adapter.family.layers)}\.(\d+)\.")
-    checked: dict[str, set[str]] = {}  # projection without layer index → layers checked
-    differs: dict[str, tuple[set[str], str]] = {}  # ... → (layers that differ, first description)
+    checked: dict[str, set[int | None]] = {}  # projection without layer index → layers checked
+    differs: dict[str, tuple[set[int | None], str]] = {}  # ... → (layers that differ, first description)
     for path, (out, inp) in adapter.module_shapes.items() if problem is None else ():
         if out == 0:  # a MixLoRA router's entry: (0, hidden) of the FFN block
             continue
@@ -371,8 +373,7 @@ def check_base(model: nn.Module, adapter: AdapterFolder) -> None:
         weight = getattr(module, "weight", None)
         if weight is None or weight.dim() != 2:
             continue
-        m = layer_prefix.match(path)
-        name, layer = (path[m.end():], m[1]) if m else (path, "")
+        layer, name = split_layer(path, adapter.family) or (None, path)
         checked.setdefault(name, set()).add(layer)
         # logical_shape: a quantized weight is stored packed ((n, 1) codes for bitsandbytes 4-bit)
         have = tuple(logical_shape(module, adapter.family.fan_in_fan_out)[::-1])

@@ -28,7 +28,7 @@ from torch import nn
 from ...config import MixLoraConfig, lora_scale
 from ...models.registry import ModelFamily
 from ..common import AdapterLoadError, ExportError, base_model_name, write_json
-from ..folder import read_adapter_folder
+from ..folder import read_adapter_folder, split_layer
 
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3  # bytes; a 7B bf16 layer's 8 experts (~2.1 GB) make one shard
 TOKENIZER_FILES = (
@@ -231,15 +231,14 @@ def layer_keys(keys: list[str], family: ModelFamily, num_layers: int) -> tuple[l
     """Split base keys into (per-layer keys, keys before the layers, keys after) in file order."""
     per_layer: list[list[str]] = [[] for _ in range(num_layers)]
     before, after = [], []
-    prefix = family.layers + "."
     for key in keys:
-        if key.startswith(prefix):
-            index = key[len(prefix):].split(".", 1)[0]
-            if index.isdigit() and int(index) < num_layers:
-                per_layer[int(index)].append(key)
-                continue
-            raise ExportError(f"base tensor '{key}' belongs to no layer of a {num_layers}-layer model")
-        (before if "embed" in key or "wte" in key or "wpe" in key else after).append(key)
+        layer, _ = split_layer(key, family) or (None, None)
+        if key.startswith(family.layers + "."):
+            if layer is None or layer >= num_layers:
+                raise ExportError(f"base tensor '{key}' belongs to no layer of a {num_layers}-layer model")
+            per_layer[layer].append(key)
+        else:
+            (before if "embed" in key or "wte" in key or "wpe" in key else after).append(key)
     return per_layer, before, after
 
 
