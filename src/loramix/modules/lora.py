@@ -79,6 +79,18 @@ def dora_weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sca
         return norm_sq.clamp_min(0).sqrt().to(A.dtype)
 
 
+def dora_output(base_out: torch.Tensor, lora: torch.Tensor, bias: torch.Tensor | None,
+                factor: torch.Tensor) -> torch.Tensor:
+    """DoRA's ``factor ⊙ (W x + s B A x) + b`` from the frozen output ``base_out = W x + b``, in its dtype.
+
+    Shapes: base_out and the LoRA term ``lora`` (..., out); bias (out,) or None; ``factor = m / ||W + s B A||``
+    broadcasting to (..., out) (per row for MixLoRA's experts).
+    """
+    compute = base_out.dtype
+    bias = 0 if bias is None else bias.to(compute)  # an fp32 bias would promote a bf16 output to fp32
+    return factor.to(compute) * (base_out - bias + lora.to(compute)) + bias
+
+
 class LoraDropout(nn.Dropout):
     """Inverted dropout on a LoRA input, with a cheaper mask on CPU.
 
@@ -257,10 +269,7 @@ class LoraLinear(FrozenProjection):
             # base_out + low Bᵀ as one fused matmul-add: no extra pass over the (..., out) output.
             out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), low.reshape(-1, low.shape[-1]), B.t())
             return out.view(base_out.shape)
-        lora = (low @ B.t()).to(compute)
-        bias = self.bias.to(compute) if self.bias is not None else 0  # an fp32 bias would promote a bf16 output
-        factor = (self.lora_magnitude / self.weight_norm()).to(compute)
-        return factor * (base_out - bias + lora) + bias
+        return dora_output(base_out, low @ B.t(), self.bias, self.lora_magnitude / self.weight_norm())
 
     def adapter_parameter_names(self) -> list[str]:
         """Names (relative to this module) of the trainable adapter tensors."""

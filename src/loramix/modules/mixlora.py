@@ -53,7 +53,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import MixLoraConfig
 from .context import ForwardContext
-from .lora import LoraDropout, dora_weight_norm, lora_factors, lora_input
+from .lora import LoraDropout, dora_output, dora_weight_norm, lora_factors, lora_input
 from .quantized import adapter_dtype_for, frozen_weight, logical_shape
 from .routing import Routing, load_balance_loss, route_switch, route_top_k, route_top_p, router_statistics, router_z_loss, expert_counts
 
@@ -332,12 +332,10 @@ class MixLoraFFN(nn.Module):
         if not self.use_dora:
             # In place into the delta: a fresh (M, out) result would cost more (page faults) than the add.
             return delta.add_(base_rows)
-        bias = getattr(getattr(self, name), "bias", None)
-        bias = 0 if bias is None else bias.to(compute)  # an fp32 bias would promote bf16 rows to fp32
         factor = self.experts.lora_magnitude[name] / self.weight_norm(name)  # (E, out)
-        factor = torch.cat([factor, factor.new_ones(1, factor.shape[1])])  # unrouted rows: factor 1
-        factor = factor.to(base_rows.dtype).index_select(0, row_expert)
-        return factor * (base_rows - bias + delta) + bias
+        factor = torch.cat([factor, factor.new_ones(1, factor.shape[1])]).to(compute)  # unrouted rows: factor 1
+        bias = getattr(getattr(self, name), "bias", None)
+        return dora_output(base_rows, delta, bias, factor.index_select(0, row_expert))
 
     # ----------------------------------------------------------------------------------- routing
     def route(self, x: torch.Tensor, valid: torch.Tensor | None) -> Routing:
