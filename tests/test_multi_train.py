@@ -102,6 +102,26 @@ def test_multi_yaml_names_adapter_entries_in_errors(tmp_path: Path) -> None:
         raise AssertionError("a typo inside an adapter entry must be an error")
 
 
+def test_an_included_config_is_looked_up_as_data_files_are(tmp_path: Path, monkeypatch) -> None:
+    """``config:`` of a multi-adapter YAML: the working directory first, then next to that YAML (the rule of
+    ``data.train`` files, ``train.config.resolve_path``); a missing one names both places and the entry."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "single.yaml").write_text("adapter: {kind: lora}\nlr: 0.001\n")
+    (tmp_path / "runs").mkdir()
+    multi = tmp_path / "runs" / "multi.yaml"
+    multi.write_text("adapters:\n  - {name: x, config: configs/single.yaml}\n")
+    monkeypatch.chdir(tmp_path)  # configs/ is here, not next to runs/multi.yaml
+    assert load_jobs_config(multi)["x"].lr == 0.001
+    multi.write_text("adapters:\n  - {name: x, config: configs/missing.yaml}\n  - {name: y, config: bad.yaml}\n")
+    with pytest.raises(loramix.ConfigError, match=r"adapters\[0\]: config: configs/missing.yaml: no such file "
+                                                  r"\(looked in the working directory"):
+        load_jobs_config(multi)
+    (tmp_path / "runs" / "bad.yaml").write_text("lr: [1\n")  # next to the YAML: found, and its line named
+    multi.write_text("adapters:\n  - {name: y, config: bad.yaml}\n")
+    with pytest.raises(loramix.ConfigError, match=r"adapters\[0\]: .*bad.yaml: not valid YAML \(line"):
+        load_jobs_config(multi)
+
+
 def test_jobs_due_at_the_same_step_evaluate_in_one_pass(tmp_path: Path, monkeypatch) -> None:
     """Periodic and final evaluations of jobs that step together run as one ``evaluate_many`` pass
     per protocol, and record what each job's own evaluation gives (the same model state, alone)."""

@@ -55,33 +55,10 @@ def env_overrides() -> list[str]:
         raise UsageError(f"LORAMIX_OVERRIDES: {err} in {text!r}") from None
 
 
-def resolve_path(source: str, yaml_dir: Path, where: str) -> str:
-    """A file named in a YAML: as given if it exists from the working directory, else next to the YAML.
-
-    ``source`` may list several sources separated by commas (``load_examples`` reads each). Built-in
-    task names and Hub ids are returned unchanged; a ``.json``/``.jsonl``/``.yaml`` name found in
-    neither place raises ``ConfigError`` naming both places.
-    """
-    from ..config import ConfigError
-    from ..data.tasks import canonical_task
-
-    parts = []
-    for part in (p.strip() for p in source.split(",")):
-        path = Path(part).expanduser()
-        if not part or canonical_task(part) is not None or path.is_absolute() or path.exists():
-            parts.append(part)
-        elif (yaml_dir / path).exists():
-            parts.append(str(yaml_dir / path))
-        elif path.suffix.lower() in (".json", ".jsonl", ".yaml", ".yml"):
-            raise ConfigError(f"{where}: {part}: no such file (looked in the working directory {Path.cwd()} and next "
-                              f"to the config, in {yaml_dir})")
-        else:
-            parts.append(part)  # a Hub dataset id (or a mistake that load_examples explains)
-    return ",".join(parts)
-
-
 def resolve_data_paths(config: Any, yaml_path: str | Path) -> None:
-    """Resolve the data files of a ``TrainConfig`` read from ``yaml_path`` (see ``resolve_path``), in place."""
+    """Resolve the data files of a ``TrainConfig`` read from ``yaml_path`` (``config.resolve_path``), in place."""
+    from .config import resolve_path
+
     yaml_dir = Path(yaml_path).parent
     data = config.data
     for which in ("train", "eval"):

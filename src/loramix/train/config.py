@@ -252,22 +252,57 @@ def train_config_from_dict(values: dict, where: str = "config", overrides: list[
     return TrainConfig.from_dict(_fix_yaml_floats(values), where)
 
 
-def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML training config, apply ``key=value`` overrides, and validate it.
+def read_yaml(path: str | Path) -> Any:
+    """The value of the YAML file ``path`` (a training config, a multi-adapter config, an included one).
 
     Raises:
-        ConfigError: naming the file (and line for YAML syntax errors) and the offending key.
+        ConfigError: naming the file: missing, unreadable, or not YAML (with the line and column).
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot be read ({err})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         raise ConfigError(f"{path}: not valid YAML{line}: {getattr(err, 'problem', err)}") from None
-    return train_config_from_dict(values, where=str(path), overrides=overrides)
+
+
+def resolve_path(source: str, yaml_dir: Path, where: str) -> str:
+    """A file named in a YAML: as given if it exists from the working directory, else next to the YAML.
+
+    The one lookup of ``data.train``/``data.eval`` files, a ``data.template`` .yaml file and the ``config:``
+    entries of a multi-adapter YAML. ``source`` may list several sources separated by commas
+    (``load_examples`` reads each). Built-in task names and Hub ids are returned unchanged; a
+    ``.json``/``.jsonl``/``.yaml`` name found in neither place raises ``ConfigError`` naming both places.
+    """
+    from ..data.tasks import canonical_task
+
+    parts = []
+    for part in (p.strip() for p in source.split(",")):
+        path = Path(part).expanduser()
+        if not part or canonical_task(part) is not None or path.is_absolute() or path.exists():
+            parts.append(part)
+        elif (yaml_dir / path).exists():
+            parts.append(str(yaml_dir / path))
+        elif path.suffix.lower() in (".json", ".jsonl", ".yaml", ".yml"):
+            raise ConfigError(f"{where}: {part}: no such file (looked in the working directory {Path.cwd()} and next "
+                              f"to the config, in {yaml_dir})")
+        else:
+            parts.append(part)  # a Hub dataset id (or a mistake that load_examples explains)
+    return ",".join(parts)
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML training config (``read_yaml``), apply ``key=value`` overrides, and validate it.
+
+    Raises:
+        ConfigError: naming the file (and line for YAML syntax errors) and the offending key.
+    """
+    return train_config_from_dict(read_yaml(path), where=str(path), overrides=overrides)
 
 
 def describe_keys() -> str:

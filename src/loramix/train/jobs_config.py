@@ -13,7 +13,7 @@ YAML (``loramix train multi.yaml``)::
     output_dir: runs/multi          # each adapter writes to output_dir/<name> unless it says otherwise
     adapters:
       - name: arc-mixlora
-        config: mixlora.yaml        # a single-adapter training config (path relative to this file) ...
+        config: mixlora.yaml        # a single-adapter training config (working directory, else next to this file)
         max_steps: 100              # ... with any of its keys overridden inline
       - name: arc-lora
         adapter: {kind: lora, r: 8}
@@ -25,10 +25,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..config import ConfigError
-from .config import TrainConfig, train_config_from_dict
+from .config import TrainConfig, read_yaml, resolve_path, train_config_from_dict
 
 SHARED_KEYS = ("model", "dtype", "device", "threads", "quantization", "distributed")  # one base, one way to shard it
 
@@ -40,10 +38,7 @@ def load_jobs_config(path: str | Path, overrides: list[str] | None = None) -> di
         ConfigError: naming the file and the adapter entry.
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot be read as YAML ({err})") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("adapters"), list) or not raw["adapters"]:
         raise ConfigError(f"{path}: a multi-adapter config needs 'adapters': a non-empty list")
     unknown = set(raw) - {"adapters", "output_dir", *SHARED_KEYS}
@@ -62,12 +57,11 @@ def load_jobs_config(path: str | Path, overrides: list[str] | None = None) -> di
         if name in configs:
             raise ConfigError(f"{where}: adapter name '{name}' is used twice")
         values: dict[str, Any] = {}
-        if "config" in entry:
-            base_path = path.parent / entry.pop("config")
+        if "config" in entry:  # looked up as data files are: the working directory, then next to this file
             try:
-                values = yaml.safe_load(base_path.read_text(encoding="utf-8")) or {}
-            except (OSError, yaml.YAMLError) as err:
-                raise ConfigError(f"{where}: config {base_path} cannot be read ({err})") from None
+                values = read_yaml(resolve_path(str(entry.pop("config")), path.parent, "config")) or {}
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {err}") from None
         for key in SHARED_KEYS:
             if key in entry and key in shared and entry[key] != shared[key]:
                 raise ConfigError(f"{where}: '{key}' differs from the shared '{key}'; all adapters share one base")
@@ -84,8 +78,8 @@ def load_jobs_config(path: str | Path, overrides: list[str] | None = None) -> di
 def is_jobs_config(path: str | Path) -> bool:
     """True when the YAML file at ``path`` has a top-level ``adapters`` list."""
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        raw = read_yaml(path)
+    except ConfigError:
         return False
     return isinstance(raw, dict) and isinstance(raw.get("adapters"), list)
 
