@@ -16,11 +16,17 @@ Example:
 from __future__ import annotations
 
 import random
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from .tokenize import IGNORE_INDEX
+
+
+def check_pad_token(tokenizer: Any) -> None:
+    """Refuse a tokenizer without a pad token before anything is padded (``collate`` writes its id)."""
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (load_model does)")
 
 
 def collate(features: list[dict], pad_token_id: int, task_index: dict[str, int] | None = None, *,

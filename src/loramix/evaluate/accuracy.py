@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..data.batching import collate
+from ..data.batching import check_pad_token, collate
 from ..data.examples import MultipleChoiceExample
 from ..data.tokenize import (
     LETTERS, encode_continuation, encode_prompt, render_prompt, render_targets, special_prefix, truncate_left,
@@ -357,8 +357,7 @@ def _check(examples: list, tokenizer, protocol: str, template: str | None, norma
         raise ValueError(f"at most {len(LETTERS)} choices per example are supported")
     if template is None or (protocol == "loglik" and template == "mc_letters"):
         template = DEFAULT_TEMPLATES[protocol]
-    if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (load_model does)")
+    check_pad_token(tokenizer)
     return template
 
 

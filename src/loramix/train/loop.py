@@ -51,6 +51,8 @@ from typing import Any, Callable, Mapping
 import torch
 from tqdm.auto import tqdm
 
+from ..data import IGNORE_INDEX
+from ..data.batching import check_pad_token
 from ..evaluate import evaluate_many, evaluate_multiple_choice
 from ..models.inject import adapter_state, inject, router_stats
 from ..models.losses import AUXILIARY_LOSSES, auxiliary_losses, compose_loss, label_losses
@@ -133,8 +135,7 @@ class Trainer:
 
             self.model, self.tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                                     quantization=cfg.quantization)
-        if self.tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (load_model does)")
+        check_pad_token(self.tokenizer)
         if self.single:
             if getattr(self.model, "loramix_adapter", None) is None:
                 inject(self.model, cfg.adapter)
@@ -256,16 +257,17 @@ class Trainer:
 
     def _open_window(self, job: Job) -> dict[str, Any]:
         window = job.next_window(job.config.grad_accum * self.world_size)  # the global window, same on every rank
+        # N: the tokens the causal LM loss counts in the whole window (labels shifted by one, not ignored)
+        answer = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
         return {"local": self._local_batches(window), "position": 0, "started": time.perf_counter(),
-                # N: the tokens the causal LM loss counts in the whole window (labels shifted by one, not ignored)
-                "answer": max(1, sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)), "count": len(window),
-                "lm": 0.0, "aux": {}, "tokens": 0, "load": None, "diverged": None}
+                "answer": max(1, answer), "count": len(window), "lm": 0.0, "aux": {}, "tokens": 0, "load": None,
+                "diverged": None}
 
     def _micro_step(self, parts: list[tuple[Job, dict[str, Any]]]) -> None:
         """One forward/backward over the next local micro-batch of every running job (one joint batch)."""
         batches = [w["local"][w["position"]] for _, w in parts]
         width = max(b["input_ids"].shape[1] for b in batches)
-        pad = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "labels": -100}
+        pad = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
         batch = {k: torch.cat([torch.nn.functional.pad(b[k], (0, width - b[k].shape[1]), value=v) for b in batches])
                  for k, v in pad.items()}
         batch["task_ids"] = torch.cat([b["task_ids"] for b in batches])
