@@ -307,6 +307,23 @@ def test_peft_writer_rejects_bad_shapes(tmp_path):
                            magnitudes={})
 
 
+def test_quantization_none_exports_the_full_precision_base(tmp_path):
+    # 'none' means no quantization, as in every loramix command; unchecked, the export passed it on to
+    # load_quantized, which turned it into torchao-int4.
+    llama = base_folder(tmp_path, "llama")
+    model = loramix.inject(load_base(llama), loramix.LoraConfig(r=4, alpha=8, dropout=0.0, targets=None))
+    perturb_adapter(model, seed=4)
+    adapter = loramix.save_adapter(model, tmp_path / "adapter")
+    outs = [export_adapter(adapter, tmp_path / name, format="merged", base=str(llama), quantization=q, progress=False)
+            for name, q in (("plain", None), ("none", "none"))]
+    plain, none = (load_file(str(out / "model.safetensors")) for out in outs)
+    assert plain.keys() == none.keys()
+    for key in plain:
+        torch.testing.assert_close(none[key], plain[key], atol=0, rtol=0)
+    with pytest.raises(loramix.ConfigError, match="'--quantization' must be one of"):
+        export_adapter(adapter, tmp_path / "bad", format="merged", base=str(llama), quantization="nf5")
+
+
 def test_merged_weight_matches_lora_linear_forward():
     """The merge formula against the module it replaces (LoRA and DoRA, Linear and Conv1D layout)."""
     torch.manual_seed(0)

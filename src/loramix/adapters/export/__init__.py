@@ -40,6 +40,7 @@ from torch import nn
 from ... import hub
 from ...config import MoreConfig
 from ...models.inject import adapter_state
+from ...models.quantize import check_quantization, load_quantized
 from .. import more_tasks
 from ..authors import is_authors_format
 from ..common import ExportError, base_model_name
@@ -54,28 +55,30 @@ from .weights import DEFAULT_MAX_SHARD_SIZE, AdapterWeights, BaseWeights, merged
 FORMATS = ("mixtral", "peft", "merged")
 
 
-def _resolve_base(name: str | None, quantization: str | None = None):
+def _required_base(name: str | None, adapter: str | os.PathLike) -> str:
+    """The base model's name, or an error saying how to give one when the adapter records none."""
+    if not name:
+        raise ExportError(f"{adapter}: the adapter records no base model: give --model (a folder, a Hub id or "
+                          "smollm2-135m)")
+    return name
+
+
+def _resolve_base(name: str, quantization: str | None = None) -> BaseWeights:
     """A ``BaseWeights`` for a base model name: a folder is streamed; the embedded model is converted
     once to its cache folder; a Hub id is loaded into memory. With ``quantization`` the base is loaded
     quantized and read dequantized (the weights the adapter saw when it was trained on that base)."""
-    if not name:
-        raise ExportError("the adapter records no base model: give --model (a folder, a Hub id or smollm2-135m)")
-    if quantization is not None:
-        return BaseWeights.from_model(*_load_base_model(name, quantization))
-    if hub.is_embedded(name):
-        return BaseWeights.from_folder(hub.embedded_folder(convert=True))
     path = Path(name).expanduser()
-    if path.is_dir() and ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+    if quantization is None and hub.is_embedded(name):
+        return BaseWeights.from_folder(hub.embedded_folder(convert=True))
+    if quantization is None and path.is_dir() and any(
+            (path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
         return BaseWeights.from_folder(path)
-    model, tokenizer = _load_base_model(name)
-    return BaseWeights.from_model(model, tokenizer)
+    return BaseWeights.from_model(*_load_base_model(name, quantization))
 
 
 def _load_base_model(name: str, quantization: str | None = None):
     """(model, tokenizer or None) in fp32 on CPU (quantized with ``quantization``, computing in fp32); a local
     folder needs no tokenizer (tiny test models)."""
-    from ...models.quantize import load_quantized
-
     path = Path(name).expanduser()
     if path.is_dir() and not hub.is_embedded(name):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -116,6 +119,8 @@ def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.Pat
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format '{format}': choose one of {', '.join(FORMATS)}")
+    # 'none' means no quantization here as everywhere (hub.load_model); unchecked, it reached load_quantized
+    quantization = check_quantization(quantization, where="--quantization")
     out = Path(out_dir)
     options = {"task": task, "dtype": dtype, "max_shard_size": max_shard_size, "progress": progress}
     if isinstance(adapter, nn.Module):
@@ -124,12 +129,11 @@ def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.Pat
     base_name = base or meta["base_model"]
     if is_authors_format(meta) or meta.get("kind") == "more":
         # The authors' format (pickled weights, read safely) and MoRE (per-task factors) need the model.
-        if not base_name:
-            raise ExportError(f"{adapter}: the adapter records no base model: give --model")
-        model, tok = _load_base_model(base_name, quantization)
+        model, tok = _load_base_model(_required_base(base_name, adapter), quantization)
         load_adapter(model, adapter)
         return _export_model(model, out, format=format, tokenizer=tok, **options)
-    return _export_tensors(AdapterWeights.from_folder(adapter), lambda: _resolve_base(base_name, quantization), out,
+    return _export_tensors(AdapterWeights.from_folder(adapter),
+                           lambda: _resolve_base(_required_base(base_name, adapter), quantization), out,
                            format=format, base_name=hub.transformers_name(base_name), **options)
 
 

@@ -31,6 +31,7 @@ from ...cli import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``loramix export`` (``loramix merge``: the same without ``--format``)."""
+    from ...models.quantize import QUANTIZATIONS
     from . import FORMATS
 
     # One module for both commands (cli.COMMANDS names it twice); the parser's name says which one this is.
@@ -50,9 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output dtype for mixtral/merged: float32, bfloat16, float16 (default: the base's)")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB or 500MB")
     parser.add_argument("--quantization", default=None, metavar="SCHEME",
-                        help="the adapter was trained on a base quantized this way (nf4, nf4-double, int8, torchao-int8, "
-                             "torchao-int4): merge into that base's dequantized weights, which reproduces the trained "
-                             "model (default: the full-precision base)")
+                        help=f"the adapter was trained on a base quantized this way ({', '.join(QUANTIZATIONS)}): "
+                             "merge into that base's dequantized weights, which reproduces the trained model "
+                             "(default: the full-precision base)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_threads_argument(parser)
 
