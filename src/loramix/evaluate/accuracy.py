@@ -72,24 +72,24 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
     return name in params
 
 
-def _forward(model, batch: dict[str, torch.Tensor], device: torch.device, route: dict[str, Any],
-             keep: int) -> torch.Tensor:
-    """Logits (B, keep, V) of the last ``keep`` positions of a left-padded batch.
+def _forward(model, batch: dict[str, torch.Tensor], device: torch.device, route: dict[str, Any], keep: int,
+             **extra: Any) -> tuple[torch.Tensor, Any]:
+    """(logits (B, keep, V) of the last ``keep`` positions of a left-padded batch, the model's whole output).
 
     Position ids are computed from the attention mask so left padding does not shift positions.
     Models that accept ``logits_to_keep`` (Hugging Face causal LMs) project only those positions
-    through the output layer, which saves B*T*V memory on long prompts.
+    through the output layer, which saves B*T*V memory on long prompts. ``extra``: more model
+    arguments (``use_cache=True`` for the shared-prompt pass).
     """
     mask = batch["attention_mask"].to(device)
-    kwargs: dict[str, Any] = dict(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+    kwargs: dict[str, Any] = dict(input_ids=batch["input_ids"].to(device), attention_mask=mask, **route, **extra)
     if _accepts(model, "position_ids"):
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-    kwargs.update(route)
     if _accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = keep
     out = model(**kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]
-    return logits[:, -keep:, :]
+    return logits[:, -keep:, :], out
 
 
 class _RowOwners:
@@ -129,7 +129,8 @@ def _task_list(examples: Sequence[MultipleChoiceExample], task_ids: dict[str, in
     return [task_ids[ex.task] for ex in examples]
 
 
-def _predict_label(model, tokenizer, examples, template, batch_size, cutoff_len, routing, device, progress) -> list[list[float]]:
+def _predict_label(model, tokenizer, examples, template, batch_size, cutoff_len, routing, device,
+                   progress) -> list[list[float]]:
     prefix = special_prefix(tokenizer)
     letter_ids: dict[int, list[int]] = {}  # number of choices -> label token ids
     prompts = []
@@ -147,7 +148,7 @@ def _predict_label(model, tokenizer, examples, template, batch_size, cutoff_len,
     for start in range(0, len(order), batch_size):
         idx = routing.group(order[start:start + batch_size])
         batch = collate([{"input_ids": prompts[i]} for i in idx], tokenizer.pad_token_id, padding_side="left")
-        last = _forward(model, batch, device, routing.kwargs(idx, device), keep=1)[:, -1, :].float()  # (B, V)
+        last = _forward(model, batch, device, routing.kwargs(idx, device), keep=1)[0][:, -1, :].float()  # (B, V)
         for row, i in enumerate(idx):
             scores[i] = last[row, letter_ids[len(examples[i].choices)]].tolist()
         bar.update(len(idx))
@@ -155,7 +156,8 @@ def _predict_label(model, tokenizer, examples, template, batch_size, cutoff_len,
     return scores
 
 
-def _predict_loglik(model, tokenizer, examples, template, batch_size, cutoff_len, routing, device, progress) -> list[list[float]]:
+def _predict_loglik(model, tokenizer, examples, template, batch_size, cutoff_len, routing, device,
+                    progress) -> list[list[float]]:
     prefix = special_prefix(tokenizer)
     requests = []  # one per (example, choice): (example index, choice index, prompt + continuation ids, len(cont))
     for e, ex in enumerate(examples):
@@ -174,7 +176,8 @@ def _predict_loglik(model, tokenizer, examples, template, batch_size, cutoff_len
         # positions need logits (position t predicts token t+1)
         batch = collate([{"input_ids": ids} for _, _, ids, _ in chunk], tokenizer.pad_token_id, padding_side="left")
         keep = max(n for *_, n in chunk) + 1
-        logits = _forward(model, batch, device, routing.kwargs([e for e, *_ in chunk], device), keep=keep)  # (B, K, V)
+        route = routing.kwargs([e for e, *_ in chunk], device)
+        logits, _ = _forward(model, batch, device, route, keep=keep)  # (B, K, V)
         for row, (e, c, ids, n_cont) in enumerate(chunk):
             pred_logits = logits[row, keep - n_cont - 1:keep - 1, :].float()
             targets = torch.tensor(ids[len(ids) - n_cont:], device=pred_logits.device)
@@ -215,14 +218,9 @@ def _predict_loglik_shared(model, tokenizer, examples, template, batch_size, cut
         # batch_size prompts in pass 1; their (prompt, choice) rows (short continuations) in pass 2
         chunk = routing.group(items[start:start + batch_size], example=lambda it: it[0])
         batch = collate([{"input_ids": p} for _, p, _ in chunk], tokenizer.pad_token_id, padding_side="left")
-        mask = batch["attention_mask"].to(device)
-        kwargs: dict[str, Any] = dict(input_ids=batch["input_ids"].to(device), attention_mask=mask,
-                                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
-        kwargs.update(routing.kwargs([e for e, *_ in chunk], device))
-        if _accepts(model, "logits_to_keep"):
-            kwargs["logits_to_keep"] = 1
-        out = model(**kwargs)
-        first_logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (E, V)
+        route = routing.kwargs([e for e, *_ in chunk], device)
+        last, out = _forward(model, batch, device, route, keep=1, use_cache=True)
+        first_logp = torch.log_softmax(last[:, -1, :].float(), dim=-1)  # (E, V)
         # pass-2 rows: (prompt k of the chunk, choice c, its continuation ids)
         rows = [(k, c, cont) for k, (_, _, conts) in enumerate(chunk) for c, cont in enumerate(conts)]
         if max(len(cont) for *_, cont in rows) > 1:
@@ -230,6 +228,7 @@ def _predict_loglik_shared(model, tokenizer, examples, template, batch_size, cut
             select = torch.tensor([k for k, _, _ in rows], device=device)
             cache.batch_select_indices(select)  # repeat each prompt's keys/values once per choice
             cont_batch = collate([{"input_ids": cont} for *_, cont in rows], tokenizer.pad_token_id)  # right padding
+            mask = batch["attention_mask"].to(device)
             prompt_len = mask.sum(-1)[select]  # real prompt tokens per row
             c_ids = cont_batch["input_ids"].to(device)
             kwargs = dict(input_ids=c_ids, past_key_values=cache, use_cache=True,
