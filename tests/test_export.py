@@ -8,6 +8,8 @@ costs seconds of imports); that process asserts that ``loramix`` was never impor
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -322,6 +324,16 @@ def test_quantization_none_exports_the_full_precision_base(tmp_path):
         torch.testing.assert_close(none[key], plain[key], atol=0, rtol=0)
     with pytest.raises(loramix.ConfigError, match="'--quantization' must be one of"):
         export_adapter(adapter, tmp_path / "bad", format="merged", base=str(llama), quantization="nf5")
+
+
+def test_cli_and_api_default_to_the_same_shard_size():
+    from loramix.adapters.export import command
+    from loramix.adapters.export.weights import parse_size
+
+    parser = argparse.ArgumentParser(prog="loramix export")
+    command.add_arguments(parser)
+    args = parser.parse_args(["adapter", "--format", "merged", "--out", "out"])
+    assert parse_size(args.max_shard_size) == inspect.signature(export_adapter).parameters["max_shard_size"].default
 
 
 def test_merged_weight_matches_lora_linear_forward():

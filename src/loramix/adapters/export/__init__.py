@@ -16,7 +16,7 @@ Three formats (CLI: ``loramix export ADAPTER --format mixtral|peft|merged --out 
 
 Exports stream: the base weights are read tensor by tensor from the base folder's safetensors
 files, the adapter tensors with ``safe_open``, and the output is written in shards as it is built,
-flushed between layers once it reaches ``max_shard_size`` (default 2 GB): memory holds the shard
+flushed between layers once it reaches ``max_shard_size`` (default 2 GiB): memory holds the shard
 being filled and the layer being built, never the whole model, so exporting a 7B model does not need
 two copies of it. (A base given as a Hub id, or an in-memory model, is read from memory.)
 

@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``loramix export`` (``loramix merge``: the same without ``--format``)."""
     from ...models.quantize import QUANTIZATIONS
     from . import FORMATS
+    from .weights import DEFAULT_MAX_SHARD_SIZE
 
     # One module for both commands (cli.COMMANDS names it twice); the parser's name says which one this is.
     if parser.prog.split()[-1] == "merge":
@@ -49,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default=None, help="MoRE adapters: the task to export (peft or merged)")
     parser.add_argument("--dtype", default=None,
                         help="output dtype for mixtral/merged: float32, bfloat16, float16 (default: the base's)")
-    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB or 500MB")
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                        help="largest safetensors shard, e.g. 2GB or 500MB (default: 2GiB)")
     parser.add_argument("--quantization", default=None, metavar="SCHEME",
                         help=f"the adapter was trained on a base quantized this way ({', '.join(QUANTIZATIONS)}): "
                              "merge into that base's dequantized weights, which reproduces the trained model "
