@@ -62,10 +62,11 @@ def task_probabilities(sizes: Mapping[str, int], strategy: str = "temperature") 
 
 
 class _TaskCycle:
-    """Endless per-task order: a seeded permutation of 0..n-1, reshuffled at every pass."""
+    """Endless order of a task's n examples: a permutation of 0..n-1, reshuffled at every pass, drawn from
+    the stream of (seed, epoch, task) (the same cycle for per-sample and per-batch task draws)."""
 
-    def __init__(self, n: int, rng: random.Random) -> None:
-        self.n, self.rng, self.order, self.pos = n, rng, [], 0
+    def __init__(self, n: int, task: str, seed: int, epoch: int) -> None:
+        self.n, self.rng, self.order, self.pos = n, random.Random(f"loramix-task-{seed}-{epoch}-{task}"), [], 0
 
     def next(self) -> int:
         if self.pos >= len(self.order):
@@ -91,7 +92,7 @@ def multitask_order(sizes: Mapping[str, int], *, strategy: str = "temperature", 
         shuffled cycle.
     """
     probs = task_probabilities(sizes, strategy)
-    cycles = {t: _TaskCycle(sizes[t], random.Random(f"loramix-task-{seed}-{epoch}-{t}")) for t in probs}
+    cycles = {t: _TaskCycle(sizes[t], t, seed, epoch) for t in probs}
     count = sum(sizes.values()) if num_samples is None else num_samples
     # one draw per sample from one stream: u · Σp against the cumulative probabilities
     tasks = random.Random(f"loramix-tasks-{seed}-{epoch}").choices(list(probs), weights=list(probs.values()), k=count)
@@ -155,7 +156,8 @@ class TaskSampledBatches(EpochBatches):
         self.by_task: dict[str, list[int]] = {}
         for i, t in enumerate(tasks):
             self.by_task.setdefault(t, []).append(i)
-        task_probabilities({t: len(v) for t, v in self.by_task.items()}, strategy)  # validates early
+        self.sizes = {t: len(v) for t, v in self.by_task.items()}
+        task_probabilities(self.sizes, strategy)  # validates early
         self.batch_size, self.strategy, self.seed, self.mixed = batch_size, strategy, seed, mixed
         self.lengths = list(lengths) if lengths is not None else None
         self.samples_per_epoch = len(tasks) if samples_per_epoch is None else samples_per_epoch
@@ -164,15 +166,14 @@ class TaskSampledBatches(EpochBatches):
     @property
     def probabilities(self) -> dict[str, float]:
         """Task name → sampling probability."""
-        return task_probabilities({t: len(v) for t, v in self.by_task.items()}, self.strategy)
+        return task_probabilities(self.sizes, self.strategy)
 
     def batches(self, epoch: int | None = None) -> list[list[int]]:
         """Every batch of ``epoch`` (default: the current one), as lists of flat indices."""
         epoch = self.epoch if epoch is None else epoch
-        sizes = {t: len(v) for t, v in self.by_task.items()}
         n_batches = len(self)
         if self.mixed:
-            order = multitask_order(sizes, strategy=self.strategy, seed=self.seed, epoch=epoch,
+            order = multitask_order(self.sizes, strategy=self.strategy, seed=self.seed, epoch=epoch,
                                     num_samples=n_batches * self.batch_size)
             flat = [self.by_task[t][i] for t, i in order]
             if self.lengths is None:
@@ -181,8 +182,9 @@ class TaskSampledBatches(EpochBatches):
             random.Random(f"loramix-task-batches-{self.seed}-{epoch}").shuffle(out)
             return out
         # One task per batch: draw the batch's task, then batch_size examples of it.
-        per_batch = multitask_order(sizes, strategy=self.strategy, seed=self.seed, epoch=epoch, num_samples=n_batches)
-        cycles = {t: _TaskCycle(n, random.Random(f"loramix-task-{self.seed}-{epoch}-{t}")) for t, n in sizes.items()}
+        per_batch = multitask_order(self.sizes, strategy=self.strategy, seed=self.seed, epoch=epoch,
+                                    num_samples=n_batches)
+        cycles = {t: _TaskCycle(n, t, self.seed, epoch) for t, n in self.sizes.items()}
         return [[self.by_task[t][cycles[t].next()] for _ in range(self.batch_size)] for t, _ in per_batch]
 
     def __len__(self) -> int:
