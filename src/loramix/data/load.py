@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .examples import Example
 from .files import read_file, read_hub_dataset
-from .tasks import DataError, canonical_split, canonical_task, iter_task, read_task
+from .tasks import TASKS, DataError, canonical_split, canonical_task, iter_task, read_task
 
 
 def load_examples(source: str, split: str = "train", limit: int | None = None, seed: int = 0) -> list[Example]:
@@ -52,7 +52,7 @@ def load_examples(source: str, split: str = "train", limit: int | None = None, s
         examples = read_hub_dataset(source, split)
     else:
         raise DataError(f"'{source}' is not a built-in task, an existing .json/.jsonl file, or a Hub dataset id "
-                        f"(owner/name). Built-in tasks: arc-e, arc-c, boolq, obqa, piqa, siqa, hellaswag, winogrande")
+                        f"(owner/name). Built-in tasks: {', '.join(TASKS)}")
     if limit is None or limit >= len(examples):
         return examples
     if first_rows:

@@ -21,6 +21,7 @@ from ..cli import (
     UsageError, add_base_model_argument, add_loading_arguments, add_threads_argument, apply_threads,
     check_loading_arguments, check_model, load_adapters_onto, resolve_model,
 )
+from ..data.tasks import TASKS
 from .accuracy import PROTOCOLS, evaluate_many, evaluate_multiple_choice
 
 
@@ -31,9 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "repeat it to evaluate several adapters in one pass over one base model, named "
                              "NAME=FOLDER (default name: the folder, or its parent if it is called 'adapter')")
     parser.add_argument("--tasks", default="arc-e",
-                        help="comma-separated tasks (arc-e, arc-c, boolq, obqa, piqa, siqa, hellaswag, winogrande, "
-                             "or 'all' for these eight) or multiple-choice .json/.jsonl files")
-    parser.add_argument("--split", default="validation", help="train, validation or test (test: arc-e, arc-c, obqa only)")
+                        help=f"comma-separated tasks ({', '.join(TASKS)}, or 'all' for every one of them) or "
+                             "multiple-choice .json/.jsonl files")
+    parser.add_argument("--split", default="validation",
+                        help="train, validation or test (test: arc-e, arc-c, obqa only)")
     parser.add_argument("--limit", type=int, default=None,
                         help="evaluate only the first N examples of each task (default, or 0: all of them; "
                              "the demo's --eval-limit reads 0 the same way)")
@@ -208,7 +210,7 @@ def _score(model, tokenizer, examples: list, names: list, task_ids: dict, protoc
 
 def _load_data(args: argparse.Namespace) -> dict[str, list]:
     """Task → its multiple-choice examples (a ``DataError`` names the task or file)."""
-    from ..data import TASKS, DataError, MultipleChoiceExample, load_examples
+    from ..data import DataError, MultipleChoiceExample, load_examples
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if tasks == ["all"]:

@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from ..config import AdapterConfig, ConfigError, MixLoraConfig, Settings, _help, is_int
+from ..data.tasks import TASKS
 from ..hub import DTYPES as DTYPE_NAMES
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -48,7 +49,7 @@ class DataConfig(Settings):
     """Which examples to train and evaluate on, and how to turn them into tokens."""
 
     train: list = _help(
-        "Training sources: task names (arc-e, arc-c, boolq, obqa, piqa, siqa, hellaswag, winogrande), "
+        f"Training sources: task names ({', '.join(TASKS)}), "
         ".json/.jsonl files or Hub dataset ids; an entry may be a mapping {source: NAME, limit: N}. "
         "Several sources are mixed into one run.", factory=lambda: ["arc-e"])
     train_limit: int | None = _help("Default cap on examples per training source (a random sample; null or 0: all).", None)
