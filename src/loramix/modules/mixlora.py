@@ -355,8 +355,7 @@ class MixLoraFFN(nn.Module):
         else:
             routing = route_switch(logits, self.capacity_factor, valid)
         if valid is not None:
-            empty = torch.full_like(routing.expert_ids, self.num_experts)
-            routing.expert_ids = torch.where(valid[:, None], routing.expert_ids, empty)
+            routing.expert_ids = torch.where(valid[:, None], routing.expert_ids, self.num_experts)
             routing.weights = routing.weights * valid[:, None]
         if self.context.inference_only:
             return routing

@@ -64,7 +64,7 @@ def route_top_p(logits: torch.Tensor, top_p: float, temperature: float = 1.0, ma
     keep = mass_before < top_p
     kept_p = sorted_p * keep
     weights = kept_p / kept_p.sum(dim=-1, keepdim=True)
-    expert_ids = torch.where(keep, sorted_i, torch.full_like(sorted_i, num_experts))
+    expert_ids = torch.where(keep, sorted_i, num_experts)
     return Routing(expert_ids, weights, probs, expert_ids)
 
 
@@ -85,7 +85,7 @@ def route_switch(logits: torch.Tensor, capacity_factor: float, valid: torch.Tens
         one_hot = F.one_hot(top_i[:, 0], num_experts) * valid[:, None]
     position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1, keepdim=True) - 1  # rank within its expert
     fits = position < capacity
-    expert_ids = torch.where(fits, top_i, torch.full_like(top_i, num_experts))
+    expert_ids = torch.where(fits, top_i, num_experts)
     weights = (top_p / top_p.detach()) * fits
     return Routing(expert_ids, weights, probs, top_i)
 
@@ -100,17 +100,21 @@ def router_statistics(probs: torch.Tensor, chosen: torch.Tensor, valid: torch.Te
     return counts / counts.sum().clamp_min(1), mean_prob
 
 
+def _valid_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean over dim 0 of ``values`` (N, ...) where ``valid`` (N,) is True (every row when None); 0 if none is."""
+    if valid is None:
+        return values.mean(dim=0)
+    weight = valid.to(values.dtype).reshape(-1, *[1] * (values.dim() - 1))
+    return (values * weight).sum(dim=0) / weight.sum().clamp_min(1)
+
+
 def _assignments_and_mean_prob(probs: torch.Tensor, chosen: torch.Tensor,
                                valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(E,) assignment counts (no gradient) and (E,) mean probability over the valid tokens."""
     num_experts = probs.shape[-1]
     if valid is not None:
-        chosen = torch.where(valid[:, None], chosen, torch.full_like(chosen, num_experts))
-        weight = valid.to(probs.dtype)[:, None]
-        mean_prob = (probs * weight).sum(dim=0) / weight.sum().clamp_min(1)
-    else:
-        mean_prob = probs.mean(dim=0)
-    return expert_counts(chosen, num_experts)[:num_experts].to(probs.dtype), mean_prob
+        chosen = torch.where(valid[:, None], chosen, num_experts)  # padding's slots count as empty
+    return expert_counts(chosen, num_experts)[:num_experts].to(probs.dtype), _valid_mean(probs, valid)
 
 
 def load_balance_loss(probs: torch.Tensor, chosen: torch.Tensor, valid: torch.Tensor | None = None,
@@ -143,8 +147,4 @@ def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 def router_z_loss(logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE router z-loss: mean over valid tokens of logsumexp(logits)². logits: (N, E)."""
-    z = torch.logsumexp(logits, dim=-1).square()
-    if valid is None:
-        return z.mean()
-    weight = valid.to(z.dtype)
-    return (z * weight).sum() / weight.sum().clamp_min(1)
+    return _valid_mean(torch.logsumexp(logits, dim=-1).square(), valid)
