@@ -25,7 +25,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 SIDECAR_NAME = "loramix_config.json"
 FORMAT = "loramix-adapter"
 FORMAT_VERSION = 2
+# A LoRA tensor's loramix name → PEFT's: ``<path>.lora_A`` is ``base_model.model.<path>.lora_A.weight`` in PEFT.
 PEFT_PREFIX = "base_model.model."
+PEFT_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
 # What PEFT-aware tools print for a loramix adapter that is not a PEFT adapter (see folder.py's docstring).
 NOT_PEFT = {
     "mixlora": "LORAMIX_MIXLORA (a loramix MixLoRA adapter, not a PEFT one: load it with loramix.load_adapter, "
@@ -76,6 +78,11 @@ def base_model_name(model: nn.Module) -> str | None:
     """The name an in-memory model was loaded under (``config._name_or_path``: a folder, a Hub id or
     ``"smollm2-135m"``), which adapters record as their base; None when it has none."""
     return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
+def peft_key(module: str, name: str) -> str:
+    """PEFT's key of loramix's ``<module>.<name>``, e.g. ``base_model.model.<module>.lora_A.weight``."""
+    return f"{PEFT_PREFIX}{module}.{PEFT_NAMES[name]}"
 
 
 def key_mismatch(expected: set[str], found: set[str]) -> str | None:

@@ -51,7 +51,8 @@ from ..models.registry import FAMILIES, ModelFamily, family_of
 from ..modules.quantized import logical_shape
 from .authors import is_authors_format, read_authors_folder
 from .common import (
-    CONFIG_NAME, FORMAT, FORMAT_VERSION, SIDECAR_NAME, WEIGHTS_NAME, AdapterLoadError, base_model_name, key_mismatch,
+    CONFIG_NAME, FORMAT, FORMAT_VERSION, PEFT_NAMES, PEFT_PREFIX, SIDECAR_NAME, WEIGHTS_NAME, AdapterLoadError,
+    base_model_name, key_mismatch,
 )
 
 
@@ -213,7 +214,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return dict(AdapterTensors(path))
 
 
-_PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?:lora_(?P<ab>[AB])\.weight|(?P<m>lora_magnitude_vector))$")
+_FROM_PEFT = {peft: ours for ours, peft in PEFT_NAMES.items()}
+_PEFT_KEY = re.compile(rf"^{re.escape(PEFT_PREFIX)}(?P<module>.+)\.(?P<name>{'|'.join(map(re.escape, _FROM_PEFT))})$")
 
 
 def peft_to_loramix_key(key: str, where: str) -> str:
@@ -224,7 +226,7 @@ def peft_to_loramix_key(key: str, where: str) -> str:
         raise AdapterLoadError(
             f"{where}: '{key}' is not a LoRA tensor loramix can load (loramix reads lora_A, lora_B and DoRA's "
             "lora_magnitude_vector; biases, embeddings and modules_to_save are not supported): load it with peft")
-    return f"{m['module']}.lora_{m['ab']}" if m["ab"] else f"{m['module']}.lora_magnitude"
+    return f"{m['module']}.{_FROM_PEFT[m['name']]}"
 
 
 # ====================================================================================== shape checks

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .common import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, ExportError, key_mismatch, write_json, write_safetensors
+from .common import CONFIG_NAME, WEIGHTS_NAME, ExportError, key_mismatch, peft_key, write_json, write_safetensors
 
 
 def write_peft_adapter(
@@ -101,15 +101,14 @@ def peft_adapter_files(
             raise ExportError(f"write_peft_adapter: '{name}' needs A (r, in) and B (out, r), "
                               f"got A {tuple(A.shape)} and B {tuple(B.shape)}")
         ranks[name] = int(A.shape[0])
-        prefix = f"{PEFT_PREFIX}{name}"
-        tensors[f"{prefix}.lora_A.weight"] = A.detach().cpu().contiguous()
-        tensors[f"{prefix}.lora_B.weight"] = B.detach().cpu().contiguous()
+        tensors[peft_key(name, "lora_A")] = A.detach().cpu().contiguous()
+        tensors[peft_key(name, "lora_B")] = B.detach().cpu().contiguous()
         if magnitudes is not None:
             m = magnitudes[name]
             if m.shape != (B.shape[0],):
                 raise ExportError(f"write_peft_adapter: DoRA magnitude of '{name}' must have shape ({B.shape[0]},), "
                                   f"got {tuple(m.shape)}")
-            tensors[f"{prefix}.lora_magnitude_vector"] = m.detach().cpu().contiguous()
+            tensors[peft_key(name, "lora_magnitude")] = m.detach().cpu().contiguous()
     # The most common rank is the default; the others go to rank_pattern with alpha = rank (scale 1).
     counts = collections.Counter(ranks.values())
     r = min(counts, key=lambda k: (-counts[k], k))
