@@ -28,6 +28,7 @@ from .examples import LETTERS, Example, InstructionExample, MultipleChoiceExampl
 from .tasks import DataError
 
 IGNORE_INDEX = -100
+MIN_CUTOFF_LEN = 8  # the shortest cutoff_len a training config (data.cutoff_len) or loramix eval --cutoff-len takes
 KINDS = ("multiple_choice", "instruction")
 
 

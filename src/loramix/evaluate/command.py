@@ -22,6 +22,7 @@ from ..cli import (
     check_loading_arguments, check_model, load_adapters_onto, resolve_model,
 )
 from ..data.tasks import TASKS
+from ..data.tokenize import MIN_CUTOFF_LEN
 from .accuracy import PROTOCOLS, evaluate_many, evaluate_multiple_choice
 
 
@@ -112,8 +113,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--limit must be >= 0 (0: all examples), got {args.limit}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.cutoff_len < 8:
-        raise UsageError(f"--cutoff-len must be at least 8, got {args.cutoff_len}")
+    if args.cutoff_len < MIN_CUTOFF_LEN:
+        raise UsageError(f"--cutoff-len must be at least {MIN_CUTOFF_LEN}, got {args.cutoff_len}")
     args.limit = args.limit or None  # 0 means all, as in the demo
     check_loading_arguments(args)
     args.model = resolve_model(args.model)

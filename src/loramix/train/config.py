@@ -37,6 +37,7 @@ import yaml
 
 from ..config import AdapterConfig, ConfigError, MixLoraConfig, Settings, _help, is_int
 from ..data.tasks import TASKS
+from ..data.tokenize import MIN_CUTOFF_LEN
 from ..hub import DTYPES as DTYPE_NAMES
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -85,7 +86,7 @@ class DataConfig(Settings):
         for p in self.eval_protocols:
             self._check("eval_protocols", p in ("label", "loglik"), "a list of 'label' and/or 'loglik'")
         self._check("eval_batch_size", is_int(self.eval_batch_size, minimum=1), "a positive integer")
-        self._check("cutoff_len", self.cutoff_len >= 8, "at least 8")
+        self._check("cutoff_len", self.cutoff_len >= MIN_CUTOFF_LEN, f"at least {MIN_CUTOFF_LEN}")
         for name in ("train_limit", "eval_limit"):
             self._check(name, getattr(self, name) is None or getattr(self, name) >= 0, ">= 0 or null")
 
