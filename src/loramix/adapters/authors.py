@@ -82,7 +82,8 @@ def authors_config(meta: dict[str, Any], family: ModelFamily, where: str) -> Mix
         raise AdapterLoadError(f"{where}: {err}") from None
 
 
-def authors_tensors(raw: dict[str, torch.Tensor], family: ModelFamily, num_experts: int, where: str) -> dict[str, torch.Tensor]:
+def authors_tensors(raw: dict[str, torch.Tensor], family: ModelFamily, num_experts: int,
+                    where: str) -> dict[str, torch.Tensor]:
     """Rename and stack the authors' weights into loramix state-dict keys."""
     out: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[int, torch.Tensor]] = {}
@@ -137,7 +138,8 @@ def _check_activation(model: nn.Module, act_fn: Any, where: str) -> None:
             )
 
 
-def read_authors_folder(folder: Path, meta: dict[str, Any], family: ModelFamily) -> tuple[MixLoraConfig, dict[str, torch.Tensor], Path]:
+def read_authors_folder(folder: Path, meta: dict[str, Any],
+                        family: ModelFamily) -> tuple[MixLoraConfig, dict[str, torch.Tensor], Path]:
     """The config, tensors (loramix keys, no DoRA magnitudes) and weights path of an authors'-format
     folder; called by ``folder.read_adapter_folder``, which then checks every shape."""
     config = authors_config(meta, family, str(folder / CONFIG_NAME))

@@ -151,7 +151,8 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
     folder = Path(folder)
     if not folder.is_dir():
         if folder.is_file():
-            raise AdapterLoadError(f"{folder}: a file, not an adapter folder (give the folder that holds {CONFIG_NAME})")
+            raise AdapterLoadError(f"{folder}: a file, not an adapter folder "
+                                   f"(give the folder that holds {CONFIG_NAME})")
         raise AdapterLoadError(f"{folder}: no such adapter folder")
     path = folder / CONFIG_NAME
     if not path.is_file():
@@ -389,8 +390,9 @@ def check_base(model: nn.Module, adapter: AdapterFolder) -> None:
     if problem is not None:
         raise AdapterLoadError(
             f"{adapter.path}: this adapter was trained on base model '{recorded or 'not recorded'}'"
-            f"{_describe(hidden, layers)}, but the model given ('{given or 'unnamed'}'{_describe(model_hidden, model_layers)}) "
-            f"has other shapes: {problem}. Load the adapter onto '{recorded or 'its base model'}'.")
+            f"{_describe(hidden, layers)}, but the model given "
+            f"('{given or 'unnamed'}'{_describe(model_hidden, model_layers)}) has other shapes: {problem}. "
+            f"Load the adapter onto '{recorded or 'its base model'}'.")
     from .. import hub  # here, not at the top: `import loramix` leaves hub unimported (see io._peft_files)
 
     ours, theirs = hub.canonical_name(recorded), hub.canonical_name(given)
@@ -402,7 +404,8 @@ def check_base(model: nn.Module, adapter: AdapterFolder) -> None:
 
 
 # ====================================================================================== the reader
-def _lora_config_from_peft(meta: dict[str, Any], family: ModelFamily, shapes_keys: list[str], where: Path) -> LoraConfig:
+def _lora_config_from_peft(meta: dict[str, Any], family: ModelFamily, shapes_keys: list[str],
+                           where: Path) -> LoraConfig:
     """A ``LoraConfig`` for a PEFT LoRA folder without loramix settings (written by another tool)."""
     if meta.get("rank_pattern") or meta.get("alpha_pattern"):
         raise AdapterLoadError(f"{where}: per-module ranks (rank_pattern/alpha_pattern) are not a loramix LoRA; "
@@ -426,7 +429,8 @@ def _lora_config_from_peft(meta: dict[str, Any], family: ModelFamily, shapes_key
     try:
         return LoraConfig(r=int(meta["r"]), alpha=meta["lora_alpha"], dropout=float(meta.get("lora_dropout", 0.0)),
                           targets=targets, use_rslora=bool(meta.get("use_rslora", False)),
-                          use_dora=bool(meta.get("use_dora", False)), init="gaussian" if init == "gaussian" else "kaiming")
+                          use_dora=bool(meta.get("use_dora", False)),
+                          init="gaussian" if init == "gaussian" else "kaiming")
     except ConfigError as err:
         raise AdapterLoadError(f"{where}: {err}") from None
 
@@ -491,7 +495,8 @@ def read_adapter_folder(folder: str | os.PathLike, model: nn.Module | None = Non
         raise AdapterLoadError(f"{config_file}: a PEFT '{meta['peft_type']}' adapter; loramix reads LoRA/DoRA PEFT "
                                "adapters only: load it with peft (PeftModel.from_pretrained)")
     else:
-        raise AdapterLoadError(f"{config_file}: not a loramix adapter (no \"format\": \"{FORMAT}\" and no \"peft_type\")")
+        raise AdapterLoadError(f"{config_file}: not a loramix adapter "
+                               f"(no \"format\": \"{FORMAT}\" and no \"peft_type\")")
     shapes = tensors.shapes if isinstance(tensors, AdapterTensors) else {k: tuple(v.shape) for k, v in tensors.items()}
     shapes = check_tensor_shapes(config, family, shapes, weights=weights, config_file=config_file)
     adapter = AdapterFolder(path=folder, layout=layout, config=config, family=family, tensors=tensors, meta=meta,

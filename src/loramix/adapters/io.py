@@ -44,7 +44,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, A
     ``"extra"`` (e.g. task names).
 
     Example:
-        >>> save_adapter(lora_model, "out/adapter")       # a PEFT folder: PeftModel.from_pretrained(base, "out/adapter")
+        >>> save_adapter(lora_model, "out/adapter")   # a PEFT folder: PeftModel.from_pretrained(base, "out/adapter")
     """
     state = adapter_state(model)
     out = Path(folder)
@@ -123,5 +123,5 @@ def load_many(model: nn.Module, folders: dict[str, Any]) -> nn.Module:
     return stack_adapters(model, {name: (lambda m, f=folder: load_adapter(m, f)) for name, folder in folders.items()})
 
 
-__all__ = ["AdapterLoadError", "copy_adapter_tensors", "load_adapter", "load_many", "read_adapter_config", "read_safetensors",
-           "save_adapter"]
+__all__ = ["AdapterLoadError", "copy_adapter_tensors", "load_adapter", "load_many", "read_adapter_config",
+           "read_safetensors", "save_adapter"]

@@ -26,7 +26,7 @@ from torch import nn
 from ..config import ConfigError, MoreConfig
 from ..models.inject import _restore, adapter_state, more_modules
 from .common import base_model_name
-from .peft import write_peft_adapter
+from .peft import LoraFactors, write_peft_adapter
 
 
 def more_config(model: nn.Module) -> MoreConfig:
@@ -143,7 +143,7 @@ def use_task(model: nn.Module, task: str | int) -> Iterator[nn.Module]:
         context.default_task_id = previous
 
 
-def task_loras(model: nn.Module, task: str | int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def task_loras(model: nn.Module, task: str | int) -> LoraFactors:
     """The task's update as plain LoRA factors per module: path → (A (k_t, in), B (out, k_t)), fp32,
     with ``s · c²`` folded into ``B`` so that ``ΔW = B @ A``."""
     index = task_index(model, task)

@@ -17,20 +17,22 @@ import torch
 
 from .common import CONFIG_NAME, WEIGHTS_NAME, ExportError, key_mismatch, peft_key, write_json, write_safetensors
 
+# LoRA factors per module: base module path (``model.layers.0.self_attn.q_proj``) → (A (r, in), B (out, r)).
+LoraFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 def write_peft_adapter(
     out_dir: str | os.PathLike,
-    loras: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    loras: LoraFactors,
     *,
     base_model_name_or_path: str | None,
     task_type: str | None = "CAUSAL_LM",
     magnitudes: dict[str, torch.Tensor] | None = None,
     fan_in_fan_out: bool = False,
 ) -> Path:
-    """Write LoRA factors as a standard PEFT LoRA (or DoRA) folder that ``peft`` loads.
+    """Write LoRA factors as a standard PEFT LoRA (or DoRA) folder that ``peft`` loads; returns the folder.
 
-    The files' contents come from ``peft_adapter_files`` (see its arguments); ``loramix.save_adapter``
-    writes plain LoRA/DoRA adapters through it too.
+    The files' contents come from ``peft_adapter_files``, through which ``loramix.save_adapter`` writes
+    plain LoRA/DoRA adapters too.
 
     Args:
         out_dir: destination folder (created); holds ``adapter_config.json`` + ``adapter_model.safetensors``.
@@ -45,9 +47,6 @@ def write_peft_adapter(
             Every module must then have one (PEFT's ``use_dora`` applies to all of them).
         fan_in_fan_out: the base modules store weights (in, out) (GPT-2's Conv1D).
 
-    Returns:
-        The folder path.
-
     Example:
         >>> write_peft_adapter("out/peft", {"model.layers.0.self_attn.q_proj": (A, B)}, base_model_name_or_path="x")
         >>> PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("x"), "out/peft")
@@ -61,8 +60,8 @@ def write_peft_adapter(
     return out
 
 
-def lora_factors(tensors: Mapping[str, torch.Tensor], *, use_dora: bool, scale: float = 1.0,
-                 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor] | None]:
+def lora_factors(tensors: Mapping[str, torch.Tensor], *, use_dora: bool,
+                 scale: float = 1.0) -> tuple[LoraFactors, dict[str, torch.Tensor] | None]:
     """A plain LoRA/DoRA adapter's tensors in loramix's keys (``<path>.lora_A``, ``.lora_B``, ``.lora_magnitude``)
     as the ``loras`` and ``magnitudes`` of ``peft_adapter_files``: path → (A (r, in), scale · B (out, r)),
     and with DoRA path → m (out,), else None."""
@@ -72,7 +71,7 @@ def lora_factors(tensors: Mapping[str, torch.Tensor], *, use_dora: bool, scale: 
 
 
 def peft_adapter_files(
-    loras: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    loras: LoraFactors,
     *,
     base_model_name_or_path: str | None,
     task_type: str | None = "CAUSAL_LM",

@@ -7,11 +7,11 @@ import torch
 
 from ...config import MixLoraConfig, MoreConfig, lora_scale
 from ..common import ExportError
-from ..peft import lora_factors
+from ..peft import LoraFactors, lora_factors
 from .weights import AdapterWeights
 
 
-def peft_factors(adapter: AdapterWeights) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor] | None]:
+def peft_factors(adapter: AdapterWeights) -> tuple[LoraFactors, dict[str, torch.Tensor] | None]:
     """A plain LoRA/DoRA adapter's factors for ``write_peft_adapter``, in fp32: path → (A, s·B), and magnitudes."""
     config = adapter.config
     if isinstance(config, MixLoraConfig):
