@@ -23,6 +23,7 @@ ROUTINGS = ("top_k", "top_p", "switch")
 INITS = ("kaiming", "gaussian")
 DISPATCHES = ("sorted", "naive")
 ADAPTER_DTYPES = (None, "float32", "bfloat16", "float16")
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the default: a llama-like family's attention
 ADAPTER_DTYPE_HELP = (
     "dtype of the adapter tensors: null (default) = float32 next to a half-precision or quantized (4/8-bit) "
     "base, else the base's dtype; or float32 | bfloat16 | float16."
@@ -167,7 +168,7 @@ class _AdapterSettings(Settings):
         if r is not None:
             self._check(prefix + rank, is_int(r, minimum=1), "a positive integer")
         if alpha is not None:
-            self._check(prefix + "alpha", is_number(alpha) and alpha > 0, "a positive number")
+            self._check_numbers(prefix + "alpha", positive=True)
         if dropout is not None:
             self._check(prefix + "dropout", is_number(dropout) and 0 <= dropout < 1, "in [0, 1)")
 
@@ -191,10 +192,12 @@ class _AdapterSettings(Settings):
         ``attention_lora().scale`` is the attention LoRA's)."""
         return lora_scale(self.r, self.alpha, self.use_rslora)
 
-    def _check_non_negative(self, *names: str) -> None:
+    def _check_numbers(self, *names: str, positive: bool = False) -> None:
+        """Each of ``names`` is a number > 0 (``positive``), else >= 0."""
         for name in names:
             value = getattr(self, name)
-            self._check(name, is_number(value) and value >= 0, "a number >= 0")
+            ok = is_number(value) and (value > 0 if positive else value >= 0)
+            self._check(name, ok, "a positive number" if positive else "a number >= 0")
 
 
 @dataclass
@@ -212,7 +215,7 @@ class LoraConfig(_AdapterSettings):
     targets: list[str] | None = _help(
         "Projection names to adapt, e.g. [q_proj, v_proj] or 'mlp.c_proj' to disambiguate; "
         "null adapts every attention and FFN projection of the model family.",
-        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        factory=lambda: list(ATTENTION_TARGETS),
     )
     use_dora: bool = _help("DoRA: learned magnitude per output feature times the normalised weight.", False)
     use_rslora: bool = _help("rsLoRA scaling alpha / sqrt(r).", False)
@@ -246,7 +249,7 @@ class MixLoraConfig(_AdapterSettings):
     capacity_factor: float = _help("routing switch: capacity = ceil(capacity_factor * tokens / experts).", 1.0)
     attention_targets: list[str] | None = _help(
         "Attention projections given a plain LoRA (null: all of the family's, [] : none).",
-        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        factory=lambda: list(ATTENTION_TARGETS),
     )
     ffn_targets: list[str] | None = _help(
         "FFN projections given expert LoRAs (null: all of the family's); the others stay frozen.",
@@ -284,9 +287,8 @@ class MixLoraConfig(_AdapterSettings):
         if self.max_experts is not None:
             ok = is_int(self.max_experts, minimum=1) and self.max_experts <= self.num_experts
             self._check("max_experts", ok, f"null or an integer in [1, {self.num_experts}]")
-        for name in ("temperature", "capacity_factor"):
-            self._check(name, is_number(getattr(self, name)) and getattr(self, name) > 0, "positive")
-        self._check_non_negative("aux_loss_coef", "z_loss_coef", "jitter", "router_init_std")
+        self._check_numbers("temperature", "capacity_factor", positive=True)
+        self._check_numbers("aux_loss_coef", "z_loss_coef", "jitter", "router_init_std")
         self._check("jitter", self.jitter < 1, "in [0, 1)")
         self._check("dispatch", self.dispatch in DISPATCHES, f"one of {DISPATCHES}")
 
@@ -368,8 +370,8 @@ class MoreConfig(_AdapterSettings):
                 raise ConfigError(f"is {self.num_tasks} but 'tasks' names {len(self.tasks)} tasks", "num_tasks")
         elif self.tasks is not None:
             self.num_tasks = len(self.tasks)
-        self._check_non_negative("contrastive_coef", "task_embedding_std")
-        self._check("temperature", is_number(self.temperature) and self.temperature > 0, "positive")
+        self._check_numbers("contrastive_coef", "task_embedding_std")
+        self._check_numbers("temperature", positive=True)
         self._check("selector", self.selector in SELECTORS, f"one of {SELECTORS}")
         if self.default_task is not None:
             ok = isinstance(self.default_task, str) and (self.tasks is None or self.default_task in self.tasks)
@@ -386,7 +388,7 @@ class MoreConfig(_AdapterSettings):
         return list(self.ranks) if self.ranks is not None else list(range(1, self.max_rank + 1))
 
 
-ADAPTER_CONFIGS: dict[str, type] = {"lora": LoraConfig, "mixlora": MixLoraConfig, "more": MoreConfig}
+ADAPTER_CONFIGS: dict[str, type] = {c.kind: c for c in (LoraConfig, MixLoraConfig, MoreConfig)}
 AdapterConfig = LoraConfig | MixLoraConfig | MoreConfig  # a training config's ``adapter``, picked by ``kind``
 
 
