@@ -175,15 +175,20 @@ class DistributedTrainer(Trainer):
         dist.broadcast_object_list(shared, src=0)  # also a barrier: nobody resumes from a half-written one
         job.last_checkpoint = Path(shared[0])
         if self.rank:  # so a resumed run draws the same dropout masks on every rank
+            plain_path, tensors_path = self._rank_rng_files(job.last_checkpoint)
             plain, tensors = ckpt.rng_states()
-            torch.save(tensors, job.last_checkpoint / f"rng-rank{self.rank}.pt")
-            (job.last_checkpoint / f"rng-rank{self.rank}.json").write_text(json.dumps(plain))
+            torch.save(tensors, tensors_path)
+            plain_path.write_text(json.dumps(plain))
         dist.barrier()
         return job.last_checkpoint
 
+    def _rank_rng_files(self, folder: Path) -> tuple[Path, Path]:
+        """Where a checkpoint keeps this rank's generator states: (Python/NumPy as JSON, torch tensors)."""
+        return folder / f"rng-rank{self.rank}.json", folder / f"rng-rank{self.rank}.pt"
+
     def _restore_rank_rng(self, job: Any) -> None:
         if self.rank:
-            plain, tensors = job.last_checkpoint / f"rng-rank{self.rank}.json", job.last_checkpoint / f"rng-rank{self.rank}.pt"
+            plain, tensors = self._rank_rng_files(job.last_checkpoint)
             if plain.is_file() and tensors.is_file():
                 ckpt.set_rng_states(json.loads(plain.read_text()), torch.load(tensors, weights_only=True))
             else:
