@@ -69,9 +69,10 @@ def parse_row(row: Any, *, task: str, index: int, where: str) -> Example:
     if "question" in row or "choices" in row:
         question = _string_field(row, "question", where)
         choices = row.get("choices")
-        if isinstance(choices, dict) and isinstance(choices.get("text"), list):  # Hub style {"text": [...], "label": [...]}
+        if isinstance(choices, dict) and isinstance(choices.get("text"), list):  # Hub style: {"text": [...], ...}
             choices = choices["text"]
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, (str, int, float)) for c in choices):
+        ok = isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, (str, int, float)) for c in choices)
+        if not ok:
             raise DataError(f"{where}: 'choices' must be a list of at least 2 strings, got {choices!r}")
         choices = [str(c) for c in choices]
         if "answer" not in row and "answerKey" not in row:

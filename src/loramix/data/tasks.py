@@ -121,12 +121,14 @@ def _example_from_doc(doc: dict, task: str, split: str, doc_id: int, where: str)
             choices = [doc["option1"], doc["option2"]]
             gold = int(doc["answer"]) - 1
         else:
-            raise KeyError(f"doc has fields {sorted(doc)}; expected query/choices/gold or sentence/option1/option2/answer")
+            raise KeyError(f"doc has fields {sorted(doc)}; expected query/choices/gold or "
+                           "sentence/option1/option2/answer")
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"{where}: cannot read the document: {err}") from err
     if len(choices) < 2 or not 0 <= gold < len(choices):
         raise DataError(f"{where}: gold {gold} out of range for {len(choices)} choices")
-    return MultipleChoiceExample(question=question, choices=choices, gold=gold, task=task, id=f"{task}/{split}/{doc_id}")
+    return MultipleChoiceExample(question=question, choices=choices, gold=gold, task=task,
+                                 id=f"{task}/{split}/{doc_id}")
 
 
 def iter_task(task: str, split: str) -> Iterator[MultipleChoiceExample]:

@@ -38,8 +38,8 @@ def _check_template(name: str, tpl: Any, where: str) -> dict:
     kind = tpl.get("kind")
     if kind not in KINDS:
         raise DataError(f"{where}: template '{name}' key 'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
-    required = ["prompt", "target"] + (["option"] if kind == "multiple_choice" and "{options}" in str(tpl.get("prompt")) else [])
-    for key in required:
+    lists_options = kind == "multiple_choice" and "{options}" in str(tpl.get("prompt"))
+    for key in ["prompt", "target"] + (["option"] if lists_options else []):
         if not isinstance(tpl.get(key), str):
             raise DataError(f"{where}: template '{name}' needs a string '{key}'")
     return tpl
@@ -62,7 +62,8 @@ def get_template(template: str | dict) -> dict:
         return dict(templates[template], name=template)
     path = Path(template)
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        return dict(_check_template(path.stem, yaml.safe_load(path.read_text(encoding="utf-8")), str(path)), name=path.stem)
+        tpl = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return dict(_check_template(path.stem, tpl, str(path)), name=path.stem)
     raise DataError(f"unknown template '{template}': use one of {', '.join(templates)} or a .yaml file")
 
 
@@ -85,7 +86,8 @@ def render_prompt(example: Example, template: str | dict = "mc_letters") -> str:
         key = "prompt_with_input" if example.input and "prompt_with_input" in tpl else "prompt"
         return tpl[key].format(**vars(example))
     if len(example.choices) > len(LETTERS):
-        raise DataError(f"example {example.id} has {len(example.choices)} choices; at most {len(LETTERS)} are supported")
+        raise DataError(f"example {example.id} has {len(example.choices)} choices; at most {len(LETTERS)} are "
+                        "supported")
     options = "".join(tpl.get("option", "").format(label=LETTERS[i], choice=c) for i, c in enumerate(example.choices))
     return tpl["prompt"].format(question=example.question, options=options)
 

@@ -152,6 +152,7 @@ def _summary(results: dict[str, Any]) -> str:
     lines = []
     for name, r in results.items():
         acc = ", ".join(f"{p} {v['accuracy']:.4f}" for p, v in (r.get("eval") or {}).items())
-        lines.append(f"{name}: {r['status']} at step {r['step']}" + (f", adapter {r['adapter']}" if r.get("adapter") else "")
-                     + (f", {acc}" if acc else "") + (f" ({r['error']})" if r.get("error") else ""))
+        adapter = f", adapter {r['adapter']}" if r.get("adapter") else ""
+        lines.append(f"{name}: {r['status']} at step {r['step']}{adapter}" + (f", {acc}" if acc else "")
+                     + (f" ({r['error']})" if r.get("error") else ""))
     return "\n".join(lines)

@@ -53,7 +53,8 @@ class DataConfig(Settings):
         f"Training sources: task names ({', '.join(TASKS)}), "
         ".json/.jsonl files or Hub dataset ids; an entry may be a mapping {source: NAME, limit: N}. "
         "Several sources are mixed into one run.", factory=lambda: ["arc-e"])
-    train_limit: int | None = _help("Default cap on examples per training source (a random sample; null or 0: all).", None)
+    train_limit: int | None = _help("Default cap on examples per training source (a random sample; null or 0: all).",
+                                    None)
     train_split: str = _help("Split read from the training sources.", "train")
     sampling: str = _help(
         "How the per-source example lists become one training set: 'concat' (concatenate; the batch "
@@ -96,11 +97,8 @@ class DataConfig(Settings):
         A limit of 0 means all as well, the meaning ``loramix eval --limit 0`` and the demo's
         ``--eval-limit 0`` give it (a run on zero examples is never what was meant)."""
         default = self.train_limit if which == "train" else self.eval_limit
-        out = []
-        for entry in getattr(self, which):
-            source, limit = (entry, default) if isinstance(entry, str) else (entry["source"], entry.get("limit", default))
-            out.append((source, limit or None))
-        return out
+        entries = [{"source": e} if isinstance(e, str) else e for e in getattr(self, which)]
+        return [(e["source"], e.get("limit", default) or None) for e in entries]
 
 
 @dataclass
@@ -320,7 +318,8 @@ def describe_keys() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             if isinstance(default, Settings):  # the adapter: its kind (its keys: loramix.config, README)
                 default = {"kind": default.kind}
-            lines.append(f"{prefix}{f.name} (default: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()})")
+            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            lines.append(f"{prefix}{f.name} (default: {shown})")
             lines.append(f"    {f.metadata.get('help', '')}")
 
     walk(TrainConfig, "")

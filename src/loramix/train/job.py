@@ -149,7 +149,8 @@ class Job:
         if self.writes:
             (self.output_dir / "train_config.yaml").write_text(self.config.to_yaml())
         resume, state = self.config.resume, None
-        folder = Path(resume) if isinstance(resume, str) else ckpt.latest_checkpoint(self.output_dir) if resume else None
+        latest = ckpt.latest_checkpoint(self.output_dir) if resume is True else None
+        folder = Path(resume) if isinstance(resume, str) else latest
         if resume and folder is None:
             log.warning("resume: no checkpoint in %s yet, starting from step 0", ckpt.checkpoint_root(self.output_dir))
         if folder is not None:
@@ -235,9 +236,9 @@ class Job:
 
     def save_adapter(self) -> Path:
         """Write ``output_dir/adapter`` (replaced as a whole folder) and the plots."""
+        extra = {"train_config": self.config.to_dict(), "task_index": self.task_index}
         try:
-            folder = ckpt.save_final_adapter(self.model, self.output_dir,
-                                             extra={"train_config": self.config.to_dict(), "task_index": self.task_index})
+            folder = ckpt.save_final_adapter(self.model, self.output_dir, extra=extra)
         except OSError as err:
             raise ckpt.SaveError(ckpt.describe_save_failure(err, f"the adapter {self.output_dir / 'adapter'}",
                                                             self.last_checkpoint)) from err

@@ -150,7 +150,8 @@ class Trainer:
         self.device = next(self.model.parameters()).device
         base_dtype = next(self.model.parameters()).dtype
         # Autocast only on CUDA and only for half-precision runs; CPU trains in the weights' dtype.
-        self.amp_dtype = base_dtype if self.device.type == "cuda" and base_dtype in (torch.float16, torch.bfloat16) else None
+        half = base_dtype in (torch.float16, torch.bfloat16)
+        self.amp_dtype = base_dtype if self.device.type == "cuda" and half else None
         if any(c.gradient_checkpointing for c in self.configs.values()):
             # non-reentrant checkpointing: works with frozen inputs and keyword arguments, restores the RNG
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -160,7 +161,8 @@ class Trainer:
             self.model.enable_input_require_grads()
             self.model.config.use_cache = False
         for name, config in self.configs.items():
-            job = Job(name, config, views[name], self.tokenizer, self._given_train.get(name), self._given_eval.get(name))
+            job = Job(name, config, views[name], self.tokenizer, self._given_train.get(name),
+                      self._given_eval.get(name))
             job.writes = self.is_main
             job.setup_data(self.world_size)
             self.jobs[name] = job
@@ -196,7 +198,8 @@ class Trainer:
         self.model.train()
         results: dict[str, dict[str, Any]] = {}
         jobs = self.jobs.values()
-        start = [j for j in jobs if j.eval_examples and (j.step >= j.total_steps or j.config.eval_at_start and j.step == 0)]
+        start = [j for j in jobs if j.eval_examples
+                 and (j.step >= j.total_steps or j.config.eval_at_start and j.step == 0)]
         if start:
             self._evaluate(start)
         for job in [j for j in jobs if j.step >= j.total_steps]:  # resumed after their last step
@@ -337,9 +340,9 @@ class Trainer:
             job.optimizer.zero_grad(set_to_none=True)
             job.scheduler.step()
             job.step += 1
+            load = [(x / w["count"]).tolist() for x in w["load"]] if w["load"] else None
             stats.append((job, w, {"lm_loss": w["lm"] / w["answer"], **w["aux"], "lr": lr, "grad_norm": grad_norm,
-                                   "tokens": w["tokens"],
-                                   "expert_load": [(x / w["count"]).tolist() for x in w["load"]] if w["load"] else None}))
+                                   "tokens": w["tokens"], "expert_load": load}))
         self._reduce_stats([s for _, _, s in stats])  # seam: each rank's share → the global batch's values
         for job, w, s in stats:
             s["loss"] = float(compose_loss(torch.tensor(s["lm_loss"]), {k: torch.tensor(v) for k, v in s.items()
@@ -393,11 +396,13 @@ class Trainer:
             settings = dict(protocol=protocol, batch_size=batch_size, template=template, cutoff_len=cutoff_len,
                             progress=any(j.config.progress for j in members))
             shards = {n: s for n, s in shards.items() if s}  # a rank may get no example of a small set
-            if self.single and shards:
+            if not shards:
+                continue
+            if self.single:
                 found = {"": evaluate_multiple_choice(self.model, self.tokenizer, shards[""], task_ids=task_ids[""],
                                                       **settings)}
             else:
-                found = evaluate_many(self.model, self.tokenizer, shards, task_ids=task_ids, **settings) if shards else {}
+                found = evaluate_many(self.model, self.tokenizer, shards, task_ids=task_ids, **settings)
             for name, r in found.items():
                 local[name][protocol] = {"accuracy": r["accuracy"], "n": r["n"], "per_task": r["per_task"]}
         self.model.train()  # evaluation put the shared model in eval mode
