@@ -139,3 +139,23 @@ def test_format_1_folders_still_load(tmp_path, kind):
     # Saving it again writes this version's format, which reads back the same.
     again = loramix.load_adapter(tiny_model("llama"), loramix.save_adapter(loaded, tmp_path / "new")).eval()
     torch.testing.assert_close(logits_of(again, ids, mask), logits_of(model, ids, mask), atol=0, rtol=0)
+
+
+def test_every_peft_writer_records_the_embedded_base_as_transformers_loads_it(tmp_path, monkeypatch):
+    # PEFT's base_model_name_or_path is read by transformers, which cannot load the alias "smollm2-135m":
+    # save_adapter, the peft export of an in-memory model and one MoRE task all record its converted folder.
+    from loramix import hub
+    from loramix.adapters.export import export_adapter
+    from loramix.adapters.more_tasks import export_task_peft
+
+    converted = tmp_path / "smollm2-converted"
+    monkeypatch.setattr(hub, "embedded_folder", lambda convert=False: converted)
+    lora = loramix.inject(tiny_model("llama"), loramix.LoraConfig(r=4, alpha=8, targets=["q_proj"]))
+    more = loramix.inject(tiny_model("llama"), loramix.MoreConfig(max_rank=4, tasks=["a", "b"]))
+    for model in (lora, more):
+        model.config._name_or_path = "smollm2-135m"
+    folders = [loramix.save_adapter(lora, tmp_path / "saved"), export_adapter(lora, tmp_path / "peft", format="peft"),
+               export_task_peft(more, "b", tmp_path / "task")]
+    for folder in folders:
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(converted)
+    assert loramix.adapters.read_adapter_config(folders[0])["base_model"] == "smollm2-135m"  # loramix keeps the alias

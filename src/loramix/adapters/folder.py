@@ -393,7 +393,7 @@ def check_base(model: nn.Module, adapter: AdapterFolder) -> None:
             f"{_describe(hidden, layers)}, but the model given "
             f"('{given or 'unnamed'}'{_describe(model_hidden, model_layers)}) has other shapes: {problem}. "
             f"Load the adapter onto '{recorded or 'its base model'}'.")
-    from .. import hub  # here, not at the top: `import loramix` leaves hub unimported (see io._peft_files)
+    from .. import hub  # here, not at the top: `import loramix` leaves hub unimported (see peft.peft_adapter_files)
 
     ours, theirs = hub.canonical_name(recorded), hub.canonical_name(given)
     if ours and theirs and ours != theirs:

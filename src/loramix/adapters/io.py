@@ -80,10 +80,8 @@ def _peft_files(tensors: dict[str, torch.Tensor], config: LoraConfig, fan_in_fan
                 base_model: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A plain LoRA/DoRA adapter's tensors (loramix keys) as PEFT's files, through the PEFT writer of
     ``peft.py``: raw ``B`` with PEFT's ``lora_alpha``/``use_rslora``, so PEFT's scale is loramix's."""
-    from .. import hub  # here, not at the top: ``import loramix`` stays without hub (and transformers)
     loras, magnitudes = lora_factors(tensors, use_dora=config.use_dora)
-    # PEFT's base name must be loadable by transformers: the embedded model's converted folder, not its alias
-    return peft_adapter_files(loras, base_model_name_or_path=hub.transformers_name(base_model), magnitudes=magnitudes,
+    return peft_adapter_files(loras, base_model_name_or_path=base_model, magnitudes=magnitudes,
                               fan_in_fan_out=fan_in_fan_out, lora_alpha=config.alpha, use_rslora=config.use_rslora,
                               lora_dropout=config.dropout,
                               init_lora_weights="gaussian" if config.init == "gaussian" else True)

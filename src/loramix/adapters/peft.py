@@ -86,8 +86,11 @@ def peft_adapter_files(
 
     ``lora_alpha=None`` (exports): the LoRA scale is folded into ``B`` and PEFT's scale is made 1.
     A number: ``B`` is the raw factor and PEFT scales it by ``lora_alpha / r`` (``/ sqrt(r)`` with
-    ``use_rslora``); every module must then have the same rank.
+    ``use_rslora``); every module must then have the same rank. ``base_model_name_or_path`` is recorded
+    as transformers can load it (``hub.transformers_name``: the embedded model's folder, not its alias).
     """
+    from .. import hub  # here, not at the top: ``import loramix`` stays without hub (and transformers)
+
     if not loras:
         raise ExportError("write_peft_adapter: no LoRA modules to write")
     mismatch = key_mismatch(set(loras), set(magnitudes)) if magnitudes is not None else None
@@ -117,7 +120,7 @@ def peft_adapter_files(
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
+        "base_model_name_or_path": hub.transformers_name(base_model_name_or_path),
         "r": r,
         "lora_alpha": r if lora_alpha is None else lora_alpha,
         "rank_pattern": pattern,

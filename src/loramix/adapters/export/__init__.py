@@ -134,7 +134,7 @@ def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.Pat
         return _export_model(model, out, format=format, tokenizer=tok, **options)
     return _export_tensors(AdapterWeights.from_folder(adapter),
                            lambda: _resolve_base(_required_base(base_name, adapter), quantization), out,
-                           format=format, base_name=hub.transformers_name(base_name), **options)
+                           format=format, base_name=base_name, **options)
 
 
 def _export_model(model: nn.Module, out: Path, *, format: str, task: str | None, tokenizer, **options) -> Path:
