@@ -82,10 +82,19 @@ def group_by_length(order: list[int], lengths: Sequence[int], batch_size: int, m
 
 
 class EpochBatches:
-    """A batch order that depends only on the epoch (``batches(epoch)``), read from any batch on (resume)."""
+    """A batch order that depends only on the epoch (``batches(epoch)``), read from any batch on (resume).
+
+    ``seed``: epoch e draws from streams derived from (seed, e). ``megabatch_factor``: the batches per
+    megabatch of length grouping (``group_by_length``; 50, as in Hugging Face's length grouping).
+    """
 
     epoch = 0
     start_batch = 0
+
+    def __init__(self, batch_size: int, seed: int, megabatch_factor: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.seed, self.megabatch_factor = batch_size, seed, megabatch_factor
 
     def batches(self, epoch: int | None = None) -> list[list[int]]:
         raise NotImplementedError
@@ -115,19 +124,15 @@ class LengthGroupedBatches(EpochBatches):
 
     Args:
         lengths: length in tokens of each example.
-        seed: base seed; epoch e uses an independent stream derived from (seed, e).
         shuffle: shuffle examples and batch order (training); False for a fixed order.
         drop_last: drop the (single) incomplete batch.
-        megabatch_factor: megabatch size in batches (50, as in Hugging Face's length grouping).
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = False, megabatch_factor: int = 50):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+                 drop_last: bool = False, megabatch_factor: int = 50) -> None:
+        super().__init__(batch_size, seed, megabatch_factor)
         self.lengths = [int(n) for n in lengths]
-        self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
-        self.megabatch_factor = megabatch_factor
+        self.shuffle, self.drop_last = shuffle, drop_last
 
     def batches(self, epoch: int | None = None) -> list[list[int]]:
         """Every batch of ``epoch`` (default: the current one), in order."""

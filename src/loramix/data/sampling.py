@@ -34,15 +34,9 @@ STRATEGIES = ("temperature", "proportional", "uniform")
 
 
 def task_probabilities(sizes: Mapping[str, int], strategy: str = "temperature") -> dict[str, float]:
-    """Sampling probability of each task.
-
-    Args:
-        sizes: task name → number of training examples (each > 0).
-        strategy: 'temperature' (p ∝ exp(|D_t|/Σ|D|)), 'proportional' (p ∝ |D_t|) or 'uniform'.
-
-    Returns:
-        task name → probability, in the order of ``sizes``; the values sum to 1.
-    """
+    """Task name → sampling probability, in the order of ``sizes`` (task name → its number of training
+    examples, each > 0); the values sum to 1. ``strategy``: 'temperature' (p ∝ exp(|D_t|/Σ|D|)),
+    'proportional' (p ∝ |D_t|) or 'uniform'."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown task sampling strategy '{strategy}'; choose one of {STRATEGIES}")
     if not sizes:
@@ -79,18 +73,9 @@ class _TaskCycle:
 
 def multitask_order(sizes: Mapping[str, int], *, strategy: str = "temperature", seed: int = 0,
                     num_samples: int | None = None, epoch: int = 0) -> list[tuple[str, int]]:
-    """The training order as (task, example index within the task) pairs.
-
-    Args:
-        sizes: task name → number of examples.
-        strategy: see ``task_probabilities``.
-        seed, epoch: the order is a pure function of (sizes, strategy, seed, epoch, num_samples).
-        num_samples: length of the order (default Σ|D|, one "epoch" worth of samples).
-
-    Returns:
-        ``num_samples`` pairs; each sample's task is drawn from ``p``, its example from that task's
-        shuffled cycle.
-    """
+    """The training order: ``num_samples`` (default Σ|D|, one "epoch" worth) (task, example index within
+    the task) pairs; each sample's task is drawn from ``p`` (``task_probabilities``), its example from that
+    task's shuffled cycle. A pure function of (sizes, strategy, seed, epoch, num_samples)."""
     probs = task_probabilities(sizes, strategy)
     cycles = {t: _TaskCycle(sizes[t], t, seed, epoch) for t in probs}
     count = sum(sizes.values()) if num_samples is None else num_samples
@@ -101,20 +86,14 @@ def multitask_order(sizes: Mapping[str, int], *, strategy: str = "temperature", 
 
 def mix(per_source: Mapping[str, list], *, strategy: str = "temperature", seed: int = 0,
         num_samples: int | None = None) -> list:
-    """One training list from several sources (the trainer's ``data.sampling``): concatenated, or drawn
-    with task sampling.
+    """One training list from several sources (source name → its examples; the trainer's ``data.sampling``).
 
-    Args:
-        per_source: source (task) name → its examples.
-        strategy: 'concat' (concatenate: the length-grouped sampler shuffles the order every epoch), or
-            'temperature' | 'proportional' | 'uniform' (see ``task_probabilities``).
-        seed: the draw is a pure function of (sizes, strategy, seed, num_samples).
-        num_samples: length of the list (default: the total number of examples).
-
-    Returns:
-        ``num_samples`` examples, each source appearing with probability ``p_t``: small sources repeat,
-        large ones are subsampled. A shuffling batch sampler then reorders them every epoch (the
-        multiset stays the one drawn here; ``TaskSampledBatches`` redraws per epoch instead).
+    ``strategy`` 'concat' concatenates them (the length-grouped sampler shuffles the order every epoch);
+    'temperature' | 'proportional' | 'uniform' (``task_probabilities``) draw ``num_samples`` examples
+    (default: as many as there are), each source with probability ``p_t``: small sources repeat, large
+    ones are subsampled. A pure function of (sizes, strategy, seed, num_samples); a shuffling batch
+    sampler then reorders them every epoch (the multiset stays the one drawn here;
+    ``TaskSampledBatches`` redraws per epoch instead).
     """
     if strategy == "concat":
         return [ex for examples in per_source.values() for ex in examples]
@@ -136,9 +115,7 @@ class TaskSampledBatches(EpochBatches):
 
     Args:
         tasks: the task name of every example of the flat list (e.g. ``[f["task"] for f in feats]``).
-        batch_size: examples per batch.
         strategy: 'temperature' | 'proportional' | 'uniform'.
-        seed: base seed; epoch e uses streams derived from (seed, e).
         mixed: True: each sample draws its own task (mixed-task batches, one MoRE matmul for any
             mix). False: the authors' scheme, one task drawn per batch.
         lengths: token length of every example; when given (and mixed), samples are grouped by
@@ -149,8 +126,7 @@ class TaskSampledBatches(EpochBatches):
     def __init__(self, tasks: Sequence[str], batch_size: int, *, strategy: str = "temperature", seed: int = 0,
                  mixed: bool = True, lengths: Sequence[int] | None = None, samples_per_epoch: int | None = None,
                  megabatch_factor: int = 50) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        super().__init__(batch_size, seed, megabatch_factor)
         if lengths is not None and len(lengths) != len(tasks):
             raise ValueError(f"lengths has {len(lengths)} entries but tasks has {len(tasks)}")
         self.by_task: dict[str, list[int]] = {}
@@ -158,10 +134,9 @@ class TaskSampledBatches(EpochBatches):
             self.by_task.setdefault(t, []).append(i)
         self.sizes = {t: len(v) for t, v in self.by_task.items()}
         task_probabilities(self.sizes, strategy)  # validates early
-        self.batch_size, self.strategy, self.seed, self.mixed = batch_size, strategy, seed, mixed
+        self.strategy, self.mixed = strategy, mixed
         self.lengths = list(lengths) if lengths is not None else None
         self.samples_per_epoch = len(tasks) if samples_per_epoch is None else samples_per_epoch
-        self.megabatch_factor = megabatch_factor
 
     @property
     def probabilities(self) -> dict[str, float]:
