@@ -148,16 +148,11 @@ def truncate_left(prompt_ids: list[int], answer_ids: list[int], cutoff_len: int,
 
 def encode_example(example: Example, tokenizer, *, template: str | dict = "mc_letters", cutoff_len: int = 512,
                    train_on_prompt: bool = False) -> dict[str, Any]:
-    """Tokenise one example for training.
+    """Tokenise one example for training (the module docstring says how).
 
-    Args:
-        example: a ``MultipleChoiceExample`` (target: the gold answer) or ``InstructionExample``
-            (target: ``output``; always uses an instruction template, the "instruction" one when
-            ``template`` is a multiple-choice template).
-        tokenizer: a Hugging Face tokenizer with an ``eos_token_id``.
-        template: a name from ``templates.yaml``, a YAML file, or a dict.
-        cutoff_len: maximum number of tokens; the prompt is cut from the left to fit.
-        train_on_prompt: also put loss on the prompt tokens.
+    The target of a ``MultipleChoiceExample`` is its gold answer; that of an ``InstructionExample`` its
+    ``output``, always with an instruction template (the "instruction" one when ``template``, a name from
+    ``templates.yaml``, a YAML file or a dict, is a multiple-choice template).
 
     Returns:
         ``{"input_ids": list[int], "labels": list[int], "task": str}``, both lists of the same
