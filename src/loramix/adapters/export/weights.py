@@ -24,10 +24,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from ...config import MixLoraConfig, lora_scale
+from ...models.inject import adapter_parameters, adapter_state
+from ...models.quantize import dense_state, plain_config
 from ...models.registry import ModelFamily
-from ..common import AdapterLoadError, ExportError, base_model_name, write_json
+from ..common import AdapterLoadError, ExportError, write_json
 from ..folder import read_adapter_folder, split_layer
 
 DEFAULT_MAX_SHARD_SIZE = 2 * 1024**3  # bytes; a 7B bf16 layer's 8 experts (~2.1 GB) make one shard
@@ -97,9 +100,6 @@ class BaseWeights:
         projection's weight is dequantized to the compute dtype when the export asks for it (one at a
         time), its quantization statistics are left out, and the config has no ``quantization_config``.
         """
-        from ...models.inject import adapter_parameters
-        from ...models.quantize import dense_state, plain_config
-
         adapter_keys = set(adapter_parameters(model)) if getattr(model, "loramix_adapter", None) else set()
         state = {k: get for k, get in dense_state(model).items() if k not in adapter_keys}
         return cls(plain_config(model.config), list(state), lambda k: state[k](), tokenizer=tokenizer,
@@ -107,12 +107,11 @@ class BaseWeights:
 
 
 class AdapterWeights:
-    """A loramix adapter's config and tensors (keys as in ``adapter_model.safetensors``)."""
+    """A loramix adapter's config and tensors (loramix keys), read one at a time; ``source`` names it in errors."""
 
     def __init__(self, config, family: ModelFamily, keys: list[str], get: Callable[[str], torch.Tensor],
-                 base_model: str | None = None, source: str = "adapter") -> None:
-        self.config, self.family, self._keys, self._get = config, family, set(keys), get
-        self.base_model, self.source = base_model, source
+                 source: str) -> None:
+        self.config, self.family, self._keys, self._get, self.source = config, family, set(keys), get, source
 
     def __contains__(self, key: str) -> bool:
         return key in self._keys
@@ -131,16 +130,13 @@ class AdapterWeights:
         (config vs tensor shapes, damaged files, ...) as ``load_adapter``, keys in loramix's names."""
         adapter = read_adapter_folder(folder)
         return cls(adapter.config, adapter.family, list(adapter.tensors), adapter.tensors.__getitem__,
-                   base_model=adapter.base_model, source=str(adapter.weights))
+                   source=str(adapter.weights))
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "AdapterWeights":
-        from ...models.inject import adapter_parameters, adapter_state
-
         state = adapter_state(model)
         params = {k: v.detach() for k, v in adapter_parameters(model).items()}
-        return cls(state.config, state.family, list(params), params.__getitem__,
-                   base_model=base_model_name(model), source="in-memory adapter")
+        return cls(state.config, state.family, list(params), params.__getitem__, source="in-memory adapter")
 
 
 # ====================================================================================== merge math
@@ -291,17 +287,9 @@ def stream_export(base: BaseWeights, family: ModelFamily, out_dir: str | os.Path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out, parse_size(max_shard_size))
-    layers = range(num_layers)
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            layers = tqdm(layers, desc=desc, unit="layer")
-        except ImportError:  # tqdm is a dependency, but an export must not fail for a progress bar
-            pass
     for key in before:
         copy(writer, key)
-    for layer in layers:
+    for layer in tqdm(range(num_layers), desc=desc, unit="layer", disable=not progress):
         if write_layer is not None:
             write_layer(writer, layer, per_layer[layer])
         else:
