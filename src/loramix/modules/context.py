@@ -17,6 +17,7 @@ class ForwardContext:
     Attributes:
         token_mask: (B, T_total) bool, False on padding; None when every token is real.
         task_ids: (B,) long task index per sample (MoRE), or None.
+        default_task_id: the MoRE task of a call without ``task_ids`` (``adapters.more_tasks.use_task``), or None.
         disabled: when True every adapter computes the frozen base function.
         balance_group: a ``torch.distributed`` process group, or None (the default). When set, MixLoRA's
             load-balance loss measures the expert shares over all its ranks' tokens (the data-parallel
@@ -28,6 +29,7 @@ class ForwardContext:
     def __init__(self) -> None:
         self.token_mask: torch.Tensor | None = None
         self.task_ids: torch.Tensor | None = None
+        self.default_task_id: int | None = None
         self.disabled = False
         self.balance_group: Any = None
         self.inference_only = False

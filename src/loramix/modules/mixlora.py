@@ -224,7 +224,6 @@ class MixLoraFFN(nn.Module):
         self.targets = [t for t in (*self.input_projections, output_projection) if t in targets]
         self.fan_in_fan_out = set(fan_in_fan_out)
         self.context = context
-        self.config = config
         num_experts, r = config.num_experts, config.r
         self.num_experts, self.r = num_experts, r
         self.scale = config.scale
