@@ -205,6 +205,17 @@ def test_missing_task_ids_is_an_error_or_the_default_task():
     torch.testing.assert_close(logits(model2, ids, mask, None), expected)
 
 
+def test_one_task_adapter_answers_without_task_ids_as_saved_adapters_do():
+    """The task of a call that names none is config.implicit_task's, in the model as for a saved adapter
+    (adapters.more_tasks.bare_name_task): default_task, else the only task, else none (an error)."""
+    ids, mask, _ = batch()
+    model = more_model(tasks=["boolq"])
+    randomize_B(model)
+    torch.testing.assert_close(logits(model, ids, mask, None), logits(model, ids, mask, torch.zeros(3, dtype=torch.long)))
+    assert loramix.config.implicit_task(["a", "b"], None) is None
+    assert loramix.config.implicit_task(["a", "b"], "b") == "b" and loramix.config.implicit_task(["a"], None) == "a"
+
+
 # ------------------------------------------------------------------------------------------ losses
 def test_contrastive_loss_equals_hand_computation():
     x = torch.tensor([[[1.0, 0.0, 2.0], [3.0, 1.0, 0.0], [9.0, 9.0, 9.0]],

@@ -47,9 +47,8 @@ class ConfigError(ValueError):
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
-    if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+    """A dataclass field with a ``default`` (or a default ``factory``) and its help text."""
+    return field(default=default, default_factory=factory, metadata={"help": text})
 
 
 class Settings:
@@ -386,6 +385,14 @@ class MoreConfig(_AdapterSettings):
     def rank_set(self) -> list[int]:
         """The ranks the selector chooses from, ascending."""
         return list(self.ranks) if self.ranks is not None else list(range(1, self.max_rank + 1))
+
+
+def implicit_task(tasks: list[str], default: str | None) -> str | None:
+    """The MoRE task a call that names none uses: ``default`` when it is one of ``tasks``, else the only task;
+    None when there are several and no default. E.g. (["boolq"], None) → "boolq", (["a", "b"], None) → None."""
+    if default in tasks:
+        return default
+    return tasks[0] if len(tasks) == 1 else None
 
 
 ADAPTER_CONFIGS: dict[str, type] = {c.kind: c for c in (LoraConfig, MixLoraConfig, MoreConfig)}

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import MoreConfig
+from ..config import MoreConfig, implicit_task
 from .context import ForwardContext
 from .lora import FrozenProjection, lora_factors
 from .quantized import adapter_dtype_for
@@ -150,7 +150,8 @@ class MoreLinear(FrozenProjection):
         self.scale = config.scale
         self.temperature = config.temperature
         self.selector_kind = config.selector
-        self.default_task = config.tasks.index(config.default_task) if config.default_task is not None else None
+        task = implicit_task(config.tasks, config.default_task)  # default_task, else the only task, else None
+        self.default_task = None if task is None else config.tasks.index(task)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         # Adapter tensors stay fp32 when the base is half precision or quantized (as LoraLinear does).
         factory = {"device": self.weight.device, "dtype": adapter_dtype_for(base, config.adapter_dtype)}
@@ -200,7 +201,7 @@ class MoreLinear(FrozenProjection):
         """The (batch,) task ids of this forward, from the context or the default task."""
         ids = self.context.task_ids
         if ids is None:
-            default = getattr(self.context, "default_task_id", None)
+            default = self.context.default_task_id
             default = self.default_task if default is None else default
             if default is None:
                 raise ValueError(
