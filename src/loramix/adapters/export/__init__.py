@@ -59,7 +59,7 @@ def _required_base(name: str | None, adapter: str | os.PathLike) -> str:
     """The base model's name, or an error saying how to give one when the adapter records none."""
     if not name:
         raise ExportError(f"{adapter}: the adapter records no base model: give --model (a folder, a Hub id or "
-                          "smollm2-135m)")
+                          f"{hub.EMBEDDED_NAME})")
     return name
 
 
