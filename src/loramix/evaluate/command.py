@@ -192,7 +192,7 @@ def _read_settings(adapters: dict[str, str]) -> dict[str, dict[str, Any]]:
 
 def _recorded_base(metas: dict[str, dict[str, Any]]) -> str | None:
     """The base model the adapters record (they must agree), or None when none records one."""
-    bases = {name: meta.get("base_model") or meta.get("base_model_name_or_path") for name, meta in metas.items()}
+    bases = {name: meta["base_model"] for name, meta in metas.items()}  # read_adapter_config's, for every layout
     recorded = {b for b in bases.values() if b}
     if len(recorded) > 1:
         raise UsageError(f"the adapters record different base models ({bases}); they must share one: pass --model")
