@@ -1,5 +1,6 @@
-"""What every adapter reader and writer shares: the file names, the format marker, the two errors,
-the atomic file writes, the name of a model's base and the checked copy of tensors into a model.
+"""What every adapter reader and writer shares: the file names, PEFT's key names, the format marker,
+the two errors, the atomic file writes, the name of a model's base and the checked copy of tensors
+into a model.
 
 The lowest module of ``adapters/``: the readers (``authors.py``, ``folder.py``), the writers
 (``peft.py``, ``io.py``) and the exports (``export/``) import from here, never the other way round,

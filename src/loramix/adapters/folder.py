@@ -88,7 +88,7 @@ class AdapterFolder:
 
     @property
     def num_layers(self) -> int:
-        """The decoder layers of its base: as recorded, else 1 + the highest layer index of its modules."""
+        """How many decoder layers its base has: as recorded, else 1 + the highest layer index of its modules."""
         layers = [where[0] for where in (split_layer(p, self.family) for p in self.module_shapes) if where]
         return self.meta.get("num_layers") or (max(layers) + 1 if layers else 0)
 
