@@ -28,7 +28,7 @@ from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig
 from ..modules import ForwardContext, LoraLinear, MixLoraFFN
 from ..modules.more import MoreLinear
 from . import losses
-from .losses import compose_loss
+from .losses import answer_tokens, compose_loss
 from .registry import ModelFamily, decoder_layers, family_of
 
 # Called with the model at the end of ``inject`` and at the start of ``unload``. The transformers-facing
@@ -166,16 +166,21 @@ def _label_count(kwargs: dict) -> torch.Tensor | None:
         return (shifted != -100).sum()
     labels = kwargs.get("labels")
     if isinstance(labels, torch.Tensor) and labels.dim() >= 2:
-        return (labels[..., 1:] != -100).sum()
+        return answer_tokens(labels)
     return None
+
+
+def call_token_mask(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The (B, T) bool padding mask of a forward call (its ``attention_mask``, by keyword or second), or None."""
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    return mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
 def _capture_inputs(state: AdapterState):
     context = state.context
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        context.token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        context.token_mask = call_token_mask(args, kwargs)
         context.task_ids = kwargs.pop("task_ids", None)
         # transformers Trainer passes N = num_items_in_batch (label tokens of the whole optimizer step) and
         # sums the micro-batch losses; the LM loss is then sum(CE) / N. The auxiliary losses get the same

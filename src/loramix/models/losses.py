@@ -87,6 +87,12 @@ def compose_loss(lm_loss: torch.Tensor | None, raw: Mapping[str, torch.Tensor], 
     return weighted if lm_loss is None else lm_loss + weighted.to(lm_loss.dtype)
 
 
+def answer_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """How many label tokens of ``labels`` (..., T) a causal LM loss counts (the n_b and N above), 0-dim long:
+    position t predicts token t + 1, so the first label is never a target, and -100 marks no loss."""
+    return (labels[..., 1:] != -100).sum()
+
+
 def label_losses(logits: torch.Tensor, labels: torch.Tensor, rows: list[int]) -> list[tuple[torch.Tensor, int]]:
     """Summed next-token cross-entropy and its token count for each run of rows.
 
