@@ -102,6 +102,22 @@ def test_multi_yaml_names_adapter_entries_in_errors(tmp_path: Path) -> None:
         raise AssertionError("a typo inside an adapter entry must be an error")
 
 
+def test_adapters_of_one_run_must_share_the_base_settings(tmp_path: Path) -> None:
+    """Trainer({name: config}) runs every job on the first config's model, dtype, device, threads, quantization
+    and distributed mode: configs that disagree on one of them are refused, naming it (not trained silently on
+    the first one's, as two included YAML configs with different models were)."""
+    configs = _configs(tmp_path)
+    configs["lora"].dtype = "bf16"
+    with pytest.raises(loramix.ConfigError, match=r"their dtype differ \(dtype: \{'mix': 'auto', 'lora': 'bf16'\}\)"):
+        Trainer(configs)
+    (tmp_path / "a.yaml").write_text("model: smollm2-135m\nadapter: {kind: lora}\n")
+    (tmp_path / "b.yaml").write_text(f"model: {tmp_path / 'another-model'}\nadapter: {{kind: lora}}\n")
+    multi = tmp_path / "multi.yaml"
+    multi.write_text("adapters:\n  - {name: a, config: a.yaml}\n  - {name: b, config: b.yaml}\n")
+    with pytest.raises(loramix.ConfigError, match="their model differ"):
+        Trainer(load_jobs_config(multi))
+
+
 def test_an_included_config_is_looked_up_as_data_files_are(tmp_path: Path, monkeypatch) -> None:
     """``config:`` of a multi-adapter YAML: the working directory first, then next to that YAML (the rule of
     ``data.train`` files, ``train.config.resolve_path``); a missing one names both places and the entry."""

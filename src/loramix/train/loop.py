@@ -57,8 +57,10 @@ from ..evaluate import evaluate_many, evaluate_multiple_choice
 from ..models.inject import adapter_state, inject, router_stats
 from ..models.losses import AUXILIARY_LOSSES, auxiliary_losses, compose_loss, label_losses
 from . import checkpoint as ckpt
+from ..config import ConfigError
 from .config import TrainConfig
 from .job import Job
+from .jobs_config import SHARED_KEYS
 
 log = logging.getLogger("loramix.train")
 
@@ -98,6 +100,12 @@ class Trainer:
         wrap = (lambda v: {"": v}) if self.single else (lambda v: dict(v or {}))
         self._given_train, self._given_eval = wrap(train_examples), wrap(eval_examples)
         self.config = next(iter(self.configs.values()))  # the settings every job shares (model, dtype, ...)
+        differ = [k for k in SHARED_KEYS if len({repr(getattr(c, k)) for c in self.configs.values()}) > 1]
+        if differ:
+            values = {name: getattr(c, differ[0]) for name, c in self.configs.items()}
+            raise ConfigError(f"the adapters of one run share one base model, but their {', '.join(differ)} differ "
+                              f"({differ[0]}: {values}); give them the same (a multi-adapter YAML sets these once, "
+                              "at its top)")
         self.model, self.tokenizer = model, tokenizer
         self.callbacks = list(callbacks or [])
         self.jobs: dict[str, Job] = {}
