@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..adapters.more_tasks import adapter_task_index
 from ..config import ConfigError
 from ..data import LengthGroupedBatches, MultipleChoiceExample, collate, encode_example, load_examples
 from ..data.sampling import mix
@@ -104,10 +105,8 @@ class Job:
         if not examples:
             raise ConfigError("data.train: the training sources hold no examples")
         # task name → id for MoRE rows (task_ids): the adapter's task order, else sorted names
-        from ..adapters.more_tasks import adapter_task_index
-
-        sorted_index = {t: i for i, t in enumerate(sorted({ex.task for ex in examples}))}
-        self.task_index = adapter_task_index(self.model, sorted_index) or sorted_index
+        data_tasks = sorted({ex.task for ex in examples})
+        self.task_index = adapter_task_index(self.model, data_tasks) or {t: i for i, t in enumerate(data_tasks)}
         self.features = [encode_example(ex, self.tokenizer, template=data.template, cutoff_len=data.cutoff_len,
                                         train_on_prompt=data.train_on_prompt)
                          for ex in tqdm(examples, desc="tokenize", unit="ex", disable=not cfg.progress, leave=False)]
