@@ -19,6 +19,7 @@ from loramix.adapters.more_tasks import (
 from loramix.data.sampling import TaskSampledBatches, multitask_order, task_probabilities
 from loramix.models.inject import more_modules
 from loramix.modules import ForwardContext
+from loramix.modules.lora import LoraDropout
 from loramix.modules.more import MoreLinear, task_contrastive_loss
 from tiny_models import FAMILY_NAMES, batch, tiny_model
 
@@ -140,6 +141,24 @@ def test_chosen_rank_changes_the_module_output_as_the_reference():
         for a in range(4):
             for b in range(a + 1, 4):
                 assert (same[a] - same[b]).abs().max() > 1e-4
+
+
+def test_more_dropout_is_the_lora_input_dropout():
+    """MoRE drops its LoRA input as LoraLinear does (modules.lora.LoraDropout, 1/(1-p) folded into the
+    coefficients): under one seed the output is the reference with LoraDropout's mask."""
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 10)
+    m = MoreLinear(linear, loramix.MoreConfig(max_rank=4, num_tasks=2, alpha=6.0, dropout=0.3)).train()
+    randomize_B(m, seed=2)
+    force_ranks(m, [4, 4])
+    m.context.task_ids = torch.tensor([0, 1])
+    x = torch.randn(2, 5, 12)
+    torch.manual_seed(7)
+    y = m(x)
+    torch.manual_seed(7)
+    dropped = LoraDropout(0.3).train()(x)
+    delta = reference_delta(m.lora_A, m.lora_B, 4, 6.0 / 4).float()
+    torch.testing.assert_close(y, linear(x) + dropped @ delta.t(), rtol=1e-5, atol=1e-5)
 
 
 def test_rank_set_restricts_the_choice():

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import MoreConfig, implicit_task
 from .context import ForwardContext
-from .lora import FrozenProjection, lora_factors
+from .lora import FrozenProjection, LoraDropout, lora_factors, lora_input
 from .quantized import adapter_dtype_for
 
 
@@ -152,7 +152,7 @@ class MoreLinear(FrozenProjection):
         self.selector_kind = config.selector
         task = implicit_task(config.tasks, config.default_task)  # default_task, else the only task, else None
         self.default_task = None if task is None else config.tasks.index(task)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = LoraDropout(config.dropout) if config.dropout > 0 else nn.Identity()
         # Adapter tensors stay fp32 when the base is half precision or quantized (as LoraLinear does).
         factory = {"device": self.weight.device, "dtype": adapter_dtype_for(base, config.adapter_dtype)}
         self.lora_A, self.lora_B = lora_factors(max_rank, self.in_features, self.out_features, init=config.init,
@@ -252,16 +252,16 @@ class MoreLinear(FrozenProjection):
         rank_per_task, weight_per_task = self.choose()
         k = rank_per_task.to(x.device)[task_ids]  # (B,)
         w = weight_per_task.to(x.device)[task_ids]  # (B,)
-        positions = torch.arange(self.max_rank, device=x.device)
-        # (B, R): keep the first k_t components of each sample, times c², the STE weight and s.
-        coef = (positions[None, :] < k[:, None]) * self.component_scale[None, :] * (w[:, None] * self.scale)
         # The LoRA branch runs in the frozen output's dtype (the autocast dtype under autocast), as in
         # LoraLinear: the small factors are cast to it, the output keeps it.
         compute = base_out.dtype
+        x_in, factor = lora_input(self.dropout, x.to(compute))  # LoRA's dropout; its 1/(1-p) goes into coef
+        positions = torch.arange(self.max_rank, device=x.device)
+        # (B, R): keep the first k_t components of each sample, times c², the STE weight and s.
+        coef = (positions[None, :] < k[:, None]) * self.component_scale[None, :] * (w[:, None] * (self.scale * factor))
         coef = coef.reshape(batch, *([1] * (x.dim() - 2)), self.max_rank).to(compute)
         A, B = self.lora_A.to(compute), self.lora_B.to(compute)
-        h = self.dropout(x.to(compute)) @ A.t()  # (B, ..., R): all components in one matmul
-        out = base_out + (h * coef) @ B.t()
+        out = base_out + ((x_in @ A.t()) * coef) @ B.t()  # x_in Aᵀ: all R components in one matmul
         if self.context.inference_only:
             return out
         flat = self.context.valid_tokens(batch, x.shape[1]) if x.dim() == 3 else None
