@@ -24,8 +24,7 @@ from __future__ import annotations
 import argparse
 
 from ...cli import (
-    add_base_model_argument, add_threads_argument, apply_threads, check_dtype, check_model, model_aliases,
-    resolve_model,
+    add_base_model_argument, add_threads_argument, apply_threads, check_dtype, check_model, resolve_model,
 )
 
 
@@ -63,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``loramix export`` / ``loramix merge``; returns the exit code."""
     from ...hub import resolve_dtype
+    from ..folder import read_adapter_config
     from . import export_adapter
 
     # Errors (a damaged or mismatched adapter folder, an unknown base, a format the adapter cannot take)
@@ -71,12 +71,9 @@ def run(args: argparse.Namespace) -> int:
     check_model(resolve_model(args.model))
     dtype = resolve_dtype(args.dtype) if args.dtype else None
     apply_threads(args.threads)
-    base = args.model
-    if base is None and model_aliases():  # the recorded base may have an alias (LORAMIX_MODEL_ALIASES)
-        from ..folder import read_adapter_config
-
-        base = read_adapter_config(args.adapter).get("base_model")
-    out = export_adapter(args.adapter, args.out, format=args.format, base=resolve_model(base), task=args.task,
+    # --model, else the recorded base, which may have an alias (LORAMIX_MODEL_ALIASES)
+    base = resolve_model(args.model or read_adapter_config(args.adapter)["base_model"])
+    out = export_adapter(args.adapter, args.out, format=args.format, base=base, task=args.task,
                          dtype=dtype, max_shard_size=args.max_shard_size, progress=not args.no_progress,
                          quantization=args.quantization)
     print(f"wrote {args.format} export to {out}")
