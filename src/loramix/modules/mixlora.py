@@ -55,7 +55,9 @@ from ..config import MixLoraConfig
 from .context import ForwardContext
 from .lora import LoraDropout, dora_output, dora_weight_norm, lora_factors, lora_input
 from .quantized import adapter_dtype_for, frozen_weight, logical_shape
-from .routing import Routing, load_balance_loss, route_switch, route_top_k, route_top_p, router_statistics, router_z_loss, expert_counts
+from .routing import (
+    Routing, expert_counts, load_balance_loss, route_switch, route_top_k, route_top_p, router_statistics, router_z_loss,
+)
 
 FFN_KINDS = ("gated", "fused", "plain")
 
@@ -157,7 +159,8 @@ class IndexAddRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, base: torch.Tensor, index: torch.Tensor,  # type: ignore[override]
+                rows: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(index)
         return base.index_add(0, index, rows)
 
@@ -262,27 +265,21 @@ class MixLoraFFN(nn.Module):
         return super().train(mode)
 
     # ----------------------------------------------------------------------------------- helpers
-    def weight_out_in(self, name: str) -> torch.Tensor:
-        """Frozen weight of projection ``name`` as (out, in) (dequantized afresh when quantized)."""
-        return frozen_weight(getattr(self, name), fan_in_fan_out=name in self.fan_in_fan_out)
-
     def projection_shape(self, name: str) -> tuple[int, int]:
         """(in_features, out_features) of projection ``name``."""
         return logical_shape(getattr(self, name), name in self.fan_in_fan_out)
 
     def combine(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         """FFN hidden activation from the input projections' outputs (rows, f)."""
-        if self.kind == "gated":
-            gate, up = outputs
-            return self.act_fn(gate) * up
-        if self.kind == "fused":
-            gate, up = outputs[0].chunk(2, dim=-1)
-            return up * self.act_fn(gate)
-        return self.act_fn(outputs[0])
+        if self.kind == "plain":
+            return self.act_fn(outputs[0])
+        gate, up = outputs if self.kind == "gated" else outputs[0].chunk(2, dim=-1)
+        return self.act_fn(gate) * up
 
     def weight_norm(self, name: str) -> torch.Tensor:
-        """Detached row norms ||W + s B_e A_e|| of projection ``name``, shape (E, out)."""
-        return dora_weight_norm(self.weight_out_in(name), self.experts.lora_A[name], self.experts.lora_B[name], self.scale)
+        """Detached row norms ||W + s B_e A_e|| of projection ``name``, (E, out); a quantized W dequantized afresh."""
+        weight = frozen_weight(getattr(self, name), fan_in_fan_out=name in self.fan_in_fan_out)  # (out, in)
+        return dora_weight_norm(weight, self.experts.lora_A[name], self.experts.lora_B[name], self.scale)
 
     def lora_delta(self, name: str, inputs: torch.Tensor, seg: Segments, factor: float = 1.0) -> torch.Tensor:
         """``s · B_e A_e x`` of projection ``name`` for rows sorted by expert, (M, out).
@@ -298,7 +295,7 @@ class MixLoraFFN(nn.Module):
         gradient per expert).
         """
         A = self.experts.lora_A[name].to(inputs.dtype)  # (E, r, in)
-        B = self.experts.lora_B[name].to(inputs.dtype) * (self.scale * factor)  # (E, out, r): scales on the small factor
+        B = self.experts.lora_B[name].to(inputs.dtype) * (self.scale * factor)  # (E, out, r): scaled, the small one
         if seg.frozen:
             # A zero expert for the unrouted rows keeps every row inside a group (no slicing).
             A = torch.cat([A, A.new_zeros(1, *A.shape[1:])])
@@ -470,7 +467,7 @@ class MixLoraFFN(nn.Module):
         """Per-expert loop as in the authors' code: each expert runs the whole FFN on its tokens."""
         num_tokens = x.shape[0]
         out_features = self.projection_shape(self.output_projection)[1]
-        out: torch.Tensor | None = None  # created in the dtype of the first expert output
+        out = None  # created in the dtype of the first expert's output (every expert runs, maybe on 0 rows)
         for e in range(self.num_experts):
             token, slot = torch.where(routing.expert_ids == e)
             x_e = x[token]
@@ -487,12 +484,10 @@ class MixLoraFFN(nn.Module):
                 out = y.new_zeros(num_tokens, out_features)
             out = out.index_add(0, token, (y * routing.weights[token, slot].to(y.dtype)[:, None]).to(out.dtype))
         unrouted = self.unrouted(routing)
-        if unrouted is not None or out is None:
-            base = getattr(self, self.output_projection)(self.combine([getattr(self, p)(x) for p in self.input_projections]))
-            if out is None:  # no token reached any expert
-                out = torch.zeros_like(base)
-            if unrouted is not None:
-                out = out + (base * unrouted[:, None].to(base.dtype)).to(out.dtype)
+        if unrouted is not None:  # they see the frozen FFN
+            hidden = self.combine([getattr(self, p)(x) for p in self.input_projections])
+            base = getattr(self, self.output_projection)(hidden)
+            out = out + (base * unrouted[:, None].to(base.dtype)).to(out.dtype)
         return out
 
     def adapter_parameter_names(self) -> list[str]:
