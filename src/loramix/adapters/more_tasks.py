@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..config import ConfigError, MoreConfig
+from ..config import ConfigError, MoreConfig, implicit_task
 from ..models.inject import _restore, adapter_state, more_modules
 from .common import base_model_name
 from .peft import LoraFactors, write_peft_adapter
@@ -90,10 +90,8 @@ def recorded_task_index(meta: dict[str, Any]) -> dict[str, int] | None:
 def bare_name_task(meta: dict[str, Any]) -> str | None:
     """The task a saved MoRE adapter answers when no task is named (``loramix generate`` without ``--task``,
     the server's bare adapter name): its config's ``default_task``, else its only task; None when it has
-    several tasks and no default, so the caller must ask for one."""
-    tasks = recorded_task_index(meta) or {}
-    default = (meta.get("config") or {}).get("default_task")
-    return default if default in tasks else (next(iter(tasks)) if len(tasks) == 1 else None)
+    several tasks and no default, so the caller must ask for one (the rule of ``config.implicit_task``)."""
+    return implicit_task(list(recorded_task_index(meta) or {}), (meta.get("config") or {}).get("default_task"))
 
 
 def task_ids_tensor(model: nn.Module, names: list[str], device: torch.device | str | None = None) -> torch.Tensor:

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-from ...config import MixLoraConfig, lora_scale
+from ...config import MixLoraConfig
 from ...models.registry import FAMILIES
 from ..common import ExportError
 from .weights import (
@@ -157,7 +157,6 @@ def export_moe(base: BaseWeights, adapter: AdapterWeights, out_dir: str | os.Pat
     out_dtype = dtype or base.get(ref_key).dtype
     moe_cfg = moe_config(base.config, sibling, config.num_experts, config.top_k, out_dtype)
     expected = _expected_keys(moe_cfg)
-    expert_scale = lora_scale(config.r, config.alpha, config.use_rslora)
 
     def copy(writer: ShardWriter, key: str) -> None:
         if key not in expected:
@@ -189,7 +188,7 @@ def export_moe(base: BaseWeights, adapter: AdapterWeights, out_dir: str | os.Pat
                 mag_key = f"{ffn_prefix}experts.lora_magnitude.{proj}"
                 M = adapter.get(mag_key) if mag_key in adapter else None  # (E, out)
             for e in range(config.num_experts):
-                w = merged_weight(weight, A[e], B[e], expert_scale, None if M is None else M[e]) if targeted else weight
+                w = merged_weight(weight, A[e], B[e], config.scale, None if M is None else M[e]) if targeted else weight
                 writer.add(f"{moe_prefix}experts.{e}.{sibling.expert_names[proj]}.weight", w.to(out_dtype))
         if sibling.shared_expert:
             hidden = base.config.hidden_size

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ...config import MixLoraConfig, MoreConfig, lora_scale
+from ...config import MixLoraConfig, MoreConfig
 from ..common import ExportError
 from ..peft import LoraFactors, lora_factors
 from .weights import AdapterWeights
@@ -20,4 +20,4 @@ def peft_factors(adapter: AdapterWeights) -> tuple[LoraFactors, dict[str, torch.
     if isinstance(config, MoreConfig):
         raise ExportError("a MoRE adapter exports one task at a time: give --task NAME")
     tensors = {key: adapter.get(key).float() for key in adapter.keys()}
-    return lora_factors(tensors, use_dora=config.use_dora, scale=lora_scale(config.r, config.alpha, config.use_rslora))
+    return lora_factors(tensors, use_dora=config.use_dora, scale=config.scale)

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...config import MixLoraConfig, lora_scale
+from ...config import MixLoraConfig
 from ...models.inject import adapter_parameters, adapter_state
 from ...models.quantize import dense_state, plain_config
 from ...models.registry import ModelFamily
@@ -238,22 +238,14 @@ def layer_keys(keys: list[str], family: ModelFamily, num_layers: int) -> tuple[l
     return per_layer, before, after
 
 
-def _lora_scale_for(config, block: str, family: ModelFamily) -> float:
-    """The LoRA scale of a plain LoRA module in ``block`` (attention/ffn) for this adapter config."""
-    if isinstance(config, MixLoraConfig):
-        lora = config.attention_lora() if block == family.attention else config.expert_lora()
-    else:
-        lora = config
-    return lora_scale(lora.r, lora.alpha, lora.use_rslora)
-
-
 def merge_or_copy(key: str, base: BaseWeights, adapter: AdapterWeights, dtype: torch.dtype | None) -> torch.Tensor:
     """A base tensor with its module's plain LoRA merged in (if the adapter has one for it)."""
     tensor = base.get(key)
     module, _, param = key.rpartition(".")
     if param == "weight" and f"{module}.lora_A" in adapter:
-        block = module.split(".")[-2]
-        scale = _lora_scale_for(adapter.config, block, adapter.family)
+        config, in_attention = adapter.config, module.split(".")[-2] == adapter.family.attention
+        # MixLoRA's attention LoRA has its own r/alpha; config.scale is its experts' (and a plain LoRA's)
+        scale = config.attention_lora().scale if isinstance(config, MixLoraConfig) and in_attention else config.scale
         magnitude = adapter.get(f"{module}.lora_magnitude") if f"{module}.lora_magnitude" in adapter else None
         tensor = merged_weight(tensor, adapter.get(f"{module}.lora_A"), adapter.get(f"{module}.lora_B"), scale,
                                magnitude, fan_in_fan_out=adapter.family.fan_in_fan_out)
