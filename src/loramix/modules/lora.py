@@ -132,7 +132,8 @@ def lora_input(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float
     return dropout(x), 1.0
 
 
-def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fan_in_fan_out: bool) -> torch.Tensor:
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  fan_in_fan_out: bool) -> torch.Tensor:
     """``x Wᵀ + b`` for an nn.Linear weight (out, in), or ``x W + b`` for a Conv1D weight (in, out).
 
     The Conv1D case is ``addmm`` as in transformers' ``Conv1D``: the same numbers, and under autocast

@@ -52,7 +52,8 @@ def route_top_k(logits: torch.Tensor, k: int) -> Routing:
     return Routing(top_i, weights, probs, top_i)
 
 
-def route_top_p(logits: torch.Tensor, top_p: float, temperature: float = 1.0, max_experts: int | None = None) -> Routing:
+def route_top_p(logits: torch.Tensor, top_p: float, temperature: float = 1.0,
+                max_experts: int | None = None) -> Routing:
     """Dynamic (top-p) routing. logits: (N, E) fp32; returns S = max_experts or E slots."""
     num_experts = logits.shape[-1]
     probs = (logits / temperature).softmax(dim=-1)
@@ -90,7 +91,8 @@ def route_switch(logits: torch.Tensor, capacity_factor: float, valid: torch.Tens
     return Routing(expert_ids, weights, probs, top_i)
 
 
-def router_statistics(probs: torch.Tensor, chosen: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def router_statistics(probs: torch.Tensor, chosen: torch.Tensor,
+                      valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert load f (share of assignments) and mean probability P over the valid tokens, each (E,) fp32.
 
     Shapes: probs (N, E); chosen (N, S) expert ids, ids >= E (empty slots) not counted; valid (N,) bool,
