@@ -35,7 +35,7 @@ from .common import (
     copy_adapter_tensors, write_json, write_safetensors,
 )
 from .folder import read_adapter_config, read_adapter_folder, read_safetensors
-from .peft import lora_factors, peft_adapter_files
+from .peft import peft_adapter_files, split_lora_tensors
 
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
@@ -80,7 +80,7 @@ def _peft_files(tensors: dict[str, torch.Tensor], config: LoraConfig, fan_in_fan
                 base_model: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A plain LoRA/DoRA adapter's tensors (loramix keys) as PEFT's files, through the PEFT writer of
     ``peft.py``: raw ``B`` with PEFT's ``lora_alpha``/``use_rslora``, so PEFT's scale is loramix's."""
-    loras, magnitudes = lora_factors(tensors, use_dora=config.use_dora)
+    loras, magnitudes = split_lora_tensors(tensors, use_dora=config.use_dora)
     return peft_adapter_files(loras, base_model_name_or_path=base_model, magnitudes=magnitudes,
                               fan_in_fan_out=fan_in_fan_out, lora_alpha=config.alpha, use_rslora=config.use_rslora,
                               lora_dropout=config.dropout,

@@ -60,8 +60,8 @@ def write_peft_adapter(
     return out
 
 
-def lora_factors(tensors: Mapping[str, torch.Tensor], *, use_dora: bool,
-                 scale: float = 1.0) -> tuple[LoraFactors, dict[str, torch.Tensor] | None]:
+def split_lora_tensors(tensors: Mapping[str, torch.Tensor], *, use_dora: bool,
+                       scale: float = 1.0) -> tuple[LoraFactors, dict[str, torch.Tensor] | None]:
     """A plain LoRA/DoRA adapter's tensors in loramix's keys (``<path>.lora_A``, ``.lora_B``, ``.lora_magnitude``)
     as the ``loras`` and ``magnitudes`` of ``peft_adapter_files``: path → (A (r, in), scale · B (out, r)),
     and with DoRA path → m (out,), else None."""

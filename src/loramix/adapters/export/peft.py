@@ -7,7 +7,7 @@ import torch
 
 from ...config import MixLoraConfig, MoreConfig
 from ..common import ExportError
-from ..peft import LoraFactors, lora_factors
+from ..peft import LoraFactors, split_lora_tensors
 from .weights import AdapterWeights
 
 
@@ -20,4 +20,4 @@ def peft_factors(adapter: AdapterWeights) -> tuple[LoraFactors, dict[str, torch.
     if isinstance(config, MoreConfig):
         raise ExportError("a MoRE adapter exports one task at a time: give --task NAME")
     tensors = {key: adapter.get(key).float() for key in adapter.keys()}
-    return lora_factors(tensors, use_dora=config.use_dora, scale=config.scale)
+    return split_lora_tensors(tensors, use_dora=config.use_dora, scale=config.scale)
