@@ -63,7 +63,8 @@ def adapter_state(model: nn.Module) -> AdapterState:
     return state
 
 
-def _resolve(requested: list[str] | None, available: dict[str, tuple[str, ...]], key: str, family: ModelFamily) -> dict[str, set[str]]:
+def _resolve(requested: list[str] | None, available: dict[str, tuple[str, ...]], key: str,
+             family: ModelFamily) -> dict[str, set[str]]:
     """Map requested projection names onto (block → projection names) of the family.
 
     ``available`` maps a block attribute ('self_attn', 'mlp') to its projections. A name may be
@@ -100,7 +101,8 @@ def targeted_projections(config: LoraConfig | MixLoraConfig | MoreConfig,
     return _resolve(config.targets, blocks, "targets", family), set()
 
 
-def _mixlora_ffn(ffn: nn.Module, cfg: MixLoraConfig, targets: set[str], family: ModelFamily, context: ForwardContext) -> MixLoraFFN:
+def _mixlora_ffn(ffn: nn.Module, cfg: MixLoraConfig, targets: set[str], family: ModelFamily,
+                 context: ForwardContext) -> MixLoraFFN:
     """The family says where the FFN's parts are; the config is passed whole (its settings are the module's)."""
     return MixLoraFFN(
         ffn, cfg, kind=family.ffn_kind, input_projections=family.ffn_inputs, output_projection=family.ffn_output,
