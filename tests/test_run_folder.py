@@ -138,3 +138,20 @@ def test_multi_adapter_run_refuses_before_touching_anything(setup, capsys, tmp_p
     assert main(["train", str(multi)]) == 2
     err = capsys.readouterr().err
     assert "runs/m/y already holds a run" in err and not (tmp_path / "runs" / "m" / "x").exists()
+
+
+def test_multi_adapter_overwrite_refuses_before_moving_anything(setup, capsys, tmp_path):
+    """--overwrite over several run folders checks them all first: a refusal (here y's output_dir is a file)
+    leaves x's old run where it was instead of moving it aside and then stopping."""
+    cfg, _ = setup
+    multi = tmp_path / "multi.yaml"
+    multi.write_text(json.dumps({"output_dir": "runs/m", "adapters": [{"name": "x", "config": "cfg.yaml"},
+                                                                        {"name": "y", "config": "cfg.yaml"}]}))
+    old = tmp_path / "runs" / "m" / "x"
+    old.mkdir(parents=True)
+    (old / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "runs" / "m" / "y").write_text("my notes\n")
+    assert main(["train", "--overwrite", str(multi)]) == 2
+    err = capsys.readouterr().err
+    assert "runs/m/y is a file" in err
+    assert (old / "metrics.jsonl").read_text() == '{"step": 1}\n' and not list(old.parent.glob("x.old-*"))

@@ -76,13 +76,14 @@ def move_aside(output_dir: str | os.PathLike) -> Path:
 
 
 def claim_run_folder(output_dir: str | os.PathLike, *, resume: bool | str, overwrite: bool = False,
-                     key: str = "output_dir") -> Path | None:
+                     key: str = "output_dir", move: bool = True) -> Path | None:
     """Make sure a run may write into ``output_dir``; returns where an old run was moved, if one was.
 
     A fresh run (``resume`` false) into a folder that holds a run refuses unless ``overwrite``, which
     moves the old run aside (``move_aside``) so none of its files (metrics, adapter, checkpoints that a
     later resume would pick up) mixes with the new run's. ``resume`` into a folder with a finished
-    adapter but no checkpoint refuses too: resuming would start again from step 0 over it.
+    adapter but no checkpoint refuses too: resuming would start again from step 0 over it. ``move``
+    False only checks (so several folders can all be checked before any is moved).
 
     Raises:
         RunFolderError: naming the folder, what it holds, and the options (--resume, --overwrite).
@@ -104,7 +105,7 @@ def claim_run_folder(output_dir: str | os.PathLike, *, resume: bool | str, overw
         raise RunFolderError(f"{out} already holds a run ({', '.join(held)}): add --resume to continue it, or "
                              f"--overwrite to move it aside to {out}.old-<time> and start fresh (or choose another "
                              f"{key}=)")
-    return move_aside(out)
+    return move_aside(out) if move else None
 
 
 def _write_folder(final: Path, write: Callable[[Path], None], prefix: str) -> Path:

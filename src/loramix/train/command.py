@@ -91,19 +91,16 @@ def _is_rank_zero() -> bool:
 
 def _claim(configs: list[Any], overwrite: bool) -> None:
     """Check every run folder first (a refusal leaves them all as they were), then move old runs aside."""
-    from .checkpoint import claim_run_folder, run_files
+    from .checkpoint import claim_run_folder
 
     if not _is_rank_zero():
         return
-    if not overwrite:
-        for cfg in configs:
-            claim_run_folder(cfg.output_dir, resume=cfg.resume, overwrite=False)
-        return
     for cfg in configs:
-        if run_files(cfg.output_dir) or Path(cfg.output_dir).is_file():
-            moved = claim_run_folder(cfg.output_dir, resume=cfg.resume, overwrite=True)
-            if moved is not None:
-                print(f"moved the previous run in {cfg.output_dir} to {moved}", file=sys.stderr)
+        claim_run_folder(cfg.output_dir, resume=cfg.resume, overwrite=overwrite, move=False)
+    for cfg in configs if overwrite else []:
+        moved = claim_run_folder(cfg.output_dir, resume=cfg.resume, overwrite=True)
+        if moved is not None:
+            print(f"moved the previous run in {cfg.output_dir} to {moved}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
