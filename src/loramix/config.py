@@ -24,6 +24,7 @@ INITS = ("kaiming", "gaussian")
 DISPATCHES = ("sorted", "naive")
 ADAPTER_DTYPES = (None, "float32", "bfloat16", "float16")
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the default: a llama-like family's attention
+INIT_HELP = "Initialisation of A: 'kaiming' (uniform) or 'gaussian'. B starts at zero."
 ADAPTER_DTYPE_HELP = (
     "dtype of the adapter tensors: null (default) = float32 next to a half-precision or quantized (4/8-bit) "
     "base, else the base's dtype; or float32 | bfloat16 | float16."
@@ -218,7 +219,7 @@ class LoraConfig(_AdapterSettings):
     )
     use_dora: bool = _help("DoRA: learned magnitude per output feature times the normalised weight.", False)
     use_rslora: bool = _help("rsLoRA scaling alpha / sqrt(r).", False)
-    init: str = _help("Initialisation of A: 'kaiming' (uniform) or 'gaussian'. B starts at zero.", "kaiming")
+    init: str = _help(INIT_HELP, "kaiming")
     adapter_dtype: str | None = _help(ADAPTER_DTYPE_HELP, None)
 
     def __post_init__(self) -> None:
@@ -259,7 +260,7 @@ class MixLoraConfig(_AdapterSettings):
     attention_dropout: float | None = _help("Dropout of the attention LoRA (null: dropout).", None)
     use_dora: bool = _help("DoRA experts and attention LoRA.", False)
     use_rslora: bool = _help("rsLoRA scaling for experts and attention LoRA.", False)
-    init: str = _help("Initialisation of A: 'kaiming' or 'gaussian'.", "kaiming")
+    init: str = _help(INIT_HELP, "kaiming")
     aux_loss_coef: float = _help("Weight of the load-balance loss added to the LM loss.", 0.01)
     z_loss_coef: float = _help("Weight of the router z-loss.", 0.0)
     jitter: float = _help("Training only: router input multiplied by U(1-jitter, 1+jitter).", 0.0)
@@ -333,7 +334,9 @@ class MoreConfig(_AdapterSettings):
         "data, or task0..task{num_tasks-1} when num_tasks is set.", None,
     )
     num_tasks: int | None = _help("Number of tasks (null: len(tasks)).", None)
-    linear_scaling: bool = _help("Scale component i by c_i = i/max_rank on its A row and B column (c_i² overall).", True)
+    linear_scaling: bool = _help(
+        "Scale component i by c_i = i/max_rank on its A row and B column (c_i² overall).", True,
+    )
     contrastive_coef: float = _help("λ, weight of the task contrastive loss added to the LM loss.", 0.1)
     temperature: float = _help("τ of the task contrastive loss.", 0.05)
     selector: str = _help(
@@ -341,7 +344,7 @@ class MoreConfig(_AdapterSettings):
         "(ranks drawn once from the random initial selector and frozen, the authors' released code).", "ste",
     )
     task_embedding_std: float = _help("Std of the normal init of the task embeddings.", 0.01)
-    init: str = _help("Initialisation of A: 'kaiming' (uniform) or 'gaussian'. B starts at zero.", "kaiming")
+    init: str = _help(INIT_HELP, "kaiming")
     default_task: str | None = _help(
         "Task used when the model is called without task_ids (null: a missing task_ids is an error).", None,
     )
