@@ -190,7 +190,7 @@ class _AdapterSettings(Settings):
     def scale(self) -> float:
         """The LoRA output scale ``s``: alpha / r, or alpha / sqrt(r) with rsLoRA (MixLoRA: the experts';
         ``attention_lora().scale`` is the attention LoRA's)."""
-        return lora_scale(self.r, self.alpha, self.use_rslora)
+        return self.alpha / (self.r**0.5) if self.use_rslora else self.alpha / self.r
 
     def _check_numbers(self, *names: str, positive: bool = False) -> None:
         """Each of ``names`` is a number > 0 (``positive``), else >= 0."""
@@ -408,7 +408,3 @@ def adapter_config_from_dict(kind: str, values: dict[str, Any], where: str = "co
         raise ConfigError(f"{where}: unknown adapter kind '{kind}'; choose one of {sorted(ADAPTER_CONFIGS)}")
     return ADAPTER_CONFIGS[kind].from_dict(values, where)
 
-
-def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
-    """LoRA output scale: alpha / r, or alpha / sqrt(r) for rsLoRA."""
-    return alpha / (r**0.5) if use_rslora else alpha / r
