@@ -314,6 +314,20 @@ def test_train_on_real_sources_by_name_is_rejected_cleanly(tmp_path):
         Trainer(cfg, model=tiny_model("llama"), tokenizer=word_tokenizer()).setup()
 
 
+def test_a_more_adapter_is_evaluated_only_on_its_tasks(tmp_path):
+    """The rule of loramix eval, at setup: an evaluation task the MoRE adapter does not name is refused (before,
+    one such task sent every evaluation row, its known tasks' too, through the adapter's default task)."""
+    more = {"kind": "more", "max_rank": 4, "alpha": 8, "dropout": 0.0, "tasks": ["t0", "t1"], "default_task": "t1",
+            "targets": None}
+    train = mc_examples(8, seed=0, task="t0")
+    with pytest.raises(ConfigError, match=r"data.eval: .*task\(s\) \['t2'\] that the MoRE adapter does not name"):
+        evals = mc_examples(4, seed=1, task="t0") + mc_examples(4, task="t2")
+        trainer(config(tmp_path, adapter=more), train, evals).setup()
+    t = trainer(config(tmp_path, adapter=more), train, mc_examples(4, seed=1, task="t1"))
+    t.setup()
+    assert t.task_index == {"t0": 0, "t1": 1}
+
+
 def test_gradient_checkpointing_gives_the_same_training(tmp_path):
     """Recomputing activations (with dropout: the checkpoint restores the RNG) changes nothing."""
     adapter = {"kind": "mixlora", "r": 4, "alpha": 8, "num_experts": 4, "top_k": 2, "dropout": 0.1}

@@ -106,7 +106,8 @@ class Job:
             raise ConfigError("data.train: the training sources hold no examples")
         # task name → id for MoRE rows (task_ids): the adapter's task order, else sorted names
         data_tasks = sorted({ex.task for ex in examples})
-        self.task_index = adapter_task_index(self.model, data_tasks) or {t: i for i, t in enumerate(data_tasks)}
+        more_index = adapter_task_index(self.model, data_tasks)  # None: not a task-routed adapter
+        self.task_index = more_index or {t: i for i, t in enumerate(data_tasks)}
         self.features = [encode_example(ex, self.tokenizer, template=data.template, cutoff_len=data.cutoff_len,
                                         train_on_prompt=data.train_on_prompt)
                          for ex in tqdm(examples, desc="tokenize", unit="ex", disable=not cfg.progress, leave=False)]
@@ -124,6 +125,12 @@ class Job:
         if bad:
             raise ConfigError(f"data.eval: evaluation needs multiple-choice examples, but '{bad[0].id}' is an "
                               f"{type(bad[0]).__name__}; remove that source from data.eval")
+        # as loramix eval: a MoRE row needs one of the adapter's tasks (one without would take its default task)
+        unknown = sorted({ex.task for ex in self.eval_examples} - set(self.task_index))
+        if more_index is not None and unknown:
+            raise ConfigError(f"data.eval: the evaluation data holds task(s) {unknown} that the MoRE adapter does "
+                              f"not name; 'adapter.tasks' is {list(more_index)}: add them there, or evaluate on "
+                              "those tasks")
         log.info("%s%d training examples (%d batches/epoch), %d optimizer steps, %d evaluation examples",
                  self.where(), len(self.features), len(self.sampler), self.total_steps, len(self.eval_examples))
 
