@@ -55,7 +55,7 @@ from ..data import IGNORE_INDEX
 from ..data.batching import check_pad_token
 from ..evaluate import evaluate_many, evaluate_multiple_choice
 from ..models.inject import adapter_state, inject, router_stats
-from ..models.losses import AUXILIARY_LOSSES, auxiliary_losses, compose_loss, label_losses
+from ..models.losses import AUXILIARY_LOSSES, answer_tokens, auxiliary_losses, compose_loss, label_losses
 from . import checkpoint as ckpt
 from ..config import ConfigError
 from .config import TrainConfig
@@ -268,8 +268,7 @@ class Trainer:
 
     def _open_window(self, job: Job) -> dict[str, Any]:
         window = job.next_window(job.config.grad_accum * self.world_size)  # the global window, same on every rank
-        # N: the tokens the causal LM loss counts in the whole window (labels shifted by one, not ignored)
-        answer = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
+        answer = sum(int(answer_tokens(b["labels"])) for b in window)  # N: those the LM loss counts in the window
         return {"local": self._local_batches(window), "position": 0, "started": time.perf_counter(),
                 "answer": max(1, answer), "count": len(window), "lm": 0.0, "aux": {}, "tokens": 0, "load": None,
                 "diverged": None}
