@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig
-from ..modules import ForwardContext, LoraLinear, MixLoraFFN
-from ..modules.more import MoreLinear
+from ..modules import ForwardContext, LoraLinear, MixLoraFFN, MoreLinear, frozen_weight, is_quantized
 from . import losses
 from .losses import answer_tokens, compose_loss
+from .quantize import compute_dtype, dense_linear, dequantize_model, quantization_of
 from .registry import ModelFamily, decoder_layers, family_of
 
 # Called with the model at the end of ``inject`` and at the start of ``unload``. The transformers-facing
@@ -317,9 +317,6 @@ def _fold(base: nn.Module, delta: torch.Tensor, fan_in_fan_out: bool, dense_dtyp
     torchao's tensors (no in-place add): it is dequantized and comes back as a dense ``nn.Linear`` in
     ``dense_dtype`` (the model's compute dtype).
     """
-    from ..modules.quantized import frozen_weight, is_quantized
-    from .quantize import dense_linear
-
     if is_quantized(base):
         return dense_linear(base, (frozen_weight(base).float() + delta.float()).to(dense_dtype))
     weight = base.weight
@@ -336,8 +333,6 @@ def _restore(model: nn.Module, merge: bool,
     an ``nn.Linear`` in the compute dtype (the adapted ones with their update added), and the
     quantization config is dropped, so ``save_pretrained`` writes a plain checkpoint.
     """
-    from .quantize import compute_dtype, dequantize_model, quantization_of
-
     state = adapter_state(model)
     if merge and delta_of is _lora_delta and isinstance(state.config, MoreConfig):
         raise ValueError(
