@@ -105,6 +105,8 @@ def test_config_round_trip_and_errors():
         loramix.MoreConfig(tasks=["a"], default_task="b")
     with pytest.raises(loramix.ConfigError, match="names no tasks"):
         loramix.inject(tiny_model(), loramix.MoreConfig())
+    with pytest.raises(loramix.ConfigError, match="names no tasks"):  # the same check (MoreConfig.named_tasks)
+        MoreLinear(nn.Linear(4, 4), loramix.MoreConfig())
 
 
 # ------------------------------------------------------------------------------------------ the layer

@@ -379,6 +379,12 @@ class MoreConfig(_AdapterSettings):
             ok = isinstance(self.default_task, str) and (self.tasks is None or self.default_task in self.tasks)
             self._check("default_task", ok, f"null or one of the task names {self.tasks}")
 
+    def named_tasks(self) -> list[str]:
+        """``tasks``, or a ConfigError saying how to name them (the trainer fills them from the data first)."""
+        if not self.tasks:
+            raise ConfigError("MoRE config names no tasks: set 'tasks' (names, numbered in order) or 'num_tasks'")
+        return self.tasks
+
     @property
     def scale(self) -> float:
         """``s = alpha / max_rank``, the scale of every nested expert (before its ``c²``)."""

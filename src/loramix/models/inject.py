@@ -124,8 +124,8 @@ def inject(model: nn.Module, config: LoraConfig | MixLoraConfig | MoreConfig) ->
         raise ValueError("this model already has a loramix adapter; unload() it first or load into a fresh model")
     if not isinstance(config, (LoraConfig, MixLoraConfig, MoreConfig)):
         raise TypeError(f"inject() takes a LoraConfig, MixLoraConfig or MoreConfig, got {type(config).__name__}")
-    if isinstance(config, MoreConfig) and config.tasks is None:
-        raise ConfigError("MoRE config names no tasks: set 'tasks' (names, numbered in order) or 'num_tasks'")
+    if isinstance(config, MoreConfig):
+        config.named_tasks()  # its error before the model is touched
     family = family_of(model)
     chosen, ffn_targets = targeted_projections(config, family)
     context = ForwardContext()

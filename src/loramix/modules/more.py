@@ -143,15 +143,14 @@ class MoreLinear(FrozenProjection):
     def __init__(self, base: nn.Module, config: MoreConfig, *, fan_in_fan_out: bool = False,
                  context: ForwardContext | None = None) -> None:
         super().__init__(base, fan_in_fan_out, context)
-        if not config.tasks:
-            raise ValueError("MoreLinear needs a MoreConfig that names its tasks (MoreConfig(tasks=[...]))")
         max_rank = self.max_rank = config.max_rank
-        self.num_tasks = len(config.tasks)
+        tasks = config.named_tasks()
+        self.num_tasks = len(tasks)
         self.scale = config.scale
         self.temperature = config.temperature
         self.selector_kind = config.selector
-        task = implicit_task(config.tasks, config.default_task)  # default_task, else the only task, else None
-        self.default_task = None if task is None else config.tasks.index(task)
+        task = implicit_task(tasks, config.default_task)  # default_task, else the only task, else None
+        self.default_task = None if task is None else tasks.index(task)
         self.dropout = LoraDropout(config.dropout) if config.dropout > 0 else nn.Identity()
         # Adapter tensors stay fp32 when the base is half precision or quantized (as LoraLinear does).
         factory = {"device": self.weight.device, "dtype": adapter_dtype_for(base, config.adapter_dtype)}
