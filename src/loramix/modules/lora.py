@@ -272,9 +272,15 @@ class LoraLinear(FrozenProjection):
             return out.view(base_out.shape)
         return dora_output(base_out, low @ B.t(), self.bias, self.lora_magnitude / self.weight_norm())
 
+    @staticmethod
+    def tensor_names(use_dora: bool) -> list[str]:
+        """The adapter tensors of a LoRA projection, relative to it, known without one (a file's expected keys):
+        ['lora_A', 'lora_B'], and 'lora_magnitude' with DoRA."""
+        return ["lora_A", "lora_B"] + (["lora_magnitude"] if use_dora else [])
+
     def adapter_parameter_names(self) -> list[str]:
         """Names (relative to this module) of the trainable adapter tensors."""
-        return ["lora_A", "lora_B"] + (["lora_magnitude"] if self.use_dora else [])
+        return self.tensor_names(self.use_dora)
 
     def extra_repr(self) -> str:
         kind = "dora" if self.use_dora else "lora"

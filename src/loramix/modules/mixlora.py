@@ -53,7 +53,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import MixLoraConfig
 from .context import ForwardContext
-from .lora import LoraDropout, dora_output, dora_weight_norm, lora_factors, lora_input
+from .lora import LoraDropout, LoraLinear, dora_output, dora_weight_norm, lora_factors, lora_input
 from .quantized import adapter_dtype_for, frozen_weight, logical_shape
 from .routing import (
     Routing, expert_counts, load_balance_loss, route_switch, route_top_k, route_top_p, router_statistics, router_z_loss,
@@ -490,14 +490,15 @@ class MixLoraFFN(nn.Module):
             out = out + (base * unrouted[:, None].to(base.dtype)).to(out.dtype)
         return out
 
+    @staticmethod
+    def tensor_names(targets: list[str], use_dora: bool) -> list[str]:
+        """The adapter tensors of a MixLoRA FFN with expert LoRAs on ``targets``, relative to it: 'router.weight',
+        then per target P 'experts.lora_A.P', 'experts.lora_B.P' (and 'experts.lora_magnitude.P' with DoRA)."""
+        return ["router.weight"] + [f"experts.{t}.{p}" for p in targets for t in LoraLinear.tensor_names(use_dora)]
+
     def adapter_parameter_names(self) -> list[str]:
         """Names (relative to this module) of the trainable adapter tensors."""
-        names = ["router.weight"]
-        for t in self.targets:
-            names += [f"experts.lora_A.{t}", f"experts.lora_B.{t}"]
-            if self.use_dora:
-                names.append(f"experts.lora_magnitude.{t}")
-        return names
+        return self.tensor_names(self.targets, self.use_dora)
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind}, experts={self.num_experts}, routing={self.routing}, r={self.r}, "

@@ -278,9 +278,13 @@ class MoreLinear(FrozenProjection):
             self.contrastive_loss = loss
         return out
 
+    # The adapter tensors relative to the module, known without one (a file's expected keys); frozen_random
+    # saves its selector too.
+    TENSOR_NAMES = ("lora_A", "lora_B", "selector.task_embedding", "selector.gate.weight", "selector.gate.bias")
+
     def adapter_parameter_names(self) -> list[str]:
-        """Names (relative to this module) of the adapter tensors (frozen_random: the selector is saved too)."""
-        return ["lora_A", "lora_B", "selector.task_embedding", "selector.gate.weight", "selector.gate.bias"]
+        """Names (relative to this module) of the adapter tensors."""
+        return list(self.TENSOR_NAMES)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, max_rank={self.max_rank}, ranks={self.ranks}, "
