@@ -209,18 +209,13 @@ class FrozenProjection(nn.Module):
 class LoraLinear(FrozenProjection):
     """A frozen linear projection plus a LoRA (or rsLoRA / DoRA) delta.
 
-    Args:
-        base: the ``nn.Linear`` (or GPT-2 ``Conv1D``) being adapted; its parameters are reused.
-        config: the ``LoraConfig`` (its ``targets`` are for ``inject``, not this module).
-        fan_in_fan_out: the base weight is stored (in, out) as in GPT-2's Conv1D.
-        context: the model's shared ``ForwardContext`` (for disabling adapters), optional.
+    ``base``, ``fan_in_fan_out`` and ``context`` as for ``FrozenProjection``; ``config`` the ``LoraConfig`` (its
+    ``targets`` are for ``inject``, not this module). A quantized ``base`` (bitsandbytes ``Linear4bit`` /
+    ``Linear8bitLt``, a torchao weight) is called as a module, the adapter is shaped from its logical
+    (in, out) and DoRA dequantizes its weight for the norm on each use.
 
     Example:
         >>> layer = LoraLinear(nn.Linear(64, 32), LoraConfig(r=8, alpha=16, dropout=0.0))
-
-    ``base`` may be quantized (bitsandbytes ``Linear4bit``/``Linear8bitLt``, a torchao weight; see
-    ``quantized.py``): it is then called as a module, the adapter is shaped from its logical
-    (in, out) and DoRA dequantizes its weight for the norm on each use.
 
     Shapes: input (..., in) → output (..., out).
     """

@@ -129,12 +129,8 @@ class RankSelector(nn.Module):
 class MoreLinear(FrozenProjection):
     """A frozen linear projection plus MoRE's nested low-rank experts chosen per task.
 
-    Args:
-        base: the ``nn.Linear`` (or GPT-2 ``Conv1D``) being adapted; its parameters are reused.
-        config: the ``MoreConfig``, with its tasks named (a quantized ``base`` is called as a module,
-            ``quantized.py``).
-        fan_in_fan_out: the base weight is stored (in, out). context: the model's ``ForwardContext``
-            (task ids, padding mask, disabling).
+    ``base``, ``fan_in_fan_out`` and ``context`` as for ``FrozenProjection``; ``config`` the ``MoreConfig``,
+    with its tasks named.
 
     Shapes: input (B, ..., in) → output (B, ..., out); the task ids (B,) come from ``context.task_ids``.
     After a forward, ``contrastive_loss`` holds this module's scalar task contrastive loss.
