@@ -186,10 +186,8 @@ class MixLoraFFN(nn.Module):
         output_dropout: dropout after the output projection (GPT-2), or None.
         targets: the projections that get expert LoRAs.
         fan_in_fan_out: projection names whose weight is stored (in, out) (GPT-2 Conv1D).
-        config: the ``MixLoraConfig`` (experts, rank, scale, routing, dispatch, ...; ``attention_*``
-            fields are for the attention LoRAs, not this module). Its ``adapter_dtype`` is the dtype
-            of the router and expert tensors; None: fp32 next to a half-precision or quantized base,
-            else the base's dtype (``quantized.adapter_dtype_for``).
+        config: the ``MixLoraConfig`` (experts, rank, scale, routing, dispatch, the dtype of the router and
+            expert tensors: see "Precision" above; ``attention_*`` fields are for the attention LoRAs).
         context: the model's shared ``ForwardContext``.
 
     The projections may be quantized (bitsandbytes 4/8-bit, torchao; see ``quantized.py``): they are
