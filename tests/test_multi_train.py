@@ -132,10 +132,31 @@ def test_an_included_config_is_looked_up_as_data_files_are(tmp_path: Path, monke
     with pytest.raises(loramix.ConfigError, match=r"adapters\[0\]: config: configs/missing.yaml: no such file "
                                                   r"\(looked in the working directory"):
         load_jobs_config(multi)
+    (tmp_path / "runs" / "list.yaml").write_text("- lr: 0.1\n")
+    multi.write_text("adapters:\n  - {name: z, config: list.yaml}\n")
+    with pytest.raises(loramix.ConfigError, match=r"adapters\[0\]: config .*runs/list.yaml must hold a mapping"):
+        load_jobs_config(multi)
     (tmp_path / "runs" / "bad.yaml").write_text("lr: [1\n")  # next to the YAML: found, and its line named
     multi.write_text("adapters:\n  - {name: y, config: bad.yaml}\n")
     with pytest.raises(loramix.ConfigError, match=r"adapters\[0\]: .*bad.yaml: not valid YAML \(line"):
         load_jobs_config(multi)
+
+
+def test_an_included_configs_data_files_are_looked_up_next_to_it(tmp_path: Path, monkeypatch) -> None:
+    """Data files an included config names: the working directory, then next to that config (as for a single
+    config, and as examples/multi.yaml says); data given in the multi-adapter entry: next to the multi YAML."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "mine.jsonl").write_text("")
+    (tmp_path / "configs" / "single.yaml").write_text("adapter: {kind: lora}\ndata: {train: [mine.jsonl], eval: []}\n")
+    (tmp_path / "theirs.jsonl").write_text("")
+    multi = tmp_path / "multi.yaml"
+    multi.write_text("adapters:\n  - {name: x, config: configs/single.yaml}\n"
+                     "  - {name: y, config: configs/single.yaml, data: {train: [theirs.jsonl]}}\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # no file is in the working directory as named
+    configs = load_jobs_config(multi)
+    assert Path(configs["x"].data.train[0]) == tmp_path / "configs" / "mine.jsonl"
+    assert configs["y"].data.train == ["theirs.jsonl"]  # left to loramix train: next to multi.yaml
 
 
 def test_jobs_due_at_the_same_step_evaluate_in_one_pass(tmp_path: Path, monkeypatch) -> None:

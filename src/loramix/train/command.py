@@ -25,7 +25,6 @@ import logging
 import os
 import shlex
 import sys
-from pathlib import Path
 from typing import Any
 
 from ..cli import UsageError, add_threads_argument, apply_threads, check_device, check_model, resolve_model
@@ -55,27 +54,11 @@ def env_overrides() -> list[str]:
         raise UsageError(f"LORAMIX_OVERRIDES: {err} in {text!r}") from None
 
 
-def resolve_data_paths(config: Any, yaml_path: str | Path) -> None:
-    """Resolve the data files of a ``TrainConfig`` read from ``yaml_path`` (``config.resolve_path``), in place."""
-    from .config import resolve_path
-
-    yaml_dir = Path(yaml_path).parent
-    data = config.data
-    for which in ("train", "eval"):
-        entries = getattr(data, which)
-        for i, entry in enumerate(entries):
-            where = f"{yaml_path}: data.{which}[{i}]"
-            if isinstance(entry, str):
-                entries[i] = resolve_path(entry, yaml_dir, where)
-            else:
-                entry["source"] = resolve_path(entry["source"], yaml_dir, where)
-    if isinstance(data.template, str) and data.template.lower().endswith((".yaml", ".yml")):
-        data.template = resolve_path(data.template, yaml_dir, f"{yaml_path}: data.template")
-
-
 def _prepare(config: Any, args: argparse.Namespace) -> None:
     """What every config of this command gets: data paths, model alias, resume flag, device check."""
-    resolve_data_paths(config, args.config)
+    from .config import resolve_data_paths
+
+    resolve_data_paths(config, args.config)  # a multi-adapter YAML's includes: done next to them already
     config.model = resolve_model(config.model)
     check_model(config.model, option=f"{args.config}: model")
     config.resume = config.resume or args.resume

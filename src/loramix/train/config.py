@@ -296,6 +296,22 @@ def resolve_path(source: str, yaml_dir: Path, where: str) -> str:
     return ",".join(parts)
 
 
+def resolve_data_paths(config: TrainConfig, yaml_path: str | Path) -> None:
+    """Resolve the data files of a ``TrainConfig`` read from ``yaml_path`` (``resolve_path``), in place."""
+    yaml_dir = Path(yaml_path).parent
+    data = config.data
+    for which in ("train", "eval"):
+        entries = getattr(data, which)
+        for i, entry in enumerate(entries):
+            where = f"{yaml_path}: data.{which}[{i}]"
+            if isinstance(entry, str):
+                entries[i] = resolve_path(entry, yaml_dir, where)
+            else:
+                entry["source"] = resolve_path(entry["source"], yaml_dir, where)
+    if isinstance(data.template, str) and data.template.lower().endswith((".yaml", ".yml")):
+        data.template = resolve_path(data.template, yaml_dir, f"{yaml_path}: data.template")
+
+
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML training config (``read_yaml``), apply ``key=value`` overrides, and validate it.
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
-from .config import TrainConfig, read_yaml, resolve_path, train_config_from_dict
+from .config import TrainConfig, read_yaml, resolve_data_paths, resolve_path, train_config_from_dict
 
 SHARED_KEYS = ("model", "dtype", "device", "threads", "quantization", "distributed")  # one base, one way to shard it
 
@@ -57,11 +57,15 @@ def load_jobs_config(path: str | Path, overrides: list[str] | None = None) -> di
         if name in configs:
             raise ConfigError(f"{where}: adapter name '{name}' is used twice")
         values: dict[str, Any] = {}
+        included = None
         if "config" in entry:  # looked up as data files are: the working directory, then next to this file
             try:
-                values = read_yaml(resolve_path(str(entry.pop("config")), path.parent, "config")) or {}
+                included = Path(resolve_path(str(entry.pop("config")), path.parent, "config"))
+                values = read_yaml(included) or {}
             except ConfigError as err:
                 raise ConfigError(f"{where}: {err}") from None
+            if not isinstance(values, dict):
+                raise ConfigError(f"{where}: config {included} must hold a mapping of settings")
         for key in SHARED_KEYS:
             if key in entry and key in shared and entry[key] != shared[key]:
                 raise ConfigError(f"{where}: '{key}' differs from the shared '{key}'; all adapters share one base")
@@ -72,6 +76,8 @@ def load_jobs_config(path: str | Path, overrides: list[str] | None = None) -> di
         if values["output_dir"] in {c.output_dir for c in configs.values()}:
             raise ConfigError(f"{where}: output_dir {values['output_dir']} is used by another adapter")
         configs[name] = train_config_from_dict(values, where=where, overrides=overrides)
+        if included is not None and "data" not in entry:  # the included file's data: its files are next to it
+            resolve_data_paths(configs[name], included)
     return configs
 
 
