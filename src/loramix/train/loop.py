@@ -51,13 +51,13 @@ from typing import Any, Callable, Mapping
 import torch
 from tqdm.auto import tqdm
 
+from ..config import ConfigError
 from ..data import IGNORE_INDEX
 from ..data.batching import check_pad_token
 from ..evaluate import evaluate_many, evaluate_multiple_choice
 from ..models.inject import adapter_state, inject, router_stats
 from ..models.losses import AUXILIARY_LOSSES, answer_tokens, auxiliary_losses, compose_loss, label_losses
 from . import checkpoint as ckpt
-from ..config import ConfigError
 from .config import TrainConfig
 from .job import Job
 from .jobs_config import SHARED_KEYS
@@ -100,7 +100,8 @@ class Trainer:
         wrap = (lambda v: {"": v}) if self.single else (lambda v: dict(v or {}))
         self._given_train, self._given_eval = wrap(train_examples), wrap(eval_examples)
         self.config = next(iter(self.configs.values()))  # the settings every job shares (model, dtype, ...)
-        differ = [k for k in SHARED_KEYS if len({repr(getattr(c, k)) for c in self.configs.values()}) > 1]
+        differ = [k for k in SHARED_KEYS
+                  if any(getattr(c, k) != getattr(self.config, k) for c in self.configs.values())]
         if differ:
             values = {name: getattr(c, differ[0]) for name, c in self.configs.items()}
             raise ConfigError(f"the adapters of one run share one base model, but their {', '.join(differ)} differ "
