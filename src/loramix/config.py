@@ -81,6 +81,15 @@ class Settings:
             value = getattr(self, name) if value is dataclasses.MISSING else value
             raise ConfigError(f"must be {expected}, got {value!r}", name)
 
+    def _check_numbers(self, *names: str, positive: bool = False, integer: bool = False) -> None:
+        """Each of ``names`` is a number (an int, not a bool, with ``integer``): > 0 with ``positive``, else >= 0."""
+        kind = "integer" if integer else "number"
+        expected = f"a positive {kind}" if positive else f"{'an' if integer else 'a'} {kind} >= 0"
+        for name in names:
+            value = getattr(self, name)
+            ok = (is_int(value) if integer else is_number(value)) and (value > 0 if positive else value >= 0)
+            self._check(name, ok, expected)
+
 
 def _build(cls: type, values: Any, prefix: str) -> Any:
     """``cls(**values)`` after checking keys and value types; errors name ``prefix + key``."""
@@ -166,7 +175,7 @@ class _AdapterSettings(Settings):
         means "as the experts")."""
         r, alpha, dropout = (getattr(self, prefix + n) for n in (rank, "alpha", "dropout"))
         if r is not None:
-            self._check(prefix + rank, is_int(r, minimum=1), "a positive integer")
+            self._check_numbers(prefix + rank, positive=True, integer=True)
         if alpha is not None:
             self._check_numbers(prefix + "alpha", positive=True)
         if dropout is not None:
@@ -192,12 +201,6 @@ class _AdapterSettings(Settings):
         ``attention_lora().scale`` is the attention LoRA's)."""
         return self.alpha / (self.r**0.5) if self.use_rslora else self.alpha / self.r
 
-    def _check_numbers(self, *names: str, positive: bool = False) -> None:
-        """Each of ``names`` is a number > 0 (``positive``), else >= 0."""
-        for name in names:
-            value = getattr(self, name)
-            ok = is_number(value) and (value > 0 if positive else value >= 0)
-            self._check(name, ok, "a positive number" if positive else "a number >= 0")
 
 
 @dataclass
@@ -278,7 +281,7 @@ class MixLoraConfig(_AdapterSettings):
         self._check_targets("attention_targets")
         self._check_targets("ffn_targets")
         self._check_common("use_dora", "use_rslora", "recompute_experts")
-        self._check("num_experts", is_int(self.num_experts, minimum=1), "an integer >= 1")
+        self._check_numbers("num_experts", positive=True, integer=True)
         self._check("routing", self.routing in ROUTINGS, f"one of {ROUTINGS}")
         if self.routing == "top_k":
             ok = is_int(self.top_k, minimum=1) and self.top_k <= self.num_experts
