@@ -359,8 +359,7 @@ def _restore(model: nn.Module, merge: bool,
         elif isinstance(module, MixLoraFFN):
             replacements.append((name, module._original_ffn[0]))
     for name, original in replacements:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, original)
+        model.set_submodule(name, original)
     for hook in state.hooks:
         hook.remove()
     for hook in ON_UNLOAD:
