@@ -186,7 +186,7 @@ class _AdapterSettings(Settings):
         for name in flags:
             self._check(name, isinstance(getattr(self, name), bool), "true or false")
         self._check("init", self.init in INITS, f"one of {INITS}")
-        self._check("adapter_dtype", self.adapter_dtype in ADAPTER_DTYPES, "null, float32, bfloat16 or float16")
+        self._check("adapter_dtype", self.adapter_dtype in ADAPTER_DTYPES, f"null or one of {ADAPTER_DTYPES[1:]}")
 
     def _check_targets(self, name: str) -> None:
         value = getattr(self, name)
