@@ -11,7 +11,7 @@ runs on it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -57,20 +57,19 @@ class ModelFamily:
         return (*self.ffn_inputs, self.ffn_output)
 
 
-_LLAMA_LIKE = ModelFamily(name="llama", moe_sibling="mixtral")
-
 FAMILIES: dict[str, ModelFamily] = {
     f.name: f
     for f in (
-        _LLAMA_LIKE,
-        replace(_LLAMA_LIKE, name="mistral"),
-        replace(_LLAMA_LIKE, name="qwen2", moe_sibling="qwen2_moe"),
-        replace(_LLAMA_LIKE, name="qwen3", moe_sibling="qwen3_moe"),
-        replace(_LLAMA_LIKE, name="gemma", moe_sibling=None),
-        replace(_LLAMA_LIKE, name="gemma2", moe_sibling=None),
-        replace(_LLAMA_LIKE, name="gemma3_text", moe_sibling=None),
-        replace(_LLAMA_LIKE, name="olmo2", moe_sibling=None),
-        replace(_LLAMA_LIKE, name="smollm3", moe_sibling=None),
+        # the llama layout: every default of ModelFamily
+        ModelFamily(name="llama", moe_sibling="mixtral"),
+        ModelFamily(name="mistral", moe_sibling="mixtral"),
+        ModelFamily(name="qwen2", moe_sibling="qwen2_moe"),
+        ModelFamily(name="qwen3", moe_sibling="qwen3_moe"),
+        ModelFamily(name="gemma"),
+        ModelFamily(name="gemma2"),
+        ModelFamily(name="gemma3_text"),
+        ModelFamily(name="olmo2"),
+        ModelFamily(name="smollm3"),
         ModelFamily(
             name="phi3", attention_projections=("qkv_proj", "o_proj"), ffn_kind="fused",
             ffn_inputs=("gate_up_proj",), activation="activation_fn",
