@@ -208,8 +208,7 @@ def prepare_kbit_training(model: nn.Module, *, gradient_checkpointing: bool = Fa
     - every base parameter frozen;
     - normalisation weights in fp16/bf16 cast to fp32 (see the module docstring for why only those);
     - bitsandbytes' CPU eval-mode repack of 4-bit weights turned off (exactness and small layers);
-    - with ``gradient_checkpointing``: non-reentrant activation checkpointing on, and the embedding
-      output made to require grad (what PEFT does for reentrant checkpointing; harmless otherwise).
+    - with ``gradient_checkpointing``: ``enable_gradient_checkpointing(model)``.
     """
     for p in model.parameters():
         p.requires_grad_(False)
@@ -221,13 +220,23 @@ def prepare_kbit_training(model: nn.Module, *, gradient_checkpointing: bool = Fa
         if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes Linear4bit
             module.support_avx512bf16_for_cpu = False
     if gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model)
     return model
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on non-reentrant activation checkpointing for a transformers model, in place.
+
+    Non-reentrant: works with frozen inputs and keyword arguments, and restores the RNG. The embedding
+    output is made to require grad (what PEFT does for reentrant checkpointing; harmless otherwise) and
+    the KV cache is turned off (checkpointing recomputes the forward).
+    """
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.config.use_cache = False
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype:

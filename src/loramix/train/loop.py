@@ -57,6 +57,7 @@ from ..data.batching import check_pad_token
 from ..evaluate import evaluate_many, evaluate_multiple_choice
 from ..models.inject import adapter_state, inject, router_stats
 from ..models.losses import AUXILIARY_LOSSES, answer_tokens, auxiliary_losses, compose_loss, label_losses
+from ..models.quantize import enable_gradient_checkpointing
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .job import Job
@@ -162,13 +163,7 @@ class Trainer:
         half = base_dtype in (torch.float16, torch.bfloat16)
         self.amp_dtype = base_dtype if self.device.type == "cuda" and half else None
         if any(c.gradient_checkpointing for c in self.configs.values()):
-            # non-reentrant checkpointing: works with frozen inputs and keyword arguments, restores the RNG
-            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.model.enable_input_require_grads()
-            self.model.config.use_cache = False
+            enable_gradient_checkpointing(self.model)
         for name, config in self.configs.items():
             job = Job(name, config, views[name], self.tokenizer, self._given_train.get(name),
                       self._given_eval.get(name))
