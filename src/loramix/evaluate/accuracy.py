@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import inspect
 from collections import defaultdict
-from itertools import groupby
 from typing import Any, Callable, Sequence
 
 import torch
@@ -33,6 +32,7 @@ from ..data.examples import MultipleChoiceExample
 from ..data.tokenize import (
     LETTERS, encode_continuation, encode_prompt, render_prompt, render_targets, special_prefix, truncate_left,
 )
+from ..models.many import row_plan
 
 PROTOCOLS = ("label", "loglik")
 NORMALIZATIONS = ("token", "char", "none")
@@ -115,8 +115,8 @@ class _RowOwners:
         out: dict[str, Any] = {}
         if self.tasks is not None:
             out["task_ids"] = torch.tensor([self.tasks[i] for i in idx], dtype=torch.long, device=device)
-        if self.adapters:  # (name, number of consecutive rows) per run of one adapter's rows
-            out["adapter_rows"] = [(name, len(list(rows))) for name, rows in groupby(self.adapters[i] for i in idx)]
+        if self.adapters:
+            out["adapter_rows"] = row_plan(self.adapters[i] for i in idx)
         return out
 
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple
+from itertools import groupby
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -47,6 +48,17 @@ class RowSpan(NamedTuple):
     start: int
     token_mask: torch.Tensor | None = None
     task_ids: torch.Tensor | None = None
+
+
+def row_plan(row_adapters: Iterable[str]) -> list[tuple[str, int]]:
+    """The ``adapter_rows`` plan of a batch whose rows belong to ``row_adapters`` (one name per row, in batch order):
+    one (name, count) per run of consecutive rows of one adapter.
+
+    Example:
+        >>> row_plan(["a", "a", "b", "a"])
+        [('a', 2), ('b', 1), ('a', 1)]
+    """
+    return [(name, len(list(run))) for name, run in groupby(row_adapters)]
 
 
 @dataclass

@@ -17,13 +17,12 @@ and left-padded batches with the same functions.
 
 from __future__ import annotations
 
-from itertools import groupby
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..models.many import adapter_rows
+from ..models.many import adapter_rows, row_plan
 
 # Greedy decoding for ``generate``, with the sampling defaults a generation_config may carry unset (else warnings).
 GREEDY = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -89,9 +88,8 @@ def generate_many(model: nn.Module, tokenizer: Any, requests: list[tuple[str, st
     order = sorted(range(len(requests)), key=lambda i: position.get(requests[i][0], -1))
     ids, mask = left_pad([build_prompt_ids(tokenizer, requests[i][1], system=system, raw=raw) for i in order],
                          tokenizer.pad_token_id, next(model.parameters()).device)
-    plan = [(name, len(list(rows))) for name, rows in groupby(requests[i][0] for i in order)]
     model.eval()
-    with torch.no_grad(), adapter_rows(model, plan):
+    with torch.no_grad(), adapter_rows(model, row_plan(requests[i][0] for i in order)):
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id, **GREEDY)
     texts = dict(zip(order, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)))

@@ -38,7 +38,6 @@ import os
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from itertools import groupby
 from typing import Any, Callable, Iterator
 
 import torch
@@ -51,7 +50,7 @@ from ...adapters.io import load_adapter
 from ...adapters.more_tasks import bare_name_task, recorded_task_index
 from ...config import LoraConfig
 from ...models.inject import inject
-from ...models.many import stack_adapters
+from ...models.many import row_plan, stack_adapters
 from ...models.registry import family_of
 from ..generate import build_prompt_ids, chat_prompt_ids, left_pad
 from .batch_cache import BatchCache
@@ -428,7 +427,7 @@ class Engine:
     def _forward(self, rows: list[Request], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: Any) -> torch.Tensor:
         """One forward of ``rows`` (grouped by adapter) → last-position logits (B, V) fp32; ``cache`` grows."""
-        plan = [(adapter, len(list(run))) for adapter, run in groupby(r.target.adapter for r in rows)]
+        plan = row_plan(r.target.adapter for r in rows)
         task_ids = torch.tensor([r.target.task_id for r in rows], device=ids.device)
         with torch.no_grad():
             out = self.served.model(input_ids=ids, attention_mask=mask, position_ids=positions, adapter_rows=plan,
