@@ -12,7 +12,7 @@ and generated greedily in one ``generate`` call; the answers come back in reques
 
 A prompt goes through the tokenizer's chat template when it has one (SmolLM2-Instruct has one),
 unless ``raw``; otherwise the prompt text is continued as is. ``loramix serve`` builds its prompts
-and left-padded batches with the same functions.
+with the same functions, and pads on the left with ``data.batching.collate`` as this module does.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.batching import collate
 from ..models.many import adapter_rows, row_plan
 
 # Greedy decoding for ``generate``, with the sampling defaults a generation_config may carry unset (else warnings).
@@ -43,15 +44,6 @@ def build_prompt_ids(tokenizer: Any, prompt: str, *, system: str | None = None, 
         system_message = [{"role": "system", "content": system}] if system else []
         return chat_prompt_ids(tokenizer, system_message + [{"role": "user", "content": prompt}])
     return list(tokenizer(prompt)["input_ids"])
-
-
-def left_pad(seqs: list[list[int]], pad: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask), both (B, W): each sequence left-padded with ``pad`` to W, the longest length (how
-    ``generate`` keeps a batch: every row's last token in the last column)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
-    return ids, mask
 
 
 def generate_text(model: nn.Module, tokenizer: Any, prompt: str, *, system: str | None = None, raw: bool = False,
@@ -86,8 +78,10 @@ def generate_many(model: nn.Module, tokenizer: Any, requests: list[tuple[str, st
         return []
     position = {name: k for k, name in enumerate(model.loramix_many.adapters)}
     order = sorted(range(len(requests)), key=lambda i: position.get(requests[i][0], -1))
-    ids, mask = left_pad([build_prompt_ids(tokenizer, requests[i][1], system=system, raw=raw) for i in order],
-                         tokenizer.pad_token_id, next(model.parameters()).device)
+    device = next(model.parameters()).device
+    batch = collate([{"input_ids": build_prompt_ids(tokenizer, requests[i][1], system=system, raw=raw)} for i in order],
+                    tokenizer.pad_token_id, padding_side="left")
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     model.eval()
     with torch.no_grad(), adapter_rows(model, row_plan(requests[i][0] for i in order)):
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,

@@ -49,10 +49,11 @@ from ...adapters.folder import read_adapter_config
 from ...adapters.io import load_adapter
 from ...adapters.more_tasks import bare_name_task, recorded_task_index
 from ...config import LoraConfig
+from ...data.batching import collate
 from ...models.inject import inject
 from ...models.many import row_plan, stack_adapters
 from ...models.registry import family_of
-from ..generate import build_prompt_ids, chat_prompt_ids, left_pad
+from ..generate import build_prompt_ids, chat_prompt_ids
 from .batch_cache import BatchCache
 
 NO_DEFAULT_TASK = -2  # Target.task_id of a MoRE adapter's bare name that picks no task
@@ -439,7 +440,9 @@ class Engine:
         """Whole sequences, left-padded, one forward → (logits (B, V), their cache (B, heads, W, d) per
         layer, or None without the KV cache)."""
         pad = self.served.tokenizer.pad_token_id
-        ids, mask = left_pad([r.prompt + r.generated for r in rows], 0 if pad is None else pad, self._device())
+        batch = collate([{"input_ids": r.prompt + r.generated} for r in rows], 0 if pad is None else pad,
+                        padding_side="left")
+        ids, mask = batch["input_ids"].to(self._device()), batch["attention_mask"].to(self._device())
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() computes them for left padding
         cache = DynamicCache(config=self.served.model.config) if self.kv_cache else None
         return self._forward(rows, ids, mask, positions, cache), cache
