@@ -48,6 +48,9 @@ from torch import nn
 from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig, adapter_config_from_dict, is_number
 from ..models.inject import targeted_projections
 from ..models.registry import FAMILIES, ModelFamily, family_of
+from ..modules.lora import LoraLinear
+from ..modules.mixlora import MixLoraFFN
+from ..modules.more import MoreLinear
 from ..modules.quantized import logical_shape
 from .authors import is_authors_format, read_authors_folder
 from .common import (
@@ -318,16 +321,15 @@ def expected_keys(config, family: ModelFamily, num_layers: int) -> set[str]:
     """The loramix keys a loramix adapter of ``config`` over ``num_layers`` decoder layers holds
     (DoRA magnitudes included): what ``inject`` creates, named as the modules name their tensors."""
     plain, experts = targeted_projections(config, family)
-    lora = ["lora_A", "lora_B"] + (["lora_magnitude"] if getattr(config, "use_dora", False) else [])
-    selector = ["selector.task_embedding", "selector.gate.weight", "selector.gate.bias"]
-    own = lora + selector if isinstance(config, MoreConfig) else lora  # the tensors of one adapted projection
+    use_dora = getattr(config, "use_dora", False)
+    # the tensors of one adapted projection, and of a MixLoRA FFN block
+    own = list(MoreLinear.TENSOR_NAMES) if isinstance(config, MoreConfig) else LoraLinear.tensor_names(use_dora)
+    ffn = MixLoraFFN.tensor_names(experts, use_dora) if isinstance(config, MixLoraConfig) else []
     keys = set()
     for layer in range(num_layers):
         prefix = f"{family.layers}.{layer}"
         keys |= {f"{prefix}.{block}.{p}.{t}" for block, ps in plain.items() for p in ps for t in own}
-        if isinstance(config, MixLoraConfig):
-            keys.add(f"{prefix}.{family.ffn}.router.weight")
-            keys |= {f"{prefix}.{family.ffn}.experts.{t}.{p}" for p in experts for t in lora}
+        keys |= {f"{prefix}.{family.ffn}.{t}" for t in ffn}
     return keys
 
 
