@@ -131,14 +131,15 @@ def _run_folder_hint(folder: Path) -> str | None:
              if (p / CONFIG_NAME).is_file()]
     if not saved and not (folder / "checkpoints").is_dir():
         return None
-    where = f"; the newest checkpoint's adapter is {max(saved, key=_checkpoint_step)}" if saved else ""
+    where = f"; the newest checkpoint's adapter is {max(saved, key=checkpoint_step)}" if saved else ""
     return f"it looks like a training run folder without a final adapter/ (the run did not finish?){where}"
 
 
-def _checkpoint_step(path: Path) -> int:
-    """N of ``step-N/adapter`` or ``checkpoint-N`` (-1 if not a number)."""
-    number = (path.parent if path.name == "adapter" else path).name.rpartition("-")[2]
-    return int(number) if number.isdigit() else -1
+def checkpoint_step(path: Path) -> int:
+    """N of a checkpoint folder ``step-N`` (loramix), ``step-N/adapter`` or ``checkpoint-N`` (transformers);
+    -1 if what follows the first '-' is not a number (``step-3.tmp``, ``step-x``)."""
+    number = (path.parent if path.name == "adapter" else path).name.partition("-")[2]
+    return int(number) if number.isdecimal() else -1
 
 
 def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:

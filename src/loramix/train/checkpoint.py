@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 from ..adapters.common import atomic_write
-from ..adapters.folder import read_adapter_folder
+from ..adapters.folder import checkpoint_step, read_adapter_folder
 from ..adapters.io import copy_adapter_tensors, save_adapter
 
 LATEST = "latest"
@@ -202,15 +202,8 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
     return final
 
 
-def _step_of(path: Path) -> int:
-    try:
-        return int(path.name.removeprefix("step-"))
-    except ValueError:
-        return -1
-
-
 def _prune(root: Path, keep: int, protect: str) -> None:
-    done = sorted((p for p in root.glob("step-*") if p.is_dir() and _step_of(p) >= 0), key=_step_of)
+    done = sorted((p for p in root.glob("step-*") if p.is_dir() and checkpoint_step(p) >= 0), key=checkpoint_step)
     for old in done[:-keep] if keep > 0 else done:
         if old.name != protect:
             shutil.rmtree(old, ignore_errors=True)
