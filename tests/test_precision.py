@@ -196,6 +196,17 @@ def test_bf16_base_with_fp32_adapters(kind, autocast):
     assert abs(loss - full_loss) < 0.02 * full_loss
 
 
+def test_adapter_dtype_takes_every_dtype_name():
+    """``adapter_dtype`` reads the one table of dtype names (``config.DTYPE_NAMES``): "bf16" is "bfloat16";
+    a wrong name's error lists the choices."""
+    assert loramix.LoraConfig(adapter_dtype="bf16") == loramix.LoraConfig(adapter_dtype="bfloat16")
+    model = tiny_model()
+    loramix.inject(model, mixlora_config(r=8, alpha=16, adapter_dtype="bf16"))
+    assert {p.dtype for p in loramix.adapter_parameters(model).values()} == {torch.bfloat16}
+    with pytest.raises(loramix.ConfigError, match=r"'adapter_dtype' must be null or one of float32, .*, half, got 'int8'"):
+        loramix.LoraConfig(adapter_dtype="int8")
+
+
 def test_grouped_mm_probe_is_per_dtype_and_forgets_transient_errors(monkeypatch):
     """The capability is probed per (device, dtype), in that dtype and outside autocast; an
     out-of-memory error during the probe is not remembered as 'unsupported'."""

@@ -22,13 +22,27 @@ from typing import Any, ClassVar, Union
 ROUTINGS = ("top_k", "top_p", "switch")
 INITS = ("kaiming", "gaussian")
 DISPATCHES = ("sorted", "naive")
-ADAPTER_DTYPES = (None, "float32", "bfloat16", "float16")
+# The one table of dtype names that every dtype option and key accepts (dtype:, adapter_dtype:, --dtype,
+# bench --dtype): each name → its canonical (torch) name. hub.DTYPES maps the same names to torch dtypes.
+DTYPE_NAMES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+}
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the default: a llama-like family's attention
 INIT_HELP = "Initialisation of A: 'kaiming' (uniform) or 'gaussian'. B starts at zero."
 ADAPTER_DTYPE_HELP = (
     "dtype of the adapter tensors: null (default) = float32 next to a half-precision or quantized (4/8-bit) "
-    "base, else the base's dtype; or float32 | bfloat16 | float16."
+    "base, else the base's dtype; or float32 | bfloat16 | float16 (or fp32, float, bf16, fp16, half)."
 )
+
+
+def dtype_name(name: Any) -> str | None:
+    """The canonical name of a dtype name from ``DTYPE_NAMES`` (any case, "torch." allowed), else None.
+
+    Example: ``dtype_name("BF16") == dtype_name(torch.bfloat16) == "bfloat16"``; ``dtype_name("int8") is None``.
+    """
+    return DTYPE_NAMES.get(str(name).lower().removeprefix("torch."))
 
 
 class ConfigError(ValueError):
@@ -186,7 +200,10 @@ class _AdapterSettings(Settings):
         for name in flags:
             self._check(name, isinstance(getattr(self, name), bool), "true or false")
         self._check("init", self.init in INITS, f"one of {INITS}")
-        self._check("adapter_dtype", self.adapter_dtype in ADAPTER_DTYPES, f"null or one of {ADAPTER_DTYPES[1:]}")
+        if self.adapter_dtype is not None:
+            canonical = dtype_name(self.adapter_dtype)
+            self._check("adapter_dtype", canonical is not None, f"null or one of {', '.join(DTYPE_NAMES)}")
+            self.adapter_dtype = canonical  # "bf16" is stored, saved and compared as "bfloat16"
 
     def _check_targets(self, name: str) -> None:
         value = getattr(self, name)

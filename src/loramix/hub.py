@@ -24,9 +24,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
+
+from .config import DTYPE_NAMES, dtype_name
 
 EMBEDDED_NAME = "smollm2-135m"
 # Accepted spellings of the embedded model's name.
@@ -37,12 +39,8 @@ CACHE_SUBDIR = "smollm2-135m-instruct"
 # Written last into a converted folder; a folder without it is not trusted.
 MARKER = "loramix_conversion.json"
 
-# The one table of dtype names every option and config key accepts (--dtype, dtype:, bench --dtype).
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
+# Every dtype name (config.DTYPE_NAMES, the one table of them) → its torch dtype.
+DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_NAMES.items()}
 
 
 class ModelLoadError(RuntimeError):
@@ -69,18 +67,18 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | 
     """``dtype`` as a ``torch.dtype``.
 
     ``None`` or ``"auto"``: bfloat16 on a CUDA device that supports it, float32 otherwise (CPU
-    matmuls in bf16 are slow and less accurate, so CPU stays fp32). Strings: float32/fp32,
-    bfloat16/bf16, float16/fp16.
+    matmuls in bf16 are slow and less accurate, so CPU stays fp32). Strings: the names of
+    ``config.DTYPE_NAMES`` (float32/fp32, bfloat16/bf16, float16/fp16/half, any case).
     """
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
         cuda = resolve_device(device).type == "cuda"
         return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in DTYPES:
+    name = dtype_name(dtype)
+    if name is None:
         raise ValueError(f"unknown dtype '{dtype}': use one of auto, {', '.join(sorted(DTYPES))}")
-    return DTYPES[key]
+    return DTYPES[name]
 
 
 def gguf_path() -> Path:
@@ -115,6 +113,30 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 
 def _is_complete(folder: Path) -> bool:
     return (folder / MARKER).is_file() and (folder / "config.json").is_file()
+
+
+def write_folder(final: Path, write: Callable[[Path], None], prefix: str) -> Path:
+    """Call ``write(tmp)`` on a hidden temporary folder ``<prefix>...`` beside ``final``, then rename it to
+    ``final`` (an older ``final`` is swapped out first, then removed); returns ``final``. A failure leaves
+    the previous folder (or none), never a folder whose files disagree.
+
+    Example:
+        >>> write_folder(cache / "model", lambda tmp: model.save_pretrained(tmp), ".model.tmp-")
+    """
+    tmp, old = Path(tempfile.mkdtemp(dir=final.parent, prefix=prefix)), None
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+        if final.exists():  # e.g. the same checkpoint step saved twice, or a broken cache folder
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{prefix}old-"))
+            os.replace(final, old / final.name)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def convert_embedded(force: bool = False) -> Path:
@@ -153,20 +175,14 @@ def convert_embedded(force: bool = False) -> Path:
         del quantised
 
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_SUBDIR}.tmp-", dir=root))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-        try:
+
+        def write(tmp: Path) -> None:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / MARKER).write_text(json.dumps({"source": str(source), "gguf_file": GGUF_FILE,
                                                   "bytes": source.stat().st_size}, indent=2))
-            if final.exists():  # an old or broken folder: replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return final
+
+        return write_folder(final, write, f".{CACHE_SUBDIR}.tmp-")  # an old or broken folder is replaced
 
 
 def is_embedded(name: str | None) -> bool:
