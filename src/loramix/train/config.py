@@ -35,14 +35,13 @@ from typing import Any
 
 import yaml
 
-from ..config import AdapterConfig, ConfigError, MixLoraConfig, Settings, _help, is_int
+from ..config import DTYPE_NAMES, AdapterConfig, ConfigError, MixLoraConfig, Settings, _help, dtype_name, is_int
 from ..data.tasks import TASKS
 from ..data.tokenize import MIN_CUTOFF_LEN
-from ..hub import DTYPES as DTYPE_NAMES
 
 SCHEDULES = ("constant", "linear", "cosine")
 DISTRIBUTED = ("ddp", "fsdp")
-DTYPES = ("auto", *DTYPE_NAMES)  # the one table of dtype names is hub.DTYPES
+DTYPES = ("auto", *DTYPE_NAMES)  # the one table of dtype names is config.DTYPE_NAMES
 
 
 @dataclass
@@ -86,7 +85,7 @@ class DataConfig(Settings):
         self._check("train", len(self.train) > 0, "a non-empty list of sources")
         for p in self.eval_protocols:
             self._check("eval_protocols", p in ("label", "loglik"), "a list of 'label' and/or 'loglik'")
-        self._check("eval_batch_size", is_int(self.eval_batch_size, minimum=1), "a positive integer")
+        self._check_numbers("eval_batch_size", positive=True, integer=True)
         self._check("cutoff_len", self.cutoff_len >= MIN_CUTOFF_LEN, f"at least {MIN_CUTOFF_LEN}")
         for name in ("train_limit", "eval_limit"):
             self._check(name, getattr(self, name) is None or getattr(self, name) >= 0, ">= 0 or null")
@@ -157,18 +156,16 @@ class TrainConfig(Settings):
 
     def __post_init__(self) -> None:
         """Check values that the types alone do not catch; raises ``ConfigError`` naming the key."""
-        for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-            self._check(name, is_int(getattr(self, name), minimum=1), "a positive integer")
-        for name in ("eval_every", "save_every", "warmup_steps"):
-            self._check(name, getattr(self, name) >= 0, ">= 0")
-        self._check("lr", self.lr > 0, "positive")
-        self._check("weight_decay", self.weight_decay >= 0, ">= 0")
+        self._check_numbers("batch_size", "grad_accum", "log_every", "keep_checkpoints", positive=True, integer=True)
+        self._check_numbers("eval_every", "save_every", "warmup_steps", integer=True)
+        self._check_numbers("lr", positive=True)
+        self._check_numbers("weight_decay")
         self._check("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)")
         self._check("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}")
         self._check("max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1 or null")
         self._check("epochs", self.max_steps is not None or self.epochs > 0, "positive when max_steps is null")
         self._check("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0, "positive or null")
-        self._check("dtype", str(self.dtype).lower().removeprefix("torch.") in DTYPES, f"one of {', '.join(DTYPES)}")
+        self._check("dtype", self.dtype == "auto" or dtype_name(self.dtype) is not None, f"one of {', '.join(DTYPES)}")
         ok = len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)
         self._check("betas", ok, "two numbers in [0, 1)")
         self._check("resume", isinstance(self.resume, (bool, str)), "true, false or a checkpoint folder")
