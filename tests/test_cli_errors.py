@@ -188,6 +188,21 @@ def test_eval_limit_zero_means_all(files, capsys, tmp_path):
     assert "--limit must be >= 0" in fails(capsys, ["eval", "--tasks", str(files["qa"]), "--limit", "-1"])
 
 
+def test_one_adapter_option_parser_for_every_command(capsys):
+    """eval, serve and bench read ``--adapter`` with one parser: a bare folder only where allowed, an empty
+    FOLDER never (eval took ``a=`` as the folder "" before), one message for a name given twice."""
+    from loramix.cli import parse_adapters
+
+    assert parse_adapters(["a=x", "runs/mix/adapter"], bare_folder=True) == {"a": "x", "mix": "runs/mix/adapter"}
+    with pytest.raises(UsageError, match="NAME=FOLDER"):
+        parse_adapters(["a="], bare_folder=True)
+    with pytest.raises(UsageError, match="NAME=FOLDER"):
+        parse_adapters(["runs/mix/adapter"])  # serve and bench: NAME=FOLDER only
+    for command in ("eval", "serve"):
+        line = fails(capsys, [command, "--adapter", "a=x", "--adapter", "a=y"])
+        assert "two adapters are named 'a' (x, y)" in line and "NAME=FOLDER" in line
+
+
 def test_generate_positional_prompt_streams_the_greedy_text(files, capsys):
     from loramix.serve import generate_text
     from loramix.hub import load_model

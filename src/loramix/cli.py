@@ -29,6 +29,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 # name → (module implementing it, one-line help)
@@ -218,6 +219,35 @@ def model_aliases() -> dict[str, str]:
 def resolve_model(name: Any) -> Any:
     """``name`` through ``$LORAMIX_MODEL_ALIASES`` (unchanged when it has no alias or is not a string)."""
     return model_aliases().get(name.lower(), name) if isinstance(name, str) else name
+
+
+def parse_adapters(values: list[str] | None, *, bare_folder: bool = False) -> dict[str, str]:
+    """``--adapter`` values → {name: folder}: each "NAME=FOLDER", or with ``bare_folder`` also a bare FOLDER
+    named after it (``runs/mix/adapter`` → "mix": a folder called ``adapter`` takes its parent's name).
+
+    Example:
+        >>> parse_adapters(["a=runs/a/adapter", "runs/mix/adapter"], bare_folder=True)
+        {'a': 'runs/a/adapter', 'mix': 'runs/mix/adapter'}
+
+    Raises:
+        UsageError: a value that is not NAME=FOLDER (and not a bare folder where one is allowed), or two
+        adapters with one name.
+    """
+    adapters: dict[str, str] = {}
+    for value in values or []:
+        name, sep, folder = value.partition("=")
+        # a path may hold "=" itself: a value whose NAME part looks like a path, or that exists, is a bare folder
+        if bare_folder and (not sep or not name or "/" in name or "\\" in name or Path(value).exists()):
+            folder = value
+            path = Path(value.rstrip("/\\"))
+            name = path.parent.name if path.name == "adapter" and path.parent.name else path.name
+        elif not sep or not name or not folder:
+            raise UsageError(f"--adapter {value}: give NAME=FOLDER (e.g. --adapter mix=runs/mix/adapter)")
+        if name in adapters:
+            raise UsageError(f"--adapter: two adapters are named '{name}' ({adapters[name]}, {folder}); "
+                             "give each its own name: --adapter NAME=FOLDER")
+        adapters[name] = folder
+    return adapters
 
 
 def load_adapters_onto(model: Any, adapters: dict[str, str], base_name: Any) -> Any:

@@ -14,7 +14,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..cli import (
-    add_threads_argument, apply_threads, check_device, check_dtype, check_model, engine_threads, resolve_model,
+    add_threads_argument, apply_threads, check_device, check_dtype, check_model, engine_threads, parse_adapters,
+    resolve_model,
 )
 from ..models.quantize import add_quantization_argument
 from .measure import format_table, run_bench
@@ -81,7 +82,6 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 def serve_settings_from_args(args: argparse.Namespace):
     """The validated settings of ``--serve`` (ValueError naming the option)."""
-    from ..serve.server.command import parse_adapters
     from .serve import ServeBenchSettings
 
     try:

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..cli import (
     UsageError, add_base_model_argument, add_loading_arguments, add_threads_argument, apply_threads,
-    check_loading_arguments, check_model, load_adapters_onto, resolve_model,
+    check_loading_arguments, check_model, load_adapters_onto, parse_adapters, resolve_model,
 )
 from ..data.tasks import TASKS
 from ..data.tokenize import MIN_CUTOFF_LEN
@@ -68,26 +68,6 @@ def format_table(results: dict[str, dict[str, dict[str, float]]], protocols: lis
     return text_table(rows)
 
 
-def parse_adapters(values: list[str] | None) -> dict[str, str]:
-    """``--adapter`` values → {name: folder}; "NAME=FOLDER" or a bare folder (named after it).
-
-    Raises:
-        ValueError: two adapters with the same name.
-    """
-    adapters: dict[str, str] = {}
-    for value in values or []:
-        name, sep, folder = value.partition("=")
-        if not sep or not name or "/" in name or "\\" in name or Path(value).exists():
-            folder = value
-            path = Path(value.rstrip("/\\"))
-            name = path.parent.name if path.name == "adapter" and path.parent.name else path.name
-        if name in adapters:
-            raise ValueError(f"--adapter: two adapters are named '{name}' ({adapters[name]}, {folder}); "
-                             "name them: --adapter NAME=FOLDER")
-        adapters[name] = folder
-    return adapters
-
-
 def _adapter_tasks(meta: dict[str, Any], tasks_in_data: set[str]) -> dict[str, int] | None:
     """The task name → id map a saved adapter needs (``recorded_task_index`` for a MoRE adapter); other
     adapters take no task ids.
@@ -127,10 +107,7 @@ def run(args: argparse.Namespace) -> int:
     protocol, ``evaluate_many``); the JSON nests the results by adapter name when N ≥ 2."""
     from ..hub import load_model
 
-    try:
-        adapters = parse_adapters(args.adapter)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    adapters = parse_adapters(args.adapter, bare_folder=True)
     _check_args(args)
     metas = _read_settings(adapters)
     model_name = args.model or _recorded_base(metas) or "smollm2-135m"

@@ -22,7 +22,7 @@ from dataclasses import fields
 
 from ...cli import (
     UsageError, add_loading_arguments, add_threads_argument, apply_threads, check_loading_arguments, check_model,
-    engine_threads, resolve_model,
+    engine_threads, parse_adapters, resolve_model,
 )
 from .limits import Limits
 
@@ -54,19 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM, how long requests in flight may take to finish before they are cut off")
     add_loading_arguments(parser)
     add_threads_argument(parser)
-
-
-def parse_adapters(values: list[str]) -> dict[str, str]:
-    """``["a=runs/a/adapter", ...]`` → {"a": "runs/a/adapter"}; UsageError on a malformed or repeated NAME."""
-    adapters: dict[str, str] = {}
-    for value in values:
-        name, sep, folder = value.partition("=")
-        if not sep or not name or not folder:
-            raise UsageError(f"--adapter {value}: give NAME=FOLDER (e.g. --adapter mix=runs/mix/adapter)")
-        if name in adapters:
-            raise UsageError(f"--adapter {name}: the name is given twice")
-        adapters[name] = folder
-    return adapters
 
 
 def run(args: argparse.Namespace) -> int:
