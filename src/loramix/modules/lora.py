@@ -79,6 +79,21 @@ def dora_weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sca
         return norm_sq.clamp_min(0).sqrt().to(A.dtype)
 
 
+def merged_lora_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                       magnitude: torch.Tensor | None = None) -> torch.Tensor:
+    """The merged weight ``W + s B A`` (DoRA: ``m / ||W + s B A||_row ⊙ (W + s B A)``) in fp32: what merging a
+    LoRA into its frozen weight computes, for ``LoraLinear.delta_weight`` and the exports.
+
+    Shapes: weight (out, in), A (r, in), B (out, r), magnitude (out,) or None (plain LoRA) → (out, in). The
+    DoRA norm is the forward's (``dora_weight_norm``), so the merged layer computes what the adapted one did.
+    """
+    weight = weight.float()
+    merged = weight + scale * (B.float() @ A.float())
+    if magnitude is None:
+        return merged
+    return (magnitude.float() / dora_weight_norm(weight, A, B, scale).float())[:, None] * merged
+
+
 def dora_output(base_out: torch.Tensor, lora: torch.Tensor, bias: torch.Tensor | None,
                 factor: torch.Tensor) -> torch.Tensor:
     """DoRA's ``factor ⊙ (W x + s B A x) + b`` from the frozen output ``base_out = W x + b``, in its dtype.
@@ -238,13 +253,11 @@ class LoraLinear(FrozenProjection):
         return dora_weight_norm(self.weight_out_in(), self.lora_A, self.lora_B, self.scale)
 
     def delta_weight(self) -> torch.Tensor:
-        """The dense update ``s B A``, shape (out, in) (DoRA: the full merged weight minus W)."""
-        delta = self.scale * (self.lora_B @ self.lora_A)
+        """The dense update ``s B A``, shape (out, in) (DoRA: the merged weight minus W, ``merged_lora_weight``)."""
         if not self.use_dora:
-            return delta
+            return self.scale * (self.lora_B @ self.lora_A)
         weight = self.weight_out_in().float()  # dequantized once for a quantized base
-        norm = dora_weight_norm(weight, self.lora_A, self.lora_B, self.scale).float()
-        return (self.lora_magnitude / norm)[:, None] * (weight + delta) - weight
+        return merged_lora_weight(weight, self.lora_A, self.lora_B, self.scale, self.lora_magnitude) - weight
 
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """Adapted output given the frozen output ``base_out = W x + b`` (both (..., in/out))."""

@@ -1,6 +1,6 @@
 """What every export reads and writes: the base weights and the adapter tensors, one at a time
-(``BaseWeights``, ``AdapterWeights``), the merge math (``merged_weight``), the shard writer and the
-frame of a streaming export (``stream_export``).
+(``BaseWeights``, ``AdapterWeights``), the merge (``merged_weight``: ``modules.lora.merged_lora_weight`` in
+the base's layout and dtype), the shard writer and the frame of a streaming export (``stream_export``).
 
 The merge of one LoRA module into its frozen weight, in fp32::
 
@@ -30,6 +30,7 @@ from ...config import MixLoraConfig
 from ...models.inject import adapter_parameters, adapter_state
 from ...models.quantize import dense_state, plain_config
 from ...models.registry import ModelFamily
+from ...modules.lora import merged_lora_weight
 from ..common import AdapterLoadError, ExportError, write_json
 from ..folder import read_adapter_folder, split_layer
 
@@ -142,15 +143,10 @@ class AdapterWeights:
 # ====================================================================================== merge math
 def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
                   magnitude: torch.Tensor | None = None, fan_in_fan_out: bool = False) -> torch.Tensor:
-    """``W + s B A`` (DoRA: ``m / ||W + s B A||_row ⊙ (W + s B A)``), computed in fp32, returned in the shape
-    and dtype of ``weight``. Shapes: weight (out, in) ((in, out) with ``fan_in_fan_out``), A (r, in),
-    B (out, r), magnitude (out,) for DoRA."""
-    w = weight.float().t() if fan_in_fan_out else weight.float()
-    merged = w + scale * (B.float() @ A.float())
-    if magnitude is not None:
-        merged = (magnitude.float() / merged.norm(dim=1))[:, None] * merged
-    merged = merged.t() if fan_in_fan_out else merged
-    return merged.to(weight.dtype).contiguous()
+    """``modules.lora.merged_lora_weight`` (computed in fp32) returned in the shape and dtype of ``weight``.
+    Shapes: weight (out, in) ((in, out) with ``fan_in_fan_out``), A (r, in), B (out, r), magnitude (out,) for DoRA."""
+    merged = merged_lora_weight(weight.t() if fan_in_fan_out else weight, A, B, scale, magnitude)
+    return (merged.t() if fan_in_fan_out else merged).to(weight.dtype).contiguous()
 
 
 # ====================================================================================== shard writer
