@@ -8,14 +8,15 @@ Example:
     >>> batches = [collate([feats[i] for i in idx], tokenizer.pad_token_id) for idx in sampler]
 """
 
+from ..models.losses import IGNORE_INDEX
 from .batching import LengthGroupedBatches, collate
 from .examples import Example, InstructionExample, MultipleChoiceExample
 from .files import read_file, read_hub_dataset
 from .load import load_examples
 from .tasks import TASKS, DataError, available_splits, canonical_task, read_task
 from .tokenize import (
-    IGNORE_INDEX, LETTERS, builtin_templates, encode_continuation, encode_example, encode_prompt, get_template,
-    render, render_prompt, render_targets, truncate_left,
+    LETTERS, builtin_templates, encode_continuation, encode_example, encode_prompt, get_template, render,
+    render_prompt, render_targets, truncate_left,
 )
 
 __all__ = [

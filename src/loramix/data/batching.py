@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .tokenize import IGNORE_INDEX
+from ..models.losses import IGNORE_INDEX
 
 
 def check_pad_token(tokenizer: Any) -> None:

@@ -24,10 +24,10 @@ from typing import Any
 
 import yaml
 
+from ..models.losses import IGNORE_INDEX
 from .examples import LETTERS, Example, InstructionExample, MultipleChoiceExample
 from .tasks import DataError
 
-IGNORE_INDEX = -100
 MIN_CUTOFF_LEN = 8  # the shortest cutoff_len a training config (data.cutoff_len) or loramix eval --cutoff-len takes
 KINDS = ("multiple_choice", "instruction")
 

@@ -27,7 +27,7 @@ from torch import nn
 from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig
 from ..modules import ForwardContext, LoraLinear, MixLoraFFN, MoreLinear, frozen_weight, is_quantized
 from . import losses
-from .losses import answer_tokens, compose_loss
+from .losses import IGNORE_INDEX, answer_tokens, compose_loss
 from .quantize import compute_dtype, dense_linear, dequantize_model, quantization_of
 from .registry import ModelFamily, decoder_layers, family_of
 
@@ -165,7 +165,7 @@ def _label_count(kwargs: dict) -> torch.Tensor | None:
     """Label tokens of this call that a causal LM loss counts (after the one-token shift), or None."""
     shifted = kwargs.get("shift_labels")
     if isinstance(shifted, torch.Tensor):
-        return (shifted != -100).sum()
+        return (shifted != IGNORE_INDEX).sum()
     labels = kwargs.get("labels")
     if isinstance(labels, torch.Tensor) and labels.dim() >= 2:
         return answer_tokens(labels)

@@ -32,6 +32,9 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+# The label of a position no loss counts (prompt tokens, padding): cross_entropy's default ignore_index.
+# data/ labels its examples and pads its batches with it (models/ cannot import data/, so it lives here).
+IGNORE_INDEX = -100
 # (name of the raw loss on the model output, config field of its weight)
 AUXILIARY_LOSSES = (("aux_loss", "aux_loss_coef"), ("z_loss", "z_loss_coef"), ("contrastive_loss", "contrastive_coef"))
 
@@ -89,8 +92,8 @@ def compose_loss(lm_loss: torch.Tensor | None, raw: Mapping[str, torch.Tensor], 
 
 def answer_tokens(labels: torch.Tensor) -> torch.Tensor:
     """How many label tokens of ``labels`` (..., T) a causal LM loss counts (the n_b and N above), 0-dim long:
-    position t predicts token t + 1, so the first label is never a target, and -100 marks no loss."""
-    return (labels[..., 1:] != -100).sum()
+    position t predicts token t + 1, so the first label is never a target, and -100 (IGNORE_INDEX) marks no loss."""
+    return (labels[..., 1:] != IGNORE_INDEX).sum()
 
 
 def label_losses(logits: torch.Tensor, labels: torch.Tensor, rows: list[int]) -> list[tuple[torch.Tensor, int]]:
@@ -109,10 +112,10 @@ def label_losses(logits: torch.Tensor, labels: torch.Tensor, rows: list[int]) ->
     for count, piece in zip(rows, logits.split(rows)):
         lg = piece.float()  # (rows, T, V)
         # position t predicts token t+1: shift the labels, not the logits (a logits[:, :-1] slice would be
-        # copied by the reshape); the last position predicts nothing (-100)
-        lb = nn.functional.pad(labels[start:start + count, 1:], (0, 1), value=-100).to(lg.device)
+        # copied by the reshape); the last position predicts nothing
+        lb = nn.functional.pad(labels[start:start + count, 1:], (0, 1), value=IGNORE_INDEX).to(lg.device)
         start += count
-        ce = nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100,
+        ce = nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=IGNORE_INDEX,
                                          reduction="sum")
-        out.append((ce, int((lb != -100).sum())))
+        out.append((ce, int((lb != IGNORE_INDEX).sum())))
     return out

@@ -52,11 +52,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ConfigError
-from ..data import IGNORE_INDEX
 from ..data.batching import check_pad_token
 from ..evaluate import evaluate_many, evaluate_multiple_choice
 from ..models.inject import adapter_state, inject, router_stats
-from ..models.losses import AUXILIARY_LOSSES, answer_tokens, auxiliary_losses, compose_loss, label_losses
+from ..models.losses import (
+    AUXILIARY_LOSSES, IGNORE_INDEX, answer_tokens, auxiliary_losses, compose_loss, label_losses,
+)
 from ..models.quantize import enable_gradient_checkpointing
 from . import checkpoint as ckpt
 from .config import TrainConfig
