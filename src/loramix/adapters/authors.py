@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, MixLoraConfig
-from ..models.inject import adapter_parameters
+from ..models.inject import adapter_parameters, moe_layers
 from ..models.registry import ModelFamily
 from ..modules import LoraLinear, MixLoraFFN
 from .common import CONFIG_NAME, FORMAT, AdapterLoadError, copy_adapter_tensors
@@ -129,7 +129,7 @@ def _check_activation(model: nn.Module, act_fn: Any, where: str) -> None:
     if not isinstance(act_fn, str) or act_fn not in ACT2FN:
         raise AdapterLoadError(f"{where}: unknown act_fn {act_fn!r}")
     probe = torch.linspace(-4, 4, 33)
-    for moe in (m for m in model.modules() if isinstance(m, MixLoraFFN)):
+    for moe in moe_layers(model):
         ours = moe.act_fn(probe.to(moe.router.weight.dtype)).float()
         if not torch.allclose(ours, ACT2FN[act_fn](probe), atol=1e-3):
             raise AdapterLoadError(
