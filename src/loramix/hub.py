@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -115,6 +115,30 @@ def _is_complete(folder: Path) -> bool:
     return (folder / MARKER).is_file() and (folder / "config.json").is_file()
 
 
+def write_folder(final: Path, write: Callable[[Path], None], prefix: str) -> Path:
+    """Call ``write(tmp)`` on a hidden temporary folder ``<prefix>...`` beside ``final``, then rename it to
+    ``final`` (an older ``final`` is swapped out first, then removed); returns ``final``. A failure leaves
+    the previous folder (or none), never a folder whose files disagree.
+
+    Example:
+        >>> write_folder(cache / "model", lambda tmp: model.save_pretrained(tmp), ".model.tmp-")
+    """
+    tmp, old = Path(tempfile.mkdtemp(dir=final.parent, prefix=prefix)), None
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+        if final.exists():  # e.g. the same checkpoint step saved twice, or a broken cache folder
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{prefix}old-"))
+            os.replace(final, old / final.name)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 def convert_embedded(force: bool = False) -> Path:
     """Convert the embedded GGUF to a plain fp32 Hugging Face folder in the cache (once) and return it.
 
@@ -151,20 +175,14 @@ def convert_embedded(force: bool = False) -> Path:
         del quantised
 
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_SUBDIR}.tmp-", dir=root))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-        try:
+
+        def write(tmp: Path) -> None:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / MARKER).write_text(json.dumps({"source": str(source), "gguf_file": GGUF_FILE,
                                                   "bytes": source.stat().st_size}, indent=2))
-            if final.exists():  # an old or broken folder: replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return final
+
+        return write_folder(final, write, f".{CACHE_SUBDIR}.tmp-")  # an old or broken folder is replaced
 
 
 def is_embedded(name: str | None) -> bool:

@@ -24,16 +24,16 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..adapters.common import atomic_write
 from ..adapters.folder import checkpoint_step, read_adapter_folder
 from ..adapters.io import copy_adapter_tensors, save_adapter
+from ..hub import write_folder
 
 LATEST = "latest"
 STATE_NAME = "trainer_state.json"
@@ -108,29 +108,9 @@ def claim_run_folder(output_dir: str | os.PathLike, *, resume: bool | str, overw
     return move_aside(out) if move else None
 
 
-def _write_folder(final: Path, write: Callable[[Path], None], prefix: str) -> Path:
-    """Call ``write(tmp)`` on a hidden temporary folder ``<prefix>...`` beside ``final``, then rename it to
-    ``final`` (an older ``final`` is swapped out first, then removed). A failure leaves the previous
-    folder (or none), never a folder whose files disagree."""
-    tmp, old = Path(tempfile.mkdtemp(dir=final.parent, prefix=prefix)), None
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
-        if final.exists():  # e.g. the same step saved twice (an interrupt right after a periodic save)
-            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{prefix}old-"))
-            os.replace(final, old / final.name)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
 def save_final_adapter(model: torch.nn.Module, output_dir: str | os.PathLike, extra: dict[str, Any]) -> Path:
-    """Write ``output_dir/adapter`` atomically as a whole folder (``_write_folder``)."""
-    return _write_folder(Path(output_dir) / "adapter", lambda tmp: save_adapter(model, tmp, extra=extra),
+    """Write ``output_dir/adapter`` atomically as a whole folder (``hub.write_folder``)."""
+    return write_folder(Path(output_dir) / "adapter", lambda tmp: save_adapter(model, tmp, extra=extra),
                          ".adapter.tmp-")
 
 
@@ -196,7 +176,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
         torch.save(tensor_rng, tmp / "rng.pt")
         (tmp / STATE_NAME).write_text(json.dumps(dict(state, step=step, rng=plain_rng)) + "\n")
 
-    final = _write_folder(root / f"step-{step}", write, f".tmp-step-{step}-")
+    final = write_folder(root / f"step-{step}", write, f".tmp-step-{step}-")
     atomic_write(root / LATEST, lambda tmp: Path(tmp).write_text(final.name + "\n"))
     _prune(root, keep, protect=final.name)
     return final
