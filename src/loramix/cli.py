@@ -32,6 +32,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from .hub import EMBEDDED_NAME
+
 # name → (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("loramix.train.command", "fine-tune an adapter from a YAML config"),
@@ -114,13 +116,13 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
 
 
-def add_base_model_argument(parser: argparse.ArgumentParser, fallback: str | None = "smollm2-135m") -> None:
+def add_base_model_argument(parser: argparse.ArgumentParser, fallback: str | None = EMBEDDED_NAME) -> None:
     """``--model`` of the commands that load an adapter onto a base (eval, generate, export, merge):
     unset, the base recorded in the adapter folder is used, else ``fallback`` (None: the command
     requires one; ``resolve_model`` applies aliases)."""
     default = "the adapter's recorded base model" + (f", else {fallback}" if fallback else "")
     parser.add_argument("--model", default=None,
-                        help="base model: 'smollm2-135m' (embedded, no download), a local Hugging Face folder or a "
+                        help=f"base model: '{EMBEDDED_NAME}' (embedded, no download), a local Hugging Face folder or a "
                              f"Hub id; default: {default}")
 
 
@@ -177,8 +179,6 @@ def check_device(device: str | None, option: str = "--device") -> None:
 def check_model(name: Any, option: str = "--model") -> None:
     """Refuse a model name that is plainly a path to nothing (``./models/x``, ``/data/m``, ``a/b/c``) or a
     file, before transformers turns it into a Hub lookup with a confusing error."""
-    from pathlib import Path
-
     if not isinstance(name, str) or not name.strip():
         return
     path = Path(name).expanduser()
@@ -186,10 +186,10 @@ def check_model(name: Any, option: str = "--model") -> None:
         return
     if path.exists():
         raise UsageError(f"{option} {name}: is a file; give a model folder (with config.json), a Hub id "
-                         "(owner/name) or smollm2-135m")
+                         f"(owner/name) or {EMBEDDED_NAME}")
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise UsageError(f"{option} {name}: no such folder; give a model folder (with config.json), a Hub id "
-                         "(owner/name) or smollm2-135m")
+                         f"(owner/name) or {EMBEDDED_NAME}")
 
 
 def check_dtype(dtype: str | None, option: str = "--dtype") -> None:
@@ -211,7 +211,7 @@ def model_aliases() -> dict[str, str]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, folder = item.partition("=")
         if not sep or not name.strip() or not folder.strip():
-            raise UsageError(f"LORAMIX_MODEL_ALIASES: {item!r} is not name=folder (e.g. smollm2-135m=/models/smol)")
+            raise UsageError(f"LORAMIX_MODEL_ALIASES: {item!r} is not name=folder (e.g. {EMBEDDED_NAME}=/models/smol)")
         aliases[name.strip().lower()] = folder.strip()
     return aliases
 

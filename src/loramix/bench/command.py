@@ -17,6 +17,7 @@ from ..cli import (
     add_threads_argument, apply_threads, check_device, check_dtype, check_model, engine_threads, parse_adapters,
     resolve_model,
 )
+from ..hub import EMBEDDED_NAME
 from ..models.quantize import add_quantization_argument
 from .measure import format_table, run_bench
 from .variants import BASELINE, BUILDERS, DEFAULT_VARIANTS, BenchSettings
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchSettings()
     shape = parser.add_argument_group("model shape (default: SmolLM2-135M)")
     shape.add_argument("--model", default=None,
-                       help="a real model (folder, Hub id or 'smollm2-135m') instead of a random shape")
+                       help=f"a real model (folder, Hub id or '{EMBEDDED_NAME}') instead of a random shape")
     for name, text in (("layers", "decoder layers"), ("hidden", "hidden size"),
                        ("intermediate", "FFN intermediate size"), ("heads", "attention heads"),
                        ("kv_heads", "key/value heads"), ("vocab", "vocabulary size")):
@@ -61,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve = parser.add_argument_group("--serve: loramix serve under concurrent clients (see bench/serve.py)")
     serve.add_argument("--serve", action="store_true",
                        help="time the server of 'loramix serve' (real HTTP on 127.0.0.1, openai clients), batched "
-                            "across adapters and one request at a time; --model defaults to smollm2-135m")
+                            f"across adapters and one request at a time; --model defaults to {EMBEDDED_NAME}")
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=FOLDER",
                        help="an adapter to serve (repeat); default: LoRA, DoRA, MixLoRA and MoRE with random weights")
     serve.add_argument("--clients", default="1,4,16", help="concurrent client counts, comma-separated")
@@ -88,7 +89,7 @@ def serve_settings_from_args(args: argparse.Namespace):
         clients = [int(c) for c in args.clients.split(",") if c.strip()]
     except ValueError:
         raise ValueError(f"--clients {args.clients}: give client counts separated by commas, e.g. 1,4,16") from None
-    return ServeBenchSettings(model=resolve_model(args.model or "smollm2-135m"), adapters=parse_adapters(args.adapter),
+    return ServeBenchSettings(model=resolve_model(args.model or EMBEDDED_NAME), adapters=parse_adapters(args.adapter),
                               clients=clients, requests=args.requests, max_tokens=args.max_tokens, stream=args.stream,
                               dtype=args.dtype, device=args.device, threads=args.threads, seed=args.seed)
 

@@ -47,6 +47,7 @@ from torch import nn
 
 from ..adapters.io import save_adapter
 from ..config import LoraConfig, MixLoraConfig, MoreConfig
+from ..hub import EMBEDDED_NAME
 from ..models.inject import adapter_parameters, inject
 from ..serve.server.engine import BASE, Engine, Served
 from .measure import text_table
@@ -82,7 +83,7 @@ class ServeBenchSettings:
         threads / engine_threads: torch threads of the process (clients, loading) / of the engines' forwards.
     """
 
-    model: str = "smollm2-135m"
+    model: str = EMBEDDED_NAME
     adapters: dict[str, str] = field(default_factory=dict)
     clients: list[int] = field(default_factory=lambda: [1, 4, 16])
     requests: int = 32

@@ -23,6 +23,7 @@ from ..cli import (
 )
 from ..data.tasks import TASKS
 from ..data.tokenize import MIN_CUTOFF_LEN
+from ..hub import EMBEDDED_NAME
 from .accuracy import PROTOCOLS, evaluate_many, evaluate_multiple_choice
 
 
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     adapters = parse_adapters(args.adapter, bare_folder=True)
     _check_args(args)
     metas = _read_settings(adapters)
-    model_name = args.model or _recorded_base(metas) or "smollm2-135m"
+    model_name = args.model or _recorded_base(metas) or EMBEDDED_NAME
     data = _load_data(args)
     try:
         tasks_in_data = {ex.task for examples in data.values() for ex in examples}

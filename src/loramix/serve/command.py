@@ -22,6 +22,7 @@ from ..cli import (
     UsageError, add_base_model_argument, add_loading_arguments, add_threads_argument, apply_threads,
     check_loading_arguments, check_model, load_adapters_onto, resolve_model,
 )
+from ..hub import EMBEDDED_NAME, load_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..adapters import read_adapter_config
     from ..adapters.more_tasks import bare_name_task, recorded_task_index, task_index, use_task
-    from ..hub import load_model
     from .generate import generate_text
 
     if args.prompt is not None and args.prompt_text is not None:
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("empty prompt: give it as an argument (loramix generate \"Why is the sky blue?\"), "
                          "with --prompt, or on standard input")
     apply_threads(args.threads)
-    model_name = args.model or meta.get("base_model") or "smollm2-135m"
+    model_name = args.model or meta.get("base_model") or EMBEDDED_NAME
     model, tokenizer = load_model(resolve_model(model_name), dtype=args.dtype, device=args.device,
                                   quantization=args.quantization)
     if args.adapter:

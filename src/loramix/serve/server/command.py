@@ -24,13 +24,14 @@ from ...cli import (
     UsageError, add_loading_arguments, add_threads_argument, apply_threads, check_loading_arguments, check_model,
     engine_threads, parse_adapters, resolve_model,
 )
+from ...hub import EMBEDDED_NAME
 from .limits import Limits
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="base model: 'smollm2-135m' (embedded), a local folder or a Hub id; clients call it by "
-                             "this name")
+    parser.add_argument("--model", default=EMBEDDED_NAME,
+                        help=f"base model: '{EMBEDDED_NAME}' (embedded), a local folder or a Hub id; clients call it "
+                             "by this name")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=FOLDER",
                         help="an adapter folder to serve under NAME (repeat for several; LoRA, DoRA, MixLoRA, MoRE)")
     parser.add_argument("--host", default="127.0.0.1",
