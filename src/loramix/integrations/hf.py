@@ -33,11 +33,9 @@ The auxiliary losses reach the gradient through the model's own forward hook (se
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from types import MethodType
 from typing import Any, Callable, Sequence
 
@@ -62,9 +60,8 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, is_main
     if not is_main_process:
         return
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    from ..adapters.common import WEIGHTS_NAME, atomic_write
+    from ..adapters.common import WEIGHTS_NAME, write_json, write_safetensors
     from ..adapters.io import save_adapter
     from ..models.inject import adapter_parameters
 
@@ -73,8 +70,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, is_main
     with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
         weights = WEIGHTS_NAME if set(f.keys()) == set(params) else STATE_NAME
     if weights == STATE_NAME:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in params.items()}
-        atomic_write(folder / STATE_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        write_safetensors(folder / STATE_NAME, {k: v.detach().contiguous().cpu() for k, v in params.items()})
     else:
         (folder / STATE_NAME).unlink(missing_ok=True)  # left by an earlier save whose keys differed
     index = {
@@ -85,7 +81,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, is_main
         },
         "weight_map": {key: weights for key in sorted(params)},
     }
-    atomic_write(folder / INDEX_NAME, lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))
+    write_json(folder / INDEX_NAME, index)
 
 
 def attach(model: nn.Module) -> None:
