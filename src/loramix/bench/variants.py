@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..adapters.common import PEFT_PREFIX
 from ..config import LoraConfig, MixLoraConfig
 from ..hub import DTYPES
 from ..models.inject import adapter_parameters, inject
@@ -248,7 +249,7 @@ def build_peft_lora(base: nn.Module, s: BenchSettings, shared: dict[str, dict]) 
     with torch.no_grad():
         for key, tensor in shared["lora"].items():
             module, _, which = key.rpartition(".")
-            named[f"base_model.model.{module}.{which}.default.weight"].copy_(tensor)
+            named[f"{PEFT_PREFIX}{module}.{which}.default.weight"].copy_(tensor)
     params = [p for p in model.parameters() if p.requires_grad]
     if len(params) != len(shared["lora"]):
         raise RuntimeError(f"PEFT made {len(params)} trainable tensors, expected {len(shared['lora'])}")
