@@ -95,6 +95,16 @@ def test_load_errors(tmp_path, monkeypatch):
         load_model("someone/model")
 
 
+def test_folder_without_tokenizer_loads_when_not_required(tmp_path):
+    """The exports load a base folder without tokenizer files (require_tokenizer=False): tokenizer None."""
+    folder = tmp_path / "tiny"
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "vocab_size": 64})).save_pretrained(folder)
+    model, tok = load_model(str(folder), dtype="float32", device="cpu", require_tokenizer=False)
+    assert tok is None and model.config._name_or_path == str(folder) and not model.training
+    with pytest.raises((OSError, ValueError, ModelLoadError)):  # a tokenizer is required by default
+        load_model(str(folder), dtype="float32", device="cpu")
+
+
 @pytest.mark.slow
 def test_real_smollm2_conversion_matches_gguf():
     """The cached plain-Llama folder gives the same logits as the dequantised GGUF model."""

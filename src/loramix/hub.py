@@ -241,9 +241,21 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
+def _tokenizer(source: str, required: bool, **hub_kwargs: Any) -> Any:
+    """``AutoTokenizer.from_pretrained(source)``; None when ``source`` has no tokenizer and it is not ``required``."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, **hub_kwargs)
+    except (OSError, ValueError):
+        if required:
+            raise
+        return None
+
+
 def load_model(name_or_path: str = EMBEDDED_NAME, *, dtype: str | torch.dtype | None = None,
-               device: str | torch.device | None = None,
-               quantization: str | None = None) -> tuple[torch.nn.Module, Any]:
+               device: str | torch.device | None = None, quantization: str | None = None,
+               require_tokenizer: bool = True) -> tuple[torch.nn.Module, Any]:
     """Load ``(model, tokenizer)`` ready for loramix.
 
     Args:
@@ -255,6 +267,8 @@ def load_model(name_or_path: str = EMBEDDED_NAME, *, dtype: str | torch.dtype | 
             (nf4, nf4-double, int8, torchao-int8, torchao-int4): the projections are quantized while
             loading, ``dtype`` becomes their compute dtype (and that of the unquantized parameters), and
             the model is prepared for adapter training (``quantize.prepare_kbit_training``).
+        require_tokenizer: False: a model without tokenizer files (a tiny test model) loads with tokenizer
+            None (the exports need the weights only).
 
     Returns:
         ``(model, tokenizer)``. The model is in eval mode on ``device``; ``model.config._name_or_path``
@@ -263,7 +277,7 @@ def load_model(name_or_path: str = EMBEDDED_NAME, *, dtype: str | torch.dtype | 
         (what batched generation and the last-position evaluation need; ``data.collate`` pads
         training batches itself, on the right).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .models.quantize import check_quantization, load_quantized
 
@@ -284,7 +298,7 @@ def load_model(name_or_path: str = EMBEDDED_NAME, *, dtype: str | torch.dtype | 
     offline = record_name == name_or_path and not Path(source).is_dir() and not _hub_reachable()
     hub_kwargs = {"local_files_only": True} if offline else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
+        tokenizer = _tokenizer(source, require_tokenizer, **hub_kwargs)
         if quantization is None:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **hub_kwargs)
         else:  # quantized while loading, on the target device (a quantized model is not moved with .to)
@@ -297,11 +311,12 @@ def load_model(name_or_path: str = EMBEDDED_NAME, *, dtype: str | torch.dtype | 
         raise ModelLoadError(f"could not load model '{name_or_path}': it is not '{EMBEDDED_NAME}', not a local folder, "
                              "and the Hub id could not be fetched (offline and not in the Hugging Face cache?). "
                              f"Original error: {err}") from err
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer is not None:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
     model.config._name_or_path = record_name
     if quantization is None:
         model.to(dev)

@@ -40,7 +40,7 @@ from torch import nn
 from ... import hub
 from ...config import MoreConfig
 from ...models.inject import adapter_state
-from ...models.quantize import check_quantization, load_quantized
+from ...models.quantize import check_quantization
 from .. import more_tasks
 from ..authors import is_authors_format
 from ..common import ExportError, base_model_name
@@ -77,25 +77,9 @@ def _resolve_base(name: str, quantization: str | None = None) -> BaseWeights:
 
 
 def _load_base_model(name: str, quantization: str | None = None):
-    """(model, tokenizer or None) in fp32 on CPU (quantized with ``quantization``, computing in fp32); a local
-    folder needs no tokenizer (tiny test models)."""
-    path = Path(name).expanduser()
-    if path.is_dir() and not hub.is_embedded(name):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if not (path / "config.json").is_file():
-            raise ExportError(f"{path}: not a Hugging Face model folder (no config.json)")
-        if quantization is not None:
-            model = load_quantized(str(path), quantization, dtype=torch.float32, device=torch.device("cpu")).eval()
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        model.config._name_or_path = str(path)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError):  # a folder without tokenizer files: export the weights only
-            tokenizer = None
-        return model, tokenizer
-    return hub.load_model(name, dtype="float32", device="cpu", quantization=quantization)
+    """(model, tokenizer or None) in fp32 on CPU (quantized with ``quantization``, computing in fp32); a model
+    without tokenizer files (tiny test models) exports its weights only."""
+    return hub.load_model(name, dtype="float32", device="cpu", quantization=quantization, require_tokenizer=False)
 
 
 def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.PathLike, *, format: str,
