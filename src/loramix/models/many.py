@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator, NamedTuple
 import torch
 from torch import nn
 
-from .inject import AdapterState, adapter_state, inject, unload
+from .inject import AdapterState, adapter_parameters, adapter_state, call_token_mask, inject, unload
 from .losses import auxiliary_losses, compose_loss, label_losses
 
 
@@ -200,16 +200,14 @@ def _capture_rows(state: ManyAdapterState):
             raise ValueError(f"adapter_rows names unknown adapter(s) {unknown}; this model has {list(state.adapters)}")
         if sum(r for _, r in rows) != batch:
             raise ValueError(f"adapter_rows cover {sum(r for _, r in rows)} rows but the batch has {batch}")
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        mask = call_token_mask(args, kwargs)
         task_ids = kwargs.pop("task_ids", None)
         segments, start = [], 0
         for name, count in rows:
             seg_tasks = task_ids[start:start + count] if task_ids is not None else None
             if isinstance(seg_tasks, torch.Tensor) and seg_tasks.numel() and bool((seg_tasks < 0).all()):
                 seg_tasks = None  # -1 rows: no task id for this adapter (its default task applies)
-            segments.append(RowSpan(name, count, start, None if mask is None else mask[start:start + count].bool(),
-                                    seg_tasks))
+            segments.append(RowSpan(name, count, start, None if mask is None else mask[start:start + count], seg_tasks))
             start += count
         state.plan[:] = [segments]
         for context in (a.context for a in state.adapters.values()):
@@ -230,11 +228,7 @@ def _batch_size(args: tuple, kwargs: dict) -> int:
 
 def member_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     """Adapter ``name``'s trainable tensors keyed exactly as ``adapter_parameters`` keys them alone."""
-    params = {}
-    for path, module in model.loramix_many.members[name].items():  # slot paths are those of the adapter alone
-        for pname in module.adapter_parameter_names():
-            params[f"{path}.{pname}"] = module.get_parameter(pname)
-    return params
+    return adapter_parameters(AdapterView(model, name))  # the view's modules keep the paths they had alone
 
 
 @contextlib.contextmanager
@@ -414,11 +408,9 @@ def _unstack(model: nn.Module) -> None:
     state: ManyAdapterState = model.loramix_many
     slots = sorted({path for by_slot in state.members.values() for path in by_slot}, key=lambda p: p.count("."))
     for path in slots:  # shallowest first: a deeper slot is reached through the base of the one above
-        parent_name, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        stack = getattr(parent, child)
+        stack = model.get_submodule(path)
         if isinstance(stack, AdapterStack):
-            setattr(parent, child, stack.base)
+            model.set_submodule(path, stack.base)
     for hook in state.hooks:
         hook.remove()
     state.hooks.clear()
@@ -430,9 +422,7 @@ def _restack(model: nn.Module, state: ManyAdapterState) -> None:
     """Put an ``AdapterStack`` at every slot an adapter of ``state`` adapts, and the row-plan hook on ``model``."""
     slots = sorted({path for by_slot in state.members.values() for path in by_slot}, key=lambda p: -p.count("."))
     for path in slots:  # deepest first: a stack's base may hold stacks
-        parent_name, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         by_adapter = {name: by_slot[path] for name, by_slot in state.members.items() if path in by_slot}
-        setattr(parent, child, AdapterStack(getattr(parent, child), by_adapter, state))
+        model.set_submodule(path, AdapterStack(model.get_submodule(path), by_adapter, state))
     state.hooks.append(model.register_forward_pre_hook(_capture_rows(state), with_kwargs=True))
     model.loramix_many = state
