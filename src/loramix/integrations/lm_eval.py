@@ -7,12 +7,12 @@ log-likelihoods to 1e-4):
 
        lm_eval --model hf --model_args pretrained=BASE,peft=runs/lora/adapter --tasks arc_easy
 
-2. Any loramix adapter (MixLoRA with every routing, MoRE with a task, the authors' MixLoRA format)
+2. Any loramix adapter (MixLoRA with every routing, MoRE, the authors' MixLoRA format)
    through this module, which registers the model type ``loramix`` and then runs lm-eval's CLI::
 
        python -m loramix.integrations.lm_eval --model loramix \\
            --model_args pretrained=smollm2-135m,adapter=runs/mixlora/adapter --tasks arc_easy
-       # MoRE: ...,adapter=runs/more/adapter,task=boolq
+       # MoRE with several tasks and no default_task: ...,adapter=runs/more/adapter,task=boolq
 
    lm-eval finds model types only among its own modules (there is no plug-in discovery in 0.4.13),
    hence the ``python -m`` wrapper; everything after it is lm-eval's own command line.
@@ -24,7 +24,8 @@ log-likelihoods to 1e-4):
        lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"])
 
    (``lm_eval.models.huggingface.HFLM(pretrained=model, tokenizer=tokenizer)`` works as well for
-   LoRA and MixLoRA; MoRE needs ``task=``, since lm-eval cannot pass ``task_ids``.)
+   LoRA, MixLoRA and a MoRE adapter with one task or a ``default_task``, which it then uses; lm-eval cannot
+   pass ``task_ids``, so a MoRE adapter with several tasks and no default needs ``LoramixLM(task=...)``.)
 
 A MixLoRA adapter with top-k routing can also leave loramix entirely:
 ``loramix export ADAPTER --format mixtral --out DIR`` writes a Mixtral-family model that
@@ -49,7 +50,9 @@ class LoramixLM(HFLM):
             (with its adapter already injected or loaded).
         adapter: a loramix adapter folder to load onto a base given by name (any kind or layout
             ``loramix.load_adapter`` reads).
-        task: MoRE adapters: the task whose rank every request uses (lm-eval cannot pass ``task_ids``).
+        task: MoRE adapters: the task whose rank every request uses (lm-eval cannot pass ``task_ids``);
+            unset, the adapter's ``default_task``, else its only task (``config.implicit_task``): needed only
+            for several tasks and no default.
         tokenizer: the tokenizer (default: the base model's).
         dtype: ``auto`` (bf16 on capable GPUs, fp32 otherwise), ``float32``, ``bfloat16``, ...
         device: ``cuda``, ``cpu``, ... (default: CUDA when available).
