@@ -440,9 +440,9 @@ class Engine:
         """Whole sequences, left-padded, one forward → (logits (B, V), their cache (B, heads, W, d) per
         layer, or None without the KV cache)."""
         pad = self.served.tokenizer.pad_token_id
-        batch = collate([{"input_ids": r.prompt + r.generated} for r in rows], 0 if pad is None else pad,
-                        padding_side="left")
-        ids, mask = batch["input_ids"].to(self._device()), batch["attention_mask"].to(self._device())
+        padded = collate([{"input_ids": r.prompt + r.generated} for r in rows], 0 if pad is None else pad,
+                         padding_side="left")
+        ids, mask = padded["input_ids"].to(self._device()), padded["attention_mask"].to(self._device())
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() computes them for left padding
         cache = DynamicCache(config=self.served.model.config) if self.kv_cache else None
         return self._forward(rows, ids, mask, positions, cache), cache
