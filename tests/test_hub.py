@@ -114,7 +114,8 @@ def test_real_smollm2_conversion_matches_gguf():
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert tok.pad_token_id is not None and tok.chat_template
     path = hub.gguf_path()
-    gguf_model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    gguf_model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                   dtype=torch.float32)
     ids = tok("Question: Which technology was developed most recently?\nAnswer:", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, gguf_model(input_ids=ids).logits, atol=1e-4)

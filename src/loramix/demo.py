@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .hub import EMBEDDED_NAME
+
 # The demo's budget, chosen to finish in well under 20 minutes on a 2-core CPU.
 # eval_limit 0: all 570 validation questions (about 1.5 minutes per evaluation on 2 idle cores).
 DEFAULTS = dict(steps=150, batch_size=8, lr=5e-4, r=8, cutoff_len=256, warmup=10, eval_limit=0)
@@ -39,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="python -m loramix.demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="base model (name, folder or Hub id)")
+    p.add_argument("--model", default=EMBEDDED_NAME, help="base model (name, folder or Hub id)")
     p.add_argument("--output-dir", default="runs/demo",
                    help="run folder (default: runs/demo); a previous demo run there is moved aside to "
                         "<folder>.old-<UTC time>, never deleted")

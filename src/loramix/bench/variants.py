@@ -26,7 +26,7 @@ from torch import nn
 
 from ..adapters.common import PEFT_PREFIX
 from ..config import LoraConfig, MixLoraConfig
-from ..hub import DTYPES
+from ..hub import resolve_dtype
 from ..models.inject import adapter_parameters, inject
 from ..models.losses import AUXILIARY_LOSSES, compose_loss
 
@@ -98,9 +98,10 @@ class BenchSettings:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype not in DTYPES:  # the one table of dtype names (hub.py)
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
-        return DTYPES[self.dtype]
+        try:
+            return resolve_dtype(self.dtype)  # the one table of dtype names (config.DTYPE_NAMES)
+        except ValueError as err:
+            raise ValueError(f"--dtype: {err}") from None
 
     @property
     def torch_device(self) -> torch.device:

@@ -271,7 +271,7 @@ def adapter_losses(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
     """Each adapter's training loss from one joint forward.
 
     Args:
-        logits: (B, T, V) from the joint forward. labels: (B, T), -100 where no loss.
+        logits: (B, T, V) from the joint forward. labels: (B, T), IGNORE_INDEX (-100) where no loss.
         rows: the ``adapter_rows`` of that forward.
 
     Returns:

@@ -37,6 +37,7 @@ import yaml
 
 from ..config import DTYPE_NAMES, AdapterConfig, ConfigError, MixLoraConfig, Settings, _help, dtype_name, is_int
 from ..data.tasks import TASKS
+from ..hub import EMBEDDED_NAME
 from ..data.tokenize import MIN_CUTOFF_LEN
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -104,8 +105,8 @@ class DataConfig(Settings):
 class TrainConfig(Settings):
     """Everything one training run needs. Nested: ``adapter`` (read from a mapping with ``kind``) and ``data``."""
 
-    model: Any = _help("Base model: 'smollm2-135m' (embedded), a local Hugging Face folder or a Hub id.",
-                       "smollm2-135m")
+    model: Any = _help(f"Base model: '{EMBEDDED_NAME}' (embedded), a local Hugging Face folder or a Hub id.",
+                       EMBEDDED_NAME)
     dtype: str = _help("Weights dtype of the base model: auto (bf16 on capable GPUs, fp32 on CPU), fp32, bf16, fp16. "
                        "Adapter weights stay fp32; on CUDA half dtypes also turn on autocast.", "auto")
     device: str = _help("auto (CUDA when available), cpu, cuda, cuda:1, mps ...", "auto")
