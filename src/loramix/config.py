@@ -219,7 +219,6 @@ class _AdapterSettings(Settings):
         return self.alpha / (self.r**0.5) if self.use_rslora else self.alpha / self.r
 
 
-
 @dataclass
 class LoraConfig(_AdapterSettings):
     """Plain LoRA (and rsLoRA, DoRA) on the named linear projections.

@@ -37,8 +37,8 @@ import yaml
 
 from ..config import DTYPE_NAMES, AdapterConfig, ConfigError, MixLoraConfig, Settings, _help, dtype_name, is_int
 from ..data.tasks import TASKS
-from ..hub import EMBEDDED_NAME
 from ..data.tokenize import MIN_CUTOFF_LEN
+from ..hub import EMBEDDED_NAME
 
 SCHEDULES = ("constant", "linear", "cosine")
 DISTRIBUTED = ("ddp", "fsdp")
