@@ -365,7 +365,8 @@ class MoreConfig(_AdapterSettings):
     task_embedding_std: float = _help("Std of the normal init of the task embeddings.", 0.01)
     init: str = _help(INIT_HELP, "kaiming")
     default_task: str | None = _help(
-        "Task used when the model is called without task_ids (null: a missing task_ids is an error).", None,
+        "Task used when the model is called without task_ids (null: the only task of a one-task adapter; "
+        "with several tasks a missing task_ids is an error).", None,
     )
     adapter_dtype: str | None = _help(ADAPTER_DTYPE_HELP, None)
 
