@@ -128,11 +128,17 @@ def test_full_disk_during_a_checkpoint_names_the_last_good_one(setup, capsys):
     assert ckpt.latest_checkpoint(run).name == "step-1" and not list((run / "checkpoints").glob(".tmp-*"))
 
 
-def test_multi_adapter_run_refuses_before_touching_anything(setup, capsys, tmp_path):
-    cfg, _ = setup
-    multi = tmp_path / "multi.yaml"
+def two_adapter_config(folder: Path) -> Path:
+    """A multi-adapter YAML in ``folder``: adapters x and y from cfg.yaml, in runs/m/x and runs/m/y."""
+    multi = folder / "multi.yaml"
     multi.write_text(json.dumps({"output_dir": "runs/m", "adapters": [{"name": "x", "config": "cfg.yaml"},
                                                                         {"name": "y", "config": "cfg.yaml"}]}))
+    return multi
+
+
+def test_multi_adapter_run_refuses_before_touching_anything(setup, capsys, tmp_path):
+    cfg, _ = setup
+    multi = two_adapter_config(tmp_path)
     (tmp_path / "runs" / "m" / "y").mkdir(parents=True)
     (tmp_path / "runs" / "m" / "y" / "metrics.jsonl").write_text('{"step": 1}\n')
     assert main(["train", str(multi)]) == 2
@@ -144,9 +150,7 @@ def test_multi_adapter_overwrite_refuses_before_moving_anything(setup, capsys, t
     """--overwrite over several run folders checks them all first: a refusal (here y's output_dir is a file)
     leaves x's old run where it was instead of moving it aside and then stopping."""
     cfg, _ = setup
-    multi = tmp_path / "multi.yaml"
-    multi.write_text(json.dumps({"output_dir": "runs/m", "adapters": [{"name": "x", "config": "cfg.yaml"},
-                                                                        {"name": "y", "config": "cfg.yaml"}]}))
+    multi = two_adapter_config(tmp_path)
     old = tmp_path / "runs" / "m" / "x"
     old.mkdir(parents=True)
     (old / "metrics.jsonl").write_text('{"step": 1}\n')

@@ -74,16 +74,21 @@ def server(folders):
         engine.stop()
 
 
+def own_models(base, adapters: dict, **load_options) -> tuple[dict, object]:
+    """(model name → (that model alone, task or None), tokenizer), what ``alone`` reads: the base, each adapter
+    on its own fresh base (``load_model(base, **load_options)``), and tasks x and y of the adapter "more"."""
+    fresh = lambda: load_model(str(base), **load_options)[0].eval()  # noqa: E731
+    models = {"base": (fresh(), None)}
+    for name, folder in adapters.items():
+        model = load_adapter(fresh(), folder).eval()
+        models.update({"more:x": (model, "x"), "more:y": (model, "y")} if name == "more" else {name: (model, None)})
+    return models, load_model(str(base))[1]
+
+
 @pytest.fixture(scope="module")
 def reference(folders):
     """model name → (model alone, task or None): the base, each adapter on its own fresh base, MoRE tasks."""
-    base, adapters = folders
-    fresh = lambda: load_model(str(base))[0].eval()  # noqa: E731
-    more = load_adapter(fresh(), adapters["more"]).eval()
-    tok = load_model(str(base))[1]
-    models = {"base": (fresh(), None), "lora": (load_adapter(fresh(), adapters["lora"]).eval(), None),
-              "mix": (load_adapter(fresh(), adapters["mix"]).eval(), None), "more:x": (more, "x"), "more:y": (more, "y")}
-    return models, tok
+    return own_models(*folders)
 
 
 def alone(reference, name: str, ids: list[int], max_tokens: int = MAX_TOKENS) -> str:

@@ -16,9 +16,8 @@ from transformers import DynamicCache
 import loramix
 from loramix.hub import load_model
 from loramix.serve.server.batch_cache import SPARE, BatchCache
-from loramix.adapters import load_adapter
 from loramix.serve.server.engine import Engine, SamplingParams, load_served
-from test_serve import alone, folders  # noqa: F401  (`folders`: test_serve's adapter folders, a fixture)
+from test_serve import alone, folders, own_models  # noqa: F401  (`folders`: test_serve's adapter folders, a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +37,7 @@ def kinds(folders, tmp_path_factory):  # noqa: F811
 @pytest.fixture(scope="module")
 def reference(kinds):
     """model name → (model alone, task or None), as test_serve's ``alone`` reads it."""
-    base, adapters = kinds
-    fresh = lambda: load_model(str(base))[0].eval()  # noqa: E731
-    more = load_adapter(fresh(), adapters["more"]).eval()
-    models = {name: (load_adapter(fresh(), adapters[name]).eval(), None) for name in ("lora", "mix", "dora")}
-    models.update({"base": (fresh(), None), "more:x": (more, "x"), "more:y": (more, "y")})
-    return models, load_model(str(base))[1]
+    return own_models(*kinds)
 
 
 def run(engine: Engine, tok, jobs: list[tuple[str, str, int]], *, gap: int = 0) -> list[tuple[str, str, int]]:
@@ -255,8 +249,7 @@ def test_a_quantized_base_serves_each_kind_as_its_own_model_on_that_base(kinds, 
         got = run(engine, tok, jobs)
     finally:
         engine.stop()
+    own = own_models(base, adapters, quantization=scheme, device="cpu")  # each alone on the same quantized base
     for (name, prompt, max_tokens), (end, text, _) in zip(jobs, got):
-        adapter, _, task = name.partition(":")
-        own = load_adapter(load_model(str(base), quantization=scheme, device="cpu")[0], adapters[adapter]).eval()
         assert end == "done", name
-        assert text == alone(({name: (own, task or None)}, tok), name, tok(prompt)["input_ids"], max_tokens), name
+        assert text == alone(own, name, tok(prompt)["input_ids"], max_tokens), name
