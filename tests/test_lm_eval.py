@@ -97,9 +97,9 @@ def readme_lm_eval() -> tuple[list[str], list[str]]:
     return bash, re.findall(r"```python\n(.*?)```", body, flags=re.S)
 
 
-def start_cli(line: str, root: Path, out: Path) -> subprocess.Popen:
+def start_cli(line: str, root: Path, out: Path, device: str | None = "cpu") -> subprocess.Popen:
     """Run a README command line on the test's files: base model, adapters and task swapped for the
-    tiny ones; the local task folder, CPU and the logged samples added."""
+    tiny ones; the local task folder, ``--device`` (unless None) and the logged samples added."""
     for old, new in (("pretrained=BASE", f"pretrained={root / 'base'}"),
                      ("pretrained=smollm2-135m", f"pretrained={root / 'base'}"),
                      ("runs/lora/adapter", str(root / "lora")), ("runs/mixlora/adapter", str(root / "mixlora")),
@@ -107,29 +107,38 @@ def start_cli(line: str, root: Path, out: Path) -> subprocess.Popen:
         line = line.replace(old, new)
     args = shlex.split(line)
     args = [sys.executable, "-m", "lm_eval", *args[1:]] if args[0] == "lm_eval" else [sys.executable, *args[1:]]
-    args += ["--include_path", str(root / "tasks"), "--device", "cpu", "--batch_size", "2", "--log_samples",
-             "--output_path", str(out)]
+    args += ["--include_path", str(root / "tasks"), *(["--device", device] if device else []), "--batch_size", "2",
+             "--log_samples", "--output_path", str(out)]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 
 
-def cli_scores(proc: subprocess.Popen, out: Path) -> list[list[float]]:
+def cli_scores(proc: subprocess.Popen, out: Path) -> tuple[list[list[float]], str]:
+    """The per-choice log-likelihoods a finished CLI run logged, and its standard error."""
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
     files = list(out.rglob(f"samples_{TASK}_*.jsonl"))
     assert len(files) == 1, f"no samples file under {out}: {stderr[-2000:]}"
-    return samples_scores([json.loads(line) for line in files[0].read_text().splitlines() if line.strip()])
+    return samples_scores([json.loads(line) for line in files[0].read_text().splitlines() if line.strip()]), stderr
+
+
+# A device this machine lacks that is not lm-eval's default (cuda:1 without CUDA, cuda:2 with one GPU).
+MISSING_DEVICE = f"cuda:{torch.cuda.device_count() + 1}"
 
 
 @pytest.fixture(scope="module")
 def cli_runs(setup):
-    """The README's two command lines, started together (each spends most of its time indexing
-    lm-eval's own tasks)."""
+    """The README's two command lines, and the loramix one with a device this machine lacks, started
+    together (each spends most of its time indexing lm-eval's own tasks). The loramix line runs without
+    ``--device``, as written, where the machine has no CUDA (lm-eval's default ``cuda:0`` must then fall
+    back to the CPU); with CUDA it gets ``--device cpu``, so dtype auto stays fp32 and the scores comparable."""
     root, _ = setup
     bash, _ = readme_lm_eval()
     lines = {"peft": [b for b in bash if b.startswith("lm_eval ") and ",peft=" in b],
              "loramix": [b for b in bash if b.startswith("python -m loramix.integrations.lm_eval --model loramix")]}
     assert all(len(found) == 1 for found in lines.values()), bash
-    runs = {name: (start_cli(found[0], root, root / f"out-{name}"), root / f"out-{name}")
+    lines["missing"] = lines["loramix"]
+    devices = {"peft": "cpu", "loramix": "cpu" if torch.cuda.is_available() else None, "missing": MISSING_DEVICE}
+    runs = {name: (start_cli(found[0], root, root / f"out-{name}", devices[name]), root / f"out-{name}")
             for name, found in lines.items()}
     yield runs
     for proc, _ in runs.values():
@@ -149,14 +158,27 @@ def assert_same(theirs, ours, base):
 
 def test_lm_eval_cli_loads_a_loramix_lora_folder_with_peft(setup, cli_runs):
     _, models = setup
-    theirs = cli_scores(*cli_runs["peft"])  # lm_eval --model hf --model_args pretrained=BASE,peft=FOLDER
+    theirs, _ = cli_scores(*cli_runs["peft"])  # lm_eval --model hf --model_args pretrained=BASE,peft=FOLDER
     assert_same(theirs, loramix_scores(models["lora"]), loramix_scores(base_model()))
 
 
 def test_lm_eval_cli_through_the_loramix_model_type_on_a_mixlora_folder(setup, cli_runs):
     _, models = setup
-    theirs = cli_scores(*cli_runs["loramix"])  # python -m loramix.integrations.lm_eval --model loramix ...
+    theirs, stderr = cli_scores(*cli_runs["loramix"])  # python -m loramix.integrations.lm_eval --model loramix ...
     assert_same(theirs, loramix_scores(models["mixlora"]), loramix_scores(base_model()))
+    if not torch.cuda.is_available():  # the README line as written: lm-eval's default device, cuda:0, is missing
+        assert "default device 'cuda:0' is not available on this machine; using cpu" in stderr, stderr[-2000:]
+
+
+def test_lm_eval_cli_through_the_loramix_model_type_refuses_a_missing_device(cli_runs):
+    proc, out = cli_runs["missing"]
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 2, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("python -m loramix.integrations.lm_eval: error: --device (or model_args device=) "
+                           f"'{MISSING_DEVICE}'"), last
+    assert not out.exists()
 
 
 def test_lm_eval_from_python_on_models_in_memory(setup):

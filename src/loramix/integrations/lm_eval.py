@@ -15,7 +15,10 @@ log-likelihoods to 1e-4):
        # MoRE with several tasks and no default_task: ...,adapter=runs/more/adapter,task=boolq
 
    lm-eval finds model types only among its own modules (there is no plug-in discovery in 0.4.13),
-   hence the ``python -m`` wrapper; everything after it is lm-eval's own command line.
+   hence the ``python -m`` wrapper; everything after it is lm-eval's own command line. Without
+   ``--device``, lm-eval passes its default ``cuda:0``: on a machine without CUDA the model goes to the
+   CPU with a warning, as lm-eval's own ``HFLM`` does; any other device the machine lacks is an error
+   (exit 2, one line, no traceback unless ``LORAMIX_DEBUG=1``).
 
 3. From Python, an adapter model already in memory::
 
@@ -34,11 +37,46 @@ A MixLoRA adapter with top-k routing can also leave loramix entirely:
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Any
 
+import torch
 from lm_eval.api.registry import register_model
+from lm_eval.config.evaluate_config import EvaluatorConfig
 from lm_eval.models.huggingface import HFLM
 from torch import nn
+
+# A child of lm-eval's logger: its CLI shows these lines with its own.
+logger = logging.getLogger("lm_eval.loramix")
+# The device lm-eval's CLI passes when the command line names none (``--device``'s default).
+LM_EVAL_DEFAULT_DEVICE = next(f.default for f in dataclasses.fields(EvaluatorConfig) if f.name == "device")
+
+
+def pick_device(device: str | None) -> torch.device:
+    """The device to load the base model on: ``device`` when this machine has it; unset, ``auto`` or lm-eval's
+    default (``cuda:0``, what its CLI passes without ``--device``) on a machine without it → CUDA if available,
+    else CPU, with a warning (lm-eval's ``HFLM`` falls back the same way).
+
+    Raises:
+        loramix.cli.UsageError: any other device this machine does not have (``cuda:3`` with one GPU, ``cuda``
+            without CUDA), naming the setting.
+    """
+    from ..cli import UsageError, check_device
+    from ..hub import resolve_device
+
+    if device is None or device == "auto":
+        return resolve_device(None)
+    if device == LM_EVAL_DEFAULT_DEVICE:
+        try:
+            check_device(device)
+        except UsageError:
+            chosen = resolve_device(None)
+            logger.warning("LoramixLM: lm-eval's default device %r is not available on this machine; using %s "
+                           "(--device chooses one)", device, chosen)
+            return chosen
+    check_device(device, option="--device (or model_args device=)")
+    return torch.device(device)
 
 
 @register_model("loramix")
@@ -55,7 +93,8 @@ class LoramixLM(HFLM):
             for several tasks and no default.
         tokenizer: the tokenizer (default: the base model's).
         dtype: ``auto`` (bf16 on capable GPUs, fp32 otherwise), ``float32``, ``bfloat16``, ...
-        device: ``cuda``, ``cpu``, ... (default: CUDA when available).
+        device: ``cuda``, ``cpu``, ... (default: CUDA when available; lm-eval's default ``cuda:0`` on a machine
+            without CUDA: the CPU, with a warning; see ``pick_device``).
         **kwargs: lm-eval's ``HFLM`` options (``batch_size``, ``max_length``, ...).
     """
 
@@ -65,7 +104,7 @@ class LoramixLM(HFLM):
             from ..adapters import load_adapter
             from ..hub import load_model
 
-            model, base_tokenizer = load_model(pretrained, dtype=dtype, device=device)
+            model, base_tokenizer = load_model(pretrained, dtype=dtype, device=pick_device(device))
             if adapter:
                 load_adapter(model, adapter)
             tokenizer = tokenizer or base_tokenizer
@@ -89,6 +128,18 @@ __all__ = ["LoramixLM"]
 
 
 if __name__ == "__main__":  # python -m loramix.integrations.lm_eval: lm-eval's CLI, with the model type registered
+    import os
+    import sys
+
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    from ..cli import describe_error
+
+    try:
+        cli_evaluate()
+    except Exception as err:  # noqa: BLE001 - loramix's user errors (exit 2) become one line; the rest is lm-eval's
+        code, message = describe_error(err)
+        if code != 2 or os.environ.get("LORAMIX_DEBUG", "").lower() not in ("", "0", "false", "no"):
+            raise
+        print(f"python -m loramix.integrations.lm_eval: error: {message}", file=sys.stderr)
+        sys.exit(2)
