@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("loramix.serve.server.command", "OpenAI-compatible server: one base, many adapters, one batch"),
     "merge": ("loramix.adapters.export.command", "write a plain Hugging Face model with an adapter merged in"),
     "export": ("loramix.adapters.export.command", "export an adapter for other serving stacks (mixtral, peft, merged)"),
+    "compare": ("loramix.compare.command", "train and score adapter methods over seeds: paired, with intervals"),
     "bench": ("loramix.bench.command", "time training steps of LoRA / MixLoRA variants against baselines"),
     "report": ("loramix.report.command", "plot the metrics of a run folder"),
 }

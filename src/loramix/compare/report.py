@@ -1,0 +1,196 @@
+"""The report of a finished study: ``results.json``, ``results.md`` (the tables) and ``results.png``.
+
+``results.json`` holds the study's settings (running ``loramix compare results.json --output-dir NEW``
+reproduces it), the versions, the questions (ids per task), every run (per-task accuracy, per-question
+correctness, trainable parameters, step time, peak memory, times, status) and the summary:
+
+- ``accuracy[method][task]``: mean over the seeds that finished, with the half-width of its 95% t
+  interval (``stats.t_interval``); ``seeds`` and ``diverged`` count the seeds behind it.
+- ``vs_baseline[method][task]``: the paired difference (method - baseline) over the same questions and
+  the seeds both finished, with its paired bootstrap interval and p-value (``stats.paired_bootstrap``).
+  A base-model baseline (no seeds) is paired with every seed. Column ``mean``: the mean over tasks.
+
+Example:
+    >>> write_report(study, runs, questions)      # runs: the result.json of every run
+    PosixPath('runs/compare/results.json')
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .stats import paired_bootstrap, t_interval
+
+MEAN = "mean"  # the column of the mean over tasks
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from ..version import __version__
+
+    return {"loramix": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "numpy": np.__version__, "python": sys.version.split()[0], "platform": platform.platform()}
+
+
+def _by_method(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        out.setdefault(run["method"], []).append(run)
+    return out
+
+
+def summarize(study: Any, runs: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
+    """Accuracy per method and task (mean over seeds, t interval) and the paired comparison with the baseline."""
+    by_method = _by_method(runs)
+    accuracy: dict[str, dict[str, Any]] = {}
+    for method, mruns in by_method.items():
+        done = [r for r in mruns if r["status"] == "completed"]
+        row: dict[str, Any] = {}
+        for task in tasks + [MEAN]:
+            values = [_task_accuracy(r, task, tasks) for r in done]
+            mean, half = t_interval(values) if values else (None, None)
+            row[task] = {"mean": mean, "half": half, "seeds": len(done),
+                         "diverged": len(mruns) - len(done)}
+        accuracy[method] = row
+    base_runs = {r["seed"]: r for r in by_method[study.baseline] if r["status"] == "completed"}
+    vs: dict[str, dict[str, Any]] = {}
+    for method, mruns in by_method.items():
+        if method == study.baseline:
+            continue
+        pairs = []
+        for run in (r for r in mruns if r["status"] == "completed"):
+            partner = base_runs.get(run["seed"], base_runs.get(None))
+            if run["seed"] is None:  # a base model against a trained baseline: every seed of the baseline
+                pairs += [(run, b) for b in base_runs.values()]
+            elif partner is not None:
+                pairs.append((run, partner))
+        if not pairs:
+            vs[method] = {task: None for task in tasks + [MEAN]}
+            continue
+        diffs = {task: np.array([np.subtract(r["correct"][task], b["correct"][task]) for r, b in pairs])
+                 for task in tasks}
+        boot = lambda mats: paired_bootstrap(mats, samples=study.bootstrap, seed=study.bootstrap_seed)  # noqa: E731
+        vs[method] = {task: boot([diffs[task]]) for task in tasks}
+        vs[method][MEAN] = boot([diffs[t] for t in tasks])
+    return {"baseline": study.baseline, "accuracy": accuracy, "vs_baseline": vs}
+
+
+def _task_accuracy(run: dict[str, Any], task: str, tasks: list[str]) -> float:
+    if task == MEAN:
+        return float(np.mean([run["accuracy"][t] for t in tasks]))
+    return run["accuracy"][task]
+
+
+# ------------------------------------------------------------------ Markdown
+
+
+def _cell(entry: dict[str, Any]) -> str:
+    if entry["mean"] is None:
+        return "diverged" if entry["diverged"] else "-"
+    text = f"{entry['mean']:.3f}" + (f" ± {entry['half']:.3f}" if entry["half"] is not None else "")
+    if entry["diverged"]:
+        text += f" ({entry['diverged']} of {entry['seeds'] + entry['diverged']} seeds diverged)"
+    return text
+
+
+def _diff_cell(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "-"
+    return f"{entry['diff']:+.3f} [{entry['low']:+.3f}, {entry['high']:+.3f}] p={entry['p']:.3g}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """Three tables: accuracy (mean ± 95% t half-width over seeds), paired difference against the baseline
+    ([95% bootstrap interval], p), and cost (trainable parameters, step time, peak memory, times)."""
+    summary, tasks = results["summary"], results["tasks"]
+    head = "| method | " + " | ".join(tasks + [MEAN]) + " |"
+    rule = "|---" * (len(tasks) + 2) + "|"
+    lines = [f"Accuracy ({results['study']['protocol']}), mean over seeds ± half-width of the 95% t interval; "
+             f"{', '.join(f'{t} n={n}' for t, n in results['questions_per_task'].items())}:", "", head, rule]
+    for method, row in summary["accuracy"].items():
+        lines.append(f"| {method} | " + " | ".join(_cell(row[t]) for t in tasks + [MEAN]) + " |")
+    lines += ["", f"Paired difference against **{summary['baseline']}** (same questions and seeds): "
+              "difference [95% paired bootstrap interval] and two-sided p-value:", "", head, rule]
+    for method, row in summary["vs_baseline"].items():
+        lines.append(f"| {method} | " + " | ".join(_diff_cell(row[t]) for t in tasks + [MEAN]) + " |")
+    lines += ["", "| method | trainable params | step (s) | peak memory (MB) | train (s) | eval (s) | runs |",
+              "|---|---|---|---|---|---|---|"]
+    for method, mruns in _by_method(results["runs"]).items():
+        done = [r for r in mruns if r["status"] == "completed"] or mruns
+        median = lambda key: _median([r[key] for r in done])  # noqa: E731
+        params = f"{mruns[0]['trainable_params']:,}"
+        if mruns[0].get("matched"):
+            m = mruns[0]["matched"]
+            params += f" (r={m['rank']}, matched to {m['matched_to']}: {m['target_params']:,})"
+        status = ", ".join(f"{sum(r['status'] == s for r in mruns)} {s}"
+                           for s in dict.fromkeys(r["status"] for r in mruns))
+        lines.append(f"| {method} | {params} | {_fmt(median('step_seconds'))} | {_fmt(median('peak_memory_mb'), 0)} "
+                     f"| {_fmt(median('train_seconds'), 0)} | {_fmt(median('eval_seconds'), 0)} | {status} |")
+    lines += ["", f"Medians over a method's runs; memory: {results['runs'][0]['memory']}. Total run time "
+              f"{results['run_seconds'] / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def _median(values: list) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    return values[len(values) // 2] if values else None
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+# ------------------------------------------------------------------ the plot
+
+
+def plot(results: dict[str, Any], path: Path) -> Path:
+    """Per-task bars (one per method: mean accuracy over seeds) with the 95% t interval as whiskers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = results["tasks"] + [MEAN]
+    accuracy = results["summary"]["accuracy"]
+    width = 0.8 / max(1, len(accuracy))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(tasks) * max(1, len(accuracy)) * 0.4 + 2), 4))
+    for i, (method, row) in enumerate(accuracy.items()):
+        x = np.arange(len(tasks)) + (i - (len(accuracy) - 1) / 2) * width
+        means = [row[t]["mean"] if row[t]["mean"] is not None else np.nan for t in tasks]
+        halves = [row[t]["half"] or 0.0 for t in tasks]
+        ax.bar(x, means, width, yerr=halves, capsize=2, label=method)
+    ax.set_xticks(np.arange(len(tasks)), tasks)
+    ax.set_ylabel(f"accuracy ({results['study']['protocol']})")
+    ax.set_title("mean over seeds, 95% t interval")
+    ax.legend(fontsize="small", ncols=min(len(accuracy), 5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(study: Any, runs: list[dict[str, Any]], questions: dict[str, tuple]) -> Path:
+    """Write results.json, results.md and results.png into the study's output_dir; returns results.json's path."""
+    from .runner import _write_json
+
+    out = Path(study.output_dir)
+    tasks = list(questions)
+    results = {
+        "study": study.to_dict(), "versions": versions(), "tasks": tasks,
+        "questions_per_task": {t: len(q) for t, q in questions.items()},
+        "questions": {t: [ex.id for ex in q] for t, q in questions.items()},
+        "run_seconds": round(sum(r["seconds"] for r in runs), 1),
+        "summary": summarize(study, runs, tasks), "runs": runs,
+    }
+    _write_json(out / "results.json", results)
+    (out / "results.md").write_text(markdown(results))
+    plot(results, out / "results.png")
+    return out / "results.json"

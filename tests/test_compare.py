@@ -1,0 +1,245 @@
+"""``loramix compare``: a 2-method x 2-seed study end to end on a tiny model, kill + resume, the statistics
+against hand computations, a diverging method, parameter matching, --jobs 2, and the CLI's errors.
+
+The base model is the 2-layer tiny Llama of ``tiny_models.py`` saved with the word-level tokenizer of
+``test_train.py``; the tasks are two synthetic multiple-choice tasks written as JSONL files.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loramix.cli import main as cli_main
+from loramix.compare import paired_bootstrap, run_study, t_interval
+from loramix.compare.runner import count_trainable, plan
+from loramix.compare.stats import T975
+from loramix.compare.study import study_from_dict
+from loramix.config import adapter_config_from_dict
+from test_train import mc_examples, word_tokenizer
+from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+MEASURED = ("seconds", "train_seconds", "eval_seconds", "step_seconds", "peak_memory_mb", "threads")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """A saved tiny model and two tasks (train and validation files)."""
+    root = tmp_path_factory.mktemp("compare")
+    tiny_model("llama", seed=0).save_pretrained(root / "model")
+    word_tokenizer().save_pretrained(root / "model")
+    tasks = []
+    for t, task in enumerate(["alpha", "beta"]):
+        for split, n in (("train", 24), ("val", 15)):
+            rows = [{"question": ex.question, "choices": ex.choices, "answer": ex.gold, "task": task,
+                     "id": f"{task}/{split}/{i}"} for i, ex in enumerate(mc_examples(n, seed=10 * t + len(split)))]
+            (root / f"{task}_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tasks.append({"train": str(root / f"{task}_train.jsonl"), "eval": str(root / f"{task}_val.jsonl")})
+    return {"root": root, "model": str(root / "model"), "tasks": tasks}
+
+
+def study(world: dict, out: Path, **changes) -> dict:
+    values = {
+        "model": world["model"], "tasks": world["tasks"], "questions": 10, "eval_seed": 5, "eval_batch_size": 8,
+        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "progress": False, "data": {"cutoff_len": 64}},
+        "methods": {"base": None, "lora": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+                    "mixlora": {"kind": "mixlora", "r": 2, "alpha": 4, "num_experts": 4, "top_k": 2}},
+        "seeds": [0, 1], "baseline": "lora", "bootstrap": 500, "output_dir": str(out),
+    }
+    values.update(changes)
+    return values
+
+
+def without_measurements(results: dict) -> dict:
+    out = copy.deepcopy(results)
+    out["study"].pop("output_dir")
+    out.pop("run_seconds")
+    for run in out["runs"]:
+        for key in MEASURED:
+            run.pop(key)
+    return out
+
+
+def read(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="module")
+def finished(world) -> dict:
+    """The study run once, uninterrupted, in this process."""
+    out = world["root"] / "full"
+    summary = run_study(study(world, out), threads=1)
+    return {"out": out, "summary": summary, "results": read(summary["results"])}
+
+
+def test_two_methods_two_seeds_end_to_end(world, finished):
+    summary, results = finished["summary"], finished["results"]
+    names = ["base/base", "lora/seed-0", "mixlora/seed-0", "lora/seed-1", "mixlora/seed-1"]
+    assert summary["ran"] == names and summary["left"] == [] and summary["failed"] == {}
+    assert results["tasks"] == ["alpha", "beta"]
+    # the questions: a seeded random sample of each validation file (not its first 10 rows), alike for every run
+    for task in ("alpha", "beta"):
+        keep = sorted(random.Random(5).sample(range(15), 10))
+        assert results["questions"][task] == [f"{task}/val/{i}" for i in keep] != [f"{task}/val/{i}" for i in range(10)]
+    runs = {(r["method"], r["seed"]): r for r in results["runs"]}
+    assert len(runs) == 5 and all(r["status"] == "completed" for r in runs.values())
+    for run in runs.values():
+        for task in ("alpha", "beta"):
+            assert len(run["correct"][task]) == 10
+            assert run["accuracy"][task] == sum(run["correct"][task]) / 10
+    # trained runs: their own adapters, counted; a seed changes the result, the method too
+    lora_params = count_trainable(world["model"], adapter_config_from_dict("lora", {"r": 4, "alpha": 8}))
+    assert runs[("lora", 0)]["trainable_params"] == lora_params and runs[("base", None)]["trainable_params"] == 0
+    assert runs[("mixlora", 0)]["trainable_params"] > lora_params
+    assert all(r["steps"] == 3 and r["step_seconds"] > 0 and r["peak_memory_mb"] > 0
+               for r in runs.values() if r["seed"] is not None)
+    # the summary: mean over seeds with the t interval; paired differences against lora
+    acc = results["summary"]["accuracy"]
+    mean, half = t_interval([runs[("mixlora", s)]["accuracy"]["alpha"] for s in (0, 1)])
+    assert acc["mixlora"]["alpha"]["mean"] == pytest.approx(mean) and acc["mixlora"]["alpha"]["half"] == pytest.approx(half)
+    assert acc["base"]["beta"]["seeds"] == 1 and acc["base"]["beta"]["half"] is None
+    vs = results["summary"]["vs_baseline"]
+    assert set(vs) == {"base", "mixlora"}
+    diff = np.mean([np.subtract(runs[("mixlora", s)]["correct"]["beta"], runs[("lora", s)]["correct"]["beta"])
+                    for s in (0, 1)])
+    assert vs["mixlora"]["beta"]["diff"] == pytest.approx(diff)
+    assert vs["mixlora"]["beta"]["low"] <= diff <= vs["mixlora"]["beta"]["high"]
+    # the base model (no seeds) is paired with every seed of the baseline
+    base_diff = np.mean([np.subtract(runs[("base", None)]["correct"]["alpha"], runs[("lora", s)]["correct"]["alpha"])
+                         for s in (0, 1)])
+    assert vs["base"]["alpha"]["diff"] == pytest.approx(base_diff) and vs["base"]["alpha"]["seeds"] == 2
+    # the settings and versions are recorded; the table and the plot are written
+    assert results["study"]["methods"]["lora"]["r"] == 4 and results["versions"]["loramix"]
+    table = (finished["out"] / "results.md").read_text()
+    assert "| mixlora |" in table and "Paired difference against **lora**" in table
+    assert (finished["out"] / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kill_and_resume_trains_no_run_twice(world, finished, tmp_path):
+    """Stopped after 2 runs (a kill between runs), then run again: the 3 others run, the first 2 are not
+    touched, and results.json equals the uninterrupted study's (times and memory aside)."""
+    values = study(world, tmp_path / "study")
+    first = run_study(values, threads=1, max_runs=2)
+    assert first["ran"] == ["base/base", "lora/seed-0"] and first["results"] is None and len(first["left"]) == 3
+    kept = {p: p.read_bytes() for p in (tmp_path / "study" / "runs").rglob("result.json")}
+    assert len(kept) == 2
+    second = run_study(values, threads=1)
+    assert second["ran"] == ["mixlora/seed-0", "lora/seed-1", "mixlora/seed-1"] and second["left"] == []
+    assert all(p.read_bytes() == data for p, data in kept.items())
+    assert without_measurements(read(second["results"])) == without_measurements(finished["results"])
+    # a third call trains nothing and writes the same report
+    assert run_study(values, threads=1)["ran"] == []
+    # the same run folder with other settings is refused, not mixed in
+    with pytest.raises(ValueError, match="other settings"):
+        run_study(study(world, tmp_path / "study", train={"max_steps": 4, "progress": False}), threads=1)
+
+
+def test_t_interval_matches_hand_computation():
+    # 0.5, 0.6, 0.7: mean 0.6, sd 0.1, half = t_{0.975,2} * 0.1 / sqrt(3) with t_{0.975,2} = 4.302652730
+    mean, half = t_interval([0.5, 0.6, 0.7])
+    assert mean == pytest.approx(0.6) and half == pytest.approx(4.302652730 * 0.1 / 3**0.5)
+    assert T975[2 - 1] == pytest.approx(4.302652730)
+    assert t_interval([0.4]) == (0.4, None)
+
+
+def test_paired_bootstrap_matches_hand_computation():
+    """The procedure of the stats docstring, redone with plain loops on fixed inputs."""
+    diffs = [np.array([[1, 0, -1, 1, 0], [0, 1, 1, 0, 0]]), np.array([[1, -1, 0], [1, 1, 0]])]
+    samples, seed = 200, 7
+    out = paired_bootstrap(diffs, samples=samples, seed=seed, chunk=64)
+    rng = np.random.default_rng(seed)
+    seed_draws = rng.integers(0, 2, (samples, 2))
+    question_draws = [rng.integers(0, d.shape[1], (samples, d.shape[1])) for d in diffs]
+    stats = []
+    for b in range(samples):
+        per_task = []
+        for d, draws in zip(diffs, question_draws):
+            cells = [d[s, q] for s in seed_draws[b] for q in draws[b]]
+            per_task.append(sum(cells) / len(cells))
+        stats.append(sum(per_task) / len(per_task))
+    estimate = (np.mean(diffs[0]) + np.mean(diffs[1])) / 2  # (3/10 + 2/6) / 2
+    assert out["diff"] == pytest.approx((3 / 10 + 2 / 6) / 2) == estimate
+    ordered = sorted(stats)
+    # numpy's default percentile: linear interpolation between order statistics at rank p * (B - 1)
+    for key, p in (("low", 0.025), ("high", 0.975)):
+        rank = p * (samples - 1)
+        lo = int(rank)
+        assert out[key] == pytest.approx(ordered[lo] + (rank - lo) * (ordered[lo + 1] - ordered[lo]))
+    extreme = sum(abs(s - estimate) >= abs(estimate) - 1e-12 for s in stats)
+    assert out["p"] == pytest.approx((1 + extreme) / (samples + 1))
+    # degenerate cases: no difference at all gives p = 1; the method always right and the baseline never
+    # gives the interval [1, 1] and the smallest p the bootstrap can give
+    same = paired_bootstrap([np.zeros((3, 4))], samples=100, seed=0)
+    assert (same["diff"], same["low"], same["high"], same["p"]) == (0.0, 0.0, 0.0, 1.0)
+    better = paired_bootstrap([np.ones((3, 4))], samples=100, seed=0)
+    assert (better["low"], better["high"], better["p"]) == (1.0, 1.0, 1 / 101)
+
+
+def test_diverging_method_is_reported_not_averaged(world, tmp_path):
+    methods = {"lora": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+               "hot": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "train": {"lr": 1.0e6}}}
+    out = run_study(study(world, tmp_path / "s", methods=methods, train={
+        "max_steps": 6, "batch_size": 4, "lr": 1e-2, "progress": False, "max_grad_norm": None,
+        "data": {"cutoff_len": 64}}), threads=1)
+    results = read(out["results"])
+    hot = [r for r in results["runs"] if r["method"] == "hot"]
+    assert [r["status"] for r in hot] == ["diverged", "diverged"]
+    assert all(r["accuracy"] is None and r["correct"] is None and "is nan" in r["error"] for r in hot)
+    assert results["summary"]["accuracy"]["hot"]["alpha"] == {"mean": None, "half": None, "seeds": 0, "diverged": 2}
+    assert results["summary"]["vs_baseline"]["hot"]["mean"] is None
+    table = (tmp_path / "s" / "results.md").read_text()
+    assert "| hot | diverged | diverged | diverged |" in table and "2 diverged" in table
+    # lora's numbers are unaffected: the same as lora alone in a study without the diverging method
+    alone = run_study(study(world, tmp_path / "t", methods={"lora": methods["lora"]},
+                            train={"max_steps": 6, "batch_size": 4, "lr": 1e-2, "progress": False,
+                                   "max_grad_norm": None, "data": {"cutoff_len": 64}}), threads=1)
+    assert read(alone["results"])["summary"]["accuracy"]["lora"] == results["summary"]["accuracy"]["lora"]
+
+
+def test_match_params_sizes_the_lora_rank(world, tmp_path):
+    values = study(world, tmp_path / "m", methods={
+        "mixlora": {"kind": "mixlora", "r": 4, "num_experts": 4, "top_k": 2},
+        "lora-matched": {"kind": "lora", "targets": None, "match_params": "mixlora"}}, baseline="mixlora")
+    specs = {s["method"]: s for s in plan(study_from_dict(values))}
+    matched = specs["lora-matched"]["matched"]
+    mix = count_trainable(world["model"], adapter_config_from_dict("mixlora", {"r": 4, "num_experts": 4, "top_k": 2}))
+    lora = lambda r: count_trainable(world["model"], adapter_config_from_dict("lora", {"r": r, "targets": None}))  # noqa: E731
+    assert matched["target_params"] == mix and matched["params"] == lora(matched["rank"])
+    assert specs["lora-matched"]["train"]["adapter"]["r"] == matched["rank"] > 4
+    # the nearest rank: one step either way is further from the target
+    assert all(abs(lora(matched["rank"]) - mix) <= abs(lora(r) - mix) for r in (matched["rank"] - 1, matched["rank"] + 1))
+
+
+def test_jobs_2_in_subprocesses_gives_the_same_runs(world, finished, tmp_path):
+    """Two runs at once, each in its own process with one thread: the same correctness as in-process."""
+    values = study(world, tmp_path / "j", methods={"lora": study(world, tmp_path)["methods"]["lora"]}, baseline=None)
+    out = run_study(values, jobs=2, threads=1)
+    assert out["failed"] == {} and out["left"] == []
+    runs = {r["seed"]: r for r in read(out["results"])["runs"]}
+    reference = {r["seed"]: r for r in finished["results"]["runs"] if r["method"] == "lora"}
+    assert {s: r["correct"] for s, r in runs.items()} == {s: r["correct"] for s, r in reference.items()}
+
+
+def test_cli_bad_study_key_exit_2(world, tmp_path, capsys):
+    path = tmp_path / "study.yaml"
+    values = study(world, tmp_path / "c")
+    values["seedz"] = [0]
+    path.write_text(json.dumps(values))
+    assert cli_main(["compare", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "'seedz'" in err and "Did you mean 'seeds'" in err and "Traceback" not in err
+    values.pop("seedz")
+    values["methods"]["lora"]["r"] = 0
+    path.write_text(json.dumps(values))
+    assert cli_main(["compare", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "methods.lora" in err and "'adapter.r'" in err and "Traceback" not in err
+    assert cli_main(["compare", str(path), "--jobs", "0"]) == 2
+    assert "--jobs" in capsys.readouterr().err
