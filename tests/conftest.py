@@ -46,3 +46,16 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def embedded_stand_in(tmp_path, monkeypatch):
+    """A 2-layer Llama with a small tokenizer as the embedded SmolLM2's converted folder, in a private
+    ``$LORAMIX_CACHE``: ``smollm2-135m`` and ``hub.embedded_folder()`` then mean it (no 20-s conversion)."""
+    from cli_setup import tiny_model_folder
+    from loramix import hub
+
+    monkeypatch.setenv("LORAMIX_CACHE", str(tmp_path / "loramix-cache"))
+    folder = tiny_model_folder(tmp_path / "loramix-cache" / hub.CACHE_SUBDIR)
+    (folder / hub.MARKER).write_text("{}")  # written last by a real conversion: marks the folder complete
+    return folder

@@ -205,3 +205,27 @@ def test_a_module_missing_from_the_file_is_not_exported_unmerged(tmp_path):
     with pytest.raises(loramix.AdapterLoadError, match=r"missing 2 key\(s\).*model\.layers\.0\.mlp\.down_proj\.lora_A"):
         export_adapter(folder, tmp_path / "merged", format="merged", base=None)
     assert files_of(tmp_path / "merged") == []
+
+
+@pytest.mark.parametrize("adapter", [{"kind": "mixlora", "r": 2, "alpha": 4, "num_experts": 2, "top_k": 1},
+                                     {"kind": "more", "max_rank": 2, "alpha": 4, "tasks": ["arc-e"]}])
+def test_a_trained_folder_records_a_base_transformers_can_load(tmp_path, monkeypatch, capsys, adapter,
+                                                               embedded_stand_in):
+    """Issue 21 case 12: a MixLoRA folder written by `loramix train` on smollm2-135m recorded the alias as
+    base_model_name_or_path (LoRA folders: the converted folder), so from_pretrained(folder) went to the Hub
+    (OSError) instead of stopping with the KeyError that says to use loramix.load_adapter."""
+    from loramix.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    config = {"model": "smollm2-135m", "adapter": adapter, "output_dir": "run", "batch_size": 2, "max_steps": 1,
+              "data": {"train": ["arc-e"], "train_limit": 4, "eval": []}, "progress": False, "plots": False}
+    (tmp_path / "train.yaml").write_text(json.dumps(config))
+    assert main(["train", "train.yaml"]) == 0, capsys.readouterr().err
+    folder = tmp_path / "run" / "adapter"
+    recorded = json.loads((folder / "adapter_config.json").read_text())
+    assert recorded["base_model_name_or_path"] == str(embedded_stand_in)
+    assert loramix.adapters.read_adapter_config(folder)["base_model"] == "smollm2-135m"  # loramix keeps its name
+    with pytest.raises(KeyError, match=rf"a loramix {'MixLoRA' if adapter['kind'] == 'mixlora' else 'MoRE'} "
+                                       r"adapter, not a PEFT one: load it with loramix.load_adapter"):
+        transformers.AutoModelForCausalLM.from_pretrained(folder)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import hub
 from ..config import LoraConfig
 from ..models.inject import adapter_parameters, adapter_state, inject, unload
 from ..models.many import stack_adapters
@@ -69,7 +70,10 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, A
         write_json(out / SIDECAR_NAME, meta)
         write_json(out / CONFIG_NAME, peft_config)
         return out
-    meta = {"peft_type": NOT_PEFT[state.config.kind], "base_model_name_or_path": base_model, **meta}
+    # as the LoRA writer records it (peft_adapter_files): a name transformers can load, so that
+    # from_pretrained(folder) reaches PEFT's peft_type lookup and its message, not the Hub with an alias
+    meta = {"peft_type": NOT_PEFT[state.config.kind], "base_model_name_or_path": hub.transformers_name(base_model),
+            **meta}
     write_safetensors(out / WEIGHTS_NAME, tensors)
     write_json(out / CONFIG_NAME, meta)
     (out / SIDECAR_NAME).unlink(missing_ok=True)  # left by a LoRA adapter saved here before
