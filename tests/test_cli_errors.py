@@ -151,6 +151,53 @@ def test_offline_hub_id_fails_at_once(files, tmp_path, capsys, monkeypatch):
     assert "model 'nobody/no-such-model'" in line and "unreachable" in line
 
 
+def alias_bomb(levels: int = 9, width: int = 9, flow: bool = False) -> str:
+    """YAML whose aliases repeat each level ``width`` times ("billion laughs"): width**levels values."""
+    refs = lambda i: ", ".join([f"*a{i - 1}" if i else "lol"] * width)  # noqa: E731
+    if flow:
+        return "[" + ", ".join(f"&a{i} [{refs(i)}]" for i in range(levels)) + "]"
+    return "".join(f"a{i}: &a{i} [{refs(i)}]\n" for i in range(levels))
+
+
+def test_yaml_alias_bomb_is_refused_wherever_loramix_reads_yaml(files, tmp_path, capsys):
+    """Issue 21 case 6: nine levels of nine aliases (9**9 values) hung `loramix train` for minutes while
+    the loaded config was walked; every YAML a user gives is read by one reader that counts the values."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(alias_bomb())
+    line = fails(capsys, ["train", str(bomb)])
+    assert str(bomb) in line and "aliases" in line and "100000 values" in line
+    multi = tmp_path / "multi.yaml"  # a multi-adapter config's included config
+    multi.write_text(f"model: {files['model']}\nadapters:\n  - name: a\n    config: {bomb}\n")
+    line = fails(capsys, ["train", str(multi)])
+    assert f"{multi} adapters[0]" in line and str(bomb) in line and "aliases" in line
+    template = tmp_path / "template.yaml"  # a prompt template file
+    template.write_text(alias_bomb() + "kind: instruction\nprompt: '{instruction}'\ntarget: '{output}'\n")
+    cfg = write_config(tmp_path / "cfg.yaml", files["model"], str(files["qa"]), str(tmp_path / "run"))
+    line = fails(capsys, ["train", str(cfg), f"data.template={template}"])
+    assert str(template) in line and "aliases" in line
+    line = fails(capsys, ["train", str(cfg), f"betas={alias_bomb(flow=True)}"])  # a key=value override
+    assert "command line: the value of 'betas'" in line and "aliases" in line
+    (tmp_path / "loop.yaml").write_text("betas: &b [0.9, *b]\n")  # an alias inside what it names: endless
+    line = fails(capsys, ["train", str(tmp_path / "loop.yaml")])
+    assert str(tmp_path / "loop.yaml") in line and "endless" in line
+
+
+@pytest.mark.parametrize("seed", [10**23, 2**64, -1])
+def test_seed_out_of_range_names_the_key_and_the_flag(files, tmp_path, capsys, seed):
+    """Issue 21 case 9: a seed beyond what torch's generator takes was "unexpected ValueError: Overflow when
+    unpacking long long" after the model had loaded; now the key or flag is named before anything runs."""
+    cfg = write_config(tmp_path / "cfg.yaml", files["model"], str(files["qa"]), str(tmp_path / "run"), seed=seed)
+    line = fails(capsys, ["train", str(cfg)])
+    assert f"{cfg}: 'seed' must be an integer from 0 to 2**63 - 1, got {seed}" in line
+    assert not (tmp_path / "run").exists()
+    multi = tmp_path / "multi.yaml"
+    multi.write_text(f"model: {files['model']}\nadapters:\n  - name: a\n    config: {cfg}\n    seed: 1\n"
+                     f"  - name: b\n    config: {cfg}\n    output_dir: {tmp_path / 'b'}\n")
+    assert f"{multi} adapters[1]: 'seed' must be" in fails(capsys, ["train", str(multi)])
+    line = fails(capsys, ["generate", "--model", str(files["model"]), "--seed", str(seed), "--temperature", "1", "hi"])
+    assert f"--seed must be an integer from 0 to 2**63 - 1, got {seed}" in line
+
+
 def test_debug_shows_the_traceback(monkeypatch):
     with pytest.raises(UsageError, match="max-new-tokens"):
         main(["generate", "--max-new-tokens", "0", "hi", "--debug"])

@@ -19,6 +19,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
+import yaml
+
 ROUTINGS = ("top_k", "top_p", "switch")
 INITS = ("kaiming", "gaussian")
 DISPATCHES = ("sorted", "naive")
@@ -59,6 +61,71 @@ class ConfigError(ValueError):
     def nested(self, prefix: str) -> "ConfigError":
         """The same error about ``prefix + key`` (unchanged when it names no key)."""
         return ConfigError(self.detail, prefix + self.key) if prefix and self.key else self
+
+
+# The most values (scalars, lists, mappings; an alias counts as everything it repeats) a YAML that loramix
+# reads may expand to. The largest real one, a multi-adapter config, holds a few thousand; nine levels of
+# nine aliases ("billion laughs") expand to 9**9 and would hang every walk over the loaded value.
+MAX_YAML_VALUES = 100_000
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """The value of the YAML ``text`` (plain types only, as ``yaml.safe_load``): the one reader of every YAML a
+    user gives loramix (training and multi-adapter configs, prompt templates, ``key=value`` overrides).
+
+    It refuses, before building anything, a document whose aliases expand it beyond ``MAX_YAML_VALUES``
+    values or refer to themselves (an endless value).
+
+    Raises:
+        ConfigError: naming ``where`` (a file): not YAML (with the line and column), or too large expanded.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(node, where)
+        return loader.construct_document(node)
+    except ConfigError:
+        raise
+    except ValueError as err:  # a well-formed value Python cannot build: date 2024-13-01, an int of 5000 digits
+        raise ConfigError(f"{where}: a value cannot be read: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{where}: not valid YAML{line}: {getattr(err, 'problem', None) or err}") from None
+    finally:
+        loader.dispose()
+
+
+def _check_expanded_size(root: yaml.Node, where: str) -> None:
+    """Count the values of ``root`` with every alias expanded (each node once, memoised: linear in the file)."""
+    sizes: dict[int, int] = {}  # id(node) -> its expanded size
+    open_nodes: set[int] = set()  # nodes whose children are being counted: meeting one again is a cycle
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        children = _yaml_children(node)
+        if children_done:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_YAML_VALUES:
+                raise ConfigError(f"{where}: holds more than {MAX_YAML_VALUES} values once its YAML aliases ('*name' "
+                                  "repeats what '&name' marks) are expanded; a loramix file needs far fewer: use "
+                                  "fewer aliases")
+        elif id(node) not in sizes:
+            if id(node) in open_nodes:
+                raise ConfigError(f"{where}: a YAML alias ('*name') refers to a list or mapping that holds it, an "
+                                  "endless value")
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+
+
+def _yaml_children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -149,6 +216,17 @@ def _read_value(annotation: Any, value: Any, key: str) -> Any:
 def is_int(value: Any, minimum: int | None = None) -> bool:
     """An int that is not a bool, at least ``minimum`` when given."""
     return isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
+
+
+# torch's generators take seeds below 2**64, and distributed training seeds rank k with seed + k: a seed below
+# 2**63 leaves that room (and fits the signed 64-bit seeds other libraries take).
+MAX_SEED = 2**63 - 1
+SEED_RANGE = "an integer from 0 to 2**63 - 1"
+
+
+def is_seed(value: Any) -> bool:
+    """An int (not a bool) that every seeded generator takes: 0 <= value <= ``MAX_SEED``."""
+    return is_int(value, minimum=0) and value <= MAX_SEED
 
 
 def is_number(value: Any) -> bool:

@@ -22,6 +22,7 @@ from ..cli import (
     UsageError, add_base_model_argument, add_loading_arguments, add_threads_argument, apply_threads,
     check_loading_arguments, check_model, load_adapters_onto, resolve_model,
 )
+from ..config import SEED_RANGE, is_seed
 from ..hub import EMBEDDED_NAME, load_model
 
 
@@ -58,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if not is_seed(args.seed):
+        raise UsageError(f"--seed must be {SEED_RANGE}, got {args.seed}")
     if args.task is not None and not args.adapter:
         raise UsageError("--task needs a MoRE --adapter")
     meta = read_adapter_config(args.adapter) if args.adapter else {}

@@ -35,7 +35,10 @@ from typing import Any
 
 import yaml
 
-from ..config import DTYPE_NAMES, AdapterConfig, ConfigError, MixLoraConfig, Settings, _help, dtype_name, is_int
+from ..config import (
+    DTYPE_NAMES, SEED_RANGE, AdapterConfig, ConfigError, MixLoraConfig, Settings, _help, dtype_name, is_int, is_seed,
+    load_yaml,
+)
 from ..data.tasks import TASKS
 from ..data.tokenize import MIN_CUTOFF_LEN
 from ..hub import EMBEDDED_NAME
@@ -172,6 +175,7 @@ class TrainConfig(Settings):
         self._check("resume", isinstance(self.resume, (bool, str)), "true, false or a checkpoint folder")
         self._check("distributed", self.distributed in DISTRIBUTED, f"one of {', '.join(DISTRIBUTED)}")
         self._check("threads", self.threads is None or self.threads >= 1, ">= 1 or null")
+        self._check("seed", is_seed(self.seed), SEED_RANGE)
         from ..models.quantize import check_quantization
         from .tracking import check_report_to
 
@@ -201,10 +205,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"command line: '{text}' has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"command line: the value of '{key}' is not valid YAML ({err})") from None
+    value = load_yaml(raw, f"command line: the value of '{key}'") if raw.strip() else ""
     return key.split("."), value
 
 
@@ -251,22 +252,20 @@ def train_config_from_dict(values: dict, where: str = "config", overrides: list[
 
 
 def read_yaml(path: str | Path) -> Any:
-    """The value of the YAML file ``path`` (a training config, a multi-adapter config, an included one).
+    """The value of the YAML file ``path`` (a training config, a multi-adapter config, an included one),
+    read with ``loramix.config.load_yaml`` (which refuses alias bombs).
 
     Raises:
-        ConfigError: naming the file: missing, unreadable, or not YAML (with the line and column).
+        ConfigError: naming the file: missing, unreadable, not YAML (with the line and column), or too large.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot be read ({err})") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{line}: {getattr(err, 'problem', err)}") from None
+    return load_yaml(text, str(path))
 
 
 def resolve_path(source: str, yaml_dir: Path, where: str) -> str:
