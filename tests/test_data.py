@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +18,7 @@ from loramix.data import (
     IGNORE_INDEX, TASKS, DataError, InstructionExample, LengthGroupedBatches, MultipleChoiceExample,
     builtin_templates, collate, encode_example, load_examples, read_file, read_task, render, truncate_left,
 )
+from loramix.data.tokenize import encode_continuation, encode_prompt, special_prefix, text_bound
 from tiny_models import COMMON
 from tiny_tokenizer import tiny_tokenizer
 
@@ -169,6 +176,66 @@ def test_left_truncation_keeps_answer_and_bos():
     assert cut["labels"][-n_answer:] == full["labels"][-n_answer:]
     # the answer alone too long: it is cut from the right, one prompt token stays
     assert truncate_left([1, 2, 3], [7, 8, 9, 10], 3) == ([3], [7, 8])
+
+
+def _full_text_reference(example, tok, template: str, cutoff_len: int) -> dict:
+    """What encode_example gave before texts were bounded: the whole texts tokenized, then cut to cutoff_len."""
+    prompt, target = render(example, template)
+    prompt_ids = encode_prompt(tok, prompt)
+    answer_ids = encode_continuation(tok, target) + [tok.eos_token_id]
+    prompt_ids, answer_ids = truncate_left(prompt_ids, answer_ids, cutoff_len, keep_first=len(special_prefix(tok)))
+    return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
+
+
+def _varied_text(n_words: int, seed: int) -> str:
+    """Words, punctuation, newlines and multi-byte characters (several byte-level tokens each)."""
+    rng = random.Random(seed)
+    words = "the cat sat on the mat . , ; ( ) \n café naïve 中文 emoji🙂 Answer: 1999 x==y".split(" ")
+    return "".join(rng.choice(words) + rng.choice([" ", " ", "  ", "\n", ""]) for _ in range(n_words))
+
+
+@pytest.mark.parametrize("cutoff_len", [16, 64, 512])
+def test_bounded_text_gives_the_ids_of_the_whole_text(cutoff_len):
+    """Only the end of a long prompt and the start of a long answer are tokenized: the ids are those of the
+    whole text cut to cutoff_len, for ordinary rows and for rows several times longer than the bound."""
+    tok = tiny_tokenizer()
+    bound = text_bound(tok, cutoff_len)
+    long_text = _varied_text(bound, seed=cutoff_len)  # ~ 4 x the bound in characters
+    assert len(long_text) > 2 * bound
+    rows = [(MC, "mc_letters"), (MC, "mc_text"),
+            (MultipleChoiceExample(long_text, ["apple", long_text[:50]], 1, "t", "t/1"), "mc_letters"),
+            (MultipleChoiceExample("Which?", [long_text, "no"], 0, "t", "t/2"), "mc_text"),  # long answer
+            (InstructionExample(long_text, "", long_text[::-1], "m", "m/0"), "instruction")]  # both long
+    for example, template in rows:
+        got = encode_example(example, tok, template=template, cutoff_len=cutoff_len)
+        want = _full_text_reference(example, tok, template, cutoff_len)
+        assert got["input_ids"] == want["input_ids"] and got["labels"] == want["labels"], (example.id, template)
+
+
+def test_a_multi_megabyte_row_is_tokenized_in_bounded_memory(tmp_path):
+    """A 20 MB question (one jsonl row) under an address-space limit of 1 GiB above what the loaded process
+    uses: tokenizing the whole text needed about 200 MB per MB of text (a Rust allocation abort, exit 134)."""
+    script = tmp_path / "big_row.py"
+    script.write_text(textwrap.dedent(f"""
+        import resource, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from tiny_tokenizer import tiny_tokenizer
+        from loramix.data import MultipleChoiceExample, encode_example
+
+        tok = tiny_tokenizer()
+        encode_example(MultipleChoiceExample("warm up", ["a", "b"], 0, "t", "t/0"), tok)  # rayon pool, vocab bound
+        size = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, resource.RLIM_INFINITY))
+        question = "the cat sat on the mat. " * (20 * 2**20 // 24)
+        f = encode_example(MultipleChoiceExample(question, ["yes", "no"], 0, "t", "t/1"), tok, cutoff_len=64)
+        tail = encode_example(MultipleChoiceExample(question[-10000:], ["yes", "no"], 0, "t", "t/1"), tok,
+                              cutoff_len=64)
+        print(len(f["input_ids"]), f == tail)
+    """))
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2"}  # no 64 MB reserve per thread under the address-space limit
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["64", "True"]
 
 
 def test_collate_right_padding_and_no_loss_on_prompt_or_padding():

@@ -5,7 +5,8 @@
 token straddles it). Labels are ``-100`` on the prompt (unless ``train_on_prompt``) so the loss is
 on the answer tokens only; an end-of-sequence token closes the answer so the model learns to stop.
 Too-long examples lose tokens from the *left* of the prompt (after a leading BOS, which is kept):
-the answer is never cut unless it alone exceeds ``cutoff_len``.
+the answer is never cut unless it alone exceeds ``cutoff_len``. Only the part of a text that can reach
+those ``cutoff_len`` tokens is tokenized (``text_bound``): a multi-megabyte row costs what a long one does.
 
 Example:
     >>> f = encode_example(MultipleChoiceExample("2+2?", ["3", "4"], 1, "math", "m/0"), tokenizer)
@@ -18,12 +19,12 @@ Example:
 from __future__ import annotations
 
 import functools
+import weakref
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ..config import load_yaml
 from ..models.losses import IGNORE_INDEX
 from .examples import LETTERS, Example, InstructionExample, MultipleChoiceExample
 from .tasks import DataError
@@ -49,7 +50,7 @@ def _check_template(name: str, tpl: Any, where: str) -> dict:
 def builtin_templates() -> dict[str, dict]:
     """The templates shipped in ``loramix/data/templates.yaml``, by name."""
     text = resources.files("loramix.data").joinpath("templates.yaml").read_text(encoding="utf-8")
-    data = yaml.safe_load(text)
+    data = load_yaml(text, "loramix/data/templates.yaml")
     return {name: _check_template(name, tpl, "loramix/data/templates.yaml") for name, tpl in data.items()}
 
 
@@ -62,7 +63,7 @@ def get_template(template: str | dict) -> dict:
         return dict(templates[template], name=template)
     path = Path(template)
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        tpl = yaml.safe_load(path.read_text(encoding="utf-8"))
+        tpl = load_yaml(path.read_text(encoding="utf-8"), str(path))
         return dict(_check_template(path.stem, tpl, str(path)), name=path.stem)
     raise DataError(f"unknown template '{template}': use one of {', '.join(templates)} or a .yaml file")
 
@@ -115,13 +116,49 @@ def special_prefix(tokenizer) -> list[int]:
     return []
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Ids of a prompt: the tokenizer's leading special tokens (BOS) + the text; never a trailing EOS."""
+# The fewest characters one token may stand for in the bound below: a WordPiece [UNK] stands for a whole word
+# of up to 100 characters, longer than any of its vocabulary entries.
+MIN_TOKEN_CHARS = 100
+_TOKEN_CHARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> max_token_chars
+
+
+def max_token_chars(tokenizer) -> int:
+    """An upper bound on the characters of text one token of ``tokenizer`` stands for: its longest vocabulary
+    entry (a byte-level entry spells one character per byte, a SentencePiece one a space as one '▁'), at least
+    ``MIN_TOKEN_CHARS``. Computed once per tokenizer."""
+    if tokenizer not in _TOKEN_CHARS:
+        _TOKEN_CHARS[tokenizer] = max(MIN_TOKEN_CHARS, max(map(len, tokenizer.get_vocab()), default=0))
+    return _TOKEN_CHARS[tokenizer]
+
+
+def text_bound(tokenizer, max_tokens: int) -> int:
+    """How many characters of a text to tokenize when only ``max_tokens`` tokens of one end are kept.
+
+    Twice what ``max_tokens`` tokens can span: the kept end then tokenizes exactly as in the whole text, since
+    a cut changes only the word it falls in, ``max_tokens`` tokens or more away from the kept ones (unless one
+    "word" without spaces is tens of thousands of characters long)."""
+    return 2 * max_tokens * max_token_chars(tokenizer)
+
+
+def encode_prompt(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
+    """Ids of a prompt: the tokenizer's leading special tokens (BOS) + the text; never a trailing EOS.
+
+    ``max_tokens``: the caller keeps at most this many tokens of the prompt's end (``truncate_left``), so only
+    the text's last ``text_bound`` characters are tokenized (the same last ``max_tokens`` ids).
+    """
+    if max_tokens is not None:
+        text = text[-text_bound(tokenizer, max_tokens):]
     return special_prefix(tokenizer) + list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def encode_continuation(tokenizer, text: str) -> list[int]:
-    """Ids of text that follows a prompt (no special tokens)."""
+def encode_continuation(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
+    """Ids of text that follows a prompt (no special tokens).
+
+    ``max_tokens``: the caller keeps at most this many tokens of the start, so only the text's first
+    ``text_bound`` characters are tokenized (the same first ``max_tokens`` ids).
+    """
+    if max_tokens is not None:
+        text = text[:text_bound(tokenizer, max_tokens)]
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -160,8 +197,8 @@ def encode_example(example: Example, tokenizer, *, template: str | dict = "mc_le
     """
     prompt, target = render(example, template)
     prefix = special_prefix(tokenizer)
-    prompt_ids = encode_prompt(tokenizer, prompt)
-    answer_ids = encode_continuation(tokenizer, target)
+    prompt_ids = encode_prompt(tokenizer, prompt, max_tokens=cutoff_len)
+    answer_ids = encode_continuation(tokenizer, target, max_tokens=cutoff_len)
     if tokenizer.eos_token_id is not None:
         answer_ids.append(tokenizer.eos_token_id)
     prompt_ids, answer_ids = truncate_left(prompt_ids, answer_ids, cutoff_len, keep_first=len(prefix))

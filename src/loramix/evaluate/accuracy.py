@@ -135,7 +135,7 @@ def _predict_label(model, tokenizer, examples, template, batch_size, cutoff_len,
     letter_ids: dict[int, list[int]] = {}  # number of choices -> label token ids
     prompts = []
     for ex in examples:
-        ids = encode_prompt(tokenizer, render_prompt(ex, template))
+        ids = encode_prompt(tokenizer, render_prompt(ex, template), max_tokens=cutoff_len)
         ids, _ = truncate_left(ids, [], cutoff_len, keep_first=len(prefix))
         prompts.append(ids)
         n = len(ex.choices)
@@ -161,9 +161,9 @@ def _predict_loglik(model, tokenizer, examples, template, batch_size, cutoff_len
     prefix = special_prefix(tokenizer)
     requests = []  # one per (example, choice): (example index, choice index, prompt + continuation ids, len(cont))
     for e, ex in enumerate(examples):
-        prompt = encode_prompt(tokenizer, render_prompt(ex, template))
+        prompt = encode_prompt(tokenizer, render_prompt(ex, template), max_tokens=cutoff_len)
         for c, target in enumerate(render_targets(ex, template)):
-            cont = encode_continuation(tokenizer, target)
+            cont = encode_continuation(tokenizer, target, max_tokens=cutoff_len)
             p, cont = truncate_left(prompt, cont, cutoff_len, keep_first=len(prefix))
             requests.append((e, c, p + cont, len(cont)))
     scores = [[float("-inf")] * len(ex.choices) for ex in examples]
@@ -205,8 +205,8 @@ def _predict_loglik_shared(model, tokenizer, examples, template, batch_size, cut
     prefix = special_prefix(tokenizer)
     items = []  # (example index, prompt ids, [continuation ids per choice])
     for e, ex in enumerate(examples):
-        prompt = encode_prompt(tokenizer, render_prompt(ex, template))
-        conts = [encode_continuation(tokenizer, t) for t in render_targets(ex, template)]
+        prompt = encode_prompt(tokenizer, render_prompt(ex, template), max_tokens=cutoff_len)
+        conts = [encode_continuation(tokenizer, t, max_tokens=cutoff_len) for t in render_targets(ex, template)]
         prompt, _ = truncate_left(prompt, max(conts, key=len), cutoff_len, keep_first=len(prefix))
         conts = [c[: max(cutoff_len - len(prompt), 1)] for c in conts]  # only if a choice alone overflows
         items.append((e, prompt, conts))
