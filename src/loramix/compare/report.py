@@ -103,7 +103,7 @@ def _cell(entry: dict[str, Any]) -> str:
 
 def _diff_cell(entry: dict[str, Any] | None) -> str:
     if entry is None:
-        return "-"
+        return "no seed to pair"
     return f"{entry['diff']:+.3f} [{entry['low']:+.3f}, {entry['high']:+.3f}] p={entry['p']:.3g}"
 
 
@@ -120,7 +120,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", f"Paired difference against **{summary['baseline']}** (same questions and seeds): "
               "difference [95% paired bootstrap interval] and two-sided p-value:", "", head, rule]
     for method, row in summary["vs_baseline"].items():
-        lines.append(f"| {method} | " + " | ".join(_diff_cell(row[t]) for t in tasks + [MEAN]) + " |")
+        all_diverged = summary["accuracy"][method][MEAN]["seeds"] == 0
+        lines.append(f"| {method} | " + " | ".join("diverged" if all_diverged else _diff_cell(row[t])
+                                                   for t in tasks + [MEAN]) + " |")
     lines += ["", "| method | trainable params | step (s) | peak memory (MB) | train (s) | eval (s) | runs |",
               "|---|---|---|---|---|---|---|"]
     for method, mruns in _by_method(results["runs"]).items():
@@ -166,7 +168,10 @@ def plot(results: dict[str, Any], path: Path) -> Path:
         x = np.arange(len(tasks)) + (i - (len(accuracy) - 1) / 2) * width
         means = [row[t]["mean"] if row[t]["mean"] is not None else np.nan for t in tasks]
         halves = [row[t]["half"] or 0.0 for t in tasks]
-        ax.bar(x, means, width, yerr=halves, capsize=2, label=method)
+        diverged = row[MEAN]["diverged"]
+        label = method + (f" ({diverged} of {diverged + row[MEAN]['seeds']} seeds diverged)" if diverged else "")
+        ax.bar(x, means, width, yerr=halves, capsize=2, label=label)
+    ax.set_ylim(0, 1)
     ax.set_xticks(np.arange(len(tasks)), tasks)
     ax.set_ylabel(f"accuracy ({results['study']['protocol']})")
     ax.set_title("mean over seeds, 95% t interval")

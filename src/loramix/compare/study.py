@@ -27,6 +27,7 @@ Example (Python):
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,8 @@ def study_from_dict(values: Any, where: str = "study", overrides: list[str] | No
 def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
     """Read a study YAML (or a results.json, whose ``study`` settings reproduce it); task files are looked up
     in the working directory first, then next to the file."""
-    study = study_from_dict(read_yaml(path), str(path), overrides)
+    values = read_yaml(path) if Path(path).suffix.lower() != ".json" or not Path(path).is_file() else _read_json(path)
+    study = study_from_dict(values, str(path), overrides)
     folder = Path(path).parent
     for i, task in enumerate(study.tasks):
         if isinstance(task, dict):
@@ -188,3 +190,11 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
         elif canonical_task(task) is None:
             study.tasks[i] = resolve_path(task, folder, f"{path}: tasks[{i}]")
     return study
+
+
+def _read_json(path: str | Path) -> Any:
+    """A results.json (a large file: JSON is read by ``json``, not by the YAML reader)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: cannot be read as JSON ({err})") from None
