@@ -9,7 +9,7 @@
       1  modules                pure torch
       2  models, hub            model families, inject, model loading
       3  adapters               adapter files and exports
-      4  data, evaluate, train, integrations, bench, serve, report      what runs a model
+      4  data, evaluate, train, integrations, bench, serve, report, compare   what runs a model
       5  cli, every */command.py, demo, __main__, the package root      commands
 
 - No module over 600 lines.
@@ -30,7 +30,7 @@ LAYERS = {
     "modules": 1,
     "models": 2, "hub": 2,
     "adapters": 3,
-    "data": 4, "evaluate": 4, "train": 4, "integrations": 4, "bench": 4, "serve": 4, "report": 4,
+    "data": 4, "evaluate": 4, "train": 4, "integrations": 4, "bench": 4, "serve": 4, "report": 4, "compare": 4,
     "cli": 5, "demo": 5, "__main__": 5, "__init__": 5,
 }
 COMMANDS_LAYER = 5

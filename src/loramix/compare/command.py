@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..cli import UsageError, add_threads_argument
+from ..cli import UsageError, add_threads_argument, apply_threads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,10 +43,11 @@ def run(args: argparse.Namespace) -> int:
     if args.max_runs is not None and args.max_runs < 0:
         raise UsageError(f"--max-runs must be >= 0, got {args.max_runs}")
     if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")  # before anything loads
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    threads = apply_threads(args.threads) if args.jobs == 1 else args.threads  # N jobs: cores // N each by default
     try:
-        out = run_study(args.study, jobs=args.jobs, threads=args.threads, max_runs=args.max_runs,
+        out = run_study(args.study, jobs=args.jobs, threads=threads, max_runs=args.max_runs,
                         output_dir=args.output_dir, overrides=list(args.overrides), progress=not args.no_progress)
     except StudyInterrupted as err:
         print(f"loramix compare: {err}", file=sys.stderr)

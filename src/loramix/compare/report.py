@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -182,10 +183,15 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def write_json(path: Path, value: Any) -> None:
+    """Write ``path`` whole or not at all (a temporary file renamed over it)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value) + "\n")
+    os.replace(tmp, path)
+
+
 def write_report(study: Any, runs: list[dict[str, Any]], questions: dict[str, tuple]) -> Path:
     """Write results.json, results.md and results.png into the study's output_dir; returns results.json's path."""
-    from .runner import _write_json
-
     out = Path(study.output_dir)
     tasks = list(questions)
     results = {
@@ -195,7 +201,7 @@ def write_report(study: Any, runs: list[dict[str, Any]], questions: dict[str, tu
         "run_seconds": round(sum(r["seconds"] for r in runs), 1),
         "summary": summarize(study, runs, tasks), "runs": runs,
     }
-    _write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
     (out / "results.md").write_text(markdown(results))
     plot(results, out / "results.png")
     return out / "results.json"

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
+from .report import write_json, write_report
 from .study import StudyConfig, load_study, study_from_dict
 
 log = logging.getLogger("loramix.compare")
@@ -201,13 +202,14 @@ def execute_run(spec: dict[str, Any], *, threads: int | None = None, progress: b
     Raises:
         StudyInterrupted: SIGINT/SIGTERM stopped the training (a checkpoint is saved; no result is written).
     """
-    from ..cli import apply_threads
     from ..hub import load_model, resolve_device
     from ..train import Trainer, TrainingDiverged, latest_checkpoint, train_config_from_dict
 
     folder = Path(spec["folder"])
     folder.mkdir(parents=True, exist_ok=True)
-    threads = apply_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
     result: dict[str, Any] = {"method": spec["method"], "seed": spec["seed"], "status": "completed", "error": None,
                               "threads": threads, "matched": spec["matched"]}
     start = time.perf_counter()
@@ -251,16 +253,9 @@ def execute_run(spec: dict[str, Any], *, threads: int | None = None, progress: b
         result.update(accuracy=None, correct=None, eval_seconds=0.0)
     result.update(peak_memory_mb=_peak_memory_mb(device), memory=memory, device=str(device),
                   seconds=round(time.perf_counter() - start, 2))
-    _write_json(folder / RESULT, result)
+    write_json(folder / RESULT, result)
     shutil.rmtree(folder / "train" / "checkpoints", ignore_errors=True)  # the adapter stays; a finished run never resumes
     return result
-
-
-def _write_json(path: Path, value: Any) -> None:
-    """Write ``path`` whole or not at all (a temporary file renamed over it)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value) + "\n")
-    os.replace(tmp, path)
 
 
 def _spec_record(spec: dict[str, Any]) -> dict[str, Any]:
@@ -280,7 +275,7 @@ def _claim(spec: dict[str, Any]) -> None:
                               "give the study another output_dir, or move that folder away")
         return
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(path, record)
+    write_json(path, record)
 
 
 # ------------------------------------------------------------------ the study
@@ -315,7 +310,7 @@ def run_study(study: StudyConfig | dict | str | Path, *, jobs: int = 1, threads:
 
     Args:
         jobs: runs at once (1: in this process; N > 1: N subprocesses with ``threads`` torch threads each).
-        threads: torch threads per run (default: the cores // jobs; one run alone: ``cli.default_threads``).
+        threads: torch threads per run (default: the cores // jobs; with jobs=1, torch's current setting).
         max_runs: run at most this many of the unfinished runs, then stop (what a kill leaves, on purpose).
         output_dir: replaces the study's ``output_dir``. overrides: ``key=value`` settings (as on the command line).
 
@@ -323,8 +318,6 @@ def run_study(study: StudyConfig | dict | str | Path, *, jobs: int = 1, threads:
         ``{"ran": [run names], "finished": [...], "left": [...], "failed": {name: why}, "results": path | None}``;
         a run's name is ``method/seed-S`` (``method/base`` for the base model).
     """
-    from .report import write_report
-
     if isinstance(study, (str, Path)):
         study = load_study(study, overrides)
     elif isinstance(study, dict):
