@@ -241,6 +241,10 @@ def test_cli_bad_study_key_exit_2(world, tmp_path, capsys):
     assert cli_main(["compare", str(path)]) == 2
     err = capsys.readouterr().err
     assert "methods.lora" in err and "'adapter.r'" in err and "Traceback" not in err
+    values["methods"]["lora"].update(r=4, train={"data": {"eval": ["x.jsonl"]}})
+    path.write_text(json.dumps(values))
+    assert cli_main(["compare", str(path)]) == 2
+    assert "'methods.lora.train.data.eval' is set by the study: use its 'questions'" in capsys.readouterr().err
     assert cli_main(["compare", str(path), "--jobs", "0"]) == 2
     assert "--jobs" in capsys.readouterr().err
 

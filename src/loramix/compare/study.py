@@ -98,6 +98,8 @@ class StudyConfig(Settings):
         for key in self._set_keys(self.train):
             raise ConfigError(f"is set by the study: use its '{STUDY_SET[key]}'", f"train.{key}")
         for name, method in self.methods.items():
+            for key in self._set_keys((method or {}).get("train") or {}):
+                raise ConfigError(f"is set by the study: use its '{STUDY_SET[key]}'", f"methods.{name}.train.{key}")
             target = (method or {}).get("match_params")
             if target is None:
                 continue
@@ -106,8 +108,6 @@ class StudyConfig(Settings):
             if ok and self.methods[target].get("match_params") is not None:
                 raise ConfigError(f"names '{target}', which is sized itself; match a method of fixed size",
                                   f"methods.{name}.match_params")
-            for key in self._set_keys((method or {}).get("train") or {}):
-                raise ConfigError(f"is set by the study: use its '{STUDY_SET[key]}'", f"methods.{name}.train.{key}")
 
     @staticmethod
     def _set_keys(train: dict) -> list[str]:
