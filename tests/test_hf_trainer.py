@@ -114,9 +114,10 @@ def hf_step_gradient(kind: str, tmp: Path, batch: int, accum: int, checkpointing
     return grads.vector()
 
 
-def own_step_gradient(kind: str, tmp: Path) -> torch.Tensor:
-    """One optimizer step of loramix's own trainer over the same 8 rows (1 x 8)."""
-    cfg = train_config(tmp, adapter=adapter_dict(kind), batch_size=8, grad_accum=1, max_steps=1, warmup_steps=0)
+def own_step_gradient(kind: str, tmp: Path, **overrides) -> torch.Tensor:
+    """One optimizer step of loramix's own trainer over the same 8 rows (1 x 8); ``overrides``: training settings."""
+    cfg = train_config(tmp, adapter=adapter_dict(kind), batch_size=8, grad_accum=1, max_steps=1, warmup_steps=0,
+                       **overrides)
     t = LoramixTrainer(cfg, model=tiny_model("llama", seed=0), tokenizer=word_tokenizer(),
                        train_examples=mc_examples(1) * 8, eval_examples=[])
     t.setup()

@@ -262,7 +262,7 @@ def test_contrastive_loss_equals_hand_computation():
 
 
 def test_model_loss_adds_lambda_times_mean_contrastive_loss():
-    model = more_model(contrastive_coef=0.3)
+    model = more_model(contrastive_coef=0.3).train()  # a training forward (eval mode's loss is the LM loss alone)
     randomize_B(model)
     ids, mask, labels = batch()
     task_ids = torch.tensor([2, 0, 1])

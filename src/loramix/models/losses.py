@@ -32,6 +32,8 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..modules.auxiliary import collect
+
 # The label of a position no loss counts (prompt tokens, padding): cross_entropy's default ignore_index.
 # data/ labels its examples and pads its batches with it (models/ cannot import data/, so it lives here).
 IGNORE_INDEX = -100
@@ -39,7 +41,8 @@ IGNORE_INDEX = -100
 AUXILIARY_LOSSES = (("aux_loss", "aux_loss_coef"), ("z_loss", "z_loss_coef"), ("contrastive_loss", "contrastive_coef"))
 
 
-def auxiliary_losses(modules: Iterable[nn.Module], *, consume: bool = False) -> dict[str, torch.Tensor]:
+def auxiliary_losses(modules: Iterable[nn.Module], *, consume: bool = False,
+                     anchor: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The raw auxiliary losses that adapter ``modules`` hold after a forward, by output name.
 
     Args:
@@ -47,20 +50,23 @@ def auxiliary_losses(modules: Iterable[nn.Module], *, consume: bool = False) -> 
             multi-adapter model). MixLoRA FFN blocks hold ``aux_loss`` and ``z_loss``, MoRE
             projections ``contrastive_loss``; modules that hold none are skipped.
         consume: forget the MoRE losses once read (they keep the forward's graph alive otherwise).
+        anchor: a tensor of that forward computed after every layer (its logits; TRL's log-probs). Under
+            reentrant activation checkpointing the modules' losses have no graph of their own and reach
+            the gradient only through it (``modules/auxiliary.py``); a training loop passes it.
 
     Returns:
         {"aux_loss", "z_loss"} (MixLoRA) and/or {"contrastive_loss"} (MoRE): scalar means over the
-        modules that hold one, with their graph; ``{}`` for plain LoRA.
+        modules that hold one, differentiable; ``{}`` for plain LoRA.
     """
-    found: dict[str, list[torch.Tensor]] = {}
+    found: dict[str, list[tuple[nn.Module, torch.Tensor]]] = {}
     for module in modules:
         for name, _ in AUXILIARY_LOSSES:
             value = getattr(module, name, None)
             if isinstance(value, torch.Tensor):
-                found.setdefault(name, []).append(value)
+                found.setdefault(name, []).append((module, value))
         if consume and getattr(module, "contrastive_loss", None) is not None:
             module.contrastive_loss = None
-    return {name: torch.stack(values).mean() for name, values in found.items()}
+    return {name: collect(name, entries, anchor) for name, entries in found.items()}
 
 
 def compose_loss(lm_loss: torch.Tensor | None, raw: Mapping[str, torch.Tensor], config: Any, *,

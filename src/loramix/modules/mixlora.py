@@ -52,6 +52,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import MixLoraConfig
+from .auxiliary import keep_auxiliary
 from .context import ForwardContext
 from .lora import LoraDropout, LoraLinear, dora_output, dora_weight_norm, lora_factors, lora_input
 from .quantized import adapter_dtype_for, frozen_weight, logical_shape
@@ -353,8 +354,10 @@ class MixLoraFFN(nn.Module):
             routing.weights = routing.weights * valid[:, None]
         if self.context.inference_only:
             return routing
-        self.aux_loss = load_balance_loss(routing.probs, routing.chosen, valid, group=self.context.balance_group)
-        self.z_loss = router_z_loss(logits, valid)
+        losses = {"aux_loss": load_balance_loss(routing.probs, routing.chosen, valid, group=self.context.balance_group),
+                  "z_loss": router_z_loss(logits, valid)}
+        # the routing weights carry the losses' gradient through a reentrant checkpoint's recompute
+        routing.weights = keep_auxiliary(self, routing.weights, losses)
         load, prob = router_statistics(routing.probs, routing.chosen, valid)
         self.last_load, self.last_prob = load.detach(), prob.detach()
         return routing

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MoreConfig, implicit_task
+from .auxiliary import keep_auxiliary
 from .context import ForwardContext
 from .lora import FrozenProjection, LoraDropout, lora_factors, lora_input
 from .quantized import adapter_dtype_for
@@ -72,12 +73,6 @@ def task_contrastive_loss(
         e = F.normalize(task_embedding.float(), dim=-1)  # (n_tasks, d)
         sim = u @ e.t() / temperature  # (B, n_tasks)
         return F.cross_entropy(sim, task_ids.to(sim.device))
-
-
-def _in_backward() -> bool:
-    """True while the autograd engine runs a backward pass (e.g. a checkpointed forward's recompute)."""
-    current = getattr(torch._C, "_current_graph_task_id", None)
-    return current is not None and current() != -1
 
 
 class RankSelector(nn.Module):
@@ -255,10 +250,16 @@ class MoreLinear(FrozenProjection):
         # (B, R): keep the first k_t components of each sample, times c², the STE weight and s.
         coef = (positions[None, :] < k[:, None]) * self.component_scale[None, :] * (w[:, None] * (self.scale * factor))
         coef = coef.reshape(batch, *([1] * (x.dim() - 2)), self.max_rank).to(compute)
+        if not self.context.inference_only:
+            # coef is small and on the output's path: it carries the loss's gradient through a reentrant
+            # checkpoint's recompute (modules/auxiliary.py)
+            coef = keep_auxiliary(self, coef, {"contrastive_loss": self._contrastive_loss(x, task_ids)})
         A, B = self.lora_A.to(compute), self.lora_B.to(compute)
-        out = base_out + ((x_in @ A.t()) * coef) @ B.t()  # x_in Aᵀ: all R components in one matmul
-        if self.context.inference_only:
-            return out
+        return base_out + ((x_in @ A.t()) * coef) @ B.t()  # x_in Aᵀ: all R components in one matmul
+
+    def _contrastive_loss(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """This module's task contrastive loss for input x (B, ..., in) and task ids (B,), a scalar."""
+        batch = x.shape[0]
         flat = self.context.valid_tokens(batch, x.shape[1]) if x.dim() == 3 else None
         valid = None if flat is None else flat.reshape(batch, x.shape[1])
         emb = self.selector.task_embedding
@@ -266,13 +267,7 @@ class MoreLinear(FrozenProjection):
             # frozen_random: nothing may move the embedding the frozen choice was read from, even if a
             # trainer re-enables its gradient; the contrastive loss then only shapes the module inputs.
             emb = emb.detach()
-        loss = task_contrastive_loss(x, task_ids, emb, self.temperature, valid)
-        if not _in_backward():
-            # Under activation checkpointing the forward runs again inside backward (it must compute
-            # the same ops, so the loss is computed); keeping that rerun's loss would hold its inputs
-            # alive until the next step, and nobody reads it.
-            self.contrastive_loss = loss
-        return out
+        return task_contrastive_loss(x, task_ids, emb, self.temperature, valid)
 
     # The adapter tensors relative to the module, known without one (a file's expected keys); frozen_random
     # saves its selector too.

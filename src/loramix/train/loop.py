@@ -297,7 +297,8 @@ class Trainer:
                                                                              [r for _, r in rows])):
             # the raw auxiliary losses of this job's rows: its own modules (the one adapter's hook put them on out)
             raw = ({k: getattr(out, k) for k, _ in AUXILIARY_LOSSES if getattr(out, k, None) is not None} if self.single
-                   else auxiliary_losses(self.model.loramix_many.members[job.name].values(), consume=True))
+                   else auxiliary_losses(self.model.loramix_many.members[job.name].values(), consume=True,
+                                         anchor=out.logits))
             term = compose_loss(ce_sum / w["answer"], raw, job.adapter, share=n_b / w["answer"])
             if w["diverged"] is None and not math.isfinite(float(term.detach())):
                 # No break: the window is finished (its gradient is thrown away), so under torchrun every rank
