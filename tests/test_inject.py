@@ -270,7 +270,7 @@ def test_cached_generation_matches_uncached():
 def test_router_stats_and_aux_loss_by_hand():
     """Per-layer load/prob over non-padding tokens match a hand routing; out.loss = CE + c·aux + c_z·z."""
     cfg = mixlora_config(aux_loss_coef=0.5, z_loss_coef=0.1)
-    model = loramix.inject(tiny_model("llama"), cfg)
+    model = loramix.inject(tiny_model("llama"), cfg).train()  # a training forward (eval: the LM loss alone)
     perturb_adapter(model, seed=9, router_std=1.0)
     ids, mask, labels = batch(size=3, length=10, pad_first=4)
     inputs = []
@@ -425,7 +425,8 @@ def test_ddp_wraps_and_reduces_every_adapter_tensor(tmp_path):
 
 def test_router_losses_with_return_dict_false():
     """Tuple outputs (return_dict=False) get the same loss as the ModelOutput path."""
-    model = loramix.inject(tiny_model("llama"), mixlora_config(aux_loss_coef=0.5, z_loss_coef=0.1))
+    # a training forward: eval mode's loss is the LM loss alone
+    model = loramix.inject(tiny_model("llama"), mixlora_config(aux_loss_coef=0.5, z_loss_coef=0.1)).train()
     perturb_adapter(model, seed=12, router_std=1.0)
     ids, mask, labels = batch()
     out = model(input_ids=ids, attention_mask=mask, labels=labels)

@@ -3,15 +3,16 @@
 ``inject(model, config)`` freezes every base parameter, swaps the targeted modules for loramix
 modules (``LoraLinear`` on projections, ``MixLoraFFN`` on FFN blocks) and installs two hooks on the
 model: a pre-hook that hands the attention mask (padding) and task ids to every adapted module, and
-a post-hook that adds the weighted auxiliary losses (MixLoRA's load balance and z-loss, MoRE's
-contrastive loss) to the loss the trainer differentiates (see ``_add_auxiliary_losses``; the sum
-itself is written once, in ``models/losses.py``).
+a post-hook that, in training mode, adds the weighted auxiliary losses (MixLoRA's load balance and
+z-loss, MoRE's contrastive loss) to the loss the trainer differentiates, also under reentrant activation
+checkpointing (see ``_add_auxiliary_losses`` and ``modules/auxiliary.py``; the sum itself is written
+once, in ``models/losses.py``). In eval mode ``out.loss`` is the LM loss alone.
 ``model.save_pretrained(folder)`` of an injected model writes the adapter folder, not the base.
 
 Example:
     >>> model = inject(AutoModelForCausalLM.from_pretrained(path), MixLoraConfig())
     >>> out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    >>> out.loss, out.aux_loss   # aux_loss: mean load-balance loss over the MoE layers
+    >>> out.loss, out.aux_loss   # training mode: LM + coef · aux; aux_loss: mean load balance over the MoE layers
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def inject(model: nn.Module, config: LoraConfig | MixLoraConfig | MoreConfig) ->
     of a registered family (e.g. a ``LlamaForCausalLM``), in place; base weights are frozen.
 
     Returns the same model object. Its forward accepts the usual arguments (and ``task_ids`` for MoRE);
-    with ``labels`` its ``loss`` includes the weighted auxiliary losses (``losses.compose_loss``).
+    with ``labels`` its ``loss`` includes the weighted auxiliary losses in training mode (``losses.compose_loss``;
+    in eval mode it is the LM loss, and the raw auxiliary losses are on the output in both).
     """
     if getattr(model, "loramix_adapter", None) is not None:
         raise ValueError("this model already has a loramix adapter; unload() it first or load into a fresh model")
@@ -229,12 +231,16 @@ def _add_auxiliary_losses(module: nn.Module, args: tuple, kwargs: dict, output: 
       ``(n_b / N) · A``, the same share as above, again under whatever scaling TRL applies.
 
     The raw values are set as ``output.aux_loss`` / ``z_loss`` / ``contrastive_loss`` and, for a
-    training forward, accumulated for the trainer's logs (``pop_logged_losses``).
+    training forward, accumulated for the trainer's logs (``pop_logged_losses``). In eval mode
+    (``model.eval()``) nothing is added: ``output.loss`` is the LM loss (perplexity), the raw values
+    are still set. Under reentrant activation checkpointing the layers' losses have no graph of their own:
+    their gradient reaches them through the output (``_anchor``, ``modules/auxiliary.py``), so every
+    route above stays exact.
     """
     state = module.loramix_adapter
     if state.context.disabled:
         return output
-    raw = losses.auxiliary_losses(module.modules(), consume=True)
+    raw = losses.auxiliary_losses(module.modules(), consume=True, anchor=_anchor(output))
     if not raw:
         return output
     weighted = compose_loss(None, raw, state.config)  # A = Σ coef · L_aux (None: every weight is 0)
@@ -246,12 +252,13 @@ def _add_auxiliary_losses(module: nn.Module, args: tuple, kwargs: dict, output: 
     w = 1.0 if state.loss_weight is None else state.loss_weight
 
     if isinstance(output, tuple):  # return_dict=False: (loss, logits, ...) when labels were given
-        if weighted is None or not has_labels or not isinstance(output[0], torch.Tensor) or output[0].dim() != 0:
+        if (weighted is None or not module.training or not has_labels or not isinstance(output[0], torch.Tensor)
+                or output[0].dim() != 0):
             return output
         return (compose_loss(output[0], raw, state.config, share=w), *output[1:])
     for name, value in raw.items():
         setattr(output, name, value)
-    if weighted is None:
+    if weighted is None or not module.training:
         return output
     if has_labels and getattr(output, "loss", None) is not None:  # Trainer: Σ CE / N + (n_b / N) · A
         output.loss = compose_loss(output.loss, raw, state.config, share=w)
@@ -269,6 +276,15 @@ def pop_logged_losses(model: nn.Module) -> dict[str, float]:
         return {}
     means = {name: float(total) / count for name, (total, count) in state.logged.items() if count}
     state.logged.clear()
+def _anchor(output: Any) -> torch.Tensor | None:
+    """A tensor of the model's output computed after every layer, that backward goes through: the logits
+    (TRL's fused head: the log-probs; else the loss). ``losses.auxiliary_losses`` ties the auxiliary losses'
+    gradient to it under reentrant activation checkpointing."""
+    names = ("logits", "log_probs", "loss")
+    values = output if isinstance(output, tuple) else [getattr(output, name, None) for name in names]
+    return next((v for v in values if isinstance(v, torch.Tensor) and v.requires_grad), None)
+
+
     return means
 
 

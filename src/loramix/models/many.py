@@ -289,7 +289,7 @@ def adapter_losses(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
     result: dict[str, dict[str, torch.Tensor]] = {}
     for (name, _), (ce_sum, count) in zip(rows, label_losses(logits, labels, [count for _, count in rows])):
         lm = ce_sum / count if count else ce_sum * float("nan")  # the mean over no token is NaN, as F.cross_entropy's
-        raw = auxiliary_losses(state.members[name].values(), consume=True)
+        raw = auxiliary_losses(state.members[name].values(), consume=True, anchor=logits)
         result[name] = {"lm_loss": lm, "loss": compose_loss(lm, raw, state.adapters[name].config), **raw}
     return result
 
@@ -341,7 +341,7 @@ class AdapterView(nn.Module):
         if labels is not None:
             rows = [(self.adapter_name, labels.shape[0])]
             entry = adapter_losses(self._joint, out.logits, labels, rows)[self.adapter_name]
-            out.loss = entry["loss"]
+            out.loss = entry["loss"] if self.training else entry["lm_loss"]  # eval: the LM loss, as inject's
             for key in ("aux_loss", "contrastive_loss"):
                 if key in entry:
                     setattr(out, key, entry[key])
