@@ -24,6 +24,24 @@ def perturb_adapter(model: nn.Module, seed: int = 0, b_std: float = 0.1, router_
                 p.copy_(noise * router_std)
 
 
+def failing(real, *, after: bool):
+    """``real`` made to fail (RuntimeError "injected failure"): before it does anything, or after its work."""
+    def step(*args, **kwargs):
+        if after:
+            real(*args, **kwargs)
+        raise RuntimeError("injected failure")
+    return step
+
+
+def model_fingerprint(model: nn.Module) -> tuple:
+    """What a failed ``add_adapter`` / ``remove_adapter`` must leave as it was: which module object sits at each
+    path, the model's own attributes and hooks, and a stacked model's adapters and their modules."""
+    state = model.__dict__.get("loramix_many")
+    return ([(path, id(m)) for path, m in model.named_modules()], sorted(model.__dict__),
+            list(model._forward_pre_hooks), list(model._forward_hooks),
+            None if state is None else (list(state.adapters), {n: dict(m) for n, m in state.members.items()}))
+
+
 def mixlora_config(**overrides) -> loramix.MixLoraConfig:
     """A small MixLoRA config (4 experts, r=4, no dropout) adapting every projection of the family."""
     values = dict(r=4, alpha=8, dropout=0.0, num_experts=4, top_k=2, attention_targets=None, ffn_targets=None)

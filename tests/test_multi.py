@@ -6,7 +6,10 @@ import pytest
 import torch
 
 import loramix
-from loramix.models.many import adapter_losses, inject_many, member_parameters, only_adapter
+from loramix.models.many import (
+    add_adapter, adapter_losses, inject_many, member_parameters, only_adapter, remove_adapter,
+)
+from conftest import failing, model_fingerprint
 from tiny_models import batch, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: thread hand-offs cost more than they give
@@ -178,3 +181,80 @@ def test_a_plan_may_list_an_adapter_twice() -> None:
         assert (alone - joint[part])[real].abs().max() <= 1e-5, (name, start)
     with pytest.raises(ValueError, match="rows together"):
         adapter_losses(model, joint, labels, plan)
+
+
+def _logits(model: torch.nn.Module, names: list[str]) -> torch.Tensor:
+    ids, mask, _ = batch(size=2 * len(names), length=7, pad_first=2)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, adapter_rows=_rows(names, 2)).logits
+
+
+def test_any_adapter_name_works_dots_and_module_attribute_names_included() -> None:
+    """Names are the user's ("v1.0", "keys", "train"): torch forbids '.' and ``ModuleDict``'s attribute
+    names as module keys, so each name must work whatever it is, also when added to a stacked model."""
+    names = {"v1.0": CONFIGS["lora"], "keys": CONFIGS["mix"]}
+    model = inject_many(tiny_model("llama"), names)
+    add_adapter(model, "train.v2", lambda m: loramix.inject(m, CONFIGS["dora"]))
+    for i, n in enumerate(model.loramix_many.adapters):
+        _randomise_b(member_parameters(model, n), seed=30 + i)
+    joint = _logits(model, list(model.loramix_many.adapters))
+    for i, (n, kind) in enumerate([("v1.0", "lora"), ("keys", "mix"), ("train.v2", "dora")]):
+        single = loramix.inject(tiny_model("llama"), CONFIGS[kind])
+        with torch.no_grad():
+            for key, p in loramix.adapter_parameters(single).items():
+                p.copy_(member_parameters(model, n)[key])
+        ids, mask, _ = batch(size=6, length=7, pad_first=2)
+        rows = slice(2 * i, 2 * i + 2)
+        alone = single(input_ids=ids[rows], attention_mask=mask[rows]).logits
+        assert (alone - joint[rows])[mask[rows].bool()].abs().max() <= 1e-5, n
+    remove_adapter(model, "v1.0")
+    assert list(model.loramix_many.adapters) == ["keys", "train.v2"]
+
+
+def test_a_failure_at_any_step_of_add_or_remove_leaves_the_model_exactly_as_it_was(monkeypatch) -> None:
+    """Fault injection into each internal step of ``add_adapter`` / ``remove_adapter`` (before it acts, and
+    after it has acted): the error reaches the caller, and the model is the one from before, bit for bit;
+    adding and removing work afterwards."""
+    from loramix.models import many
+
+    model = inject_many(tiny_model("llama"), {"lora": CONFIGS["lora"], "mix": CONFIGS["mix"]})
+    for i, n in enumerate(("lora", "mix")):
+        _randomise_b(member_parameters(model, n), seed=40 + i)
+    before, print_before = _logits(model, ["lora", "mix"]), model_fingerprint(model)
+    values = {n: {k: p.detach().clone() for k, p in member_parameters(model, n).items()} for n in ("lora", "mix")}
+    stack_init = many.AdapterStack.__init__
+    built = []
+
+    def third_stack_fails(self, *args, **kwargs):  # a restack that fails half-way (some slots stacked anew)
+        stack_init(self, *args, **kwargs)
+        built.append(self)
+        if len(built) % 3 == 0:
+            raise RuntimeError("injected failure")
+
+    def dora(m: torch.nn.Module) -> None:
+        loramix.inject(m, CONFIGS["dora"])
+
+    steps = [(many, name, failing(getattr(many, name), after=after))
+             for name in ("_unstack", "_attach_alone", "adapter_state", "unload", "_restack") for after in (False, True)]
+    cases = ([("add", patch, dora) for patch in steps]
+             + [("add", (many.AdapterStack, "__init__", third_stack_fails), dora)]
+             + [("add", None, failing(dora, after=after)) for after in (False, True)]
+             + [("remove", patch, None) for patch in steps if patch[1] in ("_unstack", "_restack")]
+             + [("remove", (many.AdapterStack, "__init__", third_stack_fails), None)])
+    for i, (action, patch, attach) in enumerate(cases):
+        with monkeypatch.context() as m:
+            if patch is not None:
+                m.setattr(*patch)
+            with pytest.raises(RuntimeError, match="injected failure"):
+                if action == "add":
+                    add_adapter(model, "new", attach)
+                else:
+                    remove_adapter(model, "mix")
+        assert model_fingerprint(model) == print_before, (i, action, patch)
+        assert torch.equal(_logits(model, ["lora", "mix"]), before), (i, action, patch)
+    for n, tensors in values.items():
+        assert all(torch.equal(member_parameters(model, n)[k], v) for k, v in tensors.items())
+    add_adapter(model, "new", dora)
+    remove_adapter(model, "mix")
+    assert list(model.loramix_many.adapters) == ["lora", "new"]
+    assert torch.allclose(_logits(model, ["lora", "new"])[:2], before[:2], atol=1e-5)

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from dataclasses import dataclass, field
 from itertools import groupby
@@ -78,12 +79,25 @@ class ManyAdapterState:
     hooks: list = field(default_factory=list)
 
 
+def member_key(name: str) -> str:
+    """Where ``AdapterStack.members`` registers adapter ``name``'s module. Adapter names are the user's
+    ("v1.0", "keys"), but torch refuses module names holding '.' or equal to an attribute of
+    ``nn.ModuleDict`` ("keys", "train", ...): the key escapes '%' and '.' (so that it stays one-to-one)
+    and starts with ``adapter_`` (no attribute does).
+
+    Example:
+        >>> member_key("v1.0")
+        'adapter_v1%2E0'
+    """
+    return "adapter_" + name.replace("%", "%25").replace(".", "%2E")
+
+
 class AdapterStack(nn.Module):
     """One module slot shared by several adapters; rows are split by the current row plan.
 
     Args:
         base: the frozen module of the base model at this slot.
-        members: adapter name → the adapter's module at this slot.
+        members: adapter name → the adapter's module at this slot (registered under ``member_key(name)``).
         state: the model's ``ManyAdapterState`` (for the row plan).
 
     Shapes: input (rows, ...) → output (rows, ...); rows follow the plan's order.
@@ -92,27 +106,33 @@ class AdapterStack(nn.Module):
     def __init__(self, base: nn.Module, members: dict[str, nn.Module], state: ManyAdapterState) -> None:
         super().__init__()
         self.base = base
-        self.members = nn.ModuleDict(members)
+        self.members = nn.ModuleDict({member_key(name): m for name, m in members.items()})
+        self._by_name = dict(members)  # the same modules by adapter name (not registered twice: a plain dict)
         self._state = state
         # Members with ``adapter_forward`` (LoRA, DoRA, MoRE) take the frozen output computed once for
         # every row (one big matmul); others (a MixLoRA FFN) are called on their rows.
         self.shares_frozen_output = all(hasattr(m, "adapter_forward") for m in members.values())
 
+    def member(self, name: str) -> nn.Module | None:
+        """Adapter ``name``'s module at this slot, or None (its rows get the base module)."""
+        return self._by_name.get(name)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self._state.plan[-1]
         if len(plan) == 1:  # one adapter owns every row (only_adapter, nested calls): no split, no cat
             seg = plan[0]
-            if seg.name not in self.members:
+            member = self.member(seg.name)
+            if member is None:
                 return self.base(x)
             self._use_rows(seg)
-            return self.members[seg.name](x)
+            return member(x)
         sizes = [s.rows for s in plan]
         if self.shares_frozen_output:
             # The frozen projection once for every row: in a decode step (a few rows) the weight read,
             # not the arithmetic, is the cost, and per-adapter calls would read it once per adapter.
             outs = []
             for seg, x_i, b_i in zip(plan, x.split(sizes), self.base(x).split(sizes)):
-                member = self.members[seg.name] if seg.name in self.members else None
+                member = self.member(seg.name)
                 if member is None or member.context.disabled:
                     outs.append(b_i)
                 else:
@@ -121,7 +141,7 @@ class AdapterStack(nn.Module):
             return torch.cat(outs)
         parts = x.split(sizes)
         outs: list[torch.Tensor | None] = [None] * len(plan)
-        on_base = [i for i, seg in enumerate(plan) if seg.name not in self.members]
+        on_base = [i for i, seg in enumerate(plan) if self.member(seg.name) is None]
         if on_base:  # every adapter without a member here: one call of the base module for all their rows
             spans, start = [], 0
             for i in on_base:
@@ -140,7 +160,7 @@ class AdapterStack(nn.Module):
             self._use_rows(seg)
             self._state.plan.append([seg])  # nested stacks inside see only these rows
             try:
-                outs[i] = self.members[seg.name](x_i)
+                outs[i] = self.member(seg.name)(x_i)
             finally:
                 self._state.plan.pop()
         return torch.cat(outs)
@@ -358,22 +378,25 @@ def add_adapter(model: nn.Module, name: str, attach: Any) -> nn.Module:
     Example:
         >>> add_adapter(model, "new", lambda m: load_adapter(m, "runs/new/adapter"))
 
+    All or nothing: if any step fails, the model is put back exactly as it was (``_undo_on_error``).
+
     Raises:
         ValueError: ``name`` is taken. Whatever ``attach`` raises (the model then has its old adapters).
     """
     state: ManyAdapterState = model.loramix_many
     if name in state.adapters:
         raise ValueError(f"adapter '{name}' is already on this model; remove it first")
-    _unstack(model)
-    try:
+    with _undo_on_error(model):
+        _unstack(model)
         _attach_alone(model, state, name, attach)
-    finally:
         _restack(model, state)
     return model
 
 
 def remove_adapter(model: nn.Module, name: str) -> nn.Module:
     """Take adapter ``name`` off a model built by ``stack_adapters``, in place; the others stay as they are.
+
+    All or nothing, as ``add_adapter``.
 
     Raises:
         KeyError: no adapter ``name``. ValueError: it is the model's last adapter.
@@ -383,10 +406,50 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
         raise KeyError(f"no adapter '{name}'; this model has {list(state.adapters)}")
     if len(state.adapters) == 1:
         raise ValueError(f"'{name}' is the model's only adapter; a stacked model keeps at least one")
-    _unstack(model)
-    del state.adapters[name], state.members[name]
-    _restack(model, state)
+    with _undo_on_error(model):
+        _unstack(model)
+        del state.adapters[name], state.members[name]
+        _restack(model, state)
     return model
+
+
+_CONTAINERS = (dict, collections.OrderedDict, set)  # nn.Module keeps children, parameters, hooks in these
+
+
+@contextlib.contextmanager
+def _undo_on_error(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` back exactly as it was if the block raises (a served model stays whole when adding an
+    adapter fails half-way: unstacked, injected, partly restacked).
+
+    What is kept: for every module of the model, its attributes and the contents of its containers
+    (children, parameters, buffers, hook tables: changed in place by ``set_submodule``, ``inject`` and
+    hook handles); the ``ManyAdapterState``'s tables; each parameter's ``requires_grad``. Modules made
+    inside the block are dropped with it; tensor values are not copied (add and remove write none of
+    the existing ones)."""
+    state: ManyAdapterState = model.loramix_many
+    modules = [(m, dict(m.__dict__), {key: type(v)(v) for key, v in m.__dict__.items() if type(v) in _CONTAINERS})
+               for m in model.modules()]
+    tables = [(t, list(t) if isinstance(t, list) else dict(t))
+              for t in (state.adapters, state.members, state.plan, state.hooks)]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for module, attributes, contents in modules:
+            for key, value in contents.items():
+                attributes[key].clear()
+                attributes[key].update(value)
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+        for table, content in tables:
+            if isinstance(table, list):
+                table[:] = content
+            else:
+                table.clear()
+                table.update(content)
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        raise
 
 
 def _attach_alone(model: nn.Module, state: ManyAdapterState, name: str, attach: Any) -> None:
