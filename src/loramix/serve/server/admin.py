@@ -6,7 +6,8 @@
 
 The model changes on the engine thread between two decode steps (``Engine.call_between_steps``),
 restacked by ``models.many.add_adapter`` / ``remove_adapter``: the other adapters' modules and
-parameters are the same objects throughout.
+parameters are the same objects throughout, and a failure at any step of an add (a folder whose
+weights do not read, anything else) leaves the served model exactly as it was.
 Removing is graceful: the name (and its ``NAME:TASK`` entries) leaves ``/v1/models`` at once, so new
 requests for it get 404, but requests already accepted for it finish normally; the DELETE answers
 once the last of them is done and the adapter is gone. The folder is read by the server process, so
@@ -20,16 +21,18 @@ import os
 from concurrent.futures import Future
 
 from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 from starlette.concurrency import run_in_threadpool
+from torch import nn
 
 from ...adapters.io import load_adapter
+from ...models.inject import adapter_state
 from ...models.many import add_adapter, remove_adapter
-from .engine import BASE, Engine, Served, adapter_targets, inference_only
-from .limits import ApiError
+from .engine import BASE, Engine, Served, adapter_targets
+from .limits import ApiError, Body
 
 
-class AdapterBody(BaseModel):
+class AdapterBody(Body):
     model_config = ConfigDict(extra="forbid")
 
     name: str
@@ -41,9 +44,13 @@ def load_while_serving(engine: Engine, name: str, folder: str | os.PathLike) -> 
     (the caller then publishes its ``adapter_targets``)."""
     served = engine.served
 
+    def attach(model: nn.Module) -> None:
+        load_adapter(model, folder)
+        model.eval()  # the new modules come in training mode (dropout), computing losses: as ``inference_only``
+        adapter_state(model).context.inference_only = True
+
     def add() -> None:
-        add_adapter(served.model, name, lambda m: load_adapter(m, folder))
-        inference_only(served.model)  # the new modules come in training mode (dropout), computing losses
+        add_adapter(served.model, name, attach)  # all or nothing
         served.order[name] = max(served.order.values(), default=-1) + 1
     return engine.call_between_steps(add)
 

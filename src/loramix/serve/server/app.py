@@ -15,9 +15,12 @@ prompt, each its own engine row; with a seed, choice i samples with seed + i; gr
 equal), ``stream``, ``stream_options.include_usage``. Responses carry ``usage`` (the prompt counted
 once, the completions of every choice). Errors are OpenAI-style bodies
 ``{"error": {"message", "type", "param", "code"}}`` (``limits.py``): 404 for an unknown model, 400
-for malformed JSON, a bad field or a limit of ``Limits``, 401 without the API key, 429 when the
-engine's queue is full. FastAPI (Starlette) does the HTTP, JSON and server-sent events; the
-endpoints only translate between OpenAI's shapes and ``Engine.submit_all``.
+for malformed JSON, a bad field (booleans are JSON's true/false only; text must be valid Unicode) or
+a limit of ``Limits``, 401 without the API key, 408 for a body sent too slowly, 421 for a foreign
+``Host`` on a server without a key, 429 when the engine's queue is full. FastAPI (Starlette) does the
+HTTP, JSON and server-sent events; the endpoints only translate between OpenAI's shapes and
+``Engine.submit_all``. Prompts are tokenized on one worker thread, not on the event loop (a long
+prompt would stall every other connection, ``/health`` included, for its whole tokenization).
 """
 
 from __future__ import annotations
@@ -29,25 +32,35 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .admin import add_admin
 from .engine import Engine, QueueFull, SamplingParams, Served, Target
-from .limits import ApiError, Guard, Limits, error_body
+from .limits import ApiError, Body, Guard, Limits, error_body
 from .page import add_page
 
 MAX_TOKENS_DEFAULT = 16  # OpenAI's default for completions; chat gets the rest of the context, capped below
 MAX_TOKENS_CHAT = 512
+SEEDS = 2**64  # torch.Generator takes a seed in [-2**63, 2**64)
 
 
-class _Sampling(BaseModel):
+class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` adds a last chunk with the usage (a JSON boolean)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: StrictBool = False
+
+
+class _Sampling(Body):
     model_config = ConfigDict(extra="ignore")  # fields of OpenAI's API that loramix does not use are ignored
 
     model: str
@@ -56,10 +69,10 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=SEEDS)
     n: int = 1
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream: StrictBool = False  # "yes" or 1 is a 400, not a stream
+    stream_options: StreamOptions | None = None
 
 
 class CompletionBody(_Sampling):
@@ -84,8 +97,15 @@ def build_app(served: Served, engine: Engine, *, limits: Limits | None = None, a
     """
     limits = limits or Limits()
     app = FastAPI(title="loramix serve", docs_url=None, redoc_url=None)
-    app.add_middleware(Guard, max_request_bytes=limits.max_request_bytes, api_key=api_key)
+    app.add_middleware(Guard, max_request_bytes=limits.max_request_bytes, body_timeout=limits.body_timeout,
+                       api_key=api_key)
     created = int(time.time())
+    # One thread: requests still tokenize one at a time (as the engine decodes), and a fast tokenizer is
+    # never entered from two threads at once.
+    tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramix-tokenize")
+
+    async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
@@ -125,7 +145,8 @@ def build_app(served: Served, engine: Engine, *, limits: Limits | None = None, a
         if len(prompts) > limits.max_prompts:
             raise ApiError(400, f"prompt: {len(prompts)} prompts in one request; at most {limits.max_prompts} "
                                 f"(--max-prompts)", param="prompt")
-        ids = [_checked(served, served.prompt_ids(p), params, limits, "prompt") for p in prompts]
+        tokenized = await off_loop(lambda: [served.prompt_ids(p) for p in prompts])
+        ids = [_checked(served, p, params, limits, "prompt") for p in tokenized]
         return await _respond(engine, body, ids, target, params, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -137,7 +158,7 @@ def build_app(served: Served, engine: Engine, *, limits: Limits | None = None, a
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
                     for m in body.messages]
         try:
-            ids = served.chat_ids(messages)
+            ids = await off_loop(served.chat_ids, messages)
         except ValueError as err:
             raise ApiError(400, str(err), param="messages") from None
         if not (body.max_tokens or body.max_completion_tokens) and served.max_length and len(ids) < served.max_length:
@@ -174,6 +195,11 @@ def serve_in_thread(app: FastAPI, *, start_timeout_s: float = 30.0) -> Iterator[
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def _choice_seed(seed: int, index: int) -> int:
+    """The seed of choice ``index`` of a request with ``seed``: seed + index, past 2**64 - 1 wrapped to 0."""
+    return (seed + index) % SEEDS if seed >= 0 else seed + index
 
 
 def _text(content: str | list[dict[str, Any]]) -> str:
@@ -237,7 +263,7 @@ async def _respond(engine: Engine, body: _Sampling, prompts: list[list[int]], ta
     for index, ids in enumerate(rows):
         def emit(event: tuple, index: int = index) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (index, event))
-        seeded = replace(params, seed=None if params.seed is None else params.seed + index)
+        seeded = replace(params, seed=None if params.seed is None else _choice_seed(params.seed, index))
         jobs.append((ids, target, seeded, emit))
     try:
         handles = engine.submit_all(jobs)
@@ -289,7 +315,7 @@ async def _respond(engine: Engine, body: _Sampling, prompts: list[list[int]], ta
                    for i, (content, f) in enumerate(zip(contents, finish))]
         return response("chat.completion" if chat else "text_completion", choices=choices, usage=usage_of(generated))
 
-    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(index: int, text: str | None, finish_reason: str | None, first: bool = False) -> str:

@@ -11,13 +11,23 @@ Any OpenAI client works (``OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="
 SIGTERM (or Ctrl+C) shuts down gracefully: the port closes at once, requests in flight (streams
 included) finish, then the engine stops and the command exits 0 (after --graceful-timeout seconds,
 unfinished requests are cut off).
+
+The port is taken before the model loads: a port in use is exit 2 at once. Off loopback without an
+API key the command warns on stderr: whoever reaches the port may generate, and make the server read
+any folder it can (``POST /v1/adapters``). It still starts (inside a container, ``--host 0.0.0.0`` is
+how the host's own ``localhost`` reaches it); without a key only requests addressed to a loopback
+``Host`` are answered (``limits.Guard``), which keeps web pages out (DNS rebinding) but not a client
+that forges the header: set ``--api-key`` whenever others can reach the port.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
+import socket
+import sys
 from dataclasses import fields
 
 from ...cli import (
@@ -25,7 +35,7 @@ from ...cli import (
     engine_threads, parse_adapters, resolve_model,
 )
 from ...hub import EMBEDDED_NAME
-from .limits import Limits
+from .limits import Limits, loopback_host
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,15 +87,25 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
     check_loading_arguments(args)
     check_model(resolve_model(args.model))
+    if not api_key and not loopback_host(args.host.encode()):
+        print(f"loramix serve: WARNING: listening on {args.host}:{args.port} without an API key. Anyone who can "
+              "reach this port can generate and, through POST /v1/adapters, make this server read any folder it "
+              "can read. Set --api-key KEY (or LORAMIX_API_KEY). Without a key, only requests addressed to "
+              "localhost (Host header) are answered.", file=sys.stderr, flush=True)
+    listening = bind(args.host, args.port)
     apply_threads(args.threads)
-    model, tokenizer = load_model(resolve_model(args.model), dtype=args.dtype, device=args.device,
-                                  quantization=args.quantization)
     try:
-        served = load_served(model, tokenizer, adapters, base_name=args.model)
-    except ValueError as err:
-        if type(err) is not ValueError:  # AdapterLoadError and the like keep their own class and message
-            raise
-        raise UsageError(f"--adapter: {err}") from None
+        model, tokenizer = load_model(resolve_model(args.model), dtype=args.dtype, device=args.device,
+                                      quantization=args.quantization)
+        try:
+            served = load_served(model, tokenizer, adapters, base_name=args.model)
+        except ValueError as err:
+            if type(err) is not ValueError:  # AdapterLoadError and the like keep their own class and message
+                raise
+            raise UsageError(f"--adapter: {err}") from None
+    except BaseException:
+        listening.close()
+        raise
     engine = Engine(served, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                     max_batch_tokens=args.max_batch_tokens, threads=engine_threads(args.threads))
     app = build_app(served, engine, limits=limits, api_key=api_key)
@@ -96,10 +116,25 @@ def run(args: argparse.Namespace) -> int:
     # handler that does nothing lets the drained server stop the engine and exit 0, not die by the signal.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info",
-                    timeout_graceful_shutdown=args.graceful_timeout)
+        uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                      timeout_graceful_shutdown=args.graceful_timeout)).run(sockets=[listening])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         engine.stop()  # after uvicorn has drained: no request is still waiting for tokens
     return 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port`` (as uvicorn binds: IPv6 for a host with ':', SO_REUSEADDR) for
+    uvicorn to listen on; UsageError naming host:port when it cannot be had."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart right after a stop may rebind
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        hint = " (another server is using it: stop it or pick another --port)" if err.errno == errno.EADDRINUSE else ""
+        raise UsageError(f"--host/--port: cannot listen on {where}: {err.strerror or err}{hint}") from None
+    return sock
