@@ -14,6 +14,7 @@ import transformers
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import loramix
+from loramix import hub
 from loramix.models.quantize import prepare_kbit_training, storage_tensors
 from loramix.modules import LoraLinear, MixLoraFFN, MoreLinear
 from loramix.modules.quantized import adapter_dtype_for, frozen_weight, is_quantized, logical_shape, quantization_kind
@@ -131,6 +132,123 @@ def test_frozen_weight_after_bitsandbytes_cpu_repack(folders):
     assert (after.float() - before.float()).abs().max() <= 0.01 * before.abs().max()  # bf16 block scales
     assert (y - x @ after.float().t()).abs().max() <= 0.01 * y.abs().max()
     assert all(torch.equal(a, b) for a, b in zip(packed, storage_tensors(module.weight)))
+
+
+# ------------------------------------------------------------- a base used before inject (issue 21, case 2)
+# bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the first eval-mode forward
+# without gradients (codes interleaved per 32 rows, block scales transposed and rounded to bf16). It
+# does so only on CPUs with AVX512-BF16; ``support_avx512bf16_for_cpu`` is bitsandbytes' own flag for
+# that, set here so that its real repack runs on any CPU (the output of that one forward comes from
+# its default kernel on other CPUs, and is not used).
+SCHEMES_BNB = ("nf4", "nf4-double", "int8")
+USED_KINDS = {
+    "lora-q_proj": lambda: loramix.LoraConfig(r=8, alpha=16, targets=["q_proj"]),  # the issue's: one projection
+    "mixlora": lambda: mixlora_config(r=8, alpha=16),
+    "more": lambda: loramix.MoreConfig(max_rank=8, alpha=16, tasks=["a", "b"]),
+}
+
+
+@pytest.fixture(scope="module")
+def wide_folder(tmp_path_factory):
+    """A tiny Llama whose every projection is a multiple of 64 wide (q/k/v/o 64, FFN 128), so bitsandbytes'
+    CPU repack (rows in groups of 32, scales per block of 64) applies to every layer; with a tokenizer,
+    so that hub.load_model reads it."""
+    from tiny_tokenizer import tiny_tokenizer
+
+    config = tiny_config("llama")
+    config.hidden_size, config.intermediate_size, config.head_dim, config.num_key_value_heads = 64, 128, 16, 4
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny64-all")
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def load_bnb(folder, scheme: str, route: str):
+    """The model of ``folder`` quantized with ``scheme`` through ``route``: transformers' from_pretrained with
+    the issue's BitsAndBytesConfig (fp32 compute), or loramix.hub.load_model."""
+    if route == "hub":
+        model, _ = hub.load_model(str(folder), quantization=scheme, dtype="float32", device="cpu")
+        return model
+    config = BitsAndBytesConfig(load_in_8bit=True) if scheme == "int8" else BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_use_double_quant=scheme == "nf4-double")
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=torch.float32,
+                                                 device_map={"": "cpu"})
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = True
+    return model
+
+
+def used_base(folder, scheme: str, route: str):
+    """``load_bnb``, then what a user does to look at the base's outputs: one eval-mode forward under no_grad."""
+    model = load_bnb(folder, scheme, route).eval()
+    with torch.no_grad():
+        model(input_ids=batch()[0])
+    return model
+
+
+def dense_twin(folder, quantized) -> torch.nn.Module:
+    """The fp32 model of ``folder`` with every projection that is quantized in ``quantized`` replaced by
+    the weight that one holds now (dequantized, read without changing it): what that base computes."""
+    twin = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if is_quantized(module):
+                twin.get_submodule(name).weight.copy_(frozen_weight(module).float())
+    return twin
+
+
+def test_frozen_weight_reads_a_repacked_weight_exactly(wide_folder):
+    """After bitsandbytes' CPU repack, frozen_weight is bitsandbytes' dequantization of the codes it had
+    before, with the block scales rounded to bf16 as the repack rounds them, exactly (plain and double
+    quantization); reading changes no byte."""
+    import bitsandbytes.functional as bnbf
+
+    for scheme in ("nf4", "nf4-double"):
+        model = load_bnb(wide_folder, scheme, "transformers").eval()
+        module = model.model.layers[1].mlp.down_proj
+        state = module.weight.quant_state
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
+        rounded = bnbf.QuantState(absmax=absmax.bfloat16().float(), shape=state.shape, code=state.code,
+                                  blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype)
+        expected = bnbf.dequantize_4bit(module.weight.data.clone(), rounded)
+        with torch.no_grad():
+            model(input_ids=batch()[0])
+        assert module.weight.quant_state.packing_format_for_cpu
+        packed = [t.clone() for t in storage_tensors(module.weight)]
+        assert torch.equal(frozen_weight(module), expected), scheme
+        assert all(torch.equal(a, b) for a, b in zip(packed, storage_tensors(module.weight)))
+
+
+@pytest.mark.parametrize("kind", sorted(USED_KINDS))
+@pytest.mark.parametrize("scheme", SCHEMES_BNB)
+@pytest.mark.parametrize("route", ["transformers", "hub"])
+def test_fresh_adapter_equals_a_base_used_before_inject(route, scheme, kind, wide_folder):
+    """A quantized base that already ran an eval forward (bitsandbytes may have repacked its 4-bit
+    weights then): after inject a fresh adapter computes that base to 1e-5, in training mode with
+    gradients (what training differentiates) and, for 4-bit, in eval mode; saving the adapter model's
+    state dict (inject does, as does every checkpoint) changes no frozen weight."""
+    model = used_base(wide_folder, scheme, route)
+    twin = dense_twin(wide_folder, model)
+    ids, mask, labels = batch()
+    loramix.inject(model, USED_KINDS[kind]())
+    model.state_dict()
+    model.train()
+    logits = call(model, kind, labels=labels).logits
+    assert logits.requires_grad
+    expected = twin.train()(input_ids=ids, attention_mask=mask).logits
+    assert (logits - expected).abs().max() <= 1e-5
+    if scheme != "int8":  # bitsandbytes' 8-bit layer quantizes its input in eval mode
+        with torch.no_grad():
+            logits = call(model.eval(), kind).logits
+            expected = twin.eval()(input_ids=ids, attention_mask=mask).logits
+        assert (logits - expected).abs().max() <= 1e-5
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if is_quantized(module):
+                assert torch.equal(frozen_weight(module).float(), twin.get_submodule(name).weight), name
 
 
 # --------------------------------------------------------------------------- adapters on the base

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig
 from ..modules import ForwardContext, LoraLinear, MixLoraFFN, MoreLinear, frozen_weight, is_quantized
+from ..modules.quantized import keep_4bit_layout
 from . import losses
 from .losses import IGNORE_INDEX, answer_tokens, compose_loss
 from .quantize import compute_dtype, dense_linear, dequantize_model, quantization_of
@@ -138,6 +139,7 @@ def inject(model: nn.Module, config: LoraConfig | MixLoraConfig | MoreConfig) ->
 
     for p in model.parameters():
         p.requires_grad_(False)
+    keep_4bit_layout(model)  # a bitsandbytes CPU repack, undone before state_dict() would corrupt it
     for layer in decoder_layers(model, family):
         for block_name, projections in chosen.items():
             block = getattr(layer, block_name)

@@ -27,8 +27,9 @@ to fp32, and a fp32 embedding would silently turn off bf16 autocast in the train
 gradient checkpointing, make the embedding output require grad. One CPU-specific step: bitsandbytes
 repacks a 4-bit weight into an AVX512-BF16 layout on the first eval-mode forward, with bf16 block
 scales (≈2e-3 logit change on a tiny Llama), and the repack fails for layers narrower than the
-block size; loramix turns that repack off so that training, evaluation and the dequantized merge
-all see the same weights.
+block size; loramix turns that repack off (and ``inject`` undoes one that already happened, on a
+model loaded by transformers directly: ``modules.quantized.keep_4bit_layout``) so that training,
+evaluation and the dequantized merge all see the same weights.
 
 Example:
     >>> model, tok = hub.load_model("smollm2-135m", quantization="nf4")   # quantized + prepared
@@ -48,6 +49,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..modules.quantized import keep_4bit_layout
 
 QUANTIZATIONS = ("nf4", "nf4-double", "int8", "torchao-int8", "torchao-int4")
 # Input features per int4 group (torchao-int4); every quantized projection's in_features must be a multiple.
@@ -207,7 +209,8 @@ def prepare_kbit_training(model: nn.Module, *, gradient_checkpointing: bool = Fa
 
     - every base parameter frozen;
     - normalisation weights in fp16/bf16 cast to fp32 (see the module docstring for why only those);
-    - bitsandbytes' CPU eval-mode repack of 4-bit weights turned off (exactness and small layers);
+    - bitsandbytes' CPU eval-mode repack of 4-bit weights turned off, and undone where it happened
+      (``keep_4bit_layout``: exactness and small layers);
     - with ``gradient_checkpointing``: ``enable_gradient_checkpointing(model)``.
     """
     for p in model.parameters():
@@ -217,8 +220,7 @@ def prepare_kbit_training(model: nn.Module, *, gradient_checkpointing: bool = Fa
             for p in module.parameters(recurse=False):
                 if p.dtype in (torch.float16, torch.bfloat16):
                     p.data = p.data.float()
-        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes Linear4bit
-            module.support_avx512bf16_for_cpu = False
+    keep_4bit_layout(model)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model

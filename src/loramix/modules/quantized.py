@@ -24,6 +24,11 @@ The rules the adapters follow on such a base (``LoraLinear``, ``MoreLinear``, ``
   compute dtype (``adapter_dtype_for``): fp32 by default, whatever the storage dtype.
 - Whoever needs the dense weight (DoRA's weight norm, merging, export) calls ``frozen_weight``,
   which dequantizes on every call and keeps nothing.
+- bitsandbytes' CPU repack of 4-bit weights (below) is undone and turned off by ``inject``
+  (``keep_4bit_layout``): once repacked, the next ``state_dict()`` (which ``inject`` itself calls)
+  makes bitsandbytes convert the weight back in place, and that conversion leaves the block scales
+  transposed (plain nf4: blocks get the scales of other blocks) or quantizes them again
+  (double quantization: a lossy step), so a fresh adapter would no longer compute the base.
 - Place a quantized model on its device before ``inject``: the wrapped bitsandbytes module is no
   longer a registered child, so a later ``model.to(device)`` moves its weight (shared) but not the
   8-bit scales bitsandbytes keeps in ``module.state``.
@@ -144,6 +149,34 @@ def frozen_weight(module: nn.Module, *, fan_in_fan_out: bool = False) -> torch.T
             raise ValueError(f"{type(module).__name__}: an 8-bit weight without its row scales (SCB); "
                              "move the module to its device first")
         return bnbf.int8_vectorwise_dequant(weight.data, scb.to(weight.device))
+
+
+def keep_4bit_layout(model: nn.Module) -> None:
+    """Keep every bitsandbytes 4-bit projection of ``model`` in bitsandbytes' own layout, in place.
+
+    On CPUs with AVX512-BF16, ``Linear4bit`` repacks its weight for a bf16 kernel the first time it
+    runs in eval mode without gradients (see ``_unpack_cpu_4bit``), and bitsandbytes' own way back
+    (taken by ``state_dict()``, ``.cuda()``) corrupts plain nf4 weights. Here each repacked weight is
+    put back exactly (the same codes; the bf16 block scales the repack left, in per-block order, as
+    fp32 and no longer nested), so the module computes with the weights it had just before this call,
+    and the repack is turned off, so that training, evaluation and the dequantized merge all see the
+    same weights and compute in the compute dtype. Other modules are left alone.
+
+    Example:
+        >>> keep_4bit_layout(model)   # model: a transformers model loaded with BitsAndBytesConfig
+    """
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):  # only bitsandbytes' Linear4bit has it
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        state = getattr(weight, "quant_state", None)
+        if quantization_kind(module) != "bnb-4bit" or not getattr(state, "packing_format_for_cpu", False):
+            continue
+        codes, canonical = _unpack_cpu_4bit(weight.data, state)
+        weight.data = codes
+        # Linear4bit keeps the state on the weight and on itself; both must be the new one.
+        weight.quant_state = module.quant_state = canonical
 
 
 def _unpack_cpu_4bit(data: torch.Tensor, state) -> tuple[torch.Tensor, object]:
