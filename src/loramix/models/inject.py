@@ -28,6 +28,7 @@ from torch import nn
 from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig
 from ..modules import ForwardContext, LoraLinear, MixLoraFFN, MoreLinear, frozen_weight, is_quantized
 from ..modules.quantized import keep_4bit_layout
+from .footprint import check_adapter_fits
 from . import losses
 from .losses import IGNORE_INDEX, answer_tokens, compose_loss
 from .quantize import compute_dtype, dense_linear, dequantize_model, quantization_of
@@ -131,6 +132,7 @@ def inject(model: nn.Module, config: LoraConfig | MixLoraConfig | MoreConfig) ->
         config.named_tasks()  # its error before the model is touched
     family = family_of(model)
     chosen, ffn_targets = targeted_projections(config, family)
+    check_adapter_fits(model, config)  # before anything is allocated: an error naming adapter.r / num_experts
     context = ForwardContext()
     # The modules take their config whole; the family says how the base stores its weights.
     projection = functools.partial(MoreLinear if isinstance(config, MoreConfig) else LoraLinear,

@@ -1,0 +1,147 @@
+"""How much memory an adapter will take, known before it is built, and a clear refusal when it cannot fit.
+
+An adapter's tensors follow from its config and the base's layer sizes alone (``in``/``out`` of each
+targeted projection, ``d`` the hidden size, ``E`` experts, ``T`` tasks, ``|K|`` MoRE's rank set)::
+
+    LoRA projection      r (in + out)            (+ out: DoRA magnitude)
+    MoRE projection      R (in + out) + T in + |K| (in + 1)      (R = max_rank; task embeddings, selector)
+    MixLoRA FFN          E d  +  Σ_P E r (in_P + out_P)  (+ Σ_P E out_P: DoRA)   (router, experts per P)
+                         and a LoRA on each attention target (rank attention_r, else r)
+
+each element in the adapter dtype (``quantized.adapter_dtype_for``: fp32 next to a half-precision or
+quantized base) on the device of the projection it sits on. Training adds one gradient and AdamW's
+two moments per element, in the same dtype (``torch.optim.AdamW``): 4 × the parameter bytes in all.
+
+``inject`` calls ``check_adapter_fits`` before allocating anything, so ``adapter.r: 100000`` is a
+message naming the setting, the size and the memory there is (exit code 2 in the CLI), not an
+allocator failure after minutes of initialising tensors.
+
+Example:
+    >>> need = adapter_footprint(model, LoraConfig(r=8))
+    >>> need.parameters        # adapter elements; need.training_bytes: {device: bytes to train them}
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig
+from ..modules.quantized import adapter_dtype_for, logical_shape
+from .registry import decoder_layers, family_of
+
+# A trained element has: itself, its gradient, AdamW's exp_avg and exp_avg_sq.
+TRAINING_COPIES = 4
+# Settings that set an adapter's size, per config kind (named in the refusal).
+SIZE_SETTINGS = {LoraConfig: ("r",), MixLoraConfig: ("r", "num_experts", "attention_r"),
+                 MoreConfig: ("max_rank", "num_tasks")}
+
+
+@dataclass
+class Footprint:
+    """What an adapter will hold: ``parameters`` (elements) and ``training_bytes`` per device
+    (the parameters, their gradients and AdamW's two moments)."""
+
+    parameters: int = 0
+    training_bytes: dict[torch.device, int] = field(default_factory=dict)
+
+    def add(self, elements: int, module: nn.Module, dtype: torch.dtype) -> None:
+        """Count ``elements`` adapter elements of ``dtype`` placed beside ``module``'s weight."""
+        self.parameters += elements
+        device = module.weight.device
+        size = elements * dtype.itemsize * TRAINING_COPIES
+        self.training_bytes[device] = self.training_bytes.get(device, 0) + size
+
+
+def _lora(need: Footprint, module: nn.Module, config: LoraConfig, fan_in_fan_out: bool) -> None:
+    n_in, n_out = logical_shape(module, fan_in_fan_out)
+    need.add(config.r * (n_in + n_out) + (n_out if config.use_dora else 0), module,
+             adapter_dtype_for(module, config.adapter_dtype))
+
+
+def _more(need: Footprint, module: nn.Module, config: MoreConfig, fan_in_fan_out: bool) -> None:
+    n_in, n_out = logical_shape(module, fan_in_fan_out)
+    tasks, ranks = len(config.named_tasks()), len(config.rank_set)
+    need.add(config.max_rank * (n_in + n_out) + tasks * n_in + ranks * (n_in + 1), module,
+             adapter_dtype_for(module, config.adapter_dtype))
+
+
+def adapter_footprint(model: nn.Module, config: LoraConfig | MixLoraConfig | MoreConfig) -> Footprint:
+    """The ``Footprint`` of the adapter ``inject(model, config)`` would add, computed from the shapes alone
+    (nothing is allocated; an already-injected model's projections count as their frozen base)."""
+    from .inject import targeted_projections  # inject calls this module: imported when first used
+
+    family = family_of(model)
+    chosen, ffn_targets = targeted_projections(config, family)
+    attention = config.attention_lora() if isinstance(config, MixLoraConfig) else config
+    need = Footprint()
+    for layer in decoder_layers(model, family):
+        for block_name, projections in chosen.items():
+            for name in projections:
+                module = getattr(getattr(layer, block_name), name)
+                if isinstance(attention, MoreConfig):
+                    _more(need, module, attention, family.fan_in_fan_out)
+                else:
+                    _lora(need, module, attention, family.fan_in_fan_out)
+        if isinstance(config, MixLoraConfig):
+            ffn = getattr(layer, family.ffn)
+            output = getattr(ffn, family.ffn_output)
+            dtype = adapter_dtype_for(output, config.adapter_dtype)
+            hidden = logical_shape(getattr(ffn, family.ffn_inputs[0]), family.fan_in_fan_out)[0]
+            elements = config.num_experts * hidden  # the router
+            for name in ffn_targets:
+                n_in, n_out = logical_shape(getattr(ffn, name), family.fan_in_fan_out)
+                elements += config.num_experts * (config.r * (n_in + n_out) + (n_out if config.use_dora else 0))
+            need.add(elements, output, dtype)  # MixLoraFFN puts router and experts beside its output projection
+    return need
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device``: free CUDA memory (plus what torch's allocator holds
+    unused), or the host's available RAM (within a cgroup memory limit, as in a container); None where
+    unknown (other devices, other systems)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    amounts = []
+    try:
+        with open("/proc/meminfo") as f:
+            amounts += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except OSError:
+        pass
+    for limit, usage in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes",
+                                                            "memory/memory.usage_in_bytes")):
+        try:
+            with open(f"/sys/fs/cgroup/{limit}") as f, open(f"/sys/fs/cgroup/{usage}") as g:
+                amounts.append(int(f.read().strip()) - int(g.read().strip()))
+        except (OSError, ValueError):  # no such cgroup file, or "max" (no limit)
+            pass
+    return min(amounts) if amounts else None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**27 else f"{math.ceil(n / 2**20)} MiB"
+
+
+def check_adapter_fits(model: nn.Module, config: LoraConfig | MixLoraConfig | MoreConfig) -> Footprint:
+    """The adapter's ``Footprint``, or a ``ConfigError`` when training it would not fit in the memory available
+    on a device it would live on (``available_memory``): the error gives both sizes and names the settings
+    that set the size, as the training config spells them (``adapter.r``, ``adapter.num_experts``, ...).
+    """
+    need = adapter_footprint(model, config)
+    for device, size in need.training_bytes.items():
+        free = available_memory(device)
+        if free is None or size <= free:
+            continue
+        names = [n for n in SIZE_SETTINGS[type(config)] if getattr(config, n, None) is not None]
+        settings = " or ".join(f"adapter.{n} (now {getattr(config, n)})" for n in names)
+        raise ConfigError(
+            f"the {config.kind} adapter would hold {need.parameters:,} parameters and needs {_gib(size)} on {device} "
+            f"to train (parameters, gradients and AdamW's two moments), but {_gib(free)} is available there: "
+            f"lower {settings}")
+    return need
