@@ -8,19 +8,23 @@
 
 Options and ``key=value`` overrides may come in any order. A fresh run never writes into a folder
 that holds another run: it refuses, and says ``--resume`` (continue it) or ``--overwrite`` (move it
-to ``<output_dir>.old-<time>``, nothing is deleted).
+to ``<output_dir>.old-<time>``, nothing is deleted). One process at a time trains into a folder: a
+second one (fresh, ``--resume`` or ``--overwrite``) stops before touching it, naming the process
+that holds it (``run_lock.py``).
 
 Data files named in the YAML (``data.train``, ``data.eval``, a ``data.template`` .yaml file) are
 looked up in the working directory first and then next to the YAML file, as ``config:`` entries
 of a multi-adapter YAML are.
 
 Exit codes: 0 done, 1 training stopped (diverged, out of disk space, or interrupted by
-SIGINT/SIGTERM after saving a checkpoint), 2 bad config, data, model or run folder.
+SIGINT/SIGTERM after saving a checkpoint), 2 bad config, data, model or run folder (also one that
+another process is training into, or a checkpoint whose files are not as loramix writes them).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
@@ -72,12 +76,16 @@ def _is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _claim(configs: list[Any], overwrite: bool) -> None:
-    """Check every run folder first (a refusal leaves them all as they were), then move old runs aside."""
+def _claim(configs: list[Any], overwrite: bool, held: contextlib.ExitStack) -> None:
+    """Take every run folder's lock (``run_lock``: released by ``held``), check every run folder (a refusal
+    leaves them all as they were), then move old runs aside."""
     from .checkpoint import claim_run_folder
+    from .run_lock import hold_run_folder
 
     if not _is_rank_zero():
         return
+    for cfg in configs:  # before anything is read or written: another process may be training there
+        held.callback(hold_run_folder(cfg.output_dir).release)
     for cfg in configs:
         claim_run_folder(cfg.output_dir, resume=cfg.resume, overwrite=overwrite, move=False)
     for cfg in configs if overwrite else []:
@@ -104,12 +112,13 @@ def run(args: argparse.Namespace) -> int:
         for name, cfg in configs.items():
             print((f"# adapter {name}\n" if multi else "") + cfg.to_yaml(), end="")
         return 0
-    _claim(list(configs.values()), args.overwrite)
-    apply_threads(next(iter(configs.values())).threads)  # shared by every adapter; null: default_threads()
-    from .distributed import trainer_class
+    with contextlib.ExitStack() as held:
+        _claim(list(configs.values()), args.overwrite, held)
+        apply_threads(next(iter(configs.values())).threads)  # shared by every adapter; null: default_threads()
+        from .distributed import trainer_class
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    results = trainer_class()(configs if multi else configs[""]).run()  # DistributedTrainer under torchrun
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        results = trainer_class()(configs if multi else configs[""]).run()  # DistributedTrainer under torchrun
     if multi:
         if _is_rank_zero():  # rank 0 reports
             print(_summary(results))

@@ -29,6 +29,7 @@ from ..models.inject import adapter_parameters, adapter_state
 from ..models.losses import AUXILIARY_LOSSES
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .run_lock import RunFolderLock, hold_run_folder
 from .tracking import flatten, open_trackers
 
 log = logging.getLogger("loramix.train")
@@ -89,6 +90,7 @@ class Job:
         self._epoch_batches: tuple[int, list[list[int]]] | None = None
         self._trackers: list | None = None  # report_to: opened by the first record this job writes
         self._start_step = 0
+        self._lock: RunFolderLock | None = None  # held from start_log to close (run_lock.py)
 
     def where(self) -> str:
         return f"adapter '{self.name}' " if self.name else ""
@@ -150,7 +152,10 @@ class Job:
         self.scaler = scaler
 
     def start_log(self) -> dict[str, Any] | None:
-        """Write the config, then resume (returns the checkpoint state, RNG included) or start a fresh log."""
+        """Take the run folder (``run_lock``: another process training into it is an error), write the
+        config, then resume (returns the checkpoint state, RNG included) or start a fresh log."""
+        if self.writes and self._lock is None:
+            self._lock = hold_run_folder(self.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.writes:
             (self.output_dir / "train_config.yaml").write_text(self.config.to_yaml())
@@ -263,6 +268,10 @@ class Job:
                 "eval": self.last_metrics.get("eval"), **extra}
 
     def close(self) -> None:
+        """Close the trackers and give the run folder back (``Trainer.cleanup`` calls this)."""
         for tracker in self._trackers or []:
             tracker.close()
         self._trackers = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
