@@ -289,6 +289,13 @@ def _anchor(output: Any) -> torch.Tensor | None:
     return next((v for v in values if isinstance(v, torch.Tensor) and v.requires_grad), None)
 
 
+def pop_logged_losses(model: nn.Module) -> dict[str, float]:
+    """Mean raw auxiliary losses of the training forwards since the last call (then reset); ``{}`` if none."""
+    state = getattr(model, "loramix_adapter", None)
+    if state is None or not state.logged:
+        return {}
+    means = {name: float(total) / count for name, (total, count) in state.logged.items() if count}
+    state.logged.clear()
     return means
 
 
