@@ -1,8 +1,10 @@
 """``loramix train`` never loses a run: no silent overwrite, --overwrite moves aside, a full disk leaves a
-checkpoint to resume from, options and overrides in any order.
+checkpoint to resume from (and says so), a damaged checkpoint is named, options and overrides in any order.
 
 Each case runs the real command (``loramix.cli.main``) on a 2-layer Llama folder and a 12-question
-file; the previous run's files are compared by sha256 before and after.
+file; the previous run's files are compared by sha256 before and after. Full disks are made at the OS
+boundary: ``os.write`` failing with ENOSPC for one file (in this process), or a real file-size limit
+(RLIMIT_FSIZE, in a child process) that fails torch's, safetensors' and Python's writes in the kernel.
 """
 
 from __future__ import annotations
@@ -10,6 +12,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
+import resource
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,7 +115,8 @@ def test_full_disk_at_the_end_leaves_a_checkpoint_to_resume_from(setup, capsys):
     with disk_full_when_writing(".adapter.tmp-"):
         assert main(["train", str(cfg), "max_steps=3", "save_every=0"]) == 1
     err = capsys.readouterr().err
-    assert "out of disk space" in err and "runs/a/checkpoints/step-3" in err and "--resume" in err
+    assert ("error: disk full while writing runs/a/adapter; the last good checkpoint is runs/a/checkpoints/step-3; "
+            "free space and rerun with --resume") in err
     assert "Traceback" not in err
     assert not (run / "adapter").exists() and not list(run.glob(".adapter.*"))  # no half-written folder
     assert main(["train", str(cfg), "max_steps=3", "--resume"]) == 0
@@ -118,14 +126,114 @@ def test_full_disk_at_the_end_leaves_a_checkpoint_to_resume_from(setup, capsys):
     assert steps(run) == [1, 2, 3]
 
 
-def test_full_disk_during_a_checkpoint_names_the_last_good_one(setup, capsys):
+def disk_full_at_os_write(monkeypatch, path_part: str, data_part: bytes = b"") -> None:
+    """From now on ``os.write`` fails with ENOSPC, as a full disk does, when the file written to has
+    ``path_part`` in its path and the bytes hold ``data_part``."""
+    real = os.write
+
+    def write(fd: int, data) -> int:
+        if path_part in os.readlink(f"/proc/self/fd/{fd}") and data_part in bytes(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+
+
+def adapter_tensors(run: Path) -> dict:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_adapter(run: Path, reference: Path) -> None:
+    got, want = adapter_tensors(run), adapter_tensors(reference)
+    assert got.keys() == want.keys() and all(got[k].equal(want[k]) for k in got)
+
+
+@pytest.mark.parametrize("path_part, data_part, failed, last_good", [
+    # torch.save of the optimizer state (before: "unexpected RuntimeError: [enforce fail at inline_container.cc]")
+    (".tmp-step-2-", b"", "runs/a/checkpoints/step-2", "runs/a/checkpoints/step-1"),
+    # the metrics line of step 3 (before: "out of disk space writing ...", no checkpoint named)
+    ("metrics.jsonl", b'"step": 3', "runs/a/metrics.jsonl", "runs/a/checkpoints/step-2"),
+])
+def test_full_disk_names_the_file_and_the_last_good_checkpoint(setup, capsys, monkeypatch, path_part, data_part,
+                                                                failed, last_good):
+    """The error says the disk is full, what was being written and the checkpoint to resume from; nothing
+    half-written is left (no checkpoint folder, no torn metrics line) and --resume ends as a run that
+    never failed."""
     cfg, run = setup
-    with disk_full_when_writing(".tmp-step-2-"):
-        assert main(["train", str(cfg), "max_steps=3", "save_every=1"]) == 1
+    assert main(["train", str(cfg), "max_steps=4", "save_every=1", "output_dir=runs/ref"]) == 0
+    with monkeypatch.context() as patch:
+        disk_full_at_os_write(patch, path_part, data_part)
+        assert main(["train", str(cfg), "max_steps=4", "save_every=1"]) == 1
     err = capsys.readouterr().err
-    assert "could not write checkpoint step-2" in err and "out of disk space" in err
-    assert "the last good checkpoint is runs/a/checkpoints/step-1" in err and "Traceback" not in err
-    assert ckpt.latest_checkpoint(run).name == "step-1" and not list((run / "checkpoints").glob(".tmp-*"))
+    assert (f"loramix train: error: disk full while writing {failed}; the last good checkpoint is {last_good}; "
+            "free space and rerun with --resume\n") in err
+    assert "Traceback" not in err
+    assert ckpt.latest_checkpoint(run).name == Path(last_good).name  # the failed checkpoint is not the latest
+    assert not list((run / "checkpoints").glob(".tmp-*")) and not (run / "checkpoints" / "step-3").exists()
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2]  # every line whole (the failed step-3 line is cut off again)
+    assert main(["train", str(cfg), "max_steps=4", "save_every=1", "--resume"]) == 0
+    assert_same_adapter(run, run.parent / "ref")
+    assert steps(run) == [1, 2, 3, 4]
+
+
+def file_size_limit(limit: int):
+    """``preexec_fn`` of a child whose files may not grow past ``limit`` bytes: the kernel fails the write
+    (EFBIG, with SIGXFSZ ignored) inside whichever writer makes it, as it fails one on a full disk."""
+    def preexec() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    return preexec
+
+
+@pytest.mark.parametrize("writer, file", [("safetensors", "adapter/adapter_model.safetensors"),
+                                          ("torch", "optimizer.pt")])
+def test_a_real_write_failure_in_a_child_process(setup, capsys, tmp_path, writer, file):
+    """A resumed run whose step-3 checkpoint cannot be written: ``file`` (the first of the checkpoint at
+    least that large) fails in the kernel. Before: "unexpected SafetensorError: ... (os error 27)" or
+    "unexpected RuntimeError: [enforce fail at inline_container.cc:672]". Now the cause, the checkpoint
+    and the last good one are named, none is half-written, and --resume afterwards is exact."""
+    cfg, run = setup
+    options = ["save_every=1", "schedule=constant", "keep_checkpoints=5"]
+    assert main(["train", str(cfg), "max_steps=4", *options, "output_dir=runs/ref"]) == 0
+    assert main(["train", str(cfg), "max_steps=2", *options]) == 0
+    limit = (run / "checkpoints" / "step-2" / file).stat().st_size - 1
+    written_first = [run / "metrics.jsonl", run / "train_config.yaml",
+                     run / "checkpoints" / "step-2" / "adapter" / "adapter_config.json"]
+    assert all(p.stat().st_size < limit / 2 for p in written_first)  # these grow a little, and stay below
+    child = subprocess.run([sys.executable, "-m", "loramix", "train", str(cfg), "--resume", "max_steps=4", *options],
+                           cwd=tmp_path, preexec_fn=file_size_limit(limit), capture_output=True, text=True,
+                           env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, timeout=300)
+    assert child.returncode == 1, child.stderr
+    assert child.stderr.endswith(
+        "loramix train: error: file too large for the file-size limit (ulimit -f) or the file system while writing "
+        "runs/a/checkpoints/step-3; the last good checkpoint is runs/a/checkpoints/step-2; raise the limit and "
+        "rerun with --resume\n"), child.stderr
+    assert "Traceback" not in child.stderr
+    assert ckpt.latest_checkpoint(run).name == "step-2" and not list((run / "checkpoints").glob(".tmp-*"))
+    assert not (run / "checkpoints" / "step-3").exists()
+    assert main(["train", str(cfg), "--resume", "max_steps=4", *options]) == 0
+    assert_same_adapter(run, run.parent / "ref")
+
+
+@pytest.mark.parametrize("key, value, said", [
+    ("step", "thirty", "'step' must be a whole number >= 0, found \"thirty\""),
+    ("batch_in_epoch", -1, "'batch_in_epoch' must be a whole number >= 0, found -1"),
+    ("rng", {"python": [3, [1, 2], None]}, "'rng' is not the generator state loramix saves"),
+])
+def test_a_damaged_trainer_state_is_named(setup, capsys, key, value, said):
+    """Before: "step": "thirty" printed a logging traceback ("--- Logging error ---") and went on."""
+    cfg, run = setup
+    assert main(["train", str(cfg), "max_steps=2", "save_every=1"]) == 0
+    state_file = run / "checkpoints" / "step-2" / "trainer_state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), key: value}))
+    before = tree_hashes(run)
+    capsys.readouterr()
+    assert main(["train", str(cfg), "--resume", "max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert f"loramix train: error: runs/a/checkpoints/step-2/trainer_state.json: {said}" in err
+    assert "Traceback" not in err and "Logging error" not in err
+    assert tree_hashes(run) == before  # refused before writing anything
 
 
 def two_adapter_config(folder: Path) -> Path:

@@ -13,20 +13,25 @@ Layout of ``output_dir/checkpoints/``::
 
 A checkpoint is first written into a hidden temporary folder and renamed into place when complete,
 and ``latest`` is replaced atomically after that, so a run killed at any moment leaves either the
-previous checkpoint or the new one, never half of one.
+previous checkpoint or the new one, never half of one. A write that fails (a full disk) is reported
+as a ``SaveError`` that says so, names what was being written and the last good checkpoint
+(``reporting_save_failures``); the temporary folder is removed and ``latest`` keeps its old value.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -114,16 +119,89 @@ def save_final_adapter(model: torch.nn.Module, output_dir: str | os.PathLike, ex
                          ".adapter.tmp-")
 
 
-def describe_save_failure(err: OSError, what: str, last_good: Path | None) -> str:
-    """The message of a ``SaveError``: what could not be written, why (disk full said as such), and
-    the last good checkpoint to resume from."""
-    reason = "out of disk space" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-    where = f" ({err.filename})" if err.filename else ""
+# Write failures that more free space (or a higher limit) cures, and how a message names them.
+NO_SPACE = {errno.ENOSPC: ("disk full", "free space"),
+            errno.EDQUOT: ("disk quota exceeded", "free space (or raise the quota)"),
+            errno.EFBIG: ("file too large for the file-size limit (ulimit -f) or the file system",
+                          "raise the limit")}
+
+
+def write_errno(err: BaseException) -> int | None:
+    """The OS error number behind a failed write, or None when ``err`` is not one: an ``OSError``'s errno, or
+    the ``(os error N)`` that safetensors' Rust writer puts in its message (its ``SafetensorError`` is no
+    ``OSError``). torch.save's C++ writer reports neither, which is why ``save_tensors`` does not let it
+    write files."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno:
+            return cause.errno
+        found = re.search(r"\(os error (\d+)\)", str(cause))
+        if found:
+            return int(found.group(1))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def describe_save_failure(code: int, target: str | os.PathLike, last_good: Path | None) -> str:
+    """The message of a ``SaveError``: what failed (a full disk said as such) while writing ``target``,
+    the last good checkpoint, and what to do."""
+    what, cure = NO_SPACE.get(code, (None, "fix that"))
+    head = f"{what} while writing {target}" if what else f"could not write {target}: {os.strerror(code)}"
     if last_good is not None:
-        tail = f"the last good checkpoint is {last_good}: free space and continue with --resume (resume: true)"
-    else:
-        tail = "no checkpoint was written before this point"
-    return f"could not write {what}: {reason}{where}; {tail}"
+        return f"{head}; the last good checkpoint is {last_good}; {cure} and rerun with --resume"
+    return f"{head}; no checkpoint was written before this point; {cure} and rerun with --resume (from step 0)"
+
+
+@contextlib.contextmanager
+def reporting_save_failures(target: str | os.PathLike, last_good: Path | None) -> Iterator[None]:
+    """Turn a failed write inside the block (any writer's exception that carries an OS error number) into a
+    ``SaveError`` naming ``target`` and ``last_good``; other exceptions pass unchanged.
+
+    Example:
+        >>> with reporting_save_failures(run / "adapter", last_good=run / "checkpoints" / "step-200"):
+        ...     save_final_adapter(model, run, extra={})
+    """
+    try:
+        yield
+    except SaveError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch, safetensors and Python raise different types
+        code = write_errno(err)
+        if code is None:
+            raise
+        raise SaveError(describe_save_failure(code, target, last_good)) from err
+
+
+def write_bytes(path: str | os.PathLike, data: bytes | memoryview, *, append: bool = False) -> None:
+    """Write ``data`` to ``path`` (replacing it, or at its end with ``append``) through ``os.write``, so a
+    failure is an ``OSError`` with its errno and the file name; a failed append is cut back to the old
+    length, so no torn line stays in a log."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            if append:
+                os.ftruncate(fd, start)
+            raise
+    except OSError as err:
+        err.filename = err.filename or str(path)
+        raise
+    finally:
+        os.close(fd)
+
+
+def save_tensors(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` into memory, then ``write_bytes``: torch's own file writer turns a full disk into
+    "[enforce fail at inline_container.cc] unexpected pos", which names no cause."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getbuffer())
 
 
 def checkpoint_root(output_dir: str | os.PathLike) -> Path:
@@ -170,11 +248,11 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: torch.nn
 
     def write(tmp: Path) -> None:
         save_adapter(model, tmp / "adapter")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}, tmp / "scheduler.pt")
+        save_tensors(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_tensors({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}, tmp / "scheduler.pt")
         plain_rng, tensor_rng = rng_states()
-        torch.save(tensor_rng, tmp / "rng.pt")
-        (tmp / STATE_NAME).write_text(json.dumps(dict(state, step=step, rng=plain_rng)) + "\n")
+        save_tensors(tensor_rng, tmp / "rng.pt")
+        write_bytes(tmp / STATE_NAME, (json.dumps(dict(state, step=step, rng=plain_rng)) + "\n").encode())
 
     final = write_folder(root / f"step-{step}", write, f".tmp-step-{step}-")
     atomic_write(root / LATEST, lambda tmp: Path(tmp).write_text(final.name + "\n"))
@@ -225,13 +303,50 @@ def load_checkpoint(folder: str | os.PathLike, *, model: torch.nn.Module, optimi
         raise CheckpointError(f"{folder}: not a checkpoint folder (no {STATE_NAME})")
     try:
         state = json.loads(state_path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{state_path}: not valid JSON ({err})") from None
+    check_state(state, state_path)
+    rng_tensors = _load_tensors(folder / "rng.pt")
+    try:  # on a scratch generator: the run's own are set last, by the caller
+        torch.Generator().set_state(rng_tensors["torch"])
+    except (TypeError, KeyError, IndexError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{folder / 'rng.pt'}: 'torch' is not a torch generator state ({err})") from None
     # through the one adapter-folder reader: a LoRA adapter is a PEFT folder (PEFT key names)
     copy_adapter_tensors(model, read_adapter_folder(folder / "adapter").tensors, str(folder / "adapter"))
     optimizer.load_state_dict(_load_tensors(folder / "optimizer.pt"))
     sched = _load_tensors(folder / "scheduler.pt")
     scheduler.load_state_dict(sched["scheduler"])
     scaler.load_state_dict(sched["scaler"])
-    state["rng_tensors"] = _load_tensors(folder / "rng.pt")
+    state["rng_tensors"] = rng_tensors
     return state
+
+
+def check_state(state: Any, path: Path) -> None:
+    """Check ``trainer_state.json`` as ``save_checkpoint`` writes it before anything is loaded from it: the
+    data position (``step``, ``epoch``, ``batch_in_epoch``: whole numbers >= 0), ``metrics`` (an object)
+    and the Python/NumPy generator states under ``rng`` (tried on scratch generators).
+
+    Raises:
+        CheckpointError: naming ``path``, the key and the value found.
+    """
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(state).__name__}")
+    for key in ("step", "epoch", "batch_in_epoch"):
+        if key not in state:
+            raise CheckpointError(f"{path}: '{key}' is missing")
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"{path}: '{key}' must be a whole number >= 0, found {json.dumps(value)}")
+    if not isinstance(state.get("metrics", {}), dict):
+        raise CheckpointError(f"{path}: 'metrics' must be an object, found {json.dumps(state['metrics'])}")
+    rng = state.get("rng")
+    try:
+        version, internal, gauss = rng["python"]
+        random.Random().setstate((version, tuple(internal), gauss))
+        if "numpy" in rng:
+            import numpy as np
+
+            name, keys, pos, has_gauss, cached = rng["numpy"]
+            np.random.RandomState().set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    except (TypeError, ValueError, KeyError, OverflowError) as err:
+        raise CheckpointError(f"{path}: 'rng' is not the generator state loramix saves ({err})") from None

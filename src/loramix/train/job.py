@@ -152,13 +152,12 @@ class Job:
         self.scaler = scaler
 
     def start_log(self) -> dict[str, Any] | None:
-        """Take the run folder (``run_lock``: another process training into it is an error), write the
-        config, then resume (returns the checkpoint state, RNG included) or start a fresh log."""
+        """Take the run folder (``run_lock``: another process training into it is an error), resume
+        (returns the checkpoint state, RNG included) or start fresh, then write the config and the log.
+        A checkpoint is read and checked before anything is written, so a refused resume changes no file."""
         if self.writes and self._lock is None:
             self._lock = hold_run_folder(self.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if self.writes:
-            (self.output_dir / "train_config.yaml").write_text(self.config.to_yaml())
         resume, state = self.config.resume, None
         latest = ckpt.latest_checkpoint(self.output_dir) if resume is True else None
         folder = Path(resume) if isinstance(resume, str) else latest
@@ -171,11 +170,15 @@ class Job:
             self.last_metrics, self.last_checkpoint = state.get("metrics", {}), folder
             log.info("%sresumed from %s at step %d (epoch %d, batch %d)", self.where(), folder, self.step,
                      self.epoch, self.batch_in_epoch)
+        if self.writes:
+            with ckpt.reporting_save_failures(self.output_dir / "train_config.yaml", folder):
+                ckpt.write_bytes(self.output_dir / "train_config.yaml", self.config.to_yaml().encode())
         if self.writes and self.metrics_path.exists():
             # a fresh run starts a fresh log; a resumed one drops what the killed run logged after its checkpoint
             keep = [line for line in self.metrics_path.read_text().splitlines() if folder is not None and line.strip()
                     and (_json_or_none(line) or {"step": math.inf}).get("step", 0) <= self.step]
-            self.metrics_path.write_text("".join(line + "\n" for line in keep))
+            with ckpt.reporting_save_failures(self.metrics_path, folder):
+                ckpt.write_bytes(self.metrics_path, "".join(line + "\n" for line in keep).encode())
         self._start_step = self.step  # trackers drop what a killed run logged after this step
         return state
 
@@ -217,8 +220,8 @@ class Job:
         """Append one JSON record (with a ``step``) to metrics.jsonl and send it to the trackers."""
         if not self.writes:
             return
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        with ckpt.reporting_save_failures(self.metrics_path, self.last_checkpoint):
+            ckpt.write_bytes(self.metrics_path, (json.dumps(record) + "\n").encode(), append=True)
         if self._trackers is None:
             self._trackers = open_trackers(self.config.report_to, self.output_dir, config=self.config.to_dict(),
                                            start_step=self._start_step)
@@ -235,24 +238,19 @@ class Job:
         """Write ``output_dir/checkpoints/step-{step}`` atomically (see ``checkpoint.py``)."""
         state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "total_steps": self.total_steps,
                  "metrics": self.last_metrics, "adapter_kind": self.adapter.kind}
-        try:
+        # a full disk, permissions: say so, and which checkpoint is still good
+        with ckpt.reporting_save_failures(ckpt.checkpoint_root(self.output_dir) / f"step-{self.step}",
+                                          self.last_checkpoint):
             self.last_checkpoint = ckpt.save_checkpoint(
                 self.output_dir, self.step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                 scaler=self.scaler, state=state, keep=self.config.keep_checkpoints)
-        except OSError as err:  # a full disk, permissions: say so, and which checkpoint is still good
-            raise ckpt.SaveError(ckpt.describe_save_failure(
-                err, f"checkpoint step-{self.step} in {ckpt.checkpoint_root(self.output_dir)}",
-                self.last_checkpoint)) from err
         return self.last_checkpoint
 
     def save_adapter(self) -> Path:
         """Write ``output_dir/adapter`` (replaced as a whole folder) and the plots."""
         extra = {"train_config": self.config.to_dict(), "task_index": self.task_index}
-        try:
+        with ckpt.reporting_save_failures(self.output_dir / "adapter", self.last_checkpoint):
             folder = ckpt.save_final_adapter(self.model, self.output_dir, extra=extra)
-        except OSError as err:
-            raise ckpt.SaveError(ckpt.describe_save_failure(err, f"the adapter {self.output_dir / 'adapter'}",
-                                                            self.last_checkpoint)) from err
         if self.config.plots:
             try:
                 from ..report import write_plots
