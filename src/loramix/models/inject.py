@@ -273,13 +273,6 @@ def _add_auxiliary_losses(module: nn.Module, args: tuple, kwargs: dict, output: 
     return output
 
 
-def pop_logged_losses(model: nn.Module) -> dict[str, float]:
-    """Mean raw auxiliary losses of the training forwards since the last call (then reset); ``{}`` if none."""
-    state = getattr(model, "loramix_adapter", None)
-    if state is None or not state.logged:
-        return {}
-    means = {name: float(total) / count for name, (total, count) in state.logged.items() if count}
-    state.logged.clear()
 def _anchor(output: Any) -> torch.Tensor | None:
     """A tensor of the model's output computed after every layer, that backward goes through: the logits
     (TRL's fused head: the log-probs; else the loss). ``losses.auxiliary_losses`` ties the auxiliary losses'
