@@ -124,6 +124,9 @@ def inject(model: nn.Module, config: LoraConfig | MixLoraConfig | MoreConfig) ->
     with ``labels`` its ``loss`` includes the weighted auxiliary losses in training mode (``losses.compose_loss``;
     in eval mode it is the LM loss, and the raw auxiliary losses are on the output in both).
     """
+    if isinstance(model, tuple):  # else "model family 'None' is not supported", which hides the cause
+        raise TypeError("inject() takes the model, got a tuple: loramix.hub.load_model returns (model, tokenizer); "
+                        "unpack it: model, tokenizer = loramix.hub.load_model(...)")
     if getattr(model, "loramix_adapter", None) is not None:
         raise ValueError("this model already has a loramix adapter; unload() it first or load into a fresh model")
     if not isinstance(config, (LoraConfig, MixLoraConfig, MoreConfig)):
