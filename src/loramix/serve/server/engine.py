@@ -36,6 +36,7 @@ import collections
 import contextlib
 import os
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -188,6 +189,7 @@ class Request:
         self.cancelled = False
         self.finished = False
         self.generator: torch.Generator | None = None
+        self.arrival = time.monotonic()  # for the server's latency metrics
         if params.temperature > 0:
             self.generator = torch.Generator()
             self.generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, ())))
@@ -236,6 +238,7 @@ class Engine:
         self.steps = 0
         self.max_rows_seen = 0  # the largest batch decoded so far (tests check that requests shared steps)
         self.max_batch_tokens_seen = 0  # the largest reservation of a batch so far (tests check the budget)
+        self.on_token: Callable[[Request], None] | None = None  # called on the engine thread after each new token
         self.kv_cache = kv_cache and _plain_cache(served.model)
         self._batch = BatchCache(served.model.config) if self.kv_cache else None  # the running rows' KV cache
 
@@ -269,9 +272,11 @@ class Engine:
             return len(self._waiting)
 
     def stats(self) -> dict[str, int]:
-        """{"waiting": requests queued, "running": rows being decoded (not cancelled), "steps": steps so far}."""
-        running = sum(not r.cancelled for r in list(self._active))
-        return {"waiting": self.waiting(), "running": running, "steps": self.steps}
+        """{"waiting": requests queued, "running": rows being decoded (not cancelled), "steps": steps so far,
+        "reserved_tokens": what the running rows reserve of ``max_batch_tokens``}."""
+        active = [r for r in list(self._active) if not r.cancelled]
+        return {"waiting": self.waiting(), "running": len(active), "steps": self.steps,
+                "reserved_tokens": sum(map(self.reserved_tokens, active))}
 
     def submit(self, prompt: list[int], target: Target, params: SamplingParams, emit: Emit) -> Request:
         """Queue one generation; ``emit`` gets its events on the engine thread (see ``Request``).
@@ -404,6 +409,8 @@ class Engine:
         for r, row_logits in stepped:
             token = _next_token(row_logits, r)
             r.generated.append(token)
+            if self.on_token is not None:
+                self.on_token(r)
             self._advance(r, token)
         self._active = [r for r in rows if not r.finished and not r.cancelled]
 
