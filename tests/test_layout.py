@@ -1,7 +1,8 @@
 """The layout of ``src/loramix`` shows its architecture: read from the source (ast), never imported.
 
 - No import cycle between loramix's modules (imports inside functions count: a lazy import that
-  only hides a cycle is still one; ``if TYPE_CHECKING:`` blocks do not, they never run).
+  only hides a cycle is still one; ``if TYPE_CHECKING:`` blocks do not, they never run, and neither
+  do ``if __name__ == "__main__":`` blocks: they run only as a command, ``python -m`` of that module).
 - No import from a higher layer. The layers, lowest first (each imports only its own layer and those
   below it; see design.md, "Layers of the code"):
 
@@ -57,11 +58,13 @@ def layer_of(module: str, path: Path) -> int:
 
 
 def _runtime_nodes(tree: ast.AST):
-    """Every node except those under ``if TYPE_CHECKING:`` (imports for annotations only)."""
+    """Every node except those under ``if TYPE_CHECKING:`` (imports for annotations only) and under
+    ``if __name__ == "__main__":`` (a command, layer 5, that never runs when the module is imported)."""
     stack = [tree]
     while stack:
         node = stack.pop()
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if isinstance(node, ast.If) and ("TYPE_CHECKING" in ast.unparse(node.test)
+                                         or ast.unparse(node.test).replace("'", '"') == '__name__ == "__main__"'):
             stack.extend(node.orelse)
             continue
         yield node

@@ -32,7 +32,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .hub import EMBEDDED_NAME
+from .config import UsageError
+from .hub import EMBEDDED_NAME, check_device
 
 # name → (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -50,7 +51,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # Exceptions that mean "the input was wrong" (exit code 2): (module, class). Looked up in sys.modules only:
 # an exception can only be an instance of a class whose module was imported.
 USER_ERRORS = (
-    ("loramix.cli", "UsageError"), ("loramix.config", "ConfigError"), ("loramix.data.tasks", "DataError"),
+    ("loramix.config", "UsageError"), ("loramix.config", "ConfigError"), ("loramix.data.tasks", "DataError"),
     ("loramix.adapters.common", "AdapterLoadError"), ("loramix.adapters.common", "ExportError"),
     ("loramix.hub", "ModelLoadError"),
     ("loramix.models.registry", "UnsupportedModelError"),
@@ -60,10 +61,6 @@ USER_ERRORS = (
 RUN_FAILURES = (("loramix.train.loop", "TrainingDiverged"), ("loramix.train.checkpoint", "SaveError"))
 
 DEBUG_HINT = "run again with --debug (or LORAMIX_DEBUG=1) for the traceback"
-
-
-class UsageError(ValueError):
-    """A bad command-line value (an option, a device, a prompt); the message names the option."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -153,28 +150,6 @@ def apply_threads(threads: int | None) -> int:
     n = threads or default_threads()
     torch.set_num_threads(n)
     return n
-
-
-def check_device(device: str | None, option: str = "--device") -> None:
-    """Refuse a device this machine does not have before any model is loaded (torch would fail deep
-    inside with an AssertionError)."""
-    if device is None or device == "auto":
-        return
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise UsageError(f"{option} {device!r} is not a device: use auto, cpu, cuda or cuda:N ({err})") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"{option} {device!r}: CUDA is not available on this machine (torch "
-                             f"{torch.__version__}); use cpu or auto")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"{option} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
-                             f"(cuda:0 ... cuda:{torch.cuda.device_count() - 1})")
-    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError(f"{option} {device!r}: MPS is not available on this machine; use cpu or auto")
 
 
 def check_model(name: Any, option: str = "--model") -> None:

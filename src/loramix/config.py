@@ -47,6 +47,10 @@ def dtype_name(name: Any) -> str | None:
     return DTYPE_NAMES.get(str(name).lower().removeprefix("torch."))
 
 
+class UsageError(ValueError):
+    """A bad command-line value (an option, a device, a prompt); the message names the option."""
+
+
 class ConfigError(ValueError):
     """A configuration value or key is wrong; the message names it and where it came from.
 

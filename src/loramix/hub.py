@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .config import DTYPE_NAMES, dtype_name
+from .config import DTYPE_NAMES, UsageError, dtype_name
 
 EMBEDDED_NAME = "smollm2-135m"
 # Accepted spellings of the embedded model's name.
@@ -61,6 +61,26 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def check_device(device: str | None, option: str = "--device") -> None:
+    """Refuse a device this machine does not have before any model is loaded (torch would fail deep
+    inside with an AssertionError)."""
+    if device is None or device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise UsageError(f"{option} {device!r} is not a device: use auto, cpu, cuda or cuda:N ({err})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{option} {device!r}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}); use cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"{option} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0 ... cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"{option} {device!r}: MPS is not available on this machine; use cpu or auto")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:

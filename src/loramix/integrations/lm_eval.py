@@ -59,11 +59,11 @@ def pick_device(device: str | None) -> torch.device:
     else CPU, with a warning (lm-eval's ``HFLM`` falls back the same way).
 
     Raises:
-        loramix.cli.UsageError: any other device this machine does not have (``cuda:3`` with one GPU, ``cuda``
+        loramix.config.UsageError: any other device this machine does not have (``cuda:3`` with one GPU, ``cuda``
             without CUDA), naming the setting.
     """
-    from ..cli import UsageError, check_device
-    from ..hub import resolve_device
+    from ..config import UsageError
+    from ..hub import check_device, resolve_device
 
     if device is None or device == "auto":
         return resolve_device(None)
