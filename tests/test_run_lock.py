@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from cli_setup import question_rows, tiny_model_folder, tree_hashes, write_config, write_jsonl
+from loramix import demo
 from loramix.cli import main
 from loramix.train import Trainer, load_train_config
 from loramix.train.run_lock import RunFolderBusy, lock_path
@@ -123,6 +124,8 @@ def test_a_held_run_folder_stops_resume_overwrite_and_the_trainer_api(tmp_path, 
             assert owner in err and "Traceback" not in err, options
         with pytest.raises(RunFolderBusy, match=f"pid {holder.pid}"):
             Trainer(load_train_config(str(cfg), ["resume=true", "max_steps=3"])).run()
+        with pytest.raises(RunFolderBusy, match="--output-dir"):  # before the demo moves the folder aside
+            demo.main(["--output-dir", "runs/a"])
         assert tree_hashes(run) == before and not list(tmp_path.glob("runs/a.old-*"))  # nothing moved or written
     finally:
         holder.send_signal(signal.SIGKILL)  # dies without releasing anything: the kernel drops its lock

@@ -80,9 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     args.eval_limit = args.eval_limit or None  # 0: all, as loramix eval --limit
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from .cli import apply_threads
-    from .train.checkpoint import claim_run_folder
+    from .train.run_lock import hold_run_folder
 
     args.threads = apply_threads(args.threads)
+    # Held from before the old run is moved aside until results.json is written, after the trainer's own hold.
+    lock = hold_run_folder(args.output_dir, key="--output-dir")
+    try:
+        return run(args)
+    finally:
+        lock.release()
+
+
+def run(args: argparse.Namespace) -> int:
+    """The demo on parsed ``args``, in a run folder whose lock this process holds; the exit code."""
+    from .train.checkpoint import claim_run_folder
+
     moved = claim_run_folder(args.output_dir, resume=False, overwrite=True, key="--output-dir")
     if moved is not None:
         print(f"[demo] moved the previous run in {args.output_dir} to {moved}", flush=True)

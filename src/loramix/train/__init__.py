@@ -10,8 +10,9 @@ from .checkpoint import CheckpointError, latest_checkpoint
 from .config import DataConfig, TrainConfig, load_train_config, train_config_from_dict
 from .job import Job, lr_factor
 from .loop import Trainer, TrainingDiverged
+from .run_lock import RunFolderBusy
 
 __all__ = [
-    "CheckpointError", "DataConfig", "Job", "TrainConfig", "Trainer", "TrainingDiverged", "latest_checkpoint",
-    "load_train_config", "lr_factor", "train_config_from_dict",
+    "CheckpointError", "DataConfig", "Job", "RunFolderBusy", "TrainConfig", "Trainer", "TrainingDiverged",
+    "latest_checkpoint", "load_train_config", "lr_factor", "train_config_from_dict",
 ]
