@@ -196,6 +196,8 @@ def test_seed_out_of_range_names_the_key_and_the_flag(files, tmp_path, capsys, s
     assert f"{multi} adapters[1]: 'seed' must be" in fails(capsys, ["train", str(multi)])
     line = fails(capsys, ["generate", "--model", str(files["model"]), "--seed", str(seed), "--temperature", "1", "hi"])
     assert f"--seed must be an integer from 0 to 2**63 - 1, got {seed}" in line
+    bench = ["bench", "--model", str(files["model"]), "--steps", "1", "--seed", str(seed)]
+    assert f"--seed must be an integer from 0 to 2**63 - 1, got {seed}" in fails(capsys, bench)
 
 
 def test_debug_shows_the_traceback(monkeypatch):

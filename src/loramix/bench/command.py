@@ -17,6 +17,7 @@ from ..cli import (
     add_threads_argument, apply_threads, check_device, check_dtype, check_model, engine_threads, parse_adapters,
     resolve_model,
 )
+from ..config import SEED_RANGE, is_seed
 from ..hub import EMBEDDED_NAME
 from ..models.quantize import add_quantization_argument
 from .measure import format_table, run_bench
@@ -97,9 +98,11 @@ def serve_settings_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print its table; exit code 2 for a bad option."""
     try:
+        if not is_seed(args.seed):  # torch.manual_seed would fail after the model loads
+            raise ValueError(f"--seed must be {SEED_RANGE}, got {args.seed}")
         s = serve_settings_from_args(args) if args.serve else settings_from_args(args)
     except ValueError as err:
-        print(f"loramix bench: {err}", file=sys.stderr)
+        print(f"loramix bench: error: {err}", file=sys.stderr)
         return 2
     if args.serve:  # checked before the model loads
         check_device(s.device)
