@@ -86,7 +86,7 @@ def reference_projection(ffn_module: nn.Module, name: str, e: int, x: torch.Tens
 def reference_ffn(moe, family, cfg, x: torch.Tensor, valid: torch.Tensor, router_input: torch.Tensor | None = None,
                   drop=None):
     """y (N, d) for tokens x (N, d): Σ_e G[:, e] · Expert_e(x), frozen FFN where G's row is zero."""
-    original = moe._original_ffn[0]
+    original = moe.replaced
     act = getattr(original, family.activation)
     router_in = x if router_input is None else router_input
     gates = reference_gates(router_in.float() @ moe.router.weight.float().t(), valid, cfg)
@@ -182,7 +182,7 @@ def check_against_reference(family_name: str, overrides: dict, padded: bool) -> 
     elif cfg.routing == "top_p":
         assert len(set(experts_per_token.tolist())) > 1 and experts_per_token.max() <= cfg.max_experts
     ref_out, ref_grads = run_with_grads(moe, x, lambda t: reference_ffn(moe, family, cfg, t.reshape(-1, dim), valid))
-    base_out = moe._original_ffn[0](x.reshape(-1, dim))
+    base_out = moe.replaced(x.reshape(-1, dim))
     # The comparison means something only if the experts change the output.
     assert rel_err(base_out, ref_out) > 1e-2
     if padded:  # masked tokens get the frozen FFN output
@@ -208,14 +208,14 @@ def test_switch_overflow_gets_frozen_ffn_and_fresh_switch_is_base():
     model = loramix.inject(tiny_model("llama"), cfg)
     moe, family = first_moe(model)
     x = torch.randn(2, 8, moe.router.weight.shape[1])
-    base = moe._original_ffn[0](x)
+    base = moe.replaced(x)
     torch.testing.assert_close(moe(x), base, atol=1e-6, rtol=0)  # B = 0: init equals base
     perturb_adapter(model, seed=1)
     with torch.no_grad():  # every token prefers expert 0: capacity ceil(16 / 4) = 4 tokens
         moe.router.weight.zero_()
         moe.router.weight[0] = x.reshape(-1, x.shape[-1]).mean(0) * 0 + 1.0
     x = x.abs()  # positive inputs so the all-ones router row wins everywhere
-    base = moe._original_ffn[0](x).reshape(-1, x.shape[-1])
+    base = moe.replaced(x).reshape(-1, x.shape[-1])
     out = moe(x).reshape(-1, x.shape[-1]).detach()
     assert (out[:4] - base[:4]).abs().max() > 1e-3  # the first 4 tokens went to expert 0
     torch.testing.assert_close(out[4:], base[4:].detach(), atol=1e-6, rtol=0)

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 import loramix
 from loramix import hub
 from loramix.models.quantize import prepare_kbit_training, storage_tensors
-from loramix.modules import LoraLinear, MixLoraFFN, MoreLinear
+from loramix.modules import FrozenProjection, LoraLinear, MixLoraFFN, MoreLinear
 from loramix.modules.quantized import adapter_dtype_for, frozen_weight, is_quantized, logical_shape, quantization_kind
 from conftest import mixlora_config, perturb_adapter
 from tiny_models import batch, tiny_config
@@ -269,7 +269,7 @@ def test_fresh_adapter_equals_quantized_base(scheme, kind, folders):
         if isinstance(m, MixLoraFFN):
             assert all(is_quantized(getattr(m, p)) for p in (*m.input_projections, m.output_projection))
         else:
-            assert m.quantized and is_quantized(m._base_module[0])
+            assert m.quantized and is_quantized(m.replaced)
     # Each replaced quantized module is still the one called (not a dense copy): same count of them
     # outside the wrappers' shared references.
     assert sum(is_quantized(m) for m in model.modules() if not isinstance(m, (LoraLinear, MoreLinear))) \
@@ -426,7 +426,7 @@ def test_bf16_autocast_on_quantized_base(scheme, kind, folders):
         assert p.dtype == p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         for module, x, out_dtype in calls:
-            original = module._original_ffn[0] if isinstance(module, MixLoraFFN) else module._base_module[0]
+            original = module.replaced
             assert out_dtype == original(x).dtype, type(module).__name__
 
 
@@ -464,7 +464,7 @@ def test_quantized_base_follows_train_and_eval(kind, folders):
 
     model = loramix.inject(load(folders["llama"], "int8"), KINDS[kind]())
     bases = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
-    hidden = [m._base_module[0] for m in model.modules() if hasattr(m, "_base_module")]
+    hidden = [m.replaced for m in model.modules() if isinstance(m, FrozenProjection)]
     assert hidden and all(isinstance(m, bnb.nn.Linear8bitLt) for m in hidden)
     for mode in (True, False, True):
         model.train(mode)

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, MixLoraConfig
-from ..models.inject import adapter_parameters, moe_layers
+from ..models.inject import adapter_parameters
 from ..models.registry import ModelFamily
-from ..modules import LoraLinear, MixLoraFFN
+from ..modules import adapter_modules, moe_layers
 from .common import CONFIG_NAME, FORMAT, AdapterLoadError, copy_adapter_tensors
 
 if TYPE_CHECKING:  # folder.py reads this format through read_authors_folder: a type name only, no cycle
@@ -106,16 +106,6 @@ def authors_tensors(raw: dict[str, torch.Tensor], family: ModelFamily, num_exper
     return out
 
 
-def _reset_dora_magnitudes(model: nn.Module) -> None:
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, LoraLinear) and module.use_dora:
-                module.lora_magnitude.copy_(module.weight_norm())
-            elif isinstance(module, MixLoraFFN) and module.use_dora:
-                for t in module.targets:
-                    module.experts.lora_magnitude[t].copy_(module.weight_norm(t))
-
-
 def _check_activation(model: nn.Module, act_fn: Any, where: str) -> None:
     """Refuse an ``act_fn`` that is not the FFN's own activation.
 
@@ -163,5 +153,6 @@ def finish_authors_load(model: nn.Module, adapter: AdapterFolder) -> None:
         if "lora_magnitude" in key:  # never saved by the authors; recomputed below
             tensors.setdefault(key, param.detach().clone())
     copy_adapter_tensors(model, tensors, str(adapter.weights))
-    _reset_dora_magnitudes(model)
+    for _, module in adapter_modules(model):
+        module.reset_dora_magnitude()
     _check_activation(model, adapter.meta.get("act_fn"), str(adapter.path / CONFIG_NAME))

@@ -29,13 +29,7 @@ FORMAT_VERSION = 2
 # A LoRA tensor's loramix name → PEFT's: ``<path>.lora_A`` is ``base_model.model.<path>.lora_A.weight`` in PEFT.
 PEFT_PREFIX = "base_model.model."
 PEFT_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
-# What PEFT-aware tools print for a loramix adapter that is not a PEFT adapter (see folder.py's docstring).
-NOT_PEFT = {
-    "mixlora": "LORAMIX_MIXLORA (a loramix MixLoRA adapter, not a PEFT one: load it with loramix.load_adapter, "
-               "or convert it with `loramix export ADAPTER --format mixtral --out DIR` and load DIR as a model)",
-    "more": "LORAMIX_MORE (a loramix MoRE adapter, not a PEFT one: load it with loramix.load_adapter, or write "
-            "one task as a PEFT LoRA with `loramix export ADAPTER --format peft --task NAME --out DIR`)",
-}
+# What PEFT-aware tools print for a loramix adapter that is not a PEFT adapter: each kind's ``peft_type``.
 
 
 class AdapterLoadError(ValueError):

@@ -45,12 +45,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig, adapter_config_from_dict, is_number
-from ..models.inject import targeted_projections
+from ..config import ConfigError, LoraConfig, adapter_config_from_dict, is_number
 from ..models.registry import FAMILIES, ModelFamily, family_of
-from ..modules.lora import LoraLinear
-from ..modules.mixlora import MixLoraFFN
-from ..modules.more import MoreLinear
+from ..modules import AdapterKind, kind_of, registered_kinds
+from ..modules.kinds import TensorRole
 from ..modules.quantized import logical_shape
 from .authors import is_authors_format, read_authors_folder
 from .common import (
@@ -66,7 +64,7 @@ class AdapterFolder:
     Attributes:
         path: the folder.
         layout: 'loramix' (format 2), 'loramix-v1', 'peft' (a PEFT LoRA without loramix settings) or 'authors'.
-        config: the ``LoraConfig`` / ``MixLoraConfig`` / ``MoreConfig`` that rebuilds the modules.
+        config: the config of its kind (``LoraConfig``, ``MixLoraConfig``, ...) that rebuilds the modules.
         family: the model family the adapter is for.
         tensors: loramix state-dict key (``model.layers.0.self_attn.q_proj.lora_A``) → tensor, on CPU,
             read from the file on access (``AdapterTensors``). The authors' format never saved DoRA
@@ -78,7 +76,7 @@ class AdapterFolder:
 
     path: Path
     layout: str
-    config: LoraConfig | MixLoraConfig | MoreConfig
+    config: Any
     family: ModelFamily
     tensors: Mapping[str, torch.Tensor]
     meta: dict[str, Any]
@@ -235,64 +233,42 @@ def peft_to_loramix_key(key: str, where: str) -> str:
 
 
 # ====================================================================================== shape checks
-# key pattern → role. Shapes by role, with R/E/T/K from the config and out/in from the base:
-#   A (R, in)  B (out, R)  M (out,)  eA (E, r, in)  eB (E, out, r)  eM (E, out)  router (E, hidden)
-#   task_embedding (T, in)  gate_w (K, in)  gate_b (K,)
-_ROLES = [(re.compile(rf"^(?P<m>.+)\.{pattern}$"), role) for pattern, role in (
-    (r"experts\.lora_A\.(?P<p>\w+)", "eA"), (r"experts\.lora_B\.(?P<p>\w+)", "eB"),
-    (r"experts\.lora_magnitude\.(?P<p>\w+)", "eM"), (r"router\.weight", "router"),
-    (r"selector\.task_embedding", "task_embedding"), (r"selector\.gate\.weight", "gate_w"),
-    (r"selector\.gate\.bias", "gate_b"), ("lora_A", "A"), ("lora_B", "B"), ("lora_magnitude", "M"),
-)]
-# role → (per dimension: the config symbol it must equal, None for a base feature size; per dimension:
-# the base feature it measures ('out', 'in', 'hidden'); the adapter kind that alone has it, if one)
-_SHAPES = {
-    "A": (["R", None], ["", "in"], None), "B": ([None, "R"], ["out", ""], None), "M": ([None], ["out"], None),
-    "eA": (["E", "r", None], ["", "", "in"], "mixlora"), "eB": (["E", None, "r"], ["", "out", ""], "mixlora"),
-    "eM": (["E", None], ["", "out"], "mixlora"), "router": (["E", None], ["", "hidden"], "mixlora"),
-    "task_embedding": (["T", None], ["", "in"], "more"), "gate_w": (["K", None], ["", "in"], "more"),
-    "gate_b": (["K"], [""], "more"),
-}
-
-
-def _config_dims(config, family: ModelFamily, module: str) -> dict[str, tuple[str, int]]:
-    """The config's sizes that a tensor of ``module`` must show: symbol → (config key, value)."""
-    if isinstance(config, MoreConfig):
-        return {"R": ("max_rank", config.max_rank), "T": ("tasks", len(config.tasks or [])),
-                "K": ("ranks", len(config.rank_set))}
-    if isinstance(config, MixLoraConfig):
-        attention = module.rsplit(".", 1)[0].endswith(f".{family.attention}")
-        r_key = "attention_r" if attention and config.attention_r is not None else "r"
-        return {"R": (r_key, config.attention_lora().r), "r": ("r", config.r), "E": ("num_experts", config.num_experts)}
-    return {"R": ("r", config.r)}
+def _role_of(key: str, kind: AdapterKind) -> tuple[TensorRole, re.Match] | tuple[str, None]:
+    """The role of ``key`` among ``kind``'s tensors and its match; else (the name of another kind that has such
+    a tensor, None), or ("", None) when no kind has one."""
+    for role in kind.roles:
+        m = role.match(key)
+        if m:
+            return role, m
+    owner = next((other.name for other in registered_kinds() if any(r.match(key) for r in other.roles)), "")
+    return owner, None
 
 
 def check_tensor_shapes(config, family: ModelFamily, shapes: Mapping[str, tuple[int, ...]], *, weights: Path,
                         config_file: Path) -> dict[str, tuple[int, int]]:
     """Every tensor's config-given dimensions (rank, experts, tasks) against ``config``, and the base
     feature sizes (out, in) of each module consistent across its tensors; an ``AdapterLoadError`` names
-    the tensor, its shape, and the config key and value it contradicts.
+    the tensor, its shape, and the config key and value it contradicts. The kind says what its tensors look
+    like (``AdapterKind.roles``) and which sizes its config sets (``AdapterKind.sizes``).
 
     Returns base module path (e.g. ``model.layers.0.mlp.gate_proj``) → (out, in) features, plus
     ``"<ffn path>"`` → (0, hidden) for MixLoRA routers.
     """
     seen: dict[tuple[str, str], tuple[int, str]] = {}  # (base module, 'out'/'in') → (size, key that set it)
+    kind = kind_of(config)
     for key, shape in shapes.items():
-        for pattern, role in _ROLES:
-            m = pattern.match(key)
-            if m:
-                break
-        else:
+        role, m = _role_of(key, kind)
+        if m is None and not role:
             raise AdapterLoadError(f"{weights}: '{key}' is not a tensor of a loramix adapter (unexpected key)")
-        module = m["m"]
-        symbols, features, owner = _SHAPES[role]
-        if owner is not None and owner != config.kind:
-            raise AdapterLoadError(f"{weights}: '{key}' is a tensor of a '{owner}' adapter, but {config_file.name} "
+        if m is None:
+            raise AdapterLoadError(f"{weights}: '{key}' is a tensor of a '{role}' adapter, but {config_file.name} "
                                    f"says the adapter is '{config.kind}': the settings and the weights do not belong "
                                    "together; use the adapter's own adapter_config.json")
-        dims = _config_dims(config, family, module)
+        module = m["m"]
+        symbols, features = role.dims, role.features
+        dims = kind.sizes(config, family, module)
         if len(shape) != len(symbols):
-            raise AdapterLoadError(f"{weights}: '{key}' has shape {shape}, but a {role.lstrip('e')} "
+            raise AdapterLoadError(f"{weights}: '{key}' has shape {shape}, but a {role.label} "
                                    f"tensor of this adapter has {len(symbols)} dimension(s)")
         for axis, (symbol, feature) in enumerate(zip(symbols, features)):
             size = int(shape[axis])
@@ -304,7 +280,7 @@ def check_tensor_shapes(config, family: ModelFamily, shapes: Mapping[str, tuple[
                         f"{name} = {value if name != 'tasks' else config.tasks} (dimension {axis} should be {value}): "
                         "the settings and the weights do not belong together; fix the config or save the adapter again")
                 continue
-            base = f"{module}.{m['p']}" if role in ("eA", "eB", "eM") else module
+            base = f"{module}.{m['p']}" if "p" in m.groupdict() else module  # a projection inside the module
             slot = (base, "in") if feature == "hidden" else (base, feature)
             if slot in seen and seen[slot][0] != size:
                 raise AdapterLoadError(
@@ -320,18 +296,10 @@ def check_tensor_shapes(config, family: ModelFamily, shapes: Mapping[str, tuple[
 
 def expected_keys(config, family: ModelFamily, num_layers: int) -> set[str]:
     """The loramix keys a loramix adapter of ``config`` over ``num_layers`` decoder layers holds
-    (DoRA magnitudes included): what ``inject`` creates, named as the modules name their tensors."""
-    plain, experts = targeted_projections(config, family)
-    use_dora = getattr(config, "use_dora", False)
-    # the tensors of one adapted projection, and of a MixLoRA FFN block
-    own = list(MoreLinear.TENSOR_NAMES) if isinstance(config, MoreConfig) else LoraLinear.tensor_names(use_dora)
-    ffn = MixLoraFFN.tensor_names(experts, use_dora) if isinstance(config, MixLoraConfig) else []
-    keys = set()
-    for layer in range(num_layers):
-        prefix = f"{family.layers}.{layer}"
-        keys |= {f"{prefix}.{block}.{p}.{t}" for block, ps in plain.items() for p in ps for t in own}
-        keys |= {f"{prefix}.{family.ffn}.{t}" for t in ffn}
-    return keys
+    (DoRA magnitudes included): what ``inject`` creates, the tensors of the kind's sites in every layer."""
+    sites = kind_of(config).sites(config, family)
+    return {f"{family.layers}.{layer}.{site.path}.{t}" for layer in range(num_layers) for site in sites
+            for t in site.tensors}
 
 
 def check_key_set(adapter: AdapterFolder, config_file: Path) -> None:

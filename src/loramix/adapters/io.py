@@ -29,10 +29,11 @@ from .. import hub
 from ..config import LoraConfig
 from ..models.inject import adapter_parameters, adapter_state, inject, unload
 from ..models.many import stack_adapters
+from ..modules import kind_of
 from ..version import __version__
 from .authors import finish_authors_load
 from .common import (
-    CONFIG_NAME, FORMAT, FORMAT_VERSION, NOT_PEFT, SIDECAR_NAME, WEIGHTS_NAME, AdapterLoadError, base_model_name,
+    CONFIG_NAME, FORMAT, FORMAT_VERSION, SIDECAR_NAME, WEIGHTS_NAME, AdapterLoadError, base_model_name,
     copy_adapter_tensors, write_json, write_safetensors,
 )
 from .folder import read_adapter_config, read_adapter_folder, read_safetensors
@@ -64,7 +65,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, A
         "num_layers": getattr(model.config, "num_hidden_layers", None),
         "extra": extra or {},
     }
-    if isinstance(state.config, LoraConfig):
+    not_peft = kind_of(state.config).peft_type  # what PEFT-aware tools read; None: a PEFT LoRA folder
+    if not_peft is None:
         peft_tensors, peft_config = _peft_files(tensors, state.config, state.family.fan_in_fan_out, base_model)
         write_safetensors(out / WEIGHTS_NAME, peft_tensors)
         write_json(out / SIDECAR_NAME, meta)
@@ -72,7 +74,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, A
         return out
     # as the LoRA writer records it (peft_adapter_files): a name transformers can load, so that
     # from_pretrained(folder) reaches PEFT's peft_type lookup and its message, not the Hub with an alias
-    meta = {"peft_type": NOT_PEFT[state.config.kind], "base_model_name_or_path": hub.transformers_name(base_model),
+    meta = {"peft_type": not_peft, "base_model_name_or_path": hub.transformers_name(base_model),
             **meta}
     write_safetensors(out / WEIGHTS_NAME, tensors)
     write_json(out / CONFIG_NAME, meta)

@@ -23,16 +23,17 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..config import ConfigError, MoreConfig, implicit_task
-from ..models.inject import _restore, adapter_state, more_modules
+from ..config import ConfigError, implicit_task
+from ..models.inject import adapter_state, merge_and_unload
+from ..modules import kind_of, more_modules
 from .common import base_model_name
 from .peft import LoraFactors, write_peft_adapter
 
 
-def more_config(model: nn.Module) -> MoreConfig:
-    """The ``MoreConfig`` of an injected model; a clear error for other adapters."""
+def more_config(model: nn.Module) -> Any:
+    """The config of an injected model's per-task adapter (``MoreConfig``); a clear error for other adapters."""
     config = adapter_state(model).config
-    if not isinstance(config, MoreConfig):
+    if not kind_of(config).per_task:
         raise ValueError(f"this model has a '{config.kind}' adapter; per-task operations need a MoRE adapter")
     return config
 
@@ -60,9 +61,9 @@ def adapter_task_index(model: nn.Module, data_tasks: set[str] | list[str]) -> di
     not name (its samples would have no task embedding).
     """
     config = adapter_state(model).config
-    if not isinstance(config, MoreConfig):
+    tasks = kind_of(config).tasks(config)
+    if tasks is None:
         return None
-    tasks = config.tasks or []
     unknown = sorted(set(data_tasks) - set(tasks))
     if unknown:
         raise ConfigError(f"the training data holds task(s) {unknown} that the MoRE adapter does not name; "
@@ -154,10 +155,10 @@ def merge_task(model: nn.Module, task: str | int) -> nn.Module:
     Returns:
         The same model object, now a plain transformers model (no hooks, no adapter modules) whose
         outputs equal the adapter model's outputs for that task. On a quantized base it is a dense
-        model in the compute dtype (see ``models.inject._restore``).
+        model in the compute dtype (see ``models.inject.merge_and_unload``).
     """
     index = task_index(model, task)
-    return _restore(model, merge=True, delta_of=lambda m: m.delta_weight(index))
+    return merge_and_unload(model, delta=lambda m: m.delta_weight(index))
 
 
 def export_task_peft(model: nn.Module, task: str | int, out_dir: str | os.PathLike, *,

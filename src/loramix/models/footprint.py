@@ -25,19 +25,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig
-from ..modules.quantized import adapter_dtype_for, logical_shape
+from ..config import ConfigError
+from ..modules import kind_of
 from .registry import decoder_layers, family_of
 
 # A trained element has: itself, its gradient, AdamW's exp_avg and exp_avg_sq.
 TRAINING_COPIES = 4
-# Settings that set an adapter's size, per config kind (named in the refusal).
-SIZE_SETTINGS = {LoraConfig: ("r",), MixLoraConfig: ("r", "num_experts", "attention_r"),
-                 MoreConfig: ("max_rank", "num_tasks")}
 
 
 @dataclass
@@ -56,46 +54,15 @@ class Footprint:
         self.training_bytes[device] = self.training_bytes.get(device, 0) + size
 
 
-def _lora(need: Footprint, module: nn.Module, config: LoraConfig, fan_in_fan_out: bool) -> None:
-    n_in, n_out = logical_shape(module, fan_in_fan_out)
-    need.add(config.r * (n_in + n_out) + (n_out if config.use_dora else 0), module,
-             adapter_dtype_for(module, config.adapter_dtype))
-
-
-def _more(need: Footprint, module: nn.Module, config: MoreConfig, fan_in_fan_out: bool) -> None:
-    n_in, n_out = logical_shape(module, fan_in_fan_out)
-    tasks, ranks = len(config.named_tasks()), len(config.rank_set)
-    need.add(config.max_rank * (n_in + n_out) + tasks * n_in + ranks * (n_in + 1), module,
-             adapter_dtype_for(module, config.adapter_dtype))
-
-
-def adapter_footprint(model: nn.Module, config: LoraConfig | MixLoraConfig | MoreConfig) -> Footprint:
+def adapter_footprint(model: nn.Module, config: Any) -> Footprint:
     """The ``Footprint`` of the adapter ``inject(model, config)`` would add, computed from the shapes alone
-    (nothing is allocated; an already-injected model's projections count as their frozen base)."""
-    from .inject import targeted_projections  # inject calls this module: imported when first used
-
-    family = family_of(model)
-    chosen, ffn_targets = targeted_projections(config, family)
-    attention = config.attention_lora() if isinstance(config, MixLoraConfig) else config
+    (nothing is allocated; an already-injected model's projections count as their frozen base): the sum of
+    what each of the kind's sites says its replacement holds (``modules/kinds.Site.footprint``)."""
+    sites = kind_of(config).sites(config, family_of(model))
     need = Footprint()
-    for layer in decoder_layers(model, family):
-        for block_name, projections in chosen.items():
-            for name in projections:
-                module = getattr(getattr(layer, block_name), name)
-                if isinstance(attention, MoreConfig):
-                    _more(need, module, attention, family.fan_in_fan_out)
-                else:
-                    _lora(need, module, attention, family.fan_in_fan_out)
-        if isinstance(config, MixLoraConfig):
-            ffn = getattr(layer, family.ffn)
-            output = getattr(ffn, family.ffn_output)
-            dtype = adapter_dtype_for(output, config.adapter_dtype)
-            hidden = logical_shape(getattr(ffn, family.ffn_inputs[0]), family.fan_in_fan_out)[0]
-            elements = config.num_experts * hidden  # the router
-            for name in ffn_targets:
-                n_in, n_out = logical_shape(getattr(ffn, name), family.fan_in_fan_out)
-                elements += config.num_experts * (config.r * (n_in + n_out) + (n_out if config.use_dora else 0))
-            need.add(elements, output, dtype)  # MixLoraFFN puts router and experts beside its output projection
+    for layer in decoder_layers(model, family_of(model)):
+        for site in sites:
+            need.add(*site.footprint(layer.get_submodule(site.path)))
     return need
 
 
@@ -128,7 +95,7 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**27 else f"{math.ceil(n / 2**20)} MiB"
 
 
-def check_adapter_fits(model: nn.Module, config: LoraConfig | MixLoraConfig | MoreConfig) -> Footprint:
+def check_adapter_fits(model: nn.Module, config: Any) -> Footprint:
     """The adapter's ``Footprint``, or a ``ConfigError`` when training it would not fit in the memory available
     on a device it would live on (``available_memory``): the error gives both sizes and names the settings
     that set the size, as the training config spells them (``adapter.r``, ``adapter.num_experts``, ...).
@@ -138,7 +105,7 @@ def check_adapter_fits(model: nn.Module, config: LoraConfig | MixLoraConfig | Mo
         free = available_memory(device)
         if free is None or size <= free:
             continue
-        names = [n for n in SIZE_SETTINGS[type(config)] if getattr(config, n, None) is not None]
+        names = [n for n in kind_of(config).size_settings if getattr(config, n, None) is not None]
         settings = " or ".join(f"adapter.{n} (now {getattr(config, n)})" for n in names)
         raise ConfigError(
             f"the {config.kind} adapter would hold {need.parameters:,} parameters and needs {_gib(size)} on {device} "

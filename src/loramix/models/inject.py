@@ -18,15 +18,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from ..config import ConfigError, LoraConfig, MixLoraConfig, MoreConfig
-from ..modules import ForwardContext, LoraLinear, MixLoraFFN, MoreLinear, frozen_weight, is_quantized
+from ..modules import ForwardContext, adapter_modules, frozen_weight, is_quantized, kind_of, moe_layers
+from ..modules import more_modules  # noqa: F401  (its public name here since before the kinds)
 from ..modules.quantized import keep_4bit_layout
 from .footprint import check_adapter_fits
 from . import losses
@@ -66,59 +65,10 @@ def adapter_state(model: nn.Module) -> AdapterState:
     return state
 
 
-def _resolve(requested: list[str] | None, available: dict[str, tuple[str, ...]], key: str,
-             family: ModelFamily) -> dict[str, set[str]]:
-    """Map requested projection names onto (block → projection names) of the family.
-
-    ``available`` maps a block attribute ('self_attn', 'mlp') to its projections. A name may be
-    qualified with its block ('mlp.c_proj') where two blocks share it.
-    """
-    chosen: dict[str, set[str]] = {block: set() for block in available}
-    names = requested if requested is not None else [f"{b}.{p}" for b, ps in available.items() for p in ps]
-    for name in names:
-        hit = False
-        for block, projections in available.items():
-            for p in projections:
-                if name in (p, f"{block}.{p}"):
-                    chosen[block].add(p)
-                    hit = True
-        if not hit:
-            valid = sorted({p for ps in available.values() for p in ps})
-            raise ConfigError(
-                f"'{key}' names '{name}', which is not a projection of model family '{family.name}'. "
-                f"Valid names: {', '.join(valid)}"
-            )
-    return chosen
-
-
-def targeted_projections(config: LoraConfig | MixLoraConfig | MoreConfig,
-                         family: ModelFamily) -> tuple[dict[str, set[str]], set[str]]:
-    """The projections an adapter of ``config`` replaces: block → projections given their own LoRA (MoRE)
-    module, and the FFN projections given expert LoRAs (MixLoRA; empty for the others)."""
-    if isinstance(config, MixLoraConfig):
-        attention = _resolve(config.attention_targets, {family.attention: family.attention_projections},
-                             "attention_targets", family)
-        ffn = _resolve(config.ffn_targets, {family.ffn: family.ffn_projections}, "ffn_targets", family)
-        return attention, ffn[family.ffn]
-    blocks = {family.attention: family.attention_projections, family.ffn: family.ffn_projections}
-    return _resolve(config.targets, blocks, "targets", family), set()
-
-
-def _mixlora_ffn(ffn: nn.Module, cfg: MixLoraConfig, targets: set[str], family: ModelFamily,
-                 context: ForwardContext) -> MixLoraFFN:
-    """The family says where the FFN's parts are; the config is passed whole (its settings are the module's)."""
-    return MixLoraFFN(
-        ffn, cfg, kind=family.ffn_kind, input_projections=family.ffn_inputs, output_projection=family.ffn_output,
-        activation=getattr(ffn, family.activation),
-        output_dropout=getattr(ffn, family.ffn_dropout) if family.ffn_dropout else None,
-        targets=sorted(targets), fan_in_fan_out=set(family.ffn_projections) if family.fan_in_fan_out else set(),
-        context=context,
-    )
-
-
-def inject(model: nn.Module, config: LoraConfig | MixLoraConfig | MoreConfig) -> nn.Module:
-    """Add a loramix adapter (``LoraConfig``, ``MixLoraConfig`` or ``MoreConfig``) to a transformers causal LM
-    of a registered family (e.g. a ``LlamaForCausalLM``), in place; base weights are frozen.
+def inject(model: nn.Module, config: Any) -> nn.Module:
+    """Add a loramix adapter (the config of a registered kind: ``LoraConfig``, ``MixLoraConfig``, ``MoreConfig``)
+    to a transformers causal LM of a registered family (e.g. a ``LlamaForCausalLM``), in place; base weights are
+    frozen. The kind says which modules of each decoder layer it replaces and how (``modules/kinds.py``).
 
     Returns the same model object. Its forward accepts the usual arguments (and ``task_ids`` for MoRE);
     with ``labels`` its ``loss`` includes the weighted auxiliary losses in training mode (``losses.compose_loss``;
@@ -129,37 +79,24 @@ def inject(model: nn.Module, config: LoraConfig | MixLoraConfig | MoreConfig) ->
                         "unpack it: model, tokenizer = loramix.hub.load_model(...)")
     if getattr(model, "loramix_adapter", None) is not None:
         raise ValueError("this model already has a loramix adapter; unload() it first or load into a fresh model")
-    if not isinstance(config, (LoraConfig, MixLoraConfig, MoreConfig)):
-        raise TypeError(f"inject() takes a LoraConfig, MixLoraConfig or MoreConfig, got {type(config).__name__}")
-    if isinstance(config, MoreConfig):
-        config.named_tasks()  # its error before the model is touched
+    kind = kind_of(config)  # a TypeError naming the config classes
+    kind.check(config)  # its errors before the model is touched
     family = family_of(model)
-    chosen, ffn_targets = targeted_projections(config, family)
+    sites = kind.sites(config, family)
     check_adapter_fits(model, config)  # before anything is allocated: an error naming adapter.r / num_experts
     context = ForwardContext()
-    # The modules take their config whole; the family says how the base stores its weights.
-    projection = functools.partial(MoreLinear if isinstance(config, MoreConfig) else LoraLinear,
-                                   config=config.attention_lora() if isinstance(config, MixLoraConfig) else config,
-                                   fan_in_fan_out=family.fan_in_fan_out, context=context)
 
     for p in model.parameters():
         p.requires_grad_(False)
     keep_4bit_layout(model)  # a bitsandbytes CPU repack, undone before state_dict() would corrupt it
     for layer in decoder_layers(model, family):
-        for block_name, projections in chosen.items():
-            block = getattr(layer, block_name)
-            for p in sorted(projections):
-                setattr(block, p, projection(getattr(block, p)))
-        if isinstance(config, MixLoraConfig):
-            ffn = getattr(layer, family.ffn)
-            setattr(layer, family.ffn, _mixlora_ffn(ffn, config, ffn_targets, family, context))
+        for site in sites:
+            layer.set_submodule(site.path, site.build(layer.get_submodule(site.path), context))
 
     # New modules are born in training mode. Give each the mode of the module it replaced, so that
     # an eval-mode model stays deterministic (adapter dropout off) until the caller calls .train().
-    for module in model.modules():
-        replaced = getattr(module, "_base_module", None) or getattr(module, "_original_ffn", None)
-        if replaced is not None:
-            module.train(replaced[0].training)
+    for _, module in adapter_modules(model):
+        module.train(module.replaced.training)
 
     state = AdapterState(config=config, family=family, context=context)
     state.hooks.append(model.register_forward_pre_hook(_capture_inputs(state), with_kwargs=True))
@@ -206,20 +143,10 @@ def _capture_inputs(state: AdapterState):
     return hook
 
 
-def moe_layers(model: nn.Module) -> list[MixLoraFFN]:
-    """The model's MixLoRA FFN blocks in layer order."""
-    return [m for m in model.modules() if isinstance(m, MixLoraFFN)]
-
-
 def auxiliary_losses(model: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Mean load-balance loss and mean router z-loss over the MoE layers of the last forward."""
     raw = losses.auxiliary_losses(moe_layers(model))
     return raw.get("aux_loss"), raw.get("z_loss")
-
-
-def more_modules(model: nn.Module) -> dict[str, MoreLinear]:
-    """The model's MoRE projections by module path (e.g. ``model.layers.0.self_attn.q_proj``)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, MoreLinear)}
 
 
 def _add_auxiliary_losses(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -327,11 +254,6 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         context.disabled = previous
 
 
-def _lora_delta(module: nn.Module) -> torch.Tensor | None:
-    """What ``merge_and_unload`` folds into a module's base weight: a LoRA/DoRA update (out, in), else None."""
-    return module.delta_weight() if isinstance(module, LoraLinear) else None
-
-
 def _fold(base: nn.Module, delta: torch.Tensor, fan_in_fan_out: bool, dense_dtype: torch.dtype) -> nn.Module:
     """``base`` with ``delta`` (out, in) added to its weight; the module to put back into the model.
 
@@ -347,40 +269,27 @@ def _fold(base: nn.Module, delta: torch.Tensor, fan_in_fan_out: bool, dense_dtyp
     return base
 
 
-def _restore(model: nn.Module, merge: bool,
-             delta_of: Callable[[nn.Module], torch.Tensor | None] = _lora_delta) -> nn.Module:
-    """Put the replaced modules back and remove the adapter; with ``merge``, first fold ``delta_of(module)``
-    (out, in) into each adapted projection's weight (``merge_task`` passes one MoRE task's update).
+def _restore(model: nn.Module, delta_of: Callable[[nn.Module], torch.Tensor | None] | None) -> nn.Module:
+    """Put the replaced modules back and remove the adapter; with ``delta_of``, first fold ``delta_of(module)``
+    (out, in; None: nothing) into the weight of each adapted projection.
 
     On a quantized base a merge returns a dense model: every quantized projection is dequantized into
     an ``nn.Linear`` in the compute dtype (the adapted ones with their update added), and the
     quantization config is dropped, so ``save_pretrained`` writes a plain checkpoint.
     """
     state = adapter_state(model)
-    if merge and delta_of is _lora_delta and isinstance(state.config, MoreConfig):
-        raise ValueError(
-            "a MoRE adapter holds one update per task; merge one task with "
-            "loramix.adapters.more_tasks.merge_task(model, task) (CLI: loramix merge --task NAME)"
-        )
-    if merge and isinstance(state.config, MixLoraConfig):
-        raise ValueError(
-            "a MixLoRA adapter routes each token to its own experts and cannot be merged into one dense FFN; "
-            "export it as a Mixture-of-Experts model (loramix export --format mixtral) or use unload()"
-        )
+    merge = delta_of is not None
     quantized = merge and quantization_of(model) is not None
     dense_dtype = compute_dtype(model)
     replacements = []
-    for name, module in model.named_modules():
-        if isinstance(module, (LoraLinear, MoreLinear)):
-            original = module._base_module[0]
-            if merge:
-                with torch.no_grad():
-                    delta = delta_of(module)
-                    if delta is not None:
-                        original = _fold(original, delta, module.fan_in_fan_out, dense_dtype)
-            replacements.append((name, original))
-        elif isinstance(module, MixLoraFFN):
-            replacements.append((name, module._original_ffn[0]))
+    for name, module in adapter_modules(model):
+        original = module.replaced
+        if merge:
+            with torch.no_grad():
+                delta = delta_of(module)
+                if delta is not None:
+                    original = _fold(original, delta, module.fan_in_fan_out, dense_dtype)
+        replacements.append((name, original))
     for name, original in replacements:
         model.set_submodule(name, original)
     for hook in state.hooks:
@@ -393,11 +302,26 @@ def _restore(model: nn.Module, merge: bool,
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold a LoRA/DoRA adapter into the base weights and return the plain transformers model."""
-    return _restore(model, merge=True)
+def merge_and_unload(model: nn.Module, delta: Callable[[nn.Module], torch.Tensor | None] | None = None) -> nn.Module:
+    """Fold the adapter into the base weights and return the plain transformers model.
+
+    Args:
+        delta: adapter module → the update (out, in) to add to the weight of the projection it replaced, or None;
+            default: the module's own ``merged_delta()`` (LoRA/DoRA), after the kind's ``merge_refusal`` (MixLoRA,
+            MoRE) raises. ``adapters.more_tasks.merge_task`` passes one MoRE task's update.
+    """
+    if delta is None:
+        refusal = kind_of(adapter_state(model).config).merge_refusal
+        if refusal:
+            raise ValueError(refusal)
+        delta = _merged_delta
+    return _restore(model, delta)
+
+
+def _merged_delta(module: nn.Module) -> torch.Tensor | None:
+    return module.merged_delta()
 
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove the adapter without merging; the base model is restored exactly."""
-    return _restore(model, merge=False)
+    return _restore(model, None)

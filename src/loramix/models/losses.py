@@ -33,12 +33,14 @@ import torch
 from torch import nn
 
 from ..modules.auxiliary import collect
+from ..modules.kinds import auxiliary_loss_weights
 
 # The label of a position no loss counts (prompt tokens, padding): cross_entropy's default ignore_index.
 # data/ labels its examples and pads its batches with it (models/ cannot import data/, so it lives here).
 IGNORE_INDEX = -100
-# (name of the raw loss on the model output, config field of its weight)
-AUXILIARY_LOSSES = (("aux_loss", "aux_loss_coef"), ("z_loss", "z_loss_coef"), ("contrastive_loss", "contrastive_coef"))
+# (name of the raw loss on the model output, config field of its weight), as the kinds declare them:
+# aux_loss / aux_loss_coef, z_loss / z_loss_coef (MixLoRA), contrastive_loss / contrastive_coef (MoRE)
+AUXILIARY_LOSSES = auxiliary_loss_weights()
 
 
 def auxiliary_losses(modules: Iterable[nn.Module], *, consume: bool = False,

@@ -303,11 +303,12 @@ def dense_state(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str,
     share the frozen weight of the projection they replaced, which is dequantized through that
     original module.
     """
+    from ..modules import adapter_modules
     from ..modules.quantized import frozen_weight, is_quantized
 
     dtype = dtype or compute_dtype(model)
     owners: dict[int, nn.Module] = {}
-    originals = [original for module in model.modules() for original in getattr(module, "_base_module", ())]
+    originals = [module.replaced for _, module in adapter_modules(model)]
     for module in originals + list(model.modules()):  # the replaced originals first: they hold the 8-bit scales
         if is_quantized(module):
             owners.setdefault(id(module.weight), module)

@@ -24,6 +24,9 @@ class ForwardContext:
             trainer sets it during training steps only: each forward then holds one all-reduce per layer).
         inference_only: when True the adapters skip what only training reads (the load-balance, z and
             contrastive losses, the router's load statistics): ``loramix serve`` sets it.
+        checked_task_ids: (the ``task_ids`` object given, a key of its batch, device and version, the checked
+            (B,) long tensor), set by the first module that converts and checks them in a forward, so that the
+            others (every MoRE projection sees the same object) skip the check's host sync; or None.
     """
 
     def __init__(self) -> None:
@@ -33,6 +36,7 @@ class ForwardContext:
         self.disabled = False
         self.balance_group: Any = None
         self.inference_only = False
+        self.checked_task_ids: tuple | None = None
 
     def valid_tokens(self, batch: int, length: int) -> torch.Tensor | None:
         """(batch * length,) bool for a hidden state (batch, length, d), or None if all are real.

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from .context import ForwardContext
+from .kinds import AdapterKind, AdapterModule, Site, TensorRole, register, resolve_targets
 from .quantized import adapter_dtype_for, frozen_weight, is_quantized, logical_shape
 
 
@@ -161,12 +162,12 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.linear(x, weight, bias)
 
 
-class FrozenProjection(nn.Module):
+class FrozenProjection(AdapterModule):
     """The frozen projection that ``LoraLinear`` and ``MoreLinear`` wrap: its weight, bias and how to call it.
 
     Registers the base module's own ``weight``/``bias`` Parameters (quantized: the packed codes or the
     torchao tensor), so the base's parameter names and state-dict keys do not change; keeps the base
-    module itself unregistered in ``_base_module`` (for ``unload``, and to call a quantized base).
+    module itself unregistered as ``replaced`` (for ``unload``, and to call a quantized base).
 
     Args:
         base: ``nn.Linear``, GPT-2 ``Conv1D``, or a quantized linear (see ``quantized.py``).
@@ -177,30 +178,22 @@ class FrozenProjection(nn.Module):
     """
 
     def __init__(self, base: nn.Module, fan_in_fan_out: bool, context: ForwardContext | None = None) -> None:
-        super().__init__()
+        super().__init__(base)
         self.fan_in_fan_out = fan_in_fan_out
         self.quantized = is_quantized(base)
         self.in_features, self.out_features = logical_shape(base, fan_in_fan_out)
         self.weight = base.weight
         self.bias = getattr(base, "bias", None)
-        self._base_module = [base]  # not registered: unload() puts it back
         self.context = context if context is not None else ForwardContext()
-
-    def train(self, mode: bool = True) -> "FrozenProjection":
-        """Also sets the mode of the unregistered base module, which ``model.train()`` cannot reach: a
-        quantized layer computes differently per mode (bitsandbytes' 8-bit layer quantizes activations
-        only in eval mode), and it must train as it would under PEFT."""
-        self._base_module[0].train(mode)
-        return super().train(mode)
 
     def weight_out_in(self) -> torch.Tensor:
         """The frozen weight as (out, in); dequantized afresh for a quantized base (``frozen_weight``)."""
-        return frozen_weight(self._base_module[0], fan_in_fan_out=self.fan_in_fan_out)
+        return frozen_weight(self.replaced, fan_in_fan_out=self.fan_in_fan_out)
 
     def frozen(self, x: torch.Tensor) -> torch.Tensor:
         """``W x + b``, (..., in) → (..., out); a quantized base is called as a module."""
         if self.quantized:
-            return self._base_module[0](x)
+            return self.replaced(x)
         return frozen_linear(x, self.weight, self.bias, self.fan_in_fan_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,7 +208,7 @@ class FrozenProjection(nn.Module):
         ``weight.*`` / ``SCB``), so the frozen keys are exactly those of the model before ``inject``."""
         if not self.quantized:
             return super()._save_to_state_dict(destination, prefix, keep_vars)
-        self._base_module[0]._save_to_state_dict(destination, prefix, keep_vars)
+        self.replaced._save_to_state_dict(destination, prefix, keep_vars)
         for name, param in self._parameters.items():
             if name not in ("weight", "bias") and param is not None:
                 destination[prefix + name] = param if keep_vars else param.detach()
@@ -259,6 +252,16 @@ class LoraLinear(FrozenProjection):
         weight = self.weight_out_in().float()  # dequantized once for a quantized base
         return merged_lora_weight(weight, self.lora_A, self.lora_B, self.scale, self.lora_magnitude) - weight
 
+    def merged_delta(self) -> torch.Tensor:
+        """What merging folds into the frozen weight: ``delta_weight()``, (out, in)."""
+        return self.delta_weight()
+
+    def reset_dora_magnitude(self) -> None:
+        """DoRA: the magnitude set to the row norms of the current ``W + s B A``; nothing for plain LoRA."""
+        if self.use_dora:
+            with torch.no_grad():
+                self.lora_magnitude.copy_(self.weight_norm())
+
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """Adapted output given the frozen output ``base_out = W x + b`` (both (..., in/out))."""
         # Everything runs in the dtype of the frozen output (see "Precision" above): the small adapter
@@ -293,3 +296,57 @@ class LoraLinear(FrozenProjection):
     def extra_repr(self) -> str:
         kind = "dora" if self.use_dora else "lora"
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}, {kind}"
+
+
+# ============================================================================================ the kind
+# A LoRA's tensors in a file: A (R, in), B (out, R), DoRA's magnitude (out,); R is the config's rank.
+LORA_ROLES = (TensorRole("A", "lora_A", ("R", None), ("", "in")), TensorRole("B", "lora_B", (None, "R"), ("out", "")),
+              TensorRole("M", "lora_magnitude", (None,), ("out",)))
+
+
+def projection_sites(chosen: dict[str, set[str]], tensors: list[str], build, elements,
+                     fan_in_fan_out: bool) -> list[Site]:
+    """One ``Site`` per chosen projection (block → projection names; sorted within a block, blocks in order).
+
+    Args:
+        tensors: the replacement's adapter tensors. build: (projection, context) → its adapter module.
+        elements: (in, out) of a projection → (its adapter elements, the config's ``adapter_dtype``); they live
+            beside the projection, in ``adapter_dtype_for(projection, adapter_dtype)``.
+        fan_in_fan_out: the family stores its weights (in, out) (GPT-2's Conv1D).
+    """
+    def footprint(module: nn.Module) -> tuple[int, nn.Module, torch.dtype]:
+        count, dtype = elements(*logical_shape(module, fan_in_fan_out))
+        return count, module, adapter_dtype_for(module, dtype)
+
+    return [Site(f"{block}.{p}", tuple(tensors), build, footprint) for block, ps in chosen.items() for p in sorted(ps)]
+
+
+def lora_sites(config: LoraConfig, chosen: dict[str, set[str]], family) -> list[Site]:
+    """``LoraLinear`` sites on the chosen projections (also MixLoRA's attention LoRAs, with its attention config)."""
+    def build(base: nn.Module, context: ForwardContext) -> LoraLinear:
+        return LoraLinear(base, config, fan_in_fan_out=family.fan_in_fan_out, context=context)
+
+    def elements(n_in: int, n_out: int) -> tuple[int, str | None]:
+        return config.r * (n_in + n_out) + (n_out if config.use_dora else 0), config.adapter_dtype
+
+    return projection_sites(chosen, LoraLinear.tensor_names(config.use_dora), build, elements, family.fan_in_fan_out)
+
+
+class LoraKind(AdapterKind):
+    """Plain LoRA / rsLoRA / DoRA: a ``LoraLinear`` on each targeted projection; merges; saved as a PEFT LoRA."""
+
+    name, title, config_class = "lora", "LoRA", LoraConfig
+    roles = LORA_ROLES
+    size_settings = ("r",)
+    export_refusals = {"mixtral": "format 'mixtral' exports MixLoRA adapters; this is a 'lora' adapter "
+                                  "(use --format peft or --format merged)"}
+
+    def sites(self, config: LoraConfig, family) -> list[Site]:
+        blocks = {family.attention: family.attention_projections, family.ffn: family.ffn_projections}
+        return lora_sites(config, resolve_targets(config.targets, blocks, "targets", family), family)
+
+    def sizes(self, config: LoraConfig, family, module: str) -> dict[str, tuple[str, int]]:
+        return {"R": ("r", config.r)}
+
+
+register(LoraKind())

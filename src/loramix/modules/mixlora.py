@@ -54,7 +54,10 @@ from torch.utils.checkpoint import checkpoint
 from ..config import MixLoraConfig
 from .auxiliary import keep_auxiliary
 from .context import ForwardContext
-from .lora import LoraDropout, LoraLinear, dora_output, dora_weight_norm, lora_factors, lora_input
+from .kinds import AdapterKind, AdapterModule, Site, TensorRole, register, resolve_targets
+from .lora import (
+    LORA_ROLES, LoraDropout, LoraLinear, dora_output, dora_weight_norm, lora_factors, lora_input, lora_sites,
+)
 from .quantized import adapter_dtype_for, frozen_weight, logical_shape
 from .routing import (
     Routing, expert_counts, load_balance_loss, route_switch, route_top_k, route_top_p, router_statistics, router_z_loss,
@@ -172,14 +175,14 @@ class IndexAddRows(torch.autograd.Function):
         return (grad if ctx.needs_input_grad[0] else None), None, grad_rows
 
 
-class MixLoraFFN(nn.Module):
+class MixLoraFFN(AdapterModule):
     """A frozen FFN turned into a sparse mixture of LoRA experts behind a router.
 
     The frozen projections stay registered under their original names, so the base model's
     state-dict keys are unchanged; the adapter adds ``router.weight`` (E, d) and ``experts.*``.
 
     Args:
-        ffn: the model's FFN module being replaced (kept for ``unload`` and disabled mode).
+        ffn: the model's FFN module being replaced (``replaced``: for ``unload`` and disabled mode).
         kind: 'gated', 'fused' or 'plain' (see the module docstring).
         input_projections: names of the projections reading x, e.g. ('gate_proj', 'up_proj').
         output_projection: name of the projection producing the output, e.g. 'down_proj'.
@@ -213,7 +216,7 @@ class MixLoraFFN(nn.Module):
         fan_in_fan_out: set[str],
         context: ForwardContext,
     ) -> None:
-        super().__init__()
+        super().__init__(ffn)
         if kind not in FFN_KINDS:
             raise ValueError(f"unknown FFN kind '{kind}', expected one of {FFN_KINDS}")
         self.kind = kind
@@ -252,16 +255,10 @@ class MixLoraFFN(nn.Module):
             self.experts.lora_A[t], self.experts.lora_B[t] = A, B
             if self.use_dora:
                 self.experts.lora_magnitude[t] = nn.Parameter(self.weight_norm(t).to(factory["dtype"]))
-        self._original_ffn = [ffn]  # not registered: unload() puts it back
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
         self.last_prob: torch.Tensor | None = None
-
-    def train(self, mode: bool = True) -> "MixLoraFFN":
-        """Also the unregistered original FFN block (its projections are registered here already)."""
-        self._original_ffn[0].train(mode)
-        return super().train(mode)
 
     # ----------------------------------------------------------------------------------- helpers
     def projection_shape(self, name: str) -> tuple[int, int]:
@@ -365,7 +362,7 @@ class MixLoraFFN(nn.Module):
     # ----------------------------------------------------------------------------------- forward
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.context.disabled:
-            return self._original_ffn[0](hidden_states)
+            return self.replaced(hidden_states)
         batch, length, dim = hidden_states.shape
         x = hidden_states.reshape(-1, dim)
         valid = self.context.valid_tokens(batch, length)
@@ -501,6 +498,82 @@ class MixLoraFFN(nn.Module):
         """Names (relative to this module) of the trainable adapter tensors."""
         return self.tensor_names(self.targets, self.use_dora)
 
+    def reset_dora_magnitude(self) -> None:
+        """DoRA: each expert's magnitudes set to the row norms of its current ``W + s B_e A_e``."""
+        if self.use_dora:
+            with torch.no_grad():
+                for t in self.targets:
+                    self.experts.lora_magnitude[t].copy_(self.weight_norm(t))
+
     def extra_repr(self) -> str:
         return (f"kind={self.kind}, experts={self.num_experts}, routing={self.routing}, r={self.r}, "
                 f"targets={self.targets}, dispatch={self.dispatch}")
+
+
+def moe_layers(model: nn.Module) -> list[MixLoraFFN]:
+    """The model's MixLoRA FFN blocks in layer order."""
+    return [m for m in model.modules() if isinstance(m, MixLoraFFN)]
+
+
+# ============================================================================================ the kind
+class MixLoraKind(AdapterKind):
+    """MixLoRA: a LoRA on each attention target, the FFN block replaced by a ``MixLoraFFN``; not mergeable."""
+
+    name, title, config_class = "mixlora", "MixLoRA", MixLoraConfig
+    # the attention LoRAs (R = attention_r, else r); per FFN projection P the experts' stacked
+    # A (E, r, in_P), B (E, out_P, r), DoRA magnitude (E, out_P); the router (E, hidden)
+    roles = (*LORA_ROLES, TensorRole("A", r"experts\.lora_A\.(?P<p>\w+)", ("E", "r", None), ("", "", "in")),
+             TensorRole("B", r"experts\.lora_B\.(?P<p>\w+)", ("E", None, "r"), ("", "out", "")),
+             TensorRole("M", r"experts\.lora_magnitude\.(?P<p>\w+)", ("E", None), ("", "out")),
+             TensorRole("router", r"router\.weight", ("E", None), ("", "hidden")))
+    size_settings = ("r", "num_experts", "attention_r")
+    auxiliary_losses = {"aux_loss": "aux_loss_coef", "z_loss": "z_loss_coef"}
+    merge_refusal = ("a MixLoRA adapter routes each token to its own experts and cannot be merged into one dense FFN; "
+                     "export it as a Mixture-of-Experts model (loramix export --format mixtral) or use unload()")
+    export_refusals = {
+        "peft": "a MixLoRA adapter has token-routed experts, which a PEFT LoRA cannot represent; use --format mixtral",
+        "merged": "a MixLoRA adapter routes each token to its own experts and has no single merged FFN; "
+                  "use --format mixtral",
+    }
+    peft_type = ("LORAMIX_MIXLORA (a loramix MixLoRA adapter, not a PEFT one: load it with loramix.load_adapter, "
+                 "or convert it with `loramix export ADAPTER --format mixtral --out DIR` and load DIR as a model)")
+
+    def sites(self, config: MixLoraConfig, family) -> list[Site]:
+        attention = resolve_targets(config.attention_targets, {family.attention: family.attention_projections},
+                                    "attention_targets", family)
+        targets = sorted(resolve_targets(config.ffn_targets, {family.ffn: family.ffn_projections}, "ffn_targets",
+                                         family)[family.ffn])
+        fan_in_fan_out = set(family.ffn_projections) if family.fan_in_fan_out else set()
+
+        def build(ffn: nn.Module, context: ForwardContext) -> MixLoraFFN:
+            # the family says where the FFN's parts are; the config is passed whole (its settings are the module's)
+            return MixLoraFFN(
+                ffn, config, kind=family.ffn_kind, input_projections=family.ffn_inputs,
+                output_projection=family.ffn_output, activation=getattr(ffn, family.activation),
+                output_dropout=getattr(ffn, family.ffn_dropout) if family.ffn_dropout else None,
+                targets=targets, fan_in_fan_out=fan_in_fan_out, context=context)
+
+        def footprint(ffn: nn.Module) -> tuple[int, nn.Module, torch.dtype]:
+            """Router and experts, which ``MixLoraFFN`` puts beside its output projection."""
+            output = getattr(ffn, family.ffn_output)
+            hidden = logical_shape(getattr(ffn, family.ffn_inputs[0]), family.fan_in_fan_out)[0]
+            elements = config.num_experts * hidden  # the router
+            for name in targets:
+                n_in, n_out = logical_shape(getattr(ffn, name), family.fan_in_fan_out)
+                elements += config.num_experts * (config.r * (n_in + n_out) + (n_out if config.use_dora else 0))
+            return elements, output, adapter_dtype_for(output, config.adapter_dtype)
+
+        tensors = tuple(MixLoraFFN.tensor_names(targets, config.use_dora))
+        return [*lora_sites(config.attention_lora(), attention, family), Site(family.ffn, tensors, build, footprint)]
+
+    def sizes(self, config: MixLoraConfig, family, module: str) -> dict[str, tuple[str, int]]:
+        attention = module.rsplit(".", 1)[0].endswith(f".{family.attention}")
+        r_key = "attention_r" if attention and config.attention_r is not None else "r"
+        return {"R": (r_key, config.attention_lora().r), "r": ("r", config.r), "E": ("num_experts", config.num_experts)}
+
+    def lora_scale(self, config: MixLoraConfig, family, module: str) -> float:
+        # the attention LoRA has its own r/alpha; config.scale is the experts'
+        return config.attention_lora().scale if module.split(".")[-2] == family.attention else config.scale
+
+
+register(MixLoraKind())

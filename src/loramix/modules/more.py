@@ -32,7 +32,8 @@ from torch import nn
 from ..config import MoreConfig, implicit_task
 from .auxiliary import keep_auxiliary
 from .context import ForwardContext
-from .lora import FrozenProjection, LoraDropout, lora_factors, lora_input
+from .kinds import AdapterKind, Site, TensorRole, register, resolve_targets
+from .lora import LORA_ROLES, FrozenProjection, LoraDropout, lora_factors, lora_input, projection_sites
 from .quantized import adapter_dtype_for
 
 
@@ -204,7 +205,7 @@ class MoreLinear(FrozenProjection):
             return torch.full((batch,), int(default), dtype=torch.long, device=device)
         # Every MoRE module of the model sees the same task_ids object in one forward: convert and
         # check it once (the range check is a host sync, which on a GPU should not happen per module).
-        cached = getattr(self.context, "_more_task_ids", None)
+        cached = self.context.checked_task_ids
         key = (batch, device, getattr(ids, "_version", None))  # _version: in-place edits invalidate
         if cached is not None and cached[0] is ids and cached[1] == key:
             return cached[2]
@@ -216,7 +217,7 @@ class MoreLinear(FrozenProjection):
             raise ValueError(f"task_ids has {ids.numel()} entries but the batch has {batch} samples")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_tasks):
             raise ValueError(f"task_ids must lie in [0, {self.num_tasks}), got {ids.tolist()}")
-        self.context._more_task_ids = (original, key, ids)
+        self.context.checked_task_ids = (original, key, ids)
         return ids
 
     # ---------------------------------------------------------------------------------- math
@@ -280,3 +281,58 @@ class MoreLinear(FrozenProjection):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, max_rank={self.max_rank}, ranks={self.ranks}, "
                 f"tasks={self.num_tasks}, scale={self.scale:g}, selector={self.selector_kind}")
+
+
+def more_modules(model: nn.Module) -> dict[str, MoreLinear]:
+    """The model's MoRE projections by module path (e.g. ``model.layers.0.self_attn.q_proj``)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoreLinear)}
+
+
+# ============================================================================================ the kind
+class MoreKind(AdapterKind):
+    """MoRE: a ``MoreLinear`` on each targeted projection; one update per task (merged and exported per task)."""
+
+    name, title, config_class = "more", "MoRE", MoreConfig
+    # A and B of rank R = max_rank, then the selector: task embeddings (T, in), gate (K, in) and (K,)
+    roles = (*LORA_ROLES[:2], TensorRole("task_embedding", r"selector\.task_embedding", ("T", None), ("", "in")),
+             TensorRole("gate_w", r"selector\.gate\.weight", ("K", None), ("", "in")),
+             TensorRole("gate_b", r"selector\.gate\.bias", ("K",), ("",)))
+    size_settings = ("max_rank", "num_tasks")
+    auxiliary_losses = {"contrastive_loss": "contrastive_coef"}
+    per_task = True
+    merge_refusal = ("a MoRE adapter holds one update per task; merge one task with "
+                     "loramix.adapters.more_tasks.merge_task(model, task) (CLI: loramix merge --task NAME)")
+    export_refusals = {
+        "peft": "a MoRE adapter exports one task at a time: give --task NAME",
+        "merged": "a MoRE adapter holds one update per task: merge one task with --task NAME",
+        "mixtral": "format 'mixtral' exports MixLoRA adapters; this is a MoRE adapter "
+                   "(use --format peft or --format merged with --task)",
+    }
+    peft_type = ("LORAMIX_MORE (a loramix MoRE adapter, not a PEFT one: load it with loramix.load_adapter, or write "
+                 "one task as a PEFT LoRA with `loramix export ADAPTER --format peft --task NAME --out DIR`)")
+
+    def check(self, config: MoreConfig) -> None:
+        config.named_tasks()
+
+    def sites(self, config: MoreConfig, family) -> list[Site]:
+        blocks = {family.attention: family.attention_projections, family.ffn: family.ffn_projections}
+
+        def build(base: nn.Module, context: ForwardContext) -> MoreLinear:
+            return MoreLinear(base, config, fan_in_fan_out=family.fan_in_fan_out, context=context)
+
+        def elements(n_in: int, n_out: int) -> tuple[int, str | None]:
+            tasks, ranks = len(config.named_tasks()), len(config.rank_set)
+            return config.max_rank * (n_in + n_out) + tasks * n_in + ranks * (n_in + 1), config.adapter_dtype
+
+        chosen = resolve_targets(config.targets, blocks, "targets", family)
+        return projection_sites(chosen, list(MoreLinear.TENSOR_NAMES), build, elements, family.fan_in_fan_out)
+
+    def sizes(self, config: MoreConfig, family, module: str) -> dict[str, tuple[str, int]]:
+        return {"R": ("max_rank", config.max_rank), "T": ("tasks", len(config.tasks or [])),
+                "K": ("ranks", len(config.rank_set))}
+
+    def tasks(self, config: MoreConfig) -> list[str]:
+        return list(config.tasks or [])
+
+
+register(MoreKind())

@@ -44,6 +44,8 @@ import copy
 import torch
 from torch import nn
 
+from .kinds import AdapterModule
+
 def quantization_kind(module: nn.Module) -> str | None:
     """``"bnb-4bit"``, ``"bnb-8bit"``, ``"torchao"`` or None (a plain float weight).
 
@@ -120,9 +122,8 @@ def frozen_weight(module: nn.Module, *, fan_in_fan_out: bool = False) -> torch.T
         >>> frozen_weight(lin) is lin.weight
         True
     """
-    base = getattr(module, "_base_module", None)
-    if base is not None:  # a loramix LoraLinear / MoreLinear: its frozen projection (8-bit keeps scales there)
-        module = base[0]
+    if isinstance(module, AdapterModule):  # a LoraLinear / MoreLinear: its frozen projection (8-bit keeps scales there)
+        module = module.replaced
     kind = quantization_kind(module)
     weight = module.weight
     if kind is None:
