@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
+from ..modules import kind_of
 from .report import write_json, write_report
 from .study import StudyConfig, load_study, study_from_dict
 
@@ -124,9 +125,7 @@ def _adapter_config(study: StudyConfig, name: str, tasks: list[str], adapter: di
 
 def _fill_tasks(cfg: Any, tasks: list[str]) -> Any:
     """A MoRE adapter without task names gets the study's tasks (numbered in the study's order)."""
-    from ..config import MoreConfig
-
-    if isinstance(cfg.adapter, MoreConfig) and cfg.adapter.tasks is None:
+    if kind_of(cfg.adapter).per_task and cfg.adapter.tasks is None:
         cfg.adapter.tasks, cfg.adapter.num_tasks = list(tasks), len(tasks)
     return cfg
 
@@ -244,7 +243,7 @@ def execute_run(spec: dict[str, Any], *, threads: int | None = None, progress: b
                       step_seconds=round(gaps[len(gaps) // 2], 4) if gaps else None, final_loss=loss,
                       train_seconds=round(time.perf_counter() - start, 2))
         model, tokenizer = trainer.model, trainer.tokenizer
-        task_ids = trainer.job.task_index if cfg.adapter.kind == "more" else None
+        task_ids = trainer.job.task_index if kind_of(cfg.adapter).per_task else None
     if result["status"] == "completed":
         scored = time.perf_counter()
         result.update(_score(model, tokenizer, spec["eval"], task_ids, progress))

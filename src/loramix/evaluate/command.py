@@ -77,8 +77,10 @@ def _adapter_tasks(meta: dict[str, Any], tasks_in_data: set[str]) -> dict[str, i
         ValueError: the data holds a task a MoRE adapter does not name.
     """
     from ..adapters.more_tasks import recorded_task_index
+    from ..modules import kind_named
 
-    if meta.get("kind") != "more":
+    kind = kind_named(meta.get("kind"))
+    if kind is None or not kind.per_task:
         return None
     index = recorded_task_index(meta)
     unknown = sorted(tasks_in_data - set(index or {}))

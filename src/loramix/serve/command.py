@@ -24,6 +24,7 @@ from ..cli import (
 )
 from ..config import SEED_RANGE, is_seed
 from ..hub import EMBEDDED_NAME, load_model
+from ..modules import kind_named
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if args.task is not None and not args.adapter:
         raise UsageError("--task needs a MoRE --adapter")
     meta = read_adapter_config(args.adapter) if args.adapter else {}
-    if meta.get("kind") == "more" and args.task is None:
+    kind = kind_named(meta.get("kind"))
+    if kind is not None and kind.per_task and args.task is None:
         args.task = bare_name_task(meta)
         if args.task is None:
             raise UsageError(f"{args.adapter} is a MoRE adapter with several tasks and no default_task: each task "

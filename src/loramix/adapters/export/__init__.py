@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from ... import hub
-from ...config import MoreConfig
 from ...models.inject import adapter_state
+from ...modules import kind_named, kind_of
 from ...models.quantize import check_quantization
 from .. import more_tasks
 from ..authors import is_authors_format
@@ -111,8 +111,10 @@ def export_adapter(adapter: str | os.PathLike | nn.Module, out_dir: str | os.Pat
         return _export_model(adapter, out, format=format, tokenizer=tokenizer, **options)
     meta = read_adapter_config(adapter)
     base_name = base or meta["base_model"]
-    if is_authors_format(meta) or meta.get("kind") == "more":
-        # The authors' format (pickled weights, read safely) and MoRE (per-task factors) need the model.
+    kind = kind_named(meta.get("kind"))
+    if is_authors_format(meta) or (kind is not None and kind.per_task):
+        # The authors' format (pickled weights, read safely) and per-task adapters (MoRE: a task's factors)
+        # need the model.
         model, tok = _load_base_model(_required_base(base_name, adapter), quantization)
         load_adapter(model, adapter)
         return _export_model(model, out, format=format, tokenizer=tok, **options)
@@ -125,16 +127,17 @@ def _export_model(model: nn.Module, out: Path, *, format: str, task: str | None,
     """Export from an injected in-memory model (the model keeps its adapter, except MoRE merged)."""
     config = adapter_state(model).config
     base_name = base_model_name(model)
-    if isinstance(config, MoreConfig):
+    kind = kind_of(config)
+    if kind.per_task:  # one task's update is a plain LoRA: exported or merged through more_tasks
         if task is None:
-            raise ExportError(f"a MoRE adapter holds one update per task: give --task (one of {config.tasks})")
+            raise ExportError(f"a {kind.title} adapter holds one update per task: give --task "
+                              f"(one of {kind.tasks(config)})")
         if format == "peft":
             return more_tasks.export_task_peft(model, task, out, base_model_name_or_path=base_name)
         if format == "merged":
             plain = more_tasks.merge_task(model, task)
             return save_plain(plain, out, tokenizer=tokenizer, dtype=options["dtype"])
-        raise ExportError("format 'mixtral' exports MixLoRA adapters; this is a MoRE adapter "
-                          "(use --format peft or --format merged with --task)")
+        raise ExportError(kind.export_refusal(format))
     return _export_tensors(AdapterWeights.from_model(model), lambda: BaseWeights.from_model(model, tokenizer), out,
                            format=format, task=task, base_name=base_name, **options)
 

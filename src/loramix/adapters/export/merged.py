@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...config import MixLoraConfig, MoreConfig
+from ...modules import kind_of
 from ..common import ExportError
 from .weights import (
     DEFAULT_MAX_SHARD_SIZE, AdapterWeights, BaseWeights, ShardWriter, check_adapter_matches, merge_or_copy,
@@ -24,11 +24,9 @@ def export_merged_streaming(base: BaseWeights, adapter: AdapterWeights, out_dir:
                             dtype: torch.dtype | None = None,
                             max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, progress: bool = True) -> Path:
     """Write base + LoRA/DoRA merged as a plain Hugging Face folder, one tensor at a time."""
-    if isinstance(adapter.config, MixLoraConfig):
-        raise ExportError("a MixLoRA adapter routes each token to its own experts and has no single merged FFN; "
-                          "use --format mixtral")
-    if isinstance(adapter.config, MoreConfig):
-        raise ExportError("a MoRE adapter holds one update per task: merge one task with --task NAME")
+    refusal = kind_of(adapter.config).export_refusal("merged")
+    if refusal:
+        raise ExportError(refusal)
     check_adapter_matches(adapter, base)
     # Every adapter module must have its base weight, else the export would silently leave it out.
     orphans = sorted({k.rpartition(".")[0] for k in adapter.keys()} - {k.rpartition(".")[0] for k in base.keys()})

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from ...config import MixLoraConfig
+from ...modules import kind_of
 from ...models.registry import FAMILIES
 from ..common import ExportError
 from .weights import (
@@ -95,9 +96,9 @@ def supported_moe_families() -> dict[str, str]:
 
 def _sibling_for(adapter: AdapterWeights) -> MoeSibling:
     config, family = adapter.config, adapter.family
-    if not isinstance(config, MixLoraConfig):
-        raise ExportError(f"format 'mixtral' exports MixLoRA adapters; this is a '{config.kind}' adapter "
-                          "(use --format peft or --format merged)")
+    refusal = kind_of(config).export_refusal("mixtral")
+    if refusal:
+        raise ExportError(refusal)
     supported = ", ".join(f"{d} → {m}" for d, m in supported_moe_families().items())
     if family.moe_sibling not in SIBLINGS:
         raise ExportError(

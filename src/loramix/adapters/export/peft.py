@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ...config import MixLoraConfig, MoreConfig
+from ...modules import kind_of
 from ..common import ExportError
 from ..peft import LoraFactors, split_lora_tensors
 from .weights import AdapterWeights
@@ -14,10 +14,8 @@ from .weights import AdapterWeights
 def peft_factors(adapter: AdapterWeights) -> tuple[LoraFactors, dict[str, torch.Tensor] | None]:
     """A plain LoRA/DoRA adapter's factors for ``write_peft_adapter``, in fp32: path → (A, s·B), and magnitudes."""
     config = adapter.config
-    if isinstance(config, MixLoraConfig):
-        raise ExportError("a MixLoRA adapter has token-routed experts, which a PEFT LoRA cannot represent; "
-                          "use --format mixtral")
-    if isinstance(config, MoreConfig):
-        raise ExportError("a MoRE adapter exports one task at a time: give --task NAME")
+    refusal = kind_of(config).export_refusal("peft")
+    if refusal:
+        raise ExportError(refusal)
     tensors = {key: adapter.get(key).float() for key in adapter.keys()}
     return split_lora_tensors(tensors, use_dora=config.use_dora, scale=config.scale)

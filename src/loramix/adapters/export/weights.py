@@ -26,10 +26,10 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...config import MixLoraConfig
 from ...models.inject import adapter_parameters, adapter_state
 from ...models.quantize import dense_state, plain_config
 from ...models.registry import ModelFamily
+from ...modules import kind_of
 from ...modules.lora import merged_lora_weight
 from ..common import AdapterLoadError, ExportError, write_json
 from ..folder import read_adapter_folder, split_layer
@@ -239,9 +239,8 @@ def merge_or_copy(key: str, base: BaseWeights, adapter: AdapterWeights, dtype: t
     tensor = base.get(key)
     module, _, param = key.rpartition(".")
     if param == "weight" and f"{module}.lora_A" in adapter:
-        config, in_attention = adapter.config, module.split(".")[-2] == adapter.family.attention
-        # MixLoRA's attention LoRA has its own r/alpha; config.scale is its experts' (and a plain LoRA's)
-        scale = config.attention_lora().scale if isinstance(config, MixLoraConfig) and in_attention else config.scale
+        # the kind's scale of the LoRA on this module (MixLoRA's attention LoRA has its own r/alpha)
+        scale = kind_of(adapter.config).lora_scale(adapter.config, adapter.family, module)
         magnitude = adapter.get(f"{module}.lora_magnitude") if f"{module}.lora_magnitude" in adapter else None
         tensor = merged_weight(tensor, adapter.get(f"{module}.lora_A"), adapter.get(f"{module}.lora_B"), scale,
                                magnitude, fan_in_fan_out=adapter.family.fan_in_fan_out)
