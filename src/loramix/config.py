@@ -132,7 +132,7 @@ def _yaml_children(node: yaml.Node) -> list[yaml.Node]:
     return list(node.value) if isinstance(node, yaml.SequenceNode) else []
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+def help_field(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
     """A dataclass field with a ``default`` (or a default ``factory``) and its help text."""
     return field(default=default, default_factory=factory, metadata={"help": text})
 
@@ -310,18 +310,18 @@ class LoraConfig(_AdapterSettings):
 
     kind: ClassVar[str] = "lora"
 
-    r: int = _help("LoRA rank.", 8)
-    alpha: float = _help("LoRA alpha; the scale is alpha / r (alpha / sqrt(r) with use_rslora).", 16)
-    dropout: float = _help("Dropout on the LoRA input (0 allowed).", 0.05)
-    targets: list[str] | None = _help(
+    r: int = help_field("LoRA rank.", 8)
+    alpha: float = help_field("LoRA alpha; the scale is alpha / r (alpha / sqrt(r) with use_rslora).", 16)
+    dropout: float = help_field("Dropout on the LoRA input (0 allowed).", 0.05)
+    targets: list[str] | None = help_field(
         "Projection names to adapt, e.g. [q_proj, v_proj] or 'mlp.c_proj' to disambiguate; "
         "null adapts every attention and FFN projection of the model family.",
         factory=lambda: list(ATTENTION_TARGETS),
     )
-    use_dora: bool = _help("DoRA: learned magnitude per output feature times the normalised weight.", False)
-    use_rslora: bool = _help("rsLoRA scaling alpha / sqrt(r).", False)
-    init: str = _help(INIT_HELP, "kaiming")
-    adapter_dtype: str | None = _help(ADAPTER_DTYPE_HELP, None)
+    use_dora: bool = help_field("DoRA: learned magnitude per output feature times the normalised weight.", False)
+    use_rslora: bool = help_field("rsLoRA scaling alpha / sqrt(r).", False)
+    init: str = help_field(INIT_HELP, "kaiming")
+    adapter_dtype: str | None = help_field(ADAPTER_DTYPE_HELP, None)
 
     def __post_init__(self) -> None:
         self._check_lora()
@@ -338,40 +338,40 @@ class MixLoraConfig(_AdapterSettings):
 
     kind: ClassVar[str] = "mixlora"
 
-    r: int = _help("Rank of every expert LoRA.", 16)
-    alpha: float = _help("Expert LoRA alpha (scale alpha / r).", 32)
-    dropout: float = _help("Expert LoRA input dropout (0 allowed).", 0.05)
-    num_experts: int = _help("Experts per FFN block.", 8)
-    top_k: int = _help("Experts per token for routing 'top_k'.", 2)
-    routing: str = _help("'top_k' (default), 'top_p' (dynamic) or 'switch' (top-1 with capacity).", "top_k")
-    top_p: float = _help("routing top_p: keep the smallest prefix of experts reaching this probability.", 0.8)
-    temperature: float = _help("routing top_p: the router logits are divided by this.", 1.0)
-    max_experts: int | None = _help("routing top_p: cap on experts per token (null: no cap).", None)
-    capacity_factor: float = _help("routing switch: capacity = ceil(capacity_factor * tokens / experts).", 1.0)
-    attention_targets: list[str] | None = _help(
+    r: int = help_field("Rank of every expert LoRA.", 16)
+    alpha: float = help_field("Expert LoRA alpha (scale alpha / r).", 32)
+    dropout: float = help_field("Expert LoRA input dropout (0 allowed).", 0.05)
+    num_experts: int = help_field("Experts per FFN block.", 8)
+    top_k: int = help_field("Experts per token for routing 'top_k'.", 2)
+    routing: str = help_field("'top_k' (default), 'top_p' (dynamic) or 'switch' (top-1 with capacity).", "top_k")
+    top_p: float = help_field("routing top_p: keep the smallest prefix of experts reaching this probability.", 0.8)
+    temperature: float = help_field("routing top_p: the router logits are divided by this.", 1.0)
+    max_experts: int | None = help_field("routing top_p: cap on experts per token (null: no cap).", None)
+    capacity_factor: float = help_field("routing switch: capacity = ceil(capacity_factor * tokens / experts).", 1.0)
+    attention_targets: list[str] | None = help_field(
         "Attention projections given a plain LoRA (null: all of the family's, [] : none).",
         factory=lambda: list(ATTENTION_TARGETS),
     )
-    ffn_targets: list[str] | None = _help(
+    ffn_targets: list[str] | None = help_field(
         "FFN projections given expert LoRAs (null: all of the family's); the others stay frozen.",
         factory=lambda: ["gate_proj", "up_proj", "down_proj"],
     )
-    attention_r: int | None = _help("Rank of the attention LoRA (null: r).", None)
-    attention_alpha: float | None = _help("Alpha of the attention LoRA (null: alpha).", None)
-    attention_dropout: float | None = _help("Dropout of the attention LoRA (null: dropout).", None)
-    use_dora: bool = _help("DoRA experts and attention LoRA.", False)
-    use_rslora: bool = _help("rsLoRA scaling for experts and attention LoRA.", False)
-    init: str = _help(INIT_HELP, "kaiming")
-    aux_loss_coef: float = _help("Weight of the load-balance loss added to the LM loss.", 0.01)
-    z_loss_coef: float = _help("Weight of the router z-loss.", 0.0)
-    jitter: float = _help("Training only: router input multiplied by U(1-jitter, 1+jitter).", 0.0)
-    router_init_std: float = _help("Std of the normal init of the router weight.", 0.02)
-    dispatch: str = _help("'sorted' (fast path) or 'naive' (per-expert loop, for comparison).", "sorted")
-    recompute_experts: bool = _help(
+    attention_r: int | None = help_field("Rank of the attention LoRA (null: r).", None)
+    attention_alpha: float | None = help_field("Alpha of the attention LoRA (null: alpha).", None)
+    attention_dropout: float | None = help_field("Dropout of the attention LoRA (null: dropout).", None)
+    use_dora: bool = help_field("DoRA experts and attention LoRA.", False)
+    use_rslora: bool = help_field("rsLoRA scaling for experts and attention LoRA.", False)
+    init: str = help_field(INIT_HELP, "kaiming")
+    aux_loss_coef: float = help_field("Weight of the load-balance loss added to the LM loss.", 0.01)
+    z_loss_coef: float = help_field("Weight of the router z-loss.", 0.0)
+    jitter: float = help_field("Training only: router input multiplied by U(1-jitter, 1+jitter).", 0.0)
+    router_init_std: float = help_field("Std of the normal init of the router weight.", 0.02)
+    dispatch: str = help_field("'sorted' (fast path) or 'naive' (per-expert loop, for comparison).", "sorted")
+    recompute_experts: bool = help_field(
         "Recompute the expert activations in backward instead of keeping them (less memory, ~1 more FFN forward).",
         False,
     )
-    adapter_dtype: str | None = _help(ADAPTER_DTYPE_HELP, None)
+    adapter_dtype: str | None = help_field(ADAPTER_DTYPE_HELP, None)
 
     def __post_init__(self) -> None:
         self._check_lora()
@@ -422,35 +422,35 @@ class MoreConfig(_AdapterSettings):
 
     kind: ClassVar[str] = "more"
 
-    max_rank: int = _help("R, the rank of the shared LoRA; expert k uses its first k components.", 8)
-    ranks: list[int] | None = _help("The rank set the selector chooses from (null: 1..max_rank), e.g. [2, 4, 8].", None)
-    alpha: float = _help("LoRA alpha; the scale is alpha / max_rank.", 32)
-    dropout: float = _help("Dropout on the LoRA input (0 allowed).", 0.1)
-    targets: list[str] | None = _help(
+    max_rank: int = help_field("R, the rank of the shared LoRA; expert k uses its first k components.", 8)
+    ranks: list[int] | None = help_field("The rank set the selector chooses from (null: 1..max_rank), e.g. [2, 4, 8].", None)
+    alpha: float = help_field("LoRA alpha; the scale is alpha / max_rank.", 32)
+    dropout: float = help_field("Dropout on the LoRA input (0 allowed).", 0.1)
+    targets: list[str] | None = help_field(
         "Projection names to adapt (attention and/or FFN, e.g. [q_proj, v_proj, down_proj]); "
         "null adapts every attention and FFN projection of the model family.", None,
     )
-    tasks: list[str] | None = _help(
+    tasks: list[str] | None = help_field(
         "Task names, numbered in this order (task_ids index them). Null: filled by the trainer from the "
         "data, or task0..task{num_tasks-1} when num_tasks is set.", None,
     )
-    num_tasks: int | None = _help("Number of tasks (null: len(tasks)).", None)
-    linear_scaling: bool = _help(
+    num_tasks: int | None = help_field("Number of tasks (null: len(tasks)).", None)
+    linear_scaling: bool = help_field(
         "Scale component i by c_i = i/max_rank on its A row and B column (c_i² overall).", True,
     )
-    contrastive_coef: float = _help("λ, weight of the task contrastive loss added to the LM loss.", 0.1)
-    temperature: float = _help("τ of the task contrastive loss.", 0.05)
-    selector: str = _help(
+    contrastive_coef: float = help_field("λ, weight of the task contrastive loss added to the LM loss.", 0.1)
+    temperature: float = help_field("τ of the task contrastive loss.", 0.05)
+    selector: str = help_field(
         "'ste' (selector trained through the straight-through estimator, the paper) or 'frozen_random' "
         "(ranks drawn once from the random initial selector and frozen, the authors' released code).", "ste",
     )
-    task_embedding_std: float = _help("Std of the normal init of the task embeddings.", 0.01)
-    init: str = _help(INIT_HELP, "kaiming")
-    default_task: str | None = _help(
+    task_embedding_std: float = help_field("Std of the normal init of the task embeddings.", 0.01)
+    init: str = help_field(INIT_HELP, "kaiming")
+    default_task: str | None = help_field(
         "Task used when the model is called without task_ids (null: the only task of a one-task adapter; "
         "with several tasks a missing task_ids is an error).", None,
     )
-    adapter_dtype: str | None = _help(ADAPTER_DTYPE_HELP, None)
+    adapter_dtype: str | None = help_field(ADAPTER_DTYPE_HELP, None)
 
     def __post_init__(self) -> None:
         self._check_lora(rank="max_rank")

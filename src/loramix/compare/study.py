@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, Settings, _help, is_int
+from ..config import ConfigError, Settings, help_field as _help, is_int
 from ..data.tasks import canonical_task
 from ..hub import EMBEDDED_NAME
 from ..train.config import TrainConfig, apply_overrides, read_yaml, resolve_path, train_config_from_dict
@@ -170,9 +170,9 @@ def study_from_dict(values: Any, where: str = "study", overrides: list[str] | No
     if overrides:
         values = apply_overrides(values, overrides)
         where = f"{where} (with command-line overrides)"
-    from ..train.config import _fix_yaml_floats
+    from ..train.config import fix_yaml_floats
 
-    study = StudyConfig.from_dict(_fix_yaml_floats(values), where)
+    study = StudyConfig.from_dict(fix_yaml_floats(values), where)
     for name in study.trained_methods():
         study.train_config(name, study.seeds[0], where=where)
     return study

@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from ..config import (
-    DTYPE_NAMES, SEED_RANGE, AdapterConfig, ConfigError, MixLoraConfig, Settings, _help, dtype_name, is_int, is_seed,
+    DTYPE_NAMES, SEED_RANGE, AdapterConfig, ConfigError, MixLoraConfig, Settings, help_field, dtype_name, is_int, is_seed,
     load_yaml,
 )
 from ..data.tasks import TASKS
@@ -52,27 +52,27 @@ DTYPES = ("auto", *DTYPE_NAMES)  # the one table of dtype names is config.DTYPE_
 class DataConfig(Settings):
     """Which examples to train and evaluate on, and how to turn them into tokens."""
 
-    train: list = _help(
+    train: list = help_field(
         f"Training sources: task names ({', '.join(TASKS)}), "
         ".json/.jsonl files or Hub dataset ids; an entry may be a mapping {source: NAME, limit: N}. "
         "Several sources are mixed into one run.", factory=lambda: ["arc-e"])
-    train_limit: int | None = _help("Default cap on examples per training source (a random sample; null or 0: all).",
+    train_limit: int | None = help_field("Default cap on examples per training source (a random sample; null or 0: all).",
                                     None)
-    train_split: str = _help("Split read from the training sources.", "train")
-    sampling: str = _help(
+    train_split: str = help_field("Split read from the training sources.", "train")
+    sampling: str = help_field(
         "How the per-source example lists become one training set: 'concat' (concatenate; the batch "
         "order is shuffled anyway). Other strategies come from loramix.data.sampling.", "concat")
-    eval: list = _help("Evaluation sources (multiple-choice tasks or files); [] disables evaluation.",
+    eval: list = help_field("Evaluation sources (multiple-choice tasks or files); [] disables evaluation.",
                        factory=lambda: ["arc-e"])
-    eval_split: str = _help("Split used for evaluation: validation or test.", "validation")
-    eval_limit: int | None = _help("Evaluate on the first N rows of each evaluation source (null or 0: all).", None)
-    eval_protocols: list = _help(
+    eval_split: str = help_field("Split used for evaluation: validation or test.", "validation")
+    eval_limit: int | None = help_field("Evaluate on the first N rows of each evaluation source (null or 0: all).", None)
+    eval_protocols: list = help_field(
         "Accuracy protocols: 'label' (logits of the option letters, the MixLoRA paper's) and/or "
         "'loglik' (length-normalised log-likelihood of each choice).", factory=lambda: ["label"])
-    eval_batch_size: int = _help("Sequences per forward pass during evaluation.", 16)
-    template: str = _help("Prompt template (a name from loramix/data/templates.yaml or a .yaml file).", "mc_letters")
-    cutoff_len: int = _help("Longest training sequence in tokens; longer prompts are cut from the left.", 256)
-    train_on_prompt: bool = _help("Also put loss on the prompt tokens (default: answer tokens only).", False)
+    eval_batch_size: int = help_field("Sequences per forward pass during evaluation.", 16)
+    template: str = help_field("Prompt template (a name from loramix/data/templates.yaml or a .yaml file).", "mc_letters")
+    cutoff_len: int = help_field("Longest training sequence in tokens; longer prompts are cut from the left.", 256)
+    train_on_prompt: bool = help_field("Also put loss on the prompt tokens (default: answer tokens only).", False)
 
     def __post_init__(self) -> None:
         for name in ("train", "eval"):
@@ -108,55 +108,55 @@ class DataConfig(Settings):
 class TrainConfig(Settings):
     """Everything one training run needs. Nested: ``adapter`` (read from a mapping with ``kind``) and ``data``."""
 
-    model: Any = _help(f"Base model: '{EMBEDDED_NAME}' (embedded), a local Hugging Face folder or a Hub id.",
+    model: Any = help_field(f"Base model: '{EMBEDDED_NAME}' (embedded), a local Hugging Face folder or a Hub id.",
                        EMBEDDED_NAME)
-    dtype: str = _help("Weights dtype of the base model: auto (bf16 on capable GPUs, fp32 on CPU), fp32, bf16, fp16. "
+    dtype: str = help_field("Weights dtype of the base model: auto (bf16 on capable GPUs, fp32 on CPU), fp32, bf16, fp16. "
                        "Adapter weights stay fp32; on CUDA half dtypes also turn on autocast.", "auto")
-    device: str = _help("auto (CUDA when available), cpu, cuda, cuda:1, mps ...", "auto")
-    quantization: str | None = _help(
+    device: str = help_field("auto (CUDA when available), cpu, cuda, cuda:1, mps ...", "auto")
+    quantization: str | None = help_field(
         "Quantize the frozen base while loading it (QLoRA): nf4, nf4-double (bitsandbytes 4-bit, double-quantized "
         "scales), int8 (bitsandbytes LLM.int8), torchao-int8, torchao-int4, or null (no quantization). 'dtype' is "
         "then the compute dtype; adapter weights stay fp32.", None)
-    adapter: AdapterConfig = _help("The adapter: {kind: lora | mixlora | more, plus that kind's settings (r, alpha, "
+    adapter: AdapterConfig = help_field("The adapter: {kind: lora | mixlora | more, plus that kind's settings (r, alpha, "
                                    "num_experts, top_k, ...)}; see loramix.config.", factory=MixLoraConfig)
-    data: DataConfig = _help("Training and evaluation data (see the data.* keys).", factory=DataConfig)
-    batch_size: int = _help("Examples per micro-batch (one forward/backward).", 4)
-    grad_accum: int = _help("Micro-batches per optimizer step; the loss is normalised by the number of answer "
+    data: DataConfig = help_field("Training and evaluation data (see the data.* keys).", factory=DataConfig)
+    batch_size: int = help_field("Examples per micro-batch (one forward/backward).", 4)
+    grad_accum: int = help_field("Micro-batches per optimizer step; the loss is normalised by the number of answer "
                             "tokens in the whole accumulation window.", 1)
-    lr: float = _help("Peak learning rate of AdamW.", 2e-4)
-    weight_decay: float = _help("AdamW weight decay (not applied to DoRA magnitude vectors).", 0.01)
-    betas: list = _help("AdamW betas.", factory=lambda: [0.9, 0.999])
-    warmup_steps: int = _help("Steps of linear warmup from 0 to lr (takes precedence over warmup_ratio).", 0)
-    warmup_ratio: float = _help("Warmup as a fraction of the total steps, used when warmup_steps is 0.", 0.0)
-    schedule: str = _help("Learning-rate schedule after warmup: constant, linear (to 0) or cosine (to 0).", "cosine")
-    max_steps: int | None = _help("Optimizer steps to run (overrides epochs when set).", None)
-    epochs: float = _help("Passes over the training data when max_steps is null (fractions allowed).", 1.0)
-    max_grad_norm: float | None = _help("Clip the global gradient norm to this (null: no clipping).", 1.0)
-    seed: int = _help("Seed of adapter init, dropout and data order.", 42)
-    gradient_checkpointing: bool = _help("Recompute activations in the backward pass (less memory, ~30% slower).",
+    lr: float = help_field("Peak learning rate of AdamW.", 2e-4)
+    weight_decay: float = help_field("AdamW weight decay (not applied to DoRA magnitude vectors).", 0.01)
+    betas: list = help_field("AdamW betas.", factory=lambda: [0.9, 0.999])
+    warmup_steps: int = help_field("Steps of linear warmup from 0 to lr (takes precedence over warmup_ratio).", 0)
+    warmup_ratio: float = help_field("Warmup as a fraction of the total steps, used when warmup_steps is 0.", 0.0)
+    schedule: str = help_field("Learning-rate schedule after warmup: constant, linear (to 0) or cosine (to 0).", "cosine")
+    max_steps: int | None = help_field("Optimizer steps to run (overrides epochs when set).", None)
+    epochs: float = help_field("Passes over the training data when max_steps is null (fractions allowed).", 1.0)
+    max_grad_norm: float | None = help_field("Clip the global gradient norm to this (null: no clipping).", 1.0)
+    seed: int = help_field("Seed of adapter init, dropout and data order.", 42)
+    gradient_checkpointing: bool = help_field("Recompute activations in the backward pass (less memory, ~30% slower).",
                                          False)
-    eval_every: int = _help("Evaluate every N optimizer steps (0: only at the end).", 0)
-    eval_at_start: bool = _help("Also evaluate before the first step.", False)
-    save_every: int = _help("Write a checkpoint every N optimizer steps (0: only on interrupt); the end of "
+    eval_every: int = help_field("Evaluate every N optimizer steps (0: only at the end).", 0)
+    eval_at_start: bool = help_field("Also evaluate before the first step.", False)
+    save_every: int = help_field("Write a checkpoint every N optimizer steps (0: only on interrupt); the end of "
                              "the run is always checkpointed before the adapter is written.", 0)
-    keep_checkpoints: int = _help("Keep the newest K checkpoints; older ones are deleted.", 2)
-    log_every: int = _help("Write a metrics line every N optimizer steps.", 1)
-    report_to: Any = _help("Also send every metrics.jsonl record to these trackers: tensorboard (event files in "
+    keep_checkpoints: int = help_field("Keep the newest K checkpoints; older ones are deleted.", 2)
+    log_every: int = help_field("Write a metrics line every N optimizer steps.", 1)
+    report_to: Any = help_field("Also send every metrics.jsonl record to these trackers: tensorboard (event files in "
                            "output_dir/tensorboard), wandb, trackio, mlflow (each when installed); [] for none.",
                            factory=list)
-    output_dir: str = _help("Run folder: metrics.jsonl, checkpoints/, adapter/, plots.", "runs/train")
-    resume: Any = _help("true: continue from output_dir/checkpoints/latest (start fresh if there is none); "
+    output_dir: str = help_field("Run folder: metrics.jsonl, checkpoints/, adapter/, plots.", "runs/train")
+    resume: Any = help_field("true: continue from output_dir/checkpoints/latest (start fresh if there is none); "
                         "or the path of a checkpoint folder.", False)
-    threads: int | None = _help("torch CPU threads (null, under loramix train: $OMP_NUM_THREADS if set, else the "
+    threads: int | None = help_field("torch CPU threads (null, under loramix train: $OMP_NUM_THREADS if set, else the "
                                 "cores not already busy: cores minus the 1-minute load average, at least 1).", None)
-    distributed: str = _help("Under torchrun: 'ddp' (replicated model, adapter gradients all-reduced) or 'fsdp' "
+    distributed: str = help_field("Under torchrun: 'ddp' (replicated model, adapter gradients all-reduced) or 'fsdp' "
                              "(FSDP2 fully_shard per decoder layer: the frozen base weights sharded over the ranks, "
                              "adapters replicated in fp32). Ignored in one process.", "ddp")
-    global_load_balance: bool = _help("Under torchrun, MixLoRA's load-balance loss takes the expert shares over the "
+    global_load_balance: bool = help_field("Under torchrun, MixLoRA's load-balance loss takes the expert shares over the "
                                       "global batch (all ranks' tokens, one all-reduce per layer) instead of each "
                                       "rank's own micro-batch. Same as false in one process.", False)
-    plots: bool = _help("Write PNG plots into output_dir at the end.", True)
-    progress: bool = _help("Show tqdm progress bars.", True)
+    plots: bool = help_field("Write PNG plots into output_dir at the end.", True)
+    progress: bool = help_field("Show tqdm progress bars.", True)
 
     def __post_init__(self) -> None:
         """Check values that the types alone do not catch; raises ``ConfigError`` naming the key."""
@@ -227,12 +227,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
-def _fix_yaml_floats(value: Any) -> Any:
+def fix_yaml_floats(value: Any) -> Any:
     """YAML 1.1 reads ``2e-4`` (no dot) as a string: turn such strings back into floats."""
     if isinstance(value, dict):
-        return {k: _fix_yaml_floats(v) for k, v in value.items()}
+        return {k: fix_yaml_floats(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_fix_yaml_floats(v) for v in value]
+        return [fix_yaml_floats(v) for v in value]
     if isinstance(value, str) and any(c in value for c in "eE"):
         with contextlib.suppress(ValueError):  # "none", "eval": not numbers, stay strings
             return float(value)
@@ -248,7 +248,7 @@ def train_config_from_dict(values: dict, where: str = "config", overrides: list[
     if overrides:
         values = apply_overrides(values, overrides)
         where = f"{where} (with command-line overrides)"
-    return TrainConfig.from_dict(_fix_yaml_floats(values), where)
+    return TrainConfig.from_dict(fix_yaml_floats(values), where)
 
 
 def read_yaml(path: str | Path) -> Any:
