@@ -56,6 +56,9 @@ from ...models.many import row_plan, stack_adapters
 from ...models.registry import family_of
 from ..generate import build_prompt_ids, chat_prompt_ids
 from .batch_cache import BatchCache
+from .detokenize import Detokenizer, prompt_entries
+from .sampling import SamplingParams, adjusted_logits, choose
+from .structured import Grammar, grammar_tokenizer
 
 NO_DEFAULT_TASK = -2  # Target.task_id of a MoRE adapter's bare name that picks no task
 BASE = "_base"  # the internal adapter name of the base model's rows (user adapter names cannot start with "_")
@@ -78,17 +81,6 @@ class Target:
 
 
 @dataclass
-class SamplingParams:
-    """How one request decodes. ``temperature`` 0 is greedy; ``seed`` None draws from the global RNG."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-
-
-@dataclass
 class Served:
     """A base model with its adapters stacked (``stack_adapters``) and the names clients may ask for.
 
@@ -104,6 +96,13 @@ class Served:
     order: dict[str, int]
     eos_ids: set[int]
     max_length: int | None
+    _grammar_tokenizer: Any = field(default=None, repr=False)
+
+    def grammar(self, grammar: str) -> Grammar:
+        """A fresh row state of ``grammar`` (``structured.grammar_for``) over this model's vocabulary."""
+        if self._grammar_tokenizer is None:  # built once, on first use: a few ms per thousand tokens
+            self._grammar_tokenizer = grammar_tokenizer(self.tokenizer, self.model.config.vocab_size)
+        return Grammar(self._grammar_tokenizer, grammar)
 
     def prompt_ids(self, text: str) -> list[int]:
         """A completion prompt: the text with the tokenizer's special prefix."""
@@ -179,20 +178,34 @@ class QueueFull(Exception):
 
 
 class Request:
-    """One generation in the engine. ``emit(event)`` is called from the engine thread with
-    ``("text", delta)`` events, then one ``("done", finish_reason, usage)`` or ``("error", message)``."""
+    """One generation in the engine. ``emit(event)`` is called from the engine thread with, in order:
+    ``("prompt", entries, text)`` (only with ``params.prompt_logprobs``: the prompt's ``TokenLogprob`` list
+    and its text),
+    ``("text", delta, entries)`` (new text, and the log-probability entries of the tokens it completes:
+    empty without ``params.logprobs``), then one ``("done", finish_reason, usage)`` or ``("error", message)``."""
 
-    def __init__(self, prompt: list[int], target: Target, params: SamplingParams, emit: Emit) -> None:
+    def __init__(self, prompt: list[int], target: Target, params: SamplingParams, emit: Emit, served: Served) -> None:
         self.prompt, self.target, self.params, self.emit = prompt, target, params, emit
-        self.generated: list[int] = []
-        self.sent = 0  # characters of the text already emitted
-        self.cancelled = False
-        self.finished = False
-        self.generator: torch.Generator | None = None
         self.arrival = time.monotonic()  # for the server's latency metrics
+        self.detok = Detokenizer(served.tokenizer, emit, stop=params.stop, eos_ids=served.eos_ids,
+                                 max_tokens=params.max_tokens, max_length=served.max_length,
+                                 prompt_tokens=len(prompt))
+        self.grammar = served.grammar(params.grammar) if params.grammar is not None else None
+        self.prompt_reported = params.prompt_logprobs is None
+        self.cancelled = False
+        self.generator: torch.Generator | None = None
         if params.temperature > 0:
             self.generator = torch.Generator()
             self.generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, ())))
+
+    @property
+    def generated(self) -> list[int]:
+        """The tokens generated so far."""
+        return self.detok.generated
+
+    @property
+    def finished(self) -> bool:
+        return self.detok.finished
 
     def cancel(self) -> None:
         """Free the row at the next step (a client that went away)."""
@@ -289,7 +302,7 @@ class Engine:
 
     def submit_all(self, jobs: list[tuple[list[int], Target, SamplingParams, Emit]]) -> list[Request]:
         """Queue several generations (one HTTP request's choices) all or none: ``QueueFull`` if they do not all fit."""
-        requests = [Request(*job) for job in jobs]
+        requests = [Request(*job, self.served) for job in jobs]
         too_big = [n for n in map(self.reserved_tokens, requests)
                    if self.max_batch_tokens is not None and n > self.max_batch_tokens]
         if too_big:
@@ -407,12 +420,25 @@ class Engine:
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(rows))
         for r, row_logits in stepped:
-            token = _next_token(row_logits, r)
-            r.generated.append(token)
-            if self.on_token is not None:
-                self.on_token(r)
-            self._advance(r, token)
+            self._sample(r, row_logits)
         self._active = [r for r in rows if not r.finished and not r.cancelled]
+
+    def _sample(self, r: Request, logits: torch.Tensor) -> None:
+        """Pick ``r``'s next token from its logits (V,) fp32 (``sampling``) and hand it to its detokenizer."""
+        if r.params.max_tokens == 0:  # only the prompt's log-probabilities were asked for (echo)
+            r.detok.finish("length")
+            return
+        adjusted = adjusted_logits(logits, r.params, r.generated)
+        if r.grammar is not None:
+            adjusted = r.grammar.mask(adjusted)
+        token = choose(adjusted, r.params, r.generator)
+        if r.grammar is not None:
+            r.grammar.accept(token)
+        logprobs = torch.log_softmax(logits, dim=-1) if r.params.logprobs is not None else None
+        r.detok.add(token, logprobs, r.params.logprobs or 0,
+                    grammar_done=r.grammar is not None and r.grammar.matcher.is_stopped())
+        if self.on_token is not None:
+            self.on_token(r)
 
     def _order_key(self, r: Request) -> int:
         """Batch order: rows grouped by adapter (each adapter's rows one span of the forward's row plan)."""
@@ -433,15 +459,16 @@ class Engine:
         return stepped
 
     def _forward(self, rows: list[Request], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 cache: Any) -> torch.Tensor:
-        """One forward of ``rows`` (grouped by adapter) → last-position logits (B, V) fp32; ``cache`` grows."""
+                 cache: Any, keep: int = 1) -> torch.Tensor:
+        """One forward of ``rows`` (grouped by adapter) → the last ``keep`` positions' logits (B, keep, V) fp32
+        (``keep`` 0: every position); ``cache`` grows."""
         plan = row_plan(r.target.adapter for r in rows)
         task_ids = torch.tensor([r.target.task_id for r in rows], device=ids.device)
         with torch.no_grad():
             out = self.served.model(input_ids=ids, attention_mask=mask, position_ids=positions, adapter_rows=plan,
                                     task_ids=task_ids, past_key_values=cache, use_cache=cache is not None,
-                                    logits_to_keep=1)
-        return out.logits[:, -1].float()
+                                    logits_to_keep=keep)
+        return out.logits.float()
 
     def _prefill(self, rows: list[Request]) -> tuple[torch.Tensor, DynamicCache | None]:
         """Whole sequences, left-padded, one forward → (logits (B, V), their cache (B, heads, W, d) per
@@ -452,7 +479,17 @@ class Engine:
         ids, mask = padded["input_ids"].to(self._device()), padded["attention_mask"].to(self._device())
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() computes them for left padding
         cache = DynamicCache(config=self.served.model.config) if self.kv_cache else None
-        return self._forward(rows, ids, mask, positions, cache), cache
+        wanted = [not r.prompt_reported for r in rows]
+        logits = self._forward(rows, ids, mask, positions, cache, keep=0 if any(wanted) else 1)
+        for r, row, want in zip(rows, logits, wanted):
+            if want:  # the row's tokens are its last len(prompt) + len(generated) columns
+                start = row.shape[0] - len(r.prompt) - len(r.generated)
+                logprobs = torch.log_softmax(row[start:start + len(r.prompt) - 1], dim=-1)
+                tokenizer = self.served.tokenizer
+                r.emit(("prompt", prompt_entries(tokenizer, r.prompt, logprobs, r.params.prompt_logprobs),
+                        tokenizer.decode(r.prompt, skip_special_tokens=True)))
+                r.prompt_reported = True
+        return logits[:, -1], cache
 
     def _decode(self) -> torch.Tensor:
         """The batch cache's rows feed their last token, one forward → logits (B, V).
@@ -461,39 +498,12 @@ class Engine:
         ``generate`` does for a left-padded batch."""
         batch, device = self._batch, self._device()
         ids = torch.tensor([[r.generated[-1]] for r in batch.rows], device=device)
-        logits = self._forward(batch.rows, ids, batch.mask(device), batch.positions(device), batch.cache)
+        logits = self._forward(batch.rows, ids, batch.mask(device), batch.positions(device), batch.cache)[:, -1]
         batch.stepped()
         return logits
 
     def _device(self) -> torch.device:
         return next(self.served.model.parameters()).device
-
-    def _advance(self, r: Request, token: int) -> None:
-        """Emit the new text of ``r`` that can no longer change, and finish it on EOS, a stop string or max_tokens."""
-        tokenizer, stop = self.served.tokenizer, r.params.stop
-        text = tokenizer.decode(r.generated, skip_special_tokens=True)
-        finish = None
-        hits = [text.find(s) for s in stop if s and s in text]
-        if hits:
-            text, finish = text[:min(hits)], "stop"
-        elif token in self.served.eos_ids:
-            finish = "stop"
-        elif len(r.generated) >= r.params.max_tokens or (
-                self.served.max_length and len(r.prompt) + len(r.generated) >= self.served.max_length):
-            finish = "length"
-        if finish is None:
-            hold = 1 if text.endswith("\ufffd") else 0  # an incomplete UTF-8 character
-            for s in stop:  # a suffix that may become a stop string stays back
-                hold = max(hold, max((k for k in range(1, len(s)) if text.endswith(s[:k])), default=0))
-            text = text[:len(text) - hold]
-        if len(text) > r.sent:
-            r.emit(("text", text[r.sent:]))
-            r.sent = len(text)
-        if finish is not None:
-            r.finished = True
-            usage = {"prompt_tokens": len(r.prompt), "completion_tokens": len(r.generated),
-                     "total_tokens": len(r.prompt) + len(r.generated)}
-            r.emit(("done", finish, usage))
 
 
 @contextlib.contextmanager
@@ -508,18 +518,6 @@ def _intra_op_threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _next_token(logits: torch.Tensor, r: Request) -> int:
-    """Greedy (temperature 0) or nucleus sampling with the request's own generator. logits: (V,) fp32."""
-    if r.params.temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / r.params.temperature, dim=-1).cpu()
-    if r.params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < r.params.top_p  # the smallest set reaching top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=r.generator))
 
 
 def _plain_cache(model: nn.Module) -> bool:
