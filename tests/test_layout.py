@@ -162,3 +162,145 @@ def test_every_command_lives_in_a_command_module():
     files = module_files()
     for name, (module, _) in COMMANDS.items():
         assert module in files and files[module].name == "command.py", f"loramix {name}: {module} is not a command.py"
+
+
+# ====================================================================================== adapter kinds
+# Where a kind may be named by its type: its own module files, the config classes, the registry.
+KIND_HOMES = ("loramix.modules", "loramix.config")
+# Kind branches left in files others own, with the reason; the test fails on any other and on a stale entry.
+KIND_BRANCHES_LEFT = {
+    "serve/server/engine.py": "a saved MoRE adapter's tasks as targets: ask kind_named(meta['kind']).per_task",
+    "compare/study.py": "match_params is defined against a LoRA method",
+}
+
+
+def kind_names() -> tuple[set[str], set[str]]:
+    """(class names of every registered kind: its config class and its adapter modules; the kinds' names)."""
+    from loramix.modules import AdapterModule, registered_kinds
+
+    classes, stack = set(), [AdapterModule]
+    while stack:
+        cls = stack.pop()
+        classes.add(cls.__name__)
+        stack.extend(cls.__subclasses__())
+    classes.discard("AdapterModule")  # "is an adapter module" asks no kind
+    kinds = registered_kinds()
+    return classes | {k.config_class.__name__ for k in kinds}, {k.name for k in kinds}
+
+
+def _names_in(node: ast.AST) -> set[str]:
+    return {n.id if isinstance(n, ast.Name) else n.attr for n in ast.walk(node) if isinstance(n, (ast.Name, ast.Attribute))}
+
+
+def kind_branches(source: str, classes: set[str], kinds: set[str]) -> list[int]:
+    """Lines that test an adapter's kind: ``isinstance(x, <kind class>)``, a table keyed by a kind class, or a
+    comparison of a ``kind`` with a kind's name (``meta.get("kind") == "more"``)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("isinstance", "issubclass")
+                and len(node.args) == 2 and _names_in(node.args[1]) & classes):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Dict) and any(k is not None and _names_in(k) & classes for k in node.keys):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            named = {c.value for side in sides for c in ast.walk(side) if isinstance(c, ast.Constant)}
+            if named & kinds and any("kind" in _names_in(side) or "kind" in named for side in sides):
+                lines.append(node.lineno)
+    return sorted(set(lines))
+
+
+def test_the_kind_walker_sees_branches():
+    classes, kinds = {"MoreConfig", "LoraLinear"}, {"more"}
+    source = ("if isinstance(config, MoreConfig): pass\nok = isinstance(m, (nn.Linear, modules.LoraLinear))\n"
+              "if meta.get('kind') == 'more': pass\nSIZES = {MoreConfig: 1}\nif config.kind in ('more',): pass\n"
+              "if kind.per_task: pass\nif isinstance(m, AdapterModule): pass\n")
+    assert kind_branches(source, classes, kinds) == [1, 2, 3, 4, 5]
+
+
+def test_no_kind_branch_outside_the_kinds():
+    """Only a kind's own files (modules/), the config classes and the registry name a kind by its type or name:
+    everything else asks the kind (``modules/kinds.py``), so a new kind touches its own files only."""
+    classes, kinds = kind_names()
+    found = {f"{path.relative_to(SRC)}:{line}" for module, path in module_files().items()
+             if not module.startswith(KIND_HOMES) for line in kind_branches(path.read_text(), classes, kinds)}
+    left = {hit for hit in found if hit.partition(":")[0] in KIND_BRANCHES_LEFT}
+    assert not found - left, ("kind branches outside modules/, config.py and the kind registry (ask the kind):\n"
+                              + "\n".join(sorted(found - left)))
+    stale = set(KIND_BRANCHES_LEFT) - {hit.partition(":")[0] for hit in left}
+    assert not stale, f"KIND_BRANCHES_LEFT lists files without a kind branch now: remove {sorted(stale)}"
+
+
+# ====================================================================================== private names
+# Private attributes of other libraries that loramix sets and reads (transformers' PretrainedConfig._name_or_path).
+FOREIGN_PRIVATE = {"_name_or_path"}
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_imports(module: str, path: Path, modules: dict[str, Path]) -> list[str]:
+    """``from loramix.x import _name`` in ``module`` (another module's private name)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+        source = ".".join(base + ([node.module] if node.module else []))
+        if source.startswith("loramix"):
+            found += [f"{module}:{node.lineno} imports {source}.{a.name}" for a in node.names if _is_private(a.name)]
+    return found
+
+
+def owned_private_attributes(tree: ast.AST) -> set[str]:
+    """The private attributes a file sets (``x._name = ...``) or defines (``def _name`` in a class)."""
+    names = set()
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AnnAssign, ast.AugAssign)) else []
+        for target in targets:
+            for t in ast.walk(target):
+                if isinstance(t, ast.Attribute) and _is_private(t.attr):
+                    names.add(t.attr)
+        if isinstance(node, ast.ClassDef):
+            names |= {f.name for f in node.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                      and _is_private(f.name)}
+    return names
+
+
+def reach_ins(source: str, own: set[str], others: set[str]) -> list[tuple[int, str]]:
+    """(line, name) where ``source`` reads another loramix file's private attribute on an object not ``self``:
+    ``module._base_module``, ``getattr(module, "_original_ffn", None)``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+            name = node.attr
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+              and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
+            name = node.args[1].value
+        else:
+            continue
+        if _is_private(name) and name in others and name not in own and name not in FOREIGN_PRIVATE:
+            found.append((node.lineno, name))
+    return sorted(found)
+
+
+def test_the_private_walkers_can_fail():
+    assert reach_ins("x = module._base_module[0]\ny = getattr(m, '_original_ffn', None)\nz = self._base_module",
+                     set(), {"_base_module", "_original_ffn"}) == [(1, "_base_module"), (2, "_original_ffn")]
+    owned = owned_private_attributes(ast.parse("class A:\n    def _f(self): self._x = 1\n"))
+    assert owned == {"_f", "_x"}
+
+
+def test_no_private_import_or_reach_in_across_modules():
+    """A module uses another's public surface: no ``from x import _name``, no ``obj._attr`` that another loramix
+    file owns (the replaced module is ``AdapterModule.replaced``, not ``_base_module[0]``)."""
+    modules = module_files()
+    found = [hit for name, path in modules.items() for hit in private_imports(name, path, modules)]
+    owned = {name: owned_private_attributes(ast.parse(path.read_text())) for name, path in modules.items()}
+    for name, path in modules.items():
+        others = set().union(*(names for other, names in owned.items() if other != name))
+        found += [f"{name}:{line} reads {attr}" for line, attr in reach_ins(path.read_text(), owned[name], others)]
+    assert not found, "private names used across modules (make them public or ask the owner):\n" + "\n".join(found)
