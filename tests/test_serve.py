@@ -239,7 +239,7 @@ def test_a_client_that_closes_its_stream_frees_its_row(server):
     finally:
         engine.resume()
     time.sleep(0.2)
-    assert engine.stats() == {"waiting": 0, "running": 0, "steps": steps}
+    assert engine.stats() == {"waiting": 0, "running": 0, "steps": steps, "reserved_tokens": 0}
 
 
 def test_sampling_is_reproducible_with_a_seed_and_stop_cuts_the_text(server):
@@ -280,6 +280,64 @@ def test_errors_have_status_codes_and_openai_bodies_and_the_server_stays_healthy
     assert client.completions.create(model="lora", prompt="a dog", max_tokens=2, temperature=0).choices[0].text
 
 
+# OpenAI request fields loramix does not do, each with a value that asks for it (the error must name it)
+REFUSED_COMPLETIONS = {"suffix": "the end", "best_of": 3, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1,
+                       "tools": [], "top_logprobs": 2, "ignore_eos": True}
+REFUSED_CHAT = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+                "tool_choice": "required", "functions": [{"name": "f"}], "function_call": {"name": "f"},
+                "audio": {"voice": "alloy", "format": "wav"}, "modalities": ["text", "audio"],
+                "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "high", "verbosity": "low",
+                "web_search_options": {}, "service_tier": "flex", "store": True, "echo": True, "suffix": "x",
+                "best_of": 1, "top_k": 3, "guided_json": {}}
+
+
+def test_each_unsupported_field_is_a_400_naming_it(server):
+    """Every field of a request either works or is refused by name: none is silently ignored. Neutral values
+    (what a client sends when it asks for nothing: tools=[], store=false, ...) are accepted, and ``user``
+    is accepted (as OpenAI and vLLM: it only tags logs)."""
+    client, url, _ = server
+    for name, value in REFUSED_COMPLETIONS.items():
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="lora", prompt="hi", max_tokens=2, extra_body={name: value})
+        assert err.value.body["param"] == name and err.value.body["message"].startswith(name + ":"), name
+        raw = httpx.post(url + "/v1/completions", json={"model": "lora", "prompt": "hi", name: value}, timeout=10)
+        assert raw.status_code == 400 and raw.json()["error"]["param"] == name, name
+    for name, value in REFUSED_CHAT.items():
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="lora", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                           extra_body={name: value})
+        assert err.value.body["param"] == name and err.value.body["message"].startswith(name + ":"), name
+    named = httpx.post(url + "/v1/chat/completions", timeout=10, json={
+        "model": "lora", "messages": [{"role": "user", "content": "hi", "name": "bob"}]})
+    assert named.status_code == 400 and named.json()["error"]["param"] == "messages.0.name"
+    usage = httpx.post(url + "/v1/chat/completions", timeout=10, json={
+        "model": "lora", "messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True,
+                                                                                             "continuous": True}})
+    assert usage.status_code == 400 and usage.json()["error"]["param"] == "stream_options.continuous"
+    plain = client.completions.create(model="lora", prompt="a dog", max_tokens=4, temperature=0)
+    neutral = client.completions.create(model="lora", prompt="a dog", max_tokens=4, temperature=0, user="u1",
+                                        best_of=1, suffix="", presence_penalty=0, frequency_penalty=0, logit_bias={})
+    assert neutral.choices[0].text == plain.choices[0].text
+    chat = dict(model="lora", messages=[{"role": "user", "content": "a dog"}], temperature=0)
+    neutral_chat = client.chat.completions.create(**chat, max_completion_tokens=4, user="u1", tools=[], store=False,
+                                                  tool_choice="none", parallel_tool_calls=True, metadata={"k": "v"},
+                                                  service_tier="auto", response_format={"type": "text"})
+    assert neutral_chat.choices[0].message.content == client.chat.completions.create(
+        **chat, max_tokens=4).choices[0].message.content
+    assert neutral_chat.usage.completion_tokens <= 4
+
+
+def test_models_retrieve_finds_each_served_model(server):
+    client, url, _ = server
+    for name in ("base", "lora", "more:x"):
+        assert client.models.retrieve(name).id == name
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("nope")
+    assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("more")  # a MoRE adapter without a default task answers as more:x / more:y only
+
+
 def test_the_readme_snippet_runs_against_the_server(server, capsys):
     """The Python snippet of the README's serve section, as written but for the URL and model names."""
     _, url, _ = server
@@ -291,12 +349,20 @@ def test_the_readme_snippet_runs_against_the_server(server, capsys):
     capsys.readouterr()
 
 
-def test_cli_checks_its_options(capsys):
+def test_cli_checks_its_options(capsys, tmp_path):
     from loramix.cli import main
 
     assert main(["serve", "--adapter", "no-equals-sign"]) == 2
     assert "NAME=FOLDER" in capsys.readouterr().err
     assert main(["serve", "--adapter", "a=x", "--adapter", "a=y"]) == 2
+    capsys.readouterr()
+    assert main(["serve", "--max-adapters", "2"]) == 2
+    assert "--adapter-dir" in capsys.readouterr().err
+    assert main(["serve", "--adapter-dir", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "--adapter-dir" in err and "not a folder" in err and "Traceback" not in err
+    assert main(["serve", "--adapter-dir", str(tmp_path), "--max-adapters", "0"]) == 2
+    assert "--max-adapters must be at least 1" in capsys.readouterr().err
     from loramix.cli import parse_args
 
     assert parse_args(["serve"])[1].host == "127.0.0.1"  # loopback unless told otherwise

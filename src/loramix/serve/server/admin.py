@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 from concurrent.futures import Future
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from pydantic import ConfigDict
@@ -30,6 +31,9 @@ from ...models.inject import adapter_state
 from ...models.many import add_adapter, remove_adapter
 from .engine import BASE, Engine, Served, adapter_targets
 from .limits import ApiError, Body
+
+if TYPE_CHECKING:
+    from .registry import Registry
 
 
 class AdapterBody(Body):
@@ -66,8 +70,9 @@ def remove_while_serving(engine: Engine, name: str) -> Future:
     return engine.call_between_steps(remove, when=lambda: not engine.in_use(name))
 
 
-def add_admin(app: FastAPI, served: Served, engine: Engine) -> None:
-    """Register the ``/v1/adapters`` endpoints on ``app``."""
+def add_admin(app: FastAPI, served: Served, engine: Engine, registry: Registry) -> None:
+    """Register the ``/v1/adapters`` endpoints on ``app`` (``registry``: the leases of requests in flight, and
+    which adapters came from --adapter-dir)."""
     busy: set[str] = set()  # names being added or removed right now
 
     def entry(name: str) -> dict:
@@ -113,7 +118,9 @@ def add_admin(app: FastAPI, served: Served, engine: Engine) -> None:
             del served.targets[model]  # new requests for it get 404 from now on
         busy.add(name)
         try:
+            await registry.idle(name)  # requests that resolved it but are not queued yet, too
             await asyncio.wrap_future(remove_while_serving(engine, name))  # after its accepted requests finish
         finally:
             busy.discard(name)
+        registry.forget(name)
         return {"id": name, "object": "adapter", "deleted": True}

@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "by this name")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=FOLDER",
                         help="an adapter folder to serve under NAME (repeat for several; LoRA, DoRA, MixLoRA, MoRE)")
+    parser.add_argument("--adapter-dir", default=None, metavar="DIR",
+                        help="a folder of adapter folders: a request for model NAME loads DIR/NAME on first use "
+                             "(404 when there is none; names cannot leave DIR); /v1/models lists them")
+    parser.add_argument("--max-adapters", type=int, default=None, metavar="N",
+                        help="with --adapter-dir: most adapters from DIR loaded at once; loading another evicts the "
+                             "least recently used idle one (--adapter ones are never evicted nor counted)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: loopback only; 0.0.0.0 exposes the server to the network)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
@@ -76,10 +82,15 @@ def run(args: argparse.Namespace) -> int:
 
     adapters = parse_adapters(args.adapter)
     limits = Limits(**{limit.name: getattr(args, limit.name) for limit in fields(Limits)})
-    for option in ("max_batch_size", "max_queue", "max_batch_tokens", *(limit.name for limit in fields(Limits))):
+    for option in ("max_batch_size", "max_queue", "max_batch_tokens", "max_adapters",
+                   *(limit.name for limit in fields(Limits))):
         value = getattr(args, option)
         if value is not None and value < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1, got {value}")
+    if args.max_adapters is not None and args.adapter_dir is None:
+        raise UsageError("--max-adapters limits the adapters loaded from --adapter-dir: give --adapter-dir too")
+    if args.adapter_dir is not None and not os.path.isdir(args.adapter_dir):
+        raise UsageError(f"--adapter-dir: {args.adapter_dir} is not a folder")
     if args.graceful_timeout < 0:
         raise UsageError(f"--graceful-timeout must be 0 or more seconds, got {args.graceful_timeout}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("LORAMIX_API_KEY") or None
@@ -108,9 +119,11 @@ def run(args: argparse.Namespace) -> int:
         raise
     engine = Engine(served, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                     max_batch_tokens=args.max_batch_tokens, threads=engine_threads(args.threads))
-    app = build_app(served, engine, limits=limits, api_key=api_key)
+    app = build_app(served, engine, limits=limits, api_key=api_key, adapter_dir=args.adapter_dir,
+                    max_adapters=args.max_adapters)
     engine.start()
-    print(f"loramix serve: {', '.join(served.targets)} on http://{args.host}:{args.port}/v1"
+    on_demand = f" and the adapters of {args.adapter_dir} on demand" if args.adapter_dir else ""
+    print(f"loramix serve: {', '.join(served.targets)}{on_demand} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", flush=True)
     # uvicorn drains on SIGTERM/SIGINT, then raises the signal again for the previous handler: a
     # handler that does nothing lets the drained server stop the engine and exit 0, not die by the signal.

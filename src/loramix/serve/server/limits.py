@@ -7,8 +7,8 @@
 
 ``Guard`` is a plain ASGI middleware (not Starlette's ``BaseHTTPMiddleware``, which would sit between
 a streaming response and the client's disconnect). Before the app sees a request it answers
-- 401 on ``/v1/...`` without ``Authorization: Bearer KEY`` when a key is set (the scheme in any case,
-  as RFC 6750 allows);
+- 401 on ``/v1/...`` and ``/metrics`` without ``Authorization: Bearer KEY`` when a key is set (the
+  scheme in any case, as RFC 6750 allows; Prometheus sends it with ``authorization: {credentials: KEY}``);
 - 421 when no key is set and the ``Host`` header is not a loopback name (``localhost``, ``127.x.x.x``,
   ``[::1]``, any port): a web page whose domain an attacker re-points at 127.0.0.1 (DNS rebinding)
   sends its own domain as ``Host``, so it cannot drive a keyless server through the visitor's browser;
@@ -107,8 +107,8 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 class Guard:
-    """ASGI middleware: API key on ``/v1`` paths (when ``api_key``), loopback ``Host`` names only (when no
-    ``api_key``), the request body's size limit and time limit (see the module docstring)."""
+    """ASGI middleware: API key on ``/v1`` paths and ``/metrics`` (when ``api_key``), loopback ``Host`` names
+    only (when no ``api_key``), the request body's size limit and time limit (see the module docstring)."""
 
     def __init__(self, app: Callable, *, max_request_bytes: int, body_timeout: float,
                  api_key: str | None = None) -> None:
@@ -123,7 +123,7 @@ class Guard:
             message = (f"this server has no API key, so it answers only requests addressed to localhost, not to "
                        f"{host!r}; start it with --api-key KEY (or LORAMIX_API_KEY) to serve other host names")
             return await _answer(send, 421, error_body(421, message, code="host_not_allowed"), close=True)
-        if self.api_key is not None and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
+        if self.api_key is not None and (scope["path"] in ("/v1", "/metrics") or scope["path"].startswith("/v1/")):
             given = headers.get(b"authorization", b"")
             scheme, _, token = given.partition(b" ")
             expected = self.api_key.encode()
