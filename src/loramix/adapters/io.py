@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import hub
 from ..config import LoraConfig
 from ..models.inject import adapter_parameters, adapter_state, inject, unload
 from ..models.many import stack_adapters
@@ -74,6 +73,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict[str, A
         return out
     # as the LoRA writer records it (peft_adapter_files): a name transformers can load, so that
     # from_pretrained(folder) reaches PEFT's peft_type lookup and its message, not the Hub with an alias
+    from .. import hub  # here, not at the top: `import loramix` leaves hub unimported (see folder.check_base)
+
     meta = {"peft_type": not_peft, "base_model_name_or_path": hub.transformers_name(base_model),
             **meta}
     write_safetensors(out / WEIGHTS_NAME, tensors)
