@@ -48,10 +48,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .admin import add_admin
 from .engine import Engine, QueueFull, SamplingParams, Served, Target
 from .engine import Request as EngineRequest
+from .fields import checked_ids, choices_for, output_fields, prompt_list
 from .limits import ApiError, Body, Guard, Limits, error_body
 from .metrics import CONTENT_TYPE, Metrics
 from .page import add_page
 from .registry import Lease, Registry
+from .sampling import MAX_LOGPROBS
 
 MAX_TOKENS_DEFAULT = 16  # OpenAI's default for completions; chat gets the rest of the context, capped below
 MAX_TOKENS_CHAT = 512
@@ -131,7 +133,7 @@ class _Sampling(Body):
     model_config = ConfigDict(extra="ignore")  # checked by ``_refuse_fields`` before validation
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0: only with echo (``fields.output_fields``)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -141,6 +143,10 @@ class _Sampling(Body):
     stream: StrictBool = False  # "yes" or 1 is a 400, not a stream
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted, not used (as OpenAI and vLLM: it only tags their logs)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
 
     _endpoint: ClassVar[str] = ""
     _not_here: ClassVar[set[str]] = set()
@@ -156,7 +162,9 @@ class CompletionBody(_Sampling):
     _endpoint: ClassVar[str] = "/v1/completions"
     _not_here: ClassVar[set[str]] = _CHAT_ONLY
 
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # texts, or token ids as given
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: StrictBool = False
 
 
 class ChatMessage(BaseModel):
@@ -171,6 +179,8 @@ class ChatBody(_Sampling):
     _not_here: ClassVar[set[str]] = _COMPLETION_ONLY
 
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: StrictBool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 def build_app(served: Served, engine: Engine, *, limits: Limits | None = None, api_key: str | None = None,
@@ -244,7 +254,7 @@ def build_app(served: Served, engine: Engine, *, limits: Limits | None = None, a
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        prompts = prompt_list(body.prompt)
         if not prompts:
             raise ApiError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
         if len(prompts) > limits.max_prompts:
@@ -253,7 +263,8 @@ def build_app(served: Served, engine: Engine, *, limits: Limits | None = None, a
         lease = await registry.acquire(body.model)
         try:
             params = _parse(body, lease.target, served, MAX_TOKENS_DEFAULT, limits)
-            tokenized = await off_loop(lambda: [served.prompt_ids(p) for p in prompts])
+            tokenized = await off_loop(lambda: [checked_ids(p, served.model.config.vocab_size) if isinstance(p, list)
+                                                else served.prompt_ids(p) for p in prompts])
             ids = [_checked(served, p, params, limits, "prompt") for p in tokenized]
             rows = _submit(engine, metrics, body, ids, lease, params)
         except BaseException:
@@ -346,8 +357,9 @@ def _parse(body: _Sampling, target: Target, served: Served, default_max: int, li
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         raise ApiError(400, f"{field}: {max_tokens} is more than this server allows ({cap}; --max-tokens)",
                        param=field)
-    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=stop,
-                          seed=body.seed)
+    params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=stop,
+                            seed=body.seed)
+    return replace(params, **output_fields(body, served.model.config.vocab_size, chat=isinstance(body, ChatBody)))
 
 
 def _checked(served: Served, ids: list[int], params: SamplingParams, limits: Limits, field: str) -> list[int]:
@@ -446,20 +458,20 @@ def _submit(engine: Engine, metrics: Metrics, body: _Sampling, prompts: list[lis
 
 async def _complete(rows: _Rows, *, chat: bool) -> dict:
     """The whole answer as one JSON object, once every row is done."""
-    texts = [""] * len(rows.handles)
+    answers = choices_for(rows.body, chat=chat)
     finish: list[str | None] = [None] * len(rows.handles)
     generated = 0
     async for index, event in rows.results():
-        if event[0] == "text":
-            texts[index] += event[1]
+        if event[0] in ("prompt", "text"):
+            answers[index].feed(event)
         elif event[0] == "done":
             finish[index] = event[1]
             generated += event[2]["completion_tokens"]
         else:
             raise ApiError(500, event[1])
-    contents = [{"message": {"role": "assistant", "content": t}} if chat else {"text": t} for t in texts]
-    choices = [{"index": i, **content, "logprobs": None, "finish_reason": f}
-               for i, (content, f) in enumerate(zip(contents, finish))]
+    contents = [{"message": {"role": "assistant", "content": a.text}} if chat else {"text": a.text} for a in answers]
+    choices = [{"index": i, **content, "logprobs": a.logprobs(), "finish_reason": f}
+               for i, (content, a, f) in enumerate(zip(contents, answers, finish))]
     return rows.response("chat.completion" if chat else "text_completion", choices=choices,
                          usage=rows.usage(generated))
 
@@ -470,13 +482,16 @@ def _stream(rows: _Rows, *, chat: bool) -> StreamingResponse:
     include_usage = options is not None and options.include_usage
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(index: int, text: str | None, finish_reason: str | None, first: bool = False) -> str:
+    answers = choices_for(rows.body, chat=chat)
+
+    def chunk(index: int, text: str | None, finish_reason: str | None, first: bool = False,
+              logprobs: dict | None = None) -> str:
         if chat:
             delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
             content = {"delta": delta}
         else:
             content = {"text": text or ""}
-        data = rows.response(kind, choices=[{"index": index, **content, "logprobs": None,
+        data = rows.response(kind, choices=[{"index": index, **content, "logprobs": logprobs,
                                              "finish_reason": finish_reason}])
         if include_usage:
             data["usage"] = None
@@ -488,8 +503,9 @@ def _stream(rows: _Rows, *, chat: bool) -> StreamingResponse:
             for index in range(len(rows.handles)):
                 yield chunk(index, None, None, first=True)
         async for index, event in rows.results():
-            if event[0] == "text":
-                yield chunk(index, event[1], None)
+            if event[0] in ("prompt", "text"):
+                text, logprobs = answers[index].feed(event)
+                yield chunk(index, text, None, logprobs=logprobs)
             elif event[0] == "done":
                 generated += event[2]["completion_tokens"]
                 yield chunk(index, None, event[1])
