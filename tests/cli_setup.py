@@ -1,4 +1,5 @@
-"""What the command-line tests share: a tiny model folder, a small question file, a config, file hashes.
+"""What the command-line tests share: a tiny model folder (``tiny_models.tiny_model_folder``), a small question
+file, a config, file hashes.
 
 Commands run in-process through ``loramix.cli.main`` (the console script's entry point), so a test
 pays no interpreter start-up; what a user sees is what ``main`` prints and returns.
@@ -11,24 +12,9 @@ import json
 import random
 from pathlib import Path
 
-import torch
-import transformers
-
-from tiny_models import COMMON
-from tiny_tokenizer import tiny_tokenizer
+from tiny_models import tiny_model_folder  # noqa: F401  (the command-line tests' model folder; built there)
 
 WORDS = "the cat sat on the mat a dog ran in the park yes no true false red green blue".split()
-
-
-def tiny_model_folder(folder: Path, family: str = "llama", seed: int = 0, **config) -> Path:
-    """A 2-layer Llama (or ``family``) with the tiny tokenizer, saved as a Hugging Face folder."""
-    tok = tiny_tokenizer()
-    torch.manual_seed(seed)
-    cls = {"llama": "LlamaConfig", "qwen2": "Qwen2Config"}[family]
-    cfg = getattr(transformers, cls)(**{**COMMON, "vocab_size": len(tok), **config})
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def question_rows(n: int, seed: int = 0) -> list[dict]:
