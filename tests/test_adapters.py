@@ -6,15 +6,14 @@ import json
 
 import pytest
 import torch
-import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import loramix
 from loramix.adapters.folder import read_adapter_folder
 from loramix.modules import LoraLinear, MixLoraFFN
-from conftest import mixlora_config, perturb_adapter
-from tiny_models import batch, tiny_config, tiny_model
+from conftest import mixlora_config, perturb_adapter, saved_adapter
+from tiny_models import batch, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -30,12 +29,6 @@ CASES = {
 def logits_of(model, ids, mask):
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask).logits
-
-
-def saved_mixlora(tmp_path, family="llama", **overrides):
-    model = loramix.inject(tiny_model(family), mixlora_config(**overrides))
-    perturb_adapter(model, seed=1)
-    return model, loramix.save_adapter(model, tmp_path / "adapter")
 
 
 def assert_no_adapter(model):
@@ -88,18 +81,15 @@ def test_recorded_base_model_is_read_from_whichever_file_records_it(tmp_path):
     sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "base_model": None}))
     assert loramix.adapters.read_adapter_config(folder)["base_model"] == "org/tiny-llama"  # PEFT's file says it
     assert read_adapter_folder(folder).base_model == "org/tiny-llama"
-    _, mixlora = saved_mixlora(tmp_path / "mix")
+    _, mixlora = saved_adapter(tmp_path / "mix" / "adapter")
     config = mixlora / "adapter_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "base_model": None, "base_model_name_or_path": None}))
     assert loramix.adapters.read_adapter_config(mixlora)["base_model"] is None
 
 
-def test_adapter_for_other_shapes_names_key_and_shapes(tmp_path):
-    _, folder = saved_mixlora(tmp_path)
-    config = tiny_config("llama")
-    config.intermediate_size = 64
-    torch.manual_seed(0)
-    other = transformers.AutoModelForCausalLM.from_config(config).eval()
+def test_adapter_for_other_shapes_names_key_and_shapes(trained_adapter):
+    folder = trained_adapter
+    other = tiny_model("llama", intermediate_size=64)
     with pytest.raises(loramix.AdapterLoadError) as err:
         loramix.load_adapter(other, folder)
     message = str(err.value)  # one message naming both bases and the first shape that differs
@@ -108,8 +98,8 @@ def test_adapter_for_other_shapes_names_key_and_shapes(tmp_path):
     assert_no_adapter(other)  # a failed load leaves the model as it was
 
 
-def test_adapter_for_other_family_is_refused(tmp_path):
-    _, folder = saved_mixlora(tmp_path)
+def test_adapter_for_other_family_is_refused(trained_adapter):
+    folder = trained_adapter
     other = tiny_model("qwen2")
     with pytest.raises(loramix.AdapterLoadError, match=r"adapter_config\.json.*'llama'.*'qwen2'"):
         loramix.load_adapter(other, folder)
@@ -117,8 +107,8 @@ def test_adapter_for_other_family_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
-def test_corrupted_safetensors_names_the_file(tmp_path, damage):
-    _, folder = saved_mixlora(tmp_path)
+def test_corrupted_safetensors_names_the_file(trained_adapter, damage):
+    folder = trained_adapter
     path = folder / "adapter_model.safetensors"
     data = path.read_bytes()
     path.write_bytes({"garbage": b"\x00\xffnot a safetensors file" * 10, "truncated": data[: len(data) // 2],
@@ -129,8 +119,8 @@ def test_corrupted_safetensors_names_the_file(tmp_path, damage):
     assert_no_adapter(model)
 
 
-def test_missing_or_extra_tensor_is_named(tmp_path):
-    _, folder = saved_mixlora(tmp_path)
+def test_missing_or_extra_tensor_is_named(trained_adapter):
+    folder = trained_adapter
     path = folder / "adapter_model.safetensors"
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -142,8 +132,8 @@ def test_missing_or_extra_tensor_is_named(tmp_path):
         loramix.load_adapter(tiny_model("llama"), folder)
 
 
-def test_unknown_key_in_saved_config_names_key_and_suggestion(tmp_path):
-    _, folder = saved_mixlora(tmp_path)
+def test_unknown_key_in_saved_config_names_key_and_suggestion(trained_adapter):
+    folder = trained_adapter
     path = folder / "adapter_config.json"
     meta = json.loads(path.read_text())
     meta["config"]["num_expert"] = meta["config"].pop("num_experts")
@@ -152,8 +142,8 @@ def test_unknown_key_in_saved_config_names_key_and_suggestion(tmp_path):
         loramix.load_adapter(tiny_model("llama"), folder)
 
 
-def test_missing_config_and_bad_json_name_the_file(tmp_path):
-    _, folder = saved_mixlora(tmp_path)
+def test_missing_config_and_bad_json_name_the_file(tmp_path, trained_adapter):
+    folder = trained_adapter
     (folder / "adapter_config.json").unlink()
     with pytest.raises(loramix.AdapterLoadError, match=r"adapter_config\.json: missing"):
         loramix.load_adapter(tiny_model("llama"), folder)
@@ -167,8 +157,8 @@ def test_missing_config_and_bad_json_name_the_file(tmp_path):
         loramix.load_adapter(tiny_model("llama"), folder)
 
 
-def test_missing_weights_file_is_named(tmp_path):
-    _, folder = saved_mixlora(tmp_path)
+def test_missing_weights_file_is_named(trained_adapter):
+    folder = trained_adapter
     (folder / "adapter_model.safetensors").unlink()
     model = tiny_model("llama")
     with pytest.raises(loramix.AdapterLoadError, match=r"adapter_model\.safetensors: missing"):
@@ -177,7 +167,7 @@ def test_missing_weights_file_is_named(tmp_path):
 
 
 def test_save_overwrites_and_requires_an_adapter(tmp_path):
-    model, folder = saved_mixlora(tmp_path)
+    model, folder = saved_adapter(tmp_path / "adapter")
     perturb_adapter(model, seed=3)
     loramix.save_adapter(model, folder)  # replacing an existing adapter is fine (atomic rename)
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
