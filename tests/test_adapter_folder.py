@@ -14,8 +14,8 @@ import transformers
 import loramix
 from loramix.adapters.export import AdapterWeights, export_adapter
 from loramix.adapters.io import load_many
-from conftest import mixlora_config, perturb_adapter
-from tiny_models import batch, tiny_config, tiny_model
+from conftest import mixlora_config, saved_adapter
+from tiny_models import batch, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -26,9 +26,7 @@ def named(model, name):
 
 
 def saved(tmp_path, config, name="adapter", base="org/base-a", family="llama"):
-    model = loramix.inject(named(tiny_model(family), base), config)
-    perturb_adapter(model, seed=4, b_std=0.2)
-    return model, loramix.save_adapter(model, tmp_path / name)
+    return saved_adapter(tmp_path / name, config, family=family, base=base, seed=4, b_std=0.2)
 
 
 def lora_config(**kw):
@@ -164,13 +162,8 @@ def test_a_different_base_of_the_same_shape_warns_with_both_names(tmp_path):
 def test_a_base_of_another_shape_fails_once_naming_both_bases(tmp_path, change):
     config = lora_config() if change == "hidden" else mixlora_config()
     _, folder = saved(tmp_path, config, base="org/base-a")
-    other_config = tiny_config("llama")
-    if change == "layers":
-        other_config.num_hidden_layers = 3
-    else:
-        other_config.hidden_size, other_config.head_dim = 64, 8
-    torch.manual_seed(0)
-    other = named(transformers.AutoModelForCausalLM.from_config(other_config).eval(), "org/base-c")
+    other_shape = dict(num_hidden_layers=3) if change == "layers" else dict(hidden_size=64, head_dim=8)
+    other = named(tiny_model("llama", **other_shape), "org/base-c")
     with pytest.raises(loramix.AdapterLoadError) as err:
         loramix.load_adapter(other, folder)
     message = str(err.value)
