@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import loramix
-from conftest import mixlora_config, perturb_adapter
+from conftest import mixlora_config, perturb_adapter, saved_adapter
 from tiny_models import batch, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -31,10 +31,7 @@ def logits_of(model, ids, mask):
 
 
 def saved(tmp_path, family, config, name="adapter"):
-    model = loramix.inject(tiny_model(family), config)
-    perturb_adapter(model, seed=3, b_std=0.3)
-    model.eval()
-    return model, loramix.save_adapter(model, tmp_path / name)
+    return saved_adapter(tmp_path / name, config, family=family, seed=3, b_std=0.3)
 
 
 @pytest.mark.parametrize("case", sorted(LORA_CASES))
@@ -77,10 +74,7 @@ def test_loramix_reads_a_lora_folder_written_by_peft(tmp_path):
     cfg = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "down_proj"], use_dora=True,
                           init_lora_weights="gaussian")
     theirs = peft.get_peft_model(tiny_model("llama"), cfg)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_B" in name or "magnitude" in name:
-                p.add_(torch.randn_like(p) * 0.2)
+    perturb_adapter({name: p for name, p in theirs.named_parameters() if p.requires_grad}, seed=6, b_std=0.2)
     theirs.eval()
     theirs.save_pretrained(tmp_path / "peft")
     expected = logits_of(theirs, ids, mask)
