@@ -9,7 +9,7 @@ import loramix
 from loramix.models.many import (
     add_adapter, adapter_losses, inject_many, member_parameters, only_adapter, remove_adapter,
 )
-from conftest import failing, model_fingerprint
+from conftest import failing, model_fingerprint, perturb_adapter
 from tiny_models import batch, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: thread hand-offs cost more than they give
@@ -20,14 +20,6 @@ CONFIGS = {
     "mix": loramix.MixLoraConfig(r=4, alpha=8, dropout=0.0, num_experts=4, top_k=2),
     "mix2": loramix.MixLoraConfig(r=2, alpha=4, dropout=0.0, num_experts=3, top_k=1, attention_targets=["v_proj"]),
 }
-
-
-def _randomise_b(params: dict[str, torch.nn.Parameter], seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, p in params.items():
-            if "lora_B" in key:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def _alone(name: str, joint: torch.nn.Module) -> torch.nn.Module:
@@ -49,7 +41,7 @@ def test_joint_forward_equals_each_adapter_alone() -> None:
     names = list(CONFIGS)
     model = inject_many(tiny_model("llama"), {n: CONFIGS[n] for n in names})
     for i, n in enumerate(names):
-        _randomise_b(member_parameters(model, n), seed=i)
+        perturb_adapter(member_parameters(model, n), seed=i)
     ids, mask, _ = batch(size=2 * len(names), length=9, pad_first=4)
     mask[5, :2] = 0
     joint = model(input_ids=ids, attention_mask=mask, adapter_rows=_rows(names, 2)).logits
@@ -63,7 +55,7 @@ def test_joint_forward_equals_each_adapter_alone() -> None:
 def test_rows_of_one_adapter_never_reach_another() -> None:
     model = inject_many(tiny_model("llama"), {"lora": CONFIGS["lora"], "mix": CONFIGS["mix"]})
     for i, n in enumerate(("lora", "mix")):
-        _randomise_b(member_parameters(model, n), seed=i)
+        perturb_adapter(member_parameters(model, n), seed=i)
     ids, mask, labels = batch(size=4, length=8)
     out = model(input_ids=ids, attention_mask=mask, adapter_rows=[("lora", 2), ("mix", 2)])
     losses = adapter_losses(model, out.logits, labels, [("lora", 2), ("mix", 2)])
@@ -119,7 +111,7 @@ def test_joint_training_reaches_the_weights_of_separate_training() -> None:
 
 def test_only_adapter_serves_one_adapter_without_row_plan() -> None:
     model = inject_many(tiny_model("llama"), {"lora": CONFIGS["lora"], "mix": CONFIGS["mix"]})
-    _randomise_b(member_parameters(model, "mix"), seed=5)
+    perturb_adapter(member_parameters(model, "mix"), seed=5)
     ids, mask, _ = batch(size=2)
     with only_adapter(model, "mix"):
         served = model(input_ids=ids, attention_mask=mask).logits
@@ -145,7 +137,7 @@ def test_generate_many_serves_each_request_with_its_adapter() -> None:
     tok = word_tokenizer()
     model = inject_many(tiny_model("llama"), {"lora": CONFIGS["lora"], "mix": CONFIGS["mix"]})
     for i, n in enumerate(("lora", "mix")):
-        _randomise_b(member_parameters(model, n), seed=20 + i)
+        perturb_adapter(member_parameters(model, n), seed=20 + i)
     requests = [("mix", "w1 w2 w3"), ("lora", "w4 w5"), ("mix", "w6"), ("lora", "w7 w8 w9 w10")]
     answers = generate_many(model, tok, requests, max_new_tokens=5, raw=True)
     alone = {n: _alone(n, model) for n in ("lora", "mix")}
@@ -162,11 +154,7 @@ def test_a_plan_may_list_an_adapter_twice() -> None:
     padding) and task ids (MoRE), as if called alone; a training loss needs each adapter's rows together."""
     more = loramix.MoreConfig(max_rank=4, dropout=0.0, tasks=["x", "y"])
     model = inject_many(tiny_model("llama"), {"mix": CONFIGS["mix"], "more": more})
-    torch.manual_seed(7)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.3)
+    perturb_adapter(model, seed=7, every_std=0.3)
     ids, mask, labels = batch(size=8, length=9, pad_first=4)
     mask[3, :2] = 0  # the two "mix" runs (rows 2-3 and 6-7) have different padding
     mask[6, :5] = 0
@@ -196,7 +184,7 @@ def test_any_adapter_name_works_dots_and_module_attribute_names_included() -> No
     model = inject_many(tiny_model("llama"), names)
     add_adapter(model, "train.v2", lambda m: loramix.inject(m, CONFIGS["dora"]))
     for i, n in enumerate(model.loramix_many.adapters):
-        _randomise_b(member_parameters(model, n), seed=30 + i)
+        perturb_adapter(member_parameters(model, n), seed=30 + i)
     joint = _logits(model, list(model.loramix_many.adapters))
     for i, (n, kind) in enumerate([("v1.0", "lora"), ("keys", "mix"), ("train.v2", "dora")]):
         single = loramix.inject(tiny_model("llama"), CONFIGS[kind])
@@ -219,7 +207,7 @@ def test_a_failure_at_any_step_of_add_or_remove_leaves_the_model_exactly_as_it_w
 
     model = inject_many(tiny_model("llama"), {"lora": CONFIGS["lora"], "mix": CONFIGS["mix"]})
     for i, n in enumerate(("lora", "mix")):
-        _randomise_b(member_parameters(model, n), seed=40 + i)
+        perturb_adapter(member_parameters(model, n), seed=40 + i)
     before, print_before = _logits(model, ["lora", "mix"]), model_fingerprint(model)
     values = {n: {k: p.detach().clone() for k, p in member_parameters(model, n).items()} for n in ("lora", "mix")}
     stack_init = many.AdapterStack.__init__
