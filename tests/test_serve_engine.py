@@ -253,3 +253,58 @@ def test_a_quantized_base_serves_each_kind_as_its_own_model_on_that_base(kinds, 
     for (name, prompt, max_tokens), (end, text, _) in zip(jobs, got):
         assert end == "done", name
         assert text == alone(own, name, tok(prompt)["input_ids"], max_tokens), name
+
+
+def naive_greedy(model, ids: list[int], steps: int, *, presence: float = 0.0, frequency: float = 0.0,
+                 bias: dict[int, float] | None = None) -> list[int]:
+    """Greedy tokens of ``model`` alone with OpenAI's penalties written out: logit[t] + bias[t]
+    - count[t] * frequency - (count[t] > 0) * presence, count over the tokens generated so far."""
+    out: list[int] = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids + out])).logits[0, -1].float()
+        for t, b in (bias or {}).items():
+            logits[t] += b
+        for t in set(out):
+            logits[t] -= out.count(t) * frequency + presence
+        out.append(int(logits.argmax()))
+    return out
+
+
+def test_penalties_and_logit_bias_apply_per_row(kinds, reference):
+    """Rows with presence / frequency penalties and a logit bias, beside a plain row of the same adapter,
+    in one batch: each row's greedy tokens equal the written-out formula on its model alone; the plain
+    row's equal plain greedy; and the settings changed the tokens (so the test can fail)."""
+    base, adapters = kinds
+    model, tok = load_model(str(base))
+    engine = Engine(load_served(model, tok, {"lora": adapters["lora"]}, base_name="base"), max_batch_size=8)
+    own = reference[0]["lora"][0]
+    ids = tok("a dog ran in")["input_ids"]
+    plain = naive_greedy(own, ids, 10)
+    cases = [{}, {"presence_penalty": 2.0}, {"frequency_penalty": 1.5}, {"logit_bias": {plain[1]: -100.0, 7: 5.0}},
+             {"presence_penalty": -1.0, "frequency_penalty": 0.7, "logit_bias": {plain[0]: 3.0}}]
+    got: dict[int, list[int]] = {}
+    done = threading.Event()
+
+    def emit(event: tuple, i: int) -> None:
+        if event[0] != "text":
+            got[i] = list(requests[i].generated)
+            if len(got) == len(cases):
+                done.set()
+
+    engine.pause()
+    engine.start()
+    try:
+        requests = [engine.submit(ids, engine.served.targets["lora"], SamplingParams(max_tokens=10, temperature=0,
+                                                                                      **case), lambda e, i=i: emit(e, i))
+                    for i, case in enumerate(cases)]
+        engine.resume()
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    assert engine.max_rows_seen == len(cases)
+    for i, case in enumerate(cases):
+        expected = naive_greedy(own, ids, 10, presence=case.get("presence_penalty", 0.0),
+                                frequency=case.get("frequency_penalty", 0.0), bias=case.get("logit_bias"))
+        assert got[i] == expected, case
+        assert (got[i] != plain) == bool(case), case

@@ -6,8 +6,6 @@ reference models), streamed and not, alone and in a batch of several adapters; `
 
 from __future__ import annotations
 
-import threading
-
 import openai
 import pytest
 import torch
@@ -18,6 +16,7 @@ from loramix.serve.server.app import build_app, serve_in_thread
 from loramix.serve.server.engine import Engine, load_served
 from test_lm_eval import TASK, base_model, loramix_scores, samples_scores, setup  # noqa: F401
 from test_serve import folders, reference, server  # noqa: F401  (module-scoped fixtures of this module too)
+from test_serve_structured import together
 
 PROMPTS = {"base": "the cat sat", "lora": "a dog ran in", "mix": "red green", "more:x": "yes no true"}
 TOL = 1e-5
@@ -97,25 +96,7 @@ def test_logprobs_of_a_row_alone_equal_those_in_a_mixed_adapter_batch(server):  
     ask = lambda name: client.completions.create(  # noqa: E731
         model=name, prompt=PROMPTS[name], max_tokens=5, temperature=0, logprobs=2).choices[0].logprobs
     alone = {name: ask(name) for name in PROMPTS}
-    engine.pause()  # all four wait, then join one batch
-    results: dict[str, object] = {}
-    threads = [threading.Thread(target=lambda n=name: results.__setitem__(n, ask(n))) for name in PROMPTS]
-    for t in threads:
-        t.start()
-    try:
-        for _ in range(400):
-            if engine.waiting() == len(PROMPTS):
-                break
-            threading.Event().wait(0.05)
-        assert engine.waiting() == len(PROMPTS)
-        before = engine.max_rows_seen
-        engine.max_rows_seen = 0
-    finally:
-        engine.resume()
-    for t in threads:
-        t.join(60)
-    assert engine.max_rows_seen == len(PROMPTS), "the four requests should have been decoded together"
-    engine.max_rows_seen = max(before, engine.max_rows_seen)
+    results = dict(zip(PROMPTS, together(engine, [lambda n=name: ask(n) for name in PROMPTS])))
     for name in PROMPTS:
         assert results[name].tokens == alone[name].tokens, name
         assert results[name].token_logprobs == pytest.approx(alone[name].token_logprobs, abs=TOL), name
@@ -164,10 +145,12 @@ def test_chat_logprobs_with_top_logprobs(server, reference):  # noqa: F811
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == got.choices[0].message.content
 
 
-def test_bad_logprob_fields_are_400s_naming_them(server):  # noqa: F811
+def test_bad_logprob_penalty_and_bias_fields_are_400s_naming_them(server):  # noqa: F811
     client, _, _ = server
     cases = [({"logprobs": 21}, "logprobs"), ({"max_tokens": 0}, "max_tokens"),
-             ({"prompt": [1, 10**6], "echo": True}, "prompt")]
+             ({"prompt": [1, 10**6], "echo": True}, "prompt"), ({"presence_penalty": 2.5}, "presence_penalty"),
+             ({"frequency_penalty": -3}, "frequency_penalty"), ({"logit_bias": {"cat": 1}}, "logit_bias"),
+             ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": {"100000": 1}}, "logit_bias")]
     for extra, field in cases:
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(**{"model": "base", "prompt": "the cat", **extra})
