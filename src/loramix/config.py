@@ -294,6 +294,14 @@ class _AdapterSettings(Settings):
         if isinstance(value, tuple):
             setattr(self, name, list(value))
 
+    def _check_task_names(self) -> None:
+        """``tasks``: null or a non-empty list of distinct names (MoRE's tasks, LoRAMoE's sample types)."""
+        if self.tasks is not None:
+            ok = isinstance(self.tasks, (list, tuple)) and len(self.tasks) > 0 and all(
+                isinstance(t, str) and t for t in self.tasks) and len(set(self.tasks)) == len(self.tasks)
+            self._check("tasks", ok, "null or a non-empty list of distinct task names")
+            self.tasks = list(self.tasks)
+
     @property
     def scale(self) -> float:
         """The LoRA output scale ``s``: alpha / r, or alpha / sqrt(r) with rsLoRA (MixLoRA: the experts';
@@ -461,11 +469,7 @@ class MoreConfig(_AdapterSettings):
                 is_int(k) and 1 <= k <= self.max_rank for k in self.ranks)
             self._check("ranks", ok, f"null or a non-empty list of integers in [1, max_rank={self.max_rank}]")
             self.ranks = sorted(set(self.ranks))
-        if self.tasks is not None:
-            ok = isinstance(self.tasks, (list, tuple)) and len(self.tasks) > 0 and all(
-                isinstance(t, str) and t for t in self.tasks) and len(set(self.tasks)) == len(self.tasks)
-            self._check("tasks", ok, "null or a non-empty list of distinct task names")
-            self.tasks = list(self.tasks)
+        self._check_task_names()
         if self.num_tasks is not None:
             self._check("num_tasks", is_int(self.num_tasks) and self.num_tasks > 0, "null or a positive integer")
             if self.tasks is None:
@@ -498,6 +502,73 @@ class MoreConfig(_AdapterSettings):
         return list(self.ranks) if self.ranks is not None else list(range(1, self.max_rank + 1))
 
 
+@dataclass
+class LoraMoeConfig(_AdapterSettings):
+    """LoRAMoE (Dou et al., arXiv 2312.09979): a dense mixture of LoRA experts on each FFN projection.
+
+    ``y = W z + Σ_e g_e(z) · s · B_e A_e dropout(z)`` with ``g = softmax(W_r z)`` over all experts (every
+    expert contributes). The localized balancing constraint splits the experts into groups, one per sample
+    type (``tasks``), and adds ``balance_coef · CV²(I ∘ Q)``: Q (samples, experts) the summed router weights
+    of each sample's tokens, I = 1 + balance_delta where an expert's group is the sample's type, else
+    1 - balance_delta. Defaults are the paper's (6 experts of rank 4 on gate/up/down, β = δ = 0.1; alpha 32
+    and dropout 0.05 from the authors' script).
+    """
+
+    kind: ClassVar[str] = "loramoe"
+
+    r: int = help_field("Rank of every expert LoRA (the paper: 4).", 4)
+    alpha: float = help_field("Expert LoRA alpha; the scale is alpha / r (the authors' script: 32).", 32)
+    dropout: float = help_field("Dropout on the LoRA input, one mask shared by the experts (0 allowed).", 0.05)
+    num_experts: int = help_field("LoRA experts per adapted projection (the paper: 6).", 6)
+    targets: list[str] | None = help_field(
+        "FFN projections given a LoRAMoE layer, e.g. [gate_proj, up_proj, down_proj] (null: every FFN projection "
+        "of the model family, as the paper).", None,
+    )
+    tasks: list[str] | None = help_field(
+        "Sample types of the localized balancing constraint, in group order: a sample whose task (the data's "
+        "task column, task_ids) is tasks[i] prefers expert group i. Null: no types, the plain importance balance "
+        "CV²(Q).", None,
+    )
+    group_sizes: list[int] | None = help_field(
+        "Experts per group, one entry per task, summing to num_experts (null: num_experts split evenly).", None,
+    )
+    balance_coef: float = help_field("β, weight of the localized balancing loss added to the LM loss.", 0.1)
+    balance_delta: float = help_field(
+        "δ in [0, 1): a sample's importance for its own group's experts is weighted 1 + δ, for the others 1 - δ.",
+        0.1,
+    )
+    use_rslora: bool = help_field("rsLoRA scaling alpha / sqrt(r) for the experts.", False)
+    init: str = help_field(INIT_HELP, "kaiming")
+    adapter_dtype: str | None = help_field(ADAPTER_DTYPE_HELP, None)
+
+    def __post_init__(self) -> None:
+        self._check_lora()
+        self._check_targets("targets")
+        self._check_common("use_rslora")
+        self._check_numbers("num_experts", positive=True, integer=True)
+        self._check_numbers("balance_coef")
+        delta = self.balance_delta
+        self._check("balance_delta", is_number(delta) and 0 <= delta < 1, "a number in [0, 1)")
+        self._check_task_names()
+        if self.group_sizes is not None:
+            count = len(self.tasks or [])
+            ok = isinstance(self.group_sizes, (list, tuple)) and len(self.group_sizes) == count and all(
+                is_int(n, minimum=1) for n in self.group_sizes) and sum(self.group_sizes) == self.num_experts
+            self._check("group_sizes", ok, f"null or {count} positive integers (one per task in 'tasks') summing to "
+                                           f"num_experts={self.num_experts}")
+            self.group_sizes = list(self.group_sizes)
+        elif self.tasks is not None and self.num_experts % len(self.tasks):
+            raise ConfigError(f"must be set: num_experts={self.num_experts} cannot be split evenly into "
+                              f"{len(self.tasks)} groups (one per task in 'tasks'); or change num_experts", "group_sizes")
+
+    def expert_groups(self) -> list[int] | None:
+        """The group (index into ``tasks``) of each expert, e.g. [0, 0, 0, 1, 1, 1]; None without tasks."""
+        if self.tasks is None:
+            return None
+        sizes = self.group_sizes or [self.num_experts // len(self.tasks)] * len(self.tasks)
+        return [g for g, n in enumerate(sizes) for _ in range(n)]
+
+
 def implicit_task(tasks: list[str], default: str | None) -> str | None:
     """The MoRE task a call that names none uses: ``default`` when it is one of ``tasks``, else the only task;
     None when there are several and no default. E.g. (["boolq"], None) → "boolq", (["a", "b"], None) → None."""
@@ -506,8 +577,8 @@ def implicit_task(tasks: list[str], default: str | None) -> str | None:
     return tasks[0] if len(tasks) == 1 else None
 
 
-ADAPTER_CONFIGS: dict[str, type] = {c.kind: c for c in (LoraConfig, MixLoraConfig, MoreConfig)}
-AdapterConfig = LoraConfig | MixLoraConfig | MoreConfig  # a training config's ``adapter``, picked by ``kind``
+ADAPTER_CONFIGS: dict[str, type] = {c.kind: c for c in (LoraConfig, MixLoraConfig, MoreConfig, LoraMoeConfig)}
+AdapterConfig = LoraConfig | MixLoraConfig | MoreConfig | LoraMoeConfig  # a training config's ``adapter``, picked by ``kind``
 
 
 def adapter_config_from_dict(kind: str, values: dict[str, Any], where: str = "config"):

@@ -7,6 +7,7 @@ from .kinds import AdapterKind, AdapterModule, adapter_modules, kind_named, kind
 from .lora import FrozenProjection, LoraLinear, dora_weight_norm, frozen_linear
 from .mixlora import MixLoraFFN, moe_layers
 from .more import MoreLinear, RankSelector, more_modules, task_contrastive_loss
+from .loramoe import LoraMoeLinear, localized_balance_loss  # noqa: I001 (after more: registration order)
 from .quantized import adapter_dtype_for, frozen_weight, is_quantized, logical_shape, quantization_kind
 from .routing import (
     Routing, load_balance_loss, route_switch, route_top_k, route_top_p, router_statistics, router_z_loss,
@@ -17,5 +18,5 @@ __all__ = [
     "more_modules", "ForwardContext", "FrozenProjection", "LoraLinear", "dora_weight_norm", "frozen_linear", "MixLoraFFN",
     "MoreLinear", "RankSelector", "task_contrastive_loss", "adapter_dtype_for", "frozen_weight", "is_quantized",
     "logical_shape", "quantization_kind", "Routing", "load_balance_loss", "route_switch", "route_top_k",
-    "route_top_p", "router_statistics", "router_z_loss",
+    "route_top_p", "router_statistics", "router_z_loss", "LoraMoeLinear", "localized_balance_loss",
 ]
