@@ -14,7 +14,8 @@ from torch import nn
 
 from loramix.data import MultipleChoiceExample, encode_continuation, encode_prompt, load_examples, render_prompt, render_targets
 from loramix.evaluate import evaluate_multiple_choice, label_token_ids
-from tiny_models import COMMON
+from conftest import perturb_adapter
+from tiny_models import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
 # tiny models: with a second thread the time goes to thread hand-offs (10x slower on a busy CPU)
@@ -116,21 +117,15 @@ def test_batched_scores_match_reference(family, protocol):
     """Batched, padded scoring (and, for loglik, the shared-prompt KV-cache path) equals scoring
     each sequence alone; also with a MixLoRA adapter whose router sees padded batches."""
     tok = tiny_tokenizer()
-    torch.manual_seed(0)
     if family == "gpt2":
-        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=len(tok),
-                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        model = tiny_model("gpt2", vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     else:
-        config = transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tok)})
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        model = tiny_model("llama", vocab_size=len(tok))
     if family.endswith("mixlora"):
         from loramix import MixLoraConfig, inject
 
         model = inject(model, MixLoraConfig(r=4, alpha=8, num_experts=4, top_k=2, dropout=0.0))
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.normal_(0, 0.3)
+        perturb_adapter(model, seed=0, every_std=0.3)
     out = evaluate_multiple_choice(model, tok, EXAMPLES, protocol=protocol.removesuffix("-full"), batch_size=3,
                                    progress=False, share_prompt=not protocol.endswith("-full"))
     with torch.no_grad():
@@ -160,8 +155,7 @@ def test_eval_command_on_local_folder(tmp_path):
     from loramix.cli import main
 
     tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tok)}))
+    model = tiny_model("llama", vocab_size=len(tok))
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     data = tmp_path / "quiz.jsonl"
@@ -182,11 +176,7 @@ def test_eval_command_on_local_folder(tmp_path):
 
     model.config._name_or_path = str(tmp_path / "model")
     adapted = inject(model, MixLoraConfig(r=4, alpha=8, num_experts=4, top_k=2))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in adapted.named_parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.5)
+    perturb_adapter(adapted, seed=1, every_std=0.5)
     save_adapter(adapted, tmp_path / "adapter")
     examples = load_examples(str(data))
     want = {p: evaluate_multiple_choice(adapted, tok, examples, protocol=p, progress=False)["accuracy"]
@@ -221,17 +211,13 @@ def _multi_model(tok, seed: int = 0):
     """A tiny llama with three adapters of different kinds (random non-zero weights): LoRA, MixLoRA, MoRE."""
     from loramix import LoraConfig, MixLoraConfig, MoreConfig, inject_many
 
-    torch.manual_seed(seed)
-    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tok)})).eval()
+    base = tiny_model("llama", seed, vocab_size=len(tok))
     model = inject_many(base, {
         "lora": LoraConfig(r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj", "up_proj"]),
         "mix": MixLoraConfig(r=4, alpha=8, num_experts=4, top_k=2, dropout=0.0),
         "more": MoreConfig(max_rank=4, dropout=0.0, tasks=["t1", "t2"]),
     })
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.3)
+    perturb_adapter(model, seed=seed, every_std=0.3)
     return model
 
 
@@ -292,8 +278,7 @@ def test_eval_command_several_adapters_in_one_pass(tmp_path):
 
     tok = tiny_tokenizer()
     joint = _multi_model(tok, seed=3)
-    torch.manual_seed(3)
-    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tok)}))
+    base = tiny_model("llama", 3, vocab_size=len(tok))
     base.config._name_or_path = str(tmp_path / "model")
     base.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
