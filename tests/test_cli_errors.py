@@ -18,6 +18,7 @@ import transformers
 
 import loramix
 from cli_setup import question_rows, tiny_model_folder, write_config, write_jsonl
+from conftest import perturb_adapter
 from loramix.cli import COMMANDS, UsageError, build_parser, default_threads, main
 from tiny_tokenizer import tiny_tokenizer
 
@@ -122,11 +123,7 @@ def test_more_generate_without_task_uses_the_default_task(files, tmp_path, capsy
     model.config._name_or_path = str(files["model"])
     model = loramix.inject(model, loramix.MoreConfig(max_rank=2, alpha=4, tasks=["arc-e", "boolq"],
                                                      default_task="boolq"))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # trained-looking weights: the two tasks answer differently
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    perturb_adapter(model, seed=3, every_std=0.5)  # trained-looking weights: the two tasks answer differently
     adapter = loramix.save_adapter(model, tmp_path / "more")
     argv = ["generate", "--adapter", str(adapter), "--no-stream", "--max-new-tokens", "8", "Is the sky green?"]
     answers = {}
