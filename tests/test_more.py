@@ -21,6 +21,7 @@ from loramix.models.inject import more_modules
 from loramix.modules import ForwardContext
 from loramix.modules.lora import LoraDropout
 from loramix.modules.more import MoreLinear, task_contrastive_loss
+from conftest import perturb_adapter
 from tiny_models import FAMILY_NAMES, batch, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -52,15 +53,6 @@ def force_ranks(module: MoreLinear, per_task: list[int], margin: float = 8.0) ->
         module.selector.task_embedding.copy_(emb)
         module.selector.gate.weight.copy_(gate)
         module.selector.gate.bias.zero_()
-
-
-def randomize_B(model_or_module: nn.Module, seed: int = 0, std: float = 0.2) -> None:
-    """Fresh B is zero (every comparison would pass trivially): give every MoRE B random values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model_or_module.modules():
-            if isinstance(m, MoreLinear):
-                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * std)
 
 
 def more_model(family: str = "llama", **overrides):
@@ -126,7 +118,7 @@ def test_chosen_rank_changes_the_module_output_as_the_reference():
         ctx = ForwardContext()
         m = MoreLinear(linear, loramix.MoreConfig(max_rank=4, num_tasks=4, alpha=6.0, dropout=0.0, linear_scaling=scaling),
                        context=ctx).eval()
-        randomize_B(m, seed=1)
+        perturb_adapter(m, seed=1, b_std=0.2)
         force_ranks(m, [1, 2, 3, 4])
         assert m.chosen_ranks() == [1, 2, 3, 4]
         x = torch.randn(4, 5, 12)
@@ -151,7 +143,7 @@ def test_more_dropout_is_the_lora_input_dropout():
     torch.manual_seed(0)
     linear = nn.Linear(12, 10)
     m = MoreLinear(linear, loramix.MoreConfig(max_rank=4, num_tasks=2, alpha=6.0, dropout=0.3)).train()
-    randomize_B(m, seed=2)
+    perturb_adapter(m, seed=2, b_std=0.2)
     force_ranks(m, [4, 4])
     m.context.task_ids = torch.tensor([0, 1])
     x = torch.randn(2, 5, 12)
@@ -172,7 +164,7 @@ def test_rank_set_restricts_the_choice():
 
 def test_ste_gives_selector_and_task_embedding_gradients_with_unit_forward_weight():
     model = more_model(contrastive_coef=0.0)  # the STE alone, no contrastive gradient
-    randomize_B(model)
+    perturb_adapter(model, b_std=0.2)
     distinct_ranks(model)
     ids, mask, labels = batch()
     task_ids = torch.tensor([0, 1, 2])
@@ -190,7 +182,7 @@ def test_ste_gives_selector_and_task_embedding_gradients_with_unit_forward_weigh
 
 def test_mixed_task_batch_equals_each_task_alone():
     model = more_model()
-    randomize_B(model)
+    perturb_adapter(model, b_std=0.2)
     distinct_ranks(model, seed=3)
     ids, mask, _ = batch(size=5, length=9)
     task_ids = torch.tensor([0, 2, 1, 0, 2])
@@ -207,7 +199,7 @@ def test_mixed_task_batch_equals_each_task_alone():
 def test_missing_task_ids_is_an_error_or_the_default_task():
     ids, mask, _ = batch()
     model = more_model()
-    randomize_B(model)
+    perturb_adapter(model, b_std=0.2)
     distinct_ranks(model)
     with pytest.raises(ValueError, match="task_ids"):
         model(input_ids=ids, attention_mask=mask)
@@ -231,7 +223,7 @@ def test_one_task_adapter_answers_without_task_ids_as_saved_adapters_do():
     (adapters.more_tasks.bare_name_task): default_task, else the only task, else none (an error)."""
     ids, mask, _ = batch()
     model = more_model(tasks=["boolq"])
-    randomize_B(model)
+    perturb_adapter(model, b_std=0.2)
     torch.testing.assert_close(logits(model, ids, mask, None), logits(model, ids, mask, torch.zeros(3, dtype=torch.long)))
     assert loramix.config.implicit_task(["a", "b"], None) is None
     assert loramix.config.implicit_task(["a", "b"], "b") == "b" and loramix.config.implicit_task(["a"], None) == "a"
@@ -263,7 +255,7 @@ def test_contrastive_loss_equals_hand_computation():
 
 def test_model_loss_adds_lambda_times_mean_contrastive_loss():
     model = more_model(contrastive_coef=0.3).train()  # a training forward (eval mode's loss is the LM loss alone)
-    randomize_B(model)
+    perturb_adapter(model, b_std=0.2)
     ids, mask, labels = batch()
     task_ids = torch.tensor([2, 0, 1])
     out = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=task_ids)
@@ -319,7 +311,7 @@ def test_merge_task_reproduces_the_adapter_logits():
     for family in ("llama", "gpt2"):
         for task in (0, 2):
             model = more_model(family)
-            randomize_B(model)
+            perturb_adapter(model, b_std=0.2)
             distinct_ranks(model, seed=task)
             expected = logits(model, ids, mask, torch.full((3,), task))
             plain = merge_task(model, TASKS[task])
@@ -337,7 +329,7 @@ def test_merge_and_unload_points_to_merge_task():
 
 def test_task_loras_have_the_chosen_rank_per_module():
     model = more_model()
-    randomize_B(model)
+    perturb_adapter(model, b_std=0.2)
     chosen = distinct_ranks(model, seed=5)
     loras = task_loras(model, "piqa")
     for name, (A, B) in loras.items():
@@ -352,7 +344,7 @@ def test_peft_export_loaded_by_peft_reproduces_the_task_logits(tmp_path):
     ids, mask, _ = batch()
     for family in ("llama", "gpt2"):
         model = more_model(family)
-        randomize_B(model)
+        perturb_adapter(model, b_std=0.2)
         distinct_ranks(model, seed=7)
         expected = logits(model, ids, mask, torch.full((3,), 1))
         export_task_peft(model, "boolq", tmp_path / family)
@@ -366,7 +358,7 @@ def test_peft_export_loaded_by_peft_reproduces_the_task_logits(tmp_path):
 def test_save_load_round_trip_keeps_tasks_and_outputs(tmp_path):
     ids, mask, _ = batch()
     model = more_model(selector="frozen_random", ranks=[1, 2, 4])
-    randomize_B(model)
+    perturb_adapter(model, b_std=0.2)
     task_ids = torch.tensor([2, 1, 0])
     expected = logits(model, ids, mask, task_ids)
     ranks = chosen_ranks(model)
@@ -450,7 +442,7 @@ def test_trainer_task_index_follows_the_adapter_task_order():
 
 def test_task_ids_edited_in_place_are_read_again():
     model = more_model()
-    randomize_B(model)
+    perturb_adapter(model, b_std=0.2)
     distinct_ranks(model)
     ids, mask, _ = batch()
     task_ids = torch.tensor([0, 0, 0])
@@ -471,7 +463,7 @@ def test_bf16_base_keeps_fp32_adapter_and_runs():
 
 def test_contrastive_loss_added_with_return_dict_false():
     model = more_model(contrastive_coef=0.5)
-    randomize_B(model)
+    perturb_adapter(model, b_std=0.2)
     ids, mask, labels = batch()
     task_ids = torch.tensor([0, 2, 1])
     out = model(input_ids=ids, attention_mask=mask, labels=labels, task_ids=task_ids)
@@ -529,7 +521,7 @@ def test_gradient_checkpointing_same_loss_and_grads_and_no_loss_kept_after_backw
     grads = []
     for checkpointing in (False, True):
         model = more_model()
-        randomize_B(model)
+        perturb_adapter(model, b_std=0.2)
         distinct_ranks(model)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
