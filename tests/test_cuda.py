@@ -21,6 +21,7 @@ import loramix
 from loramix.bench import step_peak_bytes
 from loramix.models.many import adapter_losses
 from loramix.modules import mixlora as mixlora_module
+from conftest import perturb_adapter
 from tiny_models import batch, tiny_model
 
 pytestmark = pytest.mark.cuda
@@ -66,21 +67,9 @@ CONFIGS = {
 }
 
 
-def perturb(model: torch.nn.Module, seed: int = 0) -> None:
-    """Non-zero B (a fresh B = 0 makes every comparison pass trivially) and a sharper router."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in loramix.adapter_parameters(model).items():
-            noise = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
-            if "lora_B" in name:
-                p.copy_(noise * 0.1)
-            elif "router" in name:
-                p.copy_(noise * 0.5)
-
-
 def bf16_model(device: torch.device, config, seed: int = 0) -> torch.nn.Module:
     model = loramix.inject(tiny_model("llama", seed=seed, dtype=torch.bfloat16).to(device), config)
-    perturb(model, seed)
+    perturb_adapter(model, seed, router_std=0.5, magnitude_std=None)
     return model
 
 
@@ -196,7 +185,7 @@ def test_several_adapters_at_once_equal_each_alone(device):
     loss equal that adapter run alone."""
     base = tiny_model("llama", seed=0, dtype=torch.bfloat16).to(device)
     model = loramix.inject_many(base, {"lora": CONFIGS["lora"](), "mix": mixlora()})
-    perturb(model)
+    perturb_adapter(model, router_std=0.5, magnitude_std=None)
     ids, mask, labels = inputs(device, size=4)
     plan = [("lora", 2), ("mix", 2)]
     with torch.no_grad(), autocast(device):
@@ -216,7 +205,7 @@ def test_merge_on_gpu_reproduces_the_adapter(device, use_dora):
     """LoRA/DoRA merged into fp32 weights on the device gives the adapter model's logits."""
     model = loramix.inject(tiny_model("llama", seed=0).to(device),
                            loramix.LoraConfig(r=8, alpha=16, dropout=0.0, targets=None, use_dora=use_dora))
-    perturb(model)
+    perturb_adapter(model, router_std=0.5, magnitude_std=None)
     ids, mask, _ = inputs(device)
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask).logits
@@ -228,7 +217,7 @@ def test_merge_on_gpu_reproduces_the_adapter(device, use_dora):
 
 def test_more_task_merge_on_gpu(device):
     model = loramix.inject(tiny_model("llama", seed=0).to(device), CONFIGS["more"]())
-    perturb(model)
+    perturb_adapter(model, router_std=0.5, magnitude_std=None)
     model.eval()
     ids, mask, _ = inputs(device)
     with torch.no_grad():
