@@ -85,7 +85,8 @@ def test_rows_join_and_leave_the_batch_cache_and_each_gets_what_its_model_alone_
 
     def watched(rows):
         step(rows)
-        widths.append((engine._batch.width, any(r.prompt == long_prompt_ids for r in engine._batch.rows)))
+        batch = engine.runner.batch
+        widths.append((batch.width, any(r.prompt == long_prompt_ids for r in batch.rows)))
 
     engine._step = watched
     engine.start()
@@ -295,9 +296,9 @@ def test_penalties_and_logit_bias_apply_per_row(kinds, reference):
     engine.pause()
     engine.start()
     try:
-        requests = [engine.submit(ids, engine.served.targets["lora"], SamplingParams(max_tokens=10, temperature=0,
-                                                                                      **case), lambda e, i=i: emit(e, i))
-                    for i, case in enumerate(cases)]
+        target = engine.served.targets["lora"]
+        requests = [engine.submit(ids, target, SamplingParams(max_tokens=10, temperature=0, **case),
+                                  lambda e, i=i: emit(e, i)) for i, case in enumerate(cases)]
         engine.resume()
         assert done.wait(60)
     finally:

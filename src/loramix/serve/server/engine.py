@@ -4,12 +4,14 @@ together, each row through its own adapter.
     requests  →  queue  →  engine thread, per decode step:
                              admit waiting requests (up to max_batch_size rows)
                              rows sorted by adapter:  [ a a | b | base base | more:x ]
-                             prefill: the rows that just joined, whole prompts left-padded, one forward
-                             decode:  the other rows, last token over the batch KV cache, one forward
-                             both with adapter_rows=[("a", 2), ("b", 1), (BASE, 2), ("more", 1)] and
-                             task_ids (MoRE rows: their task; others -1)
-                             per row: next token (greedy, or temperature / top-p with the row's own
-                             torch.Generator), stop strings, EOS, max_tokens → events to its client
+                             runner.py:     prefill the rows that just joined, decode the others over
+                                            the batch KV cache; adapter_rows=[("a", 2), ("b", 1), (BASE, 2),
+                                            ("more", 1)] and each row's MoRE task
+                             sampling.py:   per row: penalties, logit bias, its grammar's mask
+                                            (structured.py), greedy or temperature / top-p with its own
+                                            torch.Generator
+                             detokenize.py: per row: text, stop strings, EOS, max_tokens, log-probabilities
+                                            → events to its client
 
 New requests join between decode steps (continuous batching); finished or cancelled rows leave and
 free their cache. The running rows share one KV cache (``batch_cache.BatchCache``): left-padded to
@@ -33,34 +35,29 @@ Example:
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from ...adapters.folder import read_adapter_config
 from ...adapters.io import load_adapter
 from ...adapters.more_tasks import bare_name_task, recorded_task_index
 from ...config import LoraConfig
-from ...data.batching import collate
 from ...models.inject import inject
-from ...models.many import row_plan, stack_adapters
+from ...models.many import stack_adapters
 from ...models.registry import family_of
 from ..generate import build_prompt_ids, chat_prompt_ids
-from .batch_cache import BatchCache
-from .detokenize import Detokenizer, prompt_entries
+from .detokenize import Detokenizer
+from .runner import Runner
 from .sampling import SamplingParams, adjusted_logits, choose
 from .structured import Grammar, grammar_tokenizer
 
-NO_DEFAULT_TASK = -2  # Target.task_id of a MoRE adapter's bare name that picks no task
 BASE = "_base"  # the internal adapter name of the base model's rows (user adapter names cannot start with "_")
 Emit = Callable[[tuple], None]  # receives one request's events on the engine thread (see ``Request``)
 Job = tuple[Callable[[], Any], Callable[[], bool] | None, Future]  # (fn, when, its Future): ``call_between_steps``
@@ -68,16 +65,18 @@ Job = tuple[Callable[[], Any], Callable[[], bool] | None, Future]  # (fn, when, 
 
 @dataclass(frozen=True)
 class Target:
-    """What a request's ``model`` field names: an adapter (``BASE`` for the base) and a MoRE task id (-1: none;
-    ``NO_DEFAULT_TASK``: a MoRE adapter's bare name when it has several tasks and no default task)."""
+    """What a request's ``model`` field names.
+
+    Attributes:
+        adapter: the adapter whose rows decode it (``BASE`` for the base).
+        task: the MoRE task index its rows pass the model, or None (not a MoRE adapter).
+        answerable: whether requests may name it (and /v1/models lists it): False for a MoRE adapter's bare
+            name when it has several tasks and no default task (requests must name ``NAME:TASK``).
+    """
 
     adapter: str
-    task_id: int = -1
-
-    @property
-    def answerable(self) -> bool:
-        """Whether requests may name it (and /v1/models lists it); else they must name ``NAME:TASK``."""
-        return self.task_id != NO_DEFAULT_TASK
+    task: int | None = None
+    answerable: bool = True
 
 
 @dataclass
@@ -168,7 +167,7 @@ def adapter_targets(name: str, folder: str | os.PathLike, *, base_name: str) -> 
         return {name: Target(name)}
     tasks = recorded_task_index(meta) or {}
     bare_task = bare_name_task(meta)
-    targets = {name: Target(name, NO_DEFAULT_TASK if bare_task is None else tasks[bare_task])}
+    targets = {name: Target(name, answerable=False) if bare_task is None else Target(name, tasks[bare_task])}
     targets.update({f"{name}:{task}": Target(name, index) for task, index in tasks.items()})
     return targets
 
@@ -252,8 +251,8 @@ class Engine:
         self.max_rows_seen = 0  # the largest batch decoded so far (tests check that requests shared steps)
         self.max_batch_tokens_seen = 0  # the largest reservation of a batch so far (tests check the budget)
         self.on_token: Callable[[Request], None] | None = None  # called on the engine thread after each new token
-        self.kv_cache = kv_cache and _plain_cache(served.model)
-        self._batch = BatchCache(served.model.config) if self.kv_cache else None  # the running rows' KV cache
+        self.runner = Runner(served, kv_cache=kv_cache, threads=threads)
+        self.kv_cache = self.runner.kv_cache
 
     def start(self) -> None:
         self._thread.start()
@@ -408,15 +407,8 @@ class Engine:
         then the rows that just joined are prefilled (their whole prompt, one forward for all of them)
         and copied into the batch cache. Without it every row recomputes its whole sequence.
         """
-        rows.sort(key=self._order_key)  # stable: arrival order within an adapter
-        try:
-            with _intra_op_threads(self.threads):
-                stepped = (self._cached_step(rows) if self._batch is not None
-                           else list(zip(rows, self._prefill(rows)[0])))
-        except BaseException:
-            if self._batch is not None:  # a forward that failed halfway leaves the buffers half-written
-                self._batch = BatchCache(self.served.model.config)
-            raise
+        rows.sort(key=self.runner.order_key)  # stable: arrival order within an adapter
+        stepped = self.runner.step(rows)
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(rows))
         for r, row_logits in stepped:
@@ -439,91 +431,3 @@ class Engine:
                     grammar_done=r.grammar is not None and r.grammar.matcher.is_stopped())
         if self.on_token is not None:
             self.on_token(r)
-
-    def _order_key(self, r: Request) -> int:
-        """Batch order: rows grouped by adapter (each adapter's rows one span of the forward's row plan)."""
-        return self.served.order.get(r.target.adapter, len(self.served.order))
-
-    def _cached_step(self, rows: list[Request]) -> list[tuple[Request, torch.Tensor]]:
-        """Decode the cached rows, prefill the new ones → (row, logits (V,)) pairs; the batch cache follows."""
-        batch = self._batch
-        here = {id(r) for r in rows}
-        batch.keep(lambda r: id(r) in here)  # finished, cancelled or failed rows leave
-        cached = {id(r) for r in batch.rows}
-        fresh = [r for r in rows if id(r) not in cached]  # in batch order already: ``_step`` sorted ``rows``
-        stepped = list(zip(batch.rows, self._decode())) if len(batch) else []
-        if fresh:
-            logits, cache = self._prefill(fresh)
-            stepped += zip(fresh, logits)
-            batch.add(fresh, cache, [len(r.prompt) + len(r.generated) for r in fresh], self._order_key)
-        return stepped
-
-    def _forward(self, rows: list[Request], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 cache: Any, keep: int = 1) -> torch.Tensor:
-        """One forward of ``rows`` (grouped by adapter) → the last ``keep`` positions' logits (B, keep, V) fp32
-        (``keep`` 0: every position); ``cache`` grows."""
-        plan = row_plan(r.target.adapter for r in rows)
-        task_ids = torch.tensor([r.target.task_id for r in rows], device=ids.device)
-        with torch.no_grad():
-            out = self.served.model(input_ids=ids, attention_mask=mask, position_ids=positions, adapter_rows=plan,
-                                    task_ids=task_ids, past_key_values=cache, use_cache=cache is not None,
-                                    logits_to_keep=keep)
-        return out.logits.float()
-
-    def _prefill(self, rows: list[Request]) -> tuple[torch.Tensor, DynamicCache | None]:
-        """Whole sequences, left-padded, one forward → (logits (B, V), their cache (B, heads, W, d) per
-        layer, or None without the KV cache)."""
-        pad = self.served.tokenizer.pad_token_id
-        padded = collate([{"input_ids": r.prompt + r.generated} for r in rows], 0 if pad is None else pad,
-                         padding_side="left")
-        ids, mask = padded["input_ids"].to(self._device()), padded["attention_mask"].to(self._device())
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() computes them for left padding
-        cache = DynamicCache(config=self.served.model.config) if self.kv_cache else None
-        wanted = [not r.prompt_reported for r in rows]
-        logits = self._forward(rows, ids, mask, positions, cache, keep=0 if any(wanted) else 1)
-        for r, row, want in zip(rows, logits, wanted):
-            if want:  # the row's tokens are its last len(prompt) + len(generated) columns
-                start = row.shape[0] - len(r.prompt) - len(r.generated)
-                logprobs = torch.log_softmax(row[start:start + len(r.prompt) - 1], dim=-1)
-                tokenizer = self.served.tokenizer
-                r.emit(("prompt", prompt_entries(tokenizer, r.prompt, logprobs, r.params.prompt_logprobs),
-                        tokenizer.decode(r.prompt, skip_special_tokens=True)))
-                r.prompt_reported = True
-        return logits[:, -1], cache
-
-    def _decode(self) -> torch.Tensor:
-        """The batch cache's rows feed their last token, one forward → logits (B, V).
-
-        A row with L cached tokens gets attention mask [0]*(width-L) + [1]*(L+1) and position L: what
-        ``generate`` does for a left-padded batch."""
-        batch, device = self._batch, self._device()
-        ids = torch.tensor([[r.generated[-1]] for r in batch.rows], device=device)
-        logits = self._forward(batch.rows, ids, batch.mask(device), batch.positions(device), batch.cache)[:, -1]
-        batch.stepped()
-        return logits
-
-    def _device(self) -> torch.device:
-        return next(self.served.model.parameters()).device
-
-
-@contextlib.contextmanager
-def _intra_op_threads(count: int | None) -> Iterator[None]:
-    """Run the block with ``count`` torch intra-op threads (None or the current count: unchanged)."""
-    before = torch.get_num_threads()
-    if count is None or count == before:
-        yield
-        return
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _plain_cache(model: nn.Module) -> bool:
-    """Whether every layer of the model's cache is a plain ``DynamicLayer`` (keys/values (B, heads, L, d)
-    that can be split into rows and padded); sliding-window and other caches recompute instead."""
-    try:
-        return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
-    except Exception:  # a family whose config the cache cannot read
-        return False
