@@ -15,6 +15,7 @@ from .models import (
     UnsupportedModelError, adapter_parameters, auxiliary_losses, disable_adapters, inject, merge_and_unload,
     router_stats, unload,
 )
+from .models.loraplus import create_loraplus_optimizer, loraplus_param_groups
 from .models.many import adapter_rows, inject_many, only_adapter
 from .version import __version__
 
@@ -22,7 +23,7 @@ __all__ = [
     "__version__", "ConfigError", "LoraConfig", "LoraMoeConfig", "MixLoraConfig", "MoreConfig", "UnsupportedModelError",
     "adapter_parameters", "auxiliary_losses", "disable_adapters", "inject", "merge_and_unload", "router_stats",
     "unload", "AdapterLoadError", "load_adapter", "load_many", "save_adapter", "export_task_peft", "merge_task",
-    "use_task", "adapter_rows", "inject_many", "only_adapter",
+    "use_task", "adapter_rows", "inject_many", "only_adapter", "create_loraplus_optimizer", "loraplus_param_groups",
 ]
 
 # Submodules reachable as attributes after a plain ``import loramix`` (``loramix.hub.load_model(...)``),

@@ -114,7 +114,8 @@ class TensorRole:
     """One kind of tensor in an adapter file, e.g. a LoRA's ``A``.
 
     Attributes:
-        label: its name in messages ('A', 'router', 'task_embedding', ...).
+        label: its name in messages ('A', 'router', 'task_embedding', ...); 'B' marks a LoRA's up-projection
+            factor (zero at init), which LoRA+ trains at a higher rate (``models/loraplus.py``).
         pattern: a regular expression for the part of a key after the module path; a group ``p`` names a
             projection inside that module (MixLoRA's experts: ``experts.lora_A.(?P<p>\\w+)``).
         dims: per dimension, the symbol of a size the config sets ('R', 'E', ...; see ``AdapterKind.sizes``), or

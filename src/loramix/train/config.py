@@ -126,6 +126,9 @@ class TrainConfig(Settings):
     lr: float = help_field("Peak learning rate of AdamW.", 2e-4)
     weight_decay: float = help_field("AdamW weight decay (not applied to DoRA magnitude vectors).", 0.01)
     betas: list = help_field("AdamW betas.", factory=lambda: [0.9, 0.999])
+    loraplus_lr_ratio: float | None = help_field(
+        "LoRA+ (Hayou et al.): every B factor (LoRA, DoRA, expert B's, MoRE's) learns at this multiple of lr, the A "
+        "factors and the other tensors at lr; e.g. 16. Null: one rate for all.", None)
     warmup_steps: int = help_field("Steps of linear warmup from 0 to lr (takes precedence over warmup_ratio).", 0)
     warmup_ratio: float = help_field("Warmup as a fraction of the total steps, used when warmup_steps is 0.", 0.0)
     schedule: str = help_field("Learning-rate schedule after warmup: constant, linear (to 0) or cosine (to 0).", "cosine")
@@ -164,6 +167,8 @@ class TrainConfig(Settings):
         self._check_numbers("eval_every", "save_every", "warmup_steps", integer=True)
         self._check_numbers("lr", positive=True)
         self._check_numbers("weight_decay")
+        if self.loraplus_lr_ratio is not None:
+            self._check_numbers("loraplus_lr_ratio", positive=True)
         self._check("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)")
         self._check("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}")
         self._check("max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1 or null")

@@ -27,6 +27,7 @@ from ..data import LengthGroupedBatches, MultipleChoiceExample, collate, encode_
 from ..data.sampling import mix
 from ..models.inject import adapter_parameters, adapter_state
 from ..models.losses import AUXILIARY_LOSSES
+from ..models.loraplus import loraplus_param_groups
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .run_lock import RunFolderLock, hold_run_folder
@@ -141,10 +142,8 @@ class Job:
         self.params = adapter_parameters(self.model)
         for p in self.params.values():
             p.requires_grad_(True)
-        # No weight decay on vectors (DoRA magnitudes): decaying them shrinks the weight norm itself.
-        groups = [{"params": [p for p in self.params.values() if p.dim() >= 2], "weight_decay": cfg.weight_decay}]
-        if any(p.dim() < 2 for p in self.params.values()):
-            groups.append({"params": [p for p in self.params.values() if p.dim() < 2], "weight_decay": 0.0})
+        # no weight decay on vectors (DoRA magnitudes); LoRA+: the B factors at loraplus_lr_ratio x lr
+        groups = loraplus_param_groups(self.model, cfg.lr, cfg.loraplus_lr_ratio, cfg.weight_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
         self.warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
