@@ -18,13 +18,12 @@ from pathlib import Path
 import lm_eval
 import pytest
 import torch
-import transformers
 
 import loramix
 from loramix.data.examples import MultipleChoiceExample
 from loramix.evaluate import evaluate_multiple_choice
 from conftest import mixlora_config, perturb_adapter
-from tiny_models import tiny_config
+from tiny_models import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
 TASK = "loramix_tiny_mc"
@@ -39,10 +38,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZ
 
 
 def base_model():
-    config = tiny_config("llama")
-    config.vocab_size = len(tiny_tokenizer())
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    return tiny_model("llama", vocab_size=len(tiny_tokenizer()))
 
 
 def adapted(config, seed=7):
