@@ -215,3 +215,18 @@ def test_bad_settings_are_named(values, key):
         loramix.LoraMoeConfig(**{"num_experts": 4, **values})
     with pytest.raises(ConfigError, match=rf"adapter\.{key}"):
         train_config(Path("."), adapter={"kind": "loramoe", "num_experts": 4, **values})
+
+
+def test_a_folder_whose_settings_contradict_its_tensors_is_refused_naming_the_setting(tmp_path):
+    import json
+
+    model = loramix.inject(tiny_model("llama"), small())
+    folder = loramix.save_adapter(model, tmp_path / "adapter")
+    meta = json.loads((folder / "adapter_config.json").read_text())
+    meta["config"]["num_experts"] = 2
+    (folder / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(loramix.AdapterLoadError, match=r"lora_A' has shape \(4, 2, \d+\), but adapter_config.json "
+                                                        r"says num_experts = 2"):
+        loramix.load_adapter(tiny_model("llama"), folder)
+    with pytest.raises(ValueError, match="LoRAMoE adapter mixes its experts per token"):
+        loramix.merge_and_unload(model)
