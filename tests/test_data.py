@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 from loramix.data import (
     IGNORE_INDEX, TASKS, DataError, InstructionExample, LengthGroupedBatches, MultipleChoiceExample,
     builtin_templates, collate, encode_example, load_examples, read_file, read_task, render, truncate_left,
 )
 from loramix.data.tokenize import encode_continuation, encode_prompt, special_prefix, text_bound
-from tiny_models import COMMON
+from tiny_models import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
 
@@ -252,8 +251,7 @@ def test_collate_right_padding_and_no_loss_on_prompt_or_padding():
         assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
         assert batch["input_ids"][row, :n].tolist() == feats[row]["input_ids"]
 
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tok)})).eval()
+    model = tiny_model("llama", vocab_size=len(tok))
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     # reference: each example alone, unpadded; loss only where the answer tokens are predicted
     terms = []

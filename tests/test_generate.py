@@ -5,10 +5,9 @@ from __future__ import annotations
 import copy
 
 import torch
-import transformers
 
 from loramix.serve import build_prompt_ids, generate_text
-from tiny_models import COMMON
+from tiny_models import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
 CHAT = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<s>assistant: {% endif %}"
@@ -25,9 +24,7 @@ def test_prompt_ids_use_chat_template_when_present():
 
 def test_greedy_generation_is_deterministic():
     tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        **{**COMMON, "vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}))
+    model = tiny_model("llama", vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     a = generate_text(model, tok, "the cat sat", max_new_tokens=6)
     b = generate_text(model, tok, "the cat sat", max_new_tokens=6)
     assert isinstance(a, str) and a == b

@@ -10,7 +10,7 @@ import transformers
 
 from loramix import hub
 from loramix.hub import ModelLoadError, load_model, resolve_device, resolve_dtype
-from tiny_models import COMMON
+from tiny_models import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
 
@@ -27,10 +27,8 @@ def test_resolve_dtype_and_device():
 @pytest.fixture
 def fake_gguf(monkeypatch, tmp_path):
     """Make the GGUF loaders return a tiny tied-embedding Llama and a tiny tokenizer; cache in tmp_path."""
-    torch.manual_seed(0)
     tok = tiny_tokenizer()
-    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tok), "tie_word_embeddings": True})
-    source = transformers.LlamaForCausalLM(config).eval()
+    source = tiny_model("llama", vocab_size=len(tok), tie_word_embeddings=True)
     calls = []
 
     def model_from_pretrained(folder, gguf_file=None, dtype=None, **kw):
@@ -98,7 +96,7 @@ def test_load_errors(tmp_path, monkeypatch):
 def test_folder_without_tokenizer_loads_when_not_required(tmp_path):
     """The exports load a base folder without tokenizer files (require_tokenizer=False): tokenizer None."""
     folder = tmp_path / "tiny"
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "vocab_size": 64})).save_pretrained(folder)
+    tiny_model("llama", vocab_size=64).save_pretrained(folder)
     model, tok = load_model(str(folder), dtype="float32", device="cpu", require_tokenizer=False)
     assert tok is None and model.config._name_or_path == str(folder) and not model.training
     with pytest.raises((OSError, ValueError, ModelLoadError)):  # a tokenizer is required by default
