@@ -16,6 +16,7 @@ import builtins
 import math
 import re
 import symtable
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,8 @@ def python_snippets(section: str | None = None) -> list[str]:
     if section is not None:
         text = text[text.index(f"## {section}\n"):]
         text = text[:text.index("\n## ", 1)]
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    # a block inside a list item is indented like the item's text: as Markdown does, take the fence's indent off
+    return [textwrap.dedent(body) for body in re.findall(r"^[ \t]*```python\n(.*?)^[ \t]*```", text, flags=re.S | re.M)]
 
 
 def _reads_and_defines(code: str) -> tuple[set[str], set[str]]:
