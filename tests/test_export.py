@@ -27,7 +27,7 @@ from loramix.cli import main as cli_main
 from loramix.modules import LoraLinear
 
 from conftest import mixlora_config, perturb_adapter
-from tiny_models import batch, tiny_config, tiny_model
+from tiny_models import batch, tiny_model
 
 # Runs in a fresh interpreter: only transformers / peft, never loramix.
 LOADER = r"""
@@ -89,15 +89,11 @@ def greedy(model, prompt: torch.Tensor, new: int) -> torch.Tensor:
                               max_new_tokens=new, pad_token_id=0, temperature=None, top_p=None, top_k=None)
 
 
-def base_folder(root: Path, family: str, **config_overrides) -> Path:
+def base_folder(root: Path, family: str) -> Path:
     """A tiny model of ``family`` saved with save_pretrained (what users export from)."""
     folder = root / f"base-{family}"
     if not folder.exists():
-        config = tiny_config(family)
-        for k, v in config_overrides.items():
-            setattr(config, k, v)
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+        tiny_model(family).save_pretrained(folder)
     return folder
 
 
@@ -392,10 +388,7 @@ def test_formats_that_cannot_hold_the_adapter_are_clear_errors(tmp_path):
 
 def test_base_tensor_without_a_place_in_mixtral_is_an_error(tmp_path):
     """Llama with attention biases: Mixtral's attention has none, so the export would be wrong."""
-    torch.manual_seed(0)
-    config = tiny_config("llama")
-    config.attention_bias = True
-    model = loramix.inject(AutoModelForCausalLM.from_config(config).eval(), mixlora_config())
+    model = loramix.inject(tiny_model("llama", attention_bias=True), mixlora_config())
     with pytest.raises(ExportError, match=r"q_proj.bias' has no place in a MixtralForCausalLM"):
         export_adapter(model, tmp_path, format="mixtral")
 
