@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import loramix
@@ -19,7 +18,7 @@ from loramix.models.quantize import prepare_kbit_training, storage_tensors
 from loramix.modules import FrozenProjection, LoraLinear, MixLoraFFN, MoreLinear
 from loramix.modules.quantized import adapter_dtype_for, frozen_weight, is_quantized, logical_shape, quantization_kind
 from conftest import mixlora_config, perturb_adapter
-from tiny_models import batch, tiny_config
+from tiny_models import batch, tiny_model, tiny_model_folder
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -44,14 +43,8 @@ def folders(tmp_path_factory):
     """family → folder of a 64-wide tiny model saved with seeded random weights."""
     out = {}
     for family in ("llama", "qwen2", "gpt2"):
-        config = tiny_config(family)
-        if family == "gpt2":
-            config.n_embd, config.n_inner = 64, 128
-        else:
-            config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
-        torch.manual_seed(0)
         folder = tmp_path_factory.mktemp(f"tiny64-{family}")
-        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+        tiny_model(family, width=64).save_pretrained(folder)
         out[family] = folder
     return out
 
@@ -153,15 +146,7 @@ def wide_folder(tmp_path_factory):
     """A tiny Llama whose every projection is a multiple of 64 wide (q/k/v/o 64, FFN 128), so bitsandbytes'
     CPU repack (rows in groups of 32, scales per block of 64) applies to every layer; with a tokenizer,
     so that hub.load_model reads it."""
-    from tiny_tokenizer import tiny_tokenizer
-
-    config = tiny_config("llama")
-    config.hidden_size, config.intermediate_size, config.head_dim, config.num_key_value_heads = 64, 128, 16, 4
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny64-all")
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+    return tiny_model_folder(tmp_path_factory.mktemp("tiny64-all"), width=64, num_key_value_heads=4)
 
 
 def load_bnb(folder, scheme: str, route: str):
