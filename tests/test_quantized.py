@@ -23,7 +23,7 @@ from loramix.models import quantize as Q
 from loramix.modules.quantized import frozen_weight, is_quantized
 
 from conftest import mixlora_config, perturb_adapter
-from tiny_models import batch, tiny_config, tiny_model
+from tiny_models import batch, tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -65,10 +65,7 @@ def wide_model(family: str) -> torch.nn.Module:
     """The tiny model of ``family`` with widths 64 and 128: multiples of bitsandbytes' 64-weight block (its
     CPU 4-bit dequantization kernel in 0.50.2 is wrong when a row is not: 66% error for 32-wide rows,
     measured) and of torchao-int4's group of 32."""
-    config = tiny_config(family)
-    config.hidden_size, config.intermediate_size = 64, 128
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    return tiny_model(family, width=64)
 
 
 @pytest.fixture(scope="module")
