@@ -169,7 +169,6 @@ def test_every_command_lives_in_a_command_module():
 KIND_HOMES = ("loramix.modules", "loramix.config")
 # Kind branches left in files others own, with the reason; the test fails on any other and on a stale entry.
 KIND_BRANCHES_LEFT = {
-    "serve/server/engine.py": "a saved MoRE adapter's tasks as targets: ask kind_named(meta['kind']).per_task",
     "compare/study.py": "match_params is defined against a LoRA method",
 }
 

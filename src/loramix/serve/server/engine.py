@@ -52,6 +52,7 @@ from ...config import LoraConfig
 from ...models.inject import inject
 from ...models.many import stack_adapters
 from ...models.registry import family_of
+from ...modules import kind_named
 from ..generate import build_prompt_ids, chat_prompt_ids
 from .detokenize import Detokenizer
 from .runner import Runner
@@ -163,7 +164,8 @@ def adapter_targets(name: str, folder: str | os.PathLike, *, base_name: str) -> 
         raise ValueError(f"adapter name '{name}': use letters, digits, '-', '_', '.', not starting with '_' "
                          f"and not the base model's name")
     meta = read_adapter_config(folder)
-    if meta.get("kind") != "more":
+    kind = kind_named(meta.get("kind"))
+    if kind is None or not kind.per_task:  # one target: the adapter's rows take no task
         return {name: Target(name)}
     tasks = recorded_task_index(meta) or {}
     bare_task = bare_name_task(meta)
