@@ -45,10 +45,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..config import ConfigError, LoraConfig, adapter_config_from_dict, is_number
+from ..config import ConfigError, LoraConfig, adapter_config_from_dict, is_int, is_number
 from ..models.registry import FAMILIES, ModelFamily, family_of
 from ..modules import AdapterKind, kind_of, registered_kinds
-from ..modules.kinds import TensorRole
+from ..modules.kinds import TensorRole, layer_sites
 from ..modules.quantized import logical_shape
 from .authors import is_authors_format, read_authors_folder
 from .common import (
@@ -245,17 +245,27 @@ def _role_of(key: str, kind: AdapterKind) -> tuple[TensorRole, re.Match] | tuple
 
 
 def check_tensor_shapes(config, family: ModelFamily, shapes: Mapping[str, tuple[int, ...]], *, weights: Path,
-                        config_file: Path) -> dict[str, tuple[int, int]]:
+                        config_file: Path, num_layers: int | None = None) -> dict[str, tuple[int, int]]:
     """Every tensor's config-given dimensions (rank, experts, tasks) against ``config``, and the base
     feature sizes (out, in) of each module consistent across its tensors; an ``AdapterLoadError`` names
     the tensor, its shape, and the config key and value it contradicts. The kind says what its tensors look
     like (``AdapterKind.roles``) and which sizes its config sets (``AdapterKind.sizes``).
+
+    ``num_layers`` (the base's decoder layers; None: 1 + the highest layer index of the keys) lays a config whose
+    sizes vary by layer over them (``AdapterKind.layer_config``).
 
     Returns base module path (e.g. ``model.layers.0.mlp.gate_proj``) → (out, in) features, plus
     ``"<ffn path>"`` → (0, hidden) for MixLoRA routers.
     """
     seen: dict[tuple[str, str], tuple[int, str]] = {}  # (base module, 'out'/'in') → (size, key that set it)
     kind = kind_of(config)
+    layer_of = {key: split_layer(key, family) for key in shapes}
+    if num_layers is None:
+        num_layers = 1 + max((where[0] for where in layer_of.values() if where), default=-1)
+    try:
+        per_layer = [kind.layer_config(config, i, num_layers) for i in range(num_layers)]
+    except ConfigError as err:
+        raise AdapterLoadError(f"{config_file}: {err}") from None
     for key, shape in shapes.items():
         role, m = _role_of(key, kind)
         if m is None and not role:
@@ -266,7 +276,9 @@ def check_tensor_shapes(config, family: ModelFamily, shapes: Mapping[str, tuple[
                                    "together; use the adapter's own adapter_config.json")
         module = m["m"]
         symbols, features = role.dims, role.features
-        dims = kind.sizes(config, family, module)
+        layer = layer_of[key][0] if layer_of[key] and layer_of[key][0] < num_layers else None
+        own = config if layer is None else per_layer[layer]
+        dims = kind.sizes(own, family, module)
         if len(shape) != len(symbols):
             raise AdapterLoadError(f"{weights}: '{key}' has shape {shape}, but a {role.label} "
                                    f"tensor of this adapter has {len(symbols)} dimension(s)")
@@ -275,9 +287,12 @@ def check_tensor_shapes(config, family: ModelFamily, shapes: Mapping[str, tuple[
             if symbol is not None:
                 name, value = dims.get(symbol, (symbol, -1))
                 if size != value:
+                    said = value if name != "tasks" else config.tasks
+                    if own is not config and getattr(config, name, value) != value:  # a layer's share of the setting
+                        said = f"{getattr(config, name)!r}, {value} in layer {layer}"
                     raise AdapterLoadError(
                         f"{weights}: '{key}' has shape {shape}, but {config_file.name} says "
-                        f"{name} = {value if name != 'tasks' else config.tasks} (dimension {axis} should be {value}): "
+                        f"{name} = {said} (dimension {axis} should be {value}): "
                         "the settings and the weights do not belong together; fix the config or save the adapter again")
                 continue
             base = f"{module}.{m['p']}" if "p" in m.groupdict() else module  # a projection inside the module
@@ -297,9 +312,8 @@ def check_tensor_shapes(config, family: ModelFamily, shapes: Mapping[str, tuple[
 def expected_keys(config, family: ModelFamily, num_layers: int) -> set[str]:
     """The loramix keys a loramix adapter of ``config`` over ``num_layers`` decoder layers holds
     (DoRA magnitudes included): what ``inject`` creates, the tensors of the kind's sites in every layer."""
-    sites = kind_of(config).sites(config, family)
-    return {f"{family.layers}.{layer}.{site.path}.{t}" for layer in range(num_layers) for site in sites
-            for t in site.tensors}
+    return {f"{family.layers}.{layer}.{site.path}.{t}"
+            for layer, sites in enumerate(layer_sites(config, family, num_layers)) for site in sites for t in site.tensors}
 
 
 def check_key_set(adapter: AdapterFolder, config_file: Path) -> None:
@@ -469,7 +483,9 @@ def read_adapter_folder(folder: str | os.PathLike, model: nn.Module | None = Non
         raise AdapterLoadError(f"{config_file}: not a loramix adapter "
                                f"(no \"format\": \"{FORMAT}\" and no \"peft_type\")")
     shapes = tensors.shapes if isinstance(tensors, AdapterTensors) else {k: tuple(v.shape) for k, v in tensors.items()}
-    shapes = check_tensor_shapes(config, family, shapes, weights=weights, config_file=config_file)
+    recorded = meta.get("num_layers")
+    shapes = check_tensor_shapes(config, family, shapes, weights=weights, config_file=config_file,
+                                 num_layers=recorded if is_int(recorded, minimum=1) else None)
     adapter = AdapterFolder(path=folder, layout=layout, config=config, family=family, tensors=tensors, meta=meta,
                             weights=weights, module_shapes=shapes)
     if layout in ("loramix", "loramix-v1"):  # PEFT folders may skip layers; the authors' lack DoRA magnitudes

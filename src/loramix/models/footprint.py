@@ -32,6 +32,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..modules import kind_of
+from ..modules.kinds import layer_sites
 from .registry import decoder_layers, family_of
 
 # A trained element has: itself, its gradient, AdamW's exp_avg and exp_avg_sq.
@@ -58,9 +59,9 @@ def adapter_footprint(model: nn.Module, config: Any) -> Footprint:
     """The ``Footprint`` of the adapter ``inject(model, config)`` would add, computed from the shapes alone
     (nothing is allocated; an already-injected model's projections count as their frozen base): the sum of
     what each of the kind's sites says its replacement holds (``modules/kinds.Site.footprint``)."""
-    sites = kind_of(config).sites(config, family_of(model))
+    layers = decoder_layers(model, family_of(model))
     need = Footprint()
-    for layer in decoder_layers(model, family_of(model)):
+    for layer, sites in zip(layers, layer_sites(config, family_of(model), len(layers))):
         for site in sites:
             need.add(*site.footprint(layer.get_submodule(site.path)))
     return need

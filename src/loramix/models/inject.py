@@ -26,6 +26,7 @@ from torch import nn
 
 from ..modules import ForwardContext, adapter_modules, frozen_weight, is_quantized, kind_of, moe_layers
 from ..modules import more_modules  # noqa: F401  (its public name here since before the kinds)
+from ..modules.kinds import layer_sites
 from ..modules.quantized import keep_4bit_layout
 from .footprint import check_adapter_fits
 from . import losses
@@ -82,15 +83,16 @@ def inject(model: nn.Module, config: Any) -> nn.Module:
     kind = kind_of(config)  # a TypeError naming the config classes
     kind.check(config)  # its errors before the model is touched
     family = family_of(model)
-    sites = kind.sites(config, family)
+    layers = decoder_layers(model, family)
+    sites = layer_sites(config, family, len(layers))
     check_adapter_fits(model, config)  # before anything is allocated: an error naming adapter.r / num_experts
     context = ForwardContext()
 
     for p in model.parameters():
         p.requires_grad_(False)
     keep_4bit_layout(model)  # a bitsandbytes CPU repack, undone before state_dict() would corrupt it
-    for layer in decoder_layers(model, family):
-        for site in sites:
+    for layer, in_layer in zip(layers, sites):
+        for site in in_layer:
             layer.set_submodule(site.path, site.build(layer.get_submodule(site.path), context))
 
     # New modules are born in training mode. Give each the mode of the module it replaced, so that

@@ -9,6 +9,9 @@ A kind is its config class (``config.py``), its module(s) in this package, and o
     sites(config, family)      the modules it replaces in every decoder layer, each with how to build the
                                replacement, the adapter tensors it holds and their size (inject, footprint,
                                a folder's expected keys)
+    layer_config(config, i, n) the config that sets the sizes of decoder layer i of n, which ``sites`` and
+                               ``sizes`` are then asked with (``layer_sites``); the same config for every
+                               layer unless the kind's sizes vary by layer (MoLA's expert counts)
     roles, sizes(...)          what its tensors' keys look like and which of their dimensions the config sets
                                (the folder reader checks a file's shapes against them, no model needed)
     merge_refusal              why it cannot be merged into the base weights (None: it can)
@@ -155,6 +158,11 @@ class AdapterKind:
         (their random initialisation follows it); a ``ConfigError`` names a target the family does not have."""
         raise NotImplementedError
 
+    def layer_config(self, config: Any, layer: int, num_layers: int) -> Any:
+        """The config of decoder layer ``layer`` (0-based) of a ``num_layers``-layer model: ``config`` itself unless
+        the kind's sizes vary by layer; a ``ConfigError`` when ``config`` cannot be laid over ``num_layers``."""
+        return config
+
     def sizes(self, config: Any, family: ModelFamily, module: str) -> dict[str, tuple[str, int]]:
         """The sizes the config sets for the tensors of ``module`` (a base module path): symbol of
         ``TensorRole.dims`` → (config key, value)."""
@@ -171,6 +179,13 @@ class AdapterKind:
     def export_refusal(self, format: str) -> str | None:
         """Why this kind cannot be exported in ``format`` ('mixtral', 'peft', 'merged'); None when it can."""
         return self.export_refusals.get(format)
+
+
+def layer_sites(config: Any, family: ModelFamily, num_layers: int) -> list[list[Site]]:
+    """Per decoder layer (0 … num_layers-1), the sites an adapter of ``config`` replaces there: the kind's
+    ``sites`` asked with its ``layer_config`` of that layer. Raises the kind's ``ConfigError`` before any is built."""
+    kind = kind_of(config)
+    return [kind.sites(kind.layer_config(config, i, num_layers), family) for i in range(num_layers)]
 
 
 _KINDS: dict[str, AdapterKind] = {}
