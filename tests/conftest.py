@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -116,3 +117,67 @@ def embedded_stand_in(tmp_path, monkeypatch):
     folder = tiny_model_folder(tmp_path / "loramix-cache" / hub.CACHE_SUBDIR)
     (folder / hub.MARKER).write_text("{}")  # written last by a real conversion: marks the folder complete
     return folder
+
+
+# ------------------------------------------------------------- checks every adapter kind's tests make
+def forward_and_gradients(forward, x: torch.Tensor, out_weights: torch.Tensor,
+                          tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``forward(x)`` (detached) and the gradients of ``(forward(x) * out_weights).sum()`` with respect to ``x`` and
+    each of ``tensors`` (their ``.grad`` cleared first): what a fast path and its naive reference must agree on."""
+    for t in tensors:
+        t.grad = None
+    xi = x.clone().requires_grad_()
+    out = forward(xi)
+    (out * out_weights).sum().backward()
+    return out.detach(), [xi.grad] + [t.grad.clone() for t in tensors]
+
+
+def assert_only_adapter_tensors_get_gradients(model: nn.Module) -> None:
+    """After a backward: every adapter tensor has a non-zero gradient, and no other parameter has one."""
+    params = loramix.adapter_parameters(model)
+    assert params
+    for key, p in params.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, key
+    adapter_ids = {id(p) for p in params.values()}
+    assert all(p.grad is None for p in model.parameters() if id(p) not in adapter_ids)
+
+
+def assert_each_row_equals_its_adapter_alone(model: nn.Module, configs: Mapping[str, AdapterConfig],
+                                             ids: torch.Tensor, mask: torch.Tensor, family: str = "llama") -> None:
+    """``model`` (``inject_many`` of ``configs`` into ``tiny_model(family)``) run once over a batch whose rows go to the
+    adapters in ``configs`` order, an equal share each; each adapter's rows equal that adapter injected alone
+    (its tensors copied) on its rows, over the real tokens (<= 1e-5)."""
+    from loramix.models.many import member_parameters
+
+    share = ids.shape[0] // len(configs)
+    with torch.no_grad():
+        joint = model(input_ids=ids, attention_mask=mask, adapter_rows=[(n, share) for n in configs]).logits
+    for i, name in enumerate(configs):
+        alone = loramix.inject(tiny_model(family), configs[name])
+        with torch.no_grad():
+            theirs = member_parameters(model, name)
+            for key, p in loramix.adapter_parameters(alone).items():
+                p.copy_(theirs[key])
+            rows = slice(share * i, share * (i + 1))
+            own = alone(input_ids=ids[rows], attention_mask=mask[rows]).logits
+        assert (own - joint[rows])[mask[rows].bool()].abs().max() <= 1e-5, name
+
+
+def assert_fresh_adapter_is_the_base(family: str, config: AdapterConfig, module_class: type,
+                                     per_layer: Callable[[Any], int]) -> None:
+    """``config`` injected into ``tiny_model(family)``: ``per_layer(family)`` modules of ``module_class`` in each
+    decoder layer, logits equal to the base's (<= 1e-6), and different (> 1e-3) once ``perturb_adapter`` moves the
+    B's."""
+    from loramix.models.registry import decoder_layers, family_of
+    from tiny_models import batch
+
+    model = tiny_model(family)
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask).logits
+        loramix.inject(model, config)
+        count = len(decoder_layers(model, family_of(model))) * per_layer(family_of(model))
+        assert sum(isinstance(m, module_class) for m in model.modules()) == count
+        assert (model(input_ids=ids, attention_mask=mask).logits - base).abs().max() <= 1e-6
+        perturb_adapter(model)
+        assert (model(input_ids=ids, attention_mask=mask).logits - base).abs().max() > 1e-3

@@ -569,6 +569,41 @@ class LoraMoeConfig(_AdapterSettings):
         return [g for g, n in enumerate(sizes) for _ in range(n)]
 
 
+@dataclass
+class HydraLoraConfig(_AdapterSettings):
+    """HydraLoRA (Tian et al., NeurIPS 2024, arXiv 2404.19245): an asymmetric LoRA, one shared A and N B heads.
+
+    ``y = W z + s · Σ_i g_i(z) B_i A dropout(z)`` with ``g = softmax(W_g z)`` over the heads (dense: every head
+    contributes). A (r × in) is shared by the heads of a projection, each head B_i is (out × r). No auxiliary loss
+    (the paper has none). Defaults: r = 8 (the paper's Table 2), 4 heads (the paper's best k, Fig. 8, and the
+    authors' script), the FFN projections, alpha 32 and dropout 0.05 (the authors' script).
+    """
+
+    kind: ClassVar[str] = "hydralora"
+
+    r: int = help_field("Rank of the shared A and of every B head (the paper: 8).", 8)
+    alpha: float = help_field("LoRA alpha; the scale is alpha / r (the authors' script: 32).", 32)
+    dropout: float = help_field("Dropout on the input of the shared A (0 allowed; the authors' script: 0.05).", 0.05)
+    num_heads: int = help_field(
+        "N, the B heads per adapted projection, mixed by the router (the paper: the number of intrinsic "
+        "components of the corpus, e.g. found by k-means; its best on Dolly-15K and the authors' script: 4).", 4,
+    )
+    targets: list[str] | None = help_field(
+        "Projections given a HydraLoRA layer, attention and/or FFN, e.g. [gate_proj, up_proj, down_proj] "
+        "(null: every FFN projection of the model family, as the authors' script).", None,
+    )
+    use_rslora: bool = help_field("rsLoRA scaling alpha / sqrt(r).", False)
+    init: str = help_field(INIT_HELP + " The router: PyTorch's Linear init (Kaiming-uniform), as the authors'.",
+                           "kaiming")
+    adapter_dtype: str | None = help_field(ADAPTER_DTYPE_HELP, None)
+
+    def __post_init__(self) -> None:
+        self._check_lora()
+        self._check_targets("targets")
+        self._check_common("use_rslora")
+        self._check_numbers("num_heads", positive=True, integer=True)
+
+
 def implicit_task(tasks: list[str], default: str | None) -> str | None:
     """The MoRE task a call that names none uses: ``default`` when it is one of ``tasks``, else the only task;
     None when there are several and no default. E.g. (["boolq"], None) → "boolq", (["a", "b"], None) → None."""
@@ -577,8 +612,9 @@ def implicit_task(tasks: list[str], default: str | None) -> str | None:
     return tasks[0] if len(tasks) == 1 else None
 
 
-ADAPTER_CONFIGS: dict[str, type] = {c.kind: c for c in (LoraConfig, MixLoraConfig, MoreConfig, LoraMoeConfig)}
-AdapterConfig = LoraConfig | MixLoraConfig | MoreConfig | LoraMoeConfig  # a training config's ``adapter``, picked by ``kind``
+ADAPTER_CONFIGS: dict[str, type] = {c.kind: c for c in (
+    LoraConfig, MixLoraConfig, MoreConfig, LoraMoeConfig, HydraLoraConfig)}
+AdapterConfig = LoraConfig | MixLoraConfig | MoreConfig | LoraMoeConfig | HydraLoraConfig  # a training config's ``adapter``, picked by ``kind``
 
 
 def adapter_config_from_dict(kind: str, values: dict[str, Any], where: str = "config"):
