@@ -9,7 +9,7 @@ Example:
 
 from .adapters import AdapterLoadError, load_adapter, load_many, save_adapter
 from .adapters.more_tasks import export_task_peft, merge_task, use_task
-from .config import ConfigError, HydraLoraConfig, LoraConfig, LoraMoeConfig, MixLoraConfig, MoreConfig
+from .config import ConfigError, HydraLoraConfig, LoraConfig, LoraMoeConfig, MixLoraConfig, MolaConfig, MoreConfig
 from .integrations import hf as _hf  # noqa: F401  (registers inject's save_pretrained / Trainer hooks)
 from .models import (
     UnsupportedModelError, adapter_parameters, auxiliary_losses, disable_adapters, inject, merge_and_unload,
@@ -21,7 +21,7 @@ from .version import __version__
 
 __all__ = [
     "__version__", "ConfigError", "HydraLoraConfig", "LoraConfig", "LoraMoeConfig", "MixLoraConfig", "MoreConfig",
-    "UnsupportedModelError",
+    "MolaConfig", "UnsupportedModelError",
     "adapter_parameters", "auxiliary_losses", "disable_adapters", "inject", "merge_and_unload", "router_stats",
     "unload", "AdapterLoadError", "load_adapter", "load_many", "save_adapter", "export_task_peft", "merge_task",
     "use_task", "adapter_rows", "inject_many", "only_adapter", "create_loraplus_optimizer", "loraplus_param_groups",

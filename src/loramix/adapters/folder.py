@@ -312,8 +312,9 @@ def check_tensor_shapes(config, family: ModelFamily, shapes: Mapping[str, tuple[
 def expected_keys(config, family: ModelFamily, num_layers: int) -> set[str]:
     """The loramix keys a loramix adapter of ``config`` over ``num_layers`` decoder layers holds
     (DoRA magnitudes included): what ``inject`` creates, the tensors of the kind's sites in every layer."""
-    return {f"{family.layers}.{layer}.{site.path}.{t}"
-            for layer, sites in enumerate(layer_sites(config, family, num_layers)) for site in sites for t in site.tensors}
+    per_layer = layer_sites(config, family, num_layers)
+    return {f"{family.layers}.{layer}.{site.path}.{t}" for layer, sites in enumerate(per_layer) for site in sites
+            for t in site.tensors}
 
 
 def check_key_set(adapter: AdapterFolder, config_file: Path) -> None:

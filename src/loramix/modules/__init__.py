@@ -9,6 +9,7 @@ from .mixlora import MixLoraFFN, moe_layers
 from .more import MoreLinear, RankSelector, more_modules, task_contrastive_loss
 from .loramoe import LoraMoeLinear, localized_balance_loss  # noqa: I001 (after more: registration order)
 from .hydralora import HydraLoraLinear  # noqa: I001 (after loramoe: registration order)
+from .mola import MolaLinear  # noqa: I001 (after hydralora: registration order)
 from .quantized import adapter_dtype_for, frozen_weight, is_quantized, logical_shape, quantization_kind
 from .routing import (
     Routing, load_balance_loss, route_switch, route_top_k, route_top_p, router_statistics, router_z_loss,
@@ -20,5 +21,5 @@ __all__ = [
     "MoreLinear", "RankSelector", "task_contrastive_loss", "adapter_dtype_for", "frozen_weight", "is_quantized",
     "logical_shape", "quantization_kind", "Routing", "load_balance_loss", "route_switch", "route_top_k",
     "route_top_p", "router_statistics", "router_z_loss", "LoraMoeLinear", "localized_balance_loss",
-    "HydraLoraLinear",
+    "HydraLoraLinear", "MolaLinear",
 ]

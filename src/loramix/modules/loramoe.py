@@ -82,6 +82,24 @@ def localized_balance_loss(probs: torch.Tensor, valid: torch.Tensor | None = Non
     return z.var(correction=0) / (z.mean() ** 2 + 1e-10)
 
 
+def stacked_experts(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``Σ_e coef_e · B_e A_e x`` in two matmuls over the stacked experts (see the module docstring).
+
+    Args:
+        x: (…, in), in the compute dtype (the experts' tensors and ``coef`` are cast to it).
+        lora_A: (E, r, in). lora_B: (E, out, r).
+        coef: (…, E), each expert's weight per token (its scale folded in; 0 for an expert a token does not use).
+
+    Returns:
+        (…, out).
+    """
+    E, r, n_in = lora_A.shape
+    A = lora_A.to(x.dtype).reshape(E * r, n_in)  # every expert's A, stacked
+    B = lora_B.to(x.dtype).permute(1, 0, 2).reshape(lora_B.shape[1], E * r)
+    low = (x @ A.t()).unflatten(-1, (E, r))  # (…, E, r)
+    return (low * coef.to(x.dtype)[..., None]).flatten(-2) @ B.t()
+
+
 class LoraMoeLinear(FrozenProjection):
     """A frozen projection plus E LoRA experts mixed by a dense softmax router (LoRAMoE).
 
@@ -152,12 +170,7 @@ class LoraMoeLinear(FrozenProjection):
             probs = keep_auxiliary(self, probs, {"balance_loss": self._balance_loss(x, probs)})
         compute = base_out.dtype
         x_in, factor = lora_input(self.dropout, x.to(compute))  # one mask for every expert; 1/(1-p) into coef
-        E, r = self.num_experts, self.r
-        A = self.lora_A.to(compute).reshape(E * r, self.in_features)  # every expert's A, stacked
-        B = self.lora_B.to(compute).permute(1, 0, 2).reshape(self.out_features, E * r)
-        low = (x_in @ A.t()).unflatten(-1, (E, r))  # (…, E, r)
-        coef = (probs * (self.scale * factor)).to(compute)  # (…, E)
-        return base_out + (low * coef[..., None]).flatten(-2) @ B.t()
+        return base_out + stacked_experts(x_in, self.lora_A, self.lora_B, probs * (self.scale * factor))
 
     def _balance_loss(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0] if x.dim() > 1 else 1

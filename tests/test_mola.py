@@ -1,0 +1,214 @@
+"""MoLA (``kind: mola``): top-k routed LoRA experts on each projection, with layer-wise expert counts.
+
+The fast path (every expert's product, the unchosen ones weighted 0) is checked against a deliberately naive
+per-expert loop kept here; the saved folder against the counts the paper's allocations name, written out.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import Trainer, default_data_collator
+
+import loramix
+from conftest import (
+    assert_each_row_equals_its_adapter_alone, assert_fresh_adapter_is_the_base, assert_only_adapter_tensors_get_gradients,
+    forward_and_gradients, perturb_adapter,
+)
+from loramix.config import ConfigError
+from loramix.models.many import inject_many, member_parameters
+from loramix.models.registry import decoder_layers, family_of
+from loramix.modules import ForwardContext, MolaLinear
+from test_hf_trainer import StepGradients, hf_args, injected, rel, rows
+from test_train import config as train_config
+from tiny_models import FAMILY_NAMES, batch, tiny_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def small(**overrides) -> loramix.MolaConfig:
+    """Two groups over the tiny models' two layers: 2 experts in layer 0, 4 in layer 1."""
+    values = dict(r=2, alpha=4, dropout=0.0, num_experts="24", top_k=2)
+    values.update(overrides)
+    return loramix.MolaConfig(**values)
+
+
+def naive(layer: MolaLinear, x: torch.Tensor) -> torch.Tensor:
+    """The MoLA layer as the paper writes it: per token the k most probable experts, their probabilities
+    renormalised over those k, each chosen expert's LoRA on its own."""
+    probs = torch.softmax(x @ layer.router.weight.t(), dim=-1)
+    top_p, top_i = probs.topk(layer.top_k, dim=-1)
+    top_w = top_p / top_p.sum(dim=-1, keepdim=True)
+    out = x @ layer.weight.t() + (0 if layer.bias is None else layer.bias)
+    for e in range(layer.num_experts):
+        g = (top_w * (top_i == e)).sum(dim=-1, keepdim=True)  # 0 where the token did not choose e
+        out = out + g * layer.scale * (x @ layer.lora_A[e].t() @ layer.lora_B[e].t())
+    return out
+
+
+def logits(model, ids, mask, **kwargs):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kwargs).logits
+
+
+def experts_by_layer(model) -> list[set[int]]:
+    """The expert counts of the MoLA modules of each decoder layer."""
+    return [{m.num_experts for m in layer.modules() if isinstance(m, MolaLinear)}
+            for layer in decoder_layers(model, family_of(model))]
+
+
+@pytest.mark.parametrize("family_name", FAMILY_NAMES)
+def test_fresh_adapter_equals_base_on_every_family(family_name):
+    assert_fresh_adapter_is_the_base(family_name, small(), MolaLinear,
+                                     lambda f: len(f.attention_projections) + len(f.ffn_projections))
+    assert experts_by_layer(loramix.inject(tiny_model(family_name), small())) == [{2}, {4}]
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_fast_path_equals_the_naive_expert_loop_forward_and_gradients(top_k):
+    torch.manual_seed(0)
+    layer = MolaLinear(nn.Linear(12, 10), small(num_experts=5, r=3, top_k=top_k), context=ForwardContext())
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.3)
+        layer.router.weight.normal_(std=1.0)
+    x, out_weights = torch.randn(2, 7, 12), torch.randn(2, 7, 10)
+    tensors = [layer.lora_A, layer.lora_B, layer.router.weight]
+    fast, fast_g = forward_and_gradients(layer, x, out_weights, tensors)
+    ref, ref_g = forward_and_gradients(lambda v: naive(layer, v), x, out_weights, tensors)
+    assert (fast - ref).abs().max() <= 1e-5
+    for a, b in zip(fast_g, ref_g):
+        assert b.abs().max() > 0 and (a - b).abs().max() <= 1e-5
+
+
+def test_every_adapter_tensor_gets_a_gradient_and_no_base_tensor():
+    model = loramix.inject(tiny_model("llama"), small(dropout=0.1, aux_loss_coef=0.01)).train()
+    perturb_adapter(model, router_std=0.5)
+    ids, mask, labels = batch(size=4, length=12)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.aux_loss >= 1 - 1e-6  # E · Σ f_i P_i is at least 1
+    out.loss.backward()
+    assert_only_adapter_tensors_get_gradients(model)
+    for key, p in loramix.adapter_parameters(model).items():
+        if key.endswith(("lora_A", "lora_B")):  # each expert's own slice: every expert was chosen by some token
+            assert (p.grad.flatten(1).abs().sum(dim=1) > 0).all(), key
+
+
+def test_save_then_load_reproduces_logits(tmp_path):
+    model = loramix.inject(tiny_model("llama", num_hidden_layers=4), small(num_experts="2468"))
+    perturb_adapter(model, router_std=1.0)
+    ids, mask, _ = batch()
+    before = logits(model, ids, mask)
+    loramix.save_adapter(model, tmp_path / "adapter")
+    loaded = loramix.load_adapter(tiny_model("llama", num_hidden_layers=4), tmp_path / "adapter")
+    assert loaded.loramix_adapter.config == model.loramix_adapter.config
+    assert experts_by_layer(loaded) == [{2}, {4}, {6}, {8}]
+    assert (logits(loaded, ids, mask) - before).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("num_experts,layers,expected", [
+    ("2468", 4, [2, 4, 6, 8]),
+    ("8642", 8, [8, 8, 6, 6, 4, 4, 2, 2]),
+    ("5555", 4, [5, 5, 5, 5]),
+    ("3333", 6, [3, 3, 3, 3, 3, 3]),
+    ("24", 5, [2, 2, 2, 4, 4]),  # layer i of L in group i * 2 // L
+    ([3, 2, 5], 3, [3, 2, 5]),
+    (4, 3, [4, 4, 4]),
+])
+def test_a_saved_folder_holds_exactly_the_configured_expert_count_per_layer(tmp_path, num_experts, layers, expected):
+    config = small(num_experts=num_experts)
+    model = loramix.inject(tiny_model("llama", num_hidden_layers=layers), config)
+    folder = loramix.save_adapter(model, tmp_path / "adapter")
+    family = family_of(model)
+    projections = [f"{block}.{p}" for block, ps in ((family.attention, family.attention_projections),
+                                                    (family.ffn, family.ffn_projections)) for p in ps]
+    with safe_open(folder / "adapter_model.safetensors", "pt") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    wanted = {}
+    for layer, count in enumerate(expected):
+        for path in projections:
+            module = model.get_submodule(f"{family.layers}.{layer}.{path}")
+            prefix = f"{family.layers}.{layer}.{path}"
+            wanted[f"{prefix}.lora_A"] = (count, 2, module.in_features)
+            wanted[f"{prefix}.lora_B"] = (count, module.out_features, 2)
+            wanted[f"{prefix}.router.weight"] = (count, module.in_features)
+    assert shapes == wanted
+
+
+def test_mixed_with_lora_in_one_batch_each_row_equals_its_adapter_alone():
+    configs = {"mola": small(), "lora": loramix.LoraConfig(r=4, alpha=8, dropout=0.0, targets=None)}
+    model = inject_many(tiny_model("llama"), configs)
+    for seed, name in enumerate(configs):
+        perturb_adapter(member_parameters(model, name), seed=seed, b_std=0.3, router_std=1.0)
+    ids, mask, _ = batch(size=6, length=9, pad_first=4)
+    assert_each_row_equals_its_adapter_alone(model, configs, ids, mask)
+
+
+ADAPTER = {"kind": "mola", "r": 4, "alpha": 8, "num_experts": "24", "top_k": 1, "dropout": 0.0, "aux_loss_coef": 1.0}
+
+
+def router_gradient(tmp: Path, batch_size: int, accum: int, checkpointing: bool = False, **adapter) -> torch.Tensor:
+    """The routers' gradient of one transformers Trainer step over 8 identical rows."""
+    model = injected({**ADAPTER, **adapter})
+    grads = StepGradients(model, ("router",))
+    args = hf_args(tmp, batch_size, accum, activation_checkpointing=checkpointing)
+    Trainer(model=model, args=args, train_dataset=rows(), data_collator=default_data_collator).train()
+    return grads.vector()
+
+
+def test_load_balance_loss_reaches_the_router_gradient_under_transformers_trainer(tmp_path):
+    one_by_eight = router_gradient(tmp_path / "a", 8, 1)
+    four_by_two = router_gradient(tmp_path / "b", 2, 4, checkpointing=True)  # also through recomputation
+    assert rel(four_by_two, one_by_eight) <= 1e-5
+    without = router_gradient(tmp_path / "c", 8, 1, aux_loss_coef=0.0)
+    assert rel(without, one_by_eight) > 1e-2  # the load-balance loss is part of that gradient
+
+
+@pytest.mark.parametrize("values,key", [
+    ({"num_experts": 2468}, "num_experts"),  # an unquoted allocation in YAML
+    ({"num_experts": "2406"}, "num_experts"),
+    ({"num_experts": []}, "num_experts"),
+    ({"num_experts": "2468", "top_k": 3}, "top_k"),
+    ({"aux_loss_coef": -1.0}, "aux_loss_coef"),
+])
+def test_bad_settings_are_named(values, key):
+    with pytest.raises(ConfigError, match=rf"'{key}'"):
+        loramix.MolaConfig(**values)
+    with pytest.raises(ConfigError, match=rf"adapter\.{key}"):
+        train_config(Path("."), adapter={"kind": "mola", **values})
+
+
+@pytest.mark.parametrize("num_experts,message", [
+    ("2468", r"'num_experts' '2468' names 4 layer groups, but the model has only 2 decoder layers"),
+    ([2, 4, 6], r"'num_experts' lists 3 per-layer counts, but the model has 2 decoder layers"),
+])
+def test_an_allocation_the_model_cannot_hold_is_refused_before_the_model_is_touched(num_experts, message):
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=message):
+        loramix.inject(model, small(num_experts=num_experts))
+    assert getattr(model, "loramix_adapter", None) is None
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("edited,message", [
+    ("8642", r"lora_A' has shape \(2, 2, \d+\), but adapter_config.json says num_experts = '8642', 8 in layer 0"),
+    ([2, 4, 6, 6], r"lora_A' has shape \(8, 2, \d+\), but adapter_config.json says num_experts = \[2, 4, 6, 6\], "
+                   r"6 in layer 3"),
+    ([2, 4, 6], r"adapter_config.json: 'num_experts' lists 3 per-layer counts, but the model has 4 decoder layers"),
+])
+def test_a_folder_whose_expert_counts_contradict_its_config_is_refused_naming_the_setting(tmp_path, edited, message):
+    model = loramix.inject(tiny_model("llama", num_hidden_layers=4), small(num_experts="2468"))
+    folder = loramix.save_adapter(model, tmp_path / "adapter")
+    meta = json.loads((folder / "adapter_config.json").read_text())
+    meta["config"]["num_experts"] = edited
+    (folder / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(loramix.AdapterLoadError, match=message):
+        loramix.load_adapter(tiny_model("llama", num_hidden_layers=4), folder)
+    with pytest.raises(ValueError, match="MoLA adapter routes each token"):
+        loramix.merge_and_unload(model)
