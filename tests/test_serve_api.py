@@ -191,14 +191,14 @@ def test_the_batch_stays_within_its_token_budget_and_every_request_finishes(api,
         threads, results = in_threads([lambda n=n, p=p: client.completions.create(
             model=n, prompt=p, max_tokens=20, temperature=0).choices[0].text for n, p in jobs])
         wait_until(lambda: engine.waiting() == 3, "3 queued requests")
-        engine.max_rows_seen = engine.max_batch_tokens_seen = 0
+        engine.max_rows_seen = engine.scheduler.max_batch_tokens_seen = 0
     finally:
         engine.resume()
     for t in threads:
         t.join(timeout=60)
     assert [results[i] for i in range(3)] == [alone(reference, n, tok(p)["input_ids"], max_tokens=20) for n, p in jobs]
     assert engine.max_rows_seen == 2, "two rows fit the budget (max_batch_size is 4)"
-    assert engine.max_batch_tokens_seen <= BUDGET
+    assert engine.scheduler.max_batch_tokens_seen <= BUDGET
 
 
 def test_the_api_key_guards_v1_and_not_health_or_the_page(api):

@@ -46,13 +46,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .admin import add_admin
-from .engine import Engine, QueueFull, SamplingParams, Served, Target
+from .engine import Engine, SamplingParams, Served, Target
 from .engine import Request as EngineRequest
 from .fields import checked_ids, choices_for, output_fields, prompt_list
 from .limits import ApiError, Body, Guard, Limits, error_body
 from .metrics import CONTENT_TYPE, Metrics
 from .page import add_page
 from .registry import Lease, Registry
+from .scheduler import QueueFull
 from .sampling import MAX_LOGPROBS
 
 MAX_TOKENS_DEFAULT = 16  # OpenAI's default for completions; chat gets the rest of the context, capped below
@@ -436,9 +437,9 @@ def _submit(engine: Engine, metrics: Metrics, body: _Sampling, prompts: list[lis
     """Queue ``body.n`` engine rows per prompt (seed + choice index); ApiError 400/429/503 when they cannot be."""
     rows = _Rows(body, prompts, lease, metrics)
     sequences = [ids for ids in prompts for _ in range(body.n)]
-    if len(sequences) > engine.max_queue:  # could never wait in the queue together: not a 'retry later'
+    if len(sequences) > engine.scheduler.max_queue:  # could never wait in the queue together: not a 'retry later'
         raise ApiError(400, f"n: {len(prompts)} prompt(s) × n={body.n} is {len(sequences)} generations; this server "
-                            f"queues at most {engine.max_queue} (--max-queue)", param="n")
+                            f"queues at most {engine.scheduler.max_queue} (--max-queue)", param="n")
     jobs = []
     for index, ids in enumerate(sequences):
         seeded = replace(params, seed=None if params.seed is None else _choice_seed(params.seed, index))

@@ -2,7 +2,8 @@
 together, each row through its own adapter.
 
     requests  →  queue  →  engine thread, per decode step:
-                             admit waiting requests (up to max_batch_size rows)
+                             scheduler.py:  admit waiting requests (up to max_batch_size rows, within the
+                                            token budget), retire finished and cancelled rows
                              rows sorted by adapter:  [ a a | b | base base | more:x ]
                              runner.py:     prefill the rows that just joined, decode the others over
                                             the batch KV cache; adapter_rows=[("a", 2), ("b", 1), (BASE, 2),
@@ -34,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import collections
 import os
 import threading
 import time
@@ -57,6 +57,7 @@ from ..generate import build_prompt_ids, chat_prompt_ids
 from .detokenize import Detokenizer
 from .runner import Runner
 from .sampling import SamplingParams, adjusted_logits, choose
+from .scheduler import QueueFull, Scheduler
 from .structured import Grammar, grammar_tokenizer
 
 BASE = "_base"  # the internal adapter name of the base model's rows (user adapter names cannot start with "_")
@@ -174,10 +175,6 @@ def adapter_targets(name: str, folder: str | os.PathLike, *, base_name: str) -> 
     return targets
 
 
-class QueueFull(Exception):
-    """``Engine.submit`` found the waiting queue full (the server answers 429)."""
-
-
 class Request:
     """One generation in the engine. ``emit(event)`` is called from the engine thread with, in order:
     ``("prompt", entries, text)`` (only with ``params.prompt_logprobs``: the prompt's ``TokenLogprob`` list
@@ -214,16 +211,14 @@ class Request:
 
 
 class Engine:
-    """The thread that owns the model and decodes all requests in batches of at most ``max_batch_size`` rows.
+    """The thread that owns the model and decodes all requests in batches of at most ``max_batch_size`` rows:
+    between two steps it asks the scheduler (``scheduler.py``) which rows decode, then the runner
+    (``runner.py``) for their logits, then samples each row.
 
     Args:
-        max_queue: most requests waiting to join the batch; ``submit`` raises ``QueueFull`` beyond it.
-        max_batch_tokens: token budget of the running batch, or None: the rows decoded together reserve
-            at most this many tokens, each row ``len(prompt) + max_tokens`` (what it may reach, so a
-            running row never outgrows the budget and nothing has to be evicted). A waiting request
-            joins between steps only when its reservation fits (first come, first served: a large one
-            at the head waits for room rather than being overtaken); one larger than the whole budget
-            is refused by ``submit`` (ValueError).
+        max_batch_size, max_queue, max_batch_tokens: the scheduler's (``Scheduler``): most rows decoded
+            together, most requests waiting (``submit`` raises ``QueueFull`` beyond it), and the token budget
+            of the running batch (each row reserves ``len(prompt) + max_tokens``; None: no budget).
         threads: torch intra-op threads of the engine's forwards (None: leave torch's setting). 1 by
             default: on the engine's own thread, with OpenMP threads already started by the main
             thread, every parallel region costs far more than a small op (2 CPU cores: a (16, 576) x
@@ -236,11 +231,8 @@ class Engine:
                  max_batch_tokens: int | None = None, threads: int | None = 1) -> None:
         self.threads = threads
         self.served = served
-        self.max_batch_size = max_batch_size
-        self.max_queue = max_queue
-        self.max_batch_tokens = max_batch_tokens
-        self._waiting: collections.deque[Request] = collections.deque()
-        self._active: list[Request] = []
+        self.scheduler = Scheduler(max_batch_size=max_batch_size, max_queue=max_queue,
+                                   max_batch_tokens=max_batch_tokens)
         self._jobs: list[Job] = []
         lock = threading.RLock()  # re-entrant: ``when`` predicates may call in_use()
         self._wake = threading.Condition(lock)  # wakes the engine thread
@@ -251,7 +243,6 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="loramix-engine", daemon=True)
         self.steps = 0
         self.max_rows_seen = 0  # the largest batch decoded so far (tests check that requests shared steps)
-        self.max_batch_tokens_seen = 0  # the largest reservation of a batch so far (tests check the budget)
         self.on_token: Callable[[Request], None] | None = None  # called on the engine thread after each new token
         self.runner = Runner(served, kv_cache=kv_cache, threads=threads)
         self.kv_cache = self.runner.kv_cache
@@ -283,14 +274,20 @@ class Engine:
     def waiting(self) -> int:
         """How many requests wait to join the batch."""
         with self._wake:
-            return len(self._waiting)
+            return len(self.scheduler.waiting)
 
     def stats(self) -> dict[str, int]:
         """{"waiting": requests queued, "running": rows being decoded (not cancelled), "steps": steps so far,
         "reserved_tokens": what the running rows reserve of ``max_batch_tokens``}."""
-        active = [r for r in list(self._active) if not r.cancelled]
-        return {"waiting": self.waiting(), "running": len(active), "steps": self.steps,
-                "reserved_tokens": sum(map(self.reserved_tokens, active))}
+        with self._wake:
+            running = sum(not r.cancelled for r in list(self.scheduler.running))
+            return {"waiting": len(self.scheduler.waiting), "running": running, "steps": self.steps,
+                    "reserved_tokens": self.scheduler.reserved()}
+
+    def adapters(self) -> tuple[list[str], list[str]]:
+        """(adapters of the running rows, adapters of the waiting rows): ``Scheduler.adapters``."""
+        with self._wake:
+            return self.scheduler.adapters()
 
     def submit(self, prompt: list[int], target: Target, params: SamplingParams, emit: Emit) -> Request:
         """Queue one generation; ``emit`` gets its events on the engine thread (see ``Request``).
@@ -304,30 +301,17 @@ class Engine:
     def submit_all(self, jobs: list[tuple[list[int], Target, SamplingParams, Emit]]) -> list[Request]:
         """Queue several generations (one HTTP request's choices) all or none: ``QueueFull`` if they do not all fit."""
         requests = [Request(*job, self.served) for job in jobs]
-        too_big = [n for n in map(self.reserved_tokens, requests)
-                   if self.max_batch_tokens is not None and n > self.max_batch_tokens]
-        if too_big:
-            raise ValueError(f"the prompt plus max_tokens ({too_big[0]} tokens) exceeds the batch token budget "
-                             f"of {self.max_batch_tokens} (--max-batch-tokens)")
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the server is shutting down")
-            if len(self._waiting) + len(requests) > self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting (at most {self.max_queue}); retry later")
-            self._waiting.extend(requests)
+            self.scheduler.enqueue(requests)
             self._wake.notify()
         return requests
-
-    @staticmethod
-    def reserved_tokens(request: Request) -> int:
-        """What a row counts against ``max_batch_tokens``: its prompt plus its ``max_tokens``."""
-        return len(request.prompt) + request.params.max_tokens
 
     def in_use(self, adapter: str) -> bool:
         """Whether a waiting or running request (not cancelled) decodes through ``adapter``."""
         with self._wake:
-            return any(r.target.adapter == adapter and not r.cancelled and not r.finished
-                       for r in list(self._waiting) + self._active)
+            return self.scheduler.in_use(adapter)
 
     def call_between_steps(self, fn: Callable[[], Any], *, when: Callable[[], bool] | None = None) -> Future:
         """Run ``fn()`` on the engine thread between two decode steps (also while paused), once ``when()``
@@ -355,17 +339,17 @@ class Engine:
         while True:
             with self._wake:
                 jobs = self._ready_jobs()
-                while not jobs and not self._stopping and (self._paused or not (self._waiting or self._active)):
+                while not jobs and not self._stopping and (self._paused or not self.scheduler.has_work()):
                     self._wake.wait()
                     jobs = self._ready_jobs()
                 if self._stopping:
-                    for request in list(self._waiting) + self._active:
+                    for request in self.scheduler.drain():
                         request.emit(("error", "the server is shutting down"))
                     for _, _, future in self._jobs + jobs:
                         future.set_exception(RuntimeError("the server is shutting down"))
                     return
                 if not jobs:
-                    self._admit()
+                    self.scheduler.admit()
                     self._stepping = True
             if jobs:  # outside the lock: loading an adapter must not hold up submit()
                 for fn, _, future in jobs:
@@ -375,32 +359,18 @@ class Engine:
                         future.set_exception(err)
                 continue
             try:
-                self._active = [r for r in self._active if not r.cancelled]
-                if self._active:
-                    self._step(self._active)
+                rows = self.scheduler.retire()
+                if rows:
+                    self._step(rows)
             except Exception as err:  # one failed step fails its rows, never the engine
-                for request in self._active:
+                with self._wake:
+                    failed = self.scheduler.take_running()
+                for request in failed:
                     request.emit(("error", f"generation failed: {type(err).__name__}: {err}"))
-                self._active = []
             finally:
                 with self._wake:
                     self._stepping = False
                     self._step_done.notify_all()
-
-    def _admit(self) -> None:
-        """Move waiting requests into the batch while rows and the token budget allow (lock held)."""
-        reserved = sum(self.reserved_tokens(r) for r in self._active if not r.cancelled)
-        budget = self.max_batch_tokens
-        while self._waiting and len(self._active) < self.max_batch_size:
-            head = self._waiting[0]
-            if head.cancelled:  # its client left while it waited
-                self._waiting.popleft()
-                continue
-            if budget is not None and self._active and reserved + self.reserved_tokens(head) > budget:
-                break
-            self._active.append(self._waiting.popleft())
-            reserved += self.reserved_tokens(head)
-        self.max_batch_tokens_seen = max(self.max_batch_tokens_seen, reserved)
 
     def _step(self, rows: list[Request]) -> None:
         """One decode step for ``rows``: one new token per row, events, finished rows out.
@@ -409,13 +379,15 @@ class Engine:
         then the rows that just joined are prefilled (their whole prompt, one forward for all of them)
         and copied into the batch cache. Without it every row recomputes its whole sequence.
         """
-        rows.sort(key=self.runner.order_key)  # stable: arrival order within an adapter
+        # a sorted copy: the scheduler's list stays whole for other threads' reads (stats); stable: arrival
+        # order within an adapter
+        rows = sorted(rows, key=self.runner.order_key)
         stepped = self.runner.step(rows)
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(rows))
         for r, row_logits in stepped:
             self._sample(r, row_logits)
-        self._active = [r for r in rows if not r.finished and not r.cancelled]
+        self.scheduler.retire()
 
     def _sample(self, r: Request, logits: torch.Tensor) -> None:
         """Pick ``r``'s next token from its logits (V,) fp32 (``sampling``) and hand it to its detokenizer."""

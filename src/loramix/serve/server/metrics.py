@@ -123,7 +123,7 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         stats = self.engine.stats()
-        budget = self.engine.max_batch_tokens
+        budget = self.engine.scheduler.max_batch_tokens
         yield _gauge("num_requests_running", "Rows being decoded.", self.name, stats["running"])
         yield _gauge("num_requests_waiting", "Rows waiting to join the batch.", self.name, stats["waiting"])
         yield _gauge("num_batch_tokens_reserved", "Prompt + max_tokens of the running rows.", self.name,
