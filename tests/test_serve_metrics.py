@@ -121,14 +121,55 @@ def test_gauges_show_waiting_and_running_requests(server):
         wait_until(lambda: engine.waiting() == 2, "both requests queued")
         waiting = scrape(url)
         assert waiting["loramix:num_requests_waiting", ()] == 2 and waiting["loramix:num_requests_running", ()] == 0
-        info = [labels for (name, labels) in waiting if name == "loramix:lora_requests_info"]
-        assert sorted(dict(info[0])["running_lora_adapters"].split(",")) == ["lora", "mix"]
+        info = lora_info(waiting)
+        assert info["running_lora_adapters"] == ""
+        assert sorted(info["waiting_lora_adapters"].split(",")) == ["lora", "mix"]
     finally:
         engine.resume()
     for t in threads:
         t.join(60)
     assert len(results) == 2
     assert scrape(url)["loramix:num_requests_waiting", ()] == 0
+
+
+def lora_info(samples: dict) -> dict[str, str]:
+    """The labels of the one ``loramix:lora_requests_info`` sample."""
+    (labels,) = [labels for (name, labels) in samples if name == "loramix:lora_requests_info"]
+    return dict(labels)
+
+
+def test_lora_requests_info_names_the_running_and_the_waiting_adapters(server):
+    """As vLLM's: running_lora_adapters are the adapters of rows being decoded, waiting_lora_adapters those of
+    rows queued. "lora" reserves most of the 200-token budget, so "mix" (queued after it) waits while it runs."""
+    client, url, engine = server
+    seen = []
+    metrics_hook = engine.on_token
+
+    def during(row) -> None:  # on the engine thread, after a row's first token
+        metrics_hook(row)
+        if len(row.generated) == 1:
+            seen.append((row.target.adapter, scrape(url)))
+    engine.on_token = during
+    results = {}
+    asks = {"lora": 100, "mix": 99}  # each ~104 tokens of the budget: never both at once
+    threads = [threading.Thread(target=lambda m=m: results.__setitem__(m, client.completions.create(
+        model=m, prompt="the cat sat", max_tokens=asks[m], temperature=0))) for m in asks]
+    engine.pause()
+    try:
+        for i, t in enumerate(threads):
+            t.start()
+            wait_until(lambda: engine.waiting() == i + 1, "queued in order")
+    finally:
+        engine.resume()
+    for t in threads:
+        t.join(60)
+    engine.on_token = metrics_hook
+    assert sorted(results) == ["lora", "mix"]
+    (first, while_first), (second, while_second) = seen
+    assert first == "lora" and second == "mix"
+    assert lora_info(while_first) == {"max_lora": "0", "running_lora_adapters": "lora", "waiting_lora_adapters": "mix"}
+    assert lora_info(while_second) == {"max_lora": "0", "running_lora_adapters": "mix", "waiting_lora_adapters": ""}
+    assert lora_info(scrape(url))["running_lora_adapters"] == ""
 
 
 def test_a_running_request_reserves_its_tokens_of_the_budget(server):

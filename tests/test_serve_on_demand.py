@@ -84,6 +84,14 @@ def gauges(url: str) -> dict[str, float]:
             if set(s.labels) == {"model_name"}}
 
 
+def lora_info(url: str) -> dict[str, str]:
+    """The labels of /metrics' ``loramix:lora_requests_info``."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    (labels,) = [s.labels for f in text_string_to_metric_families(text) for s in f.samples
+                 if s.name == "loramix:lora_requests_info"]
+    return labels
+
+
 def ask(client: openai.OpenAI, name: str) -> str:
     return client.completions.create(model=name, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0).choices[0].text
 
@@ -164,6 +172,9 @@ def test_an_adapter_in_use_is_never_evicted(server, expected):
         time.sleep(1.0)  # room for a wrong eviction to happen (the engine runs loads while paused)
         assert registry.evictions == evictions and sorted(registry.loaded()) == sorted([first, second])
         assert gauges(url)["loramix:num_loaded_adapters"] == 2
+        info = lora_info(url)  # queued rows and the request waiting for its adapter's load all wait
+        assert info["running_lora_adapters"] == "" and info["max_lora"] == "2"
+        assert sorted(info["waiting_lora_adapters"].split(",")) == sorted([first, second, third])
     finally:
         engine.resume()
     for t in threads + [late]:

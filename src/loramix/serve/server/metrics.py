@@ -19,8 +19,9 @@ carries ``model_name`` (the base's served name, as vLLM labels by its served mod
     loramix:e2e_request_latency_seconds    histogram  arrival → the row's end
     loramix:lora_requests_info             gauge      labels max_lora (--max-adapters, 0: none),
                                                       running_lora_adapters (comma-separated: the adapters
-                                                      of requests in flight), waiting_lora_adapters (""),
-                                                      value the time, as vLLM's
+                                                      of rows being decoded), waiting_lora_adapters (those
+                                                      of rows queued, and of requests waiting for their
+                                                      adapter to load), value the time, as vLLM's
     loramix:num_loaded_adapters            gauge      adapters loaded (the base not counted; loramix's own)
     loramix:adapter_loads_total            counter    adapters loaded on demand (--adapter-dir)
     loramix:adapter_evictions_total        counter    adapters unloaded to stay within --max-adapters
@@ -42,7 +43,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .engine import Engine, Request, Served
+from .engine import BASE, Engine, Request, Served
 from .registry import Registry
 
 PREFIX = "loramix:"
@@ -139,10 +140,13 @@ class _StateCollector(Collector):
             counter = CounterMetricFamily(PREFIX + name, help, labels=["model_name"])
             counter.add_metric([self.name], value)
             yield counter
-        # vLLM's info gauge (value: the time); adapters with requests in flight count as running
+        # vLLM's info gauge (value: the time); an adapter with rows running and rows waiting is in both lists
+        running, waiting = self.engine.adapters()
+        waiting = [a for a in dict.fromkeys(waiting + adapters.awaited()) if a != BASE]
         info = GaugeMetricFamily(PREFIX + "lora_requests_info", "Running and waiting adapters (as vLLM's).",
                                  labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
-        info.add_metric([str(adapters.max_adapters or 0), ",".join(adapters.in_use()), ""], time.time())
+        info.add_metric([str(adapters.max_adapters or 0), ",".join(a for a in running if a != BASE),
+                         ",".join(waiting)], time.time())
         yield info
 
 

@@ -79,9 +79,9 @@ class Registry:
         """Adapters in the model now (the base not counted)."""
         return [name for name in list(self.served.order) if name != BASE]
 
-    def in_use(self) -> list[str]:
-        """Adapters some request holds a lease on."""
-        return [name for name, count in list(self.leases.items()) if count and name != BASE]
+    def awaited(self) -> list[str]:
+        """Adapters of ``adapter_dir`` that requests wait to be loaded (a load in flight or waiting for room)."""
+        return [name for name, count in list(self._waiters.items()) if count]
 
     def loadable(self) -> list[str]:
         """Names of the adapter folders in ``adapter_dir`` not loaded now (reads the folder)."""
