@@ -327,6 +327,42 @@ def test_each_unsupported_field_is_a_400_naming_it(server):
     assert neutral_chat.usage.completion_tokens <= 4
 
 
+# every entry of app._NEUTRAL: (a value that asks for what loramix does not do, a value that asks for nothing)
+NEUTRAL_VALUES = {"suffix": ("the end", ""), "tools": (REFUSED_CHAT["tools"], []), "tool_choice": ("required", "none"),
+                  "functions": ([{"name": "f"}], []), "function_call": ({"name": "f"}, "auto"),
+                  "parallel_tool_calls": ("yes", False), "audio": ({"voice": "alloy", "format": "wav"}, None),
+                  "modalities": (["text", "audio"], ["text"]),
+                  "prediction": ({"type": "content", "content": "x"}, None),
+                  "reasoning_effort": ("high", None), "verbosity": ("low", None), "web_search_options": ({}, None),
+                  "service_tier": ("flex", "default"), "store": (True, False)}
+
+
+def test_each_neutral_field_is_refused_when_it_asks_and_accepted_when_it_does_not(server):
+    """Each name of ``app._NEUTRAL`` is reachable (declared on no endpoint where it is allowed: a field that
+    works is no longer a neutral one) and tested here on each endpoint that allows it: a value asking for
+    something is a 400 naming it, the neutral value changes nothing."""
+    from loramix.serve.server.app import _NEUTRAL, ChatBody, CompletionBody
+
+    client, url, _ = server
+    assert set(NEUTRAL_VALUES) == set(_NEUTRAL)
+    bodies = {"/v1/completions": (CompletionBody, {"prompt": "a dog"}),
+              "/v1/chat/completions": (ChatBody, {"messages": [{"role": "user", "content": "a dog"}]})}
+    for name, (asking, neutral) in NEUTRAL_VALUES.items():
+        endpoints = [e for e, (body, _) in bodies.items()
+                     if name not in body.model_fields and name not in body._not_here]
+        assert endpoints, f"{name}: declared on every endpoint that allows it, so its _NEUTRAL entry is never read"
+        for endpoint in endpoints:
+            request = {"model": "lora", "max_tokens": 2, "temperature": 0, **bodies[endpoint][1]}
+            refused = httpx.post(url + endpoint, json={**request, name: asking}, timeout=10)
+            assert refused.status_code == 400, (name, endpoint)
+            error = refused.json()["error"]
+            assert error["param"] == name and error["code"] == "unsupported_parameter", (name, endpoint)
+            plain = httpx.post(url + endpoint, json=request, timeout=10).json()["choices"][0]
+            accepted = httpx.post(url + endpoint, json={**request, name: neutral}, timeout=10)
+            assert accepted.status_code == 200, (name, endpoint, accepted.text)
+            assert accepted.json()["choices"][0] == plain, (name, endpoint)
+
+
 def test_models_retrieve_finds_each_served_model(server):
     client, url, _ = server
     for name in ("base", "lora", "more:x"):

@@ -63,7 +63,7 @@ SEEDS = 2**64  # torch.Generator takes a seed in [-2**63, 2**64)
 
 # OpenAI's request fields beyond those declared on the body models below. A field is either declared
 # (it works), or named here: accepted when its value changes nothing (``tools: []``, ``store: false``,
-# ``logprobs: false``...), else a 400 naming it. Any other field is a 400 too, so that no request
+# ``tool_choice: "none"``...), else a 400 naming it. Any other field is a 400 too, so that no request
 # gets an answer computed without something it asked for.
 _NONE = (None,)
 _NEUTRAL: dict[str, tuple[str, Callable[[Any], bool]]] = {
@@ -82,21 +82,14 @@ _NEUTRAL: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "web_search_options": ("web search", lambda v: v in _NONE),
     "service_tier": ("service tiers", lambda v: v in (None, "auto", "default")),
     "store": ("storing completions", lambda v: v in (None, False)),
-    # log-probabilities, structured output, penalties: declared on the models once the engine does them
-    "logprobs": ("log-probabilities", lambda v: v in (None, False)),
-    "top_logprobs": ("log-probabilities", lambda v: v in (None, 0)),
-    "echo": ("echo", lambda v: v in (None, False)),
-    "response_format": ("structured output (response_format)", lambda v: v is None or v == {"type": "text"}),
-    "presence_penalty": ("presence penalties", lambda v: v in (None, 0)),
-    "frequency_penalty": ("frequency penalties", lambda v: v in (None, 0)),
-    "logit_bias": ("logit biases", lambda v: v in (None, {})),
 }
 # accepted and not used, as by OpenAI for everything but its own logs and caches (vLLM does the same)
 _IGNORED = {"user", "metadata", "prompt_cache_key", "safety_identifier"}
-_COMPLETION_ONLY = {"suffix", "echo", "best_of"}
+# of the names above, those of one endpoint only: on the other, a 400 as an unknown field
+_COMPLETION_ONLY = {"suffix", "best_of"}
 _CHAT_ONLY = {"tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "audio", "modalities",
               "prediction", "reasoning_effort", "verbosity", "web_search_options", "service_tier", "store",
-              "metadata", "top_logprobs", "response_format", "prompt_cache_key", "safety_identifier"}
+              "metadata", "prompt_cache_key", "safety_identifier"}
 
 
 def _refuse_fields(data: Any, declared: set[str], endpoint: str, not_here: set[str]) -> None:
