@@ -224,7 +224,7 @@ def test_no_kind_branch_outside_the_kinds():
     found = {f"{path.relative_to(SRC)}:{line}" for module, path in module_files().items()
              if not module.startswith(KIND_HOMES) for line in kind_branches(path.read_text(), classes, kinds)}
     left = {hit for hit in found if hit.partition(":")[0] in KIND_BRANCHES_LEFT}
-    assert not found - left, ("kind branches outside modules/, config.py and the kind registry (ask the kind):\n"
+    assert not found - left, ("kind branches outside modules/, config/ and the kind registry (ask the kind):\n"
                               + "\n".join(sorted(found - left)))
     stale = set(KIND_BRANCHES_LEFT) - {hit.partition(":")[0] for hit in left}
     assert not stale, f"KIND_BRANCHES_LEFT lists files without a kind branch now: remove {sorted(stale)}"

@@ -1,6 +1,6 @@
 """Adapter kinds: what the rest of loramix asks of LoRA, MixLoRA, MoRE (and each method added later).
 
-A kind is its config class (``config.py``), its module(s) in this package, and one registration: an
+A kind is its config class (``config/``), its module(s) in this package, and one registration: an
 ``AdapterKind`` subclass at the end of its module file, passed to ``register``. Injection
 (``models/inject.py``), the memory estimate (``models/footprint.py``), the folder reader
 (``adapters/folder.py``), saving, the exports and the per-task operations ask the kind
@@ -24,7 +24,7 @@ The modules a kind puts into the model are ``AdapterModule`` s: the replaced mod
 (``replaced``), the adapter's tensors (``adapter_parameter_names``) and, where it has one, the dense
 update merging folds in (``merged_delta``), without anyone reaching into their attributes.
 
-Adding a kind (e.g. LoRAMoE): its config class in ``config.py`` (and its ``ADAPTER_CONFIGS`` entry),
+Adding a kind (e.g. LoRAMoE): its config class in ``config/`` (and its ``ADAPTER_CONFIGS`` entry),
 its module file here with an ``AdapterKind`` subclass and ``register(...)`` at the end, an import of
 that file in ``modules/__init__.py``, and its tests.
 """
