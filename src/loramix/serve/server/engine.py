@@ -247,6 +247,21 @@ class Engine:
         self.runner = Runner(served, kv_cache=kv_cache, threads=threads)
         self.kv_cache = self.runner.kv_cache
 
+    @property
+    def max_batch_size(self) -> int:
+        """Most rows decoded together (the scheduler's)."""
+        return self.scheduler.max_batch_size
+
+    @property
+    def max_queue(self) -> int:
+        """Most requests waiting (the scheduler's)."""
+        return self.scheduler.max_queue
+
+    @property
+    def max_batch_tokens(self) -> int | None:
+        """The running batch's token budget, or None (the scheduler's)."""
+        return self.scheduler.max_batch_tokens
+
     def start(self) -> None:
         self._thread.start()
 
