@@ -9,7 +9,8 @@ DEPS := transformers==5.23.0 safetensors==0.8.0 tokenizers==0.23.3 gguf==0.19.0 
         accelerate==1.15.0 pyyaml tqdm matplotlib pytest
 # The tools users train, quantize, evaluate and track with; the tests run loramix inside the real ones.
 ECOSYSTEM := trl==1.16.0 datasets==5.2.0 lm-eval==0.4.13 tensorboard==2.21.0 bitsandbytes==0.50.2 torchao==0.18.0
-# loramix serve: the HTTP layer (FastAPI on uvicorn) and the official OpenAI client its tests speak with.
+# loramix serve: the HTTP layer (FastAPI on uvicorn), /metrics (prometheus-client), structured output
+# (llguidance), the official OpenAI client its tests speak with, and tenacity for lm-eval's API models.
 SERVE := fastapi==0.163.2 uvicorn==0.54.0 openai==3.51.0 prometheus-client==0.26.0 llguidance==1.9.1 tenacity==9.1.2
 # The chat page's tests (tests/test_serve_page.py) drive Debian's Chromium with selenium through Debian's
 # matching chromedriver (target `browser`), so nothing downloads a browser. 4.51.0: 4.52.0 needs a certifi
