@@ -225,9 +225,10 @@ def pop_logged_losses(model: nn.Module) -> dict[str, float]:
 
 
 def router_stats(model: nn.Module) -> list[dict[str, torch.Tensor]]:
-    """Per MoE layer, from the last forward: ``load`` (share of assignments per expert, (E,)) and
-    ``prob`` (mean router probability per expert, (E,)), over non-padding tokens."""
-    return [{"load": m.last_load, "prob": m.last_prob} for m in moe_layers(model) if m.last_load is not None]
+    """Per routed adapter module (MixLoRA's FFN blocks; each LoRAMoE, MoLA, HydraLoRA projection), in module
+    order, from its last training forward: ``load`` (each expert's share of the routing, (E,)) and ``prob``
+    (mean router probability per expert, (E,)), over non-padding tokens (``AdapterModule.last_load``)."""
+    return [{"load": m.last_load, "prob": m.last_prob} for _, m in adapter_modules(model) if m.last_load is not None]
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

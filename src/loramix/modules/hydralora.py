@@ -47,6 +47,7 @@ from .context import ForwardContext
 from .kinds import AdapterKind, Site, TensorRole, register, resolve_targets
 from .lora import FrozenProjection, LoraDropout, lora_factors, lora_input, projection_sites
 from .quantized import adapter_dtype_for
+from .routing import dense_router_statistics
 
 
 class HydraLoraLinear(FrozenProjection):
@@ -58,7 +59,9 @@ class HydraLoraLinear(FrozenProjection):
         fan_in_fan_out: the base weight is stored (in, out).
         context: the model's shared ``ForwardContext`` (disabling).
 
-    Adapter tensors: ``lora_A`` (r, in), ``lora_B`` (N, out, r), ``router.weight`` (N, in).
+    Adapter tensors: ``lora_A`` (r, in), ``lora_B`` (N, out, r), ``router.weight`` (N, in). After a training
+    forward (unless ``context.inference_only``), ``last_load`` / ``last_prob`` (N,) hold each head's mean router
+    weight over the real tokens (``router_stats``).
 
     Example:
         >>> layer = HydraLoraLinear(nn.Linear(64, 32), HydraLoraConfig(r=4, num_heads=3))
@@ -88,6 +91,9 @@ class HydraLoraLinear(FrozenProjection):
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """Adapted output given the frozen output ``base_out = W x + b`` (both (…, in/out))."""
         probs = self.route(x)  # (…, N)
+        if not self.context.inference_only:
+            valid = self.context.valid_tokens(*x.shape[:-1]) if x.dim() == 3 else None
+            self.last_load = self.last_prob = dense_router_statistics(probs.reshape(-1, self.num_heads), valid)
         compute = base_out.dtype
         x_in, factor = lora_input(self.dropout, x.to(compute))  # 1/(1-p) goes into the head weights
         N, r = self.num_heads, self.r

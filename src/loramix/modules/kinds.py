@@ -54,8 +54,14 @@ class AdapterModule(nn.Module):
             ``unload`` can put it back and a disabled adapter can call it.
 
     A subclass defines ``adapter_parameter_names`` and, where it has them, ``merged_delta`` and
-    ``reset_dora_magnitude``.
+    ``reset_dora_magnitude``. A module with a router sets ``last_load`` (each expert's share of the
+    routing, (E,) fp32, summing to 1: assignments for a sparse router, router weight for a dense one) and
+    ``last_prob`` (mean router probability per expert, (E,)) over the valid tokens of its last training
+    forward; ``router_stats``, the trainer's ``expert_load`` and ``expert_load.png`` read them.
     """
+
+    last_load: torch.Tensor | None = None
+    last_prob: torch.Tensor | None = None
 
     def __init__(self, replaced: nn.Module) -> None:
         super().__init__()

@@ -50,6 +50,7 @@ from .context import ForwardContext
 from .kinds import AdapterKind, Site, TensorRole, register, resolve_targets
 from .lora import FrozenProjection, LoraDropout, lora_factors, lora_input, projection_sites
 from .quantized import adapter_dtype_for
+from .routing import dense_router_statistics
 
 
 def localized_balance_loss(probs: torch.Tensor, valid: torch.Tensor | None = None,
@@ -110,7 +111,8 @@ class LoraMoeLinear(FrozenProjection):
         context: the model's shared ``ForwardContext`` (padding mask, task ids, disabling).
 
     Adapter tensors: ``lora_A`` (E, r, in), ``lora_B`` (E, out, r), ``router.weight`` (E, in). After a
-    forward (unless ``context.inference_only``), ``balance_loss`` holds this module's L_lbc.
+    forward (unless ``context.inference_only``), ``balance_loss`` holds this module's L_lbc and ``last_load`` /
+    ``last_prob`` (E,) each expert's mean router weight over the real tokens (``router_stats``).
 
     Shapes: input (…, in) → output (…, out).
     """
@@ -178,6 +180,9 @@ class LoraMoeLinear(FrozenProjection):
         length = per_sample.shape[1]
         flat = self.context.valid_tokens(batch, length) if x.dim() == 3 else None
         valid = None if flat is None else flat.reshape(batch, length)
+        # dense: every expert's share of the routing is its mean router weight over the real tokens
+        self.last_load = self.last_prob = dense_router_statistics(
+            per_sample.reshape(-1, self.num_experts), None if valid is None else valid.reshape(-1))
         return localized_balance_loss(per_sample, valid, self.sample_types(batch, x.device), self.expert_group,
                                       self.delta)
 

@@ -52,7 +52,7 @@ from .kinds import AdapterKind, Site, register, resolve_targets
 from .lora import FrozenProjection, LoraDropout, lora_factors, lora_input, projection_sites
 from .loramoe import LoraMoeKind, stacked_experts
 from .quantized import adapter_dtype_for
-from .routing import load_balance_loss, route_top_k
+from .routing import load_balance_loss, route_top_k, router_statistics
 
 
 class MolaLinear(FrozenProjection):
@@ -65,7 +65,8 @@ class MolaLinear(FrozenProjection):
         context: the model's shared ``ForwardContext`` (padding mask, disabling).
 
     Adapter tensors: ``lora_A`` (E, r, in), ``lora_B`` (E, out, r), ``router.weight`` (E, in). After a training
-    forward (unless ``context.inference_only``), ``aux_loss`` holds this module's load-balance loss.
+    forward (unless ``context.inference_only``), ``aux_loss`` holds this module's load-balance loss and
+    ``last_load`` / ``last_prob`` (E,) its experts' share of the top-k assignments and mean probability (``router_stats``).
 
     Shapes: input (…, in) → output (…, out).
     """
@@ -105,6 +106,8 @@ class MolaLinear(FrozenProjection):
             loss = load_balance_loss(probs, chosen, valid, group=self.context.balance_group)
             # the weights carry the loss's gradient through a reentrant checkpoint's recompute
             weights = keep_auxiliary(self, weights, {"aux_loss": loss})
+            load, prob = router_statistics(probs, chosen, valid)
+            self.last_load, self.last_prob = load.detach(), prob.detach()
         x_in, factor = lora_input(self.dropout, x.to(base_out.dtype))  # one mask for every expert; 1/(1-p) into coef
         gate = torch.zeros_like(probs).scatter(-1, chosen, weights)  # (N, E): g_e, 0 for the unchosen
         coef = (gate * (self.scale * factor)).reshape(*lead, self.num_experts)

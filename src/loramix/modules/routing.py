@@ -102,6 +102,15 @@ def router_statistics(probs: torch.Tensor, chosen: torch.Tensor,
     return counts / counts.sum().clamp_min(1), mean_prob
 
 
+def dense_router_statistics(probs: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Each expert's share of a dense router's weight over the valid tokens: (E,) fp32, no gradient, summing to 1.
+
+    Where every expert contributes (LoRAMoE, HydraLoRA) this is both the load and the mean probability of
+    ``router_statistics``. Shapes: probs (N, E); valid (N,) bool or None.
+    """
+    return _valid_mean(probs.detach().float(), valid)
+
+
 def _valid_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """Mean over dim 0 of ``values`` (N, ...) where ``valid`` (N,) is True (every row when None); 0 if none is."""
     if valid is None:

@@ -4,9 +4,10 @@ Writes into the run folder:
 
 - ``loss.png``: LM loss and router load-balance loss per logged step, and evaluation accuracy
   (one line per protocol) when the run evaluated.
-- ``expert_load.png`` (MixLoRA runs): heatmap of the share of routing assignments per expert
-  (columns) in each MoE layer (rows), averaged over the run. A perfectly balanced router gives
-  1 / num_experts everywhere.
+- ``expert_load.png`` (runs of a routed kind: MixLoRA, LoRAMoE, MoLA, HydraLoRA): heatmap of each expert's
+  share of the routing (columns; top-k assignments, or a dense router's weight) in each routed module (rows:
+  MixLoRA's FFN blocks, the other kinds' projections), averaged over the run. A perfectly balanced router
+  gives 1 / num_experts everywhere; a layer with fewer experts (MoLA) leaves the rest of its row blank.
 
 ``metrics.jsonl`` holds one JSON object per line: ``{"type": "train", "step", "loss", "lm_loss",
 "aux_loss", "lr", "tokens_per_s", "expert_load": [[...]]}`` and ``{"type": "eval", "step",
@@ -110,17 +111,20 @@ def plot_expert_load(records: list[dict[str, Any]], out: Path) -> Path | None:
     loads = [r["expert_load"] for r in records if r.get("expert_load")]
     if not loads:
         return None
-    layers, experts = len(loads[0]), len(loads[0][0])
-    loads = [x for x in loads if len(x) == layers and all(len(row) == experts for row in x)]
-    mean = [[sum(x[layer][e] for x in loads) / len(loads) for e in range(experts)] for layer in range(layers)]
+    # the expert count may differ by layer (MoLA's allocations): a layer's missing experts are blank cells
+    widths = [len(row) for row in loads[0]]
+    loads = [x for x in loads if [len(row) for row in x] == widths]
+    layers, experts = len(widths), max(widths)
+    mean = [[sum(x[layer][e] for x in loads) / len(loads) if e < widths[layer] else float("nan")
+             for e in range(experts)] for layer in range(layers)]
     fig, ax = _pyplot().subplots(figsize=(1.2 + 0.55 * experts, 1.2 + 0.22 * layers))
     image = ax.imshow(mean, aspect="auto", cmap="viridis", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="share of assignments")
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_xticks(range(experts))
-    ax.set_title(f"expert load per layer (mean over {len(loads)} logged steps; balanced = {1 / experts:.3f})",
-                 fontsize=9)
+    balanced = "/".join(sorted({f"{1 / n:.3f}" for n in widths}))
+    ax.set_title(f"expert load per layer (mean over {len(loads)} logged steps; balanced = {balanced})", fontsize=9)
     return _save(fig, out / "expert_load.png")
 
 
