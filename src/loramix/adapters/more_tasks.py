@@ -55,18 +55,20 @@ def task_index(model: nn.Module, task: str | int) -> int:
 
 
 def adapter_task_index(model: nn.Module, data_tasks: set[str] | list[str]) -> dict[str, int] | None:
-    """For a MoRE model, the trainer's task name → id mapping: the adapter's task order (``config.tasks``).
+    """For an adapter that reads task ids (MoRE's tasks, LoRAMoE's sample types: the kind's ``tasks``), the
+    trainer's task name → id mapping: the adapter's task order (``config.tasks``).
 
     Returns None for other adapters. Raises ``ConfigError`` if the data holds a task the adapter does
-    not name (its samples would have no task embedding).
+    not name (its samples would have no task embedding, or no type).
     """
     config = adapter_state(model).config
-    tasks = kind_of(config).tasks(config)
+    kind = kind_of(config)
+    tasks = kind.tasks(config)
     if tasks is None:
         return None
     unknown = sorted(set(data_tasks) - set(tasks))
     if unknown:
-        raise ConfigError(f"the training data holds task(s) {unknown} that the MoRE adapter does not name; "
+        raise ConfigError(f"the training data holds task(s) {unknown} that the {kind.title} adapter does not name; "
                           f"'adapter.tasks' is {tasks}: add them there (tasks are numbered in that order)")
     return {t: i for i, t in enumerate(tasks)}
 

@@ -28,6 +28,7 @@ from ..data.sampling import mix
 from ..models.inject import adapter_parameters, adapter_state
 from ..models.losses import AUXILIARY_LOSSES
 from ..models.loraplus import loraplus_param_groups
+from ..modules import kind_of
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .run_lock import RunFolderLock, hold_run_folder
@@ -128,11 +129,13 @@ class Job:
         if bad:
             raise ConfigError(f"data.eval: evaluation needs multiple-choice examples, but '{bad[0].id}' is an "
                               f"{type(bad[0]).__name__}; remove that source from data.eval")
-        # as loramix eval: a MoRE row needs one of the adapter's tasks (one without would take its default task)
+        # as loramix eval: a per-task (MoRE) row needs one of the adapter's tasks (one without would take its
+        # default task); LoRAMoE's types only weigh its training loss, so its evaluation may hold any task
+        kind = kind_of(adapter_state(self.model).config)
         unknown = sorted({ex.task for ex in self.eval_examples} - set(self.task_index))
-        if more_index is not None and unknown:
-            raise ConfigError(f"data.eval: the evaluation data holds task(s) {unknown} that the MoRE adapter does "
-                              f"not name; 'adapter.tasks' is {list(more_index)}: add them there, or evaluate on "
+        if more_index is not None and unknown and kind.per_task:
+            raise ConfigError(f"data.eval: the evaluation data holds task(s) {unknown} that the {kind.title} adapter "
+                              f"does not name; 'adapter.tasks' is {list(more_index)}: add them there, or evaluate on "
                               "those tasks")
         log.info("%s%d training examples (%d batches/epoch), %d optimizer steps, %d evaluation examples",
                  self.where(), len(self.features), len(self.sampler), self.total_steps, len(self.eval_examples))
