@@ -9,6 +9,10 @@ Variants (each a ``Variant``: a model, its trainable parameters and one training
     loramix-mixlora-recompute  the fast path with recompute_experts=True (expert activations recomputed
                            in backward), listed when asked for with --variants
     authors-mixlora        the MixLoRA authors' ``mixlora`` 0.2.3 package, made trainable
+    loramix-loramoe        loramix LoRAMoE (--experts dense experts of rank --rank on gate,up,down; no task types)
+    loramix-mola           loramix MoLA (--experts experts in every layer, top --top-k, on all seven projections)
+    loramix-hydralora      loramix HydraLoRA (one A and --experts B heads on gate,up,down, the paper's placement)
+    (the last three are listed when asked for with --variants)
 
 The variants of one family start from the same adapter weights (PEFT and the authors' code get
 copies of loramix's tensors), so with dropout 0 they compute the same losses; ``tests/test_bench.py``
@@ -25,7 +29,7 @@ import torch
 from torch import nn
 
 from ..adapters.common import PEFT_PREFIX
-from ..config import LoraConfig, MixLoraConfig
+from ..config import HydraLoraConfig, LoraConfig, LoraMoeConfig, MixLoraConfig, MolaConfig
 from ..hub import resolve_dtype
 from ..models.inject import adapter_parameters, inject
 from ..models.losses import AUXILIARY_LOSSES, compose_loss
@@ -204,17 +208,29 @@ def mixlora_config(s: BenchSettings, **overrides: Any) -> MixLoraConfig:
                          attention_targets=ATTENTION, ffn_targets=FFN, aux_loss_coef=s.aux_loss_coef, **overrides)
 
 
+def kind_config(s: BenchSettings, family: str) -> Any:
+    """The adapter config of the loramix variants of ``family`` other than MixLoRA's (rank, alpha, dropout; experts
+    or heads from --experts)."""
+    common = {"r": s.rank, "alpha": s.alpha, "dropout": s.dropout}
+    if family == "lora":
+        return LoraConfig(**common, targets=ATTENTION + FFN)
+    if family == "loramoe":
+        return LoraMoeConfig(**common, num_experts=s.experts, targets=FFN)
+    if family == "mola":
+        return MolaConfig(**common, num_experts=s.experts, top_k=s.top_k, targets=ATTENTION + FFN,
+                          aux_loss_coef=s.aux_loss_coef)
+    return HydraLoraConfig(**common, num_heads=s.experts, targets=FFN)
+
+
 def _loramix_builder(name: str, family: str, **overrides: Any) -> Callable[[nn.Module, BenchSettings, dict], Variant]:
-    """The builder of a loramix variant of ``family`` ("lora" or "mixlora"; ``overrides``: MixLoraConfig fields).
+    """The builder of a loramix variant of ``family`` ("lora", "mixlora", "loramoe", "mola", "hydralora";
+    ``overrides``: MixLoraConfig fields).
 
     The first variant of a family built draws its initial adapter weights (``--init-b-std``: B ~ N(0, std) and a
     sharp router) and keeps a copy in ``shared[family]``; the family's later variants, PEFT's and the authors'
     included, start from that copy."""
     def build(base: nn.Module, s: BenchSettings, shared: dict[str, dict]) -> Variant:
-        if family == "lora":
-            config = LoraConfig(r=s.rank, alpha=s.alpha, dropout=s.dropout, targets=ATTENTION + FFN)
-        else:
-            config = mixlora_config(s, **overrides)
+        config = mixlora_config(s, **overrides) if family == "mixlora" else kind_config(s, family)
         model = inject(share_frozen_copy(base), config)
         adapter = adapter_parameters(model)
         with torch.no_grad():
@@ -317,4 +333,7 @@ BUILDERS: dict[str, Callable[[nn.Module, BenchSettings, dict], Variant]] = {
     "loramix-mixlora-naive": _loramix_builder("loramix-mixlora-naive", "mixlora", dispatch="naive"),
     "authors-mixlora": build_authors_mixlora,
     "loramix-mixlora-recompute": _loramix_builder("loramix-mixlora-recompute", "mixlora", recompute_experts=True),
+    "loramix-loramoe": _loramix_builder("loramix-loramoe", "loramoe"),
+    "loramix-mola": _loramix_builder("loramix-mola", "mola"),
+    "loramix-hydralora": _loramix_builder("loramix-hydralora", "hydralora"),
 }
