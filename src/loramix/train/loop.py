@@ -45,6 +45,7 @@ import random
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -66,9 +67,50 @@ from .jobs_config import SHARED_KEYS
 
 log = logging.getLogger("loramix.train")
 
+UNNAMED = ""
+"""The name of the job of ``Trainer(config)``: its adapter is the model's plain one (``inject``), ``train``
+returns that job's result itself and its divergence raises. Named jobs share the model through
+``inject_many``, even one of them alone."""
+
 
 class TrainingDiverged(RuntimeError):
     """The loss (or the gradient norm) became NaN or infinite; the message names the step."""
+
+
+@dataclass
+class Window:
+    """One job's open accumulation window (grad_accum micro-batches per rank): what its micro-steps
+    still run and the sums its optimizer step turns into the logged statistics."""
+
+    local: list[dict[str, torch.Tensor]]
+    """The micro-batches of the global window this process runs (``Trainer._local_batches``), each
+    ``input_ids`` / ``attention_mask`` / ``labels`` of shape (batch, length) and ``task_ids`` (batch,)."""
+    answer: int
+    """N: the answer tokens the LM loss counts in the whole global window, over every rank (at least 1)."""
+    count: int
+    """The micro-batches in the global window, over every rank (the divisor of the auxiliary losses and
+    the expert loads)."""
+    position: int = 0
+    """The index in ``local`` of the next micro-batch to run; the window is complete at ``len(local)``."""
+    started: float = field(default_factory=time.perf_counter)
+    """``time.perf_counter()`` when the window opened (the step's time in the log)."""
+    lm: float = 0.0
+    """Σ cross-entropy over the answer tokens of this rank's micro-batches so far (divided by ``answer``
+    when logged)."""
+    aux: dict[str, float] = field(default_factory=dict)
+    """Auxiliary loss name → Σ over this rank's micro-batches of its raw value / ``count``."""
+    tokens: int = 0
+    """Non-padding tokens of this rank's micro-batches so far."""
+    load: list[torch.Tensor] | None = None
+    """Per routed layer, Σ over the micro-batches of the router's expert load, shape (experts,) each; None
+    without a router."""
+    diverged: str | None = None
+    """The message of the first micro-batch whose loss was not finite (the step is then not taken)."""
+
+    @property
+    def complete(self) -> bool:
+        """Every local micro-batch has run: the job is due for its optimizer step."""
+        return self.position == len(self.local)
 
 
 class Trainer:
@@ -83,8 +125,8 @@ class Trainer:
             job: a list; several: name → list).
         callbacks: functions called with the trainer after every micro-step in which a job stepped.
 
-    With one job, its state reads as the trainer's (``trainer.step``, ``.params``, ``.task_index``);
-    ``trainer.jobs`` holds every job by name.
+    ``trainer.jobs`` holds every job by name; with one, ``trainer.job`` is it and its ``step``, ``params``,
+    ``task_index`` and ``last_metrics`` read as the trainer's.
     """
 
     rank, world_size = 0, 1  # train/distributed.py: this process's place among the data-parallel ranks
@@ -95,12 +137,16 @@ class Trainer:
                  callbacks: list[Callable[["Trainer"], None]] | None = None) -> None:
         if model is not None and tokenizer is None:
             raise ValueError("Trainer(model=...) also needs tokenizer=...")
-        self.single = isinstance(config, TrainConfig)
-        self.configs = {"": config} if self.single else dict(config)
+        # one config is a set of one: the job named UNNAMED, with the examples given for it
+        one = isinstance(config, TrainConfig)
+        self.configs = {UNNAMED: config} if one else dict(config)
         if not self.configs:
             raise ValueError("Trainer needs at least one adapter config")
-        wrap = (lambda v: {"": v}) if self.single else (lambda v: dict(v or {}))
-        self._given_train, self._given_eval = wrap(train_examples), wrap(eval_examples)
+        if not one and UNNAMED in self.configs:
+            raise ConfigError("an adapter of a multi-adapter run needs a non-empty name (the empty name is the one "
+                              "adapter of Trainer(config))")
+        self._given_train = {UNNAMED: train_examples} if one else dict(train_examples or {})
+        self._given_eval = {UNNAMED: eval_examples} if one else dict(eval_examples or {})
         self.config = next(iter(self.configs.values()))  # the settings every job shares (model, dtype, ...)
         differ = [k for k in SHARED_KEYS
                   if any(getattr(c, k) != getattr(self.config, k) for c in self.configs.values())]
@@ -117,17 +163,34 @@ class Trainer:
         self._old_handlers: dict[int, Any] = {}
         self._is_setup = False
 
-    def __getattr__(self, name: str) -> Any:
-        # one job: its state reads as the trainer's (trainer.step, .params, .task_index, .last_metrics)
-        jobs = self.__dict__.get("jobs")
-        if jobs and len(jobs) == 1 and self.__dict__.get("single") and not name.startswith("__"):
-            return getattr(next(iter(jobs.values())), name)
-        raise AttributeError(f"{type(self).__name__} has no attribute '{name}'")
-
     @property
     def job(self) -> Job:
-        """The one job of a single-adapter trainer."""
-        return self.jobs[""]
+        """The one job of a one-adapter trainer (after ``setup``)."""
+        if len(self.jobs) != 1:
+            raise AttributeError(f"trainer.job is the one job of a one-adapter trainer, but this one has "
+                                 f"{len(self.jobs)} jobs {list(self.jobs)}"
+                                 + (" (setup() builds them)" if not self.jobs else "; use trainer.jobs[name]"))
+        return next(iter(self.jobs.values()))
+
+    @property
+    def step(self) -> int:
+        """The one job's optimizer steps taken (``job.step``)."""
+        return self.job.step
+
+    @property
+    def params(self) -> dict[str, torch.nn.Parameter]:
+        """The one job's trainable adapter tensors by name (``job.params``)."""
+        return self.job.params
+
+    @property
+    def task_index(self) -> dict[str, int]:
+        """The one job's task name → task id (``job.task_index``)."""
+        return self.job.task_index
+
+    @property
+    def last_metrics(self) -> dict[str, Any]:
+        """The one job's latest logged training and evaluation values (``job.last_metrics``)."""
+        return self.job.last_metrics
 
     @property
     def is_main(self) -> bool:
@@ -147,11 +210,11 @@ class Trainer:
             self.model, self.tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                                     quantization=cfg.quantization)
         check_pad_token(self.tokenizer)
-        if self.single:
+        if UNNAMED in self.configs:  # the model's plain adapter (a given model may carry it already)
             if getattr(self.model, "loramix_adapter", None) is None:
                 inject(self.model, cfg.adapter)
-            views = {"": self.model}
-            self.contexts = {"": adapter_state(self.model).context}
+            views = {UNNAMED: self.model}
+            self.contexts = {UNNAMED: adapter_state(self.model).context}
         else:
             from ..models.many import AdapterView, inject_many
 
@@ -210,7 +273,7 @@ class Trainer:
         for job in [j for j in jobs if j.step >= j.total_steps]:  # resumed after their last step
             results[job.name] = self._finish(job)
         active = [j for j in jobs if j.step < j.total_steps]
-        windows: dict[str, dict[str, Any]] = {}  # job name → its open window: local micro-batches, position, sums
+        windows: dict[str, Window] = {}  # job name → its open window
         bar = tqdm(total=sum(j.total_steps for j in jobs), initial=sum(j.step for j in jobs), desc="train",
                    unit="step", disable=not any(j.config.progress for j in jobs), dynamic_ncols=True)
         stopping, stopped_by = False, None
@@ -227,7 +290,7 @@ class Trainer:
                 if not running:  # stopping: every job is at a window boundary
                     break
                 self._micro_step([(j, windows[j.name]) for j in running])
-                done = [j for j in running if windows[j.name]["position"] == len(windows[j.name]["local"])]
+                done = [j for j in running if windows[j.name].complete]
                 if not done:
                     continue
                 stepped = self._optimizer_steps([(j, windows.pop(j.name)) for j in done])
@@ -261,18 +324,16 @@ class Trainer:
                         job.where(), name, path, job.step)
             results[job.name] = job.result("interrupted", signal=name)
         results = {name: results[name] for name in self.jobs}
-        return results[""] if self.single else results
+        return results.get(UNNAMED, results)
 
-    def _open_window(self, job: Job) -> dict[str, Any]:
+    def _open_window(self, job: Job) -> Window:
         window = job.next_window(job.config.grad_accum * self.world_size)  # the global window, same on every rank
         answer = sum(int(answer_tokens(b["labels"])) for b in window)  # N: those the LM loss counts in the window
-        return {"local": self._local_batches(window), "position": 0, "started": time.perf_counter(),
-                "answer": max(1, answer), "count": len(window), "lm": 0.0, "aux": {}, "tokens": 0, "load": None,
-                "diverged": None}
+        return Window(local=self._local_batches(window), answer=max(1, answer), count=len(window))
 
-    def _micro_step(self, parts: list[tuple[Job, dict[str, Any]]]) -> None:
+    def _micro_step(self, parts: list[tuple[Job, Window]]) -> None:
         """One forward/backward over the next local micro-batch of every running job (one joint batch)."""
-        batches = [w["local"][w["position"]] for _, w in parts]
+        batches = [w.local[w.position] for _, w in parts]
         width = max(b["input_ids"].shape[1] for b in batches)
         pad = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
         batch = {k: torch.cat([torch.nn.functional.pad(b[k], (0, width - b[k].shape[1]), value=v) for b in batches])
@@ -280,7 +341,9 @@ class Trainer:
         batch["task_ids"] = torch.cat([b["task_ids"] for b in batches])
         batch = {k: v.to(self.device) for k, v in batch.items()}
         rows = [(job.name, b["input_ids"].shape[0]) for (job, _), b in zip(parts, batches)]
-        kwargs = {} if self.single else {"adapter_rows": rows}
+        # several adapters on the model: the row plan says whose rows are whose; the plain adapter has every row
+        many = getattr(self.model, "loramix_many", None)
+        kwargs = {} if many is None else {"adapter_rows": rows}
         for job, _ in parts:  # global load balance: only in training steps (every rank runs the same forwards)
             self.contexts[job.name].balance_group = self._balance_group(job)
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
@@ -295,37 +358,37 @@ class Trainer:
         terms = []
         for (job, w), b, (ce_sum, n_b) in zip(parts, batches, label_losses(out.logits, batch["labels"],
                                                                              [r for _, r in rows])):
-            # the raw auxiliary losses of this job's rows: its own modules (the one adapter's hook put them on out)
-            raw = ({k: getattr(out, k) for k, _ in AUXILIARY_LOSSES if getattr(out, k, None) is not None} if self.single
-                   else auxiliary_losses(self.model.loramix_many.members[job.name].values(), consume=True,
-                                         anchor=out.logits))
-            term = compose_loss(ce_sum / w["answer"], raw, job.adapter, share=n_b / w["answer"])
-            if w["diverged"] is None and not math.isfinite(float(term.detach())):
+            # the raw auxiliary losses of this job's rows: its own modules (the plain adapter's hook put them on out)
+            raw = ({k: getattr(out, k) for k, _ in AUXILIARY_LOSSES if getattr(out, k, None) is not None}
+                   if many is None else auxiliary_losses(many.members[job.name].values(), consume=True,
+                                                         anchor=out.logits))
+            term = compose_loss(ce_sum / w.answer, raw, job.adapter, share=n_b / w.answer)
+            if w.diverged is None and not math.isfinite(float(term.detach())):
                 # No break: the window is finished (its gradient is thrown away), so under torchrun every rank
                 # still makes the same collective calls (global load balance all-reduces in the forward).
-                w["diverged"] = (f"step {job.step + 1}: the loss is {float(term.detach())} (micro-batch "
-                                 f"{w['position'] + 1} of {len(w['local'])}); stopping before the update. "
-                                 f"{job.last_good()} Try a lower lr, max_grad_norm, or fp32.")
+                w.diverged = (f"step {job.step + 1}: the loss is {float(term.detach())} (micro-batch "
+                              f"{w.position + 1} of {len(w.local)}); stopping before the update. "
+                              f"{job.last_good()} Try a lower lr, max_grad_norm, or fp32.")
             terms.append(job.scaler.scale(term))
-            w["lm"] += float(ce_sum.detach())
+            w.lm += float(ce_sum.detach())
             for name, value in raw.items():
-                w["aux"][name] = w["aux"].get(name, 0.0) + float(value.detach()) / w["count"]
-            w["tokens"] += int(b["attention_mask"].sum())
+                w.aux[name] = w.aux.get(name, 0.0) + float(value.detach()) / w.count
+            w.tokens += int(b["attention_mask"].sum())
             loads = [s["load"].float().cpu() for s in router_stats(job.model)]
             if loads:
-                w["load"] = loads if w["load"] is None else [a + l for a, l in zip(w["load"], loads)]
-            w["position"] += 1
+                w.load = loads if w.load is None else [a + l for a, l in zip(w.load, loads)]
+            w.position += 1
         torch.stack(terms).sum().backward()
 
-    def _optimizer_steps(self, done: list[tuple[Job, dict[str, Any]]]) -> list[Job]:
+    def _optimizer_steps(self, done: list[tuple[Job, Window]]) -> list[Job]:
         """Jobs whose window is complete: agree on divergence, sum gradients over ranks, clip and step.
         Returns the jobs that stepped."""
-        flags = self._max_over_ranks([int(w["diverged"] is not None) for _, w in done])
+        flags = self._max_over_ranks([int(w.diverged is not None) for _, w in done])
         ok = []
         for (job, w), flag in zip(done, flags):
             if flag:
-                self._fail(job, w["diverged"] or f"step {job.step + 1}: the loss is not finite on another "
-                                                  f"data-parallel rank; stopping before the update. {job.last_good()}")
+                self._fail(job, w.diverged or f"step {job.step + 1}: the loss is not finite on another "
+                                              f"data-parallel rank; stopping before the update. {job.last_good()}")
             else:
                 ok.append((job, w))
         self._reduce_gradients([p for job, _ in ok for p in job.params.values()])
@@ -345,22 +408,22 @@ class Trainer:
             job.optimizer.zero_grad(set_to_none=True)
             job.scheduler.step()
             job.step += 1
-            load = [(x / w["count"]).tolist() for x in w["load"]] if w["load"] else None
-            stats.append((job, w, {"lm_loss": w["lm"] / w["answer"], **w["aux"], "lr": lr, "grad_norm": grad_norm,
-                                   "tokens": w["tokens"], "expert_load": load}))
+            load = [(x / w.count).tolist() for x in w.load] if w.load else None
+            stats.append((job, w, {"lm_loss": w.lm / w.answer, **w.aux, "lr": lr, "grad_norm": grad_norm,
+                                   "tokens": w.tokens, "expert_load": load}))
         self._reduce_stats([s for _, _, s in stats])  # seam: each rank's share → the global batch's values
         for job, w, s in stats:
             s["loss"] = float(compose_loss(torch.tensor(s["lm_loss"]), {k: torch.tensor(v) for k, v in s.items()
-                                                                         if k in w["aux"]}, job.adapter))
+                                                                         if k in w.aux}, job.adapter))
             job.pending.append(s)
-            job.pending_time += time.perf_counter() - w["started"]
+            job.pending_time += time.perf_counter() - w.started
         return [job for job, _, _ in stats]
 
     def _fail(self, job: Job, why: str) -> None:
-        """Stop ``job`` before its update: one job raises, several go on without it."""
+        """Stop ``job`` before its update: the job of ``Trainer(config)`` raises, named jobs go on without it."""
         for p in job.params.values():
             p.grad = None
-        if self.single:
+        if job.name == UNNAMED:
             raise TrainingDiverged(why)
         log.error("adapter '%s' stopped: %s (the other adapters go on)", job.name, why)
         self.failed[job.name] = why
@@ -403,9 +466,9 @@ class Trainer:
             shards = {n: s for n, s in shards.items() if s}  # a rank may get no example of a small set
             if not shards:
                 continue
-            if self.single:
-                found = {"": evaluate_multiple_choice(self.model, self.tokenizer, shards[""], task_ids=task_ids[""],
-                                                      **settings)}
+            if getattr(self.model, "loramix_many", None) is None:  # the plain adapter: one job, all of the model
+                found = {name: evaluate_multiple_choice(self.model, self.tokenizer, shard, task_ids=task_ids[name],
+                                                        **settings) for name, shard in shards.items()}
             else:
                 found = evaluate_many(self.model, self.tokenizer, shards, task_ids=task_ids, **settings)
             for name, r in found.items():
