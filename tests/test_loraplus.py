@@ -9,7 +9,7 @@ import torch
 import loramix
 from conftest import mixlora_config, perturb_adapter
 from loramix.config import ConfigError
-from loramix.models.many import inject_many, member_parameters
+from loramix.models.many import AdapterView, inject_many, member_parameters
 from loramix.train import Trainer
 from test_train import config as train_config
 from test_train import mc_examples, word_tokenizer
@@ -83,6 +83,17 @@ def test_several_adapters_every_b_of_every_adapter():
     fast = {id(p) for gr in groups if gr["lr"] == pytest.approx(4e-3) for p in gr["params"]}
     expected = {id(p) for name in ("a", "m") for k, p in member_parameters(model, name).items() if is_b(k)}
     assert fast == expected and len(expected) > 0
+
+
+@pytest.mark.parametrize("ratio", [None, 4])
+def test_one_adapter_of_several_gets_only_its_own_tensors(ratio):
+    """A joint run gives each adapter its own optimizer: a view of one adapter must not hand over the others'
+    tensors (it forwards ``loramix_many`` to the joint model), or each optimizer steps every adapter."""
+    model = inject_many(tiny_model("llama"), {"a": CONFIGS["lora"](), "m": CONFIGS["loramoe"]()})
+    for name in ("a", "m"):
+        groups = loramix.loraplus_param_groups(AdapterView(model, name), lr=1e-3, ratio=ratio)
+        got = [id(p) for gr in groups for p in gr["params"]]
+        assert sorted(got) == sorted(id(p) for p in member_parameters(model, name).values()), name
 
 
 def test_training_config_ratio_reaches_the_trainers_optimizer(tmp_path):

@@ -40,7 +40,8 @@ def lora_b_role(model: nn.Module, key: str) -> bool:
 
 def _adapter_tensors(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
     """(tensor, is a B factor) of every trainable adapter tensor, each once; a multi-adapter model's of every adapter."""
-    many = getattr(model, "loramix_many", None)
+    # an AdapterView forwards loramix_many to the joint model, but it is one adapter: only its own tensors
+    many = None if isinstance(model, AdapterView) else getattr(model, "loramix_many", None)
     views = [AdapterView(model, name) for name in many.adapters] if many is not None else [model]
     seen: set[int] = set()
     out = []
