@@ -103,10 +103,6 @@ class HydraLoraLinear(FrozenProjection):
         B = self.lora_B.to(compute).permute(1, 0, 2).reshape(self.out_features, N * r)  # every head, stacked
         return base_out + mixed @ B.t()
 
-    def adapter_parameter_names(self) -> list[str]:
-        """Names (relative to this module) of the adapter tensors."""
-        return list(self.TENSOR_NAMES)
-
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, heads={self.num_heads}, r={self.r}, "
                 f"scale={self.scale:g}")

@@ -53,7 +53,8 @@ class AdapterModule(nn.Module):
             uses them, are registered by the adapter module under their original names), so that
             ``unload`` can put it back and a disabled adapter can call it.
 
-    A subclass defines ``adapter_parameter_names`` and, where it has them, ``merged_delta`` and
+    A subclass names its adapter tensors in ``TENSOR_NAMES`` (or, when they depend on its settings, overrides
+    ``adapter_parameter_names``) and defines, where it has them, ``merged_delta`` and
     ``reset_dora_magnitude``. A module with a router sets ``last_load`` (each expert's share of the
     routing, (E,) fp32, summing to 1: assignments for a sparse router, router weight for a dense one) and
     ``last_prob`` (mean router probability per expert, (E,)) over the valid tokens of its last training
@@ -79,9 +80,14 @@ class AdapterModule(nn.Module):
         self.replaced.train(mode)
         return super().train(mode)
 
+    # the adapter's tensors when they are the same for every config: e.g. ("lora_A", "lora_B", "router.weight")
+    TENSOR_NAMES: ClassVar[tuple[str, ...]] = ()
+
     def adapter_parameter_names(self) -> list[str]:
         """Names (relative to this module) of the adapter's tensors, as its files key them."""
-        raise NotImplementedError
+        if not self.TENSOR_NAMES:
+            raise NotImplementedError(f"{type(self).__name__} names no TENSOR_NAMES and no adapter_parameter_names")
+        return list(self.TENSOR_NAMES)
 
     def merged_delta(self) -> torch.Tensor | None:
         """The dense update (out, in) that merging adds to the replaced projection's weight; None when this

@@ -186,10 +186,6 @@ class LoraMoeLinear(FrozenProjection):
         return localized_balance_loss(per_sample, valid, self.sample_types(batch, x.device), self.expert_group,
                                       self.delta)
 
-    def adapter_parameter_names(self) -> list[str]:
-        """Names (relative to this module) of the adapter tensors."""
-        return list(self.TENSOR_NAMES)
-
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, r={self.r}, "
                 f"scale={self.scale:g}, types={self.tasks or None}")

@@ -113,10 +113,6 @@ class MolaLinear(FrozenProjection):
         coef = (gate * (self.scale * factor)).reshape(*lead, self.num_experts)
         return base_out + stacked_experts(x_in, self.lora_A, self.lora_B, coef)
 
-    def adapter_parameter_names(self) -> list[str]:
-        """Names (relative to this module) of the adapter tensors."""
-        return list(self.TENSOR_NAMES)
-
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, top_k={self.top_k}, "
                 f"r={self.r}, scale={self.scale:g}")

@@ -274,10 +274,6 @@ class MoreLinear(FrozenProjection):
     # saves its selector too.
     TENSOR_NAMES = ("lora_A", "lora_B", "selector.task_embedding", "selector.gate.weight", "selector.gate.bias")
 
-    def adapter_parameter_names(self) -> list[str]:
-        """Names (relative to this module) of the adapter tensors."""
-        return list(self.TENSOR_NAMES)
-
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, max_rank={self.max_rank}, ranks={self.ranks}, "
                 f"tasks={self.num_tasks}, scale={self.scale:g}, selector={self.selector_kind}")
