@@ -132,6 +132,17 @@ def forward_and_gradients(forward, x: torch.Tensor, out_weights: torch.Tensor,
     return out.detach(), [xi.grad] + [t.grad.clone() for t in tensors]
 
 
+def assert_fast_path_equals_reference(fast, reference, x: torch.Tensor, out_weights: torch.Tensor,
+                                      tensors: list[torch.Tensor], tol: float = 1e-5) -> None:
+    """``fast(x)`` equals ``reference(x)`` within ``tol``, and so do the gradients of ``x`` and each of ``tensors``,
+    none of them zero everywhere (``forward_and_gradients``)."""
+    out, grads = forward_and_gradients(fast, x, out_weights, tensors)
+    ref, ref_grads = forward_and_gradients(reference, x, out_weights, tensors)
+    assert (out - ref).abs().max() <= tol
+    for a, b in zip(grads, ref_grads):
+        assert b.abs().max() > 0 and (a - b).abs().max() <= tol
+
+
 def assert_only_adapter_tensors_get_gradients(model: nn.Module) -> None:
     """After a backward: every adapter tensor has a non-zero gradient, and no other parameter has one."""
     params = loramix.adapter_parameters(model)

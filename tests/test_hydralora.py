@@ -17,8 +17,8 @@ from transformers.pytorch_utils import Conv1D
 
 import loramix
 from conftest import (
-    assert_each_row_equals_its_adapter_alone, assert_fresh_adapter_is_the_base,
-    assert_only_adapter_tensors_get_gradients, forward_and_gradients, mixlora_config, perturb_adapter,
+    assert_each_row_equals_its_adapter_alone, assert_fast_path_equals_reference, assert_fresh_adapter_is_the_base,
+    assert_only_adapter_tensors_get_gradients, mixlora_config, perturb_adapter,
 )
 from loramix.adapters.export import ExportError, export_adapter
 from loramix.config import ConfigError
@@ -68,12 +68,8 @@ def test_fast_path_equals_the_naive_head_loop_forward_and_gradients(base):
         layer.lora_B.normal_(std=0.3)
         layer.router.weight.normal_(std=1.0)
     x, out_weights = torch.randn(2, 5, 12), torch.randn(2, 5, 10)
-    tensors = [layer.lora_A, layer.lora_B, layer.router.weight]
-    fast, fast_grads = forward_and_gradients(layer, x, out_weights, tensors)
-    ref, ref_grads = forward_and_gradients(lambda v: naive(layer, v), x, out_weights, tensors)
-    assert (fast - ref).abs().max() <= 1e-5
-    for a, b in zip(fast_grads, ref_grads):  # x, A, B, router
-        assert b.abs().max() > 0 and (a - b).abs().max() <= 1e-5
+    assert_fast_path_equals_reference(layer, lambda v: naive(layer, v), x, out_weights,
+                                      [layer.lora_A, layer.lora_B, layer.router.weight])  # x, A, B, router
 
 def test_one_a_per_projection_in_the_saved_folder(tmp_path):
     config = small(num_heads=5, r=3, targets=["q_proj", "gate_proj", "down_proj"])
