@@ -132,3 +132,49 @@ def test_a_held_run_folder_stops_resume_overwrite_and_the_trainer_api(tmp_path, 
         holder.wait()
     assert main(["train", str(cfg), "--resume", "max_steps=3"]) == 0
     assert (run / "checkpoints" / "step-3").is_dir() and not lock_path(run).exists()
+
+
+# Locks the file as hold_run_folder does but writes who it is only when told: the window in which a
+# second process is refused before the holder has named itself.
+SLOW_HOLDER = """
+import fcntl, os, sys
+from loramix.train.run_lock import _owner, lock_path
+fd = os.open(lock_path(sys.argv[1]), os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("locked", flush=True)
+sys.stdin.readline()
+os.pwrite(fd, _owner().encode(), 0)
+print("written", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("writes_in_time", [True, False])
+def test_a_process_refused_before_the_holder_names_itself_waits_for_the_name(tmp_path, monkeypatch,
+                                                                            writes_in_time):
+    """Before: a process refused between the holder's lock and its write said 'a process that is just
+    starting' (CI saw it with two runs started together); now it waits up to OWNER_WAIT_S for the name."""
+    import threading
+
+    from loramix.train import run_lock
+
+    folder = tmp_path / "runs" / "a"
+    folder.parent.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", SLOW_HOLDER, str(folder)], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        monkeypatch.setattr(run_lock, "OWNER_WAIT_S", 5.0 if writes_in_time else 0.2)
+        if writes_in_time:
+            release = threading.Timer(0.5, lambda: (holder.stdin.write("go\n"), holder.stdin.flush()))
+            release.start()
+        with pytest.raises(RunFolderBusy) as refused:
+            run_lock.hold_run_folder(folder)
+        if writes_in_time:
+            release.join()
+            assert f"(pid {holder.pid} on host {socket.gethostname()}" in str(refused.value)
+        else:
+            assert "a process that is just starting" in str(refused.value)
+    finally:
+        holder.kill()
+        holder.wait()

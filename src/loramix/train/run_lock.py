@@ -72,12 +72,21 @@ def _owner() -> str:
     return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}) + "\n"
 
 
+OWNER_WAIT_S = 2.0  # how long a refused process waits for the holder to write who it is
+
+
 def _describe_owner(fd: int) -> str:
-    try:
-        owner = json.loads(os.pread(fd, 4096, 0).decode() or "null")
-        return f"pid {owner['pid']} on host {owner['host']}, started {owner['started']}"
-    except (OSError, ValueError, TypeError, KeyError):  # it has locked the file but not written itself yet
-        return "a process that is just starting"
+    """The holder of the lock on ``fd``, as the holder wrote it. The holder writes itself just after it
+    locks, so a process refused in between waits up to ``OWNER_WAIT_S`` for that line to name the holder."""
+    deadline = time.monotonic() + OWNER_WAIT_S
+    while True:
+        try:
+            owner = json.loads(os.pread(fd, 4096, 0).decode() or "null")
+            return f"pid {owner['pid']} on host {owner['host']}, started {owner['started']}"
+        except (OSError, ValueError, TypeError, KeyError):  # locked, not written yet (or half written)
+            if time.monotonic() >= deadline:
+                return "a process that is just starting"
+            time.sleep(0.02)
 
 
 def hold_run_folder(output_dir: str | os.PathLike, *, key: str = "output_dir") -> RunFolderLock:
