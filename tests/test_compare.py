@@ -136,6 +136,12 @@ def test_kill_and_resume_trains_no_run_twice(world, finished, tmp_path):
     assert without_measurements(read(second["results"])) == without_measurements(finished["results"])
     # a third call trains nothing and writes the same report
     assert run_study(values, threads=1)["ran"] == []
+    # a spec.json written before a setting existed (here loraplus_lr_ratio) still names the same run
+    spec_file = tmp_path / "study" / "runs" / "lora" / "seed-0" / "spec.json"
+    old = json.loads(spec_file.read_text())
+    assert old["train"].pop("loraplus_lr_ratio", "absent") is None
+    spec_file.write_text(json.dumps(old))
+    assert run_study(values, threads=1)["ran"] == []
     # the same run folder with other settings is refused, not mixed in
     with pytest.raises(ValueError, match="other settings"):
         run_study(study(world, tmp_path / "study", train={"max_steps": 4, "progress": False}), threads=1)

@@ -261,13 +261,24 @@ def _spec_record(spec: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if k != "folder"}
 
 
+def _as_now_written(record: dict[str, Any], where: Path) -> dict[str, Any]:
+    """``record`` with its training settings read and written again by this version: a setting added
+    since the run was made (at its default) does not make the run's settings differ."""
+    from ..train import train_config_from_dict
+
+    if record.get("train") is None:
+        return record
+    train = train_config_from_dict(record["train"], where=f"{where}: train").to_dict()
+    return {**record, "train": json.loads(json.dumps(train))}
+
+
 def _claim(spec: dict[str, Any]) -> None:
     """Write the run's spec.json, or refuse when the folder holds a run made with other settings."""
     folder = Path(spec["folder"])
     path = folder / SPEC
     record = json.loads(json.dumps(_spec_record(spec)))  # as JSON reads it back
     if path.exists():
-        old = json.loads(path.read_text())
+        old = _as_now_written(json.loads(path.read_text()), path)
         if old != record:
             keys = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
             raise ConfigError(f"{folder}: this run was made with other settings ({', '.join(keys)} differ); "
