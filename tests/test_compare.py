@@ -147,6 +147,57 @@ def test_kill_and_resume_trains_no_run_twice(world, finished, tmp_path):
         run_study(study(world, tmp_path / "study", train={"max_steps": 4, "progress": False}), threads=1)
 
 
+# A study that kills its own process (kill -9) right after its first training run saved the checkpoint of step 2.
+KILLED_AT_STEP_2 = """
+import json, os, signal, sys
+from loramix.compare import run_study
+from loramix.train.job import Job
+
+save = Job.save_checkpoint
+def save_then_die(self):
+    path = save(self)
+    if self.step == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+Job.save_checkpoint = save_then_die
+run_study(json.loads(sys.argv[1]), threads=1)
+"""
+
+
+def test_killed_while_training_resumes_that_run_from_its_checkpoint(world, tmp_path, monkeypatch):
+    """kill -9 inside a run's training (after its step-2 checkpoint), then the study again: the finished base run
+    is not redone, the killed run continues from step 2 (each step logged once), and results.json equals the
+    uninterrupted study's (times and memory aside)."""
+    import subprocess
+    import sys
+
+    def values(out: Path) -> dict:
+        return study(world, out, seeds=[0], methods={"base": None, "lora": study(world, out)["methods"]["lora"]},
+                     train={"max_steps": 4, "batch_size": 4, "lr": 1e-2, "save_every": 2, "log_every": 1,
+                            "progress": False, "data": {"cutoff_len": 64}})
+
+    reference = read(run_study(values(tmp_path / "whole"), threads=1)["results"])
+    out = tmp_path / "killed"
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_STEP_2, json.dumps(values(out))], capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    run = out / "runs" / "lora" / "seed-0"
+    assert (run / "train" / "checkpoints" / "step-2").is_dir() and not (run / "result.json").exists()
+    base_result = (out / "runs" / "base" / "base" / "result.json").read_bytes()
+    from loramix.train.job import Job
+
+    saved_steps, save = [], Job.save_checkpoint
+    monkeypatch.setattr(Job, "save_checkpoint", lambda job: (saved_steps.append(job.step), save(job))[1])
+    again = run_study(values(out), threads=1)
+    assert saved_steps == [4]  # steps 3 and 4 only: a run started again would save step 2 first
+    assert again["ran"] == ["lora/seed-0"] and again["left"] == []
+    assert (out / "runs" / "base" / "base" / "result.json").read_bytes() == base_result
+    steps = [json.loads(line)["step"] for line in (run / "train" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["type"] == "train"]
+    assert steps == [1, 2, 3, 4]
+    assert without_measurements(read(again["results"])) == without_measurements(reference)
+
+
 def test_t_interval_matches_hand_computation():
     # 0.5, 0.6, 0.7: mean 0.6, sd 0.1, half = t_{0.975,2} * 0.1 / sqrt(3) with t_{0.975,2} = 4.302652730
     mean, half = t_interval([0.5, 0.6, 0.7])
