@@ -34,10 +34,16 @@ ADAPTERS = {
     "more": {"kind": "more", "max_rank": 4, "alpha": 8, "dropout": 0.0, "tasks": ["syn", "other"],
              "contrastive_coef": 1.0},
     "lora": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+    "loramoe": {"kind": "loramoe", "r": 4, "alpha": 8, "num_experts": 4, "dropout": 0.0, "tasks": ["syn", "other"],
+                "balance_coef": 1.0},
+    "mola": {"kind": "mola", "r": 4, "alpha": 8, "num_experts": "24", "top_k": 1, "dropout": 0.0, "aux_loss_coef": 1.0},
+    "hydralora": {"kind": "hydralora", "r": 4, "alpha": 8, "num_heads": 3, "dropout": 0.0},
 }
-# the tensors whose gradient the auxiliary loss reaches: MixLoRA's routers, MoRE's selectors and task embeddings
-AUX_PARAMS = {"mixlora": ("router",), "more": ("selector",)}
-COEF = {"mixlora": "aux_loss_coef", "more": "contrastive_coef"}
+# the tensors whose gradient the auxiliary loss reaches: the routers, MoRE's selectors and task embeddings
+# (HydraLoRA has no auxiliary loss: its routers' gradient is the LM loss's alone)
+AUX_PARAMS = {"mixlora": ("router",), "more": ("selector",), "loramoe": ("router",), "mola": ("router",),
+              "hydralora": ("router",)}
+COEF = {"mixlora": "aux_loss_coef", "more": "contrastive_coef", "loramoe": "balance_coef", "mola": "aux_loss_coef"}
 
 
 def adapter_dict(kind: str, **overrides) -> dict:

@@ -3,8 +3,8 @@ auxiliary losses through TRL's own loss path (fused LM head over the backbone's 
 gradient checkpointing), packing for MixLoRA, MoRE task ids, logs and adapter checkpoints.
 
 TRL computes ``-Σ log_probs / N`` and never reads ``out.loss``; the gradient tests show the router
-(MixLoRA) and selector/task-embedding (MoRE) gradients of one optimizer step are those of loramix's
-own trainer on the same rows, for 1 x 8 and 4 x 2 micro-batches alike.
+(MixLoRA, LoRAMoE with its sample types, MoLA) and selector/task-embedding (MoRE) gradients of one optimizer
+step are those of loramix's own trainer on the same rows, for 1 x 8 and 4 x 2 micro-batches alike.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def sft_step_gradient(kind: str, tmp, batch: int, accum: int, *, data: list[dict
     adapter = {k: overrides.pop(k) for k in list(overrides) if k in COEF.values()}
     model = injected(adapter_dict(kind, **adapter))
     grads = StepGradients(model, AUX_PARAMS[kind])
-    if kind == "more":
+    if "tasks" in adapter_dict(kind):  # MoRE's tasks, LoRAMoE's sample types: the task column goes in
         trainer = sft_trainer(model, sft_args(tmp, batch, accum, remove_unused_columns=False, **overrides),
                               rows(task=True) if data is None else data, data_collator=task_collator(model))
     else:
@@ -56,7 +56,7 @@ def sft_step_gradient(kind: str, tmp, batch: int, accum: int, *, data: list[dict
     return grads.vector()
 
 
-@pytest.mark.parametrize("kind", ["mixlora", "more"])
+@pytest.mark.parametrize("kind", ["mixlora", "more", "loramoe", "mola"])
 def test_aux_gradient_under_sft_trainer_same_for_any_accumulation_and_equals_own_trainer(kind, tmp_path, single_thread):
     one_by_eight = sft_step_gradient(kind, tmp_path / "a", 8, 1)
     four_by_two = sft_step_gradient(kind, tmp_path / "b", 2, 4)
