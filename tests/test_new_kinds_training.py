@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import loramix
+from conftest import perturb_adapter
 from loramix import hub
 from loramix.models import quantize
+from loramix.modules import ForwardContext, HydraLoraLinear, LoraMoeLinear, MolaLinear
 from test_distributed import adapter, max_diff, one_process, settings, torchrun
 from test_hf_trainer import ADAPTERS, AUX_PARAMS, StepGradients, injected, own_step_gradient, rel, rows
 from test_trl import sft_args, sft_step_gradient, sft_trainer, task_collator
@@ -132,3 +135,46 @@ def test_ddp_and_fsdp_two_processes_match_one_process_with_the_same_global_batch
         assert max_diff(single, start) > 1e-3, kind  # training moved the adapter
         for mode in ("ddp", "fsdp"):
             assert max_diff(adapter(tmp_path / f"{mode}-{kind}"), single) <= 1e-5, (kind, mode)
+
+
+# ------------------------------------------------------------------------------------------ precision
+MODULES = {
+    "loramoe": lambda base: LoraMoeLinear(base, loramix.LoraMoeConfig(r=8, alpha=16, dropout=0.0, num_experts=4),
+                                          context=ForwardContext()),
+    "mola": lambda base: MolaLinear(base, loramix.MolaConfig(r=8, alpha=16, dropout=0.0, num_experts=4, top_k=2,
+                                                             aux_loss_coef=0.01), context=ForwardContext()),
+    "hydralora": lambda base: HydraLoraLinear(base, loramix.HydraLoraConfig(r=8, alpha=16, dropout=0.0, num_heads=4),
+                                              context=ForwardContext()),
+}
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", NEW_KINDS)
+def test_module_under_autocast_equals_fp32_to_half_precision(kind, half, single_thread):
+    """One module, one fp32 input (the residual stream's dtype under autocast), so both runs route alike: under
+    autocast the output has the autocast dtype and equals the fp32 run's, gradients (fp32) too, to half-precision
+    tolerance. The whole-model runs are in ``test_precision.py``."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48)
+    layer = MODULES[kind](base).train()
+    perturb_adapter(layer, seed=5, b_std=0.3, router_std=1.0)
+    x0 = torch.randn(3, 10, 64)
+    weights = torch.linspace(-1, 1, 3 * 10 * 48).view(3, 10, 48)
+    results = []
+    for precision in (None, half):
+        layer.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=precision or torch.bfloat16, enabled=precision is not None):
+            out = layer(x)
+        assert out.dtype == (precision or torch.float32)
+        (out.float() * weights).sum().backward()
+        results.append((out.detach().float(), x.grad,
+                        {n: layer.get_parameter(n).grad for n in layer.adapter_parameter_names()}))
+    (full, full_gx, full_g), (low, low_gx, low_g) = results
+    effect = (full - base(x0).detach()).abs().max()
+    assert effect > 0.1 * full.abs().max()  # the adapter matters, so its numerics are under test
+    assert (low - full).abs().max() <= 0.02 * full.abs().max()
+    assert (low_gx - full_gx).abs().max() <= 0.03 * full_gx.abs().max()
+    for name, grad in full_g.items():
+        assert low_g[name].dtype == torch.float32 and grad.abs().max() > 0, name
+        assert (low_g[name] - grad).abs().max() <= 0.03 * grad.abs().max(), name
