@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 import loramix
 from loramix import hub
 from loramix.models.quantize import prepare_kbit_training, storage_tensors
-from loramix.modules import FrozenProjection, LoraLinear, MixLoraFFN, MoreLinear
+from loramix.modules import FrozenProjection, LoraLinear, MixLoraFFN
 from loramix.modules.quantized import adapter_dtype_for, frozen_weight, is_quantized, logical_shape, quantization_kind
 from conftest import mixlora_config, perturb_adapter
 from tiny_models import batch, tiny_model, tiny_model_folder
@@ -34,6 +34,9 @@ KINDS = {
     "mixlora-switch": lambda: mixlora_config(r=8, alpha=16, routing="switch", capacity_factor=1.0),
     "mixdora": lambda: mixlora_config(r=8, alpha=16, use_dora=True, use_rslora=True),
     "more": lambda: loramix.MoreConfig(max_rank=8, alpha=16, tasks=["a", "b"]),
+    "loramoe": lambda: loramix.LoraMoeConfig(r=8, alpha=16, num_experts=4),
+    "mola": lambda: loramix.MolaConfig(r=8, alpha=16, num_experts="24", top_k=2, aux_loss_coef=0.01),
+    "hydralora": lambda: loramix.HydraLoraConfig(r=8, alpha=16, num_heads=3, targets=["q_proj", "up_proj", "down_proj"]),
 }
 TASK_IDS = torch.tensor([0, 1, 1])
 
@@ -248,7 +251,7 @@ def test_fresh_adapter_equals_quantized_base(scheme, kind, folders):
     with torch.no_grad():
         reference = call(model, kind).logits
     loramix.inject(model, KINDS[kind]())
-    adapted = [m for m in model.modules() if isinstance(m, (LoraLinear, MixLoraFFN, MoreLinear))]
+    adapted = [m for m in model.modules() if isinstance(m, (FrozenProjection, MixLoraFFN))]
     assert adapted
     for m in adapted:
         if isinstance(m, MixLoraFFN):
@@ -257,7 +260,7 @@ def test_fresh_adapter_equals_quantized_base(scheme, kind, folders):
             assert m.quantized and is_quantized(m.replaced)
     # Each replaced quantized module is still the one called (not a dense copy): same count of them
     # outside the wrappers' shared references.
-    assert sum(is_quantized(m) for m in model.modules() if not isinstance(m, (LoraLinear, MoreLinear))) \
+    assert sum(is_quantized(m) for m in model.modules() if not isinstance(m, FrozenProjection)) \
         + sum(1 for m in adapted if not isinstance(m, MixLoraFFN)) == quantized_before
     assert all(p.dtype == torch.float32 for p in loramix.adapter_parameters(model).values())
     assert set(model.state_dict()) == keys_before | set(loramix.adapter_parameters(model))
@@ -266,7 +269,7 @@ def test_fresh_adapter_equals_quantized_base(scheme, kind, folders):
     assert (logits - reference).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora", "mixlora-top_k", "mixdora", "more"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "mixlora-top_k", "mixdora", "more", "loramoe", "mola", "hydralora"])
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_training_moves_every_adapter_tensor_and_no_quantized_byte(scheme, kind, folders):
     """One optimizer step: every adapter tensor gets a finite gradient and moves; every frozen tensor
@@ -389,7 +392,7 @@ def test_adapter_dtype_setting(folders):
         loramix.LoraConfig(adapter_dtype="int8")
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora", "mixlora-top_k", "mixdora", "more"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "mixlora-top_k", "mixdora", "more", "loramoe", "mola", "hydralora"])
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_bf16_autocast_on_quantized_base(scheme, kind, folders):
     """QLoRA's usual setting: a quantized base under bf16 autocast. Forward + backward run, every adapter
@@ -401,7 +404,7 @@ def test_bf16_autocast_on_quantized_base(scheme, kind, folders):
     model.train()
     calls = []
     for module in model.modules():
-        if isinstance(module, (LoraLinear, MixLoraFFN, MoreLinear)):
+        if isinstance(module, (FrozenProjection, MixLoraFFN)):
             module.register_forward_hook(lambda m, args, out: calls.append((m, args[0].detach(), out.dtype)))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = call(model, kind, labels=batch()[2])
