@@ -130,10 +130,20 @@ def test_kill_and_resume_trains_no_run_twice(world, finished, tmp_path):
     assert first["ran"] == ["base/base", "lora/seed-0"] and first["results"] is None and len(first["left"]) == 3
     kept = {p: p.read_bytes() for p in (tmp_path / "study" / "runs").rglob("result.json")}
     assert len(kept) == 2
+    # the runs so far are reported, marked partial; the baseline's one seed is paired with the base model
+    partial = read(first["partial"])
+    assert partial["unfinished"] == first["left"] and [r["method"] for r in partial["runs"]] == ["base", "lora"]
+    assert partial["summary"]["accuracy"]["lora"]["alpha"]["seeds"] == 1
+    assert partial["summary"]["vs_baseline"]["base"]["alpha"]["seeds"] == 1
+    text = (tmp_path / "study" / "partial.md").read_text()
+    assert text.startswith("**Partial:** 2 of 5 runs finished; not yet mixlora/seed-0, lora/seed-1, mixlora/seed-1.")
+    assert (tmp_path / "study" / "partial.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "study" / "results.json").exists()
     second = run_study(values, threads=1)
     assert second["ran"] == ["mixlora/seed-0", "lora/seed-1", "mixlora/seed-1"] and second["left"] == []
     assert all(p.read_bytes() == data for p, data in kept.items())
     assert without_measurements(read(second["results"])) == without_measurements(finished["results"])
+    assert second["partial"] is None and not list((tmp_path / "study").glob("partial.*"))  # the final report replaced it
     # a third call trains nothing and writes the same report
     assert run_study(values, threads=1)["ran"] == []
     # a spec.json written before a setting existed (here loraplus_lr_ratio) still names the same run

@@ -7,7 +7,8 @@
 
 Killed or interrupted, the same command continues: finished runs (their result.json) are never run
 again, an interrupted run resumes from its checkpoint. When every run is finished it writes
-``results.json``, ``results.md`` (printed) and ``results.png`` into the study's output_dir.
+``results.json``, ``results.md`` (printed) and ``results.png`` into the study's output_dir; until then,
+the same report of the runs finished so far as ``partial.json``, ``partial.md`` and ``partial.png``.
 
 Exit codes: 0 done (or stopped after --max-runs), 1 a run was interrupted or failed, 2 a bad study file.
 """
@@ -57,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     if out["results"] is None:
         print(f"{len(out['finished'])} runs finished, {len(out['left'])} left ({', '.join(out['left'])}); "
               "run the same command again to continue", file=sys.stderr)
+        if out["partial"] is not None:
+            print(f"the runs so far: {Path(out['partial']).with_suffix('.md')} (and .json, .png)", file=sys.stderr)
         return 1 if out["failed"] else 0
     print(Path(out["results"]).with_name("results.md").read_text())
     print(f"wrote {out['results']}, results.md and results.png")

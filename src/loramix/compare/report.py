@@ -61,7 +61,7 @@ def summarize(study: Any, runs: list[dict[str, Any]], tasks: list[str]) -> dict[
             row[task] = {"mean": mean, "half": half, "seeds": len(done),
                          "diverged": len(mruns) - len(done)}
         accuracy[method] = row
-    base_runs = {r["seed"]: r for r in by_method[study.baseline] if r["status"] == "completed"}
+    base_runs = {r["seed"]: r for r in by_method.get(study.baseline, []) if r["status"] == "completed"}
     vs: dict[str, dict[str, Any]] = {}
     for method, mruns in by_method.items():
         if method == study.baseline:
@@ -114,7 +114,13 @@ def markdown(results: dict[str, Any]) -> str:
     summary, tasks = results["summary"], results["tasks"]
     head = "| method | " + " | ".join(tasks + [MEAN]) + " |"
     rule = "|---" * (len(tasks) + 2) + "|"
-    lines = [f"Accuracy ({results['study']['protocol']}), mean over seeds ± half-width of the 95% t interval; "
+    lines = []
+    if results.get("unfinished"):
+        done = len(results["runs"])
+        lines += [f"**Partial:** {done} of {done + len(results['unfinished'])} runs finished; not yet "
+                  f"{', '.join(results['unfinished'])}. Intervals over fewer seeds are wider, and a method "
+                  "missing a seed is paired with the baseline on the seeds both have.", ""]
+    lines += [f"Accuracy ({results['study']['protocol']}), mean over seeds ± half-width of the 95% t interval; "
              f"{', '.join(f'{t} n={n}' for t, n in results['questions_per_task'].items())}:", "", head, rule]
     for method, row in summary["accuracy"].items():
         lines.append(f"| {method} | " + " | ".join(_cell(row[t]) for t in tasks + [MEAN]) + " |")
@@ -190,9 +196,19 @@ def write_json(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_report(study: Any, runs: list[dict[str, Any]], questions: dict[str, tuple]) -> Path:
-    """Write results.json, results.md and results.png into the study's output_dir; returns results.json's path."""
+PARTIAL = "partial"  # the stem of the report of the runs finished so far: partial.json, .md, .png
+FINAL = "results"
+
+
+def write_report(study: Any, runs: list[dict[str, Any]], questions: dict[str, tuple],
+                 unfinished: list[str] | None = None) -> Path:
+    """Write results.json, results.md and results.png into the study's output_dir; returns results.json's path.
+
+    With ``unfinished`` (the names of the runs not finished yet) it writes the same report of ``runs`` so far
+    as partial.json, partial.md and partial.png, marked partial; the final report deletes them.
+    """
     out = Path(study.output_dir)
+    stem = PARTIAL if unfinished else FINAL
     tasks = list(questions)
     results = {
         "study": study.to_dict(), "versions": versions(), "tasks": tasks,
@@ -201,7 +217,12 @@ def write_report(study: Any, runs: list[dict[str, Any]], questions: dict[str, tu
         "run_seconds": round(sum(r["seconds"] for r in runs), 1),
         "summary": summarize(study, runs, tasks), "runs": runs,
     }
-    write_json(out / "results.json", results)
-    (out / "results.md").write_text(markdown(results))
-    plot(results, out / "results.png")
-    return out / "results.json"
+    if unfinished:
+        results["unfinished"] = list(unfinished)
+    write_json(out / f"{stem}.json", results)
+    (out / f"{stem}.md").write_text(markdown(results))
+    plot(results, out / f"{stem}.png")
+    if not unfinished:
+        for suffix in (".json", ".md", ".png"):
+            (out / f"{PARTIAL}{suffix}").unlink(missing_ok=True)
+    return out / f"{stem}.json"

@@ -353,12 +353,12 @@ def run_study(study: StudyConfig | dict | str | Path, *, jobs: int = 1, threads:
             outcomes = list(pool.map(lambda s: _subprocess_run(s, per_run, progress), selected))
         failed = {name(s): why for s, why in zip(selected, outcomes) if why is not None}
     finished = [s for s in specs if (Path(s["folder"]) / RESULT).exists()]
-    results = None
-    if len(finished) == len(specs):
-        runs = [json.loads((Path(s["folder"]) / RESULT).read_text()) for s in specs]
-        results = write_report(study, runs, eval_questions(study))
+    left = [name(s) for s in specs if s not in finished]
+    runs = [json.loads((Path(s["folder"]) / RESULT).read_text()) for s in finished]
+    # the runs so far as partial.{json,md,png} while some are left (a long study can be read before it ends)
+    report = write_report(study, runs, eval_questions(study), unfinished=left) if runs else None
     return {"ran": [name(s) for s in selected if name(s) not in failed], "finished": [name(s) for s in finished],
-            "left": [name(s) for s in specs if s not in finished], "failed": failed, "results": results}
+            "left": left, "failed": failed, "results": None if left else report, "partial": report if left else None}
 
 
 def main(argv: list[str] | None = None) -> int:
