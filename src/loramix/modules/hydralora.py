@@ -44,9 +44,10 @@ from torch import nn
 
 from ..config import HydraLoraConfig
 from .context import ForwardContext
-from .kinds import AdapterKind, Site, TensorRole, register, resolve_targets
-from .lora import FrozenProjection, LoraDropout, lora_factors, lora_input, projection_sites
+from .kinds import TensorRole, register
+from .lora import FrozenProjection, LoraDropout, lora_factors, lora_input
 from .quantized import adapter_dtype_for
+from .routed import RoutedProjectionKind
 from .routing import dense_router_statistics
 
 
@@ -109,7 +110,7 @@ class HydraLoraLinear(FrozenProjection):
 
 
 # ============================================================================================ the kind
-class HydraLoraKind(AdapterKind):
+class HydraLoraKind(RoutedProjectionKind):
     """HydraLoRA: a ``HydraLoraLinear`` on each targeted projection; token-routed, so neither merged nor exported."""
 
     name, title, config_class = "hydralora", "HydraLoRA", HydraLoraConfig
@@ -118,27 +119,17 @@ class HydraLoraKind(AdapterKind):
              TensorRole("B", "lora_B", ("N", None, "r"), ("", "out", "")),
              TensorRole("router", r"router\.weight", ("N", None), ("", "in")))
     size_settings = ("r", "num_heads")
-    merge_refusal = ("a HydraLoRA adapter mixes its B heads per token with a router and has no single dense update "
-                     "to merge; use unload() to remove it")
-    export_refusals = {
-        "peft": "a HydraLoRA adapter has token-routed B heads, which a PEFT LoRA cannot represent",
-        "merged": "a HydraLoRA adapter mixes its B heads per token and has no single merged weight",
-        "mixtral": "format 'mixtral' exports MixLoRA adapters; a HydraLoRA adapter routes inside each projection, "
-                   "which a Mixtral model cannot represent",
-    }
-    peft_type = "LORAMIX_HYDRALORA (a loramix HydraLoRA adapter, not a PEFT one: load it with loramix.load_adapter)"
+    module_class = HydraLoraLinear
+    routes, routes_briefly, routed_parts = ("mixes its B heads per token with a router", "mixes its B heads per token",
+                                            "B heads")
 
-    def sites(self, config: HydraLoraConfig, family) -> list[Site]:
-        def build(base: nn.Module, context: ForwardContext) -> HydraLoraLinear:
-            return HydraLoraLinear(base, config, fan_in_fan_out=family.fan_in_fan_out, context=context)
-
-        def elements(n_in: int, n_out: int) -> tuple[int, str | None]:
-            return config.r * n_in + config.num_heads * (config.r * n_out + n_in), config.adapter_dtype
-
+    def blocks(self, config: HydraLoraConfig, family) -> dict[str, tuple[str, ...]]:
+        # the FFN projections by default (the authors' placement); named targets may be attention projections too
         ffn = {family.ffn: family.ffn_projections}
-        blocks = ffn if config.targets is None else {family.attention: family.attention_projections, **ffn}
-        chosen = resolve_targets(config.targets, blocks, "targets", family)
-        return projection_sites(chosen, list(HydraLoraLinear.TENSOR_NAMES), build, elements, family.fan_in_fan_out)
+        return ffn if config.targets is None else {family.attention: family.attention_projections, **ffn}
+
+    def elements(self, config: HydraLoraConfig, n_in: int, n_out: int) -> int:
+        return config.r * n_in + config.num_heads * (config.r * n_out + n_in)
 
     def sizes(self, config: HydraLoraConfig, family, module: str) -> dict[str, tuple[str, int]]:
         return {"N": ("num_heads", config.num_heads), "r": ("r", config.r)}

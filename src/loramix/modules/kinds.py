@@ -26,7 +26,9 @@ update merging folds in (``merged_delta``), without anyone reaching into their a
 
 Adding a kind (e.g. LoRAMoE): its config class in ``config/`` (and its ``ADAPTER_CONFIGS`` entry),
 its module file here with an ``AdapterKind`` subclass and ``register(...)`` at the end, an import of
-that file in ``modules/__init__.py``, and its tests.
+that file in ``modules/__init__.py``, and its tests. A kind that puts one token-routed module on each targeted
+projection (LoRAMoE, MoLA, HydraLoRA) subclasses ``routed.RoutedProjectionKind``: its sites, merge and export
+refusals and ``peft_type`` follow from its module class and a few words on how it routes.
 """
 
 from __future__ import annotations

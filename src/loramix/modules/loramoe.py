@@ -47,9 +47,10 @@ from torch import nn
 from ..config import LoraMoeConfig
 from .auxiliary import keep_auxiliary
 from .context import ForwardContext
-from .kinds import AdapterKind, Site, TensorRole, register, resolve_targets
-from .lora import FrozenProjection, LoraDropout, lora_factors, lora_input, projection_sites
+from .kinds import TensorRole, register
+from .lora import FrozenProjection, LoraDropout, lora_factors, lora_input
 from .quantized import adapter_dtype_for
+from .routed import RoutedProjectionKind
 from .routing import dense_router_statistics
 
 
@@ -192,7 +193,7 @@ class LoraMoeLinear(FrozenProjection):
 
 
 # ============================================================================================ the kind
-class LoraMoeKind(AdapterKind):
+class LoraMoeKind(RoutedProjectionKind):
     """LoRAMoE: a ``LoraMoeLinear`` on each targeted FFN projection; token-routed, so neither merged nor exported."""
 
     name, title, config_class = "loramoe", "LoRAMoE", LoraMoeConfig
@@ -202,25 +203,15 @@ class LoraMoeKind(AdapterKind):
              TensorRole("router", r"router\.weight", ("E", None), ("", "in")))
     size_settings = ("r", "num_experts")
     auxiliary_losses = {"balance_loss": "balance_coef"}
-    merge_refusal = ("a LoRAMoE adapter mixes its experts per token with a router and has no single dense update "
-                     "to merge; use unload() to remove it")
-    export_refusals = {
-        "peft": "a LoRAMoE adapter has token-routed experts, which a PEFT LoRA cannot represent",
-        "merged": "a LoRAMoE adapter mixes its experts per token and has no single merged weight",
-        "mixtral": "format 'mixtral' exports MixLoRA adapters; a LoRAMoE adapter routes inside each projection, "
-                   "which a Mixtral model cannot represent",
-    }
-    peft_type = "LORAMIX_LORAMOE (a loramix LoRAMoE adapter, not a PEFT one: load it with loramix.load_adapter)"
+    module_class = LoraMoeLinear
+    routes, routes_briefly, routed_parts = ("mixes its experts per token with a router", "mixes its experts per token",
+                                            "experts")
 
-    def sites(self, config: LoraMoeConfig, family) -> list[Site]:
-        def build(base: nn.Module, context: ForwardContext) -> LoraMoeLinear:
-            return LoraMoeLinear(base, config, fan_in_fan_out=family.fan_in_fan_out, context=context)
+    def blocks(self, config: LoraMoeConfig, family) -> dict[str, tuple[str, ...]]:
+        return {family.ffn: family.ffn_projections}
 
-        def elements(n_in: int, n_out: int) -> tuple[int, str | None]:
-            return config.num_experts * (config.r * (n_in + n_out) + n_in), config.adapter_dtype
-
-        chosen = resolve_targets(config.targets, {family.ffn: family.ffn_projections}, "targets", family)
-        return projection_sites(chosen, list(LoraMoeLinear.TENSOR_NAMES), build, elements, family.fan_in_fan_out)
+    def elements(self, config: LoraMoeConfig, n_in: int, n_out: int) -> int:
+        return config.num_experts * (config.r * (n_in + n_out) + n_in)
 
     def sizes(self, config: LoraMoeConfig, family, module: str) -> dict[str, tuple[str, int]]:
         return {"E": ("num_experts", config.num_experts), "r": ("r", config.r)}

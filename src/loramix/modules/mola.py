@@ -48,10 +48,11 @@ from torch import nn
 from ..config import MolaConfig
 from .auxiliary import keep_auxiliary
 from .context import ForwardContext
-from .kinds import AdapterKind, Site, register, resolve_targets
-from .lora import FrozenProjection, LoraDropout, lora_factors, lora_input, projection_sites
+from .kinds import register
+from .lora import FrozenProjection, LoraDropout, lora_factors, lora_input
 from .loramoe import LoraMoeKind, stacked_experts
 from .quantized import adapter_dtype_for
+from .routed import RoutedProjectionKind
 from .routing import load_balance_loss, route_top_k, router_statistics
 
 
@@ -119,7 +120,7 @@ class MolaLinear(FrozenProjection):
 
 
 # ============================================================================================ the kind
-class MolaKind(AdapterKind):
+class MolaKind(RoutedProjectionKind):
     """MoLA: a ``MolaLinear`` with its layer's expert count on each targeted projection; token-routed, so neither
     merged nor exported."""
 
@@ -127,29 +128,18 @@ class MolaKind(AdapterKind):
     roles = LoraMoeKind.roles  # the same tensors per projection: stacked A (E, r, in), B (E, out, r), router (E, in)
     size_settings = ("r", "num_experts")
     auxiliary_losses = {"aux_loss": "aux_loss_coef"}
-    merge_refusal = ("a MoLA adapter routes each token to its top-k experts and has no single dense update to "
-                     "merge; use unload() to remove it")
-    export_refusals = {
-        "peft": "a MoLA adapter has token-routed experts, which a PEFT LoRA cannot represent",
-        "merged": "a MoLA adapter routes each token to its own experts and has no single merged weight",
-        "mixtral": "format 'mixtral' exports MixLoRA adapters; a MoLA adapter routes inside each projection, "
-                   "which a Mixtral model cannot represent",
-    }
-    peft_type = "LORAMIX_MOLA (a loramix MoLA adapter, not a PEFT one: load it with loramix.load_adapter)"
+    module_class = MolaLinear
+    routes, routes_briefly, routed_parts = ("routes each token to its top-k experts",
+                                            "routes each token to its own experts", "experts")
 
     def layer_config(self, config: MolaConfig, layer: int, num_layers: int) -> MolaConfig:
         return dataclasses.replace(config, num_experts=config.experts_per_layer(num_layers)[layer])
 
-    def sites(self, config: MolaConfig, family) -> list[Site]:
-        def build(base: nn.Module, context: ForwardContext) -> MolaLinear:
-            return MolaLinear(base, config, fan_in_fan_out=family.fan_in_fan_out, context=context)
+    def blocks(self, config: MolaConfig, family) -> dict[str, tuple[str, ...]]:
+        return {family.attention: family.attention_projections, family.ffn: family.ffn_projections}
 
-        def elements(n_in: int, n_out: int) -> tuple[int, str | None]:
-            return config.num_experts * (config.r * (n_in + n_out) + n_in), config.adapter_dtype
-
-        blocks = {family.attention: family.attention_projections, family.ffn: family.ffn_projections}
-        chosen = resolve_targets(config.targets, blocks, "targets", family)
-        return projection_sites(chosen, list(MolaLinear.TENSOR_NAMES), build, elements, family.fan_in_fan_out)
+    def elements(self, config: MolaConfig, n_in: int, n_out: int) -> int:
+        return config.num_experts * (config.r * (n_in + n_out) + n_in)  # a layer's config: num_experts an int
 
     def sizes(self, config: MolaConfig, family, module: str) -> dict[str, tuple[str, int]]:
         # a layer's config (layer_config) sets E; the whole model's config sets it only as one count for all
