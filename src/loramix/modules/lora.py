@@ -59,6 +59,11 @@ def lora_factors(*shape: int, init: str, device: torch.device, dtype: torch.dtyp
     return nn.Parameter(A), nn.Parameter(torch.zeros(*stack, fan_out, rank, device=device, dtype=dtype))
 
 
+def in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, skipping the call when ``t`` has it already (a decode step makes hundreds of these)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def dora_weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """Row norms of ``W + s B A`` without materialising ``B A`` per expert.
 
@@ -95,6 +100,59 @@ def merged_lora_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s
     return (magnitude.float() / dora_weight_norm(weight, A, B, scale).float())[:, None] * merged
 
 
+class FrozenConstant:
+    """A value computed from some tensors, kept while none of them changes: what serving and evaluation
+    would otherwise recompute on every forward (DoRA's ``m / ||W + s B A||``, MoRE's per-task masks).
+
+    ``get(tensors, compute)`` returns the kept value when every tensor is the same object over the same
+    storage at the same version (``Tensor._version``: every in-place write bumps it, so an optimizer
+    step, ``load_state_dict``/``load_adapter``'s ``copy_`` and ``.to()``/``.data =`` all miss), else
+    ``compute()``. It keeps a value only while no gradient can flow to those tensors (grad disabled, or
+    none requires grad) and outside ``torch.compile`` tracing, so training recomputes as before.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: tuple[torch.Tensor, ...] = ()  # held, not their ids: an id is reused once its object is freed
+        self.key: tuple | None = None
+        self.value: torch.Tensor | None = None
+
+    @staticmethod
+    def _key(tensors: tuple[torch.Tensor, ...], extra: tuple) -> tuple:
+        # (version, storage address, dtype, shape) per tensor: a move to another device or a new ``.data``
+        # changes the address; a view reinterpreting the same storage changes dtype or shape
+        key = []
+        for t in tensors:
+            try:
+                pointer = t.data_ptr()
+            except RuntimeError:  # a tensor subclass without plain storage (torchao): its identity and version
+                pointer = None
+            key.append((t._version, pointer, t.dtype, t.shape))
+        return (*key, *extra)
+
+    def get(self, tensors: tuple[torch.Tensor, ...], compute, extra: tuple = ()) -> torch.Tensor:
+        """``compute()`` (a tensor) for ``tensors`` (what it reads) and ``extra`` (hashable settings it reads),
+        kept across calls while they are unchanged and frozen."""
+        frozen = not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+        if not frozen or torch.compiler.is_compiling():
+            self.clear()
+            return compute()
+        key = self._key(tensors, extra)
+        value = self.value
+        same = len(tensors) == len(self.tensors) and all(a is b for a, b in zip(tensors, self.tensors))
+        # an inference-mode tensor cannot be saved for a backward that records outside inference mode
+        usable = value is not None and not (value.is_inference() and torch.is_grad_enabled()
+                                            and not torch.is_inference_mode_enabled())
+        if same and key == self.key and usable:
+            return value
+        value = compute()
+        self.tensors, self.key, self.value = tuple(tensors), key, value
+        return value
+
+    def clear(self) -> None:
+        """Forget the kept value (the next ``get`` computes afresh)."""
+        self.tensors, self.key, self.value = (), None, None
+
+
 def dora_output(base_out: torch.Tensor, lora: torch.Tensor, bias: torch.Tensor | None,
                 factor: torch.Tensor) -> torch.Tensor:
     """DoRA's ``factor ⊙ (W x + s B A x) + b`` from the frozen output ``base_out = W x + b``, in its dtype.
@@ -103,8 +161,8 @@ def dora_output(base_out: torch.Tensor, lora: torch.Tensor, bias: torch.Tensor |
     broadcasting to (..., out) (per row for MixLoRA's experts).
     """
     compute = base_out.dtype
-    bias = 0 if bias is None else bias.to(compute)  # an fp32 bias would promote a bf16 output to fp32
-    return factor.to(compute) * (base_out - bias + lora.to(compute)) + bias
+    bias = 0 if bias is None else in_dtype(bias, compute)  # an fp32 bias would promote a bf16 output to fp32
+    return in_dtype(factor, compute) * (base_out - bias + in_dtype(lora, compute)) + bias
 
 
 class LoraDropout(nn.Dropout):
@@ -143,6 +201,8 @@ class LoraDropout(nn.Dropout):
 
 def lora_input(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
     """``(masked x, factor)`` with ``dropout(x) == masked * factor``; see ``LoraDropout.masked``."""
+    if type(dropout) is nn.Identity:  # no dropout configured: skip a module call per projection per step
+        return x, 1.0
     if isinstance(dropout, LoraDropout):
         return dropout.masked(x)
     return dropout(x), 1.0
@@ -240,6 +300,7 @@ class LoraLinear(FrozenProjection):
                                                 device=self.weight.device, dtype=dtype)
         if self.use_dora:
             self.lora_magnitude = nn.Parameter(self.weight_norm().to(dtype))
+        self._dora_factor = FrozenConstant()  # m / ||W + s B A||, kept while the weights are frozen
 
     def weight_norm(self) -> torch.Tensor:
         """Detached row norms of ``W + s B A``, shape (out,)."""
@@ -268,10 +329,10 @@ class LoraLinear(FrozenProjection):
         # matrices are cast to it, never the activations to fp32. Under autocast x may be fp32 while
         # base_out is bf16; the matmul would cast x anyway, so casting once first changes nothing.
         compute = base_out.dtype
-        A, B = self.lora_A.to(compute), self.lora_B.to(compute)
+        A, B = in_dtype(self.lora_A, compute), in_dtype(self.lora_B, compute)
         # The scale goes on the rank-r intermediate, not on the (..., out) product.
-        x_in, factor = lora_input(self.dropout, x.to(compute))
-        low = (x_in @ A.t()) * (self.scale * factor)
+        x_in, factor = lora_input(self.dropout, in_dtype(x, compute))
+        low = F.linear(x_in, A) * (self.scale * factor)  # x Aᵀ (F.linear: the same numbers, one op fewer)
         if not self.use_dora:
             device = base_out.device.type
             if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != compute:
@@ -281,7 +342,13 @@ class LoraLinear(FrozenProjection):
             # base_out + low Bᵀ as one fused matmul-add: no extra pass over the (..., out) output.
             out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), low.reshape(-1, low.shape[-1]), B.t())
             return out.view(base_out.shape)
-        return dora_output(base_out, low @ B.t(), self.bias, self.lora_magnitude / self.weight_norm())
+        return dora_output(base_out, F.linear(low, B), self.bias, self.dora_factor())
+
+    def dora_factor(self) -> torch.Tensor:
+        """DoRA's ``m / ||W + s B A||_row``, shape (out,): computed once and kept while the weight, A, B and m
+        are unchanged and need no gradient (serving, evaluation; ``FrozenConstant``), else afresh."""
+        tensors = (self.weight, self.lora_A, self.lora_B, self.lora_magnitude)
+        return self._dora_factor.get(tensors, lambda: self.lora_magnitude / self.weight_norm())
 
     @staticmethod
     def tensor_names(use_dora: bool) -> list[str]:

@@ -33,7 +33,9 @@ from ..config import MoreConfig, implicit_task
 from .auxiliary import keep_auxiliary
 from .context import ForwardContext
 from .kinds import AdapterKind, Site, TensorRole, register, resolve_targets
-from .lora import LORA_ROLES, FrozenProjection, LoraDropout, lora_factors, lora_input, projection_sites
+from .lora import (
+    LORA_ROLES, FrozenConstant, FrozenProjection, LoraDropout, in_dtype, lora_factors, lora_input, projection_sites,
+)
 from .quantized import adapter_dtype_for
 
 
@@ -156,6 +158,7 @@ class MoreLinear(FrozenProjection):
         self.register_buffer("component_scale", c2, persistent=False)
         self.contrastive_loss: torch.Tensor | None = None
         self._fixed_ranks: torch.Tensor | None = None  # (num_tasks,) once fix_ranks() ran
+        self._task_coefficients = FrozenConstant()  # (num_tasks, R), kept while the selector is frozen
 
     # ------------------------------------------------------------------------------ task choice
     @property
@@ -240,23 +243,37 @@ class MoreLinear(FrozenProjection):
         frozen output once for the rows of several adapters)."""
         batch = x.shape[0]
         task_ids = self.task_ids_for(batch, x.device)  # (B,)
-        rank_per_task, weight_per_task = self.choose()
-        k = rank_per_task.to(x.device)[task_ids]  # (B,)
-        w = weight_per_task.to(x.device)[task_ids]  # (B,)
         # The LoRA branch runs in the frozen output's dtype (the autocast dtype under autocast), as in
         # LoraLinear: the small factors are cast to it, the output keeps it.
         compute = base_out.dtype
-        x_in, factor = lora_input(self.dropout, x.to(compute))  # LoRA's dropout; its 1/(1-p) goes into coef
-        positions = torch.arange(self.max_rank, device=x.device)
-        # (B, R): keep the first k_t components of each sample, times c², the STE weight and s.
-        coef = (positions[None, :] < k[:, None]) * self.component_scale[None, :] * (w[:, None] * (self.scale * factor))
-        coef = coef.reshape(batch, *([1] * (x.dim() - 2)), self.max_rank).to(compute)
+        x_in, factor = lora_input(self.dropout, in_dtype(x, compute))  # LoRA's dropout; its 1/(1-p) goes into coef
+        coef = self.task_coefficients(self.scale * factor, x.device, compute)[task_ids]  # (B, R)
+        coef = coef.reshape(batch, *([1] * (x.dim() - 2)), self.max_rank)
         if not self.context.inference_only:
             # coef is small and on the output's path: it carries the loss's gradient through a reentrant
             # checkpoint's recompute (modules/auxiliary.py)
             coef = keep_auxiliary(self, coef, {"contrastive_loss": self._contrastive_loss(x, task_ids)})
-        A, B = self.lora_A.to(compute), self.lora_B.to(compute)
-        return base_out + ((x_in @ A.t()) * coef) @ B.t()  # x_in Aᵀ: all R components in one matmul
+        A, B = in_dtype(self.lora_A, compute), in_dtype(self.lora_B, compute)
+        return base_out + F.linear(F.linear(x_in, A) * coef, B)  # x_in Aᵀ: all R components in one matmul
+
+    def task_coefficients(self, scale: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Per task, what multiplies each of the R components: ``[i < k_t] · c_i² · w_t · scale``, shape
+        (num_tasks, R), in ``dtype`` on ``device``; ``scale`` is s times the dropout's 1/(1-p).
+
+        Kept while the selector's tensors (and fixed ranks) are unchanged and need no gradient (serving,
+        evaluation; ``FrozenConstant``): then a forward only indexes it by its rows' tasks."""
+        use_fixed = self._fixed_ranks is not None and not self.training
+
+        def compute() -> torch.Tensor:
+            k, w = self.choose()
+            k, w = k.to(device), w.to(device)
+            positions = torch.arange(self.max_rank, device=device)
+            return ((positions[None, :] < k[:, None]) * self.component_scale[None, :] * (w[:, None] * scale)).to(dtype)
+
+        selector = self.selector
+        tensors = (selector.task_embedding, selector.gate.weight, selector.gate.bias, selector.ranks,
+                   self.component_scale) + ((self._fixed_ranks,) if use_fixed else ())
+        return self._task_coefficients.get(tensors, compute, extra=(use_fixed, selector.frozen, scale, device, dtype))
 
     def _contrastive_loss(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """This module's task contrastive loss for input x (B, ..., in) and task ids (B,), a scalar."""
