@@ -24,7 +24,7 @@ from loramix.config import ConfigError
 from loramix.models.many import inject_many, member_parameters
 from loramix.models.registry import decoder_layers, family_of
 from loramix.modules import ForwardContext, MolaLinear
-from test_hf_trainer import StepGradients, hf_args, injected, rel, rows
+from test_hf_trainer import ADAPTERS, StepGradients, hf_args, injected, own_step_gradient, rel, rows
 from test_train import config as train_config
 from tiny_models import FAMILY_NAMES, batch, tiny_model
 
@@ -160,6 +160,8 @@ def test_load_balance_loss_reaches_the_router_gradient_under_transformers_traine
     one_by_eight = router_gradient(tmp_path / "a", 8, 1)
     four_by_two = router_gradient(tmp_path / "b", 2, 4, checkpointing=True)  # also through recomputation
     assert rel(four_by_two, one_by_eight) <= 1e-5
+    assert ADAPTERS["mola"] == ADAPTER  # loramix's own trainer on the same rows weights the loss alike
+    assert rel(own_step_gradient("mola", tmp_path / "own"), one_by_eight) <= 1e-5
     without = router_gradient(tmp_path / "c", 8, 1, aux_loss_coef=0.0)
     assert rel(without, one_by_eight) > 1e-2  # the load-balance loss is part of that gradient
 
