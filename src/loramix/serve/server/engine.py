@@ -56,7 +56,7 @@ from ...modules import kind_named
 from ..generate import build_prompt_ids, chat_prompt_ids
 from .detokenize import Detokenizer
 from .runner import Runner
-from .sampling import SamplingParams, adjusted_logits, choose
+from .sampling import SamplingParams, adjusted_logits, choose, plain_greedy
 from .scheduler import QueueFull, Scheduler
 from .structured import Grammar, grammar_tokenizer
 
@@ -397,22 +397,31 @@ class Engine:
         # a sorted copy: the scheduler's list stays whole for other threads' reads (stats); stable: arrival
         # order within an adapter
         rows = sorted(rows, key=self.runner.order_key)
-        stepped = self.runner.step(rows)
+        stepped, logits = self.runner.step(rows)
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(rows))
-        for r, row_logits in stepped:
-            self._sample(r, row_logits)
+        # Plain greedy rows (no bias, penalty or grammar) take the argmax of their logits: one call and one
+        # device-to-host copy for the whole batch instead of one per row. argmax keeps the first of equal
+        # maxima along each row, as the per-row call does, so the tokens are the same.
+        greedy = [plain_greedy(r.params) and r.grammar is None for r in stepped]
+        top = logits.argmax(dim=-1).tolist() if any(greedy) else None
+        for i, r in enumerate(stepped):
+            self._sample(r, logits[i], top[i] if greedy[i] else None)
         self.scheduler.retire()
 
-    def _sample(self, r: Request, logits: torch.Tensor) -> None:
-        """Pick ``r``'s next token from its logits (V,) fp32 (``sampling``) and hand it to its detokenizer."""
+    def _sample(self, r: Request, logits: torch.Tensor, greedy: int | None = None) -> None:
+        """Pick ``r``'s next token from its logits (V,) fp32 (``sampling``; ``greedy``: the token already chosen
+        for a plain greedy row) and hand it to its detokenizer."""
         if r.params.max_tokens == 0:  # only the prompt's log-probabilities were asked for (echo)
             r.detok.finish("length")
             return
-        adjusted = adjusted_logits(logits, r.params, r.generated)
-        if r.grammar is not None:
-            adjusted = r.grammar.mask(adjusted)
-        token = choose(adjusted, r.params, r.generator)
+        if greedy is not None:
+            token = greedy
+        else:
+            adjusted = adjusted_logits(logits, r.params, r.generated)
+            if r.grammar is not None:
+                adjusted = r.grammar.mask(adjusted)
+            token = choose(adjusted, r.params, r.generator)
         if r.grammar is not None:
             r.grammar.accept(token)
         logprobs = torch.log_softmax(logits, dim=-1) if r.params.logprobs is not None else None

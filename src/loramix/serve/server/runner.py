@@ -42,12 +42,16 @@ class Runner:
         self.served, self.threads = served, threads
         self.kv_cache = kv_cache and _plain_cache(served.model)
         self.batch = BatchCache(served.model.config) if self.kv_cache else None  # the running rows' KV cache
+        # (rows, device, row plan, task ids (B,)) of the last batch composition: decode steps repeat it until a
+        # row joins or leaves, so neither is rebuilt (nor copied to the device) per step
+        self._plan: tuple[tuple, torch.device, list[tuple[str, int]], torch.Tensor] | None = None
 
-    def step(self, rows: list[Row]) -> list[tuple[Row, torch.Tensor]]:
-        """One forward step of ``rows`` (in ``order_key`` order) → (row, next-token logits (V,) fp32) pairs."""
+    def step(self, rows: list[Row]) -> tuple[list[Row], torch.Tensor]:
+        """One forward step of ``rows`` (in ``order_key`` order) → (the rows in the order of the logits, their
+        next-token logits (B, V) fp32)."""
         try:
-            with _intra_op_threads(self.threads):
-                return self._cached_step(rows) if self.batch is not None else list(zip(rows, self._prefill(rows)[0]))
+            with intra_op_threads(self.threads):
+                return self._cached_step(rows) if self.batch is not None else (rows, self._prefill(rows)[0])
         except BaseException:
             if self.batch is not None:  # a forward that failed halfway leaves the buffers half-written
                 self.batch = BatchCache(self.served.model.config)
@@ -57,31 +61,44 @@ class Runner:
         """Batch order: rows grouped by adapter (each adapter's rows one span of the forward's row plan)."""
         return self.served.order.get(r.target.adapter, len(self.served.order))
 
-    def _cached_step(self, rows: list[Row]) -> list[tuple[Row, torch.Tensor]]:
-        """Decode the cached rows, prefill the new ones → (row, logits (V,)) pairs; the batch cache follows."""
+    def _cached_step(self, rows: list[Row]) -> tuple[list[Row], torch.Tensor]:
+        """Decode the cached rows, prefill the new ones → (cached rows + new rows, their logits (B, V)); the
+        batch cache follows."""
         batch = self.batch
         here = {id(r) for r in rows}
         batch.keep(lambda r: id(r) in here)  # finished, cancelled or failed rows leave
         cached = {id(r) for r in batch.rows}
         fresh = [r for r in rows if id(r) not in cached]  # in batch order already: ``Engine._step`` sorted ``rows``
-        stepped = list(zip(batch.rows, self._decode())) if len(batch) else []
+        stepped_rows, parts = list(batch.rows), [self._decode()] if len(batch) else []
         if fresh:
             logits, cache = self._prefill(fresh)
-            stepped += zip(fresh, logits)
+            stepped_rows += fresh
+            parts.append(logits)
             batch.add(fresh, cache, [len(r.prompt) + len(r.generated) for r in fresh], self.order_key)
-        return stepped
+        return stepped_rows, parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _forward(self, rows: list[Row], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: Any, keep: int = 1) -> torch.Tensor:
         """One forward of ``rows`` (grouped by adapter) → the last ``keep`` positions' logits (B, keep, V) fp32
         (``keep`` 0: every position); ``cache`` grows."""
-        plan = row_plan(r.target.adapter for r in rows)
-        task_ids = torch.tensor([NO_TASK if r.target.task is None else r.target.task for r in rows], device=ids.device)
+        plan, task_ids = self._row_plan(rows, ids.device)
         with torch.no_grad():
             out = self.served.model(input_ids=ids, attention_mask=mask, position_ids=positions, adapter_rows=plan,
                                     task_ids=task_ids, past_key_values=cache, use_cache=cache is not None,
                                     logits_to_keep=keep)
         return out.logits.float()
+
+    def _row_plan(self, rows: list[Row], device: torch.device) -> tuple[list[tuple[str, int]], torch.Tensor]:
+        """``rows``' ``adapter_rows`` plan and task ids (B,) (``NO_TASK`` for rows without a MoRE task), kept
+        while the same rows step together."""
+        kept = self._plan
+        if (kept is not None and kept[1] == device and len(kept[0]) == len(rows)
+                and all(a is b for a, b in zip(kept[0], rows))):  # the rows themselves: an id may be reused
+            return kept[2], kept[3]
+        plan = row_plan(r.target.adapter for r in rows)
+        task_ids = torch.tensor([NO_TASK if r.target.task is None else r.target.task for r in rows], device=device)
+        self._plan = (tuple(rows), device, plan, task_ids)
+        return plan, task_ids
 
     def _prefill(self, rows: list[Row]) -> tuple[torch.Tensor, DynamicCache | None]:
         """Whole sequences, left-padded, one forward → (logits (B, V), their cache (B, heads, W, d) per
@@ -120,7 +137,7 @@ class Runner:
 
 
 @contextlib.contextmanager
-def _intra_op_threads(count: int | None) -> Iterator[None]:
+def intra_op_threads(count: int | None) -> Iterator[None]:
     """Run the block with ``count`` torch intra-op threads (None or the current count: unchanged)."""
     before = torch.get_num_threads()
     if count is None or count == before:

@@ -91,6 +91,12 @@ def adjusted_logits(logits: torch.Tensor, params: SamplingParams, generated: lis
     return logits
 
 
+def plain_greedy(params: SamplingParams) -> bool:
+    """Whether ``params`` pick the argmax of the model's own logits: temperature 0, no logit bias, no penalty
+    (the grammar, if any, is the caller's to check)."""
+    return params.temperature <= 0 and not (params.logit_bias or params.presence_penalty or params.frequency_penalty)
+
+
 def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Greedy (temperature 0) or nucleus sampling with ``generator``. logits: (V,) fp32, already adjusted."""
     if params.temperature <= 0:
