@@ -141,3 +141,28 @@ def test_serve_bench_checks_its_options(capsys):
                              (["--requests", "0"], "--requests"), (["--adapter", "no-equals"], "NAME=FOLDER")):
         assert main(["bench", "--serve", *options]) == 2, options
         assert message in capsys.readouterr().err, options
+
+
+def test_serve_bench_measures_bare_generate_in_the_same_run(tmp_path, capsys):
+    """The baseline: Hugging Face ``generate`` of the bare base for every client count (the same requests in
+    batches of C), with the batched ÷ bare ratio beside it; numbers only checked to be positive."""
+    from cli_setup import tiny_model_folder
+
+    base = tiny_model_folder(tmp_path / "base")
+    path = tmp_path / "serve.json"
+    assert main(["bench", "--serve", "--model", str(base), "--clients", "1,3", "--requests", "5", "--max-tokens", "3",
+                 "--threads", "1", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(path.read_text())
+    bare = result["bare_generate"]
+    assert [(r["clients"], r["mode"], r["max_batch_size"]) for r in bare] == [(1, "bare generate", 1),
+                                                                              (3, "bare generate", 3)]
+    for r, (batched, _) in zip(bare, (result["rows"][0:2], result["rows"][2:4])):
+        assert r["requests"] == 5 and r["errors"] == 0 and 0 < r["generated_tokens"] <= 5 * 3
+        assert r["wall_s"] > 0 and r["tokens_per_s"] == pytest.approx(r["generated_tokens"] / r["wall_s"])
+        assert 0 < r["latency_p50_s"] <= r["latency_p95_s"] and r["first_token_p50_s"] is None
+        ratio = result["batched_vs_bare_generate"][str(r["clients"])]
+        assert ratio == pytest.approx(batched["tokens_per_s"] / r["tokens_per_s"]) and ratio > 0
+        assert f"{r['tokens_per_s']:.1f}" in out and f"{ratio:.2f}" in out
+    assert [line.split()[:3] for line in out.splitlines() if "bare generate" in line and line[:1].isdigit()] == [
+        ["1", "bare", "generate"], ["3", "bare", "generate"]]

@@ -10,15 +10,20 @@ most) are sent by C clients, each taking the next request when its previous one 
     one-at-a-time    Engine(max_batch_size = 1) over the same served model: one request after another
 
 Both engines serve the same ``Served`` model (its adapters stacked once) on two ports; only one of
-them has requests at a time, and the runs alternate (C=1 batched, C=1 one-at-a-time, C=4 batched,
-...) so that a slow spell of a shared machine hits both modes alike.
+them has requests at a time, and the runs alternate (C=1 batched, C=1 one-at-a-time, C=1 bare generate,
+C=4 batched, ...) so that a slow spell of a shared machine hits every mode alike.
+
+The baseline, **bare generate**: Hugging Face ``generate`` of the bare base model (a copy taken before
+the adapters are stacked: the base's memory twice), no HTTP, no adapter, greedy, on the engine's torch
+threads: the same R prompts in batches of C (left-padded; one request's latency is its batch's), so
+"served ÷ bare generate" at C=1 is the serving overhead of one adapter and at C=16 that of batching too.
 
 Per run: generated tokens (the ``usage`` of the answers), wall seconds from the first request sent
 to the last answer, tokens/s, p50 / p95 request latency, process CPU seconds (server and clients
 share the process), and with ``--stream`` p50 / p95 time to the first token. Per client count:
 batched tokens/s over one-at-a-time tokens/s (by wall time, and by CPU time: less disturbed when
-other jobs share the machine), and how many batched answers equal the one-at-a-time answer of the
-same request (greedy: they should all).
+other jobs share the machine), batched tokens/s over bare generate tokens/s, and how many batched
+answers equal the one-at-a-time answer of the same request (greedy: they should all).
 
 Without ``--adapter``, four adapters with random weights are made in a temporary folder (LoRA,
 DoRA, MixLoRA, MoRE with tasks a and b; targets lora, dora, mix, more:a, more:b): random, not
@@ -49,7 +54,9 @@ from ..adapters.io import save_adapter
 from ..config import LoraConfig, MixLoraConfig, MoreConfig
 from ..hub import EMBEDDED_NAME
 from ..models.inject import adapter_parameters, inject
+from ..data.batching import collate
 from ..serve.server.engine import BASE, Engine, Served
+from ..serve.server.runner import intra_op_threads
 from .measure import text_table
 
 # The adapters made when none is given: one of each kind, small ranks as trained ones would have.
@@ -69,6 +76,7 @@ PROMPTS = [
     "Three reasons to exercise every day:",
 ]
 MODES = ("batched", "one-at-a-time")
+BARE = "bare generate"  # the baseline's mode: Hugging Face generate of the bare base (``run_bare_generate``)
 
 
 @dataclass
@@ -227,6 +235,39 @@ def run_load(url: str, jobs: list[Job], *, clients: int, max_tokens: int,
     return [o or Outcome(job, error=lost) for o, job in zip(outcomes, jobs)], wall, cpu
 
 
+def run_bare_generate(model: nn.Module, served: Served, jobs: list[Job], *, clients: int, max_tokens: int,
+                      threads: int | None) -> tuple[list[Outcome], float, float]:
+    """The baseline: ``model`` (the bare base) answers ``jobs``' prompts with Hugging Face ``generate``, greedy,
+    ``clients`` prompts per call (left-padded, as ``generate`` batches), on ``threads`` torch threads.
+
+    A row's tokens are counted as the server's ``usage`` counts them: up to its first EOS, included.
+
+    Returns:
+        (one ``Outcome`` per job, its latency that of its batch; wall seconds; process CPU seconds).
+    """
+    tokenizer = served.tokenizer
+    pad = tokenizer.pad_token_id
+    pad = pad if pad is not None else next(iter(served.eos_ids), 0)
+    device = next(model.parameters()).device
+    outcomes: list[Outcome] = []
+    start, cpu = time.perf_counter(), time.process_time()
+    with intra_op_threads(threads), torch.no_grad():
+        for first in range(0, len(jobs), clients):
+            batch_jobs = jobs[first:first + clients]
+            padded = collate([{"input_ids": served.prompt_ids(j.prompt)} for j in batch_jobs], pad,
+                             padding_side="left")
+            sent = time.perf_counter()
+            out = model.generate(input_ids=padded["input_ids"].to(device),
+                                 attention_mask=padded["attention_mask"].to(device), do_sample=False,
+                                 max_new_tokens=max_tokens, pad_token_id=pad)
+            latency = time.perf_counter() - sent
+            for job, row in zip(batch_jobs, out[:, padded["input_ids"].shape[1]:].tolist()):
+                ends = [i for i, t in enumerate(row) if t in served.eos_ids]
+                row = row[:ends[0] + 1] if ends else row
+                outcomes.append(Outcome(job, tokenizer.decode(row, skip_special_tokens=True), len(row), latency))
+    return outcomes, time.perf_counter() - start, time.process_time() - cpu
+
+
 def _percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
@@ -254,6 +295,7 @@ def run_serve_bench(s: ServeBenchSettings, progress: bool = True) -> dict[str, A
 
     torch.manual_seed(s.seed)
     model, tokenizer = load_model(s.model, dtype=s.dtype, device=s.device)
+    bare = copy.deepcopy(model)  # the baseline's base: ``load_served`` stacks the adapters on ``model`` in place
     with tempfile.TemporaryDirectory(prefix="loramix-bench-serve-") as workdir:  # random adapters: kept until loaded
         folders = s.adapters or random_adapters(model, Path(workdir), std=s.init_std, seed=s.seed)
         served = load_served(model, tokenizer, dict(folders), base_name=s.model)
@@ -268,12 +310,15 @@ def run_serve_bench(s: ServeBenchSettings, progress: bool = True) -> dict[str, A
     rows: list[dict[str, Any]] = []
     speedups: dict[str, float | None] = {}
     cpu_speedups: dict[str, float | None] = {}
+    bare_rows: list[dict[str, Any]] = []
+    bare_ratios: dict[str, float | None] = {}
     with serving(served, engines["batched"]) as batched_url, serving(served, engines["one-at-a-time"]) as single_url:
         urls = {"batched": batched_url, "one-at-a-time": single_url}
         # Warm-up (untimed): every model once through each server (first calls allocate and compile kernels).
         for mode in MODES:
             run_load(urls[mode], [Job(m, PROMPTS[0]) for m in models], clients=len(models), max_tokens=2,
                      timeout_s=s.timeout_s)
+        run_bare_generate(bare, served, jobs[:1], clients=1, max_tokens=2, threads=s.engine_threads)
         for clients in s.clients:
             texts: dict[str, list[str]] = {}
             for mode in MODES:
@@ -286,7 +331,15 @@ def run_serve_bench(s: ServeBenchSettings, progress: bool = True) -> dict[str, A
                 if progress:
                     print(f"bench --serve: {clients} clients, {mode}: {row['generated_tokens']} tokens in "
                           f"{wall:.1f} s ({row['errors']} errors)", file=sys.stderr, flush=True)
+            outcomes, wall, cpu = run_bare_generate(bare, served, jobs, clients=clients, max_tokens=s.max_tokens,
+                                                    threads=s.engine_threads)
+            bare_rows.append({"clients": clients, "mode": BARE, "max_batch_size": clients,
+                              **summarize(outcomes, wall, cpu)})
+            if progress:
+                print(f"bench --serve: {clients} clients, {BARE}: {bare_rows[-1]['generated_tokens']} tokens in "
+                      f"{wall:.1f} s", file=sys.stderr, flush=True)
             batched, single = rows[-2], rows[-1]
+            bare_ratios[str(clients)] = _ratio(batched["tokens_per_s"], bare_rows[-1]["tokens_per_s"])
             batched["same_answers"] = sum(a is not None and a == b
                                           for a, b in zip(texts["batched"], texts["one-at-a-time"]))
             speedups[str(clients)] = _ratio(batched["tokens_per_s"], single["tokens_per_s"])
@@ -294,7 +347,8 @@ def run_serve_bench(s: ServeBenchSettings, progress: bool = True) -> dict[str, A
     settings = dict(vars(s), adapters=dict(s.adapters) or {n: "random" for n in RANDOM_ADAPTERS},
                     torch=torch.__version__)
     return {"rows": rows, "speedup_batched_vs_one_at_a_time": speedups,
-            "cpu_speedup_batched_vs_one_at_a_time": cpu_speedups, "models": models,
+            "cpu_speedup_batched_vs_one_at_a_time": cpu_speedups, "bare_generate": bare_rows,
+            "batched_vs_bare_generate": bare_ratios, "models": models,
             "engine_steps": {mode: engines[mode].steps for mode in MODES},
             "max_rows_seen": {mode: engines[mode].max_rows_seen for mode in MODES}, "settings": settings}
 
@@ -308,14 +362,21 @@ def format_serve_table(result: dict[str, Any]) -> str:
     ms = lambda v: "-" if v is None else f"{1000 * v:.0f}"  # noqa: E731
     ratio = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     table = [("clients", "mode", "requests", "errors", "tokens", "wall s", "CPU s", "tokens/s", "p50 ms", "p95 ms",
-              "TTFT p50 ms", "×one-at-a-time", "CPU ×one-at-a-time")]
-    for r in result["rows"]:
+              "TTFT p50 ms", "×one-at-a-time", "CPU ×one-at-a-time", "×bare generate")]
+    bare = {r["clients"]: r for r in result.get("bare_generate", [])}
+    rows = []
+    for r in result["rows"]:  # each client count's bare generate row after its two served rows
+        rows.append(r)
+        if r["mode"] == MODES[-1] and r["clients"] in bare:
+            rows.append(bare[r["clients"]])
+    for r in rows:
         batched, key = r["mode"] == "batched", str(r["clients"])
         table.append((key, r["mode"], str(r["requests"]), str(r["errors"]), str(r["generated_tokens"]),
                       f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{r['tokens_per_s']:.1f}", ms(r["latency_p50_s"]),
                       ms(r["latency_p95_s"]), ms(r["first_token_p50_s"]),
                       ratio(result["speedup_batched_vs_one_at_a_time"][key]) if batched else "-",
-                      ratio(result["cpu_speedup_batched_vs_one_at_a_time"][key]) if batched else "-"))
+                      ratio(result["cpu_speedup_batched_vs_one_at_a_time"][key]) if batched else "-",
+                      ratio(result.get("batched_vs_bare_generate", {}).get(key)) if batched else "-"))
     s = result["settings"]
     return text_table(table, left=2) + (
         f"\n{s['model']}, models {', '.join(result['models'])}; greedy, max_tokens {s['max_tokens']}, "
