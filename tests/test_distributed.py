@@ -89,12 +89,12 @@ ids, mask, _ = balance_inputs(rank)
 layers = moe_layers(model)
 adapter_state(model).context.balance_group = dist.group.WORLD
 model(input_ids=ids, attention_mask=mask)
-global_aux = torch.stack([m.aux_loss for m in layers])
+global_aux = torch.stack([m.context.losses.recorded(m)["aux_loss"] for m in layers])
 global_aux.sum().backward()
 adapter_state(model).context.balance_group = None
 with torch.no_grad():
     model(input_ids=ids, attention_mask=mask)
-local_aux = torch.stack([m.aux_loss for m in layers])
+local_aux = torch.stack([m.context.losses.recorded(m)["aux_loss"] for m in layers])
 
 # The adapter gradient sum when a tensor got no gradient on some rank (an adapter part no token of this rank
 # reached): a missing gradient counts as zero, and a tensor no rank touched keeps grad None.

@@ -105,16 +105,16 @@ def test_balance_loss_matches_a_hand_computation_with_two_sample_types():
             z.append(q * (1.25 if group[e] == task else 0.75))
     mean = sum(z) / len(z)
     expected = sum((v - mean) ** 2 for v in z) / len(z) / mean**2
-    assert float(layer.balance_loss) == pytest.approx(expected, rel=1e-5)
+    assert float(context.losses.recorded(layer)["balance_loss"]) == pytest.approx(expected, rel=1e-5)
     # no types (a call without task ids): the plain importance balance, every coefficient 1
     context.task_ids = None
     layer(x)
     plain = [sum(g[b][t][e] for t in range(2) if real[t]) for b, real in enumerate([[1, 1], [1, 1], [0, 1]])
              for e in range(3)]
     mean = sum(plain) / len(plain)
-    assert float(layer.balance_loss) == pytest.approx(sum((v - mean) ** 2 for v in plain) / len(plain) / mean**2,
-                                                      rel=1e-5)
-    assert not math.isclose(float(layer.balance_loss), expected, rel_tol=1e-3)
+    assert float(context.losses.recorded(layer)["balance_loss"]) == pytest.approx(
+        sum((v - mean) ** 2 for v in plain) / len(plain) / mean**2, rel=1e-5)
+    assert not math.isclose(float(context.losses.recorded(layer)["balance_loss"]), expected, rel_tol=1e-3)
     context.task_ids = torch.tensor([0, 2, 1])
     with pytest.raises(ValueError, match=r"task_ids must be below 2 .*\['world', 'task'\]"):
         layer(x)

@@ -32,7 +32,7 @@ from ..adapters.common import PEFT_PREFIX
 from ..config import HydraLoraConfig, LoraConfig, LoraMoeConfig, MixLoraConfig, MolaConfig
 from ..hub import resolve_dtype
 from ..models.inject import adapter_parameters, inject
-from ..models.losses import AUXILIARY_LOSSES, compose_loss
+from ..models.losses import compose_loss
 
 BASELINE = "peft-lora"
 DEFAULT_VARIANTS = ("peft-lora", "loramix-lora", "loramix-mixlora", "loramix-mixlora-naive", "authors-mixlora")
@@ -197,7 +197,7 @@ class Variant:
         lm = out.loss.detach()
         state = getattr(self.model, "loramix_adapter", None)
         if state is not None:  # loramix's hook added Σ coef · L_aux (models/losses.py): report the LM part alone
-            raw = {k: getattr(out, k).detach() for k, _ in AUXILIARY_LOSSES if getattr(out, k, None) is not None}
+            raw = {k: v.detach() for k, v in state.context.losses.collect().items()}  # what the hook read
             aux = compose_loss(None, raw, state.config)
             lm = lm if aux is None else lm - aux
         return float(lm)

@@ -130,6 +130,7 @@ def _capture_inputs(state: AdapterState):
     context = state.context
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        context.begin_forward()  # this forward's auxiliary-loss collector
         context.token_mask = call_token_mask(args, kwargs)
         context.task_ids = kwargs.pop("task_ids", None)
         # transformers Trainer passes N = num_items_in_batch (label tokens of the whole optimizer step) and
@@ -146,7 +147,8 @@ def _capture_inputs(state: AdapterState):
 
 
 def auxiliary_losses(model: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Mean load-balance loss and mean router z-loss over the MoE layers of the last forward."""
+    """Mean load-balance loss and mean router z-loss over the MoE layers of the last forward (read from the
+    forward's collector, ``modules/auxiliary.py``)."""
     raw = losses.auxiliary_losses(moe_layers(model))
     return raw.get("aux_loss"), raw.get("z_loss")
 
@@ -176,7 +178,7 @@ def _add_auxiliary_losses(module: nn.Module, args: tuple, kwargs: dict, output: 
     state = module.loramix_adapter
     if state.context.disabled:
         return output
-    raw = losses.auxiliary_losses(module.modules(), consume=True, anchor=_anchor(output))
+    raw = state.context.losses.collect(_anchor(output))  # what the modules recorded in this forward
     if not raw:
         return output
     weighted = compose_loss(None, raw, state.config)  # A = Σ coef · L_aux (None: every weight is 0)
@@ -207,8 +209,8 @@ def _add_auxiliary_losses(module: nn.Module, args: tuple, kwargs: dict, output: 
 
 def _anchor(output: Any) -> torch.Tensor | None:
     """A tensor of the model's output computed after every layer, that backward goes through: the logits
-    (TRL's fused head: the log-probs; else the loss). ``losses.auxiliary_losses`` ties the auxiliary losses'
-    gradient to it under reentrant activation checkpointing."""
+    (TRL's fused head: the log-probs; else the loss). The collector (``modules/auxiliary.py``) ties the auxiliary
+    losses' gradient to it under reentrant activation checkpointing."""
     names = ("logits", "log_probs", "loss")
     values = output if isinstance(output, tuple) else [getattr(output, name, None) for name in names]
     return next((v for v in values if isinstance(v, torch.Tensor) and v.requires_grad), None)

@@ -5,7 +5,8 @@ One micro-batch b of an optimizer step whose window holds N answer (label) token
     loss_b = CE_sum_b / N  +  (n_b / N) · A_b          A_b = Σ_k coef_k · L_k
              └ LM term ┘      └ auxiliary term ┘
 
-with the auxiliary losses L_k of the adapter's last forward and their weights in its config:
+with the auxiliary losses L_k of the adapter's last forward (the means its modules recorded in the forward's
+collector, ``context.losses.collect()``; ``modules/auxiliary.py``) and their weights in its config:
 
     aux_loss          MixLoRA load balance (mean over the MoE layers)   × aux_loss_coef
     z_loss            MixLoRA router z-loss (mean over the MoE layers)  × z_loss_coef
@@ -21,7 +22,7 @@ same step. ``compose_loss`` is the one function that writes this sum; its caller
 - the training loop (``train/loop.py``) and ``bench/variants.py``.
 
 Example:
-    >>> raw = auxiliary_losses(model.modules())          # after a forward
+    >>> raw = adapter_state(model).context.losses.collect(logits)    # after a forward
     >>> loss = compose_loss(ce_sum / N, raw, config, share=n_b / N)
 """
 
@@ -32,7 +33,8 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..modules.auxiliary import collect
+from ..modules.auxiliary import mean_losses
+from ..modules.context import ForwardContext
 from ..modules.kinds import auxiliary_loss_weights
 
 # The label of a position no loss counts (prompt tokens, padding): cross_entropy's default ignore_index.
@@ -43,32 +45,25 @@ IGNORE_INDEX = -100
 AUXILIARY_LOSSES = auxiliary_loss_weights()
 
 
-def auxiliary_losses(modules: Iterable[nn.Module], *, consume: bool = False,
-                     anchor: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The raw auxiliary losses that adapter ``modules`` hold after a forward, by output name.
+def auxiliary_losses(modules: Iterable[nn.Module], *, anchor: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The raw auxiliary losses that adapter ``modules`` recorded in the last forward, by output name: a reader
+    of their forward's collector (``context.losses``, ``modules/auxiliary.py``) for any set of modules.
 
     Args:
-        modules: the adapter's modules (``model.modules()``, or one adapter's members of a
-            multi-adapter model). MixLoRA FFN blocks hold ``aux_loss`` and ``z_loss``, MoRE
-            projections ``contrastive_loss``; modules that hold none are skipped.
-        consume: forget the MoRE losses once read (they keep the forward's graph alive otherwise).
+        modules: adapter modules (``model.modules()``, ``moe_layers(model)``, or one adapter's members of a
+            multi-adapter model); modules that recorded none are skipped.
         anchor: a tensor of that forward computed after every layer (its logits; TRL's log-probs). Under
             reentrant activation checkpointing the modules' losses have no graph of their own and reach
             the gradient only through it (``modules/auxiliary.py``); a training loop passes it.
 
     Returns:
-        {"aux_loss", "z_loss"} (MixLoRA) and/or {"contrastive_loss"} (MoRE): scalar means over the
-        modules that hold one, differentiable; ``{}`` for plain LoRA.
+        {"aux_loss", "z_loss"} (MixLoRA) and/or {"contrastive_loss"} (MoRE), ...: scalar means over the
+        modules that recorded one, differentiable; ``{}`` for plain LoRA. (All of one adapter's modules:
+        ``context.losses.collect(anchor)``, which every reader of that forward shares.)
     """
-    found: dict[str, list[tuple[nn.Module, torch.Tensor]]] = {}
-    for module in modules:
-        for name, _ in AUXILIARY_LOSSES:
-            value = getattr(module, name, None)
-            if isinstance(value, torch.Tensor):
-                found.setdefault(name, []).append((module, value))
-        if consume and getattr(module, "contrastive_loss", None) is not None:
-            module.contrastive_loss = None
-    return {name: collect(name, entries, anchor) for name, entries in found.items()}
+    slots = [(context.losses, module) for module in modules
+             if isinstance(context := getattr(module, "context", None), ForwardContext)]
+    return mean_losses(slots, anchor)
 
 
 def compose_loss(lm_loss: torch.Tensor | None, raw: Mapping[str, torch.Tensor], config: Any, *,
@@ -78,7 +73,7 @@ def compose_loss(lm_loss: torch.Tensor | None, raw: Mapping[str, torch.Tensor], 
     Args:
         lm_loss: the LM term, already carrying its weight (Σ CE / N of a window, or a plain mean
             with share 1); None for the auxiliary term alone.
-        raw: the raw auxiliary losses (``auxiliary_losses``); names without a weight in ``config``
+        raw: the raw auxiliary losses (``context.losses.collect()``); names without a weight in ``config``
             or with weight 0 add nothing.
         config: the adapter's config (``MixLoraConfig`` / ``MoreConfig`` / ``LoraConfig``).
         share: the micro-batch's share n_b / N of the window's answer tokens (a number or a 0-dim tensor).

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .inject import AdapterState, adapter_parameters, adapter_state, call_token_mask, inject, unload
-from .losses import auxiliary_losses, compose_loss, label_losses
+from .losses import compose_loss, label_losses
 
 
 class RowSpan(NamedTuple):
@@ -231,6 +231,7 @@ def _capture_rows(state: ManyAdapterState):
             start += count
         state.plan[:] = [segments]
         for context in (a.context for a in state.adapters.values()):
+            context.begin_forward()  # each adapter's auxiliary-loss collector of this forward
             context.token_mask, context.task_ids = None, None
         for seg in segments:  # AdapterStack sets them per segment again (an adapter may own two segments)
             context = state.adapters[seg.name].context
@@ -303,13 +304,13 @@ def adapter_losses(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
     state: ManyAdapterState = model.loramix_many
     names = [name for name, _ in rows]
     if len(set(names)) != len(names):
-        # A module keeps one auxiliary loss per forward (its last segment's), so a training plan must
+        # A module records one auxiliary loss per forward (its last segment's), so a training plan must
         # give each adapter one run of rows.
         raise ValueError(f"adapter_losses needs each adapter's rows together; the plan lists {names}")
     result: dict[str, dict[str, torch.Tensor]] = {}
     for (name, _), (ce_sum, count) in zip(rows, label_losses(logits, labels, [count for _, count in rows])):
         lm = ce_sum / count if count else ce_sum * float("nan")  # the mean over no token is NaN, as F.cross_entropy's
-        raw = auxiliary_losses(state.members[name].values(), consume=True, anchor=logits)
+        raw = state.adapters[name].context.losses.collect(logits)  # what its modules recorded in this forward
         result[name] = {"lm_loss": lm, "loss": compose_loss(lm, raw, state.adapters[name].config), **raw}
     return result
 

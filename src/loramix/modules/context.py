@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from .auxiliary import AuxiliaryLosses
+
 
 class ForwardContext:
     """Per-forward state shared by every adapted module of one model.
@@ -27,6 +29,8 @@ class ForwardContext:
         checked_task_ids: (the ``task_ids`` object given, a key of its batch, device and version, the checked
             (B,) long tensor), set by the first module that converts and checks them in a forward, so that the
             others (every MoRE projection sees the same object) skip the check's host sync; or None.
+        losses: the ``AuxiliaryLosses`` collector of the current forward: every module records its auxiliary
+            losses into it, and the model's hook, ``adapter_losses`` and the training loop read them from it.
     """
 
     def __init__(self) -> None:
@@ -37,6 +41,13 @@ class ForwardContext:
         self.balance_group: Any = None
         self.inference_only = False
         self.checked_task_ids: tuple | None = None
+        self.losses = AuxiliaryLosses()
+
+    def begin_forward(self) -> AuxiliaryLosses:
+        """Open a fresh collector for the model forward that starts now (the model's pre-hook calls it), so that
+        no loss of an earlier forward is read again; it records whether this forward computes gradients."""
+        self.losses = AuxiliaryLosses(grad_forward=torch.is_grad_enabled())
+        return self.losses
 
     def valid_tokens(self, batch: int, length: int) -> torch.Tensor | None:
         """(batch * length,) bool for a hidden state (batch, length, d), or None if all are real.

@@ -45,7 +45,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoraMoeConfig
-from .auxiliary import keep_auxiliary
 from .context import ForwardContext
 from .kinds import TensorRole, register
 from .lora import FrozenProjection, LoraDropout, lora_factors, lora_input
@@ -112,7 +111,7 @@ class LoraMoeLinear(FrozenProjection):
         context: the model's shared ``ForwardContext`` (padding mask, task ids, disabling).
 
     Adapter tensors: ``lora_A`` (E, r, in), ``lora_B`` (E, out, r), ``router.weight`` (E, in). After a
-    forward (unless ``context.inference_only``), ``balance_loss`` holds this module's L_lbc and ``last_load`` /
+    forward (unless ``context.inference_only``), ``context.losses`` holds this module's L_lbc (``balance_loss``) and ``last_load`` /
     ``last_prob`` (E,) each expert's mean router weight over the real tokens (``router_stats``).
 
     Shapes: input (…, in) → output (…, out).
@@ -136,7 +135,6 @@ class LoraMoeLinear(FrozenProjection):
         groups = config.expert_groups()
         self.register_buffer("expert_group", None if groups is None else
                              torch.tensor(groups, dtype=torch.long, device=self.weight.device), persistent=False)
-        self.balance_loss: torch.Tensor | None = None
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """The router probabilities g (…, E), fp32, for input x (…, in), with autocast off."""
@@ -170,7 +168,7 @@ class LoraMoeLinear(FrozenProjection):
         probs = self.route(x)  # (…, E)
         if not self.context.inference_only:
             # the probabilities carry the loss's gradient through a reentrant checkpoint's recompute
-            probs = keep_auxiliary(self, probs, {"balance_loss": self._balance_loss(x, probs)})
+            probs = self.context.losses.record(self, probs, {"balance_loss": self._balance_loss(x, probs)})
         compute = base_out.dtype
         x_in, factor = lora_input(self.dropout, x.to(compute))  # one mask for every expert; 1/(1-p) into coef
         return base_out + stacked_experts(x_in, self.lora_A, self.lora_B, probs * (self.scale * factor))

@@ -52,7 +52,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import MixLoraConfig
-from .auxiliary import keep_auxiliary
 from .context import ForwardContext
 from .kinds import AdapterKind, AdapterModule, Site, TensorRole, register, resolve_targets
 from .lora import (
@@ -255,8 +254,6 @@ class MixLoraFFN(AdapterModule):
             self.experts.lora_A[t], self.experts.lora_B[t] = A, B
             if self.use_dora:
                 self.experts.lora_magnitude[t] = nn.Parameter(self.weight_norm(t).to(factory["dtype"]))
-        self.aux_loss: torch.Tensor | None = None
-        self.z_loss: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
         self.last_prob: torch.Tensor | None = None
 
@@ -354,7 +351,7 @@ class MixLoraFFN(AdapterModule):
         losses = {"aux_loss": load_balance_loss(routing.probs, routing.chosen, valid, group=self.context.balance_group),
                   "z_loss": router_z_loss(logits, valid)}
         # the routing weights carry the losses' gradient through a reentrant checkpoint's recompute
-        routing.weights = keep_auxiliary(self, routing.weights, losses)
+        routing.weights = self.context.losses.record(self, routing.weights, losses)
         load, prob = router_statistics(routing.probs, routing.chosen, valid)
         self.last_load, self.last_prob = load.detach(), prob.detach()
         return routing

@@ -27,8 +27,8 @@ those of the per-expert loop (an unchosen expert gets an exact zero gradient). O
 the experts. Fresh B is zero, so a fresh adapter is the base.
 
 The optional load-balance loss (the paper has none; ``aux_loss_coef`` > 0 adds it) is the Switch loss
-``E · Σ_i f_i P_i`` (``routing.load_balance_loss``, as MixLoRA's) per module over the non-padding tokens, kept as
-``aux_loss`` and averaged over the modules by the collector (``models/losses.py``).
+``E · Σ_i f_i P_i`` (``routing.load_balance_loss``, as MixLoRA's) per module over the non-padding tokens, recorded
+as ``aux_loss`` in the forward's collector (``modules/auxiliary.py``), which averages it over the modules.
 
 Precision: router and expert tensors are fp32 next to a half-precision or quantized base
 (``quantized.adapter_dtype_for``); the router runs in fp32 with autocast off; the expert matmuls run in the dtype
@@ -46,7 +46,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MolaConfig
-from .auxiliary import keep_auxiliary
 from .context import ForwardContext
 from .kinds import register
 from .lora import FrozenProjection, LoraDropout, lora_factors, lora_input
@@ -66,7 +65,7 @@ class MolaLinear(FrozenProjection):
         context: the model's shared ``ForwardContext`` (padding mask, disabling).
 
     Adapter tensors: ``lora_A`` (E, r, in), ``lora_B`` (E, out, r), ``router.weight`` (E, in). After a training
-    forward (unless ``context.inference_only``), ``aux_loss`` holds this module's load-balance loss and
+    forward (unless ``context.inference_only``), ``context.losses`` holds this module's load-balance loss and
     ``last_load`` / ``last_prob`` (E,) its experts' share of the top-k assignments and mean probability (``router_stats``).
 
     Shapes: input (…, in) → output (…, out).
@@ -88,7 +87,6 @@ class MolaLinear(FrozenProjection):
                                                 init=config.init, **factory)
         self.router = nn.Linear(self.in_features, self.num_experts, bias=False, **factory)
         nn.init.normal_(self.router.weight, std=config.router_init_std)
-        self.aux_loss: torch.Tensor | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Routing of N tokens x (N, in): (probabilities (N, E), chosen experts (N, k) long, their renormalised
@@ -106,7 +104,7 @@ class MolaLinear(FrozenProjection):
             valid = self.context.valid_tokens(*lead) if x.dim() == 3 else None
             loss = load_balance_loss(probs, chosen, valid, group=self.context.balance_group)
             # the weights carry the loss's gradient through a reentrant checkpoint's recompute
-            weights = keep_auxiliary(self, weights, {"aux_loss": loss})
+            weights = self.context.losses.record(self, weights, {"aux_loss": loss})
             load, prob = router_statistics(probs, chosen, valid)
             self.last_load, self.last_prob = load.detach(), prob.detach()
         x_in, factor = lora_input(self.dropout, x.to(base_out.dtype))  # one mask for every expert; 1/(1-p) into coef

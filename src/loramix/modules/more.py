@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MoreConfig, implicit_task
-from .auxiliary import keep_auxiliary
 from .context import ForwardContext
 from .kinds import AdapterKind, Site, TensorRole, register, resolve_targets
 from .lora import (
@@ -131,7 +130,7 @@ class MoreLinear(FrozenProjection):
     with its tasks named.
 
     Shapes: input (B, ..., in) → output (B, ..., out); the task ids (B,) come from ``context.task_ids``.
-    After a forward, ``contrastive_loss`` holds this module's scalar task contrastive loss.
+    A forward records this module's scalar task contrastive loss (``contrastive_loss``) in ``context.losses``.
     """
 
     def __init__(self, base: nn.Module, config: MoreConfig, *, fan_in_fan_out: bool = False,
@@ -156,7 +155,6 @@ class MoreLinear(FrozenProjection):
         # c_i² per component: c_i multiplies both the A row and the B column of component i.
         c2 = (i / max_rank) ** 2 if config.linear_scaling else torch.ones_like(i)
         self.register_buffer("component_scale", c2, persistent=False)
-        self.contrastive_loss: torch.Tensor | None = None
         self._fixed_ranks: torch.Tensor | None = None  # (num_tasks,) once fix_ranks() ran
         self._task_coefficients = FrozenConstant()  # (num_tasks, R), kept while the selector is frozen
 
@@ -252,7 +250,7 @@ class MoreLinear(FrozenProjection):
         if not self.context.inference_only:
             # coef is small and on the output's path: it carries the loss's gradient through a reentrant
             # checkpoint's recompute (modules/auxiliary.py)
-            coef = keep_auxiliary(self, coef, {"contrastive_loss": self._contrastive_loss(x, task_ids)})
+            coef = self.context.losses.record(self, coef, {"contrastive_loss": self._contrastive_loss(x, task_ids)})
         A, B = in_dtype(self.lora_A, compute), in_dtype(self.lora_B, compute)
         return base_out + F.linear(F.linear(x_in, A) * coef, B)  # x_in Aᵀ: all R components in one matmul
 

@@ -56,9 +56,7 @@ from ..config import ConfigError
 from ..data.batching import check_pad_token
 from ..evaluate import evaluate_many, evaluate_multiple_choice
 from ..models.inject import adapter_state, inject, router_stats
-from ..models.losses import (
-    AUXILIARY_LOSSES, IGNORE_INDEX, answer_tokens, auxiliary_losses, compose_loss, label_losses,
-)
+from ..models.losses import IGNORE_INDEX, answer_tokens, compose_loss, label_losses
 from ..models.quantize import enable_gradient_checkpointing
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -358,10 +356,9 @@ class Trainer:
         terms = []
         for (job, w), b, (ce_sum, n_b) in zip(parts, batches, label_losses(out.logits, batch["labels"],
                                                                              [r for _, r in rows])):
-            # the raw auxiliary losses of this job's rows: its own modules (the plain adapter's hook put them on out)
-            raw = ({k: getattr(out, k) for k, _ in AUXILIARY_LOSSES if getattr(out, k, None) is not None}
-                   if many is None else auxiliary_losses(many.members[job.name].values(), consume=True,
-                                                         anchor=out.logits))
+            # the raw auxiliary losses of this job's rows: what its modules recorded in this forward (the plain
+            # adapter's hook read the same collector and got the same tensors)
+            raw = self.contexts[job.name].losses.collect(out.logits)
             term = compose_loss(ce_sum / w.answer, raw, job.adapter, share=n_b / w.answer)
             if w.diverged is None and not math.isfinite(float(term.detach())):
                 # No break: the window is finished (its gradient is thrown away), so under torchrun every rank
