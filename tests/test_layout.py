@@ -303,3 +303,48 @@ def test_no_private_import_or_reach_in_across_modules():
         others = set().union(*(names for other, names in owned.items() if other != name))
         found += [f"{name}:{line} reads {attr}" for line, attr in reach_ins(path.read_text(), owned[name], others)]
     assert not found, "private names used across modules (make them public or ask the owner):\n" + "\n".join(found)
+
+
+# ====================================================================================== torch internals
+def torch_private_uses(source: str) -> list[tuple[int, str]]:
+    """(line, name) where ``source`` uses a private name of torch (``torch._C._current_graph_task_id``,
+    ``from torch._C import x``, ``getattr(torch._C, "_name")``): such names change without notice between
+    torch releases, so loramix uses torch's public API only."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) or (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                                               and node.func.id in ("getattr", "hasattr") and len(node.args) > 1):
+            parts, root = [], node
+            if isinstance(node, ast.Call):
+                name = node.args[1].value if isinstance(node.args[1], ast.Constant) else ""
+                parts, root = [str(name)], node.args[0]
+            while isinstance(root, ast.Attribute):
+                parts.insert(0, root.attr)
+                root = root.value
+            dotted = ["torch", *parts]
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "torch":
+            dotted, root = [*node.module.split("."), *(a.name for a in node.names)], None
+        elif isinstance(node, ast.Import):
+            dotted, root = next((a.name.split(".") for a in node.names if a.name.split(".")[0] == "torch"), []), None
+        else:
+            continue
+        if (root is None or (isinstance(root, ast.Name) and root.id == "torch")) and any(map(_is_private, dotted)):
+            found.add((node.lineno, ".".join(dotted[: 1 + next(i for i, p in enumerate(dotted) if _is_private(p))])))
+    return sorted(found)
+
+
+def test_the_torch_private_walker_can_fail():
+    source = ("import torch\nok = torch.nn.functional.pad, torch.__version__, x._y, torch.autograd.graph.Node\n"
+              "t = torch._C._current_graph_task_id()\nfrom torch._C import _get_tracing_state\n"
+              "g = getattr(torch._C, '_current_graph_task_id', None)\nh = getattr(torch, '_C')\nimport torch._dynamo\n"
+              "from torch.utils import _pytree\n")
+    assert torch_private_uses(source) == [(3, "torch._C"), (4, "torch._C"), (5, "torch._C"), (6, "torch._C"),
+                                          (7, "torch._dynamo"), (8, "torch.utils._pytree")]
+
+
+def test_no_torch_private_in_src():
+    """No ``torch._C._...`` or other private torch name anywhere in ``src/loramix`` (``modules/auxiliary.py`` tells a
+    checkpoint's recompute from a forward by its own collector, not by the autograd engine's private state)."""
+    found = [f"{path.relative_to(SRC)}:{line} uses {name}" for path in sorted(SRC.rglob("*.py"))
+             for line, name in torch_private_uses(path.read_text())]
+    assert not found, "private torch names (use torch's public API):\n" + "\n".join(found)
