@@ -19,6 +19,7 @@ Loading never unpickles; the authors' MixLoRA format (pickled ``adapter_model.bi
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
-from ..models.inject import adapter_parameters, adapter_state, inject, unload
+from ..models.inject import adapter_parameters, adapter_state, check_fresh_base, inject, unload
 from ..models.many import stack_adapters
 from ..modules import kind_of
 from ..version import __version__
@@ -35,7 +36,7 @@ from .common import (
     CONFIG_NAME, FORMAT, FORMAT_VERSION, SIDECAR_NAME, WEIGHTS_NAME, AdapterLoadError, base_model_name,
     copy_adapter_tensors, write_json, write_safetensors,
 )
-from .folder import read_adapter_config, read_adapter_folder, read_safetensors
+from .folder import AdapterFolder, read_adapter_config, read_adapter_folder, read_safetensors
 from .peft import peft_adapter_files, split_lora_tensors
 
 
@@ -105,7 +106,31 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     Returns:
         The model (same object), adapter parameters trainable.
     """
-    adapter = read_adapter_folder(folder, model)
+    check_fresh_base(model)  # before the folder is read: a model with adapters would fail only at inject
+    return _attach(model, read_adapter_folder(folder, model))
+
+
+def load_many(model: nn.Module, folders: dict[str, Any]) -> nn.Module:
+    """Load several saved adapters (``folders``: name → any folder ``load_adapter`` reads) onto one fresh base model
+    of their family, in place; returns the model, as from ``inject_many``, with their weights.
+
+    Every folder is read and checked against the model (``read_adapter_folder``, tensors read lazily) before the
+    first adapter is built, so a bad folder leaves the model as it was; each adapter is then attached as
+    ``load_adapter`` attaches one.
+
+    Example:
+        >>> model = load_many(base, {"a": "runs/a/adapter", "b": "runs/b/adapter"})
+    """
+    check_fresh_base(model)
+    if not folders:
+        raise ValueError("load_many needs at least one adapter folder, got none")
+    adapters = {name: read_adapter_folder(folder, model) for name, folder in folders.items()}
+    return stack_adapters(model, {name: partial(_attach, adapter=adapter) for name, adapter in adapters.items()})
+
+
+def _attach(model: nn.Module, adapter: AdapterFolder) -> nn.Module:
+    """Inject a read folder's adapter into the bare base ``model`` and copy its tensors in: the one loading step of
+    ``load_adapter`` and ``load_many``. On any error the model is left without the adapter."""
     inject(model, adapter.config)
     try:
         if adapter.layout == "authors":
@@ -116,16 +141,6 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
         unload(model)
         raise
     return model
-
-
-def load_many(model: nn.Module, folders: dict[str, Any]) -> nn.Module:
-    """Load several saved adapters (``folders``: name → loramix or the authors' MixLoRA folder) onto one fresh
-    base model of their family, in place; returns the model, as from ``inject_many``, with their weights.
-
-    Example:
-        >>> model = load_many(base, {"a": "runs/a/adapter", "b": "runs/b/adapter"})
-    """
-    return stack_adapters(model, {name: (lambda m, f=folder: load_adapter(m, f)) for name, folder in folders.items()})
 
 
 __all__ = ["AdapterLoadError", "copy_adapter_tensors", "load_adapter", "load_many", "read_adapter_config",

@@ -277,12 +277,9 @@ def evaluate_multiple_choice(model, tokenizer, examples: Sequence[MultipleChoice
         "predictions": list[int], "scores": list[list[float]]}`` (per example and choice: the label
         logit, or the normalised log-likelihood). The model's training mode is restored afterwards.
     """
-    examples = list(examples)
-    template = _check(examples, tokenizer, protocol, template, normalize)
-    scores = _scores(model, tokenizer, examples, _RowOwners(None, _task_list(examples, task_ids)), protocol=protocol,
+    return _evaluate(model, tokenizer, {_ALONE: examples}, {_ALONE: task_ids}, routed=False, protocol=protocol,
                      batch_size=batch_size, template=template, progress=progress, cutoff_len=cutoff_len,
-                     share_prompt=share_prompt, normalize=normalize) if examples else []
-    return _summary(examples, scores, protocol)
+                     share_prompt=share_prompt, normalize=normalize)[_ALONE]
 
 
 def evaluate_many(model, tokenizer, examples: dict[str, Sequence[MultipleChoiceExample]], *, protocol: str = "label",
@@ -325,18 +322,40 @@ def evaluate_many(model, tokenizer, examples: dict[str, Sequence[MultipleChoiceE
     unknown = [name for name in task_ids if name not in examples]
     if unknown:
         raise KeyError(f"task_ids names adapter(s) {unknown} that have no examples here")
-    per_adapter = {name: list(exs) for name, exs in examples.items()}
-    flat = [ex for exs in per_adapter.values() for ex in exs]
+    return _evaluate(model, tokenizer, examples, task_ids, routed=True, protocol=protocol, batch_size=batch_size,
+                     template=template, progress=progress, cutoff_len=cutoff_len, share_prompt=share_prompt,
+                     normalize=normalize)
+
+
+_ALONE = "model"  # the one set ``evaluate_multiple_choice`` hands ``_evaluate``
+
+
+def _evaluate(model, tokenizer, examples: dict[str, Sequence[MultipleChoiceExample]],
+              task_ids: dict[str, dict[str, int] | None], *, routed: bool, protocol: str, batch_size: int,
+              template: str | None, progress: bool, cutoff_len: int, share_prompt: bool,
+              normalize: str) -> dict[str, dict[str, Any]]:
+    """The one evaluation of ``evaluate_multiple_choice`` (one set, ``routed=False``) and ``evaluate_many``: every
+    set's requests in one stream of batches; set name → the summary of its examples.
+
+    Args:
+        examples: set name → its examples. task_ids: set name → {task → id}, or None / absent: no task ids
+            (-1 on its rows when another set has them).
+        routed: each batch is called with the ``adapter_rows`` plan of its rows, a set's name being its adapter's
+            (``evaluate_many``); False: the model is called as it is (one set).
+        The rest: as ``evaluate_multiple_choice``'s.
+    """
+    per_set = {name: list(exs) for name, exs in examples.items()}
+    flat = [ex for exs in per_set.values() for ex in exs]
     template = _check(flat, tokenizer, protocol, template, normalize)
-    owners = [name for name, exs in per_adapter.items() for _ in exs]
+    owners = [name for name, exs in per_set.items() for _ in exs] if routed else None
     tasks = None
-    if any(task_ids.get(name) is not None for name in per_adapter):  # -1: an adapter that takes no task ids
-        tasks = [t for name, exs in per_adapter.items() for t in _task_list(exs, task_ids.get(name)) or [-1] * len(exs)]
+    if any(task_ids.get(name) is not None for name in per_set):  # -1: an adapter that takes no task ids
+        tasks = [t for name, exs in per_set.items() for t in _task_list(exs, task_ids.get(name)) or [-1] * len(exs)]
     scores = _scores(model, tokenizer, flat, _RowOwners(owners, tasks), protocol=protocol, batch_size=batch_size,
                      template=template, progress=progress, cutoff_len=cutoff_len, share_prompt=share_prompt,
                      normalize=normalize) if flat else []
     results, start = {}, 0
-    for name, exs in per_adapter.items():
+    for name, exs in per_set.items():
         results[name] = _summary(exs, scores[start:start + len(exs)], protocol)
         start += len(exs)
     return results

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -66,6 +66,61 @@ def adapter_state(model: nn.Module) -> AdapterState:
     return state
 
 
+def check_fresh_base(model: nn.Module) -> None:
+    """Refuse a model no injection or load can start from: ``load_model``'s (model, tokenizer) pair, or a model that
+    already has loramix adapters (one from ``inject`` / ``load_adapter``, several from ``inject_many`` /
+    ``load_many``), whose adapted modules a second injection would wrap again."""
+    if isinstance(model, tuple):  # else "model family 'None' is not supported", which hides the cause
+        raise TypeError("inject() and load_adapter() take the model, got a tuple: loramix.hub.load_model returns "
+                        "(model, tokenizer); unpack it: model, tokenizer = loramix.hub.load_model(...)")
+    if getattr(model, "loramix_adapter", None) is not None:
+        raise ValueError("this model already has a loramix adapter; unload() it first or load into a fresh model")
+    many = getattr(model, "loramix_many", None)
+    if many is not None:
+        raise ValueError(f"this model already has loramix adapters ({', '.join(many.adapters)}); "
+                         "start from a fresh base model")
+
+
+_ALONE = "adapter"  # the name ``inject`` gives its one config in ``check_injection``
+
+
+def check_injection(model: nn.Module, configs: Mapping[str, Any]) -> tuple[ModelFamily, dict[str, list]]:
+    """Every check of an injection, for all of ``configs`` (adapter name → config) before the model is touched:
+    ``inject`` asks it for its one config, ``inject_many`` for all of them, so a bad second adapter fails before
+    the first is built.
+
+    Checks: a fresh base (``check_fresh_base``); each config a registered kind's, passing the kind's own checks;
+    a model of a registered family; the modules each replaces in that family; each adapter fitting in memory to
+    train (``check_adapter_fits``). An error about one adapter of several has a note naming it.
+
+    Returns:
+        (the model's family, adapter name → its sites per decoder layer, ``modules.kinds.layer_sites``).
+    """
+    check_fresh_base(model)
+    for name, config in configs.items():
+        with _naming(name, len(configs)):
+            kind_of(config).check(config)  # kind_of: a TypeError naming the config classes
+    family = family_of(model)
+    num_layers = len(decoder_layers(model, family))
+    sites = {}
+    for name, config in configs.items():
+        with _naming(name, len(configs)):
+            sites[name] = layer_sites(config, family, num_layers)
+            check_adapter_fits(model, config)  # before anything is allocated: names adapter.r / num_experts
+    return family, sites
+
+
+@contextlib.contextmanager
+def _naming(name: str, count: int) -> Iterator[None]:
+    """An error raised in the block gets the note "(adapter 'name')" when there are several adapters."""
+    try:
+        yield
+    except Exception as err:
+        if count > 1:
+            err.add_note(f"(adapter '{name}')")
+        raise
+
+
 def inject(model: nn.Module, config: Any) -> nn.Module:
     """Add a loramix adapter (the config of a registered kind: ``LoraConfig``, ``MixLoraConfig``, ``MoreConfig``)
     to a transformers causal LM of a registered family (e.g. a ``LlamaForCausalLM``), in place; base weights are
@@ -75,17 +130,8 @@ def inject(model: nn.Module, config: Any) -> nn.Module:
     with ``labels`` its ``loss`` includes the weighted auxiliary losses in training mode (``losses.compose_loss``;
     in eval mode it is the LM loss, and the raw auxiliary losses are on the output in both).
     """
-    if isinstance(model, tuple):  # else "model family 'None' is not supported", which hides the cause
-        raise TypeError("inject() takes the model, got a tuple: loramix.hub.load_model returns (model, tokenizer); "
-                        "unpack it: model, tokenizer = loramix.hub.load_model(...)")
-    if getattr(model, "loramix_adapter", None) is not None:
-        raise ValueError("this model already has a loramix adapter; unload() it first or load into a fresh model")
-    kind = kind_of(config)  # a TypeError naming the config classes
-    kind.check(config)  # its errors before the model is touched
-    family = family_of(model)
-    layers = decoder_layers(model, family)
-    sites = layer_sites(config, family, len(layers))
-    check_adapter_fits(model, config)  # before anything is allocated: an error naming adapter.r / num_experts
+    family, planned = check_injection(model, {_ALONE: config})
+    layers, sites = decoder_layers(model, family), planned[_ALONE]
     context = ForwardContext()
 
     for p in model.parameters():

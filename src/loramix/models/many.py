@@ -31,7 +31,9 @@ from typing import Any, Iterable, Iterator, NamedTuple
 import torch
 from torch import nn
 
-from .inject import AdapterState, adapter_parameters, adapter_state, call_token_mask, inject, unload
+from .inject import (
+    AdapterState, adapter_parameters, adapter_state, call_token_mask, check_fresh_base, check_injection, inject, unload,
+)
 from .losses import compose_loss, label_losses
 
 
@@ -185,6 +187,7 @@ def inject_many(model: nn.Module, configs: dict[str, Any]) -> nn.Module:
         adapters that take none (a run of rows whose ids are all -1 gets no task ids, so a MoRE
         adapter there uses its default task).
     """
+    check_injection(model, configs)  # every adapter's errors before the first is built (inject's own checks)
     return stack_adapters(model, {name: (lambda m, c=config: inject(m, c)) for name, config in configs.items()})
 
 
@@ -194,10 +197,9 @@ def stack_adapters(model: nn.Module, attach: dict[str, Any]) -> nn.Module:
 
     Attach each adapter alone (``attach[name](model)`` injects it), keep its modules, restore the
     base, then put an ``AdapterStack`` at every adapted slot."""
+    check_fresh_base(model)
     if not attach:
-        raise ValueError("inject_many needs at least one adapter")
-    if getattr(model, "loramix_adapter", None) is not None or getattr(model, "loramix_many", None) is not None:
-        raise ValueError("this model already has loramix adapters; start from a fresh base model")
+        raise ValueError("inject_many / load_many need at least one adapter, got none")
     state = ManyAdapterState(adapters={}, members={})
     for name, add in attach.items():
         _attach_alone(model, state, name, add)
