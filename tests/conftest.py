@@ -14,6 +14,9 @@ import loramix
 from loramix.config import AdapterConfig
 from tiny_models import tiny_model, tiny_model_folder
 
+# Fixtures several test files share, defined once (a test module's own fixture of the same name overrides one).
+pytest_plugins = ["serve_fixtures", "lm_eval_fixtures"]
+
 
 def perturb_adapter(adapter: nn.Module | Mapping[str, torch.Tensor], seed: int = 0, b_std: float = 0.1,
                     router_std: float | None = None, *, magnitude_std: float | None = 0.2,

@@ -29,7 +29,7 @@ from loramix.models.many import member_parameters
 from loramix.serve.server.app import build_app, serve_in_thread
 from loramix.serve.server.engine import Engine, load_served
 from loramix.serve.server.limits import Limits
-from test_serve import alone, folders, reference  # noqa: F401  (module-scoped fixtures of this module too)
+from serve_fixtures import alone
 
 KEY = "sekret-key"
 LIMITS = Limits(max_request_bytes=2000, max_prompt_tokens=20, max_tokens=40, max_prompts=3, max_messages=4, max_n=4)
@@ -43,7 +43,7 @@ def free_socket() -> socket.socket:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def serve_process(folders):  # noqa: F811
+def serve_process(folders):
     """``loramix serve`` as a subprocess (for the SIGTERM test), started before everything else in this
     module so that its start-up (imports, model load: 10-40 s on a busy 2-core machine) overlaps the
     in-process tests instead of adding to them. Yields (process, base URL)."""
@@ -64,7 +64,7 @@ def serve_process(folders):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def api(folders):  # noqa: F811
+def api(folders):
     """(openai client with the key, base URL, engine, adapter folders): LoRA and MixLoRA served, the MoRE
     folder left for the admin endpoints; queue of 4, batch token budget, small limits, an API key."""
     base, adapters = folders
@@ -115,7 +115,7 @@ def in_threads(calls: list) -> tuple[list[threading.Thread], dict[int, object]]:
     return threads, results
 
 
-def test_a_full_queue_answers_429_and_the_queued_requests_still_finish(api, reference):  # noqa: F811
+def test_a_full_queue_answers_429_and_the_queued_requests_still_finish(api, reference):
     client, url, engine, _ = api
     tok = reference[1]
     jobs = [("lora", "a dog ran in"), ("mix", "red green"), ("lora", "the park"), ("mix", "the cat")]
@@ -180,7 +180,7 @@ def test_limits_are_400s_naming_the_field_and_the_server_stays_up(api):
     assert_healthy(client, url)
 
 
-def test_the_batch_stays_within_its_token_budget_and_every_request_finishes(api, reference):  # noqa: F811
+def test_the_batch_stays_within_its_token_budget_and_every_request_finishes(api, reference):
     client, url, engine, _ = api
     tok = reference[1]
     jobs = [("lora", "a dog"), ("mix", "the cat"), ("lora", "red")]  # each reserves 2-3 prompt tokens + 20
@@ -217,7 +217,7 @@ def test_the_api_key_guards_v1_and_not_health_or_the_page(api):
     assert [m.id for m in client.models.list().data][:3] == ["base", "lora", "mix"]
 
 
-def test_n_choices_per_prompt_streaming_or_not(api, reference):  # noqa: F811
+def test_n_choices_per_prompt_streaming_or_not(api, reference):
     client, _, _, _ = api
     tok = reference[1]
     greedy = client.completions.create(model="mix", prompt="red green", max_tokens=6, temperature=0, n=3)
@@ -244,7 +244,7 @@ def test_n_choices_per_prompt_streaming_or_not(api, reference):  # noqa: F811
     assert [texts[0], texts[1]] == [c.message.content for c in whole.choices]
 
 
-def test_adapters_are_added_and_removed_while_serving(api, reference, tmp_path):  # noqa: F811
+def test_adapters_are_added_and_removed_while_serving(api, reference, tmp_path):
     client, url, engine, adapters = api
     tok = reference[1]
     ask = lambda name, prompt="yes no true", n=8: client.completions.create(  # noqa: E731

@@ -26,14 +26,14 @@ from loramix.serve.server import admin
 from loramix.serve.server.app import build_app, serve_in_thread
 from loramix.serve.server.engine import Engine, load_served
 from loramix.serve.server.limits import Limits
-from test_serve import alone, folders, reference  # noqa: F401  (module-scoped fixtures of this module too)
+from serve_fixtures import alone
 
 KEY = "sekret-key"
 BODY_TIMEOUT = 1  # seconds (--body-timeout) of the keyless server
 
 
 @pytest.fixture(scope="module")
-def served(folders):  # noqa: F811
+def served(folders):
     """(engine, keyless URL, keyed URL, adapter folders): LoRA as "lora" and MixLoRA as "v1.0" (a dotted
     name at start-up), one engine behind two apps: one without an API key, one with ``KEY``."""
     base, adapters = folders
@@ -57,7 +57,7 @@ def ask(url: str, name: str, prompt: str = "a dog ran in", n: int = 6) -> str:
     return client(url).completions.create(model=name, prompt=prompt, max_tokens=n, temperature=0).choices[0].text
 
 
-def test_dotted_adapter_names_work_at_start_up_and_while_serving(served, reference):  # noqa: F811
+def test_dotted_adapter_names_work_at_start_up_and_while_serving(served, reference):
     engine, url, _, adapters = served
     ids = reference[1]("a dog ran in")["input_ids"]
     assert ask(url, "v1.0") == alone(reference, "mix", ids, max_tokens=6)
@@ -213,7 +213,7 @@ def test_without_a_key_only_loopback_host_names_are_answered(served):
     assert answer.status_code == 200
 
 
-def test_a_port_in_use_is_exit_2_before_the_model_loads_and_off_loopback_without_a_key_warns(folders, capsys):  # noqa: F811
+def test_a_port_in_use_is_exit_2_before_the_model_loads_and_off_loopback_without_a_key_warns(folders, capsys):
     base, _ = folders
     for host, key in [("127.0.0.1", []), ("0.0.0.0", []), ("0.0.0.0", ["--api-key", KEY])]:
         with socket.socket() as taken:

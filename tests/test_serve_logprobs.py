@@ -14,15 +14,14 @@ from loramix.adapters.more_tasks import use_task
 from loramix.hub import load_model
 from loramix.serve.server.app import build_app, serve_in_thread
 from loramix.serve.server.engine import Engine, load_served
-from test_lm_eval import TASK, base_model, loramix_scores, samples_scores, setup  # noqa: F401
-from test_serve import folders, reference, server  # noqa: F401  (module-scoped fixtures of this module too)
+from lm_eval_fixtures import TASK, base_model, loramix_scores, samples_scores
 from test_serve_structured import together
 
 PROMPTS = {"base": "the cat sat", "lora": "a dog ran in", "mix": "red green", "more:x": "yes no true"}
 TOL = 1e-5
 
 
-def plain_logprobs(reference, name: str, ids: list[int]) -> torch.Tensor:  # noqa: F811
+def plain_logprobs(reference, name: str, ids: list[int]) -> torch.Tensor:
     """log_softmax of ``name``'s own model over ``ids`` (one unpadded forward): (len(ids), V)."""
     models, _ = reference
     model, task = models[name]
@@ -30,7 +29,7 @@ def plain_logprobs(reference, name: str, ids: list[int]) -> torch.Tensor:  # noq
         return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
 
 
-def greedy_reference(reference, name: str, ids: list[int], steps: int) -> list[tuple[int, torch.Tensor]]:  # noqa: F811
+def greedy_reference(reference, name: str, ids: list[int], steps: int) -> list[tuple[int, torch.Tensor]]:
     """(chosen token, log-probabilities (V,)) of each greedy step of ``name``'s own model."""
     out = []
     for _ in range(steps):
@@ -41,7 +40,7 @@ def greedy_reference(reference, name: str, ids: list[int], steps: int) -> list[t
     return out
 
 
-def assert_matches_reference(lp, reference, name: str, ids: list[int], k: int) -> None:  # noqa: F811
+def assert_matches_reference(lp, reference, name: str, ids: list[int], k: int) -> None:
     """A completion's logprobs object equals the greedy steps of the model alone."""
     tok = reference[1]
     steps = greedy_reference(reference, name, ids, len(lp.tokens))
@@ -58,7 +57,7 @@ def assert_matches_reference(lp, reference, name: str, ids: list[int], k: int) -
         assert max(abs(top[key] - expected[key]) for key in top) <= TOL
 
 
-def test_greedy_logprobs_equal_each_models_log_softmax(server, reference):  # noqa: F811
+def test_greedy_logprobs_equal_each_models_log_softmax(server, reference):
     client, _, engine = server
     served = engine.served
     for name, prompt in PROMPTS.items():
@@ -70,7 +69,7 @@ def test_greedy_logprobs_equal_each_models_log_softmax(server, reference):  # no
         assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
 
 
-def test_streamed_logprobs_equal_the_whole_answer(server):  # noqa: F811
+def test_streamed_logprobs_equal_the_whole_answer(server):
     client, _, _ = server
     for name in ("lora", "mix"):
         whole = client.completions.create(model=name, prompt=PROMPTS[name], max_tokens=6, temperature=0, logprobs=2)
@@ -91,7 +90,7 @@ def test_streamed_logprobs_equal_the_whole_answer(server):  # noqa: F811
         assert [list(t) for t in tops] == [list(t) for t in lp.top_logprobs]
 
 
-def test_logprobs_of_a_row_alone_equal_those_in_a_mixed_adapter_batch(server):  # noqa: F811
+def test_logprobs_of_a_row_alone_equal_those_in_a_mixed_adapter_batch(server):
     client, _, engine = server
     ask = lambda name: client.completions.create(  # noqa: E731
         model=name, prompt=PROMPTS[name], max_tokens=5, temperature=0, logprobs=2).choices[0].logprobs
@@ -102,7 +101,7 @@ def test_logprobs_of_a_row_alone_equal_those_in_a_mixed_adapter_batch(server):  
         assert results[name].token_logprobs == pytest.approx(alone[name].token_logprobs, abs=TOL), name
 
 
-def test_echo_with_max_tokens_0_gives_the_prompts_log_probabilities(server, reference):  # noqa: F811
+def test_echo_with_max_tokens_0_gives_the_prompts_log_probabilities(server, reference):
     client, _, engine = server
     served = engine.served
     for name in ("base", "lora", "mix"):
@@ -127,7 +126,7 @@ def test_echo_with_max_tokens_0_gives_the_prompts_log_probabilities(server, refe
         assert more.logprobs.text_offset[-1] == len(prompt)
 
 
-def test_chat_logprobs_with_top_logprobs(server, reference):  # noqa: F811
+def test_chat_logprobs_with_top_logprobs(server, reference):
     client, _, engine = server
     served = engine.served
     messages = [{"role": "user", "content": "a dog ran in"}]
@@ -145,7 +144,7 @@ def test_chat_logprobs_with_top_logprobs(server, reference):  # noqa: F811
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == got.choices[0].message.content
 
 
-def test_bad_logprob_penalty_and_bias_fields_are_400s_naming_them(server):  # noqa: F811
+def test_bad_logprob_penalty_and_bias_fields_are_400s_naming_them(server):
     client, _, _ = server
     cases = [({"logprobs": 21}, "logprobs"), ({"max_tokens": 0}, "max_tokens"),
              ({"prompt": [1, 10**6], "echo": True}, "prompt"), ({"presence_penalty": 2.5}, "presence_penalty"),
@@ -160,7 +159,7 @@ def test_bad_logprob_penalty_and_bias_fields_are_400s_naming_them(server):  # no
     assert err.value.body["param"] == "top_logprobs"
 
 
-def test_lm_eval_local_completions_scores_like_loramix_eval(setup):  # noqa: F811
+def test_lm_eval_local_completions_scores_like_loramix_eval(setup):
     """lm-eval's own ``local-completions`` model (log-likelihoods through ``echo`` + ``logprobs``) against the
     server, for the base, a LoRA and a MixLoRA adapter: the same per-question choices and per-choice
     log-likelihoods (1e-4) as ``loramix.evaluate`` on each model in memory (``test_lm_eval``'s task)."""

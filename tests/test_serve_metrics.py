@@ -16,14 +16,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from loramix.hub import load_model
 from loramix.serve.server.app import build_app, serve_in_thread
 from loramix.serve.server.engine import Engine, load_served
-from test_serve import folders  # noqa: F401  (module-scoped fixture)
 from test_serve_api import wait_until
 
 KEY = "metrics-key"
 
 
 @pytest.fixture(scope="module")
-def server(folders):  # noqa: F811
+def server(folders):
     """(openai client, base URL, engine): base, LoRA and MixLoRA, an API key, a batch token budget."""
     base, adapters = folders
     model, tok = load_model(str(base))

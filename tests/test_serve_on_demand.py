@@ -22,7 +22,7 @@ import loramix
 from loramix.hub import load_model
 from loramix.serve.server.app import build_app, serve_in_thread
 from loramix.serve.server.engine import Engine, load_served
-from test_serve import CONFIGS, alone, folders, own_models  # noqa: F401  (folders: module-scoped fixture)
+from serve_fixtures import CONFIGS, alone, own_models
 from test_serve_api import wait_until
 
 NAMES = [f"a{i}" for i in range(6)]
@@ -31,7 +31,7 @@ MAX_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
-def library(folders, tmp_path_factory):  # noqa: F811
+def library(folders, tmp_path_factory):
     """(base folder, DIR with six adapter folders, a seventh adapter folder beside DIR, outside it)."""
     base, _ = folders
     root = tmp_path_factory.mktemp("on_demand")

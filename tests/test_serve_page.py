@@ -24,7 +24,6 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from loramix.hub import load_model
 from loramix.serve.server.app import build_app, serve_in_thread
 from loramix.serve.server.engine import Engine, load_served
-from test_serve import folders, server  # noqa: F401  (the same adapters and running server)
 
 MAX_TOKENS = 10
 # Records, per pane, every text node added to its answers (one per streamed piece) and whether both
@@ -59,7 +58,7 @@ def driver():
 
 
 @pytest.fixture
-def page(driver, server):  # noqa: F811
+def page(driver, server):
     """The driver on a freshly loaded page (empty localStorage, models listed, console log emptied)."""
     url = server[1]
     driver.get(url + "/")
@@ -110,7 +109,7 @@ def reference(client: openai.OpenAI, model: str, message: str, max_tokens: int =
     return got.choices[0].message.content
 
 
-def test_the_page_loads_without_console_errors_and_lists_every_model(page, server):  # noqa: F811
+def test_the_page_loads_without_console_errors_and_lists_every_model(page, server):
     client, url, _ = server
     ids = [m.id for m in client.models.list().data]
     for select in page.find_elements(By.CSS_SELECTOR, ".pane select"):
@@ -128,7 +127,7 @@ def test_the_page_loads_without_console_errors_and_lists_every_model(page, serve
         "return [...document.querySelectorAll('[src], [href]')].map((e) => e.src || e.href).join(' ')")
 
 
-def test_a_message_streams_into_the_pane_in_pieces_and_equals_the_greedy_answer(page, server):  # noqa: F811
+def test_a_message_streams_into_the_pane_in_pieces_and_equals_the_greedy_answer(page, server):
     settings(page, "0", MAX_TOKENS)
     choose(page, 0, "mix")
     box = page.find_element(By.ID, "message")
@@ -153,7 +152,7 @@ def test_a_message_streams_into_the_pane_in_pieces_and_equals_the_greedy_answer(
     assert console_errors(page) == []
 
 
-def test_compare_streams_two_adapters_at_once_each_equal_to_its_own_answer(page, server):  # noqa: F811
+def test_compare_streams_two_adapters_at_once_each_equal_to_its_own_answer(page, server):
     engine = server[2]
     settings(page, "0", MAX_TOKENS)
     assert not page.find_elements(By.CSS_SELECTOR, ".pane")[1].is_displayed()  # one pane until compare is on
@@ -179,7 +178,7 @@ def test_compare_streams_two_adapters_at_once_each_equal_to_its_own_answer(page,
     assert console_errors(page) == []
 
 
-def test_stop_aborts_the_stream_and_frees_the_servers_row(page, server):  # noqa: F811
+def test_stop_aborts_the_stream_and_frees_the_servers_row(page, server):
     engine = server[2]
     settings(page, "0", 40)
     engine.pause()
@@ -196,7 +195,7 @@ def test_stop_aborts_the_stream_and_frees_the_servers_row(page, server):  # noqa
     assert page.find_element(By.ID, "send").is_enabled() and console_errors(page) == []
 
 
-def test_server_errors_are_shown_in_the_pane(page, server):  # noqa: F811
+def test_server_errors_are_shown_in_the_pane(page, server):
     settings(page, "0", 10**6)  # more than the model's context: the server answers 400 naming max_tokens
     page.find_element(By.ID, "message").send_keys("hi", Keys.ENTER)
     wait(page, lambda d: state(d, 0) == "error")
@@ -205,7 +204,7 @@ def test_server_errors_are_shown_in_the_pane(page, server):  # noqa: F811
     assert console_errors(page, allowed="status of 400") == []
 
 
-def test_with_an_api_key_the_page_asks_for_it_keeps_it_and_streams_with_it(driver, folders):  # noqa: F811
+def test_with_an_api_key_the_page_asks_for_it_keeps_it_and_streams_with_it(driver, folders):
     base, adapters = folders
     model, tok = load_model(str(base))
     served = load_served(model, tok, {"lora": adapters["lora"]}, base_name="base")

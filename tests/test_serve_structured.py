@@ -17,7 +17,6 @@ import pytest
 from loramix.hub import load_model
 from loramix.serve.server.app import build_app, serve_in_thread
 from loramix.serve.server.engine import Engine, load_served
-from test_serve import folders  # noqa: F401  (a module-scoped fixture of this module too)
 
 MODELS = ["base", "lora", "mix"]
 WORDS = ["the cat", "a dog ran", "red green", "yes no", "blue park", "true false", "on the mat"]
@@ -70,7 +69,7 @@ def validate(value, spec: dict, where: str = "$") -> None:
 
 
 @pytest.fixture(scope="module")
-def server(folders):  # noqa: F811
+def server(folders):
     """(openai client, engine): the base, LoRA and MixLoRA in batches of up to 32 rows."""
     base, adapters = folders
     model, tok = load_model(str(base))
