@@ -86,7 +86,7 @@ class AuxiliaryLosses:
         Args:
             module: the adapter module whose losses these are.
             carrier: a small tensor of this call that the module's output depends on and that nothing
-                modifies in place (MixLoRA: the routing weights (N, E); MoRE: the per-row coefficients (B, R)).
+                modifies in place (MixLoRA: the routing weights (N, S); MoRE: the per-row coefficients (B, R)).
             losses: the module's auxiliary losses of this call, scalars.
 
         Returns:
