@@ -83,6 +83,11 @@ class MixLoraConfig(AdapterSettings):
         "Recompute the expert activations in backward instead of keeping them (less memory, ~1 more FFN forward).",
         False,
     )
+    fused: bool = help_field(
+        "Training on a SiLU-gated FFN without DoRA: run the expert rows' elementwise work as one torch.compile'd "
+        "region (same results; the first step compiles it, tens of seconds on a CPU); false: the eager path.",
+        False,
+    )
     adapter_dtype: str | None = help_field(ADAPTER_DTYPE_HELP, None)
 
     def __post_init__(self) -> None:
@@ -90,7 +95,7 @@ class MixLoraConfig(AdapterSettings):
         self._check_lora("attention_")
         self._check_targets("attention_targets")
         self._check_targets("ffn_targets")
-        self._check_common("use_dora", "use_rslora", "recompute_experts")
+        self._check_common("use_dora", "use_rslora", "recompute_experts", "fused")
         self._check_numbers("num_experts", positive=True, integer=True)
         self._check("routing", self.routing in ROUTINGS, f"one of {ROUTINGS}")
         if self.routing == "top_k":

@@ -189,14 +189,23 @@ class LoraDropout(nn.Dropout):
             return x, 1.0
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return F.dropout(x, self.p, True, self.inplace), 1.0
-        threshold = round(self.p * 32768)
-        if threshold == 0:  # p < 2⁻¹⁶: rounds to no dropout at all
+        drawn = self.cpu_mask_bits(x.shape, x.device)
+        if drawn is None:  # p < 2⁻¹⁶: rounds to no dropout at all
             return x, 1.0
-        n = x.numel()
-        lanes = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
+        bits, threshold, factor = drawn
+        return torch.where(bits >= threshold, x, 0.0), factor
+
+    def cpu_mask_bits(self, shape: torch.Size, device: torch.device) -> tuple[torch.Tensor, int, float] | None:
+        """The CPU mask of ``masked`` before it is applied: 15 random bits per element (int16, ``shape``; an
+        element is kept where its bits >= threshold), the threshold and the rescale; None when p rounds to 0."""
+        threshold = round(self.p * 32768)
+        if threshold == 0:
+            return None
+        n = math.prod(shape)
+        lanes = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
         # random_() fills [0, 2⁶³): the top lane has only 15 random bits, so keep 15 bits of each lane.
-        bits = lanes.view(torch.int16)[:n].view(x.shape) & 0x7FFF
-        return torch.where(bits >= threshold, x, 0.0), 32768 / (32768 - threshold)
+        bits = lanes.view(torch.int16)[:n].view(shape) & 0x7FFF
+        return bits, threshold, 32768 / (32768 - threshold)
 
 
 def lora_input(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:

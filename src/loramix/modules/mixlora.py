@@ -18,6 +18,10 @@ The fast path ("sorted" dispatch) never runs a frozen matmul more often than the
 3. One stable argsort of the (token, slot) expert ids gives contiguous per-expert segments, taken
    with ``torch.split``; the only host sync is reading the per-expert counts.
 4. Padding tokens get no expert (their slots sort last and are cut off) and see the frozen FFN.
+5. ``fused: true`` (SiLU-gated FFNs without DoRA, training): the rows' elementwise work (gathers, LoRA
+   adds, weighted SwiGLU, the down LoRA's dropout mask) runs as one ``torch.compile``d kernel forward and
+   one backward (``expert_rows.py``) instead of a memory pass per operation; the same results as the
+   eager path, which stays the reference (``fused: false``, the default).
 
 Expert tensors are stacked per projection: ``experts.lora_A[P]`` (E, r, in), ``experts.lora_B[P]``
 (E, out, r), ``experts.lora_magnitude[P]`` (E, out) for DoRA.
@@ -53,6 +57,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import MixLoraConfig
 from .context import ForwardContext
+from .expert_rows import IndexAddRows, WeightedSwiGLU, swiglu_mix
 from .kinds import AdapterKind, AdapterModule, Site, TensorRole, register, resolve_targets
 from .lora import (
     LORA_ROLES, LoraDropout, LoraLinear, dora_output, dora_weight_norm, lora_factors, lora_input, lora_sites,
@@ -127,53 +132,6 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return all((d * size) % 16 == 0 for d in dims) and x.is_contiguous()
 
 
-class WeightedSwiGLU(torch.autograd.Function):
-    """``w ⊙ silu(g) ⊙ u`` for expert rows g, u (M, f) and per-row gate weights w (M, 1).
-
-    The same as autograd over ``silu(g) * u * w``, but it keeps only g, u, w for backward (autograd
-    would also keep silu(g) and the product: two more (M, f) tensors per layer) and reuses its
-    buffers in place.
-    """
-
-    @staticmethod
-    def forward(ctx, g: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(g, u, w)
-        return torch.nn.functional.silu(g).mul_(u).mul_(w)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        g, u, w = ctx.saved_tensors
-        grad_g = grad_u = grad_w = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            s = grad * torch.nn.functional.silu(g)  # ∂out/∂(u w) · grad
-            if ctx.needs_input_grad[2]:  # row-wise Σ_f grad · silu(g) · u
-                grad_w = torch.bmm(s.unsqueeze(1), u.unsqueeze(2)).view_as(w)
-            grad_u = s.mul_(w) if ctx.needs_input_grad[1] else None
-        if ctx.needs_input_grad[0]:
-            grad_g = torch.ops.aten.silu_backward((grad * u).mul_(w), g)
-        return grad_g, grad_u, grad_w
-
-
-class IndexAddRows(torch.autograd.Function):
-    """``base.index_add(0, index, rows)`` whose backward keeps only ``index``.
-
-    ``Tensor.index_add`` saves ``rows`` for its backward (to shape the gradient), an (M, f) tensor
-    per MoE layer that nothing needs. Shapes: base (N, f), index (M,) long, rows (M, f) → (N, f).
-    """
-
-    @staticmethod
-    def forward(ctx, base: torch.Tensor, index: torch.Tensor,  # type: ignore[override]
-                rows: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(index)
-        return base.index_add(0, index, rows)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        (index,) = ctx.saved_tensors
-        grad_rows = grad.index_select(0, index) if ctx.needs_input_grad[2] else None
-        return (grad if ctx.needs_input_grad[0] else None), None, grad_rows
-
-
 class MixLoraFFN(AdapterModule):
     """A frozen FFN turned into a sparse mixture of LoRA experts behind a router.
 
@@ -238,6 +196,7 @@ class MixLoraFFN(AdapterModule):
         self.temperature, self.max_experts = config.temperature, config.max_experts
         self.capacity_factor, self.jitter = config.capacity_factor, config.jitter
         self.dispatch, self.recompute_experts = config.dispatch, config.recompute_experts
+        self.fused = config.fused
         self.lora_dropout = LoraDropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
         output = getattr(self, output_projection)
@@ -366,6 +325,8 @@ class MixLoraFFN(AdapterModule):
         routing = self.route(x, valid)
         if self.dispatch == "naive":
             out = self.forward_naive(x, routing)
+        elif self.fused_applies():
+            out = self.forward_fused(x, routing)
         elif self.recompute_experts and self.training and torch.is_grad_enabled():
             # Keep only x for backward; the expert activations (M rows each) are recomputed there,
             # with the same dropout masks (the RNG state is restored).
@@ -458,6 +419,36 @@ class MixLoraFFN(AdapterModule):
             out = IndexAddRows.apply(out.to(compute), token, self.lora_delta(name, inputs, seg, factor))
         return out
 
+    def fused_applies(self) -> bool:
+        """Whether ``forward_fused`` runs: ``fused`` set, a SiLU-gated FFN (gate, up, down) without DoRA,
+        training with gradients and the expert activations kept (``recompute_experts`` off)."""
+        return (self.fused and self.kind == "gated" and not self.use_dora and self.training
+                and torch.is_grad_enabled() and not self.recompute_experts
+                and type(self.act_fn).__name__ in ("SiLU", "SiLUActivation"))
+
+    def forward_fused(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """``forward_sorted`` with the rows' elementwise work in one compiled region (``expert_rows.swiglu_mix``):
+        the same dispatch, matmuls, dropout draws (in the same order) and results. x (N, d) → (N, d)."""
+        frozen = [getattr(self, p)(x) for p in self.input_projections]  # gate, up: each (N, f), once
+        compute = frozen[0].dtype
+        token, _, row_weight, seg = self.dispatch_plan(routing, x.device, compute)
+        expert_inputs, factor = lora_input(self.lora_dropout, x.index_select(0, token).to(compute))
+        deltas = [self.lora_delta(p, expert_inputs, seg, factor) if p in self.targets else None
+                  for p in self.input_projections]
+        name, down = self.output_projection, getattr(self, self.output_projection)
+        drawn = None  # the down LoRA's CPU dropout mask, drawn where forward_sorted draws it
+        if name in self.targets and isinstance(self.lora_dropout, LoraDropout) and self.lora_dropout.p > 0 \
+                and x.device.type == "cpu" and compute in (torch.float32, torch.bfloat16, torch.float16):
+            drawn = self.lora_dropout.cpu_mask_bits(torch.Size((token.shape[0], frozen[0].shape[1])), x.device)
+        keep, down_factor = (drawn[0] >= drawn[1], drawn[2]) if drawn is not None else (None, 1.0)
+        mixed, rows = swiglu_mix(*frozen, token, *deltas, row_weight.to(compute)[:, None], keep, name in self.targets)
+        out = down(mixed)
+        if rows is None:
+            return out
+        if drawn is None:  # no CPU mask: the dropout module itself (eval, p = 0 or F.dropout on other devices)
+            rows, down_factor = lora_input(self.lora_dropout, rows)
+        return IndexAddRows.apply(out.to(compute), token, self.lora_delta(name, rows, seg, down_factor))
+
     def forward_naive(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Per-expert loop as in the authors' code: each expert runs the whole FFN on its tokens."""
         num_tokens = x.shape[0]
@@ -504,7 +495,7 @@ class MixLoraFFN(AdapterModule):
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind}, experts={self.num_experts}, routing={self.routing}, r={self.r}, "
-                f"targets={self.targets}, dispatch={self.dispatch}")
+                f"targets={self.targets}, dispatch={self.dispatch}, fused={self.fused}")
 
 
 def moe_layers(model: nn.Module) -> list[MixLoraFFN]:

@@ -1,0 +1,173 @@
+r"""Elementwise work on the MixLoRA block's expert rows (M = the routed (token, slot) pairs, sorted by expert).
+
+Two ways to run it, the same math (``mixlora.py`` chooses):
+
+- eager (``fused: false``, the reference): small autograd functions that keep only what backward needs,
+  ``WeightedSwiGLU`` (``w ⊙ silu(g) ⊙ u``) and ``IndexAddRows`` (mixing rows into their tokens);
+- fused (``fused: true``, training only): ``SwiGLUMix``, whose forward and backward are each one function
+  compiled with ``torch.compile`` (inductor): the row gathers, the LoRA delta adds, SiLU, the two products
+  and the down LoRA's dropout mask are one vectorized kernel forward and one backward instead of a memory
+  pass (and an (M, f) buffer) each, and backward evaluates one sigmoid per element where the eager path
+  evaluates two. It keeps what the eager path keeps (g, u, the bool mask). The frozen and LoRA matmuls and
+  the scatters into the N tokens (``index_add_``) stay outside: inside, inductor's atomic adds would leave
+  the whole kernel scalar. So does the mask's test of the random bits (an int16 compare does the same).
+
+The regions are compiled once per process with dynamic shapes (no recompilation when N, M or the per-expert
+counts change); inductor's first compile takes seconds to tens of seconds on a CPU (a C++ compiler is
+needed) and is cached on disk by torch for later processes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+class WeightedSwiGLU(torch.autograd.Function):
+    """``w ⊙ silu(g) ⊙ u`` for expert rows g, u (M, f) and per-row gate weights w (M, 1).
+
+    The same as autograd over ``silu(g) * u * w``, but it keeps only g, u, w for backward (autograd
+    would also keep silu(g) and the product: two more (M, f) tensors per layer) and reuses its
+    buffers in place.
+    """
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(g, u, w)
+        return torch.nn.functional.silu(g).mul_(u).mul_(w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        g, u, w = ctx.saved_tensors
+        grad_g = grad_u = grad_w = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            s = grad * torch.nn.functional.silu(g)  # ∂out/∂(u w) · grad
+            if ctx.needs_input_grad[2]:  # row-wise Σ_f grad · silu(g) · u
+                grad_w = torch.bmm(s.unsqueeze(1), u.unsqueeze(2)).view_as(w)
+            grad_u = s.mul_(w) if ctx.needs_input_grad[1] else None
+        if ctx.needs_input_grad[0]:
+            grad_g = torch.ops.aten.silu_backward((grad * u).mul_(w), g)
+        return grad_g, grad_u, grad_w
+
+
+class IndexAddRows(torch.autograd.Function):
+    """``base.index_add(0, index, rows)`` whose backward keeps only ``index``.
+
+    ``Tensor.index_add`` saves ``rows`` for its backward (to shape the gradient), an (M, f) tensor
+    per MoE layer that nothing needs. Shapes: base (N, f), index (M,) long, rows (M, f) → (N, f).
+    """
+
+    @staticmethod
+    def forward(ctx, base: torch.Tensor, index: torch.Tensor,  # type: ignore[override]
+                rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        return base.index_add(0, index, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        grad_rows = grad.index_select(0, index) if ctx.needs_input_grad[2] else None
+        return (grad if ctx.needs_input_grad[0] else None), None, grad_rows
+
+
+def swiglu_rows_forward(gate: torch.Tensor, up: torch.Tensor, token: torch.Tensor, gate_delta: torch.Tensor | None,
+                        up_delta: torch.Tensor | None, weight: torch.Tensor, keep: torch.Tensor | None,
+                        want_rows: bool) -> tuple[torch.Tensor, ...]:
+    """Forward of ``SwiGLUMix`` (no autograd; compiled): the rows y (M, f), y masked by ``keep`` (or None: no
+    mask, or not ``want_rows``), g and u (M, f). The scatter of y into the tokens is left to ``index_add_``: inside,
+    its atomic adds would keep inductor from vectorizing the rest of the kernel."""
+    g = gate.index_select(0, token)
+    if gate_delta is not None:
+        g = g + gate_delta
+    u = up.index_select(0, token)
+    if up_delta is not None:
+        u = u + up_delta
+    rows = torch.nn.functional.silu(g) * u * weight
+    if not want_rows or keep is None:
+        return rows, None, g, u
+    return rows, torch.where(keep, rows, 0.0), g, u
+
+
+def swiglu_rows_backward(grad_mixed: torch.Tensor, grad_rows: torch.Tensor | None, g: torch.Tensor, u: torch.Tensor,
+                         weight: torch.Tensor, token: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Backward of ``SwiGLUMix`` (no autograd; compiled): the gradients of g (= of gate_delta), u (= of up_delta)
+    and weight (M, 1). ``silu'(g) = σ(g) (1 + g (1 − σ(g)))``: one sigmoid, no second one."""
+    grad = grad_mixed.index_select(0, token)  # (M, f): each row's share of its token's gradient
+    if grad_rows is not None:
+        grad = grad + (grad_rows if keep is None else torch.where(keep, grad_rows, 0.0))
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    grad_weight = (grad * silu * u).sum(dim=-1, keepdim=True)
+    grad = grad * weight
+    grad_u = grad * silu
+    grad_g = grad * u * (sig * (1 + g * (1 - sig)))
+    return grad_g, grad_u, grad_weight
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled(name: str, fn: Callable) -> Callable:
+    """``torch.compile(fn, dynamic=True)``, built once per process (dynamic: no recompilation per batch shape)."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=True)
+    return _COMPILED[name]
+
+
+class SwiGLUMix(torch.autograd.Function):
+    """The gated FFN's expert rows, weighted and mixed into their tokens, forward and backward each one compiled region.
+
+    Row i of token t = ``token[i]``: ``g_i = gate[t] + gate_delta[i]``, ``u_i = up[t] + up_delta[i]`` (a None
+    delta: that projection has no expert LoRA), ``y_i = weight[i] · silu(g_i) ⊙ u_i``. It keeps g, u (M, f) for
+    backward, as ``WeightedSwiGLU`` does, not the (N, f) frozen outputs or the deltas.
+
+    Args (``apply``, positional):
+        gate, up: (N, f) the frozen gate and up projections of the N tokens.
+        token: (M,) long, the token of each row; gate_delta, up_delta: (M, f) the rows' expert LoRA outputs.
+        weight: (M, 1) the rows' mixing weights.
+        keep: (M, f) bool, the down LoRA's dropout mask (True: kept), or None: no mask.
+        want_rows: return the rows (the down projection has expert LoRAs), else None for them.
+
+    Returns:
+        mixed (N, f) ``Σ_{i: token[i]=t} y_i``, the frozen down projection's input, and the rows y (M, f),
+        masked by ``keep`` when given (the down LoRA's input before its dropout rescale), or None.
+    """
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, token: torch.Tensor,  # type: ignore[override]
+                gate_delta: torch.Tensor | None, up_delta: torch.Tensor | None, weight: torch.Tensor,
+                keep: torch.Tensor | None, want_rows: bool):
+        rows, masked, g, u = compiled("forward", swiglu_rows_forward)(
+            gate, up, token, gate_delta, up_delta, weight, keep, want_rows)
+        mixed = rows.new_zeros(gate.shape[0], rows.shape[1]).index_add_(0, token, rows)
+        rows = (masked if keep is not None else rows) if want_rows else None
+        ctx.save_for_backward(g, u, weight, token, keep)
+        ctx.num_tokens = gate.shape[0]
+        ctx.has_delta = (gate_delta is not None, up_delta is not None)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no (M, f) zeros
+        return mixed, rows
+
+    @staticmethod
+    def backward(ctx, grad_mixed: torch.Tensor, grad_rows: torch.Tensor | None):  # type: ignore[override]
+        g, u, weight, token, keep = ctx.saved_tensors
+        if grad_mixed is None:
+            grad_mixed = g.new_zeros(ctx.num_tokens, g.shape[1])
+        grad_g, grad_u, grad_weight = compiled("backward", swiglu_rows_backward)(
+            grad_mixed.contiguous(), grad_rows, g, u, weight, token, keep)
+        grad_gate = grad_g.new_zeros(ctx.num_tokens, g.shape[1]).index_add_(0, token, grad_g)
+        grad_up = grad_u.new_zeros(ctx.num_tokens, u.shape[1]).index_add_(0, token, grad_u)
+        return (grad_gate, grad_up, None, grad_g if ctx.has_delta[0] else None,
+                grad_u if ctx.has_delta[1] else None, grad_weight, None, None)
+
+
+def swiglu_mix(*args) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``SwiGLUMix.apply(*args)``; a failure of the first call (where torch.compile builds the regions) names the
+    setting that turns the fused path off."""
+    if _COMPILED:
+        return SwiGLUMix.apply(*args)
+    try:
+        return SwiGLUMix.apply(*args)
+    except Exception as err:  # noqa: BLE001 - re-raised with the setting to change
+        raise RuntimeError(f"MixLoRA's fused expert rows (fused: true) failed on their first use, where torch.compile "
+                           f"builds them: {err}; set fused: false in the MixLoRA config to use the eager path") from err
