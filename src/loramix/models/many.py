@@ -31,6 +31,7 @@ from typing import Any, Iterable, Iterator, NamedTuple
 import torch
 from torch import nn
 
+from .grouped import GroupedLowRank
 from .inject import (
     AdapterState, adapter_parameters, adapter_state, call_token_mask, check_fresh_base, check_injection, inject, unload,
 )
@@ -73,12 +74,14 @@ class ManyAdapterState:
         members: name → {slot path → that adapter's module at the slot}.
         plan: stack of row plans; the top is the list of ``RowSpan`` of the current input.
         hooks: the handle of the model's forward pre-hook that reads ``adapter_rows`` (``_capture_rows``).
+        task_ids: the current forward's ``task_ids`` object as given (B,), or None (a key of the stacks' kept forms).
     """
 
     adapters: dict[str, AdapterState]
     members: dict[str, dict[str, nn.Module]]
     plan: list[list[RowSpan]] = field(default_factory=list)
     hooks: list = field(default_factory=list)
+    task_ids: Any = None
 
 
 def member_key(name: str) -> str:
@@ -114,6 +117,9 @@ class AdapterStack(nn.Module):
         # Members with ``adapter_forward`` (LoRA, DoRA, MoRE) take the frozen output computed once for
         # every row (one big matmul); others (a MixLoRA FFN) are called on their rows.
         self.shares_frozen_output = all(hasattr(m, "adapter_forward") for m in members.values())
+        # In a frozen forward, members that state their term as low-rank rows run for all rows in one matmul pair.
+        self._grouped = (GroupedLowRank(dict(members))
+                         if all(hasattr(m, "low_rank_rows") for m in members.values()) else None)
 
     def member(self, name: str) -> nn.Module | None:
         """Adapter ``name``'s module at this slot, or None (its rows get the base module)."""
@@ -132,8 +138,13 @@ class AdapterStack(nn.Module):
         if self.shares_frozen_output:
             # The frozen projection once for every row: in a decode step (a few rows) the weight read,
             # not the arithmetic, is the cost, and per-adapter calls would read it once per adapter.
+            base_out = self.base(x)
+            if self._grouped is not None and self._grouped.usable(plan, x.device):
+                out = self._grouped.forward(x, base_out, plan, self._state.task_ids, self._use_rows)
+                if out is not None:
+                    return out
             outs = []
-            for seg, x_i, b_i in zip(plan, x.split(sizes), self.base(x).split(sizes)):
+            for seg, x_i, b_i in zip(plan, x.split(sizes), base_out.split(sizes)):
                 member = self.member(seg.name)
                 if member is None or member.context.disabled:
                     outs.append(b_i)
@@ -232,6 +243,7 @@ def _capture_rows(state: ManyAdapterState):
             segments.append(RowSpan(name, count, start, None if mask is None else mask[start:start + count], seg_tasks))
             start += count
         state.plan[:] = [segments]
+        state.task_ids = task_ids
         for context in (a.context for a in state.adapters.values()):
             context.begin_forward()  # each adapter's auxiliary-loss collector of this forward
             context.token_mask, context.task_ids = None, None

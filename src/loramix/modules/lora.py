@@ -28,6 +28,7 @@ in fp32 and cast.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,24 @@ def merged_lora_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s
     if magnitude is None:
         return merged
     return (magnitude.float() / dora_weight_norm(weight, A, B, scale).float())[:, None] * merged
+
+
+class LowRankRows(NamedTuple):
+    """One adapter's term at a projection for ``rows`` rows of a frozen (no-grad, eval) forward, in the form
+    several adapters of one slot share (``models.many`` runs their rows in one matmul pair):
+    ``y = factor ⊙ (base_out + (x Aᵀ ⊙ coefficients) Bᵀ − bias) + bias``, where a None factor means 1.
+
+    Attributes:
+        A: (r, in). B: (out, r). coefficients: (rows, r), what multiplies each rank component per row (the
+        scale, MoRE's per-task mask). factor: DoRA's ``m / ||W + s B A||`` (out,) or None. bias: the frozen
+        bias (out,) or None (only read with a factor).
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    coefficients: torch.Tensor
+    factor: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
 
 class FrozenConstant:
@@ -352,6 +371,14 @@ class LoraLinear(FrozenProjection):
             out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), low.reshape(-1, low.shape[-1]), B.t())
             return out.view(base_out.shape)
         return dora_output(base_out, F.linear(low, B), self.bias, self.dora_factor())
+
+    def low_rank_rows(self, rows: int, dtype: torch.dtype) -> LowRankRows | None:
+        """This adapter as ``LowRankRows`` for ``rows`` rows in ``dtype``; None while dropout is active."""
+        if self.training and type(self.dropout) is not nn.Identity:
+            return None
+        A, B = in_dtype(self.lora_A, dtype), in_dtype(self.lora_B, dtype)
+        factor = in_dtype(self.dora_factor(), dtype) if self.use_dora else None
+        return LowRankRows(A, B, A.new_full((rows, self.r), self.scale), factor, self.bias)
 
     def dora_factor(self) -> torch.Tensor:
         """DoRA's ``m / ||W + s B A||_row``, shape (out,): computed once and kept while the weight, A, B and m

@@ -33,7 +33,8 @@ from ..config import MoreConfig, implicit_task
 from .context import ForwardContext
 from .kinds import AdapterKind, Site, TensorRole, register, resolve_targets
 from .lora import (
-    LORA_ROLES, FrozenConstant, FrozenProjection, LoraDropout, in_dtype, lora_factors, lora_input, projection_sites,
+    LORA_ROLES, FrozenConstant, FrozenProjection, LoraDropout, LowRankRows, in_dtype, lora_factors, lora_input,
+    projection_sites,
 )
 from .quantized import adapter_dtype_for
 
@@ -253,6 +254,15 @@ class MoreLinear(FrozenProjection):
             coef = self.context.losses.record(self, coef, {"contrastive_loss": self._contrastive_loss(x, task_ids)})
         A, B = in_dtype(self.lora_A, compute), in_dtype(self.lora_B, compute)
         return base_out + F.linear(F.linear(x_in, A) * coef, B)  # x_in Aᵀ: all R components in one matmul
+
+    def low_rank_rows(self, rows: int, dtype: torch.dtype) -> LowRankRows | None:
+        """This adapter as ``LowRankRows`` for ``rows`` rows (the context's task ids are theirs) in ``dtype``: each
+        row's coefficients are its task's; None while dropout is active."""
+        if self.training and type(self.dropout) is not nn.Identity:
+            return None
+        device = self.lora_A.device
+        coefficients = self.task_coefficients(self.scale, device, dtype)[self.task_ids_for(rows, device)]
+        return LowRankRows(in_dtype(self.lora_A, dtype), in_dtype(self.lora_B, dtype), coefficients)
 
     def task_coefficients(self, scale: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Per task, what multiplies each of the R components: ``[i < k_t] · c_i² · w_t · scale``, shape

@@ -1,0 +1,137 @@
+"""Several low-rank adapters of one projection slot in one matmul pair (serving several adapters at once).
+
+In a frozen forward (no gradient, eval mode, ``context.inference_only``: ``loramix serve``), every member
+of an ``AdapterStack`` at a projection that can state its term as ``LowRankRows`` (LoRA, rsLoRA, DoRA,
+MoRE, MixLoRA's attention LoRAs) is run for all rows together instead of one adapter at a time::
+
+    A_cat (R, in)  = the members' A stacked along the rank      R = the sum of their ranks
+    B_cat (out, R) = their B side by side
+    C (rows, R)    = each row's coefficients in its adapter's rank columns, 0 elsewhere
+    y = F ⊙ (W x + b + ((x A_catᵀ) ⊙ C) B_catᵀ − b) + b         F (rows, out): DoRA's factor, 1 elsewhere
+
+A row's zero columns add exact zeros, so each row equals its adapter alone up to the matmuls' summation
+order. The per-step work is 4-5 ops per slot instead of ~7 per adapter; the extra arithmetic (every row
+times every adapter's rank) is small while R is small against the projection (``MAX_RANK_SHARE``), else
+the stack keeps the per-adapter path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Grouped only while R (in + out) <= MAX_RANK_SHARE · in · out: the rows' extra low-rank work stays a small
+# part of the frozen matmul they share (e.g. four rank-8 adapters on 576 → 576: 32 · 1152 vs 0.25 · 576²).
+MAX_RANK_SHARE = 0.25
+
+
+class GroupedLowRank:
+    """One ``AdapterStack``'s grouped low-rank form, kept while its row plan and its members' tensors are unchanged.
+
+    Args:
+        members: adapter name → the slot's module (each with ``low_rank_rows(rows, dtype)``).
+    """
+
+    def __init__(self, members: dict[str, nn.Module]) -> None:
+        self.members = members
+        # Every tensor the members' forms read (weights, factors, selectors): a write to any (version), a new
+        # storage (.data =, .to()) or another object misses the kept form.
+        self.tensors = [t for m in members.values() for t in (*m.parameters(), *m.buffers())]
+        self.key: tuple | None = None
+        self.kept: tuple | None = None  # (task ids object held, form) or None when the plan cannot be grouped
+
+    def usable(self, plan: list, device: torch.device) -> bool:
+        """Whether this forward may take the grouped path: no gradient, no autocast, every member of the plan in
+        eval mode, inference-only and enabled."""
+        if torch.is_grad_enabled() or torch.is_autocast_enabled(device.type):
+            return False
+        for seg in plan:
+            member = self.members.get(seg.name)
+            if member is not None and (member.training or member.context.disabled
+                                       or not member.context.inference_only):
+                return False
+        return True
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, plan: list, task_ids: Any,
+                use_rows: Callable[[Any], None]) -> torch.Tensor | None:
+        """Every row's adapted output from the frozen output of all rows, or None (take the per-adapter path).
+
+        Args:
+            x: (rows, ..., in). base_out: (rows, ..., out), ``W x + b``. plan: the forward's ``RowSpan`` list.
+            task_ids: the forward's task ids object (part of the key). use_rows: points a segment's adapter context
+                at its rows (``AdapterStack._use_rows``), for the members' ``low_rank_rows``.
+        """
+        form = self._form(plan, task_ids, base_out.dtype, base_out.device, x.shape[-1], base_out.shape[-1], use_rows)
+        if form is None:
+            return None
+        A, B, C, factor, bias = form
+        rows, width = x.shape[0], base_out.shape[-1]
+        low = F.linear(x, A) * C.view(rows, *([1] * (x.dim() - 2)), -1)  # (rows, ..., R)
+        out = torch.addmm(base_out.reshape(-1, width), low.reshape(-1, low.shape[-1]), B.t()).view(base_out.shape)
+        if factor is None:
+            return out
+        factor = factor.view(rows, *([1] * (x.dim() - 2)), width)
+        return out * factor if bias is None else (out - bias) * factor + bias
+
+    def _form(self, plan: list, task_ids: Any, dtype: torch.dtype, device: torch.device, n_in: int, n_out: int,
+              use_rows: Callable[[Any], None]) -> tuple | None:
+        """(A_cat (R, in), B_cat (out, R), C (rows, R), F (rows, out) or None, bias or None), kept; None if a member
+        cannot state its term or R is too large."""
+        key = (tuple((seg.name, seg.rows) for seg in plan), dtype, device, id(task_ids),
+               getattr(task_ids, "_version", None),
+               tuple(self.members[n].context.default_task_id for n in {seg.name for seg in plan} if n in self.members),
+               tuple((t._version, _pointer(t)) for t in self.tensors))
+        if self.key == key and self.kept is not None and self.kept[0] is task_ids:
+            return self.kept[1]
+        form = self._build(plan, dtype, n_in, n_out, use_rows)
+        self.key, self.kept = key, (task_ids, form)
+        return form
+
+    def _build(self, plan: list, dtype: torch.dtype, n_in: int, n_out: int,
+               use_rows: Callable[[Any], None]) -> tuple | None:
+        terms = []  # (segment, its LowRankRows)
+        for seg in plan:
+            member = self.members.get(seg.name)
+            if member is None:
+                continue  # its rows keep the frozen output: zero coefficients
+            use_rows(seg)
+            term = member.low_rank_rows(seg.rows, dtype)
+            if term is None:
+                return None
+            terms.append((seg, term))
+        if not terms:
+            return None
+        offsets: dict[str, int] = {}  # adapter → its first rank column (an adapter may own two segments)
+        A_parts, B_parts = [], []
+        for seg, term in terms:
+            if seg.name not in offsets:
+                offsets[seg.name] = sum(a.shape[0] for a in A_parts)
+                A_parts.append(term.A)
+                B_parts.append(term.B)
+        rank = sum(a.shape[0] for a in A_parts)
+        if rank * (n_in + n_out) > MAX_RANK_SHARE * n_in * n_out:
+            return None
+        rows = sum(seg.rows for seg in plan)
+        first = terms[0][1].A
+        C = first.new_zeros(rows, rank, dtype=dtype)
+        dora = [term for _, term in terms if term.factor is not None]
+        factor = first.new_ones(rows, n_out, dtype=dtype) if dora else None
+        for seg, term in terms:
+            at = offsets[seg.name]
+            C[seg.start:seg.start + seg.rows, at:at + term.A.shape[0]] = term.coefficients
+            if term.factor is not None:
+                factor[seg.start:seg.start + seg.rows] = term.factor
+        bias = dora[0].bias if dora else None
+        bias = None if bias is None else bias.to(dtype)
+        return torch.cat(A_parts), torch.cat(B_parts, dim=1), C, factor, bias
+
+
+def _pointer(t: torch.Tensor) -> int | None:
+    """The storage address of ``t``, or None for a tensor subclass without plain storage (torchao)."""
+    try:
+        return t.data_ptr()
+    except RuntimeError:
+        return None

@@ -1,0 +1,147 @@
+"""Several low-rank adapters of one slot served in one matmul pair (models/grouped.py): each row equals its
+adapter alone, and the per-adapter path of the same model, to 1e-5; the kept form follows the weights,
+the task ids and the row plan."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramix.config import LoraConfig, MixLoraConfig, MoreConfig
+from loramix.models.grouped import GroupedLowRank
+from loramix.models.many import AdapterStack, inject_many, only_adapter
+from tiny_models import tiny_model
+
+CONFIGS = {
+    "lora": LoraConfig(r=2, alpha=4, dropout=0.0, targets=None),
+    "dora": LoraConfig(r=2, alpha=4, dropout=0.0, targets=None, use_dora=True),
+    "mix": MixLoraConfig(r=2, alpha=4, dropout=0.0, num_experts=4, top_k=2),
+    "more": MoreConfig(max_rank=2, alpha=4, dropout=0.0, tasks=["a", "b"]),
+}
+# rows: 2 lora, 1 dora, 2 mix, 3 more (tasks a, b, a), then lora again (an adapter owning two segments)
+PLAN = [("lora", 2), ("dora", 1), ("mix", 2), ("more", 3), ("lora", 1)]
+TASKS = torch.tensor([-1, -1, -1, -1, -1, 0, 1, 0, -1])
+
+
+def served_model(family: str = "llama", **overrides) -> torch.nn.Module:
+    """The four kinds on one tiny base, adapter tensors random (B != 0, DoRA magnitudes off the norms), frozen as
+    ``loramix serve`` freezes them (eval, inference_only)."""
+    model = inject_many(tiny_model(family, width=128, **overrides), CONFIGS)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.2)
+    set_inference_only(model, True)
+    return model
+
+
+def set_inference_only(model: torch.nn.Module, flag: bool) -> None:
+    model.eval()
+    for state in model.loramix_many.adapters.values():
+        state.context.inference_only = flag
+
+
+def joint_logits(model: torch.nn.Module, ids: torch.Tensor, plan=PLAN, tasks=TASKS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, adapter_rows=plan, task_ids=tasks).logits
+
+
+def per_adapter_reference(model: torch.nn.Module, ids: torch.Tensor, plan=PLAN, tasks=TASKS) -> torch.Tensor:
+    """The same joint forward on the per-adapter path (not inference-only: the stacks never group)."""
+    set_inference_only(model, False)
+    try:
+        return joint_logits(model, ids, plan, tasks)
+    finally:
+        set_inference_only(model, True)
+
+
+def alone_reference(model: torch.nn.Module, ids: torch.Tensor, plan=PLAN, tasks=TASKS) -> torch.Tensor:
+    """Each segment's rows through its adapter alone (one segment: the stacks call the member's own forward)."""
+    outs, start = [], 0
+    for name, rows in plan:
+        seg_tasks = tasks[start:start + rows]
+        with torch.no_grad(), only_adapter(model, name):
+            kwargs = {} if bool((seg_tasks < 0).all()) else {"task_ids": seg_tasks}
+            outs.append(model(input_ids=ids[start:start + rows], **kwargs).logits)
+        start += rows
+    return torch.cat(outs)
+
+
+def grouped_stacks(model: torch.nn.Module) -> list[AdapterStack]:
+    """The stacks that took the grouped path in the last forward."""
+    return [m for m in model.modules() if isinstance(m, AdapterStack) and m._grouped is not None
+            and m._grouped.kept is not None and m._grouped.kept[1] is not None]
+
+
+@pytest.mark.parametrize("family, overrides", [("llama", {}), ("qwen2", {}), ("llama", {"mlp_bias": True})],
+                         ids=["llama", "qwen2-attention-bias", "llama-mlp-bias"])
+def test_grouped_rows_equal_each_adapter_alone(family: str, overrides: dict) -> None:
+    model = served_model(family, **overrides)
+    ids = torch.randint(1, 97, (sum(r for _, r in PLAN), 7), generator=torch.Generator().manual_seed(0))
+    got = joint_logits(model, ids)
+    # every attention projection (4 adapters there) and the FFN projections took the grouped path
+    assert len(grouped_stacks(model)) >= 2 * 4
+    torch.testing.assert_close(got, per_adapter_reference(model, ids), rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, alone_reference(model, ids), rtol=0, atol=1e-5)
+    assert torch.equal(got.argmax(-1), alone_reference(model, ids).argmax(-1))
+
+
+def test_the_kept_form_follows_weights_task_ids_and_plan() -> None:
+    model = served_model()
+    ids = torch.randint(1, 97, (9, 5), generator=torch.Generator().manual_seed(1))
+    joint_logits(model, ids)
+    # a weight written in place (a load's copy_): the next forward uses it
+    q_dora = next(m for p, m in model.loramix_many.members["dora"].items() if p.endswith("q_proj"))
+    more = next(m for p, m in model.loramix_many.members["more"].items() if p.endswith("v_proj"))
+    with torch.no_grad():
+        q_dora.lora_B.mul_(-2.0)
+        more.lora_A.mul_(1.5)
+    torch.testing.assert_close(joint_logits(model, ids), alone_reference(model, ids), rtol=0, atol=1e-5)
+    # other task ids on the same plan, written in place and as a new tensor
+    tasks = TASKS.clone()
+    joint_logits(model, ids, tasks=tasks)
+    tasks[5:8] = torch.tensor([1, 1, 0])
+    torch.testing.assert_close(joint_logits(model, ids, tasks=tasks), alone_reference(model, ids, tasks=tasks),
+                               rtol=0, atol=1e-5)
+    other = torch.tensor([-1, -1, -1, -1, -1, 1, 0, 1, -1])
+    torch.testing.assert_close(joint_logits(model, ids, tasks=other), alone_reference(model, ids, tasks=other),
+                               rtol=0, atol=1e-5)
+    # another plan of the same rows
+    plan = [("more", 3), ("lora", 3), ("mix", 1), ("dora", 2)]
+    tasks = torch.tensor([0, 1, 1, -1, -1, -1, -1, -1, -1])
+    torch.testing.assert_close(joint_logits(model, ids, plan, tasks), alone_reference(model, ids, plan, tasks),
+                               rtol=0, atol=1e-5)
+
+
+def test_a_decode_step_with_a_cache_equals_the_per_adapter_path() -> None:
+    model = served_model()
+    ids = torch.randint(1, 97, (9, 6), generator=torch.Generator().manual_seed(2))
+    steps = {}
+    for grouped in (True, False):
+        set_inference_only(model, grouped)
+        with torch.no_grad():
+            out = model(input_ids=ids, adapter_rows=PLAN, task_ids=TASKS, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            steps[grouped] = model(input_ids=nxt, adapter_rows=PLAN, task_ids=TASKS, use_cache=True,
+                                   past_key_values=out.past_key_values).logits
+    torch.testing.assert_close(steps[True], steps[False], rtol=0, atol=1e-5)
+
+
+def test_training_and_gradients_keep_the_per_adapter_path() -> None:
+    model = served_model()
+    ids = torch.randint(1, 97, (9, 5), generator=torch.Generator().manual_seed(4))
+    model(input_ids=ids, adapter_rows=PLAN, task_ids=TASKS).logits.sum().backward()  # grad enabled: never grouped
+    assert not grouped_stacks(model)
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n)
+
+
+def test_many_large_ranks_keep_the_per_adapter_path() -> None:
+    configs = {f"a{i}": LoraConfig(r=16, alpha=16, dropout=0.0, targets=["q_proj"]) for i in range(4)}
+    model = inject_many(tiny_model(width=128), configs)  # 4 · 16 · (128 + 128) > 0.25 · 128 · 128
+    set_inference_only(model, True)
+    stack = next(m for m in model.modules() if isinstance(m, AdapterStack))
+    assert isinstance(stack._grouped, GroupedLowRank)
+    with torch.no_grad():
+        model(input_ids=torch.ones(4, 3, dtype=torch.long), adapter_rows=[(f"a{i}", 1) for i in range(4)])
+    assert stack._grouped.kept is not None and stack._grouped.kept[1] is None
