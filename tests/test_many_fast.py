@@ -145,3 +145,16 @@ def test_many_large_ranks_keep_the_per_adapter_path() -> None:
     with torch.no_grad():
         model(input_ids=torch.ones(4, 3, dtype=torch.long), adapter_rows=[(f"a{i}", 1) for i in range(4)])
     assert stack._grouped.kept is not None and stack._grouped.kept[1] is None
+
+
+def test_a_default_task_change_reaches_the_grouped_rows() -> None:
+    model = served_model()
+    ids = torch.randint(1, 97, (9, 4), generator=torch.Generator().manual_seed(5))
+    no_tasks = torch.full((9,), -1)  # MoRE rows without a task id: the context's default task
+    context = model.loramix_many.adapters["more"].context
+    got = {}
+    for task in (0, 1):
+        context.default_task_id = task  # what adapters.more_tasks.use_task sets
+        got[task] = joint_logits(model, ids, tasks=no_tasks)
+        torch.testing.assert_close(got[task], per_adapter_reference(model, ids, tasks=no_tasks), rtol=0, atol=1e-5)
+    assert not torch.allclose(got[0][5:8], got[1][5:8])  # the tasks differ on the MoRE rows

@@ -39,7 +39,10 @@ class GroupedLowRank:
         self.members = members
         # Every tensor the members' forms read (weights, factors, selectors): a write to any (version), a new
         # storage (.data =, .to()) or another object misses the kept form.
-        self.tensors = [t for m in members.values() for t in (*m.parameters(), *m.buffers())]
+        # Members share the frozen weight: each tensor once.
+        tensors = {id(t): t for m in members.values() for t in (*m.parameters(), *m.buffers())}
+        self.tensors = [t for t in tensors.values() if _pointer(t) is not None]
+        self.opaque = [t for t in tensors.values() if _pointer(t) is None]  # torchao: their version only
         self.key: tuple | None = None
         self.kept: tuple | None = None  # (task ids object held, form) or None when the plan cannot be grouped
 
@@ -80,10 +83,11 @@ class GroupedLowRank:
               use_rows: Callable[[Any], None]) -> tuple | None:
         """(A_cat (R, in), B_cat (out, R), C (rows, R), F (rows, out) or None, bias or None), kept; None if a member
         cannot state its term or R is too large."""
+        names = [n for n in dict.fromkeys(seg.name for seg in plan) if n in self.members]
         key = (tuple((seg.name, seg.rows) for seg in plan), dtype, device, id(task_ids),
-               getattr(task_ids, "_version", None),
-               tuple(self.members[n].context.default_task_id for n in {seg.name for seg in plan} if n in self.members),
-               tuple((t._version, _pointer(t)) for t in self.tensors))
+               getattr(task_ids, "_version", None), tuple(self.members[n].context.default_task_id for n in names),
+               [t._version for t in self.tensors], [t.data_ptr() for t in self.tensors],
+               [t._version for t in self.opaque])
         if self.key == key and self.kept is not None and self.kept[0] is task_ids:
             return self.kept[1]
         form = self._build(plan, dtype, n_in, n_out, use_rows)
