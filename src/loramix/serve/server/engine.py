@@ -45,7 +45,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ...adapters.folder import read_adapter_config
+from ...adapters.folder import read_adapter_config, read_adapter_folder
 from ...adapters.io import load_adapter
 from ...adapters.more_tasks import bare_name_task, recorded_task_index
 from ...config import LoraConfig
@@ -133,6 +133,9 @@ def load_served(model: nn.Module, tokenizer: Any, folders: dict[str, str | os.Pa
                 base_name: str) -> Served:
     """Stack the adapter folders and the base's stand-in on ``model`` (in place) and name the targets.
 
+    Every folder is read and checked against the model (as ``load_many`` does) before the first adapter is built:
+    a bad folder leaves ``model`` as it was.
+
     Args:
         folders: adapter name → folder. Names are letters, digits, ``-``, ``_``, ``.``; not starting with ``_``.
         base_name: what clients call the base model (the ``--model`` value).
@@ -143,6 +146,8 @@ def load_served(model: nn.Module, tokenizer: Any, folders: dict[str, str | os.Pa
     targets: dict[str, Target] = {base_name: Target(BASE)}
     for name, folder in folders.items():
         targets.update(adapter_targets(name, folder, base_name=base_name))
+    for folder in folders.values():
+        read_adapter_folder(folder, model)  # tensors read lazily: the files' headers, keys and shapes
     attach = {BASE: _base_lora}
     attach.update({name: (lambda m, f=folder: load_adapter(m, f)) for name, folder in folders.items()})
     model = stack_adapters(model, attach)
