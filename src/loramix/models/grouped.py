@@ -67,34 +67,34 @@ class GroupedLowRank:
             task_ids: the forward's task ids object (part of the key). use_rows: points a segment's adapter context
                 at its rows (``AdapterStack._use_rows``), for the members' ``low_rank_rows``.
         """
-        form = self._form(plan, task_ids, base_out.dtype, base_out.device, x.shape[-1], base_out.shape[-1], use_rows)
+        form = self._form(plan, task_ids, base_out.dtype, base_out.device, x.shape[-1], base_out.shape[-1], x.dim(),
+                          use_rows)
         if form is None:
             return None
-        A, B, C, factor, bias = form
-        rows, width = x.shape[0], base_out.shape[-1]
-        low = F.linear(x, A) * C.view(rows, *([1] * (x.dim() - 2)), -1)  # (rows, ..., R)
-        out = torch.addmm(base_out.reshape(-1, width), low.reshape(-1, low.shape[-1]), B.t()).view(base_out.shape)
+        A, B_t, C, factor, bias = form
+        low = F.linear(x, A).mul_(C)  # (rows, ..., R); C (rows, 1.., R)
+        width = base_out.shape[-1]
+        out = torch.addmm(base_out.reshape(-1, width), low.reshape(-1, low.shape[-1]), B_t).view(base_out.shape)
         if factor is None:
             return out
-        factor = factor.view(rows, *([1] * (x.dim() - 2)), width)
-        return out * factor if bias is None else (out - bias) * factor + bias
+        return out.mul_(factor) if bias is None else out.sub_(bias).mul_(factor).add_(bias)  # factor (rows, 1.., out)
 
     def _form(self, plan: list, task_ids: Any, dtype: torch.dtype, device: torch.device, n_in: int, n_out: int,
-              use_rows: Callable[[Any], None]) -> tuple | None:
-        """(A_cat (R, in), B_cat (out, R), C (rows, R), F (rows, out) or None, bias or None), kept; None if a member
-        cannot state its term or R is too large."""
+              dims: int, use_rows: Callable[[Any], None]) -> tuple | None:
+        """(A_cat (R, in), B_catᵀ (R, out) contiguous, C (rows, 1.., R), F (rows, 1.., out) or None, bias or None)
+        for an input of ``dims`` dimensions, kept; None if a member cannot state its term or R is too large."""
         names = [n for n in dict.fromkeys(seg.name for seg in plan) if n in self.members]
-        key = (tuple((seg.name, seg.rows) for seg in plan), dtype, device, id(task_ids),
+        key = (tuple((seg.name, seg.rows) for seg in plan), dtype, device, dims, id(task_ids),
                getattr(task_ids, "_version", None), tuple(self.members[n].context.default_task_id for n in names),
                [t._version for t in self.tensors], [t.data_ptr() for t in self.tensors],
                [t._version for t in self.opaque])
         if self.key == key and self.kept is not None and self.kept[0] is task_ids:
             return self.kept[1]
-        form = self._build(plan, dtype, n_in, n_out, use_rows)
+        form = self._build(plan, dtype, n_in, n_out, dims, use_rows)
         self.key, self.kept = key, (task_ids, form)
         return form
 
-    def _build(self, plan: list, dtype: torch.dtype, n_in: int, n_out: int,
+    def _build(self, plan: list, dtype: torch.dtype, n_in: int, n_out: int, dims: int,
                use_rows: Callable[[Any], None]) -> tuple | None:
         terms = []  # (segment, its LowRankRows)
         for seg in plan:
@@ -130,7 +130,9 @@ class GroupedLowRank:
                 factor[seg.start:seg.start + seg.rows] = term.factor
         bias = dora[0].bias if dora else None
         bias = None if bias is None else bias.to(dtype)
-        return torch.cat(A_parts), torch.cat(B_parts, dim=1), C, factor, bias
+        middle = [1] * (dims - 2)  # the input's token dimensions: C and F broadcast over them
+        factor = None if factor is None else factor.view(rows, *middle, n_out)
+        return torch.cat(A_parts), torch.cat(B_parts, dim=1).t().contiguous(), C.view(rows, *middle, rank), factor, bias
 
 
 def _pointer(t: torch.Tensor) -> int | None:
