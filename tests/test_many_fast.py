@@ -70,8 +70,8 @@ def alone_reference(model: torch.nn.Module, ids: torch.Tensor, plan=PLAN, tasks=
 
 def grouped_stacks(model: torch.nn.Module) -> list[AdapterStack]:
     """The stacks that took the grouped path in the last forward."""
-    return [m for m in model.modules() if isinstance(m, AdapterStack) and m._grouped is not None
-            and m._grouped.kept is not None and m._grouped.kept[1] is not None]
+    return [m for m in model.modules()
+            if isinstance(m, AdapterStack) and m._grouped is not None and m._grouped.kept_form is not None]
 
 
 @pytest.mark.parametrize("family, overrides", [("llama", {}), ("qwen2", {}), ("llama", {"mlp_bias": True})],
@@ -97,6 +97,11 @@ def test_the_kept_form_follows_weights_task_ids_and_plan() -> None:
     with torch.no_grad():
         q_dora.lora_B.mul_(-2.0)
         more.lora_A.mul_(1.5)
+    torch.testing.assert_close(joint_logits(model, ids), alone_reference(model, ids), rtol=0, atol=1e-5)
+    # a tensor assigned anew (a new Parameter object), and one given new storage (.data =)
+    q_lora = next(m for p, m in model.loramix_many.members["lora"].items() if p.endswith("q_proj"))
+    q_lora.lora_A = torch.nn.Parameter(q_lora.lora_A.detach() * 3.0)
+    more.lora_B.data = more.lora_B.data * -1.0
     torch.testing.assert_close(joint_logits(model, ids), alone_reference(model, ids), rtol=0, atol=1e-5)
     # other task ids on the same plan, written in place and as a new tensor
     tasks = TASKS.clone()
@@ -144,7 +149,7 @@ def test_many_large_ranks_keep_the_per_adapter_path() -> None:
     assert isinstance(stack._grouped, GroupedLowRank)
     with torch.no_grad():
         model(input_ids=torch.ones(4, 3, dtype=torch.long), adapter_rows=[(f"a{i}", 1) for i in range(4)])
-    assert stack._grouped.kept is not None and stack._grouped.kept[1] is None
+    assert stack._grouped.kept is not None and stack._grouped.kept_form is None
 
 
 def test_a_default_task_change_reaches_the_grouped_rows() -> None:

@@ -37,14 +37,21 @@ class GroupedLowRank:
 
     def __init__(self, members: dict[str, nn.Module]) -> None:
         self.members = members
-        # Every tensor the members' forms read (weights, factors, selectors): a write to any (version), a new
-        # storage (.data =, .to()) or another object misses the kept form.
-        # Members share the frozen weight: each tensor once.
-        tensors = {id(t): t for m in members.values() for t in (*m.parameters(), *m.buffers())}
-        self.tensors = [t for t in tensors.values() if _pointer(t) is not None]
-        self.opaque = [t for t in tensors.values() if _pointer(t) is None]  # torchao: their version only
+        # Where every tensor the members' forms read lives (weights, factors, selectors), as (a module's
+        # _parameters or _buffers table, name): read afresh each forward, so that a write (version), a new storage
+        # (.data =, .to()) or a new object (a Parameter assigned) misses the kept form. Members share the frozen
+        # weight: each slot once. torchao tensors have no plain storage: their identity and version only.
+        slots = {(id(table), name): (table, name) for m in members.values() for sub in m.modules()
+                 for table in (sub._parameters, sub._buffers) for name, t in table.items() if t is not None}
+        self.slots = [slot for slot in slots.values() if _pointer(slot[0][slot[1]]) is not None]
+        self.opaque = [slot for slot in slots.values() if _pointer(slot[0][slot[1]]) is None]
         self.key: tuple | None = None
-        self.kept: tuple | None = None  # (task ids object held, form) or None when the plan cannot be grouped
+        self.kept: tuple | None = None  # (task ids, the tensors read: held so their ids stay theirs, form)
+
+    @property
+    def kept_form(self) -> tuple | None:
+        """The grouped form of the last forward that asked for one, or None (none asked, or it could not group)."""
+        return None if self.kept is None else self.kept[2]
 
     def usable(self, plan: list, device: torch.device) -> bool:
         """Whether this forward may take the grouped path: no gradient, no autocast, every member of the plan in
@@ -84,14 +91,15 @@ class GroupedLowRank:
         """(A_cat (R, in), B_catᵀ (R, out) contiguous, C (rows, 1.., R), F (rows, 1.., out) or None, bias or None)
         for an input of ``dims`` dimensions, kept; None if a member cannot state its term or R is too large."""
         names = [n for n in dict.fromkeys(seg.name for seg in plan) if n in self.members]
+        plain = [table[name] for table, name in self.slots]
+        tensors = plain + [table[name] for table, name in self.opaque]
         key = (tuple((seg.name, seg.rows) for seg in plan), dtype, device, dims, id(task_ids),
                getattr(task_ids, "_version", None), tuple(self.members[n].context.default_task_id for n in names),
-               [t._version for t in self.tensors], [t.data_ptr() for t in self.tensors],
-               [t._version for t in self.opaque])
+               [id(t) for t in tensors], [t._version for t in tensors], [t.data_ptr() for t in plain])
         if self.key == key and self.kept is not None and self.kept[0] is task_ids:
-            return self.kept[1]
+            return self.kept[2]
         form = self._build(plan, dtype, n_in, n_out, dims, use_rows)
-        self.key, self.kept = key, (task_ids, form)
+        self.key, self.kept = key, (task_ids, tensors, form)
         return form
 
     def _build(self, plan: list, dtype: torch.dtype, n_in: int, n_out: int, dims: int,
