@@ -284,6 +284,25 @@ def test_match_params_sizes_the_lora_rank(world, tmp_path):
     assert all(abs(lora(matched["rank"]) - mix) <= abs(lora(r) - mix) for r in (matched["rank"] - 1, matched["rank"] + 1))
 
 
+@pytest.mark.parametrize("sized", [{"kind": "mixlora", "r": 2, "num_experts": 2, "top_k": 1},
+                                   {"kind": "more", "max_rank": 2}], ids=["mixlora", "more"])
+def test_match_params_sizes_any_kind_by_its_rank_setting(world, tmp_path, sized):
+    """A MixLoRA (r) or MoRE (max_rank, its tasks the study's) sized to a LoRA r=16: the nearest count."""
+    values = study(world, tmp_path / "k", methods={
+        "lora16": {"kind": "lora", "r": 16, "targets": None},
+        "sized": {**sized, "match_params": "lora16"}}, baseline="lora16")
+    specs = {s["method"]: s for s in plan(study_from_dict(values))}
+    matched, key = specs["sized"]["matched"], "r" if sized["kind"] == "mixlora" else "max_rank"
+    tasks = {"tasks": ["alpha", "beta"]} if sized["kind"] == "more" else {}
+    count = lambda r: count_trainable(world["model"], adapter_config_from_dict(  # noqa: E731
+        sized["kind"], {**{k: v for k, v in sized.items() if k != "kind"}, key: r, **tasks}))
+    goal = count_trainable(world["model"], adapter_config_from_dict("lora", {"r": 16, "targets": None}))
+    assert matched["setting"] == key and specs["sized"]["train"]["adapter"][key] == matched["rank"]
+    assert matched["target_params"] == goal and matched["params"] == count(matched["rank"])
+    assert all(abs(count(matched["rank"]) - goal) <= abs(count(r) - goal)
+               for r in (matched["rank"] - 1, matched["rank"] + 1) if r >= 1)
+
+
 def test_jobs_2_in_subprocesses_gives_the_same_runs(world, finished, tmp_path):
     """Two runs at once, each in its own process with one thread: the same correctness as in-process."""
     values = study(world, tmp_path / "j", methods={"lora": study(world, tmp_path)["methods"]["lora"]}, baseline=None)

@@ -138,7 +138,7 @@ def markdown(results: dict[str, Any]) -> str:
         params = f"{mruns[0]['trainable_params']:,}"
         if mruns[0].get("matched"):
             m = mruns[0]["matched"]
-            params += f" (r={m['rank']}, matched to {m['matched_to']}: {m['target_params']:,})"
+            params += f" ({m.get('setting', 'r')}={m['rank']}, matched to {m['matched_to']}: {m['target_params']:,})"
         status = ", ".join(f"{sum(r['status'] == s for r in mruns)} {s}"
                            for s in dict.fromkeys(r["status"] for r in mruns))
         lines.append(f"| {method} | {params} | {_fmt(median('step_seconds'))} | {_fmt(median('peak_memory_mb'), 0)} "

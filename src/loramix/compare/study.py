@@ -35,6 +35,7 @@ from typing import Any
 from ..config import ConfigError, Settings, help_field as _help, is_int
 from ..data.tasks import canonical_task
 from ..hub import EMBEDDED_NAME
+from ..modules import kind_named, registered_kinds
 from ..train.config import TrainConfig, apply_overrides, read_yaml, resolve_path, train_config_from_dict
 
 # TrainConfig keys the study sets itself, and where the study's own setting is
@@ -103,8 +104,12 @@ class StudyConfig(Settings):
             target = (method or {}).get("match_params")
             if target is None:
                 continue
-            ok = method["kind"] == "lora" and self.methods.get(target) is not None and target != name
-            self._check(f"methods.{name}.match_params", ok, "the name of another trained method (on a LoRA)", target)
+            kind = kind_named(method["kind"])
+            sizable = [k.name for k in registered_kinds() if k.rank_setting is not None]
+            self._check(f"methods.{name}.match_params", kind is not None and kind.rank_setting is not None,
+                        f"set on a method whose kind has a rank to size ({', '.join(sizable)})", target)
+            ok = self.methods.get(target) is not None and target != name
+            self._check(f"methods.{name}.match_params", ok, "the name of another trained method", target)
             if ok and self.methods[target].get("match_params") is not None:
                 raise ConfigError(f"names '{target}', which is sized itself; match a method of fixed size",
                                   f"methods.{name}.match_params")

@@ -119,6 +119,7 @@ class HydraLoraKind(RoutedProjectionKind):
              TensorRole("B", "lora_B", ("N", None, "r"), ("", "out", "")),
              TensorRole("router", r"router\.weight", ("N", None), ("", "in")))
     size_settings = ("r", "num_heads")
+    rank_setting = "r"
     module_class = HydraLoraLinear
     routes, routes_briefly, routed_parts = ("mixes its B heads per token with a router", "mixes its B heads per token",
                                             "B heads")

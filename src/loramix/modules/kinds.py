@@ -158,6 +158,9 @@ class AdapterKind:
     config_class: ClassVar[type]
     roles: ClassVar[tuple[TensorRole, ...]] = ()
     size_settings: ClassVar[tuple[str, ...]] = ()  # the config fields that set its size (named when it cannot fit)
+    # the config field of its rank, in which its trainable count is linear (what `loramix compare`'s
+    # match_params sizes); None: a kind that cannot be sized that way
+    rank_setting: ClassVar[str | None] = None
     auxiliary_losses: ClassVar[dict[str, str]] = {}  # loss name on the model output → config field of its weight
     merge_refusal: ClassVar[str | None] = None
     export_refusals: ClassVar[dict[str, str]] = {}

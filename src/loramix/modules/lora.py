@@ -441,6 +441,7 @@ class LoraKind(AdapterKind):
     name, title, config_class = "lora", "LoRA", LoraConfig
     roles = LORA_ROLES
     size_settings = ("r",)
+    rank_setting = "r"
     export_refusals = {"mixtral": "format 'mixtral' exports MixLoRA adapters; this is a 'lora' adapter "
                                   "(use --format peft or --format merged)"}
 

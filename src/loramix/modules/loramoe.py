@@ -200,6 +200,7 @@ class LoraMoeKind(RoutedProjectionKind):
              TensorRole("B", "lora_B", ("E", None, "r"), ("", "out", "")),
              TensorRole("router", r"router\.weight", ("E", None), ("", "in")))
     size_settings = ("r", "num_experts")
+    rank_setting = "r"
     auxiliary_losses = {"balance_loss": "balance_coef"}
     module_class = LoraMoeLinear
     routes, routes_briefly, routed_parts = ("mixes its experts per token with a router", "mixes its experts per token",

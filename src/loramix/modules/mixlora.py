@@ -515,6 +515,7 @@ class MixLoraKind(AdapterKind):
              TensorRole("M", r"experts\.lora_magnitude\.(?P<p>\w+)", ("E", None), ("", "out")),
              TensorRole("router", r"router\.weight", ("E", None), ("", "hidden")))
     size_settings = ("r", "num_experts", "attention_r")
+    rank_setting = "r"
     auxiliary_losses = {"aux_loss": "aux_loss_coef", "z_loss": "z_loss_coef"}
     merge_refusal = ("a MixLoRA adapter routes each token to its own experts and cannot be merged into one dense FFN; "
                      "export it as a Mixture-of-Experts model (loramix export --format mixtral) or use unload()")

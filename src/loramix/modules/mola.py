@@ -125,6 +125,7 @@ class MolaKind(RoutedProjectionKind):
     name, title, config_class = "mola", "MoLA", MolaConfig
     roles = LoraMoeKind.roles  # the same tensors per projection: stacked A (E, r, in), B (E, out, r), router (E, in)
     size_settings = ("r", "num_experts")
+    rank_setting = "r"
     auxiliary_losses = {"aux_loss": "aux_loss_coef"}
     module_class = MolaLinear
     routes, routes_briefly, routed_parts = ("routes each token to its top-k experts",

@@ -319,6 +319,7 @@ class MoreKind(AdapterKind):
              TensorRole("gate_w", r"selector\.gate\.weight", ("K", None), ("", "in")),
              TensorRole("gate_b", r"selector\.gate\.bias", ("K",), ("",)))
     size_settings = ("max_rank", "num_tasks")
+    rank_setting = "max_rank"
     auxiliary_losses = {"contrastive_loss": "contrastive_coef"}
     per_task = True
     merge_refusal = ("a MoRE adapter holds one update per task; merge one task with "
