@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from .allocator import keep_freed_memory
 from .config import UsageError
 from .hub import EMBEDDED_NAME, check_device
 
@@ -365,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if command is None:
         build_parser().print_help()
         return 2
+    keep_freed_memory()
     module = importlib.import_module(COMMANDS[command][0])
     return report_errors(f"loramix {command}", lambda: module.run(args), debug=args.debug)
 

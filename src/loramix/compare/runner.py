@@ -41,8 +41,9 @@ from typing import Any
 
 import torch
 
+from ..allocator import keep_freed_memory
 from ..config import ConfigError
-from ..modules import kind_of
+from ..modules import kind_named, kind_of
 from .report import write_json, write_report
 from .study import StudyConfig, load_study, study_from_dict
 
@@ -102,21 +103,26 @@ def count_trainable(model: Any, adapter: Any) -> int:
 
 
 def _matched_adapter(study: StudyConfig, name: str, tasks: list[str]) -> tuple[dict[str, Any], dict[str, int]]:
-    """The adapter settings of ``name`` with its LoRA rank sized to match ``match_params``'s trainable count.
+    """The adapter settings of ``name`` with its rank (its kind's ``rank_setting``: a LoRA's ``r``, MoRE's
+    ``max_rank``) sized to match ``match_params``'s trainable count.
 
-    A LoRA's count is linear in its rank, count(r) = a·r + b (b: DoRA magnitudes), so two counts give it."""
-    from ..config import adapter_config_from_dict
-
+    A kind's count is linear in its rank, count(r) = a·r + b (b: routers, DoRA magnitudes, rank-free
+    tensors), so two counts give it; a third checks it."""
     target = study.methods[name]["match_params"]
     goal = count_trainable(study.model, _adapter_config(study, target, tasks))
     adapter = study.adapter_dict(name)
-    settings = {k: v for k, v in adapter.items() if k != "kind"}
-    counts = [count_trainable(study.model, adapter_config_from_dict("lora", {**settings, "r": r}, f"methods.{name}"))
-              for r in (1, 2)]
+    kind = kind_named(adapter["kind"])
+    key = kind.rank_setting
+    count = lambda r: count_trainable(study.model, _adapter_config(  # noqa: E731
+        study, name, tasks, {**adapter, key: r}))
+    counts = [count(r) for r in (1, 2, 3)]
     slope, offset = counts[1] - counts[0], 2 * counts[0] - counts[1]
+    if counts[2] != 3 * slope + offset:
+        raise ConfigError(f"{kind.title}'s trainable count is not linear in {key} ({counts} for 1, 2, 3): "
+                          "it cannot be sized to another method's", f"methods.{name}.match_params")
     rank = max(1, round((goal - offset) / slope))
-    return {**adapter, "r": rank}, {"matched_to": target, "target_params": goal,
-                                                 "params": slope * rank + offset, "rank": rank}
+    return {**adapter, key: rank}, {"matched_to": target, "target_params": goal,
+                                    "params": slope * rank + offset, "rank": rank, "setting": key}
 
 
 def _adapter_config(study: StudyConfig, name: str, tasks: list[str], adapter: dict | None = None) -> Any:
@@ -368,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as the loramix command does
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     spec = {**json.loads((Path(args.folder) / SPEC).read_text()), "folder": args.folder}
     try:
