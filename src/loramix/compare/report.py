@@ -181,7 +181,9 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.set_xticks(np.arange(len(tasks)), tasks)
     ax.set_ylabel(f"accuracy ({results['study']['protocol']})")
-    ax.set_title("mean over seeds, 95% t interval")
+    unfinished = results.get("unfinished") or []
+    ax.set_title("mean over seeds, 95% t interval" + (
+        f" (partial: {len(results['runs'])} of {len(results['runs']) + len(unfinished)} runs)" if unfinished else ""))
     ax.legend(fontsize="small", ncols=min(len(accuracy), 5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
