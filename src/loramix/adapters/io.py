@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -124,8 +124,15 @@ def load_many(model: nn.Module, folders: dict[str, Any]) -> nn.Module:
     check_fresh_base(model)
     if not folders:
         raise ValueError("load_many needs at least one adapter folder, got none")
+    return stack_adapters(model, adapter_attachers(model, folders))
+
+
+def adapter_attachers(model: nn.Module, folders: dict[str, Any]) -> dict[str, Callable[[nn.Module], nn.Module]]:
+    """Read and check every folder against ``model`` (``read_adapter_folder``, tensors read lazily), then name →
+    a function attaching that adapter to the bare base, as ``load_adapter`` does: what ``stack_adapters`` takes
+    (``load_many``; the server adds its base's stand-in). A bad folder raises before anything is attached."""
     adapters = {name: read_adapter_folder(folder, model) for name, folder in folders.items()}
-    return stack_adapters(model, {name: partial(_attach, adapter=adapter) for name, adapter in adapters.items()})
+    return {name: partial(_attach, adapter=adapter) for name, adapter in adapters.items()}
 
 
 def _attach(model: nn.Module, adapter: AdapterFolder) -> nn.Module:
@@ -143,5 +150,5 @@ def _attach(model: nn.Module, adapter: AdapterFolder) -> nn.Module:
     return model
 
 
-__all__ = ["AdapterLoadError", "copy_adapter_tensors", "load_adapter", "load_many", "read_adapter_config",
+__all__ = ["AdapterLoadError", "adapter_attachers", "copy_adapter_tensors", "load_adapter", "load_many", "read_adapter_config",
            "read_safetensors", "save_adapter"]

@@ -45,8 +45,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ...adapters.folder import read_adapter_config, read_adapter_folder
-from ...adapters.io import load_adapter
+from ...adapters.folder import read_adapter_config
+from ...adapters.io import adapter_attachers
 from ...adapters.more_tasks import bare_name_task, recorded_task_index
 from ...config import LoraConfig
 from ...models.inject import inject
@@ -146,10 +146,7 @@ def load_served(model: nn.Module, tokenizer: Any, folders: dict[str, str | os.Pa
     targets: dict[str, Target] = {base_name: Target(BASE)}
     for name, folder in folders.items():
         targets.update(adapter_targets(name, folder, base_name=base_name))
-    for folder in folders.values():
-        read_adapter_folder(folder, model)  # tensors read lazily: the files' headers, keys and shapes
-    attach = {BASE: _base_lora}
-    attach.update({name: (lambda m, f=folder: load_adapter(m, f)) for name, folder in folders.items()})
+    attach = {BASE: _base_lora, **adapter_attachers(model, folders)}  # every folder read and checked first
     model = stack_adapters(model, attach)
     inference_only(model)
     eos = model.generation_config.eos_token_id
