@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modules.lora import storage_pointer
+
 # Grouped only while R (in + out) <= MAX_RANK_SHARE · in · out: the rows' extra low-rank work stays a small
 # part of the frozen matmul they share (e.g. four rank-8 adapters on 576 → 576: 32 · 1152 vs 0.25 · 576²).
 MAX_RANK_SHARE = 0.25
@@ -43,8 +45,8 @@ class GroupedLowRank:
         # weight: each slot once. torchao tensors have no plain storage: their identity and version only.
         slots = {(id(table), name): (table, name) for m in members.values() for sub in m.modules()
                  for table in (sub._parameters, sub._buffers) for name, t in table.items() if t is not None}
-        self.slots = [slot for slot in slots.values() if _pointer(slot[0][slot[1]]) is not None]
-        self.opaque = [slot for slot in slots.values() if _pointer(slot[0][slot[1]]) is None]
+        self.slots = [slot for slot in slots.values() if storage_pointer(slot[0][slot[1]]) is not None]
+        self.opaque = [slot for slot in slots.values() if storage_pointer(slot[0][slot[1]]) is None]
         self.key: tuple | None = None
         self.kept: tuple | None = None  # (task ids, the tensors read: held so their ids stay theirs, form)
 
@@ -141,11 +143,3 @@ class GroupedLowRank:
         middle = [1] * (dims - 2)  # the input's token dimensions: C and F broadcast over them
         factor = None if factor is None else factor.view(rows, *middle, n_out)
         return torch.cat(A_parts), torch.cat(B_parts, dim=1).t().contiguous(), C.view(rows, *middle, rank), factor, bias
-
-
-def _pointer(t: torch.Tensor) -> int | None:
-    """The storage address of ``t``, or None for a tensor subclass without plain storage (torchao)."""
-    try:
-        return t.data_ptr()
-    except RuntimeError:
-        return None

@@ -119,6 +119,14 @@ class LowRankRows(NamedTuple):
     bias: torch.Tensor | None = None
 
 
+def storage_pointer(t: torch.Tensor) -> int | None:
+    """The storage address of ``t``, or None for a tensor subclass without plain storage (torchao)."""
+    try:
+        return t.data_ptr()
+    except RuntimeError:
+        return None
+
+
 class FrozenConstant:
     """A value computed from some tensors, kept while none of them changes: what serving and evaluation
     would otherwise recompute on every forward (DoRA's ``m / ||W + s B A||``, MoRE's per-task masks).
@@ -139,14 +147,8 @@ class FrozenConstant:
     def _key(tensors: tuple[torch.Tensor, ...], extra: tuple) -> tuple:
         # (version, storage address, dtype, shape) per tensor: a move to another device or a new ``.data``
         # changes the address; a view reinterpreting the same storage changes dtype or shape
-        key = []
-        for t in tensors:
-            try:
-                pointer = t.data_ptr()
-            except RuntimeError:  # a tensor subclass without plain storage (torchao): its identity and version
-                pointer = None
-            key.append((t._version, pointer, t.dtype, t.shape))
-        return (*key, *extra)
+        # (torchao's tensors have no plain storage: their identity and version)
+        return (*((t._version, storage_pointer(t), t.dtype, t.shape) for t in tensors), *extra)
 
     def get(self, tensors: tuple[torch.Tensor, ...], compute, extra: tuple = ()) -> torch.Tensor:
         """``compute()`` (a tensor) for ``tensors`` (what it reads) and ``extra`` (hashable settings it reads),
