@@ -207,7 +207,7 @@ def test_errors_have_status_codes_and_openai_bodies_and_the_server_stays_healthy
 
 # OpenAI request fields loramix does not do, each with a value that asks for it (the error must name it)
 REFUSED_COMPLETIONS = {"suffix": "the end", "best_of": 3, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1,
-                       "tools": [], "top_logprobs": 2, "ignore_eos": True}
+                       "tools": [], "top_logprobs": 2, "include_stop_str_in_output": True}
 REFUSED_CHAT = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
                 "tool_choice": "required", "functions": [{"name": "f"}], "function_call": {"name": "f"},
                 "audio": {"voice": "alloy", "format": "wav"}, "modalities": ["text", "audio"],

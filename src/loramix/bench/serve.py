@@ -4,7 +4,8 @@ One process, real HTTP on loopback: the server of ``loramix serve`` (FastAPI app
 thread) over one base model and its adapters, and C client threads with the official ``openai``
 client. For each client count C and each mode, the same R requests (request i: target i mod T of
 the adapters' targets, prompt i mod P of a fixed prompt list, greedy, ``--max-tokens`` tokens at
-most) are sent by C clients, each taking the next request when its previous one is answered::
+most, with vLLM's ``ignore_eos`` unless ``--stop-at-eos``: every answer is ``--max-tokens`` tokens, as in vLLM's
+benchmark_serving) are sent by C clients, each taking the next request when its previous one is answered::
 
     batched          Engine(max_batch_size = max(--clients)): the rows of every adapter decode together
     one-at-a-time    Engine(max_batch_size = 1) over the same served model: one request after another
@@ -15,12 +16,18 @@ C=4 batched, ...) so that a slow spell of a shared machine hits every mode alike
 
 The baseline, **bare generate**: Hugging Face ``generate`` of the bare base model (a copy taken before
 the adapters are stacked: the base's memory twice), no HTTP, no adapter, greedy, on the engine's torch
-threads: the same R prompts in batches of C (left-padded; one request's latency is its batch's), so
-"served ÷ bare generate" at C=1 is the serving overhead of one adapter and at C=16 that of batching too.
+threads: the same R prompts in batches of C (left-padded; one request's latency is its batch's), EOS not
+stopping it (``eos_token_id=None``) when the requests ignore EOS, so that both decode the same number of
+tokens; "served ÷ bare generate" at C=1 is the serving overhead of one adapter and at C=16 that of batching too.
 
 Per run: generated tokens (the ``usage`` of the answers), wall seconds from the first request sent
 to the last answer, tokens/s, p50 / p95 request latency, process CPU seconds (server and clients
-share the process), and with ``--stream`` p50 / p95 time to the first token. Per client count:
+share the process), and with ``--stream`` p50 / p95 time to the first token. Both rates count the same
+thing: generated tokens over wall seconds of tokenizing, prefill and decode (served: plus HTTP). The
+decode-only rate, tokens over the wall seconds of steps that prefill nothing, leaves out HTTP, tokenizing
+and prefill on both sides: served, the engine's steps in which no row joined (``Engine.decode_s``, forward,
+sampling and detokenizing); bare generate, from its first generated token to its last (a streamer's clock).
+Per client count:
 batched tokens/s over one-at-a-time tokens/s (by wall time, and by CPU time: less disturbed when
 other jobs share the machine), batched tokens/s over bare generate tokens/s, and how many batched
 answers equal the one-at-a-time answer of the same request (greedy: they should all).
@@ -44,7 +51,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -89,6 +96,8 @@ class ServeBenchSettings:
         requests: requests per run (all runs send the same ones).
         init_std: std of the noise added to every adapter tensor of the random adapters.
         threads / engine_threads: torch threads of the process (clients, loading) / of the engines' forwards.
+        ignore_eos: requests send vLLM's ``ignore_eos`` (every answer ``max_tokens`` tokens) and bare generate
+            does not stop at EOS either; False: both stop at EOS (answers of different lengths).
     """
 
     model: str = EMBEDDED_NAME
@@ -104,6 +113,7 @@ class ServeBenchSettings:
     seed: int = 0
     init_std: float = 0.02
     timeout_s: float = 600.0
+    ignore_eos: bool = True
 
     def __post_init__(self) -> None:
         if not self.clients or any(not isinstance(c, int) or c < 1 for c in self.clients):
@@ -123,6 +133,13 @@ class Job:
     model: str
     prompt: str
     stream: bool = False
+
+
+class Decode(NamedTuple):
+    """The decode part of a run: wall seconds of steps that prefilled nothing, and the row tokens they generated."""
+
+    seconds: float
+    tokens: int
 
 
 @dataclass
@@ -178,12 +195,13 @@ def serving(served: Served, engine: Engine) -> Iterator[str]:
 
 
 # ---------------------------------------------------------------------------------------- the clients
-def _one_request(client: Any, job: Job, max_tokens: int) -> Outcome:
-    """Send ``job`` (greedy) and wait for the whole answer."""
+def _one_request(client: Any, job: Job, max_tokens: int, ignore_eos: bool = False) -> Outcome:
+    """Send ``job`` (greedy; with vLLM's ``ignore_eos`` if asked) and wait for the whole answer."""
     import openai
 
     out = Outcome(job)
-    request = dict(model=job.model, prompt=job.prompt, max_tokens=max_tokens, temperature=0)
+    request = dict(model=job.model, prompt=job.prompt, max_tokens=max_tokens, temperature=0,
+                   extra_body={"ignore_eos": True} if ignore_eos else None)
     start = time.perf_counter()
     try:
         if job.stream:
@@ -203,10 +221,10 @@ def _one_request(client: Any, job: Job, max_tokens: int) -> Outcome:
     return out
 
 
-def run_load(url: str, jobs: list[Job], *, clients: int, max_tokens: int,
-             timeout_s: float = 600.0) -> tuple[list[Outcome], float, float]:
+def run_load(url: str, jobs: list[Job], *, clients: int, max_tokens: int, timeout_s: float = 600.0,
+             ignore_eos: bool = False) -> tuple[list[Outcome], float, float]:
     """Send ``jobs`` from ``clients`` concurrent client threads (each takes the next job when its last is
-    answered) with one ``openai.OpenAI`` client per thread.
+    answered) with one ``openai.OpenAI`` client per thread; ``ignore_eos``: each request sends it.
 
     Returns:
         (one ``Outcome`` per job, in job order; wall seconds from the first send to the last answer;
@@ -221,7 +239,7 @@ def run_load(url: str, jobs: list[Job], *, clients: int, max_tokens: int,
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=timeout_s)
         with client:
             while (i := next(order)) < len(jobs):
-                outcomes[i] = _one_request(client, jobs[i], max_tokens)
+                outcomes[i] = _one_request(client, jobs[i], max_tokens, ignore_eos)
 
     threads = [threading.Thread(target=client_loop, name=f"loramix-bench-client-{c}", daemon=True)
                for c in range(clients)]
@@ -235,45 +253,67 @@ def run_load(url: str, jobs: list[Job], *, clients: int, max_tokens: int,
     return [o or Outcome(job, error=lost) for o, job in zip(outcomes, jobs)], wall, cpu
 
 
+class _Clock:
+    """A ``generate`` streamer that only notes when each ``put`` came: the prompt first, then each new token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 def run_bare_generate(model: nn.Module, served: Served, jobs: list[Job], *, clients: int, max_tokens: int,
-                      threads: int | None) -> tuple[list[Outcome], float, float]:
+                      threads: int | None, ignore_eos: bool = False) -> tuple[list[Outcome], float, float, Decode]:
     """The baseline: ``model`` (the bare base) answers ``jobs``' prompts with Hugging Face ``generate``, greedy,
     ``clients`` prompts per call (left-padded, as ``generate`` batches), on ``threads`` torch threads.
 
-    A row's tokens are counted as the server's ``usage`` counts them: up to its first EOS, included.
+    A row's tokens are counted as the server's ``usage`` counts them: up to its first EOS, included; with
+    ``ignore_eos`` EOS does not stop ``generate`` (``eos_token_id=None``) and every row has ``max_tokens``.
 
     Returns:
-        (one ``Outcome`` per job, its latency that of its batch; wall seconds; process CPU seconds).
+        (one ``Outcome`` per job, its latency that of its batch; wall seconds; process CPU seconds; the decode
+        part: wall seconds from each call's first generated token to its last, and the row tokens generated then).
     """
     tokenizer = served.tokenizer
     pad = tokenizer.pad_token_id
     pad = pad if pad is not None else next(iter(served.eos_ids), 0)
     device = next(model.parameters()).device
     outcomes: list[Outcome] = []
+    decode_s, decode_tokens = 0.0, 0
+    stopping = {"eos_token_id": None} if ignore_eos else {}
     start, cpu = time.perf_counter(), time.process_time()
     with intra_op_threads(threads), torch.no_grad():
         for first in range(0, len(jobs), clients):
             batch_jobs = jobs[first:first + clients]
             padded = collate([{"input_ids": served.prompt_ids(j.prompt)} for j in batch_jobs], pad,
                              padding_side="left")
+            clock = _Clock()
             sent = time.perf_counter()
             out = model.generate(input_ids=padded["input_ids"].to(device),
                                  attention_mask=padded["attention_mask"].to(device), do_sample=False,
-                                 max_new_tokens=max_tokens, pad_token_id=pad)
+                                 max_new_tokens=max_tokens, pad_token_id=pad, streamer=clock, **stopping)
             latency = time.perf_counter() - sent
+            if len(clock.times) > 2:  # the prompt, the first token (after the prefill), then the decode steps
+                decode_s += clock.times[-1] - clock.times[1]
+                decode_tokens += (len(clock.times) - 2) * len(batch_jobs)
             for job, row in zip(batch_jobs, out[:, padded["input_ids"].shape[1]:].tolist()):
-                ends = [i for i, t in enumerate(row) if t in served.eos_ids]
+                ends = [i for i, t in enumerate(row) if t in served.eos_ids] if not ignore_eos else []
                 row = row[:ends[0] + 1] if ends else row
                 outcomes.append(Outcome(job, tokenizer.decode(row, skip_special_tokens=True), len(row), latency))
-    return outcomes, time.perf_counter() - start, time.process_time() - cpu
+    return outcomes, time.perf_counter() - start, time.process_time() - cpu, Decode(decode_s, decode_tokens)
 
 
 def _percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def summarize(outcomes: list[Outcome], wall_s: float, cpu_s: float) -> dict[str, Any]:
-    """One row of the table: counts, tokens/s and latency percentiles of a load run (answered requests only)."""
+def summarize(outcomes: list[Outcome], wall_s: float, cpu_s: float, decode: Decode | None = None) -> dict[str, Any]:
+    """One row of the table: counts, tokens/s and latency percentiles of a load run (answered requests only), and
+    the decode-only tokens/s (``decode``: None when not measured)."""
     ok = [o for o in outcomes if o.error is None]
     tokens = sum(o.tokens for o in ok)
     latencies = [o.latency_s for o in ok]
@@ -283,7 +323,8 @@ def summarize(outcomes: list[Outcome], wall_s: float, cpu_s: float) -> dict[str,
             "tokens_per_cpu_s": tokens / cpu_s if cpu_s > 0 else 0.0,
             "latency_p50_s": _percentile(latencies, 50), "latency_p95_s": _percentile(latencies, 95),
             "first_token_p50_s": _percentile(firsts, 50), "first_token_p95_s": _percentile(firsts, 95),
-            "first_errors": sorted({o.error for o in outcomes if o.error})[:3]}
+            "first_errors": sorted({o.error for o in outcomes if o.error})[:3],
+            "decode_tokens_per_s": decode.tokens / decode.seconds if decode and decode.seconds > 0 else None}
 
 
 # ---------------------------------------------------------------------------------------- the benchmark
@@ -312,34 +353,42 @@ def run_serve_bench(s: ServeBenchSettings, progress: bool = True) -> dict[str, A
     cpu_speedups: dict[str, float | None] = {}
     bare_rows: list[dict[str, Any]] = []
     bare_ratios: dict[str, float | None] = {}
+    bare_decode_ratios: dict[str, float | None] = {}  # the same by decode-only tokens/s
     with serving(served, engines["batched"]) as batched_url, serving(served, engines["one-at-a-time"]) as single_url:
         urls = {"batched": batched_url, "one-at-a-time": single_url}
         # Warm-up (untimed): every model once through each server (first calls allocate and compile kernels).
         for mode in MODES:
             run_load(urls[mode], [Job(m, PROMPTS[0]) for m in models], clients=len(models), max_tokens=2,
                      timeout_s=s.timeout_s)
-        run_bare_generate(bare, served, jobs[:1], clients=1, max_tokens=2, threads=s.engine_threads)
+        run_bare_generate(bare, served, jobs[:1], clients=1, max_tokens=2, threads=s.engine_threads,
+                          ignore_eos=s.ignore_eos)
         for clients in s.clients:
             texts: dict[str, list[str]] = {}
             for mode in MODES:
+                engine = engines[mode]
+                decode_before = Decode(engine.decode_s, engine.decode_tokens)
                 outcomes, wall, cpu = run_load(urls[mode], jobs, clients=clients, max_tokens=s.max_tokens,
-                                               timeout_s=s.timeout_s)
+                                               timeout_s=s.timeout_s, ignore_eos=s.ignore_eos)
+                decode = Decode(engine.decode_s - decode_before.seconds, engine.decode_tokens - decode_before.tokens)
                 texts[mode] = [o.text if o.error is None else None for o in outcomes]
                 row = {"clients": clients, "mode": mode,
-                       "max_batch_size": engines[mode].max_batch_size, **summarize(outcomes, wall, cpu)}
+                       "max_batch_size": engine.max_batch_size, **summarize(outcomes, wall, cpu, decode)}
                 rows.append(row)
                 if progress:
                     print(f"bench --serve: {clients} clients, {mode}: {row['generated_tokens']} tokens in "
                           f"{wall:.1f} s ({row['errors']} errors)", file=sys.stderr, flush=True)
-            outcomes, wall, cpu = run_bare_generate(bare, served, jobs, clients=clients, max_tokens=s.max_tokens,
-                                                    threads=s.engine_threads)
+            outcomes, wall, cpu, decode = run_bare_generate(bare, served, jobs, clients=clients,
+                                                            max_tokens=s.max_tokens, threads=s.engine_threads,
+                                                            ignore_eos=s.ignore_eos)
             bare_rows.append({"clients": clients, "mode": BARE, "max_batch_size": clients,
-                              **summarize(outcomes, wall, cpu)})
+                              **summarize(outcomes, wall, cpu, decode)})
             if progress:
                 print(f"bench --serve: {clients} clients, {BARE}: {bare_rows[-1]['generated_tokens']} tokens in "
                       f"{wall:.1f} s", file=sys.stderr, flush=True)
             batched, single = rows[-2], rows[-1]
             bare_ratios[str(clients)] = _ratio(batched["tokens_per_s"], bare_rows[-1]["tokens_per_s"])
+            bare_decode_ratios[str(clients)] = _ratio(batched["decode_tokens_per_s"],
+                                                      bare_rows[-1]["decode_tokens_per_s"])
             batched["same_answers"] = sum(a is not None and a == b
                                           for a, b in zip(texts["batched"], texts["one-at-a-time"]))
             speedups[str(clients)] = _ratio(batched["tokens_per_s"], single["tokens_per_s"])
@@ -348,21 +397,24 @@ def run_serve_bench(s: ServeBenchSettings, progress: bool = True) -> dict[str, A
                     torch=torch.__version__)
     return {"rows": rows, "speedup_batched_vs_one_at_a_time": speedups,
             "cpu_speedup_batched_vs_one_at_a_time": cpu_speedups, "bare_generate": bare_rows,
-            "batched_vs_bare_generate": bare_ratios, "models": models,
+            "batched_vs_bare_generate": bare_ratios, "decode_batched_vs_bare_generate": bare_decode_ratios,
+            "models": models,
             "engine_steps": {mode: engines[mode].steps for mode in MODES},
             "max_rows_seen": {mode: engines[mode].max_rows_seen for mode in MODES}, "settings": settings}
 
 
-def _ratio(a: float, b: float) -> float | None:
-    return a / b if b else None
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def format_serve_table(result: dict[str, Any]) -> str:
     """The human-readable table of ``run_serve_bench``'s result."""
     ms = lambda v: "-" if v is None else f"{1000 * v:.0f}"  # noqa: E731
     ratio = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    rate = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     table = [("clients", "mode", "requests", "errors", "tokens", "wall s", "CPU s", "tokens/s", "p50 ms", "p95 ms",
-              "TTFT p50 ms", "×one-at-a-time", "CPU ×one-at-a-time", "×bare generate")]
+              "TTFT p50 ms", "decode tokens/s", "×one-at-a-time", "CPU ×one-at-a-time", "×bare generate",
+              "decode ×bare generate")]
     bare = {r["clients"]: r for r in result.get("bare_generate", [])}
     rows = []
     for r in result["rows"]:  # each client count's bare generate row after its two served rows
@@ -373,12 +425,14 @@ def format_serve_table(result: dict[str, Any]) -> str:
         batched, key = r["mode"] == "batched", str(r["clients"])
         table.append((key, r["mode"], str(r["requests"]), str(r["errors"]), str(r["generated_tokens"]),
                       f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{r['tokens_per_s']:.1f}", ms(r["latency_p50_s"]),
-                      ms(r["latency_p95_s"]), ms(r["first_token_p50_s"]),
+                      ms(r["latency_p95_s"]), ms(r["first_token_p50_s"]), rate(r.get("decode_tokens_per_s")),
                       ratio(result["speedup_batched_vs_one_at_a_time"][key]) if batched else "-",
                       ratio(result["cpu_speedup_batched_vs_one_at_a_time"][key]) if batched else "-",
-                      ratio(result.get("batched_vs_bare_generate", {}).get(key)) if batched else "-"))
+                      ratio(result.get("batched_vs_bare_generate", {}).get(key)) if batched else "-",
+                      ratio(result.get("decode_batched_vs_bare_generate", {}).get(key)) if batched else "-"))
     s = result["settings"]
     return text_table(table, left=2) + (
-        f"\n{s['model']}, models {', '.join(result['models'])}; greedy, max_tokens {s['max_tokens']}, "
+        f"\n{s['model']}, models {', '.join(result['models'])}; greedy, max_tokens {s['max_tokens']}"
+        f"{' (ignore_eos: every answer that long)' if s.get('ignore_eos') else ' (stopping at EOS)'}, "
         f"{'streamed' if s['stream'] else 'not streamed'}; {s['threads']} torch threads, "
         f"{s['engine_threads']} in the engine")

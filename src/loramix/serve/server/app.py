@@ -12,7 +12,9 @@
 Request fields: ``model`` (which of /v1/models), ``max_tokens``, ``temperature`` (0 = greedy; the
 default is OpenAI's 1), ``top_p``, ``stop`` (a string or up to 4), ``seed``, ``n`` (choices per
 prompt, each its own engine row; with a seed, choice i samples with seed + i; greedy choices are
-equal), ``stream``, ``stream_options.include_usage``. Responses carry ``usage`` (the prompt counted
+equal), ``stream``, ``stream_options.include_usage``, and vLLM's ``ignore_eos`` (EOS does not end the
+answer: it runs to ``max_tokens`` or a stop string, what serving benchmarks send) and ``min_tokens`` (EOS
+cannot be chosen and stop strings do not count before that many tokens). Responses carry ``usage`` (the prompt counted
 once, the completions of every choice). Errors are OpenAI-style bodies
 ``{"error": {"message", "type", "param", "code"}}`` (``limits.py``): 404 for an unknown model, 400
 for malformed JSON, a bad field (booleans are JSON's true/false only; text must be valid Unicode) or
@@ -141,6 +143,8 @@ class _Sampling(Body):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
+    ignore_eos: StrictBool = False  # vLLM's: decode max_tokens tokens whatever EOS (benchmarks send it)
+    min_tokens: int = Field(0, ge=0)  # vLLM's: no EOS, no stop string before this many tokens
 
     _endpoint: ClassVar[str] = ""
     _not_here: ClassVar[set[str]] = set()
@@ -353,7 +357,11 @@ def _parse(body: _Sampling, target: Target, served: Served, default_max: int, li
                        param=field)
     params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=stop,
                             seed=body.seed)
-    return replace(params, **output_fields(body, served.model.config.vocab_size, chat=isinstance(body, ChatBody)))
+    params = replace(params, **output_fields(body, served.model.config.vocab_size, chat=isinstance(body, ChatBody)))
+    if params.min_tokens > params.max_tokens:
+        raise ApiError(400, f"min_tokens: {params.min_tokens} is more than max_tokens ({params.max_tokens})",
+                       param="min_tokens")
+    return params
 
 
 def _checked(served: Served, ids: list[int], params: SamplingParams, limits: Limits, field: str) -> list[int]:

@@ -1,8 +1,8 @@
 """From a row's tokens to its client's events: text that can no longer change, log-probabilities, the end.
 
     each new token:  decode all generated tokens (skip special tokens) → text
-                     a stop string in text   → cut there, finish "stop"
-                     EOS, or the grammar done → finish "stop"
+                     a stop string in text   → cut there, finish "stop" (from ``min_tokens`` tokens on)
+                     EOS, or the grammar done → finish "stop" (no EOS with ``ignore_eos``: ``eos_ids`` empty)
                      max_tokens or context   → finish "length"
                      else hold back an incomplete UTF-8 character and any suffix that may grow into a
                      stop string; emit ("text", new characters, log-probability entries released)
@@ -17,7 +17,7 @@ included: it was generated and is counted in ``usage``).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 
@@ -41,12 +41,15 @@ class Detokenizer:
     Args:
         emit: the row's event sink (``engine.Request``'s events).
         stop: the stop strings; eos_ids: tokens that end the row; max_tokens, max_length: its limits.
+        min_tokens: stop strings end the row only once it has this many tokens.
     """
 
-    def __init__(self, tokenizer: Any, emit: Callable[[tuple], None], *, stop: list[str], eos_ids: set[int],
-                 max_tokens: int, max_length: int | None, prompt_tokens: int) -> None:
+    def __init__(self, tokenizer: Any, emit: Callable[[tuple], None], *, stop: list[str], eos_ids: Collection[int],
+                 max_tokens: int, max_length: int | None, prompt_tokens: int, min_tokens: int = 0) -> None:
         self.tokenizer, self.emit, self.stop, self.eos_ids = tokenizer, emit, stop, eos_ids
         self.max_tokens, self.max_length, self.prompt_tokens = max_tokens, max_length, prompt_tokens
+        self.min_tokens = min_tokens
+        self.free = 0  # where a stop string may start to count: before it, text from before min_tokens
         self.generated: list[int] = []
         self.sent = 0  # characters already emitted
         self.ends: list[int] = []  # where each generated token's characters end in the text
@@ -61,7 +64,11 @@ class Detokenizer:
         if logprobs is not None:
             self.pending.append(token_logprob(logprobs, token, k, self.tokenizer.decode([token]), self.tokenizer))
         finish = None
-        hits = [text.find(s) for s in self.stop if s and s in text]
+        if len(self.generated) < self.min_tokens:
+            self.free = len(text)  # stop strings count only if they end after this text (vLLM's min_tokens)
+            hits = []
+        else:
+            hits = [i for i in (text.find(s, max(0, self.free - len(s) + 1)) for s in self.stop if s) if i >= 0]
         if hits:
             text, finish = text[:min(hits)], "stop"
         elif token in self.eos_ids or grammar_done:

@@ -187,9 +187,11 @@ class Request:
     def __init__(self, prompt: list[int], target: Target, params: SamplingParams, emit: Emit, served: Served) -> None:
         self.prompt, self.target, self.params, self.emit = prompt, target, params, emit
         self.arrival = time.monotonic()  # for the server's latency metrics
-        self.detok = Detokenizer(served.tokenizer, emit, stop=params.stop, eos_ids=served.eos_ids,
+        # the tokens that end the row; with ignore_eos none (and none hidden before min_tokens, as in vLLM)
+        self.eos_ids = frozenset() if params.ignore_eos else served.eos_ids
+        self.detok = Detokenizer(served.tokenizer, emit, stop=params.stop, eos_ids=self.eos_ids,
                                  max_tokens=params.max_tokens, max_length=served.max_length,
-                                 prompt_tokens=len(prompt))
+                                 prompt_tokens=len(prompt), min_tokens=params.min_tokens)
         self.grammar = served.grammar(params.grammar) if params.grammar is not None else None
         self.prompt_reported = params.prompt_logprobs is None
         self.cancelled = False
@@ -245,6 +247,8 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="loramix-engine", daemon=True)
         self.steps = 0
         self.max_rows_seen = 0  # the largest batch decoded so far (tests check that requests shared steps)
+        # wall seconds and row tokens of the steps that prefilled no row (``loramix bench --serve``'s decode rate)
+        self.decode_s, self.decode_tokens = 0.0, 0
         self.on_token: Callable[[Request], None] | None = None  # called on the engine thread after each new token
         self.runner = Runner(served, kv_cache=kv_cache, threads=threads)
         self.kv_cache = self.runner.kv_cache
@@ -398,6 +402,7 @@ class Engine:
         """
         # a sorted copy: the scheduler's list stays whole for other threads' reads (stats); stable: arrival
         # order within an adapter
+        start = time.perf_counter()
         rows = sorted(rows, key=self.runner.order_key)
         stepped, logits = self.runner.step(rows)
         self.steps += 1
@@ -405,10 +410,13 @@ class Engine:
         # Plain greedy rows (no bias, penalty or grammar) take the argmax of their logits: one call and one
         # device-to-host copy for the whole batch instead of one per row. argmax keeps the first of equal
         # maxima along each row, as the per-row call does, so the tokens are the same.
-        greedy = [plain_greedy(r.params) and r.grammar is None for r in stepped]
+        greedy = [plain_greedy(r.params, len(r.generated)) and r.grammar is None for r in stepped]
         top = logits.argmax(dim=-1).tolist() if any(greedy) else None
         for i, r in enumerate(stepped):
             self._sample(r, logits[i], top[i] if greedy[i] else None)
+        if not self.runner.prefilled:
+            self.decode_s += time.perf_counter() - start
+            self.decode_tokens += len(stepped)
         self.scheduler.retire()
 
     def _sample(self, r: Request, logits: torch.Tensor, greedy: int | None = None) -> None:
@@ -420,7 +428,7 @@ class Engine:
         if greedy is not None:
             token = greedy
         else:
-            adjusted = adjusted_logits(logits, r.params, r.generated)
+            adjusted = adjusted_logits(logits, r.params, r.generated, r.eos_ids)
             if r.grammar is not None:
                 adjusted = r.grammar.mask(adjusted)
             token = choose(adjusted, r.params, r.generator)

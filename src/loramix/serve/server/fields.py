@@ -9,6 +9,7 @@
     response_format                         grammar (``structured.grammar_for``)
     presence_penalty, frequency_penalty     the same, in [-2, 2]
     logit_bias: {"token id": bias}          logit_bias {id: bias}, bias in [-100, 100], id in the vocabulary
+    ignore_eos, min_tokens (vLLM's)         the same (min_tokens <= max_tokens: ``app._parse``)
 
 Answers (OpenAI's shapes):
     completions  "logprobs": {"tokens": [str], "token_logprobs": [float | null], "top_logprobs":
@@ -30,8 +31,8 @@ from .structured import grammar_for
 
 
 def output_fields(body: Any, vocab_size: int, *, chat: bool) -> dict[str, Any]:
-    """The ``SamplingParams`` fields of a request's log-probability, echo, response_format, penalty and
-    logit_bias fields (``max_tokens`` 0 included: ``_parse`` reads 0 as unset); ApiError 400 naming the field."""
+    """The ``SamplingParams`` fields of a request's log-probability, echo, response_format, penalty,
+    logit_bias, ignore_eos and min_tokens fields (``max_tokens`` 0 included: ``_parse`` reads 0 as unset); ApiError 400 naming the field."""
     echo = bool(getattr(body, "echo", False))
     if chat:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -40,7 +41,8 @@ def output_fields(body: Any, vocab_size: int, *, chat: bool) -> dict[str, Any]:
     else:
         logprobs = body.logprobs
     fields: dict[str, Any] = {"logprobs": logprobs, "prompt_logprobs": (logprobs or 0) if echo else None,
-                              "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty}
+                              "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
+                              "ignore_eos": body.ignore_eos, "min_tokens": body.min_tokens}
     if body.max_tokens == 0 and body.max_completion_tokens is None:
         if not echo:
             raise ApiError(400, "max_tokens: 0 is allowed only with echo (to score the prompt)", param="max_tokens")

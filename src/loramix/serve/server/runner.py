@@ -45,10 +45,12 @@ class Runner:
         # (rows, device, row plan, task ids (B,)) of the last batch composition: decode steps repeat it until a
         # row joins or leaves, so neither is rebuilt (nor copied to the device) per step
         self._plan: tuple[tuple, torch.device, list[tuple[str, int]], torch.Tensor] | None = None
+        self.prefilled = 0  # rows the last step prefilled (all of them without the KV cache)
 
     def step(self, rows: list[Row]) -> tuple[list[Row], torch.Tensor]:
         """One forward step of ``rows`` (in ``order_key`` order) → (the rows in the order of the logits, their
         next-token logits (B, V) fp32)."""
+        self.prefilled = len(rows)
         try:
             with intra_op_threads(self.threads):
                 return self._cached_step(rows) if self.batch is not None else (rows, self._prefill(rows)[0])
@@ -69,6 +71,7 @@ class Runner:
         batch.keep(lambda r: id(r) in here)  # finished, cancelled or failed rows leave
         cached = {id(r) for r in batch.rows}
         fresh = [r for r in rows if id(r) not in cached]  # in batch order already: ``Engine._step`` sorted ``rows``
+        self.prefilled = len(fresh)
         stepped_rows, parts = list(batch.rows), [self._decode()] if len(batch) else []
         if fresh:
             logits, cache = self._prefill(fresh)

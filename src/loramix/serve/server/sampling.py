@@ -3,6 +3,7 @@
     logits (V,) fp32 ──► log-probabilities reported (``logprobs``): log_softmax of the model's own logits,
       │                  before anything below (vLLM's default ``raw_logprobs``; what lm-eval scores)
       ├─ logit_bias:        logits[t] += bias[t]
+      ├─ min_tokens:        the EOS tokens → -inf while the row has fewer than min_tokens tokens
       ├─ frequency/presence: logits[t] -= count[t] * frequency_penalty + (count[t] > 0) * presence_penalty
       │                      (count: how often t was generated so far in this row; OpenAI's definition)
       ├─ grammar mask:      tokens the row's grammar (``structured.Grammar``) forbids → -inf
@@ -15,7 +16,7 @@ beside it in the batch ask for.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Collection
 
 import torch
 
@@ -33,6 +34,10 @@ class SamplingParams:
         presence_penalty, frequency_penalty: OpenAI's penalties, in [-2, 2].
         logit_bias: token id → bias added to its logit, in [-100, 100].
         grammar: an llguidance grammar (``structured.grammar_for``) the generated text must follow.
+        ignore_eos: an EOS token does not end the row (it is generated and counted; the text skips it), so that
+            a row decodes ``max_tokens`` tokens unless a stop string ends it (vLLM's; benchmarks send it).
+        min_tokens: the EOS tokens cannot be chosen, and stop strings do not end the row, before this many
+            tokens (vLLM's).
     """
 
     max_tokens: int = 16
@@ -46,6 +51,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: str | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,9 +83,12 @@ def token_logprob(logprobs: torch.Tensor, token: int, k: int, text: str, tokeniz
     return TokenLogprob(token, text, float(logprobs[token]), tuple(top))
 
 
-def adjusted_logits(logits: torch.Tensor, params: SamplingParams, generated: list[int]) -> torch.Tensor:
-    """``logits`` (V,) with the row's logit bias and penalties (a new tensor; the same one when it has none)."""
-    if not (params.logit_bias or params.presence_penalty or params.frequency_penalty):
+def adjusted_logits(logits: torch.Tensor, params: SamplingParams, generated: list[int],
+                    eos_ids: Collection[int] = ()) -> torch.Tensor:
+    """``logits`` (V,) with the row's logit bias, penalties and, before ``min_tokens``, ``eos_ids`` at -inf (a new
+    tensor; the same one when none applies)."""
+    hide_eos = bool(eos_ids) and len(generated) < params.min_tokens
+    if not (params.logit_bias or params.presence_penalty or params.frequency_penalty or hide_eos):
         return logits
     logits = logits.clone()
     if params.logit_bias:
@@ -88,13 +98,16 @@ def adjusted_logits(logits: torch.Tensor, params: SamplingParams, generated: lis
         counts = torch.bincount(torch.tensor(generated, device=logits.device), minlength=logits.shape[-1])
         counts = counts[:logits.shape[-1]].to(logits.dtype)
         logits -= counts * params.frequency_penalty + (counts > 0).to(logits.dtype) * params.presence_penalty
+    if hide_eos:
+        logits[[t for t in eos_ids if t < logits.shape[-1]]] = float("-inf")
     return logits
 
 
-def plain_greedy(params: SamplingParams) -> bool:
-    """Whether ``params`` pick the argmax of the model's own logits: temperature 0, no logit bias, no penalty
-    (the grammar, if any, is the caller's to check)."""
-    return params.temperature <= 0 and not (params.logit_bias or params.presence_penalty or params.frequency_penalty)
+def plain_greedy(params: SamplingParams, generated: int = 0) -> bool:
+    """Whether ``params`` pick the argmax of the model's own logits for a row with ``generated`` tokens: temperature
+    0, no logit bias, no penalty, ``min_tokens`` reached (the grammar, if any, is the caller's to check)."""
+    return params.temperature <= 0 and generated >= params.min_tokens and not (
+        params.logit_bias or params.presence_penalty or params.frequency_penalty)
 
 
 def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
