@@ -120,6 +120,9 @@ class AdapterStack(nn.Module):
         # In a frozen forward, members that state their term as low-rank rows run for all rows in one matmul pair.
         self._grouped = (GroupedLowRank(dict(members))
                          if all(hasattr(m, "low_rank_rows") for m in members.values()) else None)
+        # Members that replace the whole block (a MixLoRA FFN) and can take its frozen projections' outputs from
+        # outside: in a frozen forward every frozen weight of the block is read once for all rows (``_shared_block``).
+        self._shares_block = bool(members) and all(hasattr(m, "forward_precomputed") for m in members.values())
 
     def member(self, name: str) -> nn.Module | None:
         """Adapter ``name``'s module at this slot, or None (its rows get the base module)."""
@@ -152,6 +155,10 @@ class AdapterStack(nn.Module):
                     self._use_rows(seg)
                     outs.append(member.adapter_forward(x_i, b_i))
             return torch.cat(outs)
+        if self._shares_block:
+            out = self._shared_block(x, plan)
+            if out is not None:
+                return out
         parts = x.split(sizes)
         outs: list[torch.Tensor | None] = [None] * len(plan)
         on_base = [i for i, seg in enumerate(plan) if self.member(seg.name) is None]
@@ -177,6 +184,54 @@ class AdapterStack(nn.Module):
             finally:
                 self._state.plan.pop()
         return torch.cat(outs)
+
+    def _shared_block(self, x: torch.Tensor, plan: list[RowSpan]) -> torch.Tensor | None:
+        """The block for every row with one read of each frozen weight, in a frozen forward; else None.
+
+        Serving a MixLoRA adapter beside others, the per-adapter path runs the base block for the other adapters'
+        rows and the MixLoRA block for its own: each frozen FFN weight read twice per step (more with more MixLoRA
+        adapters), and in a decode step that read is the cost. Here::
+
+            F_P = P(x)                 every input projection P of the base block over all rows (a projection
+                                       stack adds its members' low-rank terms on their rows; the MixLoRA rows,
+                                       without a member there, get W_P x + b)
+            h   = act(F_gate) ⊙ F_up   every row's hidden state; a MixLoRA adapter's rows replaced by its
+                                       Σ_e g_e h_e, gathered from F (``forward_precomputed``)
+            y   = down(h)              once over all rows; then each MixLoRA adapter adds its experts' down LoRA
+
+        Args:
+            x: (rows, T, d) the block input. plan: the forward's ``RowSpan`` list.
+
+        Returns:
+            (rows, T, d_out), or None (gradients, autocast, training mode, not inference-only: the per-adapter path).
+        """
+        if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) or self.base.training:
+            return None
+        served = []  # (segment, member) of the rows a member (not the base block) answers
+        for seg in plan:
+            member = self.member(seg.name)
+            if member is None or member.context.disabled:
+                continue  # the base block's rows (a disabled MixLoRA block is the base block)
+            if member.training or not member.context.inference_only:
+                return None
+            served.append((seg, member))
+        if not served:
+            return None
+        block = served[0][1]  # the members of one slot share the family's block layout
+        frozen = [getattr(self.base, p)(x) for p in block.input_projections]  # each (rows, T, out_P), once
+        hidden = block.combine(frozen)  # (rows, T, f): the base block's hidden state of every row
+        finishes = []
+        for seg, member in served:
+            self._use_rows(seg)
+            rows = slice(seg.start, seg.start + seg.rows)
+            mixed, finish = member.forward_precomputed(x[rows], [f[rows] for f in frozen])
+            if mixed is not None:
+                hidden[rows] = mixed
+            finishes.append((rows, finish))
+        out = getattr(self.base, block.output_projection)(hidden)  # (rows, T, d_out), once
+        for rows, finish in finishes:
+            out[rows] = finish(out[rows])
+        return out
 
     def _use_rows(self, seg: RowSpan) -> None:
         """Point the adapter's context at the padding mask and task ids of *these* rows (a plan may list

@@ -62,6 +62,7 @@ from .kinds import AdapterKind, AdapterModule, Site, TensorRole, register, resol
 from .lora import (
     LORA_ROLES, LoraDropout, LoraLinear, dora_output, dora_weight_norm, lora_factors, lora_input, lora_sites,
 )
+from .mixlora_served import forward_precomputed
 from .quantized import adapter_dtype_for, frozen_weight, logical_shape
 from .routing import (
     Routing, expert_counts, load_balance_loss, route_switch, route_top_k, route_top_p, router_statistics, router_z_loss,
@@ -475,6 +476,12 @@ class MixLoraFFN(AdapterModule):
             base = getattr(self, self.output_projection)(hidden)
             out = out + (base * unrouted[:, None].to(base.dtype)).to(out.dtype)
         return out
+
+    def forward_precomputed(self, hidden_states: torch.Tensor, frozen: list[torch.Tensor]
+                            ) -> tuple[torch.Tensor | None, Callable[[torch.Tensor | None], torch.Tensor]]:
+        """Served beside other adapters: these rows from frozen input projections run once for every adapter's
+        rows, (B, T, d) and each (B, T, out_P) → (mixed (B, T, f) or None, finish); see ``mixlora_served``."""
+        return forward_precomputed(self, hidden_states, frozen)
 
     @staticmethod
     def tensor_names(targets: list[str], use_dora: bool) -> list[str]:
