@@ -1,7 +1,7 @@
 """MoLA (``kind: mola``): top-k routed LoRA experts on each projection, with layer-wise expert counts.
 
-The fast path (every expert's product, the unchosen ones weighted 0) is checked against a deliberately naive
-per-expert loop kept here; the saved folder against the counts the paper's allocations name, written out.
+Both fast paths (dense: every expert's product, the unchosen ones weighted 0; sorted: each expert on its own
+tokens) are checked against a deliberately naive per-expert loop kept here, and against each other in a model; the saved folder against the counts the paper's allocations name, written out.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from transformers import Trainer, default_data_collator
 import loramix
 from conftest import (
     assert_each_row_equals_its_adapter_alone, assert_fast_path_equals_reference, assert_fresh_adapter_is_the_base,
-    assert_only_adapter_tensors_get_gradients, perturb_adapter,
+    assert_only_adapter_tensors_get_gradients, forward_and_gradients, perturb_adapter,
 )
 from loramix.config import ConfigError
 from loramix.models.many import inject_many, member_parameters
@@ -79,6 +79,117 @@ def test_fast_path_equals_the_naive_expert_loop_forward_and_gradients(top_k):
     x, out_weights = torch.randn(2, 7, 12), torch.randn(2, 7, 10)
     assert_fast_path_equals_reference(layer, lambda v: naive(layer, v), x, out_weights,
                                       [layer.lora_A, layer.lora_B, layer.router.weight])
+
+
+def forced(layer: MolaLinear, dispatch: str):
+    """The layer's forward on its ``dispatch`` path ('dense' or 'sorted')."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        layer.dispatch = dispatch
+        try:
+            return layer(x)
+        finally:
+            layer.dispatch = "auto"
+    return forward
+
+
+@pytest.mark.parametrize("dispatch", ["sorted", "dense"])
+@pytest.mark.parametrize("n_in,n_out,r,experts,top_k", [
+    (16, 8, 4, 8, 2),  # rows a multiple of 16 bytes: grouped_mm
+    (12, 10, 3, 5, 2),  # odd shapes: the loop over the experts' row segments
+    (16, 24, 4, 2, 1),  # two experts
+    (16, 8, 4, 6, 1),  # top-1
+    (16, 8, 4, 3, 3),  # every expert chosen by every token
+])
+def test_each_fast_path_equals_the_naive_expert_loop(dispatch, n_in, n_out, r, experts, top_k):
+    torch.manual_seed(1)
+    layer = MolaLinear(nn.Linear(n_in, n_out), small(num_experts=experts, r=r, top_k=top_k),
+                       context=ForwardContext()).train()
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.3)
+        layer.router.weight.normal_(std=1.0)
+    x, out_weights = torch.randn(3, 9, n_in), torch.randn(3, 9, n_out)
+    assert_fast_path_equals_reference(layer, lambda v: naive(layer, v), x, out_weights,
+                                      [layer.lora_A, layer.lora_B, layer.router.weight])
+    assert_fast_path_equals_reference(forced(layer, dispatch), lambda v: naive(layer, v), x, out_weights,
+                                      [layer.lora_A, layer.lora_B, layer.router.weight])
+
+
+@pytest.mark.parametrize("n_in", [16, 12])
+def test_sorted_path_gives_an_expert_no_token_chose_an_exact_zero_gradient(n_in):
+    torch.manual_seed(2)
+    layer = MolaLinear(nn.Linear(n_in, 8), small(num_experts=8, r=4, top_k=2), context=ForwardContext()).train()
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.3)
+        layer.router.weight.normal_(std=0.1)
+        layer.router.weight[3] = -1.0  # positive inputs: expert 3's logit is far below every other's
+    x, out_weights = torch.rand(2, 7, n_in) + 0.5, torch.randn(2, 7, 8)
+    assert_fast_path_equals_reference(forced(layer, "sorted"), lambda v: naive(layer, v), x, out_weights,
+                                      [layer.lora_A, layer.lora_B, layer.router.weight])
+    assert layer.lora_A.grad[3].abs().max() == 0 and layer.lora_B.grad[3].abs().max() == 0
+
+
+def test_the_sorted_path_runs_where_it_pays_and_the_dense_one_elsewhere():
+    calls = []
+    layer = MolaLinear(nn.Linear(16, 8), small(num_experts=8, r=4, top_k=2), context=ForwardContext()).train()
+    x = torch.randn(2, 5, 16)
+    from loramix.modules import mola
+
+    original = mola.routed_experts
+    mola.routed_experts = lambda *args: calls.append(1) or original(*args)
+    try:
+        layer(x)  # training forward with gradients on CPU, 8 experts, top-2
+        with torch.no_grad():
+            layer(x)  # generation: dense
+        small_layer = MolaLinear(nn.Linear(16, 8), small(num_experts=4, r=4, top_k=2), context=ForwardContext())
+        small_layer(x)  # 4 experts, top-2: dense
+    finally:
+        mola.routed_experts = original
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_sorted_path_under_autocast_equals_the_dense_path_in_the_autocast_dtype(half):
+    torch.manual_seed(3)
+    layer = MolaLinear(nn.Linear(32, 48), small(num_experts=8, r=8, top_k=2), context=ForwardContext()).train()
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.3)
+        layer.router.weight.normal_(std=1.0)
+    x, out_weights = torch.randn(2, 11, 32), torch.linspace(-1, 1, 2 * 11 * 48).view(2, 11, 48)
+    results = {}
+    for dispatch in ("dense", "sorted"):
+        with torch.autocast("cpu", dtype=half):
+            out, grads = forward_and_gradients(forced(layer, dispatch), x, out_weights,
+                                               [layer.lora_A, layer.lora_B, layer.router.weight])
+        assert out.dtype == half and all(g.dtype == torch.float32 for g in grads)
+        results[dispatch] = out.float(), grads
+    (dense, dense_grads), (fast, fast_grads) = results["dense"], results["sorted"]
+    assert (fast - dense).abs().max() <= 0.02 * dense.abs().max()
+    for a, b in zip(fast_grads, dense_grads):
+        assert b.abs().max() > 0 and (a - b).abs().max() <= 0.03 * b.abs().max()
+
+
+def test_model_with_padding_and_dropout_trains_alike_on_both_fast_paths():
+    """8 experts, top-2 (the sorted path in training) against the dense path on a padded batch with dropout and the
+    load-balance loss: the same logits, losses and gradients (the same dropout masks: drawn before dispatch)."""
+    ids, mask, labels = batch(size=4, length=12, pad_first=2)
+    results = []
+    for dispatch in ("sorted", "dense"):
+        model = loramix.inject(tiny_model("llama"), small(num_experts=8, r=4, dropout=0.1, aux_loss_coef=0.01)).train()
+        perturb_adapter(model, router_std=0.5)
+        for m in model.modules():
+            if isinstance(m, MolaLinear):
+                m.dispatch = dispatch
+        torch.manual_seed(4)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grads = {k: p.grad for k, p in loramix.adapter_parameters(model).items()}
+        results.append((out.logits.detach(), out.loss.detach(), grads))
+    (logits_a, loss_a, grads_a), (logits_b, loss_b, grads_b) = results
+    assert (logits_a - logits_b).abs().max() <= 1e-5 and (loss_a - loss_b).abs() <= 1e-6
+    assert grads_a.keys() == grads_b.keys()
+    for key in grads_a:
+        assert grads_b[key].abs().max() > 0, key
+        assert (grads_a[key] - grads_b[key]).abs().max() <= 1e-5 * max(1.0, float(grads_b[key].abs().max())), key
 
 
 def test_every_adapter_tensor_gets_a_gradient_and_no_base_tensor():

@@ -18,13 +18,24 @@ allocation such as '2468': 2, 4, 6, 8 experts in the four quarters of the layers
 per layer), and ``MolaKind.layer_config`` gives each layer its own count, so a saved folder holds exactly
 E_l experts per projection of layer l.
 
-The fast path stacks the experts as LoRAMoE's does: ``A`` (E, r, in) read as (E·r, in) gives every expert's
-rank-r projection of every token in one matmul, (…, E·r); each expert's r columns are scaled by ``s · g_e``,
-zero for the experts a token did not choose; ``B`` (E, out, r) read as (out, E·r) sums the chosen experts in a
-second matmul. The unchosen experts' products are computed and multiplied by zero: with LoRA ranks E·r is far
-below ``in``, so two dense matmuls cost less than a gather/scatter dispatch, and the result and gradients are
-those of the per-expert loop (an unchosen expert gets an exact zero gradient). One dropout mask is shared by
-the experts. Fresh B is zero, so a fresh adapter is the base.
+Two exact fast paths, chosen per call by ``sorted_dispatch_pays`` (the result and gradients are those of the
+per-expert loop either way; an unchosen expert gets an exact zero gradient):
+
+- dense (``loramoe.stacked_experts``): ``A`` (E, r, in) read as (E·r, in) gives every expert's rank-r
+  projection of every token in one matmul, (…, E·r); each expert's r columns are scaled by ``s · g_e``, zero for
+  the experts a token did not choose; ``B`` (E, out, r) read as (out, E·r) sums the chosen experts in a second
+  matmul. It does E/k times the work the chosen experts need, but in two wide matmuls, with no host sync.
+- sorted (``routed_experts``, training on CPU with ``3 k <= E``): one stable argsort of the N·k (token, slot)
+  expert ids gives contiguous per-expert row segments; each expert's A and B run on its own rows only
+  (``grouped_mm``, else a loop over the segments), in a custom autograd function whose four backward matmuls are
+  grouped too and which saves only x, the (M, r) low-rank rows and the routing (the gathered (M, in) rows are
+  taken again in the backward); rows go back to their tokens by ``index_add``. With k of E experts chosen it
+  does k/E of the dense path's matmul work, in thinner matmuls, plus a gather and a scatter of x and of the
+  output rows, so it pays from E ≥ 3k (MoLA's 8 experts, top-2). On other devices (where the dense matmuls are
+  cheap and need no host sync) and without gradients (generation: few rows), the dense path runs.
+  ``MolaLinear.dispatch`` ('auto', 'dense' or 'sorted') overrides the choice per module.
+
+One dropout mask is shared by the experts. Fresh B is zero, so a fresh adapter is the base.
 
 The optional load-balance loss (the paper has none; ``aux_loss_coef`` > 0 adds it) is the Switch loss
 ``E · Σ_i f_i P_i`` (``routing.load_balance_loss``, as MixLoRA's) per module over the non-padding tokens, recorded
@@ -50,6 +61,7 @@ from .context import ForwardContext
 from .kinds import register
 from .lora import FrozenProjection, LoraDropout, lora_factors, lora_input
 from .loramoe import LoraMoeKind, stacked_experts
+from .mixlora import grouped_mm_available
 from .quantized import adapter_dtype_for
 from .routed import RoutedProjectionKind
 from .routing import load_balance_loss, route_top_k, router_statistics
@@ -72,6 +84,8 @@ class MolaLinear(FrozenProjection):
     """
 
     TENSOR_NAMES = ("lora_A", "lora_B", "router.weight")
+    #: the fast path: 'auto' (``sorted_dispatch_pays``), 'dense' or 'sorted' (module docstring); not saved
+    dispatch = "auto"
 
     def __init__(self, base: nn.Module, config: MolaConfig, *, fan_in_fan_out: bool = False,
                  context: ForwardContext | None = None) -> None:
@@ -108,6 +122,11 @@ class MolaLinear(FrozenProjection):
             load, prob = router_statistics(probs, chosen, valid)
             self.last_load, self.last_prob = load.detach(), prob.detach()
         x_in, factor = lora_input(self.dropout, x.to(base_out.dtype))  # one mask for every expert; 1/(1-p) into coef
+        if self.dispatch == "sorted" or (self.dispatch == "auto" and
+                                         sorted_dispatch_pays(x_in, self.top_k, self.num_experts)):
+            delta = routed_experts(x_in.reshape(-1, self.in_features), self.lora_A, self.lora_B, chosen,
+                                   weights * (self.scale * factor))
+            return base_out + delta.reshape(*lead, self.out_features)
         gate = torch.zeros_like(probs).scatter(-1, chosen, weights)  # (N, E): g_e, 0 for the unchosen
         coef = (gate * (self.scale * factor)).reshape(*lead, self.num_experts)
         return base_out + stacked_experts(x_in, self.lora_A, self.lora_B, coef)
@@ -115,6 +134,93 @@ class MolaLinear(FrozenProjection):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, top_k={self.top_k}, "
                 f"r={self.r}, scale={self.scale:g}")
+
+
+# =========================================================================================== sorted path
+def sorted_dispatch_pays(x: torch.Tensor, top_k: int, num_experts: int) -> bool:
+    """Whether ``routed_experts`` beats the dense ``stacked_experts`` for this call (module docstring): a forward
+    with gradients on CPU, with at least 3 experts per chosen one."""
+    return x.device.type == "cpu" and torch.is_grad_enabled() and 3 * top_k <= num_experts
+
+
+def _grouped(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | None, sizes: list[int]) -> torch.Tensor:
+    """Row segment e of ``a`` (M, K) times ``b[e]`` (K, n): (M, n); ``offs`` (E,) int32 segment ends for grouped_mm,
+    or None to loop over the segments of ``sizes``."""
+    if offs is not None:
+        return F.grouped_mm(a, b, offs=offs)
+    return torch.cat([a_e @ b_e for a_e, b_e in zip(a.split(sizes), b.unbind(0))])
+
+
+def _grouped_outer(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | None, sizes: list[int]) -> torch.Tensor:
+    """Column segment e of ``a`` (K, M) times row segment e of ``b`` (M, n): (E, K, n), zero for an empty segment."""
+    if offs is not None:
+        return F.grouped_mm(a, b, offs=offs)
+    return torch.stack([a_e @ b_e for a_e, b_e in zip(a.split(sizes, dim=1), b.split(sizes))])
+
+
+class _RoutedExperts(torch.autograd.Function):
+    """``y[t] = Σ_j w[t, j] · B_{e(t, j)} A_{e(t, j)} x[t]`` over rows sorted by expert (``routed_experts``).
+
+    Inputs: x (N, in), A (E, r, in), B (E, out, r), weight (M,) of the sorted rows, token (M,) each sorted row's
+    token, sizes (E,) rows per expert (host ints), offs (E,) int32 segment ends for grouped_mm or None. Saves x, A,
+    B, weight, token and the (M, r) low-rank rows; the (M, in) rows are gathered again in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, weight, token, sizes, offs):  # noqa: D102 - the class says it
+        with torch.autocast(x.device.type, enabled=False):  # the matmuls run in x's dtype, the compute dtype
+            return _RoutedExperts._forward(ctx, x, lora_A, lora_B, weight, token, sizes, offs)
+
+    @staticmethod
+    def _forward(ctx, x, lora_A, lora_B, weight, token, sizes, offs):
+        rows = x.index_select(0, token)  # (M, in)
+        low = _grouped(rows, lora_A.transpose(1, 2), offs, sizes)  # (M, r)
+        outs = _grouped(low * weight[:, None], lora_B.transpose(1, 2), offs, sizes)  # (M, out)
+        ctx.save_for_backward(x, lora_A, lora_B, weight, token, low)
+        ctx.sizes, ctx.offs = sizes, offs
+        return outs.new_zeros(x.shape[0], outs.shape[1]).index_add_(0, token, outs)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, lora_A, lora_B, weight, token, low = ctx.saved_tensors
+        sizes, offs = ctx.sizes, ctx.offs
+        grad_rows = grad.contiguous().index_select(0, token)  # (M, out): each row's token's gradient
+        grad_weighted = _grouped(grad_rows, lora_B, offs, sizes)  # (M, r)
+        grad_B = _grouped_outer(grad_rows.t(), low * weight[:, None], offs, sizes)  # (E, out, r)
+        grad_weight = (grad_weighted * low).sum(-1)
+        grad_low = grad_weighted * weight[:, None]
+        grad_A = _grouped_outer(grad_low.t(), x.index_select(0, token), offs, sizes)  # (E, r, in)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = x.new_zeros(x.shape).index_add_(0, token, _grouped(grad_low, lora_A, offs, sizes))
+        return grad_x, grad_A, grad_B, grad_weight, None, None, None
+
+
+def routed_experts(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, chosen: torch.Tensor,
+                   weights: torch.Tensor) -> torch.Tensor:
+    """``Σ_j weights_j · B_{chosen_j} A_{chosen_j} x`` per token, each expert on its own tokens (the sorted path).
+
+    Args:
+        x: (N, in), in the compute dtype (the experts' tensors and ``weights`` are cast to it).
+        lora_A: (E, r, in). lora_B: (E, out, r).
+        chosen: (N, k) long, each token's experts (distinct, < E).
+        weights: (N, k), their weights (the scale folded in).
+
+    Returns:
+        (N, out). The per-expert counts are read to the host once (free on CPU, where this path runs).
+    """
+    E, r, n_in = lora_A.shape
+    k = chosen.shape[1]
+    flat = chosen.reshape(-1)
+    order = flat.argsort(stable=True)  # (M,) rows sorted by expert, M = N·k
+    counts = torch.bincount(flat, minlength=E)
+    A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    size = x.element_size()
+    aligned = all(d * size % 16 == 0 for d in (n_in, r, B.shape[1]))  # grouped_mm's row-stride rule
+    offs = counts.cumsum(0).to(torch.int32) if aligned and grouped_mm_available(x.device, x.dtype) else None
+    row_weight = weights.reshape(-1).index_select(0, order).to(x.dtype)
+    return _RoutedExperts.apply(x.contiguous(), A, B, row_weight, torch.div(order, k, rounding_mode="floor"),
+                                counts.tolist(), offs)
 
 
 # ============================================================================================ the kind
