@@ -57,7 +57,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import MixLoraConfig
 from .context import ForwardContext
-from .expert_rows import IndexAddRows, WeightedSwiGLU, swiglu_mix
+from .expert_rows import IndexAddRows, MixedSwiGLU, swiglu_mix
 from .kinds import AdapterKind, AdapterModule, Site, TensorRole, register, resolve_targets
 from .lora import (
     LORA_ROLES, LoraDropout, LoraLinear, dora_output, dora_weight_norm, lora_factors, lora_input, lora_sites,
@@ -409,16 +409,38 @@ class MixLoraFFN(AdapterModule):
         # Σ_e g_e W h_e = W Σ_e g_e h_e: the frozen down projection runs on N rows, not M.
         # The LoRA is linear too, and dropout is elementwise: Σ_e g_e B_e A_e drop(h_e) = Σ_e B_e A_e drop(g_e h_e),
         # so the weighted rows feed both and no (M, out) product is weighted again.
+        want_rows, keep, factor = name in self.targets, None, 1.0
         if self.kind in ("gated", "fused") and type(self.act_fn).__name__ in ("SiLU", "SiLUActivation"):
             gate, up = rows if self.kind == "gated" else rows[0].chunk(2, dim=-1)
-            weighted = WeightedSwiGLU.apply(gate, up, row_weight)  # (M, f)
+            if want_rows:  # the down LoRA's CPU dropout mask, drawn where lora_input would draw it
+                keep, factor = self.down_dropout_keep(gate.shape, x.device, compute)
+            # (N, f) the mixed rows; (M, f) the weighted rows, masked by keep, or None
+            mixed, weighted = MixedSwiGLU.apply(gate, up, row_weight, token, num_tokens, keep, want_rows)
         else:
             weighted = self.combine(rows) * row_weight
-        out = down(IndexAddRows.apply(weighted.new_zeros(num_tokens, weighted.shape[-1]), token, weighted))
-        if name in self.targets:
-            inputs, factor = lora_input(self.lora_dropout, weighted)
-            out = IndexAddRows.apply(out.to(compute), token, self.lora_delta(name, inputs, seg, factor))
+            mixed = IndexAddRows.apply(weighted.new_zeros(num_tokens, weighted.shape[-1]), token, weighted)
+        out = down(mixed)
+        if want_rows:
+            if keep is None:  # no CPU mask drawn: the dropout module itself (eval, or F.dropout on other devices)
+                weighted, factor = lora_input(self.lora_dropout, weighted)
+            out = IndexAddRows.apply(out.to(compute), token, self.lora_delta(name, weighted, seg, factor))
         return out
+
+    def down_dropout_keep(self, shape: torch.Size, device: torch.device,
+                          dtype: torch.dtype) -> tuple[torch.Tensor | None, float]:
+        """The down LoRA's dropout mask for weighted rows of ``shape`` (M, f), drawn as ``LoraDropout.masked`` draws
+        it on CPU (the same random numbers): (keep (M, f) bool, the rescale), or (None, 1.0) where ``masked`` draws
+        no such mask (eval, p = 0, another device or dtype, a dropout module with its own ``masked`` or none at all):
+        then the caller runs ``lora_input``."""
+        dropout = self.lora_dropout
+        if not (isinstance(dropout, LoraDropout) and type(dropout).masked is LoraDropout.masked and dropout.training
+                and dropout.p > 0 and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)):
+            return None, 1.0
+        drawn = dropout.cpu_mask_bits(torch.Size(shape), device)
+        if drawn is None:  # p rounds to 0: no mask
+            return None, 1.0
+        bits, threshold, factor = drawn
+        return bits >= threshold, factor
 
     def fused_applies(self) -> bool:
         """Whether ``forward_fused`` runs: ``fused`` set, a SiLU-gated FFN (gate, up, down) without DoRA,
@@ -437,16 +459,15 @@ class MixLoraFFN(AdapterModule):
         deltas = [self.lora_delta(p, expert_inputs, seg, factor) if p in self.targets else None
                   for p in self.input_projections]
         name, down = self.output_projection, getattr(self, self.output_projection)
-        drawn = None  # the down LoRA's CPU dropout mask, drawn where forward_sorted draws it
-        if name in self.targets and isinstance(self.lora_dropout, LoraDropout) and self.lora_dropout.p > 0 \
-                and x.device.type == "cpu" and compute in (torch.float32, torch.bfloat16, torch.float16):
-            drawn = self.lora_dropout.cpu_mask_bits(torch.Size((token.shape[0], frozen[0].shape[1])), x.device)
-        keep, down_factor = (drawn[0] >= drawn[1], drawn[2]) if drawn is not None else (None, 1.0)
+        keep, down_factor = None, 1.0  # the down LoRA's CPU dropout mask, drawn where forward_sorted draws it
+        if name in self.targets:
+            keep, down_factor = self.down_dropout_keep(torch.Size((token.shape[0], frozen[0].shape[1])), x.device,
+                                                       compute)
         mixed, rows = swiglu_mix(*frozen, token, *deltas, row_weight.to(compute)[:, None], keep, name in self.targets)
         out = down(mixed)
         if rows is None:
             return out
-        if drawn is None:  # no CPU mask: the dropout module itself (eval, p = 0 or F.dropout on other devices)
+        if keep is None:  # no CPU mask: the dropout module itself (eval, p = 0 or F.dropout on other devices)
             rows, down_factor = lora_input(self.lora_dropout, rows)
         return IndexAddRows.apply(out.to(compute), token, self.lora_delta(name, rows, seg, down_factor))
 
