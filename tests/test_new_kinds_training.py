@@ -108,6 +108,9 @@ def test_hydralora_router_gradient_under_sft_trainer_equals_own_trainer(tmp_path
 
 
 # --------------------------------------------------------------------------------------- DDP / FSDP2
+# Without global_load_balance each rank's losses are over its own micro-batch, as the reference's per accumulated
+# micro-batch, whatever the samples' types (here all 'syn'); ranks whose samples have different types, and the
+# global batch's LoRAMoE loss against one process on the whole batch: test_loramoe_distributed.py.
 DISTRIBUTED = {
     "loramoe": {"kind": "loramoe", "r": 4, "alpha": 8, "num_experts": 4, "dropout": 0.0, "tasks": ["syn", "other"],
                 "balance_coef": 0.1},

@@ -21,9 +21,10 @@ class ForwardContext:
         task_ids: (B,) long task index per sample (MoRE), or None.
         default_task_id: the MoRE task of a call without ``task_ids`` (``adapters.more_tasks.use_task``), or None.
         disabled: when True every adapter computes the frozen base function.
-        balance_group: a ``torch.distributed`` process group, or None (the default). When set, MixLoRA's
-            load-balance loss measures the expert shares over all its ranks' tokens (the data-parallel
-            trainer sets it during training steps only: each forward then holds one all-reduce per layer).
+        balance_group: a ``torch.distributed`` process group, or None (the default). When set, MixLoRA's and
+            MoLA's load-balance losses measure the expert shares over all its ranks' tokens, and LoRAMoE's
+            balancing loss is the global batch's (the data-parallel trainer sets it for training steps only,
+            forward and backward: each forward then holds one all-reduce per layer, LoRAMoE's backward one too).
         inference_only: when True the adapters skip what only training reads (the load-balance, z and
             contrastive losses, the router's load statistics): ``loramix serve`` sets it.
         checked_task_ids: (the ``task_ids`` object given, a key of its batch, device and version, the checked

@@ -24,6 +24,11 @@ The localized balancing constraint (the paper's eq. 6-8), per module and forward
         Z       = I ∘ Q;      L_lbc = Var(Z) / (mean(Z)² + 1e-10)    squared coefficient of variation
                                                                      over the B·E entries
 
+The B samples are this forward's (one micro-batch: with accumulation, the loss is per micro-batch, as the
+paper's is per batch). Under data parallelism with the training config's ``global_load_balance``
+(``ForwardContext.balance_group`` set) they are the global micro-batch, every rank's samples, so that W ranks reach
+the loss and gradient of one process on their samples together (``localized_balance_loss``); without it each
+rank's own samples, as one process accumulating the ranks' micro-batches one after another.
 A sample's type is its task id (``ForwardContext.task_ids``, index into the config's ``tasks``; -1: none);
 experts are grouped in order by ``group_sizes``. Without types (no ``tasks`` in the config, or a call
 without task ids) I = 1: the plain importance balance, the same loss as δ = 0. The weight β is the config's
@@ -40,6 +45,8 @@ Shapes: input (B, T, in) → output (B, T, out) (any (…, in) works; a 2-D inpu
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,7 +62,7 @@ from .routing import dense_router_statistics
 
 def localized_balance_loss(probs: torch.Tensor, valid: torch.Tensor | None = None,
                            types: torch.Tensor | None = None, groups: torch.Tensor | None = None,
-                           delta: float = 0.0) -> torch.Tensor:
+                           delta: float = 0.0, group: Any = None) -> torch.Tensor:
     """LoRAMoE's localized balancing loss ``CV²(I ∘ Q)`` (see the module docstring).
 
     Args:
@@ -64,9 +71,15 @@ def localized_balance_loss(probs: torch.Tensor, valid: torch.Tensor | None = Non
         types: (B,) long, each sample's type (an index into the expert groups; < 0: no type), or None.
         groups: (E,) long, each expert's group, or None (no types: I = 1).
         delta: δ.
+        group: a ``torch.distributed`` process group (data-parallel ranks), or None. When given, the loss is
+            that of the global batch, every rank's (sample, expert) entries together: one differentiable
+            all-reduce of Σ Z, Σ Z² and their count (fp64), whose backward sums the ranks' gradients of them, so
+            ranks that back-propagate shares of the loss summing to 1 and then sum their gradients get the
+            gradient of one process on the whole batch. Every rank of the group must make the same calls
+            (forward and backward) in the same order.
 
     Returns:
-        A scalar fp32 tensor (0 for a single entry).
+        A scalar fp32 tensor (0 for a single entry), the same on every rank of ``group``.
 
     Example:
         >>> localized_balance_loss(torch.rand(2, 5, 4).softmax(-1), types=torch.tensor([0, 1]),
@@ -80,7 +93,30 @@ def localized_balance_loss(probs: torch.Tensor, valid: torch.Tensor | None = Non
         coef = torch.where(types == groups.to(importance.device)[None, :], 1.0 + delta, 1.0 - delta)
         importance = importance * torch.where(types >= 0, coef, torch.ones_like(coef))
     z = importance.flatten()
-    return z.var(correction=0) / (z.mean() ** 2 + 1e-10)
+    if group is None:
+        return z.var(correction=0) / (z.mean() ** 2 + 1e-10)
+    z = z.double()
+    sums = _SummedOverRanks.apply(torch.stack([z.sum(), (z * z).sum(), z.new_tensor(z.numel())]), group)
+    mean = sums[0] / sums[2]
+    return ((sums[1] / sums[2] - mean ** 2) / (mean ** 2 + 1e-10)).float()
+
+
+class _SummedOverRanks(torch.autograd.Function):
+    """A tensor summed over the ranks of a process group (all-reduce); the backward sums the ranks' gradients of it
+    the same way (``torch.distributed.nn.functional.all_reduce``, which is deprecated). Shapes: any → same."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: Any) -> torch.Tensor:  # noqa: D102 - the class says it
+        import torch.distributed as dist  # only here: the modules work without torch.distributed set up
+
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: D102
+        return _SummedOverRanks.apply(grad.contiguous(), ctx.group), None
 
 
 def stacked_experts(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
@@ -183,7 +219,7 @@ class LoraMoeLinear(FrozenProjection):
         self.last_load = self.last_prob = dense_router_statistics(
             per_sample.reshape(-1, self.num_experts), None if valid is None else valid.reshape(-1))
         return localized_balance_loss(per_sample, valid, self.sample_types(batch, x.device), self.expert_group,
-                                      self.delta)
+                                      self.delta, group=self.context.balance_group)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, r={self.r}, "

@@ -155,9 +155,10 @@ class TrainConfig(Settings):
     distributed: str = help_field("Under torchrun: 'ddp' (replicated model, adapter gradients all-reduced) or 'fsdp' "
                              "(FSDP2 fully_shard per decoder layer: the frozen base weights sharded over the ranks, "
                              "adapters replicated in fp32). Ignored in one process.", "ddp")
-    global_load_balance: bool = help_field("Under torchrun, MixLoRA's load-balance loss takes the expert shares over the "
-                                      "global batch (all ranks' tokens, one all-reduce per layer) instead of each "
-                                      "rank's own micro-batch. Same as false in one process.", False)
+    global_load_balance: bool = help_field("Under torchrun, MixLoRA's and MoLA's load-balance losses take the expert "
+                                      "shares over the global batch (all ranks' tokens, one all-reduce per layer), "
+                                      "and LoRAMoE's balancing loss is that of the global batch (all ranks' samples), "
+                                      "instead of each rank's own micro-batch. Same as false in one process.", False)
     plots: bool = help_field("Write PNG plots into output_dir at the end.", True)
     progress: bool = help_field("Show tqdm progress bars.", True)
 

@@ -375,7 +375,13 @@ class Trainer:
             if loads:
                 w.load = loads if w.load is None else [a + l for a, l in zip(w.load, loads)]
             w.position += 1
-        torch.stack(terms).sum().backward()
+        for job, _ in parts:  # an activation checkpoint's recompute in the backward repeats the forward's all-reduces
+            self.contexts[job.name].balance_group = self._balance_group(job)
+        try:
+            torch.stack(terms).sum().backward()
+        finally:
+            for job, _ in parts:
+                self.contexts[job.name].balance_group = None
 
     def _optimizer_steps(self, done: list[tuple[Job, Window]]) -> list[Job]:
         """Jobs whose window is complete: agree on divergence, sum gradients over ranks, clip and step.
