@@ -42,3 +42,14 @@ def test_without_ignore_eos_an_eos_ends_the_answer_on_both_sides(server, folders
     alone, _, _, _ = run_bare_generate(bare, served, jobs, clients=1, max_tokens=MAX, threads=None)
     assert [(o.text, o.tokens) for o in alone] == [(o.text, o.tokens) for o in outcomes]
     assert all(1 <= o.tokens <= MAX for o in alone)
+
+
+def test_stop_at_eos_option_turns_ignore_eos_off():
+    import argparse
+
+    from loramix.bench.command import add_arguments, serve_settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert serve_settings_from_args(parser.parse_args(["--serve"])).ignore_eos is True
+    assert serve_settings_from_args(parser.parse_args(["--serve", "--stop-at-eos"])).ignore_eos is False

@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--requests", type=int, default=32, help="requests per run (the same in every run)")
     serve.add_argument("--max-tokens", type=int, default=16, help="max_tokens of every (greedy) request")
     serve.add_argument("--stream", action="store_true", help="stream the answers (also reports time to first token)")
+    serve.add_argument("--stop-at-eos", action="store_true",
+                       help="answers end at EOS (default: requests send vLLM's ignore_eos and bare generate ignores "
+                            "EOS too, so every answer is --max-tokens tokens on both sides)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as one JSON object")
 
 
@@ -92,7 +95,8 @@ def serve_settings_from_args(args: argparse.Namespace):
         raise ValueError(f"--clients {args.clients}: give client counts separated by commas, e.g. 1,4,16") from None
     return ServeBenchSettings(model=resolve_model(args.model or EMBEDDED_NAME), adapters=parse_adapters(args.adapter),
                               clients=clients, requests=args.requests, max_tokens=args.max_tokens, stream=args.stream,
-                              dtype=args.dtype, device=args.device, threads=args.threads, seed=args.seed)
+                              dtype=args.dtype, device=args.device, threads=args.threads, seed=args.seed,
+                              ignore_eos=not args.stop_at_eos)
 
 
 def run(args: argparse.Namespace) -> int:
