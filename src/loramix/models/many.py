@@ -203,7 +203,9 @@ class AdapterStack(nn.Module):
             x: (rows, T, d) the block input. plan: the forward's ``RowSpan`` list.
 
         Returns:
-            (rows, T, d_out), or None (gradients, autocast, training mode, not inference-only: the per-adapter path).
+            (rows, T, d_out), or None (gradients, autocast, training mode: the per-adapter path). Not only while serving
+            (``inference_only``): any no-grad eval forward (an evaluation of several adapters at once) is frozen too,
+            and a MixLoRA router still records its losses and statistics there, as its own forward would.
         """
         if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) or self.base.training:
             return None
@@ -212,7 +214,7 @@ class AdapterStack(nn.Module):
             member = self.member(seg.name)
             if member is None or member.context.disabled:
                 continue  # the base block's rows (a disabled MixLoRA block is the base block)
-            if member.training or not member.context.inference_only:
+            if member.training:
                 return None
             served.append((seg, member))
         if not served:

@@ -9,8 +9,9 @@ per step (in a decode step the weight read, not the arithmetic, is the cost)::
     W_down (all rows' hidden states) + b, once;  then + Σ_e g_e s B_e A_e h_e on the MixLoRA tokens
 
 the gated-sum identity of ``mixlora.py`` (Σ_e g_e = 1), the math of ``MixLoraFFN.forward_sorted`` in a frozen
-forward (eval, no gradient, no losses), whatever ``dispatch`` says (it equals the naive path). DoRA on the down
-projection is not linear in h: those rows keep the per-row down projection.
+forward (eval, no gradient; the router records its losses unless inference-only, as in ``forward``), whatever
+``dispatch`` says (it equals the naive path). DoRA on the down projection is not linear in h: those rows keep the
+per-row down projection.
 """
 
 from __future__ import annotations
