@@ -1,5 +1,9 @@
 """The eager MixLoRA expert-row functions of ``modules/expert_rows.py`` against plain autograd over the same formula.
 
+``GatheredLoraRows`` (frozen rows gathered, each expert's LoRA up step added into its segment by ``addmm_``) must give
+autograd's ``base.index_select(0, token) + cat_e(low_e @ B_e.T)`` and its gradients of base, low and B; in the
+block (``MixLoraFFN.input_rows``, CPU) the sorted path must still equal the naive per-expert loop for any subset of
+targeted projections (the stacked A of gate and up, one projection alone, none).
 ``MixedSwiGLU`` (the SiLU-gated rows weighted, mixed into their tokens and masked for the down LoRA) must give what
 autograd gives for ``zeros.index_add(0, token, w * silu(g) * u)`` and ``where(keep, y, 0)``: outputs and the
 gradients of g, u and w, whichever outputs feed the loss. fp64, so the comparison is tight (1e-12).
@@ -10,7 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramix.modules.expert_rows import MixedSwiGLU, row_dot
+import loramix
+from conftest import mixlora_config, perturb_adapter
+from test_modules import first_moe, rel_err, run_with_grads, token_mask
+from tiny_models import tiny_model
+from loramix.modules.expert_rows import GatheredLoraRows, MixedSwiGLU, row_dot
 
 
 def _inputs(seed: int = 0, rows: int = 11, tokens: int = 5, width: int = 7):
@@ -82,3 +90,63 @@ def test_row_dot_is_the_row_wise_dot_product(dtype):
     # bf16: the inputs themselves are rounded (2^-9 relative), so compare with the sum of the rounded inputs
     ref = (a.to(dtype).double() * b.to(dtype).double()).sum(dim=1, keepdim=True) if dtype == torch.bfloat16 else want
     assert (got.double() - ref).abs().max() < tol
+
+
+@pytest.mark.parametrize("sizes", [[3, 0, 4, 2], [3, 0, 4, 2, 3]], ids=["routed", "unrouted-last"])
+def test_gathered_lora_rows_matches_autograd(sizes):
+    """Rows and gradients (base, low, B) equal autograd's gather + per-expert product; an expert with no rows gets a
+    zero B gradient, unrouted rows (a segment past the E experts) keep the frozen row and give low a zero gradient;
+    low may be a column slice (gate's half of the stacked A outputs)."""
+    g = torch.Generator().manual_seed(4)
+    experts, tokens, out, r = 4, 6, 5, 3
+    rows = sum(sizes)
+    base = torch.randn(tokens, out, generator=g, dtype=torch.float64)
+    token = torch.randint(0, tokens, (rows,), generator=g)
+    stacked = torch.randn(rows, 2 * r, generator=g, dtype=torch.float64)
+    B = torch.randn(experts, out, r, generator=g, dtype=torch.float64)
+    probe = torch.randn(rows, out, generator=g, dtype=torch.float64)
+
+    def reference(base, low, B):
+        deltas = [low_e @ B[e].t() for e, low_e in enumerate(low.split(sizes)[:experts])]
+        deltas += [low.new_zeros(n, out) for n in sizes[experts:]]
+        return base.index_select(0, token) + torch.cat(deltas)
+
+    results = []
+    for fn in (reference, lambda b, low, B_: GatheredLoraRows.apply(b, token, low, B_, sizes)):
+        leaves = [t.clone().requires_grad_() for t in (base, stacked, B)]
+        result = fn(leaves[0], leaves[1][:, :r], leaves[2])
+        (result * probe).sum().backward()
+        results.append((result.detach(), [t.grad for t in leaves]))
+    (ref, ref_grads), (got, grads) = results
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    for name, a, b in zip(("base", "low", "B"), grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    assert grads[2][1].abs().max() == 0  # expert 1 has no rows
+    assert ref_grads[1].abs().max() > 0 and ref_grads[2].abs().max() > 0
+    if len(sizes) > experts:
+        assert grads[1][-sizes[-1]:].abs().max() == 0
+        torch.testing.assert_close(got[-sizes[-1]:], base[token[-sizes[-1]:]], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("ffn_targets", [["gate_proj", "up_proj"], ["up_proj"], ["gate_proj", "down_proj"],
+                                         ["down_proj"]], ids=["gate-up", "up", "gate-down", "down"])
+def test_sorted_rows_equal_naive_for_any_targets(ffn_targets):
+    """Sorted == naive (outputs and the gradients of x and every adapter tensor, 1e-5) for each subset of targeted
+    FFN projections, with padding (unrouted rows) and top-2 routing."""
+    cfg = mixlora_config(attention_targets=[], ffn_targets=ffn_targets)
+    moe, _ = first_moe(loramix.inject(tiny_model("llama"), cfg))
+    perturb_adapter(moe, seed=5, b_std=0.3, router_std=1.0)
+    moe.train()
+    batch, length, dim = 3, 10, moe.router.weight.shape[1]
+    moe.context.token_mask = token_mask(batch, length, padded=True)
+    x = torch.randn(batch, length, dim, generator=torch.Generator().manual_seed(2))
+    results = {}
+    for dispatch in ("naive", "sorted"):
+        moe.dispatch = dispatch
+        results[dispatch] = run_with_grads(moe, x, lambda t: moe(t).reshape(-1, dim))
+    (ref, ref_grads), (out, grads) = results["naive"], results["sorted"]
+    assert rel_err(out, ref) < 1e-5
+    assert grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        assert g.abs().max() > 0, name
+        assert rel_err(grads[name], g) < 1e-5, name

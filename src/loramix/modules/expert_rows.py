@@ -53,6 +53,45 @@ class IndexAddRows(torch.autograd.Function):
         return (grad if ctx.needs_input_grad[0] else None), None, grad_rows
 
 
+class GatheredLoraRows(torch.autograd.Function):
+    """``base[token] + low_e B_eᵀ``: the frozen rows gathered and each expert's LoRA up step added into its row segment
+    by the matmul itself (``addmm_``), so no (M, out) delta is written and then added in another pass.
+
+    The same as autograd over ``base.index_select(0, token) + cat_e(low_e @ B_e.T)`` (zero past the E experts); it
+    keeps token, low and B for backward (nothing of size (M, out)). Shapes (``apply``, positional): base (N, out) the
+    frozen outputs; token (M,) long; low (M, r) the rows' LoRA A outputs, sorted by expert (a column slice is fine);
+    B (E, out, r) the experts' B in base's dtype, scale folded in; sizes: rows per segment, the E experts' first, then
+    at most one segment of unrouted rows (no LoRA), summing to M. Returns (M, out).
+    """
+
+    @staticmethod
+    def forward(ctx, base: torch.Tensor, token: torch.Tensor, low: torch.Tensor,  # type: ignore[override]
+                B: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        rows = base.index_select(0, token)
+        for rows_e, low_e, B_e in zip(rows.split(sizes), low.split(sizes), B.unbind(0)):
+            if rows_e.shape[0]:
+                rows_e.addmm_(low_e, B_e.t())
+        ctx.save_for_backward(token, low, B)
+        ctx.sizes, ctx.num_tokens = sizes, base.shape[0]
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        token, low, B = ctx.saved_tensors
+        grad = grad.contiguous()
+        segments = list(zip(grad.split(ctx.sizes), low.split(ctx.sizes), B.unbind(0)))
+        grad_base = grad_low = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_base = grad.new_zeros(ctx.num_tokens, grad.shape[1]).index_add_(0, token, grad)
+        if ctx.needs_input_grad[2]:
+            grad_low = low.new_zeros(low.shape)  # unrouted rows (past the E experts): no LoRA, zero gradient
+            for (grad_e, _, B_e), out_e in zip(segments, grad_low.split(ctx.sizes)):
+                torch.mm(grad_e, B_e.to(grad.dtype), out=out_e)
+        if ctx.needs_input_grad[3]:
+            grad_B = torch.stack([torch.mm(grad_e.t(), low_e.to(grad.dtype)) for grad_e, low_e, _ in segments])
+        return grad_base, None, grad_low, grad_B, None
+
+
 class MixedSwiGLU(torch.autograd.Function):
     """The eager expert rows of a SiLU-gated FFN, weighted, mixed into their tokens and masked for the down LoRA.
 

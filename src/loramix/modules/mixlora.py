@@ -57,7 +57,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import MixLoraConfig
 from .context import ForwardContext
-from .expert_rows import IndexAddRows, MixedSwiGLU, swiglu_mix
+from .expert_rows import GatheredLoraRows, IndexAddRows, MixedSwiGLU, swiglu_mix
 from .kinds import AdapterKind, AdapterModule, Site, TensorRole, register, resolve_targets
 from .lora import (
     LORA_ROLES, LoraDropout, LoraLinear, dora_output, dora_weight_norm, lora_factors, lora_input, lora_sites,
@@ -263,6 +263,53 @@ class MixLoraFFN(AdapterModule):
         # Under autocast ``@`` runs in the autocast dtype; the rows go on in the inputs' dtype (no-op otherwise).
         return (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).to(inputs.dtype)
 
+    def lora_low(self, names: list[str], inputs: torch.Tensor, seg: Segments) -> torch.Tensor:
+        """``A_e x`` of the projections ``names`` side by side, for rows sorted by expert: (M, len(names) · r).
+
+        Projections that read the same rows (gate and up) get one matmul with their A stacked (E, len(names) · r,
+        in): the rows are read once, forward and backward. Grouped where supported, else the segment loop;
+        unrouted rows (the last ``seg.frozen``) get zeros. inputs: (M, in), after LoRA dropout.
+        """
+        A = torch.cat([self.experts.lora_A[n] for n in names], dim=1).to(inputs.dtype)  # (E, k r, in)
+        if seg.frozen:
+            A = torch.cat([A, A.new_zeros(1, *A.shape[1:])])  # a zero expert keeps every row inside a group
+        if seg.offsets is not None and grouped_mm_supported(inputs, A):
+            return torch.nn.functional.grouped_mm(inputs, A.transpose(1, 2), offs=seg.offsets)
+        pieces = [x_e @ A[e].t() for e, x_e in enumerate(inputs.split(seg.sizes)) if x_e.shape[0]]
+        if not pieces:
+            return inputs.new_zeros(0, A.shape[1])
+        # Under autocast ``@`` runs in the autocast dtype; the rows go on in the inputs' dtype (no-op otherwise).
+        return (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).to(inputs.dtype)
+
+    def input_rows(self, frozen: list[torch.Tensor], token: torch.Tensor, inputs: torch.Tensor, seg: Segments,
+                   row_expert: torch.Tensor, factor: float = 1.0) -> list[torch.Tensor]:
+        """The expert rows of every input projection P: ``W_P x + b`` of each row's token plus its expert's LoRA.
+
+        Args:
+            frozen: per input projection, the frozen outputs of the N tokens, (N, out_P), in the compute dtype.
+            token: (M,) the token of each row; inputs: (M, in) the rows' LoRA inputs (after dropout);
+            seg, row_expert, factor: as ``expert_rows``.
+
+        Returns one (M, out_P) tensor per input projection. On CPU without DoRA the targeted projections' A run as
+        one matmul (``lora_low``) and each B adds into the gathered frozen rows (``GatheredLoraRows``): the same
+        sums as ``expert_rows`` with two (M, out) passes fewer per projection. Elsewhere (one grouped matmul per
+        factor on a GPU, where a loop of addmm would be slower) ``expert_rows`` itself.
+        """
+        compute = frozen[0].dtype
+        targeted = [p for p in self.input_projections if p in self.targets]
+        if inputs.device.type != "cpu" or self.use_dora or not targeted:
+            return [self.expert_rows(p, f.index_select(0, token).to(compute), inputs, seg, row_expert, factor)
+                    for p, f in zip(self.input_projections, frozen)]
+        lows = dict(zip(targeted, self.lora_low(targeted, inputs.to(compute), seg).split(self.r, dim=1)))
+        rows = []
+        for p, f in zip(self.input_projections, frozen):
+            if p not in lows:
+                rows.append(f.index_select(0, token).to(compute))
+                continue
+            B = self.experts.lora_B[p].to(compute) * (self.scale * factor)  # (E, out, r): scaled, the small one
+            rows.append(GatheredLoraRows.apply(f.to(compute), token, lows[p], B, seg.sizes))
+        return rows
+
     def expert_rows(self, name: str, base_rows: torch.Tensor, inputs: torch.Tensor, seg: Segments,
                     row_expert: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
         """Expert outputs of projection ``name`` for rows sorted by expert.
@@ -394,8 +441,7 @@ class MixLoraFFN(AdapterModule):
 
         # (M, d): one dropout mask shared by gate and up; its 1/(1-p) goes into B.
         expert_inputs, factor = lora_input(self.lora_dropout, x.index_select(0, token).to(compute))
-        rows = [self.expert_rows(p, f.index_select(0, token).to(compute), expert_inputs, seg, row_expert, factor)
-                for p, f in zip(self.input_projections, frozen)]
+        rows = self.input_rows(frozen, token, expert_inputs, seg, row_expert, factor)
 
         down = getattr(self, self.output_projection)
         name = self.output_projection
