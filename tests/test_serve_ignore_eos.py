@@ -69,6 +69,13 @@ def test_min_tokens_hides_eos_until_reached_as_generate_min_new_tokens(server, l
         expected = generated(model, tok, PROMPT, max_new_tokens=6, min_new_tokens=3, sequence_bias={(eos,): 100.0})
         assert len(expected) == 4 and expected[-1] == eos and eos not in expected[:3]
         assert tokens == [tok.decode([t]) for t in expected] and finish == ["stop"], streamed
+    # no bias: greedy over the logits with EOS hidden for the first 5 tokens, the plain argmax after
+    for prompt in ("the cat sat", "yes no true", PROMPT):
+        answer = client.completions.create(model="lora", prompt=prompt, max_tokens=8, temperature=0,
+                                           extra_body={"min_tokens": 5})
+        expected = generated(model, tok, prompt, max_new_tokens=8, min_new_tokens=5)
+        assert answer.usage.completion_tokens == len(expected) >= 5
+        assert answer.choices[0].text == tok.decode(expected, skip_special_tokens=True), prompt
 
 
 def test_bad_ignore_eos_and_min_tokens_are_400s_naming_them(server):
