@@ -124,9 +124,9 @@ class MolaLinear(FrozenProjection):
         x_in, factor = lora_input(self.dropout, x.to(base_out.dtype))  # one mask for every expert; 1/(1-p) into coef
         if self.dispatch == "sorted" or (self.dispatch == "auto" and
                                          sorted_dispatch_pays(x_in, self.top_k, self.num_experts)):
-            delta = routed_experts(x_in.reshape(-1, self.in_features), self.lora_A, self.lora_B, chosen,
-                                   weights * (self.scale * factor))
-            return base_out + delta.reshape(*lead, self.out_features)
+            out = routed_experts(x_in.reshape(-1, self.in_features), self.lora_A, self.lora_B, chosen,
+                                 weights * (self.scale * factor), base_out.reshape(-1, self.out_features))
+            return out.view(base_out.shape)
         gate = torch.zeros_like(probs).scatter(-1, chosen, weights)  # (N, E): g_e, 0 for the unchosen
         coef = (gate * (self.scale * factor)).reshape(*lead, self.num_experts)
         return base_out + stacked_experts(x_in, self.lora_A, self.lora_B, coef)
@@ -159,26 +159,27 @@ def _grouped_outer(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | None, 
 
 
 class _RoutedExperts(torch.autograd.Function):
-    """``y[t] = Σ_j w[t, j] · B_{e(t, j)} A_{e(t, j)} x[t]`` over rows sorted by expert (``routed_experts``).
+    """``y[t] = base[t] + Σ_j w[t, j] · B_{e(t, j)} A_{e(t, j)} x[t]`` over rows sorted by expert (``routed_experts``).
 
-    Inputs: x (N, in), A (E, r, in), B (E, out, r), weight (M,) of the sorted rows, token (M,) each sorted row's
-    token, sizes (E,) rows per expert (host ints), offs (E,) int32 segment ends for grouped_mm or None. Saves x, A,
-    B, weight, token and the (M, r) low-rank rows; the (M, in) rows are gathered again in the backward.
+    Inputs: base (N, out), x (N, in), A (E, r, in), B (E, out, r), weight (M,) of the sorted rows,
+    token (M,) each sorted row's token, sizes (E,) rows per expert (host ints), offs (E,) int32 segment ends for
+    grouped_mm or None. Saves x, A, B, weight, token and the (M, r) low-rank rows; the (M, in) rows are gathered
+    again in the backward. The rows are added onto a copy of ``base`` (no zero-filled output, no separate sum).
     """
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, weight, token, sizes, offs):  # noqa: D102 - the class says it
+    def forward(ctx, base, x, lora_A, lora_B, weight, token, sizes, offs):  # noqa: D102 - the class says it
         with torch.autocast(x.device.type, enabled=False):  # the matmuls run in x's dtype, the compute dtype
-            return _RoutedExperts._forward(ctx, x, lora_A, lora_B, weight, token, sizes, offs)
+            return _RoutedExperts._forward(ctx, base, x, lora_A, lora_B, weight, token, sizes, offs)
 
     @staticmethod
-    def _forward(ctx, x, lora_A, lora_B, weight, token, sizes, offs):
+    def _forward(ctx, base, x, lora_A, lora_B, weight, token, sizes, offs):
         rows = x.index_select(0, token)  # (M, in)
         low = _grouped(rows, lora_A.transpose(1, 2), offs, sizes)  # (M, r)
         outs = _grouped(low * weight[:, None], lora_B.transpose(1, 2), offs, sizes)  # (M, out)
         ctx.save_for_backward(x, lora_A, lora_B, weight, token, low)
         ctx.sizes, ctx.offs = sizes, offs
-        return outs.new_zeros(x.shape[0], outs.shape[1]).index_add_(0, token, outs)
+        return base.index_add(0, token, outs.to(base.dtype))
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
@@ -193,21 +194,24 @@ class _RoutedExperts(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = x.new_zeros(x.shape).index_add_(0, token, _grouped(grad_low, lora_A, offs, sizes))
-        return grad_x, grad_A, grad_B, grad_weight, None, None, None
+        return grad, grad_x, grad_A, grad_B, grad_weight, None, None, None
 
 
 def routed_experts(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, chosen: torch.Tensor,
-                   weights: torch.Tensor) -> torch.Tensor:
-    """``Σ_j weights_j · B_{chosen_j} A_{chosen_j} x`` per token, each expert on its own tokens (the sorted path).
+                   weights: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``base + Σ_j weights_j · B_{chosen_j} A_{chosen_j} x`` per token, each expert on its own tokens (the sorted
+    path).
 
     Args:
         x: (N, in), in the compute dtype (the experts' tensors and ``weights`` are cast to it).
         lora_A: (E, r, in). lora_B: (E, out, r).
         chosen: (N, k) long, each token's experts (distinct, < E).
         weights: (N, k), their weights (the scale folded in).
+        base: (N, out), the frozen output the experts' sum is added to (zeros for the sum alone).
 
     Returns:
-        (N, out). The per-expert counts are read to the host once (free on CPU, where this path runs).
+        (N, out), in ``base``'s dtype. The per-expert counts are read to the host once (free on CPU,
+        where this path runs).
     """
     E, r, n_in = lora_A.shape
     k = chosen.shape[1]
@@ -219,7 +223,7 @@ def routed_experts(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
     aligned = all(d * size % 16 == 0 for d in (n_in, r, B.shape[1]))  # grouped_mm's row-stride rule
     offs = counts.cumsum(0).to(torch.int32) if aligned and grouped_mm_available(x.device, x.dtype) else None
     row_weight = weights.reshape(-1).index_select(0, order).to(x.dtype)
-    return _RoutedExperts.apply(x.contiguous(), A, B, row_weight, torch.div(order, k, rounding_mode="floor"),
+    return _RoutedExperts.apply(base, x.contiguous(), A, B, row_weight, torch.div(order, k, rounding_mode="floor"),
                                 counts.tolist(), offs)
 
 
