@@ -135,7 +135,7 @@ class MixedSwiGLU(torch.autograd.Function):
             return None, None, None, None, None, None, None
         grad_g = grad_u = grad_w = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            s = grad * torch.nn.functional.silu(g)  # ∂out/∂(u w) · grad
+            s = torch.nn.functional.silu(g).mul_(grad)  # ∂out/∂(u w) · grad
             if ctx.needs_input_grad[2]:  # row-wise Σ_f grad · silu(g) · u
                 grad_w = row_dot(s, u)
             grad_u = s.mul_(w) if ctx.needs_input_grad[1] else None

@@ -57,11 +57,12 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import MixLoraConfig
 from .context import ForwardContext
-from .expert_rows import GatheredLoraRows, IndexAddRows, MixedSwiGLU, swiglu_mix
+from .expert_rows import IndexAddRows, MixedSwiGLU, swiglu_mix
 from .kinds import AdapterKind, AdapterModule, Site, TensorRole, register, resolve_targets
 from .lora import (
     LORA_ROLES, LoraDropout, LoraLinear, dora_output, dora_weight_norm, lora_factors, lora_input, lora_sites,
 )
+from .mixlora_rows import down_dropout_keep, grouped_mm_supported, input_rows, lora_low
 from .mixlora_served import forward_precomputed
 from .quantized import adapter_dtype_for, frozen_weight, logical_shape
 from .routing import (
@@ -120,17 +121,6 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype = torch.float3
         ok = False
     _GROUPED_MM[key] = ok
     return ok
-
-
-def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """grouped_mm takes these operands: fp32/bf16/fp16, and every row stride a multiple of 16 bytes."""
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
-        return False  # torch.compile's fake-tensor kernel of grouped_mm accepts only bf16 (2.13)
-    size = x.element_size()
-    dims = [x.shape[-1], *(d for w in weights for d in w.shape[1:])]
-    return all((d * size) % 16 == 0 for d in dims) and x.is_contiguous()
 
 
 class MixLoraFFN(AdapterModule):
@@ -263,52 +253,8 @@ class MixLoraFFN(AdapterModule):
         # Under autocast ``@`` runs in the autocast dtype; the rows go on in the inputs' dtype (no-op otherwise).
         return (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).to(inputs.dtype)
 
-    def lora_low(self, names: list[str], inputs: torch.Tensor, seg: Segments) -> torch.Tensor:
-        """``A_e x`` of the projections ``names`` side by side, for rows sorted by expert: (M, len(names) · r).
-
-        Projections that read the same rows (gate and up) get one matmul with their A stacked (E, len(names) · r,
-        in): the rows are read once, forward and backward. Grouped where supported, else the segment loop;
-        unrouted rows (the last ``seg.frozen``) get zeros. inputs: (M, in), after LoRA dropout.
-        """
-        A = torch.cat([self.experts.lora_A[n] for n in names], dim=1).to(inputs.dtype)  # (E, k r, in)
-        if seg.frozen:
-            A = torch.cat([A, A.new_zeros(1, *A.shape[1:])])  # a zero expert keeps every row inside a group
-        if seg.offsets is not None and grouped_mm_supported(inputs, A):
-            return torch.nn.functional.grouped_mm(inputs, A.transpose(1, 2), offs=seg.offsets)
-        pieces = [x_e @ A[e].t() for e, x_e in enumerate(inputs.split(seg.sizes)) if x_e.shape[0]]
-        if not pieces:
-            return inputs.new_zeros(0, A.shape[1])
-        # Under autocast ``@`` runs in the autocast dtype; the rows go on in the inputs' dtype (no-op otherwise).
-        return (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).to(inputs.dtype)
-
-    def input_rows(self, frozen: list[torch.Tensor], token: torch.Tensor, inputs: torch.Tensor, seg: Segments,
-                   row_expert: torch.Tensor, factor: float = 1.0) -> list[torch.Tensor]:
-        """The expert rows of every input projection P: ``W_P x + b`` of each row's token plus its expert's LoRA.
-
-        Args:
-            frozen: per input projection, the frozen outputs of the N tokens, (N, out_P), in the compute dtype.
-            token: (M,) the token of each row; inputs: (M, in) the rows' LoRA inputs (after dropout);
-            seg, row_expert, factor: as ``expert_rows``.
-
-        Returns one (M, out_P) tensor per input projection. On CPU without DoRA the targeted projections' A run as
-        one matmul (``lora_low``) and each B adds into the gathered frozen rows (``GatheredLoraRows``): the same
-        sums as ``expert_rows`` with two (M, out) passes fewer per projection. Elsewhere (one grouped matmul per
-        factor on a GPU, where a loop of addmm would be slower) ``expert_rows`` itself.
-        """
-        compute = frozen[0].dtype
-        targeted = [p for p in self.input_projections if p in self.targets]
-        if inputs.device.type != "cpu" or self.use_dora or not targeted:
-            return [self.expert_rows(p, f.index_select(0, token).to(compute), inputs, seg, row_expert, factor)
-                    for p, f in zip(self.input_projections, frozen)]
-        lows = dict(zip(targeted, self.lora_low(targeted, inputs.to(compute), seg).split(self.r, dim=1)))
-        rows = []
-        for p, f in zip(self.input_projections, frozen):
-            if p not in lows:
-                rows.append(f.index_select(0, token).to(compute))
-                continue
-            B = self.experts.lora_B[p].to(compute) * (self.scale * factor)  # (E, out, r): scaled, the small one
-            rows.append(GatheredLoraRows.apply(f.to(compute), token, lows[p], B, seg.sizes))
-        return rows
+    # training's rows (mixlora_rows.py): the stacked A, gathered rows with B added, the down LoRA's mask
+    lora_low, input_rows, down_dropout_keep = lora_low, input_rows, down_dropout_keep
 
     def expert_rows(self, name: str, base_rows: torch.Tensor, inputs: torch.Tensor, seg: Segments,
                     row_expert: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
@@ -471,22 +417,6 @@ class MixLoraFFN(AdapterModule):
                 weighted, factor = lora_input(self.lora_dropout, weighted)
             out = IndexAddRows.apply(out.to(compute), token, self.lora_delta(name, weighted, seg, factor))
         return out
-
-    def down_dropout_keep(self, shape: torch.Size, device: torch.device,
-                          dtype: torch.dtype) -> tuple[torch.Tensor | None, float]:
-        """The down LoRA's dropout mask for weighted rows of ``shape`` (M, f), drawn as ``LoraDropout.masked`` draws
-        it on CPU (the same random numbers): (keep (M, f) bool, the rescale), or (None, 1.0) where ``masked`` draws
-        no such mask (eval, p = 0, another device or dtype, a dropout module with its own ``masked`` or none at all):
-        then the caller runs ``lora_input``."""
-        dropout = self.lora_dropout
-        if not (isinstance(dropout, LoraDropout) and type(dropout).masked is LoraDropout.masked and dropout.training
-                and dropout.p > 0 and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)):
-            return None, 1.0
-        drawn = dropout.cpu_mask_bits(torch.Size(shape), device)
-        if drawn is None:  # p rounds to 0: no mask
-            return None, 1.0
-        bits, threshold, factor = drawn
-        return bits >= threshold, factor
 
     def fused_applies(self) -> bool:
         """Whether ``forward_fused`` runs: ``fused`` set, a SiLU-gated FFN (gate, up, down) without DoRA,

@@ -1,0 +1,104 @@
+r"""The MixLoRA block's expert rows in training: which matmuls compute them, and the down LoRA's dropout mask.
+
+``MixLoraFFN`` (``mixlora.py``) takes these functions as its methods (``block`` is the ``MixLoraFFN``):
+
+- ``input_rows``: every input projection's rows ``W_P x_t + b + s B_e A_e drop(x_t)`` for the M (token, expert)
+  rows sorted by expert. On CPU without DoRA the targeted projections' A run as one matmul with their A stacked
+  (``lora_low``: the x rows are read once, forward and backward) and each B adds into the gathered frozen rows
+  inside its matmul (``expert_rows.GatheredLoraRows``): no (M, out) delta is written and added in another pass.
+  Elsewhere (a GPU runs one grouped matmul per factor, where a loop of ``addmm`` would be slower) and with DoRA,
+  ``MixLoraFFN.expert_rows`` per projection.
+- ``down_dropout_keep``: the down LoRA's CPU dropout mask over the weighted rows, drawn as ``LoraDropout.masked``
+  draws it (the same random numbers), for ``expert_rows.MixedSwiGLU`` and the fused path to apply.
+- ``grouped_mm_supported``: whether ``grouped_mm`` takes the operands.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .expert_rows import GatheredLoraRows
+from .lora import LoraDropout
+
+if TYPE_CHECKING:
+    from .mixlora import Segments
+
+
+def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """grouped_mm takes these operands: fp32/bf16/fp16, and every row stride a multiple of 16 bytes."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # torch.compile's fake-tensor kernel of grouped_mm accepts only bf16 (2.13)
+    size = x.element_size()
+    dims = [x.shape[-1], *(d for w in weights for d in w.shape[1:])]
+    return all((d * size) % 16 == 0 for d in dims) and x.is_contiguous()
+
+
+def lora_low(block: nn.Module, names: list[str], inputs: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """``A_e x`` of the projections ``names`` side by side, for rows sorted by expert: (M, len(names) · r).
+
+    Projections that read the same rows (gate and up) get one matmul with their A stacked (E, len(names) · r,
+    in): the rows are read once, forward and backward. Grouped where supported, else the segment loop;
+    unrouted rows (the last ``seg.frozen``) get zeros. inputs: (M, in), after LoRA dropout.
+    """
+    A = torch.cat([block.experts.lora_A[n] for n in names], dim=1).to(inputs.dtype)  # (E, k r, in)
+    if seg.frozen:
+        A = torch.cat([A, A.new_zeros(1, *A.shape[1:])])  # a zero expert keeps every row inside a group
+    if seg.offsets is not None and grouped_mm_supported(inputs, A):
+        return torch.nn.functional.grouped_mm(inputs, A.transpose(1, 2), offs=seg.offsets)
+    pieces = [x_e @ A[e].t() for e, x_e in enumerate(inputs.split(seg.sizes)) if x_e.shape[0]]
+    if not pieces:
+        return inputs.new_zeros(0, A.shape[1])
+    # Under autocast ``@`` runs in the autocast dtype; the rows go on in the inputs' dtype (no-op otherwise).
+    return (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).to(inputs.dtype)
+
+
+def input_rows(block: nn.Module, frozen: list[torch.Tensor], token: torch.Tensor, inputs: torch.Tensor, seg: Segments,
+               row_expert: torch.Tensor, factor: float = 1.0) -> list[torch.Tensor]:
+    """The expert rows of every input projection P: ``W_P x + b`` of each row's token plus its expert's LoRA.
+
+    Args:
+        frozen: per input projection, the frozen outputs of the N tokens, (N, out_P), in the compute dtype.
+        token: (M,) the token of each row; inputs: (M, in) the rows' LoRA inputs (after dropout);
+        seg, row_expert, factor: as ``expert_rows``.
+
+    Returns one (M, out_P) tensor per input projection. On CPU without DoRA the targeted projections' A run as
+    one matmul (``lora_low``) and each B adds into the gathered frozen rows (``GatheredLoraRows``): the same
+    sums as ``expert_rows`` with two (M, out) passes fewer per projection. Elsewhere (one grouped matmul per
+    factor on a GPU, where a loop of addmm would be slower) ``expert_rows`` itself.
+    """
+    compute = frozen[0].dtype
+    targeted = [p for p in block.input_projections if p in block.targets]
+    if inputs.device.type != "cpu" or block.use_dora or not targeted:
+        return [block.expert_rows(p, f.index_select(0, token).to(compute), inputs, seg, row_expert, factor)
+                for p, f in zip(block.input_projections, frozen)]
+    lows = dict(zip(targeted, block.lora_low(targeted, inputs.to(compute), seg).split(block.r, dim=1)))
+    rows = []
+    for p, f in zip(block.input_projections, frozen):
+        if p not in lows:
+            rows.append(f.index_select(0, token).to(compute))
+            continue
+        B = block.experts.lora_B[p].to(compute) * (block.scale * factor)  # (E, out, r): scaled, the small one
+        rows.append(GatheredLoraRows.apply(f.to(compute), token, lows[p], B, seg.sizes))
+    return rows
+
+
+def down_dropout_keep(block: nn.Module, shape: torch.Size, device: torch.device,
+                      dtype: torch.dtype) -> tuple[torch.Tensor | None, float]:
+    """The down LoRA's dropout mask for weighted rows of ``shape`` (M, f), drawn as ``LoraDropout.masked`` draws
+    it on CPU (the same random numbers): (keep (M, f) bool, the rescale), or (None, 1.0) where ``masked`` draws
+    no such mask (eval, p = 0, another device or dtype, a dropout module with its own ``masked`` or none at all):
+    then the caller runs ``lora_input``."""
+    dropout = block.lora_dropout
+    if not (isinstance(dropout, LoraDropout) and type(dropout).masked is LoraDropout.masked and dropout.training
+            and dropout.p > 0 and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)):
+        return None, 1.0
+    drawn = dropout.cpu_mask_bits(torch.Size(shape), device)
+    if drawn is None:  # p rounds to 0: no mask
+        return None, 1.0
+    bits, threshold, factor = drawn
+    return bits >= threshold, factor
