@@ -165,3 +165,21 @@ def test_training_keeps_the_per_adapter_block() -> None:
             handle.remove()
     grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "experts" in n]
     assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads)
+
+
+def test_a_disabled_mixlora_adapter_gets_the_base_block_in_the_shared_block() -> None:
+    model = served_model("llama")
+    ids, mask = inputs(4)
+    nxt = torch.randint(1, 97, (ROWS, 1), generator=torch.Generator().manual_seed(5))
+    context = model.loramix_many.adapters["mix"].context
+    context.disabled = True
+    try:
+        prefill, decode = prefill_then_decode(model, ids, mask, nxt, adapter_rows=PLAN, task_ids=TASKS)
+        ref_prefill, ref_decode = alone(model, ids, mask, nxt)
+    finally:
+        context.disabled = False
+    real = mask.bool()
+    torch.testing.assert_close(prefill[real], ref_prefill[real], rtol=0, atol=1e-5)
+    torch.testing.assert_close(decode, ref_decode, rtol=0, atol=1e-5)
+    enabled, _ = prefill_then_decode(model, ids, mask, nxt, adapter_rows=PLAN, task_ids=TASKS)
+    assert (enabled[2:4][real[2:4]] - prefill[2:4][real[2:4]]).abs().max() > 1e-2  # "mix" was off

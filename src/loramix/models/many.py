@@ -212,8 +212,8 @@ class AdapterStack(nn.Module):
         served = []  # (segment, member) of the rows a member (not the base block) answers
         for seg in plan:
             member = self.member(seg.name)
-            if member is None or member.context.disabled:
-                continue  # the base block's rows (a disabled MixLoRA block is the base block)
+            if member is None or member.context.disabled or not seg.rows:
+                continue  # the base block's rows (a disabled MixLoRA block is the base block), or none
             if member.training:
                 return None
             served.append((seg, member))
