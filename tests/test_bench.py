@@ -82,6 +82,18 @@ def test_recompute_variant_matches_fast_path():
     assert result["loramix-mixlora-recompute"]["losses"] == pytest.approx(result["loramix-mixlora"]["losses"], abs=1e-6)
 
 
+def test_mola_variants_of_both_fast_paths_compute_the_same_losses():
+    """loramix-mola (sorted dispatch in CPU training) and loramix-mola-dense start from the same weights and
+    follow the same math: the same losses over steps that move the adapter."""
+    s = BenchSettings(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=128, batch=2, seq_len=16,
+                      experts=8, top_k=2, rank=4, dropout=0.0, aux_loss_coef=0.01, init_b_std=0.2, steps=3, warmup=0,
+                      variants=["loramix-mola", "loramix-mola-dense"], memory=False)
+    result = run_bench(s, progress=False)["variants"]
+    losses = result["loramix-mola"]["losses"]
+    assert losses[0] != losses[-1]
+    assert result["loramix-mola-dense"]["losses"] == pytest.approx(losses, abs=1e-5, rel=0)
+
+
 def test_dropout_changes_losses_but_not_the_first_forward_shape():
     """With dropout the variants' losses are close but not bitwise equal (different masks): the bench
     runs training-mode forwards."""

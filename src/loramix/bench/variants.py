@@ -13,6 +13,8 @@ Variants (each a ``Variant``: a model, its trainable parameters and one training
     authors-mixlora        the MixLoRA authors' ``mixlora`` 0.2.3 package, made trainable
     loramix-loramoe        loramix LoRAMoE (--experts dense experts of rank --rank on gate,up,down; no task types)
     loramix-mola           loramix MoLA (--experts experts in every layer, top --top-k, on all seven projections)
+    loramix-mola-dense     the same MoLA with every expert computed densely (MolaLinear.dispatch = "dense"), the
+                           fast path that the sorted one replaces in CPU training
     loramix-hydralora      loramix HydraLoRA (one A and --experts B heads on gate,up,down, the paper's placement)
     (the last three are listed when asked for with --variants)
 
@@ -328,6 +330,18 @@ def build_authors_mixlora(base: nn.Module, s: BenchSettings, shared: dict[str, d
     return Variant("authors-mixlora", model.train(), params)
 
 
+def build_loramix_mola_dense(base: nn.Module, s: BenchSettings, shared: dict[str, dict]) -> Variant:
+    """loramix-mola with its dense fast path forced in every MoLA module (the same adapter weights)."""
+    from ..modules.mola import MolaLinear
+
+    variant = BUILDERS["loramix-mola"](base, s, shared)
+    for module in variant.model.modules():
+        if isinstance(module, MolaLinear):
+            module.dispatch = "dense"
+    variant.name = "loramix-mola-dense"
+    return variant
+
+
 BUILDERS: dict[str, Callable[[nn.Module, BenchSettings, dict], Variant]] = {
     "peft-lora": build_peft_lora,
     "loramix-lora": build_loramix_lora,
@@ -338,5 +352,6 @@ BUILDERS: dict[str, Callable[[nn.Module, BenchSettings, dict], Variant]] = {
     "loramix-mixlora-fused": _loramix_builder("loramix-mixlora-fused", "mixlora", fused=True),
     "loramix-loramoe": _loramix_builder("loramix-loramoe", "loramoe"),
     "loramix-mola": _loramix_builder("loramix-mola", "mola"),
+    "loramix-mola-dense": build_loramix_mola_dense,
     "loramix-hydralora": _loramix_builder("loramix-hydralora", "hydralora"),
 }
