@@ -405,7 +405,7 @@ class MixLoraFFN(AdapterModule):
         if self.kind in ("gated", "fused") and type(self.act_fn).__name__ in ("SiLU", "SiLUActivation"):
             gate, up = rows if self.kind == "gated" else rows[0].chunk(2, dim=-1)
             if want_rows:  # the down LoRA's CPU dropout mask, drawn where lora_input would draw it
-                keep, factor = self.down_dropout_keep(gate.shape, x.device, compute)
+                keep, factor = self.down_dropout_keep(gate.shape, x.device, compute, compute)
             # (N, f) the mixed rows; (M, f) the weighted rows, masked by keep, or None
             mixed, weighted = MixedSwiGLU.apply(gate, up, row_weight, token, num_tokens, keep, want_rows)
         else:

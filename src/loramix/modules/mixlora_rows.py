@@ -9,7 +9,8 @@ r"""The MixLoRA block's expert rows in training: which matmuls compute them, and
   Elsewhere (a GPU runs one grouped matmul per factor, where a loop of ``addmm`` would be slower) and with DoRA,
   ``MixLoraFFN.expert_rows`` per projection.
 - ``down_dropout_keep``: the down LoRA's CPU dropout mask over the weighted rows, drawn as ``LoraDropout.masked``
-  draws it (the same random numbers), for ``expert_rows.MixedSwiGLU`` and the fused path to apply.
+  draws it (the same random numbers), for ``expert_rows.MixedSwiGLU`` (0/1 in the rows' dtype) and the fused path
+  (bool) to apply.
 - ``grouped_mm_supported``: whether ``grouped_mm`` takes the operands.
 """
 
@@ -87,12 +88,13 @@ def input_rows(block: nn.Module, frozen: list[torch.Tensor], token: torch.Tensor
     return rows
 
 
-def down_dropout_keep(block: nn.Module, shape: torch.Size, device: torch.device,
-                      dtype: torch.dtype) -> tuple[torch.Tensor | None, float]:
-    """The down LoRA's dropout mask for weighted rows of ``shape`` (M, f), drawn as ``LoraDropout.masked`` draws
-    it on CPU (the same random numbers): (keep (M, f) bool, the rescale), or (None, 1.0) where ``masked`` draws
+def down_dropout_keep(block: nn.Module, shape: torch.Size, device: torch.device, dtype: torch.dtype,
+                      mask_dtype: torch.dtype = torch.bool) -> tuple[torch.Tensor | None, float]:
+    """The down LoRA's dropout mask for weighted rows of ``shape`` (M, f) in ``dtype``, drawn as ``LoraDropout.masked``
+    draws it on CPU (the same random numbers): (keep (M, f), the rescale), or (None, 1.0) where ``masked`` draws
     no such mask (eval, p = 0, another device or dtype, a dropout module with its own ``masked`` or none at all):
-    then the caller runs ``lora_input``."""
+    then the caller runs ``lora_input``. keep: True/1 where kept, in ``mask_dtype`` (the comparison writes a float
+    mask directly, faster on CPU than a bool one)."""
     dropout = block.lora_dropout
     if not (isinstance(dropout, LoraDropout) and type(dropout).masked is LoraDropout.masked and dropout.training
             and dropout.p > 0 and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)):
@@ -101,4 +103,4 @@ def down_dropout_keep(block: nn.Module, shape: torch.Size, device: torch.device,
     if drawn is None:  # p rounds to 0: no mask
         return None, 1.0
     bits, threshold, factor = drawn
-    return bits >= threshold, factor
+    return torch.ge(bits, threshold, out=torch.empty(bits.shape, dtype=mask_dtype, device=device)), factor
