@@ -84,11 +84,11 @@ def test_fast_path_equals_the_naive_expert_loop_forward_and_gradients(top_k):
 def forced(layer: MolaLinear, dispatch: str):
     """The layer's forward on its ``dispatch`` path ('dense' or 'sorted')."""
     def forward(x: torch.Tensor) -> torch.Tensor:
-        layer.dispatch = dispatch
+        previous, layer.dispatch = layer.dispatch, dispatch
         try:
             return layer(x)
         finally:
-            layer.dispatch = "auto"
+            layer.dispatch = previous
     return forward
 
 
@@ -174,11 +174,10 @@ def test_model_with_padding_and_dropout_trains_alike_on_both_fast_paths():
     ids, mask, labels = batch(size=4, length=12, pad_first=2)
     results = []
     for dispatch in ("sorted", "dense"):
-        model = loramix.inject(tiny_model("llama"), small(num_experts=8, r=4, dropout=0.1, aux_loss_coef=0.01)).train()
+        config = small(num_experts=8, r=4, dropout=0.1, aux_loss_coef=0.01, dispatch=dispatch)
+        model = loramix.inject(tiny_model("llama"), config).train()
         perturb_adapter(model, router_std=0.5)
-        for m in model.modules():
-            if isinstance(m, MolaLinear):
-                m.dispatch = dispatch
+        assert {m.dispatch for m in model.modules() if isinstance(m, MolaLinear)} == {dispatch}
         torch.manual_seed(4)
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
         out.loss.backward()
@@ -283,6 +282,7 @@ def test_load_balance_loss_reaches_the_router_gradient_under_transformers_traine
     ({"num_experts": []}, "num_experts"),
     ({"num_experts": "2468", "top_k": 3}, "top_k"),
     ({"aux_loss_coef": -1.0}, "aux_loss_coef"),
+    ({"dispatch": "fast"}, "dispatch"),
 ])
 def test_bad_settings_are_named(values, key):
     with pytest.raises(ConfigError, match=rf"'{key}'"):

@@ -13,7 +13,7 @@ Variants (each a ``Variant``: a model, its trainable parameters and one training
     authors-mixlora        the MixLoRA authors' ``mixlora`` 0.2.3 package, made trainable
     loramix-loramoe        loramix LoRAMoE (--experts dense experts of rank --rank on gate,up,down; no task types)
     loramix-mola           loramix MoLA (--experts experts in every layer, top --top-k, on all seven projections)
-    loramix-mola-dense     the same MoLA with every expert computed densely (MolaLinear.dispatch = "dense"), the
+    loramix-mola-dense     the same MoLA with every expert computed densely (dispatch="dense"), the
                            fast path that the sorted one replaces in CPU training
     loramix-hydralora      loramix HydraLoRA (one A and --experts B heads on gate,up,down, the paper's placement)
     (the last three are listed when asked for with --variants)
@@ -212,9 +212,9 @@ def mixlora_config(s: BenchSettings, **overrides: Any) -> MixLoraConfig:
                          attention_targets=ATTENTION, ffn_targets=FFN, aux_loss_coef=s.aux_loss_coef, **overrides)
 
 
-def kind_config(s: BenchSettings, family: str) -> Any:
+def kind_config(s: BenchSettings, family: str, **overrides: Any) -> Any:
     """The adapter config of the loramix variants of ``family`` other than MixLoRA's (rank, alpha, dropout; experts
-    or heads from --experts)."""
+    or heads from --experts; ``overrides``: further fields of MoLA's config)."""
     common = {"r": s.rank, "alpha": s.alpha, "dropout": s.dropout}
     if family == "lora":
         return LoraConfig(**common, targets=ATTENTION + FFN)
@@ -222,19 +222,19 @@ def kind_config(s: BenchSettings, family: str) -> Any:
         return LoraMoeConfig(**common, num_experts=s.experts, targets=FFN)
     if family == "mola":
         return MolaConfig(**common, num_experts=s.experts, top_k=s.top_k, targets=ATTENTION + FFN,
-                          aux_loss_coef=s.aux_loss_coef)
+                          aux_loss_coef=s.aux_loss_coef, **overrides)
     return HydraLoraConfig(**common, num_heads=s.experts, targets=FFN)
 
 
 def _loramix_builder(name: str, family: str, **overrides: Any) -> Callable[[nn.Module, BenchSettings, dict], Variant]:
     """The builder of a loramix variant of ``family`` ("lora", "mixlora", "loramoe", "mola", "hydralora";
-    ``overrides``: MixLoraConfig fields).
+    ``overrides``: fields of the MixLoRA or MoLA config).
 
     The first variant of a family built draws its initial adapter weights (``--init-b-std``: B ~ N(0, std) and a
     sharp router) and keeps a copy in ``shared[family]``; the family's later variants, PEFT's and the authors'
     included, start from that copy."""
     def build(base: nn.Module, s: BenchSettings, shared: dict[str, dict]) -> Variant:
-        config = mixlora_config(s, **overrides) if family == "mixlora" else kind_config(s, family)
+        config = mixlora_config(s, **overrides) if family == "mixlora" else kind_config(s, family, **overrides)
         model = inject(share_frozen_copy(base), config)
         adapter = adapter_parameters(model)
         with torch.no_grad():
@@ -330,18 +330,6 @@ def build_authors_mixlora(base: nn.Module, s: BenchSettings, shared: dict[str, d
     return Variant("authors-mixlora", model.train(), params)
 
 
-def build_loramix_mola_dense(base: nn.Module, s: BenchSettings, shared: dict[str, dict]) -> Variant:
-    """loramix-mola with its dense fast path forced in every MoLA module (the same adapter weights)."""
-    from ..modules.mola import MolaLinear
-
-    variant = BUILDERS["loramix-mola"](base, s, shared)
-    for module in variant.model.modules():
-        if isinstance(module, MolaLinear):
-            module.dispatch = "dense"
-    variant.name = "loramix-mola-dense"
-    return variant
-
-
 BUILDERS: dict[str, Callable[[nn.Module, BenchSettings, dict], Variant]] = {
     "peft-lora": build_peft_lora,
     "loramix-lora": build_loramix_lora,
@@ -352,6 +340,6 @@ BUILDERS: dict[str, Callable[[nn.Module, BenchSettings, dict], Variant]] = {
     "loramix-mixlora-fused": _loramix_builder("loramix-mixlora-fused", "mixlora", fused=True),
     "loramix-loramoe": _loramix_builder("loramix-loramoe", "loramoe"),
     "loramix-mola": _loramix_builder("loramix-mola", "mola"),
-    "loramix-mola-dense": build_loramix_mola_dense,
+    "loramix-mola-dense": _loramix_builder("loramix-mola-dense", "mola", dispatch="dense"),
     "loramix-hydralora": _loramix_builder("loramix-hydralora", "hydralora"),
 }

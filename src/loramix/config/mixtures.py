@@ -12,6 +12,9 @@ from .settings import ADAPTER_DTYPE_HELP, INIT_HELP, AdapterSettings, ConfigErro
 MOLA_MAX_EXPERTS = 256  # above it an int is an unquoted allocation (YAML reads 2468 as a number), not a count
 
 
+MOLA_DISPATCHES = ("auto", "dense", "sorted")
+
+
 @dataclass
 class MolaConfig(AdapterSettings):
     """MoLA (Gao et al., arXiv 2402.08562): top-k routed LoRA experts on each targeted projection, with
@@ -50,12 +53,18 @@ class MolaConfig(AdapterSettings):
     use_rslora: bool = help_field("rsLoRA scaling alpha / sqrt(r) for the experts.", False)
     init: str = help_field(INIT_HELP, "kaiming")
     adapter_dtype: str | None = help_field(ADAPTER_DTYPE_HELP, None)
+    dispatch: str = help_field(
+        "The experts' fast path, the same results either way: 'auto' (each expert on the tokens that chose it in "
+        "CPU training with at least 3 experts per chosen one, every expert densely elsewhere), 'dense' or 'sorted'.",
+        "auto",
+    )
 
     def __post_init__(self) -> None:
         self._check_lora()
         self._check_targets("targets")
         self._check_common("use_rslora")
         self._check_numbers("aux_loss_coef", "router_init_std")
+        self._check("dispatch", self.dispatch in MOLA_DISPATCHES, f"one of {MOLA_DISPATCHES}")
         counts = self._allocation()
         self._check("top_k", is_int(self.top_k, minimum=1) and self.top_k <= min(counts),
                     f"an integer in [1, {min(counts)}] (the fewest experts num_experts={self.num_experts!r} gives "

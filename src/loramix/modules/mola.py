@@ -33,7 +33,7 @@ per-expert loop either way; an unchosen expert gets an exact zero gradient):
   does k/E of the dense path's matmul work, in thinner matmuls, plus a gather and a scatter of x and of the
   output rows, so it pays from E ≥ 3k (MoLA's 8 experts, top-2). On other devices (where the dense matmuls are
   cheap and need no host sync) and without gradients (generation: few rows), the dense path runs.
-  ``MolaLinear.dispatch`` ('auto', 'dense' or 'sorted') overrides the choice per module.
+  ``MolaConfig.dispatch`` ('auto', 'dense' or 'sorted'; a module's ``dispatch`` attribute) overrides the choice.
 
 One dropout mask is shared by the experts. Fresh B is zero, so a fresh adapter is the base.
 
@@ -84,8 +84,6 @@ class MolaLinear(FrozenProjection):
     """
 
     TENSOR_NAMES = ("lora_A", "lora_B", "router.weight")
-    #: the fast path: 'auto' (``sorted_dispatch_pays``), 'dense' or 'sorted' (module docstring); not saved
-    dispatch = "auto"
 
     def __init__(self, base: nn.Module, config: MolaConfig, *, fan_in_fan_out: bool = False,
                  context: ForwardContext | None = None) -> None:
@@ -95,6 +93,7 @@ class MolaLinear(FrozenProjection):
                             f"got num_experts={config.num_experts!r}")
         self.num_experts, self.r, self.top_k = config.num_experts, config.r, config.top_k
         self.scale = config.scale
+        self.dispatch = config.dispatch  # the fast path: 'auto' (``sorted_dispatch_pays``), 'dense' or 'sorted'
         self.dropout = LoraDropout(config.dropout) if config.dropout > 0 else nn.Identity()
         factory = {"device": self.weight.device, "dtype": adapter_dtype_for(base, config.adapter_dtype)}
         self.lora_A, self.lora_B = lora_factors(self.num_experts, self.r, self.in_features, self.out_features,
