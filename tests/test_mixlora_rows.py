@@ -156,7 +156,7 @@ def test_sorted_rows_equal_naive_for_any_targets(ffn_targets):
 
 class _SameMaskDropout(LoraDropout):
     """LoraDropout through its own ``masked`` (the same draws): the block then masks with ``where`` via
-    ``lora_input`` instead of drawing the down LoRA's mask itself (``down_dropout_keep``)."""
+    ``lora_input`` instead of drawing the down LoRA's mask itself (``dropout_keep``)."""
 
     def masked(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         return super().masked(x)

@@ -8,9 +8,10 @@ r"""The MixLoRA block's expert rows in training: which matmuls compute them, and
   inside its matmul (``expert_rows.GatheredLoraRows``): no (M, out) delta is written and added in another pass.
   Elsewhere (a GPU runs one grouped matmul per factor, where a loop of ``addmm`` would be slower) and with DoRA,
   ``MixLoraFFN.expert_rows`` per projection.
-- ``down_dropout_keep``: the down LoRA's CPU dropout mask over the weighted rows, drawn as ``LoraDropout.masked``
-  draws it (the same random numbers), for ``expert_rows.MixedSwiGLU`` (0/1 in the rows' dtype) and the fused path
-  (bool) to apply.
+- ``dropout_keep``: the expert LoRAs' CPU dropout mask, drawn as ``LoraDropout.masked`` draws it (the same
+  random numbers), as 0/1 in the rows' dtype (for ``dropped_rows`` and ``expert_rows.MixedSwiGLU``, which multiply
+  by it: on CPU a product costs a third of ``where`` on a bool mask, and the comparison writes the float mask
+  faster than a bool one) or bool (for the fused path).
 - ``grouped_mm_supported``: whether ``grouped_mm`` takes the operands.
 """
 
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from .expert_rows import GatheredLoraRows
-from .lora import LoraDropout
+from .lora import LoraDropout, lora_input
 
 if TYPE_CHECKING:
     from .mixlora import Segments
@@ -88,10 +89,10 @@ def input_rows(block: nn.Module, frozen: list[torch.Tensor], token: torch.Tensor
     return rows
 
 
-def down_dropout_keep(block: nn.Module, shape: torch.Size, device: torch.device, dtype: torch.dtype,
-                      mask_dtype: torch.dtype = torch.bool) -> tuple[torch.Tensor | None, float]:
-    """The down LoRA's dropout mask for weighted rows of ``shape`` (M, f) in ``dtype``, drawn as ``LoraDropout.masked``
-    draws it on CPU (the same random numbers): (keep (M, f), the rescale), or (None, 1.0) where ``masked`` draws
+def dropout_keep(block: nn.Module, shape: torch.Size, device: torch.device, dtype: torch.dtype,
+                 mask_dtype: torch.dtype = torch.bool) -> tuple[torch.Tensor | None, float]:
+    """The expert LoRAs' dropout mask for rows of ``shape`` (M, in) in ``dtype``, drawn as ``LoraDropout.masked``
+    draws it on CPU (the same random numbers): (keep (M, in), the rescale), or (None, 1.0) where ``masked`` draws
     no such mask (eval, p = 0, another device or dtype, a dropout module with its own ``masked`` or none at all):
     then the caller runs ``lora_input``. keep: True/1 where kept, in ``mask_dtype`` (the comparison writes a float
     mask directly, faster on CPU than a bool one)."""
@@ -104,3 +105,12 @@ def down_dropout_keep(block: nn.Module, shape: torch.Size, device: torch.device,
         return None, 1.0
     bits, threshold, factor = drawn
     return torch.ge(bits, threshold, out=torch.empty(bits.shape, dtype=mask_dtype, device=device)), factor
+
+
+def dropped_rows(block: nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``lora_input(block.lora_dropout, rows)``: (rows after dropout before the rescale, the rescale), the mask applied
+    by a product with a 0/1 mask (``dropout_keep``) where the block draws one. rows: (M, in) → (M, in)."""
+    keep, factor = block.dropout_keep(rows.shape, rows.device, rows.dtype, rows.dtype)
+    if keep is None:
+        return lora_input(block.lora_dropout, rows)
+    return rows * keep, factor
