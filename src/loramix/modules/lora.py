@@ -23,6 +23,12 @@ the input's dtype, fp32 also under autocast). ``A`` and ``B`` are cast to it (th
 fp32 through the cast; under autocast the matmuls themselves run in the autocast dtype), and the
 output has that dtype, as the replaced module would return. The DoRA norm ``||W + s B A||`` is computed
 in fp32 and cast.
+
+Inference (no gradient, no active dropout, no autocast, plain LoRA on an unquantized base: serving, evaluation,
+``generate``): every decision above is fixed, so ``LoraLinear`` runs three kernels per call and nothing else,
+``y = F.linear(x, W, b)``, ``low = F.linear(x, A')``, ``y.addmm_(low, Bᵀ)``, with ``A'`` (``s A`` when the
+scale is a power of two, where that fold is exact) and ``Bᵀ`` in the input's dtype kept while the weights are
+unchanged. The numbers are the general path's, bit for bit (tests/test_lora_inference_path.py).
 """
 
 from __future__ import annotations
@@ -63,6 +69,17 @@ def lora_factors(*shape: int, init: str, device: torch.device, dtype: torch.dtyp
 def in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)``, skipping the call when ``t`` has it already (a decode step makes hundreds of these)."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def exact_scale_fold(scale: float, dtype: torch.dtype) -> bool:
+    """Whether ``F.linear(x, s A) == F.linear(x, A) * s`` bit for bit in ``dtype``: ``s`` a power of two between
+    2⁻¹⁷ and 2¹⁶ (a multiply by it only moves the exponent, so it commutes with every rounding of the matmul) in a
+    dtype with fp32's exponent range (fp32, bf16: 2¹²⁷ and 2⁻¹²⁶, which no product of a working model's activations
+    and weights comes within 2¹⁷ of). fp16's range is too narrow for that: there the scale stays a multiply."""
+    if dtype not in (torch.float32, torch.bfloat16) or not math.isfinite(scale) or scale <= 0:
+        return False
+    mantissa, exponent = math.frexp(scale)
+    return mantissa == 0.5 and -16 <= exponent <= 17
 
 
 def dora_weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
@@ -331,6 +348,12 @@ class LoraLinear(FrozenProjection):
         if self.use_dora:
             self.lora_magnitude = nn.Parameter(self.weight_norm().to(dtype))
         self._dora_factor = FrozenConstant()  # m / ||W + s B A||, kept while the weights are frozen
+        # The inference path (``forward``) needs a plain, unquantized LoRA: settings fixed at construction.
+        params = self._parameters  # the path reads them from here, skipping ``nn.Module.__getattr__``
+        self._inference_capable = (not self.use_dora and not self.quantized and "weight" in params
+                                   and (self.bias is None or "bias" in params))
+        self._has_dropout = type(self.dropout) is not nn.Identity
+        self._kept_factors: tuple | None = None  # (A, B, key, factors) of ``inference_factors``
 
     def weight_norm(self) -> torch.Tensor:
         """Detached row norms of ``W + s B A``, shape (out,)."""
@@ -353,8 +376,76 @@ class LoraLinear(FrozenProjection):
             with torch.no_grad():
                 self.lora_magnitude.copy_(self.weight_norm())
 
+    def inference_now(self, device_type: str) -> bool:
+        """Whether a call on ``device_type`` can take the inference path: a plain LoRA on an unquantized base, no
+        gradient, no active dropout, no autocast there, not traced by ``torch.compile``; there the general path's dtype,
+        dropout and autocast decisions are all fixed (everything in the input's dtype, no mask, the fused matmul-add)."""
+        return (self._inference_capable and not torch.is_grad_enabled() and not (self.training and self._has_dropout)
+                and not torch.is_autocast_enabled(device_type) and not torch.compiler.is_compiling())
+
+    def inference_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float | None] | None:
+        """``(A', Bᵀ, scale or None)`` in ``dtype`` for the inference path, with
+        ``F.linear(x, A') * scale`` (None: no multiply) equal bit for bit to the general path's ``x Aᵀ · s``:
+        ``A' = s A`` where that fold is exact (``exact_scale_fold``), else ``A``. Shapes: A' (r, in), Bᵀ (r, out).
+
+        Kept across calls while ``lora_A`` and ``lora_B`` are the same Parameters over the same storage at the same
+        version (as ``FrozenConstant`` keys its values: an in-place write, ``load_state_dict``, ``.to()`` or a new
+        ``.data`` computes them afresh). None for tensors without plain storage (the general path then runs).
+        """
+        params = self._parameters
+        A, B = params["lora_A"], params["lora_B"]
+        try:
+            key = (A._version, B._version, A.data_ptr(), B.data_ptr(), dtype)
+        except RuntimeError:  # a tensor subclass without storage
+            return None
+        kept = self._kept_factors
+        if kept is not None and kept[0] is A and kept[1] is B and kept[2] == key:
+            return kept[3]
+        A_in, B_in = in_dtype(A.detach(), dtype), in_dtype(B.detach(), dtype)
+        scale: float | None = self.scale
+        if scale == 1.0:
+            scale = None
+        elif exact_scale_fold(scale, dtype):
+            A_in, scale = A_in * scale, None
+        factors = (A_in, B_in.t(), scale)
+        self._kept_factors = (A, B, key, factors)
+        return factors
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``W x + b + s B A x`` (DoRA: see the module docstring); ``W x + b`` while the context disables adapters.
+
+        Inference (``inference_now``: serving, evaluation, ``generate``) takes a lean path with the same numbers as the
+        general one: ``F.linear(x, W, b)``, ``F.linear(x, A')`` (its scale folded in where exact) and the LoRA term
+        added into that fresh frozen output by ``addmm_``, with no per-call casts, checks or temporaries beyond those.
+        """
+        if self.inference_now(x.device.type) and not self.context.disabled:
+            factors = self.inference_factors(x.dtype)
+            if factors is not None:
+                params = self._parameters
+                A, Bt, scale = factors
+                out = frozen_linear(x, params["weight"], params.get("bias"), self.fan_in_fan_out)
+                low = F.linear(x, A)
+                if scale is not None:
+                    low.mul_(scale)
+                # In place: ``out`` is this call's own tensor (a view of it is fine: F.linear's output is contiguous).
+                rows = out if out.dim() == 2 else out.view(-1, out.shape[-1])
+                rows.addmm_(low if low.dim() == 2 else low.view(-1, low.shape[-1]), Bt)
+                return out
+        return super().forward(x)
+
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """Adapted output given the frozen output ``base_out = W x + b`` (both (..., in/out))."""
+        if x.dtype == base_out.dtype and self.inference_now(base_out.device.type):
+            # The inference path (``forward``) on a frozen output computed elsewhere (``AdapterStack`` runs it once
+            # for every adapter's rows): not written in place.
+            factors = self.inference_factors(x.dtype)
+            if factors is not None:
+                A, Bt, scale = factors
+                low = F.linear(x, A)
+                if scale is not None:
+                    low.mul_(scale)
+                out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), low.reshape(-1, low.shape[-1]), Bt)
+                return out.view(base_out.shape)
         # Everything runs in the dtype of the frozen output (see "Precision" above): the small adapter
         # matrices are cast to it, never the activations to fp32. Under autocast x may be fp32 while
         # base_out is bf16; the matmul would cast x anyway, so casting once first changes nothing.
