@@ -164,9 +164,9 @@ class _SameMaskDropout(LoraDropout):
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_down_dropout_mask_drawn_by_the_block_equals_lora_input(autocast):
-    """With dropout, the down LoRA's mask the block draws and applies itself (a 0/1 mask in the rows' dtype, in
-    MixedSwiGLU) gives what ``lora_input`` gives with ``where`` under the same seed: outputs and gradients; another
-    seed gives another output (the mask is on)."""
+    """With dropout, the masks the block draws and applies itself as 0/1 products (the x rows' in dropped_rows, the
+    down LoRA's in MixedSwiGLU) give what ``lora_input`` gives with ``where`` under the same seed: outputs and
+    gradients; another seed gives another output (the masks are on)."""
     cfg = mixlora_config(attention_targets=[], dropout=0.3)
     moe, _ = first_moe(loramix.inject(tiny_model("llama"), cfg))
     perturb_adapter(moe, seed=7, b_std=0.3, router_std=1.0)
