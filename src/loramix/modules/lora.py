@@ -378,8 +378,9 @@ class LoraLinear(FrozenProjection):
 
     def inference_now(self, device_type: str) -> bool:
         """Whether a call on ``device_type`` can take the inference path: a plain LoRA on an unquantized base, no
-        gradient, no active dropout, no autocast there, not traced by ``torch.compile``; there the general path's dtype,
-        dropout and autocast decisions are all fixed (everything in the input's dtype, no mask, the fused matmul-add)."""
+        gradient, no active dropout, no autocast there, not traced by ``torch.compile``; there the general path's
+        dtype, dropout and autocast decisions are all fixed (everything in the input's dtype, no mask, the fused
+        matmul-add)."""
         return (self._inference_capable and not torch.is_grad_enabled() and not (self.training and self._has_dropout)
                 and not torch.is_autocast_enabled(device_type) and not torch.compiler.is_compiling())
 
