@@ -88,6 +88,10 @@ def add_admin(app: FastAPI, served: Served, engine: Engine, registry: Registry) 
 
     @app.post("/v1/adapters", status_code=201)
     async def add(body: AdapterBody) -> dict:
+        if served.merged is not None:
+            raise ApiError(400, f"this server serves adapter '{served.merged}' merged into the base weights "
+                                "(loramix serve --merge) and cannot load adapters; restart it without --merge",
+                           param="name", code="merged_server")
         if body.name in served.targets or body.name in busy:
             raise ApiError(409, f"the name '{body.name}' is taken; remove that adapter first or pick another name",
                            param="name", code="adapter_exists")

@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-adapters", type=int, default=None, metavar="N",
                         help="with --adapter-dir: most adapters from DIR loaded at once; loading another evicts the "
                              "least recently used idle one (--adapter ones are never evicted nor counted)")
+    parser.add_argument("--merge", action="store_true",
+                        help="fold the one --adapter (LoRA or DoRA) into the base weights and serve only it: a decode "
+                             "step costs what the bare base's does, answers may differ from the unmerged adapter's in "
+                             "the last bits; the base itself is not served and no adapter can be loaded")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: loopback only; 0.0.0.0 exposes the server to the network)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
@@ -89,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1, got {value}")
     if args.max_adapters is not None and args.adapter_dir is None:
         raise UsageError("--max-adapters limits the adapters loaded from --adapter-dir: give --adapter-dir too")
+    if args.merge and (len(adapters) != 1 or args.adapter_dir is not None):
+        raise UsageError("--merge serves exactly one --adapter folded into the base weights and loads no other: give "
+                         f"one --adapter (got {len(adapters)}) and no --adapter-dir, or leave out --merge")
     if args.adapter_dir is not None and not os.path.isdir(args.adapter_dir):
         raise UsageError(f"--adapter-dir: {args.adapter_dir} is not a folder")
     if args.graceful_timeout < 0:
@@ -109,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(resolve_model(args.model), dtype=args.dtype, device=args.device,
                                       quantization=args.quantization)
         try:
-            served = load_served(model, tokenizer, adapters, base_name=args.model)
+            served = load_served(model, tokenizer, adapters, base_name=args.model, merge=args.merge)
         except ValueError as err:
             if type(err) is not ValueError:  # AdapterLoadError and the like keep their own class and message
                 raise

@@ -27,6 +27,10 @@ The base model is served as one more adapter (``BASE``): a plain LoRA of rank 1 
 kind whose B is zero, so its rows get exactly the base model's outputs (``x W + 0``) inside the same
 forward as the adapters' rows.
 
+Merged (``loramix serve --merge``, ``load_served(..., merge=True)``): exactly one LoRA/DoRA adapter is folded into
+the base weights (``merge_and_unload``, as the ``merged`` export does) and served as the base's rows, so a decode
+step costs what the bare base's does; the bare base is not served then, and no adapter can be added.
+
 Example:
     >>> served = load_served(base, tokenizer, {"mix": "runs/mix/adapter"}, base_name="smollm2-135m")
     >>> engine = Engine(served, max_batch_size=8); engine.start()
@@ -49,7 +53,7 @@ from ...adapters.folder import read_adapter_config
 from ...adapters.io import adapter_attachers
 from ...adapters.more_tasks import bare_name_task, recorded_task_index
 from ...config import LoraConfig
-from ...models.inject import inject
+from ...models.inject import inject, merge_and_unload
 from ...models.many import stack_adapters
 from ...models.registry import family_of
 from ...modules import kind_named
@@ -88,6 +92,7 @@ class Served:
     Attributes:
         targets: model name (the base's name, each adapter, ``NAME:TASK`` for MoRE tasks) → ``Target``.
         order: adapter → position in a batch (rows are grouped by adapter in this order).
+        merged: the adapter folded into the base weights (``load_served(..., merge=True)``), or None.
     """
 
     model: nn.Module
@@ -97,6 +102,7 @@ class Served:
     order: dict[str, int]
     eos_ids: set[int]
     max_length: int | None
+    merged: str | None = None
     _grammar_tokenizer: Any = field(default=None, repr=False)
 
     def grammar(self, grammar: str) -> Grammar:
@@ -130,7 +136,7 @@ def inference_only(model: nn.Module) -> None:
 
 
 def load_served(model: nn.Module, tokenizer: Any, folders: dict[str, str | os.PathLike], *,
-                base_name: str) -> Served:
+                base_name: str, merge: bool = False) -> Served:
     """Stack the adapter folders and the base's stand-in on ``model`` (in place) and name the targets.
 
     Every folder is read and checked against the model (as ``load_many`` does) before the first adapter is built:
@@ -139,14 +145,21 @@ def load_served(model: nn.Module, tokenizer: Any, folders: dict[str, str | os.Pa
     Args:
         folders: adapter name → folder. Names are letters, digits, ``-``, ``_``, ``.``; not starting with ``_``.
         base_name: what clients call the base model (the ``--model`` value).
+        merge: fold the one adapter of ``folders`` (LoRA or DoRA) into the base weights and serve it as the base's
+            rows under its name (``merge_into_base``); the bare base is then not served.
 
     Raises:
-        ValueError: a bad adapter name; ``AdapterLoadError`` from the folder reader.
+        ValueError: a bad adapter name; with ``merge``, not exactly one adapter or one that cannot merge;
+            ``AdapterLoadError`` from the folder reader.
     """
-    targets: dict[str, Target] = {base_name: Target(BASE)}
-    for name, folder in folders.items():
-        targets.update(adapter_targets(name, folder, base_name=base_name))
-    attach = {BASE: _base_lora, **adapter_attachers(model, folders)}  # every folder read and checked first
+    if merge:
+        targets = merge_into_base(model, folders, base_name=base_name)
+        attach = {BASE: _base_lora}
+    else:
+        targets = {base_name: Target(BASE)}
+        for name, folder in folders.items():
+            targets.update(adapter_targets(name, folder, base_name=base_name))
+        attach = {BASE: _base_lora, **adapter_attachers(model, folders)}  # every folder read and checked first
     model = stack_adapters(model, attach)
     inference_only(model)
     eos = model.generation_config.eos_token_id
@@ -154,7 +167,33 @@ def load_served(model: nn.Module, tokenizer: Any, folders: dict[str, str | os.Pa
     eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     return Served(model=model, tokenizer=tokenizer, base_name=base_name, targets=targets,
                   order={name: i for i, name in enumerate(attach)}, eos_ids=eos_ids,
-                  max_length=getattr(model.config, "max_position_embeddings", None))
+                  max_length=getattr(model.config, "max_position_embeddings", None),
+                  merged=next(iter(folders)) if merge else None)
+
+
+def merge_into_base(model: nn.Module, folders: dict[str, str | os.PathLike], *, base_name: str) -> dict[str, Target]:
+    """Fold the one adapter of ``folders`` into ``model``'s weights, in place (``W + s B A``; DoRA's merged weight),
+    and return its target: its name answered by the base's rows.
+
+    Every check runs before the model is touched: a refusal leaves ``model`` as it was.
+
+    Raises:
+        ValueError: not exactly one adapter; a bad name; a kind that does not merge (MixLoRA, MoRE, ...: its
+            ``merge_refusal``); ``AdapterLoadError`` from the folder reader.
+    """
+    if len(folders) != 1:
+        raise ValueError(f"--merge serves exactly one adapter folded into the base weights; got {len(folders)} "
+                         f"({', '.join(folders) or 'none'}): give one --adapter, or serve several without --merge")
+    (name, folder), = folders.items()
+    adapter_targets(name, folder, base_name=base_name)  # the name's checks
+    kind = kind_named(read_adapter_config(folder).get("kind"))
+    refusal = kind.merge_refusal if kind is not None else "its kind is unknown"
+    if refusal:
+        raise ValueError(f"adapter '{name}' ({folder}) cannot be merged into the base (--merge): {refusal}; "
+                         "serve it without --merge")
+    attach = adapter_attachers(model, {name: folder})[name]  # the folder read and checked against the model
+    merge_and_unload(attach(model))
+    return {name: Target(BASE)}
 
 
 def adapter_targets(name: str, folder: str | os.PathLike, *, base_name: str) -> dict[str, Target]:
