@@ -91,3 +91,24 @@ def test_serve_merge_usage_errors(folders, capsys):
         assert main(["serve", "--model", str(base), "--merge", "--port", "1", *extra]) == 2
         err = capsys.readouterr().err
         assert "loramix serve: error: --merge serves exactly one --adapter" in err and "Traceback" not in err
+
+
+def test_serve_bench_merge_serves_one_random_lora_merged(tmp_path, capsys):
+    """``loramix bench --serve --merge``: one random LoRA, merged, its requests answered alike in both modes."""
+    import json
+
+    from cli_setup import tiny_model_folder
+    from loramix.cli import main
+
+    base = tiny_model_folder(tmp_path / "base")
+    path = tmp_path / "serve.json"
+    assert main(["bench", "--serve", "--merge", "--model", str(base), "--clients", "1,2", "--requests", "3",
+                 "--max-tokens", "3", "--threads", "1", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["models"] == ["lora"] and result["settings"]["adapters"] == {"lora": "random"}
+    assert result["settings"]["merge"] is True
+    assert all(r["errors"] == 0 and r["generated_tokens"] == 3 * 3 for r in result["rows"])
+    assert [r["same_answers"] for r in result["rows"] if r["mode"] == "batched"] == [3, 3]
+    capsys.readouterr()
+    assert main(["bench", "--serve", "--merge", "--adapter", "a=x", "--adapter", "b=y"]) == 2
+    assert "--merge serves one adapter merged into the base" in capsys.readouterr().err

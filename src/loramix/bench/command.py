@@ -73,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--stop-at-eos", action="store_true",
                        help="answers end at EOS (default: requests send vLLM's ignore_eos and bare generate ignores "
                             "EOS too, so every answer is --max-tokens tokens on both sides)")
+    serve.add_argument("--merge", action="store_true",
+                       help="serve one adapter (--adapter, or a random LoRA) merged into the base weights "
+                            "(loramix serve --merge)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as one JSON object")
 
 
@@ -96,7 +99,7 @@ def serve_settings_from_args(args: argparse.Namespace):
     return ServeBenchSettings(model=resolve_model(args.model or EMBEDDED_NAME), adapters=parse_adapters(args.adapter),
                               clients=clients, requests=args.requests, max_tokens=args.max_tokens, stream=args.stream,
                               dtype=args.dtype, device=args.device, threads=args.threads, seed=args.seed,
-                              ignore_eos=not args.stop_at_eos)
+                              ignore_eos=not args.stop_at_eos, merge=args.merge)
 
 
 def run(args: argparse.Namespace) -> int:

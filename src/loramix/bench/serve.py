@@ -62,7 +62,7 @@ from ..config import LoraConfig, MixLoraConfig, MoreConfig
 from ..hub import EMBEDDED_NAME
 from ..models.inject import adapter_parameters, inject
 from ..data.batching import collate
-from ..serve.server.engine import BASE, Engine, Served
+from ..serve.server.engine import Engine, Served
 from ..serve.server.runner import intra_op_threads
 from .measure import text_table
 
@@ -98,6 +98,7 @@ class ServeBenchSettings:
         threads / engine_threads: torch threads of the process (clients, loading) / of the engines' forwards.
         ignore_eos: requests send vLLM's ``ignore_eos`` (every answer ``max_tokens`` tokens) and bare generate
             does not stop at EOS either; False: both stop at EOS (answers of different lengths).
+        merge: serve the one adapter (given, or a random LoRA) merged into the base weights (``loramix serve --merge``).
     """
 
     model: str = EMBEDDED_NAME
@@ -114,8 +115,12 @@ class ServeBenchSettings:
     init_std: float = 0.02
     timeout_s: float = 600.0
     ignore_eos: bool = True
+    merge: bool = False
 
     def __post_init__(self) -> None:
+        if self.merge and len(self.adapters) > 1:
+            raise ValueError(f"--merge serves one adapter merged into the base: give one --adapter or none (a random "
+                             f"LoRA), got {len(self.adapters)}")
         if not self.clients or any(not isinstance(c, int) or c < 1 for c in self.clients):
             raise ValueError(f"--clients must be positive integers separated by commas (e.g. 1,4,16), "
                              f"got {self.clients}")
@@ -174,10 +179,10 @@ def random_adapters(base: nn.Module, folder: Path, *, std: float, seed: int = 0,
 
 
 def client_models(served: Served) -> list[str]:
-    """The ``model`` names the load goes round: every adapter, a MoRE adapter as each of its tasks; not the base."""
+    """The ``model`` names the load goes round: every adapter (one merged into the base too), a MoRE adapter as each
+    of its tasks; not the base."""
     tasks = {name.split(":", 1)[0] for name in served.targets if ":" in name}
-    return [name for name, target in served.targets.items()
-            if target.adapter != BASE and name not in tasks]
+    return [name for name in served.targets if name != served.base_name and name not in tasks]
 
 
 @contextlib.contextmanager
@@ -338,8 +343,9 @@ def run_serve_bench(s: ServeBenchSettings, progress: bool = True) -> dict[str, A
     model, tokenizer = load_model(s.model, dtype=s.dtype, device=s.device)
     bare = copy.deepcopy(model)  # the baseline's base: ``load_served`` stacks the adapters on ``model`` in place
     with tempfile.TemporaryDirectory(prefix="loramix-bench-serve-") as workdir:  # random adapters: kept until loaded
-        folders = s.adapters or random_adapters(model, Path(workdir), std=s.init_std, seed=s.seed)
-        served = load_served(model, tokenizer, dict(folders), base_name=s.model)
+        randoms = {"lora": RANDOM_ADAPTERS["lora"]} if s.merge else RANDOM_ADAPTERS
+        folders = s.adapters or random_adapters(model, Path(workdir), std=s.init_std, seed=s.seed, configs=randoms)
+        served = load_served(model, tokenizer, dict(folders), base_name=s.model, merge=s.merge)
     models = client_models(served)
     if not models:
         raise ValueError("--serve: no adapter to send requests to; give --adapter NAME=FOLDER or none "
@@ -393,7 +399,7 @@ def run_serve_bench(s: ServeBenchSettings, progress: bool = True) -> dict[str, A
                                           for a, b in zip(texts["batched"], texts["one-at-a-time"]))
             speedups[str(clients)] = _ratio(batched["tokens_per_s"], single["tokens_per_s"])
             cpu_speedups[str(clients)] = _ratio(batched["tokens_per_cpu_s"], single["tokens_per_cpu_s"])
-    settings = dict(vars(s), adapters=dict(s.adapters) or {n: "random" for n in RANDOM_ADAPTERS},
+    settings = dict(vars(s), adapters=dict(s.adapters) or {n: "random" for n in randoms},
                     torch=torch.__version__)
     return {"rows": rows, "speedup_batched_vs_one_at_a_time": speedups,
             "cpu_speedup_batched_vs_one_at_a_time": cpu_speedups, "bare_generate": bare_rows,
