@@ -175,3 +175,20 @@ def test_kept_factors_follow_weight_changes(general_calls):
         layer.to(torch.bfloat16)
         xb = x.bfloat16()
         assert layer.lora_A.dtype == torch.bfloat16 and torch.equal(layer(xb), general(layer, xb))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_B_skips_the_term(dtype, general_calls):
+    """B = 0 (a fresh adapter, the server's base stand-in): the output is the frozen projection's own, as the general
+    path's ``W x + b + 0``."""
+    layer = random_layer(64, 48, 4, 8, False, dtype, bias=True)
+    with torch.no_grad():
+        layer.lora_B.zero_()
+        x = torch.randn(3, 2, 64).to(dtype)
+        assert layer.inference_factors(dtype) == (None, None, None)
+        got = layer(x)
+        assert torch.equal(got, layer.replaced(x))
+    assert general_calls[0] == 0 and torch.equal(got, general(layer, x))
+    with torch.no_grad():
+        layer.lora_B[0, 0] = 1.0  # no longer zero: the term is back
+        assert torch.equal(layer(x), general(layer, x)) and not torch.equal(layer(x), layer.replaced(x))

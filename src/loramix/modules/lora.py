@@ -384,10 +384,14 @@ class LoraLinear(FrozenProjection):
         return (self._inference_capable and not torch.is_grad_enabled() and not (self.training and self._has_dropout)
                 and not torch.is_autocast_enabled(device_type) and not torch.compiler.is_compiling())
 
-    def inference_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float | None] | None:
+    def inference_factors(self, dtype: torch.dtype
+                          ) -> tuple[torch.Tensor | None, torch.Tensor | None, float | None] | None:
         """``(A', Bᵀ, scale or None)`` in ``dtype`` for the inference path, with
         ``F.linear(x, A') * scale`` (None: no multiply) equal bit for bit to the general path's ``x Aᵀ · s``:
         ``A' = s A`` where that fold is exact (``exact_scale_fold``), else ``A``. Shapes: A' (r, in), Bᵀ (r, out).
+        ``(None, None, None)`` when B is zero (a fresh adapter, the server's base stand-in): the term is skipped and
+        the output is ``W x + b`` itself (the general path adds +0.0 to it: the same values; only an infinite
+        activation, which the general path turns into NaN through ``0 · inf``, differs).
 
         Kept across calls while ``lora_A`` and ``lora_B`` are the same Parameters over the same storage at the same
         version (as ``FrozenConstant`` keys its values: an in-place write, ``load_state_dict``, ``.to()`` or a new
@@ -404,11 +408,13 @@ class LoraLinear(FrozenProjection):
             return kept[3]
         A_in, B_in = in_dtype(A.detach(), dtype), in_dtype(B.detach(), dtype)
         scale: float | None = self.scale
-        if scale == 1.0:
+        if not B_in.any():
+            A_in, B_in, scale = None, None, None
+        elif scale == 1.0:
             scale = None
         elif exact_scale_fold(scale, dtype):
             A_in, scale = A_in * scale, None
-        factors = (A_in, B_in.t(), scale)
+        factors = (A_in, None if B_in is None else B_in.t(), scale)
         self._kept_factors = (A, B, key, factors)
         return factors
 
@@ -425,6 +431,8 @@ class LoraLinear(FrozenProjection):
                 params = self._parameters
                 A, Bt, scale = factors
                 out = frozen_linear(x, params["weight"], params.get("bias"), self.fan_in_fan_out)
+                if A is None:  # B = 0
+                    return out
                 low = F.linear(x, A)
                 if scale is not None:
                     low.mul_(scale)
@@ -442,6 +450,8 @@ class LoraLinear(FrozenProjection):
             factors = self.inference_factors(x.dtype)
             if factors is not None:
                 A, Bt, scale = factors
+                if A is None:  # B = 0
+                    return base_out
                 low = F.linear(x, A)
                 if scale is not None:
                     low.mul_(scale)
