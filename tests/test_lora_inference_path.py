@@ -73,10 +73,14 @@ def test_inference_path_equals_general_path_on_smollm2_shaped_layers(dtype, r, a
             x = torch.randn(rows, 1, n_in).to(dtype)
             expected = general(layer, x)
             before = general_calls[0]
+            strided = torch.randn(1, n_in, rows).to(dtype).transpose(1, 2)  # (1, rows, in), not contiguous
             with torch.no_grad():
                 got = layer(x)
                 got_2d = layer(x[:, 0])  # (rows, in) inputs too
+                got_1d = layer(x[0, 0])  # and (in,)
+                got_strided = layer(strided)
             assert general_calls[0] == before, "the inference path called the general path's lora_input"
+            assert torch.equal(got_1d, general(layer, x[0, 0])) and torch.equal(got_strided, general(layer, strided))
             assert got.dtype == dtype and got.shape == (rows, 1, n_out)
             assert torch.equal(got, expected), (dtype, n_in, n_out, r, alpha, rows)
             assert torch.equal(got_2d, general(layer, x[:, 0]))
@@ -91,16 +95,20 @@ def test_scale_fold_only_where_exact():
     assert not exact_scale_fold(2.0, torch.float16)  # fp16's exponent range is narrow: kept as a multiply
     assert not exact_scale_fold(-2.0, torch.float32) and not exact_scale_fold(float("inf"), torch.float32)
     layer = random_layer(32, 16, 8, 16, False, torch.float32)
-    A, Bt, scale = layer.inference_factors(torch.float32)
-    assert scale is None and torch.equal(A, 2 * layer.lora_A.detach()) and torch.equal(Bt, layer.lora_B.detach().t())
+    At, Bt, scale = layer.inference_factors(torch.float32)
+    assert scale is None and torch.equal(At, 2 * layer.lora_A.detach().t())
+    assert torch.equal(Bt, layer.lora_B.detach().t())
     layer = random_layer(32, 16, 8, 12, False, torch.float32)
-    A, _, scale = layer.inference_factors(torch.float32)
-    assert scale == 1.5 and torch.equal(A, layer.lora_A.detach())
+    At, _, scale = layer.inference_factors(torch.float32)
+    assert scale == 1.5 and torch.equal(At, layer.lora_A.detach().t())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tiny_model_logits_equal_general_path(dtype, general_calls):
-    model = loramix.inject(tiny_model("llama", dtype=dtype), loramix.LoraConfig(r=4, alpha=8, dropout=0.05))
+@pytest.mark.parametrize("family,dtype", [("llama", torch.float32), ("llama", torch.bfloat16), ("qwen2", torch.float32),
+                                          ("gpt2", torch.float32)])  # qwen2: q/k/v biases; gpt2: Conv1D (in, out)
+def test_tiny_model_logits_equal_general_path(family, dtype, general_calls):
+    targets = ["c_attn", "c_fc", "c_proj"] if family == "gpt2" else None
+    model = loramix.inject(tiny_model(family, dtype=dtype),
+                           loramix.LoraConfig(r=4, alpha=8, dropout=0.05, targets=targets))
     perturb_adapter(model)
     model.eval()
     ids, mask, _ = batch()

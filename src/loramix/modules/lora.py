@@ -26,7 +26,7 @@ in fp32 and cast.
 
 Inference (no gradient, no active dropout, no autocast, plain LoRA on an unquantized base: serving, evaluation,
 ``generate``): every decision above is fixed, so ``LoraLinear`` runs three kernels per call and nothing else,
-``y = F.linear(x, W, b)``, ``low = F.linear(x, A')``, ``y.addmm_(low, Bᵀ)``, with ``A'`` (``s A`` when the
+``y = F.linear(x, W, b)``, ``low = x A'ᵀ``, ``y.addmm_(low, Bᵀ)``, with ``A'`` (``s A`` when the
 scale is a power of two, where that fold is exact) and ``Bᵀ`` in the input's dtype kept while the weights are
 unchanged. The numbers are the general path's, bit for bit (tests/test_lora_inference_path.py).
 """
@@ -386,9 +386,10 @@ class LoraLinear(FrozenProjection):
 
     def inference_factors(self, dtype: torch.dtype
                           ) -> tuple[torch.Tensor | None, torch.Tensor | None, float | None] | None:
-        """``(A', Bᵀ, scale or None)`` in ``dtype`` for the inference path, with
-        ``F.linear(x, A') * scale`` (None: no multiply) equal bit for bit to the general path's ``x Aᵀ · s``:
-        ``A' = s A`` where that fold is exact (``exact_scale_fold``), else ``A``. Shapes: A' (r, in), Bᵀ (r, out).
+        """``(A'ᵀ, Bᵀ, scale or None)`` in ``dtype`` for the inference path, with ``(x A'ᵀ) * scale`` (None: no
+        multiply; ``torch.mm`` on the rows, the kernel ``F.linear`` runs) equal bit for bit to the general path's
+        ``F.linear(x, A) · s``: ``A' = s A`` where that fold is exact (``exact_scale_fold``), else ``A``. Shapes:
+        A'ᵀ (in, r) and Bᵀ (r, out), transposed views.
         ``(None, None, None)`` when B is zero (a fresh adapter, the server's base stand-in): the term is skipped and
         the output is ``W x + b`` itself (the general path adds +0.0 to it: the same values; only an infinite
         activation, which the general path turns into NaN through ``0 · inf``, differs).
@@ -414,7 +415,7 @@ class LoraLinear(FrozenProjection):
             scale = None
         elif exact_scale_fold(scale, dtype):
             A_in, scale = A_in * scale, None
-        factors = (A_in, None if B_in is None else B_in.t(), scale)
+        factors = (None, None, None) if A_in is None else (A_in.t(), B_in.t(), scale)
         self._kept_factors = (A, B, key, factors)
         return factors
 
@@ -422,23 +423,22 @@ class LoraLinear(FrozenProjection):
         """``W x + b + s B A x`` (DoRA: see the module docstring); ``W x + b`` while the context disables adapters.
 
         Inference (``inference_now``: serving, evaluation, ``generate``) takes a lean path with the same numbers as the
-        general one: ``F.linear(x, W, b)``, ``F.linear(x, A')`` (its scale folded in where exact) and the LoRA term
-        added into that fresh frozen output by ``addmm_``, with no per-call casts, checks or temporaries beyond those.
+        general one: ``F.linear(x, W, b)``, ``x A'ᵀ`` (its scale folded in where exact) and the LoRA term added into
+        that fresh frozen output by ``addmm_``, with no per-call casts, checks or temporaries beyond those.
         """
         if self.inference_now(x.device.type) and not self.context.disabled:
             factors = self.inference_factors(x.dtype)
             if factors is not None:
                 params = self._parameters
-                A, Bt, scale = factors
+                At, Bt, scale = factors
                 out = frozen_linear(x, params["weight"], params.get("bias"), self.fan_in_fan_out)
-                if A is None:  # B = 0
+                if At is None:  # B = 0
                     return out
-                low = F.linear(x, A)
+                low = torch.mm(x.reshape(-1, x.shape[-1]), At)  # (rows, r)
                 if scale is not None:
                     low.mul_(scale)
                 # In place: ``out`` is this call's own tensor (a view of it is fine: F.linear's output is contiguous).
-                rows = out if out.dim() == 2 else out.view(-1, out.shape[-1])
-                rows.addmm_(low if low.dim() == 2 else low.view(-1, low.shape[-1]), Bt)
+                out.view(-1, out.shape[-1]).addmm_(low, Bt)
                 return out
         return super().forward(x)
 
@@ -449,14 +449,13 @@ class LoraLinear(FrozenProjection):
             # for every adapter's rows): not written in place.
             factors = self.inference_factors(x.dtype)
             if factors is not None:
-                A, Bt, scale = factors
-                if A is None:  # B = 0
+                At, Bt, scale = factors
+                if At is None:  # B = 0
                     return base_out
-                low = F.linear(x, A)
+                low = torch.mm(x.reshape(-1, x.shape[-1]), At)  # (rows, r)
                 if scale is not None:
                     low.mul_(scale)
-                out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), low.reshape(-1, low.shape[-1]), Bt)
-                return out.view(base_out.shape)
+                return torch.addmm(base_out.reshape(-1, base_out.shape[-1]), low, Bt).view(base_out.shape)
         # Everything runs in the dtype of the frozen output (see "Precision" above): the small adapter
         # matrices are cast to it, never the activations to fp32. Under autocast x may be fp32 while
         # base_out is bf16; the matmul would cast x anyway, so casting once first changes nothing.
