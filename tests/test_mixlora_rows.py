@@ -19,7 +19,6 @@ from conftest import mixlora_config, perturb_adapter
 from test_modules import first_moe, rel_err, run_with_grads, token_mask
 from tiny_models import tiny_model
 from loramix.modules.expert_rows import GatheredLoraRows, MixedSwiGLU, row_dot
-from loramix.modules.lora import LoraDropout
 
 
 def _inputs(seed: int = 0, rows: int = 11, tokens: int = 5, width: int = 7):
@@ -28,14 +27,14 @@ def _inputs(seed: int = 0, rows: int = 11, tokens: int = 5, width: int = 7):
     up = torch.randn(rows, width, generator=g, dtype=torch.float64)
     weight = torch.rand(rows, 1, generator=g, dtype=torch.float64)
     token = torch.randint(0, tokens, (rows,), generator=g)
-    keep = (torch.rand(rows, width, generator=g) > 0.3).to(torch.float64)  # 1 kept, 0 dropped
+    keep = torch.rand(rows, width, generator=g) > 0.3
     return gate, up, weight, token, tokens, keep
 
 
 def _reference(gate, up, weight, token, tokens, keep, want_rows):
     y = weight * torch.nn.functional.silu(gate) * up
     mixed = torch.zeros(tokens, y.shape[1], dtype=y.dtype).index_add(0, token, y)
-    rows = (y if keep is None else torch.where(keep.bool(), y, 0.0)) if want_rows else None
+    rows = (y if keep is None else torch.where(keep, y, 0.0)) if want_rows else None
     return mixed, rows
 
 
@@ -75,7 +74,6 @@ def test_mixed_swiglu_masked_rows_are_exact_zeros_and_values():
     gate, up, weight, token, tokens, keep = _inputs(seed=2)
     _, rows = MixedSwiGLU.apply(gate, up, weight, token, tokens, keep, True)
     y = torch.nn.functional.silu(gate) * up * weight  # the function's order of the products
-    keep = keep.bool()
     assert torch.equal(rows[keep], y[keep])
     assert torch.equal(rows[~keep].abs(), torch.zeros_like(rows[~keep]))
 
@@ -156,7 +154,7 @@ def test_sorted_rows_equal_naive_for_any_targets(ffn_targets):
 
 class _SameMaskDropout(LoraDropout):
     """LoraDropout through its own ``masked`` (the same draws): the block then masks with ``where`` via
-    ``lora_input`` instead of drawing the down LoRA's mask itself (``dropout_keep``)."""
+    ``lora_input`` instead of drawing the down LoRA's mask itself (``down_dropout_keep``)."""
 
     def masked(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         return super().masked(x)
@@ -164,9 +162,9 @@ class _SameMaskDropout(LoraDropout):
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_down_dropout_mask_drawn_by_the_block_equals_lora_input(autocast):
-    """With dropout, the masks the block draws and applies itself as 0/1 products (the x rows' in dropped_rows, the
-    down LoRA's in MixedSwiGLU) give what ``lora_input`` gives with ``where`` under the same seed: outputs and
-    gradients; another seed gives another output (the masks are on)."""
+    """With dropout, the down LoRA's mask the block draws and applies itself (``down_dropout_keep``, in MixedSwiGLU)
+    gives what ``lora_input`` gives with ``where`` under the same seed: outputs and gradients; another seed gives
+    another output (the masks are on)."""
     cfg = mixlora_config(attention_targets=[], dropout=0.3)
     moe, _ = first_moe(loramix.inject(tiny_model("llama"), cfg))
     perturb_adapter(moe, seed=7, b_std=0.3, router_std=1.0)

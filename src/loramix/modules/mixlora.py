@@ -62,7 +62,7 @@ from .kinds import AdapterKind, AdapterModule, Site, TensorRole, register, resol
 from .lora import (
     LORA_ROLES, LoraDropout, LoraLinear, dora_output, dora_weight_norm, lora_factors, lora_input, lora_sites,
 )
-from .mixlora_rows import dropout_keep, dropped_rows, grouped_mm_supported, input_rows, lora_low
+from .mixlora_rows import down_dropout_keep, grouped_mm_supported, input_rows, lora_low
 from .mixlora_served import forward_precomputed
 from .quantized import adapter_dtype_for, frozen_weight, logical_shape
 from .routing import (
@@ -254,7 +254,7 @@ class MixLoraFFN(AdapterModule):
         return (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).to(inputs.dtype)
 
     # training's rows (mixlora_rows.py): the stacked A, gathered rows with B added, the down LoRA's mask
-    lora_low, input_rows, dropout_keep, dropped_rows = lora_low, input_rows, dropout_keep, dropped_rows
+    lora_low, input_rows, down_dropout_keep = lora_low, input_rows, down_dropout_keep
 
     def expert_rows(self, name: str, base_rows: torch.Tensor, inputs: torch.Tensor, seg: Segments,
                     row_expert: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
@@ -386,7 +386,7 @@ class MixLoraFFN(AdapterModule):
         row_weight = row_weight.to(compute)[:, None]
 
         # (M, d): one dropout mask shared by gate and up; its 1/(1-p) goes into B.
-        expert_inputs, factor = self.dropped_rows(x.index_select(0, token).to(compute))
+        expert_inputs, factor = lora_input(self.lora_dropout, x.index_select(0, token).to(compute))
         rows = self.input_rows(frozen, token, expert_inputs, seg, row_expert, factor)
 
         down = getattr(self, self.output_projection)
@@ -405,7 +405,7 @@ class MixLoraFFN(AdapterModule):
         if self.kind in ("gated", "fused") and type(self.act_fn).__name__ in ("SiLU", "SiLUActivation"):
             gate, up = rows if self.kind == "gated" else rows[0].chunk(2, dim=-1)
             if want_rows:  # the down LoRA's CPU dropout mask, drawn where lora_input would draw it
-                keep, factor = self.dropout_keep(gate.shape, x.device, compute, compute)
+                keep, factor = self.down_dropout_keep(gate.shape, x.device, compute)
             # (N, f) the mixed rows; (M, f) the weighted rows, masked by keep, or None
             mixed, weighted = MixedSwiGLU.apply(gate, up, row_weight, token, num_tokens, keep, want_rows)
         else:
@@ -437,7 +437,7 @@ class MixLoraFFN(AdapterModule):
         name, down = self.output_projection, getattr(self, self.output_projection)
         keep, down_factor = None, 1.0  # the down LoRA's CPU dropout mask, drawn where forward_sorted draws it
         if name in self.targets:
-            keep, down_factor = self.dropout_keep(torch.Size((token.shape[0], frozen[0].shape[1])), x.device,
+            keep, down_factor = self.down_dropout_keep(torch.Size((token.shape[0], frozen[0].shape[1])), x.device,
                                                        compute)
         mixed, rows = swiglu_mix(*frozen, token, *deltas, row_weight.to(compute)[:, None], keep, name in self.targets)
         out = down(mixed)

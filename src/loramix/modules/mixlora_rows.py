@@ -8,10 +8,8 @@ r"""The MixLoRA block's expert rows in training: which matmuls compute them, and
   inside its matmul (``expert_rows.GatheredLoraRows``): no (M, out) delta is written and added in another pass.
   Elsewhere (a GPU runs one grouped matmul per factor, where a loop of ``addmm`` would be slower) and with DoRA,
   ``MixLoraFFN.expert_rows`` per projection.
-- ``dropout_keep``: the expert LoRAs' CPU dropout mask, drawn as ``LoraDropout.masked`` draws it (the same
-  random numbers), as 0/1 in the rows' dtype (for ``dropped_rows`` and ``expert_rows.MixedSwiGLU``, which multiply
-  by it: on CPU a product costs a third of ``where`` on a bool mask, and the comparison writes the float mask
-  faster than a bool one) or bool (for the fused path).
+- ``down_dropout_keep``: the down LoRA's CPU dropout mask over the weighted rows, drawn as ``LoraDropout.masked``
+  draws it (the same random numbers), for ``expert_rows.MixedSwiGLU`` and the fused path to apply.
 - ``grouped_mm_supported``: whether ``grouped_mm`` takes the operands.
 """
 
@@ -23,7 +21,7 @@ import torch
 from torch import nn
 
 from .expert_rows import GatheredLoraRows
-from .lora import LoraDropout, lora_input
+from .lora import LoraDropout
 
 if TYPE_CHECKING:
     from .mixlora import Segments
@@ -89,13 +87,12 @@ def input_rows(block: nn.Module, frozen: list[torch.Tensor], token: torch.Tensor
     return rows
 
 
-def dropout_keep(block: nn.Module, shape: torch.Size, device: torch.device, dtype: torch.dtype,
-                 mask_dtype: torch.dtype = torch.bool) -> tuple[torch.Tensor | None, float]:
-    """The expert LoRAs' dropout mask for rows of ``shape`` (M, in) in ``dtype``, drawn as ``LoraDropout.masked``
-    draws it on CPU (the same random numbers): (keep (M, in), the rescale), or (None, 1.0) where ``masked`` draws
+def down_dropout_keep(block: nn.Module, shape: torch.Size, device: torch.device,
+                      dtype: torch.dtype) -> tuple[torch.Tensor | None, float]:
+    """The down LoRA's dropout mask for weighted rows of ``shape`` (M, f), drawn as ``LoraDropout.masked`` draws
+    it on CPU (the same random numbers): (keep (M, f) bool, the rescale), or (None, 1.0) where ``masked`` draws
     no such mask (eval, p = 0, another device or dtype, a dropout module with its own ``masked`` or none at all):
-    then the caller runs ``lora_input``. keep: True/1 where kept, in ``mask_dtype`` (the comparison writes a float
-    mask directly, faster on CPU than a bool one)."""
+    then the caller runs ``lora_input``."""
     dropout = block.lora_dropout
     if not (isinstance(dropout, LoraDropout) and type(dropout).masked is LoraDropout.masked and dropout.training
             and dropout.p > 0 and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)):
@@ -104,13 +101,4 @@ def dropout_keep(block: nn.Module, shape: torch.Size, device: torch.device, dtyp
     if drawn is None:  # p rounds to 0: no mask
         return None, 1.0
     bits, threshold, factor = drawn
-    return torch.ge(bits, threshold, out=torch.empty(bits.shape, dtype=mask_dtype, device=device)), factor
-
-
-def dropped_rows(block: nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """``lora_input(block.lora_dropout, rows)``: (rows after dropout before the rescale, the rescale), the mask applied
-    by a product with a 0/1 mask (``dropout_keep``) where the block draws one. rows: (M, in) → (M, in)."""
-    keep, factor = block.dropout_keep(rows.shape, rows.device, rows.dtype, rows.dtype)
-    if keep is None:
-        return lora_input(block.lora_dropout, rows)
-    return rows * keep, factor
+    return bits >= threshold, factor
