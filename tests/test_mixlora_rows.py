@@ -19,6 +19,7 @@ from conftest import mixlora_config, perturb_adapter
 from test_modules import first_moe, rel_err, run_with_grads, token_mask
 from tiny_models import tiny_model
 from loramix.modules.expert_rows import GatheredLoraRows, MixedSwiGLU, row_dot
+from loramix.modules.lora import LoraDropout
 
 
 def _inputs(seed: int = 0, rows: int = 11, tokens: int = 5, width: int = 7):
