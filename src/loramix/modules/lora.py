@@ -34,7 +34,7 @@ unchanged. The numbers are the general path's, bit for bit (tests/test_lora_infe
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -158,7 +158,7 @@ class FrozenConstant:
     def __init__(self) -> None:
         self.tensors: tuple[torch.Tensor, ...] = ()  # held, not their ids: an id is reused once its object is freed
         self.key: tuple | None = None
-        self.value: torch.Tensor | None = None
+        self.value: Any = None  # a tensor, or a tuple of tensors and other values
 
     @staticmethod
     def _key(tensors: tuple[torch.Tensor, ...], extra: tuple) -> tuple:
@@ -167,9 +167,9 @@ class FrozenConstant:
         # (torchao's tensors have no plain storage: their identity and version)
         return (*((t._version, storage_pointer(t), t.dtype, t.shape) for t in tensors), *extra)
 
-    def get(self, tensors: tuple[torch.Tensor, ...], compute, extra: tuple = ()) -> torch.Tensor:
-        """``compute()`` (a tensor) for ``tensors`` (what it reads) and ``extra`` (hashable settings it reads),
-        kept across calls while they are unchanged and frozen."""
+    def get(self, tensors: tuple[torch.Tensor, ...], compute, extra: tuple = ()) -> Any:
+        """``compute()`` (a tensor, or a tuple of tensors and other values) for ``tensors`` (what it reads) and ``extra``
+        (hashable settings it reads), kept across calls while they are unchanged and frozen."""
         frozen = not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
         if not frozen or torch.compiler.is_compiling():
             self.clear()
@@ -178,8 +178,9 @@ class FrozenConstant:
         value = self.value
         same = len(tensors) == len(self.tensors) and all(a is b for a, b in zip(tensors, self.tensors))
         # an inference-mode tensor cannot be saved for a backward that records outside inference mode
-        usable = value is not None and not (value.is_inference() and torch.is_grad_enabled()
-                                            and not torch.is_inference_mode_enabled())
+        parts = value if isinstance(value, tuple) else (value,)
+        usable = value is not None and not (any(isinstance(t, torch.Tensor) and t.is_inference() for t in parts)
+                                            and torch.is_grad_enabled() and not torch.is_inference_mode_enabled())
         if same and key == self.key and usable:
             return value
         value = compute()
@@ -353,7 +354,7 @@ class LoraLinear(FrozenProjection):
         self._inference_capable = (not self.use_dora and not self.quantized and "weight" in params
                                    and (self.bias is None or "bias" in params))
         self._has_dropout = type(self.dropout) is not nn.Identity
-        self._kept_factors: tuple | None = None  # (A, B, key, factors) of ``inference_factors``
+        self._inference_factors = FrozenConstant()  # (A'ᵀ, Bᵀ, scale) of ``inference_factors``
 
     def weight_norm(self) -> torch.Tensor:
         """Detached row norms of ``W + s B A``, shape (out,)."""
@@ -384,8 +385,7 @@ class LoraLinear(FrozenProjection):
         return (self._inference_capable and not torch.is_grad_enabled() and not (self.training and self._has_dropout)
                 and not torch.is_autocast_enabled(device_type) and not torch.compiler.is_compiling())
 
-    def inference_factors(self, dtype: torch.dtype
-                          ) -> tuple[torch.Tensor | None, torch.Tensor | None, float | None] | None:
+    def inference_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None, float | None]:
         """``(A'ᵀ, Bᵀ, scale or None)`` in ``dtype`` for the inference path, with ``(x A'ᵀ) * scale`` (None: no
         multiply; ``torch.mm`` on the rows, the kernel ``F.linear`` runs) equal bit for bit to the general path's
         ``F.linear(x, A) · s``: ``A' = s A`` where that fold is exact (``exact_scale_fold``), else ``A``. Shapes:
@@ -394,30 +394,38 @@ class LoraLinear(FrozenProjection):
         the output is ``W x + b`` itself (the general path adds +0.0 to it: the same values; only an infinite
         activation, which the general path turns into NaN through ``0 · inf``, differs).
 
-        Kept across calls while ``lora_A`` and ``lora_B`` are the same Parameters over the same storage at the same
-        version (as ``FrozenConstant`` keys its values: an in-place write, ``load_state_dict``, ``.to()`` or a new
-        ``.data`` computes them afresh). None for tensors without plain storage (the general path then runs).
+        Kept by a ``FrozenConstant`` while ``lora_A`` and ``lora_B`` are unchanged (an in-place write,
+        ``load_state_dict``, ``.to()`` or a new ``.data`` computes them afresh).
         """
         params = self._parameters
         A, B = params["lora_A"], params["lora_B"]
-        try:
-            key = (A._version, B._version, A.data_ptr(), B.data_ptr(), dtype)
-        except RuntimeError:  # a tensor subclass without storage
-            return None
-        kept = self._kept_factors
-        if kept is not None and kept[0] is A and kept[1] is B and kept[2] == key:
-            return kept[3]
-        A_in, B_in = in_dtype(A.detach(), dtype), in_dtype(B.detach(), dtype)
-        scale: float | None = self.scale
-        if not B_in.any():
-            A_in, B_in, scale = None, None, None
-        elif scale == 1.0:
-            scale = None
-        elif exact_scale_fold(scale, dtype):
-            A_in, scale = A_in * scale, None
-        factors = (None, None, None) if A_in is None else (A_in.t(), B_in.t(), scale)
-        self._kept_factors = (A, B, key, factors)
-        return factors
+
+        def compute() -> tuple[torch.Tensor | None, torch.Tensor | None, float | None]:
+            A_in, B_in = in_dtype(A.detach(), dtype), in_dtype(B.detach(), dtype)
+            if not B_in.any():
+                return None, None, None
+            scale: float | None = self.scale
+            if scale == 1.0:
+                scale = None
+            elif exact_scale_fold(scale, dtype):
+                A_in, scale = A_in * scale, None
+            return A_in.t(), B_in.t(), scale
+
+        return self._inference_factors.get((A, B), compute, (dtype,))
+
+    def inference_output(self, x: torch.Tensor, base_out: torch.Tensor, *, in_place: bool) -> torch.Tensor:
+        """The inference path's ``base_out + s B A x`` from ``inference_factors`` (x (..., in), base_out (..., out)
+        in the same dtype); ``in_place``: written into ``base_out``, which must be the caller's own tensor."""
+        At, Bt, scale = self.inference_factors(x.dtype)
+        if At is None:  # B = 0
+            return base_out
+        low = torch.mm(x.reshape(-1, x.shape[-1]), At)  # (rows, r)
+        if scale is not None:
+            low.mul_(scale)
+        if in_place:  # a view of it is fine: F.linear's output is contiguous
+            base_out.view(-1, base_out.shape[-1]).addmm_(low, Bt)
+            return base_out
+        return torch.addmm(base_out.reshape(-1, base_out.shape[-1]), low, Bt).view(base_out.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``W x + b + s B A x`` (DoRA: see the module docstring); ``W x + b`` while the context disables adapters.
@@ -427,35 +435,17 @@ class LoraLinear(FrozenProjection):
         that fresh frozen output by ``addmm_``, with no per-call casts, checks or temporaries beyond those.
         """
         if self.inference_now(x.device.type) and not self.context.disabled:
-            factors = self.inference_factors(x.dtype)
-            if factors is not None:
-                params = self._parameters
-                At, Bt, scale = factors
-                out = frozen_linear(x, params["weight"], params.get("bias"), self.fan_in_fan_out)
-                if At is None:  # B = 0
-                    return out
-                low = torch.mm(x.reshape(-1, x.shape[-1]), At)  # (rows, r)
-                if scale is not None:
-                    low.mul_(scale)
-                # In place: ``out`` is this call's own tensor (a view of it is fine: F.linear's output is contiguous).
-                out.view(-1, out.shape[-1]).addmm_(low, Bt)
-                return out
+            params = self._parameters
+            out = frozen_linear(x, params["weight"], params.get("bias"), self.fan_in_fan_out)
+            return self.inference_output(x, out, in_place=True)
         return super().forward(x)
 
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """Adapted output given the frozen output ``base_out = W x + b`` (both (..., in/out))."""
         if x.dtype == base_out.dtype and self.inference_now(base_out.device.type):
-            # The inference path (``forward``) on a frozen output computed elsewhere (``AdapterStack`` runs it once
-            # for every adapter's rows): not written in place.
-            factors = self.inference_factors(x.dtype)
-            if factors is not None:
-                At, Bt, scale = factors
-                if At is None:  # B = 0
-                    return base_out
-                low = torch.mm(x.reshape(-1, x.shape[-1]), At)  # (rows, r)
-                if scale is not None:
-                    low.mul_(scale)
-                return torch.addmm(base_out.reshape(-1, base_out.shape[-1]), low, Bt).view(base_out.shape)
+            # The inference path on a frozen output computed elsewhere (``AdapterStack`` runs it once for every
+            # adapter's rows): not written in place.
+            return self.inference_output(x, base_out, in_place=False)
         # Everything runs in the dtype of the frozen output (see "Precision" above): the small adapter
         # matrices are cast to it, never the activations to fp32. Under autocast x may be fp32 while
         # base_out is bf16; the matmul would cast x anyway, so casting once first changes nothing.
