@@ -62,6 +62,7 @@ from .kinds import register
 from .lora import FrozenProjection, LoraDropout, lora_factors, lora_input
 from .loramoe import LoraMoeKind, stacked_experts
 from .mixlora import grouped_mm_available
+from .mixlora_rows import grouped_mm_supported
 from .quantized import adapter_dtype_for
 from .routed import RoutedProjectionKind
 from .routing import load_balance_loss, route_top_k, router_statistics
@@ -212,17 +213,16 @@ def routed_experts(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
         (N, out), in ``base``'s dtype. The per-expert counts are read to the host once (free on CPU,
         where this path runs).
     """
-    E, r, n_in = lora_A.shape
+    E = lora_A.shape[0]
     k = chosen.shape[1]
     flat = chosen.reshape(-1)
     order = flat.argsort(stable=True)  # (M,) rows sorted by expert, M = N·k
     counts = torch.bincount(flat, minlength=E)
-    A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    size = x.element_size()
-    aligned = all(d * size % 16 == 0 for d in (n_in, r, B.shape[1]))  # grouped_mm's row-stride rule
-    offs = counts.cumsum(0).to(torch.int32) if aligned and grouped_mm_available(x.device, x.dtype) else None
+    A, B, x = lora_A.to(x.dtype), lora_B.to(x.dtype), x.contiguous()
+    usable = grouped_mm_supported(x, A, B) and grouped_mm_available(x.device, x.dtype)
+    offs = counts.cumsum(0).to(torch.int32) if usable else None
     row_weight = weights.reshape(-1).index_select(0, order).to(x.dtype)
-    return _RoutedExperts.apply(base, x.contiguous(), A, B, row_weight, torch.div(order, k, rounding_mode="floor"),
+    return _RoutedExperts.apply(base, x, A, B, row_weight, torch.div(order, k, rounding_mode="floor"),
                                 counts.tolist(), offs)
 
 
