@@ -342,42 +342,38 @@ class Trainer:
         # several adapters on the model: the row plan says whose rows are whose; the plain adapter has every row
         many = getattr(self.model, "loramix_many", None)
         kwargs = {} if many is None else {"adapter_rows": rows}
-        for job, _ in parts:  # global load balance: only in training steps (every rank runs the same forwards)
-            self.contexts[job.name].balance_group = self._balance_group(job)
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                     else contextlib.nullcontext())
+        # Global load balance: only in training steps (every rank runs the same forwards), and through the backward,
+        # where an activation checkpoint's recompute repeats the forward's all-reduces.
+        for job, _ in parts:
+            self.contexts[job.name].balance_group = self._balance_group(job)
         try:
             with autocast:
                 out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  task_ids=batch["task_ids"], **kwargs)
-        finally:
-            for job, _ in parts:
-                self.contexts[job.name].balance_group = None
-        terms = []
-        for (job, w), b, (ce_sum, n_b) in zip(parts, batches, label_losses(out.logits, batch["labels"],
-                                                                             [r for _, r in rows])):
-            # the raw auxiliary losses of this job's rows: what its modules recorded in this forward (the plain
-            # adapter's hook read the same collector and got the same tensors)
-            raw = self.contexts[job.name].losses.collect(out.logits)
-            term = compose_loss(ce_sum / w.answer, raw, job.adapter, share=n_b / w.answer)
-            if w.diverged is None and not math.isfinite(float(term.detach())):
-                # No break: the window is finished (its gradient is thrown away), so under torchrun every rank
-                # still makes the same collective calls (global load balance all-reduces in the forward).
-                w.diverged = (f"step {job.step + 1}: the loss is {float(term.detach())} (micro-batch "
-                              f"{w.position + 1} of {len(w.local)}); stopping before the update. "
-                              f"{job.last_good()} Try a lower lr, max_grad_norm, or fp32.")
-            terms.append(job.scaler.scale(term))
-            w.lm += float(ce_sum.detach())
-            for name, value in raw.items():
-                w.aux[name] = w.aux.get(name, 0.0) + float(value.detach()) / w.count
-            w.tokens += int(b["attention_mask"].sum())
-            loads = [s["load"].float().cpu() for s in router_stats(job.model)]
-            if loads:
-                w.load = loads if w.load is None else [a + l for a, l in zip(w.load, loads)]
-            w.position += 1
-        for job, _ in parts:  # an activation checkpoint's recompute in the backward repeats the forward's all-reduces
-            self.contexts[job.name].balance_group = self._balance_group(job)
-        try:
+            terms = []
+            for (job, w), b, (ce_sum, n_b) in zip(parts, batches, label_losses(out.logits, batch["labels"],
+                                                                                 [r for _, r in rows])):
+                # the raw auxiliary losses of this job's rows: what its modules recorded in this forward (the plain
+                # adapter's hook read the same collector and got the same tensors)
+                raw = self.contexts[job.name].losses.collect(out.logits)
+                term = compose_loss(ce_sum / w.answer, raw, job.adapter, share=n_b / w.answer)
+                if w.diverged is None and not math.isfinite(float(term.detach())):
+                    # No break: the window is finished (its gradient is thrown away), so under torchrun every rank
+                    # still makes the same collective calls (global load balance all-reduces in the forward).
+                    w.diverged = (f"step {job.step + 1}: the loss is {float(term.detach())} (micro-batch "
+                                  f"{w.position + 1} of {len(w.local)}); stopping before the update. "
+                                  f"{job.last_good()} Try a lower lr, max_grad_norm, or fp32.")
+                terms.append(job.scaler.scale(term))
+                w.lm += float(ce_sum.detach())
+                for name, value in raw.items():
+                    w.aux[name] = w.aux.get(name, 0.0) + float(value.detach()) / w.count
+                w.tokens += int(b["attention_mask"].sum())
+                loads = [s["load"].float().cpu() for s in router_stats(job.model)]
+                if loads:
+                    w.load = loads if w.load is None else [a + l for a, l in zip(w.load, loads)]
+                w.position += 1
             torch.stack(terms).sum().backward()
         finally:
             for job, _ in parts:
