@@ -234,7 +234,7 @@ def load_adapters_onto(model: Any, adapters: dict[str, str], base_name: Any) -> 
     from .adapters import AdapterLoadError, load_adapter, load_many
 
     try:
-        if len(adapters) == 1:
+        if len(adapters) == 1:  # plain, not a stack of one: generate's use_task / task_index read loramix_adapter
             return load_adapter(model, next(iter(adapters.values())))
         return load_many(model, adapters) if adapters else model
     except AdapterLoadError as err:
