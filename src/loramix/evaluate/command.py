@@ -186,6 +186,7 @@ def _score(model, tokenizer, examples: list, names: list, task_ids: dict, protoc
                     cutoff_len=args.cutoff_len, normalize=args.normalize)
     if len(names) > 1:
         return evaluate_many(model, tokenizer, {name: examples for name in names}, task_ids=task_ids, **settings)
+    # the base alone or one plain adapter (load_adapters_onto): evaluate_many takes only stacked adapters
     return {names[0]: evaluate_multiple_choice(model, tokenizer, examples, task_ids=task_ids.get(names[0]), **settings)}
 
 

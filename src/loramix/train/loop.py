@@ -465,7 +465,8 @@ class Trainer:
             shards = {n: s for n, s in shards.items() if s}  # a rank may get no example of a small set
             if not shards:
                 continue
-            if getattr(self.model, "loramix_many", None) is None:  # the plain adapter: one job, all of the model
+            # Trainer(config)'s plain adapter (one job, all of the model): evaluate_many takes only stacked adapters
+            if getattr(self.model, "loramix_many", None) is None:
                 found = {name: evaluate_multiple_choice(self.model, self.tokenizer, shard, task_ids=task_ids[name],
                                                         **settings) for name, shard in shards.items()}
             else:
