@@ -255,17 +255,26 @@ def inject_many(model: nn.Module, configs: dict[str, Any]) -> nn.Module:
         adapters that take none (a run of rows whose ids are all -1 gets no task ids, so a MoRE
         adapter there uses its default task).
     """
-    check_injection(model, configs)  # every adapter's errors before the first is built (inject's own checks)
-    return stack_adapters(model, {name: (lambda m, c=config: inject(m, c)) for name, config in configs.items()})
+    # A fresh base and every config, before the first adapter is built. ``inject`` checks each config again as it
+    # builds it: its memory check then counts the adapters built before it, which this one cannot.
+    check_injection(model, configs)
+    return _stack(model, {name: (lambda m, c=config: inject(m, c)) for name, config in configs.items()})
 
 
 def stack_adapters(model: nn.Module, attach: dict[str, Any]) -> nn.Module:
-    """Several adapters on one base, each put there by its own function: ``inject_many`` injects
-    configs, ``adapters.io.load_many`` loads folders.
+    """Several adapters on one base, each put there by its own function: ``adapters.io.load_many`` loads
+    folders, the server adds its base's stand-in (``inject_many``, which injects configs, checks the base
+    with them and goes straight to ``_stack``).
 
     Attach each adapter alone (``attach[name](model)`` injects it), keep its modules, restore the
-    base, then put an ``AdapterStack`` at every adapted slot."""
+    base, then put an ``AdapterStack`` at every adapted slot. The base is checked first
+    (``check_fresh_base``): an attach failing on a model with an adapter would have it unloaded."""
     check_fresh_base(model)
+    return _stack(model, attach)
+
+
+def _stack(model: nn.Module, attach: dict[str, Any]) -> nn.Module:
+    """``stack_adapters`` on a base already checked (``inject_many``'s ``check_injection`` checks it)."""
     if not attach:
         raise ValueError("inject_many / load_many need at least one adapter, got none")
     state = ManyAdapterState(adapters={}, members={})
