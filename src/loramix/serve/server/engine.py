@@ -185,7 +185,7 @@ def merge_into_base(model: nn.Module, folders: dict[str, str | os.PathLike], *, 
         raise ValueError(f"--merge serves exactly one adapter folded into the base weights; got {len(folders)} "
                          f"({', '.join(folders) or 'none'}): give one --adapter, or serve several without --merge")
     (name, folder), = folders.items()
-    adapter_targets(name, folder, base_name=base_name)  # the name's checks
+    _check_adapter_name(name, base_name)
     kind = kind_named(read_adapter_config(folder).get("kind"))
     refusal = kind.merge_refusal if kind is not None else "its kind is unknown"
     if refusal:
@@ -196,15 +196,20 @@ def merge_into_base(model: nn.Module, folders: dict[str, str | os.PathLike], *, 
     return {name: Target(BASE)}
 
 
+def _check_adapter_name(name: str, base_name: str) -> None:
+    """Refuse a name clients could not ask for (``adapter_targets``, ``merge_into_base``): ValueError."""
+    if not name or name.startswith("_") or not all(c.isalnum() or c in "-_." for c in name) or name == base_name:
+        raise ValueError(f"adapter name '{name}': use letters, digits, '-', '_', '.', not starting with '_' "
+                         f"and not the base model's name")
+
+
 def adapter_targets(name: str, folder: str | os.PathLike, *, base_name: str) -> dict[str, Target]:
     """The model names adapter folder ``folder`` serves under ``name``: ``name``, and ``NAME:TASK`` per MoRE task.
 
     Raises:
         ValueError: a bad adapter name; ``AdapterLoadError`` from the folder's config reader.
     """
-    if not name or name.startswith("_") or not all(c.isalnum() or c in "-_." for c in name) or name == base_name:
-        raise ValueError(f"adapter name '{name}': use letters, digits, '-', '_', '.', not starting with '_' "
-                         f"and not the base model's name")
+    _check_adapter_name(name, base_name)
     meta = read_adapter_config(folder)
     kind = kind_named(meta.get("kind"))
     if kind is None or not kind.per_task:  # one target: the adapter's rows take no task
