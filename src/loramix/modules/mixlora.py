@@ -378,9 +378,27 @@ class MixLoraFFN(AdapterModule):
         return token, flat.index_select(0, order), row_weight, seg
 
     def forward_sorted(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Fast path: frozen input projections once, one sorted dispatch, gated-sum down projection."""
-        num_tokens = x.shape[0]
+        """Fast path: frozen input projections once, one sorted dispatch, gated-sum down projection.
+        x (N, d) → (N, d)."""
         frozen = [getattr(self, p)(x) for p in self.input_projections]  # each (N, out_p), once
+        mixed, finish = self.mix_sorted(x, routing, frozen)
+        return finish(None if mixed is None else getattr(self, self.output_projection)(mixed))
+
+    def mix_sorted(self, x: torch.Tensor, routing: Routing, frozen: list[torch.Tensor]
+                   ) -> tuple[torch.Tensor | None, Callable[[torch.Tensor | None], torch.Tensor]]:
+        """The sorted dispatch around the frozen down projection, which the caller runs: ``forward_sorted`` on these
+        tokens, ``models.many.AdapterStack`` on every adapter's rows at once (``mixlora_served``).
+
+        Args: x (N, d) the block input; routing: the router's decision for it; frozen: per input projection P the
+        tokens' ``W_P x + b`` (N, out_P), in the compute dtype (module docstring, "Precision").
+
+        Returns (mixed, finish). mixed (N, f): each token's Σ_e g_e h_e (unrouted: its frozen hidden state), the down
+        projection's input, or None with DoRA on it. finish(down) → the block output (N, d_out) from ``down`` =
+        ``W_down mixed + b`` (N, d_out), the experts' down LoRA added; with mixed None, finish(None) runs DoRA's
+        per-row down projection. Dropout draws, in order: the input rows' here, the down LoRA's here (a CPU mask)
+        or in finish.
+        """
+        num_tokens = x.shape[0]
         compute = frozen[0].dtype  # the dtype every expert row is computed in (module docstring)
         token, row_expert, row_weight, seg = self.dispatch_plan(routing, x.device, compute)
         row_weight = row_weight.to(compute)[:, None]
@@ -389,14 +407,18 @@ class MixLoraFFN(AdapterModule):
         expert_inputs, factor = lora_input(self.lora_dropout, x.index_select(0, token).to(compute))
         rows = self.input_rows(frozen, token, expert_inputs, seg, row_expert, factor)
 
-        down = getattr(self, self.output_projection)
         name = self.output_projection
         if name in self.targets and self.use_dora:
-            # DoRA is not linear in h: run the frozen down projection per row, then mix.
             h = self.combine(rows)  # (M, f)
-            expert_out = self.expert_rows(name, down(h).to(compute), self.lora_dropout(h), seg, row_expert)
-            out = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
-            return IndexAddRows.apply(out, token, expert_out * row_weight)
+
+            def dora_down(_: None) -> torch.Tensor:
+                """DoRA is not linear in h: the frozen down projection per row, then the rows mixed."""
+                expert_out = self.expert_rows(name, getattr(self, name)(h).to(compute), self.lora_dropout(h), seg,
+                                              row_expert)
+                out = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
+                return IndexAddRows.apply(out, token, expert_out * row_weight)
+
+            return None, dora_down
 
         # Σ_e g_e W h_e = W Σ_e g_e h_e: the frozen down projection runs on N rows, not M.
         # The LoRA is linear too, and dropout is elementwise: Σ_e g_e B_e A_e drop(h_e) = Σ_e B_e A_e drop(g_e h_e),
@@ -411,12 +433,21 @@ class MixLoraFFN(AdapterModule):
         else:
             weighted = self.combine(rows) * row_weight
             mixed = IndexAddRows.apply(weighted.new_zeros(num_tokens, weighted.shape[-1]), token, weighted)
-        out = down(mixed)
-        if want_rows:
-            if keep is None:  # no CPU mask drawn: the dropout module itself (eval, or F.dropout on other devices)
-                weighted, factor = lora_input(self.lora_dropout, weighted)
-            out = IndexAddRows.apply(out.to(compute), token, self.lora_delta(name, weighted, seg, factor))
-        return out
+            weighted = weighted if want_rows else None
+        return mixed, lambda down: self.add_down_lora(down, token, weighted, seg, keep, factor)
+
+    def add_down_lora(self, down: torch.Tensor, token: torch.Tensor, weighted: torch.Tensor | None, seg: Segments,
+                      keep: torch.Tensor | None, factor: float) -> torch.Tensor:
+        """``down`` (N, d_out) plus the experts' down LoRA of the weighted rows, Σ_e g_e s B_e A_e drop(h_e), added to
+        their tokens (``token`` (M,)). weighted (M, f): the rows g_e h_e, masked by ``keep`` where that CPU mask
+        (rescale ``factor``) was drawn, else (keep None) the dropout module runs here; None: no down LoRA, ``down``
+        as it is. Returns (N, d_out) in the rows' dtype."""
+        if weighted is None:
+            return down
+        if keep is None:
+            weighted, factor = lora_input(self.lora_dropout, weighted)
+        return IndexAddRows.apply(down.to(weighted.dtype), token,
+                                  self.lora_delta(self.output_projection, weighted, seg, factor))
 
     def fused_applies(self) -> bool:
         """Whether ``forward_fused`` runs: ``fused`` set, a SiLU-gated FFN (gate, up, down) without DoRA,
@@ -440,12 +471,7 @@ class MixLoraFFN(AdapterModule):
             keep, down_factor = self.down_dropout_keep(torch.Size((token.shape[0], frozen[0].shape[1])), x.device,
                                                        compute)
         mixed, rows = swiglu_mix(*frozen, token, *deltas, row_weight.to(compute)[:, None], keep, name in self.targets)
-        out = down(mixed)
-        if rows is None:
-            return out
-        if keep is None:  # no CPU mask: the dropout module itself (eval, p = 0 or F.dropout on other devices)
-            rows, down_factor = lora_input(self.lora_dropout, rows)
-        return IndexAddRows.apply(out.to(compute), token, self.lora_delta(name, rows, seg, down_factor))
+        return self.add_down_lora(down(mixed), token, rows, seg, keep, down_factor)
 
     def forward_naive(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Per-expert loop as in the authors' code: each expert runs the whole FFN on its tokens."""
@@ -474,11 +500,8 @@ class MixLoraFFN(AdapterModule):
             out = out + (base * unrouted[:, None].to(base.dtype)).to(out.dtype)
         return out
 
-    def forward_precomputed(self, hidden_states: torch.Tensor, frozen: list[torch.Tensor]
-                            ) -> tuple[torch.Tensor | None, Callable[[torch.Tensor | None], torch.Tensor]]:
-        """Served beside other adapters: these rows from frozen input projections run once for every adapter's
-        rows, (B, T, d) and each (B, T, out_P) → (mixed (B, T, f) or None, finish); see ``mixlora_served``."""
-        return forward_precomputed(self, hidden_states, frozen)
+    # served beside other adapters, the frozen projections run once for every adapter's rows (mixlora_served.py)
+    forward_precomputed = forward_precomputed
 
     @staticmethod
     def tensor_names(targets: list[str], use_dora: bool) -> list[str]:

@@ -8,10 +8,10 @@ per step (in a decode step the weight read, not the arithmetic, is the cost)::
                    mixed = Σ_e g_e h_e          one row per token (the frozen hidden state if unrouted)
     W_down (all rows' hidden states) + b, once;  then + Σ_e g_e s B_e A_e h_e on the MixLoRA tokens
 
-the gated-sum identity of ``mixlora.py`` (Σ_e g_e = 1), the math of ``MixLoraFFN.forward_sorted`` in a frozen
-forward (eval, no gradient; the router records its losses unless inference-only, as in ``forward``), whatever
-``dispatch`` says (it equals the naive path). DoRA on the down projection is not linear in h: those rows keep the
-per-row down projection.
+the gated-sum identity of ``mixlora.py`` (Σ_e g_e = 1). The rows are ``MixLoraFFN.mix_sorted``, the code of
+``forward_sorted`` itself (which runs the projections on its own tokens), in a frozen forward (eval, no gradient;
+the router records its losses unless inference-only, as in ``forward``), whatever ``dispatch`` says (it equals the
+naive path). DoRA on the down projection is not linear in h: those rows keep the per-row down projection.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-
-from .lora import lora_input
 
 
 def forward_precomputed(block: nn.Module, hidden_states: torch.Tensor, frozen: list[torch.Tensor]
@@ -41,33 +39,10 @@ def forward_precomputed(block: nn.Module, hidden_states: torch.Tensor, frozen: l
     batch, length, dim = hidden_states.shape
     x = hidden_states.reshape(-1, dim)
     routing = block.route(x, block.context.valid_tokens(batch, length))
-    frozen = [f.reshape(batch * length, -1) for f in frozen]
-    compute = frozen[0].dtype  # the dtype every expert row is computed in (mixlora.py, "Precision")
-    token, row_expert, row_weight, seg = block.dispatch_plan(routing, x.device, compute)
-    row_weight = row_weight.to(compute)[:, None]
-    inputs, factor = lora_input(block.lora_dropout, x.index_select(0, token).to(compute))
-    hidden = block.combine([block.expert_rows(p, f.index_select(0, token).to(compute), inputs, seg, row_expert, factor)
-                            for p, f in zip(block.input_projections, frozen)])  # (M, f): one row per (token, expert)
-    name = block.output_projection
+    mixed, finish = block.mix_sorted(x, routing, [f.reshape(batch * length, -1) for f in frozen])
 
-    def expert_down(_: torch.Tensor | None) -> torch.Tensor:
-        """DoRA's per-row down projection, each row weighted into its token."""
-        rows = block.expert_rows(name, getattr(block, name)(hidden).to(compute), block.lora_dropout(hidden), seg,
-                                 row_expert)
-        out = rows.new_zeros(batch * length, rows.shape[-1]).index_add_(0, token, rows * row_weight)
-        return out.view(batch, length, -1)
+    def finish_rows(down: torch.Tensor | None) -> torch.Tensor:
+        """``finish`` on (B, T, d_out) rows."""
+        return finish(None if down is None else down.reshape(batch * length, -1)).view(batch, length, -1)
 
-    if name in block.targets and block.use_dora:
-        return None, expert_down
-    weighted = hidden * row_weight  # (M, f)
-    mixed = weighted.new_zeros(batch * length, weighted.shape[-1]).index_add_(0, token, weighted)
-
-    def add_down_lora(down: torch.Tensor | None) -> torch.Tensor:
-        """The experts' down LoRA of the weighted rows (linear: Σ_e g_e s B_e A_e h_e) added to their tokens."""
-        out = down.reshape(batch * length, -1).to(compute)
-        if name in block.targets:
-            rows, scale = lora_input(block.lora_dropout, weighted)
-            out = out.index_add(0, token, block.lora_delta(name, rows, seg, scale))
-        return out.view(batch, length, -1)
-
-    return mixed.view(batch, length, -1), add_down_lora
+    return (None if mixed is None else mixed.view(batch, length, -1)), finish_rows
