@@ -63,6 +63,7 @@ from .lora import (
     LORA_ROLES, LoraDropout, LoraLinear, dora_output, dora_weight_norm, lora_factors, lora_input, lora_sites,
 )
 from .mixlora_rows import down_dropout_keep, grouped_mm_supported, input_rows, lora_low
+from .mixlora_few import applies as few_tokens_apply, few_token_rows
 from .mixlora_served import forward_precomputed
 from .quantized import adapter_dtype_for, frozen_weight, logical_shape
 from .routing import (
@@ -399,6 +400,8 @@ class MixLoraFFN(AdapterModule):
         or in finish.
         """
         num_tokens = x.shape[0]
+        if few_tokens_apply(self, num_tokens, routing.expert_ids.shape[1]):  # a decode step: every expert at once
+            return few_token_rows(self, x, routing, frozen)
         compute = frozen[0].dtype  # the dtype every expert row is computed in (module docstring)
         token, row_expert, row_weight, seg = self.dispatch_plan(routing, x.device, compute)
         row_weight = row_weight.to(compute)[:, None]
