@@ -92,7 +92,7 @@ def few_token_rows(block: nn.Module, x: torch.Tensor, routing: Routing, frozen: 
     weighted = block.combine(outputs) * weights  # (N, S, f)
     mixed = weighted.sum(1)  # (N, f)
     unrouted = block.unrouted(routing)
-    if unrouted is not None and bool(unrouted.any()):
+    if unrouted is not None:  # padding can be unrouted: no host sync to ask whether any token is (a GPU would wait)
         mixed = torch.where(unrouted[:, None], block.combine(frozen), mixed)
     name = block.output_projection
 
