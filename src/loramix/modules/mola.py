@@ -29,9 +29,10 @@ per-expert loop either way; an unchosen expert gets an exact zero gradient):
   expert ids gives contiguous per-expert row segments; each expert's A and B run on its own rows only
   (``grouped_mm``, else a loop over the segments), in a custom autograd function whose four backward matmuls are
   grouped too and which saves only x, the (M, r) low-rank rows and the routing (the gathered (M, in) rows are
-  taken again in the backward); rows go back to their tokens by ``index_add``. With k of E experts chosen it
-  does k/E of the dense path's matmul work, in thinner matmuls, plus a gather and a scatter of x and of the
-  output rows, so it pays from E ≥ 3k (MoLA's 8 experts, top-2). On other devices (where the dense matmuls are
+  taken again in the backward); rows go back to their tokens by ``index_add``, into the module's own frozen output
+  itself where nothing else reads it (not a view, not a quantized base's), else into a copy. With k of E experts
+  chosen it does k/E of the dense path's matmul work, in thinner matmuls, plus a gather and a scatter of x and of
+  the output rows, so it pays from E ≥ 3k (MoLA's 8 experts, top-2). On other devices (where the dense matmuls are
   cheap and need no host sync) and without gradients (generation: few rows), the dense path runs.
   ``MolaConfig.dispatch`` ('auto', 'dense' or 'sorted'; a module's ``dispatch`` attribute) overrides the choice.
 
@@ -65,7 +66,7 @@ from .mixlora import grouped_mm_available
 from .mixlora_rows import grouped_mm_supported
 from .quantized import adapter_dtype_for
 from .routed import RoutedProjectionKind
-from .routing import load_balance_loss, route_top_k, router_statistics
+from .routing import balance_loss_and_statistics, route_top_k
 
 
 class MolaLinear(FrozenProjection):
@@ -116,17 +117,18 @@ class MolaLinear(FrozenProjection):
         probs, chosen, weights = self.route(x.reshape(-1, self.in_features))  # (N, E), (N, k), (N, k)
         if not self.context.inference_only:
             valid = self.context.valid_tokens(*lead) if x.dim() == 3 else None
-            loss = load_balance_loss(probs, chosen, valid, group=self.context.balance_group)
+            loss, self.last_load, self.last_prob = balance_loss_and_statistics(probs, chosen, valid,
+                                                                               self.context.balance_group)
             # the weights carry the loss's gradient through a reentrant checkpoint's recompute
             weights = self.context.losses.record(self, weights, {"aux_loss": loss})
-            load, prob = router_statistics(probs, chosen, valid)
-            self.last_load, self.last_prob = load.detach(), prob.detach()
         x_in, factor = lora_input(self.dropout, x.to(base_out.dtype))  # one mask for every expert; 1/(1-p) into coef
         if self.dispatch == "sorted" or (self.dispatch == "auto" and
                                          sorted_dispatch_pays(x_in, self.top_k, self.num_experts)):
-            out = routed_experts(x_in.reshape(-1, self.in_features), self.lora_A, self.lora_B, chosen,
-                                 weights * (self.scale * factor), base_out.reshape(-1, self.out_features))
-            return out.view(base_out.shape)
+            # The experts' rows go straight into the module's own frozen output (no (…, out) copy): not into a
+            # view (a split of rows shared with other adapters) or a quantized base's output (its backward may keep it).
+            in_place = base_out._base is None and not self.quantized
+            return routed_experts(x_in.reshape(-1, self.in_features), self.lora_A, self.lora_B, chosen,
+                                  weights * (self.scale * factor), base_out, in_place)
         gate = torch.zeros_like(probs).scatter(-1, chosen, weights)  # (N, E): g_e, 0 for the unchosen
         coef = (gate * (self.scale * factor)).reshape(*lead, self.num_experts)
         return base_out + stacked_experts(x_in, self.lora_A, self.lora_B, coef)
@@ -161,44 +163,52 @@ def _grouped_outer(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | None, 
 class _RoutedExperts(torch.autograd.Function):
     """``y[t] = base[t] + Σ_j w[t, j] · B_{e(t, j)} A_{e(t, j)} x[t]`` over rows sorted by expert (``routed_experts``).
 
-    Inputs: base (N, out), x (N, in), A (E, r, in), B (E, out, r), weight (M,) of the sorted rows,
-    token (M,) each sorted row's token, sizes (E,) rows per expert (host ints), offs (E,) int32 segment ends for
-    grouped_mm or None. Saves x, A, B, weight, token and the (M, r) low-rank rows; the (M, in) rows are gathered
-    again in the backward. The rows are added onto a copy of ``base`` (no zero-filled output, no separate sum).
+    Inputs: base (…, out) with N rows, x (N, in), A (E, r, in), B (E, out, r), weight (M,) of the sorted rows,
+    token (M,) each sorted row's token, sizes (E,) rows per expert (host ints; None with ``offs``), offs (E,) int32
+    segment ends for grouped_mm or None, in_place: add onto ``base`` itself (returned, marked dirty) rather than
+    onto a copy. Saves x, A, B, weight, token and the (M, r) low-rank rows, unweighted and weighted; the (M, in)
+    rows are gathered again in the backward.
     """
 
     @staticmethod
-    def forward(ctx, base, x, lora_A, lora_B, weight, token, sizes, offs):  # noqa: D102 - the class says it
+    def forward(ctx, base, x, lora_A, lora_B, weight, token, sizes, offs, in_place):  # noqa: D102 - the class says it
         with torch.autocast(x.device.type, enabled=False):  # the matmuls run in x's dtype, the compute dtype
-            return _RoutedExperts._forward(ctx, base, x, lora_A, lora_B, weight, token, sizes, offs)
+            return _RoutedExperts._forward(ctx, base, x, lora_A, lora_B, weight, token, sizes, offs, in_place)
 
     @staticmethod
-    def _forward(ctx, base, x, lora_A, lora_B, weight, token, sizes, offs):
+    def _forward(ctx, base, x, lora_A, lora_B, weight, token, sizes, offs, in_place):
         rows = x.index_select(0, token)  # (M, in)
         low = _grouped(rows, lora_A.transpose(1, 2), offs, sizes)  # (M, r)
-        outs = _grouped(low * weight[:, None], lora_B.transpose(1, 2), offs, sizes)  # (M, out)
-        ctx.save_for_backward(x, lora_A, lora_B, weight, token, low)
+        weighted = low * weight[:, None]
+        outs = _grouped(weighted, lora_B.transpose(1, 2), offs, sizes).to(base.dtype)  # (M, out)
+        ctx.save_for_backward(x, lora_A, lora_B, weight, token, low, weighted)
         ctx.sizes, ctx.offs = sizes, offs
-        return base.index_add(0, token, outs.to(base.dtype))
+        if in_place:
+            ctx.mark_dirty(base)
+            base.view(-1, base.shape[-1]).index_add_(0, token, outs)
+            return base
+        out = base.clone(memory_format=torch.contiguous_format)
+        out.view(-1, out.shape[-1]).index_add_(0, token, outs)
+        return out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        x, lora_A, lora_B, weight, token, low = ctx.saved_tensors
+        x, lora_A, lora_B, weight, token, low, weighted = ctx.saved_tensors
         sizes, offs = ctx.sizes, ctx.offs
-        grad_rows = grad.contiguous().index_select(0, token)  # (M, out): each row's token's gradient
+        grad_rows = grad.reshape(-1, grad.shape[-1]).contiguous().index_select(0, token)  # (M, out): its token's
         grad_weighted = _grouped(grad_rows, lora_B, offs, sizes)  # (M, r)
-        grad_B = _grouped_outer(grad_rows.t(), low * weight[:, None], offs, sizes)  # (E, out, r)
+        grad_B = _grouped_outer(grad_rows.t(), weighted, offs, sizes)  # (E, out, r)
         grad_weight = (grad_weighted * low).sum(-1)
         grad_low = grad_weighted * weight[:, None]
         grad_A = _grouped_outer(grad_low.t(), x.index_select(0, token), offs, sizes)  # (E, r, in)
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[1]:
             grad_x = x.new_zeros(x.shape).index_add_(0, token, _grouped(grad_low, lora_A, offs, sizes))
-        return grad, grad_x, grad_A, grad_B, grad_weight, None, None, None
+        return grad, grad_x, grad_A, grad_B, grad_weight, None, None, None, None
 
 
 def routed_experts(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, chosen: torch.Tensor,
-                   weights: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+                   weights: torch.Tensor, base: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     """``base + Σ_j weights_j · B_{chosen_j} A_{chosen_j} x`` per token, each expert on its own tokens (the sorted
     path).
 
@@ -207,11 +217,13 @@ def routed_experts(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
         lora_A: (E, r, in). lora_B: (E, out, r).
         chosen: (N, k) long, each token's experts (distinct, < E).
         weights: (N, k), their weights (the scale folded in).
-        base: (N, out), the frozen output the experts' sum is added to (zeros for the sum alone).
+        base: (…, out) with N rows, the frozen output the experts' sum is added to (zeros for the sum alone).
+        in_place: add into ``base`` itself and return it: no copy of the (N, out) output. Only for a ``base`` that
+            nothing else reads and no backward saved (the module's own frozen output), and that is not a view.
 
     Returns:
-        (N, out), in ``base``'s dtype. The per-expert counts are read to the host once (free on CPU,
-        where this path runs).
+        (…, out) as ``base``, in its dtype. The per-expert counts are read to the host once (free on CPU, where
+        this path runs) when grouped_mm cannot take the operands.
     """
     E = lora_A.shape[0]
     k = chosen.shape[1]
@@ -223,7 +235,7 @@ def routed_experts(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
     offs = counts.cumsum(0).to(torch.int32) if usable else None
     row_weight = weights.reshape(-1).index_select(0, order).to(x.dtype)
     return _RoutedExperts.apply(base, x, A, B, row_weight, torch.div(order, k, rounding_mode="floor"),
-                                counts.tolist(), offs)
+                                None if usable else counts.tolist(), offs, in_place)
 
 
 # ============================================================================================ the kind

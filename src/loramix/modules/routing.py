@@ -138,12 +138,26 @@ def load_balance_loss(probs: torch.Tensor, chosen: torch.Tensor, valid: torch.Te
     Every rank of the group must then make the same calls in the same order.
     Returns a scalar; 1 when assignments and probabilities are uniform.
     """
+    return balance_loss_and_statistics(probs, chosen, valid, group)[0]
+
+
+def balance_loss_and_statistics(probs: torch.Tensor, chosen: torch.Tensor, valid: torch.Tensor | None = None,
+                                group: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``load_balance_loss`` and ``router_statistics`` from one count of the assignments and one mean probability.
+
+    Args: as ``load_balance_loss``. Returns (loss scalar, load f (E,), mean probability P (E,)); f and P are this
+    rank's own (as ``router_statistics``), without gradient; the loss's f is the group's when ``group`` is given.
+    """
     counts, mean_prob = _assignments_and_mean_prob(probs, chosen, valid)
+    load = counts / counts.sum().clamp_min(1)
+    share = load
     if group is not None:
         import torch.distributed as dist  # only here: the modules work without torch.distributed set up
 
+        counts = counts.clone()  # the statistics keep this rank's own counts
         dist.all_reduce(counts, group=group)
-    return probs.shape[-1] * (counts / counts.sum().clamp_min(1) * mean_prob).sum()
+        share = counts / counts.sum().clamp_min(1)
+    return probs.shape[-1] * (share * mean_prob).sum(), load, mean_prob.detach()
 
 
 def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
