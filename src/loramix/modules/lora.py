@@ -29,6 +29,8 @@ Inference (no gradient, no active dropout, no autocast, plain LoRA on an unquant
 ``y = F.linear(x, W, b)``, ``low = x A'ᵀ``, ``y.addmm_(low, Bᵀ)``, with ``A'`` (``s A`` when the
 scale is a power of two, where that fold is exact) and ``Bᵀ`` in the input's dtype kept while the weights are
 unchanged. The numbers are the general path's, bit for bit (tests/test_lora_inference_path.py).
+DoRA's (``dora_inference_output``): the same two matmuls, then ``dora_output``'s formula in place in its order of
+operations, with the factor and the bias also kept; bit for bit too (tests/test_dora_more_inference_path.py).
 """
 
 from __future__ import annotations
@@ -80,6 +82,20 @@ def exact_scale_fold(scale: float, dtype: torch.dtype) -> bool:
         return False
     mantissa, exponent = math.frexp(scale)
     return mantissa == 0.5 and -16 <= exponent <= 17
+
+
+def scaled_factors(A: torch.Tensor, B: torch.Tensor, scale: float,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """``(A'ᵀ, Bᵀ, scale or None)`` in ``dtype``, detached, for an inference path's ``(x A'ᵀ) * scale`` (None: no
+    multiply), equal bit for bit to the general path's ``F.linear(x, A) · s``: ``A' = s A`` where that fold is exact
+    (``exact_scale_fold``), else ``A``; no multiply at all when ``s = 1``. Shapes: A (r, in), B (out, r) → A'ᵀ (in, r)
+    and Bᵀ (r, out), transposed views."""
+    A_in, B_in = in_dtype(A.detach(), dtype), in_dtype(B.detach(), dtype)
+    if scale == 1.0:
+        return A_in.t(), B_in.t(), None
+    if exact_scale_fold(scale, dtype):
+        return (A_in * scale).t(), B_in.t(), None
+    return A_in.t(), B_in.t(), scale
 
 
 def dora_weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
@@ -293,6 +309,17 @@ class FrozenProjection(AdapterModule):
         self.weight = base.weight
         self.bias = getattr(base, "bias", None)
         self.context = context if context is not None else ForwardContext()
+        params = self._parameters  # the inference paths read them here, skipping ``nn.Module.__getattr__``
+        self._inference_capable = (not self.quantized and "weight" in params
+                                   and (self.bias is None or "bias" in params))
+        self._has_dropout = False  # the subclass's dropout, when it has one
+
+    def inference_now(self, device_type: str) -> bool:
+        """Whether a call on ``device_type`` can take the subclass's inference path: an unquantized base, no
+        gradient, no active dropout, no autocast there, not traced by ``torch.compile``; there the general path's
+        dtype, dropout and autocast decisions are all fixed (everything in the input's dtype, no mask)."""
+        return (self._inference_capable and not torch.is_grad_enabled() and not (self.training and self._has_dropout)
+                and not torch.is_autocast_enabled(device_type) and not torch.compiler.is_compiling())
 
     def weight_out_in(self) -> torch.Tensor:
         """The frozen weight as (out, in); dequantized afresh for a quantized base (``frozen_weight``)."""
@@ -349,12 +376,9 @@ class LoraLinear(FrozenProjection):
         if self.use_dora:
             self.lora_magnitude = nn.Parameter(self.weight_norm().to(dtype))
         self._dora_factor = FrozenConstant()  # m / ||W + s B A||, kept while the weights are frozen
-        # The inference path (``forward``) needs a plain, unquantized LoRA: settings fixed at construction.
-        params = self._parameters  # the path reads them from here, skipping ``nn.Module.__getattr__``
-        self._inference_capable = (not self.use_dora and not self.quantized and "weight" in params
-                                   and (self.bias is None or "bias" in params))
         self._has_dropout = type(self.dropout) is not nn.Identity
         self._inference_factors = FrozenConstant()  # (A'ᵀ, Bᵀ, scale) of ``inference_factors``
+        self._dora_inference_factors = FrozenConstant()  # DoRA's: (A'ᵀ, Bᵀ, scale, factor, bias)
 
     def weight_norm(self) -> torch.Tensor:
         """Detached row norms of ``W + s B A``, shape (out,)."""
@@ -377,14 +401,6 @@ class LoraLinear(FrozenProjection):
             with torch.no_grad():
                 self.lora_magnitude.copy_(self.weight_norm())
 
-    def inference_now(self, device_type: str) -> bool:
-        """Whether a call on ``device_type`` can take the inference path: a plain LoRA on an unquantized base, no
-        gradient, no active dropout, no autocast there, not traced by ``torch.compile``; there the general path's
-        dtype, dropout and autocast decisions are all fixed (everything in the input's dtype, no mask, the fused
-        matmul-add)."""
-        return (self._inference_capable and not torch.is_grad_enabled() and not (self.training and self._has_dropout)
-                and not torch.is_autocast_enabled(device_type) and not torch.compiler.is_compiling())
-
     def inference_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None, float | None]:
         """``(A'ᵀ, Bᵀ, scale or None)`` in ``dtype`` for the inference path, with ``(x A'ᵀ) * scale`` (None: no
         multiply; ``torch.mm`` on the rows, the kernel ``F.linear`` runs) equal bit for bit to the general path's
@@ -401,15 +417,8 @@ class LoraLinear(FrozenProjection):
         A, B = params["lora_A"], params["lora_B"]
 
         def compute() -> tuple[torch.Tensor | None, torch.Tensor | None, float | None]:
-            A_in, B_in = in_dtype(A.detach(), dtype), in_dtype(B.detach(), dtype)
-            if not B_in.any():
-                return None, None, None
-            scale: float | None = self.scale
-            if scale == 1.0:
-                scale = None
-            elif exact_scale_fold(scale, dtype):
-                A_in, scale = A_in * scale, None
-            return A_in.t(), B_in.t(), scale
+            factors = scaled_factors(A, B, self.scale, dtype)
+            return factors if factors[1].any() else (None, None, None)
 
         return self._inference_factors.get((A, B), compute, (dtype,))
 
@@ -437,6 +446,8 @@ class LoraLinear(FrozenProjection):
         if self.inference_now(x.device.type) and not self.context.disabled:
             params = self._parameters
             out = frozen_linear(x, params["weight"], params.get("bias"), self.fan_in_fan_out)
+            if self.use_dora:
+                return self.dora_inference_output(x, out, in_place=True)
             return self.inference_output(x, out, in_place=True)
         return super().forward(x)
 
@@ -445,6 +456,8 @@ class LoraLinear(FrozenProjection):
         if x.dtype == base_out.dtype and self.inference_now(base_out.device.type):
             # The inference path on a frozen output computed elsewhere (``AdapterStack`` runs it once for every
             # adapter's rows): not written in place.
+            if self.use_dora:
+                return self.dora_inference_output(x, base_out, in_place=False)
             return self.inference_output(x, base_out, in_place=False)
         # Everything runs in the dtype of the frozen output (see "Precision" above): the small adapter
         # matrices are cast to it, never the activations to fp32. Under autocast x may be fp32 while
@@ -464,6 +477,41 @@ class LoraLinear(FrozenProjection):
             out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), low.reshape(-1, low.shape[-1]), B.t())
             return out.view(base_out.shape)
         return dora_output(base_out, F.linear(low, B), self.bias, self.dora_factor())
+
+    def dora_inference_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float | None,
+                                                                   torch.Tensor, torch.Tensor | None]:
+        """DoRA's inference path in ``dtype``: ``(A'ᵀ, Bᵀ, scale or None)`` of ``scaled_factors``, then
+        ``m / ||W + s B A||`` and the frozen bias (out,) cast as ``dora_output`` casts them; kept while W, b, A, B and
+        m are unchanged."""
+        params = self._parameters
+        weight, bias, A, B = params["weight"], params.get("bias"), params["lora_A"], params["lora_B"]
+        tensors = (weight, A, B, params["lora_magnitude"]) + (() if bias is None else (bias,))
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor, float | None, torch.Tensor, torch.Tensor | None]:
+            At, Bt, scale = scaled_factors(A, B, self.scale, dtype)
+            kept_bias = None if bias is None else in_dtype(bias.detach(), dtype)
+            return At, Bt, scale, in_dtype(self.dora_factor(), dtype), kept_bias
+
+        return self._dora_inference_factors.get(tensors, compute, (dtype,))
+
+    def dora_inference_output(self, x: torch.Tensor, base_out: torch.Tensor, *, in_place: bool) -> torch.Tensor:
+        """DoRA's inference path: ``dora_output``'s ``factor ⊙ (base_out − b + s B A x) + b`` with its order of
+        operations (so its roundings, bit for bit), from ``dora_inference_factors``. x (..., in) and base_out
+        ``W x + b`` (..., out) in the same dtype; ``in_place``: written into ``base_out``, which must be the caller's
+        own contiguous tensor."""
+        # the dropout decision stays lora_input's, as on the general path (inference_now: always x itself here)
+        x, _ = lora_input(self.dropout, x)
+        At, Bt, scale, factor, bias = self.dora_inference_factors(x.dtype)
+        low = torch.mm(x.reshape(-1, x.shape[-1]), At)  # (rows, r)
+        if scale is not None:
+            low.mul_(scale)
+        lora = torch.mm(low, Bt)  # (rows, out), what the general path's F.linear(low, B) computes
+        flat = base_out.view(-1, base_out.shape[-1]) if in_place else base_out.reshape(-1, base_out.shape[-1])
+        if bias is None:  # the general path's - 0 and + 0 change no value
+            out = flat.add_(lora) if in_place else flat + lora
+            return out.mul_(factor).view(base_out.shape)
+        out = flat.sub_(bias) if in_place else flat - bias
+        return out.add_(lora).mul_(factor).add_(bias).view(base_out.shape)
 
     def low_rank_rows(self, rows: int, dtype: torch.dtype) -> LowRankRows | None:
         """This adapter as ``LowRankRows`` for ``rows`` rows in ``dtype``; None while dropout is active."""
