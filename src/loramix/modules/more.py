@@ -21,9 +21,17 @@ task's samples towards that task's embedding, so the embedding the selector read
 
 Because ``k_t`` depends on the task only, each task's update can be merged into ``W`` after training
 (``delta_weight(task)``): no inference cost. Pure torch; no transformers here.
+
+Inference (no gradient, no active dropout, no autocast, unquantized base: ``FrozenProjection.inference_now``) takes a
+lean path, ``MoreLinear.inference_output``: ``W x + b``, ``x Aᵀ`` times each row's kept task coefficients, ``(…) Bᵀ``
+added into that fresh output, with Aᵀ, Bᵀ and the coefficients kept while the weights and the selector are unchanged;
+the general path's order of operations, so its numbers bit for bit (tests/test_dora_more_inference_path.py). The
+contrastive loss is still recorded there unless ``context.inference_only``.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +41,8 @@ from ..config import MoreConfig, implicit_task
 from .context import ForwardContext
 from .kinds import AdapterKind, Site, TensorRole, register, resolve_targets
 from .lora import (
-    LORA_ROLES, FrozenConstant, FrozenProjection, LoraDropout, LowRankRows, in_dtype, lora_factors, lora_input,
-    projection_sites,
+    LORA_ROLES, FrozenConstant, FrozenProjection, LoraDropout, LowRankRows, frozen_linear, in_dtype, lora_factors,
+    lora_input, projection_sites,
 )
 from .quantized import adapter_dtype_for
 
@@ -45,6 +53,8 @@ def task_contrastive_loss(
     task_embedding: torch.Tensor,
     temperature: float,
     valid: torch.Tensor | None = None,
+    *,
+    normalized_embedding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The MoRE task contrastive loss of one module.
 
@@ -54,6 +64,8 @@ def task_contrastive_loss(
         task_embedding: (n_tasks, d) task embeddings ``T_emb``.
         temperature: τ.
         valid: (B, T) bool, False on padding, or None when every token is real.
+        normalized_embedding: ``normalize_embedding(task_embedding)`` computed beforehand (kept while frozen),
+            or None to compute it here.
 
     Returns:
         Scalar ``cross_entropy(normalize(mean_valid(x)) · normalize(T_emb)ᵀ / τ, task_ids)``.
@@ -71,11 +83,25 @@ def task_contrastive_loss(
         # token (never in practice) pools to 0 rather than NaN.
         summed = torch.bmm(m.unsqueeze(1), x).squeeze(1).float()  # (B, d)
         pooled = summed / valid.sum(dim=1, keepdim=True).clamp_min(1).float()
-    with torch.autocast(pooled.device.type, enabled=False):  # a small fp32 loss, also under autocast
+    with fp32_region(pooled.device.type):  # a small fp32 loss, also under autocast
         u = F.normalize(pooled, dim=-1)  # (B, d)
-        e = F.normalize(task_embedding.float(), dim=-1)  # (n_tasks, d)
+        e = normalize_embedding(task_embedding) if normalized_embedding is None else normalized_embedding
         sim = u @ e.t() / temperature  # (B, n_tasks)
         return F.cross_entropy(sim, task_ids.to(sim.device))
+
+
+def fp32_region(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled on ``device_type`` where it is enabled; else nothing to enter (a frozen forward per projection
+    would pay for entering it)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def normalize_embedding(task_embedding: torch.Tensor) -> torch.Tensor:
+    """``normalize(T_emb)`` of the contrastive loss in fp32, outside autocast: (n_tasks, d) → (n_tasks, d)."""
+    with fp32_region(task_embedding.device.type):
+        return F.normalize(task_embedding.float(), dim=-1)
 
 
 class RankSelector(nn.Module):
@@ -158,6 +184,9 @@ class MoreLinear(FrozenProjection):
         self.register_buffer("component_scale", c2, persistent=False)
         self._fixed_ranks: torch.Tensor | None = None  # (num_tasks,) once fix_ranks() ran
         self._task_coefficients = FrozenConstant()  # (num_tasks, R), kept while the selector is frozen
+        self._has_dropout = type(self.dropout) is not nn.Identity
+        self._inference_factors = FrozenConstant()  # (Aᵀ, Bᵀ, task coefficients) of ``inference_output``
+        self._normalized_embedding = FrozenConstant()  # the contrastive loss's normalize(T_emb)
 
     # ------------------------------------------------------------------------------ task choice
     @property
@@ -240,6 +269,8 @@ class MoreLinear(FrozenProjection):
         """Adapted output given the frozen output ``base_out = W x + b`` (both (B, ..., in/out)); the
         context's task ids and token mask are those of these B rows (``AdapterStack`` computes the
         frozen output once for the rows of several adapters)."""
+        if x.dim() > 1 and x.dtype == base_out.dtype and self.inference_now(base_out.device.type):
+            return self.inference_output(x, base_out, in_place=False)
         batch = x.shape[0]
         task_ids = self.task_ids_for(batch, x.device)  # (B,)
         # The LoRA branch runs in the frozen output's dtype (the autocast dtype under autocast), as in
@@ -254,6 +285,53 @@ class MoreLinear(FrozenProjection):
             coef = self.context.losses.record(self, coef, {"contrastive_loss": self._contrastive_loss(x, task_ids)})
         A, B = in_dtype(self.lora_A, compute), in_dtype(self.lora_B, compute)
         return base_out + F.linear(F.linear(x_in, A) * coef, B)  # x_in Aᵀ: all R components in one matmul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``W x + b + (x Aᵀ ⊙ coef[task]) Bᵀ`` (see the module docstring); ``W x + b`` while the context disables
+        adapters. Shapes: (B, ..., in) → (B, ..., out).
+
+        Inference (``inference_now``: serving, evaluation, ``generate``) takes a lean path with the general one's
+        numbers: ``F.linear(x, W, b)``, ``x Aᵀ`` times the rows' kept coefficients, and ``(…) Bᵀ`` added into that
+        fresh frozen output, without per-call casts, checks or temporaries beyond those.
+        """
+        if x.dim() > 1 and self.inference_now(x.device.type) and not self.context.disabled:
+            params = self._parameters
+            out = frozen_linear(x, params["weight"], params.get("bias"), self.fan_in_fan_out)
+            return self.inference_output(x, out, in_place=True)
+        return super().forward(x)
+
+    def inference_output(self, x: torch.Tensor, base_out: torch.Tensor, *, in_place: bool) -> torch.Tensor:
+        """The inference path's ``base_out + (x Aᵀ ⊙ coef) Bᵀ``, in ``adapter_forward``'s order of operations (so its
+        roundings, bit for bit): x (B, ..., in) and base_out ``W x + b`` (B, ..., out) in the same dtype; each row's
+        coefficients are its task's ``task_coefficients`` row. ``in_place``: written into ``base_out``, which must be
+        the caller's own contiguous tensor. Records the contrastive loss as ``adapter_forward`` does (unless
+        ``context.inference_only``)."""
+        dtype, device, batch = x.dtype, x.device, x.shape[0]
+        params = self._parameters
+        A, B = params["lora_A"], params["lora_B"]
+        tensors, settings = self.coefficient_inputs()
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            At, Bt = in_dtype(A.detach(), dtype).t(), in_dtype(B.detach(), dtype).t()
+            return At, Bt, self.task_coefficients(self.scale, device, dtype)
+
+        # one kept tuple for the factors and the (num_tasks, R) coefficients: one key check per call
+        At, Bt, table = self._inference_factors.get((A, B) + tensors, compute, settings + (device, dtype))
+        context = self.context
+        default = context.default_task_id if context.default_task_id is not None else self.default_task
+        if context.task_ids is None and default is not None and context.inference_only:
+            coef = table[int(default)]  # (R,): every row's, broadcast
+        else:
+            task_ids = self.task_ids_for(batch, device)  # the task or the error of the general path
+            coef = table[task_ids].view(batch, *([1] * (x.dim() - 2)), self.max_rank)  # (B, 1.., R)
+            if not context.inference_only:  # without a gradient: only recorded, coef is returned unchanged
+                context.losses.record(self, coef, {"contrastive_loss": self._contrastive_loss(x, task_ids)})
+        low = torch.mm(x.reshape(-1, x.shape[-1]), At)  # (rows, R): x Aᵀ, all R components
+        low.view(*x.shape[:-1], self.max_rank).mul_(coef)
+        term = torch.mm(low, Bt)  # (rows, out)
+        if in_place:
+            return base_out.view(-1, base_out.shape[-1]).add_(term).view(base_out.shape)
+        return base_out + term.view(base_out.shape)
 
     def low_rank_rows(self, rows: int, dtype: torch.dtype) -> LowRankRows | None:
         """This adapter as ``LowRankRows`` for ``rows`` rows (the context's task ids are theirs) in ``dtype``: each
@@ -278,22 +356,32 @@ class MoreLinear(FrozenProjection):
             positions = torch.arange(self.max_rank, device=device)
             return ((positions[None, :] < k[:, None]) * self.component_scale[None, :] * (w[:, None] * scale)).to(dtype)
 
-        selector = self.selector
-        tensors = (selector.task_embedding, selector.gate.weight, selector.gate.bias, selector.ranks,
-                   self.component_scale) + ((self._fixed_ranks,) if use_fixed else ())
-        return self._task_coefficients.get(tensors, compute, extra=(use_fixed, selector.frozen, scale, device, dtype))
+        tensors, settings = self.coefficient_inputs()
+        return self._task_coefficients.get(tensors, compute, extra=settings + (scale, device, dtype))
+
+    def coefficient_inputs(self) -> tuple[tuple[torch.Tensor, ...], tuple[bool, bool]]:
+        """What ``task_coefficients`` reads besides its arguments: the selector's tensors, ``component_scale`` and the
+        fixed ranks while they are used; and (whether they are, whether the selector is frozen). Read from the
+        modules' own dictionaries: the inference path asks on every call."""
+        use_fixed = self._fixed_ranks is not None and not self.training
+        selector = self._modules["selector"]
+        gate = selector._modules["gate"]
+        tensors = (selector._parameters["task_embedding"], gate._parameters["weight"], gate._parameters["bias"],
+                   selector._buffers["ranks"], self._buffers["component_scale"])
+        return tensors + ((self._fixed_ranks,) if use_fixed else ()), (use_fixed, selector.frozen)
 
     def _contrastive_loss(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         """This module's task contrastive loss for input x (B, ..., in) and task ids (B,), a scalar."""
         batch = x.shape[0]
         flat = self.context.valid_tokens(batch, x.shape[1]) if x.dim() == 3 else None
         valid = None if flat is None else flat.reshape(batch, x.shape[1])
-        emb = self.selector.task_embedding
+        param = emb = self.selector.task_embedding
         if self.selector.frozen:
             # frozen_random: nothing may move the embedding the frozen choice was read from, even if a
             # trainer re-enables its gradient; the contrastive loss then only shapes the module inputs.
             emb = emb.detach()
-        return task_contrastive_loss(x, task_ids, emb, self.temperature, valid)
+        normalized = self._normalized_embedding.get((param,), lambda: normalize_embedding(emb))
+        return task_contrastive_loss(x, task_ids, emb, self.temperature, valid, normalized_embedding=normalized)
 
     # The adapter tensors relative to the module, known without one (a file's expected keys); frozen_random
     # saves its selector too.
