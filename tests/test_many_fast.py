@@ -1,6 +1,7 @@
 """Several low-rank adapters of one slot served in one matmul pair (models/grouped.py): each row equals its
 adapter alone, and the per-adapter path of the same model, to 1e-5; the kept form follows the weights,
-the task ids and the row plan."""
+the task ids and the row plan; kept forms of several plans share their stacked copies and stay within their
+memory bound."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import pytest
 import torch
 
 from loramix.config import LoraConfig, MixLoraConfig, MoreConfig
+from loramix.models import grouped
 from loramix.models.grouped import GroupedLowRank
 from loramix.models.many import AdapterStack, inject_many, only_adapter
+from loramix.modules.lora import LoraLinear
+from loramix.modules.more import MoreLinear
 from tiny_models import tiny_model
 
 CONFIGS = {
@@ -163,3 +167,104 @@ def test_a_default_task_change_reaches_the_grouped_rows() -> None:
         got[task] = joint_logits(model, ids, tasks=no_tasks)
         torch.testing.assert_close(got[task], per_adapter_reference(model, ids, tasks=no_tasks), rtol=0, atol=1e-5)
     assert not torch.allclose(got[0][5:8], got[1][5:8])  # the tasks differ on the MoRE rows
+
+
+# the adapters of PLAN in the same order with other row counts, and MoRE tasks PLAN has too
+OTHER_PLAN = [("lora", 1), ("dora", 2), ("mix", 1), ("more", 4), ("lora", 1)]
+OTHER_TASKS = torch.tensor([-1, -1, -1, -1, 1, 1, 0, 1, -1])
+
+
+def count_low_rank_rows(monkeypatch) -> list[str]:
+    """The members' ``low_rank_rows`` calls from now on (the real method runs)."""
+    calls = []
+    for cls in (LoraLinear, MoreLinear):
+        def counting(self, rows, dtype, real=cls.low_rank_rows):
+            calls.append(type(self).__name__)
+            return real(self, rows, dtype)
+        monkeypatch.setattr(cls, "low_rank_rows", counting)
+    return calls
+
+
+def test_plans_seen_or_of_known_rows_reuse_the_kept_parts(monkeypatch) -> None:
+    model = served_model()
+    ids = torch.randint(1, 97, (9, 5), generator=torch.Generator().manual_seed(6))
+    first = joint_logits(model, ids)
+    stacks = grouped_stacks(model)
+    A_first = [s._grouped.kept_form[0] for s in stacks]
+    calls = count_low_rank_rows(monkeypatch)
+    # other row counts of the same adapters, tasks seen before: no member is asked again, the stacked copy is shared
+    other = joint_logits(model, ids, OTHER_PLAN, OTHER_TASKS)
+    assert calls == []
+    assert all(s._grouped.kept_form[0] is A for s, A in zip(stacks, A_first))
+    torch.testing.assert_close(other, alone_reference(model, ids, OTHER_PLAN, OTHER_TASKS), rtol=0, atol=1e-5)
+    # the first plan again, with a new task ids tensor of the same values (as the server makes at every change)
+    again = joint_logits(model, ids, PLAN, TASKS.clone())
+    assert calls == [] and torch.equal(again, first)
+    # the same results as parts made afresh: a write of the same values drops every kept part
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0)
+    assert torch.equal(joint_logits(model, ids, OTHER_PLAN, OTHER_TASKS), other)
+    assert calls
+
+
+def test_a_write_reaches_plans_seen_before() -> None:
+    model = served_model()
+    ids = torch.randint(1, 97, (9, 5), generator=torch.Generator().manual_seed(7))
+    joint_logits(model, ids)
+    joint_logits(model, ids, OTHER_PLAN, OTHER_TASKS)
+    q_dora = next(m for p, m in model.loramix_many.members["dora"].items() if p.endswith("q_proj"))
+    v_more = next(m for p, m in model.loramix_many.members["more"].items() if p.endswith("v_proj"))
+    k_lora = next(m for p, m in model.loramix_many.members["lora"].items() if p.endswith("k_proj"))
+    with torch.no_grad():
+        q_dora.lora_magnitude.mul_(1.5)  # in place
+    v_more.lora_B.data = v_more.lora_B.data * -1.0  # new storage
+    k_lora.lora_B = torch.nn.Parameter(k_lora.lora_B.detach() * 3.0)  # a new object
+    for plan, tasks in ((PLAN, TASKS), (OTHER_PLAN, OTHER_TASKS)):
+        torch.testing.assert_close(joint_logits(model, ids, plan, tasks), alone_reference(model, ids, plan, tasks),
+                                   rtol=0, atol=1e-5)
+
+
+def kept_elements(stack: AdapterStack) -> int:
+    """Elements of the distinct storages the stack's kept forms and stacked copies hold, its members' tensors not
+    counted."""
+    own = {t.untyped_storage().data_ptr() for m in stack._grouped.members.values() for t in m.state_dict().values()}
+    held = [t for _, form, _ in stack._grouped._forms.values() if form is not None for t in form if t is not None]
+    for stacked in stack._grouped._stacks.values():
+        if stacked is not None:
+            held += [stacked.A, stacked.B_t] + [t for row in stacked.rows.values() for t in row if t is not None]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() // t.element_size() for t in held}
+    return sum(n for ptr, n in storages.items() if ptr not in own)
+
+
+def test_kept_forms_stay_within_their_bound() -> None:
+    model = served_model()
+    ids = torch.randint(1, 97, (9, 3), generator=torch.Generator().manual_seed(8))
+    names = ["lora", "dora", "mix", "more"]
+    plans = []  # 12 plans of 9 rows: other row counts, subsets and orders of the adapters
+    for i in range(12):
+        chosen = names[i % 4:] + names[:i % 4] if i < 8 else names[:2 + i % 3]
+        counts = [1 + (i + j) % 3 for j in range(len(chosen))]
+        counts[-1] += 9 - sum(counts)
+        plans.append([(n, c) for n, c in zip(chosen, counts)])
+    for plan in plans:
+        tasks = torch.cat([torch.full((c,), i % 2 if n == "more" else -1) for i, (n, c) in enumerate(plan)])
+        got = joint_logits(model, ids, plan, tasks)
+    torch.testing.assert_close(got, alone_reference(model, ids, plan, tasks), rtol=0, atol=1e-5)
+    trimmed = 0
+    for stack in grouped_stacks(model):
+        n_in, n_out = stack.base.in_features, stack.base.out_features
+        assert len(stack._grouped._forms) <= grouped.MAX_KEPT_PLANS
+        assert 0 < kept_elements(stack) <= grouped.MAX_KEPT_SHARE * n_in * n_out
+        trimmed += len(stack._grouped._forms) < len(plans)
+    assert trimmed == len(grouped_stacks(model))
+
+
+def test_the_plan_is_read_once_per_forward(monkeypatch) -> None:
+    model = served_model()
+    ids = torch.randint(1, 97, (9, 2), generator=torch.Generator().manual_seed(9))
+    reads = []
+    real = grouped.plan_values
+    monkeypatch.setattr(grouped, "plan_values", lambda plan: reads.append(plan) or real(plan))
+    joint_logits(model, ids)
+    assert len(grouped_stacks(model)) >= 8 and len(reads) == 1

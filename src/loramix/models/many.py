@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator, NamedTuple
 import torch
 from torch import nn
 
-from .grouped import GroupedLowRank
+from .grouped import GroupedLowRank, PlanKeys
 from .inject import (
     AdapterState, adapter_parameters, adapter_state, call_token_mask, check_fresh_base, check_injection, inject, unload,
 )
@@ -74,14 +74,14 @@ class ManyAdapterState:
         members: name → {slot path → that adapter's module at the slot}.
         plan: stack of row plans; the top is the list of ``RowSpan`` of the current input.
         hooks: the handle of the model's forward pre-hook that reads ``adapter_rows`` (``_capture_rows``).
-        task_ids: the current forward's ``task_ids`` object as given (B,), or None (a key of the stacks' kept forms).
+        plan_keys: numbers each forward's row plan once for every stack's kept grouped forms (``GroupedLowRank``).
     """
 
     adapters: dict[str, AdapterState]
     members: dict[str, dict[str, nn.Module]]
     plan: list[list[RowSpan]] = field(default_factory=list)
     hooks: list = field(default_factory=list)
-    task_ids: Any = None
+    plan_keys: PlanKeys = field(default_factory=PlanKeys)
 
 
 def member_key(name: str) -> str:
@@ -143,7 +143,7 @@ class AdapterStack(nn.Module):
             # not the arithmetic, is the cost, and per-adapter calls would read it once per adapter.
             base_out = self.base(x)
             if self._grouped is not None and self._grouped.usable(plan, x.device):
-                out = self._grouped.forward(x, base_out, plan, self._state.task_ids, self._use_rows)
+                out = self._grouped.forward(x, base_out, plan, self._state.plan_keys, self._use_rows)
                 if out is not None:
                     return out
             outs = []
@@ -309,7 +309,6 @@ def _capture_rows(state: ManyAdapterState):
             segments.append(RowSpan(name, count, start, None if mask is None else mask[start:start + count], seg_tasks))
             start += count
         state.plan[:] = [segments]
-        state.task_ids = task_ids
         for context in (a.context for a in state.adapters.values()):
             context.begin_forward()  # each adapter's auxiliary-loss collector of this forward
             context.token_mask, context.task_ids = None, None
