@@ -37,6 +37,7 @@ from ..config import HydraLoraConfig, LoraConfig, LoraMoeConfig, MixLoraConfig, 
 from ..hub import resolve_dtype
 from ..models.inject import adapter_parameters, inject
 from ..models.losses import compose_loss
+from ..train.job import adamw
 
 BASELINE = "peft-lora"
 DEFAULT_VARIANTS = ("peft-lora", "loramix-lora", "loramix-mixlora", "loramix-mixlora-naive", "authors-mixlora")
@@ -190,7 +191,8 @@ class Variant:
     def __post_init__(self) -> None:
         for p in self.params:
             p.requires_grad_(True)
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)  # a step costs the same at any learning rate
+        # the trainer's optimizer (fused where it runs); a step costs the same at any learning rate
+        self.optimizer = adamw([{"params": self.params}], lr=1e-4)
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         """One forward + backward + optimizer step; returns the language-model loss (no aux loss)."""

@@ -64,6 +64,18 @@ def _json_or_none(line: str) -> Any:
         return None
 
 
+def adamw(groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW over ``groups`` with PyTorch's fused kernel where it runs (every tensor floating point on a device
+    that has it: CPU, CUDA), else its default implementation. The default runs a dozen small ops per tensor per
+    step, and the mixtures have many small tensors (MoLA: ~3,400 on SmolLM2); fused is one pass (on this CPU 4x
+    fewer optimizer seconds for a LoRA). The same update up to rounding.
+    """
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    except RuntimeError:  # "fused=True requires all the params to be floating point Tensors of supported devices"
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
 class Job:
     """One adapter's training run: data, optimizer, schedule, position, log and folder.
 
@@ -147,7 +159,7 @@ class Job:
             p.requires_grad_(True)
         # no weight decay on vectors (DoRA magnitudes); LoRA+: the B factors at loraplus_lr_ratio x lr
         groups = loraplus_param_groups(self.model, cfg.lr, cfg.loraplus_lr_ratio, cfg.weight_decay)
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        self.optimizer = adamw(groups, lr=cfg.lr, betas=tuple(cfg.betas))
         self.warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
             s, schedule=cfg.schedule, warmup=self.warmup, total=self.total_steps))
