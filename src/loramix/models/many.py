@@ -222,11 +222,13 @@ class AdapterStack(nn.Module):
         block = served[0][1]  # the members of one slot share the family's block layout
         frozen = [getattr(self.base, p)(x) for p in block.input_projections]  # each (rows, T, out_P), once
         hidden = block.combine(frozen)  # (rows, T, f): the base block's hidden state of every row
+        spans = [slice(seg.start, seg.start + seg.rows) for seg, _ in served]
+        # the members' routers in one matmul in a decode step of several MixLoRA runs, else None: each routes its own
+        routed = block.route_together(x, [(rows, member) for rows, (_, member) in zip(spans, served)])
         finishes = []
-        for seg, member in served:
+        for (seg, member), rows, pre in zip(served, spans, routed):
             self._use_rows(seg)
-            rows = slice(seg.start, seg.start + seg.rows)
-            mixed, finish = member.forward_precomputed(x[rows], [f[rows] for f in frozen])
+            mixed, finish = member.forward_precomputed(x[rows], [f[rows] for f in frozen], pre)
             if mixed is not None:
                 hidden[rows] = mixed
             finishes.append((rows, finish))

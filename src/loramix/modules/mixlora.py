@@ -64,11 +64,9 @@ from .lora import (
 )
 from .mixlora_rows import down_dropout_keep, grouped_mm_supported, input_rows, lora_low
 from .mixlora_few import applies as few_tokens_apply, few_token_rows
-from .mixlora_served import forward_precomputed
+from .mixlora_served import Routed, forward_precomputed, route_logits, route_together, router_logits
 from .quantized import adapter_dtype_for, frozen_weight, logical_shape
-from .routing import (
-    Routing, expert_counts, load_balance_loss, route_switch, route_top_k, route_top_p, router_statistics, router_z_loss,
-)
+from .routing import Routing, expert_counts, load_balance_loss, router_statistics, router_z_loss
 
 FFN_KINDS = ("gated", "fused", "plain")
 
@@ -281,22 +279,15 @@ class MixLoraFFN(AdapterModule):
         return dora_output(base_rows, delta, bias, factor.index_select(0, row_expert))
 
     # ----------------------------------------------------------------------------------- routing
-    def route(self, x: torch.Tensor, valid: torch.Tensor | None) -> Routing:
-        """Route N tokens x (N, d); record losses and statistics over the valid ones."""
+    def route(self, x: torch.Tensor, valid: torch.Tensor | None, routed: Routed | None = None) -> Routing:
+        """Route N tokens x (N, d); record losses and statistics over the valid ones. ``routed``: their (logits, routing
+        or None) from several blocks' routers run at once (``mixlora_served.route_together``), or None."""
         router_in = x
         if self.training and self.jitter > 0:
             # Noise on the router input only; the experts see the clean hidden state.
             router_in = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        # fp32 and outside autocast (where F.linear would run in bf16): the routing decisions, weights
-        # and losses must not depend on the precision of the run.
-        with torch.autocast(x.device.type, enabled=False):
-            logits = nn.functional.linear(router_in.float(), self.router.weight.float())
-        if self.routing == "top_k":
-            routing = route_top_k(logits, self.top_k)
-        elif self.routing == "top_p":
-            routing = route_top_p(logits, self.top_p, self.temperature, self.max_experts)
-        else:
-            routing = route_switch(logits, self.capacity_factor, valid)
+        logits, routing = routed if routed is not None else (router_logits(router_in, self.router.weight), None)
+        routing = route_logits(self, logits, valid) if routing is None else routing
         if valid is not None:
             routing.expert_ids = torch.where(valid[:, None], routing.expert_ids, self.num_experts)
             routing.weights = routing.weights * valid[:, None]
@@ -503,8 +494,9 @@ class MixLoraFFN(AdapterModule):
             out = out + (base * unrouted[:, None].to(base.dtype)).to(out.dtype)
         return out
 
-    # served beside other adapters, the frozen projections run once for every adapter's rows (mixlora_served.py)
-    forward_precomputed = forward_precomputed
+    # served beside other adapters, the frozen projections run once for every adapter's rows, the routers of a slot's
+    # blocks at once (mixlora_served.py)
+    forward_precomputed, route_together = forward_precomputed, staticmethod(route_together)
 
     @staticmethod
     def tensor_names(targets: list[str], use_dora: bool) -> list[str]:
