@@ -39,7 +39,6 @@ Shapes: input (…, in) → output (…, out). Tensors: ``lora_A`` (r, in), ``lo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import HydraLoraConfig
@@ -48,7 +47,7 @@ from .kinds import TensorRole, register
 from .lora import FrozenProjection, LoraDropout, lora_factors, lora_input
 from .quantized import adapter_dtype_for
 from .routed import RoutedProjectionKind
-from .routing import dense_router_statistics
+from .routing import dense_router_statistics, router_logits
 
 
 class HydraLoraLinear(FrozenProjection):
@@ -86,8 +85,7 @@ class HydraLoraLinear(FrozenProjection):
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """The router weights g (…, N), fp32, for input x (…, in), with autocast off."""
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.float(), self.router.weight.float()).softmax(dim=-1)
+        return router_logits(x, self.router.weight).softmax(dim=-1)
 
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """Adapted output given the frozen output ``base_out = W x + b`` (both (…, in/out))."""

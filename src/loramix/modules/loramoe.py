@@ -48,7 +48,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoraMoeConfig
@@ -57,7 +56,7 @@ from .kinds import TensorRole, register
 from .lora import FrozenProjection, LoraDropout, lora_factors, lora_input
 from .quantized import adapter_dtype_for
 from .routed import RoutedProjectionKind
-from .routing import dense_router_statistics
+from .routing import dense_router_statistics, router_logits
 
 
 def localized_balance_loss(probs: torch.Tensor, valid: torch.Tensor | None = None,
@@ -174,8 +173,7 @@ class LoraMoeLinear(FrozenProjection):
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """The router probabilities g (…, E), fp32, for input x (…, in), with autocast off."""
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.float(), self.router.weight.float()).softmax(dim=-1)
+        return router_logits(x, self.router.weight).softmax(dim=-1)
 
     def sample_types(self, batch: int, device: torch.device) -> torch.Tensor | None:
         """(batch,) long types of this forward's samples (-1: none), from the context's task ids; None without

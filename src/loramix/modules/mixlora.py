@@ -64,9 +64,9 @@ from .lora import (
 )
 from .mixlora_rows import down_dropout_keep, grouped_mm_supported, input_rows, lora_low
 from .mixlora_few import applies as few_tokens_apply, few_token_rows
-from .mixlora_served import Routed, forward_precomputed, route_logits, route_together, router_logits
+from .mixlora_served import Routed, forward_precomputed, route_logits, route_together
 from .quantized import adapter_dtype_for, frozen_weight, logical_shape
-from .routing import Routing, expert_counts, load_balance_loss, router_statistics, router_z_loss
+from .routing import Routing, expert_counts, load_balance_loss, router_logits, router_statistics, router_z_loss
 
 FFN_KINDS = ("gated", "fused", "plain")
 

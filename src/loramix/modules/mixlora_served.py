@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .lora import FrozenConstant
-from .routing import Routing, route_switch, route_top_k, route_top_p
+from .routing import Routing, route_switch, route_top_k, route_top_p, router_logits
 
 # Frozen forwards whose span of MixLoRA rows holds at most this many tokens route them in one router matmul: a decode
 # step of up to 32 rows (``mixlora_few.MAX_SLOTS`` takes the same steps at top-2).
@@ -52,18 +52,6 @@ MIN_RUNS = 3
 
 # one member's N tokens from the routers run together (``route_together``): (logits (N, E) or None, routing or None)
 Routed = tuple[torch.Tensor | None, Routing | None]
-
-
-def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x Wᵀ`` in fp32 outside autocast (where F.linear would run in bf16): the routing decisions, weights and
-    losses must not depend on the precision of the run. x (N, d), weight (E, d) → (N, E) fp32."""
-    # ``.float()`` and the context only where needed: in a decode step each costs about as much as the small matmul
-    x = x if x.dtype == torch.float32 else x.float()
-    weight = weight if weight.dtype == torch.float32 else weight.float()
-    if not torch.is_autocast_enabled(x.device.type):
-        return nn.functional.linear(x, weight)
-    with torch.autocast(x.device.type, enabled=False):
-        return nn.functional.linear(x, weight)
 
 
 def route_logits(block: nn.Module, logits: torch.Tensor, valid: torch.Tensor | None) -> Routing:

@@ -66,7 +66,7 @@ from .mixlora import grouped_mm_available
 from .mixlora_rows import grouped_mm_supported
 from .quantized import adapter_dtype_for
 from .routed import RoutedProjectionKind
-from .routing import balance_loss_and_statistics, route_top_k
+from .routing import balance_loss_and_statistics, route_top_k, router_logits
 
 
 class MolaLinear(FrozenProjection):
@@ -106,9 +106,7 @@ class MolaLinear(FrozenProjection):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Routing of N tokens x (N, in): (probabilities (N, E), chosen experts (N, k) long, their renormalised
         weights (N, k)), fp32, computed with autocast off."""
-        with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.router.weight.float())
-        routing = route_top_k(logits, self.top_k)
+        routing = route_top_k(router_logits(x, self.router.weight), self.top_k)
         return routing.probs, routing.expert_ids, routing.weights
 
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:

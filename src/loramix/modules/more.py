@@ -31,8 +31,6 @@ contrastive loss is still recorded there unless ``context.inference_only``.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,6 +43,7 @@ from .lora import (
     lora_input, projection_sites,
 )
 from .quantized import adapter_dtype_for
+from .routing import fp32_region
 
 
 def task_contrastive_loss(
@@ -88,14 +87,6 @@ def task_contrastive_loss(
         e = normalize_embedding(task_embedding) if normalized_embedding is None else normalized_embedding
         sim = u @ e.t() / temperature  # (B, n_tasks)
         return F.cross_entropy(sim, task_ids.to(sim.device))
-
-
-def fp32_region(device_type: str) -> contextlib.AbstractContextManager:
-    """Autocast disabled on ``device_type`` where it is enabled; else nothing to enter (a frozen forward per projection
-    would pay for entering it)."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def normalize_embedding(task_embedding: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-r"""Token routers for the MixLoRA FFN and their auxiliary losses.
+r"""Token routers for the MixLoRA FFN and their auxiliary losses; ``router_logits``, every kind's fp32 router matmul.
 
 All routers take fp32 router logits (N, E) for the N routed tokens and return a ``Routing``:
 ``expert_ids`` (N, S) and ``weights`` (N, S) for S slots per token. A slot that holds no expert
@@ -19,6 +19,7 @@ Under data parallelism f can be measured over the global batch (``load_balance_l
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+
+
+def fp32_region(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled on ``device_type`` where it is enabled; else nothing to enter (a frozen forward per projection
+    would pay for entering it)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x Wᵀ`` in fp32 outside autocast (where F.linear would run in bf16): the routing decisions, weights and
+    losses must not depend on the precision of the run. x (…, d), weight (E, d) → (…, E) fp32."""
+    # ``.float()`` and the context only where needed: in a decode step each costs about as much as the small matmul
+    x = x if x.dtype == torch.float32 else x.float()
+    weight = weight if weight.dtype == torch.float32 else weight.float()
+    with fp32_region(x.device.type):
+        return F.linear(x, weight)
 
 @dataclass
 class Routing:
