@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def fp32_region(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast disabled on ``device_type`` where it is enabled; else nothing to enter (a frozen forward per projection
     would pay for entering it)."""
