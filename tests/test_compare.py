@@ -10,10 +10,13 @@ from __future__ import annotations
 import copy
 import json
 import random
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+import loramix
 
 from loramix.cli import main as cli_main
 from loramix.compare import paired_bootstrap, run_study, t_interval
@@ -117,6 +120,11 @@ def test_two_methods_two_seeds_end_to_end(world, finished):
     assert vs["base"]["alpha"]["diff"] == pytest.approx(base_diff) and vs["base"]["alpha"]["seeds"] == 2
     # the settings and versions are recorded; the table and the plot are written
     assert results["study"]["methods"]["lora"]["r"] == 4 and results["versions"]["loramix"]
+    # each run records the code that made it (a study may span sittings): this checkout's commit
+    head = subprocess.run(["git", "-C", str(Path(loramix.__file__).parent), "rev-parse", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    assert all((r["versions"]["commit"] or "").removesuffix("+changes") == head and r["versions"]["torch"]
+               for r in runs.values())
     table = (finished["out"] / "results.md").read_text()
     assert "| mixlora |" in table and "Paired difference against **lora**" in table
     assert (finished["out"] / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -41,6 +41,24 @@ def versions() -> dict[str, str]:
             "numpy": np.__version__, "python": sys.version.split()[0], "platform": platform.platform()}
 
 
+def source_commit() -> str | None:
+    """The git commit of the loramix source this process imports (``+changes`` when its files differ from
+    it), or None outside a git checkout: a study that spans sittings records which code made each run."""
+    import subprocess
+
+    where = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--", "."], capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def _by_method(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for run in runs:

@@ -44,7 +44,7 @@ import torch
 from ..allocator import keep_freed_memory
 from ..config import ConfigError
 from ..modules import kind_named, kind_of
-from .report import write_json, write_report
+from .report import source_commit, versions, write_json, write_report
 from .study import StudyConfig, load_study, study_from_dict
 
 log = logging.getLogger("loramix.compare")
@@ -257,7 +257,7 @@ def execute_run(spec: dict[str, Any], *, threads: int | None = None, progress: b
     else:
         result.update(accuracy=None, correct=None, eval_seconds=0.0)
     result.update(peak_memory_mb=_peak_memory_mb(device), memory=memory, device=str(device),
-                  seconds=round(time.perf_counter() - start, 2))
+                  seconds=round(time.perf_counter() - start, 2), versions={**versions(), "commit": source_commit()})
     write_json(folder / RESULT, result)
     shutil.rmtree(folder / "train" / "checkpoints", ignore_errors=True)  # the adapter stays; a finished run never resumes
     return result
