@@ -348,8 +348,14 @@ def test_example_study_is_the_issue_study():
     study = load_study(Path(__file__).parent.parent / "examples" / "compare.yaml")
     assert study.tasks == ["arc-e", "arc-c", "boolq", "obqa", "piqa", "winogrande"]
     assert study.model == "smollm2-135m" and study.seeds == [0, 1, 2] and study.questions >= 500
-    assert study.base_methods() == ["base"] and study.trained_methods() == ["lora", "dora", "mixlora", "more"]
+    assert study.base_methods() == ["base"] and study.trained_methods() == [
+        "lora", "dora", "mixlora", "more", "loramoe", "mola", "hydralora", "lora-plus"]
     assert study.train_config("dora", 0).adapter.use_dora and study.train_config("more", 0).data.eval == []
+    # LoRA+ is LoRA with its B factors trained faster: the same adapter, one training key apart
+    plus, lora = study.train_config("lora-plus", 0), study.train_config("lora", 0)
+    assert plus.adapter == lora.adapter and plus.loraplus_lr_ratio == 16 and lora.loraplus_lr_ratio is None
+    assert {study.train_config(m, 0).adapter.kind for m in ("loramoe", "mola", "hydralora")} == {
+        "loramoe", "mola", "hydralora"}
 
 
 def test_cli_reruns_a_finished_study_from_its_results(finished, capsys):
