@@ -125,6 +125,9 @@ def test_two_methods_two_seeds_end_to_end(world, finished):
                           capture_output=True, text=True).stdout.strip()
     assert all((r["versions"]["commit"] or "").removesuffix("+changes") == head and r["versions"]["torch"]
                for r in runs.values())
+    commit = runs[("lora", 0)]["versions"]["commit"]
+    shown = commit[:12] + commit[40:] if commit else "not recorded"
+    assert f"Code (git commit: runs): {shown}: 5." in (finished["out"] / "results.md").read_text()
     table = (finished["out"] / "results.md").read_text()
     assert "| mixlora |" in table and "Paired difference against **lora**" in table
     assert (finished["out"] / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

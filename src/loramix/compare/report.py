@@ -162,8 +162,18 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {method} | {params} | {_fmt(median('step_seconds'))} | {_fmt(median('peak_memory_mb'), 0)} "
                      f"| {_fmt(median('train_seconds'), 0)} | {_fmt(median('eval_seconds'), 0)} | {status} |")
     lines += ["", f"Medians over a method's runs; memory: {results['runs'][0]['memory']}. Total run time "
-              f"{results['run_seconds'] / 60:.1f} min."]
+              f"{results['run_seconds'] / 60:.1f} min. {_code_line(results['runs'])}"]
     return "\n".join(lines) + "\n"
+
+
+def _code_line(runs: list[dict[str, Any]]) -> str:
+    """Which code made the runs (a study may span sittings and commits): each commit with its run count."""
+    made: dict[str, int] = {}
+    for run in runs:
+        commit = (run.get("versions") or {}).get("commit") or "not recorded"
+        made[commit] = made.get(commit, 0) + 1
+    return "Code (git commit: runs): " + ", ".join(f"{c[:12] + c[40:] if len(c) >= 40 else c}: {n}"
+                                                   for c, n in made.items()) + "."
 
 
 def _median(values: list) -> float | None:
