@@ -1,10 +1,12 @@
-"""``LoraLinear``'s inference path (no grad, eval, no DoRA, no autocast): bit for bit the general path's numbers,
-actually taken where it applies (the general path's ``lora_input`` is not called), and not taken where the general
-path decides something (gradients, active dropout, DoRA, autocast)."""
+"""``LoraLinear``'s inference path (no grad, no active dropout, no autocast): bit for bit the general path's numbers,
+actually taken where it applies (``inference_output`` runs, DoRA's ``dora_inference_output``, and the general path's
+``lora_input`` does not), and not taken where the general path decides something (gradients, active dropout,
+autocast). DoRA's numbers: tests/test_dora_more_inference_path.py."""
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -26,17 +28,25 @@ SCALES = [(8, 16, False), (8, 8, False), (8, 12, False), (8, 16, True), (16, 8, 
 
 
 @pytest.fixture
-def general_calls(monkeypatch) -> list[int]:
-    """Counts the general path's calls of ``lora_input`` (the inference path never calls it)."""
-    calls = [0]
-    real = lora_module.lora_input
+def paths(monkeypatch) -> Counter:
+    """Counts the calls of each path of ``LoraLinear``: "inference" and "dora inference" (the methods that are those
+    paths, ``inference_output`` and ``dora_inference_output``) and "general" (``lora_input``, the general path's
+    first step, which neither inference path calls). The real functions still run."""
+    counts: Counter = Counter()
 
-    def counting(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        calls[0] += 1
-        return real(dropout, x)
+    def counted(owner, name: str, path: str) -> None:
+        real = getattr(owner, name)
 
-    monkeypatch.setattr(lora_module, "lora_input", counting)
-    return calls
+        def counting(*args, **kwargs):
+            counts[path] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counting)
+
+    counted(LoraLinear, "inference_output", "inference")
+    counted(LoraLinear, "dora_inference_output", "dora inference")
+    counted(lora_module, "lora_input", "general")
+    return counts
 
 
 def random_layer(n_in: int, n_out: int, r: int, alpha: float, rslora: bool, dtype: torch.dtype, *,
@@ -66,20 +76,20 @@ def reference(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("r,alpha,rslora", SCALES)
-def test_inference_path_equals_general_path_on_smollm2_shaped_layers(dtype, r, alpha, rslora, general_calls):
+def test_inference_path_equals_general_path_on_smollm2_shaped_layers(dtype, r, alpha, rslora, paths):
     for i, (n_in, n_out) in enumerate(SMOLLM2_SHAPES):
         layer = random_layer(n_in, n_out, r, alpha, rslora, dtype, bias=i == 1, seed=i)
         for rows in (1, 4, 16):
             x = torch.randn(rows, 1, n_in).to(dtype)
             expected = general(layer, x)
-            before = general_calls[0]
             strided = torch.randn(1, n_in, rows).to(dtype).transpose(1, 2)  # (1, rows, in), not contiguous
+            before = Counter(paths)
             with torch.no_grad():
                 got = layer(x)
                 got_2d = layer(x[:, 0])  # (rows, in) inputs too
                 got_1d = layer(x[0, 0])  # and (in,)
                 got_strided = layer(strided)
-            assert general_calls[0] == before, "the inference path called the general path's lora_input"
+            assert paths - before == {"inference": 4}, "not the inference path alone, once per call"
             assert torch.equal(got_1d, general(layer, x[0, 0])) and torch.equal(got_strided, general(layer, strided))
             assert got.dtype == dtype and got.shape == (rows, 1, n_out)
             assert torch.equal(got, expected), (dtype, n_in, n_out, r, alpha, rows)
@@ -105,7 +115,7 @@ def test_scale_fold_only_where_exact():
 
 @pytest.mark.parametrize("family,dtype", [("llama", torch.float32), ("llama", torch.bfloat16), ("qwen2", torch.float32),
                                           ("gpt2", torch.float32)])  # qwen2: q/k/v biases; gpt2: Conv1D (in, out)
-def test_tiny_model_logits_equal_general_path(family, dtype, general_calls):
+def test_tiny_model_logits_equal_general_path(family, dtype, paths):
     targets = ["c_attn", "c_fc", "c_proj"] if family == "gpt2" else None
     model = loramix.inject(tiny_model(family, dtype=dtype),
                            loramix.LoraConfig(r=4, alpha=8, dropout=0.05, targets=targets))
@@ -113,12 +123,12 @@ def test_tiny_model_logits_equal_general_path(family, dtype, general_calls):
     model.eval()
     ids, mask, _ = batch()
     expected = general(model, input_ids=ids, attention_mask=mask).logits
-    general_calls[0] = 0
+    paths.clear()
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask).logits
     with torch.inference_mode():
         in_inference_mode = model(input_ids=ids, attention_mask=mask).logits
-    assert general_calls[0] == 0
+    assert paths == {"inference": 2 * sum(isinstance(m, LoraLinear) for m in model.modules())}
     assert torch.equal(got, expected) and torch.equal(in_inference_mode, expected)
     with torch.no_grad(), loramix.disable_adapters(model):  # a disabled adapter is still the base
         disabled = model(input_ids=ids, attention_mask=mask).logits
@@ -127,7 +137,7 @@ def test_tiny_model_logits_equal_general_path(family, dtype, general_calls):
     assert torch.equal(disabled, base)
 
 
-def test_several_adapters_share_the_frozen_output(general_calls):
+def test_several_adapters_share_the_frozen_output(paths):
     """``AdapterStack``'s shared frozen output (several adapters in one batch) calls ``adapter_forward``: the same
     numbers there too."""
     configs = {"a": loramix.LoraConfig(r=4, alpha=8, dropout=0.0), "b": loramix.LoraConfig(r=2, alpha=3, dropout=0.0)}
@@ -137,38 +147,45 @@ def test_several_adapters_share_the_frozen_output(general_calls):
     ids, mask, _ = batch(size=4)
     rows = [("a", 2), ("b", 2)]
     expected = general(model, input_ids=ids, attention_mask=mask, adapter_rows=rows).logits
-    general_calls[0] = 0
+    paths.clear()
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask, adapter_rows=rows).logits
-    assert general_calls[0] == 0 and torch.equal(got, expected)
+    assert set(paths) == {"inference"} and torch.equal(got, expected)
 
 
-def test_general_path_where_it_decides(general_calls):
-    """Gradients, active dropout, DoRA and autocast keep the general path (and its numbers)."""
+def test_general_path_where_it_decides(paths):
+    """Gradients, active dropout and autocast keep the general path; without them the inference path runs (DoRA's
+    own for a DoRA layer), and only it."""
     x = torch.randn(3, 5, 32)
 
-    def taken_general(layer: LoraLinear, context=torch.no_grad) -> bool:
-        before = general_calls[0]
+    def taken(layer: LoraLinear, context=torch.no_grad) -> str:
+        """The one path that one call of ``layer`` ran."""
+        before = Counter(paths)
         with context():
             layer(x)
-        return general_calls[0] > before
+        ran = paths - before
+        assert sum(ran.values()) == 1, f"one call of one path expected, ran {dict(ran)}"
+        return next(iter(ran))
 
     plain = random_layer(32, 16, 4, 8, False, torch.float32)
-    assert not taken_general(plain) and taken_general(plain, torch.enable_grad)
+    assert taken(plain) == "inference" and taken(plain, torch.enable_grad) == "general"
     dropout = random_layer(32, 16, 4, 8, False, torch.float32, dropout=0.1)
-    assert not taken_general(dropout)  # eval: no mask
+    assert taken(dropout) == "inference"  # eval: no mask
     dropout.train()
-    assert taken_general(dropout)  # training mode: the mask is drawn
+    assert taken(dropout) == "general"  # training mode: the mask is drawn
     plain.train()
-    assert not taken_general(plain)  # training mode without dropout changes nothing
-    assert taken_general(random_layer(32, 16, 4, 8, False, torch.float32, use_dora=True))
+    assert taken(plain) == "inference"  # training mode without dropout changes nothing
+    dora = random_layer(32, 16, 4, 8, False, torch.float32, use_dora=True)
+    assert taken(dora) == "dora inference" and taken(dora, torch.enable_grad) == "general"
+    dora.train()
+    assert taken(dora) == "dora inference"
     plain.eval()
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     with torch.no_grad():
-        assert taken_general(plain, autocast)
+        assert taken(plain, autocast) == "general" and taken(dora, autocast) == "general"
 
 
-def test_kept_factors_follow_weight_changes(general_calls):
+def test_kept_factors_follow_weight_changes():
     """The kept A' and Bᵀ are recomputed after a load (``copy_``), a new ``.data``, a new Parameter and a dtype move."""
     layer = random_layer(32, 16, 4, 8, False, torch.float32)
     x = torch.randn(2, 3, 32)
@@ -186,7 +203,7 @@ def test_kept_factors_follow_weight_changes(general_calls):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_zero_B_skips_the_term(dtype, general_calls):
+def test_zero_B_skips_the_term(dtype, paths):
     """B = 0 (a fresh adapter, the server's base stand-in): the output is the frozen projection's own, as the general
     path's ``W x + b + 0``."""
     layer = random_layer(64, 48, 4, 8, False, dtype, bias=True)
@@ -196,7 +213,7 @@ def test_zero_B_skips_the_term(dtype, general_calls):
         assert layer.inference_factors(dtype) == (None, None, None)
         got = layer(x)
         assert torch.equal(got, layer.replaced(x))
-    assert general_calls[0] == 0 and torch.equal(got, general(layer, x))
+    assert paths == {"inference": 1} and torch.equal(got, general(layer, x))
     with torch.no_grad():
         layer.lora_B[0, 0] = 1.0  # no longer zero: the term is back
         assert torch.equal(layer(x), general(layer, x)) and not torch.equal(layer(x), layer.replaced(x))

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules.lora import storage_pointer
+from ..modules.frozen_constant import storage_pointer
 
 # Grouped only while R (in + out) <= MAX_RANK_SHARE · in · out: the rows' extra low-rank work stays a small
 # part of the frozen matmul they share (e.g. four rank-8 adapters on 576 → 576: 32 · 1152 vs 0.25 · 576²).

@@ -36,7 +36,7 @@ operations, with the factor and the bias also kept; bit for bit too (tests/test_
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from .context import ForwardContext
+from .frozen_constant import FrozenConstant
 from .kinds import AdapterKind, AdapterModule, Site, TensorRole, register, resolve_targets
 from .quantized import adapter_dtype_for, frozen_weight, is_quantized, logical_shape
 
@@ -98,6 +99,16 @@ def scaled_factors(A: torch.Tensor, B: torch.Tensor, scale: float,
     return A_in.t(), B_in.t(), scale
 
 
+def scaled_low(x: torch.Tensor, At: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """An inference path's rank-r rows ``(x A'ᵀ) * scale`` from ``scaled_factors``' ``A'ᵀ`` and scale (None: no
+    multiply), bit for bit the general path's ``F.linear(x, A) · s`` (``torch.mm`` is the kernel ``F.linear``
+    runs). Shapes: x (..., in), A'ᵀ (in, r) → (rows, r), rows the product of x's leading dimensions."""
+    low = torch.mm(x.reshape(-1, x.shape[-1]), At)
+    if scale is not None:
+        low.mul_(scale)
+    return low
+
+
 def dora_weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """Row norms of ``W + s B A`` without materialising ``B A`` per expert.
 
@@ -150,62 +161,6 @@ class LowRankRows(NamedTuple):
     coefficients: torch.Tensor
     factor: torch.Tensor | None = None
     bias: torch.Tensor | None = None
-
-
-def storage_pointer(t: torch.Tensor) -> int | None:
-    """The storage address of ``t``, or None for a tensor subclass without plain storage (torchao)."""
-    try:
-        return t.data_ptr()
-    except RuntimeError:
-        return None
-
-
-class FrozenConstant:
-    """A value computed from some tensors, kept while none of them changes: what serving and evaluation
-    would otherwise recompute on every forward (DoRA's ``m / ||W + s B A||``, MoRE's per-task masks).
-
-    ``get(tensors, compute)`` returns the kept value when every tensor is the same object over the same
-    storage at the same version (``Tensor._version``: every in-place write bumps it, so an optimizer
-    step, ``load_state_dict``/``load_adapter``'s ``copy_`` and ``.to()``/``.data =`` all miss), else
-    ``compute()``. It keeps a value only while no gradient can flow to those tensors (grad disabled, or
-    none requires grad) and outside ``torch.compile`` tracing, so training recomputes as before.
-    """
-
-    def __init__(self) -> None:
-        self.tensors: tuple[torch.Tensor, ...] = ()  # held, not their ids: an id is reused once its object is freed
-        self.key: tuple | None = None
-        self.value: Any = None  # a tensor, or a tuple of tensors and other values
-
-    @staticmethod
-    def _key(tensors: tuple[torch.Tensor, ...], extra: tuple) -> tuple:
-        # (version, storage address, dtype, shape) per tensor: a move to another device or a new ``.data``
-        # changes the address; a view reinterpreting the same storage changes dtype or shape
-        # (torchao's tensors have no plain storage: their identity and version)
-        return (*((t._version, storage_pointer(t), t.dtype, t.shape) for t in tensors), *extra)
-
-    def get(self, tensors: tuple[torch.Tensor, ...], compute, extra: tuple = ()) -> Any:
-        """``compute()`` (a tensor, or a tuple of tensors and other values) for ``tensors`` (what it reads) and ``extra``
-        (hashable settings it reads), kept across calls while they are unchanged and frozen."""
-        frozen = not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
-        if not frozen or torch.compiler.is_compiling():
-            self.clear()
-            return compute()
-        key = self._key(tensors, extra)
-        value = self.value
-        same = len(tensors) == len(self.tensors) and all(a is b for a, b in zip(tensors, self.tensors))
-        # an inference-mode tensor cannot be saved for a backward that records outside inference mode
-        parts = value if isinstance(value, tuple) else (value,)
-        usable = value is not None and not (any(isinstance(t, torch.Tensor) and t.is_inference() for t in parts)
-                                            and torch.is_grad_enabled() and not torch.is_inference_mode_enabled())
-        if same and key == self.key and usable:
-            return value
-        value = compute()
-        self.tensors, self.key, self.value = tuple(tensors), key, value
-        return value
-
-    def clear(self) -> None:
-        """Forget the kept value (the next ``get`` computes afresh)."""
-        self.tensors, self.key, self.value = (), None, None
 
 
 def dora_output(base_out: torch.Tensor, lora: torch.Tensor, bias: torch.Tensor | None,
@@ -428,9 +383,7 @@ class LoraLinear(FrozenProjection):
         At, Bt, scale = self.inference_factors(x.dtype)
         if At is None:  # B = 0
             return base_out
-        low = torch.mm(x.reshape(-1, x.shape[-1]), At)  # (rows, r)
-        if scale is not None:
-            low.mul_(scale)
+        low = scaled_low(x, At, scale)  # (rows, r)
         if in_place:  # a view of it is fine: F.linear's output is contiguous
             base_out.view(-1, base_out.shape[-1]).addmm_(low, Bt)
             return base_out
@@ -499,13 +452,9 @@ class LoraLinear(FrozenProjection):
         operations (so its roundings, bit for bit), from ``dora_inference_factors``. x (..., in) and base_out
         ``W x + b`` (..., out) in the same dtype; ``in_place``: written into ``base_out``, which must be the caller's
         own contiguous tensor."""
-        # the dropout decision stays lora_input's, as on the general path (inference_now: always x itself here)
-        x, _ = lora_input(self.dropout, x)
         At, Bt, scale, factor, bias = self.dora_inference_factors(x.dtype)
-        low = torch.mm(x.reshape(-1, x.shape[-1]), At)  # (rows, r)
-        if scale is not None:
-            low.mul_(scale)
-        lora = torch.mm(low, Bt)  # (rows, out), what the general path's F.linear(low, B) computes
+        # (rows, out), what the general path's F.linear(low, B) computes
+        lora = torch.mm(scaled_low(x, At, scale), Bt)
         flat = base_out.view(-1, base_out.shape[-1]) if in_place else base_out.reshape(-1, base_out.shape[-1])
         if bias is None:  # the general path's - 0 and + 0 change no value
             out = flat.add_(lora) if in_place else flat + lora

@@ -26,7 +26,7 @@ from weakref import WeakKeyDictionary
 import torch
 from torch import nn
 
-from .lora import FrozenConstant
+from .frozen_constant import FrozenConstant
 from .routing import Routing
 
 # (token, slot) pairs up to which a frozen forward takes this path: a decode step of up to 32 rows at top-2

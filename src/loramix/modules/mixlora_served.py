@@ -41,7 +41,7 @@ from weakref import WeakKeyDictionary
 import torch
 from torch import nn
 
-from .lora import FrozenConstant
+from .frozen_constant import FrozenConstant
 from .routing import Routing, route_switch, route_top_k, route_top_p, router_logits
 
 # Frozen forwards whose span of MixLoRA rows holds at most this many tokens route them in one router matmul: a decode
