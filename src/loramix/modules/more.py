@@ -37,10 +37,11 @@ from torch import nn
 
 from ..config import MoreConfig, implicit_task
 from .context import ForwardContext
+from .frozen_constant import FrozenConstant
 from .kinds import AdapterKind, Site, TensorRole, register, resolve_targets
 from .lora import (
-    LORA_ROLES, FrozenConstant, FrozenProjection, LoraDropout, LowRankRows, frozen_linear, in_dtype, lora_factors,
-    lora_input, projection_sites,
+    LORA_ROLES, FrozenProjection, LoraDropout, LowRankRows, frozen_linear, in_dtype, lora_factors, lora_input,
+    projection_sites,
 )
 from .quantized import adapter_dtype_for
 from .routing import fp32_region
