@@ -32,6 +32,7 @@ from ..data.examples import MultipleChoiceExample
 from ..data.tokenize import (
     LETTERS, encode_continuation, encode_prompt, render_prompt, render_targets, special_prefix, truncate_left,
 )
+from ..models.inject import inference_only_calls
 from ..models.many import row_plan
 
 PROTOCOLS = ("label", "loglik")
@@ -382,12 +383,13 @@ def _check(examples: list, tokenizer, protocol: str, template: str | None, norma
 def _scores(model, tokenizer, examples: list[MultipleChoiceExample], routing: _RowOwners, *, protocol: str,
             batch_size: int, template: str, progress: bool, cutoff_len: int, share_prompt: bool,
             normalize: str) -> list[list[float]]:
-    """Score of every choice of every example (normalised for "loglik"); training mode restored after."""
+    """Score of every choice of every example (normalised for "loglik"); training mode restored after. Only the
+    logits are read: a plain adapter skips its auxiliary losses and router statistics (``inference_only_calls``)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), inference_only_calls(model):
             predict = (_predict_label if protocol == "label" else _predict_loglik_shared
                        if share_prompt and _supports_shared_prompt(model) else _predict_loglik)
             scores = predict(model, tokenizer, examples, template, batch_size, cutoff_len, routing, device, progress)

@@ -274,8 +274,10 @@ def pop_logged_losses(model: nn.Module) -> dict[str, float]:
 
 def router_stats(model: nn.Module) -> list[dict[str, torch.Tensor]]:
     """Per routed adapter module (MixLoRA's FFN blocks; each LoRAMoE, MoLA, HydraLoRA projection), in module
-    order, from its last training forward: ``load`` (each expert's share of the routing, (E,)) and ``prob``
-    (mean router probability per expert, (E,)), over non-padding tokens (``AdapterModule.last_load``)."""
+    order, from its last forward that wrote them (a training forward or a plain no-grad call; not
+    ``evaluate_multiple_choice`` or ``generate_text``, which skip them, ``inference_only_calls``): ``load`` (each
+    expert's share of the routing, (E,)) and ``prob`` (mean router probability per expert, (E,)), over non-padding
+    tokens (``AdapterModule.last_load``)."""
     return [{"load": m.last_load, "prob": m.last_prob} for _, m in adapter_modules(model) if m.last_load is not None]
 
 
@@ -303,6 +305,33 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         context.disabled = previous
+
+
+@contextlib.contextmanager
+def inference_only_calls(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model's adapter skips what only training reads (``ForwardContext.inference_only``: the
+    load-balance, z and contrastive losses, the routers' load statistics); the flag's previous value comes back
+    after, also on an exception. The outputs are the same, bit for bit: no skipped value feeds them.
+
+    For the frozen calls whose outputs are all their caller reads (``evaluate_multiple_choice``, ``generate_text``).
+    A model without a plain adapter (a bare base; a stacked model, ``inject_many``, or one adapter's view of it) is
+    left as it is: there the flag also picks the grouped forms (``models/grouped.py``, ``mixlora_served.py``),
+    whose outputs equal the per-adapter path's only up to the matmuls' summation order.
+
+    Example:
+        >>> with inference_only_calls(model), torch.no_grad():
+        ...     logits = model(input_ids=ids).logits   # no auxiliary loss computed, router_stats unchanged
+    """
+    state = getattr(model, "loramix_adapter", None)
+    if state is None or getattr(model, "loramix_many", None) is not None:
+        yield model
+        return
+    context = state.context
+    previous, context.inference_only = context.inference_only, True
+    try:
+        yield model
+    finally:
+        context.inference_only = previous
 
 
 def _fold(base: nn.Module, delta: torch.Tensor, fan_in_fan_out: bool, dense_dtype: torch.dtype) -> nn.Module:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..data.batching import collate
+from ..models.inject import inference_only_calls
 from ..models.many import adapter_rows, row_plan
 
 # Greedy decoding for ``generate``, with the sampling defaults a generation_config may carry unset (else warnings).
@@ -62,7 +63,7 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str, *, system: str 
 
         kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), inference_only_calls(model):  # only the tokens are read: no auxiliary loss computed
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
