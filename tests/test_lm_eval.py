@@ -121,7 +121,7 @@ def test_lm_eval_cli_through_the_loramix_model_type_refuses_a_missing_device(cli
     assert not out.exists()
 
 
-def test_lm_eval_from_python_on_models_in_memory(setup):
+def test_lm_eval_from_python_on_models_in_memory(setup, monkeypatch):
     from lm_eval.tasks import TaskManager
 
     from loramix.integrations.lm_eval import LoramixLM
@@ -139,7 +139,16 @@ def test_lm_eval_from_python_on_models_in_memory(setup):
 
     more = adapted(loramix.MoreConfig(max_rank=4, alpha=8, dropout=0.0, tasks=["t0", "t1"]))
     lm = LoramixLM(pretrained=more, tokenizer=tiny_tokenizer(), task="t1", batch_size=2)
+    # lm-eval reads only logits: no training-only loss is computed in its calls, and the flag comes back after
+    context = more.loramix_adapter.context
+    recorded, record = [], type(context.losses).record
+    monkeypatch.setattr(type(context.losses), "record",
+                        lambda self, *a, **k: (recorded.append(context.inference_only), record(self, *a, **k))[1])
     out = lm_eval.simple_evaluate(model=lm, tasks=[TASK], task_manager=tasks, log_samples=True)
+    assert recorded == [] and context.inference_only is False
+    with torch.no_grad():  # a call outside lm-eval still records (the spy sees it)
+        more(input_ids=torch.tensor([[1, 2, 3]]), task_ids=torch.tensor([1]))
+    assert recorded and not any(recorded)
     with loramix.use_task(more, "t1"):
         ours = loramix_scores(more)
     assert_same(samples_scores(out["samples"][TASK]), ours, base)

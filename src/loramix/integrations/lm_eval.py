@@ -47,6 +47,8 @@ from lm_eval.config.evaluate_config import EvaluatorConfig
 from lm_eval.models.huggingface import HFLM
 from torch import nn
 
+from ..models.inject import inference_only_calls
+
 # A child of lm-eval's logger: its CLI shows these lines with its own.
 logger = logging.getLogger("lm_eval.loramix")
 # The device lm-eval's CLI passes when the command line names none (``--device``'s default).
@@ -122,6 +124,16 @@ class LoramixLM(HFLM):
         if tokenizer is None:
             raise ValueError("LoramixLM: give the tokenizer of a model passed in memory (tokenizer=...)")
         super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
+
+    # lm-eval reads only the logits and the generated tokens: the adapter skips its training-only losses and
+    # statistics for each call (``inference_only_calls``), and a model in memory is left as it was between calls.
+    def _model_call(self, *args: Any, **kwargs: Any) -> Any:
+        with inference_only_calls(self.model):
+            return super()._model_call(*args, **kwargs)
+
+    def _model_generate(self, *args: Any, **kwargs: Any) -> Any:
+        with inference_only_calls(self.model):
+            return super()._model_generate(*args, **kwargs)
 
 
 __all__ = ["LoramixLM"]

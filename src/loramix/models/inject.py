@@ -313,7 +313,8 @@ def inference_only_calls(model: nn.Module) -> Iterator[nn.Module]:
     load-balance, z and contrastive losses, the routers' load statistics); the flag's previous value comes back
     after, also on an exception. The outputs are the same, bit for bit: no skipped value feeds them.
 
-    For the frozen calls whose outputs are all their caller reads (``evaluate_multiple_choice``, ``generate_text``).
+    For the frozen calls whose outputs are all their caller reads (``evaluate_multiple_choice``, ``generate_text``,
+    lm-eval's calls through ``integrations.lm_eval.LoramixLM``).
     A model without a plain adapter (a bare base; a stacked model, ``inject_many``, or one adapter's view of it) is
     left as it is: there the flag also picks the grouped forms (``models/grouped.py``, ``mixlora_served.py``),
     whose outputs equal the per-adapter path's only up to the matmuls' summation order.

@@ -27,7 +27,8 @@ class ForwardContext:
             forward and backward: each forward then holds one all-reduce per layer, LoRAMoE's backward one too).
         inference_only: when True the adapters skip what only training reads (the load-balance, z and
             contrastive losses, the router's load statistics): ``loramix serve`` sets it, and
-            ``models.inject.inference_only_calls`` for one call of ``evaluate_multiple_choice`` or ``generate_text``.
+            ``models.inject.inference_only_calls`` for one call of ``evaluate_multiple_choice``, ``generate_text`` or
+            lm-eval's model call through ``LoramixLM``.
         checked_task_ids: (the ``task_ids`` object given, a key of its batch, device and version, the checked
             (B,) long tensor), set by the first module that converts and checks them in a forward, so that the
             others (every MoRE projection sees the same object) skip the check's host sync; or None.
