@@ -6,7 +6,7 @@ paired bootstrap; ``report.py`` writes results.json, results.md and results.png.
 
 Example:
     >>> from loramix.compare import run_study
-    >>> run_study("examples/compare.yaml", jobs=1)["results"]     # PosixPath('runs/compare/results.json')
+    >>> run_study("examples/compare.yaml", jobs=1)["results"]     # PosixPath('results/compare/results.json')
 """
 
 from .runner import StudyInterrupted, execute_run, run_study

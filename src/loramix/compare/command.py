@@ -3,7 +3,7 @@
     loramix compare examples/compare.yaml                  # every run, one after another, then the report
     loramix compare examples/compare.yaml --jobs 2         # two runs at once, cores // 2 threads each
     loramix compare examples/compare.yaml seeds=[0] questions=100 output_dir=runs/quick
-    loramix compare runs/compare/results.json --output-dir runs/again   # the same study again
+    loramix compare results/compare/results.json --output-dir runs/again   # the same study again
 
 Killed or interrupted, the same command continues: finished runs (their result.json) are never run
 again, an interrupted run resumes from its checkpoint. When every run is finished it writes

@@ -19,7 +19,7 @@ sample of each task's evaluation split (``eval_questions``).
 
 Example:
     >>> run_study("examples/compare.yaml", jobs=1)["results"]
-    PosixPath('runs/compare/results.json')
+    PosixPath('results/compare/results.json')
 """
 
 from __future__ import annotations
