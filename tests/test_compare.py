@@ -20,6 +20,7 @@ import loramix
 
 from loramix.cli import main as cli_main
 from loramix.compare import paired_bootstrap, run_study, t_interval
+from loramix.compare.report import markdown
 from loramix.compare.runner import count_trainable, plan
 from loramix.compare.stats import T975
 from loramix.compare.study import load_study, study_from_dict
@@ -29,7 +30,7 @@ from tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-MEASURED = ("seconds", "train_seconds", "eval_seconds", "step_seconds", "peak_memory_mb", "threads")
+MEASURED = ("seconds", "cpu_seconds", "train_seconds", "eval_seconds", "step_seconds", "peak_memory_mb", "threads")
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +126,18 @@ def test_two_methods_two_seeds_end_to_end(world, finished):
                           capture_output=True, text=True).stdout.strip()
     assert all((r["versions"]["commit"] or "").removesuffix("+changes") == head and r["versions"]["torch"]
                for r in runs.values())
+    table = (finished["out"] / "results.md").read_text()
     commit = runs[("lora", 0)]["versions"]["commit"]
     shown = commit[:12] + commit[40:] if commit else "not recorded"
-    assert f"Code (git commit: runs): {shown}: 5." in (finished["out"] / "results.md").read_text()
-    table = (finished["out"] / "results.md").read_text()
+    assert f"Code (git commit: runs): {shown}: 5." in table
+    # CPU time per run (a paused run spends none) and in total: the table's CPU column and its sum
+    assert all(0 < r["cpu_seconds"] for r in runs.values())
+    total = sum(r["cpu_seconds"] for r in runs.values()) / 60
+    assert f"(CPU time {total:.1f} min)" in table and "| CPU (s) |" in table
+    older = copy.deepcopy(results)  # a run made before runs recorded their CPU time: counted apart, shown as "-"
+    del older["runs"][0]["cpu_seconds"]
+    rest = sum(r["cpu_seconds"] for r in older["runs"][1:]) / 60
+    assert f"(CPU time {rest:.1f} min over the 4 runs that record it)" in markdown(older)
     assert "| mixlora |" in table and "Paired difference against **lora**" in table
     assert (finished["out"] / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -148,11 +148,11 @@ def markdown(results: dict[str, Any]) -> str:
         all_diverged = summary["accuracy"][method][MEAN]["seeds"] == 0
         lines.append(f"| {method} | " + " | ".join("diverged" if all_diverged else _diff_cell(row[t])
                                                    for t in tasks + [MEAN]) + " |")
-    lines += ["", "| method | trainable params | step (s) | peak memory (MB) | train (s) | eval (s) | runs |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| method | trainable params | step (s) | peak memory (MB) | train (s) | eval (s) | CPU (s) | runs |",
+              "|---|---|---|---|---|---|---|---|"]
     for method, mruns in _by_method(results["runs"]).items():
         done = [r for r in mruns if r["status"] == "completed"] or mruns
-        median = lambda key: _median([r[key] for r in done])  # noqa: E731
+        median = lambda key: _median([r.get(key) for r in done])  # noqa: E731 - a run may predate a key
         params = f"{mruns[0]['trainable_params']:,}"
         if mruns[0].get("matched"):
             m = mruns[0]["matched"]
@@ -160,9 +160,14 @@ def markdown(results: dict[str, Any]) -> str:
         status = ", ".join(f"{sum(r['status'] == s for r in mruns)} {s}"
                            for s in dict.fromkeys(r["status"] for r in mruns))
         lines.append(f"| {method} | {params} | {_fmt(median('step_seconds'))} | {_fmt(median('peak_memory_mb'), 0)} "
-                     f"| {_fmt(median('train_seconds'), 0)} | {_fmt(median('eval_seconds'), 0)} | {status} |")
-    lines += ["", f"Medians over a method's runs; memory: {results['runs'][0]['memory']}. Total run time "
-              f"{results['run_seconds'] / 60:.1f} min. {_code_line(results['runs'])}"]
+                     f"| {_fmt(median('train_seconds'), 0)} | {_fmt(median('eval_seconds'), 0)} "
+                     f"| {_fmt(median('cpu_seconds'), 0)} | {status} |")
+    timed = [r["cpu_seconds"] for r in results["runs"] if r.get("cpu_seconds") is not None]
+    cpu = f" (CPU time {sum(timed) / 60:.1f} min" + ("" if len(timed) == len(results["runs"]) else
+                                                     f" over the {len(timed)} runs that record it") + ")"
+    lines += ["", f"Medians over a method's runs; memory: {results['runs'][0]['memory']}; CPU: the run's process "
+              f"time, all its threads. Total run time {results['run_seconds'] / 60:.1f} min"
+              f"{cpu if timed else ''}. {_code_line(results['runs'])}"]
     return "\n".join(lines) + "\n"
 
 

@@ -217,7 +217,7 @@ def execute_run(spec: dict[str, Any], *, threads: int | None = None, progress: b
     threads = torch.get_num_threads()
     result: dict[str, Any] = {"method": spec["method"], "seed": spec["seed"], "status": "completed", "error": None,
                               "threads": threads, "matched": spec["matched"]}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()  # CPU time: a paused (SIGSTOP) run spends none
     if spec["train"] is None:
         evaluation = spec["eval"]
         device = resolve_device(None if evaluation["device"] == "auto" else evaluation["device"])
@@ -257,7 +257,8 @@ def execute_run(spec: dict[str, Any], *, threads: int | None = None, progress: b
     else:
         result.update(accuracy=None, correct=None, eval_seconds=0.0)
     result.update(peak_memory_mb=_peak_memory_mb(device), memory=memory, device=str(device),
-                  seconds=round(time.perf_counter() - start, 2), versions={**versions(), "commit": source_commit()})
+                  seconds=round(time.perf_counter() - start, 2), cpu_seconds=round(time.process_time() - cpu_start, 2),
+                  versions={**versions(), "commit": source_commit()})
     write_json(folder / RESULT, result)
     shutil.rmtree(folder / "train" / "checkpoints", ignore_errors=True)  # the adapter stays; a finished run never resumes
     return result
