@@ -194,7 +194,8 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> Path:
-    """Per-task bars (one per method: mean accuracy over seeds) with the 95% t interval as whiskers."""
+    """Per-task bars (one per method: mean accuracy over seeds) with the 95% t interval as whiskers (none over
+    one seed, which has no interval)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,7 +208,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     for i, (method, row) in enumerate(accuracy.items()):
         x = np.arange(len(tasks)) + (i - (len(accuracy) - 1) / 2) * width
         means = [row[t]["mean"] if row[t]["mean"] is not None else np.nan for t in tasks]
-        halves = [row[t]["half"] or 0.0 for t in tasks]
+        halves = [np.nan if row[t]["half"] is None else row[t]["half"] for t in tasks]  # one seed: no whisker
         diverged = row[MEAN]["diverged"]
         label = method + (f" ({diverged} of {diverged + row[MEAN]['seeds']} seeds diverged)" if diverged else "")
         ax.bar(x, means, width, yerr=halves, capsize=2, label=label)
