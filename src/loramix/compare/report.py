@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -173,10 +174,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def _code_line(runs: list[dict[str, Any]]) -> str:
     """Which code made the runs (a study may span sittings and commits): each commit with its run count."""
-    made: dict[str, int] = {}
-    for run in runs:
-        commit = (run.get("versions") or {}).get("commit") or "not recorded"
-        made[commit] = made.get(commit, 0) + 1
+    made = Counter((run.get("versions") or {}).get("commit") or "not recorded" for run in runs)
     return "Code (git commit: runs): " + ", ".join(f"{c[:12] + c[40:] if len(c) >= 40 else c}: {n}"
                                                    for c, n in made.items()) + "."
 
