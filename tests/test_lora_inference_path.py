@@ -202,6 +202,43 @@ def test_kept_factors_follow_weight_changes():
         assert layer.lora_A.dtype == torch.bfloat16 and torch.equal(layer(xb), general(layer, xb))
 
 
+def test_forward_reuses_the_kept_factors_until_something_changes(monkeypatch):
+    """After the first inference call, ``forward`` takes the kept factors without asking for them again; every change
+    the kept check looks at (an in-place write, a new ``.data``, a new Parameter, another input dtype, a disabled
+    adapter, gradients) gets the right output, and a write is followed by one recomputation."""
+    asked = Counter()
+    real = LoraLinear.inference_factors
+
+    def counting(self, dtype):
+        asked[dtype] += 1
+        return real(self, dtype)
+
+    monkeypatch.setattr(LoraLinear, "inference_factors", counting)
+    layer = random_layer(32, 16, 4, 8, False, torch.float32)
+    x = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(layer(x), general(layer, x))
+        assert asked == {torch.float32: 1}, "the factors were asked for again on unchanged tensors"
+        layer.lora_A.mul_(3)  # in place: a new version
+        assert torch.equal(layer(x), general(layer, x)) and asked == {torch.float32: 2}
+        assert torch.equal(layer(x), general(layer, x)) and asked == {torch.float32: 2}
+        layer.lora_B.data = torch.randn(16, 4)  # new storage, same object and version
+        assert torch.equal(layer(x), general(layer, x)) and asked == {torch.float32: 3}
+        layer.lora_A = nn.Parameter(layer.lora_A.detach().clone())  # a new object: same values, recomputed
+        assert torch.equal(layer(x), general(layer, x)) and asked == {torch.float32: 4}
+        layer.to(torch.bfloat16)
+        xb = x.bfloat16()
+        assert torch.equal(layer(xb), general(layer, xb)) and asked[torch.bfloat16] == 1
+        layer.context.disabled = True
+        try:
+            assert torch.equal(layer(xb), layer.replaced(xb))
+        finally:
+            layer.context.disabled = False
+    out = layer(xb)  # gradients on: the general path, which records a graph to A and B
+    assert out.requires_grad and out.grad_fn is not None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_zero_B_skips_the_term(dtype, paths):
     """B = 0 (a fresh adapter, the server's base stand-in): the output is the frozen projection's own, as the general

@@ -48,6 +48,10 @@ from .frozen_constant import FrozenConstant
 from .kinds import AdapterKind, AdapterModule, Site, TensorRole, register, resolve_targets
 from .quantized import adapter_dtype_for, frozen_weight, is_quantized, logical_shape
 
+# Bound once: ``LoraLinear.forward``'s kept-factors check runs hundreds of times per decode step, where every
+# attribute lookup shows.
+_grad_enabled, _autocast_enabled, _compiling = torch.is_grad_enabled, torch.is_autocast_enabled, torch.compiler.is_compiling
+
 
 def lora_factors(*shape: int, init: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.Parameter, nn.Parameter]:
     """Fresh LoRA factors for ``shape = (*stack, r, in, out)``: A (*stack, r, in) and B (*stack, out, r).
@@ -333,6 +337,7 @@ class LoraLinear(FrozenProjection):
         self._dora_factor = FrozenConstant()  # m / ||W + s B A||, kept while the weights are frozen
         self._has_dropout = type(self.dropout) is not nn.Identity
         self._inference_factors = FrozenConstant()  # (A'ᵀ, Bᵀ, scale) of ``inference_factors``
+        self._kept: tuple | None = None  # ``keep_inference_factors``: the last inference call's factors, for forward
         self._dora_inference_factors = FrozenConstant()  # DoRA's: (A'ᵀ, Bᵀ, scale, factor, bias)
 
     def weight_norm(self) -> torch.Tensor:
@@ -377,10 +382,21 @@ class LoraLinear(FrozenProjection):
 
         return self._inference_factors.get((A, B), compute, (dtype,))
 
-    def inference_output(self, x: torch.Tensor, base_out: torch.Tensor, *, in_place: bool) -> torch.Tensor:
+    def keep_inference_factors(self, x: torch.Tensor) -> tuple:
+        """``inference_factors(x.dtype)`` with what they were computed from, for ``forward``'s check on later calls:
+        (A, B, their versions, their storage addresses, the dtype, the device type, the factors)."""
+        params = self._parameters
+        A, B = params["lora_A"], params["lora_B"]
+        factors = self.inference_factors(x.dtype)
+        self._kept = (A, B, A._version, B._version, A.data_ptr(), B.data_ptr(), x.dtype, x.device.type, factors)
+        return factors
+
+    def inference_output(self, x: torch.Tensor, base_out: torch.Tensor, *, in_place: bool,
+                         factors: tuple | None = None) -> torch.Tensor:
         """The inference path's ``base_out + s B A x`` from ``inference_factors`` (x (..., in), base_out (..., out)
-        in the same dtype); ``in_place``: written into ``base_out``, which must be the caller's own tensor."""
-        At, Bt, scale = self.inference_factors(x.dtype)
+        in the same dtype); ``in_place``: written into ``base_out``, which must be the caller's own tensor.
+        ``factors``: ``inference_factors(x.dtype)`` already at hand."""
+        At, Bt, scale = factors if factors is not None else self.inference_factors(x.dtype)
         if At is None:  # B = 0
             return base_out
         low = scaled_low(x, At, scale)  # (rows, r)
@@ -394,14 +410,27 @@ class LoraLinear(FrozenProjection):
 
         Inference (``inference_now``: serving, evaluation, ``generate``) takes a lean path with the same numbers as the
         general one: ``F.linear(x, W, b)``, ``x A'ᵀ`` (its scale folded in where exact) and the LoRA term added into
-        that fresh frozen output by ``addmm_``, with no per-call casts, checks or temporaries beyond those.
+        that fresh frozen output by ``addmm_``, with no per-call casts, checks or temporaries beyond those. Its
+        factors are kept from the last such call (``keep_inference_factors``) and taken after one inline check: the
+        same A and B objects at the same version and storage, the same input dtype, and the inference path's own
+        conditions (in a one-row decode step the Python of a general check costs as much as the two LoRA kernels).
         """
+        kept = self._kept
+        if kept is not None and not _grad_enabled():
+            A, B, A_version, B_version, A_storage, B_storage, dtype, device_type, factors = kept
+            params = self._parameters
+            if (x.dtype is dtype and params["lora_A"] is A and params["lora_B"] is B and A._version == A_version
+                    and B._version == B_version and A.data_ptr() == A_storage and B.data_ptr() == B_storage
+                    and not self.context.disabled and not (self.training and self._has_dropout)
+                    and not _autocast_enabled(device_type) and not _compiling()):
+                out = frozen_linear(x, params["weight"], params.get("bias"), self.fan_in_fan_out)
+                return self.inference_output(x, out, in_place=True, factors=factors)
         if self.inference_now(x.device.type) and not self.context.disabled:
             params = self._parameters
             out = frozen_linear(x, params["weight"], params.get("bias"), self.fan_in_fan_out)
             if self.use_dora:
                 return self.dora_inference_output(x, out, in_place=True)
-            return self.inference_output(x, out, in_place=True)
+            return self.inference_output(x, out, in_place=True, factors=self.keep_inference_factors(x))
         return super().forward(x)
 
     def adapter_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
