@@ -50,7 +50,8 @@ from .quantized import adapter_dtype_for, frozen_weight, is_quantized, logical_s
 
 # Bound once: ``LoraLinear.forward``'s kept-factors check runs hundreds of times per decode step, where every
 # attribute lookup shows.
-_grad_enabled, _autocast_enabled, _compiling = torch.is_grad_enabled, torch.is_autocast_enabled, torch.compiler.is_compiling
+_grad_enabled, _autocast_enabled = torch.is_grad_enabled, torch.is_autocast_enabled
+_compiling = torch.compiler.is_compiling
 
 
 def lora_factors(*shape: int, init: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.Parameter, nn.Parameter]:
