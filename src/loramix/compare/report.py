@@ -192,8 +192,9 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> Path:
-    """Per-task bars (one per method: mean accuracy over seeds) with the 95% t interval as whiskers (none over
-    one seed, which has no interval)."""
+    """One panel per task and one for the mean over tasks: a point per method (mean accuracy over seeds) with the 95%
+    t interval as a whisker (none over one seed, which has no interval) and the baseline's mean as a dashed line. Each
+    panel's accuracy axis spans its own points and whiskers, so gaps of a point or two stay visible; read the axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,24 +202,46 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
     tasks = results["tasks"] + [MEAN]
     accuracy = results["summary"]["accuracy"]
-    width = 0.8 / max(1, len(accuracy))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(tasks) * max(1, len(accuracy)) * 0.4 + 2), 4))
-    for i, (method, row) in enumerate(accuracy.items()):
-        x = np.arange(len(tasks)) + (i - (len(accuracy) - 1) / 2) * width
-        means = [row[t]["mean"] if row[t]["mean"] is not None else np.nan for t in tasks]
-        halves = [np.nan if row[t]["half"] is None else row[t]["half"] for t in tasks]  # one seed: no whisker
-        diverged = row[MEAN]["diverged"]
-        label = method + (f" ({diverged} of {diverged + row[MEAN]['seeds']} seeds diverged)" if diverged else "")
-        ax.bar(x, means, width, yerr=halves, capsize=2, label=label)
-    ax.set_ylim(0, 1)
-    ax.set_xticks(np.arange(len(tasks)), tasks)
-    ax.set_ylabel(f"accuracy ({results['study']['protocol']})")
+    baseline = results["summary"]["baseline"]
+    methods = list(accuracy)
+    colors = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors
+    columns = min(4, len(tasks))
+    rows = -(-len(tasks) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(0.45 * max(4, len(methods)) * columns + 1, 3.2 * rows),
+                             squeeze=False)
+    labels = []
+    for method in methods:
+        diverged = accuracy[method][MEAN]["diverged"]
+        seeds = accuracy[method][MEAN]["seeds"]
+        labels.append(method + (f" ({diverged} of {diverged + seeds} diverged)" if diverged else ""))
+    for ax, task in zip(axes.flat, tasks):
+        means = np.array([np.nan if accuracy[m][task]["mean"] is None else accuracy[m][task]["mean"] for m in methods])
+        halves = np.array([np.nan if accuracy[m][task]["half"] is None else accuracy[m][task]["half"] for m in methods])
+        for i in range(len(methods)):  # points, not bars: the axis does not start at zero
+            ax.errorbar(i, means[i], yerr=None if np.isnan(halves[i]) else halves[i], fmt="o", capsize=3,
+                        color=colors[i % len(colors)])
+        reach = np.nan_to_num(halves)
+        if np.isfinite(means).any():
+            low = np.nanmin(means - reach)
+            high = np.nanmax(means + reach)
+            margin = max(0.02, 0.1 * (high - low))
+            ax.set_ylim(max(0.0, low - margin), min(1.0, high + margin))
+        base_mean = accuracy.get(baseline, {}).get(task, {}).get("mean")
+        if base_mean is not None:
+            ax.axhline(base_mean, color="black", linestyle="--", linewidth=0.8)
+        ax.set_title(task)
+        ax.set_xticks(np.arange(len(methods)), labels, rotation=60, ha="right", fontsize="small")
+        ax.set_xlim(-0.6, len(methods) - 0.4)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes.flat[len(tasks):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"accuracy ({results['study']['protocol']})")
     unfinished = results.get("unfinished") or []
-    ax.set_title("mean over seeds, 95% t interval" + (
+    fig.suptitle(f"mean over seeds, 95% t interval; dashed: {baseline}" + (
         f" (partial: {len(results['runs'])} of {len(results['runs']) + len(unfinished)} runs)" if unfinished else ""))
-    ax.legend(fontsize="small", ncols=min(len(accuracy), 5))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
