@@ -56,15 +56,13 @@ class FrozenConstant:
         if not frozen or torch.compiler.is_compiling():
             self.clear()
             return compute()
-        key = self._key(tensors, extra)
-        value = self.value
-        same = len(tensors) == len(self.tensors) and all(a is b for a, b in zip(tensors, self.tensors))
         # an inference-mode tensor cannot be saved for a backward that records outside inference mode
         parts = value if isinstance(value, tuple) else (value,)
         usable = value is not None and not (any(isinstance(t, torch.Tensor) and t.is_inference() for t in parts)
                                             and torch.is_grad_enabled() and not torch.is_inference_mode_enabled())
-        if same and key == self.key and usable:
+        if usable and self._unchanged(tensors, extra):
             return value
+        key = self._key(tensors, extra)
         value = compute()
         self.tensors, self.key, self.value = tuple(tensors), key, value
         return value
