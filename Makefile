@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 # Pinned set verified to install together offline-from-hub (see ../shared/spec/assets.md).
 DEPS := transformers==5.23.0 safetensors==0.8.0 tokenizers==0.23.3 gguf==0.19.0 peft==0.21.2 \
-        accelerate==1.15.0 pyyaml tqdm matplotlib pytest
+        accelerate==1.15.0 pyyaml tqdm matplotlib pytest pytest-timeout==2.4.0
 # The tools users train, quantize, evaluate and track with; the tests run loramix inside the real ones.
 ECOSYSTEM := trl==1.16.0 datasets==5.2.0 lm-eval==0.4.13 tensorboard==2.21.0 bitsandbytes==0.50.2 torchao==0.18.0
 # loramix serve: the HTTP layer (FastAPI on uvicorn), /metrics (prometheus-client), structured output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 
 import pytest
 import torch
@@ -401,13 +402,15 @@ def test_torch_compile_sees_the_expert_tensors():
         torch.testing.assert_close(dict(moe.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-5)
 
 
-def test_ddp_wraps_and_reduces_every_adapter_tensor(tmp_path):
+def test_ddp_wraps_and_reduces_every_adapter_tensor():
     """One-process DDP (gloo): every adapter tensor is registered, takes part in every step (experts that got
     no tokens get zero gradients, not none, so no find_unused_parameters is needed)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    # An in-memory store: a file store's lock can block for good on some filesystems, and one process
+    # needs no rendezvous. The timeout turns any collective that never completes into an error.
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=120))
     try:
         model = loramix.inject(tiny_model("gpt2"), mixlora_config(routing="switch", capacity_factor=0.5))
         ddp = DistributedDataParallel(model)
