@@ -30,7 +30,8 @@ from tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-MEASURED = ("seconds", "cpu_seconds", "train_seconds", "eval_seconds", "step_seconds", "peak_memory_mb", "threads")
+MEASURED = ("seconds", "cpu_seconds", "train_seconds", "eval_seconds", "step_seconds", "peak_memory_mb", "threads",
+            "resumed_from_step")
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +226,12 @@ def test_killed_while_training_resumes_that_run_from_its_checkpoint(world, tmp_p
     steps = [json.loads(line)["step"] for line in (run / "train" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["type"] == "train"]
     assert steps == [1, 2, 3, 4]
+    runs = {(r["method"], r["seed"]): r for r in read(again["results"])["runs"]}
+    assert runs[("lora", 0)]["resumed_from_step"] == 2 and runs[("base", None)]["resumed_from_step"] == 0
+    assert "Resumed from a checkpoint" in (out / "results.md").read_text() and "lora seed 0 at step 2" in (
+        out / "results.md").read_text()
+    assert all(r["resumed_from_step"] == 0 for r in reference["runs"])
+    assert "Resumed from" not in (tmp_path / "whole" / "results.md").read_text()
     assert without_measurements(read(again["results"])) == without_measurements(reference)
 
 

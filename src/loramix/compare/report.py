@@ -168,8 +168,18 @@ def markdown(results: dict[str, Any]) -> str:
                                                      f" over the {len(timed)} runs that record it") + ")"
     lines += ["", f"Medians over a method's runs; memory: {results['runs'][0]['memory']}; CPU: the run's process "
               f"time, all its threads. Total run time {results['run_seconds'] / 60:.1f} min"
-              f"{cpu if timed else ''}. {_code_line(results['runs'])}"]
+              f"{cpu if timed else ''}.{_resumed_line(results['runs'])} {_code_line(results['runs'])}"]
     return "\n".join(lines) + "\n"
+
+
+def _resumed_line(runs: list[dict[str, Any]]) -> str:
+    """Runs finished by a process that resumed them from a checkpoint: their times cover only that process."""
+    resumed = [f"{run['method']} seed {run['seed']} at step {run['resumed_from_step']}" for run in runs
+               if run.get("resumed_from_step")]
+    if not resumed:
+        return ""
+    return (" Resumed from a checkpoint (their train, total and CPU seconds count only the steps after it; "
+            f"step time is unaffected): {', '.join(resumed)}.")
 
 
 def _code_line(runs: list[dict[str, Any]]) -> str:

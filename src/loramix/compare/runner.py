@@ -223,7 +223,8 @@ def execute_run(spec: dict[str, Any], *, threads: int | None = None, progress: b
         device = resolve_device(None if evaluation["device"] == "auto" else evaluation["device"])
         memory = _peak_memory_reset(device)
         model, tokenizer = load_model(spec["model"], dtype=evaluation["dtype"], device=device)
-        result.update(trainable_params=0, steps=0, step_seconds=None, final_loss=None, train_seconds=0.0)
+        result.update(trainable_params=0, steps=0, resumed_from_step=0, step_seconds=None, final_loss=None,
+                      train_seconds=0.0)
         task_ids = None
     else:
         cfg = train_config_from_dict(spec["train"], where=f"{folder / SPEC}: train")
@@ -244,7 +245,10 @@ def execute_run(spec: dict[str, Any], *, threads: int | None = None, progress: b
         if outcome["status"] == "completed" and loss is not None and not math.isfinite(loss):
             outcome = {"status": "diverged", "error": f"final training loss {loss}"}
         gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
+        # the callback runs once per optimizer step taken in this process, so a resumed run's first step is
+        # the one after its checkpoint; its train and total seconds count only the steps from there on
         result.update(status=outcome["status"], error=outcome.get("error"), steps=trainer.job.step,
+                      resumed_from_step=trainer.job.step - len(stamps),
                       trainable_params=sum(p.numel() for p in trainer.job.params.values()),
                       step_seconds=round(gaps[len(gaps) // 2], 4) if gaps else None, final_loss=loss,
                       train_seconds=round(time.perf_counter() - start, 2))
