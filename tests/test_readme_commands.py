@@ -37,6 +37,8 @@ README = ROOT / "README.md"
 SLOW = {
     "loramix bench": "benchmarks the full SmolLM2-135M shape (minutes per variant); tests/test_bench.py runs the "
                      "same code on a tiny shape",
+    "loramix compare examples/compare.yaml": "the committed 25-run study (hours on this CPU); tests/test_compare.py "
+                                             "runs the same code on a 2-method x 2-seed study of a tiny model",
 }
 OVERRIDES = "max_steps=2 data.train_limit=16 data.eval_limit=8 plots=false progress=false eval_every=0"
 
