@@ -245,10 +245,9 @@ def execute_run(spec: dict[str, Any], *, threads: int | None = None, progress: b
         if outcome["status"] == "completed" and loss is not None and not math.isfinite(loss):
             outcome = {"status": "diverged", "error": f"final training loss {loss}"}
         gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
-        # the callback runs once per optimizer step taken in this process, so a resumed run's first step is
-        # the one after its checkpoint; its train and total seconds count only the steps from there on
+        # a resumed run's train and total seconds count only the steps after its checkpoint
         result.update(status=outcome["status"], error=outcome.get("error"), steps=trainer.job.step,
-                      resumed_from_step=trainer.job.step - len(stamps),
+                      resumed_from_step=trainer.job.start_step,
                       trainable_params=sum(p.numel() for p in trainer.job.params.values()),
                       step_seconds=round(gaps[len(gaps) // 2], 4) if gaps else None, final_loss=loss,
                       train_seconds=round(time.perf_counter() - start, 2))

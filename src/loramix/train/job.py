@@ -103,7 +103,7 @@ class Job:
         self.pending_time = 0.0
         self._epoch_batches: tuple[int, list[list[int]]] | None = None
         self._trackers: list | None = None  # report_to: opened by the first record this job writes
-        self._start_step = 0
+        self.start_step = 0  # the step this process began at: 0, or its checkpoint's step when resumed
         self._lock: RunFolderLock | None = None  # held from start_log to close (run_lock.py)
 
     def where(self) -> str:
@@ -193,7 +193,7 @@ class Job:
                     and (_json_or_none(line) or {"step": math.inf}).get("step", 0) <= self.step]
             with ckpt.reporting_save_failures(self.metrics_path, folder):
                 ckpt.write_bytes(self.metrics_path, "".join(line + "\n" for line in keep).encode())
-        self._start_step = self.step  # trackers drop what a killed run logged after this step
+        self.start_step = self.step  # trackers drop what a killed run logged after this step
         return state
 
     # ------------------------------------------------------------------ data
@@ -238,7 +238,7 @@ class Job:
             ckpt.write_bytes(self.metrics_path, (json.dumps(record) + "\n").encode(), append=True)
         if self._trackers is None:
             self._trackers = open_trackers(self.config.report_to, self.output_dir, config=self.config.to_dict(),
-                                           start_step=self._start_step)
+                                           start_step=self.start_step)
         step, scalars = flatten(record)
         for tracker in self._trackers:
             tracker.log(scalars, step)
