@@ -17,6 +17,7 @@ from loramix.data import (
     IGNORE_INDEX, TASKS, DataError, InstructionExample, LengthGroupedBatches, MultipleChoiceExample,
     builtin_templates, collate, encode_example, load_examples, read_file, read_task, render, truncate_left,
 )
+from loramix.data.batching import padded_groups
 from loramix.data.tokenize import encode_continuation, encode_prompt, special_prefix, text_bound
 from tiny_models import tiny_model
 from tiny_tokenizer import tiny_tokenizer
@@ -275,6 +276,38 @@ def test_collate_left_padding():
 
 # ---------------------------------------------------------------------------------------------
 # length-grouped batches
+
+def _partitions(items: list[int]):
+    """Every partition of ``items`` into non-empty groups (brute force, for small lists)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _partitions(rest):
+        yield [[first]] + part
+        for k in range(len(part)):
+            yield part[:k] + [[first] + part[k]] + part[k + 1:]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_padded_groups_is_the_cheapest_partition(seed):
+    """``padded_groups`` reaches the least Σ |group| · longest + overhead · groups over every partition (brute force),
+    and cuts every index into exactly one group."""
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 12) for _ in range(rng.randint(1, 7))]
+    overhead = rng.choice([0, 1, 3, 8, 40])
+    cost = lambda groups: sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
+    got = padded_groups(lengths, overhead)
+    assert sorted(i for g in got for i in g) == list(range(len(lengths)))
+    assert all(g == sorted(g) for g in got)
+    assert cost(got) == min(cost(p) for p in _partitions(list(range(len(lengths)))))
+
+
+def test_padded_groups_extremes():
+    assert padded_groups([], 5) == []
+    assert padded_groups([3, 1, 2], 1000) == [[0, 1, 2]]  # a costly pass: one group
+    assert padded_groups([3, 1, 2, 3], 0) == [[0, 3], [2], [1]]  # free passes: one group per length, longest first
+
 
 def test_length_grouped_batches():
     g = torch.Generator().manual_seed(0)

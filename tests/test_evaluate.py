@@ -111,11 +111,26 @@ def reference_scores(model, tok, ex: MultipleChoiceExample, protocol: str) -> li
     return scores
 
 
+def continuation_passes(protocol: str, model: nn.Module, monkeypatch) -> list[int]:
+    """For ``protocol`` "loglik-groups": every continuation length its own pass (a pass costs nothing to
+    ``padded_groups``), and the returned list fills with the row count of each forward that continues a cache."""
+    forwards: list[int] = []
+    if protocol == "loglik-groups":
+        from loramix.evaluate import accuracy
+
+        monkeypatch.setattr(accuracy, "CONTINUATION_PASS_POSITIONS", 0)
+        model.register_forward_pre_hook(
+            lambda m, a, kw: forwards.append(len(kw["input_ids"])) if kw.get("past_key_values") is not None
+            and kw["past_key_values"].get_seq_length() > 0 else None, with_kwargs=True)
+    return forwards
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "llama+mixlora"])  # rotary and absolute positions
-@pytest.mark.parametrize("protocol", ["label", "loglik", "loglik-full"])
-def test_batched_scores_match_reference(family, protocol):
-    """Batched, padded scoring (and, for loglik, the shared-prompt KV-cache path) equals scoring
-    each sequence alone; also with a MixLoRA adapter whose router sees padded batches."""
+@pytest.mark.parametrize("protocol", ["label", "loglik", "loglik-groups", "loglik-full"])
+def test_batched_scores_match_reference(family, protocol, monkeypatch):
+    """Batched, padded scoring (and, for loglik, the shared-prompt KV-cache path, its continuations in one pass or
+    in a pass per length) equals scoring each sequence alone; also with a MixLoRA adapter whose router sees padded
+    batches."""
     tok = tiny_tokenizer()
     if family == "gpt2":
         model = tiny_model("gpt2", vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
@@ -126,10 +141,15 @@ def test_batched_scores_match_reference(family, protocol):
 
         model = inject(model, MixLoraConfig(r=4, alpha=8, num_experts=4, top_k=2, dropout=0.0))
         perturb_adapter(model, seed=0, every_std=0.3)
-    out = evaluate_multiple_choice(model, tok, EXAMPLES, protocol=protocol.removesuffix("-full"), batch_size=3,
+    passes = continuation_passes(protocol, model, monkeypatch)
+    kind = protocol.split("-")[0]
+    out = evaluate_multiple_choice(model, tok, EXAMPLES, protocol=kind, batch_size=3,
                                    progress=False, share_prompt=not protocol.endswith("-full"))
+    if protocol == "loglik-groups":  # 2 batches of prompts, and several lengths of continuation in each
+        assert len(passes) > 2 and sum(passes) == sum(len(encode_continuation(tok, t)) > 1 for ex in EXAMPLES
+                                                      for t in render_targets(ex, "mc_text"))
     with torch.no_grad():
-        ref = [reference_scores(model, tok, ex, protocol.removesuffix("-full")) for ex in EXAMPLES]
+        ref = [reference_scores(model, tok, ex, kind) for ex in EXAMPLES]
     for got, want in zip(out["scores"], ref):
         assert got == pytest.approx(want, abs=1e-4)
     assert out["predictions"] == [max(range(len(s)), key=s.__getitem__) for s in ref]
@@ -221,8 +241,8 @@ def _multi_model(tok, seed: int = 0):
     return model
 
 
-@pytest.mark.parametrize("protocol", ["label", "loglik", "loglik-full"])
-def test_one_pass_over_several_adapters_equals_each_alone(protocol):
+@pytest.mark.parametrize("protocol", ["label", "loglik", "loglik-groups", "loglik-full"])
+def test_one_pass_over_several_adapters_equals_each_alone(protocol, monkeypatch):
     """``evaluate_many`` (mixed batches, rows grouped per adapter) gives every adapter the scores and
     choices of evaluating it alone under ``only_adapter``; the batches really mix adapters."""
     from loramix import only_adapter
@@ -235,10 +255,12 @@ def test_one_pass_over_several_adapters_equals_each_alone(protocol):
     plans = []
     spy = model.register_forward_pre_hook(lambda m, a, kw: plans.append(kw.get("adapter_rows")), with_kwargs=True,
                                           prepend=True)
-    kind, share = protocol.removesuffix("-full"), not protocol.endswith("-full")
+    kind, share = protocol.split("-")[0], not protocol.endswith("-full")
+    passes = continuation_passes(protocol, model, monkeypatch)
     one = evaluate_many(model, tok, requests, protocol=kind, batch_size=3, progress=False, task_ids=tasks,
                         share_prompt=share)
     spy.remove()
+    assert protocol != "loglik-groups" or len(passes) > 2
     assert any(len({name for name, _ in plan}) > 1 for plan in plans)  # one pass: adapters share batches
     for plan in plans:  # each adapter's rows together
         names = [name for name, _ in plan]

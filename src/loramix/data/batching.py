@@ -81,6 +81,30 @@ def group_by_length(order: list[int], lengths: Sequence[int], batch_size: int, m
     return out
 
 
+def padded_groups(lengths: Sequence[int], overhead: float) -> list[list[int]]:
+    """The indices of ``lengths`` cut into groups, each padded to its longest, at the least padded area plus
+    ``overhead`` per group: Σ_g |g| · max_g + overhead · (number of groups). An optimal cut is a set of runs of the
+    lengths sorted longest first, so the search is over cut points of that order (O(n²)). Each group's indices are
+    ascending; groups longest first.
+
+    ``overhead``: what one more forward costs, in padded positions (a batch's fixed cost: reading every weight once).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: the cost of the first j of ``order``
+    cut = [0] * (n + 1)  # cut[j]: where the last group of that best cut starts
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * lengths[order[i]] + overhead  # order[i] is the run's longest
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(sorted(order[cut[j]:j]))
+        j = cut[j]
+    return groups[::-1]
+
+
 class EpochBatches:
     """A batch order that depends only on the epoch (``batches(epoch)``), read from any batch on (resume).
 
