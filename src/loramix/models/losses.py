@@ -28,7 +28,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+import contextlib
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -99,16 +100,60 @@ def answer_tokens(labels: torch.Tensor) -> torch.Tensor:
     return (labels[..., 1:] != IGNORE_INDEX).sum()
 
 
-def label_losses(logits: torch.Tensor, labels: torch.Tensor, rows: list[int]) -> list[tuple[torch.Tensor, int]]:
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the positions whose logits a causal LM loss reads (position t predicts label t + 1; the last
+    position predicts nothing). labels: (B, T), -100 (IGNORE_INDEX) where no loss."""
+    return nn.functional.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
+
+
+@contextlib.contextmanager
+def logits_at(model: nn.Module, positions: torch.Tensor) -> Iterator[list[bool]]:
+    """Within the block, the model's output layer (``get_output_embeddings()``) projects only ``positions`` (B, T)
+    bool of its (B, T, d) input: the forward's logits are (1, K, V), K = ``positions.sum()``, row by row.
+
+    Training on answers only (the prompt's labels -100), most positions have no loss, and each would cost an
+    output-layer row (d · V multiply-adds, forward and backward: a fifth of a SmolLM2-135M step) and a
+    log-softmax over V. Yields a list that holds True once the layer took the positions; it stays empty where
+    the model's forward does not call that module on (B, T, d) (the logits are then the whole (B, T, V))."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    taken: list[bool] = []
+    if not isinstance(head, nn.Module):
+        yield taken
+        return
+
+    def pick(module: nn.Module, args: tuple) -> tuple | None:
+        hidden = args[0] if args else None
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[:2] != positions.shape:
+            return None
+        taken.append(True)
+        return (hidden[positions.to(hidden.device)].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(pick)
+    try:
+        yield taken
+    finally:
+        handle.remove()
+
+
+def label_losses(logits: torch.Tensor, labels: torch.Tensor, rows: list[int],
+                 positions: torch.Tensor | None = None) -> list[tuple[torch.Tensor, int]]:
     """Summed next-token cross-entropy and its token count for each run of rows.
 
     Args:
-        logits: (B, T, V). labels: (B, T), -100 where no loss. rows: the row counts of the runs (sum B).
+        logits: (B, T, V), or (1, K, V) of ``positions`` alone (``logits_at``). labels: (B, T), -100 where no loss.
+        rows: the row counts of the runs (sum B). positions: (B, T) bool, ``loss_positions(labels)``, where
+            the logits are those positions' only; else None.
 
     Returns:
         One (CE sum in fp32 (scalar), counted tokens) per run; (0., 0) for a run without labels.
     """
     out = []
+    if positions is not None:
+        counts = [int(run.sum()) for run in positions.sum(1).split(rows)]  # picked positions per run
+        targets = labels[:, 1:][positions[:, :-1]].to(logits.device)  # (K,) row by row, as the logits
+        for count, piece, target in zip(counts, logits[0].split(counts), targets.split(counts)):
+            out.append((nn.functional.cross_entropy(piece.float(), target, reduction="sum"), count))
+        return out
     # split, not one slice per run: a slice's backward writes its gradient into a zero-filled tensor of
     # the *whole* logits' shape (N runs: N × (B, T, V) zeros), while split's backward concatenates once.
     start = 0

@@ -56,7 +56,7 @@ from ..config import ConfigError
 from ..data.batching import check_pad_token
 from ..evaluate import evaluate_many, evaluate_multiple_choice
 from ..models.inject import adapter_state, inject, router_stats
-from ..models.losses import IGNORE_INDEX, answer_tokens, compose_loss, label_losses
+from ..models.losses import IGNORE_INDEX, answer_tokens, compose_loss, label_losses, logits_at, loss_positions
 from ..models.quantize import enable_gradient_checkpointing
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -348,13 +348,14 @@ class Trainer:
         # where an activation checkpoint's recompute repeats the forward's all-reduces.
         for job, _ in parts:
             self.contexts[job.name].balance_group = self._balance_group(job)
+        positions = loss_positions(batch["labels"])  # the output layer projects only these (logits (1, K, V))
         try:
-            with autocast:
+            with autocast, logits_at(self.model, positions) as taken:
                 out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  task_ids=batch["task_ids"], **kwargs)
             terms = []
-            for (job, w), b, (ce_sum, n_b) in zip(parts, batches, label_losses(out.logits, batch["labels"],
-                                                                                 [r for _, r in rows])):
+            losses = label_losses(out.logits, batch["labels"], [r for _, r in rows], positions if taken else None)
+            for (job, w), b, (ce_sum, n_b) in zip(parts, batches, losses):
                 # the raw auxiliary losses of this job's rows: what its modules recorded in this forward (the plain
                 # adapter's hook read the same collector and got the same tensors)
                 raw = self.contexts[job.name].losses.collect(out.logits)
