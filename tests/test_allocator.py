@@ -14,8 +14,8 @@ import pytest
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt (Linux)")
 
-# Prints how many bytes a 16 MB malloc added to glibc's mmapped total, after keep_freed_memory() when asked.
-MMAPPED_BY_A_16MB_BLOCK = """
+# glibc's counters and a 16 MB malloc: ``mmapped_by_a_16mb_block()`` is how many bytes it added to the mmapped total
+LIBC = """
 import ctypes, sys
 from loramix.allocator import keep_freed_memory
 
@@ -26,11 +26,25 @@ class MallInfo2(ctypes.Structure):
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
 libc.malloc.restype = ctypes.c_void_p
+
+def mmapped_by_a_16mb_block():
+    before = libc.mallinfo2().hblkhd
+    block = libc.malloc(16 << 20)
+    grew = libc.mallinfo2().hblkhd - before
+    libc.free(ctypes.c_void_p(block))
+    return grew
+"""
+# Prints whether the setting was made (after keep_freed_memory() when asked) and that growth.
+MMAPPED_BY_A_16MB_BLOCK = LIBC + """
 set_ = keep_freed_memory() if sys.argv[1] == "set" else None
-before = libc.mallinfo2().hblkhd
-block = libc.malloc(16 << 20)
-print(set_, libc.mallinfo2().hblkhd - before)
-libc.free(ctypes.c_void_p(block))
+print(set_, mmapped_by_a_16mb_block())
+"""
+# ``python -m loramix.demo``'s own entry point, its run replaced by the measurement.
+DEMO_ENTRY = LIBC + """
+import loramix.demo
+
+loramix.demo.run = lambda args: print(mmapped_by_a_16mb_block())
+sys.exit(loramix.demo.main(["--output-dir", sys.argv[1]]))
 """
 
 
@@ -50,3 +64,11 @@ def test_the_users_choice_wins():
     for env in ({"LORAMIX_KEEP_FREED_MEMORY": "0"}, {"MALLOC_ARENA_MAX": "2"}):
         set_, grew = mmapped("set", **env)
         assert set_ == "False" and grew >= 16 << 20
+
+
+def test_make_demo_sets_it_too(tmp_path):
+    """``make demo`` runs ``python -m loramix.demo``, not the ``loramix`` command: its main makes the setting itself."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LORAMIX_KEEP_FREED_MEMORY"}
+    out = subprocess.run([sys.executable, "-c", DEMO_ENTRY, str(tmp_path / "demo")], env=clean, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[-1] == "0"

@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.eval_limit = args.eval_limit or None  # 0: all, as loramix eval --limit
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()  # as every loramix command does: freed activations are not page-faulted in again each step
     from .cli import apply_threads
     from .train.run_lock import hold_run_folder
 
