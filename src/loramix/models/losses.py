@@ -113,9 +113,9 @@ def logits_at(model: nn.Module, positions: torch.Tensor) -> Iterator[list[bool]]
 
     Training on answers only (the prompt's labels -100), most positions have no loss, and each would cost an
     output-layer row (d · V multiply-adds forward and backward, about a fifth of a SmolLM2-135M position's; measured:
-    a demo-sized forward and backward 0.885×) and a log-softmax over V. Yields a list that holds True once the layer took the
-    positions; it stays empty where the model's forward does not call that module on (B, T, d) (the logits are then
-    the whole (B, T, V))."""
+    a demo-sized forward and backward 0.885×) and a log-softmax over V. Yields a list that holds True once the layer
+    took the positions; it stays empty where the model's forward does not call that module on (B, T, d) (the logits
+    are then the whole (B, T, V))."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     taken: list[bool] = []
     if not isinstance(head, nn.Module):
