@@ -27,7 +27,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "loramix"
 MAX_LINES = 600
 LAYERS = {
-    "version": 0, "config": 0, "allocator": 0,
+    "version": 0, "config": 0, "allocator": 0, "cache": 0,
     "modules": 1,
     "models": 2, "hub": 2,
     "adapters": 3,

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .cache import cache_root
 from .config import DTYPE_NAMES, UsageError, dtype_name
 
 EMBEDDED_NAME = "smollm2-135m"
@@ -45,15 +46,6 @@ DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_NAMES.ite
 
 class ModelLoadError(RuntimeError):
     """A model could not be found or loaded; the message says what was tried and what to do."""
-
-
-def cache_root() -> Path:
-    """Root folder of loramix's cache: ``$LORAMIX_CACHE``, else ``$XDG_CACHE_HOME/loramix``, else
-    ``~/.cache/loramix``."""
-    if os.environ.get("LORAMIX_CACHE"):
-        return Path(os.environ["LORAMIX_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "loramix"
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

@@ -10,6 +10,8 @@ Variants (each a ``Variant``: a model, its trainable parameters and one training
                            in backward), listed when asked for with --variants
     loramix-mixlora-fused  the fast path with fused=True (the expert rows' elementwise work torch.compile'd; its
                            first step, a warmup step, compiles), listed when asked for with --variants
+    loramix-mixlora-eager  the fast path with native_kernel=False (the expert rows' elementwise work in eager
+                           PyTorch instead of the C kernel), listed when asked for with --variants
     authors-mixlora        the MixLoRA authors' ``mixlora`` 0.2.3 package, made trainable
     loramix-loramoe        loramix LoRAMoE (--experts dense experts of rank --rank on gate,up,down; no task types)
     loramix-mola           loramix MoLA (--experts experts in every layer, top --top-k, on all seven projections)
@@ -340,6 +342,7 @@ BUILDERS: dict[str, Callable[[nn.Module, BenchSettings, dict], Variant]] = {
     "authors-mixlora": build_authors_mixlora,
     "loramix-mixlora-recompute": _loramix_builder("loramix-mixlora-recompute", "mixlora", recompute_experts=True),
     "loramix-mixlora-fused": _loramix_builder("loramix-mixlora-fused", "mixlora", fused=True),
+    "loramix-mixlora-eager": _loramix_builder("loramix-mixlora-eager", "mixlora", native_kernel=False),
     "loramix-loramoe": _loramix_builder("loramix-loramoe", "loramoe"),
     "loramix-mola": _loramix_builder("loramix-mola", "mola"),
     "loramix-mola-dense": _loramix_builder("loramix-mola-dense", "mola", dispatch="dense"),

@@ -88,6 +88,12 @@ class MixLoraConfig(AdapterSettings):
         "region (same results; the first step compiles it, tens of seconds on a CPU); false: the eager path.",
         False,
     )
+    native_kernel: bool = help_field(
+        "On a CPU in fp32, a SiLU-gated FFN without DoRA: the expert rows' SwiGLU, mixing and masking in one C kernel "
+        "pass forward and one backward (built by the machine's C compiler on first use and cached; without one, a "
+        "warning and the eager path); false: the eager path.",
+        True,
+    )
     adapter_dtype: str | None = help_field(ADAPTER_DTYPE_HELP, None)
 
     def __post_init__(self) -> None:
@@ -95,7 +101,7 @@ class MixLoraConfig(AdapterSettings):
         self._check_lora("attention_")
         self._check_targets("attention_targets")
         self._check_targets("ffn_targets")
-        self._check_common("use_dora", "use_rslora", "recompute_experts", "fused")
+        self._check_common("use_dora", "use_rslora", "recompute_experts", "fused", "native_kernel")
         self._check_numbers("num_experts", positive=True, integer=True)
         self._check("routing", self.routing in ROUTINGS, f"one of {ROUTINGS}")
         if self.routing == "top_k":

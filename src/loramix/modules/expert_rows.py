@@ -53,6 +53,35 @@ class IndexAddRows(torch.autograd.Function):
         return (grad if ctx.needs_input_grad[0] else None), None, grad_rows
 
 
+def gathered_rows(frozen: torch.Tensor, token: torch.Tensor, low: torch.Tensor | None, B: torch.Tensor | None,
+                  sizes: list[int]) -> torch.Tensor:
+    """``frozen[token]`` (M, out) with each expert's LoRA up step ``low_e B_eᵀ`` added into its row segment by the matmul
+    itself (``addmm_``; low None: no LoRA). low (M, r) sorted by expert, B (E, out, r) in frozen's dtype, sizes as
+    ``GatheredLoraRows``."""
+    rows = frozen.index_select(0, token)
+    if low is not None:
+        for rows_e, low_e, B_e in zip(rows.split(sizes), low.split(sizes), B.unbind(0)):
+            if rows_e.shape[0]:
+                rows_e.addmm_(low_e, B_e.t())
+    return rows
+
+
+def lora_grads(grad: torch.Tensor, low: torch.Tensor, B: torch.Tensor, sizes: list[int], want_low: bool,
+               want_B: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of ``low`` (M, r) and ``B`` (E, out, r) of ``gathered_rows`` from the rows' gradient ``grad``
+    (M, out), per expert segment; unrouted rows (past the E experts) have no LoRA and a zero gradient. None where
+    not wanted."""
+    segments = list(zip(grad.split(sizes), low.split(sizes), B.unbind(0)))
+    grad_low = grad_B = None
+    if want_low:
+        grad_low = low.new_zeros(low.shape)
+        for (grad_e, _, B_e), out_e in zip(segments, grad_low.split(sizes)):
+            torch.mm(grad_e, B_e.to(grad.dtype), out=out_e)
+    if want_B:
+        grad_B = torch.stack([torch.mm(grad_e.t(), low_e.to(grad.dtype)) for grad_e, low_e, _ in segments])
+    return grad_low, grad_B
+
+
 class GatheredLoraRows(torch.autograd.Function):
     """``base[token] + low_e B_eᵀ``: the frozen rows gathered and each expert's LoRA up step added into its row segment
     by the matmul itself (``addmm_``), so no (M, out) delta is written and then added in another pass.
@@ -67,10 +96,7 @@ class GatheredLoraRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base: torch.Tensor, token: torch.Tensor, low: torch.Tensor,  # type: ignore[override]
                 B: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        rows = base.index_select(0, token)
-        for rows_e, low_e, B_e in zip(rows.split(sizes), low.split(sizes), B.unbind(0)):
-            if rows_e.shape[0]:
-                rows_e.addmm_(low_e, B_e.t())
+        rows = gathered_rows(base, token, low, B, sizes)
         ctx.save_for_backward(token, low, B)
         ctx.sizes, ctx.num_tokens = sizes, base.shape[0]
         return rows
@@ -79,16 +105,10 @@ class GatheredLoraRows(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         token, low, B = ctx.saved_tensors
         grad = grad.contiguous()
-        segments = list(zip(grad.split(ctx.sizes), low.split(ctx.sizes), B.unbind(0)))
-        grad_base = grad_low = grad_B = None
+        grad_base = None
         if ctx.needs_input_grad[0]:
             grad_base = grad.new_zeros(ctx.num_tokens, grad.shape[1]).index_add_(0, token, grad)
-        if ctx.needs_input_grad[2]:
-            grad_low = low.new_zeros(low.shape)  # unrouted rows (past the E experts): no LoRA, zero gradient
-            for (grad_e, _, B_e), out_e in zip(segments, grad_low.split(ctx.sizes)):
-                torch.mm(grad_e, B_e.to(grad.dtype), out=out_e)
-        if ctx.needs_input_grad[3]:
-            grad_B = torch.stack([torch.mm(grad_e.t(), low_e.to(grad.dtype)) for grad_e, low_e, _ in segments])
+        grad_low, grad_B = lora_grads(grad, low, B, ctx.sizes, ctx.needs_input_grad[2], ctx.needs_input_grad[3])
         return grad_base, None, grad_low, grad_B, None
 
 

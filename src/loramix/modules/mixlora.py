@@ -62,7 +62,8 @@ from .kinds import AdapterKind, AdapterModule, Site, TensorRole, register, resol
 from .lora import (
     LORA_ROLES, LoraDropout, LoraLinear, dora_output, dora_weight_norm, lora_factors, lora_input, lora_sites,
 )
-from .mixlora_rows import down_dropout_keep, grouped_mm_supported, input_rows, lora_low
+from . import native_rows
+from .mixlora_rows import down_dropout_keep, grouped_mm_supported, input_rows, lora_low, native_swiglu_rows
 from .mixlora_few import applies as few_tokens_apply, few_token_rows
 from .mixlora_served import Routed, forward_precomputed, route_logits, route_together
 from .quantized import adapter_dtype_for, frozen_weight, logical_shape
@@ -186,7 +187,7 @@ class MixLoraFFN(AdapterModule):
         self.temperature, self.max_experts = config.temperature, config.max_experts
         self.capacity_factor, self.jitter = config.capacity_factor, config.jitter
         self.dispatch, self.recompute_experts = config.dispatch, config.recompute_experts
-        self.fused = config.fused
+        self.fused, self.native_kernel = config.fused, config.native_kernel
         self.lora_dropout = LoraDropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
         output = getattr(self, output_projection)
@@ -252,8 +253,8 @@ class MixLoraFFN(AdapterModule):
         # Under autocast ``@`` runs in the autocast dtype; the rows go on in the inputs' dtype (no-op otherwise).
         return (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).to(inputs.dtype)
 
-    # training's rows (mixlora_rows.py): the stacked A, gathered rows with B added, the down LoRA's mask
-    lora_low, input_rows, down_dropout_keep = lora_low, input_rows, down_dropout_keep
+    # training's rows (mixlora_rows.py): the stacked A, gathered rows with B added, the down LoRA's mask, the C kernel's
+    lora_low, input_rows, down_dropout_keep, native_swiglu_rows = lora_low, input_rows, down_dropout_keep, native_swiglu_rows
 
     def expert_rows(self, name: str, base_rows: torch.Tensor, inputs: torch.Tensor, seg: Segments,
                     row_expert: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
@@ -399,6 +400,10 @@ class MixLoraFFN(AdapterModule):
 
         # (M, d): one dropout mask shared by gate and up; its 1/(1-p) goes into B.
         expert_inputs, factor = lora_input(self.lora_dropout, x.index_select(0, token).to(compute))
+        if native_rows.applies(self, x, compute):  # the rows' elementwise work in C (native_rows.py)
+            mixed, weighted, keep, factor = self.native_swiglu_rows(frozen, token, expert_inputs, seg, row_expert,
+                                                                    row_weight, factor)
+            return mixed, lambda down: self.add_down_lora(down, token, weighted, seg, keep, factor)
         rows = self.input_rows(frozen, token, expert_inputs, seg, row_expert, factor)
 
         name = self.output_projection

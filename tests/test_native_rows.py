@@ -1,0 +1,222 @@
+"""MixLoRA's C kernel for the SiLU-gated expert rows (``modules/native_rows.py``, ``modules/native/swiglu_rows.c``).
+
+``NativeSwiGLURows`` must give what plain autograd gives over the formula it replaces (the frozen rows gathered, each
+expert's LoRA up step added, ``w · silu(g) ⊙ u`` mixed into the tokens and masked for the down LoRA): outputs and the
+gradients of every input, in fp32 against an fp64 reference, whichever outputs feed the loss, with projections
+without a LoRA, unrouted rows, and tokens with no, one or three rows. In the block it must equal the eager path
+(``native_kernel: false``) and the per-expert loop, with dropout and padding, and it must be the path that ran.
+Where no kernel can be built, ``native.load`` warns once and the eager path runs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+import loramix
+from conftest import mixlora_config, perturb_adapter
+from test_modules import first_moe, rel_err, run_with_grads, token_mask
+from tiny_models import tiny_model
+from loramix.modules import native, native_rows
+from loramix.modules.native_rows import NativeSwiGLURows
+
+pytestmark = pytest.mark.skipif(native_rows.kernel() is None, reason="no C compiler on this machine")
+
+EXPERTS, RANK = 3, 4
+
+
+def _problem(seed: int, width: int = 37):
+    """A dispatch of 9 tokens: token 4 has no row, token 7 three; rows sorted by expert, then 2 unrouted rows."""
+    g = torch.Generator().manual_seed(seed)
+    token = torch.tensor([0, 2, 7, 1, 3, 7, 8, 0, 5, 6, 7, 2, 6, 1, 3])
+    sizes = [4, 3, 6, 2]  # three experts' segments, then the unrouted rows (no LoRA)
+    rows, tokens = token.shape[0], 9
+    tensors = {
+        "gate": torch.randn(tokens, width, generator=g) * 2, "up": torch.randn(tokens, width, generator=g),
+        "low_gate": torch.randn(rows, RANK, generator=g), "low_up": torch.randn(rows, RANK, generator=g),
+        "B_gate": torch.randn(EXPERTS, width, RANK, generator=g) * 0.5,
+        "B_up": torch.randn(EXPERTS, width, RANK, generator=g) * 0.5,
+        "weight": torch.rand(rows, 1, generator=g),
+    }
+    keep = torch.rand(rows, width, generator=g) > 0.3
+    return tensors, token, sizes, tokens, keep
+
+
+def _reference(t: dict, token, sizes, tokens, keep, want_rows):
+    """Plain autograd over the formula (fp64)."""
+    def rows_of(frozen, low, B):
+        rows = frozen.index_select(0, token)
+        if low is None:
+            return rows
+        deltas = [low_e @ B[e].t() for e, low_e in enumerate(low.split(sizes)[:EXPERTS])]
+        deltas += [low.new_zeros(n, frozen.shape[1]) for n in sizes[EXPERTS:]]
+        return rows + torch.cat(deltas)
+
+    g, u = rows_of(t["gate"], t["low_gate"], t["B_gate"]), rows_of(t["up"], t["low_up"], t["B_up"])
+    y = t["weight"] * torch.nn.functional.silu(g) * u
+    mixed = torch.zeros(tokens, y.shape[1], dtype=y.dtype).index_add(0, token, y)
+    rows = (y if keep is None else torch.where(keep, y, 0.0)) if want_rows else None
+    return mixed, rows
+
+
+def _native(t: dict, token, sizes, tokens, keep, want_rows):
+    row_expert = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    return NativeSwiGLURows.apply(t["gate"], t["up"], token, row_expert, sizes, t["low_gate"], t["low_up"], t["B_gate"], t["B_up"],
+                                  t["weight"], keep, want_rows)
+
+
+@pytest.mark.parametrize("without", [None, "gate", "up"], ids=["both-lora", "no-gate-lora", "no-up-lora"])
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "nomask"])
+@pytest.mark.parametrize("losses", ["both", "mixed", "rows"])
+def test_native_rows_match_autograd(losses, masked, without):
+    """Outputs and the gradients of every input equal fp64 autograd over the formula (fp32 precision), whether the
+    loss reads both outputs or one; a token without rows gets zeros and a zero gradient."""
+    tensors, token, sizes, tokens, keep = _problem(seed=1)
+    keep = keep if masked else None
+    if without is not None:
+        tensors[f"low_{without}"] = tensors[f"B_{without}"] = None
+    want_rows = losses != "mixed"
+    probe = torch.randn(tokens, tensors["gate"].shape[1], generator=torch.Generator().manual_seed(2))
+    results = []
+    for fn, dtype in ((_reference, torch.float64), (_native, torch.float32)):
+        leaves = {k: None if v is None else v.to(dtype).requires_grad_() for k, v in tensors.items()}
+        mixed, rows = fn(leaves, token, sizes, tokens, keep, want_rows)
+        loss = 0
+        if losses in ("both", "mixed"):
+            loss = loss + (mixed * probe.to(dtype)).sum()
+        if losses in ("both", "rows"):
+            loss = loss + rows.sin().sum()
+        loss.backward()
+        grads = {k: v.grad.double() for k, v in leaves.items() if v is not None}
+        results.append((mixed.detach().double(), None if rows is None else rows.detach().double(), grads))
+    (ref_mixed, ref_rows, ref_grads), (mixed, rows, grads) = results
+    torch.testing.assert_close(mixed, ref_mixed, rtol=1e-5, atol=1e-5)
+    assert mixed[4].abs().max() == 0  # token 4 has no row
+    assert (rows is None) == (ref_rows is None)
+    if rows is not None:
+        torch.testing.assert_close(rows, ref_rows, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name, want in ref_grads.items():
+        assert want.abs().max() > 0, name
+        assert rel_err(grads[name], want) < 1e-5, name
+    assert grads["gate"][4].abs().max() == 0
+
+
+def test_native_silu_over_fp32s_range_and_nan():
+    """One row per token, weight 1, up 1: the mix is silu(g), within 1e-6 relative of torch's over [-100, 100] (the
+    exp polynomial and its clamps), 0 and ±inf-free at the ends, and a NaN stays NaN (a NaN loss is still seen)."""
+    width = 4001
+    gate = torch.linspace(-100, 100, width).reshape(1, width)
+    gate = torch.cat([gate, torch.full((1, width), float("nan"))])
+    token, ones = torch.tensor([0, 1]), torch.ones(2, 1)
+    mixed, _ = NativeSwiGLURows.apply(gate, torch.ones(2, width), token, torch.tensor([0, 0]), [2], None, None, None, None, ones, None, False)
+    want = torch.nn.functional.silu(gate[0].double())
+    got = mixed[0].double()
+    assert torch.isfinite(got).all()
+    assert ((got - want).abs() <= 1e-6 * want.abs() + 1e-30).all()
+    assert torch.isnan(mixed[1]).all()
+
+
+def _block(native_kernel: bool, ffn_targets: list[str], dropout: float):
+    cfg = mixlora_config(attention_targets=[], ffn_targets=ffn_targets, dropout=dropout, native_kernel=native_kernel)
+    moe, _ = first_moe(loramix.inject(tiny_model("llama"), cfg))
+    perturb_adapter(moe, seed=5, b_std=0.3, router_std=1.0)
+    moe.train()
+    return moe
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("ffn_targets", [["gate_proj", "up_proj", "down_proj"], ["up_proj"], ["gate_proj", "down_proj"]],
+                         ids=["all", "up", "gate-down"])
+def test_block_native_equals_eager_and_naive(ffn_targets, dropout, monkeypatch):
+    """In the block (padding: unrouted rows; top-2), the kernel's output and the gradients of x and every adapter
+    tensor equal the eager path's (same seed: the same dropout masks) and, without dropout, the per-expert loop's,
+    to 1e-5; the kernel ran (forward and backward), the eager path did not run it."""
+    batch, length = 3, 10
+    calls = []
+    real = native_rows.kernel
+
+    class Counting:
+        def __init__(self, library):
+            self.library = library
+
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(self.library, name)
+
+    monkeypatch.setattr(native_rows, "kernel", lambda: None if real() is None else Counting(real()))
+    results = {}
+    for name, native_kernel, dispatch in (("eager", False, "sorted"), ("native", True, "sorted"),
+                                          ("naive", False, "naive")):
+        moe = _block(native_kernel, ffn_targets, dropout)
+        moe.dispatch = dispatch
+        dim = moe.router.weight.shape[1]
+        moe.context.token_mask = token_mask(batch, length, padded=True)
+        x = torch.randn(batch, length, dim, generator=torch.Generator().manual_seed(2))
+        before = len(calls)
+        torch.manual_seed(11)
+        results[name] = run_with_grads(moe, x, lambda t: moe(t).reshape(-1, dim))
+        ran = set(calls[before:])
+        assert ran == ({"swiglu_gathered_rows", "swiglu_rows_forward", "swiglu_rows_backward"} if name == "native"
+                       else set()), name
+    (ref, ref_grads), (out, grads) = results["eager"], results["native"]
+    assert rel_err(out, ref) < 1e-5
+    assert grads.keys() == ref_grads.keys()
+    for name, want in ref_grads.items():
+        assert want.abs().max() > 0, name
+        assert rel_err(grads[name], want) < 1e-5, name
+    if dropout == 0:
+        naive, naive_grads = results["naive"]
+        assert rel_err(out, naive) < 1e-5
+        for name, want in naive_grads.items():
+            assert rel_err(grads[name], want) < 1e-5, name
+
+
+def test_native_kernel_must_be_true_or_false():
+    with pytest.raises(ValueError, match="native_kernel"):
+        mixlora_config(native_kernel="yes")
+
+
+def test_no_compiler_warns_once_and_the_eager_path_runs(tmp_path, monkeypatch):
+    """With no usable compiler (a fresh cache), ``load`` returns None and warns once naming the kernel and how to turn
+    the attempt off; the block then runs eager and gives the eager path's output."""
+    monkeypatch.setenv("LORAMIX_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(native, "_LOADED", {})
+    with pytest.warns(UserWarning, match=r"'swiglu_rows' is not used \(no C compiler found.*LORAMIX_NATIVE=0"):
+        assert native_rows.kernel() is None
+    moe = _block(True, ["gate_proj", "up_proj", "down_proj"], 0.0)
+    dim = moe.router.weight.shape[1]
+    x = torch.randn(2, 6, dim, generator=torch.Generator().manual_seed(3))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: no second warning
+        out = moe(x)
+    monkeypatch.undo()
+    eager = _block(False, ["gate_proj", "up_proj", "down_proj"], 0.0)
+    assert torch.equal(out, eager(x))
+
+
+def test_compile_error_is_reported_with_the_compilers_message(tmp_path, monkeypatch):
+    """A source the compiler rejects: the warning quotes the compiler's error and names the file."""
+    (tmp_path / "broken.c").write_text("int broken( {\n")
+    monkeypatch.setattr(native, "SOURCES", tmp_path)
+    monkeypatch.setenv("LORAMIX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_LOADED", {})
+    with pytest.warns(UserWarning, match=r"broken\.c.*error"):
+        assert native.load("broken") is None
+
+
+def test_native_off_by_environment(monkeypatch):
+    """``LORAMIX_NATIVE=0``: no kernel, no warning, no compiler run."""
+    monkeypatch.setenv("LORAMIX_NATIVE", "0")
+    monkeypatch.setattr(native, "_LOADED", {})
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("the compiler ran"))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.load("swiglu_rows") is None
