@@ -81,19 +81,19 @@ def _gathered_rows(gate: torch.Tensor, up: torch.Tensor, token: torch.Tensor, ro
                    B_up: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``expert_rows.gathered_rows`` of gate and up in the C kernel (each row's LoRA up step added while the row is in
     registers, rows in expert order so that each B_e is read from cache): g, u (M, f). The lows are column slices of
-    one (M, 2r) tensor or (M, r) tensors of their own; B (E, f, r) goes in transposed, (E, r, f)."""
+    one (M, 2r) tensor or (M, r) tensors of their own; B (E, f, r)."""
     lows = [low for low in (low_gate, low_up) if low is not None]
     stride = lows[0].stride(0) if lows else 0
     if any(low.stride() != (stride, 1) for low in lows):  # both read with one row stride, columns contiguous
         low_gate, low_up = (None if low is None else low.contiguous() for low in (low_gate, low_up))
         stride = next(low.shape[1] for low in (low_gate, low_up) if low is not None)
-    Bt_gate, Bt_up = (None if B is None else B.transpose(1, 2).contiguous() for B in (B_gate, B_up))
-    rank = next((B.shape[1] for B in (Bt_gate, Bt_up) if B is not None), 0)
-    experts = next((B.shape[0] for B in (Bt_gate, Bt_up) if B is not None), 0)
+    B_gate, B_up = (None if B is None else B.contiguous() for B in (B_gate, B_up))
+    rank = next((B.shape[2] for B in (B_gate, B_up) if B is not None), 0)
+    experts = next((B.shape[0] for B in (B_gate, B_up) if B is not None), 0)
     g, u = gate.new_empty(token.shape[0], gate.shape[1]), up.new_empty(token.shape[0], up.shape[1])
     kernel().swiglu_gathered_rows(
         token.shape[0], gate.shape[1], rank, experts, _pointer(token), _pointer(row_expert.contiguous()),
-        _pointer(gate), _pointer(up), _pointer(low_gate), _pointer(low_up), stride, _pointer(Bt_gate), _pointer(Bt_up),
+        _pointer(gate), _pointer(up), _pointer(low_gate), _pointer(low_up), stride, _pointer(B_gate), _pointer(B_up),
         _pointer(g), _pointer(u), torch.get_num_threads())
     return g, u
 
