@@ -4,7 +4,8 @@
 expert's LoRA up step added, ``w · silu(g) ⊙ u`` mixed into the tokens and masked for the down LoRA): outputs and the
 gradients of every input, in fp32 against an fp64 reference, whichever outputs feed the loss, with projections
 without a LoRA, unrouted rows, and tokens with no, one or three rows. In the block it must equal the eager path
-(``native_kernel: false``) and the per-expert loop, with dropout and padding, and it must be the path that ran.
+(``native_kernel: false``) and the per-expert loop, with dropout and padding, and it must be the path that ran; in
+bf16 it must round each result once and stay within a few bf16 roundings of the eager path.
 Where no kernel can be built, ``native.load`` warns once and the eager path runs.
 """
 
@@ -104,6 +105,28 @@ def test_native_rows_match_autograd(losses, masked, without):
     assert grads["gate"][4].abs().max() == 0
 
 
+def test_native_rows_in_bf16_round_each_result_once():
+    """bf16 rows: outputs equal fp64 autograd over the same (bf16-rounded) inputs to bf16's rounding of one result
+    (the arithmetic is fp32 inside), gradients to a few roundings (g and u are kept in bf16 for backward, as the eager
+    path keeps them), and all come back in bf16."""
+    tensors, token, sizes, tokens, keep = _problem(seed=3)
+    bf16 = {k: v.to(torch.bfloat16) for k, v in tensors.items()}
+    probe = torch.randn(tokens, tensors["gate"].shape[1], generator=torch.Generator().manual_seed(4))
+    results = []
+    for fn, leaves in ((_reference, {k: v.double().requires_grad_() for k, v in bf16.items()}),
+                       (_native, {k: v.clone().requires_grad_() for k, v in bf16.items()})):
+        mixed, rows = fn(leaves, token, sizes, tokens, keep, True)
+        ((mixed * probe.to(mixed.dtype)).sum() + rows.sin().sum()).backward()
+        results.append((mixed, rows, leaves))
+    (ref_mixed, ref_rows, ref_leaves), (mixed, rows, leaves) = results
+    assert mixed.dtype == rows.dtype == torch.bfloat16
+    assert rel_err(mixed.double(), ref_mixed.detach()) < 1e-2
+    assert rel_err(rows.double(), ref_rows.detach()) < 1e-2
+    for name, leaf in leaves.items():
+        assert leaf.grad.dtype == torch.bfloat16, name
+        assert rel_err(leaf.grad.double(), ref_leaves[name].grad) < 3e-2, name
+
+
 def test_native_silu_over_fp32s_range_and_nan():
     """One row per token, weight 1, up 1: the mix is silu(g), within 1e-6 relative of torch's over [-100, 100] (the
     exp polynomial and its clamps), 0 and ±inf-free at the ends, and a NaN stays NaN (a NaN loss is still seen)."""
@@ -172,6 +195,30 @@ def test_block_native_equals_eager_and_naive(ffn_targets, dropout, monkeypatch):
         assert rel_err(out, naive) < 1e-5
         for name, want in naive_grads.items():
             assert rel_err(grads[name], want) < 1e-5, name
+
+
+@pytest.mark.parametrize("precision", ["bf16-base", "bf16-autocast"])
+def test_block_native_in_bf16_is_close_to_eager(precision):
+    """In bf16 (a bf16 base, or fp32 under bf16 autocast) the block runs the kernel and its output and gradients are
+    within bf16 rounding of the eager path's (which rounds after every operation)."""
+    results = {}
+    for native_kernel in (False, True):
+        cfg = mixlora_config(attention_targets=[], native_kernel=native_kernel)
+        base = tiny_model("llama")
+        moe, _ = first_moe(loramix.inject(base.to(torch.bfloat16) if precision == "bf16-base" else base, cfg))
+        perturb_adapter(moe, seed=5, b_std=0.3, router_std=1.0)
+        moe.train()
+        dim = moe.router.weight.shape[1]
+        x = torch.randn(3, 10, dim, generator=torch.Generator().manual_seed(2))
+        x = x.to(torch.bfloat16) if precision == "bf16-base" else x
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
+            assert native_rows.applies(moe, x, torch.bfloat16) == native_kernel
+            results[native_kernel] = run_with_grads(moe, x, lambda t: moe(t).reshape(-1, dim).float())
+    (ref, ref_grads), (out, grads) = results[False], results[True]
+    assert rel_err(out, ref) < 3e-2
+    for name, want in ref_grads.items():
+        assert want.abs().max() > 0, name
+        assert rel_err(grads[name].float(), want.float()) < 3e-2, name
 
 
 def test_native_kernel_must_be_true_or_false():

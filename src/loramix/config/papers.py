@@ -89,9 +89,9 @@ class MixLoraConfig(AdapterSettings):
         False,
     )
     native_kernel: bool = help_field(
-        "On a CPU in fp32, a SiLU-gated FFN without DoRA: the expert rows' SwiGLU, mixing and masking in one C kernel "
-        "pass forward and one backward (built by the machine's C compiler on first use and cached; without one, a "
-        "warning and the eager path); false: the eager path.",
+        "On a CPU (fp32 or bf16 rows), a SiLU-gated FFN without DoRA: the expert rows' gather with each expert's "
+        "LoRA up step, SwiGLU, mixing and masking in C, three passes over the rows (built by the machine's C compiler "
+        "on first use and cached; without one, a warning and the eager path); false: the eager path.",
         True,
     )
     adapter_dtype: str | None = help_field(ADAPTER_DTYPE_HELP, None)

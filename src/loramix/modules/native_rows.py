@@ -1,4 +1,4 @@
-r"""MixLoRA's SiLU-gated expert rows on a CPU in fp32 through C kernels (``native/swiglu_rows.c``).
+r"""MixLoRA's SiLU-gated expert rows on a CPU (fp32 or bf16) through C kernels (``native/swiglu_rows.c``).
 
 The eager path (``mixlora_rows.input_rows`` + ``expert_rows.MixedSwiGLU``, the reference) runs each step of the rows'
 formula as its own pass over (M, f) memory: the gather, each expert's LoRA up step, SiLU, two products, the mix into
@@ -17,7 +17,9 @@ matmuls whose operands are whole segments (the A products before, the per-expert
 Rows i are in expert order (each B_e read from cache by consecutive rows); a token's rows are summed in increasing
 row order, the order of the eager path's ``index_add_``. SiLU's exp is a polynomial (within fp32 rounding of
 torch's) and the LoRA up step's products are summed in another order than MKL's, so results agree with the eager
-path to about 1e-6 relative. It keeps g, u (M, f) for backward, as the eager path does. The kernels' threads are
+path to about 1e-6 relative in fp32. bf16 rows are read into fp32 and each result is rounded once, where the eager
+path rounds after every operation (and sums a token's rows in bf16). It keeps g, u (M, f) for backward, as the eager
+path does. The kernels' threads are
 torch's (``torch.get_num_threads``). ``applies`` says where they run; elsewhere (another device or dtype, no C
 compiler, ``native_kernel: false``) the eager path does.
 """
@@ -37,10 +39,11 @@ if TYPE_CHECKING:
 
 _POINTER, _INT64, _INT32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 _SIGNATURES = {
-    "swiglu_gathered_rows": [_INT64, _INT64, _INT64, _INT64, *[_POINTER] * 6, _INT64, *[_POINTER] * 4, _INT32],
-    "swiglu_rows_forward": [_INT64, _INT64, *[_POINTER] * 8, _INT32],
-    "swiglu_rows_backward": [_INT64, _INT64, *[_POINTER] * 13, _INT32],
+    "swiglu_gathered_rows": [_INT64, _INT64, _INT64, _INT64, *[_POINTER] * 6, _INT64, *[_POINTER] * 4, _INT32, _INT32],
+    "swiglu_rows_forward": [_INT64, _INT64, *[_POINTER] * 8, _INT32, _INT32],
+    "swiglu_rows_backward": [_INT64, _INT64, *[_POINTER] * 13, _INT32, _INT32],
 }
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the row dtypes the kernels read and write (swiglu_rows.c's enum)
 
 
 def kernel() -> ctypes.CDLL | None:
@@ -55,10 +58,10 @@ def kernel() -> ctypes.CDLL | None:
 
 def applies(block: MixLoraFFN, x: torch.Tensor, compute: torch.dtype) -> bool:
     """Whether ``NativeSwiGLURows`` runs for this block and input: ``native_kernel`` on, a SiLU-gated FFN with
-    separate gate and up projections, no DoRA, fp32 rows on a CPU, not inside ``torch.compile`` (a C call on traced
+    separate gate and up projections, no DoRA, fp32 or bf16 rows on a CPU, not inside ``torch.compile`` (a C call on traced
     tensors), and the kernel built (``native.load``)."""
     return (block.native_kernel and block.kind == "gated" and not block.use_dora and x.device.type == "cpu"
-            and compute == torch.float32 and type(block.act_fn).__name__ in ("SiLU", "SiLUActivation")
+            and compute in DTYPES and type(block.act_fn).__name__ in ("SiLU", "SiLUActivation")
             and not torch.compiler.is_compiling() and kernel() is not None)
 
 
@@ -82,6 +85,8 @@ def _gathered_rows(gate: torch.Tensor, up: torch.Tensor, token: torch.Tensor, ro
     """``expert_rows.gathered_rows`` of gate and up in the C kernel (each row's LoRA up step added while the row is in
     registers, rows in expert order so that each B_e is read from cache): g, u (M, f). The lows are column slices of
     one (M, 2r) tensor or (M, r) tensors of their own; B (E, f, r)."""
+    dtype = gate.dtype  # the kernel reads every row tensor in this one dtype
+    up, low_gate, low_up, B_gate, B_up = (None if t is None else t.to(dtype) for t in (up, low_gate, low_up, B_gate, B_up))
     lows = [low for low in (low_gate, low_up) if low is not None]
     stride = lows[0].stride(0) if lows else 0
     if any(low.stride() != (stride, 1) for low in lows):  # both read with one row stride, columns contiguous
@@ -92,16 +97,17 @@ def _gathered_rows(gate: torch.Tensor, up: torch.Tensor, token: torch.Tensor, ro
     experts = next((B.shape[0] for B in (B_gate, B_up) if B is not None), 0)
     g, u = gate.new_empty(token.shape[0], gate.shape[1]), up.new_empty(token.shape[0], up.shape[1])
     kernel().swiglu_gathered_rows(
-        token.shape[0], gate.shape[1], rank, experts, _pointer(token), _pointer(row_expert.contiguous()),
+        token.shape[0], gate.shape[1], rank, experts, _pointer(token.contiguous()), _pointer(row_expert.contiguous()),
         _pointer(gate), _pointer(up), _pointer(low_gate), _pointer(low_up), stride, _pointer(B_gate), _pointer(B_up),
-        _pointer(g), _pointer(u), torch.get_num_threads())
+        _pointer(g), _pointer(u), DTYPES[g.dtype], torch.get_num_threads())
     return g, u
 
 
 class NativeSwiGLURows(torch.autograd.Function):
     """The expert rows of a SiLU-gated FFN, gathered with their experts' LoRA, weighted, mixed into their tokens and
     masked for the down LoRA: ``input_rows`` and ``MixedSwiGLU`` in one function whose elementwise work is the C
-    kernel (module docstring). fp32 on a CPU.
+    kernel (module docstring). On a CPU, rows in fp32 or bf16 (``DTYPES``; the arithmetic in fp32, each result
+    rounded once); the other inputs are read in gate's dtype.
 
     Args (``apply``, positional):
         gate, up: (N, f) the frozen gate and up outputs of the N tokens.
@@ -123,7 +129,7 @@ class NativeSwiGLURows(torch.autograd.Function):
                 keep: torch.Tensor | None, want_rows: bool):
         num_tokens, width = gate.shape
         g, u = _gathered_rows(gate.contiguous(), up.contiguous(), token, row_expert, low_gate, low_up, B_gate, B_up)
-        weight = weight.contiguous()
+        weight = weight.to(g.dtype).contiguous()
         row_of, token_start = rows_by_token(token, num_tokens)
         mixed = g.new_empty(num_tokens, width)
         rows = g.new_empty(g.shape) if want_rows else None
@@ -131,7 +137,7 @@ class NativeSwiGLURows(torch.autograd.Function):
         kernel().swiglu_rows_forward(
             num_tokens, width, _pointer(row_of), _pointer(token_start), _pointer(g), _pointer(u), _pointer(weight),
             _pointer(None if keep is None else keep.view(torch.uint8)), _pointer(mixed), _pointer(rows),
-            torch.get_num_threads())
+            DTYPES[g.dtype], torch.get_num_threads())
         ctx.save_for_backward(g, u, weight, row_of, token_start, keep, low_gate, low_up, B_gate, B_up)
         ctx.sizes = sizes
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no (M, f) zeros
@@ -144,9 +150,9 @@ class NativeSwiGLURows(torch.autograd.Function):
         need = ctx.needs_input_grad
         num_tokens = token_start.shape[0] - 1
         if grad_mixed is not None:
-            grad_mixed = grad_mixed.contiguous()
+            grad_mixed = grad_mixed.to(g.dtype).contiguous()
         if grad_rows is not None:
-            grad_rows = grad_rows.contiguous()
+            grad_rows = grad_rows.to(g.dtype).contiguous()
         grad_g, grad_u, grad_w = torch.empty_like(g), torch.empty_like(u), weight.new_empty(weight.shape)
         grad_gate = g.new_empty(num_tokens, g.shape[1]) if need[0] else None
         grad_up = u.new_empty(num_tokens, u.shape[1]) if need[1] else None
@@ -154,7 +160,7 @@ class NativeSwiGLURows(torch.autograd.Function):
             num_tokens, g.shape[1], _pointer(row_of), _pointer(token_start), _pointer(grad_mixed), _pointer(grad_rows),
             _pointer(None if keep is None else keep.view(torch.uint8)), _pointer(g), _pointer(u), _pointer(weight),
             _pointer(grad_g), _pointer(grad_u), _pointer(grad_w), _pointer(grad_gate), _pointer(grad_up),
-            torch.get_num_threads())
+            DTYPES[g.dtype], torch.get_num_threads())
         grad_low_gate = grad_low_up = grad_B_gate = grad_B_up = None
         if low_gate is not None:
             grad_low_gate, grad_B_gate = lora_grads(grad_g, low_gate, B_gate, ctx.sizes, need[5], need[7])

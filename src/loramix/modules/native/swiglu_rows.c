@@ -1,15 +1,61 @@
-/* MixLoRA's SiLU-gated expert rows on a CPU, fp32: the rows gathered with their experts' LoRA up step, then one
-   pass forward and one backward over each token's rows (loaded by ../native.py, used by ../native_rows.py, which
+/* MixLoRA's SiLU-gated expert rows on a CPU: the rows gathered with their experts' LoRA up step, then one pass
+   forward and one backward over each token's rows (loaded by ../native.py, used by ../native_rows.py, which
    states the math and the shapes).
 
    Rows i are the M routed (token, expert) pairs, sorted by expert. The by-token passes list a token's rows with
    CSR arrays, each token's rows in increasing row order (the order in which index_add_ adds them, so the sums
-   here are the eager path's sums). The loops over f are written so that the compiler vectorizes them (-O3
-   -fno-trapping-math); exp is a polynomial for that reason: libm's expf is a call. */
+   here are the eager path's sums). Row tensors are fp32 or bf16 (`dtype`); the arithmetic is fp32 either way, a
+   bf16 row converted into an fp32 scratch row on reading and rounded to nearest even on writing, once. The loops
+   over f are written so that the compiler vectorizes them (-O3 -fno-trapping-math); exp is a polynomial for
+   that reason: libm's expf is a call. */
 
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+enum { F32 = 0, BF16 = 1 };
+
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
+
+/* Round to nearest even, as torch rounds; a NaN stays a NaN (the rounding carry could turn it into -0). */
+static inline uint16_t f32_to_bf16(float x) {
+    union { uint32_t u; float f; } v;
+    v.f = x;
+    uint16_t rounded = (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+    return x != x ? (uint16_t)0x7FC0 : rounded;
+}
+
+/* Row `index` of a (rows, f) array of `dtype` as fp32: the row itself (F32), or its conversion into `scratch`. */
+static inline const float* row_in(const void* base, int64_t index, int64_t f, int dtype, float* scratch) {
+    if (dtype == F32) return (const float*)base + index * f;
+    const uint16_t* src = (const uint16_t*)base + index * f;
+    for (int64_t j = 0; j < f; j++) scratch[j] = bf16_to_f32(src[j]);
+    return scratch;
+}
+
+/* Where row `index` is written in fp32: the row itself (F32), or `scratch`, which row_done then rounds into it. */
+static inline float* row_out(void* base, int64_t index, int64_t f, int dtype, float* scratch) {
+    return dtype == F32 ? (float*)base + index * f : scratch;
+}
+
+static inline void row_done(void* base, int64_t index, int64_t f, int dtype, const float* scratch) {
+    if (dtype == F32) return;
+    uint16_t* dst = (uint16_t*)base + index * f;
+    for (int64_t j = 0; j < f; j++) dst[j] = f32_to_bf16(scratch[j]);
+}
+
+static inline float value_in(const void* base, int64_t index, int dtype) {
+    return dtype == F32 ? ((const float*)base)[index] : bf16_to_f32(((const uint16_t*)base)[index]);
+}
+
+static inline void value_out(void* base, int64_t index, int dtype, float value) {
+    if (dtype == F32) ((float*)base)[index] = value;
+    else ((uint16_t*)base)[index] = f32_to_bf16(value);
+}
 
 /* exp(x) = 2^n p(r), x = n ln2 + r, |r| <= ln2/2, p the degree-7 Taylor polynomial: its truncation error is
    below 1e-8 relative on r's range, within fp32 rounding of libm's expf. x is clamped where fp32's range ends
@@ -39,63 +85,75 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
 /* out[i] = frozen[token[i]] + low_i B_eᵀ (e = row_expert[i]; e >= experts, or low NULL: no LoRA), rows i in
    parallel in their order (sorted by expert, so that consecutive rows read the same B_e from cache).
-   frozen: (N, f); out: (M, f); low: (M, r) with row stride low_stride; Bt: (experts, r, f), each B_e transposed. */
+   frozen: (N, f); out: (M, f); low: (M, r) with row stride low_stride; Bt: (experts, r, f) fp32, each B_e
+   transposed. */
 static void gathered_lora_rows(int64_t rows, int64_t f, int64_t r, int64_t experts, const int64_t* token,
-                               const int64_t* row_expert, const float* frozen, const float* low, int64_t low_stride,
-                               const float* Bt, float* out, int32_t threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < rows; i++) {
-        const float* src = frozen + token[i] * f;
-        float* dst = out + i * f;
-        const int64_t e = row_expert[i];
-        if (!low || e >= experts) { memcpy(dst, src, sizeof(float) * f); continue; }
-        const float* li = low + i * low_stride;
-        const float* Be = Bt + e * r * f;
-        int64_t j = 0;
-        for (; j + 64 <= f; j += 64) { /* 64 columns of the row stay in four registers over the r products */
-            v16 a0 = *(const v16*)(src + j), a1 = *(const v16*)(src + j + 16);
-            v16 a2 = *(const v16*)(src + j + 32), a3 = *(const v16*)(src + j + 48);
-            for (int64_t k = 0; k < r; k++) {
-                const float* b = Be + k * f + j;
-                const v16 c = (v16){0} + li[k];
-                a0 += c * *(const v16*)b;
-                a1 += c * *(const v16*)(b + 16);
-                a2 += c * *(const v16*)(b + 32);
-                a3 += c * *(const v16*)(b + 48);
+                               const int64_t* row_expert, const void* frozen, const void* low, int64_t low_stride,
+                               const float* Bt, void* out, int dtype, int32_t threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        float* scratch = (float*)malloc(sizeof(float) * (2 * f + r + 1));
+        float* li = scratch + 2 * f;
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows; i++) {
+            const float* src = row_in(frozen, token[i], f, dtype, scratch);
+            float* dst = row_out(out, i, f, dtype, scratch + f);
+            const int64_t e = row_expert[i];
+            if (!low || e >= experts) {
+                memcpy(dst, src, sizeof(float) * f);
+                row_done(out, i, f, dtype, dst);
+                continue;
             }
-            *(v16*)(dst + j) = a0;
-            *(v16*)(dst + j + 16) = a1;
-            *(v16*)(dst + j + 32) = a2;
-            *(v16*)(dst + j + 48) = a3;
+            for (int64_t k = 0; k < r; k++) li[k] = value_in(low, i * low_stride + k, dtype);
+            const float* Be = Bt + e * r * f;
+            int64_t j = 0;
+            for (; j + 64 <= f; j += 64) { /* 64 columns of the row stay in four registers over the r products */
+                v16 a0 = *(const v16*)(src + j), a1 = *(const v16*)(src + j + 16);
+                v16 a2 = *(const v16*)(src + j + 32), a3 = *(const v16*)(src + j + 48);
+                for (int64_t k = 0; k < r; k++) {
+                    const float* b = Be + k * f + j;
+                    const v16 c = (v16){0} + li[k];
+                    a0 += c * *(const v16*)b;
+                    a1 += c * *(const v16*)(b + 16);
+                    a2 += c * *(const v16*)(b + 32);
+                    a3 += c * *(const v16*)(b + 48);
+                }
+                *(v16*)(dst + j) = a0;
+                *(v16*)(dst + j + 16) = a1;
+                *(v16*)(dst + j + 32) = a2;
+                *(v16*)(dst + j + 48) = a3;
+            }
+            for (; j < f; j++) {
+                float acc = src[j];
+                for (int64_t k = 0; k < r; k++) acc += li[k] * Be[k * f + j];
+                dst[j] = acc;
+            }
+            row_done(out, i, f, dtype, dst);
         }
-        for (; j < f; j++) {
-            float acc = src[j];
-            for (int64_t k = 0; k < r; k++) acc += li[k] * Be[k * f + j];
-            dst[j] = acc;
-        }
+        free(scratch);
     }
 }
 
-/* B (experts, f, r) → Bt (experts, r, f). */
-static float* transposed(const float* B, int64_t experts, int64_t f, int64_t r) {
+/* B (experts, f, r) of `dtype` → fp32 Bt (experts, r, f); NULL for NULL. */
+static float* transposed(const void* B, int64_t experts, int64_t f, int64_t r, int dtype) {
     if (!B) return 0;
     float* Bt = (float*)malloc(sizeof(float) * experts * f * r);
     for (int64_t e = 0; e < experts; e++)
         for (int64_t j = 0; j < f; j++)
-            for (int64_t k = 0; k < r; k++) Bt[(e * r + k) * f + j] = B[(e * f + j) * r + k];
+            for (int64_t k = 0; k < r; k++) Bt[(e * r + k) * f + j] = value_in(B, (e * f + j) * r + k, dtype);
     return Bt;
 }
 
 /* The rows of the gate and up projections (gathered_lora_rows; a NULL low and B: that projection has no LoRA):
    g, u (M, f). B_gate, B_up: (experts, f, r), the experts' B with the scale folded in. */
 void swiglu_gathered_rows(int64_t rows, int64_t f, int64_t r, int64_t experts, const int64_t* token,
-                          const int64_t* row_expert, const float* gate, const float* up,
-                          const float* low_gate, const float* low_up, int64_t low_stride,
-                          const float* B_gate, const float* B_up, float* g, float* u, int32_t threads) {
-    float* Bt_gate = transposed(B_gate, experts, f, r);
-    float* Bt_up = transposed(B_up, experts, f, r);
-    gathered_lora_rows(rows, f, r, experts, token, row_expert, gate, low_gate, low_stride, Bt_gate, g, threads);
-    gathered_lora_rows(rows, f, r, experts, token, row_expert, up, low_up, low_stride, Bt_up, u, threads);
+                          const int64_t* row_expert, const void* gate, const void* up,
+                          const void* low_gate, const void* low_up, int64_t low_stride,
+                          const void* B_gate, const void* B_up, void* g, void* u, int32_t dtype, int32_t threads) {
+    float* Bt_gate = transposed(B_gate, experts, f, r, dtype);
+    float* Bt_up = transposed(B_up, experts, f, r, dtype);
+    gathered_lora_rows(rows, f, r, experts, token, row_expert, gate, low_gate, low_stride, Bt_gate, g, dtype, threads);
+    gathered_lora_rows(rows, f, r, experts, token, row_expert, up, low_up, low_stride, Bt_up, u, dtype, threads);
     free(Bt_gate);
     free(Bt_up);
 }
@@ -105,33 +163,39 @@ void swiglu_gathered_rows(int64_t rows, int64_t f, int64_t r, int64_t experts, c
    g, u, rows_out: (M, f); mixed: (N, f); w: (M,); keep: (M, f) bytes 0/1 or NULL;
    row_of: (M,) the rows sorted by token; token_start: (N + 1,) where each token's rows start in row_of. */
 void swiglu_rows_forward(int64_t num_tokens, int64_t f, const int64_t* row_of, const int64_t* token_start,
-                         const float* g, const float* u, const float* w, const uint8_t* keep,
-                         float* mixed, float* rows_out, int32_t threads) {
+                         const void* g, const void* u, const void* w, const uint8_t* keep,
+                         void* mixed, void* rows_out, int32_t dtype, int32_t threads) {
     #pragma omp parallel num_threads(threads)
     {
-        float* y = (float*)malloc(sizeof(float) * f);
+        float* scratch = (float*)malloc(sizeof(float) * 5 * f);
+        float *y = scratch, *g_row = scratch + f, *u_row = scratch + 2 * f, *m_row = scratch + 3 * f;
+        float* out_row = scratch + 4 * f;
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < num_tokens; t++) {
-            float* restrict m = mixed + t * f;
+            float* restrict m = row_out(mixed, t, f, dtype, m_row);
             if (token_start[t] == token_start[t + 1]) memset(m, 0, sizeof(float) * f);
             for (int64_t k = token_start[t]; k < token_start[t + 1]; k++) {
                 const int64_t i = row_of[k];
-                const float* restrict gi = g + i * f;
-                const float* restrict ui = u + i * f;
-                const float wi = w[i];
+                const float* restrict gi = row_in(g, i, f, dtype, g_row);
+                const float* restrict ui = row_in(u, i, f, dtype, u_row);
+                const float wi = value_in(w, i, dtype);
                 for (int64_t j = 0; j < f; j++) { float x = gi[j]; y[j] = x * sigmoid(x) * ui[j] * wi; }
                 if (k == token_start[t]) memcpy(m, y, sizeof(float) * f);
                 else for (int64_t j = 0; j < f; j++) m[j] += y[j];
-                if (rows_out && keep) {
-                    float* restrict ri = rows_out + i * f;
-                    const uint8_t* restrict ki = keep + i * f;
-                    for (int64_t j = 0; j < f; j++) ri[j] = y[j] * (float)ki[j];
-                } else if (rows_out) {
-                    memcpy(rows_out + i * f, y, sizeof(float) * f);
+                if (rows_out) {
+                    float* restrict ri = row_out(rows_out, i, f, dtype, out_row);
+                    if (keep) {
+                        const uint8_t* restrict ki = keep + i * f;
+                        for (int64_t j = 0; j < f; j++) ri[j] = y[j] * (float)ki[j];
+                    } else {
+                        memcpy(ri, y, sizeof(float) * f);
+                    }
+                    row_done(rows_out, i, f, dtype, ri);
                 }
             }
+            row_done(mixed, t, f, dtype, m);
         }
-        free(y);
+        free(scratch);
     }
 }
 
@@ -142,24 +206,29 @@ void swiglu_rows_forward(int64_t num_tokens, int64_t f, const int64_t* row_of, c
    silu'(x) = s (1 + x (1 - s)), s = sigmoid(x). grad_gate[t], grad_up[t] (N, f): the sums of grad_g, grad_u
    over token t's rows (the gradient of the frozen outputs the rows were gathered from), or NULL: not wanted. */
 void swiglu_rows_backward(int64_t num_tokens, int64_t f, const int64_t* row_of, const int64_t* token_start,
-                          const float* grad_mixed, const float* grad_rows, const uint8_t* keep,
-                          const float* g, const float* u, const float* w,
-                          float* grad_g, float* grad_u, float* grad_w, float* grad_gate, float* grad_up,
-                          int32_t threads) {
+                          const void* grad_mixed, const void* grad_rows, const uint8_t* keep,
+                          const void* g, const void* u, const void* w,
+                          void* grad_g, void* grad_u, void* grad_w, void* grad_gate, void* grad_up,
+                          int32_t dtype, int32_t threads) {
     #pragma omp parallel num_threads(threads)
     {
-        float* d = (float*)malloc(sizeof(float) * f);
+        float* scratch = (float*)malloc(sizeof(float) * 9 * f);
+        float *d = scratch, *gm_row = scratch + f, *g_row = scratch + 2 * f, *u_row = scratch + 3 * f;
+        float *gr_row = scratch + 4 * f, *gg_row = scratch + 5 * f, *gu_row = scratch + 6 * f;
+        float *sum_gate_row = scratch + 7 * f, *sum_up_row = scratch + 8 * f;
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < num_tokens; t++) {
-            const float* restrict gm = grad_mixed ? grad_mixed + t * f : 0;
+            const float* restrict gm = grad_mixed ? row_in(grad_mixed, t, f, dtype, gm_row) : 0;
+            float* restrict sum_gate = grad_gate ? row_out(grad_gate, t, f, dtype, sum_gate_row) : 0;
+            float* restrict sum_up = grad_up ? row_out(grad_up, t, f, dtype, sum_up_row) : 0;
             for (int64_t k = token_start[t]; k < token_start[t + 1]; k++) {
                 const int64_t i = row_of[k];
-                const float* restrict gi = g + i * f;
-                const float* restrict ui = u + i * f;
-                const float wi = w[i];
-                float* restrict ggi = grad_g + i * f;
-                float* restrict gui = grad_u + i * f;
-                const float* restrict gri = grad_rows ? grad_rows + i * f : 0;
+                const float* restrict gi = row_in(g, i, f, dtype, g_row);
+                const float* restrict ui = row_in(u, i, f, dtype, u_row);
+                const float wi = value_in(w, i, dtype);
+                float* restrict ggi = row_out(grad_g, i, f, dtype, gg_row);
+                float* restrict gui = row_out(grad_u, i, f, dtype, gu_row);
+                const float* restrict gri = grad_rows ? row_in(grad_rows, i, f, dtype, gr_row) : 0;
                 const uint8_t* restrict ki = keep ? keep + i * f : 0;
                 if (gm && gri && ki) for (int64_t j = 0; j < f; j++) d[j] = gm[j] + gri[j] * (float)ki[j];
                 else if (gm && gri) for (int64_t j = 0; j < f; j++) d[j] = gm[j] + gri[j];
@@ -185,22 +254,25 @@ void swiglu_rows_backward(int64_t num_tokens, int64_t f, const int64_t* row_of, 
                     gui[j] = dw * silu;
                     ggi[j] = dw * up * (s * (1.0f + x * (1.0f - s)));
                 }
-                grad_w[i] = total;
+                value_out(grad_w, i, dtype, total);
+                /* the token's sums, from the fp32 row gradients (before any rounding to bf16) */
+                if (sum_gate && k == token_start[t]) memcpy(sum_gate, ggi, sizeof(float) * f);
+                else if (sum_gate) for (int64_t jj = 0; jj < f; jj++) sum_gate[jj] += ggi[jj];
+                if (sum_up && k == token_start[t]) memcpy(sum_up, gui, sizeof(float) * f);
+                else if (sum_up) for (int64_t jj = 0; jj < f; jj++) sum_up[jj] += gui[jj];
+                row_done(grad_g, i, f, dtype, ggi);
+                row_done(grad_u, i, f, dtype, gui);
             }
-            const int64_t first = token_start[t], end = token_start[t + 1];
-            float* outs[2] = {grad_gate, grad_up};
-            const float* rows[2] = {grad_g, grad_u};
-            for (int o = 0; o < 2; o++) {
-                if (!outs[o]) continue;
-                float* restrict dst = outs[o] + t * f;
-                if (first == end) { memset(dst, 0, sizeof(float) * f); continue; }
-                memcpy(dst, rows[o] + row_of[first] * f, sizeof(float) * f);
-                for (int64_t k = first + 1; k < end; k++) {
-                    const float* restrict src = rows[o] + row_of[k] * f;
-                    for (int64_t jj = 0; jj < f; jj++) dst[jj] += src[jj];
-                }
+            const int no_rows = token_start[t] == token_start[t + 1];
+            if (sum_gate) {
+                if (no_rows) memset(sum_gate, 0, sizeof(float) * f);
+                row_done(grad_gate, t, f, dtype, sum_gate);
+            }
+            if (sum_up) {
+                if (no_rows) memset(sum_up, 0, sizeof(float) * f);
+                row_done(grad_up, t, f, dtype, sum_up);
             }
         }
-        free(d);
+        free(scratch);
     }
 }
