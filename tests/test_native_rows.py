@@ -257,6 +257,31 @@ def test_compile_error_is_reported_with_the_compilers_message(tmp_path, monkeypa
         assert native.load("broken") is None
 
 
+def test_a_built_kernel_is_reused_and_a_changed_source_is_rebuilt(tmp_path, monkeypatch):
+    """The library is built once per machine: a second process (a fresh ``_LOADED``) finds it in the cache and only
+    asks the compiler its version; a changed source gets a library of its own."""
+    source = native.SOURCES / "swiglu_rows.c"
+    monkeypatch.setattr(native, "SOURCES", tmp_path / "sources")
+    (tmp_path / "sources").mkdir()
+    (tmp_path / "sources" / "swiglu_rows.c").write_text(source.read_text())
+    monkeypatch.setenv("LORAMIX_CACHE", str(tmp_path / "cache"))
+    real_run, calls = subprocess.run, []
+
+    def recording_run(command, *args, **kwargs):
+        calls.append(command)
+        return real_run(command, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", recording_run)
+    first = native._build("swiglu_rows")
+    assert any("-shared" in c for c in calls)
+    calls.clear()
+    assert native._build("swiglu_rows") == first
+    assert calls and all(c[1:] == ["--version"] for c in calls)
+    (tmp_path / "sources" / "swiglu_rows.c").write_text(source.read_text() + "\n/* changed */\n")
+    second = native._build("swiglu_rows")
+    assert second != first and first.exists() and second.exists()
+
+
 def test_native_off_by_environment(monkeypatch):
     """``LORAMIX_NATIVE=0``: no kernel, no warning, no compiler run."""
     monkeypatch.setenv("LORAMIX_NATIVE", "0")
