@@ -64,8 +64,8 @@ def _reference(t: dict, token, sizes, tokens, keep, want_rows):
 
 def _native(t: dict, token, sizes, tokens, keep, want_rows):
     row_expert = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    return NativeSwiGLURows.apply(t["gate"], t["up"], token, row_expert, sizes, t["low_gate"], t["low_up"], t["B_gate"], t["B_up"],
-                                  t["weight"], keep, want_rows)
+    return NativeSwiGLURows.apply(t["gate"], t["up"], token, row_expert, sizes, t["low_gate"], t["low_up"],
+                                  t["B_gate"], t["B_up"], t["weight"], keep, want_rows)
 
 
 @pytest.mark.parametrize("without", [None, "gate", "up"], ids=["both-lora", "no-gate-lora", "no-up-lora"])
@@ -134,7 +134,8 @@ def test_native_silu_over_fp32s_range_and_nan():
     gate = torch.linspace(-100, 100, width).reshape(1, width)
     gate = torch.cat([gate, torch.full((1, width), float("nan"))])
     token, ones = torch.tensor([0, 1]), torch.ones(2, 1)
-    mixed, _ = NativeSwiGLURows.apply(gate, torch.ones(2, width), token, torch.tensor([0, 0]), [2], None, None, None, None, ones, None, False)
+    mixed, _ = NativeSwiGLURows.apply(gate, torch.ones(2, width), token, torch.tensor([0, 0]), [2], None, None, None,
+                                      None, ones, None, False)
     want = torch.nn.functional.silu(gate[0].double())
     got = mixed[0].double()
     assert torch.isfinite(got).all()
@@ -151,7 +152,8 @@ def _block(native_kernel: bool, ffn_targets: list[str], dropout: float):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
-@pytest.mark.parametrize("ffn_targets", [["gate_proj", "up_proj", "down_proj"], ["up_proj"], ["gate_proj", "down_proj"]],
+@pytest.mark.parametrize("ffn_targets",
+                         [["gate_proj", "up_proj", "down_proj"], ["up_proj"], ["gate_proj", "down_proj"]],
                          ids=["all", "up", "gate-down"])
 def test_block_native_equals_eager_and_naive(ffn_targets, dropout, monkeypatch):
     """In the block (padding: unrouted rows; top-2), the kernel's output and the gradients of x and every adapter
@@ -181,7 +183,7 @@ def test_block_native_equals_eager_and_naive(ffn_targets, dropout, monkeypatch):
         before = len(calls)
         torch.manual_seed(11)
         results[name] = run_with_grads(moe, x, lambda t: moe(t).reshape(-1, dim))
-        ran = set(calls[before:])
+        ran = set(calls[before:]) - {"swiglu_rows_openmp"}  # the build check, asked on every forward
         assert ran == ({"swiglu_gathered_rows", "swiglu_rows_forward", "swiglu_rows_backward"} if name == "native"
                        else set()), name
     (ref, ref_grads), (out, grads) = results["eager"], results["native"]
@@ -219,6 +221,29 @@ def test_block_native_in_bf16_is_close_to_eager(precision):
     for name, want in ref_grads.items():
         assert want.abs().max() > 0, name
         assert rel_err(grads[name].float(), want.float()) < 3e-2, name
+
+
+def test_a_kernel_built_without_openmp_runs_only_where_torch_has_one_thread(monkeypatch):
+    """Built without OpenMP the kernels run on one thread: the block then takes the eager path (torch's threads)
+    unless torch itself runs on one; built with it (this machine's build), the kernels run."""
+    moe = _block(True, ["gate_proj", "up_proj", "down_proj"], 0.0)
+    x = torch.zeros(1, 2, moe.router.weight.shape[1])
+    real = native_rows.kernel()
+    assert real.swiglu_rows_openmp() == 1 and native_rows.applies(moe, x, torch.float32)
+
+    class WithoutOpenMP:
+        def __getattr__(self, name):
+            return (lambda: 0) if name == "swiglu_rows_openmp" else getattr(real, name)
+
+    monkeypatch.setattr(native_rows, "kernel", WithoutOpenMP)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert not native_rows.applies(moe, x, torch.float32)
+        torch.set_num_threads(1)
+        assert native_rows.applies(moe, x, torch.float32)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_native_kernel_must_be_true_or_false():

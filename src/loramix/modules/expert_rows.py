@@ -1,10 +1,10 @@
 r"""Elementwise work on the MixLoRA block's expert rows (M = the routed (token, slot) pairs, sorted by expert).
 
-Two ways to run it, the same math (``mixlora.py`` chooses):
+Two ways to run it here, the same math (``mixlora.py`` chooses; on a CPU a third, C kernels, in ``native_rows.py``):
 
-- eager (``fused: false``, the reference): small autograd functions that keep only what backward needs,
-  ``MixedSwiGLU`` (``w ⊙ silu(g) ⊙ u`` mixed into the tokens, the down LoRA's rows masked) and ``IndexAddRows``
-  (mixing rows into their tokens);
+- eager (``fused: false``, ``native_kernel: false``; the reference): small autograd functions that keep only what
+  backward needs, ``MixedSwiGLU`` (``w ⊙ silu(g) ⊙ u`` mixed into the tokens, the down LoRA's rows masked) and
+  ``IndexAddRows`` (mixing rows into their tokens);
 - fused (``fused: true``, training only): ``SwiGLUMix``, whose forward and backward are each one function
   compiled with ``torch.compile`` (inductor): the row gathers, the LoRA delta adds, SiLU, the two products
   and the down LoRA's dropout mask are one vectorized kernel forward and one backward instead of a memory
@@ -55,9 +55,9 @@ class IndexAddRows(torch.autograd.Function):
 
 def gathered_rows(frozen: torch.Tensor, token: torch.Tensor, low: torch.Tensor | None, B: torch.Tensor | None,
                   sizes: list[int]) -> torch.Tensor:
-    """``frozen[token]`` (M, out) with each expert's LoRA up step ``low_e B_eᵀ`` added into its row segment by the matmul
-    itself (``addmm_``; low None: no LoRA). low (M, r) sorted by expert, B (E, out, r) in frozen's dtype, sizes as
-    ``GatheredLoraRows``."""
+    """``frozen[token]`` (M, out) with each expert's LoRA up step ``low_e B_eᵀ`` added into its row segment by the
+    matmul itself (``addmm_``; low None: no LoRA). low (M, r) sorted by expert, B (E, out, r) in frozen's dtype,
+    sizes as ``GatheredLoraRows``."""
     rows = frozen.index_select(0, token)
     if low is not None:
         for rows_e, low_e, B_e in zip(rows.split(sizes), low.split(sizes), B.unbind(0)):

@@ -18,7 +18,10 @@ The fast path ("sorted" dispatch) never runs a frozen matmul more often than the
 3. One stable argsort of the (token, slot) expert ids gives contiguous per-expert segments, taken
    with ``torch.split``; the only host sync is reading the per-expert counts.
 4. Padding tokens get no expert (their slots sort last and are cut off) and see the frozen FFN.
-5. ``fused: true`` (SiLU-gated FFNs without DoRA, training): the rows' elementwise work (gathers, LoRA
+5. ``native_kernel: true`` (the default; SiLU-gated FFNs without DoRA on a CPU, fp32 or bf16): the rows' gather
+   with their experts' LoRA up step, SwiGLU, mixing and the down LoRA's mask in C, three passes over the rows
+   instead of one per operation (``native_rows.py``); the eager path where no C compiler is found.
+6. ``fused: true`` (SiLU-gated FFNs without DoRA, training): the rows' elementwise work (gathers, LoRA
    adds, weighted SwiGLU, the down LoRA's dropout mask) runs as one ``torch.compile``d kernel forward and
    one backward (``expert_rows.py``) instead of a memory pass per operation; the same results as the
    eager path, which stays the reference (``fused: false``, the default).
@@ -253,8 +256,9 @@ class MixLoraFFN(AdapterModule):
         # Under autocast ``@`` runs in the autocast dtype; the rows go on in the inputs' dtype (no-op otherwise).
         return (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).to(inputs.dtype)
 
-    # training's rows (mixlora_rows.py): the stacked A, gathered rows with B added, the down LoRA's mask, the C kernel's
-    lora_low, input_rows, down_dropout_keep, native_swiglu_rows = lora_low, input_rows, down_dropout_keep, native_swiglu_rows
+    # training's rows (mixlora_rows.py): the stacked A, gathered rows with B added, the down LoRA's mask, the C kernels'
+    lora_low, input_rows, down_dropout_keep = lora_low, input_rows, down_dropout_keep
+    native_swiglu_rows = native_swiglu_rows
 
     def expert_rows(self, name: str, base_rows: torch.Tensor, inputs: torch.Tensor, seg: Segments,
                     row_expert: torch.Tensor, factor: float = 1.0) -> torch.Tensor:

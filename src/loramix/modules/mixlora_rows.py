@@ -10,8 +10,8 @@ r"""The MixLoRA block's expert rows in training: which matmuls compute them, and
   ``MixLoraFFN.expert_rows`` per projection.
 - ``down_dropout_keep``: the down LoRA's CPU dropout mask over the weighted rows, drawn as ``LoraDropout.masked``
   draws it (the same random numbers), for ``expert_rows.MixedSwiGLU`` and the fused path to apply.
-- ``native_swiglu_rows``: on a CPU in fp32 (``native_rows.applies``), ``input_rows`` and the SwiGLU mix together through
-  the C kernel of ``native_rows.py``.
+- ``native_swiglu_rows``: on a CPU, fp32 or bf16 (``native_rows.applies``), ``input_rows`` and the SwiGLU mix
+  together through the C kernels of ``native_rows.py``.
 - ``grouped_mm_supported``: whether ``grouped_mm`` takes the operands.
 """
 
@@ -112,7 +112,7 @@ def native_swiglu_rows(block: nn.Module, frozen: list[torch.Tensor], token: torc
                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float]:
     """``input_rows`` and ``MixedSwiGLU`` of a SiLU-gated FFN through the C kernel (``native_rows.NativeSwiGLURows``).
 
-    Args: frozen: the gate and up outputs of the N tokens (N, f) fp32; token, inputs (after dropout), seg, row_expert,
+    Args: frozen: the gate and up outputs of the N tokens (N, f) in the compute dtype; token, inputs (after dropout), seg, row_expert,
     factor: as ``input_rows``; row_weight (M, 1) the rows' mixing weights.
 
     Returns (mixed (N, f), the weighted rows (M, f) masked by keep or None without a down LoRA, keep (M, f) bool or
@@ -121,13 +121,15 @@ def native_swiglu_rows(block: nn.Module, frozen: list[torch.Tensor], token: torc
     """
     compute = frozen[0].dtype
     targeted = [p for p in block.input_projections if p in block.targets]
-    lows = dict(zip(targeted, block.lora_low(targeted, inputs.to(compute), seg).split(block.r, dim=1))) if targeted else {}
+    lows = {}
+    if targeted:
+        lows = dict(zip(targeted, block.lora_low(targeted, inputs.to(compute), seg).split(block.r, dim=1)))
     Bs = {p: block.experts.lora_B[p].to(compute) * (block.scale * factor) for p in targeted}  # (E, f, r), scaled
     want_rows, keep, down_factor = block.output_projection in block.targets, None, 1.0
     if want_rows:
         keep, down_factor = block.down_dropout_keep(torch.Size((token.shape[0], frozen[0].shape[1])), inputs.device,
                                                     compute)
     gate, up = block.input_projections
-    mixed, weighted = NativeSwiGLURows.apply(*frozen, token, row_expert, seg.sizes, lows.get(gate), lows.get(up), Bs.get(gate),
-                                             Bs.get(up), row_weight, keep, want_rows)
+    mixed, weighted = NativeSwiGLURows.apply(*frozen, token, row_expert, seg.sizes, lows.get(gate), lows.get(up),
+                                             Bs.get(gate), Bs.get(up), row_weight, keep, want_rows)
     return mixed, weighted, keep, down_factor

@@ -38,10 +38,11 @@ if TYPE_CHECKING:
     from .mixlora import MixLoraFFN
 
 _POINTER, _INT64, _INT32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-_SIGNATURES = {
-    "swiglu_gathered_rows": [_INT64, _INT64, _INT64, _INT64, *[_POINTER] * 6, _INT64, *[_POINTER] * 4, _INT32, _INT32],
-    "swiglu_rows_forward": [_INT64, _INT64, *[_POINTER] * 8, _INT32, _INT32],
-    "swiglu_rows_backward": [_INT64, _INT64, *[_POINTER] * 13, _INT32, _INT32],
+_SIGNATURES = {  # argument types, return type
+    "swiglu_gathered_rows": ([_INT64] * 4 + [_POINTER] * 6 + [_INT64] + [_POINTER] * 4 + [_INT32] * 2, None),
+    "swiglu_rows_forward": ([_INT64] * 2 + [_POINTER] * 8 + [_INT32] * 2, None),
+    "swiglu_rows_backward": ([_INT64] * 2 + [_POINTER] * 13 + [_INT32] * 2, None),
+    "swiglu_rows_openmp": ([], ctypes.c_int),
 }
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the row dtypes the kernels read and write (swiglu_rows.c's enum)
 
@@ -50,19 +51,21 @@ def kernel() -> ctypes.CDLL | None:
     """The loaded ``swiglu_rows`` library with its functions' argument types set, or None (see ``native.load``)."""
     library = native.load("swiglu_rows")
     if library is not None and library.swiglu_rows_forward.argtypes is None:
-        for function, argtypes in _SIGNATURES.items():
+        for function, (argtypes, restype) in _SIGNATURES.items():
             getattr(library, function).argtypes = argtypes
-            getattr(library, function).restype = None
+            getattr(library, function).restype = restype
     return library
 
 
 def applies(block: MixLoraFFN, x: torch.Tensor, compute: torch.dtype) -> bool:
     """Whether ``NativeSwiGLURows`` runs for this block and input: ``native_kernel`` on, a SiLU-gated FFN with
-    separate gate and up projections, no DoRA, fp32 or bf16 rows on a CPU, not inside ``torch.compile`` (a C call on traced
-    tensors), and the kernel built (``native.load``)."""
+    separate gate and up projections, no DoRA, fp32 or bf16 rows on a CPU, not inside ``torch.compile`` (a C call on
+    traced tensors), and the kernel built (``native.load``) with OpenMP, unless torch runs on one thread (built
+    without it, the kernel runs on one thread, where the eager path would use torch's)."""
     return (block.native_kernel and block.kind == "gated" and not block.use_dora and x.device.type == "cpu"
             and compute in DTYPES and type(block.act_fn).__name__ in ("SiLU", "SiLUActivation")
-            and not torch.compiler.is_compiling() and kernel() is not None)
+            and not torch.compiler.is_compiling() and (library := kernel()) is not None
+            and (library.swiglu_rows_openmp() == 1 or torch.get_num_threads() == 1))
 
 
 def rows_by_token(token: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +89,8 @@ def _gathered_rows(gate: torch.Tensor, up: torch.Tensor, token: torch.Tensor, ro
     registers, rows in expert order so that each B_e is read from cache): g, u (M, f). The lows are column slices of
     one (M, 2r) tensor or (M, r) tensors of their own; B (E, f, r)."""
     dtype = gate.dtype  # the kernel reads every row tensor in this one dtype
-    up, low_gate, low_up, B_gate, B_up = (None if t is None else t.to(dtype) for t in (up, low_gate, low_up, B_gate, B_up))
+    up, low_gate, low_up, B_gate, B_up = (None if t is None else t.to(dtype)
+                                          for t in (up, low_gate, low_up, B_gate, B_up))
     lows = [low for low in (low_gate, low_up) if low is not None]
     stride = lows[0].stride(0) if lows else 0
     if any(low.stride() != (stride, 1) for low in lows):  # both read with one row stride, columns contiguous

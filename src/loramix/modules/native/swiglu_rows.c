@@ -15,6 +15,15 @@
 
 enum { F32 = 0, BF16 = 1 };
 
+/* 1 where built with OpenMP (the kernels run on `threads` threads), else 0 (on one). */
+int swiglu_rows_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 static inline float bf16_to_f32(uint16_t h) {
     union { uint32_t u; float f; } v;
     v.u = (uint32_t)h << 16;
