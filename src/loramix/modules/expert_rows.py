@@ -20,7 +20,8 @@ needed) and is cached on disk by torch for later processes.
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 
@@ -53,6 +54,28 @@ class IndexAddRows(torch.autograd.Function):
         return (grad if ctx.needs_input_grad[0] else None), None, grad_rows
 
 
+def segment_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the experts' per-segment matmuls over rows of ``dtype``: fp32 for half-precision rows on a CPU,
+    else ``dtype``.
+
+    Why: on a CPU, torch runs half-precision matmuls through oneDNN, which compiles a kernel for every new shape,
+    and the experts' row counts change with every batch's routing: a bf16 MixLoRA training step compiled about
+    6,500 kernels (``strace``: 256 KB code buffers mapped and unmapped), every step. fp32 matmuls have no such
+    cost; the callers cast the results back to the rows' dtype.
+    """
+    return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+@contextlib.contextmanager
+def segment_matmuls(rows: torch.Tensor) -> Iterator[torch.dtype]:
+    """``segment_dtype`` of ``rows``, with CPU autocast off inside (it would run the matmuls in half precision)."""
+    if rows.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            yield segment_dtype(rows.device, rows.dtype)
+    else:
+        yield segment_dtype(rows.device, rows.dtype)
+
+
 def gathered_rows(frozen: torch.Tensor, token: torch.Tensor, low: torch.Tensor | None, B: torch.Tensor | None,
                   sizes: list[int]) -> torch.Tensor:
     """``frozen[token]`` (M, out) with each expert's LoRA up step ``low_e B_eᵀ`` added into its row segment by the
@@ -60,9 +83,12 @@ def gathered_rows(frozen: torch.Tensor, token: torch.Tensor, low: torch.Tensor |
     sizes as ``GatheredLoraRows``."""
     rows = frozen.index_select(0, token)
     if low is not None:
-        for rows_e, low_e, B_e in zip(rows.split(sizes), low.split(sizes), B.unbind(0)):
-            if rows_e.shape[0]:
-                rows_e.addmm_(low_e, B_e.t())
+        with segment_matmuls(rows) as dtype:
+            for rows_e, low_e, B_e in zip(rows.split(sizes), low.split(sizes), B.unbind(0)):
+                if rows_e.shape[0] and dtype == rows.dtype:
+                    rows_e.addmm_(low_e, B_e.t())
+                elif rows_e.shape[0]:
+                    rows_e.add_(torch.mm(low_e.to(dtype), B_e.t().to(dtype)))
     return rows
 
 
@@ -71,14 +97,16 @@ def lora_grads(grad: torch.Tensor, low: torch.Tensor, B: torch.Tensor, sizes: li
     """The gradients of ``low`` (M, r) and ``B`` (E, out, r) of ``gathered_rows`` from the rows' gradient ``grad``
     (M, out), per expert segment; unrouted rows (past the E experts) have no LoRA and a zero gradient. None where
     not wanted."""
-    segments = list(zip(grad.split(sizes), low.split(sizes), B.unbind(0)))
     grad_low = grad_B = None
-    if want_low:
-        grad_low = low.new_zeros(low.shape)
-        for (grad_e, _, B_e), out_e in zip(segments, grad_low.split(sizes)):
-            torch.mm(grad_e, B_e.to(grad.dtype), out=out_e)
-    if want_B:
-        grad_B = torch.stack([torch.mm(grad_e.t(), low_e.to(grad.dtype)) for grad_e, low_e, _ in segments])
+    with segment_matmuls(grad) as dtype:
+        segments = list(zip(grad.to(dtype).split(sizes), low.to(dtype).split(sizes), B.to(dtype).unbind(0)))
+        if want_low:
+            grad_low = low.new_zeros(low.shape, dtype=dtype)
+            for (grad_e, _, B_e), out_e in zip(segments, grad_low.split(sizes)):
+                torch.mm(grad_e, B_e, out=out_e)
+            grad_low = grad_low.to(grad.dtype)
+        if want_B:
+            grad_B = torch.stack([torch.mm(grad_e.t(), low_e) for grad_e, low_e, _ in segments]).to(grad.dtype)
     return grad_low, grad_B
 
 

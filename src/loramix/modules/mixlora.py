@@ -41,7 +41,9 @@ autocast because the residual stream is):
   on a bf16 base bf16, else fp32. Gathered rows, the routing weights, ``A_e`` and ``B_e`` are cast to
   ``c``, so the expert matmuls run in ``c`` whichever way they run: ``grouped_mm`` is *not* on
   autocast's list and would otherwise run (and return) fp32, the segment loop's ``@`` is (its result
-  is cast to ``c``). A quantized base may return fp32 under autocast (bitsandbytes returns the
+  is cast to ``c``). Except on a CPU, where a half-precision ``c`` makes the per-expert matmuls run in
+  fp32 with autocast off, their results cast to ``c`` (``expert_rows.segment_matmuls``: oneDNN would
+  compile a kernel for every new row count). A quantized base may return fp32 under autocast (bitsandbytes returns the
   input's dtype): then ``c`` is fp32 and so is the block's output, as the replaced FFN's would be.
 - Mixing (``index_add`` of weighted rows) and the output are in ``c``: the dtype the replaced FFN
   returns under the same autocast. DoRA norms are fp32, the factor cast to ``c``.
@@ -60,7 +62,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import MixLoraConfig
 from .context import ForwardContext
-from .expert_rows import IndexAddRows, MixedSwiGLU, swiglu_mix
+from .expert_rows import IndexAddRows, MixedSwiGLU, segment_dtype, segment_matmuls, swiglu_mix
 from .kinds import AdapterKind, AdapterModule, Site, TensorRole, register, resolve_targets
 from .lora import (
     LORA_ROLES, LoraDropout, LoraLinear, dora_output, dora_weight_norm, lora_factors, lora_input, lora_sites,
@@ -240,17 +242,19 @@ class MixLoraFFN(AdapterModule):
         row segments taken with ``split``/``unbind`` (a slice's backward would zero-fill a full-size
         gradient per expert).
         """
-        A = self.experts.lora_A[name].to(inputs.dtype)  # (E, r, in)
-        B = self.experts.lora_B[name].to(inputs.dtype) * (self.scale * factor)  # (E, out, r): scaled, the small one
-        if seg.frozen:
-            # A zero expert for the unrouted rows keeps every row inside a group (no slicing).
-            A = torch.cat([A, A.new_zeros(1, *A.shape[1:])])
-            B = torch.cat([B, B.new_zeros(1, *B.shape[1:])])
-        if seg.offsets is not None and grouped_mm_supported(inputs, A, B):
-            low = torch.nn.functional.grouped_mm(inputs, A.transpose(1, 2), offs=seg.offsets)  # (M, r)
-            return torch.nn.functional.grouped_mm(low, B.transpose(1, 2), offs=seg.offsets)  # (M, out)
-        As, Bs = A.unbind(0), B.unbind(0)
-        pieces = [(x_e @ As[e].t()) @ Bs[e].t() for e, x_e in enumerate(inputs.split(seg.sizes)) if x_e.shape[0]]
+        with segment_matmuls(inputs) as dtype:  # fp32 for half-precision rows on a CPU (expert_rows.segment_matmuls)
+            x = inputs.to(dtype)
+            A = self.experts.lora_A[name].to(dtype)  # (E, r, in)
+            B = self.experts.lora_B[name].to(dtype) * (self.scale * factor)  # (E, out, r): scaled, the small one
+            if seg.frozen:
+                # A zero expert for the unrouted rows keeps every row inside a group (no slicing).
+                A = torch.cat([A, A.new_zeros(1, *A.shape[1:])])
+                B = torch.cat([B, B.new_zeros(1, *B.shape[1:])])
+            if seg.offsets is not None and grouped_mm_supported(x, A, B):
+                low = torch.nn.functional.grouped_mm(x, A.transpose(1, 2), offs=seg.offsets)  # (M, r)
+                return torch.nn.functional.grouped_mm(low, B.transpose(1, 2), offs=seg.offsets).to(inputs.dtype)
+            As, Bs = A.unbind(0), B.unbind(0)
+            pieces = [(x_e @ As[e].t()) @ Bs[e].t() for e, x_e in enumerate(x.split(seg.sizes)) if x_e.shape[0]]
         if not pieces:
             return inputs.new_zeros(0, B.shape[1])
         # Under autocast ``@`` runs in the autocast dtype; the rows go on in the inputs' dtype (no-op otherwise).
@@ -366,7 +370,7 @@ class MixLoraFFN(AdapterModule):
         kept = sum(sizes[: E + 1])
         order = order[:kept]
         offsets = None
-        if grouped_mm_available(device, dtype):
+        if grouped_mm_available(device, segment_dtype(device, dtype)):
             groups = E + 1 if sizes[E] else E
             offsets = counts[:groups].cumsum(0).to(torch.int32)
         seg = Segments(sizes=sizes[:E] + ([sizes[E]] if sizes[E] else []), frozen=sizes[E], offsets=offsets)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .expert_rows import GatheredLoraRows
+from .expert_rows import GatheredLoraRows, segment_matmuls
 from .lora import LoraDropout
 from .native_rows import NativeSwiGLURows
 
@@ -48,12 +48,14 @@ def lora_low(block: nn.Module, names: list[str], inputs: torch.Tensor, seg: Segm
     in): the rows are read once, forward and backward. Grouped where supported, else the segment loop;
     unrouted rows (the last ``seg.frozen``) get zeros. inputs: (M, in), after LoRA dropout.
     """
-    A = torch.cat([block.experts.lora_A[n] for n in names], dim=1).to(inputs.dtype)  # (E, k r, in)
-    if seg.frozen:
-        A = torch.cat([A, A.new_zeros(1, *A.shape[1:])])  # a zero expert keeps every row inside a group
-    if seg.offsets is not None and grouped_mm_supported(inputs, A):
-        return torch.nn.functional.grouped_mm(inputs, A.transpose(1, 2), offs=seg.offsets)
-    pieces = [x_e @ A[e].t() for e, x_e in enumerate(inputs.split(seg.sizes)) if x_e.shape[0]]
+    with segment_matmuls(inputs) as dtype:
+        x = inputs.to(dtype)
+        A = torch.cat([block.experts.lora_A[n] for n in names], dim=1).to(dtype)  # (E, k r, in)
+        if seg.frozen:
+            A = torch.cat([A, A.new_zeros(1, *A.shape[1:])])  # a zero expert keeps every row inside a group
+        if seg.offsets is not None and grouped_mm_supported(x, A):
+            return torch.nn.functional.grouped_mm(x, A.transpose(1, 2), offs=seg.offsets).to(inputs.dtype)
+        pieces = [x_e @ A[e].t() for e, x_e in enumerate(x.split(seg.sizes)) if x_e.shape[0]]
     if not pieces:
         return inputs.new_zeros(0, A.shape[1])
     # Under autocast ``@`` runs in the autocast dtype; the rows go on in the inputs' dtype (no-op otherwise).
