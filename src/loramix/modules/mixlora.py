@@ -18,9 +18,8 @@ The fast path ("sorted" dispatch) never runs a frozen matmul more often than the
 3. One stable argsort of the (token, slot) expert ids gives contiguous per-expert segments, taken
    with ``torch.split``; the only host sync is reading the per-expert counts.
 4. Padding tokens get no expert (their slots sort last and are cut off) and see the frozen FFN.
-5. ``native_kernel: true`` (the default; SiLU-gated FFNs without DoRA on a CPU, fp32 or bf16): the rows' gather
-   with their experts' LoRA up step, SwiGLU, mixing and the down LoRA's mask in C, three passes over the rows
-   instead of one per operation (``native_rows.py``); the eager path where no C compiler is found.
+5. ``native_kernel: true`` (default; SiLU-gated FFNs without DoRA on a CPU, fp32 or bf16): the rows' gather with
+   the LoRA up step, SwiGLU, mixing and the down LoRA's mask in C, three passes over the rows (``native_rows.py``).
 6. ``fused: true`` (SiLU-gated FFNs without DoRA, training): the rows' elementwise work (gathers, LoRA
    adds, weighted SwiGLU, the down LoRA's dropout mask) runs as one ``torch.compile``d kernel forward and
    one backward (``expert_rows.py``) instead of a memory pass per operation; the same results as the
@@ -36,15 +35,14 @@ autocast because the residual stream is):
   (``quantized.adapter_dtype_for``), else the base's dtype. Their gradients are fp32.
 - Router: ``x Wᵣᵀ``, softmax, top-k/top-p/switch weights and the load-balance and z-losses in fp32
   with autocast switched off, so routing does not depend on the precision of the run.
-- Compute dtype ``c``: the dtype of the frozen input projections' output ``W_gate x``. Under
-  ``torch.autocast`` that is the autocast dtype (bf16/fp16; ``F.linear`` is on autocast's list),
-  on a bf16 base bf16, else fp32. Gathered rows, the routing weights, ``A_e`` and ``B_e`` are cast to
-  ``c``, so the expert matmuls run in ``c`` whichever way they run: ``grouped_mm`` is *not* on
-  autocast's list and would otherwise run (and return) fp32, the segment loop's ``@`` is (its result
-  is cast to ``c``). Except on a CPU, where a half-precision ``c`` makes the per-expert matmuls run in
-  fp32 with autocast off, their results cast to ``c`` (``expert_rows.segment_matmuls``: oneDNN would
-  compile a kernel for every new row count). A quantized base may return fp32 under autocast (bitsandbytes returns the
-  input's dtype): then ``c`` is fp32 and so is the block's output, as the replaced FFN's would be.
+- Compute dtype ``c``: the dtype of the frozen input projections' output ``W_gate x``. Under ``torch.autocast`` that
+  is the autocast dtype (bf16/fp16; ``F.linear`` is on autocast's list), on a bf16 base bf16, else fp32. Gathered
+  rows, the routing weights, ``A_e`` and ``B_e`` are cast to ``c``, so the expert matmuls run in ``c`` whichever way
+  they run: ``grouped_mm`` is *not* on autocast's list and would otherwise run (and return) fp32, the segment loop's
+  ``@`` is (its result is cast to ``c``). On a CPU a half-precision ``c`` runs them in fp32 instead, cast to ``c``
+  after (``expert_rows.segment_dtype``: oneDNN would compile a kernel for every new row count). A quantized base may
+  return fp32 under autocast (bitsandbytes returns the input's dtype): then ``c`` is fp32 and so is the block's
+  output, as the replaced FFN's would be.
 - Mixing (``index_add`` of weighted rows) and the output are in ``c``: the dtype the replaced FFN
   returns under the same autocast. DoRA norms are fp32, the factor cast to ``c``.
 - ``grouped_mm`` support is probed per (device type, GPU capability, dtype) in that dtype with
@@ -260,7 +258,7 @@ class MixLoraFFN(AdapterModule):
         # Under autocast ``@`` runs in the autocast dtype; the rows go on in the inputs' dtype (no-op otherwise).
         return (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).to(inputs.dtype)
 
-    # training's rows (mixlora_rows.py): the stacked A, gathered rows with B added, the down LoRA's mask, the C kernels'
+    # training's rows (mixlora_rows.py): the stacked A, gathered rows with B added, the down LoRA's mask, C kernels'
     lora_low, input_rows, down_dropout_keep = lora_low, input_rows, down_dropout_keep
     native_swiglu_rows = native_swiglu_rows
 
@@ -409,9 +407,7 @@ class MixLoraFFN(AdapterModule):
         # (M, d): one dropout mask shared by gate and up; its 1/(1-p) goes into B.
         expert_inputs, factor = lora_input(self.lora_dropout, x.index_select(0, token).to(compute))
         if native_rows.applies(self, x, compute):  # the rows' elementwise work in C (native_rows.py)
-            mixed, weighted, keep, factor = self.native_swiglu_rows(frozen, token, expert_inputs, seg, row_expert,
-                                                                    row_weight, factor)
-            return mixed, lambda down: self.add_down_lora(down, token, weighted, seg, keep, factor)
+            return self.native_swiglu_rows(frozen, token, expert_inputs, seg, row_expert, row_weight, factor)
         rows = self.input_rows(frozen, token, expert_inputs, seg, row_expert, factor)
 
         name = self.output_projection

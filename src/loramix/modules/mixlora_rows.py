@@ -17,7 +17,7 @@ r"""The MixLoRA block's expert rows in training: which matmuls compute them, and
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -111,15 +111,14 @@ def down_dropout_keep(block: nn.Module, shape: torch.Size, device: torch.device,
 
 def native_swiglu_rows(block: nn.Module, frozen: list[torch.Tensor], token: torch.Tensor, inputs: torch.Tensor,
                        seg: Segments, row_expert: torch.Tensor, row_weight: torch.Tensor, factor: float
-                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float]:
+                       ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """``input_rows`` and ``MixedSwiGLU`` of a SiLU-gated FFN through the C kernel (``native_rows.NativeSwiGLURows``).
 
     Args: frozen: the gate and up outputs of the N tokens (N, f) in the compute dtype; token, inputs (after dropout), seg, row_expert,
     factor: as ``input_rows``; row_weight (M, 1) the rows' mixing weights.
 
-    Returns (mixed (N, f), the weighted rows (M, f) masked by keep or None without a down LoRA, keep (M, f) bool or
-    None, the down LoRA's dropout rescale): what ``mix_sorted``'s eager path passes to ``add_down_lora``. The down
-    LoRA's mask is drawn after the input rows' mask, as there.
+    Returns (mixed (N, f), finish) as ``MixLoraFFN.mix_sorted``: finish(down) adds the experts' down LoRA of the
+    weighted rows, masked by the mask drawn here, after the input rows' mask, as the eager path draws it.
     """
     compute = frozen[0].dtype
     targeted = [p for p in block.input_projections if p in block.targets]
@@ -134,4 +133,4 @@ def native_swiglu_rows(block: nn.Module, frozen: list[torch.Tensor], token: torc
     gate, up = block.input_projections
     mixed, weighted = NativeSwiGLURows.apply(*frozen, token, row_expert, seg.sizes, lows.get(gate), lows.get(up),
                                              Bs.get(gate), Bs.get(up), row_weight, keep, want_rows)
-    return mixed, weighted, keep, down_factor
+    return mixed, lambda down: block.add_down_lora(down, token, weighted, seg, keep, down_factor)
