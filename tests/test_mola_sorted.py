@@ -127,3 +127,29 @@ def test_balance_loss_and_statistics_match_a_hand_sum_and_the_separate_functions
     separate_load, separate_prob = router_statistics(probs, chosen, valid)
     assert torch.equal(load, separate_load) and torch.equal(prob, separate_prob)
     assert torch.equal(loss, load_balance_loss(probs, chosen, valid))
+
+
+def test_bf16_rows_on_a_cpu_run_the_expert_matmuls_in_fp32(monkeypatch):
+    """A bf16 layer on a CPU: the sorted path's per-expert matmuls (forward and backward) run in fp32, not in bf16,
+    where oneDNN would compile a kernel for every segment size (``expert_rows.segment_dtype``); the output and the
+    input's gradient come back in bf16, within bf16 rounding of the fp32 layer's."""
+    seen = []
+    real = mola._grouped
+
+    def recording(a, b, offs, sizes):
+        seen.append((a.dtype, b.dtype))
+        return real(a, b, offs, sizes)
+
+    monkeypatch.setattr(mola, "_grouped", recording)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        layer = sharp_layer(bias=False).to(dtype)
+        x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
+        out = layer(x)
+        out.float().square().sum().backward()
+        results[dtype] = (out, x.grad)
+    assert seen and set(seen) == {(torch.float32, torch.float32)}
+    (out, grad), (ref, ref_grad) = results[torch.bfloat16], results[torch.float32]
+    assert out.dtype == grad.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()
+    assert (grad.float() - ref_grad).abs().max() <= 0.03 * ref_grad.abs().max()

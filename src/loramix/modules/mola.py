@@ -62,6 +62,7 @@ from .context import ForwardContext
 from .kinds import register
 from .lora import FrozenProjection, LoraDropout, lora_factors, lora_input
 from .loramoe import LoraMoeKind, stacked_experts
+from .expert_rows import segment_dtype
 from .mixlora import grouped_mm_available
 from .mixlora_rows import grouped_mm_supported
 from .quantized import adapter_dtype_for
@@ -170,7 +171,7 @@ class _RoutedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base, x, lora_A, lora_B, weight, token, sizes, offs, in_place):  # noqa: D102 - the class says it
-        with torch.autocast(x.device.type, enabled=False):  # the matmuls run in x's dtype, the compute dtype
+        with torch.autocast(x.device.type, enabled=False):  # the matmuls run in x's dtype (routed_experts chose it)
             return _RoutedExperts._forward(ctx, base, x, lora_A, lora_B, weight, token, sizes, offs, in_place)
 
     @staticmethod
@@ -193,7 +194,7 @@ class _RoutedExperts(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102
         x, lora_A, lora_B, weight, token, low, weighted = ctx.saved_tensors
         sizes, offs = ctx.sizes, ctx.offs
-        grad_rows = grad.reshape(-1, grad.shape[-1]).contiguous().index_select(0, token)  # (M, out): its token's
+        grad_rows = grad.reshape(-1, grad.shape[-1]).to(x.dtype).contiguous().index_select(0, token)  # (M, out)
         grad_weighted = _grouped(grad_rows, lora_B, offs, sizes)  # (M, r)
         grad_B = _grouped_outer(grad_rows.t(), weighted, offs, sizes)  # (E, out, r)
         grad_weight = (grad_weighted * low).sum(-1)
@@ -228,7 +229,8 @@ def routed_experts(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
     flat = chosen.reshape(-1)
     order = flat.argsort(stable=True)  # (M,) rows sorted by expert, M = N·k
     counts = torch.bincount(flat, minlength=E)
-    A, B, x = lora_A.to(x.dtype), lora_B.to(x.dtype), x.contiguous()
+    dtype = segment_dtype(x.device, x.dtype)  # fp32 for half-precision rows on a CPU (no oneDNN kernel per size)
+    A, B, x = lora_A.to(dtype), lora_B.to(dtype), x.to(dtype).contiguous()
     usable = grouped_mm_supported(x, A, B) and grouped_mm_available(x.device, x.dtype)
     offs = counts.cumsum(0).to(torch.int32) if usable else None
     row_weight = weights.reshape(-1).index_select(0, order).to(x.dtype)
