@@ -99,9 +99,10 @@ def _gathered_rows(gate: torch.Tensor, up: torch.Tensor, token: torch.Tensor, ro
     B_gate, B_up = (None if B is None else B.contiguous() for B in (B_gate, B_up))
     rank = next((B.shape[2] for B in (B_gate, B_up) if B is not None), 0)
     experts = next((B.shape[0] for B in (B_gate, B_up) if B is not None), 0)
+    token, row_expert = token.contiguous(), row_expert.contiguous()  # held here: C reads their memory
     g, u = gate.new_empty(token.shape[0], gate.shape[1]), up.new_empty(token.shape[0], up.shape[1])
     kernel().swiglu_gathered_rows(
-        token.shape[0], gate.shape[1], rank, experts, _pointer(token.contiguous()), _pointer(row_expert.contiguous()),
+        token.shape[0], gate.shape[1], rank, experts, _pointer(token), _pointer(row_expert),
         _pointer(gate), _pointer(up), _pointer(low_gate), _pointer(low_up), stride, _pointer(B_gate), _pointer(B_up),
         _pointer(g), _pointer(u), DTYPES[g.dtype], torch.get_num_threads())
     return g, u
