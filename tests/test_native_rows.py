@@ -23,7 +23,7 @@ from tiny_models import tiny_model
 from loramix.modules import native, native_rows
 from loramix.modules.native_rows import NativeSwiGLURows
 
-pytestmark = pytest.mark.skipif(native_rows.kernel() is None, reason="no C compiler on this machine")
+needs_kernel = pytest.mark.skipif(native_rows.kernel() is None, reason="no C compiler on this machine")
 
 EXPERTS, RANK = 3, 4
 
@@ -68,6 +68,7 @@ def _native(t: dict, token, sizes, tokens, keep, want_rows):
                                   t["B_gate"], t["B_up"], t["weight"], keep, want_rows)
 
 
+@needs_kernel
 @pytest.mark.parametrize("without", [None, "gate", "up"], ids=["both-lora", "no-gate-lora", "no-up-lora"])
 @pytest.mark.parametrize("masked", [True, False], ids=["mask", "nomask"])
 @pytest.mark.parametrize("losses", ["both", "mixed", "rows"])
@@ -105,6 +106,7 @@ def test_native_rows_match_autograd(losses, masked, without):
     assert grads["gate"][4].abs().max() == 0
 
 
+@needs_kernel
 def test_native_rows_in_bf16_round_each_result_once():
     """bf16 rows: outputs equal fp64 autograd over the same (bf16-rounded) inputs to bf16's rounding of one result
     (the arithmetic is fp32 inside), gradients to a few roundings (g and u are kept in bf16 for backward, as the eager
@@ -127,6 +129,7 @@ def test_native_rows_in_bf16_round_each_result_once():
         assert rel_err(leaf.grad.double(), ref_leaves[name].grad) < 3e-2, name
 
 
+@needs_kernel
 def test_native_silu_over_fp32s_range_and_nan():
     """One row per token, weight 1, up 1: the mix is silu(g), within 1e-6 relative of torch's over [-100, 100] (the
     exp polynomial and its clamps), 0 and ±inf-free at the ends, and a NaN stays NaN (a NaN loss is still seen)."""
@@ -151,6 +154,7 @@ def _block(native_kernel: bool, ffn_targets: list[str], dropout: float):
     return moe
 
 
+@needs_kernel
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("ffn_targets",
                          [["gate_proj", "up_proj", "down_proj"], ["up_proj"], ["gate_proj", "down_proj"]],
@@ -199,6 +203,7 @@ def test_block_native_equals_eager_and_naive(ffn_targets, dropout, monkeypatch):
             assert rel_err(grads[name], want) < 1e-5, name
 
 
+@needs_kernel
 @pytest.mark.parametrize("precision", ["bf16-base", "bf16-autocast"])
 def test_block_native_in_bf16_is_close_to_eager(precision):
     """In bf16 (a bf16 base, or fp32 under bf16 autocast) the block runs the kernel and its output and gradients are
@@ -223,6 +228,7 @@ def test_block_native_in_bf16_is_close_to_eager(precision):
         assert rel_err(grads[name].float(), want.float()) < 3e-2, name
 
 
+@needs_kernel
 def test_a_kernel_built_without_openmp_runs_only_where_torch_has_one_thread(monkeypatch):
     """Built without OpenMP the kernels run on one thread: the block then takes the eager path (torch's threads)
     unless torch itself runs on one; built with it (this machine's build), the kernels run."""
@@ -272,6 +278,7 @@ def test_no_compiler_warns_once_and_the_eager_path_runs(tmp_path, monkeypatch):
     assert torch.equal(out, eager(x))
 
 
+@needs_kernel
 def test_compile_error_is_reported_with_the_compilers_message(tmp_path, monkeypatch):
     """A source the compiler rejects: the warning quotes the compiler's error and names the file."""
     (tmp_path / "broken.c").write_text("int broken( {\n")
@@ -282,6 +289,7 @@ def test_compile_error_is_reported_with_the_compilers_message(tmp_path, monkeypa
         assert native.load("broken") is None
 
 
+@needs_kernel
 def test_a_built_kernel_is_reused_and_a_changed_source_is_rebuilt(tmp_path, monkeypatch):
     """The library is built once per machine: a second process (a fresh ``_LOADED``) finds it in the cache and only
     asks the compiler its version; a changed source gets a library of its own."""
