@@ -85,9 +85,11 @@ def gathered_rows(frozen: torch.Tensor, token: torch.Tensor, low: torch.Tensor |
     if low is not None:
         with segment_matmuls(rows) as dtype:
             for rows_e, low_e, B_e in zip(rows.split(sizes), low.split(sizes), B.unbind(0)):
-                if rows_e.shape[0] and dtype == rows.dtype:
+                if not rows_e.shape[0]:
+                    continue
+                if dtype == rows.dtype:
                     rows_e.addmm_(low_e, B_e.t())
-                elif rows_e.shape[0]:
+                else:
                     rows_e.add_(torch.mm(low_e.to(dtype), B_e.t().to(dtype)))
     return rows
 

@@ -8,6 +8,7 @@ r"""The MixLoRA block's expert rows in training: which matmuls compute them, and
   inside its matmul (``expert_rows.GatheredLoraRows``): no (M, out) delta is written and added in another pass.
   Elsewhere (a GPU runs one grouped matmul per factor, where a loop of ``addmm`` would be slower) and with DoRA,
   ``MixLoraFFN.expert_rows`` per projection.
+- ``expert_factors``: per targeted input projection, the rows' ``A_e x`` and the experts' scaled B.
 - ``down_dropout_keep``: the down LoRA's CPU dropout mask over the weighted rows, drawn as ``LoraDropout.masked``
   draws it (the same random numbers), for ``expert_rows.MixedSwiGLU`` and the fused path to apply.
 - ``native_swiglu_rows``: on a CPU, fp32 or bf16 (``native_rows.applies``), ``input_rows`` and the SwiGLU mix
@@ -62,6 +63,17 @@ def lora_low(block: nn.Module, names: list[str], inputs: torch.Tensor, seg: Segm
     return (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).to(inputs.dtype)
 
 
+def expert_factors(block: nn.Module, targeted: list[str], inputs: torch.Tensor, seg: Segments, factor: float,
+                   compute: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per targeted input projection P (gate, up): the rows' ``A_e x`` (M, r) from one ``lora_low`` matmul of the
+    stacked A, and the experts' B (E, out, r) in ``compute`` with the scale and dropout rescale ``factor`` folded in
+    (the small tensor); what the rows' LoRA up step needs. inputs: (M, in) after dropout."""
+    if not targeted:
+        return {}
+    lows = block.lora_low(targeted, inputs.to(compute), seg).split(block.r, dim=1)
+    return {p: (low, block.experts.lora_B[p].to(compute) * (block.scale * factor)) for p, low in zip(targeted, lows)}
+
+
 def input_rows(block: nn.Module, frozen: list[torch.Tensor], token: torch.Tensor, inputs: torch.Tensor, seg: Segments,
                row_expert: torch.Tensor, factor: float = 1.0) -> list[torch.Tensor]:
     """The expert rows of every input projection P: ``W_P x + b`` of each row's token plus its expert's LoRA.
@@ -81,14 +93,13 @@ def input_rows(block: nn.Module, frozen: list[torch.Tensor], token: torch.Tensor
     if inputs.device.type != "cpu" or block.use_dora or not targeted:
         return [block.expert_rows(p, f.index_select(0, token).to(compute), inputs, seg, row_expert, factor)
                 for p, f in zip(block.input_projections, frozen)]
-    lows = dict(zip(targeted, block.lora_low(targeted, inputs.to(compute), seg).split(block.r, dim=1)))
+    factors = expert_factors(block, targeted, inputs, seg, factor, compute)
     rows = []
     for p, f in zip(block.input_projections, frozen):
-        if p not in lows:
+        if p not in factors:
             rows.append(f.index_select(0, token).to(compute))
             continue
-        B = block.experts.lora_B[p].to(compute) * (block.scale * factor)  # (E, out, r): scaled, the small one
-        rows.append(GatheredLoraRows.apply(f.to(compute), token, lows[p], B, seg.sizes))
+        rows.append(GatheredLoraRows.apply(f.to(compute), token, *factors[p], seg.sizes))
     return rows
 
 
@@ -114,23 +125,20 @@ def native_swiglu_rows(block: nn.Module, frozen: list[torch.Tensor], token: torc
                        ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """``input_rows`` and ``MixedSwiGLU`` of a SiLU-gated FFN through the C kernel (``native_rows.NativeSwiGLURows``).
 
-    Args: frozen: the gate and up outputs of the N tokens (N, f) in the compute dtype; token, inputs (after dropout), seg, row_expert,
-    factor: as ``input_rows``; row_weight (M, 1) the rows' mixing weights.
+    Args: frozen: the gate and up outputs of the N tokens (N, f) in the compute dtype; token, inputs (after
+    dropout), seg, row_expert, factor: as ``input_rows``; row_weight (M, 1) the rows' mixing weights.
 
     Returns (mixed (N, f), finish) as ``MixLoraFFN.mix_sorted``: finish(down) adds the experts' down LoRA of the
     weighted rows, masked by the mask drawn here, after the input rows' mask, as the eager path draws it.
     """
     compute = frozen[0].dtype
     targeted = [p for p in block.input_projections if p in block.targets]
-    lows = {}
-    if targeted:
-        lows = dict(zip(targeted, block.lora_low(targeted, inputs.to(compute), seg).split(block.r, dim=1)))
-    Bs = {p: block.experts.lora_B[p].to(compute) * (block.scale * factor) for p in targeted}  # (E, f, r), scaled
+    factors = expert_factors(block, targeted, inputs, seg, factor, compute)
+    (low_gate, B_gate), (low_up, B_up) = (factors.get(p, (None, None)) for p in block.input_projections)
     want_rows, keep, down_factor = block.output_projection in block.targets, None, 1.0
     if want_rows:
         keep, down_factor = block.down_dropout_keep(torch.Size((token.shape[0], frozen[0].shape[1])), inputs.device,
                                                     compute)
-    gate, up = block.input_projections
-    mixed, weighted = NativeSwiGLURows.apply(*frozen, token, row_expert, seg.sizes, lows.get(gate), lows.get(up),
-                                             Bs.get(gate), Bs.get(up), row_weight, keep, want_rows)
+    mixed, weighted = NativeSwiGLURows.apply(*frozen, token, row_expert, seg.sizes, low_gate, low_up, B_gate, B_up,
+                                             row_weight, keep, want_rows)
     return mixed, lambda down: block.add_down_lora(down, token, weighted, seg, keep, down_factor)

@@ -19,9 +19,8 @@ row order, the order of the eager path's ``index_add_``. SiLU's exp is a polynom
 torch's) and the LoRA up step's products are summed in another order than MKL's, so results agree with the eager
 path to about 1e-6 relative in fp32. bf16 rows are read into fp32 and each result is rounded once, where the eager
 path rounds after every operation (and sums a token's rows in bf16). It keeps g, u (M, f) for backward, as the eager
-path does. The kernels' threads are
-torch's (``torch.get_num_threads``). ``applies`` says where they run; elsewhere (another device or dtype, no C
-compiler, ``native_kernel: false``) the eager path does.
+path does. The kernels' threads are torch's (``torch.get_num_threads``). ``applies`` says where they run; elsewhere
+(another device or dtype, no C compiler, ``native_kernel: false``) the eager path does.
 """
 
 from __future__ import annotations
