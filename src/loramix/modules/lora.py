@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoraConfig
+from . import native_dropout
 from .context import ForwardContext
 from .frozen_constant import FrozenConstant
 from .kinds import AdapterKind, AdapterModule, Site, TensorRole, register, resolve_targets
@@ -184,10 +185,11 @@ class LoraDropout(nn.Dropout):
     """Inverted dropout on a LoRA input, with a cheaper mask on CPU.
 
     On CPU ``nn.Dropout`` draws one random number per element (``bernoulli_``), which costs as much
-    as a rank-16 LoRA matmul. Here one 64-bit draw gives four 15-bit lanes, so the mask costs about
-    a fifth. The drop probability is rounded to a multiple of 2⁻¹⁵ (0.05 → 0.049988) and the kept
-    values are scaled by ``1 / (1 - p_used)``, so the expectation stays exact. Other devices use
-    ``F.dropout``. Shapes: any → same.
+    as a rank-16 LoRA matmul. Here each element gets 15 random bits and is kept where they are >= a
+    threshold: the drop probability is rounded to a multiple of 2⁻¹⁵ (0.05 → 0.049988) and the kept
+    values are scaled by ``1 / (1 - p_used)``, so the expectation stays exact. The bits come from
+    the C kernel of ``native_dropout.py`` (drawn and applied in one pass), else from one 64-bit
+    ``random_()`` draw per four elements. Other devices use ``F.dropout``. Shapes: any → same.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -202,25 +204,38 @@ class LoraDropout(nn.Dropout):
         """
         if not self.training or self.p == 0:
             return x, 1.0
-        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if x.device.type != "cpu" or x.dtype not in native_dropout.DTYPES:
             return F.dropout(x, self.p, True, self.inplace), 1.0
-        drawn = self.cpu_mask_bits(x.shape, x.device)
-        if drawn is None:  # p < 2⁻¹⁶: rounds to no dropout at all
+        threshold, factor = self.cpu_threshold()
+        if threshold == 0:  # p < 2⁻¹⁶: rounds to no dropout at all
             return x, 1.0
-        bits, threshold, factor = drawn
-        return torch.where(bits >= threshold, x, 0.0), factor
+        if native_dropout.applies(x):
+            return native_dropout.dropped(x, threshold), factor
+        return torch.where(self._torch_bits(x.shape, x.device) >= threshold, x, 0.0), factor
 
-    def cpu_mask_bits(self, shape: torch.Size, device: torch.device) -> tuple[torch.Tensor, int, float] | None:
-        """The CPU mask of ``masked`` before it is applied: 15 random bits per element (int16, ``shape``; an
-        element is kept where its bits >= threshold), the threshold and the rescale; None when p rounds to 0."""
+    def cpu_threshold(self) -> tuple[int, float]:
+        """The CPU mask's threshold on 15 random bits (0: p rounds to no dropout) and the rescale it implies."""
         threshold = round(self.p * 32768)
+        return threshold, 32768 / (32768 - threshold)
+
+    def cpu_keep(self, shape: torch.Size, device: torch.device) -> tuple[torch.Tensor, float] | None:
+        """The CPU mask of ``masked`` for an input of ``shape`` before it is applied, drawn as ``masked`` draws it
+        (the same random numbers from the same generator state): (keep, bool ``shape``; the rescale), or None when
+        p rounds to 0."""
+        threshold, factor = self.cpu_threshold()
         if threshold == 0:
             return None
+        if native_dropout.available(device):
+            return native_dropout.keep_mask(shape, threshold), factor
+        return self._torch_bits(shape, device) >= threshold, factor
+
+    @staticmethod
+    def _torch_bits(shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """15 random bits per element (int16, ``shape``) from ``random_()``: four lanes of each 64-bit draw."""
         n = math.prod(shape)
         lanes = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
         # random_() fills [0, 2⁶³): the top lane has only 15 random bits, so keep 15 bits of each lane.
-        bits = lanes.view(torch.int16)[:n].view(shape) & 0x7FFF
-        return bits, threshold, 32768 / (32768 - threshold)
+        return lanes.view(torch.int16)[:n].view(shape) & 0x7FFF
 
 
 def lora_input(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:

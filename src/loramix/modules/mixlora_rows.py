@@ -113,11 +113,8 @@ def down_dropout_keep(block: nn.Module, shape: torch.Size, device: torch.device,
     if not (isinstance(dropout, LoraDropout) and type(dropout).masked is LoraDropout.masked and dropout.training
             and dropout.p > 0 and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)):
         return None, 1.0
-    drawn = dropout.cpu_mask_bits(torch.Size(shape), device)
-    if drawn is None:  # p rounds to 0: no mask
-        return None, 1.0
-    bits, threshold, factor = drawn
-    return bits >= threshold, factor
+    drawn = dropout.cpu_keep(torch.Size(shape), device)
+    return (None, 1.0) if drawn is None else drawn  # None: p rounds to 0, no mask
 
 
 def native_swiglu_rows(block: nn.Module, frozen: list[torch.Tensor], token: torch.Tensor, inputs: torch.Tensor,

@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 from ..cache import cache_root
 
@@ -38,6 +39,7 @@ SOURCES = Path(__file__).with_name("native")
 REQUIRED_FLAGS = ["-O3", "-fPIC", "-shared"]
 OPTIONAL_FLAGS = ["-march=native", "-fno-trapping-math", "-fopenmp"]
 
+Signatures = dict[str, tuple[list[Any], Any]]  # a library's functions: name → (argument types, return type)
 _LOADED: dict[str, ctypes.CDLL | None] = {}
 
 
@@ -53,17 +55,22 @@ def compiler() -> str | None:
     return next((path for name in ("cc", "gcc", "clang") if (path := shutil.which(name))), None)
 
 
-def load(name: str) -> ctypes.CDLL | None:
+def load(name: str, signatures: Signatures | None = None) -> ctypes.CDLL | None:
     """The library built from ``native/<name>.c``, built once per machine and loaded once per process; None (and
-    one warning per process and kernel) where it cannot be built or loaded, or where ``LORAMIX_NATIVE=0``."""
+    one warning per process and kernel) where it cannot be built or loaded, or where ``LORAMIX_NATIVE=0``.
+    ``signatures``: function name → (argument types, return type), set on the library when it is loaded."""
     if not enabled():
         return None
     if name not in _LOADED:
         try:
-            _LOADED[name] = ctypes.CDLL(str(_build(name)))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+            library = ctypes.CDLL(str(_build(name)))
+            for function, (argtypes, restype) in (signatures or {}).items():
+                getattr(library, function).argtypes = argtypes
+                getattr(library, function).restype = restype
+            _LOADED[name] = library
+        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as err:
             warnings.warn(f"loramix: the C kernel '{name}' is not used ({err}); its eager PyTorch path runs instead "
-                          f"(same results, slower on a CPU). Set {NATIVE}=0 to skip the attempt.", stacklevel=2)
+                          f"(slower on a CPU). Set {NATIVE}=0 to skip the attempt.", stacklevel=2)
             _LOADED[name] = None
     return _LOADED[name]
 

@@ -48,12 +48,7 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the row dtypes the kernels rea
 
 def kernel() -> ctypes.CDLL | None:
     """The loaded ``swiglu_rows`` library with its functions' argument types set, or None (see ``native.load``)."""
-    library = native.load("swiglu_rows")
-    if library is not None and library.swiglu_rows_forward.argtypes is None:
-        for function, (argtypes, restype) in _SIGNATURES.items():
-            getattr(library, function).argtypes = argtypes
-            getattr(library, function).restype = restype
-    return library
+    return native.load("swiglu_rows", _SIGNATURES)
 
 
 def applies(block: MixLoraFFN, x: torch.Tensor, compute: torch.dtype) -> bool:
