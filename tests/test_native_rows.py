@@ -72,10 +72,13 @@ def _native(t: dict, token, sizes, tokens, keep, want_rows):
 @pytest.mark.parametrize("without", [None, "gate", "up"], ids=["both-lora", "no-gate-lora", "no-up-lora"])
 @pytest.mark.parametrize("masked", [True, False], ids=["mask", "nomask"])
 @pytest.mark.parametrize("losses", ["both", "mixed", "rows"])
-def test_native_rows_match_autograd(losses, masked, without):
+@pytest.mark.parametrize("width", [37, 150], ids=["narrow", "wide"])
+def test_native_rows_match_autograd(width, losses, masked, without):
     """Outputs and the gradients of every input equal fp64 autograd over the formula (fp32 precision), whether the
-    loss reads both outputs or one; a token without rows gets zeros and a zero gradient."""
-    tensors, token, sizes, tokens, keep = _problem(seed=1)
+    loss reads both outputs or one; a token without rows gets zeros and a zero gradient. Width 150: the LoRA up step's
+    64-column vector blocks and a tail; width 37: the tail alone (in each, rows 0-3 and 8-11 are one expert's block
+    of 4, the others go one by one)."""
+    tensors, token, sizes, tokens, keep = _problem(seed=1, width=width)
     keep = keep if masked else None
     if without is not None:
         tensors[f"low_{without}"] = tensors[f"B_{without}"] = None

@@ -92,52 +92,84 @@ static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_poly(-x)); }
    wide), aligned to a float so that it may load from any row position. */
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
-/* out[i] = frozen[token[i]] + low_i B_eᵀ (e = row_expert[i]; e >= experts, or low NULL: no LoRA), rows i in
-   parallel in their order (sorted by expert, so that consecutive rows read the same B_e from cache).
-   frozen: (N, f); out: (M, f); low: (M, r) with row stride low_stride; Bt: (experts, r, f) fp32, each B_e
-   transposed. */
+#define BLOCK 4 /* rows of one expert that share each load of B_e (4 rows x 64 columns: 16 vector registers) */
+
+/* dst[q] = src[q] + l[q] Beᵀ for `count` rows (1 or BLOCK, a constant where inlined) of one expert: each 64 columns
+   of B_e loaded serve every row, while 64 columns of each row stay in registers over the r products. An element's
+   sum is the same, in the same order, whatever the count. l: (count, r); Be: (r, f). */
+static inline __attribute__((always_inline)) void lora_up_rows(int count, const float* const* src, float* const* dst,
+                                                               const float* l, const float* Be, int64_t f,
+                                                               int64_t r) {
+    int64_t j = 0;
+    for (; j + 64 <= f; j += 64) {
+        v16 a[BLOCK][4];
+        for (int q = 0; q < count; q++)
+            for (int v = 0; v < 4; v++) a[q][v] = *(const v16*)(src[q] + j + 16 * v);
+        for (int64_t k = 0; k < r; k++) {
+            const float* b = Be + k * f + j;
+            const v16 b0 = *(const v16*)b, b1 = *(const v16*)(b + 16);
+            const v16 b2 = *(const v16*)(b + 32), b3 = *(const v16*)(b + 48);
+            for (int q = 0; q < count; q++) {
+                const v16 c = (v16){0} + l[q * r + k];
+                a[q][0] += c * b0;
+                a[q][1] += c * b1;
+                a[q][2] += c * b2;
+                a[q][3] += c * b3;
+            }
+        }
+        for (int q = 0; q < count; q++)
+            for (int v = 0; v < 4; v++) *(v16*)(dst[q] + j + 16 * v) = a[q][v];
+    }
+    for (; j < f; j++)
+        for (int q = 0; q < count; q++) {
+            float acc = src[q][j];
+            for (int64_t k = 0; k < r; k++) acc += l[q * r + k] * Be[k * f + j];
+            dst[q][j] = acc;
+        }
+}
+
+/* out[i] = frozen[token[i]] + low_i B_eᵀ (e = row_expert[i]; e >= experts, or low NULL: no LoRA), rows in parallel
+   in their order (sorted by expert): BLOCK consecutive rows of one expert together (lora_up_rows), the others (at an
+   expert's boundary, the last rows, rows without a LoRA) one at a time. frozen: (N, f); out: (M, f); low: (M, r)
+   with row stride low_stride; Bt: (experts, r, f) fp32, each B_e transposed. */
 static void gathered_lora_rows(int64_t rows, int64_t f, int64_t r, int64_t experts, const int64_t* token,
                                const int64_t* row_expert, const void* frozen, const void* low, int64_t low_stride,
                                const float* Bt, void* out, int dtype, int32_t threads) {
+    const int64_t blocks = (rows + BLOCK - 1) / BLOCK;
     #pragma omp parallel num_threads(threads)
     {
-        float* scratch = (float*)malloc(sizeof(float) * (2 * f + r + 1));
-        float* li = scratch + 2 * f;
+        float* scratch = (float*)malloc(sizeof(float) * (2 * BLOCK * f + BLOCK * r + 1));
+        float* l = scratch + 2 * BLOCK * f; /* (BLOCK, r) the rows' lows */
         #pragma omp for schedule(static)
-        for (int64_t i = 0; i < rows; i++) {
-            const float* src = row_in(frozen, token[i], f, dtype, scratch);
-            float* dst = row_out(out, i, f, dtype, scratch + f);
-            const int64_t e = row_expert[i];
-            if (!low || e >= experts) {
-                memcpy(dst, src, sizeof(float) * f);
-                row_done(out, i, f, dtype, dst);
+        for (int64_t block = 0; block < blocks; block++) {
+            const int64_t first = block * BLOCK, count = rows - first < BLOCK ? rows - first : BLOCK;
+            const int64_t e = row_expert[first];
+            int together = low && e < experts && count == BLOCK;
+            for (int64_t q = 1; together && q < BLOCK; q++) together = row_expert[first + q] == e;
+            const float* src[BLOCK];
+            float* dst[BLOCK];
+            if (together) {
+                for (int64_t q = 0; q < BLOCK; q++) {
+                    src[q] = row_in(frozen, token[first + q], f, dtype, scratch + q * f);
+                    dst[q] = row_out(out, first + q, f, dtype, scratch + (BLOCK + q) * f);
+                    for (int64_t k = 0; k < r; k++) l[q * r + k] = value_in(low, (first + q) * low_stride + k, dtype);
+                }
+                lora_up_rows(BLOCK, src, dst, l, Bt + e * r * f, f, r);
+                for (int64_t q = 0; q < BLOCK; q++) row_done(out, first + q, f, dtype, dst[q]);
                 continue;
             }
-            for (int64_t k = 0; k < r; k++) li[k] = value_in(low, i * low_stride + k, dtype);
-            const float* Be = Bt + e * r * f;
-            int64_t j = 0;
-            for (; j + 64 <= f; j += 64) { /* 64 columns of the row stay in four registers over the r products */
-                v16 a0 = *(const v16*)(src + j), a1 = *(const v16*)(src + j + 16);
-                v16 a2 = *(const v16*)(src + j + 32), a3 = *(const v16*)(src + j + 48);
-                for (int64_t k = 0; k < r; k++) {
-                    const float* b = Be + k * f + j;
-                    const v16 c = (v16){0} + li[k];
-                    a0 += c * *(const v16*)b;
-                    a1 += c * *(const v16*)(b + 16);
-                    a2 += c * *(const v16*)(b + 32);
-                    a3 += c * *(const v16*)(b + 48);
+            for (int64_t i = first; i < first + count; i++) {
+                src[0] = row_in(frozen, token[i], f, dtype, scratch);
+                dst[0] = row_out(out, i, f, dtype, scratch + BLOCK * f);
+                const int64_t ei = row_expert[i];
+                if (!low || ei >= experts) {
+                    memcpy(dst[0], src[0], sizeof(float) * f);
+                } else {
+                    for (int64_t k = 0; k < r; k++) l[k] = value_in(low, i * low_stride + k, dtype);
+                    lora_up_rows(1, src, dst, l, Bt + ei * r * f, f, r);
                 }
-                *(v16*)(dst + j) = a0;
-                *(v16*)(dst + j + 16) = a1;
-                *(v16*)(dst + j + 32) = a2;
-                *(v16*)(dst + j + 48) = a3;
+                row_done(out, i, f, dtype, dst[0]);
             }
-            for (; j < f; j++) {
-                float acc = src[j];
-                for (int64_t k = 0; k < r; k++) acc += li[k] * Be[k * f + j];
-                dst[j] = acc;
-            }
-            row_done(out, i, f, dtype, dst);
         }
         free(scratch);
     }
