@@ -72,12 +72,12 @@ def _native(t: dict, token, sizes, tokens, keep, want_rows):
 @pytest.mark.parametrize("without", [None, "gate", "up"], ids=["both-lora", "no-gate-lora", "no-up-lora"])
 @pytest.mark.parametrize("masked", [True, False], ids=["mask", "nomask"])
 @pytest.mark.parametrize("losses", ["both", "mixed", "rows"])
-@pytest.mark.parametrize("width", [37, 150], ids=["narrow", "wide"])
+@pytest.mark.parametrize("width", [37, 150, 192], ids=["narrow", "wide", "blocks-of-64"])
 def test_native_rows_match_autograd(width, losses, masked, without):
     """Outputs and the gradients of every input equal fp64 autograd over the formula (fp32 precision), whether the
     loss reads both outputs or one; a token without rows gets zeros and a zero gradient. Width 150: the LoRA up step's
     64-column vector blocks and a tail; width 37: the tail alone (in each, rows 0-3 and 8-11 are one expert's block
-    of 4, the others go one by one)."""
+    of 4, the others go one by one); width 192 (a multiple of 64): the LoRA gradients in C too (``_lora_grads``)."""
     tensors, token, sizes, tokens, keep = _problem(seed=1, width=width)
     keep = keep if masked else None
     if without is not None:
@@ -149,23 +149,25 @@ def test_native_silu_over_fp32s_range_and_nan():
     assert torch.isnan(mixed[1]).all()
 
 
-def _block(native_kernel: bool, ffn_targets: list[str], dropout: float):
+def _block(native_kernel: bool, ffn_targets: list[str], dropout: float, width: int | None = None):
     cfg = mixlora_config(attention_targets=[], ffn_targets=ffn_targets, dropout=dropout, native_kernel=native_kernel)
-    moe, _ = first_moe(loramix.inject(tiny_model("llama"), cfg))
+    moe, _ = first_moe(loramix.inject(tiny_model("llama", width=width), cfg))
     perturb_adapter(moe, seed=5, b_std=0.3, router_std=1.0)
     moe.train()
     return moe
 
 
 @needs_kernel
+@pytest.mark.parametrize("width", [None, 64], ids=["ffn-48", "ffn-128"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("ffn_targets",
                          [["gate_proj", "up_proj", "down_proj"], ["up_proj"], ["gate_proj", "down_proj"]],
                          ids=["all", "up", "gate-down"])
-def test_block_native_equals_eager_and_naive(ffn_targets, dropout, monkeypatch):
+def test_block_native_equals_eager_and_naive(ffn_targets, dropout, width, monkeypatch):
     """In the block (padding: unrouted rows; top-2), the kernel's output and the gradients of x and every adapter
     tensor equal the eager path's (same seed: the same dropout masks) and, without dropout, the per-expert loop's,
-    to 1e-5; the kernel ran (forward and backward), the eager path did not run it."""
+    to 1e-5; the kernels ran (forward and backward; the LoRA gradients too where the FFN width is a multiple of 64),
+    the eager path ran none."""
     batch, length = 3, 10
     calls = []
     real = native_rows.kernel
@@ -182,7 +184,7 @@ def test_block_native_equals_eager_and_naive(ffn_targets, dropout, monkeypatch):
     results = {}
     for name, native_kernel, dispatch in (("eager", False, "sorted"), ("native", True, "sorted"),
                                           ("naive", False, "naive")):
-        moe = _block(native_kernel, ffn_targets, dropout)
+        moe = _block(native_kernel, ffn_targets, dropout, width)
         moe.dispatch = dispatch
         dim = moe.router.weight.shape[1]
         moe.context.token_mask = token_mask(batch, length, padded=True)
@@ -191,8 +193,8 @@ def test_block_native_equals_eager_and_naive(ffn_targets, dropout, monkeypatch):
         torch.manual_seed(11)
         results[name] = run_with_grads(moe, x, lambda t: moe(t).reshape(-1, dim))
         ran = set(calls[before:]) - {"swiglu_rows_openmp"}  # the build check, asked on every forward
-        assert ran == ({"swiglu_gathered_rows", "swiglu_rows_forward", "swiglu_rows_backward"} if name == "native"
-                       else set()), name
+        kernels = {"swiglu_gathered_rows", "swiglu_rows_forward", "swiglu_rows_backward"}
+        assert ran == ((kernels | {"swiglu_lora_grads"} if width else kernels) if name == "native" else set()), name
     (ref, ref_grads), (out, grads) = results["eager"], results["native"]
     assert rel_err(out, ref) < 1e-5
     assert grads.keys() == ref_grads.keys()

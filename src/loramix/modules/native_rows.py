@@ -5,14 +5,15 @@ formula as its own pass over (M, f) memory: the gather, each expert's LoRA up st
 the tokens, the mask, and in backward as many again plus a scatter of each input projection's gradient into its
 tokens. A SwiGLU FFN's rows under top-2 are twice a LoRA FFN's, and these passes are most of what a MixLoRA
 training step costs beyond a LoRA step on a CPU. Here they are three passes over the rows, and torch keeps the
-matmuls whose operands are whole segments (the A products before, the per-expert gradients after)::
+matmuls whose operands are whole segments (the A products before; the per-expert gradients of the lows and B after,
+which fp32 rows of suitable shape run in C too, ``_lora_grads``)::
 
     g_i = gate[t_i] + low_gate,i B_gate,eᵀ;  u_i = up[t_i] + low_up,i B_up,eᵀ           (C, rows in expert order)
     y_i = w_i · silu(g_i) ⊙ u_i;  mixed[t] = Σ_{i of t} y_i;  rows_i = keep_i ⊙ y_i      (C, by token)
     d_i = grad_mixed[t_i] + keep_i ⊙ grad_rows_i
     grad_w_i = Σ_f d_i silu(g_i) u_i;  grad_u_i = w_i d_i silu(g_i);  grad_g_i = w_i d_i u_i silu'(g_i)
     grad_gate[t] = Σ_{i of t} grad_g_i;  grad_up[t] = Σ_{i of t} grad_u_i                 (C, by token)
-    grad_low_e = grad_g_e B_e;  grad_B_e = grad_g_eᵀ low_e                                 (torch, per expert)
+    grad_low_e = grad_g_e B_e;  grad_B_e = grad_g_eᵀ low_e         (C in fp32 where r % 4 = f % 64 = 0, else torch)
 
 Rows i are in expert order (each B_e read from cache by consecutive rows); a token's rows are summed in increasing
 row order, the order of the eager path's ``index_add_``. SiLU's exp is a polynomial (within fp32 rounding of
@@ -26,6 +27,7 @@ path does. The kernels' threads are torch's (``torch.get_num_threads``). ``appli
 from __future__ import annotations
 
 import ctypes
+import itertools
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,6 +44,7 @@ _SIGNATURES = {  # argument types, return type
     "swiglu_rows_forward": ([_INT64] * 2 + [_POINTER] * 8 + [_INT32] * 2, None),
     "swiglu_rows_backward": ([_INT64] * 2 + [_POINTER] * 13 + [_INT32] * 2, None),
     "swiglu_rows_openmp": ([], ctypes.c_int),
+    "swiglu_lora_grads": ([_INT64] * 4 + [_POINTER] * 3 + [_INT64] + [_POINTER] * 3 + [_INT32], None),
 }
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the row dtypes the kernels read and write (swiglu_rows.c's enum)
 
@@ -100,6 +103,26 @@ def _gathered_rows(gate: torch.Tensor, up: torch.Tensor, token: torch.Tensor, ro
         _pointer(gate), _pointer(up), _pointer(low_gate), _pointer(low_up), stride, _pointer(B_gate), _pointer(B_up),
         _pointer(g), _pointer(u), DTYPES[g.dtype], torch.get_num_threads())
     return g, u
+
+
+def _lora_grads(grad: torch.Tensor, low: torch.Tensor, B: torch.Tensor, sizes: list[int], want_low: bool,
+                want_B: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``expert_rows.lora_grads`` (the gradients of the rows' low (M, r) and the experts' B (E, f, r) from grad (M, f))
+    in the C kernel for fp32 rows with r a multiple of 4 and f of 64: each expert's segment in blocks of 16 vector
+    accumulators where torch runs two small matmuls per expert (about 0.7 of their time at the bench's shape); other
+    dtypes and shapes: ``lora_grads``."""
+    experts, width, rank = B.shape
+    if (grad.dtype != torch.float32 or low.dtype != torch.float32 or B.dtype != torch.float32 or rank % 4
+            or width % 64 or low.stride(1) != 1):
+        return lora_grads(grad, low, B, sizes, want_low, want_B)
+    start = torch.tensor([0, *itertools.accumulate(sizes[:experts])], dtype=torch.int64)
+    grad, Bt = grad.contiguous(), B.transpose(1, 2).contiguous()  # held here: C reads their memory
+    grad_low = grad.new_empty(grad.shape[0], rank) if want_low else None
+    grad_Bt = grad.new_empty(experts, rank, width) if want_B else None
+    kernel().swiglu_lora_grads(grad.shape[0], width, rank, experts, _pointer(start), _pointer(grad), _pointer(low),
+                               low.stride(0), _pointer(Bt), _pointer(grad_low), _pointer(grad_Bt),
+                               torch.get_num_threads())
+    return grad_low, None if grad_Bt is None else grad_Bt.transpose(1, 2)
 
 
 class NativeSwiGLURows(torch.autograd.Function):
@@ -162,8 +185,8 @@ class NativeSwiGLURows(torch.autograd.Function):
             DTYPES[g.dtype], torch.get_num_threads())
         grad_low_gate = grad_low_up = grad_B_gate = grad_B_up = None
         if low_gate is not None:
-            grad_low_gate, grad_B_gate = lora_grads(grad_g, low_gate, B_gate, ctx.sizes, need[5], need[7])
+            grad_low_gate, grad_B_gate = _lora_grads(grad_g, low_gate, B_gate, ctx.sizes, need[5], need[7])
         if low_up is not None:
-            grad_low_up, grad_B_up = lora_grads(grad_u, low_up, B_up, ctx.sizes, need[6], need[8])
+            grad_low_up, grad_B_up = _lora_grads(grad_u, low_up, B_up, ctx.sizes, need[6], need[8])
         return (grad_gate, grad_up, None, None, None, grad_low_gate, grad_low_up, grad_B_gate, grad_B_up,
                 grad_w if need[9] else None, None, None)

@@ -317,3 +317,95 @@ void swiglu_rows_backward(int64_t num_tokens, int64_t f, const int64_t* row_of, 
         free(scratch);
     }
 }
+
+/* The gradients of the LoRA up step g_i = frozen[t_i] + low_i B_eᵀ from the rows' gradient grad (M, f), fp32, rows
+   sorted by expert: segment e is rows [start[e], start[e + 1]); rows from start[experts] on have no LoRA.
+     grad_low[i][k] = sum_j grad[i][j] Bt[e][k][j]                     (M, r), 0 for rows without LoRA; NULL: not wanted
+     grad_Bt[e][k][j] = sum over e's rows i of grad[i][j] low[i][k]   (experts, r, f); NULL: not wanted
+   Bt: (experts, r, f), each B_e transposed; low: (M, r) with row stride low_stride. Requires r % 4 == 0 and
+   f % 64 == 0 (the caller sends other shapes to torch). Each is a block of 16 vector accumulators: grad_low 4 rows
+   of one expert by 4 ranks (16 products for 8 loads: 4 rows' and 4 ranks' 16 columns), one row at a time at an
+   expert's boundary; grad_Bt 4 ranks by 64 columns, over the expert's rows (16 products for one row's 64 columns
+   and 4 of its ranks), in parallel over (expert, 64 columns). grad_low's sum over j runs in j order within each of
+   16 lanes, then across the lanes; grad_Bt's over i in row order. */
+void swiglu_lora_grads(int64_t rows, int64_t f, int64_t r, int64_t experts, const int64_t* start,
+                       const float* grad, const float* low, int64_t low_stride, const float* Bt, float* grad_low,
+                       float* grad_Bt, int32_t threads) {
+    (void)threads;
+    if (grad_low) {
+        const int64_t blocks = (rows + BLOCK - 1) / BLOCK;
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t block = 0; block < blocks; block++) {
+            const int64_t first = block * BLOCK, last = first + BLOCK < rows ? first + BLOCK : rows;
+            for (int64_t i = first; i < last;) {
+                int64_t e = 0;
+                while (e < experts && i >= start[e + 1]) e++;
+                if (e >= experts) { /* no LoRA: no gradient */
+                    memset(grad_low + i * r, 0, sizeof(float) * r);
+                    i++;
+                    continue;
+                }
+                const int together = i == first && last - first == BLOCK && last <= start[e + 1];
+                const int count = together ? BLOCK : 1;
+                const float* Be = Bt + e * r * f;
+                for (int64_t k0 = 0; k0 < r; k0 += 4) {
+                    v16 acc[BLOCK][4];
+                    for (int q = 0; q < BLOCK; q++)
+                        for (int kk = 0; kk < 4; kk++) acc[q][kk] = (v16){0};
+                    for (int64_t j = 0; j < f; j += 16) {
+                        const v16 b0 = *(const v16*)(Be + (k0 + 0) * f + j), b1 = *(const v16*)(Be + (k0 + 1) * f + j);
+                        const v16 b2 = *(const v16*)(Be + (k0 + 2) * f + j), b3 = *(const v16*)(Be + (k0 + 3) * f + j);
+                        if (count == BLOCK) {
+                            for (int q = 0; q < BLOCK; q++) {
+                                const v16 g = *(const v16*)(grad + (i + q) * f + j);
+                                acc[q][0] += g * b0;
+                                acc[q][1] += g * b1;
+                                acc[q][2] += g * b2;
+                                acc[q][3] += g * b3;
+                            }
+                        } else {
+                            const v16 g = *(const v16*)(grad + i * f + j);
+                            acc[0][0] += g * b0;
+                            acc[0][1] += g * b1;
+                            acc[0][2] += g * b2;
+                            acc[0][3] += g * b3;
+                        }
+                    }
+                    for (int q = 0; q < count; q++)
+                        for (int kk = 0; kk < 4; kk++) {
+                            float sum = 0.0f;
+                            for (int lane = 0; lane < 16; lane++) sum += acc[q][kk][lane];
+                            grad_low[(i + q) * r + k0 + kk] = sum;
+                        }
+                }
+                i += count;
+            }
+        }
+    }
+    if (grad_Bt) {
+        const int64_t chunks = f / 64, tasks = experts * chunks;
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t task = 0; task < tasks; task++) {
+            const int64_t e = task / chunks, j = (task % chunks) * 64;
+            for (int64_t k0 = 0; k0 < r; k0 += 4) {
+                v16 acc[4][4];
+                for (int kk = 0; kk < 4; kk++)
+                    for (int v = 0; v < 4; v++) acc[kk][v] = (v16){0};
+                for (int64_t i = start[e]; i < start[e + 1]; i++) {
+                    const float* g = grad + i * f + j;
+                    const v16 g0 = *(const v16*)g, g1 = *(const v16*)(g + 16);
+                    const v16 g2 = *(const v16*)(g + 32), g3 = *(const v16*)(g + 48);
+                    for (int kk = 0; kk < 4; kk++) {
+                        const v16 c = (v16){0} + low[i * low_stride + k0 + kk];
+                        acc[kk][0] += c * g0;
+                        acc[kk][1] += c * g1;
+                        acc[kk][2] += c * g2;
+                        acc[kk][3] += c * g3;
+                    }
+                }
+                for (int kk = 0; kk < 4; kk++)
+                    for (int v = 0; v < 4; v++) *(v16*)(grad_Bt + (e * r + k0 + kk) * f + j + 16 * v) = acc[kk][v];
+            }
+        }
+    }
+}
