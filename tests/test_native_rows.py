@@ -166,8 +166,8 @@ def _block(native_kernel: bool, ffn_targets: list[str], dropout: float, width: i
 def test_block_native_equals_eager_and_naive(ffn_targets, dropout, width, monkeypatch):
     """In the block (padding: unrouted rows; top-2), the kernel's output and the gradients of x and every adapter
     tensor equal the eager path's (same seed: the same dropout masks) and, without dropout, the per-expert loop's,
-    to 1e-5; the kernels ran (forward and backward; the LoRA gradients too where the FFN width is a multiple of 64),
-    the eager path ran none."""
+    to 1e-5; the kernels ran (forward and backward; where the FFN width is a multiple of 64 the LoRA gradients and the
+    down LoRA's A side too), the eager path ran none."""
     batch, length = 3, 10
     calls = []
     real = native_rows.kernel
@@ -194,7 +194,9 @@ def test_block_native_equals_eager_and_naive(ffn_targets, dropout, width, monkey
         results[name] = run_with_grads(moe, x, lambda t: moe(t).reshape(-1, dim))
         ran = set(calls[before:]) - {"swiglu_rows_openmp"}  # the build check, asked on every forward
         kernels = {"swiglu_gathered_rows", "swiglu_rows_forward", "swiglu_rows_backward"}
-        assert ran == ((kernels | {"swiglu_lora_grads"} if width else kernels) if name == "native" else set()), name
+        if width:  # the LoRA gradients of gate and up, and the down LoRA's A side (its lows and their gradient)
+            kernels |= {"swiglu_lora_grads"} | ({"swiglu_lora_rows"} if "down_proj" in ffn_targets else set())
+        assert ran == (kernels if name == "native" else set()), name
     (ref, ref_grads), (out, grads) = results["eager"], results["native"]
     assert rel_err(out, ref) < 1e-5
     assert grads.keys() == ref_grads.keys()
@@ -330,3 +332,39 @@ def test_native_off_by_environment(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert native.load("swiglu_rows") is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("want", ["all", "rows-only", "factors-only"])
+def test_native_down_lora_matches_autograd(want):
+    """``NativeDownLora``: ``(A_e rows_i) B_eᵀ`` per expert segment (zero for the unrouted rows past the experts), and
+    the gradients of the rows, A and B equal fp64 autograd over that formula (fp32 precision), whichever inputs want
+    one; blocks of four rows of one expert and rows one at a time both occur (segments of 4, 3, 6, then 2 unrouted)."""
+    from loramix.modules.native_rows import NativeDownLora
+
+    g = torch.Generator().manual_seed(9)
+    sizes, width, rank, out = [4, 3, 6, 2], 128, 4, 24
+    rows_n = sum(sizes)
+    row_expert = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    leaves = {"rows": torch.randn(rows_n, width, generator=g), "A": torch.randn(EXPERTS, rank, width, generator=g),
+              "B": torch.randn(EXPERTS, out, rank, generator=g)}
+    grads_of = {"all": ("rows", "A", "B"), "rows-only": ("rows",), "factors-only": ("A", "B")}[want]
+    probe = torch.randn(rows_n, out, generator=g)
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        t = {k: v.to(dtype).requires_grad_(k in grads_of) for k, v in leaves.items()}
+        if dtype == torch.float64:
+            pieces = [(r_e @ t["A"][e].t()) @ t["B"][e].t() for e, r_e in enumerate(t["rows"].split(sizes)[:EXPERTS])]
+            delta = torch.cat(pieces + [t["rows"].new_zeros(sizes[-1], out)])
+        else:
+            delta = NativeDownLora.apply(t["rows"], t["A"], t["B"], row_expert, sizes)
+        (delta * probe.to(dtype)).sum().backward()
+        results.append((delta.detach().double(), {k: t[k].grad.double() for k in grads_of}))
+    (ref, ref_grads), (got, grads) = results
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert got[-2:].abs().max() == 0
+    for name in grads_of:
+        assert ref_grads[name].abs().max() > 0, name
+        assert rel_err(grads[name], ref_grads[name]) < 1e-5, name
+    if "rows" in grads_of:
+        assert grads["rows"][-2:].abs().max() == 0  # unrouted rows: no LoRA, no gradient

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from .expert_rows import GatheredLoraRows, segment_matmuls
+from .expert_rows import GatheredLoraRows, IndexAddRows, segment_matmuls
 from .lora import LoraDropout
-from .native_rows import NativeSwiGLURows
+from .native_rows import NativeDownLora, NativeSwiGLURows, blocks_apply
 
 if TYPE_CHECKING:
     from .mixlora import Segments
@@ -126,7 +126,9 @@ def native_swiglu_rows(block: nn.Module, frozen: list[torch.Tensor], token: torc
     dropout), seg, row_expert, factor: as ``input_rows``; row_weight (M, 1) the rows' mixing weights.
 
     Returns (mixed (N, f), finish) as ``MixLoraFFN.mix_sorted``: finish(down) adds the experts' down LoRA of the
-    weighted rows, masked by the mask drawn here, after the input rows' mask, as the eager path draws it.
+    weighted rows, masked by the mask drawn here, after the input rows' mask, as the eager path draws it; its A side
+    in C too (``native_rows.NativeDownLora``) where the rows were masked here or there is no dropout, and
+    ``native_rows.blocks_apply`` (fp32, f % 64 = 0, r % 4 = 0).
     """
     compute = frozen[0].dtype
     targeted = [p for p in block.input_projections if p in block.targets]
@@ -138,4 +140,15 @@ def native_swiglu_rows(block: nn.Module, frozen: list[torch.Tensor], token: torc
                                                     compute)
     mixed, weighted = NativeSwiGLURows.apply(*frozen, token, row_expert, seg.sizes, low_gate, low_up, B_gate, B_up,
                                              row_weight, keep, want_rows)
+    name = block.output_projection
+    if weighted is not None and (keep is not None or type(block.lora_dropout) is nn.Identity):  # masked or no dropout
+        A, B = block.experts.lora_A[name].to(compute), block.experts.lora_B[name].to(compute)
+        if blocks_apply(weighted, block.r, A, B):  # the down LoRA's A side in C too
+            B = B * (block.scale * down_factor)
+
+            def finish(down: torch.Tensor) -> torch.Tensor:
+                delta = NativeDownLora.apply(weighted, A, B, row_expert, seg.sizes)
+                return IndexAddRows.apply(down.to(weighted.dtype), token, delta)
+
+            return mixed, finish
     return mixed, lambda down: block.add_down_lora(down, token, weighted, seg, keep, down_factor)

@@ -45,6 +45,7 @@ _SIGNATURES = {  # argument types, return type
     "swiglu_rows_backward": ([_INT64] * 2 + [_POINTER] * 13 + [_INT32] * 2, None),
     "swiglu_rows_openmp": ([], ctypes.c_int),
     "swiglu_lora_grads": ([_INT64] * 4 + [_POINTER] * 3 + [_INT64] + [_POINTER] * 3 + [_INT32], None),
+    "swiglu_lora_rows": ([_INT64] * 4 + [_POINTER] * 2 + [_INT64] + [_POINTER] * 2 + [_INT32], None),
 }
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the row dtypes the kernels read and write (swiglu_rows.c's enum)
 
@@ -105,17 +106,27 @@ def _gathered_rows(gate: torch.Tensor, up: torch.Tensor, token: torch.Tensor, ro
     return g, u
 
 
+def blocks_apply(rows: torch.Tensor, rank: int, *factors: torch.Tensor) -> bool:
+    """Whether the C kernels' blocks of 16 vector accumulators (``swiglu_lora_grads``) take these operands: fp32 rows
+    (M, f) with f a multiple of 64, the rank a multiple of 4, fp32 factors."""
+    return (rows.dtype == torch.float32 and rows.shape[-1] % 64 == 0 and rank % 4 == 0
+            and all(t.dtype == torch.float32 for t in factors))
+
+
+def _segment_starts(sizes: list[int], experts: int) -> torch.Tensor:
+    """(E + 1,) int64: where each expert's segment starts, then where the experts' rows end."""
+    return torch.tensor([0, *itertools.accumulate(sizes[:experts])], dtype=torch.int64)
+
+
 def _lora_grads(grad: torch.Tensor, low: torch.Tensor, B: torch.Tensor, sizes: list[int], want_low: bool,
                 want_B: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``expert_rows.lora_grads`` (the gradients of the rows' low (M, r) and the experts' B (E, f, r) from grad (M, f))
-    in the C kernel for fp32 rows with r a multiple of 4 and f of 64: each expert's segment in blocks of 16 vector
-    accumulators where torch runs two small matmuls per expert (about 0.7 of their time at the bench's shape); other
-    dtypes and shapes: ``lora_grads``."""
+    in the C kernel where ``blocks_apply``: each expert's segment in blocks of 16 vector accumulators where torch runs
+    two small matmuls per expert (about 0.7 of their time at the bench's shape); elsewhere ``lora_grads``."""
     experts, width, rank = B.shape
-    if (grad.dtype != torch.float32 or low.dtype != torch.float32 or B.dtype != torch.float32 or rank % 4
-            or width % 64 or low.stride(1) != 1):
+    if not blocks_apply(grad, rank, low, B) or low.stride(1) != 1:
         return lora_grads(grad, low, B, sizes, want_low, want_B)
-    start = torch.tensor([0, *itertools.accumulate(sizes[:experts])], dtype=torch.int64)
+    start = _segment_starts(sizes, experts)
     grad, Bt = grad.contiguous(), B.transpose(1, 2).contiguous()  # held here: C reads their memory
     grad_low = grad.new_empty(grad.shape[0], rank) if want_low else None
     grad_Bt = grad.new_empty(experts, rank, width) if want_B else None
@@ -190,3 +201,49 @@ class NativeSwiGLURows(torch.autograd.Function):
             grad_low_up, grad_B_up = _lora_grads(grad_u, low_up, B_up, ctx.sizes, need[6], need[8])
         return (grad_gate, grad_up, None, None, None, grad_low_gate, grad_low_up, grad_B_gate, grad_B_up,
                 grad_w if need[9] else None, None, None)
+
+
+class NativeDownLora(torch.autograd.Function):
+    """The experts' down LoRA of the weighted rows, ``(A_e rows_i) B_eᵀ`` (M, d) for rows sorted by expert (zero past
+    the E experts), with its A side in C: the lows ``A_e rows_i`` forward, and backward the gradients of A and of the
+    rows (each an (M, f) pass that torch runs as a small matmul per expert); the B side, (M, r) by (r, d), stays with
+    torch. Where ``blocks_apply(rows, r, A, B)``.
+
+    Args (``apply``, positional): rows (M, f) the weighted, masked rows; A (E, r, f); B (E, d, r) with the scale and
+    dropout rescale folded in; row_expert (M,) long; sizes: rows per segment, the E experts' first.
+    Keeps rows, A, B, the lows (M, r) and the segment bounds for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, A: torch.Tensor, B: torch.Tensor,  # type: ignore[override]
+                row_expert: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        rows, A, row_expert = rows.contiguous(), A.contiguous(), row_expert.contiguous()
+        experts, rank, width = A.shape
+        start = _segment_starts(sizes, experts)
+        low = rows.new_empty(rows.shape[0], rank)
+        kernel().swiglu_lora_grads(rows.shape[0], width, rank, experts, _pointer(start), _pointer(rows), None, 0,
+                                   _pointer(A), _pointer(low), None, torch.get_num_threads())
+        delta = rows.new_zeros(rows.shape[0], B.shape[1])
+        for low_e, B_e, delta_e in zip(low.split(sizes), B.unbind(0), delta.split(sizes)):
+            if low_e.shape[0]:
+                torch.mm(low_e, B_e.t(), out=delta_e)
+        ctx.save_for_backward(rows, A, B, low, start, row_expert)
+        ctx.sizes = sizes
+        return delta
+
+    @staticmethod
+    def backward(ctx, grad_delta: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        rows, A, B, low, start, row_expert = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        experts, rank, width = A.shape
+        grad_low, grad_B = lora_grads(grad_delta.contiguous(), low, B, ctx.sizes, True, need[2])
+        grad_rows = rows.new_empty(rows.shape) if need[0] else None
+        grad_A = A.new_empty(A.shape) if need[1] else None
+        library, threads = kernel(), torch.get_num_threads()
+        if grad_A is not None:
+            library.swiglu_lora_grads(rows.shape[0], width, rank, experts, _pointer(start), _pointer(rows),
+                                      _pointer(grad_low), rank, None, None, _pointer(grad_A), threads)
+        if grad_rows is not None:
+            library.swiglu_lora_rows(rows.shape[0], width, rank, experts, _pointer(row_expert), _pointer(grad_low),
+                                     rank, _pointer(A), _pointer(grad_rows), threads)
+        return grad_rows, grad_A, grad_B, None, None

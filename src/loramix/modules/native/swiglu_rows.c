@@ -130,8 +130,9 @@ static inline __attribute__((always_inline)) void lora_up_rows(int count, const 
 
 /* out[i] = frozen[token[i]] + low_i B_eᵀ (e = row_expert[i]; e >= experts, or low NULL: no LoRA), rows in parallel
    in their order (sorted by expert): BLOCK consecutive rows of one expert together (lora_up_rows), the others (at an
-   expert's boundary, the last rows, rows without a LoRA) one at a time. frozen: (N, f); out: (M, f); low: (M, r)
-   with row stride low_stride; Bt: (experts, r, f) fp32, each B_e transposed. */
+   expert's boundary, the last rows, rows without a LoRA) one at a time. frozen: (N, f), or NULL for zero rows (then
+   token is not read); out: (M, f); low: (M, r) with row stride low_stride; Bt: (experts, r, f) fp32, each B_e
+   transposed. */
 static void gathered_lora_rows(int64_t rows, int64_t f, int64_t r, int64_t experts, const int64_t* token,
                                const int64_t* row_expert, const void* frozen, const void* low, int64_t low_stride,
                                const float* Bt, void* out, int dtype, int32_t threads) {
@@ -140,6 +141,7 @@ static void gathered_lora_rows(int64_t rows, int64_t f, int64_t r, int64_t exper
     {
         float* scratch = (float*)malloc(sizeof(float) * (2 * BLOCK * f + BLOCK * r + 1));
         float* l = scratch + 2 * BLOCK * f; /* (BLOCK, r) the rows' lows */
+        float* zero = frozen ? 0 : (float*)calloc((size_t)f, sizeof(float));
         #pragma omp for schedule(static)
         for (int64_t block = 0; block < blocks; block++) {
             const int64_t first = block * BLOCK, count = rows - first < BLOCK ? rows - first : BLOCK;
@@ -150,7 +152,7 @@ static void gathered_lora_rows(int64_t rows, int64_t f, int64_t r, int64_t exper
             float* dst[BLOCK];
             if (together) {
                 for (int64_t q = 0; q < BLOCK; q++) {
-                    src[q] = row_in(frozen, token[first + q], f, dtype, scratch + q * f);
+                    src[q] = frozen ? row_in(frozen, token[first + q], f, dtype, scratch + q * f) : zero;
                     dst[q] = row_out(out, first + q, f, dtype, scratch + (BLOCK + q) * f);
                     for (int64_t k = 0; k < r; k++) l[q * r + k] = value_in(low, (first + q) * low_stride + k, dtype);
                 }
@@ -159,7 +161,7 @@ static void gathered_lora_rows(int64_t rows, int64_t f, int64_t r, int64_t exper
                 continue;
             }
             for (int64_t i = first; i < first + count; i++) {
-                src[0] = row_in(frozen, token[i], f, dtype, scratch);
+                src[0] = frozen ? row_in(frozen, token[i], f, dtype, scratch) : zero;
                 dst[0] = row_out(out, i, f, dtype, scratch + BLOCK * f);
                 const int64_t ei = row_expert[i];
                 if (!low || ei >= experts) {
@@ -171,6 +173,7 @@ static void gathered_lora_rows(int64_t rows, int64_t f, int64_t r, int64_t exper
                 row_done(out, i, f, dtype, dst[0]);
             }
         }
+        free(zero);
         free(scratch);
     }
 }
@@ -197,6 +200,14 @@ void swiglu_gathered_rows(int64_t rows, int64_t f, int64_t r, int64_t experts, c
     gathered_lora_rows(rows, f, r, experts, token, row_expert, up, low_up, low_stride, Bt_up, u, dtype, threads);
     free(Bt_gate);
     free(Bt_up);
+}
+
+/* out[i] = low_i Ae (e = row_expert[i]; 0 for e >= experts), fp32: the gradient of a LoRA A step's input rows from
+   their lows' gradient, in gathered_lora_rows' blocks. low: (M, r) with row stride low_stride; A: (experts, r, f);
+   out: (M, f). */
+void swiglu_lora_rows(int64_t rows, int64_t f, int64_t r, int64_t experts, const int64_t* row_expert,
+                      const float* low, int64_t low_stride, const float* A, float* out, int32_t threads) {
+    gathered_lora_rows(rows, f, r, experts, 0, row_expert, 0, low, low_stride, A, out, 0, threads);
 }
 
 /* Forward. y_i = w_i silu(g_i) u_i; mixed[t] = sum of y_i over token t's rows (0 without rows);
