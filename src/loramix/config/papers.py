@@ -90,8 +90,10 @@ class MixLoraConfig(AdapterSettings):
     )
     native_kernel: bool = help_field(
         "On a CPU (fp32 or bf16 rows), a SiLU-gated FFN without DoRA: the expert rows' gather with each expert's "
-        "LoRA up step, SwiGLU, mixing and masking in C, three passes over the rows (built by the machine's C compiler "
-        "on first use and cached; without one, a warning and the eager path); false: the eager path.",
+        "LoRA up step, SwiGLU, mixing and masking in C, three passes over the rows, and for fp32 rows with r % 4 = 0 "
+        "and an FFN width % 64 = 0 the experts' LoRA gradients and the down LoRA's A side too (built by the "
+        "machine's C compiler on first use and cached; without one, a warning and the eager path); false: the "
+        "eager path.",
         True,
     )
     adapter_dtype: str | None = help_field(ADAPTER_DTYPE_HELP, None)
