@@ -25,7 +25,7 @@ from torch import nn
 
 from .expert_rows import GatheredLoraRows, IndexAddRows, segment_matmuls
 from .lora import LoraDropout
-from .native_rows import NativeDownLora, NativeSwiGLURows, blocks_apply
+from .native_rows import NativeLoraA, NativeSwiGLURows, blocks_apply, native_down_lora
 
 if TYPE_CHECKING:
     from .mixlora import Segments
@@ -42,13 +42,19 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return all((d * size) % 16 == 0 for d in dims) and x.is_contiguous()
 
 
-def lora_low(block: nn.Module, names: list[str], inputs: torch.Tensor, seg: Segments) -> torch.Tensor:
+def lora_low(block: nn.Module, names: list[str], inputs: torch.Tensor, seg: Segments,
+             row_expert: torch.Tensor | None = None) -> torch.Tensor:
     """``A_e x`` of the projections ``names`` side by side, for rows sorted by expert: (M, len(names) · r).
 
     Projections that read the same rows (gate and up) get one matmul with their A stacked (E, len(names) · r,
     in): the rows are read once, forward and backward. Grouped where supported, else the segment loop;
-    unrouted rows (the last ``seg.frozen``) get zeros. inputs: (M, in), after LoRA dropout.
+    unrouted rows (the last ``seg.frozen``) get zeros. inputs: (M, in), after LoRA dropout. ``row_expert`` (M,),
+    given on the C kernels' path: there the C kernels of ``native_rows.NativeLoraA`` where ``blocks_apply``.
     """
+    if row_expert is not None:
+        A = torch.cat([block.experts.lora_A[n] for n in names], dim=1)  # (E, k r, in)
+        if blocks_apply(inputs, A.shape[1], A):
+            return NativeLoraA.apply(inputs, A, row_expert, seg.sizes)
     with segment_matmuls(inputs) as dtype:
         x = inputs.to(dtype)
         A = torch.cat([block.experts.lora_A[n] for n in names], dim=1).to(dtype)  # (E, k r, in)
@@ -64,13 +70,15 @@ def lora_low(block: nn.Module, names: list[str], inputs: torch.Tensor, seg: Segm
 
 
 def expert_factors(block: nn.Module, targeted: list[str], inputs: torch.Tensor, seg: Segments, factor: float,
-                   compute: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                   compute: torch.dtype, row_expert: torch.Tensor | None = None
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per targeted input projection P (gate, up): the rows' ``A_e x`` (M, r) from one ``lora_low`` matmul of the
     stacked A, and the experts' B (E, out, r) in ``compute`` with the scale and dropout rescale ``factor`` folded in
-    (the small tensor); what the rows' LoRA up step needs. inputs: (M, in) after dropout."""
+    (the small tensor); what the rows' LoRA up step needs. inputs: (M, in) after dropout; row_expert: as
+    ``lora_low``'s."""
     if not targeted:
         return {}
-    lows = block.lora_low(targeted, inputs.to(compute), seg).split(block.r, dim=1)
+    lows = block.lora_low(targeted, inputs.to(compute), seg, row_expert).split(block.r, dim=1)
     return {p: (low, block.experts.lora_B[p].to(compute) * (block.scale * factor)) for p, low in zip(targeted, lows)}
 
 
@@ -127,12 +135,12 @@ def native_swiglu_rows(block: nn.Module, frozen: list[torch.Tensor], token: torc
 
     Returns (mixed (N, f), finish) as ``MixLoraFFN.mix_sorted``: finish(down) adds the experts' down LoRA of the
     weighted rows, masked by the mask drawn here, after the input rows' mask, as the eager path draws it; its A side
-    in C too (``native_rows.NativeDownLora``) where the rows were masked here or there is no dropout, and
+    in C too (``native_rows.native_down_lora``) where the rows were masked here or there is no dropout, and
     ``native_rows.blocks_apply`` (fp32, f % 64 = 0, r % 4 = 0).
     """
     compute = frozen[0].dtype
     targeted = [p for p in block.input_projections if p in block.targets]
-    factors = expert_factors(block, targeted, inputs, seg, factor, compute)
+    factors = expert_factors(block, targeted, inputs, seg, factor, compute, row_expert)
     (low_gate, B_gate), (low_up, B_up) = (factors.get(p, (None, None)) for p in block.input_projections)
     want_rows, keep, down_factor = block.output_projection in block.targets, None, 1.0
     if want_rows:
@@ -147,7 +155,7 @@ def native_swiglu_rows(block: nn.Module, frozen: list[torch.Tensor], token: torc
             B = B * (block.scale * down_factor)
 
             def finish(down: torch.Tensor) -> torch.Tensor:
-                delta = NativeDownLora.apply(weighted, A, B, row_expert, seg.sizes)
+                delta = native_down_lora(weighted, A, B, row_expert, seg.sizes)
                 return IndexAddRows.apply(down.to(weighted.dtype), token, delta)
 
             return mixed, finish

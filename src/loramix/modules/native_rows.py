@@ -203,40 +203,34 @@ class NativeSwiGLURows(torch.autograd.Function):
                 grad_w if need[9] else None, None, None)
 
 
-class NativeDownLora(torch.autograd.Function):
-    """The experts' down LoRA of the weighted rows, ``(A_e rows_i) B_eᵀ`` (M, d) for rows sorted by expert (zero past
-    the E experts), with its A side in C: the lows ``A_e rows_i`` forward, and backward the gradients of A and of the
-    rows (each an (M, f) pass that torch runs as a small matmul per expert); the B side, (M, r) by (r, d), stays with
-    torch. Where ``blocks_apply(rows, r, A, B)``.
+class NativeLoraA(torch.autograd.Function):
+    """The lows ``A_e rows_i`` (M, R) of rows sorted by expert (zero past the E experts), forward and backward (the
+    gradients of the rows and of A) through the C kernels: each an (M, f) pass that torch runs as a small matmul per
+    expert. Where ``blocks_apply(rows, R, A)``. MixLoRA's down LoRA takes it for its A side, and the rows' stacked
+    gate/up A (``mixlora_rows.lora_low``) on the kernels' path.
 
-    Args (``apply``, positional): rows (M, f) the weighted, masked rows; A (E, r, f); B (E, d, r) with the scale and
-    dropout rescale folded in; row_expert (M,) long; sizes: rows per segment, the E experts' first.
-    Keeps rows, A, B, the lows (M, r) and the segment bounds for backward.
+    Args (``apply``, positional): rows (M, f) fp32; A (E, R, f) fp32; row_expert (M,) long, each row's expert (E or
+    more: none); sizes: rows per segment, the E experts' first. Keeps rows, A, row_expert and the segment bounds.
     """
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, A: torch.Tensor, B: torch.Tensor,  # type: ignore[override]
-                row_expert: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    def forward(ctx, rows: torch.Tensor, A: torch.Tensor, row_expert: torch.Tensor,  # type: ignore[override]
+                sizes: list[int]) -> torch.Tensor:
         rows, A, row_expert = rows.contiguous(), A.contiguous(), row_expert.contiguous()
         experts, rank, width = A.shape
         start = _segment_starts(sizes, experts)
         low = rows.new_empty(rows.shape[0], rank)
         kernel().swiglu_lora_grads(rows.shape[0], width, rank, experts, _pointer(start), _pointer(rows), None, 0,
                                    _pointer(A), _pointer(low), None, torch.get_num_threads())
-        delta = rows.new_zeros(rows.shape[0], B.shape[1])
-        for low_e, B_e, delta_e in zip(low.split(sizes), B.unbind(0), delta.split(sizes)):
-            if low_e.shape[0]:
-                torch.mm(low_e, B_e.t(), out=delta_e)
-        ctx.save_for_backward(rows, A, B, low, start, row_expert)
-        ctx.sizes = sizes
-        return delta
+        ctx.save_for_backward(rows, A, row_expert, start)
+        return low
 
     @staticmethod
-    def backward(ctx, grad_delta: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        rows, A, B, low, start, row_expert = ctx.saved_tensors
+    def backward(ctx, grad_low: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        rows, A, row_expert, start = ctx.saved_tensors
         need = ctx.needs_input_grad
         experts, rank, width = A.shape
-        grad_low, grad_B = lora_grads(grad_delta.contiguous(), low, B, ctx.sizes, True, need[2])
+        grad_low = grad_low.contiguous()  # held here: C reads its memory
         grad_rows = rows.new_empty(rows.shape) if need[0] else None
         grad_A = A.new_empty(A.shape) if need[1] else None
         library, threads = kernel(), torch.get_num_threads()
@@ -246,4 +240,16 @@ class NativeDownLora(torch.autograd.Function):
         if grad_rows is not None:
             library.swiglu_lora_rows(rows.shape[0], width, rank, experts, _pointer(row_expert), _pointer(grad_low),
                                      rank, _pointer(A), _pointer(grad_rows), threads)
-        return grad_rows, grad_A, grad_B, None, None
+        return grad_rows, grad_A, None, None
+
+
+def native_down_lora(rows: torch.Tensor, A: torch.Tensor, B: torch.Tensor, row_expert: torch.Tensor,
+                     sizes: list[int]) -> torch.Tensor:
+    """The experts' down LoRA of the weighted rows, ``(A_e rows_i) B_eᵀ`` (M, d) for rows sorted by expert (zero past
+    the E experts): the A side in C (``NativeLoraA``), the (M, r) by (r, d) side a torch matmul per expert. rows (M, f);
+    A (E, r, f); B (E, d, r) with the scale and dropout rescale folded in. Where ``blocks_apply(rows, r, A, B)``."""
+    low = NativeLoraA.apply(rows, A, row_expert, sizes)
+    pieces = [low_e @ B_e.t() for low_e, B_e in zip(low.split(sizes), B.unbind(0)) if low_e.shape[0]]
+    past = rows.shape[0] - sum(sizes[:B.shape[0]])  # the rows of no expert
+    pieces += [low.new_zeros(past, B.shape[1])] if past else []
+    return torch.cat(pieces) if pieces else low.new_zeros(0, B.shape[1])
