@@ -339,7 +339,8 @@ def test_native_off_by_environment(monkeypatch):
 def test_native_down_lora_matches_autograd(want):
     """``native_down_lora``: ``(A_e rows_i) B_eᵀ`` per expert segment (zero for the unrouted rows past the experts),
     and the gradients of the rows, A and B equal fp64 autograd over that formula (fp32 precision), whichever inputs
-    want one; blocks of four rows of one expert and rows one at a time both occur (segments of 4, 3, 6, then 2 unrouted)."""
+    want one; blocks of four rows of one expert and rows one at a time both occur (segments of 4, 3, 6, then 2
+    unrouted)."""
     from loramix.modules.native_rows import native_down_lora
 
     g = torch.Generator().manual_seed(9)
