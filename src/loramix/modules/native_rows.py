@@ -14,6 +14,7 @@ which fp32 rows of suitable shape run in C too, ``_lora_grads``)::
     grad_w_i = Σ_f d_i silu(g_i) u_i;  grad_u_i = w_i d_i silu(g_i);  grad_g_i = w_i d_i u_i silu'(g_i)
     grad_gate[t] = Σ_{i of t} grad_g_i;  grad_up[t] = Σ_{i of t} grad_u_i                 (C, by token)
     grad_low_e = grad_g_e B_e;  grad_B_e = grad_g_eᵀ low_e         (C in fp32 where r % 4 = f % 64 = 0, else torch)
+    A sides, low_i = A_e x_i: the rows' stacked gate/up A, the down LoRA's A over rows_i     (``NativeLoraA``, likewise)
 
 Rows i are in expert order (each B_e read from cache by consecutive rows); a token's rows are summed in increasing
 row order, the order of the eager path's ``index_add_``. SiLU's exp is a polynomial (within fp32 rounding of
