@@ -297,6 +297,23 @@ def test_compile_error_is_reported_with_the_compilers_message(tmp_path, monkeypa
 
 
 @needs_kernel
+def test_a_library_without_a_named_function_is_refused_with_a_warning(tmp_path, monkeypatch):
+    """``load(name, signatures)``: a library that lacks a function the signatures name is not used (one warning naming
+    the kernel and the function); one that has them all gets their argument and return types."""
+    import ctypes
+
+    (tmp_path / "partial.c").write_text("int present(int x) { return x + 1; }\n")
+    monkeypatch.setattr(native, "SOURCES", tmp_path)
+    monkeypatch.setenv("LORAMIX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_LOADED", {})
+    with pytest.warns(UserWarning, match=r"'partial' is not used.*absent"):
+        assert native.load("partial", {"present": ([ctypes.c_int], ctypes.c_int), "absent": ([], None)}) is None
+    monkeypatch.setattr(native, "_LOADED", {})
+    library = native.load("partial", {"present": ([ctypes.c_int], ctypes.c_int)})
+    assert library is not None and library.present(41) == 42 and library.present.argtypes == [ctypes.c_int]
+
+
+@needs_kernel
 def test_a_built_kernel_is_reused_and_a_changed_source_is_rebuilt(tmp_path, monkeypatch):
     """The library is built once per machine: a second process (a fresh ``_LOADED``) finds it in the cache and only
     asks the compiler its version; a changed source gets a library of its own."""
