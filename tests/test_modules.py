@@ -138,6 +138,17 @@ def run_with_grads(moe, x, fn, seed: int = 7):
     return out.detach(), grads
 
 
+def assert_same_run(run, reference, tol: float = 1e-5) -> None:
+    """Two ``run_with_grads`` results agree: the output and every gradient within ``tol`` relative, the same tensors
+    with gradients, and every reference gradient nonzero (the comparison is not vacuous)."""
+    (out, grads), (ref, ref_grads) = run, reference
+    assert rel_err(out, ref) < tol
+    assert grads.keys() == ref_grads.keys()
+    for name, want in ref_grads.items():
+        assert want.abs().max() > 0, name
+        assert rel_err(grads[name], want) < tol, name
+
+
 # ------------------------------------------------------------------------------------------ tests
 ROUTING_CASES = {
     "top_k": dict(routing="top_k", top_k=2),

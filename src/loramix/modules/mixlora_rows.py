@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from . import native_dropout
 from .expert_rows import GatheredLoraRows, IndexAddRows, segment_matmuls
 from .lora import LoraDropout
 from .native_rows import NativeLoraA, NativeSwiGLURows, blocks_apply, native_down_lora
@@ -51,13 +52,11 @@ def lora_low(block: nn.Module, names: list[str], inputs: torch.Tensor, seg: Segm
     unrouted rows (the last ``seg.frozen``) get zeros. inputs: (M, in), after LoRA dropout. ``row_expert`` (M,),
     given on the C kernels' path: there the C kernels of ``native_rows.NativeLoraA`` where ``blocks_apply``.
     """
-    if row_expert is not None:
-        A = torch.cat([block.experts.lora_A[n] for n in names], dim=1)  # (E, k r, in)
-        if blocks_apply(inputs, A.shape[1], A):
-            return NativeLoraA.apply(inputs, A, row_expert, seg.sizes)
+    A = torch.cat([block.experts.lora_A[n] for n in names], dim=1)  # (E, k r, in)
+    if row_expert is not None and blocks_apply(inputs, A.shape[1], A):
+        return NativeLoraA.apply(inputs, A, row_expert, seg.sizes)
     with segment_matmuls(inputs) as dtype:
-        x = inputs.to(dtype)
-        A = torch.cat([block.experts.lora_A[n] for n in names], dim=1).to(dtype)  # (E, k r, in)
+        x, A = inputs.to(dtype), A.to(dtype)
         if seg.frozen:
             A = torch.cat([A, A.new_zeros(1, *A.shape[1:])])  # a zero expert keeps every row inside a group
         if seg.offsets is not None and grouped_mm_supported(x, A):
@@ -119,7 +118,7 @@ def down_dropout_keep(block: nn.Module, shape: torch.Size, device: torch.device,
     then the caller runs ``lora_input``."""
     dropout = block.lora_dropout
     if not (isinstance(dropout, LoraDropout) and type(dropout).masked is LoraDropout.masked and dropout.training
-            and dropout.p > 0 and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)):
+            and dropout.p > 0 and device.type == "cpu" and dtype in native_dropout.DTYPES):
         return None, 1.0
     drawn = dropout.cpu_keep(torch.Size(shape), device)
     return (None, 1.0) if drawn is None else drawn  # None: p rounds to 0, no mask
