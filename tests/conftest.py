@@ -111,6 +111,15 @@ def single_thread():
 
 
 @pytest.fixture
+def torch_frozen_linear(monkeypatch):
+    """The frozen projections multiply with ``F.linear`` in every mode: ``native_linear``'s kernel (few rows, no
+    gradient) off. For tests that compare a no-gradient path bit for bit with the path that runs with gradients, whose
+    frozen product is ``F.linear``'s; the kernel's own numbers are tests/test_native_linear.py's."""
+    from loramix.modules import native_linear
+    monkeypatch.setattr(native_linear, "kernel", lambda: None)
+
+
+@pytest.fixture
 def embedded_stand_in(tmp_path, monkeypatch):
     """A 2-layer Llama with a small tokenizer as the embedded SmolLM2's converted folder, in a private
     ``$LORAMIX_CACHE``: ``smollm2-135m`` and ``hub.embedded_folder()`` then mean it (no 20-s conversion)."""

@@ -18,7 +18,7 @@ from loramix.modules.more import MoreLinear, task_contrastive_loss
 from conftest import perturb_adapter
 from tiny_models import batch, tiny_model
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "torch_frozen_linear")
 
 # SmolLM2-135M's projection shapes (in, out): q/o, k/v, gate/up, down.
 SMOLLM2_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]

@@ -17,7 +17,7 @@ from conftest import perturb_adapter
 from test_more import force_ranks, reference_delta
 from tiny_models import batch, tiny_model
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "torch_frozen_linear")
 
 
 def dora_reference(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:

@@ -332,5 +332,19 @@ def load_model(name_or_path: str = EMBEDDED_NAME, *, dtype: str | torch.dtype | 
     model.config._name_or_path = record_name
     if quantization is None:
         model.to(dev)
+        if dev.type == "cpu":
+            own_memory(model)
     model.eval()
     return model, tokenizer
+
+
+def own_memory(model: torch.nn.Module) -> None:
+    """Copy every parameter and buffer of a CPU model into memory of its own, one tensor at a time (tied weights stay
+    tied: each Parameter object is copied once).
+
+    ``from_pretrained`` leaves a CPU model's tensors in a private memory map of the safetensors file. A decode step
+    reads every weight once, and on this project's machine one that read them from that map took 10-15% longer than
+    from ordinary memory (a one-row SmolLM2 step: 58 ms against 50 ms, the same model deep-copied)."""
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            tensor.data = tensor.data.clone()

@@ -28,7 +28,9 @@ Inference (no gradient, no active dropout, no autocast, plain LoRA on an unquant
 ``generate``): every decision above is fixed, so ``LoraLinear`` runs three kernels per call and nothing else,
 ``y = F.linear(x, W, b)``, ``low = x A'ᵀ``, ``y.addmm_(low, Bᵀ)``, with ``A'`` (``s A`` when the
 scale is a power of two, where that fold is exact) and ``Bᵀ`` in the input's dtype kept while the weights are
-unchanged. The numbers are the general path's, bit for bit (tests/test_lora_inference_path.py).
+unchanged. The numbers are the general path's, bit for bit (tests/test_lora_inference_path.py), given the same
+frozen product: a decode step's few fp32 rows on a CPU take ``native_linear``'s kernel for ``W x + b`` (in every
+path without gradients), which differs from ``F.linear`` by float rounding.
 DoRA's (``dora_inference_output``): the same two matmuls, then ``dora_output``'s formula in place in its order of
 operations, with the factor and the bias also kept; bit for bit too (tests/test_dora_more_inference_path.py).
 """
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoraConfig
-from . import native_dropout
+from . import native_dropout, native_linear
 from .context import ForwardContext
 from .frozen_constant import FrozenConstant
 from .kinds import AdapterKind, AdapterModule, Site, TensorRole, register, resolve_targets
@@ -252,13 +254,14 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """``x Wᵀ + b`` for an nn.Linear weight (out, in), or ``x W + b`` for a Conv1D weight (in, out).
 
     The Conv1D case is ``addmm`` as in transformers' ``Conv1D``: the same numbers, and under autocast
-    the same output dtype (``x @ W + b`` would promote the bf16 product to fp32 with an fp32 bias).
+    the same output dtype (``x @ W + b`` would promote the bf16 product to fp32 with an fp32 bias). The nn.Linear
+    case is ``native_linear.linear``: a decode step's few rows on a CPU through its C kernel, else ``F.linear``.
     """
     if fan_in_fan_out:
         if bias is None:
             return x @ weight
         return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[-1])
-    return F.linear(x, weight, bias)
+    return native_linear.linear(x, weight, bias)
 
 
 class FrozenProjection(AdapterModule):
@@ -400,11 +403,16 @@ class LoraLinear(FrozenProjection):
 
     def keep_inference_factors(self, x: torch.Tensor) -> tuple:
         """``inference_factors(x.dtype)`` with what they were computed from, for ``forward``'s check on later calls:
-        (A, B, their versions, their storage addresses, the dtype, the device type, the factors)."""
+        (A, B, their versions, their storage addresses, the dtype, the device type, the factors, and whether the tensors
+        suit ``native_linear.kept_lora_linear``)."""
         params = self._parameters
         A, B = params["lora_A"], params["lora_B"]
         factors = self.inference_factors(x.dtype)
-        self._kept = (A, B, A._version, B._version, A.data_ptr(), B.data_ptr(), x.dtype, x.device.type, factors)
+        # whether these tensors suit native_linear's one-pass LoRA kernel (x decides the rest at each call)
+        fused = (factors[0] is not None and not self.fan_in_fan_out
+                 and native_linear.lora_layout_fits(params["weight"], params.get("bias"), A, B))
+        self._kept = (A, B, A._version, B._version, A.data_ptr(), B.data_ptr(), x.dtype, x.device.type, factors,
+                      fused)
         return factors
 
     def inference_output(self, x: torch.Tensor, base_out: torch.Tensor, *, in_place: bool,
@@ -430,16 +438,23 @@ class LoraLinear(FrozenProjection):
         factors are kept from the last such call (``keep_inference_factors``) and taken after one inline check: the
         same A and B objects at the same version and storage, the same input dtype, and the inference path's own
         conditions (in a one-row decode step the Python of a general check costs as much as the two LoRA kernels).
+        There a decode step's few fp32 rows on a CPU take ``native_linear.lora_linear``: the frozen product and the
+        LoRA term in one C call (the same sums to float rounding).
         """
         kept = self._kept
         if kept is not None and not _grad_enabled():
-            A, B, A_version, B_version, A_storage, B_storage, dtype, device_type, factors = kept
+            A, B, A_version, B_version, A_storage, B_storage, dtype, device_type, factors, fused = kept
             params = self._parameters
             if (x.dtype is dtype and params["lora_A"] is A and params["lora_B"] is B and A._version == A_version
                     and B._version == B_version and A.data_ptr() == A_storage and B.data_ptr() == B_storage
                     and not self.context.disabled and not (self.training and self._has_dropout)
                     and not _autocast_enabled(device_type) and not _compiling()):
-                out = frozen_linear(x, params["weight"], params.get("bias"), self.fan_in_fan_out)
+                weight, bias = params["weight"], params.get("bias")
+                if fused:  # a decode step's rows: one C pass
+                    out = native_linear.kept_lora_linear(x, weight, bias, A, B, self.scale)
+                    if out is not None:
+                        return out
+                out = frozen_linear(x, weight, bias, self.fan_in_fan_out)
                 return self.inference_output(x, out, in_place=True, factors=factors)
         if self.inference_now(x.device.type) and not self.context.disabled:
             params = self._parameters

@@ -56,7 +56,7 @@ from ...config import LoraConfig
 from ...models.inject import inject, merge_and_unload
 from ...models.many import stack_adapters
 from ...models.registry import family_of
-from ...modules import kind_named
+from ...modules import kind_named, native_linear
 from ..generate import build_prompt_ids, chat_prompt_ids
 from .detokenize import Detokenizer
 from .runner import Runner
@@ -129,8 +129,11 @@ def _base_lora(model: nn.Module) -> nn.Module:
 
 
 def inference_only(model: nn.Module) -> None:
-    """Eval mode (no dropout), and every adapter skips the losses and statistics only training reads."""
+    """Eval mode (no dropout), every adapter skips the losses and statistics only training reads, and every plain
+    ``nn.Linear`` (the lm_head, projections no adapter wraps) multiplies a decode step's rows as the adapters' frozen
+    projections do (``native_linear``)."""
     model.eval()
+    native_linear.use_in_plain_linears(model)
     for state in model.loramix_many.adapters.values():
         state.context.inference_only = True
 

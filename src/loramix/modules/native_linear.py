@@ -1,0 +1,137 @@
+r"""The frozen projections of a decode step on a CPU through a C kernel (``native/linear_rows.c``).
+
+In a decode step a frozen projection sees one row per running request, and its cost is the read of its weight.
+PyTorch's CPU matmul (MKL here) reads a (1, 576) × (576, 1536) product's weight at about 11.6 GB/s on one thread of
+this project's machine; ``linear_rows`` streams 8 weight rows at once at about 16 GB/s: the 210 frozen projections
+of a SmolLM2-135M step take about 25 ms against 36 ms for one row, 30 ms against 54 ms for two, and 64 ms against
+72 ms for sixteen (``loramix bench --serve`` measures what that does to serving).
+
+``linear(x, weight, bias)`` is ``F.linear(x, weight, bias)``; it runs the kernel where ``applies`` says so: a CPU,
+fp32 input, weight and bias, at most ``MAX_ROWS`` rows, no gradient (a frozen forward: serving, ``generate``,
+evaluation), no autocast, outside ``torch.compile``, the library built. Every output is summed in one fixed order
+(see the C source), so a row's outputs are the same bit for bit alone or in a batch of any size, on any number of
+threads; against ``F.linear`` they differ by float rounding only (both within 1e-6 of an fp64 product at these
+sizes). The adapters' frozen projections (``lora.frozen_linear``) call ``linear``; ``use_in_plain_linears(model)``
+makes every plain ``nn.Linear`` of a model compute its output by ``linear`` too (``loramix serve`` does so: the
+lm_head, the projections no adapter wraps and those that several adapters' rows share, ``models.many.AdapterStack``).
+
+Shapes: x (..., in), weight (out, in), bias (out,) → (..., out).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import native
+
+_POINTER, _INT64, _INT32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+_SIGNATURES = {  # argument types, return type
+    "linear_rows": ([_POINTER, _POINTER, _POINTER, _POINTER, _INT64, _INT64, _INT64, _INT32], None),
+    "lora_linear_rows": ([_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, ctypes.c_float, _POINTER, _POINTER, _INT64,
+                          _INT64, _INT64, _INT64, _INT32], None),
+    "linear_rows_openmp": ([], _INT32),
+}
+MAX_ROWS = 16  # above this many rows PyTorch's blocked matmul is as fast or faster (measured up to 16)
+_FP32 = torch.float32
+
+
+def kernel() -> ctypes.CDLL | None:
+    """The loaded ``linear_rows`` library with its functions' argument types set, or None (see ``native.load``)."""
+    return native.load("linear_rows", _SIGNATURES)
+
+
+def _library(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> ctypes.CDLL | None:
+    """The library where ``linear(x, weight, bias)`` runs the kernel (module docstring), else None."""
+    if (x.dtype is not _FP32 or weight.dtype is not _FP32 or x.device.type != "cpu" or weight.device.type != "cpu"
+            or torch.is_grad_enabled() or weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]
+            or x.numel() > MAX_ROWS * x.shape[-1] or not weight.is_contiguous()):
+        return None
+    if bias is not None and (bias.dtype is not _FP32 or bias.device.type != "cpu" or bias.shape != weight.shape[:1]
+                             or not bias.is_contiguous()):
+        return None
+    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+        return None
+    library = kernel()
+    if library is None or (torch.get_num_threads() != 1 and library.linear_rows_openmp() != 1):
+        return None
+    return library
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether ``linear(x, weight, bias)`` runs the kernel (module docstring)."""
+    return _library(x, weight, bias) is not None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through the kernel where ``applies``: (..., in) → (..., out)."""
+    library = _library(x, weight, bias)
+    if library is None:
+        return F.linear(x, weight, bias)
+    rows = x.contiguous()
+    out_features, in_features = weight.shape
+    y = torch.empty(*x.shape[:-1], out_features, dtype=_FP32)
+    library.linear_rows(rows.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+                        math.prod(x.shape[:-1]), in_features, out_features, torch.get_num_threads())
+    return y
+
+
+def lora_layout_fits(weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Whether a LoRA projection's tensors suit ``lora_linear_rows``: weight (out, in), bias (out,), A (r, in) and
+    B (out, r), all fp32, contiguous, on the CPU (the half of ``lora_linear``'s conditions that x does not decide)."""
+    tensors = (weight, A, B) if bias is None else (weight, A, B, bias)
+    return (all(t.dtype is _FP32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+            and weight.dim() == 2 and A.dim() == 2 and A.shape[1] == weight.shape[1]
+            and B.shape == (weight.shape[0], A.shape[0]) and (bias is None or bias.shape == weight.shape[:1]))
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
+                scale: float) -> torch.Tensor | None:
+    """``F.linear(x, weight, bias) + scale · (x Aᵀ) Bᵀ`` in one pass over the weight, or None where the kernel does
+    not apply (``applies`` and ``lora_layout_fits``; the caller then runs its own path): x (..., in) → (..., out).
+    Each output is the frozen sum with its bias, then the LoRA term, a dot product over the r ranks: batch invariant,
+    as ``linear``."""
+    if not lora_layout_fits(weight, bias, A, B) or _library(x, weight, bias) is None:
+        return None
+    return kept_lora_linear(x, weight, bias, A, B, scale)
+
+
+def kept_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                     B: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """``lora_linear`` for a caller that has found ``lora_layout_fits`` true for these tensors and has gradients,
+    autocast and ``torch.compile`` off (``LoraLinear``'s kept inference path, where a one-row call's checks cost as
+    much as its arithmetic): only x, the weight's layout and the kernel's availability are checked here."""
+    if (x.dtype is not _FP32 or x.device.type != "cpu" or x.dim() == 0 or x.shape[-1] != weight.shape[1]
+            or x.numel() > MAX_ROWS * x.shape[-1] or weight.dtype is not _FP32 or not weight.is_contiguous()):
+        return None
+    library, threads = kernel(), torch.get_num_threads()
+    if library is None or (threads != 1 and library.linear_rows_openmp() != 1):
+        return None
+    rows = x.contiguous()
+    out_features, in_features = weight.shape
+    count = math.prod(x.shape[:-1])
+    y = torch.empty(*x.shape[:-1], out_features, dtype=_FP32)
+    low = torch.empty(count, A.shape[0], dtype=_FP32)
+    library.lora_linear_rows(rows.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                             A.data_ptr(), B.data_ptr(), scale, low.data_ptr(), y.data_ptr(), count, in_features,
+                             out_features, A.shape[0], threads)
+    return y
+
+
+def _plain_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, self.weight, self.bias)
+
+
+def use_in_plain_linears(model: nn.Module) -> int:
+    """Every module of ``model`` whose type is exactly ``nn.Linear`` computes its output by ``linear`` from now on (an
+    instance ``forward``, as accelerate's hooks are set: hooks, ``state_dict`` and ``deepcopy`` work as before).
+    Returns how many modules that is."""
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    for module in linears:
+        module.forward = types.MethodType(_plain_forward, module)
+    return len(linears)
