@@ -103,6 +103,33 @@ def test_folder_without_tokenizer_loads_when_not_required(tmp_path):
         load_model(str(folder), dtype="float32", device="cpu")
 
 
+def mapped_files(tensor: torch.Tensor) -> set[str]:
+    """The files of this process's memory maps that hold ``tensor``'s first element (Linux's /proc/self/maps)."""
+    pointer, files = tensor.data_ptr(), set()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(v, 16) for v in fields[0].split("-"))
+            if start <= pointer < end and len(fields) > 5:
+                files.add(fields[5])
+    return files
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="memory maps are read from Linux's /proc")
+def test_a_cpu_model_owns_its_memory_and_keeps_its_ties(tmp_path):
+    """``from_pretrained`` leaves the weights in the safetensors file's memory map; ``load_model`` copies them out
+    (``own_memory``), each tied Parameter once."""
+    folder = tmp_path / "tiny"
+    tiny_model("llama", vocab_size=64, tie_word_embeddings=True).save_pretrained(folder)
+    checkpoint = str(folder / "model.safetensors")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert any(checkpoint in mapped_files(p) for p in loaded.parameters())  # what own_memory is for
+    del loaded
+    model, _ = load_model(str(folder), dtype="float32", device="cpu", require_tokenizer=False)
+    assert all(checkpoint not in mapped_files(t) for t in list(model.parameters()) + list(model.buffers()))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
 @pytest.mark.slow
 def test_real_smollm2_conversion_matches_gguf():
     """The cached plain-Llama folder gives the same logits as the dequantised GGUF model."""

@@ -37,7 +37,7 @@ def kernel_calls(monkeypatch) -> list[int]:
             return library.linear_rows(*args)
 
         def lora_linear_rows(self, *args):
-            calls.append(("lora", args[8]))
+            calls.append(("lora", args[9]))
             return library.lora_linear_rows(*args)
 
         def linear_rows_openmp(self):
@@ -49,13 +49,16 @@ def kernel_calls(monkeypatch) -> list[int]:
 
 
 def lora_reference(x, W, b, A, B, scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x Wᵀ + b + scale (x Aᵀ) Bᵀ`` in float64 and its fp32 rounding bound (as ``reference``)."""
+    """``x Wᵀ + b + ((x Aᵀ) ⊙ scale) Bᵀ`` in float64 (scale a number or (rows, r) coefficients) and a bound of its fp32
+    rounding: ``reference``'s for both products, carried through the rank-r sum."""
+    eps = torch.finfo(torch.float32).eps
     frozen, frozen_bound = reference(x, W, b)
     low, low_bound = reference(x, A, None)
-    term = scale * low @ B.double().t()
-    bound = scale * (low.abs() + low_bound) @ B.double().abs().t() * (2 * A.shape[0] + 2) * torch.finfo(
-        torch.float32).eps + scale * low_bound @ B.double().abs().t()
-    return frozen + term, frozen_bound + bound + (frozen.abs() + term.abs()) * torch.finfo(torch.float32).eps
+    scale = scale.double() if isinstance(scale, torch.Tensor) else scale
+    low, low_bound = low * scale, (low_bound + low.abs() * eps) * abs(scale)
+    term = low @ B.double().t()
+    term_bound = (low_bound + low.abs() * 2 * A.shape[0] * eps) @ B.double().abs().t()
+    return frozen + term, frozen_bound + term_bound + (frozen.abs() + term.abs()) * eps
 
 
 @pytest.mark.parametrize("n_in", [1, 7, 8, 37, 576])
@@ -180,17 +183,22 @@ def test_plain_linears_take_the_kernel_and_keep_their_hooks_and_state(kernel_cal
 def test_lora_linear_equals_a_float64_lora_projection(n_in, n_out, r, kernel_calls):
     torch.manual_seed(n_in + r)
     W, b, A, B = torch.randn(n_out, n_in), torch.randn(n_out), torch.randn(r, n_in), torch.randn(n_out, r)
+    B_t = B.t().contiguous()
     x = torch.randn(5, n_in)
+    coefficients = torch.rand(5, r)
     with torch.no_grad():
-        for bias, scale in ((b, 2.0), (None, 0.7)):
-            got = native_linear.lora_linear(x, W, bias, A, B, scale)
+        for bias, scale in ((b, 2.0), (None, 0.7), (b, coefficients)):
+            got = native_linear.lora_linear(x, W, bias, A, B_t, scale)
             expected, bound = lora_reference(x, W, bias, A, B, scale)
             assert ((got.double() - expected).abs() <= bound).all()
-            alone = torch.cat([native_linear.lora_linear(x[i:i + 1], W, bias, A, B, scale) for i in range(5)])
+            alone = torch.cat([native_linear.lora_linear(x[i:i + 1], W, bias, A, B_t, scale if isinstance(scale, float)
+                                                         else scale[i:i + 1]) for i in range(5)])
             assert torch.equal(alone, got)  # batch invariant
-        assert native_linear.lora_linear(x, W, b, A.bfloat16(), B, 1.0) is None  # not for the kernel: the caller's
-        assert native_linear.lora_linear(x, W, b, A, B.t().contiguous().t(), 1.0) is None
-    assert kernel_calls == [("lora", 5)] + [("lora", 1)] * 5 + [("lora", 5)] + [("lora", 1)] * 5
+        # not for the kernel (the caller runs its own path): a bf16 A, a Bᵀ that is a view, coefficients of 4 rows
+        assert native_linear.lora_linear(x, W, b, A.bfloat16(), B_t, 1.0) is None
+        assert native_linear.lora_linear(x, W, b, A, B.t(), 1.0) is None
+        assert native_linear.lora_linear(x, W, b, A, B_t, coefficients[:4]) is None
+    assert kernel_calls == ([("lora", 5)] + [("lora", 1)] * 5) * 3
 
 
 def test_lora_inference_path_uses_the_kernel_and_equals_the_general_path(kernel_calls):
@@ -216,8 +224,8 @@ def test_lora_inference_path_uses_the_kernel_and_equals_the_general_path(kernel_
 
 def test_served_stack_runs_its_shared_frozen_projections_through_the_kernel(kernel_calls):
     """Two LoRA adapters' rows in one decode step of a model made ready as the server makes it (``inference_only``):
-    the stack's shared frozen projection and the lm_head run the kernel once for both rows, and each row equals its
-    adapter run alone."""
+    each stack's frozen projection with both adapters' terms (``GroupedLowRank.fused``) and the lm_head run the kernel
+    once for both rows, and each row equals its adapter run alone."""
     from loramix.models.many import inject_many
     from loramix.serve.server.engine import inference_only
     from tiny_models import tiny_model
@@ -237,5 +245,20 @@ def test_served_stack_runs_its_shared_frozen_projections_through_the_kernel(kern
         alone = torch.cat([model(input_ids=ids[i:i + 1], adapter_rows=[(name, 1)]).logits
                            for i, name in enumerate(configs)])
     layers = model.config.num_hidden_layers
-    assert calls_both == [2] * (7 * layers + 1)  # each of the seven projections once for both rows, and the lm_head
+    # each of the seven projections once for both rows, with both adapters' terms; then the lm_head
+    assert calls_both == [("lora", 2)] * (7 * layers) + [2]
     assert (both - alone).abs().max() <= 1e-5
+
+
+def test_grouped_terms_of_every_kind_in_one_pass_equal_the_per_adapter_path(kernel_calls):
+    """A decode step over LoRA, DoRA, MixLoRA and MoRE rows (two tasks): the stacks' grouped terms go through the
+    kernel with each row's coefficients (DoRA's factor applied after it) and equal the per-adapter path."""
+    from test_many_fast import joint_logits, per_adapter_reference, served_model
+
+    model = served_model()
+    ids = torch.randint(0, model.config.vocab_size, (9, 1), generator=torch.Generator().manual_seed(6))
+    fused = joint_logits(model, ids)
+    calls = list(kernel_calls)
+    reference = per_adapter_reference(model, ids)
+    assert calls == [("lora", 9)] * (7 * model.config.num_hidden_layers)  # every stack of both layers, all rows
+    assert (fused - reference).abs().max() <= 1e-5

@@ -30,6 +30,7 @@ the newest plan's ``C``, ``F`` and stacked copy are kept even past that (a stack
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from operator import attrgetter, getitem, is_
 from typing import Any, Callable
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modules import native_linear
 from ..modules.frozen_constant import storage_pointer
 
 # Grouped only while R (in + out) <= MAX_RANK_SHARE · in · out: the rows' extra low-rank work stays a small
@@ -105,6 +107,14 @@ def plan_values(plan: list) -> tuple:
         values = [tuple(torch.as_tensor(t).reshape(-1).tolist()) for t in ids]
     found = iter(values)
     return tuple((seg.name, seg.rows, seg.start, None if seg.task_ids is None else next(found)) for seg in plan)
+
+
+def _factored(out: torch.Tensor, factor: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """DoRA's rows: ``F ⊙ (out − b) + b`` in place (factor (rows, 1.., out), 1 on other rows); ``out`` itself without
+    a factor."""
+    if factor is None:
+        return out
+    return out.mul_(factor) if bias is None else out.sub_(bias).mul_(factor).add_(bias)
 
 
 class Stacked:
@@ -211,9 +221,27 @@ class GroupedLowRank:
         low = F.linear(x, A).mul_(C)  # (rows, ..., R); C (rows, 1.., R)
         width = base_out.shape[-1]
         out = torch.addmm(base_out.reshape(-1, width), low.reshape(-1, low.shape[-1]), B_t).view(base_out.shape)
-        if factor is None:
-            return out
-        return out.mul_(factor) if bias is None else out.sub_(bias).mul_(factor).add_(bias)  # factor (rows, 1.., out)
+        return _factored(out, factor, bias)
+
+    def fused(self, x: torch.Tensor, base: nn.Module, plan: list, keys: PlanKeys,
+              use_rows: Callable[[Any], None]) -> torch.Tensor | None:
+        """``forward`` with the frozen product: ``base(x)`` and every row's term in one C pass over the weight
+        (``native_linear.lora_linear``, each row's coefficients C) where ``base`` is a plain ``nn.Linear`` and the
+        kernel applies (a decode step's few fp32 rows on a CPU, one token each) and ``base`` has no hooks of its own
+        (as ``LoraLinear``'s frozen product, it is not called); else None (the caller runs ``base``, then
+        ``forward``). x (rows, 1.., in) → (rows, 1.., out)."""
+        if (type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks
+                or math.prod(x.shape[1:-1]) != 1):
+            return None
+        weight, bias = base.weight, base.bias
+        if not native_linear.applies(x, weight, bias):
+            return None
+        form = self._form(plan, keys, x.dtype, x.device, x.shape[-1], weight.shape[0], x.dim(), use_rows)
+        if form is None:
+            return None
+        A, B_t, C, factor, factor_bias = form
+        out = native_linear.lora_linear(x, weight, bias, A, B_t, C)
+        return None if out is None else _factored(out, factor, factor_bias)
 
     def _form(self, plan: list, keys: PlanKeys, dtype: torch.dtype, device: torch.device, n_in: int, n_out: int,
               dims: int, use_rows: Callable[[Any], None]) -> tuple | None:

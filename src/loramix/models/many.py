@@ -141,8 +141,13 @@ class AdapterStack(nn.Module):
         if self.shares_frozen_output:
             # The frozen projection once for every row: in a decode step (a few rows) the weight read,
             # not the arithmetic, is the cost, and per-adapter calls would read it once per adapter.
+            grouped = self._grouped is not None and self._grouped.usable(plan, x.device)
+            if grouped:  # a decode step's rows on a CPU: the frozen product and the terms in one C pass
+                out = self._grouped.fused(x, self.base, plan, self._state.plan_keys, self._use_rows)
+                if out is not None:
+                    return out
             base_out = self.base(x)
-            if self._grouped is not None and self._grouped.usable(plan, x.device):
+            if grouped:
                 out = self._grouped.forward(x, base_out, plan, self._state.plan_keys, self._use_rows)
                 if out is not None:
                     return out

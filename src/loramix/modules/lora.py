@@ -28,9 +28,8 @@ Inference (no gradient, no active dropout, no autocast, plain LoRA on an unquant
 ``generate``): every decision above is fixed, so ``LoraLinear`` runs three kernels per call and nothing else,
 ``y = F.linear(x, W, b)``, ``low = x A'ᵀ``, ``y.addmm_(low, Bᵀ)``, with ``A'`` (``s A`` when the
 scale is a power of two, where that fold is exact) and ``Bᵀ`` in the input's dtype kept while the weights are
-unchanged. The numbers are the general path's, bit for bit (tests/test_lora_inference_path.py), given the same
-frozen product: a decode step's few fp32 rows on a CPU take ``native_linear``'s kernel for ``W x + b`` (in every
-path without gradients), which differs from ``F.linear`` by float rounding.
+unchanged. The numbers are the general path's, bit for bit (tests/test_lora_inference_path.py), except a decode
+step's few fp32 rows on a CPU: ``native_linear``'s C kernels, which differ from ``F.linear`` by float rounding.
 DoRA's (``dora_inference_output``): the same two matmuls, then ``dora_output``'s formula in place in its order of
 operations, with the factor and the bias also kept; bit for bit too (tests/test_dora_more_inference_path.py).
 """
@@ -254,9 +253,8 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """``x Wᵀ + b`` for an nn.Linear weight (out, in), or ``x W + b`` for a Conv1D weight (in, out).
 
     The Conv1D case is ``addmm`` as in transformers' ``Conv1D``: the same numbers, and under autocast
-    the same output dtype (``x @ W + b`` would promote the bf16 product to fp32 with an fp32 bias). The nn.Linear
-    case is ``native_linear.linear``: a decode step's few rows on a CPU through its C kernel, else ``F.linear``.
-    """
+    the same output dtype (``x @ W + b`` would promote the bf16 product to fp32 with an fp32 bias). nn.Linear's:
+    ``native_linear.linear`` (``F.linear``, or a decode step's few fp32 rows on a CPU in C)."""
     if fan_in_fan_out:
         if bias is None:
             return x @ weight
@@ -402,15 +400,13 @@ class LoraLinear(FrozenProjection):
         return self._inference_factors.get((A, B), compute, (dtype,))
 
     def keep_inference_factors(self, x: torch.Tensor) -> tuple:
-        """``inference_factors(x.dtype)`` with what they were computed from, for ``forward``'s check on later calls:
-        (A, B, their versions, their storage addresses, the dtype, the device type, the factors, and whether the tensors
-        suit ``native_linear.kept_lora_linear``)."""
+        """``inference_factors(x.dtype)`` with what they were computed from, for ``forward``'s check on later calls: (A,
+        B, their versions and addresses, the dtype, the device type, the factors, ``fitting_transpose``'s Bᵀ or None)."""
         params = self._parameters
         A, B = params["lora_A"], params["lora_B"]
         factors = self.inference_factors(x.dtype)
-        # whether these tensors suit native_linear's one-pass LoRA kernel (x decides the rest at each call)
-        fused = (factors[0] is not None and not self.fan_in_fan_out
-                 and native_linear.lora_layout_fits(params["weight"], params.get("bias"), A, B))
+        fused = (None if factors[0] is None or self.fan_in_fan_out
+                 else native_linear.fitting_transpose(params["weight"], params.get("bias"), A, B))
         self._kept = (A, B, A._version, B._version, A.data_ptr(), B.data_ptr(), x.dtype, x.device.type, factors,
                       fused)
         return factors
@@ -438,8 +434,7 @@ class LoraLinear(FrozenProjection):
         factors are kept from the last such call (``keep_inference_factors``) and taken after one inline check: the
         same A and B objects at the same version and storage, the same input dtype, and the inference path's own
         conditions (in a one-row decode step the Python of a general check costs as much as the two LoRA kernels).
-        There a decode step's few fp32 rows on a CPU take ``native_linear.lora_linear``: the frozen product and the
-        LoRA term in one C call (the same sums to float rounding).
+        A decode step's few fp32 rows on a CPU: the whole projection in one C call (``native_linear``).
         """
         kept = self._kept
         if kept is not None and not _grad_enabled():
@@ -450,10 +445,9 @@ class LoraLinear(FrozenProjection):
                     and not self.context.disabled and not (self.training and self._has_dropout)
                     and not _autocast_enabled(device_type) and not _compiling()):
                 weight, bias = params["weight"], params.get("bias")
-                if fused:  # a decode step's rows: one C pass
-                    out = native_linear.kept_lora_linear(x, weight, bias, A, B, self.scale)
-                    if out is not None:
-                        return out
+                out = None if fused is None else native_linear.kept_lora_linear(x, weight, bias, A, fused, self.scale)
+                if out is not None:  # a decode step's rows: the whole projection in one C pass
+                    return out
                 out = frozen_linear(x, weight, bias, self.fan_in_fan_out)
                 return self.inference_output(x, out, in_place=True, factors=factors)
         if self.inference_now(x.device.type) and not self.context.disabled:

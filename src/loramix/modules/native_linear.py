@@ -33,8 +33,8 @@ from . import native
 _POINTER, _INT64, _INT32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 _SIGNATURES = {  # argument types, return type
     "linear_rows": ([_POINTER, _POINTER, _POINTER, _POINTER, _INT64, _INT64, _INT64, _INT32], None),
-    "lora_linear_rows": ([_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, ctypes.c_float, _POINTER, _POINTER, _INT64,
-                          _INT64, _INT64, _INT64, _INT32], None),
+    "lora_linear_rows": ([_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, ctypes.c_float, _POINTER, _POINTER,
+                          _POINTER, _INT64, _INT64, _INT64, _INT64, _INT32], None),
     "linear_rows_openmp": ([], _INT32),
 }
 MAX_ROWS = 16  # above this many rows PyTorch's blocked matmul is as fast or faster (measured up to 16)
@@ -81,45 +81,65 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y
 
 
-def lora_layout_fits(weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor) -> bool:
-    """Whether a LoRA projection's tensors suit ``lora_linear_rows``: weight (out, in), bias (out,), A (r, in) and
-    B (out, r), all fp32, contiguous, on the CPU (the half of ``lora_linear``'s conditions that x does not decide)."""
-    tensors = (weight, A, B) if bias is None else (weight, A, B, bias)
+def lora_layout_fits(weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B_t: torch.Tensor) -> bool:
+    """Whether a low-rank projection's tensors suit ``lora_linear_rows``: weight (out, in), bias (out,), A (r, in) and
+    B_t = Bᵀ (r, out), all fp32, contiguous, on the CPU (the half of ``lora_linear``'s conditions that x does not
+    decide)."""
+    tensors = (weight, A, B_t) if bias is None else (weight, A, B_t, bias)
     return (all(t.dtype is _FP32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
             and weight.dim() == 2 and A.dim() == 2 and A.shape[1] == weight.shape[1]
-            and B.shape == (weight.shape[0], A.shape[0]) and (bias is None or bias.shape == weight.shape[:1]))
+            and B_t.shape == (A.shape[0], weight.shape[0]) and (bias is None or bias.shape == weight.shape[:1]))
 
 
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
-                scale: float) -> torch.Tensor | None:
-    """``F.linear(x, weight, bias) + scale · (x Aᵀ) Bᵀ`` in one pass over the weight, or None where the kernel does
-    not apply (``applies`` and ``lora_layout_fits``; the caller then runs its own path): x (..., in) → (..., out).
-    Each output is the frozen sum with its bias, then the LoRA term, a dot product over the r ranks: batch invariant,
-    as ``linear``."""
-    if not lora_layout_fits(weight, bias, A, B) or _library(x, weight, bias) is None:
+def fitting_transpose(weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                      B: torch.Tensor) -> torch.Tensor | None:
+    """Bᵀ (r, out) contiguous where a LoRA projection's tensors suit ``lora_linear_rows`` (``lora_layout_fits``), else
+    None: what a caller keeps to pass ``kept_lora_linear`` while the tensors are unchanged."""
+    if B.dtype is not _FP32 or B.dim() != 2:
         return None
-    return kept_lora_linear(x, weight, bias, A, B, scale)
+    B_t = B.detach().t().contiguous()
+    return B_t if lora_layout_fits(weight, bias, A, B_t) else None
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B_t: torch.Tensor,
+                scale: float | torch.Tensor) -> torch.Tensor | None:
+    """``F.linear(x, weight, bias) + ((x Aᵀ) ⊙ scale) B_t`` in one pass over the weight, or None where the kernel does
+    not apply (``applies`` and ``lora_layout_fits``; the caller then runs its own path): x (..., in) → (..., out),
+    A (r, in), B_t = Bᵀ (r, out). ``scale``: a number, or every row's coefficients (rows, r) fp32 (several adapters'
+    ranks side by side, each row its own adapter's columns). Each output is the frozen sum with its bias, then the
+    low-rank term, its r products added in increasing order of rank: batch invariant, as ``linear``."""
+    if not lora_layout_fits(weight, bias, A, B_t) or _library(x, weight, bias) is None:
+        return None
+    return kept_lora_linear(x, weight, bias, A, B_t, scale)
 
 
 def kept_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
-                     B: torch.Tensor, scale: float) -> torch.Tensor | None:
+                     B_t: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor | None:
     """``lora_linear`` for a caller that has found ``lora_layout_fits`` true for these tensors and has gradients,
     autocast and ``torch.compile`` off (``LoraLinear``'s kept inference path, where a one-row call's checks cost as
-    much as its arithmetic): only x, the weight's layout and the kernel's availability are checked here."""
+    much as its arithmetic): only x, the coefficients, the weight's layout and the kernel's availability are checked
+    here."""
     if (x.dtype is not _FP32 or x.device.type != "cpu" or x.dim() == 0 or x.shape[-1] != weight.shape[1]
             or x.numel() > MAX_ROWS * x.shape[-1] or weight.dtype is not _FP32 or not weight.is_contiguous()):
         return None
+    count = math.prod(x.shape[:-1])
+    coefficients = None
+    if isinstance(scale, torch.Tensor):
+        coefficients, scale = scale, 1.0
+        if (coefficients.dtype is not _FP32 or coefficients.device.type != "cpu" or not coefficients.is_contiguous()
+                or coefficients.numel() != count * A.shape[0]):
+            return None
     library, threads = kernel(), torch.get_num_threads()
     if library is None or (threads != 1 and library.linear_rows_openmp() != 1):
         return None
     rows = x.contiguous()
     out_features, in_features = weight.shape
-    count = math.prod(x.shape[:-1])
     y = torch.empty(*x.shape[:-1], out_features, dtype=_FP32)
     low = torch.empty(count, A.shape[0], dtype=_FP32)
     library.lora_linear_rows(rows.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                             A.data_ptr(), B.data_ptr(), scale, low.data_ptr(), y.data_ptr(), count, in_features,
-                             out_features, A.shape[0], threads)
+                             A.data_ptr(), B_t.data_ptr(), scale,
+                             None if coefficients is None else coefficients.data_ptr(), low.data_ptr(), y.data_ptr(),
+                             count, in_features, out_features, A.shape[0], threads)
     return y
 
 
