@@ -1,17 +1,19 @@
 r"""The frozen projections of a decode step on a CPU through a C kernel (``native/linear_rows.c``).
 
 In a decode step a frozen projection sees one row per running request, and its cost is the read of its weight.
-PyTorch's CPU matmul (MKL here) reads a (1, 576) × (576, 1536) product's weight at about 11.6 GB/s on one thread of
-this project's machine; ``linear_rows`` streams 8 weight rows at once at about 16 GB/s: the 210 frozen projections
-of a SmolLM2-135M step take about 25 ms against 36 ms for one row, 30 ms against 54 ms for two, and 64 ms against
-72 ms for sixteen (``loramix bench --serve`` measures what that does to serving).
+PyTorch's CPU matmul (MKL here) reads a one-row product's weight at about 11 GB/s on one thread of this project's
+machine; ``linear_rows`` streams 8 weight rows at once at about 15 GB/s: the 210 frozen projections of a SmolLM2-135M
+step take 28 ms against 38 ms for one row, 30 ms against 55 ms for two, and 65 ms against 75 ms for sixteen
+(``loramix bench --serve`` measures what that does to serving).
 
 ``linear(x, weight, bias)`` is ``F.linear(x, weight, bias)``; it runs the kernel where ``applies`` says so: a CPU,
 fp32 input, weight and bias, at most ``MAX_ROWS`` rows, no gradient (a frozen forward: serving, ``generate``,
 evaluation), no autocast, outside ``torch.compile``, the library built. Every output is summed in one fixed order
 (see the C source), so a row's outputs are the same bit for bit alone or in a batch of any size, on any number of
-threads; against ``F.linear`` they differ by float rounding only (both within 1e-6 of an fp64 product at these
-sizes). The adapters' frozen projections (``lora.frozen_linear``) call ``linear``; ``use_in_plain_linears(model)``
+threads; against ``F.linear`` they differ by float rounding only (both within fp32 rounding of a float64 product).
+``lora_linear`` adds low-rank terms in the same pass over the weight: one LoRA's (``LoraLinear``'s kept inference
+path), or several adapters' ranks side by side with each row's coefficients (``models.grouped.GroupedLowRank``).
+The adapters' frozen projections (``lora.frozen_linear``) call ``linear``; ``use_in_plain_linears(model)``
 makes every plain ``nn.Linear`` of a model compute its output by ``linear`` too (``loramix serve`` does so: the
 lm_head, the projections no adapter wraps and those that several adapters' rows share, ``models.many.AdapterStack``).
 
