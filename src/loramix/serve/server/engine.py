@@ -129,11 +129,12 @@ def _base_lora(model: nn.Module) -> nn.Module:
 
 
 def inference_only(model: nn.Module) -> None:
-    """Eval mode (no dropout), every adapter skips the losses and statistics only training reads, and every plain
-    ``nn.Linear`` (the lm_head, projections no adapter wraps) multiplies a decode step's rows as the adapters' frozen
-    projections do (``native_linear``)."""
+    """Eval mode (no dropout), every adapter skips the losses and statistics only training reads, and on a CPU every
+    plain ``nn.Linear`` (the lm_head, projections no adapter wraps) multiplies a decode step's rows as the adapters'
+    frozen projections do (``native_linear``)."""
     model.eval()
-    native_linear.use_in_plain_linears(model)
+    if model.get_input_embeddings().weight.device.type == "cpu":
+        native_linear.use_in_plain_linears(model)
     for state in model.loramix_many.adapters.values():
         state.context.inference_only = True
 
