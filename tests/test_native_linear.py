@@ -24,7 +24,7 @@ def reference(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> tuple
 
 
 @pytest.fixture
-def kernel_calls(monkeypatch) -> list[int]:
+def kernel_calls(monkeypatch) -> list:
     """The row counts of ``linear_rows``' calls, and ("lora", rows) for ``lora_linear_rows``' (the real kernels still
     run, where ``native_linear.kernel`` loads them)."""
     calls: list = []
