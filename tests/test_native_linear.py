@@ -194,11 +194,20 @@ def test_lora_linear_equals_a_float64_lora_projection(n_in, n_out, r, kernel_cal
             alone = torch.cat([native_linear.lora_linear(x[i:i + 1], W, bias, A, B_t, scale if isinstance(scale, float)
                                                          else scale[i:i + 1]) for i in range(5)])
             assert torch.equal(alone, got)  # batch invariant
+            threads = torch.get_num_threads()
+            try:
+                torch.set_num_threads(1 if threads > 1 else 2)  # the other of one and several threads
+                other = native_linear.lora_linear(x, W, bias, A, B_t, scale)
+                assert other is None if not native_linear.applies(x, W, bias) else torch.equal(other, got)
+            finally:
+                torch.set_num_threads(threads)
         # not for the kernel (the caller runs its own path): a bf16 A, a Bᵀ that is a view, coefficients of 4 rows
         assert native_linear.lora_linear(x, W, b, A.bfloat16(), B_t, 1.0) is None
         assert native_linear.lora_linear(x, W, b, A, B.t(), 1.0) is None
         assert native_linear.lora_linear(x, W, b, A, B_t, coefficients[:4]) is None
-    assert kernel_calls == ([("lora", 5)] + [("lora", 1)] * 5) * 3
+    # the other thread count runs the kernel unless it is several threads in a build without OpenMP
+    other = torch.get_num_threads() > 1 or native_linear.kernel().linear_rows_openmp() == 1
+    assert kernel_calls == ([("lora", 5)] + [("lora", 1)] * 5 + [("lora", 5)] * other) * 3
 
 
 def test_lora_inference_path_uses_the_kernel_and_equals_the_general_path(kernel_calls):
