@@ -234,8 +234,7 @@ class GroupedLowRank:
                 or math.prod(x.shape[1:-1]) != 1):
             return None
         weight, bias = base.weight, base.bias
-        if not native_linear.applies(x, weight, bias):
-            return None
+        # the same form ``forward`` would ask for (kept): built here even where the kernel then declines
         form = self._form(plan, keys, x.dtype, x.device, x.shape[-1], weight.shape[0], x.dim(), use_rows)
         if form is None:
             return None

@@ -48,21 +48,34 @@ def kernel() -> ctypes.CDLL | None:
     return native.load("linear_rows", _SIGNATURES)
 
 
-def _library(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> ctypes.CDLL | None:
-    """The library where ``linear(x, weight, bias)`` runs the kernel (module docstring), else None."""
-    if (x.dtype is not _FP32 or weight.dtype is not _FP32 or x.device.type != "cpu" or weight.device.type != "cpu"
-            or torch.is_grad_enabled() or weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]
-            or x.numel() > MAX_ROWS * x.shape[-1] or not weight.is_contiguous()):
-        return None
-    if bias is not None and (bias.dtype is not _FP32 or bias.device.type != "cpu" or bias.shape != weight.shape[:1]
-                             or not bias.is_contiguous()):
-        return None
-    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
-        return None
+def _rows_fit(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """x (..., in): at most ``MAX_ROWS`` fp32 rows on the CPU, for an fp32, contiguous (out, in) weight there."""
+    return (x.dtype is _FP32 and weight.dtype is _FP32 and x.device.type == "cpu" and weight.device.type == "cpu"
+            and weight.dim() == 2 and x.dim() > 0 and x.shape[-1] == weight.shape[1]
+            and x.numel() <= MAX_ROWS * x.shape[-1] and weight.is_contiguous())
+
+
+def _frozen_forward() -> bool:
+    """No gradient, no CPU autocast, not traced by ``torch.compile`` (a C call on traced tensors)."""
+    return not (torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling())
+
+
+def _available() -> ctypes.CDLL | None:
+    """The library, where it is built and can run on torch's threads (OpenMP, or one thread)."""
     library = kernel()
     if library is None or (torch.get_num_threads() != 1 and library.linear_rows_openmp() != 1):
         return None
     return library
+
+
+def _library(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> ctypes.CDLL | None:
+    """The library where ``linear(x, weight, bias)`` runs the kernel (module docstring), else None."""
+    if not (_rows_fit(x, weight) and _frozen_forward()):
+        return None
+    if bias is not None and (bias.dtype is not _FP32 or bias.device.type != "cpu" or bias.shape != weight.shape[:1]
+                             or not bias.is_contiguous()):
+        return None
+    return _available()
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -110,7 +123,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     A (r, in), B_t = Bᵀ (r, out). ``scale``: a number, or every row's coefficients (rows, r) fp32 (several adapters'
     ranks side by side, each row its own adapter's columns). Each output is the frozen sum with its bias, then the
     low-rank term, its r products added in increasing order of rank: batch invariant, as ``linear``."""
-    if not lora_layout_fits(weight, bias, A, B_t) or _library(x, weight, bias) is None:
+    if not (lora_layout_fits(weight, bias, A, B_t) and _frozen_forward()):
         return None
     return kept_lora_linear(x, weight, bias, A, B_t, scale)
 
@@ -121,8 +134,7 @@ def kept_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     autocast and ``torch.compile`` off (``LoraLinear``'s kept inference path, where a one-row call's checks cost as
     much as its arithmetic): only x, the coefficients, the weight's layout and the kernel's availability are checked
     here."""
-    if (x.dtype is not _FP32 or x.device.type != "cpu" or x.dim() == 0 or x.shape[-1] != weight.shape[1]
-            or x.numel() > MAX_ROWS * x.shape[-1] or weight.dtype is not _FP32 or not weight.is_contiguous()):
+    if not _rows_fit(x, weight):
         return None
     count = math.prod(x.shape[:-1])
     coefficients = None
@@ -131,8 +143,8 @@ def kept_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         if (coefficients.dtype is not _FP32 or coefficients.device.type != "cpu" or not coefficients.is_contiguous()
                 or coefficients.numel() != count * A.shape[0]):
             return None
-    library, threads = kernel(), torch.get_num_threads()
-    if library is None or (threads != 1 and library.linear_rows_openmp() != 1):
+    library = _available()
+    if library is None:
         return None
     rows = x.contiguous()
     out_features, in_features = weight.shape
@@ -141,7 +153,7 @@ def kept_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     library.lora_linear_rows(rows.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
                              A.data_ptr(), B_t.data_ptr(), scale,
                              None if coefficients is None else coefficients.data_ptr(), low.data_ptr(), y.data_ptr(),
-                             count, in_features, out_features, A.shape[0], threads)
+                             count, in_features, out_features, A.shape[0], torch.get_num_threads())
     return y
 
 
